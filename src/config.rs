@@ -1,0 +1,157 @@
+//! The one configuration: `config/default.toml` compiled in as the defaults,
+//! an optional file on top, then environment variables
+//! `WMVAE_<SECTION>__<KEY>` (e.g. `WMVAE_TRAIN__BATCH_SIZE=64`) on top of
+//! that. Unknown keys are errors, so a typo never silently does nothing.
+//! This module parses and validates; it opens no connections.
+
+use crate::adam::AdamConfig;
+use crate::device::DeviceChoice;
+use crate::model::VaeConfig;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The documented defaults, shipped in the binary so it runs without files.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+/// Prefix of overriding environment variables.
+const ENV_PREFIX: &str = "WMVAE_";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub z_size: i64,
+    pub kl_tolerance: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub device: DeviceChoice,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    /// libtorch intra-op threads; 0 keeps libtorch's default (one per core).
+    pub threads: usize,
+}
+
+impl Config {
+    /// Defaults, then `file` if given, then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Config> {
+        Self::load_with_env(file, std::env::vars())
+    }
+
+    /// As [`Config::load`], with the environment passed in (for tests).
+    pub fn load_with_env(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config> {
+        let mut merged: toml::Table = DEFAULT_TOML.parse().context("built-in config/default.toml")?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+            let table: toml::Table = text.parse().with_context(|| format!("parsing config {}", path.display()))?;
+            merge(&mut merged, table, path)?;
+        }
+        for (key, value) in env {
+            let Some(rest) = key.strip_prefix(ENV_PREFIX) else { continue };
+            let Some((section, field)) = rest.split_once("__") else { continue };
+            let (section, field) = (section.to_lowercase(), field.to_lowercase());
+            let Some(toml::Value::Table(table)) = merged.get_mut(&section) else {
+                bail!("{key}: no config section [{section}]");
+            };
+            if !table.contains_key(&field) {
+                bail!("{key}: no key {field:?} in config section [{section}]");
+            }
+            table.insert(field, parse_env_value(&value));
+        }
+        let config: Config = toml::Value::Table(merged).try_into().context("invalid configuration")?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.model.z_size < 1 {
+            bail!("model.z_size must be at least 1");
+        }
+        if !(0.0..=1e4).contains(&self.model.kl_tolerance) {
+            bail!("model.kl_tolerance must be in [0, 10000]");
+        }
+        if self.train.batch_size == 0 || self.train.batch_size > MAX_BATCH_SIZE {
+            bail!("train.batch_size must be in 1..={MAX_BATCH_SIZE}");
+        }
+        if !(self.train.learning_rate > 0.0 && self.train.learning_rate.is_finite()) {
+            bail!("train.learning_rate must be a positive number");
+        }
+        Ok(())
+    }
+
+    pub fn vae(&self) -> VaeConfig {
+        VaeConfig { z_size: self.model.z_size, kl_tolerance: self.model.kl_tolerance }
+    }
+
+    pub fn adam(&self) -> AdamConfig {
+        AdamConfig { learning_rate: self.train.learning_rate, ..AdamConfig::default() }
+    }
+}
+
+/// Upper bound on a training batch: 4,096 frames are ~200 MB of float
+/// activations per conv layer on the CPU, past what a 24 GiB box should spend.
+pub const MAX_BATCH_SIZE: usize = 4096;
+
+/// `500` is an integer, `1e-4` a float, `true` a bool, anything else a string.
+fn parse_env_value(raw: &str) -> toml::Value {
+    match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+/// Overlays `top` on `base`, section by section; unknown sections are errors.
+fn merge(base: &mut toml::Table, top: toml::Table, origin: &Path) -> Result<()> {
+    for (section, value) in top {
+        let Some(toml::Value::Table(base_section)) = base.get_mut(&section) else {
+            bail!("{}: unknown config section [{section}]", origin.display());
+        };
+        let toml::Value::Table(fields) = value else {
+            bail!("{}: [{section}] must be a table", origin.display());
+        };
+        base_section.extend(fields);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse() {
+        let c = Config::load_with_env(None, []).unwrap();
+        assert_eq!(c.model.z_size, 32);
+        assert_eq!(c.train.batch_size, 100);
+    }
+
+    #[test]
+    fn environment_overrides_and_typos_fail() {
+        let env = [("WMVAE_TRAIN__BATCH_SIZE".to_string(), "64".to_string()), ("WMVAE_TRAIN__DEVICE".into(), "cpu".into())];
+        let c = Config::load_with_env(None, env).unwrap();
+        assert_eq!((c.train.batch_size, c.train.device), (64, DeviceChoice::Cpu));
+        let err = Config::load_with_env(None, [("WMVAE_TRAIN__BATCH_SIZ".to_string(), "1".to_string())]).unwrap_err();
+        assert!(err.to_string().contains("no key \"batch_siz\""), "{err}");
+        assert!(Config::load_with_env(None, [("WMVAE_TRAIN__BATCH_SIZE".to_string(), "0".to_string())]).is_err());
+    }
+
+    #[test]
+    fn file_overlays_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[train]\nlearning_rate = 0.001\n").unwrap();
+        let c = Config::load_with_env(Some(&path), []).unwrap();
+        assert_eq!(c.train.learning_rate, 0.001);
+        assert_eq!(c.train.batch_size, 100);
+        std::fs::write(&path, "[trian]\nx = 1\n").unwrap();
+        assert!(Config::load_with_env(Some(&path), []).unwrap_err().to_string().contains("unknown config section [trian]"));
+    }
+}

@@ -1,0 +1,137 @@
+//! The VAE and its optimizer on one device: one training step, evaluation,
+//! encoding, and snapshots to and from checkpoint bytes.
+//!
+//! Used by the trainer thread, the benches and `wmvae encode`. Owns tch
+//! tensors, so it lives on one thread; it does no I/O itself.
+
+use crate::adam::{Adam, AdamConfig};
+use crate::checkpoint::{Checkpoint, Metadata};
+use crate::model::{loss, Vae, VaeConfig, IMAGE_SIZE};
+use crate::weights;
+use anyhow::{bail, Result};
+use tch::{nn::VarStore, Device, Kind, Tensor};
+
+/// Losses of one batch, as plain numbers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossValues {
+    pub total: f64,
+    pub recon: f64,
+    pub kl: f64,
+}
+
+pub struct Learner {
+    vs: VarStore,
+    vae: Vae,
+    adam: Adam,
+    device: Device,
+}
+
+/// uint8 frames (N x 64 x 64 x 3, HWC bytes) to the model's N x 3 x 64 x 64
+/// floats in [0, 1] on `device`. The permuted view keeps channels-last
+/// strides, which libtorch's CPU convolutions prefer.
+pub fn frames_to_tensor(frames: &[u8], device: Device) -> Result<Tensor> {
+    let per_frame = (IMAGE_SIZE * IMAGE_SIZE * 3) as usize;
+    if frames.is_empty() || frames.len() % per_frame != 0 {
+        bail!("{} bytes are not whole 64x64x3 frames", frames.len());
+    }
+    let n = (frames.len() / per_frame) as i64;
+    let bytes = Tensor::from_slice(frames).view([n, IMAGE_SIZE, IMAGE_SIZE, 3]).to_device(device);
+    Ok(bytes.permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0)
+}
+
+fn values(l: &crate::model::Loss) -> LossValues {
+    LossValues { total: l.total.double_value(&[]), recon: l.recon.double_value(&[]), kl: l.kl.double_value(&[]) }
+}
+
+impl Learner {
+    /// Fresh weights (PyTorch-style default init) and a fresh optimizer.
+    pub fn new(device: Device, vae_config: VaeConfig, adam_config: AdamConfig) -> Learner {
+        let vs = VarStore::new(device);
+        let vae = Vae::new(&vs.root(), vae_config);
+        let adam = Adam::new(&vs, adam_config);
+        Learner { vs, vae, adam, device }
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn model(&self) -> &Vae {
+        &self.vae
+    }
+
+    /// Optimizer steps taken (restored with the optimizer state).
+    pub fn steps(&self) -> i64 {
+        self.adam.steps()
+    }
+
+    pub fn set_learning_rate(&mut self, learning_rate: f64) {
+        self.adam.config.learning_rate = learning_rate;
+    }
+
+    /// Forward, loss, backward; the update is applied only when `accept`
+    /// says the loss is fit to learn from (the divergence guard's hook).
+    pub fn train_step_guarded(&mut self, xs: &Tensor, accept: impl FnOnce(&LossValues) -> bool) -> (LossValues, bool) {
+        let out = self.vae.forward_t(xs, true);
+        let l = loss(&out, xs, self.vae.config());
+        let v = values(&l);
+        if !accept(&v) {
+            return (v, false);
+        }
+        self.adam.zero_grad();
+        l.total.backward();
+        self.adam.step();
+        (v, true)
+    }
+
+    /// One full training step: forward, loss, backward, Adam.
+    pub fn train_step(&mut self, xs: &Tensor) -> LossValues {
+        self.train_step_guarded(xs, |_| true).0
+    }
+
+    /// Loss with z = mu and no gradient, for evaluation.
+    pub fn evaluate(&self, xs: &Tensor) -> LossValues {
+        tch::no_grad(|| values(&loss(&self.vae.forward_t(xs, false), xs, self.vae.config())))
+    }
+
+    /// (mu, logvar) without gradient.
+    pub fn encode(&self, xs: &Tensor) -> (Tensor, Tensor) {
+        tch::no_grad(|| self.vae.encode(xs))
+    }
+
+    /// Reconstructions from z = mu, without gradient.
+    pub fn reconstruct(&self, xs: &Tensor) -> Tensor {
+        tch::no_grad(|| self.vae.forward_t(xs, false).recon)
+    }
+
+    /// The weights as PyTorch-loadable safetensors bytes.
+    pub fn weights_bytes(&self) -> Result<Vec<u8>> {
+        weights::to_safetensors_bytes(&weights::named_variables(&self.vs))
+    }
+
+    /// Loads weights (strict names and shapes); the optimizer is untouched.
+    pub fn load_weights(&mut self, named: &[(String, Tensor)], origin: &str) -> Result<()> {
+        weights::load_into(&self.vs, named, origin)
+    }
+
+    /// Everything needed to resume: weights, optimizer state, `metadata`
+    /// (whose `sha256` is filled in here).
+    pub fn snapshot(&self, metadata: Metadata) -> Result<Checkpoint> {
+        let optimizer = weights::to_safetensors_bytes(&self.adam.state())?;
+        Ok(Checkpoint::new(metadata, self.weights_bytes()?, optimizer))
+    }
+
+    /// Resumes from a checkpoint (verified first): weights and optimizer state.
+    /// Nothing changes if any part is wrong.
+    pub fn restore(&mut self, checkpoint: &Checkpoint) -> Result<()> {
+        let origin = format!("checkpoint v{}", checkpoint.metadata.version);
+        checkpoint.verify()?;
+        let named = weights::from_safetensors_bytes(&checkpoint.weights, &origin)?;
+        let state = weights::from_safetensors_bytes(&checkpoint.optimizer, &origin)?;
+        let mut adam = Adam::new(&self.vs, self.adam.config);
+        adam.load_state(&state, &origin)?;
+        weights::load_into(&self.vs, &named, &origin)?;
+        self.adam = adam;
+        Ok(())
+    }
+}
