@@ -97,3 +97,89 @@ pub fn encode(options: BenchOptions) -> Result<Value> {
         "encode_images_per_s": rates,
     }))
 }
+
+/// Frames rendered once and cycled through by the ingest bench.
+const INGEST_BENCH_DISTINCT_FRAMES: u64 = 1000;
+
+/// A memory figure of this process from /proc/self/status ("VmHWM:" is
+/// the peak resident set, "VmRSS:" the current one), in MB.
+fn proc_status_mb(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Ingest end to end against a local nats-server (`sync_interval: always`):
+/// `frames` 64x64 CarRacing-like frames are published to WM_FRAMES first;
+/// then a bare pull consumer that only acks reads them all (the baseline),
+/// then the real ingest loop makes them durable in a fresh sled store and
+/// acks them. Rates are frames/s over the whole batch.
+pub async fn ingest(frames: u64, nats_server: &std::path::Path) -> Result<Value> {
+    use crate::bus::Bus;
+    use crate::store::Store;
+    use crate::wire::FrameMessage;
+    use tokio_util::sync::CancellationToken;
+
+    // Loading libtorch (and the CUDA libraries linked beside it) is most of
+    // the process's resident set before any work: report it apart.
+    let baseline_rss_mb = proc_status_mb("VmRSS:");
+    let server = crate::nats_server::LocalNats::start(nats_server)?;
+    let mut config = crate::config::Config::load_with_env(None, [])?;
+    config.nats.url = server.url.clone();
+    let bus = Bus::connect(&config.nats).await?.with_tuning(config.ingest.consumer_tuning());
+    bus.migrate().await?;
+
+    let pool: Vec<Vec<u8>> = (0..INGEST_BENCH_DISTINCT_FRAMES)
+        .map(|i| crate::preprocess::preprocess(&crate::synthetic::render(i / 100, i % 100), 96, 96, crate::preprocess::Policy::WorldModels))
+        .collect::<Result<_>>()?;
+    let mut publisher = bus.frame_publisher("bench");
+    let publish_start = Instant::now();
+    for i in 0..frames {
+        let frame = FrameMessage {
+            episode: format!("bench-{}", i / INGEST_BENCH_DISTINCT_FRAMES),
+            step: i % INGEST_BENCH_DISTINCT_FRAMES,
+            height: 64,
+            width: 64,
+            channels: 3,
+            pixels: pool[(i % INGEST_BENCH_DISTINCT_FRAMES) as usize].clone(),
+            encoding: None,
+            action: Some(vec![0.0, 1.0, 0.0]),
+            reward: Some(0.1),
+            done: Some(false),
+        };
+        publisher.send(&frame).await?;
+    }
+    publisher.finish().await?;
+    let publish_rate = frames as f64 / publish_start.elapsed().as_secs_f64();
+
+    let plain = bus.consume_and_ack_only(frames).await?;
+    let plain_rate = frames as f64 / plain.as_secs_f64();
+
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path(), config.buffer)?;
+    let shutdown = CancellationToken::new();
+    let start = Instant::now();
+    let task = tokio::spawn(crate::ingest::run(bus.clone(), store.clone(), config.ingest.clone(), shutdown.clone()));
+    while store.stats()?.frames_ingested < frames {
+        if task.is_finished() {
+            anyhow::bail!("ingest stopped early");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    let ingest_rate = frames as f64 / start.elapsed().as_secs_f64();
+    shutdown.cancel();
+    task.await??;
+    let stats = store.stats()?;
+    Ok(json!({
+        "bench": "ingest",
+        "frames": frames,
+        "ingest_frames_per_s": ingest_rate,
+        "plain_consume_ack_per_s": plain_rate,
+        "ingest_vs_plain": ingest_rate / plain_rate,
+        "publish_frames_per_s": publish_rate,
+        "disk_bytes_per_frame": stats.bytes_on_disk as f64 / frames as f64,
+        "peak_rss_mb": proc_status_mb("VmHWM:"),
+        "baseline_rss_mb": baseline_rss_mb,
+    }))
+}

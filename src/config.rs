@@ -7,6 +7,9 @@
 use crate::adam::AdamConfig;
 use crate::device::DeviceChoice;
 use crate::model::VaeConfig;
+use crate::preprocess::Policy;
+use crate::store::BufferConfig;
+use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -19,8 +22,49 @@ const ENV_PREFIX: &str = "WMVAE_";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    pub nats: NatsConfig,
+    pub store: StoreConfig,
+    pub buffer: BufferConfig,
+    pub ingest: IngestConfig,
     pub model: ModelConfig,
     pub train: TrainConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    pub url: String,
+    /// First token of every subject: `<prefix>.frames.<source>`, ...
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Where the sled store lives (created if missing).
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    /// "world_models" (64x64 as is, 96x96 cropped and resized, others
+    /// rejected) or "resize" (others resized too).
+    pub preprocess: Policy,
+    /// Frames per group commit (one flush, then their acks).
+    pub batch_max_frames: usize,
+    /// Longest wait for a group to fill once its first frame is in.
+    pub batch_max_wait_ms: u64,
+    /// Unacked frames are redelivered after this many seconds.
+    pub ack_wait_secs: u64,
+    /// Frames handed out but not yet acked, at most (backpressure).
+    pub max_ack_pending: i64,
+}
+
+impl IngestConfig {
+    pub fn consumer_tuning(&self) -> crate::bus::ConsumerTuning {
+        crate::bus::ConsumerTuning { ack_wait_secs: self.ack_wait_secs, max_ack_pending: self.max_ack_pending }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,6 +116,27 @@ impl Config {
     }
 
     fn validate(&self) -> Result<()> {
+        if self.nats.prefix.is_empty() || self.nats.prefix.contains(['.', '*', '>', ' ']) {
+            bail!("nats.prefix must be one subject token (no '.', '*', '>' or spaces)");
+        }
+        if self.buffer.capacity == 0 {
+            bail!("buffer.capacity must be at least 1");
+        }
+        if !(0.0..1.0).contains(&self.buffer.validation_fraction) {
+            bail!("buffer.validation_fraction must be in [0, 1)");
+        }
+        if self.ingest.batch_max_frames == 0 || self.ingest.batch_max_frames > MAX_INGEST_BATCH {
+            bail!("ingest.batch_max_frames must be in 1..={MAX_INGEST_BATCH}");
+        }
+        if self.ingest.batch_max_wait_ms > 10_000 {
+            bail!("ingest.batch_max_wait_ms must be at most 10000");
+        }
+        if self.ingest.ack_wait_secs == 0 {
+            bail!("ingest.ack_wait_secs must be at least 1");
+        }
+        if self.ingest.max_ack_pending < self.ingest.batch_max_frames as i64 {
+            bail!("ingest.max_ack_pending must be at least ingest.batch_max_frames");
+        }
         if self.model.z_size < 1 {
             bail!("model.z_size must be at least 1");
         }
@@ -99,6 +164,10 @@ impl Config {
 /// Upper bound on a training batch: 4,096 frames are ~200 MB of float
 /// activations per conv layer on the CPU, past what a 24 GiB box should spend.
 pub const MAX_BATCH_SIZE: usize = 4096;
+
+/// Upper bound on a group commit: 8,192 frames of 96x96 is ~230 MB of
+/// decoded pixels in flight, the most one batch should hold.
+pub const MAX_INGEST_BATCH: usize = 8192;
 
 /// `500` is an integer, `1e-4` a float, `true` a bool, anything else a string.
 fn parse_env_value(raw: &str) -> toml::Value {

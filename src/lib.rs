@@ -12,6 +12,15 @@
 //! * `npy`        streaming uint8 frame arrays in numpy's format
 //! * `encode`     the offline `wmvae encode` command
 //! * `bench`      `wmvae bench ...` measurements
+//! * `wire`       the frame wire contract: MessagePack in, checked frames out
+//! * `store`      the durable, bounded replay buffer (the only sled user)
+//! * `bus`        streams, consumers, dead letters, publishing (the only NATS user)
+//! * `ingest`     frames from the bus to the store, acked once durable
+//! * `serve`      the daemon's wiring and its shutdown signal
+//! * `publish`    the `wmvae publish` command
+//! * `synthetic`  CarRacing-like frames without a simulator
+//! * `nats_server` a local nats-server child for benches and tests
+//! * `export`     `wmvae buffer export` to .npz
 //! * `config`     the one configuration: defaults, file, environment
 //! * `device`     cpu / cuda / auto
 //!
@@ -19,12 +28,21 @@
 
 pub mod adam;
 pub mod bench;
+pub mod bus;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod encode;
+pub mod export;
+pub mod ingest;
 pub mod learner;
 pub mod model;
+pub mod nats_server;
 pub mod npy;
 pub mod preprocess;
+pub mod publish;
+pub mod serve;
+pub mod store;
+pub mod synthetic;
 pub mod weights;
+pub mod wire;

@@ -16,8 +16,73 @@ struct Cli {
     command: Command,
 }
 
+/// Where the config comes from, and the overrides every daemon-facing command takes.
+#[derive(clap::Args, Clone)]
+struct ConfigArgs {
+    /// Config file overlaid on config/default.toml.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// NATS server URL (overrides nats.url).
+    #[arg(long)]
+    nats_url: Option<String>,
+    /// Store directory (overrides store.data_dir).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+impl ConfigArgs {
+    fn load(&self) -> Result<Config> {
+        let mut config = Config::load(self.config.as_deref())?;
+        if let Some(url) = &self.nats_url {
+            config.nats.url = url.clone();
+        }
+        if let Some(dir) = &self.data_dir {
+            config.store.data_dir = dir.clone();
+        }
+        Ok(config)
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Run the daemon: ingest frames from NATS into the replay buffer.
+    Serve {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Validate the configuration, print it, and exit.
+        #[arg(long)]
+        check_config: bool,
+    },
+    /// Apply the streams, consumers and store schema of migrations/ (idempotent).
+    Migrate {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Inspect or export the replay buffer (opens the store: no daemon may hold it).
+    Buffer {
+        #[command(subcommand)]
+        which: BufferCommand,
+    },
+    /// Publish frames by the wire contract (PROTOCOL.md).
+    Publish {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The frames' source: they go to <prefix>.frames.<source>.
+        #[arg(long)]
+        source: String,
+        /// uint8 frames (N, H, W, 3).
+        #[arg(long, conflicts_with = "synthetic", required_unless_present = "synthetic")]
+        npy: Option<PathBuf>,
+        /// CarRacing-like 96x96 scenes rendered here.
+        #[arg(long)]
+        synthetic: bool,
+        /// Frames per second (default: as fast as JetStream acks).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Stop after N frames (default: the whole file; forever for --synthetic).
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Encode frames (uint8 .npy, N x H x W x 3) to latents (mu, logvar) in an .npz.
     Encode {
         /// PyTorch-layout weights (.safetensors).
@@ -39,6 +104,27 @@ enum Command {
     Bench {
         #[command(subcommand)]
         which: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BufferCommand {
+    /// Frames, capacity, episodes, sources, bytes on disk, rejected by reason.
+    Stats {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The stored frames in (source, episode, step) order as an .npz.
+    Export {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[arg(long)]
+        out: PathBuf,
+        /// Only this source.
+        #[arg(long)]
+        source: Option<String>,
     },
 }
 
@@ -71,6 +157,17 @@ enum BenchCommand {
         #[command(flatten)]
         args: BenchArgs,
     },
+    /// Frames/s made durable end to end (NATS -> sled flush -> ack) against a
+    /// local nats-server, beside a bare consume+ack baseline.
+    Ingest {
+        #[arg(long, default_value_t = 20_000)]
+        frames: u64,
+        /// The nats-server binary (default: .venv/bin/nats-server, else PATH).
+        #[arg(long)]
+        nats_server: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 impl BenchArgs {
@@ -88,8 +185,72 @@ fn print_bench(result: serde_json::Value, json: bool) {
     }
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn print_stats(stats: &wmvae::store::Stats, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(stats)?);
+    } else {
+        println!("frames      {} of {} ({} train, {} validation)", stats.frames, stats.capacity, stats.train_frames, stats.validation_frames);
+        println!("episodes    {}", stats.episodes);
+        println!("sources     {}", stats.sources);
+        println!("ingested    {} (duplicates {}, evicted {})", stats.frames_ingested, stats.duplicates, stats.evicted);
+        println!("disk bytes  {}", stats.bytes_on_disk);
+        for (reason, n) in &stats.rejected {
+            println!("rejected    {reason}: {n}");
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Serve { config, check_config } => {
+            let config = config.load()?;
+            if check_config {
+                print!("{}", toml::to_string(&config)?);
+                return Ok(());
+            }
+            runtime()?.block_on(async {
+                let shutdown = wmvae::serve::shutdown_on_signals()?;
+                wmvae::serve::run(config, shutdown).await
+            })?;
+        }
+        Command::Migrate { config } => {
+            let config = config.load()?;
+            let report = runtime()?.block_on(async { wmvae::bus::Bus::connect(&config.nats).await?.with_tuning(config.ingest.consumer_tuning()).migrate().await })?;
+            println!("NATS: migration {} applied (streams {:?}, consumers {:?})", report.version, report.streams, report.consumers);
+            match wmvae::store::Store::open(&config.store.data_dir, config.buffer) {
+                Ok(_) => println!("store {}: schema {}", config.store.data_dir.display(), wmvae::store::SCHEMA_VERSION),
+                Err(e) => println!("store {}: not migrated here: {e:#}", config.store.data_dir.display()),
+            }
+        }
+        Command::Buffer { which: BufferCommand::Stats { config, json } } => {
+            let config = config.load()?;
+            let store = wmvae::store::Store::open(&config.store.data_dir, config.buffer)?;
+            print_stats(&store.stats()?, json)?;
+        }
+        Command::Buffer { which: BufferCommand::Export { config, out, source } } => {
+            let config = config.load()?;
+            let store = wmvae::store::Store::open(&config.store.data_dir, config.buffer)?;
+            let summary = wmvae::export::export(&store, source.as_deref(), &out)?;
+            eprintln!("exported {} frames to {}", summary.frames, out.display());
+        }
+        Command::Publish { config, source, npy, synthetic: _, rate, count } => {
+            let config = config.load()?;
+            let input = match npy {
+                Some(path) => wmvae::publish::Input::Npy(path),
+                None => wmvae::publish::Input::Synthetic,
+            };
+            let options = wmvae::publish::PublishOptions { source, input, rate, count };
+            let sent = runtime()?.block_on(async {
+                let bus = wmvae::bus::Bus::connect(&config.nats).await?;
+                wmvae::publish::run(&bus, &options).await
+            })?;
+            eprintln!("published {sent} frames");
+        }
         Command::Encode { weights, input, output, device, config } => {
             let config = Config::load(config.as_deref())?;
             let learner = wmvae::encode::learner_from_weights(&weights, device, config.vae())?;
@@ -108,11 +269,20 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench { which: BenchCommand::Encode { args } } => {
             print_bench(bench::encode(args.options())?, args.json);
         }
+        Command::Bench { which: BenchCommand::Ingest { frames, nats_server, json } } => {
+            let binary = nats_server.unwrap_or_else(wmvae::nats_server::default_binary);
+            print_bench(runtime()?.block_on(bench::ingest(frames, &binary))?, json);
+        }
     }
     Ok(())
 }
 
 fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

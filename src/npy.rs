@@ -113,21 +113,30 @@ impl FrameReader {
     }
 }
 
-/// Writes uint8 frames (N, H, W, 3) as a version 1.0 `.npy`.
+/// A version 1.0 `.npy` header for a C-ordered array of numpy dtype `descr`
+/// (`|u1`, `<f4`, `<U12`, ...) and `shape`.
+pub fn header(descr: &str, shape: &[usize]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    // Pad so that magic + version + length + header + '\n' is a multiple of 64.
+    let padding = (64 - (10 + dict.len() + 1) % 64) % 64;
+    let text = format!("{dict}{}\n", " ".repeat(padding));
+    let mut out = MAGIC.to_vec();
+    out.extend([1, 0]);
+    out.extend((text.len() as u16).to_le_bytes());
+    out.extend(text.as_bytes());
+    out
+}
+
+/// Writes uint8 frames (N, H, W, 3) as a `.npy`.
 pub fn write_frames(path: &Path, frames: &[u8], height: usize, width: usize) -> Result<()> {
     let frame_bytes = height * width * 3;
     if frame_bytes == 0 || frames.len() % frame_bytes != 0 {
         bail!("{} bytes are not whole {height}x{width}x3 frames", frames.len());
     }
-    let dict = format!("{{'descr': '|u1', 'fortran_order': False, 'shape': ({}, {height}, {width}, 3), }}", frames.len() / frame_bytes);
-    // Pad so that magic + version + length + header + '\n' is a multiple of 64.
-    let padding = 64 - (10 + dict.len() + 1) % 64;
-    let header = format!("{dict}{}\n", " ".repeat(padding % 64));
     let mut out = BufWriter::new(File::create(path).with_context(|| format!("creating {}", path.display()))?);
-    out.write_all(MAGIC)?;
-    out.write_all(&[1, 0])?;
-    out.write_all(&(header.len() as u16).to_le_bytes())?;
-    out.write_all(header.as_bytes())?;
+    out.write_all(&header("|u1", &[frames.len() / frame_bytes, height, width, 3]))?;
     out.write_all(frames)?;
     out.flush()?;
     Ok(())

@@ -9,6 +9,9 @@ use wmvae::checkpoint::{Checkpoint, Metadata};
 use wmvae::learner::{frames_to_tensor, Learner};
 use wmvae::model::VaeConfig;
 
+/// libtorch's RNG is process-global: tests that seed it must not interleave.
+static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn learner(seed: i64, learning_rate: f64) -> Learner {
     tch::manual_seed(seed);
     Learner::new(Device::Cpu, VaeConfig::default(), AdamConfig { learning_rate, ..Default::default() })
@@ -17,6 +20,7 @@ fn learner(seed: i64, learning_rate: f64) -> Learner {
 /// A few hundred steps on one fixed small batch lower the reconstruction loss a lot.
 #[test]
 fn training_lowers_reconstruction_loss() {
+    let _rng = GLOBAL_RNG.lock().unwrap();
     let mut l = learner(0, 1e-3);
     let xs = frames_to_tensor(&common::frames(8, 64, 64), Device::Cpu).unwrap();
     let before = l.evaluate(&xs);
@@ -32,6 +36,7 @@ fn training_lowers_reconstruction_loss() {
 /// Snapshot to bytes and restore elsewhere: identical outputs, identical next step.
 #[test]
 fn checkpoint_resumes_the_very_same_next_step() {
+    let _rng = GLOBAL_RNG.lock().unwrap();
     let xs = frames_to_tensor(&common::frames(4, 64, 64), Device::Cpu).unwrap();
     let mut original = learner(1, 1e-3);
     for _ in 0..3 {
@@ -58,6 +63,7 @@ fn checkpoint_resumes_the_very_same_next_step() {
 /// A checkpoint with a tampered weight byte is refused and leaves the learner unchanged.
 #[test]
 fn tampered_checkpoint_changes_nothing() {
+    let _rng = GLOBAL_RNG.lock().unwrap();
     let original = learner(1, 1e-4);
     let mut checkpoint = original.snapshot(Metadata { version: 5, ..Default::default() }).unwrap();
     let last = checkpoint.weights.len() - 1;

@@ -44,3 +44,5 @@ pub fn frames(n: usize, height: usize, width: usize) -> Vec<u8> {
 pub fn wmvae() -> Command {
     Command::new(env!("CARGO_BIN_EXE_wmvae"))
 }
+
+pub mod nats;

@@ -1,0 +1,361 @@
+//! Everything NATS: the connection, the migrations of streams and consumers,
+//! the frame feed (a JetStream pull consumer), and the dead-letter stream.
+//! The only module that touches async-nats.
+//!
+//! It moves bytes and acks; it does not decode frames (`wire`) or store
+//! them (`store`).
+
+use crate::config::NatsConfig;
+use crate::wire::FrameMessage;
+use std::collections::VecDeque;
+use anyhow::{anyhow, bail, Context, Result};
+use async_nats::jetstream::{self, consumer::pull, stream};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Migration files, in order. Adding one means adding it here.
+const MIGRATIONS: &[(&str, &str)] = &[("0001_frames.toml", include_str!("../migrations/0001_frames.toml"))];
+/// Stream metadata key recording the migration that shaped a stream.
+const MIGRATION_METADATA_KEY: &str = "wmvae_migration";
+/// Header carrying the reason of a dead-lettered frame.
+pub const REASON_HEADER: &str = "Wmvae-Reason";
+/// Header carrying the original subject of a dead-lettered frame.
+pub const SUBJECT_HEADER: &str = "Wmvae-Subject";
+/// JetStream publish acks awaited at most this far behind the newest
+/// publish: pipelining without unbounded memory.
+const PUBLISH_WINDOW: usize = 256;
+/// Messages the server pushes per pull request: enough to keep a group
+/// commit full, small enough that a slow store holds few of them.
+const PULL_BATCH: usize = 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Migration {
+    version: u64,
+    store_schema: u64,
+    #[serde(default)]
+    stream: Vec<StreamDef>,
+    #[serde(default)]
+    consumer: Vec<ConsumerDef>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamDef {
+    name: String,
+    subjects: Vec<String>,
+    description: String,
+    max_age_secs: u64,
+    max_bytes: i64,
+    duplicate_window_secs: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsumerDef {
+    stream: String,
+    durable: String,
+}
+
+fn migrations() -> Result<Vec<Migration>> {
+    MIGRATIONS
+        .iter()
+        .map(|(name, text)| toml::from_str(text).with_context(|| format!("migrations/{name}")))
+        .collect()
+}
+
+/// The newest store schema the migrations declare (the store checks it).
+pub fn latest_store_schema() -> Result<u64> {
+    Ok(migrations()?.iter().map(|m| m.store_schema).max().unwrap_or(0))
+}
+
+/// What `migrate` did, for logs and `wmvae migrate`.
+#[derive(Debug, Default)]
+pub struct MigrationReport {
+    pub version: u64,
+    pub streams: Vec<String>,
+    pub consumers: Vec<String>,
+}
+
+/// The frame consumer's flow-control settings (config `[ingest]`).
+#[derive(Debug, Clone, Copy)]
+pub struct ConsumerTuning {
+    /// Unacked frames are redelivered after this long.
+    pub ack_wait_secs: u64,
+    /// Frames handed out but not yet acked, at most.
+    pub max_ack_pending: i64,
+}
+
+impl Default for ConsumerTuning {
+    fn default() -> Self {
+        ConsumerTuning { ack_wait_secs: 30, max_ack_pending: 8192 }
+    }
+}
+
+/// A connected client with its JetStream context.
+#[derive(Clone)]
+pub struct Bus {
+    tuning: ConsumerTuning,
+    js: jetstream::Context,
+    prefix: String,
+}
+
+/// One frame message as delivered, with what is needed to ack it.
+pub struct Delivery {
+    /// The subject's last part: `wm.frames.<source>`.
+    pub source: String,
+    pub subject: String,
+    pub payload: Bytes,
+    /// Stream sequence: a stable id for dead-letter dedup.
+    pub stream_sequence: u64,
+    acker: jetstream::message::Acker,
+}
+
+impl Delivery {
+    /// The frame is durable: the server may forget it.
+    pub async fn ack(&self) -> Result<()> {
+        self.acker.ack().await.map_err(|e| anyhow!("ack: {e}"))
+    }
+
+    /// The frame was dead-lettered: never redeliver it.
+    pub async fn terminate(&self) -> Result<()> {
+        self.acker.ack_with(jetstream::AckKind::Term).await.map_err(|e| anyhow!("term: {e}"))
+    }
+}
+
+/// The pull consumer `wmvae-ingest`, as batches of deliveries.
+pub struct FrameFeed {
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    messages: Option<pull::Stream>,
+    subject_prefix: String,
+}
+
+impl Bus {
+    pub async fn connect(config: &NatsConfig) -> Result<Bus> {
+        let client = async_nats::ConnectOptions::new()
+            .name("wmvae")
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(&config.url)
+            .await
+            .with_context(|| format!("connecting to NATS at {}", config.url))?;
+        let js = jetstream::new(client);
+        Ok(Bus { tuning: ConsumerTuning::default(), js, prefix: config.prefix.clone() })
+    }
+
+    /// Sets the consumer tuning that `migrate` applies.
+    pub fn with_tuning(mut self, tuning: ConsumerTuning) -> Bus {
+        self.tuning = tuning;
+        self
+    }
+
+    pub fn subject(&self, rest: &str) -> String {
+        format!("{}.{rest}", self.prefix)
+    }
+
+    /// Applies every migration: creates or updates streams and consumers.
+    pub async fn migrate(&self) -> Result<MigrationReport> {
+        let mut report = MigrationReport::default();
+        for migration in migrations()? {
+            for def in &migration.stream {
+                self.apply_stream(def, migration.version).await?;
+                report.streams.push(def.name.clone());
+            }
+            for def in &migration.consumer {
+                self.apply_consumer(def).await?;
+                report.consumers.push(format!("{}/{}", def.stream, def.durable));
+            }
+            report.version = migration.version;
+        }
+        Ok(report)
+    }
+
+    async fn apply_stream(&self, def: &StreamDef, version: u64) -> Result<()> {
+        if let Ok(mut existing) = self.js.get_stream(&def.name).await {
+            let info = existing.info().await.with_context(|| format!("reading stream {}", def.name))?;
+            let theirs = info.config.metadata.get(MIGRATION_METADATA_KEY).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            let newest = migrations()?.iter().map(|m| m.version).max().unwrap_or(0);
+            if theirs > newest {
+                bail!("stream {} was shaped by migration {theirs} of a newer wmvae; this build knows up to {newest}", def.name);
+            }
+        }
+        let config = stream::Config {
+            name: def.name.clone(),
+            subjects: def.subjects.iter().map(|s| s.replace("{prefix}", &self.prefix)).collect(),
+            description: Some(def.description.clone()),
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Limits,
+            discard: stream::DiscardPolicy::Old,
+            max_age: Duration::from_secs(def.max_age_secs),
+            max_bytes: def.max_bytes,
+            max_messages: -1,
+            max_messages_per_subject: -1,
+            duplicate_window: Duration::from_secs(def.duplicate_window_secs),
+            metadata: HashMap::from([(MIGRATION_METADATA_KEY.to_string(), version.to_string())]),
+            ..Default::default()
+        };
+        self.js.create_or_update_stream(config).await.with_context(|| format!("applying stream {}", def.name))?;
+        Ok(())
+    }
+
+    async fn apply_consumer(&self, def: &ConsumerDef) -> Result<()> {
+        let config = pull::Config {
+            durable_name: Some(def.durable.clone()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(self.tuning.ack_wait_secs),
+            max_ack_pending: self.tuning.max_ack_pending,
+            ..Default::default()
+        };
+        let stream = self.js.get_stream(&def.stream).await.with_context(|| format!("stream {}", def.stream))?;
+        let what = || format!("applying consumer {}/{}", def.stream, def.durable);
+        match stream.get_consumer::<pull::Config>(&def.durable).await {
+            Ok(_) => self.js.update_consumer_on_stream(config, &def.stream).await.map(drop).with_context(what),
+            Err(_) => self.js.create_consumer_on_stream(config, &def.stream).await.map(drop).with_context(what),
+        }
+    }
+
+    /// The durable frame consumer (after `migrate`).
+    pub async fn frame_feed(&self) -> Result<FrameFeed> {
+        let stream = self.js.get_stream("WM_FRAMES").await.context("stream WM_FRAMES (run wmvae migrate)")?;
+        let consumer = stream.get_consumer("wmvae-ingest").await.map_err(|e| anyhow!("consumer wmvae-ingest: {e}"))?;
+        Ok(FrameFeed { consumer, messages: None, subject_prefix: self.subject("frames.") })
+    }
+
+    /// The bench's baseline: a bare ephemeral pull consumer over WM_FRAMES
+    /// that reads `n` messages and only acks them. Returns the time taken.
+    pub async fn consume_and_ack_only(&self, n: u64) -> Result<Duration> {
+        let stream = self.js.get_stream("WM_FRAMES").await.context("stream WM_FRAMES")?;
+        let config = pull::Config {
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            max_ack_pending: self.tuning.max_ack_pending,
+            ..Default::default()
+        };
+        let consumer = stream.create_consumer(config).await.context("creating the baseline consumer")?;
+        let mut messages = consumer.stream().max_messages_per_batch(PULL_BATCH).messages().await?;
+        let start = Instant::now();
+        for _ in 0..n {
+            let message = messages.next().await.context("baseline consumer ended")?.map_err(|e| anyhow!("baseline consumer: {e}"))?;
+            message.ack().await.map_err(|e| anyhow!("ack: {e}"))?;
+        }
+        Ok(start.elapsed())
+    }
+
+    /// A publisher of frames from `source` on `<prefix>.frames.<source>`.
+    pub fn frame_publisher(&self, source: &str) -> FramePublisher {
+        FramePublisher { js: self.js.clone(), subject: self.subject(&format!("frames.{source}")), source: source.to_string(), in_flight: VecDeque::new() }
+    }
+
+    /// Copies a rejected frame to `<prefix>.dlq.frames` with its reason, and
+    /// waits for JetStream to store it. Deduplicated by the original's stream
+    /// sequence, so a redelivered bad frame is dead-lettered once.
+    pub async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<()> {
+        let mut headers = HeaderMap::new();
+        headers.insert(REASON_HEADER, reason);
+        headers.insert(SUBJECT_HEADER, delivery.subject.as_str());
+        headers.insert("Nats-Msg-Id", format!("frames-{}", delivery.stream_sequence).as_str());
+        self.js
+            .publish_with_headers(self.subject("dlq.frames"), headers, delivery.payload.clone())
+            .await
+            .context("publishing a dead letter")?
+            .await
+            .context("storing a dead letter")?;
+        Ok(())
+    }
+}
+
+/// Publishes frames by the wire contract to JetStream, with a bounded
+/// window of outstanding acks.
+pub struct FramePublisher {
+    js: jetstream::Context,
+    subject: String,
+    source: String,
+    in_flight: VecDeque<jetstream::context::PublishAckFuture>,
+}
+
+impl FramePublisher {
+    /// Publishes one frame with `Nats-Msg-Id` = `source:episode:step`, so the
+    /// server drops a re-publish within its duplicate window.
+    pub async fn send(&mut self, frame: &FrameMessage) -> Result<()> {
+        if self.in_flight.len() >= PUBLISH_WINDOW {
+            self.settle_one().await?;
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("{}:{}:{}", self.source, frame.episode, frame.step).as_str());
+        let ack = self
+            .js
+            .publish_with_headers(self.subject.clone(), headers, frame.to_msgpack().into())
+            .await
+            .context("publishing a frame")?;
+        self.in_flight.push_back(ack);
+        Ok(())
+    }
+
+    async fn settle_one(&mut self) -> Result<()> {
+        if let Some(ack) = self.in_flight.pop_front() {
+            ack.await.context("frame not stored by JetStream (is stream WM_FRAMES there? run wmvae migrate)")?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every frame sent is stored by the server.
+    pub async fn finish(mut self) -> Result<()> {
+        while !self.in_flight.is_empty() {
+            self.settle_one().await?;
+        }
+        Ok(())
+    }
+}
+
+impl FrameFeed {
+    /// Waits for at least one frame, then gathers more until `max` or
+    /// `max_wait` after the first. Transient consumer errors are logged
+    /// and retried; the stream is re-opened if it ends.
+    /// On `shutdown` it stops waiting and returns what it has (maybe nothing).
+    pub async fn next_batch(&mut self, max: usize, max_wait: Duration, shutdown: &CancellationToken) -> Result<Vec<Delivery>> {
+        let mut batch = Vec::new();
+        let mut deadline: Option<Instant> = None;
+        while batch.len() < max {
+            if self.messages.is_none() {
+                let stream = self.consumer.stream().max_messages_per_batch(PULL_BATCH).messages().await;
+                self.messages = Some(stream.context("opening the frame consumer")?);
+            }
+            let messages = self.messages.as_mut().expect("opened above");
+            // Before the first frame: wait indefinitely; after it: until the deadline.
+            let deadline_or_never = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                next = tokio::time::timeout_at(deadline_or_never, messages.next()) => match next {
+                    Ok(next) => next,
+                    Err(_) => break,
+                },
+            };
+            match next {
+                Some(Ok(message)) => {
+                    let stream_sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+                    let (message, acker) = message.split();
+                    let subject = message.subject.to_string();
+                    let source = subject.strip_prefix(&self.subject_prefix).unwrap_or("").to_string();
+                    batch.push(Delivery { source, subject, payload: message.payload, stream_sequence, acker });
+                    deadline.get_or_insert_with(|| Instant::now() + max_wait);
+                }
+                Some(Err(e)) => {
+                    tracing::warn!("frame consumer: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                None => {
+                    self.messages = None;
+                    if !batch.is_empty() {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(batch)
+    }
+}

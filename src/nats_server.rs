@@ -1,0 +1,66 @@
+//! A local nats-server child process with JetStream (`sync_interval:
+//! always`) on a free loopback port and its own store directory, for
+//! benches and tests. The server is killed when this is dropped.
+//!
+//! Process management only: clients connect through `bus`.
+
+use anyhow::{bail, Context, Result};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a fresh server may take to listen.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub struct LocalNats {
+    child: Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+/// The venv's nats-server beside the working directory, else the one on PATH.
+pub fn default_binary() -> PathBuf {
+    let venv = Path::new(".venv/bin/nats-server");
+    if venv.exists() {
+        venv.to_owned()
+    } else {
+        PathBuf::from("nats-server")
+    }
+}
+
+impl LocalNats {
+    pub fn start(binary: &Path) -> Result<LocalNats> {
+        let dir = tempfile::tempdir()?;
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let conf = dir.path().join("nats.conf");
+        let store = dir.path().join("js");
+        std::fs::write(&conf, format!("listen: 127.0.0.1:{port}\njetstream {{ store_dir: {store:?}, sync_interval: always }}\n"))?;
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {} (run scripts/setup)", binary.display()))?;
+        let mut server = LocalNats { child, url: format!("nats://127.0.0.1:{port}"), _dir: dir };
+        let deadline = Instant::now() + START_TIMEOUT;
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = server.child.try_wait()? {
+                bail!("nats-server exited at start: {status}");
+            }
+            if Instant::now() > deadline {
+                bail!("nats-server did not listen on port {port} within {START_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(server)
+    }
+}
+
+impl Drop for LocalNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,116 @@
+//! A real nats-server (the venv's, with JetStream and `sync_interval:
+//! always`) on a free loopback port with a temporary store, and a real
+//! `wmvae serve` daemon against it. Both are killed when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The venv's nats-server on a free port, via the library's own harness.
+pub struct NatsServer {
+    server: wmvae::nats_server::LocalNats,
+    pub url: String,
+}
+
+impl NatsServer {
+    pub fn start() -> NatsServer {
+        let server = wmvae::nats_server::LocalNats::start(&super::repo_root().join(".venv/bin/nats-server")).unwrap();
+        NatsServer { url: server.url.clone(), server }
+    }
+
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(&self.server.url).await.unwrap()
+    }
+}
+
+/// A `wmvae serve` child process.
+pub struct Daemon {
+    child: Option<Child>,
+    pub data_dir: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `wmvae serve` with `env` overrides (WMVAE_...) and logs to
+    /// `data_dir/serve-N.log`.
+    pub fn start(nats_url: &str, data_dir: &Path, env: &[(&str, &str)]) -> Daemon {
+        std::fs::create_dir_all(data_dir).unwrap();
+        let n = std::fs::read_dir(data_dir).unwrap().count();
+        let log = std::fs::File::create(data_dir.join(format!("serve-{n}.log"))).unwrap();
+        let mut cmd = super::wmvae();
+        cmd.args(["serve", "--nats-url", nats_url, "--data-dir"])
+            .arg(data_dir.join("store"))
+            .env("WMVAE_TRAIN__DEVICE", "cpu")
+            .env("WMVAE_INGEST__ACK_WAIT_SECS", "2")
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Daemon { child: Some(cmd.spawn().unwrap()), data_dir: data_dir.to_owned() }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGTERM, then wait for the exit.
+    pub fn terminate(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+        wait_with_timeout(&mut child, Duration::from_secs(60))
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill(mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for entry in std::fs::read_dir(&self.data_dir).unwrap().flatten() {
+            if entry.file_name().to_string_lossy().starts_with("serve-") {
+                out += &std::fs::read_to_string(entry.path()).unwrap_or_default();
+            }
+        }
+        out
+    }
+}
+
+fn wait_with_timeout(child: &mut Child, timeout: Duration) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("daemon did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Polls `check` every 100 ms until it returns true or `timeout` passes.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
