@@ -125,7 +125,7 @@ pub async fn ingest(frames: u64, nats_server: &std::path::Path) -> Result<Value>
     // the process's resident set before any work: report it apart.
     let baseline_rss_mb = proc_status_mb("VmRSS:");
     let server = crate::nats_server::LocalNats::start(nats_server)?;
-    let mut config = crate::config::Config::load_with_env(None, [])?;
+    let mut config = crate::config::Config::load(None)?;
     config.nats.url = server.url.clone();
     let bus = Bus::connect(&config.nats).await?.with_tuning(config.ingest.consumer_tuning());
     bus.migrate().await?;
