@@ -84,7 +84,7 @@ pub fn encode(options: BenchOptions) -> Result<Value> {
         // Batch 1 is latency-bound: give it as many images as batch 256 gets.
         let steps = if batch == 1 { options.steps * 256 } else { options.steps };
         let rate = images_per_s(batch, steps, || {
-            let (mu, _) = learner.encode(&xs);
+            let (mu, _) = learner.net().encode(&xs);
             mu.sum(tch::Kind::Float).double_value(&[]);
         });
         rates.insert(batch.to_string(), json!(rate));
@@ -127,7 +127,7 @@ pub async fn ingest(frames: u64, nats_server: &std::path::Path) -> Result<Value>
     let server = crate::nats_server::LocalNats::start(nats_server)?;
     let mut config = crate::config::Config::load(None)?;
     config.nats.url = server.url.clone();
-    let bus = Bus::connect(&config.nats).await?.with_tuning(config.ingest.consumer_tuning());
+    let bus = Bus::connect(&config.nats, config.bus_limits()).await?;
     bus.migrate().await?;
 
     let pool: Vec<Vec<u8>> = (0..INGEST_BENCH_DISTINCT_FRAMES)
@@ -160,7 +160,7 @@ pub async fn ingest(frames: u64, nats_server: &std::path::Path) -> Result<Value>
     let store = Store::open(dir.path(), config.buffer)?;
     let shutdown = CancellationToken::new();
     let start = Instant::now();
-    let task = tokio::spawn(crate::ingest::run(bus.clone(), store.clone(), config.ingest.clone(), shutdown.clone()));
+    let task = tokio::spawn(crate::ingest::run(bus.clone(), store.clone(), config.ingest.clone(), None, shutdown.clone()));
     while store.stats()?.frames_ingested < frames {
         if task.is_finished() {
             anyhow::bail!("ingest stopped early");

@@ -6,7 +6,7 @@
 //! them (`store`).
 
 use crate::config::NatsConfig;
-use crate::wire::FrameMessage;
+use crate::wire::{checkpoint_object, Announcement, FrameMessage, LatentMessage};
 use std::collections::VecDeque;
 use anyhow::{anyhow, bail, Context, Result};
 use async_nats::jetstream::{self, consumer::pull, stream};
@@ -20,7 +20,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Migration files, in order. Adding one means adding it here.
-const MIGRATIONS: &[(&str, &str)] = &[("0001_frames.toml", include_str!("../migrations/0001_frames.toml"))];
+const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_frames.toml", include_str!("../migrations/0001_frames.toml")),
+    ("0002_training.toml", include_str!("../migrations/0002_training.toml")),
+];
+/// The checkpoint weights bucket (migration 0002).
+pub const CHECKPOINT_BUCKET: &str = "wm-checkpoints";
+/// The micro service's name, as `$SRV.PING` discovery shows it.
+pub const SERVICE_NAME: &str = "wmvae";
 /// Stream metadata key recording the migration that shaped a stream.
 const MIGRATION_METADATA_KEY: &str = "wmvae_migration";
 /// Header carrying the reason of a dead-lettered frame.
@@ -43,6 +50,15 @@ struct Migration {
     stream: Vec<StreamDef>,
     #[serde(default)]
     consumer: Vec<ConsumerDef>,
+    #[serde(default)]
+    object_store: Vec<ObjectStoreDef>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ObjectStoreDef {
+    bucket: String,
+    description: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -54,6 +70,9 @@ struct StreamDef {
     max_age_secs: u64,
     max_bytes: i64,
     duplicate_window_secs: u64,
+    /// Take max age and bytes from the config's `[latents]` instead.
+    #[serde(default)]
+    limits_from_config: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -83,25 +102,24 @@ pub struct MigrationReport {
     pub consumers: Vec<String>,
 }
 
-/// The frame consumer's flow-control settings (config `[ingest]`).
+/// Limits the config sets on what `migrate` creates.
 #[derive(Debug, Clone, Copy)]
-pub struct ConsumerTuning {
-    /// Unacked frames are redelivered after this long.
+pub struct BusLimits {
+    /// Unacked frames are redelivered after this long (`[ingest]`).
     pub ack_wait_secs: u64,
-    /// Frames handed out but not yet acked, at most.
+    /// Frames handed out but not yet acked, at most (`[ingest]`).
     pub max_ack_pending: i64,
-}
-
-impl Default for ConsumerTuning {
-    fn default() -> Self {
-        ConsumerTuning { ack_wait_secs: 30, max_ack_pending: 8192 }
-    }
+    /// WM_LATENTS keeps latents this long (`[latents]`).
+    pub latents_max_age_secs: u64,
+    /// ... and at most this many bytes.
+    pub latents_max_bytes: i64,
 }
 
 /// A connected client with its JetStream context.
 #[derive(Clone)]
 pub struct Bus {
-    tuning: ConsumerTuning,
+    limits: BusLimits,
+    client: async_nats::Client,
     js: jetstream::Context,
     prefix: String,
 }
@@ -137,7 +155,7 @@ pub struct FrameFeed {
 }
 
 impl Bus {
-    pub async fn connect(config: &NatsConfig) -> Result<Bus> {
+    pub async fn connect(config: &NatsConfig, limits: BusLimits) -> Result<Bus> {
         let client = async_nats::ConnectOptions::new()
             .name("wmvae")
             .retry_on_initial_connect()
@@ -145,14 +163,13 @@ impl Bus {
             .connect(&config.url)
             .await
             .with_context(|| format!("connecting to NATS at {}", config.url))?;
-        let js = jetstream::new(client);
-        Ok(Bus { tuning: ConsumerTuning::default(), js, prefix: config.prefix.clone() })
+        let js = jetstream::new(client.clone());
+        Ok(Bus { limits, client, js, prefix: config.prefix.clone() })
     }
 
-    /// Sets the consumer tuning that `migrate` applies.
-    pub fn with_tuning(mut self, tuning: ConsumerTuning) -> Bus {
-        self.tuning = tuning;
-        self
+    /// A plain client, for the tests and tools that play the outside world.
+    pub fn client(&self) -> async_nats::Client {
+        self.client.clone()
     }
 
     pub fn subject(&self, rest: &str) -> String {
@@ -166,6 +183,10 @@ impl Bus {
             for def in &migration.stream {
                 self.apply_stream(def, migration.version).await?;
                 report.streams.push(def.name.clone());
+            }
+            for def in &migration.object_store {
+                self.apply_object_store(def).await?;
+                report.streams.push(format!("OBJ_{}", def.bucket));
             }
             for def in &migration.consumer {
                 self.apply_consumer(def).await?;
@@ -192,8 +213,8 @@ impl Bus {
             storage: stream::StorageType::File,
             retention: stream::RetentionPolicy::Limits,
             discard: stream::DiscardPolicy::Old,
-            max_age: Duration::from_secs(def.max_age_secs),
-            max_bytes: def.max_bytes,
+            max_age: Duration::from_secs(if def.limits_from_config { self.limits.latents_max_age_secs } else { def.max_age_secs }),
+            max_bytes: if def.limits_from_config { self.limits.latents_max_bytes } else { def.max_bytes },
             max_messages: -1,
             max_messages_per_subject: -1,
             duplicate_window: Duration::from_secs(def.duplicate_window_secs),
@@ -204,12 +225,26 @@ impl Bus {
         Ok(())
     }
 
+    async fn apply_object_store(&self, def: &ObjectStoreDef) -> Result<()> {
+        if self.js.get_object_store(&def.bucket).await.is_ok() {
+            return Ok(());
+        }
+        let config = jetstream::object_store::Config {
+            bucket: def.bucket.clone(),
+            description: Some(def.description.clone()),
+            storage: stream::StorageType::File,
+            ..Default::default()
+        };
+        self.js.create_object_store(config).await.with_context(|| format!("creating object store {}", def.bucket))?;
+        Ok(())
+    }
+
     async fn apply_consumer(&self, def: &ConsumerDef) -> Result<()> {
         let config = pull::Config {
             durable_name: Some(def.durable.clone()),
             ack_policy: jetstream::consumer::AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(self.tuning.ack_wait_secs),
-            max_ack_pending: self.tuning.max_ack_pending,
+            ack_wait: Duration::from_secs(self.limits.ack_wait_secs),
+            max_ack_pending: self.limits.max_ack_pending,
             ..Default::default()
         };
         let stream = self.js.get_stream(&def.stream).await.with_context(|| format!("stream {}", def.stream))?;
@@ -233,7 +268,7 @@ impl Bus {
         let stream = self.js.get_stream("WM_FRAMES").await.context("stream WM_FRAMES")?;
         let config = pull::Config {
             ack_policy: jetstream::consumer::AckPolicy::Explicit,
-            max_ack_pending: self.tuning.max_ack_pending,
+            max_ack_pending: self.limits.max_ack_pending,
             ..Default::default()
         };
         let consumer = stream.create_consumer(config).await.context("creating the baseline consumer")?;
@@ -244,6 +279,110 @@ impl Bus {
             message.ack().await.map_err(|e| anyhow!("ack: {e}"))?;
         }
         Ok(start.elapsed())
+    }
+
+    /// Publishes a latent on `<prefix>.latents.<source>` (core NATS; the
+    /// WM_LATENTS stream captures it). Buffered: call `flush` to push.
+    pub async fn publish_latent(&self, source: &str, latent: &LatentMessage) -> Result<()> {
+        self.client
+            .publish(self.subject(&format!("latents.{source}")), latent.to_msgpack().into())
+            .await
+            .context("publishing a latent")
+    }
+
+    /// Pushes buffered core-NATS publishes to the server.
+    pub async fn flush(&self) -> Result<()> {
+        self.client.flush().await.context("flushing to NATS")
+    }
+
+    async fn checkpoint_bucket(&self) -> Result<jetstream::object_store::ObjectStore> {
+        self.js.get_object_store(CHECKPOINT_BUCKET).await.with_context(|| format!("object store {CHECKPOINT_BUCKET} (run wmvae migrate)"))
+    }
+
+    /// Puts a version's weights in the object store as `vae/v{version}.safetensors`.
+    pub async fn put_checkpoint_weights(&self, version: u64, weights: &[u8]) -> Result<()> {
+        let bucket = self.checkpoint_bucket().await?;
+        let name = checkpoint_object(version);
+        bucket.put(name.as_str(), &mut std::io::Cursor::new(weights)).await.with_context(|| format!("putting {name}"))?;
+        Ok(())
+    }
+
+    /// A version's weights from the object store, if there.
+    pub async fn get_checkpoint_weights(&self, version: u64) -> Result<Option<Vec<u8>>> {
+        let bucket = self.checkpoint_bucket().await?;
+        let name = checkpoint_object(version);
+        let mut object = match bucket.get(name.as_str()).await {
+            Ok(object) => object,
+            Err(e) if e.kind() == jetstream::object_store::GetErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(anyhow!("getting {name}: {e}")),
+        };
+        let mut bytes = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut object, &mut bytes).await.with_context(|| format!("reading {name}"))?;
+        Ok(Some(bytes))
+    }
+
+    /// Whether a version's weights are in the object store.
+    pub async fn has_checkpoint_weights(&self, version: u64) -> Result<bool> {
+        Ok(self.checkpoint_bucket().await?.info(checkpoint_object(version)).await.is_ok())
+    }
+
+    /// Removes a version's weights from the object store (absent is fine).
+    pub async fn delete_checkpoint_weights(&self, version: u64) -> Result<()> {
+        let bucket = self.checkpoint_bucket().await?;
+        match bucket.delete(checkpoint_object(version)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == jetstream::object_store::DeleteErrorKind::NotFound => Ok(()),
+            Err(e) => Err(anyhow!("deleting {}: {e}", checkpoint_object(version))),
+        }
+    }
+
+    /// Announces a checkpoint event on `<prefix>.checkpoints` and waits
+    /// until WM_CHECKPOINTS has stored it.
+    pub async fn announce(&self, announcement: &Announcement) -> Result<()> {
+        self.js
+            .publish(self.subject("checkpoints"), announcement.to_msgpack().into())
+            .await
+            .context("announcing a checkpoint")?
+            .await
+            .context("storing a checkpoint announcement")?;
+        Ok(())
+    }
+
+    /// Runs the `wmvae` micro service (`$SRV.PING` finds it) with one
+    /// endpoint per name under `<prefix>.ctl.`, until `shutdown`. Each
+    /// request's payload goes to `handler` with its endpoint name; errors
+    /// become service errors carrying their code and text.
+    pub async fn serve_control(&self, endpoints: &[&str], handler: crate::control::Handler, shutdown: CancellationToken) -> Result<()> {
+        use async_nats::service::ServiceExt;
+        let service = self
+            .client
+            .service_builder()
+            .description("World Models VAE trainer: status, encode, checkpoints")
+            .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+            .await
+            .map_err(|e| anyhow!("starting the {SERVICE_NAME} service: {e}"))?;
+        let group = service.group(self.subject("ctl"));
+        let mut tasks = tokio::task::JoinSet::new();
+        for name in endpoints {
+            let mut endpoint = group.endpoint(*name).await.map_err(|e| anyhow!("endpoint {name}: {e}"))?;
+            let (handler, name, shutdown) = (handler.clone(), name.to_string(), shutdown.clone());
+            tasks.spawn(async move {
+                loop {
+                    let request = tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        request = endpoint.next() => match request { Some(r) => r, None => break },
+                    };
+                    let reply = handler(name.clone(), request.message.payload.clone()).await;
+                    let reply = reply.map(Bytes::from).map_err(|e| async_nats::service::error::Error { status: e.message, code: e.code });
+                    if let Err(e) = request.respond(reply).await {
+                        tracing::warn!("control {name}: reply failed: {e}");
+                    }
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        service.stop().await.map_err(|e| anyhow!("stopping the service: {e}"))?;
+        Ok(())
     }
 
     /// A publisher of frames from `source` on `<prefix>.frames.<source>`.

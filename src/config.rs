@@ -26,6 +26,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub buffer: BufferConfig,
     pub ingest: IngestConfig,
+    pub latents: LatentsConfig,
     pub model: ModelConfig,
     pub train: TrainConfig,
 }
@@ -61,10 +62,17 @@ pub struct IngestConfig {
     pub max_ack_pending: i64,
 }
 
-impl IngestConfig {
-    pub fn consumer_tuning(&self) -> crate::bus::ConsumerTuning {
-        crate::bus::ConsumerTuning { ack_wait_secs: self.ack_wait_secs, max_ack_pending: self.max_ack_pending }
-    }
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LatentsConfig {
+    /// Frames encoded together, at most.
+    pub max_batch: usize,
+    /// Longest wait for a micro-batch to fill once its first frame is in.
+    pub max_wait_ms: u64,
+    /// WM_LATENTS keeps latents this long (seconds) ...
+    pub stream_max_age_secs: u64,
+    /// ... and at most this many bytes.
+    pub stream_max_bytes: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -82,6 +90,19 @@ pub struct TrainConfig {
     pub learning_rate: f64,
     /// libtorch intra-op threads; 0 keeps libtorch's default (one per core).
     pub threads: usize,
+    /// Training starts once the training split holds this many frames.
+    pub min_frames: u64,
+    /// Frames trained on per frame inserted, at most (0: unlimited).
+    pub samples_per_insert: f64,
+    pub eval_every_steps: u64,
+    pub log_every_steps: u64,
+    /// A loss above this times the running median is skipped.
+    pub divergence_factor: f64,
+    /// Skipped steps in a row that trigger an automatic rollback.
+    pub max_bad_steps: usize,
+    pub checkpoint_every_steps: u64,
+    /// Newest versions kept by retention (besides pinned, best and active).
+    pub keep_last: usize,
 }
 
 impl Config {
@@ -149,7 +170,37 @@ impl Config {
         if !(self.train.learning_rate > 0.0 && self.train.learning_rate.is_finite()) {
             bail!("train.learning_rate must be a positive number");
         }
+        for (name, value) in [
+            ("eval_every_steps", self.train.eval_every_steps),
+            ("log_every_steps", self.train.log_every_steps),
+            ("checkpoint_every_steps", self.train.checkpoint_every_steps),
+            ("max_bad_steps", self.train.max_bad_steps as u64),
+            ("keep_last", self.train.keep_last as u64),
+        ] {
+            if value == 0 {
+                bail!("train.{name} must be at least 1");
+            }
+        }
+        if !(self.train.samples_per_insert >= 0.0 && self.train.samples_per_insert.is_finite()) {
+            bail!("train.samples_per_insert must be 0 (unlimited) or positive");
+        }
+        if !(self.train.divergence_factor > 1.0) {
+            bail!("train.divergence_factor must be above 1");
+        }
+        if self.latents.max_batch == 0 || self.latents.max_batch > MAX_LATENT_BATCH {
+            bail!("latents.max_batch must be in 1..={MAX_LATENT_BATCH}");
+        }
         Ok(())
+    }
+
+    /// What the bus applies when it migrates.
+    pub fn bus_limits(&self) -> crate::bus::BusLimits {
+        crate::bus::BusLimits {
+            ack_wait_secs: self.ingest.ack_wait_secs,
+            max_ack_pending: self.ingest.max_ack_pending,
+            latents_max_age_secs: self.latents.stream_max_age_secs,
+            latents_max_bytes: self.latents.stream_max_bytes,
+        }
     }
 
     pub fn vae(&self) -> VaeConfig {
@@ -168,6 +219,10 @@ pub const MAX_BATCH_SIZE: usize = 4096;
 /// Upper bound on a group commit: 8,192 frames of 96x96 is ~230 MB of
 /// decoded pixels in flight, the most one batch should hold.
 pub const MAX_INGEST_BATCH: usize = 8192;
+
+/// Upper bound on a latent micro-batch: encoding is latency-bound, and 1,024
+/// frames already fill a GPU's encoder pass.
+pub const MAX_LATENT_BATCH: usize = 1024;
 
 /// `500` is an integer, `1e-4` a float, `true` a bool, anything else a string.
 fn parse_env_value(raw: &str) -> toml::Value {

@@ -1,11 +1,10 @@
 //! `wmvae encode`: frames from an `.npy` file to latents in an `.npz`, with
 //! the weights of a `.safetensors` file, in chunks of bounded size.
 //!
-//! File formats only; the model math is the learner's.
+//! File formats only; the model math is `learner::Inference`'s.
 
-use crate::adam::AdamConfig;
 use crate::device::DeviceChoice;
-use crate::learner::{frames_to_tensor, Learner};
+use crate::learner::{frames_to_tensor, Inference};
 use crate::model::VaeConfig;
 use crate::npy::FrameReader;
 use crate::preprocess::{self, Policy};
@@ -26,17 +25,17 @@ pub struct EncodeReport {
     pub input_width: usize,
 }
 
-/// Builds a learner holding the weights of a `.safetensors` file.
-pub fn learner_from_weights(path: &Path, device: DeviceChoice, vae: VaeConfig) -> Result<Learner> {
+/// The network holding the weights of a `.safetensors` file.
+pub fn net_from_weights(path: &Path, device: DeviceChoice, vae: VaeConfig) -> Result<Inference> {
     let named = weights::read_file(path)?;
-    let mut learner = Learner::new(device.resolve()?, vae, AdamConfig::default());
-    learner.load_weights(&named, &path.display().to_string())?;
-    Ok(learner)
+    let mut net = Inference::new(device.resolve()?, vae);
+    net.load_weights(&named, &path.display().to_string())?;
+    Ok(net)
 }
 
 /// Encodes every frame of `input` and writes `mu` and `logvar` (float32,
 /// N x z) to `output`.
-pub fn encode_file(learner: &Learner, input: &Path, output: &Path) -> Result<EncodeReport> {
+pub fn encode_file(net: &Inference, input: &Path, output: &Path) -> Result<EncodeReport> {
     let mut reader = FrameReader::open(input)?;
     let (height, width) = (reader.height, reader.width);
     let mut mus = Vec::new();
@@ -53,13 +52,13 @@ pub fn encode_file(learner: &Learner, input: &Path, output: &Path) -> Result<Enc
                 .with_context(|| format!("{}: frame {}", input.display(), done + i))?;
             frames.extend_from_slice(&pixels);
         }
-        let xs = frames_to_tensor(&frames, learner.device())?;
-        let (mu, logvar) = learner.encode(&xs);
+        let xs = frames_to_tensor(&frames, net.device())?;
+        let (mu, logvar) = net.encode(&xs);
         mus.push(mu.to_device(tch::Device::Cpu));
         logvars.push(logvar.to_device(tch::Device::Cpu));
         done += chunk.len() / reader.frame_bytes();
     }
-    let z = learner.model().config().z_size;
+    let z = net.model().config().z_size;
     let stack = |parts: &[Tensor]| if parts.is_empty() { Tensor::zeros([0, z], (Kind::Float, tch::Device::Cpu)) } else { Tensor::cat(parts, 0) };
     Tensor::write_npz(&[("mu", stack(&mus)), ("logvar", stack(&logvars))], output)
         .with_context(|| format!("writing {}", output.display()))?;

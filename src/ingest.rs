@@ -9,6 +9,7 @@
 
 use crate::bus::{Bus, Delivery};
 use crate::config::IngestConfig;
+use crate::latents::LatentWorker;
 use crate::store::Store;
 use crate::wire::{self, Frame, Reason, Rejection};
 use anyhow::{Context, Result};
@@ -58,7 +59,8 @@ const PIPELINE_DEPTH: usize = 2;
 
 /// Runs until `shutdown`; returns after the batches in flight are committed
 /// and acked. A fetch task fills a bounded channel; this loop drains it.
-pub async fn run(bus: Bus, store: Store, config: IngestConfig, shutdown: CancellationToken) -> Result<()> {
+/// Newly stored frames go to `latents` (when given) for their latents.
+pub async fn run(bus: Bus, store: Store, config: IngestConfig, latents: Option<LatentWorker>, shutdown: CancellationToken) -> Result<()> {
     let mut feed = bus.frame_feed().await?;
     let (batches, mut incoming) = tokio::sync::mpsc::channel::<Vec<Delivery>>(PIPELINE_DEPTH);
     let max_wait = Duration::from_millis(config.batch_max_wait_ms);
@@ -77,7 +79,7 @@ pub async fn run(bus: Bus, store: Store, config: IngestConfig, shutdown: Cancell
     let mut since_log = BatchOutcome::default();
     let mut last_log = Instant::now();
     while let Some(batch) = incoming.recv().await {
-        match process(&bus, &store, &config, &batch, &mut log).await {
+        match process(&bus, &store, &config, &batch, latents.as_ref(), &mut log).await {
             Ok(done) => {
                 since_log.stored += done.stored;
                 since_log.duplicates += done.duplicates;
@@ -107,23 +109,38 @@ pub async fn run(bus: Bus, store: Store, config: IngestConfig, shutdown: Cancell
 }
 
 /// Decode, commit, then ack or dead-letter each delivery of one batch.
-async fn process(bus: &Bus, store: &Store, config: &IngestConfig, batch: &[Delivery], log: &mut RejectionLog) -> Result<BatchOutcome> {
+async fn process(
+    bus: &Bus,
+    store: &Store,
+    config: &IngestConfig,
+    batch: &[Delivery],
+    latents: Option<&LatentWorker>,
+    log: &mut RejectionLog,
+) -> Result<BatchOutcome> {
     let inputs: Vec<(String, bytes::Bytes)> = batch.iter().map(|d| (d.source.clone(), d.payload.clone())).collect();
     let policy = config.preprocess;
     let store = store.clone();
     // Decoding (PNG, resize) and the flush are blocking work: off the runtime.
-    let (outcomes, committed) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let decoded: Vec<Result<Frame, Rejection>> =
-            inputs.iter().map(|(source, payload)| wire::decode_frame(source, payload, policy)).collect();
-        let reasons: Vec<Reason> = decoded.iter().filter_map(|d| d.as_ref().err().map(|r| r.reason)).collect();
-        let frames: Vec<Frame> = decoded.iter().filter_map(|d| d.as_ref().ok().cloned()).collect();
+    let (rejections, committed, mut frames) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let mut frames = Vec::with_capacity(inputs.len());
+        let mut rejections = Vec::with_capacity(inputs.len());
+        for (source, payload) in &inputs {
+            match wire::decode_frame(source, payload, policy) {
+                Ok(frame) => {
+                    frames.push(frame);
+                    rejections.push(None);
+                }
+                Err(rejection) => rejections.push(Some(rejection)),
+            }
+        }
+        let reasons: Vec<Reason> = rejections.iter().flatten().map(|r: &Rejection| r.reason).collect();
         let committed = store.commit(&frames, &reasons)?;
-        Ok((decoded.into_iter().map(|d| d.err()).collect::<Vec<_>>(), committed))
+        Ok((rejections, committed, frames))
     })
     .await
     .context("ingest worker")??;
     let mut outcome = BatchOutcome { stored: committed.stored, duplicates: committed.duplicates, rejected: 0 };
-    for (delivery, rejection) in batch.iter().zip(outcomes) {
+    for (delivery, rejection) in batch.iter().zip(rejections) {
         match rejection {
             None => delivery.ack().await?,
             Some(rejection) => {
@@ -133,6 +150,12 @@ async fn process(bus: &Bus, store: &Store, config: &IngestConfig, batch: &[Deliv
                 outcome.rejected += 1;
             }
         }
+    }
+    if let Some(latents) = latents {
+        // Highest index first, so each swap_remove leaves lower indices in place.
+        let mut stored: Vec<Frame> = committed.stored_indices.iter().rev().map(|&i| frames.swap_remove(i)).collect();
+        stored.reverse();
+        latents.submit(stored).await?;
     }
     Ok(outcome)
 }

@@ -19,11 +19,17 @@ pub struct LossValues {
     pub kl: f64,
 }
 
-pub struct Learner {
+/// The VAE on a device, for inference: encode, reconstruct, swap weights.
+pub struct Inference {
     vs: VarStore,
     vae: Vae,
-    adam: Adam,
     device: Device,
+}
+
+/// The VAE with its optimizer, for training.
+pub struct Learner {
+    net: Inference,
+    adam: Adam,
 }
 
 /// uint8 frames (N x 64 x 64 x 3, HWC bytes) to the model's N x 3 x 64 x 64
@@ -43,13 +49,12 @@ fn values(l: &crate::model::Loss) -> LossValues {
     LossValues { total: l.total.double_value(&[]), recon: l.recon.double_value(&[]), kl: l.kl.double_value(&[]) }
 }
 
-impl Learner {
-    /// Fresh weights (PyTorch-style default init) and a fresh optimizer.
-    pub fn new(device: Device, vae_config: VaeConfig, adam_config: AdamConfig) -> Learner {
+impl Inference {
+    /// Fresh weights (PyTorch-style default init).
+    pub fn new(device: Device, vae_config: VaeConfig) -> Inference {
         let vs = VarStore::new(device);
         let vae = Vae::new(&vs.root(), vae_config);
-        let adam = Adam::new(&vs, adam_config);
-        Learner { vs, vae, adam, device }
+        Inference { vs, vae, device }
     }
 
     pub fn device(&self) -> Device {
@@ -60,20 +65,63 @@ impl Learner {
         &self.vae
     }
 
+    /// (mu, logvar) without gradient.
+    pub fn encode(&self, xs: &Tensor) -> (Tensor, Tensor) {
+        tch::no_grad(|| self.vae.encode(xs))
+    }
+
+    /// Reconstructions from z = mu, without gradient.
+    pub fn reconstruct(&self, xs: &Tensor) -> Tensor {
+        tch::no_grad(|| self.vae.forward_t(xs, false).recon)
+    }
+
+    /// Loss with z = mu and no gradient, for evaluation.
+    pub fn evaluate(&self, xs: &Tensor) -> LossValues {
+        tch::no_grad(|| values(&loss(&self.vae.forward_t(xs, false), xs, self.vae.config())))
+    }
+
+    /// The weights as PyTorch-loadable safetensors bytes.
+    pub fn weights_bytes(&self) -> Result<Vec<u8>> {
+        weights::to_safetensors_bytes(&weights::named_variables(&self.vs))
+    }
+
+    /// Loads weights (strict names and shapes); all or nothing.
+    pub fn load_weights(&mut self, named: &[(String, Tensor)], origin: &str) -> Result<()> {
+        weights::load_into(&self.vs, named, origin)
+    }
+
+    /// Loads a checkpoint's weights after checking their sha256.
+    pub fn load_checkpoint_weights(&mut self, checkpoint: &Checkpoint) -> Result<()> {
+        checkpoint.verify()?;
+        let origin = format!("checkpoint v{}", checkpoint.metadata.version);
+        let named = weights::from_safetensors_bytes(&checkpoint.weights, &origin)?;
+        self.load_weights(&named, &origin)
+    }
+}
+
+impl Learner {
+    /// Fresh weights and a fresh optimizer.
+    pub fn new(device: Device, vae_config: VaeConfig, adam_config: AdamConfig) -> Learner {
+        let net = Inference::new(device, vae_config);
+        let adam = Adam::new(&net.vs, adam_config);
+        Learner { net, adam }
+    }
+
+    /// The network, for inference and weight export.
+    pub fn net(&self) -> &Inference {
+        &self.net
+    }
+
     /// Optimizer steps taken (restored with the optimizer state).
     pub fn steps(&self) -> i64 {
         self.adam.steps()
     }
 
-    pub fn set_learning_rate(&mut self, learning_rate: f64) {
-        self.adam.config.learning_rate = learning_rate;
-    }
-
     /// Forward, loss, backward; the update is applied only when `accept`
     /// says the loss is fit to learn from (the divergence guard's hook).
     pub fn train_step_guarded(&mut self, xs: &Tensor, accept: impl FnOnce(&LossValues) -> bool) -> (LossValues, bool) {
-        let out = self.vae.forward_t(xs, true);
-        let l = loss(&out, xs, self.vae.config());
+        let out = self.net.vae.forward_t(xs, true);
+        let l = loss(&out, xs, self.net.vae.config());
         let v = values(&l);
         if !accept(&v) {
             return (v, false);
@@ -89,48 +137,23 @@ impl Learner {
         self.train_step_guarded(xs, |_| true).0
     }
 
-    /// Loss with z = mu and no gradient, for evaluation.
-    pub fn evaluate(&self, xs: &Tensor) -> LossValues {
-        tch::no_grad(|| values(&loss(&self.vae.forward_t(xs, false), xs, self.vae.config())))
-    }
-
-    /// (mu, logvar) without gradient.
-    pub fn encode(&self, xs: &Tensor) -> (Tensor, Tensor) {
-        tch::no_grad(|| self.vae.encode(xs))
-    }
-
-    /// Reconstructions from z = mu, without gradient.
-    pub fn reconstruct(&self, xs: &Tensor) -> Tensor {
-        tch::no_grad(|| self.vae.forward_t(xs, false).recon)
-    }
-
-    /// The weights as PyTorch-loadable safetensors bytes.
-    pub fn weights_bytes(&self) -> Result<Vec<u8>> {
-        weights::to_safetensors_bytes(&weights::named_variables(&self.vs))
-    }
-
-    /// Loads weights (strict names and shapes); the optimizer is untouched.
-    pub fn load_weights(&mut self, named: &[(String, Tensor)], origin: &str) -> Result<()> {
-        weights::load_into(&self.vs, named, origin)
-    }
-
     /// Everything needed to resume: weights, optimizer state, `metadata`
     /// (whose `sha256` is filled in here).
     pub fn snapshot(&self, metadata: Metadata) -> Result<Checkpoint> {
         let optimizer = weights::to_safetensors_bytes(&self.adam.state())?;
-        Ok(Checkpoint::new(metadata, self.weights_bytes()?, optimizer))
+        Ok(Checkpoint::new(metadata, self.net.weights_bytes()?, optimizer))
     }
 
-    /// Resumes from a checkpoint (verified first): weights and optimizer state.
-    /// Nothing changes if any part is wrong.
+    /// Resumes from a checkpoint (verified first): weights and optimizer
+    /// state. Nothing changes if any part is wrong.
     pub fn restore(&mut self, checkpoint: &Checkpoint) -> Result<()> {
         let origin = format!("checkpoint v{}", checkpoint.metadata.version);
         checkpoint.verify()?;
         let named = weights::from_safetensors_bytes(&checkpoint.weights, &origin)?;
         let state = weights::from_safetensors_bytes(&checkpoint.optimizer, &origin)?;
-        let mut adam = Adam::new(&self.vs, self.adam.config);
+        let mut adam = Adam::new(&self.net.vs, self.adam.config);
         adam.load_state(&state, &origin)?;
-        weights::load_into(&self.vs, &named, &origin)?;
+        self.net.load_weights(&named, &origin)?;
         self.adam = adam;
         Ok(())
     }

@@ -16,6 +16,11 @@
 //! * `store`      the durable, bounded replay buffer (the only sled user)
 //! * `bus`        streams, consumers, dead letters, publishing (the only NATS user)
 //! * `ingest`     frames from the bus to the store, acked once durable
+//! * `trainer`    the training loop (its own thread): guard, eval, checkpoints
+//! * `sampler`    prefetched uniform batches from the buffer
+//! * `latents`    a latent per stored frame, from the active checkpoint
+//! * `control`    the `wmvae` micro service's endpoints (status, encode)
+//! * `status`     what the daemon is doing, for the status endpoint
 //! * `serve`      the daemon's wiring and its shutdown signal
 //! * `publish`    the `wmvae publish` command
 //! * `synthetic`  CarRacing-like frames without a simulator
@@ -31,18 +36,23 @@ pub mod bench;
 pub mod bus;
 pub mod checkpoint;
 pub mod config;
+pub mod control;
 pub mod device;
 pub mod encode;
 pub mod export;
 pub mod ingest;
+pub mod latents;
 pub mod learner;
 pub mod model;
 pub mod nats_server;
 pub mod npy;
 pub mod preprocess;
 pub mod publish;
+pub mod sampler;
 pub mod serve;
+pub mod status;
 pub mod store;
 pub mod synthetic;
+pub mod trainer;
 pub mod weights;
 pub mod wire;

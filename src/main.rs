@@ -220,7 +220,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Migrate { config } => {
             let config = config.load()?;
-            let report = runtime()?.block_on(async { wmvae::bus::Bus::connect(&config.nats).await?.with_tuning(config.ingest.consumer_tuning()).migrate().await })?;
+            let report = runtime()?.block_on(async { wmvae::bus::Bus::connect(&config.nats, config.bus_limits()).await?.migrate().await })?;
             println!("NATS: migration {} applied (streams {:?}, consumers {:?})", report.version, report.streams, report.consumers);
             match wmvae::store::Store::open(&config.store.data_dir, config.buffer) {
                 Ok(_) => println!("store {}: schema {}", config.store.data_dir.display(), wmvae::store::SCHEMA_VERSION),
@@ -246,15 +246,15 @@ fn run(cli: Cli) -> Result<()> {
             };
             let options = wmvae::publish::PublishOptions { source, input, rate, count };
             let sent = runtime()?.block_on(async {
-                let bus = wmvae::bus::Bus::connect(&config.nats).await?;
+                let bus = wmvae::bus::Bus::connect(&config.nats, config.bus_limits()).await?;
                 wmvae::publish::run(&bus, &options).await
             })?;
             eprintln!("published {sent} frames");
         }
         Command::Encode { weights, input, output, device, config } => {
             let config = Config::load(config.as_deref())?;
-            let learner = wmvae::encode::learner_from_weights(&weights, device, config.vae())?;
-            let report = wmvae::encode::encode_file(&learner, &input, &output)?;
+            let net = wmvae::encode::net_from_weights(&weights, device, config.vae())?;
+            let report = wmvae::encode::encode_file(&net, &input, &output)?;
             eprintln!(
                 "encoded {} frames of {}x{} to {}",
                 report.frames,

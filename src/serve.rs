@@ -1,15 +1,28 @@
-//! `wmvae serve`: opens the store, connects to NATS, applies the
-//! migrations, and runs the ingest loop until the shutdown signal; then
-//! finishes the batch in flight, flushes sled and returns.
-//!
-//! Wiring only: each part's behaviour lives in its own module.
+//! `wmvae serve`: the daemon's wiring. Opens the store, connects to NATS
+//! and applies the migrations, restores the active checkpoint (or writes
+//! version 1 on a new store), then runs the ingest loop, the latent worker,
+//! the trainer thread, the control service and the task that publishes
+//! checkpoints, until the one shutdown token is cancelled. Then each part
+//! finishes its work in flight, in order, and the store is flushed.
 
 use crate::bus::Bus;
+use crate::checkpoint::{now_rfc3339, Checkpoint, Metadata};
 use crate::config::Config;
-use crate::ingest;
+use crate::latents::LatentWorker;
+use crate::learner::Learner;
+use crate::status::StatusBoard;
 use crate::store::Store;
-use anyhow::{Context, Result};
+use crate::trainer::{Event, Trainer};
+use crate::wire::{checkpoint_object, Announcement, CheckpointEvent};
+use crate::{control, device, ingest};
+use anyhow::{anyhow, Context, Result};
+use std::sync::Arc;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+/// Checkpoint events queued for publishing: a handful; the trainer waits
+/// for each created version to be published anyway.
+const EVENT_QUEUE: usize = 16;
 
 /// One token cancelled by SIGTERM or Ctrl-C, passed down to every task.
 pub fn shutdown_on_signals() -> Result<CancellationToken> {
@@ -26,21 +39,118 @@ pub fn shutdown_on_signals() -> Result<CancellationToken> {
     Ok(token)
 }
 
+/// The learner resumed from the active version, or fresh weights written
+/// as version 1 when the store has none.
+fn resume_or_start(config: &Config, store: &Store, device: tch::Device) -> Result<(Learner, Arc<Checkpoint>)> {
+    let mut learner = Learner::new(device, config.vae(), config.adam());
+    if let Some(version) = store.active_version()? {
+        let checkpoint = store.checkpoint(version)?.with_context(|| format!("active checkpoint v{version} is missing from the store"))?;
+        learner.restore(&checkpoint)?;
+        tracing::info!(version, step = learner.steps(), "resumed from the active checkpoint");
+        return Ok((learner, Arc::new(checkpoint)));
+    }
+    let metadata = Metadata { created_at: now_rfc3339(), config: serde_json::to_value(config)?, ..Default::default() };
+    let checkpoint = store.add_checkpoint(|version| learner.snapshot(Metadata { version, ..metadata }), true, "initial", "wmvae", None)?;
+    tracing::info!(version = checkpoint.metadata.version, "initial weights written");
+    Ok((learner, Arc::new(checkpoint)))
+}
+
+fn announcement(event: CheckpointEvent, metadata: &Metadata, bytes: u64) -> Announcement {
+    Announcement { event, metadata: metadata.clone(), object: checkpoint_object(metadata.version), bytes, from: None, to: None, reason: None }
+}
+
+/// Puts a version's weights in the object store, then announces it.
+async fn publish_created(bus: &Bus, checkpoint: &Checkpoint) -> Result<()> {
+    bus.put_checkpoint_weights(checkpoint.metadata.version, &checkpoint.weights).await?;
+    bus.announce(&announcement(CheckpointEvent::Created, &checkpoint.metadata, checkpoint.weights.len() as u64)).await
+}
+
+/// Every stored version whose weights are not in the object store yet
+/// (written while NATS was away, or offline) is published now.
+async fn publish_missing(bus: &Bus, store: &Store) -> Result<()> {
+    for metadata in store.list_checkpoints()? {
+        if !bus.has_checkpoint_weights(metadata.version).await? {
+            let checkpoint = store.checkpoint(metadata.version)?.with_context(|| format!("checkpoint v{} vanished", metadata.version))?;
+            publish_created(bus, &checkpoint).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Publishes the trainer's events in order until the trainer is gone.
+async fn publish_events(bus: Bus, mut events: mpsc::Receiver<Event>) {
+    while let Some(event) = events.recv().await {
+        let result = match event {
+            Event::Created(checkpoint, done) => {
+                let result = publish_created(&bus, &checkpoint).await;
+                let _ = done.send(());
+                result
+            }
+            Event::Rollback { from, to, reason } => {
+                let mut a = announcement(CheckpointEvent::Rollback, &to.metadata, to.weights.len() as u64);
+                (a.from, a.to, a.reason) = (from, Some(to.metadata.version), Some(reason));
+                bus.announce(&a).await
+            }
+            Event::Deleted(metadata) => match bus.delete_checkpoint_weights(metadata.version).await {
+                Ok(()) => bus.announce(&announcement(CheckpointEvent::Deleted, &metadata, 0)).await,
+                Err(e) => Err(e),
+            },
+        };
+        if let Err(e) = result {
+            tracing::error!("publishing a checkpoint event: {e:#}");
+        }
+    }
+}
+
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let store = Store::open(&config.store.data_dir, config.buffer)?;
     let stats = store.stats()?;
-    tracing::info!(
-        data_dir = %config.store.data_dir.display(),
-        frames = stats.frames,
-        capacity = stats.capacity,
-        "replay buffer open"
-    );
-    let bus = Bus::connect(&config.nats).await?.with_tuning(config.ingest.consumer_tuning());
+    tracing::info!(data_dir = %config.store.data_dir.display(), frames = stats.frames, capacity = stats.capacity, "replay buffer open");
+    if config.train.threads > 0 {
+        tch::set_num_threads(config.train.threads as i32);
+    }
+    let device = config.train.device.resolve()?;
+    let bus = Bus::connect(&config.nats, config.bus_limits()).await?;
     let report = bus.migrate().await?;
     tracing::info!(url = %config.nats.url, migration = report.version, streams = ?report.streams, "NATS ready");
-    let ingest = tokio::spawn(ingest::run(bus.clone(), store.clone(), config.ingest.clone(), shutdown.clone()));
-    let result = ingest.await.context("ingest task")?;
+
+    let (learner, active) = {
+        let (config, store) = (config.clone(), store.clone());
+        tokio::task::spawn_blocking(move || resume_or_start(&config, &store, device)).await??
+    };
+    publish_missing(&bus, &store).await?;
+    let status = StatusBoard::new(store.clone(), device::describe(device));
+    let (latents, latent_thread) = LatentWorker::start(device, config.vae(), &active, config.latents.clone(), bus.clone(), status.clone())?;
+
+    let (events, event_queue) = mpsc::channel(EVENT_QUEUE);
+    let publisher = tokio::spawn(publish_events(bus.clone(), event_queue));
+    let trainer = Trainer {
+        config: config.clone(),
+        store: store.clone(),
+        learner,
+        active,
+        latents: latents.clone(),
+        events,
+        status: status.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let trainer_thread = std::thread::Builder::new().name("wmvae-trainer".into()).spawn(move || trainer.run())?;
+    let control = tokio::spawn({
+        let (bus, handler) = (bus.clone(), control::handler(status.clone(), latents.clone(), config.ingest.preprocess));
+        let shutdown = shutdown.clone();
+        async move { bus.serve_control(control::ENDPOINTS, handler, shutdown).await }
+    });
+    tracing::info!(device = %device::describe(device), "serving");
+
+    // Ingest runs until the shutdown signal; a failure stops the daemon too.
+    let ingest_result = ingest::run(bus.clone(), store.clone(), config.ingest.clone(), Some(latents), shutdown.clone()).await;
+    shutdown.cancel();
+    let trainer_result = tokio::task::spawn_blocking(move || trainer_thread.join()).await?.map_err(|_| anyhow!("trainer thread panicked"))?;
+    let control_result = control.await.context("control task")?;
+    tokio::task::spawn_blocking(move || latent_thread.join()).await?.map_err(|_| anyhow!("latent worker panicked"))?;
+    publisher.await.context("checkpoint publisher")?;
+    bus.flush().await?;
     store.flush()?;
     tracing::info!("store flushed; bye");
-    result
+    ingest_result.and(trainer_result).and(control_result)
 }

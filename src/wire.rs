@@ -1,6 +1,7 @@
-//! The frame wire contract (PROTOCOL.md): a MessagePack map per frame on
+//! The wire contract (PROTOCOL.md): a MessagePack map per frame on
 //! `wm.frames.<source>`, decoded and checked into a preprocessed [`Frame`],
-//! or a [`Rejection`] with a stable reason code for the dead-letter header.
+//! or a [`Rejection`] with a stable reason code for the dead-letter header;
+//! and the messages wmvae sends: latents and checkpoint announcements.
 //!
 //! Pure decoding: no NATS, no sled. Every check runs before any large
 //! allocation, so a hostile message costs at most its own size.
@@ -39,6 +40,63 @@ impl FrameMessage {
     pub fn to_msgpack(&self) -> Vec<u8> {
         rmp_serde::to_vec_named(self).expect("a FrameMessage always serialises")
     }
+}
+
+/// A latent on `wm.latents.<source>` (field names pinned by the contract).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatentMessage {
+    pub episode: String,
+    pub step: u64,
+    /// The checkpoint whose weights encoded it (always fetchable by version).
+    pub model_version: u64,
+    pub mu: Vec<f32>,
+    pub logvar: Vec<f32>,
+}
+
+impl LatentMessage {
+    pub fn to_msgpack(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).expect("a LatentMessage always serialises")
+    }
+}
+
+/// What happened to a checkpoint, announced on `wm.checkpoints`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointEvent {
+    Created,
+    Rollback,
+    Deleted,
+}
+
+/// A checkpoint announcement: `event`, the version's metadata (flattened:
+/// `version`, `parent`, `step`, ..., `sha256`, `config`), its object name
+/// and size; rollbacks add `from`, `to` and `reason`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Announcement {
+    pub event: CheckpointEvent,
+    #[serde(flatten)]
+    pub metadata: crate::checkpoint::Metadata,
+    /// Object name in the `wm-checkpoints` bucket: `vae/v{version}.safetensors`.
+    pub object: String,
+    /// Size of that object (the weights' safetensors bytes).
+    pub bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl Announcement {
+    pub fn to_msgpack(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).expect("an Announcement always serialises")
+    }
+}
+
+/// Object-store name of a version's weights.
+pub fn checkpoint_object(version: u64) -> String {
+    format!("vae/v{version}.safetensors")
 }
 
 /// A checked, preprocessed frame, ready for the replay buffer.

@@ -6,8 +6,7 @@ mod common;
 use common::{frames, wmvae};
 use std::path::Path;
 use tch::{Device, Tensor};
-use wmvae::adam::AdamConfig;
-use wmvae::learner::{frames_to_tensor, Learner};
+use wmvae::learner::{frames_to_tensor, Inference};
 use wmvae::model::VaeConfig;
 use wmvae::{npy, preprocess, weights};
 
@@ -23,19 +22,19 @@ fn encode(weights: &Path, input: &Path, output: &Path) -> std::process::Output {
         .unwrap()
 }
 
-fn saved_learner(dir: &Path) -> (Learner, std::path::PathBuf) {
+fn saved_net(dir: &Path) -> (Inference, std::path::PathBuf) {
     tch::manual_seed(11);
-    let learner = Learner::new(Device::Cpu, VaeConfig::default(), AdamConfig::default());
+    let net = Inference::new(Device::Cpu, VaeConfig::default());
     let path = dir.join("w.safetensors");
-    std::fs::write(&path, learner.weights_bytes().unwrap()).unwrap();
-    (learner, path)
+    std::fs::write(&path, net.weights_bytes().unwrap()).unwrap();
+    (net, path)
 }
 
 /// 96x96 frames in, more than one chunk: mu/logvar equal the library's on preprocessed frames.
 #[test]
 fn encodes_carracing_frames_in_chunks() {
     let dir = tempfile::tempdir().unwrap();
-    let (learner, weights_path) = saved_learner(dir.path());
+    let (net, weights_path) = saved_net(dir.path());
     let n = wmvae::encode::ENCODE_CHUNK_FRAMES + 3;
     let raw = frames(n, 96, 96);
     let input = dir.path().join("f.npy");
@@ -54,7 +53,7 @@ fn encodes_carracing_frames_in_chunks() {
         .chunks_exact(96 * 96 * 3)
         .flat_map(|f| preprocess::preprocess(f, 96, 96, preprocess::Policy::WorldModels).unwrap())
         .collect();
-    let (expected_mu, _) = learner.encode(&frames_to_tensor(&pre, Device::Cpu).unwrap());
+    let (expected_mu, _) = net.encode(&frames_to_tensor(&pre, Device::Cpu).unwrap());
     let diff = (mu - expected_mu).abs().max().double_value(&[]);
     assert!(diff < 1e-5, "mu differs by {diff}");
 }
@@ -63,7 +62,7 @@ fn encodes_carracing_frames_in_chunks() {
 #[test]
 fn bad_inputs_are_named() {
     let dir = tempfile::tempdir().unwrap();
-    let (learner, good_weights) = saved_learner(dir.path());
+    let (net, good_weights) = saved_net(dir.path());
     let input = dir.path().join("f.npy");
     npy::write_frames(&input, &frames(2, 64, 64), 64, 64).unwrap();
     let output = dir.path().join("z.npz");
@@ -77,20 +76,20 @@ fn bad_inputs_are_named() {
         }
     };
 
-    let mut named = weights::from_safetensors_bytes(&learner.weights_bytes().unwrap(), "x").unwrap();
+    let mut named = weights::from_safetensors_bytes(&net.weights_bytes().unwrap(), "x").unwrap();
     named.retain(|(n, _)| n != "encoder.fc_mu.weight");
     let missing = dir.path().join("missing.safetensors");
     std::fs::write(&missing, weights::to_safetensors_bytes(&named).unwrap()).unwrap();
     check(&missing, &input, &["missing.safetensors", "encoder.fc_mu.weight"]);
 
-    let mut named = weights::from_safetensors_bytes(&learner.weights_bytes().unwrap(), "x").unwrap();
+    let mut named = weights::from_safetensors_bytes(&net.weights_bytes().unwrap(), "x").unwrap();
     named[0].1 = Tensor::zeros([2, 2], (tch::Kind::Float, Device::Cpu));
     let misshapen = dir.path().join("misshapen.safetensors");
     std::fs::write(&misshapen, weights::to_safetensors_bytes(&named).unwrap()).unwrap();
     check(&misshapen, &input, &["misshapen.safetensors", &named[0].0, "shape [2, 2]"]);
 
     let corrupt = dir.path().join("corrupt.safetensors");
-    let mut bytes = learner.weights_bytes().unwrap();
+    let mut bytes = net.weights_bytes().unwrap();
     bytes.truncate(bytes.len() / 2);
     std::fs::write(&corrupt, bytes).unwrap();
     check(&corrupt, &input, &["corrupt.safetensors", "not a valid safetensors"]);

@@ -23,12 +23,12 @@ fn training_lowers_reconstruction_loss() {
     let _rng = GLOBAL_RNG.lock().unwrap();
     let mut l = learner(0, 1e-3);
     let xs = frames_to_tensor(&common::frames(8, 64, 64), Device::Cpu).unwrap();
-    let before = l.evaluate(&xs);
+    let before = l.net().evaluate(&xs);
     for _ in 0..200 {
         let v = l.train_step(&xs);
         assert!(v.total.is_finite());
     }
-    let after = l.evaluate(&xs);
+    let after = l.net().evaluate(&xs);
     assert_eq!(l.steps(), 200);
     assert!(after.recon < 0.5 * before.recon, "recon {} -> {}", before.recon, after.recon);
 }
@@ -47,9 +47,9 @@ fn checkpoint_resumes_the_very_same_next_step() {
     let mut resumed = learner(99, 1e-3);
     resumed.restore(&Checkpoint::from_bytes(&bytes).unwrap()).unwrap();
     assert_eq!(resumed.steps(), 3);
-    assert_eq!(resumed.weights_bytes().unwrap(), original.weights_bytes().unwrap());
-    let (mu_a, logvar_a) = original.encode(&xs);
-    let (mu_b, logvar_b) = resumed.encode(&xs);
+    assert_eq!(resumed.net().weights_bytes().unwrap(), original.net().weights_bytes().unwrap());
+    let (mu_a, logvar_a) = original.net().encode(&xs);
+    let (mu_b, logvar_b) = resumed.net().encode(&xs);
     assert!(mu_a.equal(&mu_b) && logvar_a.equal(&logvar_b));
 
     tch::manual_seed(42);
@@ -57,7 +57,7 @@ fn checkpoint_resumes_the_very_same_next_step() {
     tch::manual_seed(42);
     let loss_b = resumed.train_step(&xs);
     assert_eq!(loss_a, loss_b);
-    assert_eq!(original.weights_bytes().unwrap(), resumed.weights_bytes().unwrap(), "next step differs");
+    assert_eq!(original.net().weights_bytes().unwrap(), resumed.net().weights_bytes().unwrap(), "next step differs");
 }
 
 /// A checkpoint with a tampered weight byte is refused and leaves the learner unchanged.
@@ -69,8 +69,8 @@ fn tampered_checkpoint_changes_nothing() {
     let last = checkpoint.weights.len() - 1;
     checkpoint.weights[last] ^= 0xff;
     let mut other = learner(2, 1e-4);
-    let before = other.weights_bytes().unwrap();
+    let before = other.net().weights_bytes().unwrap();
     let err = other.restore(&checkpoint).unwrap_err().to_string();
     assert!(err.contains("v5") && err.contains("sha256"), "{err}");
-    assert_eq!(other.weights_bytes().unwrap(), before);
+    assert_eq!(other.net().weights_bytes().unwrap(), before);
 }

@@ -6,8 +6,7 @@ mod common;
 
 use common::{frames, torch_reference};
 use tch::{Device, Tensor};
-use wmvae::adam::AdamConfig;
-use wmvae::learner::{frames_to_tensor, Learner};
+use wmvae::learner::{frames_to_tensor, Inference};
 use wmvae::model::VaeConfig;
 use wmvae::{npy, preprocess, weights};
 
@@ -29,9 +28,9 @@ fn get(named: &[(String, Tensor)], name: &str) -> Tensor {
 fn pytorch_reproduces_our_outputs() {
     let dir = tempfile::tempdir().unwrap();
     tch::manual_seed(7);
-    let learner = Learner::new(Device::Cpu, VaeConfig::default(), AdamConfig::default());
+    let net = Inference::new(Device::Cpu, VaeConfig::default());
     let weights_path = dir.path().join("w.safetensors");
-    std::fs::write(&weights_path, learner.weights_bytes().unwrap()).unwrap();
+    std::fs::write(&weights_path, net.weights_bytes().unwrap()).unwrap();
     let raw = frames(8, 64, 64);
     let frames_path = dir.path().join("f.npy");
     npy::write_frames(&frames_path, &raw, 64, 64).unwrap();
@@ -47,8 +46,8 @@ fn pytorch_reproduces_our_outputs() {
     ]);
     let theirs = npz(&out_path);
     let xs = frames_to_tensor(&raw, Device::Cpu).unwrap();
-    let (mu, logvar) = learner.encode(&xs);
-    let recon = learner.reconstruct(&xs);
+    let (mu, logvar) = net.encode(&xs);
+    let recon = net.reconstruct(&xs);
     assert!(max_abs_diff(&mu, &get(&theirs, "mu")) < 1e-5);
     assert!(max_abs_diff(&logvar, &get(&theirs, "logvar")) < 1e-5);
     assert!(max_abs_diff(&recon, &get(&theirs, "recon")) < 1e-5);
@@ -61,9 +60,9 @@ fn we_load_pytorch_weights() {
     let path = dir.path().join("torch.safetensors");
     torch_reference(&["save-weights", "--out", path.to_str().unwrap(), "--seed", "3"]);
     let theirs = weights::read_file(&path).unwrap();
-    let mut learner = Learner::new(Device::Cpu, VaeConfig::default(), AdamConfig::default());
-    learner.load_weights(&theirs, "torch.safetensors").unwrap();
-    let ours = weights::from_safetensors_bytes(&learner.weights_bytes().unwrap(), "ours").unwrap();
+    let mut net = Inference::new(Device::Cpu, VaeConfig::default());
+    net.load_weights(&theirs, "torch.safetensors").unwrap();
+    let ours = weights::from_safetensors_bytes(&net.weights_bytes().unwrap(), "ours").unwrap();
     assert_eq!(ours.len(), 22);
     for ((a, ta), (b, tb)) in ours.iter().zip(&theirs) {
         assert_eq!(a, b);

@@ -16,7 +16,11 @@
 //! Each split (train, validation) is a ring of consecutive sequence numbers
 //! `[tail, head)`, so uniform sampling is O(batch): draw seqs, get each.
 //! Episodes go to the validation split by a stable hash of (source, episode).
-//! Nothing here knows about NATS or tensors.
+//! Nothing here knows about NATS or tensors. Checkpoints live in a second
+//! tree (`checkpoints.rs`).
+
+mod checkpoints;
+pub use checkpoints::HistoryEntry;
 
 use crate::preprocess::OUT_BYTES;
 use crate::wire::{Frame, Reason};
@@ -124,8 +128,10 @@ pub struct Stats {
 }
 
 /// What one group commit did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Committed {
+    /// Indices (into the committed slice) of the frames newly stored.
+    pub stored_indices: Vec<usize>,
     pub stored: u64,
     pub duplicates: u64,
     pub evicted: u64,
@@ -163,6 +169,9 @@ struct Counters {
 pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
+    checkpoints: sled::Tree,
+    /// Serialises checkpoint registry changes (create, activate, delete).
+    registry_lock: Arc<Mutex<()>>,
     config: BufferConfig,
     counters: Arc<Mutex<Counters>>,
 }
@@ -224,7 +233,8 @@ impl Store {
             other => anyhow::anyhow!("opening store {}: {other}", dir.display()),
         })?;
         let tree = db.open_tree("buffer")?;
-        let store = Store { db, tree, config, counters: Arc::default() };
+        let checkpoints = db.open_tree("checkpoints")?;
+        let store = Store { db, tree, checkpoints, registry_lock: Arc::default(), config, counters: Arc::default() };
         store.migrate()?;
         *store.counters.lock().unwrap() = store.read_counters()?;
         Ok(store)
@@ -318,7 +328,7 @@ impl Store {
         let mut added: HashMap<Vec<u8>, (String, String, u64)> = HashMap::new();
         let mut done = Committed::default();
         let compressed = compress_all(frames);
-        for (frame, zpixels) in frames.iter().zip(compressed) {
+        for (index, (frame, zpixels)) in frames.iter().zip(compressed).enumerate() {
             let key = index_key(&frame.source, &frame.episode, frame.step);
             if !seen_in_batch.insert(key.clone()) || self.tree.contains_key(&key)? {
                 done.duplicates += 1;
@@ -348,6 +358,7 @@ impl Store {
                 next.sources += 1;
             }
             done.stored += 1;
+            done.stored_indices.push(index);
         }
         for split in [Split::Train, Split::Validation] {
             let i = split.byte() as usize;
@@ -386,6 +397,11 @@ impl Store {
         self.db.flush()?;
         *counters = next;
         Ok(done)
+    }
+
+    /// Frames ever stored (evictions and restarts included, duplicates not).
+    pub fn frames_ingested(&self) -> u64 {
+        self.counters.lock().unwrap().ingested
     }
 
     /// Frames held in `split`.

@@ -1,0 +1,64 @@
+//! A prefetching sampler: a thread that keeps a few uniformly drawn batches
+//! ready, so the trainer does not wait on sled when it can be helped.
+//! Reads the store; never writes.
+
+use crate::store::{Split, Store};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Batches kept ready: enough to hide a slow read, few enough to stay fresh.
+const PREFETCH_BATCHES: usize = 4;
+/// Pause while the split is empty.
+const EMPTY_SPLIT_PAUSE: Duration = Duration::from_millis(50);
+
+pub struct Sampler {
+    batches: Option<Receiver<Vec<u8>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Sampler {
+    /// Starts drawing batches of `batch_size` frames from `split`.
+    pub fn start(store: Store, split: Split, batch_size: usize) -> Sampler {
+        let (ready, batches) = sync_channel(PREFETCH_BATCHES);
+        let thread = std::thread::Builder::new()
+            .name("wmvae-sampler".into())
+            .spawn(move || {
+                let mut rng = rand::thread_rng();
+                loop {
+                    match store.sample(split, batch_size, &mut rng) {
+                        // Err: the trainer dropped its end; stop.
+                        Ok(Some(batch)) => {
+                            if ready.send(batch).is_err() {
+                                break;
+                            }
+                        }
+                        Ok(None) => std::thread::sleep(EMPTY_SPLIT_PAUSE),
+                        Err(e) => {
+                            tracing::error!("sampler: {e:#}");
+                            std::thread::sleep(Duration::from_secs(1));
+                        }
+                    }
+                }
+            })
+            .expect("spawning the sampler thread");
+        Sampler { batches: Some(batches), thread: Some(thread) }
+    }
+
+    /// The next batch (64x64x3 frames, concatenated), or None after `wait`.
+    pub fn next(&self, wait: Duration) -> Option<Vec<u8>> {
+        match self.batches.as_ref()?.recv_timeout(wait) {
+            Ok(batch) => Some(batch),
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
+        }
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        drop(self.batches.take()); // unblocks the thread's send
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! The checkpoint registry in sled's `checkpoints` tree: immutable versions,
+//! the active one, pins, and the history of every change of the active
+//! version. Version numbers only grow and are never reused: the counter is
+//! committed in the same atomic batch as the version it hands out.
+//!
+//! | key                 | value                                   |
+//! |---------------------|-----------------------------------------|
+//! | `V` version(u64 BE) | the checkpoint envelope (`checkpoint`)  |
+//! | `D` version         | its metadata alone (MessagePack), for listings |
+//! | `P` version         | empty: the version is pinned            |
+//! | `H` seq(u64 BE)     | a history entry (MessagePack)           |
+//! | `M` name            | `next_version`, `active`, `history_next` |
+
+use super::{be_u64, Store};
+use crate::checkpoint::{now_rfc3339, Checkpoint, Metadata};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+
+/// One change of the active version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// RFC 3339.
+    pub at: String,
+    pub from: Option<u64>,
+    pub to: u64,
+    /// "initial", "trained", "rollback", "automatic rollback on divergence", "import", "resume".
+    pub why: String,
+    /// Who asked: "wmvae" for the daemon itself, else a NATS user or user@host.
+    pub by: String,
+    pub reason: Option<String>,
+}
+
+fn key(tag: u8, n: u64) -> Vec<u8> {
+    [&[tag][..], &n.to_be_bytes()].concat()
+}
+fn meta(name: &str) -> Vec<u8> {
+    [b"M", name.as_bytes()].concat()
+}
+
+impl Store {
+    fn registry_counter(&self, name: &str) -> Result<Option<u64>> {
+        self.checkpoints.get(meta(name))?.map(|v| be_u64(&v)).transpose()
+    }
+
+    fn push_history(&self, batch: &mut sled::Batch, entry: &HistoryEntry) -> Result<()> {
+        let seq = self.registry_counter("history_next")?.unwrap_or(0);
+        batch.insert(key(b'H', seq), rmp_serde::to_vec_named(entry)?);
+        batch.insert(meta("history_next"), &(seq + 1).to_be_bytes());
+        Ok(())
+    }
+
+    /// Stores a new version built by `make` (given its number) and, when
+    /// `activate`, makes it the active one with a history entry. Atomic and
+    /// flushed before it returns.
+    pub fn add_checkpoint(
+        &self,
+        make: impl FnOnce(u64) -> Result<Checkpoint>,
+        activate: bool,
+        why: &str,
+        by: &str,
+        reason: Option<&str>,
+    ) -> Result<Checkpoint> {
+        let _guard = self.registry_lock.lock().unwrap();
+        let version = self.registry_counter("next_version")?.unwrap_or(1);
+        let checkpoint = make(version)?;
+        if checkpoint.metadata.version != version {
+            bail!("checkpoint built as v{} but v{version} was allocated", checkpoint.metadata.version);
+        }
+        let mut batch = sled::Batch::default();
+        batch.insert(key(b'V', version), checkpoint.to_bytes()?);
+        batch.insert(key(b'D', version), rmp_serde::to_vec_named(&checkpoint.metadata)?);
+        batch.insert(meta("next_version"), &(version + 1).to_be_bytes());
+        if activate {
+            let from = self.registry_counter("active")?;
+            batch.insert(meta("active"), &version.to_be_bytes());
+            let entry = HistoryEntry { at: now_rfc3339(), from, to: version, why: why.into(), by: by.into(), reason: reason.map(str::to_string) };
+            self.push_history(&mut batch, &entry)?;
+        }
+        self.checkpoints.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(checkpoint)
+    }
+
+    /// Makes an existing version active. Returns the previous active version.
+    pub fn activate(&self, version: u64, why: &str, by: &str, reason: Option<&str>) -> Result<Option<u64>> {
+        let _guard = self.registry_lock.lock().unwrap();
+        if !self.checkpoints.contains_key(key(b'V', version))? {
+            bail!("no checkpoint version {version}");
+        }
+        let from = self.registry_counter("active")?;
+        let mut batch = sled::Batch::default();
+        batch.insert(meta("active"), &version.to_be_bytes());
+        let entry = HistoryEntry { at: now_rfc3339(), from, to: version, why: why.into(), by: by.into(), reason: reason.map(str::to_string) };
+        self.push_history(&mut batch, &entry)?;
+        self.checkpoints.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(from)
+    }
+
+    pub fn active_version(&self) -> Result<Option<u64>> {
+        self.registry_counter("active")
+    }
+
+    /// A whole checkpoint, its sha256 verified.
+    pub fn checkpoint(&self, version: u64) -> Result<Option<Checkpoint>> {
+        match self.checkpoints.get(key(b'V', version))? {
+            None => Ok(None),
+            Some(bytes) => Checkpoint::from_bytes(&bytes).with_context(|| format!("checkpoint v{version} in the store")).map(Some),
+        }
+    }
+
+    pub fn checkpoint_metadata(&self, version: u64) -> Result<Option<Metadata>> {
+        self.checkpoints.get(key(b'D', version))?.map(|b| rmp_serde::from_slice(&b).context("corrupt checkpoint metadata")).transpose()
+    }
+
+    /// Every stored version's metadata, oldest first.
+    pub fn list_checkpoints(&self) -> Result<Vec<Metadata>> {
+        self.checkpoints
+            .scan_prefix([b'D'])
+            .map(|entry| Ok(rmp_serde::from_slice(&entry?.1).context("corrupt checkpoint metadata")?))
+            .collect()
+    }
+
+    pub fn pinned(&self) -> Result<BTreeSet<u64>> {
+        self.checkpoints.scan_prefix([b'P']).map(|entry| be_u64(&entry?.0[1..])).collect()
+    }
+
+    /// Pins (kept by retention) or unpins a version.
+    pub fn set_pinned(&self, version: u64, pinned: bool) -> Result<()> {
+        let _guard = self.registry_lock.lock().unwrap();
+        if !self.checkpoints.contains_key(key(b'V', version))? {
+            bail!("no checkpoint version {version}");
+        }
+        if pinned {
+            self.checkpoints.insert(key(b'P', version), &[])?;
+        } else {
+            self.checkpoints.remove(key(b'P', version))?;
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Deletes a version (never the active one). Returns its metadata.
+    pub fn delete_checkpoint(&self, version: u64) -> Result<Metadata> {
+        let _guard = self.registry_lock.lock().unwrap();
+        if self.registry_counter("active")? == Some(version) {
+            bail!("checkpoint v{version} is the active version; roll back to another first");
+        }
+        let metadata = self.checkpoint_metadata(version)?.with_context(|| format!("no checkpoint version {version}"))?;
+        let mut batch = sled::Batch::default();
+        for tag in [b'V', b'D', b'P'] {
+            batch.remove(key(tag, version));
+        }
+        self.checkpoints.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(metadata)
+    }
+
+    /// Versions retention would delete: all but the newest `keep_last`, the
+    /// pinned ones, the best by eval loss, and the active one.
+    pub fn retention_victims(&self, keep_last: usize) -> Result<Vec<u64>> {
+        let all = self.list_checkpoints()?;
+        let mut keep: BTreeSet<u64> = all.iter().rev().take(keep_last).map(|m| m.version).collect();
+        keep.extend(self.pinned()?);
+        keep.extend(self.active_version()?);
+        let best = all.iter().filter(|m| m.eval_loss.is_some_and(f64::is_finite)).min_by(|a, b| a.eval_loss.partial_cmp(&b.eval_loss).unwrap());
+        keep.extend(best.map(|m| m.version));
+        Ok(all.iter().map(|m| m.version).filter(|v| !keep.contains(v)).collect())
+    }
+
+    /// Every change of the active version, oldest first.
+    pub fn history(&self) -> Result<Vec<HistoryEntry>> {
+        self.checkpoints.scan_prefix([b'H']).map(|entry| Ok(rmp_serde::from_slice(&entry?.1).context("corrupt history entry")?)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::BufferConfig;
+
+    fn store(dir: &std::path::Path) -> Store {
+        Store::open(dir, BufferConfig { capacity: 10, validation_fraction: 0.0 }).unwrap()
+    }
+
+    fn add(store: &Store, eval_loss: f64) -> u64 {
+        let make = |version| {
+            let metadata = Metadata { version, eval_loss: Some(eval_loss), ..Default::default() };
+            Ok(Checkpoint::new(metadata, vec![version as u8; 8], vec![]))
+        };
+        store.add_checkpoint(make, true, "trained", "wmvae", None).unwrap().metadata.version
+    }
+
+    #[test]
+    fn versions_grow_across_reopen_and_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = store(dir.path());
+            assert_eq!((add(&s, 5.0), add(&s, 4.0)), (1, 2));
+            s.activate(1, "rollback", "ops@host", Some("bad run")).unwrap();
+            s.delete_checkpoint(2).unwrap();
+        }
+        let s = store(dir.path());
+        assert_eq!(add(&s, 3.0), 3, "a deleted version's number is never reused");
+        let history: Vec<(Option<u64>, u64, String)> = s.history().unwrap().into_iter().map(|h| (h.from, h.to, h.why)).collect();
+        assert_eq!(history, [(None, 1, "trained".into()), (Some(1), 2, "trained".into()), (Some(2), 1, "rollback".into()), (Some(1), 3, "trained".into())]);
+        assert_eq!(s.checkpoint(3).unwrap().unwrap().weights, vec![3u8; 8]);
+    }
+
+    #[test]
+    fn retention_keeps_newest_pinned_best_and_active() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        for loss in [9.0, 1.0, 8.0, 7.0, 6.0, 5.0] {
+            add(&s, loss);
+        }
+        s.set_pinned(3, true).unwrap();
+        // Newest 2 (5, 6), pinned 3, best 2 (loss 1.0), active 6.
+        assert_eq!(s.retention_victims(2).unwrap(), [1, 4]);
+        assert!(s.delete_checkpoint(6).unwrap_err().to_string().contains("active"));
+        assert!(s.activate(42, "rollback", "me", None).is_err());
+    }
+}

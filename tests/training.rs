@@ -1,0 +1,254 @@
+//! Continuous training end to end against a real nats-server and the real
+//! daemon: versioned checkpoints in the object store matching their sha256,
+//! a latent per valid frame naming a fetchable version, the control
+//! service, resuming after SIGKILL, and rolling back on divergence by itself.
+
+mod common;
+
+use async_nats::jetstream::{self, consumer::pull};
+use common::nats::{wait_until, Daemon, NatsServer};
+use common::{frames, wmvae};
+use futures::StreamExt;
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+use wmvae::checkpoint::sha256_hex;
+use wmvae::wire::{Announcement, CheckpointEvent, FrameMessage, LatentMessage};
+
+/// Small, fast training for a 2-core CI box.
+const FAST: &[(&str, &str)] = &[
+    ("WMVAE_TRAIN__MIN_FRAMES", "50"),
+    ("WMVAE_TRAIN__BATCH_SIZE", "16"),
+    ("WMVAE_TRAIN__CHECKPOINT_EVERY_STEPS", "10"),
+    ("WMVAE_TRAIN__EVAL_EVERY_STEPS", "10"),
+    ("WMVAE_TRAIN__LOG_EVERY_STEPS", "10"),
+    ("WMVAE_TRAIN__KEEP_LAST", "1000"),
+    ("WMVAE_TRAIN__SAMPLES_PER_INSERT", "0"),
+    ("WMVAE_TRAIN__THREADS", "1"),
+    ("WMVAE_BUFFER__VALIDATION_FRACTION", "0.3"),
+];
+
+fn env(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+    FAST.iter().chain(extra).copied().collect()
+}
+
+fn frame_message(episode: u64, step: u64, pixels: &[u8]) -> FrameMessage {
+    FrameMessage {
+        episode: format!("e{episode}"),
+        step,
+        height: 64,
+        width: 64,
+        channels: 3,
+        pixels: pixels.to_vec(),
+        encoding: None,
+        action: None,
+        reward: None,
+        done: None,
+    }
+}
+
+/// Publishes `episodes` x `steps` 64x64 frames to wm.frames.car; returns their pixels.
+async fn publish_frames(js: &jetstream::Context, episodes: u64, steps: u64) -> Vec<u8> {
+    let raw = frames((episodes * steps) as usize, 64, 64);
+    for (i, px) in raw.chunks(12288).enumerate() {
+        let (e, s) = (i as u64 / steps, i as u64 % steps);
+        js.publish("wm.frames.car", frame_message(e, s, px).to_msgpack().into()).await.unwrap().await.unwrap();
+    }
+    raw
+}
+
+async fn stream_messages(js: &jetstream::Context, name: &str) -> Vec<async_nats::jetstream::message::StreamMessage> {
+    let Ok(mut stream) = js.get_stream(name).await else { return Vec::new() };
+    let state = stream.info().await.unwrap().state.clone();
+    let mut out = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        if let Ok(msg) = stream.get_raw_message(seq).await {
+            out.push(msg);
+        }
+    }
+    out
+}
+
+async fn announcements(js: &jetstream::Context) -> Vec<Announcement> {
+    stream_messages(js, "WM_CHECKPOINTS").await.iter().map(|m| rmp_serde::from_slice(&m.payload).expect("announcement decodes")).collect()
+}
+
+async fn message_count(js: &jetstream::Context, name: &str) -> u64 {
+    match js.get_stream(name).await {
+        Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+async fn created_versions(js: &jetstream::Context) -> Vec<Announcement> {
+    announcements(js).await.into_iter().filter(|a| a.event == CheckpointEvent::Created).collect()
+}
+
+async fn fetch_weights(js: &jetstream::Context, object: &str) -> Vec<u8> {
+    let bucket = js.get_object_store("wm-checkpoints").await.unwrap();
+    let mut obj = bucket.get(object).await.unwrap();
+    let mut bytes = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut obj, &mut bytes).await.unwrap();
+    bytes
+}
+
+async fn wait_for_streams(js: &jetstream::Context) {
+    wait_until(Duration::from_secs(60), "the daemon's migrations", || async {
+        match js.get_stream("WM_FRAMES").await {
+            Ok(stream) => stream.get_consumer::<pull::Config>("wmvae-ingest").await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+}
+
+/// Frames in: versions v1, v2, ... announced with object-store bytes matching
+/// their sha256; exactly one latent per valid frame, each naming an announced
+/// version; the encode endpoint and `wmvae encode` on that version's weights
+/// agree; status and $SRV.PING answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_latents_and_control_service() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&nats.url, dir.path(), &env(&[]));
+    let client = nats.client().await;
+    let js = jetstream::new(client.clone());
+    wait_for_streams(&js).await;
+
+    let raw = publish_frames(&js, 10, 30).await;
+    js.publish("wm.frames.car", b"\xc1 not a frame".to_vec().into()).await.unwrap().await.unwrap();
+    wait_until(Duration::from_secs(120), "300 latents and 3 versions", || async {
+        message_count(&js, "WM_LATENTS").await >= 300 && created_versions(&js).await.len() >= 3
+    })
+    .await;
+
+    // Versions: 1, 2, 3, ... in order, each object matching its sha256.
+    let created = created_versions(&js).await;
+    let versions: Vec<u64> = created.iter().map(|a| a.metadata.version).collect();
+    assert_eq!(versions, (1..=versions.len() as u64).collect::<Vec<_>>());
+    assert_eq!(created[0].metadata.parent, None);
+    for a in &created {
+        assert_eq!(a.object, format!("vae/v{}.safetensors", a.metadata.version));
+        let bytes = fetch_weights(&js, &a.object).await;
+        assert_eq!(bytes.len() as u64, a.bytes);
+        assert_eq!(sha256_hex(&bytes), a.metadata.sha256, "v{} object differs from its sha256", a.metadata.version);
+        if a.metadata.version > 1 {
+            assert_eq!(a.metadata.parent, Some(a.metadata.version - 1));
+            assert!(a.metadata.step > 0 && a.metadata.eval_loss.is_some() && a.metadata.train_loss.is_some());
+        }
+    }
+
+    // Latents: one per valid frame, each naming an announced version.
+    let latents: Vec<(String, LatentMessage)> = stream_messages(&js, "WM_LATENTS")
+        .await
+        .iter()
+        .map(|m| (m.subject.to_string(), rmp_serde::from_slice(&m.payload).unwrap()))
+        .collect();
+    assert_eq!(latents.len(), 300, "exactly one latent per valid frame");
+    let keys: HashSet<(String, u64)> = latents.iter().map(|(_, l)| (l.episode.clone(), l.step)).collect();
+    assert_eq!(keys.len(), 300);
+    let announced: HashSet<u64> = versions.iter().copied().collect();
+    for (subject, latent) in &latents {
+        assert_eq!(subject, "wm.latents.car");
+        assert!(announced.contains(&latent.model_version), "latent names unannounced v{}", latent.model_version);
+        assert_eq!((latent.mu.len(), latent.logvar.len()), (32, 32));
+    }
+
+    // The encode endpoint agrees with `wmvae encode` on the version it names.
+    let request = frame_message(0, 0, &raw[..12288]).to_msgpack();
+    let reply = client.request("wm.ctl.encode", request.into()).await.unwrap();
+    let latent: LatentMessage = rmp_serde::from_slice(&reply.payload).unwrap();
+    let weights_path = dir.path().join("v.safetensors");
+    std::fs::write(&weights_path, fetch_weights(&js, &format!("vae/v{}.safetensors", latent.model_version)).await).unwrap();
+    let frames_path = dir.path().join("one.npy");
+    wmvae::npy::write_frames(&frames_path, &raw[..12288], 64, 64).unwrap();
+    let out_path = dir.path().join("z.npz");
+    let out = wmvae()
+        .args(["encode", "--device", "cpu", "--weights"])
+        .arg(&weights_path)
+        .arg("--input")
+        .arg(&frames_path)
+        .arg("--output")
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let npz = tch::Tensor::read_npz(&out_path).unwrap();
+    let mu: Vec<f32> = Vec::try_from(npz.iter().find(|(n, _)| n == "mu").unwrap().1.get(0)).unwrap();
+    let worst = mu.iter().zip(&latent.mu).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(worst < 1e-5, "encode endpoint and wmvae encode differ by {worst}");
+
+    // A bad frame gets a service error with its reason.
+    let reply = client.request("wm.ctl.encode", b"\xc1".to_vec().into()).await.unwrap();
+    let error = reply.headers.as_ref().and_then(|h| h.get("Nats-Service-Error")).map(|v| v.to_string()).unwrap_or_default();
+    assert!(error.contains("malformed_msgpack"), "service error: {error:?}");
+
+    // Status, and discovery.
+    let reply = client.request("wm.ctl.status", "".into()).await.unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    for key in ["step", "active_version", "buffer_frames", "images_per_s", "last_losses", "device"] {
+        assert!(status.get(key).is_some(), "status lacks {key}: {status}");
+    }
+    assert_eq!(status["buffer_frames"], 300);
+    assert_eq!(status["device"], "cpu");
+    let mut pings = client.subscribe("_INBOX.ping").await.unwrap();
+    client.publish_with_reply("$SRV.PING.wmvae", "_INBOX.ping", "".into()).await.unwrap();
+    let pong = tokio::time::timeout(Duration::from_secs(5), pings.next()).await.unwrap().unwrap();
+    let pong: serde_json::Value = serde_json::from_slice(&pong.payload).unwrap();
+    assert_eq!(pong["name"], "wmvae");
+
+    assert!(daemon.terminate().success());
+}
+
+/// SIGKILL mid-training, restart: training resumes from the last checkpoint
+/// (its step continues), versions keep growing, no acked frame is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumes_after_sigkill() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&nats.url, dir.path(), &env(&[]));
+    let js = jetstream::new(nats.client().await);
+    wait_for_streams(&js).await;
+    publish_frames(&js, 8, 25).await;
+    wait_until(Duration::from_secs(120), "version 3", || async { created_versions(&js).await.len() >= 3 }).await;
+    daemon.kill();
+    let before = created_versions(&js).await;
+    let last = before.last().unwrap().metadata.clone();
+
+    let daemon = Daemon::start(&nats.url, dir.path(), &env(&[]));
+    wait_until(Duration::from_secs(120), "a version after the restart", || async {
+        created_versions(&js).await.iter().any(|a| a.metadata.version > last.version)
+    })
+    .await;
+    let next = created_versions(&js).await.into_iter().find(|a| a.metadata.version > last.version).unwrap();
+    assert_eq!(next.metadata.version, last.version + 1, "versions are never reused or skipped");
+    assert_eq!(next.metadata.parent, Some(last.version));
+    assert!(next.metadata.step > last.step, "step went from {} back to {}", last.step, next.metadata.step);
+    assert!(daemon.logs().contains("resumed from the active checkpoint"));
+    assert!(daemon.terminate().success());
+
+    let store = wmvae::store::Store::open(&dir.path().join("store"), wmvae::store::BufferConfig { capacity: 1_000_000, validation_fraction: 0.3 }).unwrap();
+    assert_eq!(store.stats().unwrap().frames, 200, "acked frames lost");
+    let by_version: BTreeMap<u64, u64> = store.list_checkpoints().unwrap().into_iter().map(|m| (m.version, m.step)).collect();
+    assert!(by_version.keys().copied().eq(1..=*by_version.keys().last().unwrap()));
+}
+
+/// An absurd learning rate makes training diverge; the daemon skips the bad
+/// steps, rolls back to the last good version by itself, and announces it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolls_back_by_itself_on_divergence() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&nats.url, dir.path(), &env(&[("WMVAE_TRAIN__LEARNING_RATE", "1e6"), ("WMVAE_TRAIN__MAX_BAD_STEPS", "3")]));
+    let js = jetstream::new(nats.client().await);
+    wait_for_streams(&js).await;
+    publish_frames(&js, 4, 20).await;
+    wait_until(Duration::from_secs(120), "a rollback announcement", || async {
+        announcements(&js).await.iter().any(|a| a.event == CheckpointEvent::Rollback)
+    })
+    .await;
+    let rollback = announcements(&js).await.into_iter().find(|a| a.event == CheckpointEvent::Rollback).unwrap();
+    assert!(rollback.reason.as_deref().unwrap_or("").contains("automatic rollback on divergence"), "{rollback:?}");
+    assert_eq!(rollback.to, Some(rollback.metadata.version));
+    assert!(daemon.logs().contains("automatic rollback on divergence"));
+    assert!(daemon.terminate().success());
+}
