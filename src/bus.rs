@@ -385,6 +385,29 @@ impl Bus {
         Ok(())
     }
 
+    /// Publishes one frame message on `<prefix>.frames.<source>` with core
+    /// NATS (no stored-ack wait; the stream captures it).
+    pub async fn publish_frame_core(&self, source: &str, frame: &FrameMessage) -> Result<()> {
+        self.client.publish(self.subject(&format!("frames.{source}")), frame.to_msgpack().into()).await.context("publishing a frame")
+    }
+
+    /// Subscribes to the latents of `source` (core NATS, live only).
+    pub async fn subscribe_latents(&self, source: &str) -> Result<impl futures::Stream<Item = LatentMessage> + Unpin> {
+        let subscriber = self.client.subscribe(self.subject(&format!("latents.{source}"))).await.context("subscribing to latents")?;
+        Ok(subscriber.filter_map(|m| std::future::ready(rmp_serde::from_slice(&m.payload).ok())))
+    }
+
+    /// A request to a control endpoint (`<prefix>.ctl.<endpoint>`); a
+    /// service error becomes an error carrying its text.
+    pub async fn control_request(&self, endpoint: &str, payload: Vec<u8>) -> Result<Bytes> {
+        let subject = self.subject(&format!("ctl.{endpoint}"));
+        let reply = self.client.request(subject.clone(), payload.into()).await.map_err(|e| anyhow!("{subject}: {e}"))?;
+        if let Some(error) = reply.headers.as_ref().and_then(|h| h.get(async_nats::service::NATS_SERVICE_ERROR)) {
+            bail!("{error}");
+        }
+        Ok(reply.payload)
+    }
+
     /// A publisher of frames from `source` on `<prefix>.frames.<source>`.
     pub fn frame_publisher(&self, source: &str) -> FramePublisher {
         FramePublisher { js: self.js.clone(), subject: self.subject(&format!("frames.{source}")), source: source.to_string(), in_flight: VecDeque::new() }

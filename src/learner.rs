@@ -33,8 +33,8 @@ pub struct Learner {
 }
 
 /// uint8 frames (N x 64 x 64 x 3, HWC bytes) to the model's N x 3 x 64 x 64
-/// floats in [0, 1] on `device`. The permuted view keeps channels-last
-/// strides, which libtorch's CPU convolutions prefer.
+/// floats in [0, 1] on `device`, contiguous NCHW: measured here, that makes
+/// batch-1 encoding ~5x faster than channels-last strides, and training no slower.
 pub fn frames_to_tensor(frames: &[u8], device: Device) -> Result<Tensor> {
     let per_frame = (IMAGE_SIZE * IMAGE_SIZE * 3) as usize;
     if frames.is_empty() || frames.len() % per_frame != 0 {
@@ -42,7 +42,7 @@ pub fn frames_to_tensor(frames: &[u8], device: Device) -> Result<Tensor> {
     }
     let n = (frames.len() / per_frame) as i64;
     let bytes = Tensor::from_slice(frames).view([n, IMAGE_SIZE, IMAGE_SIZE, 3]).to_device(device);
-    Ok(bytes.permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0)
+    Ok((bytes.permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0).contiguous())
 }
 
 fn values(l: &crate::model::Loss) -> LossValues {

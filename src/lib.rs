@@ -11,7 +11,8 @@
 //! * `preprocess` CarRacing frames to 64x64 (crop, PIL-exact bilinear resize)
 //! * `npy`        streaming uint8 frame arrays in numpy's format
 //! * `encode`     the offline `wmvae encode` command
-//! * `bench`      `wmvae bench ...` measurements
+//! * `bench`      `wmvae bench train|encode|ingest` measurements
+//! * `bench_daemon` `wmvae bench latency|pipeline`: the daemon measured from outside
 //! * `wire`       the frame wire contract: MessagePack in, checked frames out
 //! * `store`      the durable, bounded replay buffer (the only sled user)
 //! * `bus`        streams, consumers, dead letters, publishing (the only NATS user)
@@ -33,6 +34,7 @@
 
 pub mod adam;
 pub mod bench;
+pub mod bench_daemon;
 pub mod bus;
 pub mod checkpoint;
 pub mod config;

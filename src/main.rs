@@ -157,6 +157,36 @@ enum BenchCommand {
         #[command(flatten)]
         args: BenchArgs,
     },
+    /// Publish-to-latent latency through the whole daemon (in this process).
+    Latency {
+        /// Frames per second published.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Keep the trainer idle (min_frames never reached) to see ingest and encode alone.
+        #[arg(long)]
+        no_train: bool,
+        #[arg(long)]
+        nats_server: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Training images/s idle and while frames stream in (whole daemon, in this process).
+    Pipeline {
+        /// Frames per second streamed in during the second measurement.
+        #[arg(long, default_value_t = 500.0)]
+        rate: f64,
+        /// Length of each measurement window.
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+        device: DeviceChoice,
+        #[arg(long)]
+        nats_server: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Frames/s made durable end to end (NATS -> sled flush -> ack) against a
     /// local nats-server, beside a bare consume+ack baseline.
     Ingest {
@@ -268,6 +298,14 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench { which: BenchCommand::Encode { args } } => {
             print_bench(bench::encode(args.options())?, args.json);
+        }
+        Command::Bench { which: BenchCommand::Latency { rate, seconds, no_train, nats_server, json } } => {
+            let binary = nats_server.unwrap_or_else(wmvae::nats_server::default_binary);
+            print_bench(runtime()?.block_on(wmvae::bench_daemon::latency(rate, seconds, !no_train, &binary))?, json);
+        }
+        Command::Bench { which: BenchCommand::Pipeline { rate, seconds, device, nats_server, json } } => {
+            let binary = nats_server.unwrap_or_else(wmvae::nats_server::default_binary);
+            print_bench(runtime()?.block_on(wmvae::bench_daemon::pipeline(rate, seconds, device, &binary))?, json);
         }
         Command::Bench { which: BenchCommand::Ingest { frames, nats_server, json } } => {
             let binary = nats_server.unwrap_or_else(wmvae::nats_server::default_binary);

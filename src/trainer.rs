@@ -153,6 +153,7 @@ impl Trainer {
             log_window.add(&loss, cfg.batch_size as u64);
             checkpoint_window.add(&loss, cfg.batch_size as u64);
             let step = self.learner.steps();
+            self.status.update(|s| s.step = step);
 
             if step % cfg.log_every_steps as i64 == 0 {
                 let images_per_s = log_window.images as f64 / log_started.elapsed().as_secs_f64();
@@ -167,9 +168,7 @@ impl Trainer {
                     active_version = self.active.metadata.version,
                     "train"
                 );
-                self.status.update(|s| {
-                    (s.step, s.images_per_s, s.last_losses) = (step, images_per_s, Some(mean.into()));
-                });
+                self.status.update(|s| (s.images_per_s, s.last_losses) = (images_per_s, Some(mean.into())));
                 (log_window, log_started) = (Window::default(), Instant::now());
             }
             if step % cfg.eval_every_steps as i64 == 0 {
