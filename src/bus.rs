@@ -6,7 +6,7 @@
 //! them (`store`).
 
 use crate::config::NatsConfig;
-use crate::wire::{checkpoint_object, Announcement, FrameMessage, LatentMessage};
+use crate::wire::{Announcement, FrameMessage, LatentMessage};
 use std::collections::VecDeque;
 use anyhow::{anyhow, bail, Context, Result};
 use async_nats::jetstream::{self, consumer::pull, stream};
@@ -155,10 +155,19 @@ pub struct FrameFeed {
 }
 
 impl Bus {
+    /// Connects, retrying until the server is there (for the daemon).
     pub async fn connect(config: &NatsConfig, limits: BusLimits) -> Result<Bus> {
-        let client = async_nats::ConnectOptions::new()
+        Self::open(config, limits, async_nats::ConnectOptions::new().retry_on_initial_connect()).await
+    }
+
+    /// Connects once, failing fast when no server answers (for the CLI).
+    pub async fn connect_once(config: &NatsConfig, limits: BusLimits) -> Result<Bus> {
+        Self::open(config, limits, async_nats::ConnectOptions::new().max_reconnects(0)).await
+    }
+
+    async fn open(config: &NatsConfig, limits: BusLimits, options: async_nats::ConnectOptions) -> Result<Bus> {
+        let client = options
             .name("wmvae")
-            .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
             .connect(&config.url)
             .await
@@ -299,19 +308,18 @@ impl Bus {
         self.js.get_object_store(CHECKPOINT_BUCKET).await.with_context(|| format!("object store {CHECKPOINT_BUCKET} (run wmvae migrate)"))
     }
 
-    /// Puts a version's weights in the object store as `vae/v{version}.safetensors`.
-    pub async fn put_checkpoint_weights(&self, version: u64, weights: &[u8]) -> Result<()> {
+    /// Puts an object in the `wm-checkpoints` bucket (`vae/v{version}.safetensors`
+    /// for a version's weights; `imports/...` for uploads to import).
+    pub async fn put_object(&self, name: &str, bytes: &[u8]) -> Result<()> {
         let bucket = self.checkpoint_bucket().await?;
-        let name = checkpoint_object(version);
-        bucket.put(name.as_str(), &mut std::io::Cursor::new(weights)).await.with_context(|| format!("putting {name}"))?;
+        bucket.put(name, &mut std::io::Cursor::new(bytes)).await.with_context(|| format!("putting {name}"))?;
         Ok(())
     }
 
-    /// A version's weights from the object store, if there.
-    pub async fn get_checkpoint_weights(&self, version: u64) -> Result<Option<Vec<u8>>> {
+    /// An object's bytes, if it is there.
+    pub async fn get_object(&self, name: &str) -> Result<Option<Vec<u8>>> {
         let bucket = self.checkpoint_bucket().await?;
-        let name = checkpoint_object(version);
-        let mut object = match bucket.get(name.as_str()).await {
+        let mut object = match bucket.get(name).await {
             Ok(object) => object,
             Err(e) if e.kind() == jetstream::object_store::GetErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(anyhow!("getting {name}: {e}")),
@@ -321,19 +329,31 @@ impl Bus {
         Ok(Some(bytes))
     }
 
-    /// Whether a version's weights are in the object store.
-    pub async fn has_checkpoint_weights(&self, version: u64) -> Result<bool> {
-        Ok(self.checkpoint_bucket().await?.info(checkpoint_object(version)).await.is_ok())
-    }
-
-    /// Removes a version's weights from the object store (absent is fine).
-    pub async fn delete_checkpoint_weights(&self, version: u64) -> Result<()> {
+    /// Removes an object (absent is fine).
+    pub async fn delete_object(&self, name: &str) -> Result<()> {
         let bucket = self.checkpoint_bucket().await?;
-        match bucket.delete(checkpoint_object(version)).await {
+        match bucket.delete(name).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == jetstream::object_store::DeleteErrorKind::NotFound => Ok(()),
-            Err(e) => Err(anyhow!("deleting {}: {e}", checkpoint_object(version))),
+            Err(e) => Err(anyhow!("deleting {name}: {e}")),
         }
+    }
+
+    /// Versions whose weights are in the bucket.
+    pub async fn object_versions(&self) -> Result<Vec<u64>> {
+        let bucket = self.checkpoint_bucket().await?;
+        let mut list = bucket.list().await.map_err(|e| anyhow!("listing {CHECKPOINT_BUCKET}: {e}"))?;
+        let mut versions = Vec::new();
+        while let Some(info) = list.next().await {
+            let info = info.map_err(|e| anyhow!("listing {CHECKPOINT_BUCKET}: {e}"))?;
+            if info.deleted {
+                continue;
+            }
+            if let Some(v) = info.name.strip_prefix("vae/v").and_then(|r| r.strip_suffix(".safetensors")).and_then(|v| v.parse().ok()) {
+                versions.push(v);
+            }
+        }
+        Ok(versions)
     }
 
     /// Announces a checkpoint event on `<prefix>.checkpoints` and waits
@@ -398,12 +418,15 @@ impl Bus {
     }
 
     /// A request to a control endpoint (`<prefix>.ctl.<endpoint>`); a
-    /// service error becomes an error carrying its text.
+    /// service error comes back as a [`crate::control::ControlError`].
     pub async fn control_request(&self, endpoint: &str, payload: Vec<u8>) -> Result<Bytes> {
         let subject = self.subject(&format!("ctl.{endpoint}"));
         let reply = self.client.request(subject.clone(), payload.into()).await.map_err(|e| anyhow!("{subject}: {e}"))?;
-        if let Some(error) = reply.headers.as_ref().and_then(|h| h.get(async_nats::service::NATS_SERVICE_ERROR)) {
-            bail!("{error}");
+        if let Some(headers) = reply.headers.as_ref() {
+            if let Some(error) = headers.get(async_nats::service::NATS_SERVICE_ERROR) {
+                let code = headers.get(async_nats::service::NATS_SERVICE_ERROR_CODE).and_then(|c| c.as_str().parse().ok()).unwrap_or(500);
+                return Err(crate::control::ControlError { code, message: error.to_string() }.into());
+            }
         }
         Ok(reply.payload)
     }

@@ -112,6 +112,11 @@ impl Learner {
         &self.net
     }
 
+    /// Loads weights, keeping the optimizer as it is.
+    pub fn load_weights(&mut self, named: &[(String, Tensor)], origin: &str) -> Result<()> {
+        self.net.load_weights(named, origin)
+    }
+
     /// Optimizer steps taken (restored with the optimizer state).
     pub fn steps(&self) -> i64 {
         self.adam.steps()

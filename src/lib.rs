@@ -27,6 +27,9 @@
 //! * `synthetic`  CarRacing-like frames without a simulator
 //! * `nats_server` a local nats-server child for benches and tests
 //! * `export`     `wmvae buffer export` to .npz
+//! * `operator`   the CLI's side of `checkpoint ...`: live through the daemon, else offline
+//! * `ops`        checkpoint operations (list, show, rollback, import, ...) over the store
+//! * `grid`       frames and reconstructions as a PNG grid
 //! * `config`     the one configuration: defaults, file, environment
 //! * `device`     cpu / cuda / auto
 //!
@@ -42,12 +45,15 @@ pub mod control;
 pub mod device;
 pub mod encode;
 pub mod export;
+pub mod grid;
 pub mod ingest;
 pub mod latents;
 pub mod learner;
 pub mod model;
 pub mod nats_server;
 pub mod npy;
+pub mod operator;
+pub mod ops;
 pub mod preprocess;
 pub mod publish;
 pub mod sampler;

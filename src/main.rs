@@ -1,7 +1,7 @@
 //! The `wmvae` binary: argument parsing and dispatch only; the work is in
 //! the library.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,13 +20,13 @@ struct Cli {
 #[derive(clap::Args, Clone)]
 struct ConfigArgs {
     /// Config file overlaid on config/default.toml.
-    #[arg(long)]
+    #[arg(long, global = true)]
     config: Option<PathBuf>,
     /// NATS server URL (overrides nats.url).
-    #[arg(long)]
+    #[arg(long, global = true)]
     nats_url: Option<String>,
     /// Store directory (overrides store.data_dir).
-    #[arg(long)]
+    #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
 }
 
@@ -86,8 +86,13 @@ enum Command {
     /// Encode frames (uint8 .npy, N x H x W x 3) to latents (mu, logvar) in an .npz.
     Encode {
         /// PyTorch-layout weights (.safetensors).
+        #[arg(long, required_unless_present = "checkpoint", conflicts_with = "checkpoint")]
+        weights: Option<PathBuf>,
+        /// A checkpoint version, from the running daemon or the store.
         #[arg(long)]
-        weights: PathBuf,
+        checkpoint: Option<u64>,
+        #[command(flatten)]
+        place: PlaceArgs,
         /// uint8 frames, N x 64 x 64 x 3 or N x 96 x 96 x 3 (CarRacing, preprocessed).
         #[arg(long)]
         input: PathBuf,
@@ -96,14 +101,88 @@ enum Command {
         output: PathBuf,
         #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
         device: DeviceChoice,
-        /// Config file (for the model's z_size).
-        #[arg(long)]
-        config: Option<PathBuf>,
+    },
+    /// List, inspect, export, import, pin and roll back checkpoints, live or offline.
+    Checkpoint {
+        #[command(flatten)]
+        place: PlaceArgs,
+        #[command(subcommand)]
+        which: CheckpointCommand,
     },
     /// Measure performance (figures for BENCHMARKS.md).
     Bench {
         #[command(subcommand)]
         which: BenchCommand,
+    },
+}
+
+/// Where checkpoint commands go: the running daemon (over NATS) or the store.
+#[derive(clap::Args, Clone)]
+struct PlaceArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Only through a running daemon.
+    #[arg(long, global = true, conflicts_with = "offline")]
+    online: bool,
+    /// Only on the store (no daemon may hold it).
+    #[arg(long, global = true)]
+    offline: bool,
+}
+
+impl PlaceArgs {
+    fn mode(&self) -> wmvae::operator::Mode {
+        match (self.online, self.offline) {
+            (true, _) => wmvae::operator::Mode::Online,
+            (_, true) => wmvae::operator::Mode::Offline,
+            _ => wmvae::operator::Mode::Auto,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum CheckpointCommand {
+    /// Every version: parent, step, created, eval loss; active, pinned, best marked.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// All metadata of one version.
+    Show {
+        version: u64,
+        /// Write a PNG of validation frames over their reconstructions by this version.
+        #[arg(long)]
+        recon: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make VERSION active: training weights, Adam state and the latent encoder switch to it.
+    Rollback {
+        version: u64,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Keep VERSION whatever retention says.
+    Pin { version: u64 },
+    /// Let retention delete VERSION again.
+    Unpin { version: u64 },
+    /// Delete VERSION (never the active one).
+    Delete { version: u64 },
+    /// Write VERSION's weights as PyTorch-loadable safetensors.
+    Export {
+        version: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// A new active version from weights trained elsewhere (fresh Adam state).
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Every change of the active version, oldest first.
+    History {
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -235,6 +314,80 @@ fn print_stats(stats: &wmvae::store::Stats, json: bool) -> Result<()> {
     Ok(())
 }
 
+fn opt<T: std::fmt::Display>(value: Option<T>) -> String {
+    value.map_or_else(|| "-".to_string(), |v| v.to_string())
+}
+
+async fn checkpoint_command(config: &Config, mode: wmvae::operator::Mode, which: CheckpointCommand) -> Result<()> {
+    let backend = wmvae::operator::connect(config, mode).await?;
+    let by = wmvae::ops::default_actor();
+    match which {
+        CheckpointCommand::List { json } => {
+            let rows = backend.list().await?;
+            if json {
+                println!("{}", serde_json::to_string(&rows)?);
+            } else {
+                println!("{:>8} {:>8} {:>10}  {:<25} {:>12}  marks", "version", "parent", "step", "created", "eval_loss");
+                for r in rows {
+                    let marks: Vec<&str> = [(r.active, "active"), (r.pinned, "pinned"), (r.best, "best")].iter().filter(|m| m.0).map(|m| m.1).collect();
+                    let loss = r.eval_loss.map_or_else(|| "-".into(), |l| format!("{l:.3}"));
+                    println!("{:>8} {:>8} {:>10}  {:<25} {:>12}  {}", r.version, opt(r.parent), r.step, r.created_at, loss, marks.join(","));
+                }
+            }
+        }
+        CheckpointCommand::Show { version, recon, json } => {
+            let shown = backend.show(version).await?;
+            if json {
+                println!("{}", serde_json::to_string(&shown)?);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&shown)?);
+            }
+            if let Some(path) = recon {
+                std::fs::write(&path, backend.recon(version).await?).with_context(|| format!("writing {}", path.display()))?;
+                eprintln!("wrote {} (top: validation frames, bottom: reconstructions by v{version})", path.display());
+            }
+        }
+        CheckpointCommand::Rollback { version, reason } => {
+            let from = backend.rollback(version, &by, reason.as_deref()).await?;
+            let when = if backend.is_live() { "now" } else { "when the daemon next starts" };
+            println!("active version: v{} -> v{version} (takes effect {when})", opt(from));
+        }
+        CheckpointCommand::Pin { version } => {
+            backend.set_pinned(version, true).await?;
+            println!("v{version} pinned");
+        }
+        CheckpointCommand::Unpin { version } => {
+            backend.set_pinned(version, false).await?;
+            println!("v{version} unpinned");
+        }
+        CheckpointCommand::Delete { version } => {
+            backend.delete(version).await?;
+            println!("v{version} deleted");
+        }
+        CheckpointCommand::Export { version, out } => {
+            std::fs::write(&out, backend.export(version).await?).with_context(|| format!("writing {}", out.display()))?;
+            println!("v{version} written to {}", out.display());
+        }
+        CheckpointCommand::Import { file, reason } => {
+            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let metadata = backend.import(&bytes, &file.display().to_string(), config, &by, reason.as_deref()).await?;
+            println!("imported {} as v{} (active)", file.display(), metadata.version);
+        }
+        CheckpointCommand::History { json } => {
+            let entries = backend.history().await?;
+            if json {
+                println!("{}", serde_json::to_string(&entries)?);
+            } else {
+                println!("{:<25} {:>6} {:>6}  {:<34} {:<20} reason", "at", "from", "to", "why", "by");
+                for h in entries {
+                    println!("{:<25} {:>6} {:>6}  {:<34} {:<20} {}", h.at, opt(h.from), h.to, h.why, h.by, h.reason.unwrap_or_default());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve { config, check_config } => {
@@ -281,9 +434,19 @@ fn run(cli: Cli) -> Result<()> {
             })?;
             eprintln!("published {sent} frames");
         }
-        Command::Encode { weights, input, output, device, config } => {
-            let config = Config::load(config.as_deref())?;
-            let net = wmvae::encode::net_from_weights(&weights, device, config.vae())?;
+        Command::Encode { weights, checkpoint, place, input, output, device } => {
+            let config = place.config.load()?;
+            let net = match (weights, checkpoint) {
+                (Some(path), _) => wmvae::encode::net_from_weights(&path, device, config.vae())?,
+                (None, Some(version)) => {
+                    let bytes = runtime()?.block_on(async { wmvae::operator::connect(&config, place.mode()).await?.export(version).await })?;
+                    let origin = format!("checkpoint v{version}");
+                    let mut net = wmvae::learner::Inference::new(device.resolve()?, config.vae());
+                    net.load_weights(&wmvae::weights::from_safetensors_bytes(&bytes, &origin)?, &origin)?;
+                    net
+                }
+                (None, None) => unreachable!("clap requires --weights or --checkpoint"),
+            };
             let report = wmvae::encode::encode_file(&net, &input, &output)?;
             eprintln!(
                 "encoded {} frames of {}x{} to {}",
@@ -292,6 +455,10 @@ fn run(cli: Cli) -> Result<()> {
                 report.input_width,
                 output.display()
             );
+        }
+        Command::Checkpoint { place, which } => {
+            let config = place.config.load()?;
+            runtime()?.block_on(checkpoint_command(&config, place.mode(), which))?;
         }
         Command::Bench { which: BenchCommand::Train { args, batch } } => {
             print_bench(bench::train(args.options(), batch)?, args.json);
@@ -317,7 +484,7 @@ fn run(cli: Cli) -> Result<()> {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,async_nats=warn".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -325,7 +492,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
-            ExitCode::FAILURE
+            // Unknown versions are usage errors, like clap's: exit 2.
+            if err.chain().any(|e| e.downcast_ref::<wmvae::ops::UnknownVersion>().is_some()) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -23,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 /// Checkpoint events queued for publishing: a handful; the trainer waits
 /// for each created version to be published anyway.
 const EVENT_QUEUE: usize = 16;
+/// Operator commands waiting for the trainer: operators are few.
+const COMMAND_QUEUE: usize = 16;
 
 /// One token cancelled by SIGTERM or Ctrl-C, passed down to every task.
 pub fn shutdown_on_signals() -> Result<CancellationToken> {
@@ -61,24 +63,42 @@ fn announcement(event: CheckpointEvent, metadata: &Metadata, bytes: u64) -> Anno
 
 /// Puts a version's weights in the object store, then announces it.
 async fn publish_created(bus: &Bus, checkpoint: &Checkpoint) -> Result<()> {
-    bus.put_checkpoint_weights(checkpoint.metadata.version, &checkpoint.weights).await?;
+    bus.put_object(&checkpoint_object(checkpoint.metadata.version), &checkpoint.weights).await?;
     bus.announce(&announcement(CheckpointEvent::Created, &checkpoint.metadata, checkpoint.weights.len() as u64)).await
 }
 
-/// Every stored version whose weights are not in the object store yet
-/// (written while NATS was away, or offline) is published now.
-async fn publish_missing(bus: &Bus, store: &Store) -> Result<()> {
-    for metadata in store.list_checkpoints()? {
-        if !bus.has_checkpoint_weights(metadata.version).await? {
+/// Catches NATS up with the store after a start: versions whose weights
+/// are not in the object store yet (written while NATS was away, or
+/// imported offline) are published; objects of versions deleted offline are
+/// removed and announced; rollbacks made offline are announced.
+async fn publish_offline_changes(bus: &Bus, store: &Store) -> Result<()> {
+    let published = bus.object_versions().await?;
+    let stored = store.list_checkpoints()?;
+    for version in published.iter().filter(|v| !stored.iter().any(|m| m.version == **v)) {
+        bus.delete_object(&checkpoint_object(*version)).await?;
+        let metadata = Metadata { version: *version, ..Default::default() };
+        bus.announce(&announcement(CheckpointEvent::Deleted, &metadata, 0)).await?;
+    }
+    for entry in store.unannounced_history()? {
+        if entry.why == "rollback" {
+            if let Some(to) = store.checkpoint_metadata(entry.to)? {
+                let mut a = announcement(CheckpointEvent::Rollback, &to, 0);
+                (a.from, a.to, a.reason) = (entry.from, Some(entry.to), entry.reason.clone().or(Some("offline rollback".into())));
+                bus.announce(&a).await?;
+            }
+        }
+    }
+    for metadata in stored {
+        if !published.contains(&metadata.version) {
             let checkpoint = store.checkpoint(metadata.version)?.with_context(|| format!("checkpoint v{} vanished", metadata.version))?;
             publish_created(bus, &checkpoint).await?;
         }
     }
-    Ok(())
+    store.mark_history_announced()
 }
 
 /// Publishes the trainer's events in order until the trainer is gone.
-async fn publish_events(bus: Bus, mut events: mpsc::Receiver<Event>) {
+async fn publish_events(bus: Bus, store: Store, mut events: mpsc::Receiver<Event>) {
     while let Some(event) = events.recv().await {
         let result = match event {
             Event::Created(checkpoint, done) => {
@@ -91,12 +111,12 @@ async fn publish_events(bus: Bus, mut events: mpsc::Receiver<Event>) {
                 (a.from, a.to, a.reason) = (from, Some(to.metadata.version), Some(reason));
                 bus.announce(&a).await
             }
-            Event::Deleted(metadata) => match bus.delete_checkpoint_weights(metadata.version).await {
+            Event::Deleted(metadata) => match bus.delete_object(&checkpoint_object(metadata.version)).await {
                 Ok(()) => bus.announce(&announcement(CheckpointEvent::Deleted, &metadata, 0)).await,
                 Err(e) => Err(e),
             },
         };
-        if let Err(e) = result {
+        if let Err(e) = result.and_then(|()| store.mark_history_announced()) {
             tracing::error!("publishing a checkpoint event: {e:#}");
         }
     }
@@ -118,12 +138,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         let (config, store) = (config.clone(), store.clone());
         tokio::task::spawn_blocking(move || resume_or_start(&config, &store, device)).await??
     };
-    publish_missing(&bus, &store).await?;
+    publish_offline_changes(&bus, &store).await?;
     let status = StatusBoard::new(store.clone(), device::describe(device));
     let (latents, latent_thread) = LatentWorker::start(device, config.vae(), &active, config.latents.clone(), bus.clone(), status.clone())?;
 
     let (events, event_queue) = mpsc::channel(EVENT_QUEUE);
-    let publisher = tokio::spawn(publish_events(bus.clone(), event_queue));
+    let (commands, command_queue) = mpsc::channel(COMMAND_QUEUE);
+    let publisher = tokio::spawn(publish_events(bus.clone(), store.clone(), event_queue));
     let trainer = Trainer {
         config: config.clone(),
         store: store.clone(),
@@ -132,11 +153,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         latents: latents.clone(),
         events,
         status: status.clone(),
+        commands: command_queue,
         shutdown: shutdown.clone(),
     };
     let trainer_thread = std::thread::Builder::new().name("wmvae-trainer".into()).spawn(move || trainer.run())?;
     let control = tokio::spawn({
-        let (bus, handler) = (bus.clone(), control::handler(status.clone(), latents.clone(), config.ingest.preprocess));
+        let context = control::Context { status: status.clone(), latents: latents.clone(), store: store.clone(), bus: bus.clone(), commands, config: config.clone() };
+        let (bus, handler) = (bus.clone(), control::handler(context));
         let shutdown = shutdown.clone();
         async move { bus.serve_control(control::ENDPOINTS, handler, shutdown).await }
     });

@@ -41,6 +41,16 @@ pub enum Event {
     Deleted(Metadata),
 }
 
+/// Operator requests (from the control service), carried out by the
+/// trainer between two steps: they never race a checkpoint write or an
+/// automatic rollback, and the history records them in order.
+pub enum Command {
+    Rollback { version: u64, by: String, reason: Option<String>, reply: oneshot::Sender<Result<Option<u64>>> },
+    Import { weights: Vec<u8>, origin: String, by: String, reason: Option<String>, reply: oneshot::Sender<Result<Metadata>> },
+    Pin { version: u64, pinned: bool, reply: oneshot::Sender<Result<()>> },
+    Delete { version: u64, reply: oneshot::Sender<Result<Metadata>> },
+}
+
 /// Everything the loop talks to.
 pub struct Trainer {
     pub config: Config,
@@ -51,6 +61,7 @@ pub struct Trainer {
     pub latents: LatentWorker,
     pub events: mpsc::Sender<Event>,
     pub status: StatusBoard,
+    pub commands: mpsc::Receiver<Command>,
     pub shutdown: CancellationToken,
 }
 
@@ -118,6 +129,12 @@ impl Trainer {
         self.status.update(|s| (s.step, s.active_version) = (self.learner.steps(), Some(self.active.metadata.version)));
 
         while !self.shutdown.is_cancelled() {
+            // Operator commands first: a rollback or import restarts the windows.
+            if self.run_commands() {
+                guard = DivergenceGuard { factor: cfg.divergence_factor, recent: VecDeque::new(), bad_in_a_row: 0 };
+                (log_window, checkpoint_window) = (Window::default(), Window::default());
+                frames_seen = self.active.metadata.frames_seen;
+            }
             // Data: wait until the training split holds min_frames.
             if self.store.len(Split::Train) < cfg.min_frames {
                 self.status.update(|s| s.state = "waiting for frames".into());
@@ -247,13 +264,69 @@ impl Trainer {
 
     /// Restores weights and optimizer from the active (last good) version.
     fn roll_back_on_divergence(&mut self, bad_steps: usize) -> Result<()> {
-        let to = self.active.clone();
         let reason = format!("automatic rollback on divergence: {bad_steps} bad steps in a row");
-        self.learner.restore(&to)?;
-        let from = self.store.activate(to.metadata.version, "automatic rollback on divergence", "wmvae", Some(&reason))?;
-        tracing::warn!(to = to.metadata.version, "{reason}");
+        let version = self.active.metadata.version;
+        self.roll_back(version, "automatic rollback on divergence", "wmvae", Some(reason.clone()))?;
+        tracing::warn!(to = version, "{reason}");
         self.status.update(|s| s.auto_rollbacks += 1);
-        self.events.blocking_send(Event::Rollback { from, to, reason }).context("daemon event queue closed")?;
         Ok(())
+    }
+
+    /// Training weights, Adam state and the latent encoder all move to
+    /// `version`, then the rollback is announced. Nothing changes if the
+    /// version is unknown or its checkpoint does not load.
+    fn roll_back(&mut self, version: u64, why: &str, by: &str, reason: Option<String>) -> Result<Option<u64>> {
+        let to = Arc::new(crate::ops::checkpoint(&self.store, version)?);
+        self.learner.restore(&to)?;
+        let from = self.store.activate(version, why, by, reason.as_deref())?;
+        self.latents.switch_to(to.clone())?;
+        self.active = to.clone();
+        self.status.update(|s| s.active_version = Some(version));
+        let reason = reason.unwrap_or_else(|| why.to_string());
+        self.events.blocking_send(Event::Rollback { from, to, reason }).context("daemon event queue closed")?;
+        Ok(from)
+    }
+
+    /// A foreign model becomes the next version, active, with fresh Adam state.
+    fn import(&mut self, weights: &[u8], origin: &str, by: &str, reason: Option<&str>) -> Result<Metadata> {
+        let checkpoint = Arc::new(crate::ops::import(&self.store, weights, origin, &self.config, by, reason)?);
+        self.learner.restore(&checkpoint)?;
+        let (published, done) = oneshot::channel();
+        self.events.blocking_send(Event::Created(checkpoint.clone(), published)).context("daemon event queue closed")?;
+        let _ = done.blocking_recv();
+        self.latents.switch_to(checkpoint.clone())?;
+        self.active = checkpoint.clone();
+        self.status.update(|s| s.active_version = Some(checkpoint.metadata.version));
+        Ok(checkpoint.metadata.clone())
+    }
+
+    /// Runs queued operator commands; true when the training weights changed.
+    fn run_commands(&mut self) -> bool {
+        let mut changed = false;
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                Command::Rollback { version, by, reason, reply } => {
+                    let result = self.roll_back(version, "rollback", &by, reason);
+                    changed |= result.is_ok();
+                    let _ = reply.send(result);
+                }
+                Command::Import { weights, origin, by, reason, reply } => {
+                    let result = self.import(&weights, &origin, &by, reason.as_deref());
+                    changed |= result.is_ok();
+                    let _ = reply.send(result);
+                }
+                Command::Pin { version, pinned, reply } => {
+                    let _ = reply.send(crate::ops::set_pinned(&self.store, version, pinned));
+                }
+                Command::Delete { version, reply } => {
+                    let result = crate::ops::delete(&self.store, version).and_then(|metadata| {
+                        self.events.blocking_send(Event::Deleted(metadata.clone())).context("daemon event queue closed")?;
+                        Ok(metadata)
+                    });
+                    let _ = reply.send(result);
+                }
+            }
+        }
+        changed
     }
 }

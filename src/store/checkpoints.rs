@@ -9,7 +9,7 @@
 //! | `D` version         | its metadata alone (MessagePack), for listings |
 //! | `P` version         | empty: the version is pinned            |
 //! | `H` seq(u64 BE)     | a history entry (MessagePack)           |
-//! | `M` name            | `next_version`, `active`, `history_next` |
+//! | `M` name            | `next_version`, `active`, `history_next`, `history_announced` |
 
 use super::{be_u64, Store};
 use crate::checkpoint::{now_rfc3339, Checkpoint, Metadata};
@@ -167,6 +167,22 @@ impl Store {
         let best = all.iter().filter(|m| m.eval_loss.is_some_and(f64::is_finite)).min_by(|a, b| a.eval_loss.partial_cmp(&b.eval_loss).unwrap());
         keep.extend(best.map(|m| m.version));
         Ok(all.iter().map(|m| m.version).filter(|v| !keep.contains(v)).collect())
+    }
+
+    /// History entries not yet announced on NATS (made offline, or before a crash).
+    pub fn unannounced_history(&self) -> Result<Vec<HistoryEntry>> {
+        let from = self.registry_counter("history_announced")?.unwrap_or(0);
+        self.checkpoints
+            .range(key(b'H', from)..key(b'H', u64::MAX))
+            .map(|entry| Ok(rmp_serde::from_slice(&entry?.1).context("corrupt history entry")?))
+            .collect()
+    }
+
+    /// Records that every history entry so far has been announced.
+    pub fn mark_history_announced(&self) -> Result<()> {
+        let next = self.registry_counter("history_next")?.unwrap_or(0);
+        self.checkpoints.insert(meta("history_announced"), &next.to_be_bytes())?;
+        Ok(())
     }
 
     /// Every change of the active version, oldest first.

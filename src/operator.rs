@@ -1,0 +1,170 @@
+//! The operator's side of `wmvae checkpoint ...` and `wmvae encode
+//! --checkpoint`: through the running daemon's control service when one
+//! answers, else on the store directly (sled lets one process hold it).
+//! Either way the answers are the same types from `ops`.
+
+use crate::bus::Bus;
+use crate::checkpoint::{sha256_hex, Metadata};
+use crate::config::Config;
+use crate::control::CheckpointRequest;
+use crate::learner::Inference;
+use crate::ops::{self, Listed, Shown, UnknownVersion};
+use crate::store::{HistoryEntry, Store};
+use crate::wire::checkpoint_object;
+use crate::weights;
+use anyhow::{bail, Context, Result};
+use serde::de::DeserializeOwned;
+use std::time::Duration;
+
+/// How long the CLI waits for a daemon to answer before going offline.
+const DAEMON_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `--online`, `--offline`, or neither.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Auto,
+    Online,
+    Offline,
+}
+
+/// Where operations go.
+pub enum Backend {
+    Live(Bus),
+    Offline(Store, Config),
+}
+
+async fn live(config: &Config) -> Result<Backend> {
+    let bus = Bus::connect_once(&config.nats, config.bus_limits()).await?;
+    match tokio::time::timeout(DAEMON_PROBE_TIMEOUT, bus.control_request("status", Vec::new())).await {
+        Ok(Ok(_)) => Ok(Backend::Live(bus)),
+        Ok(Err(e)) => bail!("no wmvae daemon answers on {}: {e:#}", config.nats.url),
+        Err(_) => bail!("no wmvae daemon answered on {} within {DAEMON_PROBE_TIMEOUT:?}", config.nats.url),
+    }
+}
+
+fn offline(config: &Config) -> Result<Backend> {
+    Ok(Backend::Offline(Store::open(&config.store.data_dir, config.buffer)?, config.clone()))
+}
+
+/// Picks the backend. With neither flag: the daemon if it answers, else the
+/// store; if both fail, one line says which is locked and which unreachable.
+pub async fn connect(config: &Config, mode: Mode) -> Result<Backend> {
+    match mode {
+        Mode::Online => live(config).await,
+        Mode::Offline => offline(config),
+        Mode::Auto => match live(config).await {
+            Ok(backend) => Ok(backend),
+            Err(live_error) => offline(config).map_err(|store_error| {
+                anyhow::anyhow!("no daemon and no store: {live_error:#}; and {store_error:#}")
+            }),
+        },
+    }
+}
+
+/// A request to `checkpoints.<action>`; 404 answers become [`UnknownVersion`].
+async fn ask<T: DeserializeOwned>(bus: &Bus, action: &str, request: &CheckpointRequest) -> Result<T> {
+    let reply = bus.control_request(&format!("checkpoints.{action}"), serde_json::to_vec(request)?).await.map_err(|e| {
+        match (e.downcast_ref::<crate::control::ControlError>(), request.version) {
+            (Some(c), Some(v)) if c.code == 404 => UnknownVersion(v).into(),
+            _ => e,
+        }
+    })?;
+    serde_json::from_slice(&reply).with_context(|| format!("reading the daemon's {action} reply"))
+}
+
+fn version_request(version: u64) -> CheckpointRequest {
+    CheckpointRequest { version: Some(version), ..Default::default() }
+}
+
+impl Backend {
+    pub fn is_live(&self) -> bool {
+        matches!(self, Backend::Live(_))
+    }
+
+    pub async fn list(&self) -> Result<Vec<Listed>> {
+        match self {
+            Backend::Live(bus) => ask(bus, "list", &CheckpointRequest::default()).await,
+            Backend::Offline(store, _) => ops::list(store),
+        }
+    }
+
+    pub async fn show(&self, version: u64) -> Result<Shown> {
+        match self {
+            Backend::Live(bus) => ask(bus, "show", &version_request(version)).await,
+            Backend::Offline(store, _) => ops::show(store, version),
+        }
+    }
+
+    pub async fn history(&self) -> Result<Vec<HistoryEntry>> {
+        match self {
+            Backend::Live(bus) => ask(bus, "history", &CheckpointRequest::default()).await,
+            Backend::Offline(store, _) => ops::history(store),
+        }
+    }
+
+    /// PNG of validation frames over their reconstructions by `version`.
+    pub async fn recon(&self, version: u64) -> Result<Vec<u8>> {
+        match self {
+            Backend::Live(bus) => {
+                self.show(version).await?;
+                Ok(bus.control_request("checkpoints.recon", serde_json::to_vec(&version_request(version))?).await?.to_vec())
+            }
+            Backend::Offline(store, config) => ops::recon_png(store, version, config),
+        }
+    }
+
+    /// Returns the previously active version.
+    pub async fn rollback(&self, version: u64, by: &str, reason: Option<&str>) -> Result<Option<u64>> {
+        match self {
+            Backend::Live(bus) => {
+                let request = CheckpointRequest { version: Some(version), by: Some(by.into()), reason: reason.map(str::to_string), object: None };
+                let reply: serde_json::Value = ask(bus, "rollback", &request).await?;
+                Ok(reply["from"].as_u64())
+            }
+            Backend::Offline(store, _) => ops::rollback(store, version, by, reason),
+        }
+    }
+
+    pub async fn set_pinned(&self, version: u64, pinned: bool) -> Result<()> {
+        match self {
+            Backend::Live(bus) => ask::<serde_json::Value>(bus, if pinned { "pin" } else { "unpin" }, &version_request(version)).await.map(drop),
+            Backend::Offline(store, _) => ops::set_pinned(store, version, pinned),
+        }
+    }
+
+    pub async fn delete(&self, version: u64) -> Result<Metadata> {
+        match self {
+            Backend::Live(bus) => ask(bus, "delete", &version_request(version)).await,
+            Backend::Offline(store, _) => ops::delete(store, version),
+        }
+    }
+
+    /// A version's weights (PyTorch-loadable safetensors), sha256 checked.
+    pub async fn export(&self, version: u64) -> Result<Vec<u8>> {
+        let expected = self.show(version).await?.metadata.sha256;
+        let weights = match self {
+            Backend::Live(bus) => bus.get_object(&checkpoint_object(version)).await?.with_context(|| format!("v{version} is not in the object store"))?,
+            Backend::Offline(store, _) => ops::checkpoint(store, version)?.weights,
+        };
+        if sha256_hex(&weights) != expected {
+            bail!("v{version}: weights sha256 does not match the recorded {expected}; refusing to use them");
+        }
+        Ok(weights)
+    }
+
+    /// A new active version from foreign weights. The file is checked here
+    /// first, so errors name it and its tensors; nothing changes on error.
+    pub async fn import(&self, bytes: &[u8], origin: &str, config: &Config, by: &str, reason: Option<&str>) -> Result<Metadata> {
+        let named = weights::from_safetensors_bytes(bytes, origin)?;
+        Inference::new(tch::Device::Cpu, config.vae()).load_weights(&named, origin)?;
+        match self {
+            Backend::Live(bus) => {
+                let object = format!("imports/{}-{}.safetensors", std::process::id(), sha256_hex(bytes));
+                bus.put_object(&object, bytes).await?;
+                let request = CheckpointRequest { version: None, by: Some(by.into()), reason: reason.map(str::to_string), object: Some(object) };
+                ask(bus, "import", &request).await
+            }
+            Backend::Offline(store, _) => Ok(ops::import(store, bytes, origin, config, by, reason)?.metadata),
+        }
+    }
+}

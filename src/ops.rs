@@ -1,0 +1,142 @@
+//! Operator actions on checkpoints over the store: the one implementation
+//! behind `wmvae checkpoint ...`, used by the daemon when it runs (through
+//! the control service and the trainer) and by the CLI when it does not, so
+//! both give the same answers.
+//!
+//! No NATS here; the trainer adds what only a live daemon can do (switching
+//! the weights it trains and encodes with).
+
+use crate::adam::AdamConfig;
+use crate::checkpoint::{now_rfc3339, Checkpoint, Metadata};
+use crate::config::Config;
+use crate::learner::{frames_to_tensor, Inference, Learner};
+use crate::store::{HistoryEntry, Split, Store};
+use crate::weights;
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// Frames shown by `checkpoint show --recon`: one row of originals over
+/// one row of reconstructions.
+pub const RECON_FRAMES: usize = 8;
+
+/// A version that does not exist (any more): exit code 2 at the CLI, 404 on the service.
+#[derive(Debug)]
+pub struct UnknownVersion(pub u64);
+
+impl std::fmt::Display for UnknownVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no checkpoint version {} (unknown or deleted)", self.0)
+    }
+}
+
+impl std::error::Error for UnknownVersion {}
+
+/// One row of `checkpoint list` (JSON keys pinned).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Listed {
+    pub version: u64,
+    pub parent: Option<u64>,
+    pub step: u64,
+    pub created_at: String,
+    pub eval_loss: Option<f64>,
+    pub active: bool,
+    pub pinned: bool,
+    pub best: bool,
+}
+
+/// `checkpoint show`: the metadata and the marks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Shown {
+    #[serde(flatten)]
+    pub metadata: Metadata,
+    pub active: bool,
+    pub pinned: bool,
+    pub best: bool,
+}
+
+/// Every version with its marks, oldest first.
+pub fn list(store: &Store) -> Result<Vec<Listed>> {
+    let all = store.list_checkpoints()?;
+    let active = store.active_version()?;
+    let pinned = store.pinned()?;
+    let best = all.iter().filter(|m| m.eval_loss.is_some_and(f64::is_finite)).min_by(|a, b| a.eval_loss.partial_cmp(&b.eval_loss).unwrap()).map(|m| m.version);
+    Ok(all
+        .into_iter()
+        .map(|m| Listed {
+            active: Some(m.version) == active,
+            pinned: pinned.contains(&m.version),
+            best: Some(m.version) == best,
+            version: m.version,
+            parent: m.parent,
+            step: m.step,
+            created_at: m.created_at,
+            eval_loss: m.eval_loss,
+        })
+        .collect())
+}
+
+pub fn show(store: &Store, version: u64) -> Result<Shown> {
+    let row = list(store)?.into_iter().find(|l| l.version == version).ok_or(UnknownVersion(version))?;
+    let metadata = store.checkpoint_metadata(version)?.ok_or(UnknownVersion(version))?;
+    Ok(Shown { metadata, active: row.active, pinned: row.pinned, best: row.best })
+}
+
+pub fn history(store: &Store) -> Result<Vec<HistoryEntry>> {
+    store.history()
+}
+
+/// A stored version, verified, or UnknownVersion.
+pub fn checkpoint(store: &Store, version: u64) -> Result<Checkpoint> {
+    store.checkpoint(version)?.ok_or_else(|| UnknownVersion(version).into())
+}
+
+/// A PNG of up to [`RECON_FRAMES`] validation frames (training frames if
+/// the validation split is empty) over their reconstructions by `version`.
+pub fn recon_png(store: &Store, version: u64, config: &Config) -> Result<Vec<u8>> {
+    let checkpoint = checkpoint(store, version)?;
+    let mut net = Inference::new(tch::Device::Cpu, config.vae());
+    net.load_checkpoint_weights(&checkpoint)?;
+    let split = if store.len(Split::Validation) > 0 { Split::Validation } else { Split::Train };
+    let frames = store
+        .sample(split, RECON_FRAMES, &mut rand::thread_rng())?
+        .context("the replay buffer holds no frames to reconstruct")?;
+    let recon = net.reconstruct(&frames_to_tensor(&frames, tch::Device::Cpu)?);
+    let recon_bytes: Vec<u8> = Vec::try_from((recon * 255.0).round().clamp(0.0, 255.0).to_kind(tch::Kind::Uint8).permute([0, 2, 3, 1]).contiguous().flatten(0, -1))?;
+    crate::grid::png_grid(&[&frames, &recon_bytes], RECON_FRAMES)
+}
+
+/// `by` when none is given: user@host.
+pub fn default_actor() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into());
+    format!("{user}@{host}")
+}
+
+/// Builds and stores a new active version from foreign weights (strict
+/// names and shapes: a bad file changes nothing), with fresh Adam state.
+pub fn import(store: &Store, weights_bytes: &[u8], origin: &str, config: &Config, by: &str, reason: Option<&str>) -> Result<Checkpoint> {
+    let named = weights::from_safetensors_bytes(weights_bytes, origin)?;
+    let mut learner = Learner::new(tch::Device::Cpu, config.vae(), AdamConfig { learning_rate: config.train.learning_rate, ..Default::default() });
+    learner.load_weights(&named, origin)?;
+    let parent = store.active_version()?;
+    let metadata = Metadata { parent, created_at: now_rfc3339(), config: serde_json::to_value(config)?, ..Default::default() };
+    store.add_checkpoint(|version| learner.snapshot(Metadata { version, ..metadata }), true, "import", by, reason)
+}
+
+/// Makes `version` active (offline; the daemon does more, see `trainer`).
+pub fn rollback(store: &Store, version: u64, by: &str, reason: Option<&str>) -> Result<Option<u64>> {
+    checkpoint(store, version)?;
+    store.activate(version, "rollback", by, reason)
+}
+
+pub fn set_pinned(store: &Store, version: u64, pinned: bool) -> Result<()> {
+    checkpoint(store, version)?;
+    store.set_pinned(version, pinned)
+}
+
+pub fn delete(store: &Store, version: u64) -> Result<Metadata> {
+    if store.checkpoint_metadata(version)?.is_none() {
+        return Err(UnknownVersion(version).into());
+    }
+    store.delete_checkpoint(version)
+}

@@ -1,0 +1,273 @@
+//! `wmvae checkpoint ...` against a running daemon (through the control
+//! service) and against the store alone, with real NATS, sled and PyTorch.
+
+mod common;
+
+use async_nats::jetstream::{self, consumer::pull};
+use common::nats::{wait_until, Daemon, NatsServer};
+use common::{frames, torch_reference, wmvae};
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+use wmvae::wire::{Announcement, CheckpointEvent, FrameMessage, LatentMessage};
+
+const FAST: &[(&str, &str)] = &[
+    ("WMVAE_TRAIN__MIN_FRAMES", "50"),
+    ("WMVAE_TRAIN__BATCH_SIZE", "16"),
+    ("WMVAE_TRAIN__CHECKPOINT_EVERY_STEPS", "10"),
+    ("WMVAE_TRAIN__EVAL_EVERY_STEPS", "10"),
+    ("WMVAE_TRAIN__KEEP_LAST", "1000"),
+    ("WMVAE_TRAIN__SAMPLES_PER_INSERT", "0"),
+    ("WMVAE_TRAIN__THREADS", "1"),
+    ("WMVAE_BUFFER__VALIDATION_FRACTION", "0.3"),
+];
+
+fn cli(nats_url: &str, data_dir: &Path, args: &[&str]) -> Output {
+    eprintln!("wmvae checkpoint {args:?}");
+    wmvae()
+        .arg("checkpoint")
+        .args(args)
+        .args(["--nats-url", nats_url, "--data-dir"])
+        .arg(data_dir.join("store"))
+        .env("WMVAE_TRAIN__DEVICE", "cpu")
+        .output()
+        .unwrap()
+}
+
+fn ok(out: Output) -> String {
+    assert!(out.status.success(), "exit {:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn json(out: Output) -> serde_json::Value {
+    serde_json::from_str(&ok(out)).unwrap()
+}
+
+/// Publishes episodes of 64x64 frames, `pace` apart.
+async fn publish_paced(js: &jetstream::Context, first_episode: u64, episodes: u64, steps: u64, pace: Duration) {
+    let raw = frames((episodes * steps) as usize, 64, 64);
+    for (i, px) in raw.chunks(12288).enumerate() {
+        let msg = FrameMessage {
+            episode: format!("e{}", first_episode + i as u64 / steps),
+            step: i as u64 % steps,
+            height: 64,
+            width: 64,
+            channels: 3,
+            pixels: px.to_vec(),
+            encoding: None,
+            action: None,
+            reward: None,
+            done: None,
+        };
+        js.publish("wm.frames.car", msg.to_msgpack().into()).await.unwrap().await.unwrap();
+        tokio::time::sleep(pace).await;
+    }
+}
+
+async fn publish(js: &jetstream::Context, first_episode: u64, episodes: u64, steps: u64) {
+    publish_paced(js, first_episode, episodes, steps, Duration::ZERO).await
+}
+
+async fn stream_payloads(js: &jetstream::Context, name: &str) -> Vec<bytes::Bytes> {
+    let Ok(mut stream) = js.get_stream(name).await else { return Vec::new() };
+    let state = stream.info().await.unwrap().state.clone();
+    let mut out = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        if let Ok(m) = stream.get_raw_message(seq).await {
+            out.push(m.payload);
+        }
+    }
+    out
+}
+
+async fn announcements(js: &jetstream::Context) -> Vec<Announcement> {
+    stream_payloads(js, "WM_CHECKPOINTS").await.iter().map(|p| rmp_serde::from_slice(p).unwrap()).collect()
+}
+
+async fn created(js: &jetstream::Context) -> Vec<u64> {
+    announcements(js).await.iter().filter(|a| a.event == CheckpointEvent::Created).map(|a| a.metadata.version).collect()
+}
+
+async fn wait_for_daemon(js: &jetstream::Context) {
+    wait_until(Duration::from_secs(60), "the daemon", || async {
+        match js.get_stream("WM_FRAMES").await {
+            Ok(s) => s.get_consumer::<pull::Config>("wmvae-ingest").await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+}
+
+fn encode_mu(args: &[&str], input: &Path, out: &Path, nats_url: &str, data_dir: &Path) -> Vec<f32> {
+    let o = wmvae()
+        .args(["encode", "--device", "cpu"])
+        .args(args)
+        .arg("--input")
+        .arg(input)
+        .arg("--output")
+        .arg(out)
+        .args(["--nats-url", nats_url, "--data-dir"])
+        .arg(data_dir.join("store"))
+        .output()
+        .unwrap();
+    ok(o);
+    let npz = tch::Tensor::read_npz(out).unwrap();
+    Vec::try_from(npz.iter().find(|(n, _)| n == "mu").unwrap().1.flatten(0, -1)).unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Live: list/show/pin/delete/history, a rollback while frames stream in
+/// (latents switch version once and never go back; the next version's parent
+/// is the target), export to PyTorch, import from PyTorch, and clean errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_commands_through_the_daemon() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    // samples_per_insert 3.2 x 150 frames = 30 steps of 16: v2, v3, v4, then
+    // the trainer waits for frames, so the active version holds still.
+    let env: Vec<(&str, &str)> = FAST.iter().copied().chain([("WMVAE_TRAIN__SAMPLES_PER_INSERT", "3.2")]).collect();
+    let daemon = Daemon::start(&nats.url, dir.path(), &env);
+    let js = jetstream::new(nats.client().await);
+    wait_for_daemon(&js).await;
+    publish(&js, 0, 6, 25).await;
+    wait_until(Duration::from_secs(120), "version 4", || async { created(&js).await.len() >= 4 }).await;
+    let url = nats.url.as_str();
+    let d = dir.path();
+
+    let list = json(cli(url, d, &["list", "--json", "--online"]));
+    let rows = list.as_array().unwrap();
+    assert!(rows.len() >= 3);
+    assert_eq!(rows.iter().filter(|r| r["active"] == true).count(), 1);
+    let active = rows.iter().find(|r| r["active"] == true).unwrap()["version"].as_u64().unwrap();
+    assert_eq!(json(cli(url, d, &["show", "2", "--json"]))["parent"], 1);
+    assert_eq!(cli(url, d, &["show", "999"]).status.code(), Some(2));
+    ok(cli(url, d, &["pin", "2"]));
+    assert!(json(cli(url, d, &["list", "--json"])).as_array().unwrap().iter().any(|r| r["version"] == 2 && r["pinned"] == true));
+    ok(cli(url, d, &["unpin", "2"]));
+    let refused = cli(url, d, &["delete", &active.to_string()]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("active"));
+    assert_eq!(cli(url, d, &["rollback", "4242"]).status.code(), Some(2));
+
+    // Roll back to v1 while frames keep coming.
+    let streaming = {
+        let js = js.clone();
+        tokio::spawn(async move { publish_paced(&js, 100, 4, 25, Duration::from_millis(20)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ok(cli(url, d, &["rollback", "1", "--reason", "bad run"]));
+    streaming.await.unwrap();
+    wait_until(Duration::from_secs(120), "a version after the rollback", || async {
+        announcements(&js).await.iter().skip_while(|a| a.event != CheckpointEvent::Rollback).any(|a| a.event == CheckpointEvent::Created)
+    })
+    .await;
+    let events = announcements(&js).await;
+    let rollback = events.iter().find(|a| a.event == CheckpointEvent::Rollback).unwrap();
+    assert_eq!((rollback.from, rollback.to, rollback.reason.as_deref()), (Some(active), Some(1), Some("bad run")));
+    let after: Vec<&Announcement> = events.iter().skip_while(|a| a.event != CheckpointEvent::Rollback).filter(|a| a.event == CheckpointEvent::Created).collect();
+    assert_eq!(after[0].metadata.parent, Some(1), "training goes on from the rollback target");
+    let old = rollback.from.unwrap();
+    let versions: Vec<u64> = stream_payloads(&js, "WM_LATENTS").await.iter().map(|p| rmp_serde::from_slice::<LatentMessage>(p).unwrap().model_version).collect();
+    // Early latents carry v1 (the initial weights); the switch is the first
+    // v1 after a later version.
+    let first_trained = versions.iter().position(|&v| v > 1).expect("latents from trained versions");
+    let switch = first_trained + versions[first_trained..].iter().position(|&v| v == 1).expect("latents switched to v1");
+    assert!(versions[switch..].iter().all(|&v| v == 1 || v > old), "a latent went back to an old version: {:?}", &versions[switch..]);
+    let history = json(cli(url, d, &["history", "--json"]));
+    let entry = history.as_array().unwrap().iter().find(|h| h["why"] == "rollback").unwrap();
+    assert_eq!((entry["to"].as_u64(), entry["reason"].as_str()), (Some(1), Some("bad run")));
+    assert!(entry["by"].as_str().unwrap().contains('@'));
+
+    // Export -> PyTorch gives the same mu as `wmvae encode --checkpoint`.
+    let frames_path = d.join("f.npy");
+    wmvae::npy::write_frames(&frames_path, &frames(4, 64, 64), 64, 64).unwrap();
+    let exported = d.join("v2.safetensors");
+    ok(cli(url, d, &["export", "2", "--out", exported.to_str().unwrap()]));
+    let torch_out = d.join("torch.npz");
+    torch_reference(&["parity", "--weights", exported.to_str().unwrap(), "--frames", frames_path.to_str().unwrap(), "--out", torch_out.to_str().unwrap()]);
+    let theirs: Vec<f32> = Vec::try_from(tch::Tensor::read_npz(&torch_out).unwrap().iter().find(|(n, _)| n == "mu").unwrap().1.flatten(0, -1)).unwrap();
+    let ours = encode_mu(&["--checkpoint", "2"], &frames_path, &d.join("z.npz"), url, d);
+    assert!(max_diff(&ours, &theirs) < 1e-5);
+
+    // Import PyTorch weights: a new active version that encodes like the file.
+    let foreign = d.join("torch.safetensors");
+    torch_reference(&["save-weights", "--out", foreign.to_str().unwrap(), "--seed", "5"]);
+    let imported = ok(cli(url, d, &["import", foreign.to_str().unwrap(), "--reason", "from pytorch"]));
+    let version: u64 = imported.split(" as v").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    let from_file = encode_mu(&["--weights", foreign.to_str().unwrap()], &frames_path, &d.join("a.npz"), url, d);
+    let from_version = encode_mu(&["--checkpoint", &version.to_string()], &frames_path, &d.join("b.npz"), url, d);
+    assert!(max_diff(&from_file, &from_version) < 1e-6);
+    assert!(json(cli(url, d, &["history", "--json"])).as_array().unwrap().iter().any(|h| h["why"] == "import" && h["to"] == version));
+
+    // A bad file: a clear error naming the tensor, and nothing changes.
+    let imports = |history: serde_json::Value| history.as_array().unwrap().iter().filter(|h| h["why"] == "import").count();
+    let before = imports(json(cli(url, d, &["history", "--json"])));
+    let mut named = wmvae::weights::read_file(&foreign).unwrap();
+    named.retain(|(n, _)| n != "decoder.deconv4.bias");
+    let bad = d.join("bad.safetensors");
+    std::fs::write(&bad, wmvae::weights::to_safetensors_bytes(&named).unwrap()).unwrap();
+    let out = cli(url, d, &["import", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("decoder.deconv4.bias"));
+    assert_eq!(imports(json(cli(url, d, &["history", "--json"]))), before, "a bad import changed the history");
+    assert!(daemon.terminate().success());
+}
+
+/// Offline: the same commands on the store; a rollback made offline is
+/// picked up and announced when the daemon starts, and training goes on
+/// from it. With the store locked and no daemon, one clear line says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_commands_and_pickup_at_start() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&nats.url, dir.path(), FAST);
+    let js = jetstream::new(nats.client().await);
+    wait_for_daemon(&js).await;
+    publish(&js, 0, 6, 25).await;
+    wait_until(Duration::from_secs(120), "version 3", || async { created(&js).await.len() >= 3 }).await;
+    assert!(daemon.terminate().success());
+    let d = dir.path();
+    let url = nats.url.as_str();
+
+    let rows = json(cli(url, d, &["list", "--json", "--offline"]));
+    let newest = rows.as_array().unwrap().last().unwrap()["version"].as_u64().unwrap();
+    assert_eq!(cli(url, d, &["show", "999", "--offline"]).status.code(), Some(2));
+    ok(cli(url, d, &["pin", "1", "--offline"]));
+    let recon = d.join("recon.png");
+    ok(cli(url, d, &["show", "2", "--offline", "--recon", recon.to_str().unwrap()]));
+    assert!(std::fs::read(&recon).unwrap().starts_with(b"\x89PNG"));
+    ok(cli(url, d, &["rollback", "2", "--offline", "--reason", "offline fix"]));
+    assert_eq!(cli(url, d, &["rollback", "77", "--offline"]).status.code(), Some(2));
+    // Through the default mode too: no daemon answers, so the store is used.
+    let history = json(cli(url, d, &["history", "--json"]));
+    assert_eq!(history.as_array().unwrap().last().unwrap()["to"], 2);
+
+    // Store held, daemon unreachable: one clear line.
+    {
+        let _held = wmvae::store::Store::open(&d.join("store"), wmvae::store::BufferConfig { capacity: 10, validation_fraction: 0.0 }).unwrap();
+        let out = cli("nats://127.0.0.1:1", d, &["list"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(stderr.contains("locked") && stderr.contains("no daemon"), "{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    }
+
+    // The daemon starts: it announces the offline rollback and trains on from v2.
+    let daemon = Daemon::start(&nats.url, d, FAST);
+    publish(&js, 50, 2, 25).await;
+    wait_until(Duration::from_secs(120), "the offline rollback announced and a new version", || async {
+        let a = announcements(&js).await;
+        a.iter().any(|a| a.event == CheckpointEvent::Rollback) && a.iter().any(|a| a.event == CheckpointEvent::Created && a.metadata.version > newest)
+    })
+    .await;
+    let events = announcements(&js).await;
+    let rollback = events.iter().find(|a| a.event == CheckpointEvent::Rollback).unwrap();
+    assert_eq!((rollback.to, rollback.reason.as_deref()), (Some(2), Some("offline fix")));
+    let next = events.iter().find(|a| a.event == CheckpointEvent::Created && a.metadata.version > newest).unwrap();
+    assert_eq!(next.metadata.parent, Some(2));
+    assert!(daemon.terminate().success());
+}
