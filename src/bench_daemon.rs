@@ -35,6 +35,7 @@ impl BenchDaemon {
         let mut config = Config::load(None)?;
         config.nats.url = server.url.clone();
         config.store.data_dir = dir.path().join("store");
+        config.http.addr = String::new();
         change(&mut config);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(crate::serve::run(config.clone(), shutdown.clone()));

@@ -15,6 +15,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::Deserialize;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -119,6 +121,8 @@ pub struct BusLimits {
 #[derive(Clone)]
 pub struct Bus {
     limits: BusLimits,
+    /// Disconnections seen since connecting (each is followed by a reconnect attempt).
+    disconnects: Arc<AtomicU64>,
     client: async_nats::Client,
     js: jetstream::Context,
     prefix: String,
@@ -132,6 +136,8 @@ pub struct Delivery {
     pub payload: Bytes,
     /// Stream sequence: a stable id for dead-letter dedup.
     pub stream_sequence: u64,
+    /// When this process received it.
+    pub received_at: std::time::Instant,
     acker: jetstream::message::Acker,
 }
 
@@ -166,19 +172,34 @@ impl Bus {
     }
 
     async fn open(config: &NatsConfig, limits: BusLimits, options: async_nats::ConnectOptions) -> Result<Bus> {
+        let disconnects = Arc::new(AtomicU64::new(0));
+        let counter = disconnects.clone();
         let client = options
+            .event_callback(move |event| {
+                let counter = counter.clone();
+                async move {
+                    if matches!(event, async_nats::Event::Disconnected) {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
             .name("wmvae")
             .connection_timeout(Duration::from_secs(5))
             .connect(&config.url)
             .await
             .with_context(|| format!("connecting to NATS at {}", config.url))?;
         let js = jetstream::new(client.clone());
-        Ok(Bus { limits, client, js, prefix: config.prefix.clone() })
+        Ok(Bus { limits, disconnects, client, js, prefix: config.prefix.clone() })
     }
 
-    /// A plain client, for the tests and tools that play the outside world.
-    pub fn client(&self) -> async_nats::Client {
-        self.client.clone()
+    /// Whether the connection to the server is up now.
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Disconnections since the daemon connected (each one reconnects).
+    pub fn disconnects(&self) -> u64 {
+        self.disconnects.load(Ordering::Relaxed)
     }
 
     pub fn subject(&self, rest: &str) -> String {
@@ -526,7 +547,7 @@ impl FrameFeed {
                     let (message, acker) = message.split();
                     let subject = message.subject.to_string();
                     let source = subject.strip_prefix(&self.subject_prefix).unwrap_or("").to_string();
-                    batch.push(Delivery { source, subject, payload: message.payload, stream_sequence, acker });
+                    batch.push(Delivery { source, subject, payload: message.payload, stream_sequence, received_at: std::time::Instant::now(), acker });
                     deadline.get_or_insert_with(|| Instant::now() + max_wait);
                 }
                 Some(Err(e)) => {

@@ -27,6 +27,7 @@ pub struct Config {
     pub buffer: BufferConfig,
     pub ingest: IngestConfig,
     pub latents: LatentsConfig,
+    pub http: HttpConfig,
     pub model: ModelConfig,
     pub train: TrainConfig,
 }
@@ -60,6 +61,13 @@ pub struct IngestConfig {
     pub ack_wait_secs: u64,
     /// Frames handed out but not yet acked, at most (backpressure).
     pub max_ack_pending: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Where /metrics, /healthz and the status page listen ("" turns HTTP off).
+    pub addr: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -117,17 +117,17 @@ async fn process(
     latents: Option<&LatentWorker>,
     log: &mut RejectionLog,
 ) -> Result<BatchOutcome> {
-    let inputs: Vec<(String, bytes::Bytes)> = batch.iter().map(|d| (d.source.clone(), d.payload.clone())).collect();
+    let inputs: Vec<(String, bytes::Bytes, std::time::Instant)> = batch.iter().map(|d| (d.source.clone(), d.payload.clone(), d.received_at)).collect();
     let policy = config.preprocess;
     let store = store.clone();
     // Decoding (PNG, resize) and the flush are blocking work: off the runtime.
     let (rejections, committed, mut frames) = tokio::task::spawn_blocking(move || -> Result<_> {
         let mut frames = Vec::with_capacity(inputs.len());
         let mut rejections = Vec::with_capacity(inputs.len());
-        for (source, payload) in &inputs {
+        for (source, payload, received_at) in &inputs {
             match wire::decode_frame(source, payload, policy) {
                 Ok(frame) => {
-                    frames.push(frame);
+                    frames.push(Frame { received_at: Some(*received_at), ..frame });
                     rejections.push(None);
                 }
                 Err(rejection) => rejections.push(Some(rejection)),

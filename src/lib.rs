@@ -22,6 +22,7 @@
 //! * `latents`    a latent per stored frame, from the active checkpoint
 //! * `control`    the `wmvae` micro service's endpoints (status, encode)
 //! * `status`     what the daemon is doing, for the status endpoint
+//! * `http`       /metrics, /healthz and the status page
 //! * `serve`      the daemon's wiring and its shutdown signal
 //! * `publish`    the `wmvae publish` command
 //! * `synthetic`  CarRacing-like frames without a simulator
@@ -46,6 +47,7 @@ pub mod device;
 pub mod encode;
 pub mod export;
 pub mod grid;
+pub mod http;
 pub mod ingest;
 pub mod latents;
 pub mod learner;

@@ -163,6 +163,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         let shutdown = shutdown.clone();
         async move { bus.serve_control(control::ENDPOINTS, handler, shutdown).await }
     });
+    let http = if config.http.addr.is_empty() {
+        None
+    } else {
+        let listener = crate::http::bind(&config.http.addr).await?;
+        let context = crate::http::HttpContext::new(status.clone(), store.clone(), bus.clone(), config.clone());
+        Some(tokio::spawn(crate::http::serve(listener, context, shutdown.clone())))
+    };
     tracing::info!(device = %device::describe(device), "serving");
 
     // Ingest runs until the shutdown signal; a failure stops the daemon too.
@@ -170,10 +177,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     shutdown.cancel();
     let trainer_result = tokio::task::spawn_blocking(move || trainer_thread.join()).await?.map_err(|_| anyhow!("trainer thread panicked"))?;
     let control_result = control.await.context("control task")?;
+    let http_result = match http {
+        Some(task) => task.await.context("HTTP task")?,
+        None => Ok(()),
+    };
     tokio::task::spawn_blocking(move || latent_thread.join()).await?.map_err(|_| anyhow!("latent worker panicked"))?;
     publisher.await.context("checkpoint publisher")?;
     bus.flush().await?;
     store.flush()?;
     tracing::info!("store flushed; bye");
-    ingest_result.and(trainer_result).and(control_result)
+    ingest_result.and(trainer_result).and(control_result).and(http_result)
 }

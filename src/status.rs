@@ -5,7 +5,49 @@
 use crate::learner::LossValues;
 use crate::store::{Split, Store};
 use serde::Serialize;
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Points kept per loss curve (oldest dropped): enough for the page.
+const MAX_CURVE_POINTS: usize = 1000;
+/// Upper bounds (seconds) of the receive-to-latent latency histogram.
+pub const LATENCY_BUCKETS: [f64; 12] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0];
+
+/// A Prometheus-style histogram: cumulative counts per bucket, sum, count.
+#[derive(Debug, Clone, Default)]
+pub struct Histogram {
+    pub counts: [u64; LATENCY_BUCKETS.len()],
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Histogram {
+    pub fn observe(&mut self, value: Duration) {
+        let v = value.as_secs_f64();
+        for (bound, count) in LATENCY_BUCKETS.iter().zip(self.counts.iter_mut()) {
+            if v <= *bound {
+                *count += 1;
+            }
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+}
+
+/// A point of a loss curve.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct CurvePoint {
+    pub step: i64,
+    pub loss: f64,
+}
+
+fn push_bounded(curve: &mut VecDeque<CurvePoint>, point: CurvePoint) {
+    if curve.len() == MAX_CURVE_POINTS {
+        curve.pop_front();
+    }
+    curve.push_back(point);
+}
 
 /// Losses as JSON.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -38,6 +80,25 @@ pub struct Status {
     pub skipped_steps: u64,
     pub auto_rollbacks: u64,
     pub latents_published: u64,
+    /// Train loss (mean of each log window) over steps, for the page.
+    #[serde(skip)]
+    pub train_curve: VecDeque<CurvePoint>,
+    /// Eval loss over steps.
+    #[serde(skip)]
+    pub eval_curve: VecDeque<CurvePoint>,
+    /// Frame received to latent published.
+    #[serde(skip)]
+    pub latent_latency: Histogram,
+}
+
+impl Status {
+    pub fn record_train(&mut self, step: i64, loss: f64) {
+        push_bounded(&mut self.train_curve, CurvePoint { step, loss });
+    }
+
+    pub fn record_eval(&mut self, step: i64, loss: f64) {
+        push_bounded(&mut self.eval_curve, CurvePoint { step, loss });
+    }
 }
 
 /// Shared, cheap to clone.

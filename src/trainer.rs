@@ -185,13 +185,19 @@ impl Trainer {
                     active_version = self.active.metadata.version,
                     "train"
                 );
-                self.status.update(|s| (s.images_per_s, s.last_losses) = (images_per_s, Some(mean.into())));
+                self.status.update(|s| {
+                    (s.images_per_s, s.last_losses) = (images_per_s, Some(mean.into()));
+                    s.record_train(step, mean.total);
+                });
                 (log_window, log_started) = (Window::default(), Instant::now());
             }
             if step % cfg.eval_every_steps as i64 == 0 {
                 if let Some(eval) = self.evaluate()? {
                     tracing::info!(step, eval_loss = eval.total, eval_recon = eval.recon, eval_kl = eval.kl, "eval");
-                    self.status.update(|s| s.eval = Some(eval.into()));
+                    self.status.update(|s| {
+                        s.eval = Some(eval.into());
+                        s.record_eval(step, eval.total);
+                    });
                 }
             }
             if step % cfg.checkpoint_every_steps as i64 == 0 {

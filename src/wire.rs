@@ -111,6 +111,9 @@ pub struct Frame {
     pub action: Option<Vec<f32>>,
     pub reward: Option<f64>,
     pub done: Option<bool>,
+    /// When the daemon received it (for the latency histogram); not stored.
+    #[serde(skip)]
+    pub received_at: Option<std::time::Instant>,
 }
 
 /// Why a message was dead-lettered. The codes are stable: counters and the
@@ -237,7 +240,7 @@ pub fn decode_frame(source: &str, payload: &[u8], policy: Policy) -> Result<Fram
     };
     let pixels = preprocess::preprocess(&rgb, height as usize, width as usize, policy)
         .or_else(|e| reject(Reason::UnsupportedSize, e.to_string()))?;
-    Ok(Frame { source: source.to_string(), episode, step, pixels, action, reward, done })
+    Ok(Frame { source: source.to_string(), episode, step, pixels, action, reward, done, received_at: None })
 }
 
 #[cfg(test)]

@@ -161,6 +161,8 @@ async fn live_commands_through_the_daemon() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     ok(cli(url, d, &["rollback", "1", "--reason", "bad run"]));
     streaming.await.unwrap();
+    // Frames after the rollback has returned: their latents must be past the switch.
+    publish(&js, 200, 1, 25).await;
     wait_until(Duration::from_secs(120), "a version after the rollback", || async {
         announcements(&js).await.iter().skip_while(|a| a.event != CheckpointEvent::Rollback).any(|a| a.event == CheckpointEvent::Created)
     })
@@ -170,13 +172,19 @@ async fn live_commands_through_the_daemon() {
     assert_eq!((rollback.from, rollback.to, rollback.reason.as_deref()), (Some(active), Some(1), Some("bad run")));
     let after: Vec<&Announcement> = events.iter().skip_while(|a| a.event != CheckpointEvent::Rollback).filter(|a| a.event == CheckpointEvent::Created).collect();
     assert_eq!(after[0].metadata.parent, Some(1), "training goes on from the rollback target");
-    let old = rollback.from.unwrap();
+    // Latents in stream order: v1 (initial weights), then the old lineage
+    // 2..=old, then from the switch on only v1 or versions newer than old.
+    let old = active;
+    let new_lineage = |v: u64| v == 1 || v > old;
+    wait_until(Duration::from_secs(60), "latents of the frames sent after the rollback", || async {
+        stream_payloads(&js, "WM_LATENTS").await.len() >= 275
+    })
+    .await;
     let versions: Vec<u64> = stream_payloads(&js, "WM_LATENTS").await.iter().map(|p| rmp_serde::from_slice::<LatentMessage>(p).unwrap().model_version).collect();
-    // Early latents carry v1 (the initial weights); the switch is the first
-    // v1 after a later version.
-    let first_trained = versions.iter().position(|&v| v > 1).expect("latents from trained versions");
-    let switch = first_trained + versions[first_trained..].iter().position(|&v| v == 1).expect("latents switched to v1");
-    assert!(versions[switch..].iter().all(|&v| v == 1 || v > old), "a latent went back to an old version: {:?}", &versions[switch..]);
+    let first_old = versions.iter().position(|&v| !new_lineage(v)).expect("latents from trained versions");
+    let switch = first_old + versions[first_old..].iter().position(|&v| new_lineage(v)).expect("latents switched after the rollback");
+    assert!(versions[switch..].iter().all(|&v| new_lineage(v)), "a latent went back to an old version: {:?}", &versions[switch..]);
+    assert!(versions[first_old..switch].windows(2).all(|w| w[0] <= w[1]), "versions before the switch only grow");
     let history = json(cli(url, d, &["history", "--json"]));
     let entry = history.as_array().unwrap().iter().find(|h| h["why"] == "rollback").unwrap();
     assert_eq!((entry["to"].as_u64(), entry["reason"].as_str()), (Some(1), Some("bad run")));

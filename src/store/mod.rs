@@ -454,6 +454,7 @@ impl Store {
                 action: stored.action,
                 reward: stored.reward,
                 done: stored.done,
+                received_at: None,
             })
         })
     }
@@ -497,6 +498,7 @@ mod tests {
             action: Some(vec![step as f32]),
             reward: Some(1.0),
             done: Some(false),
+            received_at: None,
         }
     }
 

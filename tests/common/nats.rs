@@ -41,6 +41,8 @@ impl Daemon {
             .arg(data_dir.join("store"))
             .env("WMVAE_TRAIN__DEVICE", "cpu")
             .env("WMVAE_INGEST__ACK_WAIT_SECS", "2")
+            // Tests run daemons side by side: no fixed HTTP port unless asked.
+            .env("WMVAE_HTTP__ADDR", "")
             .stdout(Stdio::null())
             .stderr(log);
         for (k, v) in env {

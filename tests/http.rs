@@ -1,0 +1,120 @@
+//! The daemon's HTTP face: /healthz follows the NATS connection, /metrics
+//! speaks Prometheus, and the status page renders its loss curves and the
+//! reconstruction grid in headless Chromium.
+
+mod common;
+
+use async_nats::jetstream::{self, consumer::pull};
+use common::nats::{wait_until, Daemon, NatsServer};
+use common::frames;
+use std::io::{Read, Write};
+use std::time::Duration;
+use wmvae::wire::FrameMessage;
+
+fn get(port: u16, path: &str) -> (u16, String) {
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return (0, String::new()) };
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let response = String::from_utf8_lossy(&response).to_string();
+    let code = response.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+/// Headless Chromium's DOM of `url` after the page's images have loaded.
+fn chromium_dom(url: &str) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(url)
+        .output()
+        .expect("running chromium (scripts/test installs Debian's chromium)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Frames in, training on: /healthz 200, /metrics with the pinned series,
+/// the page's curves and grid rendered by Chromium; NATS gone: /healthz 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_health_and_status_page() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let env = [
+        ("WMVAE_HTTP__ADDR", addr.as_str()),
+        ("WMVAE_TRAIN__MIN_FRAMES", "50"),
+        ("WMVAE_TRAIN__BATCH_SIZE", "16"),
+        ("WMVAE_TRAIN__LOG_EVERY_STEPS", "2"),
+        ("WMVAE_TRAIN__EVAL_EVERY_STEPS", "4"),
+        ("WMVAE_TRAIN__CHECKPOINT_EVERY_STEPS", "8"),
+        ("WMVAE_TRAIN__SAMPLES_PER_INSERT", "0"),
+        ("WMVAE_TRAIN__THREADS", "1"),
+        ("WMVAE_BUFFER__VALIDATION_FRACTION", "0.3"),
+    ];
+    let daemon = Daemon::start(&nats.url, dir.path(), &env);
+    let js = jetstream::new(nats.client().await);
+    wait_until(Duration::from_secs(60), "the daemon", || async {
+        matches!(js.get_stream("WM_FRAMES").await, Ok(s) if s.get_consumer::<pull::Config>("wmvae-ingest").await.is_ok())
+    })
+    .await;
+    for (i, px) in frames(120, 64, 64).chunks(12288).enumerate() {
+        let msg = FrameMessage { episode: format!("e{}", i / 12), step: (i % 12) as u64, height: 64, width: 64, channels: 3, pixels: px.to_vec(), encoding: None, action: None, reward: None, done: None };
+        js.publish("wm.frames.car", msg.to_msgpack().into()).await.unwrap().await.unwrap();
+    }
+    js.publish("wm.frames.car", b"\xc1".to_vec().into()).await.unwrap().await.unwrap();
+    // Step 10: train points at 2..10, eval points at 4 and 8, v2 at step 8.
+    wait_until(Duration::from_secs(120), "10 training steps", || async {
+        let (_, m) = get(port, "/metrics");
+        let steps = m.lines().find_map(|l| l.strip_prefix("wmvae_train_steps_total ")).and_then(|v| v.parse::<f64>().ok());
+        steps.is_some_and(|s| s >= 10.0)
+    })
+    .await;
+
+    assert_eq!(get(port, "/healthz").0, 200);
+    let (code, metrics) = get(port, "/metrics");
+    assert_eq!(code, 200);
+    for series in [
+        "wmvae_frames_ingested_total 120",
+        "wmvae_frames_rejected_total{reason=\"malformed_msgpack\"} 1",
+        "wmvae_buffer_frames 120",
+        "wmvae_buffer_bytes ",
+        "wmvae_train_steps_total ",
+        "wmvae_train_loss{kind=\"recon\"} ",
+        "wmvae_train_images_per_second ",
+        "wmvae_latents_published_total 120",
+        "wmvae_latent_latency_seconds_bucket{le=\"+Inf\"} 120",
+        "wmvae_active_version ",
+        "wmvae_nats_reconnects_total ",
+    ] {
+        assert!(metrics.contains(series), "missing {series:?} in\n{metrics}");
+    }
+    assert_eq!(get(port, "/nope").0, 404);
+
+    let dom = chromium_dom(&format!("http://{addr}/"));
+    let curves: Vec<&str> = dom.split("class=\"curve\"").skip(1).collect();
+    assert_eq!(curves.len(), 2, "train and eval curves: {dom}");
+    for curve in curves {
+        let points = curve.split("points=\"").nth(1).unwrap().split('"').next().unwrap();
+        assert!(points.split(' ').count() >= 2, "a curve with fewer than 2 points: {points:?}");
+    }
+    assert!(dom.contains("data-loaded=\"yes\""), "the reconstruction grid did not load: {dom}");
+    assert!(dom.contains("<td>initial</td>"), "version history missing");
+
+    drop(nats);
+    wait_until(Duration::from_secs(30), "healthz to fail without NATS", || async { get(port, "/healthz").0 == 503 }).await;
+    drop(daemon);
+}
