@@ -71,19 +71,7 @@ pub async fn run(bus: &Bus, options: &PublishOptions) -> Result<u64> {
                         break 'file;
                     }
                     pacer.wait(sent).await;
-                    let frame = FrameMessage {
-                        episode: episode.clone(),
-                        step: sent,
-                        height,
-                        width,
-                        channels: 3,
-                        pixels: pixels.to_vec(),
-                        encoding: None,
-                        action: None,
-                        reward: None,
-                        done: None,
-                    };
-                    publisher.send(&frame).await?;
+                    publisher.send(&FrameMessage::rgb(episode.clone(), sent, height, width, pixels.to_vec())).await?;
                     sent += 1;
                 }
             }

@@ -36,6 +36,11 @@ pub struct FrameMessage {
 }
 
 impl FrameMessage {
+    /// A raw RGB frame with no optional fields.
+    pub fn rgb(episode: impl Into<String>, step: u64, height: u32, width: u32, pixels: Vec<u8>) -> FrameMessage {
+        FrameMessage { episode: episode.into(), step, height, width, channels: 3, pixels, encoding: None, action: None, reward: None, done: None }
+    }
+
     /// MessagePack map bytes, as the contract says.
     pub fn to_msgpack(&self) -> Vec<u8> {
         rmp_serde::to_vec_named(self).expect("a FrameMessage always serialises")

@@ -4,7 +4,7 @@
 mod common;
 
 use async_nats::jetstream::{self, consumer::pull};
-use common::nats::{wait_until, Daemon, NatsServer};
+use common::nats::{wait_for_ingest_consumer, wait_until, Daemon, NatsServer};
 use common::{frames, torch_reference, wmvae};
 use std::path::Path;
 use std::process::Output;
@@ -47,18 +47,7 @@ fn json(out: Output) -> serde_json::Value {
 async fn publish_paced(js: &jetstream::Context, first_episode: u64, episodes: u64, steps: u64, pace: Duration) {
     let raw = frames((episodes * steps) as usize, 64, 64);
     for (i, px) in raw.chunks(12288).enumerate() {
-        let msg = FrameMessage {
-            episode: format!("e{}", first_episode + i as u64 / steps),
-            step: i as u64 % steps,
-            height: 64,
-            width: 64,
-            channels: 3,
-            pixels: px.to_vec(),
-            encoding: None,
-            action: None,
-            reward: None,
-            done: None,
-        };
+        let msg = FrameMessage::rgb(format!("e{}", first_episode + i as u64 / steps), i as u64 % steps, 64, 64, px.to_vec());
         js.publish("wm.frames.car", msg.to_msgpack().into()).await.unwrap().await.unwrap();
         tokio::time::sleep(pace).await;
     }
@@ -86,16 +75,6 @@ async fn announcements(js: &jetstream::Context) -> Vec<Announcement> {
 
 async fn created(js: &jetstream::Context) -> Vec<u64> {
     announcements(js).await.iter().filter(|a| a.event == CheckpointEvent::Created).map(|a| a.metadata.version).collect()
-}
-
-async fn wait_for_daemon(js: &jetstream::Context) {
-    wait_until(Duration::from_secs(60), "the daemon", || async {
-        match js.get_stream("WM_FRAMES").await {
-            Ok(s) => s.get_consumer::<pull::Config>("wmvae-ingest").await.is_ok(),
-            Err(_) => false,
-        }
-    })
-    .await;
 }
 
 fn encode_mu(args: &[&str], input: &Path, out: &Path, nats_url: &str, data_dir: &Path) -> Vec<f32> {
@@ -132,7 +111,7 @@ async fn live_commands_through_the_daemon() {
     let env: Vec<(&str, &str)> = FAST.iter().copied().chain([("WMVAE_TRAIN__SAMPLES_PER_INSERT", "3.2")]).collect();
     let daemon = Daemon::start(&nats.url, dir.path(), &env);
     let js = jetstream::new(nats.client().await);
-    wait_for_daemon(&js).await;
+    wait_for_ingest_consumer(&js).await;
     publish(&js, 0, 6, 25).await;
     wait_until(Duration::from_secs(120), "version 4", || async { created(&js).await.len() >= 4 }).await;
     let url = nats.url.as_str();
@@ -234,7 +213,7 @@ async fn offline_commands_and_pickup_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(&nats.url, dir.path(), FAST);
     let js = jetstream::new(nats.client().await);
-    wait_for_daemon(&js).await;
+    wait_for_ingest_consumer(&js).await;
     publish(&js, 0, 6, 25).await;
     wait_until(Duration::from_secs(120), "version 3", || async { created(&js).await.len() >= 3 }).await;
     assert!(daemon.terminate().success());
@@ -248,6 +227,31 @@ async fn offline_commands_and_pickup_at_start() {
     let recon = d.join("recon.png");
     ok(cli(url, d, &["show", "2", "--offline", "--recon", recon.to_str().unwrap()]));
     assert!(std::fs::read(&recon).unwrap().starts_with(b"\x89PNG"));
+    ok(cli(url, d, &["unpin", "1", "--offline"]));
+    assert!(json(cli(url, d, &["list", "--json", "--offline"])).as_array().unwrap().iter().all(|r| r["pinned"] == false));
+    // Export offline equals what the daemon published for that version.
+    let exported = d.join("v3.safetensors");
+    ok(cli(url, d, &["export", "3", "--offline", "--out", exported.to_str().unwrap()]));
+    let bucket = js.get_object_store("wm-checkpoints").await.unwrap();
+    let mut object = bucket.get("vae/v3.safetensors").await.unwrap();
+    let mut published = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut object, &mut published).await.unwrap();
+    assert_eq!(std::fs::read(&exported).unwrap(), published);
+    // Import offline: a new version, active, encoding like the file.
+    let foreign = d.join("torch.safetensors");
+    torch_reference(&["save-weights", "--out", foreign.to_str().unwrap(), "--seed", "9"]);
+    let imported = ok(cli(url, d, &["import", foreign.to_str().unwrap(), "--offline"]));
+    let imported: u64 = imported.split(" as v").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert_eq!(imported, newest + 1);
+    let frames_path = d.join("f.npy");
+    wmvae::npy::write_frames(&frames_path, &frames(2, 64, 64), 64, 64).unwrap();
+    let from_file = encode_mu(&["--weights", foreign.to_str().unwrap()], &frames_path, &d.join("a.npz"), url, d);
+    let from_version = encode_mu(&["--checkpoint", &imported.to_string(), "--offline"], &frames_path, &d.join("b.npz"), url, d);
+    assert!(max_diff(&from_file, &from_version) < 1e-6);
+    // Delete offline: not the active one; another one goes.
+    assert_eq!(cli(url, d, &["delete", &imported.to_string(), "--offline"]).status.code(), Some(1));
+    ok(cli(url, d, &["delete", "3", "--offline"]));
+    assert_eq!(cli(url, d, &["show", "3", "--offline"]).status.code(), Some(2));
     ok(cli(url, d, &["rollback", "2", "--offline", "--reason", "offline fix"]));
     assert_eq!(cli(url, d, &["rollback", "77", "--offline"]).status.code(), Some(2));
     // Through the default mode too: no daemon answers, so the store is used.
@@ -265,17 +269,23 @@ async fn offline_commands_and_pickup_at_start() {
     }
 
     // The daemon starts: it announces the offline rollback and trains on from v2.
+    // The daemon starts: it publishes the offline import, removes and
+    // announces the offline delete, announces the offline rollback, and
+    // trains on from v2.
     let daemon = Daemon::start(&nats.url, d, FAST);
     publish(&js, 50, 2, 25).await;
-    wait_until(Duration::from_secs(120), "the offline rollback announced and a new version", || async {
+    wait_until(Duration::from_secs(120), "the offline changes announced and a trained version", || async {
         let a = announcements(&js).await;
-        a.iter().any(|a| a.event == CheckpointEvent::Rollback) && a.iter().any(|a| a.event == CheckpointEvent::Created && a.metadata.version > newest)
+        a.iter().any(|a| a.event == CheckpointEvent::Rollback) && a.iter().any(|a| a.event == CheckpointEvent::Created && a.metadata.version > imported)
     })
     .await;
     let events = announcements(&js).await;
     let rollback = events.iter().find(|a| a.event == CheckpointEvent::Rollback).unwrap();
     assert_eq!((rollback.to, rollback.reason.as_deref()), (Some(2), Some("offline fix")));
-    let next = events.iter().find(|a| a.event == CheckpointEvent::Created && a.metadata.version > newest).unwrap();
+    assert!(events.iter().any(|a| a.event == CheckpointEvent::Deleted && a.metadata.version == 3));
+    assert!(events.iter().any(|a| a.event == CheckpointEvent::Created && a.metadata.version == imported));
+    assert!(bucket.get("vae/v3.safetensors").await.is_err(), "the deleted version's object is gone");
+    let next = events.iter().find(|a| a.event == CheckpointEvent::Created && a.metadata.version > imported).unwrap();
     assert_eq!(next.metadata.parent, Some(2));
     assert!(daemon.terminate().success());
 }

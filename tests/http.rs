@@ -4,8 +4,8 @@
 
 mod common;
 
-use async_nats::jetstream::{self, consumer::pull};
-use common::nats::{wait_until, Daemon, NatsServer};
+use async_nats::jetstream;
+use common::nats::{wait_for_ingest_consumer, wait_until, Daemon, NatsServer};
 use common::frames;
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -67,12 +67,9 @@ async fn metrics_health_and_status_page() {
     ];
     let daemon = Daemon::start(&nats.url, dir.path(), &env);
     let js = jetstream::new(nats.client().await);
-    wait_until(Duration::from_secs(60), "the daemon", || async {
-        matches!(js.get_stream("WM_FRAMES").await, Ok(s) if s.get_consumer::<pull::Config>("wmvae-ingest").await.is_ok())
-    })
-    .await;
+    wait_for_ingest_consumer(&js).await;
     for (i, px) in frames(120, 64, 64).chunks(12288).enumerate() {
-        let msg = FrameMessage { episode: format!("e{}", i / 12), step: (i % 12) as u64, height: 64, width: 64, channels: 3, pixels: px.to_vec(), encoding: None, action: None, reward: None, done: None };
+        let msg = FrameMessage::rgb(format!("e{}", i / 12), (i % 12) as u64, 64, 64, px.to_vec());
         js.publish("wm.frames.car", msg.to_msgpack().into()).await.unwrap().await.unwrap();
     }
     js.publish("wm.frames.car", b"\xc1".to_vec().into()).await.unwrap().await.unwrap();

@@ -6,7 +6,7 @@
 mod common;
 
 use async_nats::jetstream::{self, consumer::pull};
-use common::nats::{wait_until, Daemon, NatsServer};
+use common::nats::{wait_for_ingest_consumer, wait_until, Daemon, NatsServer};
 use common::{frames, wmvae};
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -65,16 +65,6 @@ async fn wait_drained(js: &jetstream::Context, timeout: Duration) {
     .await;
 }
 
-async fn wait_for_consumer(js: &jetstream::Context) {
-    wait_until(Duration::from_secs(30), "the daemon's migrations", || async {
-        match js.get_stream("WM_FRAMES").await {
-            Ok(stream) => stream.get_consumer::<pull::Config>("wmvae-ingest").await.is_ok(),
-            Err(_) => false,
-        }
-    })
-    .await;
-}
-
 fn open_store(daemon_dir: &std::path::Path) -> Store {
     Store::open(&daemon_dir.join("store"), BufferConfig { capacity: 1_000_000, validation_fraction: 0.05 }).unwrap()
 }
@@ -90,7 +80,7 @@ async fn valid_frames_stored_once_bad_frames_dead_lettered() {
     let daemon = Daemon::start(&nats.url, dir.path(), &[]);
     let client = nats.client().await;
     let js = jetstream::new(client.clone());
-    wait_for_consumer(&js).await;
+    wait_for_ingest_consumer(&js).await;
 
     let raw64 = frames(20, 64, 64);
     let raw96 = frames(10, 96, 96);
@@ -221,7 +211,7 @@ async fn killed_mid_stream_loses_nothing_and_stores_nothing_twice() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(&nats.url, dir.path(), &[]);
     let js = jetstream::new(nats.client().await);
-    wait_for_consumer(&js).await;
+    wait_for_ingest_consumer(&js).await;
 
     let total = 3000u64;
     let publisher = wmvae()
@@ -259,7 +249,7 @@ async fn capacity_evicts_oldest_keeps_newest() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(&nats.url, dir.path(), &[("WMVAE_BUFFER__CAPACITY", "50"), ("WMVAE_BUFFER__VALIDATION_FRACTION", "0")]);
     let js = jetstream::new(nats.client().await);
-    wait_for_consumer(&js).await;
+    wait_for_ingest_consumer(&js).await;
     for step in 0..120u64 {
         publish(&js, "car", frame("long", step, 64, 64, vec![(step % 256) as u8; 12288]).to_msgpack(), None).await;
     }

@@ -6,7 +6,7 @@
 mod common;
 
 use async_nats::jetstream::{self, consumer::pull};
-use common::nats::{wait_until, Daemon, NatsServer};
+use common::nats::{wait_for_ingest_consumer, wait_until, Daemon, NatsServer};
 use common::{frames, wmvae};
 use futures::StreamExt;
 use std::collections::{BTreeMap, HashSet};
@@ -32,18 +32,7 @@ fn env(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static st
 }
 
 fn frame_message(episode: u64, step: u64, pixels: &[u8]) -> FrameMessage {
-    FrameMessage {
-        episode: format!("e{episode}"),
-        step,
-        height: 64,
-        width: 64,
-        channels: 3,
-        pixels: pixels.to_vec(),
-        encoding: None,
-        action: None,
-        reward: None,
-        done: None,
-    }
+    FrameMessage::rgb(format!("e{episode}"), step, 64, 64, pixels.to_vec())
 }
 
 /// Publishes `episodes` x `steps` 64x64 frames to wm.frames.car; returns their pixels.
@@ -91,16 +80,6 @@ async fn fetch_weights(js: &jetstream::Context, object: &str) -> Vec<u8> {
     bytes
 }
 
-async fn wait_for_streams(js: &jetstream::Context) {
-    wait_until(Duration::from_secs(60), "the daemon's migrations", || async {
-        match js.get_stream("WM_FRAMES").await {
-            Ok(stream) => stream.get_consumer::<pull::Config>("wmvae-ingest").await.is_ok(),
-            Err(_) => false,
-        }
-    })
-    .await;
-}
-
 /// Frames in: versions v1, v2, ... announced with object-store bytes matching
 /// their sha256; exactly one latent per valid frame, each naming an announced
 /// version; the encode endpoint and `wmvae encode` on that version's weights
@@ -112,7 +91,7 @@ async fn checkpoints_latents_and_control_service() {
     let daemon = Daemon::start(&nats.url, dir.path(), &env(&[]));
     let client = nats.client().await;
     let js = jetstream::new(client.clone());
-    wait_for_streams(&js).await;
+    wait_for_ingest_consumer(&js).await;
 
     let raw = publish_frames(&js, 10, 30).await;
     js.publish("wm.frames.car", b"\xc1 not a frame".to_vec().into()).await.unwrap().await.unwrap();
@@ -207,7 +186,7 @@ async fn resumes_after_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(&nats.url, dir.path(), &env(&[]));
     let js = jetstream::new(nats.client().await);
-    wait_for_streams(&js).await;
+    wait_for_ingest_consumer(&js).await;
     publish_frames(&js, 8, 25).await;
     wait_until(Duration::from_secs(120), "version 3", || async { created_versions(&js).await.len() >= 3 }).await;
     daemon.kill();
@@ -240,7 +219,7 @@ async fn rolls_back_by_itself_on_divergence() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(&nats.url, dir.path(), &env(&[("WMVAE_TRAIN__LEARNING_RATE", "1e6"), ("WMVAE_TRAIN__MAX_BAD_STEPS", "3")]));
     let js = jetstream::new(nats.client().await);
-    wait_for_streams(&js).await;
+    wait_for_ingest_consumer(&js).await;
     publish_frames(&js, 4, 20).await;
     wait_until(Duration::from_secs(120), "a rollback announcement", || async {
         announcements(&js).await.iter().any(|a| a.event == CheckpointEvent::Rollback)

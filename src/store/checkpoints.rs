@@ -43,11 +43,16 @@ impl Store {
         self.checkpoints.get(meta(name))?.map(|v| be_u64(&v)).transpose()
     }
 
-    fn push_history(&self, batch: &mut sled::Batch, entry: &HistoryEntry) -> Result<()> {
+    /// Adds "`version` is now active" and its history entry to `batch`;
+    /// returns the version active before.
+    fn activate_in(&self, batch: &mut sled::Batch, version: u64, why: &str, by: &str, reason: Option<&str>) -> Result<Option<u64>> {
+        let from = self.registry_counter("active")?;
+        batch.insert(meta("active"), &version.to_be_bytes());
+        let entry = HistoryEntry { at: now_rfc3339(), from, to: version, why: why.into(), by: by.into(), reason: reason.map(str::to_string) };
         let seq = self.registry_counter("history_next")?.unwrap_or(0);
-        batch.insert(key(b'H', seq), rmp_serde::to_vec_named(entry)?);
+        batch.insert(key(b'H', seq), rmp_serde::to_vec_named(&entry)?);
         batch.insert(meta("history_next"), &(seq + 1).to_be_bytes());
-        Ok(())
+        Ok(from)
     }
 
     /// Stores a new version built by `make` (given its number) and, when
@@ -72,10 +77,7 @@ impl Store {
         batch.insert(key(b'D', version), rmp_serde::to_vec_named(&checkpoint.metadata)?);
         batch.insert(meta("next_version"), &(version + 1).to_be_bytes());
         if activate {
-            let from = self.registry_counter("active")?;
-            batch.insert(meta("active"), &version.to_be_bytes());
-            let entry = HistoryEntry { at: now_rfc3339(), from, to: version, why: why.into(), by: by.into(), reason: reason.map(str::to_string) };
-            self.push_history(&mut batch, &entry)?;
+            self.activate_in(&mut batch, version, why, by, reason)?;
         }
         self.checkpoints.apply_batch(batch)?;
         self.db.flush()?;
@@ -88,11 +90,8 @@ impl Store {
         if !self.checkpoints.contains_key(key(b'V', version))? {
             bail!("no checkpoint version {version}");
         }
-        let from = self.registry_counter("active")?;
         let mut batch = sled::Batch::default();
-        batch.insert(meta("active"), &version.to_be_bytes());
-        let entry = HistoryEntry { at: now_rfc3339(), from, to: version, why: why.into(), by: by.into(), reason: reason.map(str::to_string) };
-        self.push_history(&mut batch, &entry)?;
+        let from = self.activate_in(&mut batch, version, why, by, reason)?;
         self.checkpoints.apply_batch(batch)?;
         self.db.flush()?;
         Ok(from)

@@ -116,3 +116,14 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Waits until a daemon has applied its migrations: the frame consumer exists.
+pub async fn wait_for_ingest_consumer(js: &async_nats::jetstream::Context) {
+    wait_until(Duration::from_secs(60), "the daemon's migrations", || async {
+        match js.get_stream("WM_FRAMES").await {
+            Ok(stream) => stream.get_consumer::<async_nats::jetstream::consumer::pull::Config>("wmvae-ingest").await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+}
