@@ -1,0 +1,78 @@
+//! docker compose, checked without a Docker engine: the files parse, every
+//! build context, Dockerfile, config and mounted path exists, the daemon's
+//! command line passes `wmvae serve --check-config` with the compose
+//! environment, and every NATS URL names the `nats` service.
+
+mod common;
+
+use common::{repo_root, venv_python, wmvae};
+use serde_json::Value;
+
+/// A compose file as JSON, parsed by PyYAML from the venv.
+fn compose(file: &str) -> Value {
+    let script = "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))";
+    let out = std::process::Command::new(venv_python()).args(["-c", script]).arg(repo_root().join(file)).output().unwrap();
+    assert!(out.status.success(), "{file} does not parse: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect()).unwrap_or_default()
+}
+
+/// The whole stack is wired: contexts, mounts, config, NATS URLs.
+#[test]
+fn compose_stack_is_consistent() {
+    let doc = compose("docker-compose.yml");
+    let services = doc["services"].as_object().unwrap();
+    for name in ["nats", "wmvae", "publisher"] {
+        assert!(services.contains_key(name), "service {name} missing");
+    }
+    for (name, service) in services {
+        if let Some(context) = service["build"].as_str() {
+            assert!(repo_root().join(context).join("Dockerfile").is_file(), "{name}: no Dockerfile in {context}");
+        }
+        for volume in strings(&service["volumes"]) {
+            let host = volume.split(':').next().unwrap();
+            if host.starts_with("./") {
+                assert!(repo_root().join(host).exists(), "{name}: mounted path {host} missing");
+            } else {
+                assert!(doc["volumes"].get(host).is_some(), "{name}: named volume {host} not declared");
+            }
+        }
+        for arg in strings(&service["command"]) {
+            if arg.starts_with("nats://") {
+                assert_eq!(arg, "nats://nats:4222", "{name} must reach the nats service");
+            }
+        }
+    }
+    let dockerfile = std::fs::read_to_string(repo_root().join("Dockerfile")).unwrap();
+    assert!(dockerfile.contains("COPY config /etc/wmvae") && repo_root().join("config/compose.toml").is_file());
+    assert!(repo_root().join("scripts/setup").is_file());
+
+    // The daemon's command, with the compose environment, passes --check-config.
+    let daemon = &services["wmvae"];
+    let mut args = strings(&daemon["command"]);
+    assert_eq!(args.first().map(String::as_str), Some("serve"));
+    let config_in_image = args.iter().position(|a| a == "--config").map(|i| args[i + 1].clone()).unwrap();
+    let local = repo_root().join("config").join(config_in_image.strip_prefix("/etc/wmvae/").unwrap());
+    let i = args.iter().position(|a| a == "--config").unwrap();
+    args[i + 1] = local.display().to_string();
+    args.push("--check-config".into());
+    let mut cmd = wmvae();
+    cmd.args(&args);
+    for (key, value) in daemon["environment"].as_object().unwrap() {
+        cmd.env(key, value.as_str().unwrap());
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let checked: toml::Table = String::from_utf8(out.stdout).unwrap().parse().unwrap();
+    assert_eq!(checked["nats"]["url"].as_str(), Some("nats://nats:4222"));
+    assert_eq!(checked["http"]["addr"].as_str(), Some("0.0.0.0:9464"));
+
+    // The GPU override reserves NVIDIA devices for the daemon.
+    let gpu = compose("docker-compose.gpu.yml");
+    let devices = &gpu["services"]["wmvae"]["deploy"]["resources"]["reservations"]["devices"][0];
+    assert_eq!(devices["driver"], "nvidia");
+    assert_eq!(devices["capabilities"][0], "gpu");
+}
