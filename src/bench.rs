@@ -39,12 +39,15 @@ fn apply_threads(threads: usize) {
 /// Images per second of `step`, run `steps` times after the warm-up. Each
 /// step must end by reading a value back, which synchronises CUDA.
 fn images_per_s(batch: usize, steps: usize, mut step: impl FnMut()) -> f64 {
+    let mut progress = crate::progress::Progress::new(format!("bench (batch {batch})"), (WARMUP_STEPS + steps) as u64);
     for _ in 0..WARMUP_STEPS {
         step();
+        progress.advance(1);
     }
     let start = Instant::now();
     for _ in 0..steps {
         step();
+        progress.advance(1);
     }
     (batch * steps) as f64 / start.elapsed().as_secs_f64()
 }

@@ -41,6 +41,7 @@ pub fn encode_file(net: &Inference, input: &Path, output: &Path) -> Result<Encod
     let mut mus = Vec::new();
     let mut logvars = Vec::new();
     let mut done = 0usize;
+    let mut progress = crate::progress::Progress::new("encode", reader.count as u64);
     loop {
         let chunk = reader.read_chunk(ENCODE_CHUNK_FRAMES)?;
         if chunk.is_empty() {
@@ -57,6 +58,7 @@ pub fn encode_file(net: &Inference, input: &Path, output: &Path) -> Result<Encod
         mus.push(mu.to_device(tch::Device::Cpu));
         logvars.push(logvar.to_device(tch::Device::Cpu));
         done += chunk.len() / reader.frame_bytes();
+        progress.advance((chunk.len() / reader.frame_bytes()) as u64);
     }
     let z = net.model().config().z_size;
     let stack = |parts: &[Tensor]| if parts.is_empty() { Tensor::zeros([0, z], (Kind::Float, tch::Device::Cpu)) } else { Tensor::cat(parts, 0) };

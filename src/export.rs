@@ -67,6 +67,7 @@ pub fn export(store: &Store, source: Option<&str>, out: &Path) -> Result<ExportS
         ("reward", "<f8".into(), vec![n], Box::new(|f: &Frame| f.reward.unwrap_or(f64::NAN).to_le_bytes().to_vec()), false),
         ("done", "|b1".into(), vec![n], Box::new(|f: &Frame| vec![f.done.unwrap_or(false) as u8]), false),
     ];
+    let mut progress = crate::progress::Progress::new("export", (n * columns.len()) as u64);
     for (name, descr, shape, encode, with_pixels) in &columns {
         zip.start_file(format!("{name}.npy"), options).context("writing the .npz")?;
         zip.write_all(&npy::header(descr, shape))?;
@@ -76,6 +77,7 @@ pub fn export(store: &Store, source: Option<&str>, out: &Path) -> Result<ExportS
                 debug_assert_eq!(frame.pixels.len(), OUT_BYTES);
             }
             zip.write_all(&encode(&frame))?;
+            progress.advance(1);
         }
     }
     zip.finish().context("finishing the .npz")?.flush()?;

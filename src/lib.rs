@@ -31,6 +31,7 @@
 //! * `operator`   the CLI's side of `checkpoint ...`: live through the daemon, else offline
 //! * `ops`        checkpoint operations (list, show, rollback, import, ...) over the store
 //! * `grid`       frames and reconstructions as a PNG grid
+//! * `progress`   progress bars on a terminal, plain lines otherwise
 //! * `config`     the one configuration: defaults, file, environment
 //! * `device`     cpu / cuda / auto
 //!
@@ -57,6 +58,7 @@ pub mod npy;
 pub mod operator;
 pub mod ops;
 pub mod preprocess;
+pub mod progress;
 pub mod publish;
 pub mod sampler;
 pub mod serve;

@@ -42,6 +42,9 @@ fn encodes_carracing_frames_in_chunks() {
     let output = dir.path().join("z.npz");
     let out = encode(&weights_path, &input, &output);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Not a terminal: progress comes as plain lines, ending at 100 %.
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(progress.contains(&format!("encode: {n}/{n} (100%)")) && !progress.contains('\r'), "{progress}");
 
     let written = Tensor::read_npz(&output).unwrap();
     let mu = &written.iter().find(|(n, _)| n == "mu").unwrap().1;

@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Publish real CarRacing-v3 frames to wmvae: gymnasium rendered headless,
+a simple driving policy, raw 96x96 RGB frames with action, reward and done,
+several episodes in parallel, by the wire contract (PROTOCOL.md).
+
+    .venv/bin/python examples/carracing_publisher.py [--nats-url URL] [--envs 4] [--episodes 0]
+
+Needs gymnasium with box2d (`pip install "gymnasium[box2d]"`), nats-py and
+msgpack. --episodes 0 runs until interrupted.
+"""
+import argparse
+import asyncio
+import os
+import uuid
+
+os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+
+import gymnasium as gym  # noqa: E402
+import msgpack  # noqa: E402
+import nats  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def policy(obs, step, rng):
+    """Keep the grey road under the car: steer towards the road's centre in
+    the rows just ahead, accelerate gently, brake now and then."""
+    row = obs[60:66].astype(np.int16)
+    road = (np.abs(row[..., 0] - row[..., 1]) < 15) & (row[..., 1] < 150)
+    cols = np.nonzero(road.any(axis=0))[0]
+    steer = 0.0 if cols.size == 0 else float(np.clip((cols.mean() - 48) / 20, -1, 1))
+    gas = 0.3 if step % 40 < 35 else 0.0
+    return np.array([steer + rng.normal(0, 0.1), gas, 0.0], dtype=np.float32)
+
+
+async def run_env(js, source, episodes, index):
+    env = gym.make("CarRacing-v3", render_mode="rgb_array")
+    rng = np.random.default_rng(index)
+    done_episodes = 0
+    while episodes == 0 or done_episodes < episodes:
+        episode = f"{source}-{uuid.uuid4().hex[:8]}"
+        obs, _ = env.reset(seed=int(rng.integers(1 << 30)))
+        step, done = 0, False
+        while not done:
+            action = policy(obs, step, rng)
+            next_obs, reward, terminated, truncated, _ = env.step(action)
+            done = bool(terminated or truncated)
+            frame = {"episode": episode, "step": step, "height": 96, "width": 96, "channels": 3,
+                     "pixels": obs.tobytes(), "action": action.tolist(), "reward": float(reward), "done": done}
+            await js.publish(f"wm.frames.{source}", msgpack.packb(frame),
+                             headers={"Nats-Msg-Id": f"{source}:{episode}:{step}"})
+            obs, step = next_obs, step + 1
+            await asyncio.sleep(0)
+        done_episodes += 1
+        print(f"{source}: episode {episode} done after {step} steps", flush=True)
+
+
+async def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    p.add_argument("--envs", type=int, default=4, help="episodes run in parallel")
+    p.add_argument("--episodes", type=int, default=0, help="per env; 0 = forever")
+    args = p.parse_args()
+    nc = await nats.connect(args.nats_url)
+    js = nc.jetstream()
+    await asyncio.gather(*(run_env(js, f"carracing-{i}", args.episodes, i) for i in range(args.envs)))
+    await nc.drain()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
