@@ -3,7 +3,7 @@
 
 mod common;
 
-use async_nats::jetstream::{self, consumer::pull};
+use async_nats::jetstream;
 use common::nats::{wait_for_ingest_consumer, wait_until, Daemon, NatsServer};
 use common::{frames, torch_reference, wmvae};
 use std::path::Path;
