@@ -39,6 +39,8 @@ pub const SUBJECT_HEADER: &str = "Wmvae-Subject";
 /// JetStream publish acks awaited at most this far behind the newest
 /// publish: pipelining without unbounded memory.
 const PUBLISH_WINDOW: usize = 256;
+/// Longest wait for buffered publishes to reach the server.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Messages the server pushes per pull request: enough to keep a group
 /// commit full, small enough that a slow store holds few of them.
 const PULL_BATCH: usize = 1024;
@@ -320,9 +322,13 @@ impl Bus {
             .context("publishing a latent")
     }
 
-    /// Pushes buffered core-NATS publishes to the server.
+    /// Pushes buffered core-NATS publishes to the server; gives up after
+    /// [`FLUSH_TIMEOUT`] so a lost server never wedges a caller (or shutdown).
     pub async fn flush(&self) -> Result<()> {
-        self.client.flush().await.context("flushing to NATS")
+        match tokio::time::timeout(FLUSH_TIMEOUT, self.client.flush()).await {
+            Ok(result) => result.context("flushing to NATS"),
+            Err(_) => bail!("flushing to NATS timed out after {FLUSH_TIMEOUT:?} (server unreachable?)"),
+        }
     }
 
     async fn checkpoint_bucket(&self) -> Result<jetstream::object_store::ObjectStore> {
