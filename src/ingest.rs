@@ -139,7 +139,7 @@ async fn process(
     })
     .await
     .context("ingest worker")??;
-    let mut outcome = BatchOutcome { stored: committed.stored, duplicates: committed.duplicates, rejected: 0 };
+    let mut outcome = BatchOutcome { stored: committed.stored(), duplicates: committed.duplicates, rejected: 0 };
     for (delivery, rejection) in batch.iter().zip(rejections) {
         match rejection {
             None => delivery.ack().await?,

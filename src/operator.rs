@@ -62,13 +62,18 @@ pub async fn connect(config: &Config, mode: Mode) -> Result<Backend> {
 }
 
 /// A request to `checkpoints.<action>`; 404 answers become [`UnknownVersion`].
-async fn ask<T: DeserializeOwned>(bus: &Bus, action: &str, request: &CheckpointRequest) -> Result<T> {
-    let reply = bus.control_request(&format!("checkpoints.{action}"), serde_json::to_vec(request)?).await.map_err(|e| {
+async fn request(bus: &Bus, action: &str, request: &CheckpointRequest) -> Result<bytes::Bytes> {
+    bus.control_request(&format!("checkpoints.{action}"), serde_json::to_vec(request)?).await.map_err(|e| {
         match (e.downcast_ref::<crate::control::ControlError>(), request.version) {
             (Some(c), Some(v)) if c.code == 404 => UnknownVersion(v).into(),
             _ => e,
         }
-    })?;
+    })
+}
+
+/// [`request`] with a JSON reply.
+async fn ask<T: DeserializeOwned>(bus: &Bus, action: &str, body: &CheckpointRequest) -> Result<T> {
+    let reply = request(bus, action, body).await?;
     serde_json::from_slice(&reply).with_context(|| format!("reading the daemon's {action} reply"))
 }
 
@@ -105,10 +110,7 @@ impl Backend {
     /// PNG of validation frames over their reconstructions by `version`.
     pub async fn recon(&self, version: u64) -> Result<Vec<u8>> {
         match self {
-            Backend::Live(bus) => {
-                self.show(version).await?;
-                Ok(bus.control_request("checkpoints.recon", serde_json::to_vec(&version_request(version))?).await?.to_vec())
-            }
+            Backend::Live(bus) => Ok(request(bus, "recon", &version_request(version)).await?.to_vec()),
             Backend::Offline(store, config) => ops::recon_png(store, version, config),
         }
     }
@@ -128,14 +130,14 @@ impl Backend {
     pub async fn set_pinned(&self, version: u64, pinned: bool) -> Result<()> {
         match self {
             Backend::Live(bus) => ask::<serde_json::Value>(bus, if pinned { "pin" } else { "unpin" }, &version_request(version)).await.map(drop),
-            Backend::Offline(store, _) => ops::set_pinned(store, version, pinned),
+            Backend::Offline(store, _) => store.set_pinned(version, pinned),
         }
     }
 
     pub async fn delete(&self, version: u64) -> Result<Metadata> {
         match self {
             Backend::Live(bus) => ask(bus, "delete", &version_request(version)).await,
-            Backend::Offline(store, _) => ops::delete(store, version),
+            Backend::Offline(store, _) => store.delete_checkpoint(version),
         }
     }
 

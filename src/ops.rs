@@ -10,7 +10,8 @@ use crate::adam::AdamConfig;
 use crate::checkpoint::{now_rfc3339, Checkpoint, Metadata};
 use crate::config::Config;
 use crate::learner::{frames_to_tensor, Inference, Learner};
-use crate::store::{HistoryEntry, Split, Store};
+use crate::store::{best_by_eval, HistoryEntry, Split, Store};
+pub use crate::store::UnknownVersion;
 use crate::weights;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -18,18 +19,6 @@ use serde::{Deserialize, Serialize};
 /// Frames shown by `checkpoint show --recon`: one row of originals over
 /// one row of reconstructions.
 pub const RECON_FRAMES: usize = 8;
-
-/// A version that does not exist (any more): exit code 2 at the CLI, 404 on the service.
-#[derive(Debug)]
-pub struct UnknownVersion(pub u64);
-
-impl std::fmt::Display for UnknownVersion {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "no checkpoint version {} (unknown or deleted)", self.0)
-    }
-}
-
-impl std::error::Error for UnknownVersion {}
 
 /// One row of `checkpoint list` (JSON keys pinned).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -59,7 +48,7 @@ pub fn list(store: &Store) -> Result<Vec<Listed>> {
     let all = store.list_checkpoints()?;
     let active = store.active_version()?;
     let pinned = store.pinned()?;
-    let best = all.iter().filter(|m| m.eval_loss.is_some_and(f64::is_finite)).min_by(|a, b| a.eval_loss.partial_cmp(&b.eval_loss).unwrap()).map(|m| m.version);
+    let best = best_by_eval(&all);
     Ok(all
         .into_iter()
         .map(|m| Listed {
@@ -125,18 +114,5 @@ pub fn import(store: &Store, weights_bytes: &[u8], origin: &str, config: &Config
 
 /// Makes `version` active (offline; the daemon does more, see `trainer`).
 pub fn rollback(store: &Store, version: u64, by: &str, reason: Option<&str>) -> Result<Option<u64>> {
-    checkpoint(store, version)?;
     store.activate(version, "rollback", by, reason)
-}
-
-pub fn set_pinned(store: &Store, version: u64, pinned: bool) -> Result<()> {
-    checkpoint(store, version)?;
-    store.set_pinned(version, pinned)
-}
-
-pub fn delete(store: &Store, version: u64) -> Result<Metadata> {
-    if store.checkpoint_metadata(version)?.is_none() {
-        return Err(UnknownVersion(version).into());
-    }
-    store.delete_checkpoint(version)
 }

@@ -322,10 +322,10 @@ impl Trainer {
                     let _ = reply.send(result);
                 }
                 Command::Pin { version, pinned, reply } => {
-                    let _ = reply.send(crate::ops::set_pinned(&self.store, version, pinned));
+                    let _ = reply.send(self.store.set_pinned(version, pinned));
                 }
                 Command::Delete { version, reply } => {
-                    let result = crate::ops::delete(&self.store, version).and_then(|metadata| {
+                    let result = self.store.delete_checkpoint(version).and_then(|metadata| {
                         self.events.blocking_send(Event::Deleted(metadata.clone())).context("daemon event queue closed")?;
                         Ok(metadata)
                     });

@@ -17,6 +17,23 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
+/// A version that does not exist (any more): exit code 2 at the CLI, 404 on the service.
+#[derive(Debug)]
+pub struct UnknownVersion(pub u64);
+
+impl std::fmt::Display for UnknownVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no checkpoint version {} (unknown or deleted)", self.0)
+    }
+}
+
+impl std::error::Error for UnknownVersion {}
+
+/// The version with the lowest finite eval loss, if any has one.
+pub fn best_by_eval(all: &[Metadata]) -> Option<u64> {
+    all.iter().filter(|m| m.eval_loss.is_some_and(f64::is_finite)).min_by(|a, b| a.eval_loss.unwrap().total_cmp(&b.eval_loss.unwrap())).map(|m| m.version)
+}
+
 /// One change of the active version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HistoryEntry {
@@ -88,7 +105,7 @@ impl Store {
     pub fn activate(&self, version: u64, why: &str, by: &str, reason: Option<&str>) -> Result<Option<u64>> {
         let _guard = self.registry_lock.lock().unwrap();
         if !self.checkpoints.contains_key(key(b'V', version))? {
-            bail!("no checkpoint version {version}");
+            return Err(UnknownVersion(version).into());
         }
         let mut batch = sled::Batch::default();
         let from = self.activate_in(&mut batch, version, why, by, reason)?;
@@ -129,7 +146,7 @@ impl Store {
     pub fn set_pinned(&self, version: u64, pinned: bool) -> Result<()> {
         let _guard = self.registry_lock.lock().unwrap();
         if !self.checkpoints.contains_key(key(b'V', version))? {
-            bail!("no checkpoint version {version}");
+            return Err(UnknownVersion(version).into());
         }
         if pinned {
             self.checkpoints.insert(key(b'P', version), &[])?;
@@ -146,7 +163,7 @@ impl Store {
         if self.registry_counter("active")? == Some(version) {
             bail!("checkpoint v{version} is the active version; roll back to another first");
         }
-        let metadata = self.checkpoint_metadata(version)?.with_context(|| format!("no checkpoint version {version}"))?;
+        let metadata = self.checkpoint_metadata(version)?.ok_or(UnknownVersion(version))?;
         let mut batch = sled::Batch::default();
         for tag in [b'V', b'D', b'P'] {
             batch.remove(key(tag, version));
@@ -163,8 +180,7 @@ impl Store {
         let mut keep: BTreeSet<u64> = all.iter().rev().take(keep_last).map(|m| m.version).collect();
         keep.extend(self.pinned()?);
         keep.extend(self.active_version()?);
-        let best = all.iter().filter(|m| m.eval_loss.is_some_and(f64::is_finite)).min_by(|a, b| a.eval_loss.partial_cmp(&b.eval_loss).unwrap());
-        keep.extend(best.map(|m| m.version));
+        keep.extend(best_by_eval(&all));
         Ok(all.iter().map(|m| m.version).filter(|v| !keep.contains(v)).collect())
     }
 

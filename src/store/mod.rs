@@ -20,7 +20,7 @@
 //! tree (`checkpoints.rs`).
 
 mod checkpoints;
-pub use checkpoints::HistoryEntry;
+pub use checkpoints::{best_by_eval, HistoryEntry, UnknownVersion};
 
 use crate::preprocess::OUT_BYTES;
 use crate::wire::{Frame, Reason};
@@ -132,7 +132,6 @@ pub struct Stats {
 pub struct Committed {
     /// Indices (into the committed slice) of the frames newly stored.
     pub stored_indices: Vec<usize>,
-    pub stored: u64,
     pub duplicates: u64,
     pub evicted: u64,
 }
@@ -219,6 +218,13 @@ fn decompress(z: &[u8]) -> Result<Vec<u8>> {
         bail!("corrupt frame: {} pixel bytes, expected {OUT_BYTES}", out.len());
     }
     Ok(out)
+}
+
+impl Committed {
+    /// Frames newly stored.
+    pub fn stored(&self) -> u64 {
+        self.stored_indices.len() as u64
+    }
 }
 
 impl Store {
@@ -357,7 +363,6 @@ impl Store {
             if self.bump(&mut pending, &mut batch, source_key(&frame.source), 1)?.0 == 0 {
                 next.sources += 1;
             }
-            done.stored += 1;
             done.stored_indices.push(index);
         }
         for split in [Split::Train, Split::Validation] {
@@ -386,7 +391,7 @@ impl Store {
                 }
             }
         }
-        next.ingested += done.stored;
+        next.ingested += done.stored();
         next.duplicates += done.duplicates;
         next.evicted += done.evicted;
         for reason in rejected {
@@ -442,7 +447,7 @@ impl Store {
         };
         self.tree.scan_prefix(prefix).map(move |entry| {
             let (_, location) = entry?;
-            let split = Split::from_byte(location[0]).context("corrupt index entry")?;
+            let split = location.first().copied().and_then(Split::from_byte).context("corrupt index entry")?;
             let seq = be_u64(&location[1..])?;
             let bytes = self.tree.get(frame_key(split, seq))?.context("index points at a missing frame")?;
             let stored: StoredFrame = rmp_serde::from_slice(&bytes).context("corrupt stored frame")?;
@@ -512,9 +517,9 @@ mod tests {
         {
             let store = Store::open(dir.path(), config(100)).unwrap();
             let c = store.commit(&[frame("a", "e1", 0), frame("a", "e1", 1), frame("a", "e1", 1)], &[Reason::BadPng]).unwrap();
-            assert_eq!((c.stored, c.duplicates), (2, 1));
+            assert_eq!((c.stored(), c.duplicates), (2, 1));
             let c = store.commit(&[frame("a", "e1", 0), frame("b", "e2", 0)], &[]).unwrap();
-            assert_eq!((c.stored, c.duplicates), (1, 1));
+            assert_eq!((c.stored(), c.duplicates), (1, 1));
         }
         let store = Store::open(dir.path(), config(100)).unwrap();
         let s = store.stats().unwrap();
