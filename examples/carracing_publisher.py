@@ -5,6 +5,9 @@ several episodes in parallel, by the wire contract (PROTOCOL.md).
 
     .venv/bin/python examples/carracing_publisher.py [--nats-url URL] [--envs 4] [--episodes 0]
 
+Credentials and TLS come from the daemon's WMVAE_NATS__* variables
+(see examples/wm_nats.py).
+
 Needs gymnasium with box2d (`pip install "gymnasium[box2d]"`), nats-py and
 msgpack. --episodes 0 runs until interrupted.
 """
@@ -17,7 +20,7 @@ os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 
 import gymnasium as gym  # noqa: E402
 import msgpack  # noqa: E402
-import nats  # noqa: E402
+import wm_nats  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -56,11 +59,11 @@ async def run_env(js, source, episodes, index):
 
 async def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    p.add_argument("--nats-url", help="default: WMVAE_NATS__URL, else nats://127.0.0.1:4222")
     p.add_argument("--envs", type=int, default=4, help="episodes run in parallel")
     p.add_argument("--episodes", type=int, default=0, help="per env; 0 = forever")
     args = p.parse_args()
-    nc = await nats.connect(args.nats_url)
+    nc = await wm_nats.connect(args.nats_url)
     js = nc.jetstream()
     await asyncio.gather(*(run_env(js, f"carracing-{i}", args.episodes, i) for i in range(args.envs)))
     await nc.drain()

@@ -4,16 +4,19 @@ WM_LATENTS from the start, then live. Needs nats-py and msgpack (the
 project's .venv has both).
 
     .venv/bin/python examples/latent_subscriber.py [nats://127.0.0.1:4222]
+
+Credentials and TLS come from the daemon's WMVAE_NATS__* variables
+(see examples/wm_nats.py).
 """
 import asyncio
 import sys
 
 import msgpack
-import nats
+import wm_nats
 
 
 async def main(url):
-    nc = await nats.connect(url)
+    nc = await wm_nats.connect(url)
     js = nc.jetstream()
     # An ephemeral ordered consumer replays the stream from the first latent.
     sub = await js.subscribe("wm.latents.>", ordered_consumer=True)
@@ -26,4 +29,4 @@ async def main(url):
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else "nats://127.0.0.1:4222"))
+    asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else None))

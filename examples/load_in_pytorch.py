@@ -5,6 +5,9 @@ latest announcement on wm.checkpoints (a rollback's `to`, else the newest
 `created`). Uses scripts/torch_reference.py's VAE (same state_dict names).
 
     .venv/bin/python examples/load_in_pytorch.py [nats://127.0.0.1:4222] [out.png]
+
+Credentials and TLS come from the daemon's WMVAE_NATS__* variables
+(see examples/wm_nats.py).
 """
 import asyncio
 import io
@@ -13,6 +16,7 @@ import sys
 
 import msgpack
 import nats
+import wm_nats
 import numpy as np
 import torch
 from PIL import Image
@@ -39,7 +43,7 @@ async def active_version(js):
 
 
 async def main(url, out):
-    nc = await nats.connect(url)
+    nc = await wm_nats.connect(url)
     js = nc.jetstream()
     version = await active_version(js)
     if version is None:
@@ -64,5 +68,5 @@ async def main(url, out):
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else "nats://127.0.0.1:4222",
+    asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else None,
                      sys.argv[2] if len(sys.argv) > 2 else "reconstruction.png"))

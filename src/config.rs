@@ -35,9 +35,119 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NatsConfig {
+    /// Server URL(s), comma-separated; credentials never go in here.
     pub url: String,
     /// First token of every subject: `<prefix>.frames.<source>`, ...
     pub prefix: String,
+    /// At most one way to authenticate: `user` + `password`, `token`,
+    /// `nkey_seed` or `creds_file` ("" is unset).
+    pub user: String,
+    pub password: Secret,
+    pub token: Secret,
+    /// An nkey user seed (`SU...`); the server knows its public key.
+    pub nkey_seed: Secret,
+    /// A `.creds` file (user JWT + seed) for operator-mode servers.
+    pub creds_file: String,
+    /// The CA that signed the server's certificate; setting it requires TLS.
+    pub tls_ca_file: String,
+    /// A client certificate and its key, for servers that verify clients.
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
+}
+
+impl NatsConfig {
+    /// How this config authenticates, in words safe to log.
+    pub fn auth_kind(&self) -> &'static str {
+        if self.password.is_set() {
+            "user/password"
+        } else if self.token.is_set() {
+            "token"
+        } else if self.nkey_seed.is_set() {
+            "nkey"
+        } else if !self.creds_file.is_empty() {
+            "creds file"
+        } else if !self.tls_cert_file.is_empty() {
+            "TLS client certificate"
+        } else {
+            "none"
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        for server in self.url.split(',') {
+            let authority = server.split_once("://").map_or(server, |(_, rest)| rest);
+            if authority.split('/').next().unwrap_or_default().contains('@') {
+                bail!("nats.url must not carry credentials: set nats.user and nats.password (or WMVAE_NATS__PASSWORD) so they stay out of logs");
+            }
+        }
+        let ways = [self.password.is_set(), self.token.is_set(), self.nkey_seed.is_set(), !self.creds_file.is_empty()];
+        if ways.iter().filter(|&&set| set).count() > 1 {
+            bail!("nats: set at most one of password, token, nkey_seed and creds_file");
+        }
+        if self.user.is_empty() == self.password.is_set() {
+            bail!("nats.user and nats.password go together");
+        }
+        if let Some(seed) = self.nkey_seed.expose() {
+            if nkeys::KeyPair::from_seed(seed).is_err() || !seed.starts_with("SU") {
+                bail!("nats.nkey_seed is not an nkey user seed (it starts with \"SU\")");
+            }
+        }
+        if self.tls_cert_file.is_empty() != self.tls_key_file.is_empty() {
+            bail!("nats.tls_cert_file and nats.tls_key_file go together");
+        }
+        for (key, path) in [
+            ("creds_file", &self.creds_file),
+            ("tls_ca_file", &self.tls_ca_file),
+            ("tls_cert_file", &self.tls_cert_file),
+            ("tls_key_file", &self.tls_key_file),
+        ] {
+            if !path.is_empty() && !Path::new(path).is_file() {
+                bail!("nats.{key}: no file at {path}");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A credential from the config or the environment: handed to the NATS
+/// client, shown nowhere else. Its `Debug` and `Serialize` write
+/// `<redacted>`, so logs, `--check-config` and the config saved in
+/// checkpoint metadata never carry it.
+#[derive(Clone, Default, PartialEq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    const SHOWN_AS: &'static str = "<redacted>";
+
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    pub fn is_set(&self) -> bool {
+        !self.0.is_empty()
+    }
+
+    /// The value, for the one place that hands it to the NATS client.
+    pub fn expose(&self) -> Option<&str> {
+        self.is_set().then_some(self.0.as_str())
+    }
+
+    fn shown(&self) -> &'static str {
+        if self.is_set() { Self::SHOWN_AS } else { "" }
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.shown())
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.shown())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -137,7 +247,12 @@ impl Config {
             if !table.contains_key(&field) {
                 bail!("{key}: no key {field:?} in config section [{section}]");
             }
-            table.insert(field, parse_env_value(&value));
+            // A key whose default is a string stays a string ("1234" as a password).
+            let value = match table.get(&field) {
+                Some(toml::Value::String(_)) => toml::Value::String(value),
+                _ => parse_env_value(&value),
+            };
+            table.insert(field, value);
         }
         let config: Config = toml::Value::Table(merged).try_into().context("invalid configuration")?;
         config.validate()?;
@@ -148,6 +263,7 @@ impl Config {
         if self.nats.prefix.is_empty() || self.nats.prefix.contains(['.', '*', '>', ' ']) {
             bail!("nats.prefix must be one subject token (no '.', '*', '>' or spaces)");
         }
+        self.nats.validate()?;
         if self.buffer.capacity == 0 {
             bail!("buffer.capacity must be at least 1");
         }
@@ -285,5 +401,39 @@ mod tests {
         assert_eq!(c.train.batch_size, 100);
         std::fs::write(&path, "[trian]\nx = 1\n").unwrap();
         assert!(Config::load_with_env(Some(&path), []).unwrap_err().to_string().contains("unknown config section [trian]"));
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let c = Config::load_with_env(None, env(&[("WMVAE_NATS__USER", "alice"), ("WMVAE_NATS__PASSWORD", "1234")])).unwrap();
+        // A numeric-looking password stays a string, exactly as given.
+        assert_eq!(c.nats.password.expose(), Some("1234"));
+        assert_eq!(c.nats.auth_kind(), "user/password");
+        for shown in [format!("{c:?}"), toml::to_string(&c).unwrap(), serde_json::to_string(&c).unwrap()] {
+            assert!(!shown.contains("1234"), "{shown}");
+            assert!(shown.contains("<redacted>"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn auth_settings_are_checked() {
+        let refused = |pairs: &[(&str, &str)], says: &str| {
+            let err = format!("{:#}", Config::load_with_env(None, env(pairs)).unwrap_err());
+            assert!(err.contains(says), "{err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        };
+        refused(&[("WMVAE_NATS__URL", "nats://bob:hunter2@host:4222")], "must not carry credentials");
+        refused(&[("WMVAE_NATS__TOKEN", "hunter2"), ("WMVAE_NATS__USER", "bob"), ("WMVAE_NATS__PASSWORD", "hunter2")], "at most one");
+        refused(&[("WMVAE_NATS__PASSWORD", "hunter2")], "go together");
+        refused(&[("WMVAE_NATS__NKEY_SEED", "hunter2")], "not an nkey user seed");
+        refused(&[("WMVAE_NATS__CREDS_FILE", "/nonexistent/x.creds")], "no file at /nonexistent/x.creds");
+        refused(&[("WMVAE_NATS__TLS_CERT_FILE", "/etc/hostname")], "go together");
+        let seed = nkeys::KeyPair::new_user().seed().unwrap();
+        let c = Config::load_with_env(None, env(&[("WMVAE_NATS__NKEY_SEED", &seed)])).unwrap();
+        assert_eq!(c.nats.auth_kind(), "nkey");
     }
 }

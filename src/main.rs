@@ -403,7 +403,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Migrate { config } => {
             let config = config.load()?;
-            let report = runtime()?.block_on(async { wmvae::bus::Bus::connect(&config.nats, config.bus_limits()).await?.migrate().await })?;
+            let report = runtime()?.block_on(async { wmvae::bus::Bus::connect_once(&config.nats, config.bus_limits()).await?.migrate().await })?;
             println!("NATS: migration {} applied (streams {:?}, consumers {:?})", report.version, report.streams, report.consumers);
             match wmvae::store::Store::open(&config.store.data_dir, config.buffer) {
                 Ok(_) => println!("store {}: schema {}", config.store.data_dir.display(), wmvae::store::SCHEMA_VERSION),

@@ -31,23 +31,31 @@ pub fn default_binary() -> PathBuf {
 
 impl LocalNats {
     pub fn start(binary: &Path) -> Result<LocalNats> {
+        Self::start_with(binary, "")
+    }
+
+    /// As [`LocalNats::start`], with `extra` appended to the server's
+    /// config (authorization, TLS, operator mode ...).
+    pub fn start_with(binary: &Path, extra: &str) -> Result<LocalNats> {
         let dir = tempfile::tempdir()?;
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let conf = dir.path().join("nats.conf");
         let store = dir.path().join("js");
-        std::fs::write(&conf, format!("listen: 127.0.0.1:{port}\njetstream {{ store_dir: {store:?}, sync_interval: always }}\n"))?;
+        let log = dir.path().join("nats.log");
+        std::fs::write(&conf, format!("listen: 127.0.0.1:{port}\njetstream {{ store_dir: {store:?}, sync_interval: always }}\n{extra}\n"))?;
         let child = Command::new(binary)
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
             .spawn()
             .with_context(|| format!("starting {} (run scripts/setup)", binary.display()))?;
         let mut server = LocalNats { child, url: format!("nats://127.0.0.1:{port}"), _dir: dir };
         let deadline = Instant::now() + START_TIMEOUT;
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Some(status) = server.child.try_wait()? {
-                bail!("nats-server exited at start: {status}");
+                let said = std::fs::read_to_string(&log).unwrap_or_default();
+                bail!("nats-server exited at start ({status}): {}", said.trim());
             }
             if Instant::now() > deadline {
                 bail!("nats-server did not listen on port {port} within {START_TIMEOUT:?}");

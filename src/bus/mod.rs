@@ -5,6 +5,8 @@
 //! It moves bytes and acks; it does not decode frames (`wire`) or store
 //! them (`store`).
 
+mod connection;
+
 use crate::config::NatsConfig;
 use crate::wire::{Announcement, FrameMessage, LatentMessage};
 use std::collections::VecDeque;
@@ -23,8 +25,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Migration files, in order. Adding one means adding it here.
 const MIGRATIONS: &[(&str, &str)] = &[
-    ("0001_frames.toml", include_str!("../migrations/0001_frames.toml")),
-    ("0002_training.toml", include_str!("../migrations/0002_training.toml")),
+    ("0001_frames.toml", include_str!("../../migrations/0001_frames.toml")),
+    ("0002_training.toml", include_str!("../../migrations/0002_training.toml")),
 ];
 /// The checkpoint weights bucket (migration 0002).
 pub const CHECKPOINT_BUCKET: &str = "wm-checkpoints";
@@ -163,33 +165,38 @@ pub struct FrameFeed {
 }
 
 impl Bus {
-    /// Connects, retrying until the server is there (for the daemon).
+    /// Connects, waiting up to [`connection::STARTUP_PATIENCE`] for a server
+    /// that is still starting (for the daemon); reconnects for ever after.
     pub async fn connect(config: &NatsConfig, limits: BusLimits) -> Result<Bus> {
-        Self::open(config, limits, async_nats::ConnectOptions::new().retry_on_initial_connect()).await
+        Self::open(config, limits, connection::STARTUP_PATIENCE, false).await
     }
 
     /// Connects once, failing fast when no server answers (for the CLI).
     pub async fn connect_once(config: &NatsConfig, limits: BusLimits) -> Result<Bus> {
-        Self::open(config, limits, async_nats::ConnectOptions::new().max_reconnects(0)).await
+        Self::open(config, limits, Duration::ZERO, true).await
     }
 
-    async fn open(config: &NatsConfig, limits: BusLimits, options: async_nats::ConnectOptions) -> Result<Bus> {
+    async fn open(config: &NatsConfig, limits: BusLimits, patience: Duration, once: bool) -> Result<Bus> {
         let disconnects = Arc::new(AtomicU64::new(0));
-        let counter = disconnects.clone();
-        let client = options
-            .event_callback(move |event| {
+        let make = || async {
+            let counter = disconnects.clone();
+            let options = connection::options(config).await?.event_callback(move |event| {
                 let counter = counter.clone();
                 async move {
-                    if matches!(event, async_nats::Event::Disconnected) {
-                        counter.fetch_add(1, Ordering::Relaxed);
+                    match event {
+                        async_nats::Event::Disconnected => {
+                            counter.fetch_add(1, Ordering::Relaxed);
+                        }
+                        // Permission violations and the like: the server's words.
+                        async_nats::Event::ServerError(e) => tracing::warn!("NATS server: {e}"),
+                        _ => {}
                     }
                 }
-            })
-            .name("wmvae")
-            .connection_timeout(Duration::from_secs(5))
-            .connect(&config.url)
-            .await
-            .with_context(|| format!("connecting to NATS at {}", config.url))?;
+            });
+            Ok(if once { options.max_reconnects(0) } else { options })
+        };
+        let client = connection::connect(config, patience, make).await?;
+        tracing::debug!(url = %config.url, auth = config.auth_kind(), "NATS connected");
         let js = jetstream::new(client.clone());
         Ok(Bus { limits, disconnects, client, js, prefix: config.prefix.clone() })
     }
