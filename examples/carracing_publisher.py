@@ -4,12 +4,15 @@ a simple driving policy, raw 96x96 RGB frames with action, reward and done,
 several episodes in parallel, by the wire contract (PROTOCOL.md).
 
     .venv/bin/python examples/carracing_publisher.py [--nats-url URL] [--envs 4] [--episodes 0]
+        [--max-steps 0] [--seed S]
 
 Credentials and TLS come from the daemon's WMVAE_NATS__* variables
 (see examples/wm_nats.py).
 
 Needs gymnasium with box2d (`pip install "gymnasium[box2d]"`), nats-py and
-msgpack. --episodes 0 runs until interrupted.
+msgpack. --episodes 0 runs until interrupted; --max-steps ends each episode
+early (its last frame says done); --seed makes tracks and episode ids
+repeatable (so is the validation split, chosen by hashing episode ids).
 """
 import argparse
 import asyncio
@@ -35,18 +38,19 @@ def policy(obs, step, rng):
     return np.array([steer + rng.normal(0, 0.1), gas, 0.0], dtype=np.float32)
 
 
-async def run_env(js, source, episodes, index):
+async def run_env(js, source, args, index):
     env = gym.make("CarRacing-v3", render_mode="rgb_array")
-    rng = np.random.default_rng(index)
+    rng = np.random.default_rng(index if args.seed is None else args.seed * 1000 + index)
     done_episodes = 0
-    while episodes == 0 or done_episodes < episodes:
-        episode = f"{source}-{uuid.uuid4().hex[:8]}"
+    while args.episodes == 0 or done_episodes < args.episodes:
+        tag = uuid.uuid4().hex[:8] if args.seed is None else f"s{args.seed}e{done_episodes}"
+        episode = f"{source}-{tag}"
         obs, _ = env.reset(seed=int(rng.integers(1 << 30)))
         step, done = 0, False
         while not done:
             action = policy(obs, step, rng)
             next_obs, reward, terminated, truncated, _ = env.step(action)
-            done = bool(terminated or truncated)
+            done = bool(terminated or truncated) or step + 1 == args.max_steps
             frame = {"episode": episode, "step": step, "height": 96, "width": 96, "channels": 3,
                      "pixels": obs.tobytes(), "action": action.tolist(), "reward": float(reward), "done": done}
             await js.publish(f"wm.frames.{source}", msgpack.packb(frame),
@@ -62,10 +66,12 @@ async def main():
     p.add_argument("--nats-url", help="default: WMVAE_NATS__URL, else nats://127.0.0.1:4222")
     p.add_argument("--envs", type=int, default=4, help="episodes run in parallel")
     p.add_argument("--episodes", type=int, default=0, help="per env; 0 = forever")
+    p.add_argument("--max-steps", type=int, default=0, help="frames per episode at most; 0 = as the env ends it")
+    p.add_argument("--seed", type=int, help="repeatable tracks and episode ids")
     args = p.parse_args()
     nc = await wm_nats.connect(args.nats_url)
     js = nc.jetstream()
-    await asyncio.gather(*(run_env(js, f"carracing-{i}", args.episodes, i) for i in range(args.envs)))
+    await asyncio.gather(*(run_env(js, f"carracing-{i}", args, i) for i in range(args.envs)))
     await nc.drain()
 
 

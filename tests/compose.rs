@@ -46,6 +46,13 @@ fn compose_stack_is_consistent() {
             }
         }
     }
+    // The publisher is the CarRacing example, in its own image.
+    let publisher = std::fs::read_to_string(repo_root().join("examples/Dockerfile")).unwrap();
+    assert_eq!(services["publisher"]["build"].as_str(), Some("./examples"));
+    assert!(publisher.contains("gymnasium[box2d]") && publisher.contains("carracing_publisher.py"));
+    for script in ["carracing_publisher.py", "wm_nats.py"] {
+        assert!(publisher.contains(script) && repo_root().join("examples").join(script).is_file(), "{script}");
+    }
     let dockerfile = std::fs::read_to_string(repo_root().join("Dockerfile")).unwrap();
     assert!(dockerfile.contains("COPY config /etc/wmvae") && repo_root().join("config/compose.toml").is_file());
     assert!(repo_root().join("scripts/setup").is_file());
