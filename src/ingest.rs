@@ -2,7 +2,7 @@
 //! made durable in the store by one group commit, and only then acked; bad
 //! frames are dead-lettered with their reason and terminated.
 //!
-//! Backpressure is structural: one batch is in flight at a time, the
+//! Backpressure is structural: a fixed number of batches is in flight, the
 //! consumer's `max_ack_pending` caps what the server hands out, so a slow
 //! disk slows pulling instead of growing memory. Nothing here decodes
 //! MessagePack itself (`wire`) or touches sled or NATS directly.
@@ -10,7 +10,8 @@
 use crate::bus::{Bus, Delivery};
 use crate::config::IngestConfig;
 use crate::latents::LatentWorker;
-use crate::store::Store;
+use crate::preprocess::Policy;
+use crate::store::{compress_frames, Compressed, Store};
 use crate::wire::{self, Frame, Reason, Rejection};
 use anyhow::{Context, Result};
 use std::collections::HashMap;
@@ -53,16 +54,30 @@ pub struct BatchOutcome {
     pub rejected: u64,
 }
 
-/// Batches fetched ahead of the one being committed: fetching overlaps the
-/// commit, and memory stays at (1 + this) batches.
-const PIPELINE_DEPTH: usize = 2;
+/// Batches fetched ahead of the one being prepared: fetching overlaps the
+/// rest, and memory stays bounded (see [`run`]).
+const PIPELINE_DEPTH: usize = 1;
+
+/// One batch decoded and compressed, waiting for its commit.
+struct Prepared {
+    batch: Vec<Delivery>,
+    /// Per delivery: why it was rejected, if it was.
+    rejections: Vec<Option<Rejection>>,
+    frames: Vec<Frame>,
+    compressed: Compressed,
+}
 
 /// Runs until `shutdown`; returns after the batches in flight are committed
-/// and acked. A fetch task fills a bounded channel; this loop drains it.
-/// Newly stored frames go to `latents` (when given) for their latents.
+/// and acked. Three stages, each its own task, joined by bounded channels:
+/// fetch (the bus), prepare (decode and compress, off the runtime), commit
+/// (the store's group commit, then acks). The next batch is prepared while
+/// the current one commits; at most `PIPELINE_DEPTH + 3` batches are in
+/// memory (queued, preparing, prepared, committing). Newly stored frames go
+/// to `latents` (when given) for their latents.
 pub async fn run(bus: Bus, store: Store, config: IngestConfig, latents: Option<LatentWorker>, shutdown: CancellationToken) -> Result<()> {
     let mut feed = bus.frame_feed().await?;
     let (batches, mut incoming) = tokio::sync::mpsc::channel::<Vec<Delivery>>(PIPELINE_DEPTH);
+    let (ready, mut prepared) = tokio::sync::mpsc::channel::<Prepared>(1);
     let max_wait = Duration::from_millis(config.batch_max_wait_ms);
     let max_frames = config.batch_max_frames;
     let fetch_shutdown = shutdown.clone();
@@ -75,18 +90,29 @@ pub async fn run(bus: Bus, store: Store, config: IngestConfig, latents: Option<L
         }
         anyhow::Ok(())
     });
+    let policy = config.preprocess;
+    let preparer = tokio::spawn(async move {
+        while let Some(batch) = incoming.recv().await {
+            let batch = tokio::task::spawn_blocking(move || prepare(batch, policy)).await.context("ingest prepare worker")?;
+            if ready.send(batch).await.is_err() {
+                break;
+            }
+        }
+        anyhow::Ok(())
+    });
     let mut log = RejectionLog::default();
     let mut since_log = BatchOutcome::default();
     let mut last_log = Instant::now();
-    while let Some(batch) = incoming.recv().await {
-        match process(&bus, &store, &config, &batch, latents.as_ref(), &mut log).await {
+    while let Some(batch) = prepared.recv().await {
+        let size = batch.batch.len();
+        match commit(&bus, &store, batch, latents.as_ref(), &mut log).await {
             Ok(done) => {
                 since_log.stored += done.stored;
                 since_log.duplicates += done.duplicates;
                 since_log.rejected += done.rejected;
             }
             Err(e) => {
-                tracing::error!("ingest batch of {} failed, it will be redelivered: {e:#}", batch.len());
+                tracing::error!("ingest batch of {size} failed, it will be redelivered: {e:#}");
                 tokio::time::sleep(COMMIT_RETRY_DELAY).await;
             }
         }
@@ -104,41 +130,40 @@ pub async fn run(bus: Bus, store: Store, config: IngestConfig, latents: Option<L
         }
     }
     fetcher.await.context("ingest fetch task")??;
+    preparer.await.context("ingest prepare task")??;
     tracing::info!("ingest stopped");
     Ok(())
 }
 
-/// Decode, commit, then ack or dead-letter each delivery of one batch.
-async fn process(
-    bus: &Bus,
-    store: &Store,
-    config: &IngestConfig,
-    batch: &[Delivery],
-    latents: Option<&LatentWorker>,
-    log: &mut RejectionLog,
-) -> Result<BatchOutcome> {
-    let inputs: Vec<(String, bytes::Bytes, std::time::Instant)> = batch.iter().map(|d| (d.source.clone(), d.payload.clone(), d.received_at)).collect();
-    let policy = config.preprocess;
-    let store = store.clone();
-    // Decoding (PNG, resize) and the flush are blocking work: off the runtime.
-    let (rejections, committed, mut frames) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let mut frames = Vec::with_capacity(inputs.len());
-        let mut rejections = Vec::with_capacity(inputs.len());
-        for (source, payload, received_at) in &inputs {
-            match wire::decode_frame(source, payload, policy) {
-                Ok(frame) => {
-                    frames.push(Frame { received_at: Some(*received_at), ..frame });
-                    rejections.push(None);
-                }
-                Err(rejection) => rejections.push(Some(rejection)),
+/// Decodes (PNG, resize) and compresses one batch: blocking CPU work.
+fn prepare(batch: Vec<Delivery>, policy: Policy) -> Prepared {
+    let mut frames = Vec::with_capacity(batch.len());
+    let mut rejections = Vec::with_capacity(batch.len());
+    for delivery in &batch {
+        match wire::decode_frame(&delivery.source, &delivery.payload, policy) {
+            Ok(frame) => {
+                frames.push(Frame { received_at: Some(delivery.received_at), ..frame });
+                rejections.push(None);
             }
+            Err(rejection) => rejections.push(Some(rejection)),
         }
-        let reasons: Vec<Reason> = rejections.iter().flatten().map(|r: &Rejection| r.reason).collect();
-        let committed = store.commit(&frames, &reasons)?;
-        Ok((rejections, committed, frames))
+    }
+    let compressed = compress_frames(&frames);
+    Prepared { batch, rejections, frames, compressed }
+}
+
+/// Commits one prepared batch, then acks or dead-letters each delivery.
+async fn commit(bus: &Bus, store: &Store, prepared: Prepared, latents: Option<&LatentWorker>, log: &mut RejectionLog) -> Result<BatchOutcome> {
+    let Prepared { batch, rejections, frames, compressed } = prepared;
+    let reasons: Vec<Reason> = rejections.iter().flatten().map(|r: &Rejection| r.reason).collect();
+    let store = store.clone();
+    // The flush blocks: off the runtime.
+    let (committed, mut frames) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let committed = store.commit(&frames, compressed, &reasons)?;
+        Ok((committed, frames))
     })
     .await
-    .context("ingest worker")??;
+    .context("ingest commit worker")??;
     let mut outcome = BatchOutcome { stored: committed.stored(), duplicates: committed.duplicates, rejected: 0 };
     for (delivery, rejection) in batch.iter().zip(rejections) {
         match rejection {

@@ -24,7 +24,7 @@ pub use checkpoints::{best_by_eval, HistoryEntry, UnknownVersion};
 
 use crate::preprocess::OUT_BYTES;
 use crate::wire::{Frame, Reason};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -200,15 +200,20 @@ fn compress(pixels: &[u8]) -> Vec<u8> {
     enc.finish().expect("writing to a Vec cannot fail")
 }
 
+/// A batch's pixels compressed for [`Store::commit`], one entry per frame.
+/// Compression is half of a commit's CPU time and touches no sled state, so
+/// ingest does it for the next batch while the current one commits.
+pub struct Compressed(Vec<Vec<u8>>);
+
 /// Compresses every frame's pixels, split over `COMPRESSION_THREADS`
-/// scoped threads: compression is most of a commit's CPU time.
-fn compress_all(frames: &[Frame]) -> Vec<Vec<u8>> {
+/// scoped threads.
+pub fn compress_frames(frames: &[Frame]) -> Compressed {
     let chunk = frames.len().div_ceil(COMPRESSION_THREADS).max(1);
-    std::thread::scope(|scope| {
+    Compressed(std::thread::scope(|scope| {
         let parts: Vec<_> =
             frames.chunks(chunk).map(|part| scope.spawn(move || part.iter().map(|f| compress(&f.pixels)).collect::<Vec<_>>())).collect();
         parts.into_iter().flat_map(|p| p.join().expect("compression does not panic")).collect()
-    })
+    }))
 }
 
 fn decompress(z: &[u8]) -> Result<Vec<u8>> {
@@ -322,10 +327,12 @@ impl Store {
         Ok((before, after))
     }
 
-    /// Group commit: stores `frames` (skipping ones already held), counts
-    /// `rejected`, evicts the oldest past capacity, all in one atomic batch,
-    /// then flushes. When this returns Ok, everything is on disk.
-    pub fn commit(&self, frames: &[Frame], rejected: &[Reason]) -> Result<Committed> {
+    /// Group commit: stores `frames` (skipping ones already held) with their
+    /// `compressed` pixels (from [`compress_frames`]), counts `rejected`,
+    /// evicts the oldest past capacity, all in one atomic batch, then
+    /// flushes. When this returns Ok, everything is on disk.
+    pub fn commit(&self, frames: &[Frame], compressed: Compressed, rejected: &[Reason]) -> Result<Committed> {
+        ensure!(compressed.0.len() == frames.len(), "{} frames but {} compressed", frames.len(), compressed.0.len());
         let mut counters = self.counters.lock().unwrap();
         let mut next = counters.clone();
         let mut batch = sled::Batch::default();
@@ -333,8 +340,7 @@ impl Store {
         let mut seen_in_batch = HashSet::new();
         let mut added: HashMap<Vec<u8>, (String, String, u64)> = HashMap::new();
         let mut done = Committed::default();
-        let compressed = compress_all(frames);
-        for (index, (frame, zpixels)) in frames.iter().zip(compressed).enumerate() {
+        for (index, (frame, zpixels)) in frames.iter().zip(compressed.0).enumerate() {
             let key = index_key(&frame.source, &frame.episode, frame.step);
             if !seen_in_batch.insert(key.clone()) || self.tree.contains_key(&key)? {
                 done.duplicates += 1;
@@ -494,6 +500,10 @@ impl Store {
 mod tests {
     use super::*;
 
+    fn commit(store: &Store, frames: &[Frame], rejected: &[Reason]) -> Result<Committed> {
+        store.commit(frames, compress_frames(frames), rejected)
+    }
+
     fn frame(source: &str, episode: &str, step: u64) -> Frame {
         Frame {
             source: source.into(),
@@ -516,9 +526,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = Store::open(dir.path(), config(100)).unwrap();
-            let c = store.commit(&[frame("a", "e1", 0), frame("a", "e1", 1), frame("a", "e1", 1)], &[Reason::BadPng]).unwrap();
+            let c = commit(&store, &[frame("a", "e1", 0), frame("a", "e1", 1), frame("a", "e1", 1)], &[Reason::BadPng]).unwrap();
             assert_eq!((c.stored(), c.duplicates), (2, 1));
-            let c = store.commit(&[frame("a", "e1", 0), frame("b", "e2", 0)], &[]).unwrap();
+            let c = commit(&store, &[frame("a", "e1", 0), frame("b", "e2", 0)], &[]).unwrap();
             assert_eq!((c.stored(), c.duplicates), (1, 1));
         }
         let store = Store::open(dir.path(), config(100)).unwrap();
@@ -533,13 +543,13 @@ mod tests {
     fn capacity_evicts_the_oldest() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), config(3)).unwrap();
-        store.commit(&[frame("a", "old", 0), frame("a", "old", 1)], &[]).unwrap();
-        let c = store.commit(&[frame("a", "new", 0), frame("a", "new", 1)], &[]).unwrap();
+        commit(&store, &[frame("a", "old", 0), frame("a", "old", 1)], &[]).unwrap();
+        let c = commit(&store, &[frame("a", "new", 0), frame("a", "new", 1)], &[]).unwrap();
         assert_eq!(c.evicted, 1);
         let held: Vec<(String, u64)> = store.frames_in_order(None, true).map(|f| f.unwrap()).map(|f| (f.episode, f.step)).collect();
         assert_eq!(held, [("new".to_string(), 0), ("new".to_string(), 1), ("old".to_string(), 1)]);
         // More than the capacity in one batch: only the newest survive.
-        store.commit(&(10..20).map(|s| frame("b", "burst", s)).collect::<Vec<_>>(), &[]).unwrap();
+        commit(&store, &(10..20).map(|s| frame("b", "burst", s)).collect::<Vec<_>>(), &[]).unwrap();
         let steps: Vec<u64> = store.frames_in_order(None, true).map(|f| f.unwrap().step).collect();
         assert_eq!(steps, [17, 18, 19]);
         let s = store.stats().unwrap();
@@ -552,7 +562,7 @@ mod tests {
         let cfg = BufferConfig { capacity: 1000, validation_fraction: 0.5 };
         let store = Store::open(dir.path(), cfg).unwrap();
         let frames: Vec<Frame> = (0..40).flat_map(|e| (0..3).map(move |s| frame("a", &format!("ep{e}"), s))).collect();
-        store.commit(&frames, &[]).unwrap();
+        commit(&store, &frames, &[]).unwrap();
         let (train, validation) = (store.len(Split::Train), store.len(Split::Validation));
         assert_eq!(train + validation, 120);
         assert!(train > 0 && validation > 0, "{train} / {validation}");
