@@ -71,6 +71,7 @@ pub type Handler = Arc<dyn Fn(String, bytes::Bytes) -> Reply + Send + Sync>;
 pub const ENDPOINTS: &[&str] = &[
     "status",
     "encode",
+    "buffer.stats",
     "checkpoints.list",
     "checkpoints.show",
     "checkpoints.history",
@@ -157,6 +158,10 @@ pub fn handler(ctx: Context) -> Handler {
         Box::pin(async move {
             match endpoint.as_str() {
                 "status" => json(&ctx.status.snapshot()),
+                "buffer.stats" => {
+                    let store = ctx.store.clone();
+                    json(&blocking(move || store.stats()).await?)
+                }
                 "encode" => {
                     let frame = wire::decode_frame("request", &payload, ctx.config.ingest.preprocess)
                         .map_err(|r| ControlError { code: 400, message: r.to_string() })?;

@@ -58,7 +58,7 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
-    /// Inspect or export the replay buffer (opens the store: no daemon may hold it).
+    /// Inspect the replay buffer (live or offline) or export it (opens the store: no daemon may hold it).
     Buffer {
         #[command(subcommand)]
         which: BufferCommand,
@@ -116,7 +116,8 @@ enum Command {
     },
 }
 
-/// Where checkpoint commands go: the running daemon (over NATS) or the store.
+/// Where checkpoint and buffer-stats commands go: the running daemon (over
+/// NATS) or the store.
 #[derive(clap::Args, Clone)]
 struct PlaceArgs {
     #[command(flatten)]
@@ -188,10 +189,11 @@ enum CheckpointCommand {
 
 #[derive(Subcommand)]
 enum BufferCommand {
-    /// Frames, capacity, episodes, sources, bytes on disk, rejected by reason.
+    /// Frames, capacity, episodes, sources, bytes on disk, rejected by reason
+    /// (from the running daemon when one answers, else from the store).
     Stats {
         #[command(flatten)]
-        config: ConfigArgs,
+        place: PlaceArgs,
         #[arg(long)]
         json: bool,
     },
@@ -410,10 +412,10 @@ fn run(cli: Cli) -> Result<()> {
                 Err(e) => println!("store {}: not migrated here: {e:#}", config.store.data_dir.display()),
             }
         }
-        Command::Buffer { which: BufferCommand::Stats { config, json } } => {
-            let config = config.load()?;
-            let store = wmvae::store::Store::open(&config.store.data_dir, config.buffer)?;
-            print_stats(&store.stats()?, json)?;
+        Command::Buffer { which: BufferCommand::Stats { place, json } } => {
+            let config = place.config.load()?;
+            let stats = runtime()?.block_on(async { wmvae::operator::connect(&config, place.mode()).await?.buffer_stats().await })?;
+            print_stats(&stats, json)?;
         }
         Command::Buffer { which: BufferCommand::Export { config, out, source } } => {
             let config = config.load()?;

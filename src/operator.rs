@@ -1,5 +1,5 @@
-//! The operator's side of `wmvae checkpoint ...` and `wmvae encode
-//! --checkpoint`: through the running daemon's control service when one
+//! The operator's side of `wmvae checkpoint ...`, `wmvae buffer stats` and
+//! `wmvae encode --checkpoint`: through the running daemon's control service when one
 //! answers, else on the store directly (sled lets one process hold it).
 //! Either way the answers are the same types from `ops`.
 
@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::control::CheckpointRequest;
 use crate::learner::Inference;
 use crate::ops::{self, Listed, Shown, UnknownVersion};
-use crate::store::{HistoryEntry, Store};
+use crate::store::{HistoryEntry, Stats, Store};
 use crate::wire::checkpoint_object;
 use crate::weights;
 use anyhow::{bail, Context, Result};
@@ -84,6 +84,17 @@ fn version_request(version: u64) -> CheckpointRequest {
 impl Backend {
     pub fn is_live(&self) -> bool {
         matches!(self, Backend::Live(_))
+    }
+
+    /// The replay buffer's figures (`wmvae buffer stats`).
+    pub async fn buffer_stats(&self) -> Result<Stats> {
+        match self {
+            Backend::Live(bus) => {
+                let reply = bus.control_request("buffer.stats", Vec::new()).await?;
+                serde_json::from_slice(&reply).context("reading the daemon's buffer.stats reply")
+            }
+            Backend::Offline(store, _) => store.stats(),
+        }
     }
 
     pub async fn list(&self) -> Result<Vec<Listed>> {

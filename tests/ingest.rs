@@ -72,7 +72,7 @@ fn open_store(daemon_dir: &std::path::Path) -> Store {
 /// Mixed traffic: valid 64x64, 96x96 and PNG frames, duplicates (server- and
 /// store-side), and one of each kind of bad frame. Exactly the valid distinct
 /// frames are stored, correctly preprocessed; every bad one is dead-lettered
-/// with its reason; stats and export agree.
+/// with its reason; stats (live and offline) and export agree.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn valid_frames_stored_once_bad_frames_dead_lettered() {
     let nats = NatsServer::start();
@@ -149,12 +149,24 @@ async fn valid_frames_stored_once_bad_frames_dead_lettered() {
         assert!(reason.starts_with(code), "expected {code}, got {reason}");
     }
 
+    // `buffer stats` live through the daemon, then offline on the store: the same figures.
+    let buffer_stats = |place: &str| -> serde_json::Value {
+        let out = wmvae()
+            .args(["buffer", "stats", "--json", place, "--nats-url", &nats.url, "--data-dir"])
+            .arg(dir.path().join("store"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "buffer stats {place}: {}", String::from_utf8_lossy(&out.stderr));
+        let mut stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(stats["bytes_on_disk"].as_u64().unwrap() > 0);
+        stats.as_object_mut().unwrap().remove("bytes_on_disk"); // the shutdown writes a checkpoint
+        stats
+    };
+    let live = buffer_stats("--online");
     let status = daemon.terminate();
     assert!(status.success(), "daemon exit {status:?}");
-
-    let stats = wmvae().args(["buffer", "stats", "--json", "--data-dir"]).arg(dir.path().join("store")).output().unwrap();
-    assert!(stats.status.success(), "{}", String::from_utf8_lossy(&stats.stderr));
-    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    let stats = buffer_stats("--offline");
+    assert_eq!(live, stats);
     assert_eq!(stats["frames"], 35);
     assert_eq!(stats["episodes"], 3);
     assert_eq!(stats["sources"], 2);
