@@ -3,8 +3,8 @@
 //! with the weights, so a resumed run takes the very same next step as an
 //! uninterrupted one.
 //!
-//! The arithmetic follows `torch.optim.Adam` (single-tensor, no weight decay,
-//! no amsgrad). This module knows nothing of files or the model's layout.
+//! The arithmetic is `torch.optim.Adam`'s (single-tensor, no weight decay,
+//! no amsgrad), up to float rounding. This module knows nothing of files or the model's layout.
 
 use crate::weights::NamedTensors;
 use anyhow::{bail, Context, Result};
@@ -58,32 +58,26 @@ impl Adam {
         self.step.int64_value(&[])
     }
 
-    pub fn zero_grad(&mut self) {
-        for (_, p) in &mut self.params {
-            p.zero_grad();
-        }
-    }
-
-    /// One update from the gradients in the parameters' `.grad`.
-    pub fn step(&mut self) {
+    /// One update down the gradient of `loss`. The gradients come straight
+    /// from autograd (`run_backward`), never accumulated into `.grad`: no
+    /// zeroing and no accumulation kernels per parameter.
+    pub fn minimize(&mut self, loss: &Tensor) {
+        let params: Vec<&Tensor> = self.params.iter().map(|(_, p)| p).collect();
+        let grads = Tensor::run_backward(&[loss], &params, false, false);
         let AdamConfig { learning_rate, beta1, beta2, eps } = self.config;
         self.step += 1;
         let t = self.steps() as i32;
         let bias_correction1 = 1.0 - beta1.powi(t);
         let bias_correction2_sqrt = (1.0 - beta2.powi(t)).sqrt();
-        let step_size = learning_rate / bias_correction1;
+        // p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps), with sqrt(bc2)
+        // moved into the step size: one kernel fewer per parameter.
+        let step_size = learning_rate * bias_correction2_sqrt / bias_correction1;
         tch::no_grad(|| {
-            for (((_, p), m), v) in self.params.iter_mut().zip(&mut self.exp_avg).zip(&mut self.exp_avg_sq) {
-                let grad = p.grad();
-                if !grad.defined() {
-                    continue;
-                }
+            for ((((_, p), m), v), grad) in self.params.iter_mut().zip(&mut self.exp_avg).zip(&mut self.exp_avg_sq).zip(&grads) {
                 // m = beta1 m + (1 - beta1) g ; v = beta2 v + (1 - beta2) g^2
-                let _ = m.lerp_(&grad, 1.0 - beta1);
-                let _ = v.g_mul_scalar_(beta2);
-                let _ = v.addcmul_(&(&grad * (1.0 - beta2)), &grad);
-                // p -= step_size * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
-                let denom = (v.sqrt() / bias_correction2_sqrt).g_add_scalar_(eps);
+                let _ = m.lerp_(grad, 1.0 - beta1);
+                let _ = v.lerp_(&grad.square(), 1.0 - beta2);
+                let denom = v.sqrt().g_add_scalar_(eps * bias_correction2_sqrt);
                 let _ = p.addcdiv_(&(&*m * -step_size), &denom);
             }
         });
@@ -146,9 +140,7 @@ mod tests {
         let w = vs.root().var("w", &[3], tch::nn::Init::Const(1.0));
         let mut adam = Adam::new(&vs, AdamConfig { learning_rate: 0.1, ..Default::default() });
         let target = Tensor::from_slice(&[0.0f32, 2.0, 1.0]);
-        adam.zero_grad();
-        (&w - &target).square().sum(Kind::Float).backward();
-        adam.step();
+        adam.minimize(&(&w - &target).square().sum(Kind::Float));
         let got: Vec<f32> = Vec::try_from(&w).unwrap();
         // grad = 2(w - t) = [2, -2, 0]: moves -0.1, +0.1, and 0 (0 / (0 + eps)).
         assert!((got[0] - 0.9).abs() < 1e-6 && (got[1] - 1.1).abs() < 1e-6 && (got[2] - 1.0).abs() < 1e-6, "{got:?}");
@@ -160,8 +152,7 @@ mod tests {
         let vs = VarStore::new(Device::Cpu);
         let w = vs.root().var("w", &[2], tch::nn::Init::Const(1.0));
         let mut adam = Adam::new(&vs, AdamConfig::default());
-        w.square().sum(Kind::Float).backward();
-        adam.step();
+        adam.minimize(&w.square().sum(Kind::Float));
         let state = adam.state();
         let mut fresh = Adam::new(&vs, AdamConfig::default());
         fresh.load_state(&state, "test").unwrap();

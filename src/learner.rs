@@ -45,8 +45,11 @@ pub fn frames_to_tensor(frames: &[u8], device: Device) -> Result<Tensor> {
     Ok((bytes.permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0).contiguous())
 }
 
+/// The three losses as numbers: one copy to the host (one device sync).
 fn values(l: &crate::model::Loss) -> LossValues {
-    LossValues { total: l.total.double_value(&[]), recon: l.recon.double_value(&[]), kl: l.kl.double_value(&[]) }
+    let host = Tensor::stack(&[&l.total, &l.recon, &l.kl], 0).to_kind(Kind::Double).to_device(Device::Cpu);
+    let v: Vec<f64> = Vec::try_from(&host).expect("three scalars");
+    LossValues { total: v[0], recon: v[1], kl: v[2] }
 }
 
 impl Inference {
@@ -131,9 +134,7 @@ impl Learner {
         if !accept(&v) {
             return (v, false);
         }
-        self.adam.zero_grad();
-        l.total.backward();
-        self.adam.step();
+        self.adam.minimize(&l.total);
         (v, true)
     }
 
