@@ -308,7 +308,8 @@ impl Config {
         if !(self.train.samples_per_insert >= 0.0 && self.train.samples_per_insert.is_finite()) {
             bail!("train.samples_per_insert must be 0 (unlimited) or positive");
         }
-        if !(self.train.divergence_factor > 1.0) {
+        // Written so that NaN fails as well.
+        if !(self.train.divergence_factor > 1.0 && self.train.divergence_factor.is_finite()) {
             bail!("train.divergence_factor must be above 1");
         }
         if self.latents.max_batch == 0 || self.latents.max_batch > MAX_LATENT_BATCH {

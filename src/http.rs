@@ -27,14 +27,16 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const GRID_MAX_AGE: Duration = Duration::from_secs(30);
 
 /// What the pages read.
+/// (version, made at, PNG) of the last grid drawn.
+type CachedGrid = (u64, Instant, Arc<Vec<u8>>);
+
 #[derive(Clone)]
 pub struct HttpContext {
     pub status: StatusBoard,
     pub store: Store,
     pub bus: Bus,
     pub config: Config,
-    /// (version, made at, PNG) of the last grid.
-    grid: Arc<Mutex<Option<(u64, Instant, Arc<Vec<u8>>)>>>,
+    grid: Arc<Mutex<Option<CachedGrid>>>,
 }
 
 impl HttpContext {

@@ -3,7 +3,7 @@
 //! Reads the store; never writes.
 
 use crate::store::{Split, Store};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{sync_channel, Receiver};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -47,10 +47,7 @@ impl Sampler {
 
     /// The next batch (64x64x3 frames, concatenated), or None after `wait`.
     pub fn next(&self, wait: Duration) -> Option<Vec<u8>> {
-        match self.batches.as_ref()?.recv_timeout(wait) {
-            Ok(batch) => Some(batch),
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-        }
+        self.batches.as_ref()?.recv_timeout(wait).ok()
     }
 }
 

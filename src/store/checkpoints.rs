@@ -134,7 +134,7 @@ impl Store {
     pub fn list_checkpoints(&self) -> Result<Vec<Metadata>> {
         self.checkpoints
             .scan_prefix([b'D'])
-            .map(|entry| Ok(rmp_serde::from_slice(&entry?.1).context("corrupt checkpoint metadata")?))
+            .map(|entry| rmp_serde::from_slice(&entry?.1).context("corrupt checkpoint metadata"))
             .collect()
     }
 
@@ -189,7 +189,7 @@ impl Store {
         let from = self.registry_counter("history_announced")?.unwrap_or(0);
         self.checkpoints
             .range(key(b'H', from)..key(b'H', u64::MAX))
-            .map(|entry| Ok(rmp_serde::from_slice(&entry?.1).context("corrupt history entry")?))
+            .map(|entry| rmp_serde::from_slice(&entry?.1).context("corrupt history entry"))
             .collect()
     }
 
@@ -202,7 +202,7 @@ impl Store {
 
     /// Every change of the active version, oldest first.
     pub fn history(&self) -> Result<Vec<HistoryEntry>> {
-        self.checkpoints.scan_prefix([b'H']).map(|entry| Ok(rmp_serde::from_slice(&entry?.1).context("corrupt history entry")?)).collect()
+        self.checkpoints.scan_prefix([b'H']).map(|entry| rmp_serde::from_slice(&entry?.1).context("corrupt history entry")).collect()
     }
 }
 
