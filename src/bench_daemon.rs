@@ -53,12 +53,7 @@ impl BenchDaemon {
 
     async fn status(&self) -> Result<Status> {
         let bytes = self.bus.control_request("status", Vec::new()).await?;
-        let value: serde_json::Value = serde_json::from_slice(&bytes)?;
-        Ok(Status {
-            step: value["step"].as_i64().unwrap_or(0),
-            state: value["state"].as_str().unwrap_or("").to_string(),
-            ..Default::default()
-        })
+        serde_json::from_slice(&bytes).context("reading the daemon's status")
     }
 
     async fn stop(self) -> Result<()> {

@@ -301,9 +301,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn print_stats(stats: &wmvae::store::Stats, json: bool) -> Result<()> {
-    if json {
-        println!("{}", serde_json::to_string(stats)?);
-    } else {
+    print_as(stats, json, |stats| {
         println!("frames      {} of {} ({} train, {} validation)", stats.frames, stats.capacity, stats.train_frames, stats.validation_frames);
         println!("episodes    {}", stats.episodes);
         println!("sources     {}", stats.sources);
@@ -312,8 +310,18 @@ fn print_stats(stats: &wmvae::store::Stats, json: bool) -> Result<()> {
         for (reason, n) in &stats.rejected {
             println!("rejected    {reason}: {n}");
         }
+        Ok(())
+    })
+}
+
+/// With `--json`, `value` as one line of JSON; otherwise `human` prints it for people.
+fn print_as<T: serde::Serialize>(value: T, json: bool, human: impl FnOnce(T) -> Result<()>) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(&value)?);
+        Ok(())
+    } else {
+        human(value)
     }
-    Ok(())
 }
 
 fn opt<T: std::fmt::Display>(value: Option<T>) -> String {
@@ -325,25 +333,21 @@ async fn checkpoint_command(config: &Config, mode: wmvae::operator::Mode, which:
     let by = wmvae::ops::default_actor();
     match which {
         CheckpointCommand::List { json } => {
-            let rows = backend.list().await?;
-            if json {
-                println!("{}", serde_json::to_string(&rows)?);
-            } else {
+            print_as(backend.list().await?, json, |rows| {
                 println!("{:>8} {:>8} {:>10}  {:<25} {:>12}  marks", "version", "parent", "step", "created", "eval_loss");
                 for r in rows {
                     let marks: Vec<&str> = [(r.active, "active"), (r.pinned, "pinned"), (r.best, "best")].iter().filter(|m| m.0).map(|m| m.1).collect();
                     let loss = r.eval_loss.map_or_else(|| "-".into(), |l| format!("{l:.3}"));
                     println!("{:>8} {:>8} {:>10}  {:<25} {:>12}  {}", r.version, opt(r.parent), r.step, r.created_at, loss, marks.join(","));
                 }
-            }
+                Ok(())
+            })?;
         }
         CheckpointCommand::Show { version, recon, json } => {
-            let shown = backend.show(version).await?;
-            if json {
-                println!("{}", serde_json::to_string(&shown)?);
-            } else {
+            print_as(backend.show(version).await?, json, |shown| {
                 println!("{}", serde_json::to_string_pretty(&shown)?);
-            }
+                Ok(())
+            })?;
             if let Some(path) = recon {
                 std::fs::write(&path, backend.recon(version).await?).with_context(|| format!("writing {}", path.display()))?;
                 eprintln!("wrote {} (top: validation frames, bottom: reconstructions by v{version})", path.display());
@@ -376,15 +380,13 @@ async fn checkpoint_command(config: &Config, mode: wmvae::operator::Mode, which:
             println!("imported {} as v{} (active)", file.display(), metadata.version);
         }
         CheckpointCommand::History { json } => {
-            let entries = backend.history().await?;
-            if json {
-                println!("{}", serde_json::to_string(&entries)?);
-            } else {
+            print_as(backend.history().await?, json, |entries| {
                 println!("{:<25} {:>6} {:>6}  {:<34} {:<20} reason", "at", "from", "to", "why", "by");
                 for h in entries {
                     println!("{:<25} {:>6} {:>6}  {:<34} {:<20} {}", h.at, opt(h.from), h.to, h.why, h.by, h.reason.unwrap_or_default());
                 }
-            }
+                Ok(())
+            })?;
         }
     }
     Ok(())

@@ -3,6 +3,7 @@
 //! Reads the store; never writes.
 
 use crate::store::{Split, Store};
+use anyhow::{Context, Result};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -19,7 +20,7 @@ pub struct Sampler {
 
 impl Sampler {
     /// Starts drawing batches of `batch_size` frames from `split`.
-    pub fn start(store: Store, split: Split, batch_size: usize) -> Sampler {
+    pub fn start(store: Store, split: Split, batch_size: usize) -> Result<Sampler> {
         let (ready, batches) = sync_channel(PREFETCH_BATCHES);
         let thread = std::thread::Builder::new()
             .name("wmvae-sampler".into())
@@ -41,8 +42,8 @@ impl Sampler {
                     }
                 }
             })
-            .expect("spawning the sampler thread");
-        Sampler { batches: Some(batches), thread: Some(thread) }
+            .context("spawning the sampler thread")?;
+        Ok(Sampler { batches: Some(batches), thread: Some(thread) })
     }
 
     /// The next batch (64x64x3 frames, concatenated), or None after `wait`.

@@ -4,7 +4,7 @@
 
 use crate::learner::LossValues;
 use crate::store::{Split, Store};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -50,7 +50,7 @@ fn push_bounded(curve: &mut VecDeque<CurvePoint>, point: CurvePoint) {
 }
 
 /// Losses as JSON.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Losses {
     pub total: f64,
     pub recon: f64,
@@ -63,8 +63,8 @@ impl From<LossValues> for Losses {
     }
 }
 
-/// The `status` endpoint's JSON (keys pinned).
-#[derive(Debug, Clone, Default, Serialize)]
+/// The `status` endpoint's JSON (keys pinned); read back by the benches.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Status {
     /// "starting", "waiting for frames", "training", "throttled", "stopping".
     pub state: String,

@@ -73,6 +73,10 @@ struct DivergenceGuard {
 }
 
 impl DivergenceGuard {
+    fn new(factor: f64) -> DivergenceGuard {
+        DivergenceGuard { factor, recent: VecDeque::new(), bad_in_a_row: 0 }
+    }
+
     fn accept(&mut self, loss: &LossValues) -> bool {
         let ok = loss.total.is_finite() && (self.recent.len() < GUARD_MIN_HISTORY || loss.total <= self.factor * self.median());
         if ok {
@@ -94,7 +98,7 @@ impl DivergenceGuard {
     }
 }
 
-/// Losses and images since the last log line or checkpoint.
+/// Losses and images since the last log line or checkpoint (or over one eval).
 #[derive(Default)]
 struct Window {
     steps: u64,
@@ -121,7 +125,7 @@ impl Trainer {
     pub fn run(mut self) -> Result<()> {
         let cfg = self.config.train.clone();
         let device = self.learner.net().device();
-        let mut guard = DivergenceGuard { factor: cfg.divergence_factor, recent: VecDeque::new(), bad_in_a_row: 0 };
+        let mut guard = DivergenceGuard::new(cfg.divergence_factor);
         let mut sampler: Option<Sampler> = None;
         let mut frames_seen = self.active.metadata.frames_seen;
         let (mut log_window, mut checkpoint_window) = (Window::default(), Window::default());
@@ -131,7 +135,7 @@ impl Trainer {
         while !self.shutdown.is_cancelled() {
             // Operator commands first: a rollback or import restarts the windows.
             if self.run_commands() {
-                guard = DivergenceGuard { factor: cfg.divergence_factor, recent: VecDeque::new(), bad_in_a_row: 0 };
+                guard = DivergenceGuard::new(cfg.divergence_factor);
                 (log_window, checkpoint_window) = (Window::default(), Window::default());
                 frames_seen = self.active.metadata.frames_seen;
             }
@@ -141,7 +145,10 @@ impl Trainer {
                 std::thread::sleep(IDLE_PAUSE);
                 continue;
             }
-            let sampler = sampler.get_or_insert_with(|| Sampler::start(self.store.clone(), Split::Train, cfg.batch_size));
+            if sampler.is_none() {
+                sampler = Some(Sampler::start(self.store.clone(), Split::Train, cfg.batch_size)?);
+            }
+            let Some(sampler) = &sampler else { continue };
 
             // Samples per insert: never replay the buffer more than the ratio allows.
             let inserted = self.store.frames_ingested();
@@ -161,7 +168,7 @@ impl Trainer {
                 tracing::warn!(loss = loss.total, bad_in_a_row = guard.bad_in_a_row, "step skipped: loss diverged");
                 if guard.bad_in_a_row >= cfg.max_bad_steps {
                     self.roll_back_on_divergence(guard.bad_in_a_row)?;
-                    guard = DivergenceGuard { factor: cfg.divergence_factor, recent: VecDeque::new(), bad_in_a_row: 0 };
+                    guard = DivergenceGuard::new(cfg.divergence_factor);
                     (log_window, checkpoint_window) = (Window::default(), Window::default());
                 }
                 continue;
@@ -216,14 +223,12 @@ impl Trainer {
     /// Mean loss over a few validation batches; None while that split is empty.
     fn evaluate(&self) -> Result<Option<LossValues>> {
         let mut rng = rand::thread_rng();
-        let mut sum = LossValues { total: 0.0, recon: 0.0, kl: 0.0 };
+        let mut window = Window::default();
         for _ in 0..EVAL_BATCHES {
             let Some(batch) = self.store.sample(Split::Validation, self.config.train.batch_size, &mut rng)? else { return Ok(None) };
-            let l = self.learner.net().evaluate(&frames_to_tensor(&batch, self.learner.net().device())?);
-            (sum.total, sum.recon, sum.kl) = (sum.total + l.total, sum.recon + l.recon, sum.kl + l.kl);
+            window.add(&self.learner.net().evaluate(&frames_to_tensor(&batch, self.learner.net().device())?), self.config.train.batch_size as u64);
         }
-        let n = EVAL_BATCHES as f64;
-        Ok(Some(LossValues { total: sum.total / n, recon: sum.recon / n, kl: sum.kl / n }))
+        Ok(window.mean())
     }
 
     /// Writes the next version from the current weights (after an eval),
@@ -250,17 +255,9 @@ impl Trainer {
         };
         let learner = &self.learner;
         let checkpoint = self.store.add_checkpoint(|version| learner.snapshot(Metadata { version, ..metadata }), true, "trained", "wmvae", None)?;
-        let checkpoint = Arc::new(checkpoint);
-        let (published, done) = oneshot::channel();
-        self.events.blocking_send(Event::Created(checkpoint.clone(), published)).context("daemon event queue closed")?;
-        // The object is in the store before any latent names the version.
-        let _ = done.blocking_recv();
-        self.latents.switch_to(checkpoint.clone())?;
         let m = &checkpoint.metadata;
         tracing::info!(version = m.version, parent = ?m.parent, step = m.step, eval_loss = ?m.eval_loss, "checkpoint");
-        let version = m.version;
-        self.active = checkpoint;
-        self.status.update(|s| s.active_version = Some(version));
+        self.adopt(Arc::new(checkpoint))?;
         for victim in self.store.retention_victims(self.config.train.keep_last)? {
             let metadata = self.store.delete_checkpoint(victim)?;
             self.events.blocking_send(Event::Deleted(metadata)).context("daemon event queue closed")?;
@@ -297,13 +294,23 @@ impl Trainer {
     fn import(&mut self, weights: &[u8], origin: &str, by: &str, reason: Option<&str>) -> Result<Metadata> {
         let checkpoint = Arc::new(crate::ops::import(&self.store, weights, origin, &self.config, by, reason)?);
         self.learner.restore(&checkpoint)?;
+        let metadata = checkpoint.metadata.clone();
+        self.adopt(checkpoint)?;
+        Ok(metadata)
+    }
+
+    /// A new version, already active in the store, goes out: published (the
+    /// object is in the store before any latent names the version), then
+    /// the latent worker moves to it.
+    fn adopt(&mut self, checkpoint: Arc<Checkpoint>) -> Result<()> {
         let (published, done) = oneshot::channel();
         self.events.blocking_send(Event::Created(checkpoint.clone(), published)).context("daemon event queue closed")?;
         let _ = done.blocking_recv();
         self.latents.switch_to(checkpoint.clone())?;
-        self.active = checkpoint.clone();
-        self.status.update(|s| s.active_version = Some(checkpoint.metadata.version));
-        Ok(checkpoint.metadata.clone())
+        let version = checkpoint.metadata.version;
+        self.active = checkpoint;
+        self.status.update(|s| s.active_version = Some(version));
+        Ok(())
     }
 
     /// Runs queued operator commands; true when the training weights changed.

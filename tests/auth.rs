@@ -27,7 +27,8 @@ struct Scheme {
     secret: Option<String>,
     /// What a refusal says.
     refusal: &'static str,
-    _files: tempfile::TempDir,
+    /// Certificates or creds the settings point at, kept while the test runs.
+    _files: Option<tempfile::TempDir>,
 }
 
 fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -96,9 +97,8 @@ fn check_scheme(scheme: Scheme) {
     hides_secret(&text(&out));
 }
 
-fn refused_credentials() -> &'static str {
-    "refused the credentials"
-}
+/// What every credential refusal says.
+const REFUSED: &str = "refused the credentials";
 
 /// User and password: right ones connect everything, a wrong password is refused.
 #[test]
@@ -109,8 +109,8 @@ fn user_and_password() {
         right: pairs(&[("user", "alice"), ("password", "pw-7f3a1c")]),
         wrong: pairs(&[("user", "alice"), ("password", "pw-wrong")]),
         secret: Some("pw-7f3a1c".into()),
-        refusal: refused_credentials(),
-        _files: tempfile::tempdir().unwrap(),
+        refusal: REFUSED,
+        _files: None,
     });
 }
 
@@ -123,8 +123,8 @@ fn token() {
         right: pairs(&[("token", "tok-91d2e8")]),
         wrong: pairs(&[("token", "tok-wrong")]),
         secret: Some("tok-91d2e8".into()),
-        refusal: refused_credentials(),
-        _files: tempfile::tempdir().unwrap(),
+        refusal: REFUSED,
+        _files: None,
     });
 }
 
@@ -140,8 +140,8 @@ fn nkey_seed() {
         right: pairs(&[("nkey_seed", &seed)]),
         wrong: pairs(&[("nkey_seed", &stranger)]),
         secret: Some(seed),
-        refusal: refused_credentials(),
-        _files: tempfile::tempdir().unwrap(),
+        refusal: REFUSED,
+        _files: None,
     });
 }
 
@@ -204,8 +204,8 @@ fn creds_file_in_operator_mode() {
         right: pairs(&[("creds_file", right.to_str().unwrap())]),
         wrong: pairs(&[("creds_file", wrong.to_str().unwrap())]),
         secret: None,
-        refusal: refused_credentials(),
-        _files: files,
+        refusal: REFUSED,
+        _files: Some(files),
     });
 }
 
@@ -256,7 +256,7 @@ fn tls_client_certificate() {
         wrong: pairs(&[("tls_ca_file", &path("ca.pem")), ("tls_cert_file", &path("intruder.pem")), ("tls_key_file", &path("intruder-key.pem"))]),
         secret: None,
         refusal: "TLS",
-        _files: files,
+        _files: Some(files),
     });
 }
 
@@ -270,7 +270,7 @@ fn daemon_refused_exits() {
     serve.args(["serve", "--nats-url", &server.url, "--data-dir"]).arg(dir.path().join("store")).env("WMVAE_HTTP__ADDR", "");
     let (out, took) = run(serve, &pairs(&[("user", "alice"), ("password", "pw-wrong-1")]));
     assert!(!out.status.success());
-    assert!(text(&out).contains(refused_credentials()), "{}", text(&out));
+    assert!(text(&out).contains(REFUSED), "{}", text(&out));
     assert!(!text(&out).contains("pw-wrong-1"), "{}", text(&out));
     assert!(took < Duration::from_secs(30), "took {took:?}");
 }

@@ -31,7 +31,10 @@ impl std::error::Error for UnknownVersion {}
 
 /// The version with the lowest finite eval loss, if any has one.
 pub fn best_by_eval(all: &[Metadata]) -> Option<u64> {
-    all.iter().filter(|m| m.eval_loss.is_some_and(f64::is_finite)).min_by(|a, b| a.eval_loss.unwrap().total_cmp(&b.eval_loss.unwrap())).map(|m| m.version)
+    all.iter()
+        .filter_map(|m| Some((m.eval_loss.filter(|l| l.is_finite())?, m.version)))
+        .min_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, version)| version)
 }
 
 /// One change of the active version.
