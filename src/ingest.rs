@@ -93,7 +93,7 @@ pub async fn run(bus: Bus, store: Store, config: IngestConfig, latents: Option<L
     let policy = config.preprocess;
     let preparer = tokio::spawn(async move {
         while let Some(batch) = incoming.recv().await {
-            let batch = tokio::task::spawn_blocking(move || prepare(batch, policy)).await.context("ingest prepare worker")?;
+            let batch = tokio::task::spawn_blocking(move || prepare(batch, policy)).await.context("ingest prepare worker")??;
             if ready.send(batch).await.is_err() {
                 break;
             }
@@ -136,7 +136,7 @@ pub async fn run(bus: Bus, store: Store, config: IngestConfig, latents: Option<L
 }
 
 /// Decodes (PNG, resize) and compresses one batch: blocking CPU work.
-fn prepare(batch: Vec<Delivery>, policy: Policy) -> Prepared {
+fn prepare(batch: Vec<Delivery>, policy: Policy) -> Result<Prepared> {
     let mut frames = Vec::with_capacity(batch.len());
     let mut rejections = Vec::with_capacity(batch.len());
     for delivery in &batch {
@@ -148,8 +148,8 @@ fn prepare(batch: Vec<Delivery>, policy: Policy) -> Prepared {
             Err(rejection) => rejections.push(Some(rejection)),
         }
     }
-    let compressed = compress_frames(&frames);
-    Prepared { batch, rejections, frames, compressed }
+    let compressed = compress_frames(&frames).context("compressing a batch of frames")?;
+    Ok(Prepared { batch, rejections, frames, compressed })
 }
 
 /// Commits one prepared batch, then acks or dead-letters each delivery.

