@@ -93,9 +93,15 @@ pub async fn run(bus: Bus, store: Store, config: IngestConfig, latents: Option<L
     let policy = config.preprocess;
     let preparer = tokio::spawn(async move {
         while let Some(batch) = incoming.recv().await {
-            let batch = tokio::task::spawn_blocking(move || prepare(batch, policy)).await.context("ingest prepare worker")??;
-            if ready.send(batch).await.is_err() {
-                break;
+            let size = batch.len();
+            match tokio::task::spawn_blocking(move || prepare(batch, policy)).await.context("ingest prepare worker")? {
+                Ok(batch) => {
+                    if ready.send(batch).await.is_err() {
+                        break;
+                    }
+                }
+                // Not acked, so the server redelivers the batch after its ack wait.
+                Err(e) => tracing::error!("ingest batch of {size} failed, it will be redelivered: {e:#}"),
             }
         }
         anyhow::Ok(())
