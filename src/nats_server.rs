@@ -12,6 +12,11 @@ use std::time::{Duration, Instant};
 
 /// How long a fresh server may take to listen.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// JetStream's file-store limit. Left unset, the server derives it from the
+/// disk's free space, and the streams' `max_bytes` (WM_FRAMES alone
+/// reserves 8 GiB) are refused as "insufficient storage resources" on a
+/// disk with less than ~14 GB free. These servers hold a few MB.
+const MAX_FILE_STORE_BYTES: u64 = 64 << 30;
 
 pub struct LocalNats {
     child: Child,
@@ -42,7 +47,9 @@ impl LocalNats {
         let conf = dir.path().join("nats.conf");
         let store = dir.path().join("js");
         let log = dir.path().join("nats.log");
-        std::fs::write(&conf, format!("listen: 127.0.0.1:{port}\njetstream {{ store_dir: {store:?}, sync_interval: always }}\n{extra}\n"))?;
+        std::fs::write(&conf, format!(
+                "listen: 127.0.0.1:{port}\njetstream {{ store_dir: {store:?}, sync_interval: always, max_file_store: {MAX_FILE_STORE_BYTES} }}\n{extra}\n"
+            ))?;
         let child = Command::new(binary)
             .arg("-c")
             .arg(&conf)
