@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 const MIGRATIONS: &[(&str, &str)] = &[
     ("0001_frames.toml", include_str!("../../migrations/0001_frames.toml")),
     ("0002_training.toml", include_str!("../../migrations/0002_training.toml")),
+    ("0003_checkpoint_chunks.toml", include_str!("../../migrations/0003_checkpoint_chunks.toml")),
 ];
 /// The checkpoint weights bucket (migration 0002).
 pub const CHECKPOINT_BUCKET: &str = "wm-checkpoints";
@@ -576,5 +577,14 @@ impl FrameFeed {
             }
         }
         Ok(batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The migrations declare the store schema this build writes.
+    #[test]
+    fn migrations_declare_this_builds_store_schema() {
+        assert_eq!(super::latest_store_schema().unwrap(), crate::store::SCHEMA_VERSION);
     }
 }

@@ -5,7 +5,7 @@
 //!
 //! | key                 | value                                   |
 //! |---------------------|-----------------------------------------|
-//! | `V` version(u64 BE) | the checkpoint envelope (`checkpoint`)  |
+//! | `V` version(u64 BE) chunk(u32 BE) | the checkpoint envelope (`checkpoint`), in chunks of [`CHUNK_BYTES`]; schema 1 stores hold it whole under `V` version |
 //! | `D` version         | its metadata alone (MessagePack), for listings |
 //! | `P` version         | empty: the version is pinned            |
 //! | `H` seq(u64 BE)     | a history entry (MessagePack)           |
@@ -51,8 +51,18 @@ pub struct HistoryEntry {
     pub reason: Option<String>,
 }
 
+/// A checkpoint envelope goes into sled in pieces of this size. Stored
+/// whole (~51 MB with the optimizer state), it stalled the buffer's next
+/// group commit by ~240 ms once the log rolled over to a new segment
+/// (sled moves the big value along); in 64 KB pieces the worst commit
+/// after a checkpoint took 3.5 ms (BENCHMARKS.md).
+const CHUNK_BYTES: usize = 64 * 1024;
+
 fn key(tag: u8, n: u64) -> Vec<u8> {
     [&[tag][..], &n.to_be_bytes()].concat()
+}
+fn chunk_key(version: u64, chunk: u32) -> Vec<u8> {
+    [key(b'V', version), chunk.to_be_bytes().to_vec()].concat()
 }
 fn meta(name: &str) -> Vec<u8> {
     [b"M", name.as_bytes()].concat()
@@ -93,7 +103,9 @@ impl Store {
             bail!("checkpoint built as v{} but v{version} was allocated", checkpoint.metadata.version);
         }
         let mut batch = sled::Batch::default();
-        batch.insert(key(b'V', version), checkpoint.to_bytes()?);
+        for (chunk, piece) in (0u32..).zip(checkpoint.to_bytes()?.chunks(CHUNK_BYTES)) {
+            batch.insert(chunk_key(version, chunk), piece);
+        }
         batch.insert(key(b'D', version), rmp_serde::to_vec_named(&checkpoint.metadata)?);
         batch.insert(meta("next_version"), &(version + 1).to_be_bytes());
         if activate {
@@ -107,7 +119,7 @@ impl Store {
     /// Makes an existing version active. Returns the previous active version.
     pub fn activate(&self, version: u64, why: &str, by: &str, reason: Option<&str>) -> Result<Option<u64>> {
         let _guard = self.registry_lock.lock().unwrap();
-        if !self.checkpoints.contains_key(key(b'V', version))? {
+        if !self.has_checkpoint(version)? {
             return Err(UnknownVersion(version).into());
         }
         let mut batch = sled::Batch::default();
@@ -121,12 +133,23 @@ impl Store {
         self.registry_counter("active")
     }
 
+    /// Whether `version` is stored (its metadata is written and removed
+    /// in the same batches as its envelope).
+    fn has_checkpoint(&self, version: u64) -> Result<bool> {
+        Ok(self.checkpoints.contains_key(key(b'D', version))?)
+    }
+
     /// A whole checkpoint, its sha256 verified.
     pub fn checkpoint(&self, version: u64) -> Result<Option<Checkpoint>> {
-        match self.checkpoints.get(key(b'V', version))? {
-            None => Ok(None),
-            Some(bytes) => Checkpoint::from_bytes(&bytes).with_context(|| format!("checkpoint v{version} in the store")).map(Some),
+        // The chunks in key order; a schema 1 store has one piece under the bare prefix.
+        let mut bytes = Vec::new();
+        for entry in self.checkpoints.scan_prefix(key(b'V', version)) {
+            bytes.extend_from_slice(&entry?.1);
         }
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        Checkpoint::from_bytes(&bytes).with_context(|| format!("checkpoint v{version} in the store")).map(Some)
     }
 
     pub fn checkpoint_metadata(&self, version: u64) -> Result<Option<Metadata>> {
@@ -148,7 +171,7 @@ impl Store {
     /// Pins (kept by retention) or unpins a version.
     pub fn set_pinned(&self, version: u64, pinned: bool) -> Result<()> {
         let _guard = self.registry_lock.lock().unwrap();
-        if !self.checkpoints.contains_key(key(b'V', version))? {
+        if !self.has_checkpoint(version)? {
             return Err(UnknownVersion(version).into());
         }
         if pinned {
@@ -168,7 +191,10 @@ impl Store {
         }
         let metadata = self.checkpoint_metadata(version)?.ok_or(UnknownVersion(version))?;
         let mut batch = sled::Batch::default();
-        for tag in [b'V', b'D', b'P'] {
+        for entry in self.checkpoints.scan_prefix(key(b'V', version)).keys() {
+            batch.remove(entry?);
+        }
+        for tag in [b'D', b'P'] {
             batch.remove(key(tag, version));
         }
         self.checkpoints.apply_batch(batch)?;
@@ -254,5 +280,44 @@ mod tests {
         assert_eq!(s.retention_victims(2).unwrap(), [1, 4]);
         assert!(s.delete_checkpoint(6).unwrap_err().to_string().contains("active"));
         assert!(s.activate(42, "rollback", "me", None).is_err());
+    }
+
+    /// A checkpoint larger than a chunk is stored in pieces, read back
+    /// whole, and deleted without leaving a piece behind.
+    #[test]
+    fn big_checkpoints_round_trip_in_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let weights: Vec<u8> = (0..3 * CHUNK_BYTES + 17).map(|i| (i % 251) as u8).collect();
+        let make = |version| Ok(Checkpoint::new(Metadata { version, ..Default::default() }, weights.clone(), vec![1, 2, 3]));
+        assert_eq!(s.add_checkpoint(make, true, "trained", "wmvae", None).unwrap().metadata.version, 1);
+        add(&s, 1.0);
+        assert!(s.checkpoints.scan_prefix(key(b'V', 1)).count() > 3);
+        let back = s.checkpoint(1).unwrap().unwrap();
+        assert_eq!((back.weights, back.optimizer), (weights, vec![1, 2, 3]));
+        s.delete_checkpoint(1).unwrap();
+        assert_eq!(s.checkpoints.scan_prefix(key(b'V', 1)).count(), 0);
+        assert!(s.checkpoint(1).unwrap().is_none());
+    }
+
+    /// A schema 1 store (each envelope whole under `V` version) still reads,
+    /// and is marked schema 2 so that older builds refuse it from now on.
+    #[test]
+    fn schema_1_stores_are_read_and_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = store(dir.path());
+            let old = Checkpoint::new(Metadata { version: 1, ..Default::default() }, vec![9; 100], vec![]);
+            s.checkpoints.insert(key(b'V', 1), old.to_bytes().unwrap()).unwrap();
+            s.checkpoints.insert(key(b'D', 1), rmp_serde::to_vec_named(&old.metadata).unwrap()).unwrap();
+            s.checkpoints.insert(meta("next_version"), &2u64.to_be_bytes()).unwrap();
+            s.tree.insert(crate::store::meta_key("schema_version"), &1u64.to_be_bytes()).unwrap();
+            s.flush().unwrap();
+        }
+        let s = store(dir.path());
+        assert_eq!(s.checkpoint(1).unwrap().unwrap().weights, vec![9; 100]);
+        assert_eq!(s.tree.get(crate::store::meta_key("schema_version")).unwrap().unwrap().as_ref(), 2u64.to_be_bytes());
+        s.delete_checkpoint(1).unwrap();
+        assert!(s.checkpoint(1).unwrap().is_none());
     }
 }

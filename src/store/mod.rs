@@ -32,8 +32,10 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-/// Layout version of the tree above. A store with a newer one is refused.
-pub const SCHEMA_VERSION: u64 = 1;
+/// Layout version of the store. A store with a newer one is refused; an
+/// older one is upgraded in place. 2: checkpoint envelopes in chunks
+/// (`checkpoints.rs`); schema 1's whole envelopes still read the same way.
+pub const SCHEMA_VERSION: u64 = 2;
 /// sled's page cache. Its default is 1 GiB; sampling reads are random, so a
 /// big cache buys little, and the daemon must stay well inside its memory.
 const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
@@ -286,16 +288,16 @@ impl Store {
     /// Applies the store's schema version: writes it on a new store, accepts
     /// an equal one, refuses a newer one (never rewrites it).
     fn migrate(&self) -> Result<()> {
-        match self.tree.get(meta_key("schema_version"))? {
-            None => {
+        let found = self.tree.get(meta_key("schema_version"))?.map(|v| be_u64(&v)).transpose()?;
+        match found {
+            Some(found) if found > SCHEMA_VERSION => {
+                bail!("store schema version {found} was written by a newer wmvae; this build knows up to {SCHEMA_VERSION}")
+            }
+            Some(found) if found == SCHEMA_VERSION => {}
+            // New, or older: nothing to rewrite, but older builds must now refuse it.
+            _ => {
                 self.tree.insert(meta_key("schema_version"), &SCHEMA_VERSION.to_be_bytes())?;
                 self.db.flush()?;
-            }
-            Some(v) => {
-                let found = be_u64(&v)?;
-                if found > SCHEMA_VERSION {
-                    bail!("store schema version {found} was written by a newer wmvae; this build knows up to {SCHEMA_VERSION}");
-                }
             }
         }
         Ok(())
