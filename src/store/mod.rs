@@ -286,7 +286,8 @@ impl Store {
     }
 
     /// Applies the store's schema version: writes it on a new store, accepts
-    /// an equal one, refuses a newer one (never rewrites it).
+    /// an equal one, marks an older one current (its data reads as it is),
+    /// refuses a newer one (never rewrites it).
     fn migrate(&self) -> Result<()> {
         let found = self.tree.get(meta_key("schema_version"))?.map(|v| be_u64(&v)).transpose()?;
         match found {
