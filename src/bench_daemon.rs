@@ -62,14 +62,14 @@ impl BenchDaemon {
     }
 }
 
-fn frame(i: u64) -> Result<FrameMessage> {
+fn frame(i: u64) -> Result<FrameMessage<'static>> {
     Ok(FrameMessage {
         episode: format!("bench-{}", i / FRAME_POOL),
         step: i % FRAME_POOL,
         height: crate::synthetic::SIDE as u32,
         width: crate::synthetic::SIDE as u32,
         channels: 3,
-        pixels: crate::synthetic::render(i / FRAME_POOL % 7, i % FRAME_POOL),
+        pixels: crate::synthetic::render(i / FRAME_POOL % 7, i % FRAME_POOL).into(),
         encoding: None,
         action: Some(vec![0.0, 1.0, 0.0]),
         reward: Some(0.1),

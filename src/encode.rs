@@ -10,6 +10,7 @@ use crate::npy::FrameReader;
 use crate::preprocess::{self, Policy};
 use crate::weights;
 use anyhow::{Context, Result};
+use bytes::Bytes;
 use std::path::Path;
 use tch::{Kind, Tensor};
 
@@ -49,7 +50,7 @@ pub fn encode_file(net: &Inference, input: &Path, output: &Path) -> Result<Encod
         }
         let mut frames = Vec::with_capacity(chunk.len() / reader.frame_bytes() * preprocess::OUT_BYTES);
         for (i, frame) in chunk.chunks_exact(reader.frame_bytes()).enumerate() {
-            let pixels = preprocess::preprocess(frame, height, width, Policy::WorldModels)
+            let pixels = preprocess::preprocess(Bytes::copy_from_slice(frame), height, width, Policy::WorldModels)
                 .with_context(|| format!("{}: frame {}", input.display(), done + i))?;
             frames.extend_from_slice(&pixels);
         }

@@ -50,7 +50,7 @@ pub fn export(store: &Store, source: Option<&str>, out: &Path) -> Result<ExportS
 
     type Column<'a> = (&'a str, String, Vec<usize>, Box<dyn Fn(&Frame) -> Vec<u8> + 'a>, bool);
     let columns: Vec<Column> = vec![
-        ("frames", "|u1".into(), vec![n, OUT_SIDE, OUT_SIDE, 3], Box::new(|f: &Frame| f.pixels.clone()), true),
+        ("frames", "|u1".into(), vec![n, OUT_SIDE, OUT_SIDE, 3], Box::new(|f: &Frame| f.pixels.to_vec()), true),
         ("source", format!("<U{source_width}"), vec![n], Box::new(move |f: &Frame| utf32(&f.source, source_width)), false),
         ("episode", format!("<U{episode_width}"), vec![n], Box::new(move |f: &Frame| utf32(&f.episode, episode_width)), false),
         ("step", "<u8".into(), vec![n], Box::new(|f: &Frame| f.step.to_le_bytes().to_vec()), false),

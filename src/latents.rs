@@ -122,7 +122,7 @@ impl Worker {
     }
 
     fn encode(&self, frames: &[Frame]) -> Result<Vec<LatentMessage>> {
-        let pixels: Vec<u8> = frames.iter().map(|f| f.pixels.as_slice()).collect::<Vec<_>>().concat();
+        let pixels: Vec<u8> = frames.iter().map(|f| &f.pixels[..]).collect::<Vec<_>>().concat();
         let xs = frames_to_tensor(&pixels, self.net.device())?;
         let (mu, logvar) = self.net.encode(&xs);
         let mu: Vec<Vec<f32>> = Vec::try_from(mu.to_device(Device::Cpu))?;

@@ -8,6 +8,7 @@
 //! coefficients) so our frames equal PIL's. No I/O, no tensors.
 
 use anyhow::{bail, Result};
+use bytes::Bytes;
 
 /// Output side length.
 pub const OUT_SIDE: usize = 64;
@@ -30,19 +31,20 @@ pub enum Policy {
     Resize,
 }
 
-/// Preprocesses one frame. `pixels` is height*width*3 bytes, row-major HWC.
-pub fn preprocess(pixels: &[u8], height: usize, width: usize, policy: Policy) -> Result<Vec<u8>> {
+/// Preprocesses one frame. `pixels` is height*width*3 bytes, row-major HWC;
+/// a 64x64 frame comes back as the same buffer, not a copy.
+pub fn preprocess(pixels: Bytes, height: usize, width: usize, policy: Policy) -> Result<Bytes> {
     let expected = height.checked_mul(width).and_then(|n| n.checked_mul(CHANNELS));
     if height == 0 || width == 0 || expected != Some(pixels.len()) {
         bail!("frame of {height}x{width}x{CHANNELS} needs {expected:?} bytes, got {}", pixels.len());
     }
     match (height, width, policy) {
-        (OUT_SIDE, OUT_SIDE, _) => Ok(pixels.to_vec()),
+        (OUT_SIDE, OUT_SIDE, _) => Ok(pixels),
         (CARRACING_SIDE, CARRACING_SIDE, _) => {
             let kept = &pixels[..CARRACING_KEPT_ROWS * width * CHANNELS];
-            Ok(resize_bilinear(kept, CARRACING_KEPT_ROWS, width, OUT_SIDE, OUT_SIDE))
+            Ok(resize_bilinear(kept, CARRACING_KEPT_ROWS, width, OUT_SIDE, OUT_SIDE).into())
         }
-        (_, _, Policy::Resize) => Ok(resize_bilinear(pixels, height, width, OUT_SIDE, OUT_SIDE)),
+        (_, _, Policy::Resize) => Ok(resize_bilinear(&pixels, height, width, OUT_SIDE, OUT_SIDE).into()),
         (_, _, Policy::WorldModels) => {
             bail!("frame size {height}x{width} unsupported: expected 64x64 or 96x96 (set preprocess = \"resize\" to accept others)")
         }
@@ -132,13 +134,13 @@ mod tests {
     #[test]
     fn small_frames_pass_unchanged() {
         let pixels: Vec<u8> = (0..OUT_BYTES).map(|i| (i % 251) as u8).collect();
-        assert_eq!(preprocess(&pixels, 64, 64, Policy::WorldModels).unwrap(), pixels);
+        assert_eq!(preprocess(pixels.clone().into(), 64, 64, Policy::WorldModels).unwrap(), pixels);
     }
 
     #[test]
     fn uniform_frames_stay_uniform() {
         let pixels = vec![77u8; 96 * 96 * 3];
-        let out = preprocess(&pixels, 96, 96, Policy::WorldModels).unwrap();
+        let out = preprocess(pixels.into(), 96, 96, Policy::WorldModels).unwrap();
         assert_eq!(out.len(), OUT_BYTES);
         assert!(out.iter().all(|&p| p == 77));
     }
@@ -148,17 +150,17 @@ mod tests {
         // Rows 84..96 white, the rest black: nothing white may survive.
         let mut pixels = vec![0u8; 96 * 96 * 3];
         pixels[84 * 96 * 3..].fill(255);
-        let out = preprocess(&pixels, 96, 96, Policy::WorldModels).unwrap();
+        let out = preprocess(pixels.into(), 96, 96, Policy::WorldModels).unwrap();
         assert!(out.iter().all(|&p| p == 0));
     }
 
     #[test]
     fn wrong_sizes_are_clear_errors() {
-        let err = preprocess(&[0u8; 10], 64, 64, Policy::WorldModels).unwrap_err().to_string();
+        let err = preprocess(vec![0u8; 10].into(), 64, 64, Policy::WorldModels).unwrap_err().to_string();
         assert!(err.contains("needs Some(12288) bytes, got 10"), "{err}");
-        let err = preprocess(&vec![0u8; 32 * 32 * 3], 32, 32, Policy::WorldModels).unwrap_err().to_string();
+        let err = preprocess(vec![0u8; 32 * 32 * 3].into(), 32, 32, Policy::WorldModels).unwrap_err().to_string();
         assert!(err.contains("32x32 unsupported"), "{err}");
-        assert_eq!(preprocess(&vec![9u8; 32 * 32 * 3], 32, 32, Policy::Resize).unwrap().len(), OUT_BYTES);
-        assert!(preprocess(&[], 0, 0, Policy::Resize).is_err());
+        assert_eq!(preprocess(vec![9u8; 32 * 32 * 3].into(), 32, 32, Policy::Resize).unwrap().len(), OUT_BYTES);
+        assert!(preprocess(Bytes::new(), 0, 0, Policy::Resize).is_err());
     }
 }

@@ -71,7 +71,7 @@ pub async fn run(bus: &Bus, options: &PublishOptions) -> Result<u64> {
                         break 'file;
                     }
                     pacer.wait(sent).await;
-                    publisher.send(&FrameMessage::rgb(episode.clone(), sent, height, width, pixels.to_vec())).await?;
+                    publisher.send(&FrameMessage::rgb(episode.clone(), sent, height, width, pixels)).await?;
                     sent += 1;
                 }
             }
@@ -88,7 +88,7 @@ pub async fn run(bus: &Bus, options: &PublishOptions) -> Result<u64> {
                     height: synthetic::SIDE as u32,
                     width: synthetic::SIDE as u32,
                     channels: 3,
-                    pixels: synthetic::render(episode, step),
+                    pixels: synthetic::render(episode, step).into(),
                     encoding: None,
                     action: Some(vec![steer, 0.5, 0.0]),
                     reward: Some(0.1),

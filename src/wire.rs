@@ -7,7 +7,9 @@
 //! allocation, so a hostile message costs at most its own size.
 
 use crate::preprocess::{self, Policy};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 
 /// Largest accepted frame side. CarRacing is 96; 1,024 leaves room for other
 /// environments while bounding the memory a single message can ask for.
@@ -16,15 +18,17 @@ pub const MAX_SIDE: u32 = 1024;
 const MAX_PNG_DECODED_BYTES: usize = 4 * 1024 * 1024;
 
 /// One frame as publishers send it (field names pinned by the contract).
+/// Decoding borrows `pixels` from the payload: a raw 64x64 frame is never
+/// copied on its way into the store.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FrameMessage {
+pub struct FrameMessage<'a> {
     pub episode: String,
     pub step: u64,
     pub height: u32,
     pub width: u32,
     pub channels: u32,
-    #[serde(with = "serde_bytes")]
-    pub pixels: Vec<u8>,
+    #[serde(borrow, with = "serde_bytes")]
+    pub pixels: Cow<'a, [u8]>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoding: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -35,10 +39,10 @@ pub struct FrameMessage {
     pub done: Option<bool>,
 }
 
-impl FrameMessage {
+impl<'a> FrameMessage<'a> {
     /// A raw RGB frame with no optional fields.
-    pub fn rgb(episode: impl Into<String>, step: u64, height: u32, width: u32, pixels: Vec<u8>) -> FrameMessage {
-        FrameMessage { episode: episode.into(), step, height, width, channels: 3, pixels, encoding: None, action: None, reward: None, done: None }
+    pub fn rgb(episode: impl Into<String>, step: u64, height: u32, width: u32, pixels: impl Into<Cow<'a, [u8]>>) -> FrameMessage<'a> {
+        FrameMessage { episode: episode.into(), step, height, width, channels: 3, pixels: pixels.into(), encoding: None, action: None, reward: None, done: None }
     }
 
     /// MessagePack map bytes, as the contract says.
@@ -105,19 +109,18 @@ pub fn checkpoint_object(version: u64) -> String {
 }
 
 /// A checked, preprocessed frame, ready for the replay buffer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Frame {
     pub source: String,
     pub episode: String,
     pub step: u64,
-    /// 64 x 64 x 3 uint8, HWC.
-    #[serde(with = "serde_bytes")]
-    pub pixels: Vec<u8>,
+    /// 64 x 64 x 3 uint8, HWC; for a raw 64x64 frame, a slice of the
+    /// message it came in.
+    pub pixels: Bytes,
     pub action: Option<Vec<f32>>,
     pub reward: Option<f64>,
     pub done: Option<bool>,
     /// When the daemon received it (for the latency histogram); not stored.
-    #[serde(skip)]
     pub received_at: Option<std::time::Instant>,
 }
 
@@ -220,7 +223,7 @@ fn classify(err: rmp_serde::decode::Error) -> Rejection {
 }
 
 /// Decodes, checks and preprocesses one message from `source`.
-pub fn decode_frame(source: &str, payload: &[u8], policy: Policy) -> Result<Frame, Rejection> {
+pub fn decode_frame(source: &str, payload: &Bytes, policy: Policy) -> Result<Frame, Rejection> {
     if source.is_empty() {
         return reject(Reason::BadSubject, "subject has no source after the prefix");
     }
@@ -238,12 +241,15 @@ pub fn decode_frame(source: &str, payload: &[u8], policy: Policy) -> Result<Fram
             if pixels.len() != expected {
                 return reject(Reason::SizeMismatch, format!("pixels has {} bytes, {height}x{width}x3 needs {expected}", pixels.len()));
             }
-            pixels
+            match pixels {
+                Cow::Borrowed(borrowed) => payload.slice_ref(borrowed),
+                Cow::Owned(owned) => Bytes::from(owned),
+            }
         }
-        "png" => decode_png(&pixels, height, width)?,
+        "png" => Bytes::from(decode_png(&pixels, height, width)?),
         other => return reject(Reason::UnknownEncoding, format!("encoding {other:?} is neither \"raw\" nor \"png\"")),
     };
-    let pixels = preprocess::preprocess(&rgb, height as usize, width as usize, policy)
+    let pixels = preprocess::preprocess(rgb, height as usize, width as usize, policy)
         .or_else(|e| reject(Reason::UnsupportedSize, e.to_string()))?;
     Ok(Frame { source: source.to_string(), episode, step, pixels, action, reward, done, received_at: None })
 }
@@ -252,14 +258,14 @@ pub fn decode_frame(source: &str, payload: &[u8], policy: Policy) -> Result<Fram
 mod tests {
     use super::*;
 
-    fn message(height: u32, width: u32) -> FrameMessage {
+    fn message(height: u32, width: u32) -> FrameMessage<'static> {
         FrameMessage {
             episode: "ep-1".into(),
             step: 7,
             height,
             width,
             channels: 3,
-            pixels: vec![100; (height * width * 3) as usize],
+            pixels: vec![100; (height * width * 3) as usize].into(),
             encoding: None,
             action: Some(vec![0.5, -1.0, 0.0]),
             reward: Some(1.5),
@@ -267,13 +273,17 @@ mod tests {
         }
     }
 
+    fn decode(payload: &[u8], policy: Policy) -> Result<Frame, Rejection> {
+        decode_frame("car", &Bytes::copy_from_slice(payload), policy)
+    }
+
     fn reason(payload: &[u8]) -> Reason {
-        decode_frame("car", payload, Policy::WorldModels).unwrap_err().reason
+        decode(payload, Policy::WorldModels).unwrap_err().reason
     }
 
     #[test]
     fn valid_frames_keep_their_fields() {
-        let f = decode_frame("car", &message(96, 96).to_msgpack(), Policy::WorldModels).unwrap();
+        let f = decode(&message(96, 96).to_msgpack(), Policy::WorldModels).unwrap();
         assert_eq!((f.source.as_str(), f.episode.as_str(), f.step), ("car", "ep-1", 7));
         assert_eq!(f.pixels.len(), 64 * 64 * 3);
         assert_eq!(f.action, Some(vec![0.5, -1.0, 0.0]));
@@ -290,11 +300,11 @@ mod tests {
             enc.set_depth(png::BitDepth::Eight);
             enc.write_header().unwrap().write_image_data(&raw.pixels).unwrap();
         }
-        let png_msg = FrameMessage { pixels: png_bytes, encoding: Some("png".into()), ..raw.clone() };
-        let a = decode_frame("car", &raw.to_msgpack(), Policy::WorldModels).unwrap();
-        let b = decode_frame("car", &png_msg.to_msgpack(), Policy::WorldModels).unwrap();
+        let png_msg = FrameMessage { pixels: png_bytes.into(), encoding: Some("png".into()), ..raw.clone() };
+        let a = decode(&raw.to_msgpack(), Policy::WorldModels).unwrap();
+        let b = decode(&png_msg.to_msgpack(), Policy::WorldModels).unwrap();
         assert_eq!(a, b);
-        let broken = FrameMessage { pixels: b"\x89PNG garbage".to_vec(), ..png_msg };
+        let broken = FrameMessage { pixels: b"\x89PNG garbage".to_vec().into(), ..png_msg };
         assert_eq!(reason(&broken.to_msgpack()), Reason::BadPng);
     }
 
@@ -313,10 +323,10 @@ mod tests {
         assert_eq!(reason(&FrameMessage { height: 0, ..message(64, 64) }.to_msgpack()), Reason::BadDimensions);
         assert_eq!(reason(&FrameMessage { width: 100_000, ..message(64, 64) }.to_msgpack()), Reason::BadDimensions);
         assert_eq!(reason(&FrameMessage { channels: 4, ..message(64, 64) }.to_msgpack()), Reason::WrongChannels);
-        assert_eq!(reason(&FrameMessage { pixels: vec![0; 10], ..message(64, 64) }.to_msgpack()), Reason::SizeMismatch);
+        assert_eq!(reason(&FrameMessage { pixels: vec![0; 10].into(), ..message(64, 64) }.to_msgpack()), Reason::SizeMismatch);
         assert_eq!(reason(&FrameMessage { encoding: Some("jpeg".into()), ..message(64, 64) }.to_msgpack()), Reason::UnknownEncoding);
         assert_eq!(reason(&message(32, 48).to_msgpack()), Reason::UnsupportedSize);
-        assert!(decode_frame("car", &message(32, 48).to_msgpack(), Policy::Resize).is_ok());
-        assert_eq!(decode_frame("", &full, Policy::WorldModels).unwrap_err().reason, Reason::BadSubject);
+        assert!(decode(&message(32, 48).to_msgpack(), Policy::Resize).is_ok());
+        assert_eq!(decode_frame("", &Bytes::from(full.clone()), Policy::WorldModels).unwrap_err().reason, Reason::BadSubject);
     }
 }

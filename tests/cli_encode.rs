@@ -54,7 +54,7 @@ fn encodes_carracing_frames_in_chunks() {
     assert_eq!(mu.kind(), tch::Kind::Float);
     let pre: Vec<u8> = raw
         .chunks_exact(96 * 96 * 3)
-        .flat_map(|f| preprocess::preprocess(f, 96, 96, preprocess::Policy::WorldModels).unwrap())
+        .flat_map(|f| preprocess::preprocess(bytes::Bytes::copy_from_slice(f), 96, 96, preprocess::Policy::WorldModels).unwrap())
         .collect();
     let (expected_mu, _) = net.encode(&frames_to_tensor(&pre, Device::Cpu).unwrap());
     let diff = (mu - expected_mu).abs().max().double_value(&[]);

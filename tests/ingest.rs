@@ -14,14 +14,14 @@ use wmvae::preprocess::{preprocess, Policy};
 use wmvae::store::{BufferConfig, Store};
 use wmvae::wire::FrameMessage;
 
-fn frame(episode: &str, step: u64, height: u32, width: u32, pixels: Vec<u8>) -> FrameMessage {
+fn frame(episode: &str, step: u64, height: u32, width: u32, pixels: Vec<u8>) -> FrameMessage<'static> {
     FrameMessage {
         episode: episode.into(),
         step,
         height,
         width,
         channels: 3,
-        pixels,
+        pixels: pixels.into(),
         encoding: None,
         action: Some(vec![step as f32, 0.5, -0.5]),
         reward: Some(step as f64 * 0.1),
@@ -94,7 +94,7 @@ async fn valid_frames_stored_once_bad_frames_dead_lettered() {
         // A plain core-NATS publish: the stream captures the subject.
         let px = raw96[step as usize * 27648..][..27648].to_vec();
         client.publish("wm.frames.carB", frame("e96", step, 96, 96, px.clone()).to_msgpack().into()).await.unwrap();
-        expected.insert(("carB".into(), "e96".into(), step), preprocess(&px, 96, 96, Policy::WorldModels).unwrap());
+        expected.insert(("carB".into(), "e96".into(), step), preprocess(px.into(), 96, 96, Policy::WorldModels).unwrap().to_vec());
     }
     client.flush().await.unwrap();
     for step in 0..5u64 {
@@ -121,11 +121,11 @@ async fn valid_frames_stored_once_bad_frames_dead_lettered() {
         ("malformed_msgpack", b"\xc1\xc1\xc1".to_vec()),
         ("malformed_msgpack", good.to_msgpack()[..5000].to_vec()),
         ("invalid_field", rmp_serde::to_vec_named(&Partial { episode: "x".into(), step: 1 }).unwrap()),
-        ("size_mismatch", FrameMessage { pixels: vec![0; 100], ..good.clone() }.to_msgpack()),
+        ("size_mismatch", FrameMessage { pixels: vec![0; 100].into(), ..good.clone() }.to_msgpack()),
         ("bad_dimensions", FrameMessage { height: 0, ..good.clone() }.to_msgpack()),
         ("bad_dimensions", FrameMessage { height: 100_000, width: 100_000, ..good.clone() }.to_msgpack()),
         ("wrong_channels", FrameMessage { channels: 4, ..good.clone() }.to_msgpack()),
-        ("bad_png", FrameMessage { encoding: Some("png".into()), pixels: b"\x89PNG\r\n\x1a\nnope".to_vec(), ..good.clone() }.to_msgpack()),
+        ("bad_png", FrameMessage { encoding: Some("png".into()), pixels: b"\x89PNG\r\n\x1a\nnope".to_vec().into(), ..good.clone() }.to_msgpack()),
         ("unknown_encoding", FrameMessage { encoding: Some("jpeg".into()), ..good.clone() }.to_msgpack()),
         ("unsupported_size", frame("bad", 1, 32, 32, vec![0; 32 * 32 * 3]).to_msgpack()),
     ];

@@ -84,7 +84,7 @@ fn carracing_preprocessing_matches_pil() {
     let pil = pil.read_chunk(4).unwrap();
     let ours: Vec<u8> = raw
         .chunks_exact(96 * 96 * 3)
-        .flat_map(|f| preprocess::preprocess(f, 96, 96, preprocess::Policy::WorldModels).unwrap())
+        .flat_map(|f| preprocess::preprocess(bytes::Bytes::copy_from_slice(f), 96, 96, preprocess::Policy::WorldModels).unwrap())
         .collect();
     let worst = ours.iter().zip(&pil).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
     assert!(worst <= 2, "max difference to PIL: {worst} levels");

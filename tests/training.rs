@@ -31,8 +31,8 @@ fn env(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static st
     FAST.iter().chain(extra).copied().collect()
 }
 
-fn frame_message(episode: u64, step: u64, pixels: &[u8]) -> FrameMessage {
-    FrameMessage::rgb(format!("e{episode}"), step, 64, 64, pixels.to_vec())
+fn frame_message(episode: u64, step: u64, pixels: &[u8]) -> FrameMessage<'_> {
+    FrameMessage::rgb(format!("e{episode}"), step, 64, 64, pixels)
 }
 
 /// Publishes `episodes` x `steps` 64x64 frames to wm.frames.car; returns their pixels.

@@ -442,7 +442,7 @@ impl Bus {
 
     /// Publishes one frame message on `<prefix>.frames.<source>` with core
     /// NATS (no stored-ack wait; the stream captures it).
-    pub async fn publish_frame_core(&self, source: &str, frame: &FrameMessage) -> Result<()> {
+    pub async fn publish_frame_core(&self, source: &str, frame: &FrameMessage<'_>) -> Result<()> {
         self.client.publish(self.subject(&format!("frames.{source}")), frame.to_msgpack().into()).await.context("publishing a frame")
     }
 
@@ -501,7 +501,7 @@ pub struct FramePublisher {
 impl FramePublisher {
     /// Publishes one frame with `Nats-Msg-Id` = `source:episode:step`, so the
     /// server drops a re-publish within its duplicate window.
-    pub async fn send(&mut self, frame: &FrameMessage) -> Result<()> {
+    pub async fn send(&mut self, frame: &FrameMessage<'_>) -> Result<()> {
         if self.in_flight.len() >= PUBLISH_WINDOW {
             self.settle_one().await?;
         }

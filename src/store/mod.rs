@@ -493,7 +493,7 @@ impl Store {
             let bytes = self.tree.get(frame_key(split, seq))?.context("index points at a missing frame")?;
             let stored: StoredFrame = rmp_serde::from_slice(&bytes).context("corrupt stored frame")?;
             Ok(Frame {
-                pixels: if pixels { decompress(&stored.zpixels)? } else { Vec::new() },
+                pixels: if pixels { decompress(&stored.zpixels)?.into() } else { Default::default() },
                 source: stored.source,
                 episode: stored.episode,
                 step: stored.step,
@@ -544,7 +544,7 @@ mod tests {
             source: source.into(),
             episode: episode.into(),
             step,
-            pixels: vec![(step % 256) as u8; OUT_BYTES],
+            pixels: vec![(step % 256) as u8; OUT_BYTES].into(),
             action: Some(vec![step as f32]),
             reward: Some(1.0),
             done: Some(false),
