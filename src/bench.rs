@@ -133,8 +133,8 @@ pub async fn ingest(frames: u64, nats_server: &std::path::Path) -> Result<Value>
     let bus = Bus::connect(&config.nats, config.bus_limits()).await?;
     bus.migrate().await?;
 
-    let pool: Vec<Vec<u8>> = (0..INGEST_BENCH_DISTINCT_FRAMES)
-        .map(|i| crate::preprocess::preprocess(&crate::synthetic::render(i / 100, i % 100), 96, 96, crate::preprocess::Policy::WorldModels))
+    let pool: Vec<bytes::Bytes> = (0..INGEST_BENCH_DISTINCT_FRAMES)
+        .map(|i| crate::preprocess::preprocess(crate::synthetic::render(i / 100, i % 100).into(), 96, 96, crate::preprocess::Policy::WorldModels))
         .collect::<Result<_>>()?;
     let mut publisher = bus.frame_publisher("bench");
     let publish_start = Instant::now();
@@ -145,7 +145,7 @@ pub async fn ingest(frames: u64, nats_server: &std::path::Path) -> Result<Value>
             height: 64,
             width: 64,
             channels: 3,
-            pixels: pool[(i % INGEST_BENCH_DISTINCT_FRAMES) as usize].clone(),
+            pixels: pool[(i % INGEST_BENCH_DISTINCT_FRAMES) as usize][..].into(),
             encoding: None,
             action: Some(vec![0.0, 1.0, 0.0]),
             reward: Some(0.1),
@@ -154,6 +154,8 @@ pub async fn ingest(frames: u64, nats_server: &std::path::Path) -> Result<Value>
         publisher.send(&frame).await?;
     }
     publisher.finish().await?;
+    // The publisher's frames are no part of the daemon's footprint.
+    drop(pool);
     let publish_rate = frames as f64 / publish_start.elapsed().as_secs_f64();
 
     let plain = bus.consume_and_ack_only(frames).await?;
