@@ -291,6 +291,32 @@ mod tests {
     }
 
     #[test]
+    fn raw_64x64_pixels_are_a_slice_of_the_payload() {
+        let payload = Bytes::from(message(64, 64).to_msgpack());
+        let f = decode_frame("car", &payload, Policy::WorldModels).unwrap();
+        let range = payload.as_ptr() as usize..payload.as_ptr() as usize + payload.len();
+        assert!(range.contains(&(f.pixels.as_ptr() as usize)), "pixels were copied out of the payload");
+        assert_eq!(f.pixels, vec![100u8; 64 * 64 * 3]);
+    }
+
+    #[test]
+    fn pixels_sent_as_an_array_of_integers_still_decode() {
+        // Some MessagePack writers send a byte list as an array, not `bin`.
+        #[derive(Serialize)]
+        struct ArrayPixels {
+            episode: String,
+            step: u64,
+            height: u32,
+            width: u32,
+            channels: u32,
+            pixels: Vec<u8>,
+        }
+        let msg = ArrayPixels { episode: "e".into(), step: 1, height: 64, width: 64, channels: 3, pixels: vec![7; 64 * 64 * 3] };
+        let f = decode(&rmp_serde::to_vec_named(&msg).unwrap(), Policy::WorldModels).unwrap();
+        assert_eq!(f.pixels, vec![7u8; 64 * 64 * 3]);
+    }
+
+    #[test]
     fn png_frames_decode_to_the_same_pixels() {
         let raw = message(64, 64);
         let mut png_bytes = Vec::new();
