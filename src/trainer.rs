@@ -145,10 +145,10 @@ impl Trainer {
                 std::thread::sleep(IDLE_PAUSE);
                 continue;
             }
-            if sampler.is_none() {
-                sampler = Some(Sampler::start(self.store.clone(), Split::Train, cfg.batch_size)?);
-            }
-            let Some(sampler) = &sampler else { continue };
+            let sampler = match sampler.take() {
+                Some(running) => sampler.insert(running),
+                None => sampler.insert(Sampler::start(self.store.clone(), Split::Train, cfg.batch_size)?),
+            };
 
             // Samples per insert: never replay the buffer more than the ratio allows.
             let inserted = self.store.frames_ingested();

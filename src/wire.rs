@@ -242,6 +242,8 @@ pub fn decode_frame(source: &str, payload: &Bytes, policy: Policy) -> Result<Fra
                 return reject(Reason::SizeMismatch, format!("pixels has {} bytes, {height}x{width}x3 needs {expected}", pixels.len()));
             }
             match pixels {
+                // Borrowed by `from_slice` from `payload` itself, and non-empty (checked
+                // above), so `slice_ref` always finds it inside.
                 Cow::Borrowed(borrowed) => payload.slice_ref(borrowed),
                 Cow::Owned(owned) => Bytes::from(owned),
             }
