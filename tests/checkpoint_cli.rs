@@ -148,12 +148,17 @@ async fn live_commands_through_the_daemon() {
     .await;
     let events = announcements(&js).await;
     let rollback = events.iter().find(|a| a.event == CheckpointEvent::Rollback).unwrap();
-    assert_eq!((rollback.from, rollback.to, rollback.reason.as_deref()), (Some(active), Some(1), Some("bad run")));
+    // The frames streaming in let training go on, so a version newer than
+    // `active` may have been created before the rollback landed: the
+    // rollback starts from the newest version announced before it.
+    let newest_before = events.iter().take_while(|a| a.event != CheckpointEvent::Rollback).filter(|a| a.event == CheckpointEvent::Created).map(|a| a.metadata.version).max();
+    assert!(newest_before >= Some(active));
+    assert_eq!((rollback.from, rollback.to, rollback.reason.as_deref()), (newest_before, Some(1), Some("bad run")));
     let after: Vec<&Announcement> = events.iter().skip_while(|a| a.event != CheckpointEvent::Rollback).filter(|a| a.event == CheckpointEvent::Created).collect();
     assert_eq!(after[0].metadata.parent, Some(1), "training goes on from the rollback target");
     // Latents in stream order: v1 (initial weights), then the old lineage
     // 2..=old, then from the switch on only v1 or versions newer than old.
-    let old = active;
+    let old = rollback.from.unwrap();
     let new_lineage = |v: u64| v == 1 || v > old;
     wait_until(Duration::from_secs(60), "latents of the frames sent after the rollback", || async {
         stream_payloads(&js, "WM_LATENTS").await.len() >= 275
