@@ -154,7 +154,7 @@ fn prepare(batch: Vec<Delivery>, policy: Policy) -> Result<Prepared> {
             Err(rejection) => rejections.push(Some(rejection)),
         }
     }
-    let compressed = compress_frames(&frames).context("compressing a batch of frames")?;
+    let compressed = compress_frames(&frames);
     Ok(Prepared { batch, rejections, frames, compressed })
 }
 

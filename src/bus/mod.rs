@@ -28,6 +28,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("0001_frames.toml", include_str!("../../migrations/0001_frames.toml")),
     ("0002_training.toml", include_str!("../../migrations/0002_training.toml")),
     ("0003_checkpoint_chunks.toml", include_str!("../../migrations/0003_checkpoint_chunks.toml")),
+    ("0004_frame_chunks.toml", include_str!("../../migrations/0004_frame_chunks.toml")),
 ];
 /// The checkpoint weights bucket (migration 0002).
 pub const CHECKPOINT_BUCKET: &str = "wm-checkpoints";

@@ -301,7 +301,7 @@ mod tests {
     }
 
     /// A schema 1 store (each envelope whole under `V` version) still reads,
-    /// and is marked schema 2 so that older builds refuse it from now on.
+    /// and is marked current so that older builds refuse it from now on.
     #[test]
     fn schema_1_stores_are_read_and_upgraded() {
         let dir = tempfile::tempdir().unwrap();
@@ -316,7 +316,7 @@ mod tests {
         }
         let s = store(dir.path());
         assert_eq!(s.checkpoint(1).unwrap().unwrap().weights, vec![9; 100]);
-        assert_eq!(s.tree.get(crate::store::meta_key("schema_version")).unwrap().unwrap().as_ref(), 2u64.to_be_bytes());
+        assert_eq!(s.tree.get(crate::store::meta_key("schema_version")).unwrap().unwrap().as_ref(), crate::store::SCHEMA_VERSION.to_be_bytes());
         s.delete_checkpoint(1).unwrap();
         assert!(s.checkpoint(1).unwrap().is_none());
     }

@@ -7,19 +7,21 @@
 //!
 //! | key                                   | value                          |
 //! |---------------------------------------|--------------------------------|
-//! | `F` split seq(u64 BE)                 | a stored frame (MessagePack, pixels zlib) |
-//! | `K` source 0 episode 0 step(u64 BE)   | split, seq: dedup and export order |
+//! | `C` split first_seq(u64 BE)           | a chunk: up to [`CHUNK_FRAMES`] stored frames with consecutive seqs from first_seq (MessagePack, pixels LZ4) |
+//! | `I` source 0 episode 0 block(u64 BE)  | an index block: a (step offset, split, seq) record per stored step of the episode's steps block*64.. block*64+63: dedup and export order |
 //! | `E` source 0 episode                  | frames held of that episode    |
 //! | `S` source                            | frames held of that source     |
 //! | `M` name                              | schema version, ring bounds, counters |
 //!
 //! Each split (train, validation) is a ring of consecutive sequence numbers
-//! `[tail, head)`, so uniform sampling is O(batch): draw seqs, get each.
-//! Episodes go to the validation split by a stable hash of (source, episode).
-//! Nothing here knows about NATS or tensors. Checkpoints live in a second
-//! tree (`checkpoints.rs`).
+//! `[tail, head)`, so uniform sampling is O(batch): draw seqs, read the
+//! chunk holding each. Episodes go to the validation split by a stable hash
+//! of (source, episode). Nothing here knows about NATS or tensors.
+//! Checkpoints live in a second tree (`checkpoints.rs`); stores written
+//! with an older layout are upgraded at open (`upgrade.rs`).
 
 mod checkpoints;
+mod upgrade;
 pub use checkpoints::{best_by_eval, HistoryEntry, UnknownVersion};
 
 use crate::preprocess::OUT_BYTES;
@@ -27,23 +29,42 @@ use crate::wire::{Frame, Reason};
 use anyhow::{bail, ensure, Context, Result};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::Read;
+use std::borrow::Cow;
+use std::collections::{hash_map, BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 /// Layout version of the store. A store with a newer one is refused; an
 /// older one is upgraded in place. 2: checkpoint envelopes in chunks
 /// (`checkpoints.rs`); schema 1's whole envelopes still read the same way.
-pub const SCHEMA_VERSION: u64 = 2;
+/// 3: frames in chunks, pixels LZ4, the index in blocks (`upgrade.rs`
+/// rewrites the frames and index of older stores).
+pub const SCHEMA_VERSION: u64 = 3;
+/// Frames per sled value. sled's cost is per insert and per byte it
+/// rewrites, and one 3.4 KB frame a value kept the commit at ~60 us a frame,
+/// the bottleneck of ingest. Measured here (sled alone, groups of 512, one
+/// flush each): one frame a value 47-61 us a frame, 16 a value 21-26, 32 a
+/// value 19; reading a frame to sample it got faster too (25 -> 5 us).
+const CHUNK_FRAMES: usize = 16;
+/// Steps of one episode per index block (one sled value): dedup reads and
+/// writes a block per 64 steps instead of an entry per frame.
+const INDEX_BLOCK_STEPS: u64 = 64;
+/// Bytes of one index record: step offset in the block, split, seq.
+const INDEX_RECORD_BYTES: usize = 10;
+/// Draws that may find their frame evicted meanwhile (a race with a commit)
+/// before sampling gives up and calls the ring corrupt.
+const MAX_SAMPLE_MISSES: usize = 1_000;
 /// sled's page cache. Its default is 1 GiB; sampling reads are random, so a
 /// big cache buys little, and the daemon must stay well inside its memory
 /// (sled alone, 20,000 frames in: ~55 MB resident at 32 MB, ~76 at 64).
 const SLED_CACHE_BYTES: u64 = 32 * 1024 * 1024;
+/// How long opening waits for a store's lock. sled's I/O threads let go of
+/// a store a moment after it is closed, so a store just closed (by this
+/// process, or by a daemon exiting) can look locked for a few ms.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+const LOCK_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 /// Threads compressing one group commit (the machine this targets has 2 cores).
 const COMPRESSION_THREADS: usize = 2;
-/// zlib level 1: CarRacing frames shrink ~7x at a fraction of level 6's cost.
-const COMPRESSION_LEVEL: u32 = 1;
 
 /// Where a frame's episode belongs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -139,17 +160,82 @@ pub struct Committed {
     pub evicted: u64,
 }
 
-/// A frame as stored: the frame's fields, pixels compressed.
+/// A frame as stored: the frame's fields, pixels compressed. Read
+/// borrowing from the chunk's bytes, so that finding one frame of a chunk
+/// copies no other's pixels.
 #[derive(Serialize, Deserialize)]
-struct StoredFrame {
-    source: String,
-    episode: String,
+struct StoredFrame<'a> {
+    #[serde(borrow)]
+    source: Cow<'a, str>,
+    #[serde(borrow)]
+    episode: Cow<'a, str>,
     step: u64,
-    #[serde(with = "serde_bytes")]
-    zpixels: Vec<u8>,
-    action: Option<Vec<f32>>,
+    #[serde(borrow, with = "serde_bytes")]
+    zpixels: Cow<'a, [u8]>,
+    action: Option<Cow<'a, [f32]>>,
     reward: Option<f64>,
     done: Option<bool>,
+}
+
+impl<'a> StoredFrame<'a> {
+    /// `frame` as stored, with its `zpixels`, borrowing both.
+    fn of(frame: &'a Frame, zpixels: &'a [u8]) -> StoredFrame<'a> {
+        StoredFrame {
+            source: Cow::Borrowed(&frame.source),
+            episode: Cow::Borrowed(&frame.episode),
+            step: frame.step,
+            zpixels: Cow::Borrowed(zpixels),
+            action: frame.action.as_deref().map(Cow::Borrowed),
+            reward: frame.reward,
+            done: frame.done,
+        }
+    }
+
+    /// The frame, with its pixels decompressed when `pixels` (else empty).
+    fn to_frame(&self, pixels: bool) -> Result<Frame> {
+        Ok(Frame {
+            pixels: if pixels { decompress(&self.zpixels)?.into() } else { Default::default() },
+            source: self.source.to_string(),
+            episode: self.episode.to_string(),
+            step: self.step,
+            action: self.action.as_ref().map(|a| a.to_vec()),
+            reward: self.reward,
+            done: self.done,
+            received_at: None,
+        })
+    }
+}
+
+fn decode_chunk(bytes: &[u8]) -> Result<Vec<StoredFrame<'_>>> {
+    rmp_serde::from_slice(bytes).context("corrupt stored chunk of frames")
+}
+
+/// Frame `seq` out of the chunk `bytes` that starts at seq `first`; None
+/// when the chunk does not hold it.
+fn frame_of_chunk(first: u64, bytes: &[u8], seq: u64, pixels: bool) -> Result<Option<Frame>> {
+    let chunk = decode_chunk(bytes)?;
+    seq.checked_sub(first).and_then(|i| chunk.get(i as usize)).map(|stored| stored.to_frame(pixels)).transpose()
+}
+
+/// An index block decoded: step offset in the block -> (split, seq).
+type IndexBlock = BTreeMap<u8, (Split, u64)>;
+
+fn decode_index_block(bytes: &[u8]) -> Result<IndexBlock> {
+    ensure!(bytes.len() % INDEX_RECORD_BYTES == 0, "corrupt index block of {} bytes", bytes.len());
+    bytes
+        .chunks(INDEX_RECORD_BYTES)
+        .map(|record| Ok((record[0], (Split::from_byte(record[1]).context("corrupt index record")?, be_u64(&record[2..])?))))
+        .collect()
+}
+
+fn encode_index_block(block: &IndexBlock) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(block.len() * INDEX_RECORD_BYTES);
+    for (offset, (split, seq)) in block {
+        bytes.push(*offset);
+        bytes.push(split.byte());
+        bytes.extend_from_slice(&seq.to_be_bytes());
+    }
+    bytes
 }
 
 /// The counters kept in memory and written with every batch.
@@ -163,6 +249,115 @@ struct Counters {
     duplicates: u64,
     evicted: u64,
     rejected: BTreeMap<Reason, u64>,
+}
+
+/// A group commit in the making: its sled batch, the counters it moves to,
+/// and the episode and source counts and index blocks it changes (kept here
+/// so that later frames of the same group see earlier ones).
+struct PendingCommit<'s> {
+    store: &'s Store,
+    batch: sled::Batch,
+    next: Counters,
+    counts: HashMap<Vec<u8>, u64>,
+    index: HashMap<Vec<u8>, IndexBlock>,
+}
+
+impl<'s> PendingCommit<'s> {
+    fn new(store: &'s Store, counters: Counters) -> PendingCommit<'s> {
+        PendingCommit { store, batch: sled::Batch::default(), next: counters, counts: HashMap::new(), index: HashMap::new() }
+    }
+
+    fn index_block(&mut self, key: Vec<u8>) -> Result<&mut IndexBlock> {
+        Ok(match self.index.entry(key) {
+            hash_map::Entry::Occupied(held) => held.into_mut(),
+            hash_map::Entry::Vacant(slot) => {
+                let block = self.store.read_index_block(slot.key())?;
+                slot.insert(block)
+            }
+        })
+    }
+
+    /// Adjusts a per-episode or per-source frame count by `delta`; returns
+    /// the count before and after.
+    fn count(&mut self, key: Vec<u8>, delta: i64) -> Result<(u64, u64)> {
+        let before = match self.counts.get(&key) {
+            Some(n) => *n,
+            None => self.store.tree.get(&key)?.map(|v| be_u64(&v)).transpose()?.unwrap_or(0),
+        };
+        let after = (before as i64 + delta).max(0) as u64;
+        self.counts.insert(key, after);
+        Ok((before, after))
+    }
+
+    /// Gives a new frame the next seq of `split` and indexes it; false (and
+    /// nothing changes) when (source, episode, step) is already held.
+    fn remember(&mut self, source: &str, episode: &str, step: u64, split: Split) -> Result<bool> {
+        let (key, offset) = index_block_key(source, episode, step);
+        let seq = self.next.head[split.byte() as usize];
+        let block = self.index_block(key)?;
+        if block.contains_key(&offset) {
+            return Ok(false);
+        }
+        block.insert(offset, (split, seq));
+        self.next.head[split.byte() as usize] += 1;
+        if self.count(episode_key(source, episode), 1)?.0 == 0 {
+            self.next.episodes += 1;
+        }
+        if self.count(source_key(source), 1)?.0 == 0 {
+            self.next.sources += 1;
+        }
+        Ok(true)
+    }
+
+    /// Drops an evicted frame from the index and the counts.
+    fn forget(&mut self, source: &str, episode: &str, step: u64) -> Result<()> {
+        let (key, offset) = index_block_key(source, episode, step);
+        self.index_block(key)?.remove(&offset);
+        if self.count(episode_key(source, episode), -1)?.1 == 0 {
+            self.next.episodes -= 1;
+        }
+        if self.count(source_key(source), -1)?.1 == 0 {
+            self.next.sources -= 1;
+        }
+        Ok(())
+    }
+
+    /// Evicts the stored frames `[from, to)` of `split`: forgets each, and
+    /// removes every chunk left with no frame at or past `to`.
+    fn evict_stored(&mut self, split: Split, from: u64, to: u64) -> Result<()> {
+        let mut seq = from;
+        while seq < to {
+            let (first, bytes) = self.store.chunk_holding(split, seq)?.context("the buffer ring points at a missing frame")?;
+            let chunk = decode_chunk(&bytes)?;
+            let end = first + chunk.len() as u64;
+            ensure!(end > seq, "the buffer ring points at a missing frame (seq {seq})");
+            for stored in &chunk[(seq - first) as usize..(end.min(to) - first) as usize] {
+                self.forget(&stored.source, &stored.episode, stored.step)?;
+            }
+            if end <= to {
+                self.batch.remove(chunk_key(split, first));
+            }
+            seq = end.min(to);
+        }
+        Ok(())
+    }
+
+    /// The batch with every count and index block written, and the counters.
+    fn finish(mut self) -> (sled::Batch, Counters) {
+        for (key, n) in self.counts {
+            match n {
+                0 => self.batch.remove(key),
+                n => self.batch.insert(key, &n.to_be_bytes()),
+            }
+        }
+        for (key, block) in self.index {
+            match block.is_empty() {
+                true => self.batch.remove(key),
+                false => self.batch.insert(key, encode_index_block(&block)),
+            }
+        }
+        (self.batch, self.next)
+    }
 }
 
 /// The replay buffer. Clones share one sled database; writes are
@@ -181,11 +376,18 @@ pub struct Store {
 fn meta_key(name: &str) -> Vec<u8> {
     [b"M".as_slice(), name.as_bytes()].concat()
 }
-fn frame_key(split: Split, seq: u64) -> Vec<u8> {
-    [&[b'F', split.byte()][..], &seq.to_be_bytes()].concat()
+fn chunk_key(split: Split, first_seq: u64) -> Vec<u8> {
+    [&[b'C', split.byte()][..], &first_seq.to_be_bytes()].concat()
 }
-fn index_key(source: &str, episode: &str, step: u64) -> Vec<u8> {
-    [b"K", source.as_bytes(), b"\0", episode.as_bytes(), b"\0", &step.to_be_bytes()].concat()
+/// The index block holding `step` (its number, big-endian as in keys), and
+/// the step's offset in it.
+fn index_block_of(step: u64) -> ([u8; 8], u8) {
+    ((step / INDEX_BLOCK_STEPS).to_be_bytes(), (step % INDEX_BLOCK_STEPS) as u8)
+}
+/// The key of the index block holding `step`, and the step's offset in it.
+fn index_block_key(source: &str, episode: &str, step: u64) -> (Vec<u8>, u8) {
+    let (block, offset) = index_block_of(step);
+    ([b"I", source.as_bytes(), b"\0", episode.as_bytes(), b"\0", &block].concat(), offset)
 }
 fn episode_key(source: &str, episode: &str) -> Vec<u8> {
     [b"E", source.as_bytes(), b"\0", episode.as_bytes()].concat()
@@ -197,66 +399,35 @@ fn be_u64(bytes: &[u8]) -> Result<u64> {
     Ok(u64::from_be_bytes(bytes.try_into().context("corrupt counter in the store")?))
 }
 
-/// One compression thread's zlib state, reused frame after frame: a fresh
-/// encoder per 12 KB frame spent more time allocating and zeroing its
-/// ~200 KB of tables than compressing (25 vs 21 us a frame measured here).
-struct Compressor {
-    zlib: flate2::Compress,
-    scratch: Vec<u8>,
-}
-
-impl Compressor {
-    fn new() -> Compressor {
-        Compressor { zlib: flate2::Compress::new(flate2::Compression::new(COMPRESSION_LEVEL), true), scratch: Vec::new() }
-    }
-
-    /// One complete zlib stream of `pixels` (what [`decompress`] reads).
-    fn compress(&mut self, pixels: &[u8]) -> Result<Vec<u8>> {
-        self.zlib.reset();
-        self.scratch.clear();
-        // zlib's worst case for incompressible input is a few bytes per 16 KB over the input.
-        self.scratch.reserve(pixels.len() + pixels.len() / 64 + 64);
-        loop {
-            let consumed = self.zlib.total_in() as usize;
-            match self.zlib.compress_vec(&pixels[consumed..], &mut self.scratch, flate2::FlushCompress::Finish)? {
-                flate2::Status::StreamEnd => return Ok(self.scratch.clone()),
-                // The output space ran out (not expected with the reserve above): give it more.
-                flate2::Status::Ok | flate2::Status::BufError => self.scratch.reserve(self.scratch.capacity()),
-            }
-        }
-    }
-}
-
 /// A batch's pixels compressed for [`Store::commit`], one entry per frame.
-/// Compression is half of a commit's CPU time and touches no sled state, so
-/// ingest does it for the next batch while the current one commits.
+/// Compression touches no sled state, so ingest does it for the next batch
+/// while the current one commits.
 pub struct Compressed(Vec<Vec<u8>>);
 
-/// Compresses every frame's pixels, split over `COMPRESSION_THREADS`
-/// scoped threads.
-pub fn compress_frames(frames: &[Frame]) -> Result<Compressed> {
+/// Compresses every frame's pixels, split over `COMPRESSION_THREADS` scoped
+/// threads. LZ4 blocks: CarRacing frames shrink ~6x (zlib level 1: ~7x) at
+/// 15 us a frame instead of zlib's 36, and decompress in a few us for
+/// sampling. Measured here on 1,000 real 64x64 CarRacing frames: zlib-rs
+/// level 1 1,653 bytes and 36-38 us a frame, zstd level 1 1,359 bytes and
+/// 28-34 us, zstd -1 1,422 bytes and 20-27 us, LZ4 2,063 bytes and 15-17 us.
+pub fn compress_frames(frames: &[Frame]) -> Compressed {
     let chunk = frames.len().div_ceil(COMPRESSION_THREADS).max(1);
     let parts = std::thread::scope(|scope| {
         let parts: Vec<_> = frames
             .chunks(chunk)
-            .map(|part| {
-                scope.spawn(move || {
-                    let mut compressor = Compressor::new();
-                    part.iter().map(|f| compressor.compress(&f.pixels)).collect::<Result<Vec<_>>>()
-                })
-            })
+            .map(|part| scope.spawn(move || part.iter().map(|f| lz4_flex::block::compress(&f.pixels)).collect::<Vec<_>>()))
             .collect();
-        parts.into_iter().map(|p| p.join().expect("compression does not panic")).collect::<Result<Vec<_>>>()
-    })?;
-    Ok(Compressed(parts.into_iter().flatten().collect()))
+        parts.into_iter().map(|p| p.join().expect("compression does not panic")).collect::<Vec<_>>()
+    });
+    Compressed(parts.into_iter().flatten().collect())
 }
 
+/// A frame's pixels from their LZ4 block; an error (never a panic) when
+/// the block is corrupt or holds anything but one 64x64x3 frame.
 fn decompress(z: &[u8]) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(OUT_BYTES);
-    flate2::read::ZlibDecoder::new(z).take(OUT_BYTES as u64 + 1).read_to_end(&mut out).context("corrupt frame pixels")?;
-    if out.len() != OUT_BYTES {
-        bail!("corrupt frame: {} pixel bytes, expected {OUT_BYTES}", out.len());
-    }
+    let mut out = vec![0; OUT_BYTES];
+    let n = lz4_flex::block::decompress_into(z, &mut out).context("corrupt frame pixels")?;
+    ensure!(n == OUT_BYTES, "corrupt frame: {n} pixel bytes, expected {OUT_BYTES}");
     Ok(out)
 }
 
@@ -272,12 +443,19 @@ impl Store {
     /// newer wmvae, and says so when another process holds it.
     pub fn open(dir: &Path, config: BufferConfig) -> Result<Store> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let db = sled::Config::new().path(dir.join("sled")).cache_capacity(SLED_CACHE_BYTES).open().map_err(|e| match e {
-            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                anyhow::anyhow!("store {} is locked by another process (is wmvae serve running?)", dir.display())
+        let locked_since = std::time::Instant::now();
+        let db = loop {
+            match sled::Config::new().path(dir.join("sled")).cache_capacity(SLED_CACHE_BYTES).open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
+                    if locked_since.elapsed() >= LOCK_WAIT {
+                        bail!("store {} is locked by another process (is wmvae serve running?)", dir.display());
+                    }
+                    std::thread::sleep(LOCK_RETRY_INTERVAL);
+                }
+                Err(other) => bail!("opening store {}: {other}", dir.display()),
             }
-            other => anyhow::anyhow!("opening store {}: {other}", dir.display()),
-        })?;
+        };
         let tree = db.open_tree("buffer")?;
         let checkpoints = db.open_tree("checkpoints")?;
         let store = Store { db, tree, checkpoints, registry_lock: Arc::default(), config, counters: Arc::default() };
@@ -287,8 +465,8 @@ impl Store {
     }
 
     /// Applies the store's schema version: writes it on a new store, accepts
-    /// an equal one, marks an older one current (its data reads as it is),
-    /// refuses a newer one (never rewrites it).
+    /// an equal one, upgrades an older one in place, refuses a newer one
+    /// (never rewrites it).
     fn migrate(&self) -> Result<()> {
         let found = self.tree.get(meta_key("schema_version"))?.map(|v| be_u64(&v)).transpose()?;
         match found {
@@ -296,8 +474,10 @@ impl Store {
                 bail!("store schema version {found} was written by a newer wmvae; this build knows up to {SCHEMA_VERSION}")
             }
             Some(found) if found == SCHEMA_VERSION => {}
-            // New, or older: nothing to rewrite, but older builds must now refuse it.
+            // New, or older: older frames move to the new layout (a new store
+            // has none), and older builds must now refuse the store.
             _ => {
+                upgrade::frames_and_index(self)?;
                 self.tree.insert(meta_key("schema_version"), &SCHEMA_VERSION.to_be_bytes())?;
                 self.db.flush()?;
             }
@@ -345,24 +525,6 @@ impl Store {
         }
     }
 
-    /// Adjusts a per-episode or per-source frame count by `delta`, in the
-    /// batch and in `pending` (later reads in the same batch see it);
-    /// returns the count before and after.
-    fn bump(&self, pending: &mut HashMap<Vec<u8>, u64>, batch: &mut sled::Batch, key: Vec<u8>, delta: i64) -> Result<(u64, u64)> {
-        let before = match pending.get(&key) {
-            Some(n) => *n,
-            None => self.tree.get(&key)?.map(|v| be_u64(&v)).transpose()?.unwrap_or(0),
-        };
-        let after = (before as i64 + delta).max(0) as u64;
-        if after == 0 {
-            batch.remove(key.clone());
-        } else {
-            batch.insert(key.clone(), &after.to_be_bytes());
-        }
-        pending.insert(key, after);
-        Ok((before, after))
-    }
-
     /// Group commit: stores `frames` (skipping ones already held) with their
     /// `compressed` pixels (from [`compress_frames`]), counts `rejected`,
     /// evicts the oldest past capacity, all in one atomic batch, then
@@ -370,69 +532,37 @@ impl Store {
     pub fn commit(&self, frames: &[Frame], compressed: Compressed, rejected: &[Reason]) -> Result<Committed> {
         ensure!(compressed.0.len() == frames.len(), "{} frames but {} compressed", frames.len(), compressed.0.len());
         let mut counters = self.counters.lock().unwrap();
-        let mut next = counters.clone();
-        let mut batch = sled::Batch::default();
-        let mut pending: HashMap<Vec<u8>, u64> = HashMap::new();
-        let mut seen_in_batch = HashSet::new();
-        let mut added: HashMap<Vec<u8>, (String, String, u64)> = HashMap::new();
+        let mut pending = PendingCommit::new(self, counters.clone());
         let mut done = Committed::default();
-        for (index, (frame, zpixels)) in frames.iter().zip(compressed.0).enumerate() {
-            let key = index_key(&frame.source, &frame.episode, frame.step);
-            if !seen_in_batch.insert(key.clone()) || self.tree.contains_key(&key)? {
+        // Per split, the frames new to the store, with seqs from the old head on.
+        let mut added: [Vec<StoredFrame>; 2] = Default::default();
+        for (index, (frame, zpixels)) in frames.iter().zip(&compressed.0).enumerate() {
+            let split = self.config.split_of(&frame.source, &frame.episode);
+            if !pending.remember(&frame.source, &frame.episode, frame.step, split)? {
                 done.duplicates += 1;
                 continue;
             }
-            let split = self.config.split_of(&frame.source, &frame.episode);
-            let seq = next.head[split.byte() as usize];
-            next.head[split.byte() as usize] += 1;
-            let stored = StoredFrame {
-                source: frame.source.clone(),
-                episode: frame.episode.clone(),
-                step: frame.step,
-                zpixels,
-                action: frame.action.clone(),
-                reward: frame.reward,
-                done: frame.done,
-            };
-            batch.insert(frame_key(split, seq), rmp_serde::to_vec_named(&stored)?);
-            added.insert(frame_key(split, seq), (frame.source.clone(), frame.episode.clone(), frame.step));
-            let mut location = vec![split.byte()];
-            location.extend_from_slice(&seq.to_be_bytes());
-            batch.insert(key, location);
-            if self.bump(&mut pending, &mut batch, episode_key(&frame.source, &frame.episode), 1)?.0 == 0 {
-                next.episodes += 1;
-            }
-            if self.bump(&mut pending, &mut batch, source_key(&frame.source), 1)?.0 == 0 {
-                next.sources += 1;
-            }
+            added[split.byte() as usize].push(StoredFrame::of(frame, zpixels));
             done.stored_indices.push(index);
         }
         for split in [Split::Train, Split::Validation] {
             let i = split.byte() as usize;
-            while next.head[i] - next.tail[i] > self.config.capacity_of(split) {
-                let seq = next.tail[i];
-                next.tail[i] += 1;
-                done.evicted += 1;
-                // A frame of this very batch (a burst over capacity) is not
-                // in the tree yet: its identity comes from `added`.
-                let (source, episode, step) = match added.remove(&frame_key(split, seq)) {
-                    Some(identity) => identity,
-                    None => {
-                        let old = self.tree.get(frame_key(split, seq))?.context("buffer ring points at a missing frame")?;
-                        let old: StoredFrame = rmp_serde::from_slice(&old).context("corrupt stored frame")?;
-                        (old.source, old.episode, old.step)
-                    }
-                };
-                batch.remove(frame_key(split, seq));
-                batch.remove(index_key(&source, &episode, step));
-                if self.bump(&mut pending, &mut batch, episode_key(&source, &episode), -1)?.1 == 0 {
-                    next.episodes -= 1;
-                }
-                if self.bump(&mut pending, &mut batch, source_key(&source), -1)?.1 == 0 {
-                    next.sources -= 1;
-                }
+            let (old_head, old_tail) = (counters.head[i], counters.tail[i]);
+            let new_tail = pending.next.head[i].saturating_sub(self.config.capacity_of(split)).max(old_tail);
+            pending.evict_stored(split, old_tail, new_tail.min(old_head))?;
+            // A burst over capacity: frames of this very batch evicted before they were ever written.
+            let burst = new_tail.saturating_sub(old_head) as usize;
+            for frame in &added[i][..burst] {
+                pending.forget(&frame.source, &frame.episode, frame.step)?;
             }
+            let first_kept = old_head + burst as u64;
+            for (n, chunk) in added[i][burst..].chunks(CHUNK_FRAMES).enumerate() {
+                pending.batch.insert(chunk_key(split, first_kept + (n * CHUNK_FRAMES) as u64), rmp_serde::to_vec_named(chunk)?);
+            }
+            pending.next.tail[i] = new_tail;
+            done.evicted += new_tail - old_tail;
         }
+        let (mut batch, mut next) = pending.finish();
         next.ingested += done.stored();
         next.duplicates += done.duplicates;
         next.evicted += done.evicted;
@@ -444,6 +574,21 @@ impl Store {
         self.db.flush()?;
         *counters = next;
         Ok(done)
+    }
+
+    /// The index block under `key` as stored (empty when there is none).
+    fn read_index_block(&self, key: &[u8]) -> Result<IndexBlock> {
+        self.tree.get(key)?.map(|bytes| decode_index_block(&bytes)).unwrap_or(Ok(IndexBlock::new()))
+    }
+
+    /// The chunk that holds frame `seq` of `split`, as its first seq and
+    /// bytes; None when no chunk holds it (evicted meanwhile).
+    fn chunk_holding(&self, split: Split, seq: u64) -> Result<Option<(u64, sled::IVec)>> {
+        let Some((key, bytes)) = self.tree.get_lt(chunk_key(split, seq + 1))? else { return Ok(None) };
+        if key.len() != 10 || key[..2] != [b'C', split.byte()] {
+            return Ok(None);
+        }
+        Ok(Some((be_u64(&key[2..])?, bytes)))
     }
 
     /// Frames ever stored (evictions and restarts included, duplicates not).
@@ -461,7 +606,7 @@ impl Store {
     /// replacement from `split`; None while the split is empty.
     pub fn sample(&self, split: Split, n: usize, rng: &mut impl Rng) -> Result<Option<Vec<u8>>> {
         let mut out = Vec::with_capacity(n * OUT_BYTES);
-        let mut drawn = 0;
+        let (mut drawn, mut misses) = (0, 0);
         while drawn < n {
             let (tail, head) = {
                 let c = self.counters.lock().unwrap();
@@ -470,11 +615,17 @@ impl Store {
             if head == tail {
                 return Ok(None);
             }
+            let seq = rng.gen_range(tail..head);
             // An eviction may race the draw: then draw again.
-            let Some(bytes) = self.tree.get(frame_key(split, rng.gen_range(tail..head)))? else { continue };
-            let stored: StoredFrame = rmp_serde::from_slice(&bytes).context("corrupt stored frame")?;
-            out.extend_from_slice(&decompress(&stored.zpixels)?);
-            drawn += 1;
+            if let Some((first, bytes)) = self.chunk_holding(split, seq)? {
+                if let Some(frame) = frame_of_chunk(first, &bytes, seq, true)? {
+                    out.extend_from_slice(&frame.pixels);
+                    drawn += 1;
+                    continue;
+                }
+            }
+            misses += 1;
+            ensure!(misses <= MAX_SAMPLE_MISSES, "the {} ring points at missing frames (seq {seq})", split.name());
         }
         Ok(Some(out))
     }
@@ -484,25 +635,29 @@ impl Store {
     /// decompression).
     pub fn frames_in_order<'a>(&'a self, source: Option<&'a str>, pixels: bool) -> impl Iterator<Item = Result<Frame>> + 'a {
         let prefix: Vec<u8> = match source {
-            Some(s) => [b"K", s.as_bytes(), b"\0"].concat(),
-            None => b"K".to_vec(),
+            Some(s) => [b"I", s.as_bytes(), b"\0"].concat(),
+            None => b"I".to_vec(),
         };
-        self.tree.scan_prefix(prefix).map(move |entry| {
-            let (_, location) = entry?;
-            let split = location.first().copied().and_then(Split::from_byte).context("corrupt index entry")?;
-            let seq = be_u64(&location[1..])?;
-            let bytes = self.tree.get(frame_key(split, seq))?.context("index points at a missing frame")?;
-            let stored: StoredFrame = rmp_serde::from_slice(&bytes).context("corrupt stored frame")?;
-            Ok(Frame {
-                pixels: if pixels { decompress(&stored.zpixels)?.into() } else { Default::default() },
-                source: stored.source,
-                episode: stored.episode,
-                step: stored.step,
-                action: stored.action,
-                reward: stored.reward,
-                done: stored.done,
-                received_at: None,
-            })
+        let locations = self.tree.scan_prefix(prefix).flat_map(|entry| {
+            let block = entry.map_err(anyhow::Error::from).and_then(|(_, bytes)| decode_index_block(&bytes));
+            match block {
+                Ok(block) => block.into_values().map(Ok).collect::<Vec<_>>(),
+                Err(e) => vec![Err(e)],
+            }
+        });
+        // Consecutive steps mostly share a chunk: keep the last one read.
+        let mut held: Option<(Split, u64, sled::IVec)> = None;
+        locations.map(move |location| {
+            let (split, seq) = location?;
+            if let Some((held_split, first, bytes)) = &held {
+                if let Some(frame) = frame_of_chunk(*first, bytes, seq, pixels).transpose().filter(|_| *held_split == split) {
+                    return frame;
+                }
+            }
+            let (first, bytes) = self.chunk_holding(split, seq)?.context("the index points at a missing frame")?;
+            let frame = frame_of_chunk(first, &bytes, seq, pixels)?.context("the index points at a missing frame")?;
+            held = Some((split, first, bytes));
+            Ok(frame)
         })
     }
 
@@ -537,7 +692,7 @@ mod tests {
     use super::*;
 
     fn commit(store: &Store, frames: &[Frame], rejected: &[Reason]) -> Result<Committed> {
-        store.commit(frames, compress_frames(frames)?, rejected)
+        store.commit(frames, compress_frames(frames), rejected)
     }
 
     fn frame(source: &str, episode: &str, step: u64) -> Frame {
@@ -609,6 +764,72 @@ mod tests {
         let batch = store.sample(Split::Train, 5, &mut rand::thread_rng()).unwrap().unwrap();
         assert_eq!(batch.len(), 5 * OUT_BYTES);
         assert!(batch.chunks(OUT_BYTES).all(|p| p.iter().all(|&b| b == p[0]) && p[0] < 3));
+    }
+
+    fn keys_under(store: &Store, prefix: &[u8]) -> Vec<sled::IVec> {
+        store.tree.scan_prefix(prefix).keys().map(|k| k.unwrap()).collect()
+    }
+
+    /// Evictions cut through chunks: a chunk goes once its last frame does.
+    #[test]
+    fn eviction_removes_chunks_once_all_their_frames_are_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), config(50)).unwrap();
+        for group in 0..3 {
+            let frames: Vec<Frame> = (group * 40..(group + 1) * 40).map(|s| frame("a", "e", s)).collect();
+            assert_eq!(commit(&store, &frames, &[]).unwrap().stored(), 40);
+        }
+        let steps: Vec<u64> = store.frames_in_order(None, true).map(|f| f.unwrap()).map(|f| f.step).collect();
+        assert_eq!(steps, (70..120).collect::<Vec<_>>());
+        // Groups of 40 make chunks at 0, 16, 32 | 40, 56, 72 | 80, 96, 112; frames from 70 on are held.
+        let firsts: Vec<u64> = keys_under(&store, b"C\0").iter().map(|k| be_u64(&k[2..]).unwrap()).collect();
+        assert_eq!(firsts, [56, 72, 80, 96, 112]);
+        let batch = store.sample(Split::Train, 200, &mut rand::thread_rng()).unwrap().unwrap();
+        assert!(batch.chunks(OUT_BYTES).all(|p| (70..120).any(|s| p == vec![(s % 256) as u8; OUT_BYTES].as_slice())));
+        assert_eq!(commit(&store, &[frame("a", "e", 69), frame("a", "e", 70)], &[]).unwrap().duplicates, 1, "69 was evicted, 70 is held");
+    }
+
+    /// A schema 2 store (a value per frame under `F`, an index entry per
+    /// step under `K`) is rewritten into chunks and blocks at open, and
+    /// holds the same frames afterwards.
+    #[test]
+    fn schema_2_buffers_are_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let frames: Vec<Frame> = (0..40).map(|s| frame("a", "old", s)).chain((0..5).map(|s| frame("b", "other", 100 + s))).collect();
+        {
+            let store = Store::open(dir.path(), config(1000)).unwrap();
+            let compressed: Vec<Vec<u8>> = frames.iter().map(|f| upgrade::tests::zlib(&f.pixels)).collect();
+            let mut batch = sled::Batch::default();
+            for (seq, (f, z)) in frames.iter().zip(&compressed).enumerate() {
+                let stored = StoredFrame::of(f, z);
+                let seq = seq as u64;
+                batch.insert([&b"F\0"[..], &seq.to_be_bytes()].concat(), rmp_serde::to_vec_named(&stored).unwrap());
+                let index = [b"K", f.source.as_bytes(), b"\0", f.episode.as_bytes(), b"\0", &f.step.to_be_bytes()].concat();
+                batch.insert(index, [&[0u8][..], &seq.to_be_bytes()].concat());
+            }
+            let counters = Counters { head: [45, 0], episodes: 2, sources: 2, ingested: 45, ..Default::default() };
+            Store::write_counters(&counters, &mut batch);
+            batch.insert(episode_key("a", "old"), &40u64.to_be_bytes());
+            batch.insert(episode_key("b", "other"), &5u64.to_be_bytes());
+            batch.insert(source_key("a"), &40u64.to_be_bytes());
+            batch.insert(source_key("b"), &5u64.to_be_bytes());
+            batch.insert(meta_key("schema_version"), &2u64.to_be_bytes());
+            store.tree.apply_batch(batch).unwrap();
+            store.flush().unwrap();
+        }
+        let store = Store::open(dir.path(), config(1000)).unwrap();
+        assert!(keys_under(&store, b"F").is_empty() && keys_under(&store, b"K").is_empty());
+        assert_eq!(store.tree.get(meta_key("schema_version")).unwrap().unwrap().as_ref(), SCHEMA_VERSION.to_be_bytes());
+        let held: Vec<Frame> = store.frames_in_order(None, true).map(|f| f.unwrap()).collect();
+        assert_eq!(held.len(), frames.len());
+        for (got, want) in held.iter().zip(&frames) {
+            assert_eq!((&got.source, &got.episode, got.step, &got.pixels, &got.action), (&want.source, &want.episode, want.step, &want.pixels, &want.action));
+        }
+        let c = commit(&store, &[frame("a", "old", 39), frame("a", "old", 40)], &[]).unwrap();
+        assert_eq!((c.stored(), c.duplicates), (1, 1));
+        let s = store.stats().unwrap();
+        assert_eq!((s.frames, s.episodes, s.sources), (46, 2, 2));
+        assert_eq!(store.sample(Split::Train, 10, &mut rand::thread_rng()).unwrap().unwrap().len(), 10 * OUT_BYTES);
     }
 
     #[test]
