@@ -42,14 +42,18 @@ pub fn preprocess(pixels: Bytes, height: usize, width: usize, policy: Policy) ->
         (OUT_SIDE, OUT_SIDE, _) => Ok(pixels),
         (CARRACING_SIDE, CARRACING_SIDE, _) => {
             let kept = &pixels[..CARRACING_KEPT_ROWS * width * CHANNELS];
-            Ok(resize_bilinear(kept, CARRACING_KEPT_ROWS, width, OUT_SIDE, OUT_SIDE).into())
+            Ok(CARRACING_RESIZE.resize(kept).into())
         }
-        (_, _, Policy::Resize) => Ok(resize_bilinear(&pixels, height, width, OUT_SIDE, OUT_SIDE).into()),
+        (_, _, Policy::Resize) => Ok(BilinearResize::new(height, width, OUT_SIDE, OUT_SIDE).resize(&pixels).into()),
         (_, _, Policy::WorldModels) => {
             bail!("frame size {height}x{width} unsupported: expected 64x64 or 96x96 (set preprocess = \"resize\" to accept others)")
         }
     }
 }
+
+/// The resize of every CarRacing frame, its filter taps computed once.
+static CARRACING_RESIZE: std::sync::LazyLock<BilinearResize> =
+    std::sync::LazyLock::new(|| BilinearResize::new(CARRACING_KEPT_ROWS, CARRACING_SIDE, OUT_SIDE, OUT_SIDE));
 
 /// PIL's fixed-point precision for 8-bit images (`PRECISION_BITS` in Resample.c).
 const PRECISION_BITS: u32 = 32 - 8 - 2;
@@ -88,43 +92,65 @@ fn bilinear_taps(in_size: usize, out_size: usize) -> Vec<Taps> {
         .collect()
 }
 
-fn clip8(acc: i64) -> u8 {
+/// PIL's `clip8`: a fixed-point sum back to a pixel value.
+fn clip8(acc: i32) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// Separable bilinear resize of an HWC RGB image, as PIL does it.
-fn resize_bilinear(src: &[u8], height: usize, width: usize, out_h: usize, out_w: usize) -> Vec<u8> {
-    let rounding = 1i64 << (PRECISION_BITS - 1);
-    // Horizontal pass: height x out_w.
-    let horizontal = bilinear_taps(width, out_w);
-    let mut mid = vec![0u8; height * out_w * CHANNELS];
-    for y in 0..height {
-        let row = &src[y * width * CHANNELS..(y + 1) * width * CHANNELS];
-        for (x, taps) in horizontal.iter().enumerate() {
-            for c in 0..CHANNELS {
-                let acc = taps
-                    .weights
-                    .iter()
-                    .enumerate()
-                    .fold(rounding, |acc, (k, &w)| acc + row[(taps.first + k) * CHANNELS + c] as i64 * w as i64);
-                mid[(y * out_w + x) * CHANNELS + c] = clip8(acc);
+/// Separable bilinear resize of HWC RGB images from one size to another,
+/// as PIL does it (its sums are 32-bit too: weights total 2^22, times 255,
+/// stay under 2^31).
+struct BilinearResize {
+    height: usize,
+    width: usize,
+    out_w: usize,
+    horizontal: Vec<Taps>,
+    vertical: Vec<Taps>,
+}
+
+impl BilinearResize {
+    fn new(height: usize, width: usize, out_h: usize, out_w: usize) -> BilinearResize {
+        BilinearResize { height, width, out_w, horizontal: bilinear_taps(width, out_w), vertical: bilinear_taps(height, out_h) }
+    }
+
+    /// Resizes one `height` x `width` image. Slices and whole rows, taps
+    /// computed once: 133 -> 56-71 us a CarRacing frame here, which counts
+    /// at 1,000 frames/s.
+    fn resize(&self, src: &[u8]) -> Vec<u8> {
+        const ROUNDING: i32 = 1 << (PRECISION_BITS - 1);
+        // Horizontal pass: height x out_w, a pixel's three channels together.
+        let mid_row_len = self.out_w * CHANNELS;
+        let mut mid = vec![0u8; self.height * mid_row_len];
+        for (row, mid_row) in src.chunks_exact(self.width * CHANNELS).zip(mid.chunks_exact_mut(mid_row_len)) {
+            for (taps, out) in self.horizontal.iter().zip(mid_row.chunks_exact_mut(CHANNELS)) {
+                let window = &row[taps.first * CHANNELS..(taps.first + taps.weights.len()) * CHANNELS];
+                let mut acc = [ROUNDING; CHANNELS];
+                for (pixel, &w) in window.chunks_exact(CHANNELS).zip(&taps.weights) {
+                    for (a, &p) in acc.iter_mut().zip(pixel) {
+                        *a += p as i32 * w;
+                    }
+                }
+                for (o, a) in out.iter_mut().zip(acc) {
+                    *o = clip8(a);
+                }
             }
         }
-    }
-    // Vertical pass: out_h x out_w.
-    let vertical = bilinear_taps(height, out_h);
-    let mut out = vec![0u8; out_h * out_w * CHANNELS];
-    for (y, taps) in vertical.iter().enumerate() {
-        for i in 0..out_w * CHANNELS {
-            let acc = taps
-                .weights
-                .iter()
-                .enumerate()
-                .fold(rounding, |acc, (k, &w)| acc + mid[(taps.first + k) * out_w * CHANNELS + i] as i64 * w as i64);
-            out[y * out_w * CHANNELS + i] = clip8(acc);
+        // Vertical pass: out_h x out_w, a whole row at a time.
+        let mut out = vec![0u8; self.vertical.len() * mid_row_len];
+        let mut acc = vec![0i32; mid_row_len];
+        for (taps, out_row) in self.vertical.iter().zip(out.chunks_exact_mut(mid_row_len)) {
+            acc.fill(ROUNDING);
+            for (mid_row, &w) in mid[taps.first * mid_row_len..].chunks_exact(mid_row_len).zip(&taps.weights) {
+                for (a, &p) in acc.iter_mut().zip(mid_row) {
+                    *a += p as i32 * w;
+                }
+            }
+            for (o, &a) in out_row.iter_mut().zip(&acc) {
+                *o = clip8(a);
+            }
         }
+        out
     }
-    out
 }
 
 #[cfg(test)]
