@@ -649,9 +649,9 @@ impl Store {
         let mut held: Option<(Split, u64, sled::IVec)> = None;
         locations.map(move |location| {
             let (split, seq) = location?;
-            if let Some((held_split, first, bytes)) = &held {
-                if let Some(frame) = frame_of_chunk(*first, bytes, seq, pixels).transpose().filter(|_| *held_split == split) {
-                    return frame;
+            if let Some((_, first, bytes)) = held.as_ref().filter(|(held_split, ..)| *held_split == split) {
+                if let Some(frame) = frame_of_chunk(*first, bytes, seq, pixels)? {
+                    return Ok(frame);
                 }
             }
             let (first, bytes) = self.chunk_holding(split, seq)?.context("the index points at a missing frame")?;
