@@ -789,8 +789,51 @@ mod tests {
         assert_eq!(commit(&store, &[frame("a", "e", 69), frame("a", "e", 70)], &[]).unwrap().duplicates, 1, "69 was evicted, 70 is held");
     }
 
-    /// A schema 2 store (a value per frame under `F`, an index entry per
-    /// step under `K`) is rewritten into chunks and blocks at open, and
+    /// `frames` as a schema 2 store held them, at seqs from `first_seq` of
+    /// the train split: a value per frame under `F` (pixels zlib), an index
+    /// entry per step under `K`.
+    fn schema_2_entries(frames: &[Frame], first_seq: u64) -> sled::Batch {
+        let mut batch = sled::Batch::default();
+        for (seq, f) in (first_seq..).zip(frames) {
+            let zpixels = upgrade::tests::zlib(&f.pixels);
+            batch.insert([&b"F\0"[..], &seq.to_be_bytes()].concat(), rmp_serde::to_vec_named(&StoredFrame::of(f, &zpixels)).unwrap());
+            let index = [b"K", f.source.as_bytes(), b"\0", f.episode.as_bytes(), b"\0", &f.step.to_be_bytes()].concat();
+            batch.insert(index, [&[0u8][..], &seq.to_be_bytes()].concat());
+        }
+        batch
+    }
+
+    /// Writes `batch` with the counters of `frames` held in all, and marks
+    /// the store schema 2.
+    fn write_as_schema_2(store: &Store, mut batch: sled::Batch, frames: &[Frame]) {
+        let mut counts: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+        for f in frames {
+            *counts.entry(episode_key(&f.source, &f.episode)).or_default() += 1;
+            *counts.entry(source_key(&f.source)).or_default() += 1;
+        }
+        let episodes = counts.keys().filter(|k| k[0] == b'E').count() as u64;
+        let n = frames.len() as u64;
+        let counters = Counters { head: [n, 0], episodes, sources: counts.len() as u64 - episodes, ingested: n, ..Default::default() };
+        Store::write_counters(&counters, &mut batch);
+        for (key, count) in counts {
+            batch.insert(key, &count.to_be_bytes());
+        }
+        batch.insert(meta_key("schema_version"), &2u64.to_be_bytes());
+        store.tree.apply_batch(batch).unwrap();
+        store.flush().unwrap();
+    }
+
+    fn assert_holds_exactly(store: &Store, frames: &[Frame]) {
+        assert!(keys_under(store, b"F").is_empty() && keys_under(store, b"K").is_empty(), "old keys left");
+        assert_eq!(store.tree.get(meta_key("schema_version")).unwrap().unwrap().as_ref(), SCHEMA_VERSION.to_be_bytes());
+        let held: Vec<Frame> = store.frames_in_order(None, true).map(|f| f.unwrap()).collect();
+        assert_eq!(held.len(), frames.len());
+        for (got, want) in held.iter().zip(frames) {
+            assert_eq!((&got.source, &got.episode, got.step, &got.pixels, &got.action), (&want.source, &want.episode, want.step, &want.pixels, &want.action));
+        }
+    }
+
+    /// A schema 2 store is rewritten into chunks and blocks at open, and
     /// holds the same frames afterwards.
     #[test]
     fn schema_2_buffers_are_upgraded_in_place() {
@@ -798,38 +841,33 @@ mod tests {
         let frames: Vec<Frame> = (0..40).map(|s| frame("a", "old", s)).chain((0..5).map(|s| frame("b", "other", 100 + s))).collect();
         {
             let store = Store::open(dir.path(), config(1000)).unwrap();
-            let compressed: Vec<Vec<u8>> = frames.iter().map(|f| upgrade::tests::zlib(&f.pixels)).collect();
-            let mut batch = sled::Batch::default();
-            for (seq, (f, z)) in frames.iter().zip(&compressed).enumerate() {
-                let stored = StoredFrame::of(f, z);
-                let seq = seq as u64;
-                batch.insert([&b"F\0"[..], &seq.to_be_bytes()].concat(), rmp_serde::to_vec_named(&stored).unwrap());
-                let index = [b"K", f.source.as_bytes(), b"\0", f.episode.as_bytes(), b"\0", &f.step.to_be_bytes()].concat();
-                batch.insert(index, [&[0u8][..], &seq.to_be_bytes()].concat());
-            }
-            let counters = Counters { head: [45, 0], episodes: 2, sources: 2, ingested: 45, ..Default::default() };
-            Store::write_counters(&counters, &mut batch);
-            batch.insert(episode_key("a", "old"), &40u64.to_be_bytes());
-            batch.insert(episode_key("b", "other"), &5u64.to_be_bytes());
-            batch.insert(source_key("a"), &40u64.to_be_bytes());
-            batch.insert(source_key("b"), &5u64.to_be_bytes());
-            batch.insert(meta_key("schema_version"), &2u64.to_be_bytes());
-            store.tree.apply_batch(batch).unwrap();
-            store.flush().unwrap();
+            write_as_schema_2(&store, schema_2_entries(&frames, 0), &frames);
         }
         let store = Store::open(dir.path(), config(1000)).unwrap();
-        assert!(keys_under(&store, b"F").is_empty() && keys_under(&store, b"K").is_empty());
-        assert_eq!(store.tree.get(meta_key("schema_version")).unwrap().unwrap().as_ref(), SCHEMA_VERSION.to_be_bytes());
-        let held: Vec<Frame> = store.frames_in_order(None, true).map(|f| f.unwrap()).collect();
-        assert_eq!(held.len(), frames.len());
-        for (got, want) in held.iter().zip(&frames) {
-            assert_eq!((&got.source, &got.episode, got.step, &got.pixels, &got.action), (&want.source, &want.episode, want.step, &want.pixels, &want.action));
-        }
+        assert_holds_exactly(&store, &frames);
         let c = commit(&store, &[frame("a", "old", 39), frame("a", "old", 40)], &[]).unwrap();
         assert_eq!((c.stored(), c.duplicates), (1, 1));
         let s = store.stats().unwrap();
         assert_eq!((s.frames, s.episodes, s.sources), (46, 2, 2));
         assert_eq!(store.sample(Split::Train, 10, &mut rand::thread_rng()).unwrap().unwrap().len(), 10 * OUT_BYTES);
+    }
+
+    /// An upgrade cut short, with some frames already in chunks and some
+    /// steps already in index blocks, finishes at the next open, merging
+    /// the rest into the same blocks.
+    #[test]
+    fn an_interrupted_upgrade_finishes_at_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let frames: Vec<Frame> = (0..45).map(|s| frame("a", "old", s)).collect();
+        {
+            let store = Store::open(dir.path(), config(1000)).unwrap();
+            // Frames 0..20 already moved: a chunk at seq 0, steps 0..20 in block 0.
+            commit(&store, &frames[..20], &[]).unwrap();
+            write_as_schema_2(&store, schema_2_entries(&frames[20..], 20), &frames);
+        }
+        let store = Store::open(dir.path(), config(1000)).unwrap();
+        assert_holds_exactly(&store, &frames);
+        assert_eq!(commit(&store, &[frame("a", "old", 30)], &[]).unwrap().duplicates, 1);
     }
 
     #[test]
