@@ -41,11 +41,16 @@ use std::sync::{Arc, Mutex};
 /// rewrites the frames and index of older stores).
 pub const SCHEMA_VERSION: u64 = 3;
 /// Frames per sled value. sled's cost is per insert and per byte it
-/// rewrites, and one 3.4 KB frame a value kept the commit at ~60 us a frame,
-/// the bottleneck of ingest. Measured here (sled alone, groups of 512, one
-/// flush each): one frame a value 47-61 us a frame, 16 a value 21-26, 32 a
-/// value 19; reading a frame to sample it got faster too (25 -> 5 us).
-const CHUNK_FRAMES: usize = 16;
+/// rewrites: 16 frames a value took a group commit from 47-61 to 21-26 us a
+/// frame (sled alone, groups of 512, one flush each). But sled 0.34 does not
+/// hold its cache to `cache_capacity` for such values: its LRU evaluates a
+/// shard only after 64 accesses to it, and a leaf of 16 values of 16 frames
+/// (~600 KB) is accessed rarely, so pages stay resident: 687 MB after
+/// 320,000 frames at 16 a value, growing linearly, against 133 MB at one a
+/// value, 205 at 2 (232 after 640,000: nearly flat), 352 at 4. Memory must
+/// stay bounded, so two frames a value: 20 us a frame in the same sled
+/// bench, against 28.6 at one a value.
+const CHUNK_FRAMES: usize = 2;
 /// Steps of one episode per index block (one sled value): dedup reads and
 /// writes a block per 64 steps instead of an entry per frame.
 const INDEX_BLOCK_STEPS: u64 = 64;
@@ -584,6 +589,10 @@ impl Store {
     /// The chunk that holds frame `seq` of `split`, as its first seq and
     /// bytes; None when no chunk holds it (evicted meanwhile).
     fn chunk_holding(&self, split: Split, seq: u64) -> Result<Option<(u64, sled::IVec)>> {
+        // A chunk that starts at `seq` (every chunk, at one frame a chunk) is one point lookup.
+        if let Some(bytes) = self.tree.get(chunk_key(split, seq))? {
+            return Ok(Some((seq, bytes)));
+        }
         let Some((key, bytes)) = self.tree.get_lt(chunk_key(split, seq + 1))? else { return Ok(None) };
         if key.len() != 10 || key[..2] != [b'C', split.byte()] {
             return Ok(None);
@@ -781,9 +790,12 @@ mod tests {
         }
         let steps: Vec<u64> = store.frames_in_order(None, true).map(|f| f.unwrap()).map(|f| f.step).collect();
         assert_eq!(steps, (70..120).collect::<Vec<_>>());
-        // Groups of 40 make chunks at 0, 16, 32 | 40, 56, 72 | 80, 96, 112; frames from 70 on are held.
+        // Each group of 40 is cut into chunks from its first seq on; a chunk stays while it holds a frame from 70 on.
         let firsts: Vec<u64> = keys_under(&store, b"C\0").iter().map(|k| be_u64(&k[2..]).unwrap()).collect();
-        assert_eq!(firsts, [56, 72, 80, 96, 112]);
+        let expected: Vec<u64> = (0..3u64)
+            .flat_map(|g| (g * 40..(g + 1) * 40).step_by(CHUNK_FRAMES).filter(move |&first| (first + CHUNK_FRAMES as u64).min((g + 1) * 40) > 70))
+            .collect();
+        assert_eq!(firsts, expected);
         let batch = store.sample(Split::Train, 200, &mut rand::thread_rng()).unwrap().unwrap();
         assert!(batch.chunks(OUT_BYTES).all(|p| (70..120).any(|s| p == vec![(s % 256) as u8; OUT_BYTES].as_slice())));
         assert_eq!(commit(&store, &[frame("a", "e", 69), frame("a", "e", 70)], &[]).unwrap().duplicates, 1, "69 was evicted, 70 is held");
