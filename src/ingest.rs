@@ -93,15 +93,9 @@ pub async fn run(bus: Bus, store: Store, config: IngestConfig, latents: Option<L
     let policy = config.preprocess;
     let preparer = tokio::spawn(async move {
         while let Some(batch) = incoming.recv().await {
-            let size = batch.len();
-            match tokio::task::spawn_blocking(move || prepare(batch, policy)).await.context("ingest prepare worker")? {
-                Ok(batch) => {
-                    if ready.send(batch).await.is_err() {
-                        break;
-                    }
-                }
-                // Not acked, so the server redelivers the batch after its ack wait.
-                Err(e) => tracing::error!("ingest batch of {size} failed, it will be redelivered: {e:#}"),
+            let prepared = tokio::task::spawn_blocking(move || prepare(batch, policy)).await.context("ingest prepare worker")?;
+            if ready.send(prepared).await.is_err() {
+                break;
             }
         }
         anyhow::Ok(())
@@ -142,7 +136,7 @@ pub async fn run(bus: Bus, store: Store, config: IngestConfig, latents: Option<L
 }
 
 /// Decodes (PNG, resize) and compresses one batch: blocking CPU work.
-fn prepare(batch: Vec<Delivery>, policy: Policy) -> Result<Prepared> {
+fn prepare(batch: Vec<Delivery>, policy: Policy) -> Prepared {
     let mut frames = Vec::with_capacity(batch.len());
     let mut rejections = Vec::with_capacity(batch.len());
     for delivery in &batch {
@@ -155,7 +149,7 @@ fn prepare(batch: Vec<Delivery>, policy: Policy) -> Result<Prepared> {
         }
     }
     let compressed = compress_frames(&frames);
-    Ok(Prepared { batch, rejections, frames, compressed })
+    Prepared { batch, rejections, frames, compressed }
 }
 
 /// Commits one prepared batch, then acks or dead-letters each delivery.

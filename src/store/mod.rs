@@ -215,11 +215,11 @@ fn decode_chunk(bytes: &[u8]) -> Result<Vec<StoredFrame<'_>>> {
     rmp_serde::from_slice(bytes).context("corrupt stored chunk of frames")
 }
 
-/// Frame `seq` out of the chunk `bytes` that starts at seq `first`; None
-/// when the chunk does not hold it.
-fn frame_of_chunk(first: u64, bytes: &[u8], seq: u64, pixels: bool) -> Result<Option<Frame>> {
+/// `read` applied to frame `seq` of the chunk `bytes` that starts at seq
+/// `first`; None when the chunk does not hold it.
+fn read_in_chunk<T>(first: u64, bytes: &[u8], seq: u64, read: impl FnOnce(&StoredFrame) -> Result<T>) -> Result<Option<T>> {
     let chunk = decode_chunk(bytes)?;
-    seq.checked_sub(first).and_then(|i| chunk.get(i as usize)).map(|stored| stored.to_frame(pixels)).transpose()
+    seq.checked_sub(first).and_then(|i| chunk.get(i as usize)).map(read).transpose()
 }
 
 /// An index block decoded: step offset in the block -> (split, seq).
@@ -431,9 +431,15 @@ pub fn compress_frames(frames: &[Frame]) -> Compressed {
 /// the block is corrupt or holds anything but one 64x64x3 frame.
 fn decompress(z: &[u8]) -> Result<Vec<u8>> {
     let mut out = vec![0; OUT_BYTES];
-    let n = lz4_flex::block::decompress_into(z, &mut out).context("corrupt frame pixels")?;
-    ensure!(n == OUT_BYTES, "corrupt frame: {n} pixel bytes, expected {OUT_BYTES}");
+    decompress_into(z, &mut out)?;
     Ok(out)
+}
+
+/// As [`decompress`], into `out` (OUT_BYTES long).
+fn decompress_into(z: &[u8], out: &mut [u8]) -> Result<()> {
+    let n = lz4_flex::block::decompress_into(z, out).context("corrupt frame pixels")?;
+    ensure!(n == OUT_BYTES, "corrupt frame: {n} pixel bytes, expected {OUT_BYTES}");
+    Ok(())
 }
 
 impl Committed {
@@ -589,7 +595,7 @@ impl Store {
     /// The chunk that holds frame `seq` of `split`, as its first seq and
     /// bytes; None when no chunk holds it (evicted meanwhile).
     fn chunk_holding(&self, split: Split, seq: u64) -> Result<Option<(u64, sled::IVec)>> {
-        // A chunk that starts at `seq` (every chunk, at one frame a chunk) is one point lookup.
+        // The first frame of every chunk is one point lookup away; the others need a range lookup.
         if let Some(bytes) = self.tree.get(chunk_key(split, seq))? {
             return Ok(Some((seq, bytes)));
         }
@@ -614,7 +620,7 @@ impl Store {
     /// `n` frames (64x64x3 bytes each, concatenated) drawn uniformly with
     /// replacement from `split`; None while the split is empty.
     pub fn sample(&self, split: Split, n: usize, rng: &mut impl Rng) -> Result<Option<Vec<u8>>> {
-        let mut out = Vec::with_capacity(n * OUT_BYTES);
+        let mut out = vec![0; n * OUT_BYTES];
         let (mut drawn, mut misses) = (0, 0);
         while drawn < n {
             let (tail, head) = {
@@ -627,8 +633,9 @@ impl Store {
             let seq = rng.gen_range(tail..head);
             // An eviction may race the draw: then draw again.
             if let Some((first, bytes)) = self.chunk_holding(split, seq)? {
-                if let Some(frame) = frame_of_chunk(first, &bytes, seq, true)? {
-                    out.extend_from_slice(&frame.pixels);
+                // Only the pixels, straight into their place: no other field is copied.
+                let slot = &mut out[drawn * OUT_BYTES..][..OUT_BYTES];
+                if read_in_chunk(first, &bytes, seq, |stored| decompress_into(&stored.zpixels, slot))?.is_some() {
                     drawn += 1;
                     continue;
                 }
@@ -659,12 +666,12 @@ impl Store {
         locations.map(move |location| {
             let (split, seq) = location?;
             if let Some((_, first, bytes)) = held.as_ref().filter(|(held_split, ..)| *held_split == split) {
-                if let Some(frame) = frame_of_chunk(*first, bytes, seq, pixels)? {
+                if let Some(frame) = read_in_chunk(*first, bytes, seq, |stored| stored.to_frame(pixels))? {
                     return Ok(frame);
                 }
             }
             let (first, bytes) = self.chunk_holding(split, seq)?.context("the index points at a missing frame")?;
-            let frame = frame_of_chunk(first, &bytes, seq, pixels)?.context("the index points at a missing frame")?;
+            let frame = read_in_chunk(first, &bytes, seq, |stored| stored.to_frame(pixels))?.context("the index points at a missing frame")?;
             held = Some((split, first, bytes));
             Ok(frame)
         })
