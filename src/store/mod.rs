@@ -68,8 +68,6 @@ const SLED_CACHE_BYTES: u64 = 32 * 1024 * 1024;
 /// process, or by a daemon exiting) can look locked for a few ms.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 const LOCK_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
-/// Threads compressing one group commit (the machine this targets has 2 cores).
-const COMPRESSION_THREADS: usize = 2;
 
 /// Where a frame's episode belongs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -209,6 +207,17 @@ impl<'a> StoredFrame<'a> {
             received_at: None,
         })
     }
+}
+
+/// Bytes a stored frame takes beside its pixels (field names, strings,
+/// action): room reserved so that encoding a chunk allocates once.
+const STORED_FRAME_OVERHEAD: usize = 256;
+
+/// A chunk's bytes: its frames as one MessagePack array.
+fn encode_chunk(frames: &[StoredFrame]) -> Result<Vec<u8>> {
+    let mut bytes = Vec::with_capacity(frames.iter().map(|f| f.zpixels.len() + STORED_FRAME_OVERHEAD).sum());
+    frames.serialize(&mut rmp_serde::Serializer::new(&mut bytes).with_struct_map())?;
+    Ok(bytes)
 }
 
 fn decode_chunk(bytes: &[u8]) -> Result<Vec<StoredFrame<'_>>> {
@@ -409,22 +418,17 @@ fn be_u64(bytes: &[u8]) -> Result<u64> {
 /// while the current one commits.
 pub struct Compressed(Vec<Vec<u8>>);
 
-/// Compresses every frame's pixels, split over `COMPRESSION_THREADS` scoped
-/// threads. LZ4 blocks: CarRacing frames shrink ~6x (zlib level 1: ~7x) at
-/// 15 us a frame instead of zlib's 36, and decompress in a few us for
-/// sampling. Measured here on 1,000 real 64x64 CarRacing frames: zlib-rs
-/// level 1 1,653 bytes and 36-38 us a frame, zstd level 1 1,359 bytes and
-/// 28-34 us, zstd -1 1,422 bytes and 20-27 us, LZ4 2,063 bytes and 15-17 us.
+/// Compresses every frame's pixels, on the calling thread: at 10-17 us a
+/// frame, a 512-frame group takes 5-9 ms, well under the commit it
+/// overlaps. (Two scoped threads a group, as zlib needed, bought nothing:
+/// `bench ingest` ratio medians 0.445 and 0.494 with them, 5 and 8 runs;
+/// 0.448 without, 8 runs.) LZ4 blocks: CarRacing frames shrink ~6x (zlib
+/// level 1: ~7x) and decompress in a few us for sampling. Measured here on
+/// 1,000 real 64x64 CarRacing frames: zlib-rs level 1 1,653 bytes and 36-38
+/// us a frame, zstd level 1 1,359 bytes and 28-34 us, zstd -1 1,422 bytes
+/// and 20-27 us, LZ4 2,063 bytes and 15-17 us.
 pub fn compress_frames(frames: &[Frame]) -> Compressed {
-    let chunk = frames.len().div_ceil(COMPRESSION_THREADS).max(1);
-    let parts = std::thread::scope(|scope| {
-        let parts: Vec<_> = frames
-            .chunks(chunk)
-            .map(|part| scope.spawn(move || part.iter().map(|f| lz4_flex::block::compress(&f.pixels)).collect::<Vec<_>>()))
-            .collect();
-        parts.into_iter().map(|p| p.join().expect("compression does not panic")).collect::<Vec<_>>()
-    });
-    Compressed(parts.into_iter().flatten().collect())
+    Compressed(frames.iter().map(|f| lz4_flex::block::compress(&f.pixels)).collect())
 }
 
 /// A frame's pixels from their LZ4 block; an error (never a panic) when
@@ -568,7 +572,7 @@ impl Store {
             }
             let first_kept = old_head + burst as u64;
             for (n, chunk) in added[i][burst..].chunks(CHUNK_FRAMES).enumerate() {
-                pending.batch.insert(chunk_key(split, first_kept + (n * CHUNK_FRAMES) as u64), rmp_serde::to_vec_named(chunk)?);
+                pending.batch.insert(chunk_key(split, first_kept + (n * CHUNK_FRAMES) as u64), encode_chunk(chunk)?);
             }
             pending.next.tail[i] = new_tail;
             done.evicted += new_tail - old_tail;

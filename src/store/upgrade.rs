@@ -9,7 +9,7 @@
 //! that moves a bounded number of entries from the old keys to the new, so
 //! an upgrade cut short by a crash resumes where it stopped.
 
-use super::{be_u64, chunk_key, encode_index_block, index_block_of, IndexBlock, Split, Store, StoredFrame, CHUNK_FRAMES};
+use super::{be_u64, chunk_key, encode_chunk, encode_index_block, index_block_of, IndexBlock, Split, Store, StoredFrame, CHUNK_FRAMES};
 use crate::preprocess::OUT_BYTES;
 use anyhow::{ensure, Context, Result};
 use std::borrow::Cow;
@@ -43,14 +43,14 @@ fn frames_to_chunks(store: &Store) -> Result<bool> {
             Some((s, first, frames)) if *s == split && *first + frames.len() as u64 == seq && frames.len() < CHUNK_FRAMES => frames.push(frame),
             _ => {
                 if let Some((s, first, frames)) = chunk.replace((split, seq, vec![frame])) {
-                    batch.insert(chunk_key(s, first), rmp_serde::to_vec_named(&frames)?);
+                    batch.insert(chunk_key(s, first), encode_chunk(&frames)?);
                 }
             }
         }
         batch.remove(key);
     }
     if let Some((s, first, frames)) = chunk {
-        batch.insert(chunk_key(s, first), rmp_serde::to_vec_named(&frames)?);
+        batch.insert(chunk_key(s, first), encode_chunk(&frames)?);
     }
     store.tree.apply_batch(batch)?;
     Ok(!old.is_empty())
