@@ -393,15 +393,18 @@ fn meta_key(name: &str) -> Vec<u8> {
 fn chunk_key(split: Split, first_seq: u64) -> Vec<u8> {
     [&[b'C', split.byte()][..], &first_seq.to_be_bytes()].concat()
 }
-/// The index block holding `step` (its number, big-endian as in keys), and
-/// the step's offset in it.
-fn index_block_of(step: u64) -> ([u8; 8], u8) {
-    ((step / INDEX_BLOCK_STEPS).to_be_bytes(), (step % INDEX_BLOCK_STEPS) as u8)
-}
 /// The key of the index block holding `step`, and the step's offset in it.
 fn index_block_key(source: &str, episode: &str, step: u64) -> (Vec<u8>, u8) {
-    let (block, offset) = index_block_of(step);
-    ([b"I", source.as_bytes(), b"\0", episode.as_bytes(), b"\0", &block].concat(), offset)
+    index_block_key_under(&[source.as_bytes(), b"\0", episode.as_bytes(), b"\0"], step)
+}
+/// As [`index_block_key`], for an episode named by the parts of
+/// `source 0 episode 0` (one allocation: this runs for every frame).
+fn index_block_key_under(episode_name: &[&[u8]], step: u64) -> (Vec<u8>, u8) {
+    let mut key = Vec::with_capacity(1 + episode_name.iter().map(|part| part.len()).sum::<usize>() + 8);
+    key.push(b'I');
+    episode_name.iter().for_each(|part| key.extend_from_slice(part));
+    key.extend_from_slice(&(step / INDEX_BLOCK_STEPS).to_be_bytes());
+    (key, (step % INDEX_BLOCK_STEPS) as u8)
 }
 fn episode_key(source: &str, episode: &str) -> Vec<u8> {
     [b"E", source.as_bytes(), b"\0", episode.as_bytes()].concat()

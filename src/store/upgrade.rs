@@ -5,11 +5,12 @@
 //!
 //! Schemas 1 and 2 held one frame a value (`F` split seq, pixels zlib) and
 //! one index entry a step (`K` source 0 episode 0 step -> split, seq);
-//! schema 3 holds chunks (`C`, pixels LZ4) and index blocks (`I`). Each step below is one atomic batch
-//! that moves a bounded number of entries from the old keys to the new, so
-//! an upgrade cut short by a crash resumes where it stopped.
+//! schema 3 holds chunks (`C`, pixels LZ4) and index blocks (`I`). Each
+//! step below is one atomic batch that moves a bounded number of entries
+//! from the old keys to the new, so an upgrade cut short by a crash resumes
+//! where it stopped.
 
-use super::{be_u64, chunk_key, encode_chunk, encode_index_block, index_block_of, IndexBlock, Split, Store, StoredFrame, CHUNK_FRAMES};
+use super::{be_u64, chunk_key, encode_chunk, encode_index_block, index_block_key_under, IndexBlock, Split, Store, StoredFrame, CHUNK_FRAMES};
 use crate::preprocess::OUT_BYTES;
 use anyhow::{ensure, Context, Result};
 use std::borrow::Cow;
@@ -67,8 +68,7 @@ fn index_to_blocks(store: &Store) -> Result<bool> {
         ensure!(key.len() > 9 && value.len() == 9, "corrupt index entry in a schema 2 store");
         let (name, step) = key.split_at(key.len() - 8);
         // `name` is `K` source 0 episode 0: the new key keeps it, under `I`.
-        let (block, offset) = index_block_of(be_u64(step)?);
-        let block_key = [b"I", &name[1..], &block].concat();
+        let (block_key, offset) = index_block_key_under(&[&name[1..]], be_u64(step)?);
         let location = (Split::from_byte(value[0]).context("corrupt index entry in a schema 2 store")?, be_u64(&value[1..])?);
         let block = match blocks.entry(block_key) {
             btree_map::Entry::Occupied(held) => held.into_mut(),
