@@ -4,10 +4,10 @@
 //! that. Unknown keys are errors, so a typo never silently does nothing.
 //! This module parses and validates; it opens no connections.
 
-use crate::adam::AdamConfig;
-use crate::device::DeviceChoice;
-use crate::model::VaeConfig;
-use crate::preprocess::Policy;
+use crate::vae::adam::AdamConfig;
+use crate::vae::device::DeviceChoice;
+use crate::vae::model::VaeConfig;
+use crate::frames::preprocess::Policy;
 use crate::store::BufferConfig;
 use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
@@ -316,16 +316,6 @@ impl Config {
             bail!("latents.max_batch must be in 1..={MAX_LATENT_BATCH}");
         }
         Ok(())
-    }
-
-    /// What the bus applies when it migrates.
-    pub fn bus_limits(&self) -> crate::bus::BusLimits {
-        crate::bus::BusLimits {
-            ack_wait_secs: self.ingest.ack_wait_secs,
-            max_ack_pending: self.ingest.max_ack_pending,
-            latents_max_age_secs: self.latents.stream_max_age_secs,
-            latents_max_bytes: self.latents.stream_max_bytes,
-        }
     }
 
     pub fn vae(&self) -> VaeConfig {

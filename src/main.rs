@@ -5,9 +5,10 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use wmvae::bench::{self, BenchOptions};
+use wmvae::tools::bench::{self, BenchOptions};
+use wmvae::cli::{backend, render};
 use wmvae::config::Config;
-use wmvae::device::DeviceChoice;
+use wmvae::vae::device::DeviceChoice;
 
 #[derive(Parser)]
 #[command(name = "wmvae", version, about = "Streaming trainer for the World Models VAE")]
@@ -131,11 +132,11 @@ struct PlaceArgs {
 }
 
 impl PlaceArgs {
-    fn mode(&self) -> wmvae::operator::Mode {
+    fn mode(&self) -> backend::Mode {
         match (self.online, self.offline) {
-            (true, _) => wmvae::operator::Mode::Online,
-            (_, true) => wmvae::operator::Mode::Offline,
-            _ => wmvae::operator::Mode::Auto,
+            (true, _) => backend::Mode::Online,
+            (_, true) => backend::Mode::Offline,
+            _ => backend::Mode::Auto,
         }
     }
 }
@@ -287,67 +288,17 @@ impl BenchArgs {
     }
 }
 
-fn print_bench(result: serde_json::Value, json: bool) {
-    if json {
-        println!("{result}");
-    } else {
-        let fields: Vec<String> = result.as_object().into_iter().flatten().map(|(k, v)| format!("{k}={v}")).collect();
-        println!("{}", fields.join(" "));
-    }
-}
-
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
-fn print_stats(stats: &wmvae::store::Stats, json: bool) -> Result<()> {
-    print_as(stats, json, |stats| {
-        println!("frames      {} of {} ({} train, {} validation)", stats.frames, stats.capacity, stats.train_frames, stats.validation_frames);
-        println!("episodes    {}", stats.episodes);
-        println!("sources     {}", stats.sources);
-        println!("ingested    {} (duplicates {}, evicted {})", stats.frames_ingested, stats.duplicates, stats.evicted);
-        println!("disk bytes  {}", stats.bytes_on_disk);
-        for (reason, n) in &stats.rejected {
-            println!("rejected    {reason}: {n}");
-        }
-        Ok(())
-    })
-}
-
-/// With `--json`, `value` as one line of JSON; otherwise `human` prints it for people.
-fn print_as<T: serde::Serialize>(value: T, json: bool, human: impl FnOnce(T) -> Result<()>) -> Result<()> {
-    if json {
-        println!("{}", serde_json::to_string(&value)?);
-        Ok(())
-    } else {
-        human(value)
-    }
-}
-
-fn opt<T: std::fmt::Display>(value: Option<T>) -> String {
-    value.map_or_else(|| "-".to_string(), |v| v.to_string())
-}
-
-async fn checkpoint_command(config: &Config, mode: wmvae::operator::Mode, which: CheckpointCommand) -> Result<()> {
-    let backend = wmvae::operator::connect(config, mode).await?;
-    let by = wmvae::ops::default_actor();
+async fn checkpoint_command(config: &Config, mode: backend::Mode, which: CheckpointCommand) -> Result<()> {
+    let backend = backend::connect(config, mode).await?;
+    let by = wmvae::versions::default_actor();
     match which {
-        CheckpointCommand::List { json } => {
-            print_as(backend.list().await?, json, |rows| {
-                println!("{:>8} {:>8} {:>10}  {:<25} {:>12}  marks", "version", "parent", "step", "created", "eval_loss");
-                for r in rows {
-                    let marks: Vec<&str> = [(r.active, "active"), (r.pinned, "pinned"), (r.best, "best")].iter().filter(|m| m.0).map(|m| m.1).collect();
-                    let loss = r.eval_loss.map_or_else(|| "-".into(), |l| format!("{l:.3}"));
-                    println!("{:>8} {:>8} {:>10}  {:<25} {:>12}  {}", r.version, opt(r.parent), r.step, r.created_at, loss, marks.join(","));
-                }
-                Ok(())
-            })?;
-        }
+        CheckpointCommand::List { json } => render::list(backend.list().await?, json)?,
         CheckpointCommand::Show { version, recon, json } => {
-            print_as(backend.show(version).await?, json, |shown| {
-                println!("{}", serde_json::to_string_pretty(&shown)?);
-                Ok(())
-            })?;
+            render::shown(backend.show(version).await?, json)?;
             if let Some(path) = recon {
                 std::fs::write(&path, backend.recon(version).await?).with_context(|| format!("writing {}", path.display()))?;
                 eprintln!("wrote {} (top: validation frames, bottom: reconstructions by v{version})", path.display());
@@ -356,7 +307,7 @@ async fn checkpoint_command(config: &Config, mode: wmvae::operator::Mode, which:
         CheckpointCommand::Rollback { version, reason } => {
             let from = backend.rollback(version, &by, reason.as_deref()).await?;
             let when = if backend.is_live() { "now" } else { "when the daemon next starts" };
-            println!("active version: v{} -> v{version} (takes effect {when})", opt(from));
+            println!("active version: v{} -> v{version} (takes effect {when})", render::version_or_dash(from));
         }
         CheckpointCommand::Pin { version } => {
             backend.set_pinned(version, true).await?;
@@ -379,15 +330,7 @@ async fn checkpoint_command(config: &Config, mode: wmvae::operator::Mode, which:
             let metadata = backend.import(&bytes, &file.display().to_string(), config, &by, reason.as_deref()).await?;
             println!("imported {} as v{} (active)", file.display(), metadata.version);
         }
-        CheckpointCommand::History { json } => {
-            print_as(backend.history().await?, json, |entries| {
-                println!("{:<25} {:>6} {:>6}  {:<34} {:<20} reason", "at", "from", "to", "why", "by");
-                for h in entries {
-                    println!("{:<25} {:>6} {:>6}  {:<34} {:<20} {}", h.at, opt(h.from), h.to, h.why, h.by, h.reason.unwrap_or_default());
-                }
-                Ok(())
-            })?;
-        }
+        CheckpointCommand::History { json } => render::history(backend.history().await?, json)?,
     }
     Ok(())
 }
@@ -401,13 +344,13 @@ fn run(cli: Cli) -> Result<()> {
                 return Ok(());
             }
             runtime()?.block_on(async {
-                let shutdown = wmvae::serve::shutdown_on_signals()?;
-                wmvae::serve::run(config, shutdown).await
+                let shutdown = wmvae::daemon::shutdown_on_signals()?;
+                wmvae::daemon::run(config, shutdown).await
             })?;
         }
         Command::Migrate { config } => {
             let config = config.load()?;
-            let report = runtime()?.block_on(async { wmvae::bus::Bus::connect_once(&config.nats, config.bus_limits()).await?.migrate().await })?;
+            let report = runtime()?.block_on(async { wmvae::bus::Bus::connect_once(&config).await?.migrate().await })?;
             println!("NATS: migration {} applied (streams {:?}, consumers {:?})", report.version, report.streams, report.consumers);
             match wmvae::store::Store::open(&config.store.data_dir, config.buffer) {
                 Ok(_) => println!("store {}: schema {}", config.store.data_dir.display(), wmvae::store::SCHEMA_VERSION),
@@ -416,42 +359,38 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Buffer { which: BufferCommand::Stats { place, json } } => {
             let config = place.config.load()?;
-            let stats = runtime()?.block_on(async { wmvae::operator::connect(&config, place.mode()).await?.buffer_stats().await })?;
-            print_stats(&stats, json)?;
+            let stats = runtime()?.block_on(async { backend::connect(&config, place.mode()).await?.buffer_stats().await })?;
+            render::stats(&stats, json)?;
         }
         Command::Buffer { which: BufferCommand::Export { config, out, source } } => {
             let config = config.load()?;
             let store = wmvae::store::Store::open(&config.store.data_dir, config.buffer)?;
-            let summary = wmvae::export::export(&store, source.as_deref(), &out)?;
+            let summary = wmvae::tools::export::export(&store, source.as_deref(), &out)?;
             eprintln!("exported {} frames to {}", summary.frames, out.display());
         }
         Command::Publish { config, source, npy, synthetic: _, rate, count } => {
             let config = config.load()?;
             let input = match npy {
-                Some(path) => wmvae::publish::Input::Npy(path),
-                None => wmvae::publish::Input::Synthetic,
+                Some(path) => wmvae::tools::publish::Input::Npy(path),
+                None => wmvae::tools::publish::Input::Synthetic,
             };
-            let options = wmvae::publish::PublishOptions { source, input, rate, count };
+            let options = wmvae::tools::publish::PublishOptions { source, input, rate, count };
             let sent = runtime()?.block_on(async {
-                let bus = wmvae::bus::Bus::connect(&config.nats, config.bus_limits()).await?;
-                wmvae::publish::run(&bus, &options).await
+                let bus = wmvae::bus::Bus::connect(&config).await?;
+                wmvae::tools::publish::run(&bus, &options).await
             })?;
             eprintln!("published {sent} frames");
         }
         Command::Encode { weights, checkpoint, place, input, output, device } => {
             let config = place.config.load()?;
             let net = match (weights, checkpoint) {
-                (Some(path), _) => wmvae::encode::net_from_weights(&path, device, config.vae())?,
+                (Some(path), _) => wmvae::tools::encode::net_from_weights(&path, device, config.vae())?,
                 (None, Some(version)) => {
-                    let bytes = runtime()?.block_on(async { wmvae::operator::connect(&config, place.mode()).await?.export(version).await })?;
-                    let origin = format!("checkpoint v{version}");
-                    let mut net = wmvae::learner::Inference::new(device.resolve()?, config.vae());
-                    net.load_weights(&wmvae::weights::from_safetensors_bytes(&bytes, &origin)?, &origin)?;
-                    net
+                    runtime()?.block_on(async { backend::connect(&config, place.mode()).await?.encoder(version, device, &config).await })?
                 }
                 (None, None) => unreachable!("clap requires --weights or --checkpoint"),
             };
-            let report = wmvae::encode::encode_file(&net, &input, &output)?;
+            let report = wmvae::tools::encode::encode_file(&net, &input, &output)?;
             eprintln!(
                 "encoded {} frames of {}x{} to {}",
                 report.frames,
@@ -465,22 +404,22 @@ fn run(cli: Cli) -> Result<()> {
             runtime()?.block_on(checkpoint_command(&config, place.mode(), which))?;
         }
         Command::Bench { which: BenchCommand::Train { args, batch } } => {
-            print_bench(bench::train(args.options(), batch)?, args.json);
+            render::bench(bench::train(args.options(), batch)?, args.json);
         }
         Command::Bench { which: BenchCommand::Encode { args } } => {
-            print_bench(bench::encode(args.options())?, args.json);
+            render::bench(bench::encode(args.options())?, args.json);
         }
         Command::Bench { which: BenchCommand::Latency { rate, seconds, no_train, nats_server, json } } => {
-            let binary = nats_server.unwrap_or_else(wmvae::nats_server::default_binary);
-            print_bench(runtime()?.block_on(wmvae::bench_daemon::latency(rate, seconds, !no_train, &binary))?, json);
+            let binary = nats_server.unwrap_or_else(wmvae::tools::nats_server::default_binary);
+            render::bench(runtime()?.block_on(wmvae::tools::bench_daemon::latency(rate, seconds, !no_train, &binary))?, json);
         }
         Command::Bench { which: BenchCommand::Pipeline { rate, seconds, device, nats_server, json } } => {
-            let binary = nats_server.unwrap_or_else(wmvae::nats_server::default_binary);
-            print_bench(runtime()?.block_on(wmvae::bench_daemon::pipeline(rate, seconds, device, &binary))?, json);
+            let binary = nats_server.unwrap_or_else(wmvae::tools::nats_server::default_binary);
+            render::bench(runtime()?.block_on(wmvae::tools::bench_daemon::pipeline(rate, seconds, device, &binary))?, json);
         }
         Command::Bench { which: BenchCommand::Ingest { frames, nats_server, json } } => {
-            let binary = nats_server.unwrap_or_else(wmvae::nats_server::default_binary);
-            print_bench(runtime()?.block_on(bench::ingest(frames, &binary))?, json);
+            let binary = nats_server.unwrap_or_else(wmvae::tools::nats_server::default_binary);
+            render::bench(runtime()?.block_on(bench::ingest(frames, &binary))?, json);
         }
     }
     Ok(())
@@ -497,7 +436,7 @@ fn main() -> ExitCode {
         Err(err) => {
             eprintln!("error: {err:#}");
             // Unknown versions are usage errors, like clap's: exit 2.
-            if err.chain().any(|e| e.downcast_ref::<wmvae::ops::UnknownVersion>().is_some()) {
+            if err.chain().any(|e| e.downcast_ref::<wmvae::store::UnknownVersion>().is_some()) {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE

@@ -13,8 +13,9 @@ use common::{frames, repo_root, venv_python, wmvae};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
-use wmvae::nats_server::LocalNats;
-use wmvae::wire::{Announcement, CheckpointEvent, FrameMessage};
+use wmvae::tools::nats_server::LocalNats;
+use wmvae::bus::messages::{Announcement, CheckpointEvent};
+use wmvae::frames::wire::FrameMessage;
 
 /// A server demanding one way of authenticating, and the client settings
 /// (WMVAE_NATS__*) that pass and that fail.

@@ -9,7 +9,8 @@ use common::{frames, torch_reference, wmvae};
 use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
-use wmvae::wire::{Announcement, CheckpointEvent, FrameMessage, LatentMessage};
+use wmvae::bus::messages::{Announcement, CheckpointEvent, LatentMessage};
+use wmvae::frames::wire::FrameMessage;
 
 const FAST: &[(&str, &str)] = &[
     ("WMVAE_TRAIN__MIN_FRAMES", "50"),
@@ -176,7 +177,7 @@ async fn live_commands_through_the_daemon() {
 
     // Export -> PyTorch gives the same mu as `wmvae encode --checkpoint`.
     let frames_path = d.join("f.npy");
-    wmvae::npy::write_frames(&frames_path, &frames(4, 64, 64), 64, 64).unwrap();
+    wmvae::frames::npy::write_frames(&frames_path, &frames(4, 64, 64), 64, 64).unwrap();
     let exported = d.join("v2.safetensors");
     ok(cli(url, d, &["export", "2", "--out", exported.to_str().unwrap()]));
     let torch_out = d.join("torch.npz");
@@ -198,10 +199,10 @@ async fn live_commands_through_the_daemon() {
     // A bad file: a clear error naming the tensor, and nothing changes.
     let imports = |history: serde_json::Value| history.as_array().unwrap().iter().filter(|h| h["why"] == "import").count();
     let before = imports(json(cli(url, d, &["history", "--json"])));
-    let mut named = wmvae::weights::read_file(&foreign).unwrap();
+    let mut named = wmvae::vae::weights::read_file(&foreign).unwrap();
     named.retain(|(n, _)| n != "decoder.deconv4.bias");
     let bad = d.join("bad.safetensors");
-    std::fs::write(&bad, wmvae::weights::to_safetensors_bytes(&named).unwrap()).unwrap();
+    std::fs::write(&bad, wmvae::vae::weights::to_safetensors_bytes(&named).unwrap()).unwrap();
     let out = cli(url, d, &["import", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("decoder.deconv4.bias"));
@@ -249,7 +250,7 @@ async fn offline_commands_and_pickup_at_start() {
     let imported: u64 = imported.split(" as v").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
     assert_eq!(imported, newest + 1);
     let frames_path = d.join("f.npy");
-    wmvae::npy::write_frames(&frames_path, &frames(2, 64, 64), 64, 64).unwrap();
+    wmvae::frames::npy::write_frames(&frames_path, &frames(2, 64, 64), 64, 64).unwrap();
     let from_file = encode_mu(&["--weights", foreign.to_str().unwrap()], &frames_path, &d.join("a.npz"), url, d);
     let from_version = encode_mu(&["--checkpoint", &imported.to_string(), "--offline"], &frames_path, &d.join("b.npz"), url, d);
     assert!(max_diff(&from_file, &from_version) < 1e-6);

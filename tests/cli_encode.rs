@@ -6,9 +6,10 @@ mod common;
 use common::{frames, wmvae};
 use std::path::Path;
 use tch::{Device, Tensor};
-use wmvae::learner::{frames_to_tensor, Inference};
-use wmvae::model::VaeConfig;
-use wmvae::{npy, preprocess, weights};
+use wmvae::vae::learner::{frames_to_tensor, Inference};
+use wmvae::vae::model::VaeConfig;
+use wmvae::frames::{npy, preprocess};
+use wmvae::vae::weights;
 
 fn encode(weights: &Path, input: &Path, output: &Path) -> std::process::Output {
     wmvae()
@@ -35,7 +36,7 @@ fn saved_net(dir: &Path) -> (Inference, std::path::PathBuf) {
 fn encodes_carracing_frames_in_chunks() {
     let dir = tempfile::tempdir().unwrap();
     let (net, weights_path) = saved_net(dir.path());
-    let n = wmvae::encode::ENCODE_CHUNK_FRAMES + 3;
+    let n = wmvae::tools::encode::ENCODE_CHUNK_FRAMES + 3;
     let raw = frames(n, 96, 96);
     let input = dir.path().join("f.npy");
     npy::write_frames(&input, &raw, 96, 96).unwrap();

@@ -9,7 +9,7 @@ use common::nats::{wait_for_ingest_consumer, wait_until, Daemon, NatsServer};
 use common::frames;
 use std::io::{Read, Write};
 use std::time::Duration;
-use wmvae::wire::FrameMessage;
+use wmvae::frames::wire::FrameMessage;
 
 fn get(port: u16, path: &str) -> (u16, String) {
     let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return (0, String::new()) };

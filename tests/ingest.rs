@@ -10,9 +10,9 @@ use common::nats::{wait_for_ingest_consumer, wait_until, Daemon, NatsServer};
 use common::{frames, wmvae};
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
-use wmvae::preprocess::{preprocess, Policy};
+use wmvae::frames::preprocess::{preprocess, Policy};
 use wmvae::store::{BufferConfig, Store};
-use wmvae::wire::FrameMessage;
+use wmvae::frames::wire::FrameMessage;
 
 fn frame(episode: &str, step: u64, height: u32, width: u32, pixels: Vec<u8>) -> FrameMessage<'static> {
     FrameMessage {
@@ -208,7 +208,7 @@ print(json.dumps({
     let all: Vec<u8> = stored.iter().flat_map(|f| f.pixels.clone()).collect();
     assert_eq!(seen["files"], serde_json::json!(["action", "done", "episode", "frames", "reward", "source", "step"]));
     assert_eq!(seen["frames"], serde_json::json!([[35, 64, 64, 3], "uint8"]));
-    assert_eq!(seen["sha256"], wmvae::checkpoint::sha256_hex(&all));
+    assert_eq!(seen["sha256"], wmvae::vae::checkpoint::sha256_hex(&all));
     assert_eq!(seen["first"], serde_json::json!(["carA", "e64", 0]));
     assert_eq!(seen["action"], serde_json::json!([35, 3]));
     assert_eq!(seen["reward0"], 0.1);

@@ -4,10 +4,10 @@
 mod common;
 
 use tch::Device;
-use wmvae::adam::AdamConfig;
-use wmvae::checkpoint::{Checkpoint, Metadata};
-use wmvae::learner::{frames_to_tensor, Learner};
-use wmvae::model::VaeConfig;
+use wmvae::vae::adam::AdamConfig;
+use wmvae::vae::checkpoint::{Checkpoint, Metadata};
+use wmvae::vae::learner::{frames_to_tensor, Learner};
+use wmvae::vae::model::VaeConfig;
 
 /// libtorch's RNG is process-global: tests that seed it must not interleave.
 static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());

@@ -6,9 +6,10 @@ mod common;
 
 use common::{frames, torch_reference};
 use tch::{Device, Tensor};
-use wmvae::learner::{frames_to_tensor, Inference};
-use wmvae::model::VaeConfig;
-use wmvae::{npy, preprocess, weights};
+use wmvae::vae::learner::{frames_to_tensor, Inference};
+use wmvae::vae::model::VaeConfig;
+use wmvae::frames::{npy, preprocess};
+use wmvae::vae::weights;
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size());
@@ -61,7 +62,7 @@ fn we_load_pytorch_weights() {
     torch_reference(&["save-weights", "--out", path.to_str().unwrap(), "--seed", "3"]);
     let theirs = weights::read_file(&path).unwrap();
     let mut net = Inference::new(Device::Cpu, VaeConfig::default());
-    net.load_weights(&theirs, "torch.safetensors").unwrap();
+    net.load_safetensors(&std::fs::read(&path).unwrap(), "torch.safetensors").unwrap();
     let ours = weights::from_safetensors_bytes(&net.weights_bytes().unwrap(), "ours").unwrap();
     assert_eq!(ours.len(), 22);
     for ((a, ta), (b, tb)) in ours.iter().zip(&theirs) {

@@ -9,9 +9,9 @@ use common::nats::{wait_for_ingest_consumer, wait_until, Daemon, NatsServer};
 use common::{repo_root, venv_python};
 use std::process::Command;
 use std::time::Duration;
-use wmvae::learner::{frames_to_tensor, Inference};
+use wmvae::vae::learner::{frames_to_tensor, Inference};
+use wmvae::frames;
 use wmvae::store::{Split, Store};
-use wmvae::preprocess::OUT_BYTES;
 
 /// Episodes per env and frames per episode the publisher sends: 2 x 4 x 200
 /// frames, enough for a few validation episodes at a 25 % split.
@@ -67,14 +67,14 @@ async fn learns_real_carracing_frames() {
         .filter(|f| config.buffer.split_of(&f.source, &f.episode) == Split::Validation)
         .flat_map(|f| f.pixels)
         .collect();
-    let validation_frames = pixels.len() / OUT_BYTES;
+    let validation_frames = pixels.len() / frames::BYTES;
     assert!(validation_frames >= 100, "only {validation_frames} validation frames");
     assert_eq!(store.len(Split::Validation), validation_frames as u64);
     let xs = frames_to_tensor(&pixels, tch::Device::Cpu).unwrap();
-    let last = store.active_version().unwrap().unwrap();
+    let last = store.registry().active_version().unwrap().unwrap();
     let judge = |version: u64| {
         let mut net = Inference::new(tch::Device::Cpu, Default::default());
-        net.load_checkpoint_weights(&store.checkpoint(version).unwrap().unwrap()).unwrap();
+        net.load_checkpoint_weights(&store.registry().get(version).unwrap().unwrap()).unwrap();
         net.evaluate(&xs)
     };
     let (first, later) = (judge(1), judge(last));

@@ -11,8 +11,9 @@ use common::{frames, wmvae};
 use futures::StreamExt;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
-use wmvae::checkpoint::sha256_hex;
-use wmvae::wire::{Announcement, CheckpointEvent, FrameMessage, LatentMessage};
+use wmvae::vae::checkpoint::sha256_hex;
+use wmvae::bus::messages::{Announcement, CheckpointEvent, LatentMessage};
+use wmvae::frames::wire::FrameMessage;
 
 /// Small, fast training for a 2-core CI box.
 const FAST: &[(&str, &str)] = &[
@@ -139,7 +140,7 @@ async fn checkpoints_latents_and_control_service() {
     let weights_path = dir.path().join("v.safetensors");
     std::fs::write(&weights_path, fetch_weights(&js, &format!("vae/v{}.safetensors", latent.model_version)).await).unwrap();
     let frames_path = dir.path().join("one.npy");
-    wmvae::npy::write_frames(&frames_path, &raw[..12288], 64, 64).unwrap();
+    wmvae::frames::npy::write_frames(&frames_path, &raw[..12288], 64, 64).unwrap();
     let out_path = dir.path().join("z.npz");
     let out = wmvae()
         .args(["encode", "--device", "cpu", "--weights"])
@@ -207,7 +208,7 @@ async fn resumes_after_sigkill() {
 
     let store = wmvae::store::Store::open(&dir.path().join("store"), wmvae::store::BufferConfig { capacity: 1_000_000, validation_fraction: 0.3 }).unwrap();
     assert_eq!(store.stats().unwrap().frames, 200, "acked frames lost");
-    let by_version: BTreeMap<u64, u64> = store.list_checkpoints().unwrap().into_iter().map(|m| (m.version, m.step)).collect();
+    let by_version: BTreeMap<u64, u64> = store.registry().list().unwrap().into_iter().map(|m| (m.version, m.step)).collect();
     assert!(by_version.keys().copied().eq(1..=*by_version.keys().last().unwrap()));
 }
 

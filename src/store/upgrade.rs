@@ -10,8 +10,9 @@
 //! from the old keys to the new, so an upgrade cut short by a crash resumes
 //! where it stopped.
 
-use super::{be_u64, chunk_key, encode_chunk, encode_index_block, index_block_key_under, IndexBlock, Split, Store, StoredFrame, CHUNK_FRAMES};
-use crate::preprocess::OUT_BYTES;
+use super::layout::{be_u64, chunk_key, encode_chunk, encode_index_block, index_block_key_under, IndexBlock, StoredFrame, CHUNK_FRAMES};
+use super::{Split, Store};
+use crate::frames;
 use anyhow::{ensure, Context, Result};
 use std::borrow::Cow;
 use std::collections::{btree_map, BTreeMap};
@@ -89,9 +90,9 @@ fn index_to_blocks(store: &Store) -> Result<bool> {
 
 /// A schema 2 frame's pixels from their zlib stream.
 fn unzlib(z: &[u8]) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(OUT_BYTES);
-    flate2::read::ZlibDecoder::new(z).take(OUT_BYTES as u64 + 1).read_to_end(&mut out).context("corrupt frame pixels in a schema 2 store")?;
-    ensure!(out.len() == OUT_BYTES, "corrupt frame in a schema 2 store: {} pixel bytes, expected {OUT_BYTES}", out.len());
+    let mut out = Vec::with_capacity(frames::BYTES);
+    flate2::read::ZlibDecoder::new(z).take(frames::BYTES as u64 + 1).read_to_end(&mut out).context("corrupt frame pixels in a schema 2 store")?;
+    ensure!(out.len() == frames::BYTES, "corrupt frame in a schema 2 store: {} pixel bytes, expected {}", out.len(), frames::BYTES);
     Ok(out)
 }
 

@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 
 /// The venv's nats-server on a free port, via the library's own harness.
 pub struct NatsServer {
-    server: wmvae::nats_server::LocalNats,
+    server: wmvae::tools::nats_server::LocalNats,
     pub url: String,
 }
 
 impl NatsServer {
     pub fn start() -> NatsServer {
-        let server = wmvae::nats_server::LocalNats::start(&super::repo_root().join(".venv/bin/nats-server")).unwrap();
+        let server = wmvae::tools::nats_server::LocalNats::start(&super::repo_root().join(".venv/bin/nats-server")).unwrap();
         NatsServer { url: server.url.clone(), server }
     }
 

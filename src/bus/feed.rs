@@ -1,0 +1,148 @@
+//! The frame feed: the durable pull consumer `wmvae-ingest` as batches of
+//! [`Delivery`]s to ack or terminate, dead letters with their reason, and
+//! the bench's bare consume+ack baseline. Bytes only: decoding is `frames`'.
+
+use super::migrate::{FRAMES_STREAM, INGEST_CONSUMER};
+use super::Bus;
+use anyhow::{anyhow, Context, Result};
+use async_nats::jetstream::{self, consumer::pull};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures::StreamExt;
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Header carrying the reason of a dead-lettered frame.
+pub const REASON_HEADER: &str = "Wmvae-Reason";
+/// Header carrying the original subject of a dead-lettered frame.
+pub const SUBJECT_HEADER: &str = "Wmvae-Subject";
+/// Messages the server pushes per pull request: enough to keep a group
+/// commit full, small enough that a slow store holds few of them.
+const PULL_BATCH: usize = 1024;
+
+/// One frame message as delivered, with what is needed to ack it.
+pub struct Delivery {
+    /// The subject's last part: `wm.frames.<source>`.
+    pub source: String,
+    pub subject: String,
+    pub payload: Bytes,
+    /// Stream sequence: a stable id for dead-letter dedup.
+    pub stream_sequence: u64,
+    /// When this process received it.
+    pub received_at: std::time::Instant,
+    acker: jetstream::message::Acker,
+}
+
+impl Delivery {
+    /// The frame is durable: the server may forget it.
+    pub async fn ack(&self) -> Result<()> {
+        self.acker.ack().await.map_err(|e| anyhow!("ack: {e}"))
+    }
+
+    /// The frame was dead-lettered: never redeliver it.
+    pub async fn terminate(&self) -> Result<()> {
+        self.acker.ack_with(jetstream::AckKind::Term).await.map_err(|e| anyhow!("term: {e}"))
+    }
+}
+
+/// The pull consumer `wmvae-ingest`, as batches of deliveries.
+pub struct FrameFeed {
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    messages: Option<pull::Stream>,
+    subject_prefix: String,
+}
+
+impl Bus {
+    /// The durable frame consumer (after `migrate`).
+    pub async fn frame_feed(&self) -> Result<FrameFeed> {
+        let stream = self.js.get_stream(FRAMES_STREAM).await.with_context(|| format!("stream {FRAMES_STREAM} (run wmvae migrate)"))?;
+        let consumer = stream.get_consumer(INGEST_CONSUMER).await.map_err(|e| anyhow!("consumer {INGEST_CONSUMER}: {e}"))?;
+        Ok(FrameFeed { consumer, messages: None, subject_prefix: self.subject("frames.") })
+    }
+
+    /// The bench's baseline: a bare ephemeral pull consumer over WM_FRAMES
+    /// that reads `n` messages and only acks them. Returns the time taken.
+    pub async fn consume_and_ack_only(&self, n: u64) -> Result<Duration> {
+        let stream = self.js.get_stream(FRAMES_STREAM).await.with_context(|| format!("stream {FRAMES_STREAM}"))?;
+        let config = pull::Config {
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            max_ack_pending: self.limits.max_ack_pending,
+            ..Default::default()
+        };
+        let consumer = stream.create_consumer(config).await.context("creating the baseline consumer")?;
+        let mut messages = consumer.stream().max_messages_per_batch(PULL_BATCH).messages().await?;
+        let start = Instant::now();
+        for _ in 0..n {
+            let message = messages.next().await.context("baseline consumer ended")?.map_err(|e| anyhow!("baseline consumer: {e}"))?;
+            message.ack().await.map_err(|e| anyhow!("ack: {e}"))?;
+        }
+        Ok(start.elapsed())
+    }
+
+    /// Copies a rejected frame to `<prefix>.dlq.frames` with its reason, and
+    /// waits for JetStream to store it. Deduplicated by the original's stream
+    /// sequence, so a redelivered bad frame is dead-lettered once.
+    pub async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<()> {
+        let mut headers = HeaderMap::new();
+        headers.insert(REASON_HEADER, reason);
+        headers.insert(SUBJECT_HEADER, delivery.subject.as_str());
+        headers.insert("Nats-Msg-Id", format!("frames-{}", delivery.stream_sequence).as_str());
+        self.js
+            .publish_with_headers(self.subject("dlq.frames"), headers, delivery.payload.clone())
+            .await
+            .context("publishing a dead letter")?
+            .await
+            .context("storing a dead letter")?;
+        Ok(())
+    }
+}
+
+impl FrameFeed {
+    /// Waits for at least one frame, then gathers more until `max` or
+    /// `max_wait` after the first. Transient consumer errors are logged
+    /// and retried; the stream is re-opened if it ends.
+    /// On `shutdown` it stops waiting and returns what it has (maybe nothing).
+    pub async fn next_batch(&mut self, max: usize, max_wait: Duration, shutdown: &CancellationToken) -> Result<Vec<Delivery>> {
+        let mut batch = Vec::new();
+        let mut deadline: Option<Instant> = None;
+        while batch.len() < max {
+            if self.messages.is_none() {
+                let stream = self.consumer.stream().max_messages_per_batch(PULL_BATCH).messages().await;
+                self.messages = Some(stream.context("opening the frame consumer")?);
+            }
+            let messages = self.messages.as_mut().expect("opened above");
+            // Before the first frame: wait indefinitely; after it: until the deadline.
+            let deadline_or_never = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                next = tokio::time::timeout_at(deadline_or_never, messages.next()) => match next {
+                    Ok(next) => next,
+                    Err(_) => break,
+                },
+            };
+            match next {
+                Some(Ok(message)) => {
+                    let stream_sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+                    let (message, acker) = message.split();
+                    let subject = message.subject.to_string();
+                    let source = subject.strip_prefix(&self.subject_prefix).unwrap_or("").to_string();
+                    batch.push(Delivery { source, subject, payload: message.payload, stream_sequence, received_at: std::time::Instant::now(), acker });
+                    deadline.get_or_insert_with(|| Instant::now() + max_wait);
+                }
+                Some(Err(e)) => {
+                    tracing::warn!("frame consumer: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                None => {
+                    self.messages = None;
+                    if !batch.is_empty() {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(batch)
+    }
+}
+

@@ -1,0 +1,82 @@
+//! The messages wmvae sends (PROTOCOL.md): a latent per frame on
+//! `wm.latents.<source>` and checkpoint announcements on `wm.checkpoints`,
+//! with the object names of the `wm-checkpoints` bucket, and the body of a
+//! `checkpoints.*` control request. Schemas only: the
+//! sending is [`super::Bus`]'s.
+
+use crate::vae::checkpoint::Metadata;
+use serde::{Deserialize, Serialize};
+
+/// A latent on `wm.latents.<source>` (field names pinned by the contract).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatentMessage {
+    pub episode: String,
+    pub step: u64,
+    /// The checkpoint whose weights encoded it (always fetchable by version).
+    pub model_version: u64,
+    pub mu: Vec<f32>,
+    pub logvar: Vec<f32>,
+}
+
+impl LatentMessage {
+    pub fn to_msgpack(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).expect("a LatentMessage always serialises")
+    }
+}
+
+/// What happened to a checkpoint, announced on `wm.checkpoints`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointEvent {
+    Created,
+    Rollback,
+    Deleted,
+}
+
+/// A checkpoint announcement: `event`, the version's metadata (flattened:
+/// `version`, `parent`, `step`, ..., `sha256`, `config`), its object name
+/// and size; rollbacks add `from`, `to` and `reason`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Announcement {
+    pub event: CheckpointEvent,
+    #[serde(flatten)]
+    pub metadata: Metadata,
+    /// Object name in the `wm-checkpoints` bucket: `vae/v{version}.safetensors`.
+    pub object: String,
+    /// Size of that object (the weights' safetensors bytes).
+    pub bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl Announcement {
+    pub fn to_msgpack(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).expect("an Announcement always serialises")
+    }
+}
+
+/// Object-store name of a version's weights.
+pub fn checkpoint_object(version: u64) -> String {
+    format!("vae/v{version}.safetensors")
+}
+
+
+/// The body of every `checkpoints.*` request.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CheckpointRequest {
+    #[serde(default)]
+    pub version: Option<u64>,
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Who asks: a NATS user or user@host.
+    #[serde(default)]
+    pub by: Option<String>,
+    /// `checkpoints.import`: the uploaded weights' object name in the bucket.
+    #[serde(default)]
+    pub object: Option<String>,
+}
+

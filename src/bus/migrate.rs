@@ -1,0 +1,209 @@
+//! Applies `migrations/*.toml`: creates or updates the streams, the durable
+//! consumer and the object bucket they declare, with the limits the config
+//! sets, and refuses what a newer wmvae shaped. Names of the streams and
+//! consumers the rest of `bus` opens come from here.
+
+use super::Bus;
+use crate::config::Config;
+use anyhow::{bail, Context, Result};
+use async_nats::jetstream::{self, consumer::pull, stream};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// Migration files, in order. Adding one means adding it here.
+const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_frames.toml", include_str!("../../migrations/0001_frames.toml")),
+    ("0002_training.toml", include_str!("../../migrations/0002_training.toml")),
+    ("0003_checkpoint_chunks.toml", include_str!("../../migrations/0003_checkpoint_chunks.toml")),
+    ("0004_frame_chunks.toml", include_str!("../../migrations/0004_frame_chunks.toml")),
+];
+/// The frame stream and the durable consumer ingest reads it through (migration 0001).
+pub(super) const FRAMES_STREAM: &str = "WM_FRAMES";
+pub(super) const INGEST_CONSUMER: &str = "wmvae-ingest";
+/// Stream metadata key recording the migration that shaped a stream.
+const MIGRATION_METADATA_KEY: &str = "wmvae_migration";
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Migration {
+    version: u64,
+    store_schema: u64,
+    #[serde(default)]
+    stream: Vec<StreamDef>,
+    #[serde(default)]
+    consumer: Vec<ConsumerDef>,
+    #[serde(default)]
+    object_store: Vec<ObjectStoreDef>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ObjectStoreDef {
+    bucket: String,
+    description: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamDef {
+    name: String,
+    subjects: Vec<String>,
+    description: String,
+    max_age_secs: u64,
+    max_bytes: i64,
+    duplicate_window_secs: u64,
+    /// Take max age and bytes from the config's `[latents]` instead.
+    #[serde(default)]
+    limits_from_config: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsumerDef {
+    stream: String,
+    durable: String,
+}
+
+fn migrations() -> Result<Vec<Migration>> {
+    MIGRATIONS
+        .iter()
+        .map(|(name, text)| toml::from_str(text).with_context(|| format!("migrations/{name}")))
+        .collect()
+}
+
+/// The newest store schema the migrations declare (the store checks it).
+pub fn latest_store_schema() -> Result<u64> {
+    Ok(migrations()?.iter().map(|m| m.store_schema).max().unwrap_or(0))
+}
+
+/// What `migrate` did, for logs and `wmvae migrate`.
+#[derive(Debug, Default)]
+pub struct MigrationReport {
+    pub version: u64,
+    pub streams: Vec<String>,
+    pub consumers: Vec<String>,
+}
+
+/// Limits the config sets on what `migrate` creates.
+#[derive(Debug, Clone, Copy)]
+pub struct BusLimits {
+    /// Unacked frames are redelivered after this long (`[ingest]`).
+    pub ack_wait_secs: u64,
+    /// Frames handed out but not yet acked, at most (`[ingest]`).
+    pub max_ack_pending: i64,
+    /// WM_LATENTS keeps latents this long (`[latents]`).
+    pub latents_max_age_secs: u64,
+    /// ... and at most this many bytes.
+    pub latents_max_bytes: i64,
+}
+
+
+impl BusLimits {
+    /// The limits of `config`'s `[ingest]` and `[latents]` sections.
+    pub fn from_config(config: &Config) -> BusLimits {
+        BusLimits {
+            ack_wait_secs: config.ingest.ack_wait_secs,
+            max_ack_pending: config.ingest.max_ack_pending,
+            latents_max_age_secs: config.latents.stream_max_age_secs,
+            latents_max_bytes: config.latents.stream_max_bytes,
+        }
+    }
+}
+
+impl Bus {
+    /// Applies every migration: creates or updates streams and consumers.
+    pub async fn migrate(&self) -> Result<MigrationReport> {
+        let mut report = MigrationReport::default();
+        for migration in migrations()? {
+            for def in &migration.stream {
+                self.apply_stream(def, migration.version).await?;
+                report.streams.push(def.name.clone());
+            }
+            for def in &migration.object_store {
+                self.apply_object_store(def).await?;
+                report.streams.push(format!("OBJ_{}", def.bucket));
+            }
+            for def in &migration.consumer {
+                self.apply_consumer(def).await?;
+                report.consumers.push(format!("{}/{}", def.stream, def.durable));
+            }
+            report.version = migration.version;
+        }
+        Ok(report)
+    }
+
+    async fn apply_stream(&self, def: &StreamDef, version: u64) -> Result<()> {
+        if let Ok(mut existing) = self.js.get_stream(&def.name).await {
+            let info = existing.info().await.with_context(|| format!("reading stream {}", def.name))?;
+            let theirs = info.config.metadata.get(MIGRATION_METADATA_KEY).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            let newest = migrations()?.iter().map(|m| m.version).max().unwrap_or(0);
+            if theirs > newest {
+                bail!("stream {} was shaped by migration {theirs} of a newer wmvae; this build knows up to {newest}", def.name);
+            }
+        }
+        let config = stream::Config {
+            name: def.name.clone(),
+            subjects: def.subjects.iter().map(|s| s.replace("{prefix}", &self.prefix)).collect(),
+            description: Some(def.description.clone()),
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Limits,
+            discard: stream::DiscardPolicy::Old,
+            max_age: Duration::from_secs(if def.limits_from_config { self.limits.latents_max_age_secs } else { def.max_age_secs }),
+            max_bytes: if def.limits_from_config { self.limits.latents_max_bytes } else { def.max_bytes },
+            max_messages: -1,
+            max_messages_per_subject: -1,
+            duplicate_window: Duration::from_secs(def.duplicate_window_secs),
+            metadata: HashMap::from([(MIGRATION_METADATA_KEY.to_string(), version.to_string())]),
+            ..Default::default()
+        };
+        self.js.create_or_update_stream(config).await.with_context(|| format!("applying stream {}", def.name))?;
+        Ok(())
+    }
+
+    async fn apply_object_store(&self, def: &ObjectStoreDef) -> Result<()> {
+        if self.js.get_object_store(&def.bucket).await.is_ok() {
+            return Ok(());
+        }
+        let config = jetstream::object_store::Config {
+            bucket: def.bucket.clone(),
+            description: Some(def.description.clone()),
+            storage: stream::StorageType::File,
+            ..Default::default()
+        };
+        self.js.create_object_store(config).await.with_context(|| format!("creating object store {}", def.bucket))?;
+        Ok(())
+    }
+
+    async fn apply_consumer(&self, def: &ConsumerDef) -> Result<()> {
+        let config = pull::Config {
+            durable_name: Some(def.durable.clone()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(self.limits.ack_wait_secs),
+            max_ack_pending: self.limits.max_ack_pending,
+            ..Default::default()
+        };
+        let stream = self.js.get_stream(&def.stream).await.with_context(|| format!("stream {}", def.stream))?;
+        let what = || format!("applying consumer {}/{}", def.stream, def.durable);
+        match stream.get_consumer::<pull::Config>(&def.durable).await {
+            Ok(_) => self.js.update_consumer_on_stream(config, &def.stream).await.map(drop).with_context(what),
+            Err(_) => self.js.create_consumer_on_stream(config, &def.stream).await.map(drop).with_context(what),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The migrations declare the store schema this build writes.
+    #[test]
+    fn migrations_declare_this_builds_store_schema() {
+        assert_eq!(super::latest_store_schema().unwrap(), crate::store::SCHEMA_VERSION);
+    }
+
+    /// The stream and consumer the feed opens are the ones the migrations make.
+    #[test]
+    fn migrations_define_the_frame_stream_and_its_consumer() {
+        let all = super::migrations().unwrap();
+        assert!(all.iter().flat_map(|m| &m.stream).any(|s| s.name == super::FRAMES_STREAM));
+        assert!(all.iter().flat_map(|m| &m.consumer).any(|c| c.stream == super::FRAMES_STREAM && c.durable == super::INGEST_CONSUMER));
+    }
+}

@@ -1,0 +1,64 @@
+//! The `wm-checkpoints` object bucket: a version's weights as
+//! `vae/v{N}.safetensors`, uploads to import under `imports/`. Whole objects
+//! in and out; what they mean is the daemon's and the CLI's business.
+
+use super::Bus;
+use anyhow::{anyhow, Context, Result};
+use async_nats::jetstream;
+use futures::StreamExt;
+
+/// The checkpoint weights bucket (migration 0002).
+pub const CHECKPOINT_BUCKET: &str = "wm-checkpoints";
+impl Bus {
+    async fn checkpoint_bucket(&self) -> Result<jetstream::object_store::ObjectStore> {
+        self.js.get_object_store(CHECKPOINT_BUCKET).await.with_context(|| format!("object store {CHECKPOINT_BUCKET} (run wmvae migrate)"))
+    }
+
+    /// Puts an object in the `wm-checkpoints` bucket (`vae/v{version}.safetensors`
+    /// for a version's weights; `imports/...` for uploads to import).
+    pub async fn put_object(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let bucket = self.checkpoint_bucket().await?;
+        bucket.put(name, &mut std::io::Cursor::new(bytes)).await.with_context(|| format!("putting {name}"))?;
+        Ok(())
+    }
+
+    /// An object's bytes, if it is there.
+    pub async fn get_object(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let bucket = self.checkpoint_bucket().await?;
+        let mut object = match bucket.get(name).await {
+            Ok(object) => object,
+            Err(e) if e.kind() == jetstream::object_store::GetErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(anyhow!("getting {name}: {e}")),
+        };
+        let mut bytes = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut object, &mut bytes).await.with_context(|| format!("reading {name}"))?;
+        Ok(Some(bytes))
+    }
+
+    /// Removes an object (absent is fine).
+    pub async fn delete_object(&self, name: &str) -> Result<()> {
+        let bucket = self.checkpoint_bucket().await?;
+        match bucket.delete(name).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == jetstream::object_store::DeleteErrorKind::NotFound => Ok(()),
+            Err(e) => Err(anyhow!("deleting {name}: {e}")),
+        }
+    }
+
+    /// Versions whose weights are in the bucket.
+    pub async fn object_versions(&self) -> Result<Vec<u64>> {
+        let bucket = self.checkpoint_bucket().await?;
+        let mut list = bucket.list().await.map_err(|e| anyhow!("listing {CHECKPOINT_BUCKET}: {e}"))?;
+        let mut versions = Vec::new();
+        while let Some(info) = list.next().await {
+            let info = info.map_err(|e| anyhow!("listing {CHECKPOINT_BUCKET}: {e}"))?;
+            if info.deleted {
+                continue;
+            }
+            if let Some(v) = info.name.strip_prefix("vae/v").and_then(|r| r.strip_suffix(".safetensors")).and_then(|v| v.parse().ok()) {
+                versions.push(v);
+            }
+        }
+        Ok(versions)
+    }
+}

@@ -1,0 +1,164 @@
+//! The `wmvae` NATS micro service (`$SRV.PING` finds it): one endpoint per
+//! name under `<prefix>.ctl.`, each request handed to a [`Handler`], and the
+//! client side of a request. Errors travel as a [`ServiceError`] with an
+//! HTTP-like code. What each endpoint does is `daemon::control`'s.
+
+use super::Bus;
+use anyhow::{anyhow, Result};
+use bytes::Bytes;
+use futures::StreamExt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// The micro service's name, as `$SRV.PING` discovery shows it.
+pub const SERVICE_NAME: &str = "wmvae";
+/// A service error: an HTTP-like code (404 unknown, 400 refused request,
+/// 500 our fault) and a message.
+#[derive(Debug, Clone)]
+pub struct ServiceError {
+    pub code: usize,
+    pub message: String,
+}
+
+impl std::fmt::Display for ServiceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ServiceError {}
+
+
+/// The endpoints this build serves (names pinned by PROTOCOL.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Status,
+    Encode,
+    BufferStats,
+    List,
+    Show,
+    History,
+    Recon,
+    Rollback,
+    Pin,
+    Unpin,
+    Delete,
+    Import,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 12] = [
+        Endpoint::Status,
+        Endpoint::Encode,
+        Endpoint::BufferStats,
+        Endpoint::List,
+        Endpoint::Show,
+        Endpoint::History,
+        Endpoint::Recon,
+        Endpoint::Rollback,
+        Endpoint::Pin,
+        Endpoint::Unpin,
+        Endpoint::Delete,
+        Endpoint::Import,
+    ];
+
+    /// The name under `<prefix>.ctl.`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Endpoint::Status => "status",
+            Endpoint::Encode => "encode",
+            Endpoint::BufferStats => "buffer.stats",
+            Endpoint::List => "checkpoints.list",
+            Endpoint::Show => "checkpoints.show",
+            Endpoint::History => "checkpoints.history",
+            Endpoint::Recon => "checkpoints.recon",
+            Endpoint::Rollback => "checkpoints.rollback",
+            Endpoint::Pin => "checkpoints.pin",
+            Endpoint::Unpin => "checkpoints.unpin",
+            Endpoint::Delete => "checkpoints.delete",
+            Endpoint::Import => "checkpoints.import",
+        }
+    }
+}
+
+/// A handler's answer: the reply's bytes or a service error.
+pub type Reply = Pin<Box<dyn Future<Output = Result<Vec<u8>, ServiceError>> + Send>>;
+/// (endpoint, request payload) to a reply.
+pub type Handler = Arc<dyn Fn(Endpoint, Bytes) -> Reply + Send + Sync>;
+
+impl Bus {
+    /// Runs the `wmvae` micro service (`$SRV.PING` finds it) with one
+    /// endpoint of [`Endpoint::ALL`] under `<prefix>.ctl.`, until `shutdown`.
+    /// Each request's payload goes to `handler` with its endpoint; errors
+    /// become service errors carrying their code and text.
+    pub async fn serve_control(&self, handler: Handler, shutdown: CancellationToken) -> Result<()> {
+        use async_nats::service::ServiceExt;
+        let service = self
+            .client
+            .service_builder()
+            .description("World Models VAE trainer: status, encode, checkpoints")
+            .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+            .await
+            .map_err(|e| anyhow!("starting the {SERVICE_NAME} service: {e}"))?;
+        let group = service.group(self.subject("ctl"));
+        let mut tasks = tokio::task::JoinSet::new();
+        for which in Endpoint::ALL {
+            let name = which.name();
+            let mut endpoint = group.endpoint(name).await.map_err(|e| anyhow!("endpoint {name}: {e}"))?;
+            let (handler, shutdown) = (handler.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                loop {
+                    let request = tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        request = endpoint.next() => match request { Some(r) => r, None => break },
+                    };
+                    let reply = handler(which, request.message.payload.clone()).await;
+                    let reply = reply.map(Bytes::from).map_err(|e| async_nats::service::error::Error { status: e.message, code: e.code });
+                    if let Err(e) = request.respond(reply).await {
+                        tracing::warn!("control {name}: reply failed: {e}");
+                    }
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        service.stop().await.map_err(|e| anyhow!("stopping the service: {e}"))?;
+        Ok(())
+    }
+
+    /// A request to a control endpoint (`<prefix>.ctl.<endpoint>`); a
+    /// service error comes back as a [`ServiceError`].
+    pub async fn control_request(&self, endpoint: Endpoint, payload: Vec<u8>) -> Result<Bytes> {
+        let subject = self.subject(&format!("ctl.{}", endpoint.name()));
+        let reply = self.client.request(subject.clone(), payload.into()).await.map_err(|e| anyhow!("{subject}: {e}"))?;
+        if let Some(headers) = reply.headers.as_ref() {
+            if let Some(error) = headers.get(async_nats::service::NATS_SERVICE_ERROR) {
+                let code = headers.get(async_nats::service::NATS_SERVICE_ERROR_CODE).and_then(|c| c.as_str().parse().ok()).unwrap_or(500);
+                return Err(ServiceError { code, message: error.to_string() }.into());
+            }
+        }
+        Ok(reply.payload)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Endpoint;
+
+    /// Each endpoint has its own name, and the names are PROTOCOL.md's.
+    #[test]
+    fn endpoint_names_are_distinct_and_pinned() {
+        let names: Vec<&str> = Endpoint::ALL.iter().map(|e| e.name()).collect();
+        let mut unique = names.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), names.len());
+        let protocol = include_str!("../../PROTOCOL.md");
+        for name in names {
+            // PROTOCOL.md lists siblings as `wm.ctl.checkpoints.list`, `.show`, ...
+            let sibling = format!("`.{}`", name.rsplit('.').next().unwrap_or(name));
+            assert!(protocol.contains(&format!("ctl.{name}")) || protocol.contains(&sibling), "PROTOCOL.md does not name ctl.{name}");
+        }
+    }
+}

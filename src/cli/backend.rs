@@ -1,0 +1,188 @@
+//! The operator's side of `wmvae checkpoint ...`, `wmvae buffer stats` and
+//! `wmvae encode --checkpoint`: through the running daemon's control service when one
+//! answers, else on the store directly (sled lets one process hold it).
+//! Either way the answers are the same types, from `versions` and `store`.
+//! No rendering here (`render.rs`), and no flag parsing (`main.rs`).
+
+use crate::bus::messages::{checkpoint_object, CheckpointRequest};
+use crate::bus::service::{Endpoint, ServiceError};
+use crate::bus::Bus;
+use crate::config::Config;
+use crate::store::{HistoryEntry, Stats, Store, UnknownVersion};
+use crate::vae::checkpoint::{sha256_hex, Metadata};
+use crate::vae::device::DeviceChoice;
+use crate::vae::learner::Inference;
+use crate::versions::{self, Listed, Shown};
+use anyhow::{bail, Context, Result};
+use serde::de::DeserializeOwned;
+use std::time::Duration;
+
+/// How long the CLI waits for a daemon to answer before going offline.
+const DAEMON_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `--online`, `--offline`, or neither.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Auto,
+    Online,
+    Offline,
+}
+
+/// Where operations go.
+pub enum Backend {
+    Live(Bus),
+    Offline(Store, Config),
+}
+
+async fn live(config: &Config) -> Result<Backend> {
+    let bus = Bus::connect_once(&config).await?;
+    match tokio::time::timeout(DAEMON_PROBE_TIMEOUT, bus.control_request(Endpoint::Status, Vec::new())).await {
+        Ok(Ok(_)) => Ok(Backend::Live(bus)),
+        Ok(Err(e)) => bail!("no wmvae daemon answers on {}: {e:#}", config.nats.url),
+        Err(_) => bail!("no wmvae daemon answered on {} within {DAEMON_PROBE_TIMEOUT:?}", config.nats.url),
+    }
+}
+
+fn offline(config: &Config) -> Result<Backend> {
+    Ok(Backend::Offline(Store::open(&config.store.data_dir, config.buffer)?, config.clone()))
+}
+
+/// Picks the backend. With neither flag: the daemon if it answers, else the
+/// store; if both fail, one line says which is locked and which unreachable.
+pub async fn connect(config: &Config, mode: Mode) -> Result<Backend> {
+    match mode {
+        Mode::Online => live(config).await,
+        Mode::Offline => offline(config),
+        Mode::Auto => match live(config).await {
+            Ok(backend) => Ok(backend),
+            Err(live_error) => offline(config).map_err(|store_error| {
+                anyhow::anyhow!("no daemon and no store: {live_error:#}; and {store_error:#}")
+            }),
+        },
+    }
+}
+
+/// A request to a `checkpoints.*` endpoint; 404 answers become [`UnknownVersion`].
+async fn request(bus: &Bus, endpoint: Endpoint, request: &CheckpointRequest) -> Result<bytes::Bytes> {
+    bus.control_request(endpoint, serde_json::to_vec(request)?).await.map_err(|e| match (e.downcast_ref::<ServiceError>(), request.version) {
+        (Some(c), Some(v)) if c.code == 404 => UnknownVersion(v).into(),
+        _ => e,
+    })
+}
+
+/// [`request`] with a JSON reply.
+async fn ask<T: DeserializeOwned>(bus: &Bus, endpoint: Endpoint, body: &CheckpointRequest) -> Result<T> {
+    let reply = request(bus, endpoint, body).await?;
+    serde_json::from_slice(&reply).with_context(|| format!("reading the daemon's {} reply", endpoint.name()))
+}
+
+fn version_request(version: u64) -> CheckpointRequest {
+    CheckpointRequest { version: Some(version), ..Default::default() }
+}
+
+impl Backend {
+    pub fn is_live(&self) -> bool {
+        matches!(self, Backend::Live(_))
+    }
+
+    /// The replay buffer's figures (`wmvae buffer stats`).
+    pub async fn buffer_stats(&self) -> Result<Stats> {
+        match self {
+            Backend::Live(bus) => {
+                let reply = bus.control_request(Endpoint::BufferStats, Vec::new()).await?;
+                serde_json::from_slice(&reply).context("reading the daemon's buffer.stats reply")
+            }
+            Backend::Offline(store, _) => store.stats(),
+        }
+    }
+
+    pub async fn list(&self) -> Result<Vec<Listed>> {
+        match self {
+            Backend::Live(bus) => ask(bus, Endpoint::List, &CheckpointRequest::default()).await,
+            Backend::Offline(store, _) => versions::list(store),
+        }
+    }
+
+    pub async fn show(&self, version: u64) -> Result<Shown> {
+        match self {
+            Backend::Live(bus) => ask(bus, Endpoint::Show, &version_request(version)).await,
+            Backend::Offline(store, _) => versions::show(store, version),
+        }
+    }
+
+    pub async fn history(&self) -> Result<Vec<HistoryEntry>> {
+        match self {
+            Backend::Live(bus) => ask(bus, Endpoint::History, &CheckpointRequest::default()).await,
+            Backend::Offline(store, _) => versions::history(store),
+        }
+    }
+
+    /// PNG of validation frames over their reconstructions by `version`.
+    pub async fn recon(&self, version: u64) -> Result<Vec<u8>> {
+        match self {
+            Backend::Live(bus) => Ok(request(bus, Endpoint::Recon, &version_request(version)).await?.to_vec()),
+            Backend::Offline(store, config) => versions::recon_png(store, version, config),
+        }
+    }
+
+    /// Returns the previously active version.
+    pub async fn rollback(&self, version: u64, by: &str, reason: Option<&str>) -> Result<Option<u64>> {
+        match self {
+            Backend::Live(bus) => {
+                let request = CheckpointRequest { version: Some(version), by: Some(by.into()), reason: reason.map(str::to_string), object: None };
+                let reply: serde_json::Value = ask(bus, Endpoint::Rollback, &request).await?;
+                Ok(reply["from"].as_u64())
+            }
+            Backend::Offline(store, _) => versions::rollback(store, version, by, reason),
+        }
+    }
+
+    pub async fn set_pinned(&self, version: u64, pinned: bool) -> Result<()> {
+        match self {
+            Backend::Live(bus) => ask::<serde_json::Value>(bus, if pinned { Endpoint::Pin } else { Endpoint::Unpin }, &version_request(version)).await.map(drop),
+            Backend::Offline(store, _) => store.registry().set_pinned(version, pinned),
+        }
+    }
+
+    pub async fn delete(&self, version: u64) -> Result<Metadata> {
+        match self {
+            Backend::Live(bus) => ask(bus, Endpoint::Delete, &version_request(version)).await,
+            Backend::Offline(store, _) => store.registry().delete(version),
+        }
+    }
+
+    /// A version's weights (PyTorch-loadable safetensors), sha256 checked.
+    pub async fn export(&self, version: u64) -> Result<Vec<u8>> {
+        let expected = self.show(version).await?.metadata.sha256;
+        let weights = match self {
+            Backend::Live(bus) => bus.get_object(&checkpoint_object(version)).await?.with_context(|| format!("v{version} is not in the object store"))?,
+            Backend::Offline(store, _) => versions::checkpoint(store, version)?.weights,
+        };
+        if sha256_hex(&weights) != expected {
+            bail!("v{version}: weights sha256 does not match the recorded {expected}; refusing to use them");
+        }
+        Ok(weights)
+    }
+
+    /// A new active version from foreign weights. The file is checked here
+    /// first, so errors name it and its tensors; nothing changes on error.
+    pub async fn import(&self, bytes: &[u8], origin: &str, config: &Config, by: &str, reason: Option<&str>) -> Result<Metadata> {
+        versions::check_weights(bytes, origin, config)?;
+        match self {
+            Backend::Live(bus) => {
+                let object = format!("imports/{}-{}.safetensors", std::process::id(), sha256_hex(bytes));
+                bus.put_object(&object, bytes).await?;
+                let request = CheckpointRequest { version: None, by: Some(by.into()), reason: reason.map(str::to_string), object: Some(object) };
+                ask(bus, Endpoint::Import, &request).await
+            }
+            Backend::Offline(store, _) => Ok(versions::import(store, bytes, origin, config, by, reason)?.metadata),
+        }
+    }
+
+    /// The encoder holding a version's weights (sha256 checked), for
+    /// `wmvae encode --checkpoint`.
+    pub async fn encoder(&self, version: u64, device: DeviceChoice, config: &Config) -> Result<Inference> {
+        let weights = self.export(version).await?;
+        Inference::from_safetensors(device.resolve()?, config.vae(), &weights, &format!("checkpoint v{version}"))
+    }
+}

@@ -1,0 +1,80 @@
+//! Operator commands (rollback, import, pin, delete) from the control
+//! service, carried out by the trainer thread between two steps: they never
+//! race a checkpoint write or an automatic rollback, and the history records
+//! them in order. The loop itself is `trainer.rs`'s.
+
+use super::trainer::{Event, Trainer};
+use crate::store::Change;
+use crate::vae::checkpoint::Metadata;
+use crate::versions;
+use anyhow::{Context, Result};
+use std::sync::Arc;
+use tokio::sync::oneshot;
+
+/// A request for the trainer, with where its answer goes.
+pub enum Command {
+    Rollback { version: u64, by: String, reason: Option<String>, reply: oneshot::Sender<Result<Option<u64>>> },
+    Import { weights: Vec<u8>, origin: String, by: String, reason: Option<String>, reply: oneshot::Sender<Result<Metadata>> },
+    Pin { version: u64, pinned: bool, reply: oneshot::Sender<Result<()>> },
+    Delete { version: u64, reply: oneshot::Sender<Result<Metadata>> },
+}
+
+impl Trainer {
+    /// Runs queued operator commands; true when the training weights changed.
+    pub(super) fn run_commands(&mut self) -> bool {
+        let mut changed = false;
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                Command::Rollback { version, by, reason, reply } => {
+                    let result = self.roll_back(version, Change::Rollback, &by, reason);
+                    changed |= result.is_ok();
+                    let _ = reply.send(result);
+                }
+                Command::Import { weights, origin, by, reason, reply } => {
+                    let result = self.import(&weights, &origin, &by, reason.as_deref());
+                    changed |= result.is_ok();
+                    let _ = reply.send(result);
+                }
+                Command::Pin { version, pinned, reply } => {
+                    let _ = reply.send(self.store.registry().set_pinned(version, pinned));
+                }
+                Command::Delete { version, reply } => {
+                    let _ = reply.send(self.delete(version));
+                }
+            }
+        }
+        changed
+    }
+
+    /// Training weights, Adam state and the latent encoder all move to
+    /// `version`, then the rollback is announced. Nothing changes if the
+    /// version is unknown or its checkpoint does not load.
+    pub(super) fn roll_back(&mut self, version: u64, why: Change, by: &str, reason: Option<String>) -> Result<Option<u64>> {
+        let to = Arc::new(versions::checkpoint(&self.store, version)?);
+        self.learner.restore(&to)?;
+        let from = self.store.registry().activate(version, why, by, reason.as_deref())?;
+        self.latents.switch_to(to.clone())?;
+        self.active = to.clone();
+        self.status.update(|s| s.active_version = Some(version));
+        let reason = reason.unwrap_or_else(|| why.to_string());
+        self.events.blocking_send(Event::Rollback { from, to, reason }).context("daemon event queue closed")?;
+        Ok(from)
+    }
+
+    /// A foreign model becomes the next version, active, with fresh Adam state.
+    fn import(&mut self, weights: &[u8], origin: &str, by: &str, reason: Option<&str>) -> Result<Metadata> {
+        let checkpoint = Arc::new(versions::import(&self.store, weights, origin, &self.config, by, reason)?);
+        self.learner.restore(&checkpoint)?;
+        let metadata = checkpoint.metadata.clone();
+        self.adopt(checkpoint)?;
+        Ok(metadata)
+    }
+
+    /// Deletes a version (never the active one) and hands the removal of its
+    /// object to the daemon.
+    fn delete(&mut self, version: u64) -> Result<Metadata> {
+        let metadata = self.store.registry().delete(version)?;
+        self.events.blocking_send(Event::Deleted(metadata.clone())).context("daemon event queue closed")?;
+        Ok(metadata)
+    }
+}

@@ -1,0 +1,173 @@
+//! What each control endpoint does, free of NATS (`bus::service` carries
+//! requests and replies). Under `<prefix>.ctl.`:
+//!
+//! - `status`: JSON (step, active version, buffer frames, images/s, losses, device)
+//! - `encode`: a frame message in, a latent message out
+//! - `buffer.stats`: the replay buffer's figures
+//! - `checkpoints.list|show|history|recon`: read the store (JSON; PNG for recon)
+//! - `checkpoints.rollback|pin|unpin|delete|import`: carried out by the
+//!   trainer between two steps
+//!
+//! Checkpoint requests are JSON [`CheckpointRequest`]s (`bus::messages`). Errors map to codes
+//! in one place, [`service_error`]: 404 for an unknown version, 400 for a
+//! request we refuse, 500 for our own failures.
+
+use super::commands::Command;
+use super::latents::LatentWorker;
+use super::status::StatusBoard;
+use crate::bus::messages::CheckpointRequest;
+use crate::bus::service::{Endpoint, Handler, Reply, ServiceError};
+use crate::bus::Bus;
+use crate::config::Config;
+use crate::frames::wire;
+use crate::store::{InUse, Store, UnknownVersion};
+use crate::versions;
+use anyhow::anyhow;
+use futures::TryFutureExt;
+use serde::Serialize;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+/// A request the service refuses: 400.
+#[derive(Debug)]
+pub struct BadRequest(pub String);
+
+impl std::fmt::Display for BadRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadRequest {}
+
+/// The one mapping of errors to service codes.
+pub fn service_error(e: anyhow::Error) -> ServiceError {
+    let code = if e.downcast_ref::<UnknownVersion>().is_some() {
+        404
+    } else if e.downcast_ref::<BadRequest>().is_some() || e.downcast_ref::<InUse>().is_some() {
+        400
+    } else {
+        500
+    };
+    ServiceError { code, message: format!("{e:#}") }
+}
+
+/// What the endpoints reach.
+#[derive(Clone)]
+pub struct Context {
+    pub status: StatusBoard,
+    pub latents: LatentWorker,
+    pub store: Store,
+    pub bus: Bus,
+    pub commands: mpsc::Sender<Command>,
+    pub config: Config,
+}
+
+fn json(value: &impl Serialize) -> anyhow::Result<Vec<u8>> {
+    Ok(serde_json::to_vec(value)?)
+}
+
+/// Runs a store read off the runtime.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(work).await?
+}
+
+/// Hands a command to the trainer and waits for its answer.
+async fn ask_trainer<T>(commands: &mpsc::Sender<Command>, make: impl FnOnce(oneshot::Sender<anyhow::Result<T>>) -> Command) -> anyhow::Result<T> {
+    let (reply, answer) = oneshot::channel();
+    commands.send(make(reply)).await.map_err(|_| anyhow!("the trainer has stopped"))?;
+    answer.await.map_err(|_| anyhow!("the trainer has stopped"))?
+}
+
+fn checkpoint_request(payload: &[u8]) -> anyhow::Result<CheckpointRequest> {
+    if payload.is_empty() {
+        return Ok(CheckpointRequest::default());
+    }
+    serde_json::from_slice(payload).map_err(|e| BadRequest(format!("bad request: {e}")).into())
+}
+
+/// Answers one request to `endpoint`.
+async fn answer(ctx: Context, endpoint: Endpoint, payload: bytes::Bytes) -> anyhow::Result<Vec<u8>> {
+    let request = match endpoint {
+        Endpoint::Status | Endpoint::Encode | Endpoint::BufferStats => CheckpointRequest::default(),
+        _ => checkpoint_request(&payload)?,
+    };
+    let version = || request.version.ok_or_else(|| BadRequest("request lacks \"version\"".into()));
+    let by = request.by.clone().unwrap_or_else(|| "unknown".into());
+    let store = ctx.store.clone();
+    match endpoint {
+        Endpoint::Status => json(&ctx.status.snapshot()),
+        Endpoint::BufferStats => json(&blocking(move || store.stats()).await?),
+        Endpoint::Encode => {
+            let frame = wire::decode_frame("request", &payload, ctx.config.ingest.preprocess).map_err(|r| BadRequest(r.to_string()))?;
+            Ok(ctx.latents.encode(frame).await?.to_msgpack())
+        }
+        Endpoint::List => json(&blocking(move || versions::list(&store)).await?),
+        Endpoint::Show => {
+            let v = version()?;
+            json(&blocking(move || versions::show(&store, v)).await?)
+        }
+        Endpoint::History => json(&blocking(move || versions::history(&store)).await?),
+        Endpoint::Recon => {
+            let (v, config) = (version()?, ctx.config.clone());
+            blocking(move || versions::recon_png(&store, v, &config)).await
+        }
+        Endpoint::Rollback => {
+            let (v, reason) = (version()?, request.reason.clone());
+            let from = ask_trainer(&ctx.commands, |reply| Command::Rollback { version: v, by, reason, reply }).await?;
+            json(&serde_json::json!({ "from": from, "to": v }))
+        }
+        Endpoint::Pin | Endpoint::Unpin => {
+            let (v, pinned) = (version()?, endpoint == Endpoint::Pin);
+            ask_trainer(&ctx.commands, |reply| Command::Pin { version: v, pinned, reply }).await?;
+            json(&serde_json::json!({ "version": v, "pinned": pinned }))
+        }
+        Endpoint::Delete => {
+            let v = version()?;
+            json(&ask_trainer(&ctx.commands, |reply| Command::Delete { version: v, reply }).await?)
+        }
+        Endpoint::Import => {
+            let object = request.object.clone().ok_or_else(|| BadRequest("request lacks \"object\"".into()))?;
+            let weights = ctx.bus.get_object(&object).await?.ok_or_else(|| BadRequest(format!("no uploaded object {object}")))?;
+            let checked = versions::check_weights(&weights, &object, &ctx.config).map_err(|e| BadRequest(format!("{e:#}")));
+            let imported = match checked {
+                Ok(()) => {
+                    let (origin, reason) = (object.clone(), request.reason.clone());
+                    ask_trainer(&ctx.commands, |reply| Command::Import { weights, origin, by, reason, reply }).await
+                }
+                Err(e) => Err(e.into()),
+            };
+            ctx.bus.delete_object(&object).await?;
+            json(&imported?)
+        }
+    }
+}
+
+/// The handler for every [`Endpoint`].
+pub fn handler(ctx: Context) -> Handler {
+    Arc::new(move |endpoint: Endpoint, payload: bytes::Bytes| Box::pin(answer(ctx.clone(), endpoint, payload).map_err(service_error)) as Reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_404_400_and_500() {
+        assert_eq!(service_error(UnknownVersion(7).into()).code, 404);
+        assert_eq!(service_error(anyhow::Error::from(UnknownVersion(7)).context("show")).code, 404, "through context too");
+        assert_eq!(service_error(BadRequest("request lacks \"version\"".into()).into()).code, 400);
+        assert_eq!(service_error(InUse(3).into()).code, 400);
+        let ours = service_error(anyhow!("sled: I/O error"));
+        assert_eq!((ours.code, ours.message.as_str()), (500, "sled: I/O error"));
+    }
+
+    #[test]
+    fn checkpoint_requests_parse_or_are_bad_requests() {
+        assert_eq!(checkpoint_request(b"").unwrap().version, None);
+        assert_eq!(checkpoint_request(br#"{"version": 4, "reason": "r"}"#).unwrap().version, Some(4));
+        let refused = service_error(checkpoint_request(b"{not json").unwrap_err());
+        assert_eq!(refused.code, 400);
+        assert!(refused.message.starts_with("bad request"), "{}", refused.message);
+    }
+}

@@ -1,0 +1,187 @@
+//! The ingest loop: batches of frame deliveries from the bus are decoded,
+//! made durable in the store by one group commit, and only then acked; bad
+//! frames are dead-lettered with their reason and terminated.
+//!
+//! Backpressure is structural: a fixed number of batches is in flight, the
+//! consumer's `max_ack_pending` caps what the server hands out, so a slow
+//! disk slows pulling instead of growing memory. Nothing here decodes
+//! MessagePack itself (`wire`) or touches sled or NATS directly.
+
+use crate::bus::{Bus, Delivery};
+use crate::config::IngestConfig;
+use crate::daemon::latents::LatentWorker;
+use crate::frames::preprocess::Policy;
+use crate::store::{compress_frames, Compressed, Store};
+use crate::frames::wire::{self, Reason, Rejection};
+use crate::frames::Frame;
+use anyhow::{Context, Result};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// How often one reason may be logged: bad publishers must not flood logs.
+const REJECTION_LOG_INTERVAL: Duration = Duration::from_secs(60);
+/// How often the loop reports its throughput.
+const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Pause after a failed commit before pulling again (the batch is redelivered).
+const COMMIT_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// Logs each rejection reason at most once per interval, with a count of
+/// what was suppressed meanwhile.
+#[derive(Default)]
+struct RejectionLog {
+    last: HashMap<Reason, (Instant, u64)>,
+}
+
+impl RejectionLog {
+    fn record(&mut self, rejection: &Rejection, subject: &str) {
+        let now = Instant::now();
+        match self.last.get_mut(&rejection.reason) {
+            Some((at, suppressed)) if now.duration_since(*at) < REJECTION_LOG_INTERVAL => *suppressed += 1,
+            entry => {
+                let suppressed = entry.map(|(_, n)| *n).unwrap_or(0);
+                tracing::warn!(subject, reason = rejection.reason.code(), suppressed, "frame dead-lettered: {}", rejection.detail);
+                self.last.insert(rejection.reason, (now, 0));
+            }
+        }
+    }
+}
+
+/// Counts of one processed batch.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BatchOutcome {
+    pub stored: u64,
+    pub duplicates: u64,
+    pub rejected: u64,
+}
+
+/// Batches fetched ahead of the one being prepared: fetching overlaps the
+/// rest, and memory stays bounded (see [`run`]).
+const PIPELINE_DEPTH: usize = 1;
+
+/// One batch decoded and compressed, waiting for its commit.
+struct Prepared {
+    batch: Vec<Delivery>,
+    /// Per delivery: why it was rejected, if it was.
+    rejections: Vec<Option<Rejection>>,
+    frames: Vec<Frame>,
+    compressed: Compressed,
+}
+
+/// Runs until `shutdown`; returns after the batches in flight are committed
+/// and acked. Three stages, each its own task, joined by bounded channels:
+/// fetch (the bus), prepare (decode and compress, off the runtime), commit
+/// (the store's group commit, then acks). The next batch is prepared while
+/// the current one commits; at most `PIPELINE_DEPTH + 3` batches are in
+/// memory (queued, preparing, prepared, committing). Newly stored frames go
+/// to `latents` (when given) for their latents.
+pub async fn run(bus: Bus, store: Store, config: IngestConfig, latents: Option<LatentWorker>, shutdown: CancellationToken) -> Result<()> {
+    let mut feed = bus.frame_feed().await?;
+    let (batches, mut incoming) = tokio::sync::mpsc::channel::<Vec<Delivery>>(PIPELINE_DEPTH);
+    let (ready, mut prepared) = tokio::sync::mpsc::channel::<Prepared>(1);
+    let max_wait = Duration::from_millis(config.batch_max_wait_ms);
+    let max_frames = config.batch_max_frames;
+    let fetch_shutdown = shutdown.clone();
+    let fetcher = tokio::spawn(async move {
+        while !fetch_shutdown.is_cancelled() {
+            let batch = feed.next_batch(max_frames, max_wait, &fetch_shutdown).await?;
+            if batch.is_empty() || batches.send(batch).await.is_err() {
+                break;
+            }
+        }
+        anyhow::Ok(())
+    });
+    let policy = config.preprocess;
+    let preparer = tokio::spawn(async move {
+        while let Some(batch) = incoming.recv().await {
+            let prepared = tokio::task::spawn_blocking(move || prepare(batch, policy)).await.context("ingest prepare worker")?;
+            if ready.send(prepared).await.is_err() {
+                break;
+            }
+        }
+        anyhow::Ok(())
+    });
+    let mut log = RejectionLog::default();
+    let mut since_log = BatchOutcome::default();
+    let mut last_log = Instant::now();
+    while let Some(batch) = prepared.recv().await {
+        let size = batch.batch.len();
+        match commit(&bus, &store, batch, latents.as_ref(), &mut log).await {
+            Ok(done) => {
+                since_log.stored += done.stored;
+                since_log.duplicates += done.duplicates;
+                since_log.rejected += done.rejected;
+            }
+            Err(e) => {
+                tracing::error!("ingest batch of {size} failed, it will be redelivered: {e:#}");
+                tokio::time::sleep(COMMIT_RETRY_DELAY).await;
+            }
+        }
+        if last_log.elapsed() >= PROGRESS_LOG_INTERVAL {
+            let secs = last_log.elapsed().as_secs_f64();
+            tracing::info!(
+                stored = since_log.stored,
+                duplicates = since_log.duplicates,
+                rejected = since_log.rejected,
+                frames_per_s = (since_log.stored as f64 / secs).round(),
+                buffer_frames = store.stats().map(|s| s.frames).unwrap_or(0),
+                "ingest"
+            );
+            (since_log, last_log) = (BatchOutcome::default(), Instant::now());
+        }
+    }
+    fetcher.await.context("ingest fetch task")??;
+    preparer.await.context("ingest prepare task")??;
+    tracing::info!("ingest stopped");
+    Ok(())
+}
+
+/// Decodes (PNG, resize) and compresses one batch: blocking CPU work.
+fn prepare(batch: Vec<Delivery>, policy: Policy) -> Prepared {
+    let mut frames = Vec::with_capacity(batch.len());
+    let mut rejections = Vec::with_capacity(batch.len());
+    for delivery in &batch {
+        match wire::decode_frame(&delivery.source, &delivery.payload, policy) {
+            Ok(frame) => {
+                frames.push(Frame { received_at: Some(delivery.received_at), ..frame });
+                rejections.push(None);
+            }
+            Err(rejection) => rejections.push(Some(rejection)),
+        }
+    }
+    let compressed = compress_frames(&frames);
+    Prepared { batch, rejections, frames, compressed }
+}
+
+/// Commits one prepared batch, then acks or dead-letters each delivery.
+async fn commit(bus: &Bus, store: &Store, prepared: Prepared, latents: Option<&LatentWorker>, log: &mut RejectionLog) -> Result<BatchOutcome> {
+    let Prepared { batch, rejections, frames, compressed } = prepared;
+    let reasons: Vec<Reason> = rejections.iter().flatten().map(|r: &Rejection| r.reason).collect();
+    let store = store.clone();
+    // The flush blocks: off the runtime.
+    let (committed, mut frames) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let committed = store.commit(&frames, compressed, &reasons)?;
+        Ok((committed, frames))
+    })
+    .await
+    .context("ingest commit worker")??;
+    let mut outcome = BatchOutcome { stored: committed.stored(), duplicates: committed.duplicates, rejected: 0 };
+    for (delivery, rejection) in batch.iter().zip(rejections) {
+        match rejection {
+            None => delivery.ack().await?,
+            Some(rejection) => {
+                bus.dead_letter(delivery, &rejection.to_string()).await?;
+                delivery.terminate().await?;
+                log.record(&rejection, &delivery.subject);
+                outcome.rejected += 1;
+            }
+        }
+    }
+    if let Some(latents) = latents {
+        // Highest index first, so each swap_remove leaves lower indices in place.
+        let mut stored: Vec<Frame> = committed.stored_indices.iter().rev().map(|&i| frames.swap_remove(i)).collect();
+        stored.reverse();
+        latents.submit(stored).await?;
+    }
+    Ok(outcome)
+}

@@ -1,0 +1,115 @@
+//! What the daemon is doing, as the `status` endpoint reports it: a small
+//! board the trainer and the latent worker write and the control service
+//! reads. No I/O beyond the store's counters.
+
+use super::trainer::TrainerState;
+use crate::vae::learner::LossValues;
+use crate::store::{Split, Store};
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Points kept per loss curve (oldest dropped): enough for the page.
+const MAX_CURVE_POINTS: usize = 1000;
+/// Upper bounds (seconds) of the receive-to-latent latency histogram.
+pub const LATENCY_BUCKETS: [f64; 12] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0];
+
+/// A Prometheus-style histogram: cumulative counts per bucket, sum, count.
+#[derive(Debug, Clone, Default)]
+pub struct Histogram {
+    pub counts: [u64; LATENCY_BUCKETS.len()],
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Histogram {
+    pub fn observe(&mut self, value: Duration) {
+        let v = value.as_secs_f64();
+        for (bound, count) in LATENCY_BUCKETS.iter().zip(self.counts.iter_mut()) {
+            if v <= *bound {
+                *count += 1;
+            }
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+}
+
+/// A point of a loss curve.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct CurvePoint {
+    pub step: i64,
+    pub loss: f64,
+}
+
+fn push_bounded(curve: &mut VecDeque<CurvePoint>, point: CurvePoint) {
+    if curve.len() == MAX_CURVE_POINTS {
+        curve.pop_front();
+    }
+    curve.push_back(point);
+}
+
+/// The `status` endpoint's JSON (keys pinned); read back by the benches.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub state: TrainerState,
+    pub step: i64,
+    pub active_version: Option<u64>,
+    pub buffer_frames: u64,
+    pub train_frames: u64,
+    pub validation_frames: u64,
+    pub images_per_s: f64,
+    pub last_losses: Option<LossValues>,
+    pub eval: Option<LossValues>,
+    pub device: String,
+    pub skipped_steps: u64,
+    pub auto_rollbacks: u64,
+    pub latents_published: u64,
+    /// Train loss (mean of each log window) over steps, for the page.
+    #[serde(skip)]
+    pub train_curve: VecDeque<CurvePoint>,
+    /// Eval loss over steps.
+    #[serde(skip)]
+    pub eval_curve: VecDeque<CurvePoint>,
+    /// Frame received to latent published.
+    #[serde(skip)]
+    pub latent_latency: Histogram,
+}
+
+impl Status {
+    pub fn record_train(&mut self, step: i64, loss: f64) {
+        push_bounded(&mut self.train_curve, CurvePoint { step, loss });
+    }
+
+    pub fn record_eval(&mut self, step: i64, loss: f64) {
+        push_bounded(&mut self.eval_curve, CurvePoint { step, loss });
+    }
+}
+
+/// Shared, cheap to clone.
+#[derive(Clone)]
+pub struct StatusBoard {
+    status: Arc<Mutex<Status>>,
+    store: Store,
+}
+
+impl StatusBoard {
+    pub fn new(store: Store, device: String) -> StatusBoard {
+        let status = Status { device, ..Default::default() };
+        StatusBoard { status: Arc::new(Mutex::new(status)), store }
+    }
+
+    pub fn update(&self, change: impl FnOnce(&mut Status)) {
+        change(&mut self.status.lock().unwrap());
+    }
+
+    /// The status now, with the buffer's sizes read live.
+    pub fn snapshot(&self) -> Status {
+        let mut status = self.status.lock().unwrap().clone();
+        status.train_frames = self.store.len(Split::Train);
+        status.validation_frames = self.store.len(Split::Validation);
+        status.buffer_frames = status.train_frames + status.validation_frames;
+        status
+    }
+}

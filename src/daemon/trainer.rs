@@ -1,0 +1,276 @@
+//! The training loop: one thread, read top to bottom like nanoGPT's
+//! train.py. Gate (enough frames, samples per insert); step, unless the
+//! divergence guard refuses the loss (then, after `max_bad_steps`, roll
+//! back); log every `log_every_steps`; evaluate every `eval_every_steps`;
+//! checkpoint every `checkpoint_every_steps` and at shutdown.
+//!
+//! The trainer owns the training tensors (they are not `Sync`), writes
+//! checkpoints to the store itself and hands NATS work (object store,
+//! announcements) to the daemon as [`Event`]s. Operator commands are
+//! carried out between two steps by `commands.rs`; this file is the loop.
+
+use super::guard::{DivergenceGuard, LossWindow};
+use super::latents::LatentWorker;
+use super::sampler::Sampler;
+use super::status::StatusBoard;
+use crate::config::{Config, TrainConfig};
+use crate::store::{Change, Split, Store};
+use crate::vae::checkpoint::{now_rfc3339, Checkpoint, Metadata};
+use crate::vae::learner::{Learner, LossValues};
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+pub use super::commands::Command;
+
+/// Validation batches averaged for one eval.
+const EVAL_BATCHES: usize = 4;
+/// How long the loop sleeps while it waits for frames or is throttled.
+const IDLE_PAUSE: Duration = Duration::from_millis(50);
+
+/// NATS work the trainer hands to the daemon, in order.
+pub enum Event {
+    /// Put the weights in the object store and announce; `done` fires after.
+    Created(Arc<Checkpoint>, oneshot::Sender<()>),
+    /// Announce a rollback to `to` (from version `from`).
+    Rollback { from: Option<u64>, to: Arc<Checkpoint>, reason: String },
+    /// Remove the weights from the object store and announce.
+    Deleted(Metadata),
+}
+
+/// What the trainer is doing (the status JSON's `state`, strings pinned).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TrainerState {
+    #[default]
+    #[serde(rename = "starting")]
+    Starting,
+    #[serde(rename = "waiting for frames")]
+    WaitingForFrames,
+    #[serde(rename = "throttled")]
+    Throttled,
+    #[serde(rename = "training")]
+    Training,
+    #[serde(rename = "stopping")]
+    Stopping,
+}
+
+impl TrainerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrainerState::Starting => "starting",
+            TrainerState::WaitingForFrames => "waiting for frames",
+            TrainerState::Throttled => "throttled",
+            TrainerState::Training => "training",
+            TrainerState::Stopping => "stopping",
+        }
+    }
+}
+
+/// Everything the loop talks to.
+pub struct Trainer {
+    pub config: Config,
+    pub store: Store,
+    pub learner: Learner,
+    /// The active checkpoint: the last good one, where rollbacks return.
+    pub active: Arc<Checkpoint>,
+    pub latents: LatentWorker,
+    pub events: mpsc::Sender<Event>,
+    pub status: StatusBoard,
+    pub commands: mpsc::Receiver<Command>,
+    pub shutdown: CancellationToken,
+}
+
+/// The state of one run of training from the active version: reset when
+/// the weights change under it (a rollback or an import).
+struct Run {
+    guard: DivergenceGuard,
+    /// Frames trained on since version 1 (saved with each checkpoint).
+    frames_seen: u64,
+    since_log: LossWindow,
+    since_checkpoint: LossWindow,
+    log_started: Instant,
+}
+
+impl Run {
+    fn from(active: &Checkpoint, cfg: &TrainConfig) -> Run {
+        Run {
+            guard: DivergenceGuard::new(cfg.divergence_factor),
+            frames_seen: active.metadata.frames_seen,
+            since_log: LossWindow::default(),
+            since_checkpoint: LossWindow::default(),
+            log_started: Instant::now(),
+        }
+    }
+
+    fn record(&mut self, loss: &LossValues, images: usize) {
+        self.frames_seen += images as u64;
+        self.since_log.add(loss, images as u64);
+        self.since_checkpoint.add(loss, images as u64);
+    }
+}
+
+impl Trainer {
+    /// Runs until shutdown, then writes a last checkpoint if it trained since the previous one.
+    pub fn run(mut self) -> Result<()> {
+        let cfg = self.config.train.clone();
+        let mut run = Run::from(&self.active, &cfg);
+        let mut sampler: Option<Sampler> = None;
+        self.status.update(|s| (s.step, s.active_version) = (self.learner.steps(), Some(self.active.metadata.version)));
+        while !self.shutdown.is_cancelled() {
+            // Operator commands between two steps; new weights start a new run.
+            if self.run_commands() {
+                run = Run::from(&self.active, &cfg);
+            }
+            // Gate: enough frames, and no more replay than samples_per_insert allows.
+            if let Some(waiting) = self.gate(&cfg, run.frames_seen) {
+                self.status.update(|s| s.state = waiting);
+                std::thread::sleep(IDLE_PAUSE);
+                continue;
+            }
+            if sampler.is_none() {
+                sampler = Some(Sampler::start(self.store.clone(), Split::Train, cfg.batch_size)?);
+            }
+            let Some(batch) = sampler.as_ref().and_then(|s| s.next(IDLE_PAUSE)) else { continue };
+            self.status.update(|s| s.state = TrainerState::Training);
+            // Step, unless the guard says the loss diverged.
+            let (loss, applied) = self.learner.train_step_guarded(&batch, |l| run.guard.accept(l))?;
+            if !applied {
+                self.diverged(&mut run, &loss, &cfg)?;
+                continue;
+            }
+            run.record(&loss, cfg.batch_size);
+            let step = self.learner.steps();
+            self.status.update(|s| s.step = step);
+            if step % cfg.log_every_steps as i64 == 0 {
+                self.log(step, &mut run, loss);
+            }
+            if step % cfg.eval_every_steps as i64 == 0 {
+                self.report_eval(step)?;
+            }
+            if step % cfg.checkpoint_every_steps as i64 == 0 {
+                self.checkpoint(&mut run)?;
+            }
+        }
+        self.status.update(|s| s.state = TrainerState::Stopping);
+        drop(sampler);
+        if run.since_checkpoint.steps > 0 {
+            self.checkpoint(&mut run)?;
+        }
+        Ok(())
+    }
+
+    /// Why training must wait now, if it must.
+    fn gate(&self, cfg: &TrainConfig, frames_seen: u64) -> Option<TrainerState> {
+        if self.store.len(Split::Train) < cfg.min_frames {
+            return Some(TrainerState::WaitingForFrames);
+        }
+        let inserted = self.store.frames_ingested();
+        let over_ratio = (frames_seen + cfg.batch_size as u64) as f64 > cfg.samples_per_insert * inserted as f64;
+        (cfg.samples_per_insert > 0.0 && over_ratio).then_some(TrainerState::Throttled)
+    }
+
+    /// A skipped step: counted, and after `max_bad_steps` in a row, an
+    /// automatic rollback to the active (last good) version.
+    fn diverged(&mut self, run: &mut Run, loss: &LossValues, cfg: &TrainConfig) -> Result<()> {
+        self.status.update(|s| s.skipped_steps += 1);
+        tracing::warn!(loss = loss.total, bad_in_a_row = run.guard.bad_in_a_row, "step skipped: loss diverged");
+        if run.guard.bad_in_a_row >= cfg.max_bad_steps {
+            let reason = format!("automatic rollback on divergence: {} bad steps in a row", run.guard.bad_in_a_row);
+            let version = self.active.metadata.version;
+            self.roll_back(version, Change::AutoRollback, "wmvae", Some(reason.clone()))?;
+            tracing::warn!(to = version, "{reason}");
+            self.status.update(|s| s.auto_rollbacks += 1);
+            *run = Run::from(&self.active, cfg);
+        }
+        Ok(())
+    }
+
+    /// The log line and the status board's train curve.
+    fn log(&self, step: i64, run: &mut Run, last: LossValues) {
+        let images_per_s = run.since_log.images as f64 / run.log_started.elapsed().as_secs_f64();
+        let mean = run.since_log.mean().unwrap_or(last);
+        let buffer_frames = self.store.len(Split::Train) + self.store.len(Split::Validation);
+        let active_version = self.active.metadata.version;
+        tracing::info!(step, images_per_s = images_per_s.round(), loss = mean.total, recon = mean.recon, kl = mean.kl, buffer_frames, active_version, "train");
+        self.status.update(|s| {
+            (s.images_per_s, s.last_losses) = (images_per_s, Some(mean));
+            s.record_train(step, mean.total);
+        });
+        (run.since_log, run.log_started) = (LossWindow::default(), Instant::now());
+    }
+
+    /// An eval on the validation split, logged and put on the status board.
+    fn report_eval(&self, step: i64) -> Result<()> {
+        if let Some(eval) = self.evaluate()? {
+            tracing::info!(step, eval_loss = eval.total, eval_recon = eval.recon, eval_kl = eval.kl, "eval");
+            self.status.update(|s| {
+                s.eval = Some(eval);
+                s.record_eval(step, eval.total);
+            });
+        }
+        Ok(())
+    }
+
+    /// Mean loss over a few validation batches; None while that split is empty.
+    fn evaluate(&self) -> Result<Option<LossValues>> {
+        let mut rng = rand::thread_rng();
+        let mut window = LossWindow::default();
+        for _ in 0..EVAL_BATCHES {
+            let Some(batch) = self.store.sample(Split::Validation, self.config.train.batch_size, &mut rng)? else { return Ok(None) };
+            window.add(&self.learner.net().evaluate_frames(&batch)?, self.config.train.batch_size as u64);
+        }
+        Ok(window.mean())
+    }
+
+    /// Writes the next version from the current weights (after an eval),
+    /// makes it active, moves the latent worker to it, hands it to the
+    /// daemon to publish, and applies retention.
+    fn checkpoint(&mut self, run: &mut Run) -> Result<()> {
+        let train = std::mem::take(&mut run.since_checkpoint).mean();
+        let eval = self.evaluate()?;
+        if eval.is_some_and(|e| !e.total.is_finite()) || train.is_some_and(|t| !t.total.is_finite()) {
+            tracing::warn!("checkpoint skipped: non-finite loss");
+            return Ok(());
+        }
+        let metadata = Metadata {
+            version: 0,
+            parent: Some(self.active.metadata.version),
+            step: self.learner.steps() as u64,
+            frames_seen: run.frames_seen,
+            train_loss: train.map(|t| t.total),
+            eval_loss: eval.map(|e| e.total),
+            eval_recon: eval.map(|e| e.recon),
+            eval_kl: eval.map(|e| e.kl),
+            created_at: now_rfc3339(),
+            sha256: String::new(),
+            config: serde_json::to_value(&self.config)?,
+        };
+        let learner = &self.learner;
+        let checkpoint = self.store.registry().add(|version| learner.snapshot(Metadata { version, ..metadata }), Change::Trained, "wmvae", None)?;
+        let m = &checkpoint.metadata;
+        tracing::info!(version = m.version, parent = ?m.parent, step = m.step, eval_loss = ?m.eval_loss, "checkpoint");
+        self.adopt(Arc::new(checkpoint))?;
+        for victim in self.store.registry().retention_victims(self.config.train.keep_last)? {
+            let metadata = self.store.registry().delete(victim)?;
+            self.events.blocking_send(Event::Deleted(metadata)).context("daemon event queue closed")?;
+        }
+        Ok(())
+    }
+
+    /// A new version, already active in the store, goes out: published (the
+    /// object is in the store before any latent names the version), then
+    /// the latent worker moves to it.
+    pub(super) fn adopt(&mut self, checkpoint: Arc<Checkpoint>) -> Result<()> {
+        let (published, done) = oneshot::channel();
+        self.events.blocking_send(Event::Created(checkpoint.clone(), published)).context("daemon event queue closed")?;
+        let _ = done.blocking_recv();
+        self.latents.switch_to(checkpoint.clone())?;
+        let version = checkpoint.metadata.version;
+        self.active = checkpoint;
+        self.status.update(|s| s.active_version = Some(version));
+        Ok(())
+    }
+}

@@ -1,0 +1,216 @@
+//! Streaming reader and writer for uint8 frame arrays in numpy's `.npy`
+//! format (N, H, W, 3), so `wmvae encode` holds one chunk of frames in
+//! memory, not the file. Float outputs go through tch's `write_npz`; this
+//! module only does the frame files and their header checks.
+
+use anyhow::{bail, Context, Result};
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8] = b"\x93NUMPY";
+/// Headers longer than this are not numpy's (it pads to 64 bytes; 4 KiB is generous).
+const MAX_HEADER_BYTES: usize = 4096;
+
+/// An open `.npy` of uint8 frames, positioned at the first frame.
+pub struct FrameReader {
+    path: PathBuf,
+    reader: BufReader<File>,
+    /// Frames not yet read.
+    remaining: usize,
+    pub count: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+fn header_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
+    let start = header.find(&format!("'{key}':"))? + key.len() + 3;
+    Some(header[start..].trim_start())
+}
+
+/// Parses `{'descr': '|u1', 'fortran_order': False, 'shape': (N, H, W, 3), }`.
+fn parse_header(header: &str) -> Result<Vec<usize>> {
+    let descr = header_value(header, "descr").context("header has no 'descr'")?;
+    if !(descr.starts_with("'|u1'") || descr.starts_with("'u1'") || descr.starts_with("'<u1'")) {
+        let dtype = descr.split(',').next().unwrap_or(descr);
+        bail!("dtype {dtype} unsupported: frames must be uint8");
+    }
+    let fortran = header_value(header, "fortran_order").context("header has no 'fortran_order'")?;
+    if !fortran.starts_with("False") {
+        bail!("Fortran-ordered arrays unsupported: save with np.ascontiguousarray");
+    }
+    let shape = header_value(header, "shape").context("header has no 'shape'")?;
+    let inner = shape.strip_prefix('(').and_then(|s| s.split(')').next()).context("malformed 'shape'")?;
+    inner
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<usize>().with_context(|| format!("malformed dimension {s:?} in 'shape'")))
+        .collect()
+}
+
+impl FrameReader {
+    /// Opens `path` and checks it holds uint8 (N, H, W, 3) in C order.
+    pub fn open(path: &Path) -> Result<FrameReader> {
+        let with_path = |e: anyhow::Error| e.context(format!("{}: not a uint8 (N, H, W, 3) .npy", path.display()));
+        let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let file_len = file.metadata()?.len() as usize;
+        let mut reader = BufReader::new(file);
+        let (shape, data_offset) = Self::read_header(&mut reader).map_err(with_path)?;
+        let [count, height, width, 3] = shape[..] else {
+            return Err(with_path(anyhow::anyhow!("shape {shape:?} is not (N, H, W, 3)")));
+        };
+        let needed = count.checked_mul(height * width * 3).context("shape overflows").map_err(with_path)?;
+        if file_len < data_offset + needed {
+            return Err(with_path(anyhow::anyhow!(
+                "truncated: shape {shape:?} needs {needed} bytes of data, the file has {}",
+                file_len.saturating_sub(data_offset)
+            )));
+        }
+        Ok(FrameReader { path: path.to_owned(), reader, remaining: count, count, height, width })
+    }
+
+    fn read_header(reader: &mut impl Read) -> Result<(Vec<usize>, usize)> {
+        let mut magic = [0u8; 8];
+        reader.read_exact(&mut magic).context("file too short for a .npy header")?;
+        if &magic[..6] != MAGIC {
+            bail!("missing the \\x93NUMPY magic");
+        }
+        let (len, prefix) = match magic[6] {
+            1 => {
+                let mut b = [0u8; 2];
+                reader.read_exact(&mut b)?;
+                (u16::from_le_bytes(b) as usize, 10)
+            }
+            2 | 3 => {
+                let mut b = [0u8; 4];
+                reader.read_exact(&mut b)?;
+                (u32::from_le_bytes(b) as usize, 12)
+            }
+            v => bail!("unknown .npy format version {v}"),
+        };
+        if len > MAX_HEADER_BYTES {
+            bail!("header of {len} bytes is too long");
+        }
+        let mut header = vec![0u8; len];
+        reader.read_exact(&mut header).context("truncated header")?;
+        let header = String::from_utf8(header).context("header is not text")?;
+        Ok((parse_header(&header)?, prefix + len))
+    }
+
+    /// Bytes of one frame.
+    pub fn frame_bytes(&self) -> usize {
+        self.height * self.width * 3
+    }
+
+    /// Reads up to `max_frames` frames; an empty vector at the end.
+    pub fn read_chunk(&mut self, max_frames: usize) -> Result<Vec<u8>> {
+        let n = max_frames.min(self.remaining);
+        let mut buf = vec![0u8; n * self.frame_bytes()];
+        self.reader.read_exact(&mut buf).with_context(|| format!("{}: truncated frame data", self.path.display()))?;
+        self.remaining -= n;
+        Ok(buf)
+    }
+}
+
+/// A version 1.0 `.npy` header for a C-ordered array of numpy dtype `descr`
+/// (`|u1`, `<f4`, `<U12`, ...) and `shape`.
+pub fn header(descr: &str, shape: &[usize]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    // Pad so that magic + version + length + header + '\n' is a multiple of 64.
+    let padding = (64 - (10 + dict.len() + 1) % 64) % 64;
+    let text = format!("{dict}{}\n", " ".repeat(padding));
+    let mut out = MAGIC.to_vec();
+    out.extend([1, 0]);
+    out.extend((text.len() as u16).to_le_bytes());
+    out.extend(text.as_bytes());
+    out
+}
+
+/// An `.npz` (a zip of `.npy` files, stored uncompressed) written one array
+/// at a time, so a caller streams each array's data without holding it.
+pub struct NpzWriter {
+    zip: zip::ZipWriter<BufWriter<File>>,
+    path: PathBuf,
+}
+
+impl NpzWriter {
+    pub fn create(path: &Path) -> Result<NpzWriter> {
+        let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(NpzWriter { zip: zip::ZipWriter::new(BufWriter::new(file)), path: path.to_path_buf() })
+    }
+
+    /// Starts array `name` of numpy dtype `descr` and `shape`; its data
+    /// (C order, little-endian) is then written to the returned writer.
+    pub fn array(&mut self, name: &str, descr: &str, shape: &[usize]) -> Result<&mut impl Write> {
+        let options = zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored).large_file(true);
+        self.zip.start_file(format!("{name}.npy"), options).with_context(|| format!("writing {}", self.path.display()))?;
+        self.zip.write_all(&header(descr, shape))?;
+        Ok(&mut self.zip)
+    }
+
+    pub fn finish(mut self) -> Result<()> {
+        self.zip.finish().with_context(|| format!("finishing {}", self.path.display()))?.flush()?;
+        Ok(())
+    }
+}
+
+/// Writes uint8 frames (N, H, W, 3) as a `.npy`.
+pub fn write_frames(path: &Path, frames: &[u8], height: usize, width: usize) -> Result<()> {
+    let frame_bytes = height * width * 3;
+    if frame_bytes == 0 || frames.len() % frame_bytes != 0 {
+        bail!("{} bytes are not whole {height}x{width}x3 frames", frames.len());
+    }
+    let mut out = BufWriter::new(File::create(path).with_context(|| format!("creating {}", path.display()))?);
+    out.write_all(&header("|u1", &[frames.len() / frame_bytes, height, width, 3]))?;
+    out.write_all(frames)?;
+    out.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_in_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.npy");
+        let frames: Vec<u8> = (0..5 * 4 * 2 * 3).map(|i| i as u8).collect();
+        write_frames(&path, &frames, 4, 2).unwrap();
+        let mut r = FrameReader::open(&path).unwrap();
+        assert_eq!((r.count, r.height, r.width), (5, 4, 2));
+        let mut all = r.read_chunk(2).unwrap();
+        all.extend(r.read_chunk(2).unwrap());
+        all.extend(r.read_chunk(2).unwrap());
+        assert!(r.read_chunk(2).unwrap().is_empty());
+        assert_eq!(all, frames);
+    }
+
+    #[test]
+    fn bad_files_say_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.npy");
+        std::fs::write(&path, b"hello").unwrap();
+        let err = format!("{:#}", FrameReader::open(&path).err().unwrap());
+        assert!(err.contains("bad.npy") && err.contains("too short"), "{err}");
+
+        let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 64, 64, 3), }\n";
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend([1, 0]);
+        bytes.extend((header.len() as u16).to_le_bytes());
+        bytes.extend(header.as_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let err = format!("{:#}", FrameReader::open(&path).err().unwrap());
+        assert!(err.contains("'<f4'") && err.contains("uint8"), "{err}");
+
+        write_frames(&path, &[0u8; 2 * 64 * 64 * 3], 64, 64).unwrap();
+        let len = std::fs::metadata(&path).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len - 100).unwrap();
+        let err = format!("{:#}", FrameReader::open(&path).err().unwrap());
+        assert!(err.contains("truncated"), "{err}");
+    }
+}

@@ -1,0 +1,387 @@
+//! The version registry in sled's `checkpoints` tree: immutable versions
+//! (checkpoint envelopes), the active one, pins, and the history of every
+//! change of the active version. Its own type over the store's shared sled
+//! database: it knows nothing of frames, and the buffer nothing of it. Version numbers only grow and are never reused: the counter is
+//! committed in the same atomic batch as the version it hands out.
+//!
+//! | key                 | value                                   |
+//! |---------------------|-----------------------------------------|
+//! | `V` version(u64 BE) chunk(u32 BE) | the checkpoint envelope (`checkpoint`), in chunks of [`CHUNK_BYTES`]; schema 1 stores hold it whole under `V` version |
+//! | `D` version         | its metadata alone (MessagePack), for listings |
+//! | `P` version         | empty: the version is pinned            |
+//! | `H` seq(u64 BE)     | a history entry (MessagePack)           |
+//! | `M` name            | `next_version`, `active`, `history_next`, `history_announced` |
+
+use super::layout::be_u64;
+use crate::vae::checkpoint::{now_rfc3339, Checkpoint, Metadata};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+/// A version that does not exist (any more): exit code 2 at the CLI, 404 on the service.
+#[derive(Debug)]
+pub struct UnknownVersion(pub u64);
+
+impl std::fmt::Display for UnknownVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no checkpoint version {} (unknown or deleted)", self.0)
+    }
+}
+
+impl std::error::Error for UnknownVersion {}
+
+/// A version that can't be deleted because it is the active one (a refused
+/// request: 400 on the service).
+#[derive(Debug)]
+pub struct InUse(pub u64);
+
+impl std::fmt::Display for InUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "checkpoint v{} is the active version; roll back to another first", self.0)
+    }
+}
+
+impl std::error::Error for InUse {}
+
+/// The version with the lowest finite eval loss, if any has one.
+pub fn best_by_eval(all: &[Metadata]) -> Option<u64> {
+    all.iter()
+        .filter_map(|m| Some((m.eval_loss.filter(|l| l.is_finite())?, m.version)))
+        .min_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, version)| version)
+}
+
+/// Why the active version changed. Stored and shown as the strings each
+/// variant names (the history's `why`, pinned in JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    /// Version 1: fresh weights on a new store.
+    #[serde(rename = "initial")]
+    Initial,
+    /// A checkpoint of training.
+    #[serde(rename = "trained")]
+    Trained,
+    /// An operator's rollback (live or offline).
+    #[serde(rename = "rollback")]
+    Rollback,
+    /// The trainer's own rollback after a run of diverging steps.
+    #[serde(rename = "automatic rollback on divergence")]
+    AutoRollback,
+    /// Weights trained elsewhere.
+    #[serde(rename = "import")]
+    Import,
+}
+
+impl Change {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Change::Initial => "initial",
+            Change::Trained => "trained",
+            Change::Rollback => "rollback",
+            Change::AutoRollback => "automatic rollback on divergence",
+            Change::Import => "import",
+        }
+    }
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// One change of the active version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// RFC 3339.
+    pub at: String,
+    pub from: Option<u64>,
+    pub to: u64,
+    pub why: Change,
+    /// Who asked: "wmvae" for the daemon itself, else a NATS user or user@host.
+    pub by: String,
+    pub reason: Option<String>,
+}
+
+/// A checkpoint envelope goes into sled in pieces of this size. Stored
+/// whole (~51 MB with the optimizer state), it stalled the buffer's next
+/// group commit by ~240 ms once the log rolled over to a new segment
+/// (sled moves the big value along); in 64 KB pieces the worst commit
+/// after a checkpoint took 3.5 ms (BENCHMARKS.md).
+const CHUNK_BYTES: usize = 64 * 1024;
+
+fn key(tag: u8, n: u64) -> Vec<u8> {
+    [&[tag][..], &n.to_be_bytes()].concat()
+}
+fn chunk_key(version: u64, chunk: u32) -> Vec<u8> {
+    [key(b'V', version), chunk.to_be_bytes().to_vec()].concat()
+}
+fn meta(name: &str) -> Vec<u8> {
+    [b"M", name.as_bytes()].concat()
+}
+
+/// The registry. Clones share the store's sled database; changes are
+/// serialised by one lock, reads run alongside.
+#[derive(Clone)]
+pub struct Registry {
+    db: sled::Db,
+    tree: sled::Tree,
+    /// Serialises changes (create, activate, pin, delete).
+    lock: Arc<Mutex<()>>,
+}
+
+impl Registry {
+    pub(super) fn open(db: &sled::Db) -> Result<Registry> {
+        Ok(Registry { db: db.clone(), tree: db.open_tree("checkpoints")?, lock: Arc::default() })
+    }
+
+    fn counter(&self, name: &str) -> Result<Option<u64>> {
+        self.tree.get(meta(name))?.map(|v| be_u64(&v)).transpose()
+    }
+
+    /// Adds "`version` is now active" and its history entry to `batch`;
+    /// returns the version active before.
+    fn activate_in(&self, batch: &mut sled::Batch, version: u64, why: Change, by: &str, reason: Option<&str>) -> Result<Option<u64>> {
+        let from = self.counter("active")?;
+        batch.insert(meta("active"), &version.to_be_bytes());
+        let entry = HistoryEntry { at: now_rfc3339(), from, to: version, why, by: by.into(), reason: reason.map(str::to_string) };
+        let seq = self.counter("history_next")?.unwrap_or(0);
+        batch.insert(key(b'H', seq), rmp_serde::to_vec_named(&entry)?);
+        batch.insert(meta("history_next"), &(seq + 1).to_be_bytes());
+        Ok(from)
+    }
+
+    /// Stores a new version built by `make` (given its number) and makes it
+    /// the active one with a history entry. Atomic and flushed before it
+    /// returns.
+    pub fn add(&self, make: impl FnOnce(u64) -> Result<Checkpoint>, why: Change, by: &str, reason: Option<&str>) -> Result<Checkpoint> {
+        let _guard = self.lock.lock().unwrap();
+        let version = self.counter("next_version")?.unwrap_or(1);
+        let checkpoint = make(version)?;
+        if checkpoint.metadata.version != version {
+            bail!("checkpoint built as v{} but v{version} was allocated", checkpoint.metadata.version);
+        }
+        let mut batch = sled::Batch::default();
+        for (chunk, piece) in (0u32..).zip(checkpoint.to_bytes()?.chunks(CHUNK_BYTES)) {
+            batch.insert(chunk_key(version, chunk), piece);
+        }
+        batch.insert(key(b'D', version), rmp_serde::to_vec_named(&checkpoint.metadata)?);
+        batch.insert(meta("next_version"), &(version + 1).to_be_bytes());
+        self.activate_in(&mut batch, version, why, by, reason)?;
+        self.tree.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(checkpoint)
+    }
+
+    /// Makes an existing version active. Returns the previous active version.
+    pub fn activate(&self, version: u64, why: Change, by: &str, reason: Option<&str>) -> Result<Option<u64>> {
+        let _guard = self.lock.lock().unwrap();
+        if !self.contains(version)? {
+            return Err(UnknownVersion(version).into());
+        }
+        let mut batch = sled::Batch::default();
+        let from = self.activate_in(&mut batch, version, why, by, reason)?;
+        self.tree.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(from)
+    }
+
+    pub fn active_version(&self) -> Result<Option<u64>> {
+        self.counter("active")
+    }
+
+    /// Whether `version` is stored (its metadata is written and removed
+    /// in the same batches as its envelope).
+    fn contains(&self, version: u64) -> Result<bool> {
+        Ok(self.tree.contains_key(key(b'D', version))?)
+    }
+
+    /// A whole checkpoint, its sha256 verified.
+    pub fn get(&self, version: u64) -> Result<Option<Checkpoint>> {
+        // The chunks in key order; a schema 1 store has one piece under the bare prefix.
+        let mut bytes = Vec::new();
+        for entry in self.tree.scan_prefix(key(b'V', version)) {
+            bytes.extend_from_slice(&entry?.1);
+        }
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        Checkpoint::from_bytes(&bytes).with_context(|| format!("checkpoint v{version} in the store")).map(Some)
+    }
+
+    pub fn metadata(&self, version: u64) -> Result<Option<Metadata>> {
+        self.tree.get(key(b'D', version))?.map(|b| rmp_serde::from_slice(&b).context("corrupt checkpoint metadata")).transpose()
+    }
+
+    /// Every stored version's metadata, oldest first.
+    pub fn list(&self) -> Result<Vec<Metadata>> {
+        self.tree
+            .scan_prefix([b'D'])
+            .map(|entry| rmp_serde::from_slice(&entry?.1).context("corrupt checkpoint metadata"))
+            .collect()
+    }
+
+    pub fn pinned(&self) -> Result<BTreeSet<u64>> {
+        self.tree.scan_prefix([b'P']).map(|entry| be_u64(&entry?.0[1..])).collect()
+    }
+
+    /// Pins (kept by retention) or unpins a version.
+    pub fn set_pinned(&self, version: u64, pinned: bool) -> Result<()> {
+        let _guard = self.lock.lock().unwrap();
+        if !self.contains(version)? {
+            return Err(UnknownVersion(version).into());
+        }
+        if pinned {
+            self.tree.insert(key(b'P', version), &[])?;
+        } else {
+            self.tree.remove(key(b'P', version))?;
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Deletes a version (never the active one). Returns its metadata.
+    pub fn delete(&self, version: u64) -> Result<Metadata> {
+        let _guard = self.lock.lock().unwrap();
+        if self.counter("active")? == Some(version) {
+            return Err(InUse(version).into());
+        }
+        let metadata = self.metadata(version)?.ok_or(UnknownVersion(version))?;
+        let mut batch = sled::Batch::default();
+        for entry in self.tree.scan_prefix(key(b'V', version)).keys() {
+            batch.remove(entry?);
+        }
+        for tag in [b'D', b'P'] {
+            batch.remove(key(tag, version));
+        }
+        self.tree.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(metadata)
+    }
+
+    /// Versions retention would delete: all but the newest `keep_last`, the
+    /// pinned ones, the best by eval loss, and the active one.
+    pub fn retention_victims(&self, keep_last: usize) -> Result<Vec<u64>> {
+        let all = self.list()?;
+        let mut keep: BTreeSet<u64> = all.iter().rev().take(keep_last).map(|m| m.version).collect();
+        keep.extend(self.pinned()?);
+        keep.extend(self.active_version()?);
+        keep.extend(best_by_eval(&all));
+        Ok(all.iter().map(|m| m.version).filter(|v| !keep.contains(v)).collect())
+    }
+
+    /// History entries not yet announced on NATS (made offline, or before a crash).
+    pub fn unannounced_history(&self) -> Result<Vec<HistoryEntry>> {
+        let from = self.counter("history_announced")?.unwrap_or(0);
+        self.tree
+            .range(key(b'H', from)..key(b'H', u64::MAX))
+            .map(|entry| rmp_serde::from_slice(&entry?.1).context("corrupt history entry"))
+            .collect()
+    }
+
+    /// Records that every history entry so far has been announced.
+    pub fn mark_history_announced(&self) -> Result<()> {
+        let next = self.counter("history_next")?.unwrap_or(0);
+        self.tree.insert(meta("history_announced"), &next.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Every change of the active version, oldest first.
+    pub fn history(&self) -> Result<Vec<HistoryEntry>> {
+        self.tree.scan_prefix([b'H']).map(|entry| rmp_serde::from_slice(&entry?.1).context("corrupt history entry")).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{BufferConfig, Store};
+
+    fn store(dir: &std::path::Path) -> Store {
+        Store::open(dir, BufferConfig { capacity: 10, validation_fraction: 0.0 }).unwrap()
+    }
+
+    fn add(s: &Registry, eval_loss: f64) -> u64 {
+        let make = |version| {
+            let metadata = Metadata { version, eval_loss: Some(eval_loss), ..Default::default() };
+            Ok(Checkpoint::new(metadata, vec![version as u8; 8], vec![]))
+        };
+        s.add(make, Change::Trained, "wmvae", None).unwrap().metadata.version
+    }
+
+    #[test]
+    fn versions_grow_across_reopen_and_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let st = store(dir.path());
+            let s = st.registry();
+            assert_eq!((add(&s, 5.0), add(&s, 4.0)), (1, 2));
+            s.activate(1, Change::Rollback, "ops@host", Some("bad run")).unwrap();
+            s.delete(2).unwrap();
+        }
+        let st = store(dir.path());
+        let s = st.registry();
+        assert_eq!(add(&s, 3.0), 3, "a deleted version's number is never reused");
+        let history: Vec<(Option<u64>, u64, Change)> = s.history().unwrap().into_iter().map(|h| (h.from, h.to, h.why)).collect();
+        assert_eq!(history, [(None, 1, Change::Trained), (Some(1), 2, Change::Trained), (Some(2), 1, Change::Rollback), (Some(1), 3, Change::Trained)]);
+        assert_eq!(s.get(3).unwrap().unwrap().weights, vec![3u8; 8]);
+    }
+
+    #[test]
+    fn retention_keeps_newest_pinned_best_and_active() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = store(dir.path());
+        let s = st.registry();
+        for loss in [9.0, 1.0, 8.0, 7.0, 6.0, 5.0] {
+            add(&s, loss);
+        }
+        s.set_pinned(3, true).unwrap();
+        // Newest 2 (5, 6), pinned 3, best 2 (loss 1.0), active 6.
+        assert_eq!(s.retention_victims(2).unwrap(), [1, 4]);
+        assert!(s.delete(6).unwrap_err().to_string().contains("active"));
+        assert!(s.activate(42, Change::Rollback, "me", None).is_err());
+    }
+
+    /// A checkpoint larger than a chunk is stored in pieces, read back
+    /// whole, and deleted without leaving a piece behind.
+    #[test]
+    fn big_checkpoints_round_trip_in_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = store(dir.path());
+        let s = st.registry();
+        let weights: Vec<u8> = (0..3 * CHUNK_BYTES + 17).map(|i| (i % 251) as u8).collect();
+        let make = |version| Ok(Checkpoint::new(Metadata { version, ..Default::default() }, weights.clone(), vec![1, 2, 3]));
+        assert_eq!(s.add(make, Change::Trained, "wmvae", None).unwrap().metadata.version, 1);
+        add(&s, 1.0);
+        assert!(s.tree.scan_prefix(key(b'V', 1)).count() > 3);
+        let back = s.get(1).unwrap().unwrap();
+        assert_eq!((back.weights, back.optimizer), (weights, vec![1, 2, 3]));
+        s.delete(1).unwrap();
+        assert_eq!(s.tree.scan_prefix(key(b'V', 1)).count(), 0);
+        assert!(s.get(1).unwrap().is_none());
+    }
+
+    /// A schema 1 store (each envelope whole under `V` version) still reads,
+    /// and is marked current so that older builds refuse it from now on.
+    #[test]
+    fn schema_1_stores_are_read_and_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let st = store(dir.path());
+            let s = st.registry();
+            let old = Checkpoint::new(Metadata { version: 1, ..Default::default() }, vec![9; 100], vec![]);
+            s.tree.insert(key(b'V', 1), old.to_bytes().unwrap()).unwrap();
+            s.tree.insert(key(b'D', 1), rmp_serde::to_vec_named(&old.metadata).unwrap()).unwrap();
+            s.tree.insert(meta("next_version"), &2u64.to_be_bytes()).unwrap();
+            st.tree.insert(crate::store::layout::meta_key("schema_version"), &1u64.to_be_bytes()).unwrap();
+            st.flush().unwrap();
+        }
+        let st = store(dir.path());
+        let s = st.registry();
+        assert_eq!(s.get(1).unwrap().unwrap().weights, vec![9; 100]);
+        assert_eq!(st.tree.get(crate::store::layout::meta_key("schema_version")).unwrap().unwrap().as_ref(), crate::store::SCHEMA_VERSION.to_be_bytes());
+        s.delete(1).unwrap();
+        assert!(s.get(1).unwrap().is_none());
+    }
+}

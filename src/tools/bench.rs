@@ -1,0 +1,182 @@
+//! `wmvae bench train|encode`: measured figures, never asserted by tests.
+//!
+//! Each bench warms up, then times whole steps and reports images/s as one
+//! JSON object (`--json`) or a line of text. Inputs are random frames: speed
+//! does not depend on pixel content. BENCHMARKS.md records the figures.
+
+use crate::vae::adam::AdamConfig;
+use crate::vae::device::{describe, DeviceChoice};
+use crate::vae::learner::{frames_to_tensor, Learner};
+use crate::vae::model::VaeConfig;
+use anyhow::Result;
+use serde_json::{json, Value};
+use std::time::Instant;
+use tch::Tensor;
+
+/// Untimed steps first: libtorch picks kernels and allocates on the first few.
+const WARMUP_STEPS: usize = 3;
+
+/// Common knobs of the benches.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchOptions {
+    pub device: DeviceChoice,
+    pub steps: usize,
+    /// libtorch intra-op threads; 0 keeps libtorch's default.
+    pub threads: usize,
+}
+
+fn random_frames(batch: usize, device: tch::Device) -> Result<Tensor> {
+    let bytes: Vec<u8> = (0..batch * crate::frames::BYTES).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    frames_to_tensor(&bytes, device)
+}
+
+fn apply_threads(threads: usize) {
+    if threads > 0 {
+        tch::set_num_threads(threads as i32);
+    }
+}
+
+/// Images per second of `step`, run `steps` times after the warm-up. Each
+/// step must end by reading a value back, which synchronises CUDA.
+fn images_per_s(batch: usize, steps: usize, mut step: impl FnMut()) -> f64 {
+    let mut progress = crate::tools::progress::Progress::new(format!("bench (batch {batch})"), (WARMUP_STEPS + steps) as u64);
+    for _ in 0..WARMUP_STEPS {
+        step();
+        progress.advance(1);
+    }
+    let start = Instant::now();
+    for _ in 0..steps {
+        step();
+        progress.advance(1);
+    }
+    (batch * steps) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Full training steps (forward, loss, backward, Adam) at batch `batch`.
+pub fn train(options: BenchOptions, batch: usize) -> Result<Value> {
+    apply_threads(options.threads);
+    let device = options.device.resolve()?;
+    let mut learner = Learner::new(device, VaeConfig::default(), AdamConfig::default());
+    let xs = random_frames(batch, device)?;
+    let first_loss = learner.train_step(&xs).total;
+    let mut last_loss = first_loss;
+    let rate = images_per_s(batch, options.steps, || {
+        last_loss = learner.train_step(&xs).total;
+    });
+    Ok(json!({
+        "bench": "train",
+        "device": describe(device),
+        "batch": batch,
+        "steps": options.steps,
+        "threads": tch::get_num_threads(),
+        "train_images_per_s": rate,
+        // A smoke check for new devices: the loss must fall on a fixed batch.
+        "first_loss": first_loss,
+        "last_loss": last_loss,
+    }))
+}
+
+/// Encoding (mu, logvar) without gradient, at batch 1 and batch 256.
+pub fn encode(options: BenchOptions) -> Result<Value> {
+    apply_threads(options.threads);
+    let device = options.device.resolve()?;
+    let learner = Learner::new(device, VaeConfig::default(), AdamConfig::default());
+    let mut rates = serde_json::Map::new();
+    for batch in [1usize, 256] {
+        let xs = random_frames(batch, device)?;
+        // Batch 1 is latency-bound: give it as many images as batch 256 gets.
+        let steps = if batch == 1 { options.steps * 256 } else { options.steps };
+        let rate = images_per_s(batch, steps, || {
+            let (mu, _) = learner.net().encode(&xs);
+            mu.sum(tch::Kind::Float).double_value(&[]);
+        });
+        rates.insert(batch.to_string(), json!(rate));
+    }
+    Ok(json!({
+        "bench": "encode",
+        "device": describe(device),
+        "steps": options.steps,
+        "threads": tch::get_num_threads(),
+        "encode_images_per_s": rates,
+    }))
+}
+
+/// Frames rendered once and cycled through by the ingest bench.
+const INGEST_BENCH_DISTINCT_FRAMES: u64 = 1000;
+
+/// A memory figure of this process from /proc/self/status ("VmHWM:" is
+/// the peak resident set, "VmRSS:" the current one), in MB.
+fn proc_status_mb(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Ingest end to end against a local nats-server (`sync_interval: always`):
+/// `frames` 64x64 CarRacing-like frames are published to WM_FRAMES first;
+/// then a bare pull consumer that only acks reads them all (the baseline),
+/// then the real ingest loop makes them durable in a fresh sled store and
+/// acks them. Rates are frames/s over the whole batch.
+pub async fn ingest(frames: u64, nats_server: &std::path::Path) -> Result<Value> {
+    use crate::bus::Bus;
+    use crate::store::Store;
+    use crate::frames::wire::FrameMessage;
+    use tokio_util::sync::CancellationToken;
+
+    // Loading libtorch (and the CUDA libraries linked beside it) is most of
+    // the process's resident set before any work: report it apart.
+    let baseline_rss_mb = proc_status_mb("VmRSS:");
+    let server = crate::tools::nats_server::LocalNats::start(nats_server)?;
+    let mut config = crate::config::Config::load(None)?;
+    config.nats.url = server.url.clone();
+    let bus = Bus::connect(&config).await?;
+    bus.migrate().await?;
+
+    let pool: Vec<bytes::Bytes> = (0..INGEST_BENCH_DISTINCT_FRAMES)
+        .map(|i| crate::frames::preprocess::preprocess(crate::frames::synthetic::render(i / 100, i % 100).into(), 96, 96, crate::frames::preprocess::Policy::WorldModels))
+        .collect::<Result<_>>()?;
+    let mut publisher = bus.frame_publisher("bench");
+    let publish_start = Instant::now();
+    for i in 0..frames {
+        let (episode, step) = (format!("bench-{}", i / INGEST_BENCH_DISTINCT_FRAMES), i % INGEST_BENCH_DISTINCT_FRAMES);
+        let side = crate::frames::SIDE as u32;
+        let frame = FrameMessage::rgb(episode, step, side, side, &pool[step as usize][..]).with_transition(vec![0.0, 1.0, 0.0], 0.1, false);
+        publisher.send(&frame).await?;
+    }
+    publisher.finish().await?;
+    // The publisher's frames are no part of the daemon's footprint.
+    drop(pool);
+    let publish_rate = frames as f64 / publish_start.elapsed().as_secs_f64();
+
+    let plain = bus.consume_and_ack_only(frames).await?;
+    let plain_rate = frames as f64 / plain.as_secs_f64();
+
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path(), config.buffer)?;
+    let shutdown = CancellationToken::new();
+    let start = Instant::now();
+    let task = tokio::spawn(crate::daemon::ingest::run(bus.clone(), store.clone(), config.ingest.clone(), None, shutdown.clone()));
+    // A cheap counter: stats() walks the store's files and would steal CPU from what is measured.
+    while store.frames_ingested() < frames {
+        if task.is_finished() {
+            anyhow::bail!("ingest stopped early");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    let ingest_rate = frames as f64 / start.elapsed().as_secs_f64();
+    shutdown.cancel();
+    task.await??;
+    let stats = store.stats()?;
+    Ok(json!({
+        "bench": "ingest",
+        "frames": frames,
+        "ingest_frames_per_s": ingest_rate,
+        "plain_consume_ack_per_s": plain_rate,
+        "ingest_vs_plain": ingest_rate / plain_rate,
+        "publish_frames_per_s": publish_rate,
+        "disk_bytes_per_frame": stats.bytes_on_disk as f64 / frames as f64,
+        "peak_rss_mb": proc_status_mb("VmHWM:"),
+        "baseline_rss_mb": baseline_rss_mb,
+    }))
+}

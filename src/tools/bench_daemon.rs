@@ -1,0 +1,182 @@
+//! `wmvae bench latency|pipeline`: the whole daemon, in this process,
+//! against a local nats-server, measured from outside through NATS as a
+//! rollout worker and a downstream subscriber would see it.
+
+use crate::bus::Bus;
+use crate::config::Config;
+use crate::tools::nats_server::LocalNats;
+use crate::daemon::status::Status;
+use crate::daemon::trainer::TrainerState;
+use crate::frames::wire::FrameMessage;
+use anyhow::{bail, Context, Result};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// Distinct 96x96 frames cycled through by the publishers.
+const FRAME_POOL: u64 = 200;
+
+/// A daemon running in this process until dropped or stopped.
+struct BenchDaemon {
+    _server: LocalNats,
+    _dir: tempfile::TempDir,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<()>>,
+    bus: Bus,
+}
+
+impl BenchDaemon {
+    /// Starts nats-server and `serve` with `change` applied to the default config.
+    async fn start(nats_server: &Path, change: impl FnOnce(&mut Config)) -> Result<BenchDaemon> {
+        let server = LocalNats::start(nats_server)?;
+        let dir = tempfile::tempdir()?;
+        let mut config = Config::load(None)?;
+        config.nats.url = server.url.clone();
+        config.store.data_dir = dir.path().join("store");
+        config.http.addr = String::new();
+        change(&mut config);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(crate::daemon::run(config.clone(), shutdown.clone()));
+        let bus = Bus::connect(&config).await?;
+        let daemon = BenchDaemon { _server: server, _dir: dir, shutdown, task, bus };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while daemon.status().await.is_err() {
+            if daemon.task.is_finished() || Instant::now() > deadline {
+                bail!("the daemon did not come up");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(daemon)
+    }
+
+    async fn status(&self) -> Result<Status> {
+        let bytes = self.bus.control_request(crate::bus::service::Endpoint::Status, Vec::new()).await?;
+        serde_json::from_slice(&bytes).context("reading the daemon's status")
+    }
+
+    async fn stop(self) -> Result<()> {
+        self.shutdown.cancel();
+        self.task.await.context("daemon task")?
+    }
+}
+
+fn frame(i: u64) -> FrameMessage<'static> {
+    let side = crate::frames::synthetic::SIDE as u32;
+    let pixels = crate::frames::synthetic::render(i / FRAME_POOL % 7, i % FRAME_POOL);
+    FrameMessage::rgb(format!("bench-{}", i / FRAME_POOL), i % FRAME_POOL, side, side, pixels).with_transition(vec![0.0, 1.0, 0.0], 0.1, false)
+}
+
+/// Publishes `count` frames at `rate` frames/s from `start_index`; returns
+/// each frame's (episode, step) and send time.
+async fn publish_paced(bus: &Bus, start_index: u64, count: u64, rate: f64) -> Result<HashMap<(String, u64), Instant>> {
+    let pool: Vec<FrameMessage> = (0..FRAME_POOL).map(frame).collect();
+    let start = tokio::time::Instant::now();
+    let mut sent = HashMap::with_capacity(count as usize);
+    for k in 0..count {
+        tokio::time::sleep_until(start + Duration::from_secs_f64(k as f64 / rate)).await;
+        let i = start_index + k;
+        let mut msg = pool[(i % FRAME_POOL) as usize].clone();
+        msg.episode = format!("bench-{}", i / FRAME_POOL);
+        sent.insert((msg.episode.clone(), msg.step), Instant::now());
+        bus.publish_frame_core("bench", &msg).await?;
+    }
+    bus.flush().await?;
+    Ok(sent)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Publish → latent receipt, at `rate` frames/s for `seconds`, with the
+/// daemon in its default configuration (so it trains once min_frames is in,
+/// unless `train` is false).
+pub async fn latency(rate: f64, seconds: f64, train: bool, nats_server: &Path) -> Result<Value> {
+    let daemon = BenchDaemon::start(nats_server, |c| {
+        if !train {
+            c.train.min_frames = u64::MAX;
+        }
+    })
+    .await?;
+    let mut latents = daemon.bus.subscribe_latents("bench").await?;
+    let count = (rate * seconds) as u64;
+    let bus = daemon.bus.clone();
+    let publisher = tokio::spawn(async move { publish_paced(&bus, 0, count, rate).await });
+    let mut received = Vec::with_capacity(count as usize);
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds + 30.0);
+    while (received.len() as u64) < count && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(5), latents.next()).await {
+            Ok(Some(latent)) => received.push(((latent.episode, latent.step), Instant::now())),
+            _ => break,
+        }
+    }
+    let sent = publisher.await??;
+    let mut ms: Vec<f64> = received.iter().filter_map(|(k, at)| sent.get(k).map(|t0| (*at - *t0).as_secs_f64() * 1000.0)).collect();
+    ms.sort_by(f64::total_cmp);
+    let step = daemon.status().await?.step;
+    daemon.stop().await?;
+    if ms.is_empty() {
+        bail!("no latents received");
+    }
+    Ok(json!({
+        "bench": "latency",
+        "rate": rate,
+        "seconds": seconds,
+        "frames": count,
+        "latents": ms.len(),
+        "training": train,
+        "train_steps_during": step,
+        "latent_p50_ms": percentile(&ms, 0.50),
+        "latent_p99_ms": percentile(&ms, 0.99),
+        "latent_max_ms": ms[ms.len() - 1],
+    }))
+}
+
+/// Training images/s measured from the status endpoint's step count over `window`.
+async fn training_rate(daemon: &BenchDaemon, batch: usize, window: Duration) -> Result<f64> {
+    let (s0, t0) = (daemon.status().await?.step, Instant::now());
+    tokio::time::sleep(window).await;
+    let (s1, t1) = (daemon.status().await?.step, Instant::now());
+    Ok((s1 - s0) as f64 * batch as f64 / (t1 - t0).as_secs_f64())
+}
+
+/// Training throughput idle, then while frames stream in at `rate`.
+pub async fn pipeline(rate: f64, seconds: f64, device: crate::vae::device::DeviceChoice, nats_server: &Path) -> Result<Value> {
+    let daemon = BenchDaemon::start(nats_server, |c| {
+        c.train.samples_per_insert = 0.0;
+        c.train.min_frames = 1000;
+        c.train.device = device;
+    })
+    .await?;
+    let batch = crate::config::Config::load(None)?.train.batch_size;
+    publish_paced(&daemon.bus, 0, 2000, 2000.0).await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while daemon.status().await?.state != TrainerState::Training {
+        if Instant::now() > deadline {
+            bail!("training did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await; // warm-up
+    let idle = training_rate(&daemon, batch, Duration::from_secs_f64(seconds)).await?;
+    let bus = daemon.bus.clone();
+    let count = (rate * (seconds + 4.0)) as u64;
+    let publisher = tokio::spawn(async move { publish_paced(&bus, 1_000_000, count, rate).await });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ingesting = training_rate(&daemon, batch, Duration::from_secs_f64(seconds)).await?;
+    publisher.await??;
+    daemon.stop().await?;
+    Ok(json!({
+        "bench": "pipeline",
+        "device": format!("{device:?}").to_lowercase(),
+        "batch": batch,
+        "ingest_rate": rate,
+        "seconds": seconds,
+        "train_images_per_s_idle": idle,
+        "train_images_per_s_ingesting": ingesting,
+        "ingesting_vs_idle": ingesting / idle,
+    }))
+}

@@ -1,0 +1,15 @@
+//! The CLI's tools that are not the daemon: `wmvae encode` ([`encode`]),
+//! `wmvae publish` ([`publish`]), `wmvae buffer export` ([`export`]), the
+//! benches ([`bench`], [`bench_daemon`]), a local nats-server child for
+//! benches and tests ([`nats_server`]) and progress bars ([`progress`]).
+//!
+//! Each is a thin driver over the library's rooms; none holds logic the
+//! daemon needs.
+
+pub mod bench;
+pub mod bench_daemon;
+pub mod encode;
+pub mod export;
+pub mod nats_server;
+pub mod progress;
+pub mod publish;
