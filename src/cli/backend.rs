@@ -35,7 +35,7 @@ pub enum Backend {
 }
 
 async fn live(config: &Config) -> Result<Backend> {
-    let bus = Bus::connect_once(&config).await?;
+    let bus = Bus::connect_once(config).await?;
     match tokio::time::timeout(DAEMON_PROBE_TIMEOUT, bus.control_request(Endpoint::Status, Vec::new())).await {
         Ok(Ok(_)) => Ok(Backend::Live(bus)),
         Ok(Err(e)) => bail!("no wmvae daemon answers on {}: {e:#}", config.nats.url),

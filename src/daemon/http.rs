@@ -1,58 +1,57 @@
 //! The daemon's HTTP face for operators' usual tools, on `[http] addr`
-//! (loopback by default): `/metrics` (Prometheus text format), `/healthz`
-//! (200 only when NATS is connected and the store answers), `/` (a status
-//! page: loss curves, validation frames over their reconstructions by the
-//! active version, version history) and `/recon.png` (that grid).
+//! (loopback by default), served by axum: `/metrics` (Prometheus text
+//! format, `metrics.rs`), `/healthz` (200 only when NATS is connected and
+//! the store answers), `/` (a status page: loss curves, validation frames
+//! over their reconstructions by the active version, version history) and
+//! `/recon.png` (that grid).
 //!
-//! A deliberately small HTTP/1.1 server: GET only, one request per
-//! connection, bounded request size. It reads the status board, the store
-//! and the bus; it changes nothing.
+//! GET only, a bounded time per request, one request per connection. It
+//! reads the status board, the store and the bus; it changes nothing.
 
+use super::metrics::Metrics;
+use super::status::{CurvePoint, StatusBoard};
 use crate::bus::Bus;
 use crate::config::Config;
-use crate::daemon::status::{CurvePoint, StatusBoard, LATENCY_BUCKETS};
 use crate::store::Store;
 use anyhow::{Context, Result};
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
+use tower_http::set_header::SetResponseHeaderLayer;
+use tower_http::timeout::TimeoutLayer;
 
-/// Longest request head accepted: GETs only, so 8 KiB is plenty.
-const MAX_REQUEST_BYTES: usize = 8192;
-/// A client gets this long to send its request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// A request is answered within this long or gets a 408: a stalled request
+/// can't hold a task. Generous, since the first grid of a version runs the
+/// model on a CPU that is also training (a few seconds when busy).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// The reconstruction grid is recomputed at most this often.
 const GRID_MAX_AGE: Duration = Duration::from_secs(30);
 
-/// What the pages read.
 /// (version, made at, PNG) of the last grid drawn.
 type CachedGrid = (u64, Instant, Arc<Vec<u8>>);
 
+/// What the pages read.
 #[derive(Clone)]
 pub struct HttpContext {
-    pub status: StatusBoard,
-    pub store: Store,
-    pub bus: Bus,
-    pub config: Config,
+    status: StatusBoard,
+    store: Store,
+    bus: Bus,
+    config: Config,
+    metrics: Arc<Metrics>,
     grid: Arc<Mutex<Option<CachedGrid>>>,
 }
 
 impl HttpContext {
     pub fn new(status: StatusBoard, store: Store, bus: Bus, config: Config) -> HttpContext {
-        HttpContext { status, store, bus, config, grid: Arc::default() }
+        let metrics = Arc::new(Metrics::new(status.clone(), store.clone(), bus.clone()));
+        HttpContext { status, store, bus, config, metrics, grid: Arc::default() }
     }
-}
-
-struct Response {
-    code: &'static str,
-    content_type: &'static str,
-    body: Vec<u8>,
-}
-
-fn text(code: &'static str, body: impl Into<String>) -> Response {
-    Response { code, content_type: "text/plain; charset=utf-8", body: body.into().into_bytes() }
 }
 
 /// Binds the listener (at start-up, so a taken port fails the daemon at once).
@@ -62,74 +61,60 @@ pub async fn bind(addr: &str) -> Result<tokio::net::TcpListener> {
     Ok(listener)
 }
 
+/// The routes, with their limits.
+fn router(ctx: HttpContext) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/recon.png", get(recon))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
+        .with_state(ctx)
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, REQUEST_TIMEOUT))
+        .layer(SetResponseHeaderLayer::overriding(header::CACHE_CONTROL, HeaderValue::from_static("no-store")))
+        .layer(SetResponseHeaderLayer::overriding(header::CONNECTION, HeaderValue::from_static("close")))
+}
+
 /// Serves until `shutdown`.
 pub async fn serve(listener: tokio::net::TcpListener, ctx: HttpContext, shutdown: CancellationToken) -> Result<()> {
-    loop {
-        let (mut socket, _) = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            accepted = listener.accept() => accepted?,
-        };
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            let response = match tokio::time::timeout(REQUEST_TIMEOUT, read_path(&mut socket)).await {
-                Ok(Ok(path)) => route(&ctx, &path).await,
-                _ => text("400 Bad Request", "bad request\n"),
-            };
-            let head = format!(
-                "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
-                response.code,
-                response.content_type,
-                response.body.len()
-            );
-            let _ = socket.write_all(head.as_bytes()).await;
-            let _ = socket.write_all(&response.body).await;
-            let _ = socket.shutdown().await;
-        });
+    axum::serve(listener, router(ctx)).with_graceful_shutdown(shutdown.cancelled_owned()).await.context("HTTP server")
+}
+
+fn failed(code: StatusCode, e: &anyhow::Error) -> Response {
+    (code, format!("{e:#}\n")).into_response()
+}
+
+async fn metrics(State(ctx): State<HttpContext>) -> Response {
+    match ctx.metrics.render() {
+        Ok(body) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response(),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "metrics could not be read (see the daemon's log)\n").into_response(),
     }
 }
 
-/// Reads a request head and returns the GET path.
-async fn read_path(socket: &mut tokio::net::TcpStream) -> Result<String> {
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = socket.read(&mut buf).await?;
-        anyhow::ensure!(n > 0 && head.len() + n <= MAX_REQUEST_BYTES, "request too long or cut short");
-        head.extend_from_slice(&buf[..n]);
+async fn healthz(State(ctx): State<HttpContext>) -> Response {
+    let store_ok = ctx.store.registry().active_version().is_ok();
+    match (ctx.bus.is_connected(), store_ok) {
+        (true, true) => "ok\n".into_response(),
+        (nats, store) => (StatusCode::SERVICE_UNAVAILABLE, format!("nats connected: {nats}, store open: {store}\n")).into_response(),
     }
-    let line = String::from_utf8_lossy(&head).lines().next().unwrap_or("").to_string();
-    let mut parts = line.split(' ');
-    anyhow::ensure!(parts.next() == Some("GET"), "only GET");
-    Ok(parts.next().unwrap_or("/").split('?').next().unwrap_or("/").to_string())
 }
 
-async fn route(ctx: &HttpContext, path: &str) -> Response {
-    match path {
-        "/metrics" => match metrics(ctx) {
-            Ok(body) => Response { code: "200 OK", content_type: "text/plain; version=0.0.4; charset=utf-8", body: body.into_bytes() },
-            Err(e) => text("500 Internal Server Error", format!("{e:#}\n")),
-        },
-        "/healthz" => {
-            let store_ok = ctx.store.registry().active_version().is_ok();
-            match (ctx.bus.is_connected(), store_ok) {
-                (true, true) => text("200 OK", "ok\n"),
-                (nats, store) => text("503 Service Unavailable", format!("nats connected: {nats}, store open: {store}\n")),
-            }
-        }
-        "/" => match page(ctx) {
-            Ok(html) => Response { code: "200 OK", content_type: "text/html; charset=utf-8", body: html.into_bytes() },
-            Err(e) => text("500 Internal Server Error", format!("{e:#}\n")),
-        },
-        "/recon.png" => match recon(ctx).await {
-            Ok(png) => Response { code: "200 OK", content_type: "image/png", body: png.to_vec() },
-            Err(e) => text("503 Service Unavailable", format!("{e:#}\n")),
-        },
-        _ => text("404 Not Found", "not found\n"),
+async fn page(State(ctx): State<HttpContext>) -> Response {
+    match render_page(&ctx) {
+        Ok(html) => Html(html).into_response(),
+        Err(e) => failed(StatusCode::INTERNAL_SERVER_ERROR, &e),
+    }
+}
+
+async fn recon(State(ctx): State<HttpContext>) -> Response {
+    match recon_grid(&ctx).await {
+        Ok(png) => ([(header::CONTENT_TYPE, "image/png")], png.to_vec()).into_response(),
+        Err(e) => failed(StatusCode::SERVICE_UNAVAILABLE, &e),
     }
 }
 
 /// The active version's grid, cached for [`GRID_MAX_AGE`].
-async fn recon(ctx: &HttpContext) -> Result<Arc<Vec<u8>>> {
+async fn recon_grid(ctx: &HttpContext) -> Result<Arc<Vec<u8>>> {
     let version = ctx.store.registry().active_version()?.context("no active version yet")?;
     if let Some((v, at, png)) = ctx.grid.lock().unwrap().clone() {
         if v == version && at.elapsed() < GRID_MAX_AGE {
@@ -140,46 +125,6 @@ async fn recon(ctx: &HttpContext) -> Result<Arc<Vec<u8>>> {
     let png = Arc::new(tokio::task::spawn_blocking(move || crate::versions::recon_png(&store, version, &config)).await??);
     *ctx.grid.lock().unwrap() = Some((version, Instant::now(), png.clone()));
     Ok(png)
-}
-
-fn metrics(ctx: &HttpContext) -> Result<String> {
-    let s = ctx.status.snapshot();
-    let stats = ctx.store.stats()?;
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
-        let _ = writeln!(out, "# HELP wmvae_{name} {help}\n# TYPE wmvae_{name} {kind}");
-        for (labels, value) in samples {
-            let _ = writeln!(out, "wmvae_{name}{labels} {value}");
-        }
-    };
-    let one = |v: f64| vec![(String::new(), v)];
-    metric("frames_ingested_total", "counter", "Frames made durable in the replay buffer.", &one(stats.frames_ingested as f64));
-    metric("frames_duplicate_total", "counter", "Frames already stored, acked without storing.", &one(stats.duplicates as f64));
-    let rejected: Vec<(String, f64)> = stats.rejected.iter().map(|(r, n)| (format!("{{reason=\"{r}\"}}"), *n as f64)).collect();
-    metric("frames_rejected_total", "counter", "Frames dead-lettered, by reason.", &rejected);
-    metric("buffer_frames", "gauge", "Frames held in the replay buffer.", &one(stats.frames as f64));
-    metric("buffer_capacity_frames", "gauge", "Replay buffer capacity.", &one(stats.capacity as f64));
-    metric("buffer_bytes", "gauge", "Bytes on disk of the sled store.", &one(stats.bytes_on_disk as f64));
-    metric("train_steps_total", "counter", "Optimizer steps taken.", &one(s.step as f64));
-    metric("train_images_per_second", "gauge", "Training throughput over the last log window.", &one(s.images_per_s));
-    let losses = |l: Option<crate::vae::learner::LossValues>| -> Vec<(String, f64)> {
-        l.map(|l| vec![("{kind=\"total\"}".into(), l.total), ("{kind=\"recon\"}".into(), l.recon), ("{kind=\"kl\"}".into(), l.kl)]).unwrap_or_default()
-    };
-    metric("train_loss", "gauge", "Mean training loss of the last log window.", &losses(s.last_losses));
-    metric("eval_loss", "gauge", "Last eval loss on the validation split.", &losses(s.eval));
-    metric("train_skipped_steps_total", "counter", "Steps skipped by the divergence guard.", &one(s.skipped_steps as f64));
-    metric("auto_rollbacks_total", "counter", "Automatic rollbacks after divergence.", &one(s.auto_rollbacks as f64));
-    metric("latents_published_total", "counter", "Latents published.", &one(s.latents_published as f64));
-    metric("active_version", "gauge", "The active checkpoint version.", &one(s.active_version.unwrap_or(0) as f64));
-    metric("nats_connected", "gauge", "1 while connected to NATS.", &one(ctx.bus.is_connected() as u8 as f64));
-    metric("nats_reconnects_total", "counter", "Disconnections from NATS (each followed by a reconnect).", &one(ctx.bus.disconnects() as f64));
-    let h = &s.latent_latency;
-    let mut buckets: Vec<(String, f64)> = LATENCY_BUCKETS.iter().zip(h.counts).map(|(b, c)| (format!("_bucket{{le=\"{b}\"}}"), c as f64)).collect();
-    buckets.push(("_bucket{le=\"+Inf\"}".into(), h.count as f64));
-    buckets.push(("_sum".into(), h.sum));
-    buckets.push(("_count".into(), h.count as f64));
-    metric("latent_latency_seconds", "histogram", "From frame received to its latent published.", &buckets);
-    Ok(out)
 }
 
 /// An SVG line chart of one or two curves.
@@ -211,7 +156,7 @@ fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
-fn page(ctx: &HttpContext) -> Result<String> {
+fn render_page(ctx: &HttpContext) -> Result<String> {
     let s = ctx.status.snapshot();
     let train: Vec<CurvePoint> = s.train_curve.iter().copied().collect();
     let eval: Vec<CurvePoint> = s.eval_curve.iter().copied().collect();

@@ -147,12 +147,12 @@ impl Worker {
                 })
             });
             match result {
-                Ok(()) => self.status.update(|s| {
-                    s.latents_published += chunk.len() as u64;
+                Ok(()) => {
+                    self.status.update(|s| s.latents_published += chunk.len() as u64);
                     for received in chunk.iter().filter_map(|f| f.received_at) {
-                        s.latent_latency.observe(received.elapsed());
+                        self.status.latent_latency().observe(received.elapsed());
                     }
-                }),
+                }
                 Err(e) => tracing::error!("latents for {} frames not published: {e:#}", chunk.len()),
             }
         }

@@ -13,6 +13,7 @@ pub mod guard;
 pub mod http;
 pub mod ingest;
 pub mod latents;
+pub mod metrics;
 pub mod sampler;
 pub mod status;
 pub mod trainer;

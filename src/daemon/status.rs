@@ -2,40 +2,16 @@
 //! board the trainer and the latent worker write and the control service
 //! reads. No I/O beyond the store's counters.
 
+use super::metrics::LatentLatency;
 use super::trainer::TrainerState;
 use crate::vae::learner::LossValues;
 use crate::store::{Split, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 /// Points kept per loss curve (oldest dropped): enough for the page.
 const MAX_CURVE_POINTS: usize = 1000;
-/// Upper bounds (seconds) of the receive-to-latent latency histogram.
-pub const LATENCY_BUCKETS: [f64; 12] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0];
-
-/// A Prometheus-style histogram: cumulative counts per bucket, sum, count.
-#[derive(Debug, Clone, Default)]
-pub struct Histogram {
-    pub counts: [u64; LATENCY_BUCKETS.len()],
-    pub sum: f64,
-    pub count: u64,
-}
-
-impl Histogram {
-    pub fn observe(&mut self, value: Duration) {
-        let v = value.as_secs_f64();
-        for (bound, count) in LATENCY_BUCKETS.iter().zip(self.counts.iter_mut()) {
-            if v <= *bound {
-                *count += 1;
-            }
-        }
-        self.sum += v;
-        self.count += 1;
-    }
-}
-
 /// A point of a loss curve.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct CurvePoint {
@@ -72,9 +48,6 @@ pub struct Status {
     /// Eval loss over steps.
     #[serde(skip)]
     pub eval_curve: VecDeque<CurvePoint>,
-    /// Frame received to latent published.
-    #[serde(skip)]
-    pub latent_latency: Histogram,
 }
 
 impl Status {
@@ -92,16 +65,22 @@ impl Status {
 pub struct StatusBoard {
     status: Arc<Mutex<Status>>,
     store: Store,
+    latent_latency: LatentLatency,
 }
 
 impl StatusBoard {
     pub fn new(store: Store, device: String) -> StatusBoard {
         let status = Status { device, ..Default::default() };
-        StatusBoard { status: Arc::new(Mutex::new(status)), store }
+        StatusBoard { status: Arc::new(Mutex::new(status)), store, latent_latency: LatentLatency::default() }
     }
 
     pub fn update(&self, change: impl FnOnce(&mut Status)) {
         change(&mut self.status.lock().unwrap());
+    }
+
+    /// Frame received to latent published (the latent worker observes it).
+    pub fn latent_latency(&self) -> &LatentLatency {
+        &self.latent_latency
     }
 
     /// The status now, with the buffer's sizes read live.

@@ -316,13 +316,13 @@ mod tests {
         {
             let st = store(dir.path());
             let s = st.registry();
-            assert_eq!((add(&s, 5.0), add(&s, 4.0)), (1, 2));
+            assert_eq!((add(s, 5.0), add(s, 4.0)), (1, 2));
             s.activate(1, Change::Rollback, "ops@host", Some("bad run")).unwrap();
             s.delete(2).unwrap();
         }
         let st = store(dir.path());
         let s = st.registry();
-        assert_eq!(add(&s, 3.0), 3, "a deleted version's number is never reused");
+        assert_eq!(add(s, 3.0), 3, "a deleted version's number is never reused");
         let history: Vec<(Option<u64>, u64, Change)> = s.history().unwrap().into_iter().map(|h| (h.from, h.to, h.why)).collect();
         assert_eq!(history, [(None, 1, Change::Trained), (Some(1), 2, Change::Trained), (Some(2), 1, Change::Rollback), (Some(1), 3, Change::Trained)]);
         assert_eq!(s.get(3).unwrap().unwrap().weights, vec![3u8; 8]);
@@ -334,7 +334,7 @@ mod tests {
         let st = store(dir.path());
         let s = st.registry();
         for loss in [9.0, 1.0, 8.0, 7.0, 6.0, 5.0] {
-            add(&s, loss);
+            add(s, loss);
         }
         s.set_pinned(3, true).unwrap();
         // Newest 2 (5, 6), pinned 3, best 2 (loss 1.0), active 6.
@@ -353,7 +353,7 @@ mod tests {
         let weights: Vec<u8> = (0..3 * CHUNK_BYTES + 17).map(|i| (i % 251) as u8).collect();
         let make = |version| Ok(Checkpoint::new(Metadata { version, ..Default::default() }, weights.clone(), vec![1, 2, 3]));
         assert_eq!(s.add(make, Change::Trained, "wmvae", None).unwrap().metadata.version, 1);
-        add(&s, 1.0);
+        add(s, 1.0);
         assert!(s.tree.scan_prefix(key(b'V', 1)).count() > 3);
         let back = s.get(1).unwrap().unwrap();
         assert_eq!((back.weights, back.optimizer), (weights, vec![1, 2, 3]));
