@@ -1,5 +1,7 @@
 //! The `wmvae` binary: argument parsing and dispatch only; the work is in
-//! the library.
+//! the library (printing in `cli::render`, where commands go in
+//! `cli::backend`). Over 400 lines because every command's flags and help
+//! live here, in one place, as clap derives.
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};

@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::store::{best_by_eval, Change, HistoryEntry, Split, Store, UnknownVersion};
 use crate::vae::checkpoint::{now_rfc3339, Checkpoint, Metadata};
 use crate::vae::device::Device;
-use crate::vae::learner::{Inference, Learner};
+use crate::vae::learner::{Network, Learner};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
@@ -82,7 +82,7 @@ pub fn checkpoint(store: &Store, version: u64) -> Result<Checkpoint> {
 /// A PNG of up to [`RECON_FRAMES`] validation frames (training frames if
 /// the validation split is empty) over their reconstructions by `version`.
 pub fn recon_png(store: &Store, version: u64, config: &Config) -> Result<Vec<u8>> {
-    let mut net = Inference::new(Device::Cpu, config.vae());
+    let mut net = Network::new(Device::Cpu, config.vae());
     net.load_checkpoint_weights(&checkpoint(store, version)?)?;
     let split = if store.len(Split::Validation) > 0 { Split::Validation } else { Split::Train };
     let frames = store
@@ -111,10 +111,99 @@ pub fn import(store: &Store, weights_bytes: &[u8], origin: &str, config: &Config
 /// Checks that safetensors `bytes` fit the model (strict names, shapes and
 /// dtypes), so a bad file is refused before anything changes.
 pub fn check_weights(bytes: &[u8], origin: &str, config: &Config) -> Result<()> {
-    Inference::from_safetensors(Device::Cpu, config.vae(), bytes, origin).map(drop)
+    Network::from_safetensors(Device::Cpu, config.vae(), bytes, origin).map(drop)
 }
 
 /// Makes `version` active (offline; the daemon does more, see `trainer`).
 pub fn rollback(store: &Store, version: u64, by: &str, reason: Option<&str>) -> Result<Option<u64>> {
     store.registry().activate(version, Change::Rollback, by, reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frames::{self, Frame};
+    use crate::store::compress_frames;
+
+    fn setup() -> (tempfile::TempDir, Store, Config) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::load_with_env(None, []).unwrap();
+        let store = Store::open(dir.path(), crate::store::BufferConfig { capacity: 100, validation_fraction: 0.0 }).unwrap();
+        (dir, store, config)
+    }
+
+    /// A version with placeholder bytes and `eval_loss`, made active.
+    fn add(store: &Store, eval_loss: f64) -> u64 {
+        let make = |version| Ok(Checkpoint::new(Metadata { version, eval_loss: Some(eval_loss), ..Default::default() }, vec![1; 4], vec![]));
+        store.registry().add(make, Change::Trained, "test", None).unwrap().metadata.version
+    }
+
+    #[test]
+    fn list_marks_active_pinned_and_best() {
+        let (_dir, store, _) = setup();
+        for loss in [5.0, 2.0, 9.0] {
+            add(&store, loss);
+        }
+        store.registry().set_pinned(1, true).unwrap();
+        let marks: Vec<(u64, bool, bool, bool)> = list(&store).unwrap().iter().map(|l| (l.version, l.active, l.pinned, l.best)).collect();
+        assert_eq!(marks, [(1, false, true, false), (2, false, false, true), (3, true, false, false)]);
+        let shown = show(&store, 2).unwrap();
+        assert_eq!((shown.metadata.eval_loss, shown.best, shown.active), (Some(2.0), true, false));
+    }
+
+    #[test]
+    fn unknown_versions_are_unknown_everywhere() {
+        let (_dir, store, config) = setup();
+        add(&store, 1.0);
+        let unknown = |e: anyhow::Error| e.downcast_ref::<UnknownVersion>().map(|u| u.0);
+        assert_eq!(unknown(show(&store, 7).unwrap_err()), Some(7));
+        assert_eq!(unknown(checkpoint(&store, 7).unwrap_err()), Some(7));
+        assert_eq!(unknown(rollback(&store, 7, "me", None).unwrap_err()), Some(7));
+        assert_eq!(unknown(recon_png(&store, 7, &config).unwrap_err()), Some(7));
+    }
+
+    #[test]
+    fn rollback_moves_the_active_version_and_records_who_and_why() {
+        let (_dir, store, _) = setup();
+        add(&store, 3.0);
+        add(&store, 2.0);
+        assert_eq!(rollback(&store, 1, "ops@host", Some("bad run")).unwrap(), Some(2));
+        assert_eq!(store.registry().active_version().unwrap(), Some(1));
+        let last = history(&store).unwrap().pop().unwrap();
+        assert_eq!((last.from, last.to, last.why, last.by.as_str(), last.reason.as_deref()), (Some(2), 1, Change::Rollback, "ops@host", Some("bad run")));
+    }
+
+    #[test]
+    fn import_checks_the_weights_and_makes_a_new_active_version() {
+        let (_dir, store, config) = setup();
+        add(&store, 3.0);
+        let good = Network::new(Device::Cpu, config.vae()).weights_bytes().unwrap();
+        // A bad file changes nothing and says which file.
+        let err = format!("{:#}", import(&store, &good[..good.len() / 2], "half.safetensors", &config, "me", None).unwrap_err());
+        assert!(err.contains("half.safetensors"), "{err}");
+        assert!(check_weights(b"not safetensors", "junk", &config).is_err());
+        assert_eq!(store.registry().active_version().unwrap(), Some(1));
+        // A good one becomes the next version, active, its parent the version before.
+        check_weights(&good, "good", &config).unwrap();
+        let imported = import(&store, &good, "good.safetensors", &config, "me", Some("trained elsewhere")).unwrap();
+        assert_eq!((imported.metadata.version, imported.metadata.parent), (2, Some(1)));
+        assert_eq!(imported.weights, good);
+        assert_eq!(store.registry().active_version().unwrap(), Some(2));
+        assert_eq!(history(&store).unwrap().pop().unwrap().why, Change::Import);
+    }
+
+    #[test]
+    fn recon_png_draws_stored_frames_over_their_reconstructions() {
+        let (_dir, store, config) = setup();
+        let weights = Network::new(Device::Cpu, config.vae()).weights_bytes().unwrap();
+        store.registry().add(|version| Ok(Checkpoint::new(Metadata { version, ..Default::default() }, weights.clone(), vec![])), Change::Initial, "test", None).unwrap();
+        let err = format!("{:#}", recon_png(&store, 1, &config).unwrap_err());
+        assert!(err.contains("no frames"), "{err}");
+        let stored: Vec<Frame> = (0..3)
+            .map(|step| Frame { source: "s".into(), episode: "e".into(), step, pixels: vec![step as u8 * 60; frames::BYTES].into(), action: None, reward: None, done: None, received_at: None })
+            .collect();
+        store.commit(&stored, compress_frames(&stored), &[]).unwrap();
+        let png = recon_png(&store, 1, &config).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    }
 }

@@ -6,7 +6,7 @@ mod common;
 use common::{frames, wmvae};
 use std::path::Path;
 use tch::{Device, Tensor};
-use wmvae::vae::learner::{frames_to_tensor, Inference};
+use wmvae::vae::learner::{frames_to_tensor, Network};
 use wmvae::vae::model::VaeConfig;
 use wmvae::frames::{npy, preprocess};
 use wmvae::vae::weights;
@@ -23,9 +23,9 @@ fn encode(weights: &Path, input: &Path, output: &Path) -> std::process::Output {
         .unwrap()
 }
 
-fn saved_net(dir: &Path) -> (Inference, std::path::PathBuf) {
+fn saved_net(dir: &Path) -> (Network, std::path::PathBuf) {
     tch::manual_seed(11);
-    let net = Inference::new(Device::Cpu, VaeConfig::default());
+    let net = Network::new(Device::Cpu, VaeConfig::default());
     let path = dir.join("w.safetensors");
     std::fs::write(&path, net.weights_bytes().unwrap()).unwrap();
     (net, path)

@@ -6,7 +6,7 @@ mod common;
 
 use common::{frames, torch_reference};
 use tch::{Device, Tensor};
-use wmvae::vae::learner::{frames_to_tensor, Inference};
+use wmvae::vae::learner::{frames_to_tensor, Network};
 use wmvae::vae::model::VaeConfig;
 use wmvae::frames::{npy, preprocess};
 use wmvae::vae::weights;
@@ -29,7 +29,7 @@ fn get(named: &[(String, Tensor)], name: &str) -> Tensor {
 fn pytorch_reproduces_our_outputs() {
     let dir = tempfile::tempdir().unwrap();
     tch::manual_seed(7);
-    let net = Inference::new(Device::Cpu, VaeConfig::default());
+    let net = Network::new(Device::Cpu, VaeConfig::default());
     let weights_path = dir.path().join("w.safetensors");
     std::fs::write(&weights_path, net.weights_bytes().unwrap()).unwrap();
     let raw = frames(8, 64, 64);
@@ -61,7 +61,7 @@ fn we_load_pytorch_weights() {
     let path = dir.path().join("torch.safetensors");
     torch_reference(&["save-weights", "--out", path.to_str().unwrap(), "--seed", "3"]);
     let theirs = weights::read_file(&path).unwrap();
-    let mut net = Inference::new(Device::Cpu, VaeConfig::default());
+    let mut net = Network::new(Device::Cpu, VaeConfig::default());
     net.load_safetensors(&std::fs::read(&path).unwrap(), "torch.safetensors").unwrap();
     let ours = weights::from_safetensors_bytes(&net.weights_bytes().unwrap(), "ours").unwrap();
     assert_eq!(ours.len(), 22);

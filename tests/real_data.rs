@@ -9,7 +9,7 @@ use common::nats::{wait_for_ingest_consumer, wait_until, Daemon, NatsServer};
 use common::{repo_root, venv_python};
 use std::process::Command;
 use std::time::Duration;
-use wmvae::vae::learner::{frames_to_tensor, Inference};
+use wmvae::vae::learner::{frames_to_tensor, Network};
 use wmvae::frames;
 use wmvae::store::{Split, Store};
 
@@ -73,7 +73,7 @@ async fn learns_real_carracing_frames() {
     let xs = frames_to_tensor(&pixels, tch::Device::Cpu).unwrap();
     let last = store.registry().active_version().unwrap().unwrap();
     let judge = |version: u64| {
-        let mut net = Inference::new(tch::Device::Cpu, Default::default());
+        let mut net = Network::new(tch::Device::Cpu, Default::default());
         net.load_checkpoint_weights(&store.registry().get(version).unwrap().unwrap()).unwrap();
         net.evaluate(&xs)
     };

@@ -60,7 +60,7 @@ impl Announcement {
 }
 
 /// Object-store name of a version's weights.
-pub fn checkpoint_object(version: u64) -> String {
+pub fn weights_object(version: u64) -> String {
     format!("vae/v{version}.safetensors")
 }
 

@@ -4,14 +4,14 @@
 //! Either way the answers are the same types, from `versions` and `store`.
 //! No rendering here (`render.rs`), and no flag parsing (`main.rs`).
 
-use crate::bus::messages::{checkpoint_object, CheckpointRequest};
+use crate::bus::messages::{weights_object, CheckpointRequest};
 use crate::bus::service::{Endpoint, ServiceError};
 use crate::bus::Bus;
 use crate::config::Config;
 use crate::store::{HistoryEntry, Stats, Store, UnknownVersion};
 use crate::vae::checkpoint::{sha256_hex, Metadata};
 use crate::vae::device::DeviceChoice;
-use crate::vae::learner::Inference;
+use crate::vae::learner::Network;
 use crate::versions::{self, Listed, Shown};
 use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
@@ -155,7 +155,7 @@ impl Backend {
     pub async fn export(&self, version: u64) -> Result<Vec<u8>> {
         let expected = self.show(version).await?.metadata.sha256;
         let weights = match self {
-            Backend::Live(bus) => bus.get_object(&checkpoint_object(version)).await?.with_context(|| format!("v{version} is not in the object store"))?,
+            Backend::Live(bus) => bus.get_object(&weights_object(version)).await?.with_context(|| format!("v{version} is not in the object store"))?,
             Backend::Offline(store, _) => versions::checkpoint(store, version)?.weights,
         };
         if sha256_hex(&weights) != expected {
@@ -181,8 +181,8 @@ impl Backend {
 
     /// The encoder holding a version's weights (sha256 checked), for
     /// `wmvae encode --checkpoint`.
-    pub async fn encoder(&self, version: u64, device: DeviceChoice, config: &Config) -> Result<Inference> {
+    pub async fn encoder(&self, version: u64, device: DeviceChoice, config: &Config) -> Result<Network> {
         let weights = self.export(version).await?;
-        Inference::from_safetensors(device.resolve()?, config.vae(), &weights, &format!("checkpoint v{version}"))
+        Network::from_safetensors(device.resolve()?, config.vae(), &weights, &format!("checkpoint v{version}"))
     }
 }

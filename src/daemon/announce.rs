@@ -5,7 +5,7 @@
 //! It decides nothing about versions: the registry already holds them.
 
 use super::trainer::Event;
-use crate::bus::messages::{checkpoint_object, Announcement, CheckpointEvent};
+use crate::bus::messages::{weights_object, Announcement, CheckpointEvent};
 use crate::bus::Bus;
 use crate::store::{Change, Store};
 use crate::vae::checkpoint::{Checkpoint, Metadata};
@@ -13,12 +13,12 @@ use anyhow::{Context, Result};
 use tokio::sync::mpsc;
 
 fn announcement(event: CheckpointEvent, metadata: &Metadata, bytes: u64) -> Announcement {
-    Announcement { event, metadata: metadata.clone(), object: checkpoint_object(metadata.version), bytes, from: None, to: None, reason: None }
+    Announcement { event, metadata: metadata.clone(), object: weights_object(metadata.version), bytes, from: None, to: None, reason: None }
 }
 
 /// Puts a version's weights in the object store, then announces it.
 async fn publish_created(bus: &Bus, checkpoint: &Checkpoint) -> Result<()> {
-    bus.put_object(&checkpoint_object(checkpoint.metadata.version), &checkpoint.weights).await?;
+    bus.put_object(&weights_object(checkpoint.metadata.version), &checkpoint.weights).await?;
     bus.announce(&announcement(CheckpointEvent::Created, &checkpoint.metadata, checkpoint.weights.len() as u64)).await
 }
 
@@ -31,7 +31,7 @@ pub(super) async fn publish_offline_changes(bus: &Bus, store: &Store) -> Result<
     let published = bus.object_versions().await?;
     let stored = registry.list()?;
     for version in published.iter().filter(|v| !stored.iter().any(|m| m.version == **v)) {
-        bus.delete_object(&checkpoint_object(*version)).await?;
+        bus.delete_object(&weights_object(*version)).await?;
         let metadata = Metadata { version: *version, ..Default::default() };
         bus.announce(&announcement(CheckpointEvent::Deleted, &metadata, 0)).await?;
     }
@@ -67,7 +67,7 @@ pub(super) async fn publish_events(bus: Bus, store: Store, mut events: mpsc::Rec
                 (a.from, a.to, a.reason) = (from, Some(to.metadata.version), Some(reason));
                 bus.announce(&a).await
             }
-            Event::Deleted(metadata) => match bus.delete_object(&checkpoint_object(metadata.version)).await {
+            Event::Deleted(metadata) => match bus.delete_object(&weights_object(metadata.version)).await {
                 Ok(()) => bus.announce(&announcement(CheckpointEvent::Deleted, &metadata, 0)).await,
                 Err(e) => Err(e),
             },

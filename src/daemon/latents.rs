@@ -8,7 +8,8 @@
 use crate::bus::Bus;
 use crate::vae::checkpoint::Checkpoint;
 use crate::config::LatentsConfig;
-use crate::vae::learner::{frames_to_tensor, Inference};
+use crate::vae::device::Device;
+use crate::vae::learner::Network;
 use crate::vae::model::VaeConfig;
 use crate::daemon::status::StatusBoard;
 use crate::bus::messages::LatentMessage;
@@ -16,7 +17,6 @@ use crate::frames::Frame;
 use anyhow::{anyhow, Context, Result};
 use std::sync::Arc;
 use std::time::Duration;
-use tch::Device;
 use tokio::sync::{mpsc, oneshot};
 
 /// Work items queued ahead of the worker: bounds memory when encoding falls
@@ -39,7 +39,7 @@ pub struct LatentWorker {
 }
 
 struct Worker {
-    net: Inference,
+    net: Network,
     version: u64,
     bus: Bus,
     config: LatentsConfig,
@@ -59,7 +59,7 @@ impl LatentWorker {
         status: StatusBoard,
     ) -> Result<(LatentWorker, std::thread::JoinHandle<()>)> {
         let (queue, incoming) = mpsc::channel(QUEUE_DEPTH);
-        let mut net = Inference::new(device, vae);
+        let mut net = Network::new(device, vae);
         net.load_checkpoint_weights(active)?;
         let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
         let mut worker = Worker { net, version: active.metadata.version, bus, config, status, runtime };
@@ -124,13 +124,10 @@ impl Worker {
 
     fn encode(&self, frames: &[Frame]) -> Result<Vec<LatentMessage>> {
         let pixels: Vec<u8> = frames.iter().map(|f| &f.pixels[..]).collect::<Vec<_>>().concat();
-        let xs = frames_to_tensor(&pixels, self.net.device())?;
-        let (mu, logvar) = self.net.encode(&xs);
-        let mu: Vec<Vec<f32>> = Vec::try_from(mu.to_device(Device::Cpu))?;
-        let logvar: Vec<Vec<f32>> = Vec::try_from(logvar.to_device(Device::Cpu))?;
+        let latents = self.net.encode_frames(&pixels)?;
         Ok(frames
             .iter()
-            .zip(mu.into_iter().zip(logvar))
+            .zip(latents.mu.into_iter().zip(latents.logvar))
             .map(|(f, (mu, logvar))| LatentMessage { episode: f.episode.clone(), step: f.step, model_version: self.version, mu, logvar })
             .collect())
     }

@@ -117,7 +117,7 @@ impl Trainer {
     pub fn run(mut self) -> Result<()> {
         let cfg = self.config.train.clone();
         let mut run = Run::from(&self.active, &cfg);
-        let mut sampler: Option<Sampler> = None;
+        let sampler = Sampler::start(self.store.clone(), Split::Train, cfg.batch_size, cfg.min_frames)?;
         self.status.update(|s| (s.step, s.active_version) = (self.learner.steps(), Some(self.active.metadata.version)));
         while !self.shutdown.is_cancelled() {
             // Operator commands between two steps; new weights start a new run.
@@ -130,10 +130,7 @@ impl Trainer {
                 std::thread::sleep(IDLE_PAUSE);
                 continue;
             }
-            if sampler.is_none() {
-                sampler = Some(Sampler::start(self.store.clone(), Split::Train, cfg.batch_size)?);
-            }
-            let Some(batch) = sampler.as_ref().and_then(|s| s.next(IDLE_PAUSE)) else { continue };
+            let Some(batch) = sampler.next(IDLE_PAUSE) else { continue };
             self.status.update(|s| s.state = TrainerState::Training);
             // Step, unless the guard says the loss diverged.
             let (loss, applied) = self.learner.train_step_guarded(&batch, |l| run.guard.accept(l))?;

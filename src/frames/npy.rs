@@ -1,7 +1,7 @@
 //! Streaming reader and writer for uint8 frame arrays in numpy's `.npy`
 //! format (N, H, W, 3), so `wmvae encode` holds one chunk of frames in
-//! memory, not the file. Float outputs go through tch's `write_npz`; this
-//! module only does the frame files and their header checks.
+//! memory, not the file, and an `.npz` writer that streams one array at a
+//! time (`encode`'s latents, `buffer export`). Files and headers only.
 
 use anyhow::{bail, Context, Result};
 use std::fs::File;

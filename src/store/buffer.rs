@@ -3,6 +3,8 @@
 //! uniform sampling from a split's ring of sequence numbers, frames in
 //! (source, episode, step) order, and the counters behind `buffer stats`.
 //! The key layout and codecs are [`super::layout`]'s; opening is `mod.rs`'s.
+//! Over 400 lines for one concern: the commit, its eviction and dedup
+//! bookkeeping, and the reads that must agree with them.
 
 use super::layout::*;
 use super::Store;

@@ -1,12 +1,12 @@
 //! `wmvae encode`: frames from an `.npy` file to latents in an `.npz`, with
 //! the weights of a `.safetensors` file, in chunks of bounded size.
 //!
-//! File formats only; the model math is `vae::learner::Inference`'s.
+//! File formats only; the model math is `vae::learner::Network`'s.
 
 use crate::frames::npy::{FrameReader, NpzWriter};
 use crate::frames::preprocess::{self, Policy};
 use crate::vae::device::DeviceChoice;
-use crate::vae::learner::Inference;
+use crate::vae::learner::Network;
 use crate::vae::model::VaeConfig;
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -26,14 +26,14 @@ pub struct EncodeReport {
 }
 
 /// The network holding the weights of a `.safetensors` file.
-pub fn net_from_weights(path: &Path, device: DeviceChoice, vae: VaeConfig) -> Result<Inference> {
+pub fn net_from_weights(path: &Path, device: DeviceChoice, vae: VaeConfig) -> Result<Network> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    Inference::from_safetensors(device.resolve()?, vae, &bytes, &path.display().to_string())
+    Network::from_safetensors(device.resolve()?, vae, &bytes, &path.display().to_string())
 }
 
 /// Encodes every frame of `input` and writes `mu` and `logvar` (float32,
 /// N x z) to `output`.
-pub fn encode_file(net: &Inference, input: &Path, output: &Path) -> Result<EncodeReport> {
+pub fn encode_file(net: &Network, input: &Path, output: &Path) -> Result<EncodeReport> {
     let mut reader = FrameReader::open(input)?;
     let (height, width) = (reader.height, reader.width);
     let (mut mu, mut logvar) = (Vec::<f32>::new(), Vec::<f32>::new());

@@ -28,8 +28,9 @@ pub struct Latents {
     pub logvar: Vec<Vec<f32>>,
 }
 
-/// The VAE on a device, for inference: encode, reconstruct, swap weights.
-pub struct Inference {
+/// The VAE's network on a device, without an optimizer: encode,
+/// reconstruct, evaluate, swap weights.
+pub struct Network {
     vs: VarStore,
     vae: Vae,
     device: Device,
@@ -37,7 +38,7 @@ pub struct Inference {
 
 /// The VAE with its optimizer, for training.
 pub struct Learner {
-    net: Inference,
+    net: Network,
     adam: Adam,
 }
 
@@ -61,12 +62,12 @@ fn values(l: &crate::vae::model::Loss) -> LossValues {
     LossValues { total: v[0], recon: v[1], kl: v[2] }
 }
 
-impl Inference {
+impl Network {
     /// Fresh weights (PyTorch-style default init).
-    pub fn new(device: Device, vae_config: VaeConfig) -> Inference {
+    pub fn new(device: Device, vae_config: VaeConfig) -> Network {
         let vs = VarStore::new(device);
         let vae = Vae::new(&vs.root(), vae_config);
-        Inference { vs, vae, device }
+        Network { vs, vae, device }
     }
 
     pub fn device(&self) -> Device {
@@ -79,8 +80,8 @@ impl Inference {
 
     /// Fresh architecture holding the weights of safetensors `bytes` (strict
     /// names and shapes); `origin` names the bytes in errors.
-    pub fn from_safetensors(device: Device, vae_config: VaeConfig, bytes: &[u8], origin: &str) -> Result<Inference> {
-        let mut net = Inference::new(device, vae_config);
+    pub fn from_safetensors(device: Device, vae_config: VaeConfig, bytes: &[u8], origin: &str) -> Result<Network> {
+        let mut net = Network::new(device, vae_config);
         net.load_safetensors(bytes, origin)?;
         Ok(net)
     }
@@ -140,13 +141,13 @@ impl Inference {
 impl Learner {
     /// Fresh weights and a fresh optimizer.
     pub fn new(device: Device, vae_config: VaeConfig, adam_config: AdamConfig) -> Learner {
-        let net = Inference::new(device, vae_config);
+        let net = Network::new(device, vae_config);
         let adam = Adam::new(&net.vs, adam_config);
         Learner { net, adam }
     }
 
     /// The network, for inference and weight export.
-    pub fn net(&self) -> &Inference {
+    pub fn net(&self) -> &Network {
         &self.net
     }
 
