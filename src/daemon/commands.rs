@@ -3,21 +3,13 @@
 //! race a checkpoint write or an automatic rollback, and the history records
 //! them in order. The loop itself is `trainer.rs`'s.
 
+use super::control::Command;
 use super::trainer::{Event, Trainer};
 use crate::store::Change;
 use crate::vae::checkpoint::Metadata;
 use crate::versions;
 use anyhow::{Context, Result};
 use std::sync::Arc;
-use tokio::sync::oneshot;
-
-/// A request for the trainer, with where its answer goes.
-pub enum Command {
-    Rollback { version: u64, by: String, reason: Option<String>, reply: oneshot::Sender<Result<Option<u64>>> },
-    Import { weights: Vec<u8>, origin: String, by: String, reason: Option<String>, reply: oneshot::Sender<Result<Metadata>> },
-    Pin { version: u64, pinned: bool, reply: oneshot::Sender<Result<()>> },
-    Delete { version: u64, reply: oneshot::Sender<Result<Metadata>> },
-}
 
 impl Trainer {
     /// Runs queued operator commands; true when the training weights changed.

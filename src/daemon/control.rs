@@ -12,7 +12,6 @@
 //! in one place, [`service_error`]: 404 for an unknown version, 400 for a
 //! request we refuse, 500 for our own failures.
 
-use super::commands::Command;
 use super::latents::LatentWorker;
 use super::status::StatusBoard;
 use crate::bus::messages::CheckpointRequest;
@@ -21,12 +20,22 @@ use crate::bus::Bus;
 use crate::config::Config;
 use crate::frames::wire;
 use crate::store::{InUse, Store, UnknownVersion};
+use crate::vae::checkpoint::Metadata;
 use crate::versions;
 use anyhow::anyhow;
 use futures::TryFutureExt;
 use serde::Serialize;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
+
+/// A request for the trainer, carried out between two steps
+/// (`commands.rs`), with where its answer goes.
+pub enum Command {
+    Rollback { version: u64, by: String, reason: Option<String>, reply: oneshot::Sender<anyhow::Result<Option<u64>>> },
+    Import { weights: Vec<u8>, origin: String, by: String, reason: Option<String>, reply: oneshot::Sender<anyhow::Result<Metadata>> },
+    Pin { version: u64, pinned: bool, reply: oneshot::Sender<anyhow::Result<()>> },
+    Delete { version: u64, reply: oneshot::Sender<anyhow::Result<Metadata>> },
+}
 
 /// A request the service refuses: 400.
 #[derive(Debug)]

@@ -13,29 +13,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use std::time::Duration;
-
-/// Upper bounds (seconds) of the receive-to-latent latency histogram.
-const LATENCY_BUCKETS: [f64; 12] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0];
-
-/// Frame received to latent published: observed by the latent worker,
-/// exported here. Clones share one histogram.
-#[derive(Clone, Debug)]
-pub struct LatentLatency(Histogram);
-
-impl Default for LatentLatency {
-    fn default() -> LatentLatency {
-        LatentLatency(Histogram::new(LATENCY_BUCKETS))
-    }
-}
-
-impl LatentLatency {
-    pub fn observe(&self, latency: Duration) {
-        self.0.observe(latency.as_secs_f64());
-    }
-}
 
 /// The registry behind `/metrics`.
 pub struct Metrics {

@@ -2,13 +2,61 @@
 //! board the trainer and the latent worker write and the control service
 //! reads. No I/O beyond the store's counters.
 
-use super::metrics::LatentLatency;
-use super::trainer::TrainerState;
 use crate::vae::learner::LossValues;
 use crate::store::{Split, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
+use prometheus_client::metrics::histogram::Histogram;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the receive-to-latent latency histogram.
+const LATENCY_BUCKETS: [f64; 12] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0];
+
+/// Frame received to latent published: observed by the latent worker,
+/// exported here. Clones share one histogram.
+#[derive(Clone, Debug)]
+pub struct LatentLatency(pub(super) Histogram);
+
+impl Default for LatentLatency {
+    fn default() -> LatentLatency {
+        LatentLatency(Histogram::new(LATENCY_BUCKETS))
+    }
+}
+
+impl LatentLatency {
+    pub fn observe(&self, latency: Duration) {
+        self.0.observe(latency.as_secs_f64());
+    }
+}
+
+/// What the trainer is doing (the status JSON's `state`, strings pinned).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TrainerState {
+    #[default]
+    #[serde(rename = "starting")]
+    Starting,
+    #[serde(rename = "waiting for frames")]
+    WaitingForFrames,
+    #[serde(rename = "throttled")]
+    Throttled,
+    #[serde(rename = "training")]
+    Training,
+    #[serde(rename = "stopping")]
+    Stopping,
+}
+
+impl TrainerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrainerState::Starting => "starting",
+            TrainerState::WaitingForFrames => "waiting for frames",
+            TrainerState::Throttled => "throttled",
+            TrainerState::Training => "training",
+            TrainerState::Stopping => "stopping",
+        }
+    }
+}
 
 /// Points kept per loss curve (oldest dropped): enough for the page.
 const MAX_CURVE_POINTS: usize = 1000;

@@ -9,22 +9,20 @@
 //! announcements) to the daemon as [`Event`]s. Operator commands are
 //! carried out between two steps by `commands.rs`; this file is the loop.
 
+use super::control::Command;
 use super::guard::{DivergenceGuard, LossWindow};
 use super::latents::LatentWorker;
 use super::sampler::Sampler;
-use super::status::StatusBoard;
+use super::status::{StatusBoard, TrainerState};
 use crate::config::{Config, TrainConfig};
 use crate::store::{Change, Split, Store};
 use crate::vae::checkpoint::{now_rfc3339, Checkpoint, Metadata};
 use crate::vae::learner::{Learner, LossValues};
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-
-pub use super::commands::Command;
 
 /// Validation batches averaged for one eval.
 const EVAL_BATCHES: usize = 4;
@@ -39,34 +37,6 @@ pub enum Event {
     Rollback { from: Option<u64>, to: Arc<Checkpoint>, reason: String },
     /// Remove the weights from the object store and announce.
     Deleted(Metadata),
-}
-
-/// What the trainer is doing (the status JSON's `state`, strings pinned).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum TrainerState {
-    #[default]
-    #[serde(rename = "starting")]
-    Starting,
-    #[serde(rename = "waiting for frames")]
-    WaitingForFrames,
-    #[serde(rename = "throttled")]
-    Throttled,
-    #[serde(rename = "training")]
-    Training,
-    #[serde(rename = "stopping")]
-    Stopping,
-}
-
-impl TrainerState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TrainerState::Starting => "starting",
-            TrainerState::WaitingForFrames => "waiting for frames",
-            TrainerState::Throttled => "throttled",
-            TrainerState::Training => "training",
-            TrainerState::Stopping => "stopping",
-        }
-    }
 }
 
 /// Everything the loop talks to.

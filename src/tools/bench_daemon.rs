@@ -6,7 +6,7 @@ use crate::bus::Bus;
 use crate::config::Config;
 use crate::tools::nats_server::LocalNats;
 use crate::daemon::status::Status;
-use crate::daemon::trainer::TrainerState;
+use crate::daemon::status::TrainerState;
 use crate::frames::wire::FrameMessage;
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
