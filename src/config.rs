@@ -26,6 +26,8 @@ const ENV_PREFIX: &str = "WMVAE_";
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub nats: NatsConfig,
+    pub serve: ServeConfig,
+    pub node: NodeConfig,
     pub store: StoreConfig,
     pub buffer: BufferConfig,
     pub ingest: IngestConfig,
@@ -155,6 +157,65 @@ impl Serialize for Secret {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// What this process does: trainer, encoder, or both.
+    pub roles: Roles,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's name among several ("" for a single node).
+    pub id: String,
+}
+
+/// The roles of one `wmvae serve` process, written `trainer`, `encoder` or
+/// `trainer,encoder` (config, `--role`, `WMVAE_SERVE__ROLES`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    /// Ingest into the replay buffer, training, checkpoints, checkpoint control.
+    pub trainer: bool,
+    /// A latent per frame from the stream, and the `encode` endpoint.
+    pub encoder: bool,
+}
+
+impl std::str::FromStr for Roles {
+    type Err = anyhow::Error;
+
+    fn from_str(text: &str) -> Result<Roles> {
+        let mut roles = Roles { trainer: false, encoder: false };
+        for role in text.split(',').map(str::trim) {
+            match role {
+                "trainer" => roles.trainer = true,
+                "encoder" => roles.encoder = true,
+                other => bail!("unknown role {other:?} (roles: trainer, encoder, or trainer,encoder)"),
+            }
+        }
+        Ok(roles)
+    }
+}
+
+impl std::fmt::Display for Roles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = [(self.trainer, "trainer"), (self.encoder, "encoder")].into_iter().filter(|r| r.0).map(|r| r.1).collect();
+        f.write_str(&names.join(","))
+    }
+}
+
+impl Serialize for Roles {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Roles {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Roles, D::Error> {
+        String::deserialize(deserializer)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// Where the sled store lives (created if missing).
     pub data_dir: PathBuf,
@@ -267,6 +328,9 @@ impl Config {
             bail!("nats.prefix must be one subject token (no '.', '*', '>' or spaces)");
         }
         self.nats.validate()?;
+        if !(self.serve.roles.trainer || self.serve.roles.encoder) {
+            bail!("serve.roles must name at least one role: trainer, encoder");
+        }
         if self.buffer.capacity == 0 {
             bail!("buffer.capacity must be at least 1");
         }
@@ -330,6 +394,15 @@ impl Config {
     }
 }
 
+/// This machine's name (the kernel's), for status replies and for who
+/// made a change; "localhost" if it can't be read.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
 /// Upper bound on a training batch: 4,096 frames are ~200 MB of float
 /// activations per conv layer on the CPU, past what a 24 GiB box should spend.
 pub const MAX_BATCH_SIZE: usize = 4096;
@@ -383,6 +456,18 @@ mod tests {
         let err = Config::load_with_env(None, [("WMVAE_TRAIN__BATCH_SIZ".to_string(), "1".to_string())]).unwrap_err();
         assert!(err.to_string().contains("no key \"batch_siz\""), "{err}");
         assert!(Config::load_with_env(None, [("WMVAE_TRAIN__BATCH_SIZE".to_string(), "0".to_string())]).is_err());
+    }
+
+    #[test]
+    fn roles_parse_from_the_environment_and_refuse_typos() {
+        let c = Config::load_with_env(None, []).unwrap();
+        assert_eq!(c.serve.roles, Roles { trainer: true, encoder: true });
+        assert_eq!(c.serve.roles.to_string(), "trainer,encoder");
+        let c = Config::load_with_env(None, [("WMVAE_SERVE__ROLES".to_string(), "encoder".to_string())]).unwrap();
+        assert_eq!(c.serve.roles, Roles { trainer: false, encoder: true });
+        let err = format!("{:#}", Config::load_with_env(None, [("WMVAE_SERVE__ROLES".to_string(), "trainer,encodr".to_string())]).unwrap_err());
+        assert!(err.contains("unknown role \"encodr\""), "{err}");
+        assert!(Config::load_with_env(None, [("WMVAE_SERVE__ROLES".to_string(), "".to_string())]).is_err());
     }
 
     #[test]

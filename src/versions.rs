@@ -94,8 +94,7 @@ pub fn recon_png(store: &Store, version: u64, config: &Config) -> Result<Vec<u8>
 /// `by` when none is given: user@host.
 pub fn default_actor() -> String {
     let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
-    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into());
-    format!("{user}@{host}")
+    format!("{user}@{}", crate::config::hostname())
 }
 
 /// Builds and stores a new active version from foreign weights (strict
@@ -200,7 +199,7 @@ mod tests {
         let err = format!("{:#}", recon_png(&store, 1, &config).unwrap_err());
         assert!(err.contains("no frames"), "{err}");
         let stored: Vec<Frame> = (0..3)
-            .map(|step| Frame { source: "s".into(), episode: "e".into(), step, pixels: vec![step as u8 * 60; frames::BYTES].into(), action: None, reward: None, done: None, received_at: None })
+            .map(|step| Frame { source: "s".into(), episode: "e".into(), step, pixels: vec![step as u8 * 60; frames::BYTES].into(), action: None, reward: None, done: None })
             .collect();
         store.commit(&stored, compress_frames(&stored), &[]).unwrap();
         let png = recon_png(&store, 1, &config).unwrap();

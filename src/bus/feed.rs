@@ -1,8 +1,8 @@
-//! The frame feed: the durable pull consumer `wmvae-ingest` as batches of
+//! The frame feed: a durable pull consumer of WM_FRAMES as batches of
 //! [`Delivery`]s to ack or terminate, dead letters with their reason, and
 //! the bench's bare consume+ack baseline. Bytes only: decoding is `frames`'.
 
-use super::migrate::{FRAMES_STREAM, INGEST_CONSUMER};
+use super::migrate::{FrameConsumer, FRAMES_STREAM};
 use super::Bus;
 use anyhow::{anyhow, Context, Result};
 use async_nats::jetstream::{self, consumer::pull};
@@ -46,7 +46,7 @@ impl Delivery {
     }
 }
 
-/// The pull consumer `wmvae-ingest`, as batches of deliveries.
+/// A durable pull consumer of WM_FRAMES, as batches of deliveries.
 pub struct FrameFeed {
     consumer: jetstream::consumer::Consumer<pull::Config>,
     messages: Option<pull::Stream>,
@@ -54,10 +54,10 @@ pub struct FrameFeed {
 }
 
 impl Bus {
-    /// The durable frame consumer (after `migrate`).
-    pub async fn frame_feed(&self) -> Result<FrameFeed> {
+    /// A durable frame consumer (after `migrate`).
+    pub async fn frame_feed(&self, which: FrameConsumer) -> Result<FrameFeed> {
         let stream = self.js.get_stream(FRAMES_STREAM).await.with_context(|| format!("stream {FRAMES_STREAM} (run wmvae migrate)"))?;
-        let consumer = stream.get_consumer(INGEST_CONSUMER).await.map_err(|e| anyhow!("consumer {INGEST_CONSUMER}: {e}"))?;
+        let consumer = stream.get_consumer(which.durable_name()).await.map_err(|e| anyhow!("consumer {}: {e}", which.durable_name()))?;
         Ok(FrameFeed { consumer, messages: None, subject_prefix: self.subject("frames.") })
     }
 

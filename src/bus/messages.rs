@@ -16,6 +16,14 @@ pub struct LatentMessage {
     pub model_version: u64,
     pub mu: Vec<f32>,
     pub logvar: Vec<f32>,
+    /// The frame's transition, as published with it (nil when absent), so
+    /// the memory model trains from WM_LATENTS alone.
+    #[serde(default)]
+    pub action: Option<Vec<f32>>,
+    #[serde(default)]
+    pub reward: Option<f64>,
+    #[serde(default)]
+    pub done: Option<bool>,
 }
 
 impl LatentMessage {

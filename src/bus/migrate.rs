@@ -17,10 +17,30 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("0002_training.toml", include_str!("../../migrations/0002_training.toml")),
     ("0003_checkpoint_chunks.toml", include_str!("../../migrations/0003_checkpoint_chunks.toml")),
     ("0004_frame_chunks.toml", include_str!("../../migrations/0004_frame_chunks.toml")),
+    ("0005_encoder.toml", include_str!("../../migrations/0005_encoder.toml")),
 ];
-/// The frame stream and the durable consumer ingest reads it through (migration 0001).
+/// The frame stream (migration 0001).
 pub(super) const FRAMES_STREAM: &str = "WM_FRAMES";
-pub(super) const INGEST_CONSUMER: &str = "wmvae-ingest";
+/// The checkpoint announcements' stream (migration 0002).
+pub(super) const CHECKPOINTS_STREAM: &str = "WM_CHECKPOINTS";
+
+/// The durable consumers that read WM_FRAMES, one per role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameConsumer {
+    /// `wmvae-ingest` (migration 0001): the trainer's replay buffer.
+    Ingest,
+    /// `wmvae-encode` (migration 0005): shared by the encoder replicas.
+    Encode,
+}
+
+impl FrameConsumer {
+    pub fn durable_name(self) -> &'static str {
+        match self {
+            FrameConsumer::Ingest => "wmvae-ingest",
+            FrameConsumer::Encode => "wmvae-encode",
+        }
+    }
+}
 /// Stream metadata key recording the migration that shaped a stream.
 const MIGRATION_METADATA_KEY: &str = "wmvae_migration";
 #[derive(Debug, Deserialize)]
@@ -204,6 +224,9 @@ mod tests {
     fn migrations_define_the_frame_stream_and_its_consumer() {
         let all = super::migrations().unwrap();
         assert!(all.iter().flat_map(|m| &m.stream).any(|s| s.name == super::FRAMES_STREAM));
-        assert!(all.iter().flat_map(|m| &m.consumer).any(|c| c.stream == super::FRAMES_STREAM && c.durable == super::INGEST_CONSUMER));
+        for consumer in [super::FrameConsumer::Ingest, super::FrameConsumer::Encode] {
+            assert!(all.iter().flat_map(|m| &m.consumer).any(|c| c.stream == super::FRAMES_STREAM && c.durable == consumer.durable_name()));
+        }
+        assert!(all.iter().flat_map(|m| &m.stream).any(|s| s.name == super::CHECKPOINTS_STREAM));
     }
 }

@@ -1,7 +1,8 @@
 //! Everything NATS, the only folder that touches async-nats: the
 //! connection ([`Bus`], `connection.rs`), the migrations of streams,
 //! consumers and buckets (`migrate.rs`), the frame feed and dead letters
-//! (`feed.rs`), publishing frames, latents and announcements (`publish.rs`),
+//! (`feed.rs`), following the announcements (`follow.rs`), publishing
+//! frames, latents and announcements (`publish.rs`),
 //! the checkpoint object bucket (`objects.rs`), the control service
 //! (`service.rs`) and the messages' schemas ([`messages`]).
 //!
@@ -10,6 +11,7 @@
 
 mod connection;
 mod feed;
+mod follow;
 pub mod messages;
 mod migrate;
 mod objects;
@@ -17,7 +19,9 @@ mod publish;
 pub mod service;
 
 pub use feed::{Delivery, FrameFeed, REASON_HEADER, SUBJECT_HEADER};
-pub use migrate::{latest_store_schema, BusLimits, MigrationReport};
+pub use follow::AnnouncementFeed;
+pub use publish::LatentPublisher;
+pub use migrate::{latest_store_schema, BusLimits, FrameConsumer, MigrationReport};
 pub use objects::CHECKPOINT_BUCKET;
 pub use publish::FramePublisher;
 

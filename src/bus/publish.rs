@@ -1,6 +1,6 @@
-//! Publishing: frames by the wire contract (with `Nats-Msg-Id` and a bounded
-//! window of acks), latents, and checkpoint announcements, plus a live
-//! latent subscription for the benches. Encoding is the messages' own.
+//! Publishing: frames and latents to JetStream (with `Nats-Msg-Id` and a
+//! bounded window of acks), checkpoint announcements, plus a live latent
+//! subscription for the benches. Encoding is the messages' own.
 
 use super::messages::{Announcement, LatentMessage};
 use super::Bus;
@@ -15,13 +15,9 @@ use std::collections::VecDeque;
 /// publish: pipelining without unbounded memory.
 const PUBLISH_WINDOW: usize = 256;
 impl Bus {
-    /// Publishes a latent on `<prefix>.latents.<source>` (core NATS; the
-    /// WM_LATENTS stream captures it). Buffered: call `flush` to push.
-    pub async fn publish_latent(&self, source: &str, latent: &LatentMessage) -> Result<()> {
-        self.client
-            .publish(self.subject(&format!("latents.{source}")), latent.to_msgpack().into())
-            .await
-            .context("publishing a latent")
+    /// A publisher of latents to WM_LATENTS.
+    pub fn latent_publisher(&self) -> LatentPublisher {
+        LatentPublisher { js: self.js.clone(), prefix: self.prefix.clone(), window: AckWindow::default() }
     }
 
     /// Announces a checkpoint event on `<prefix>.checkpoints` and waits
@@ -50,7 +46,44 @@ impl Bus {
 
     /// A publisher of frames from `source` on `<prefix>.frames.<source>`.
     pub fn frame_publisher(&self, source: &str) -> FramePublisher {
-        FramePublisher { js: self.js.clone(), subject: self.subject(&format!("frames.{source}")), source: source.to_string(), in_flight: VecDeque::new() }
+        FramePublisher { js: self.js.clone(), subject: self.subject(&format!("frames.{source}")), source: source.to_string(), window: AckWindow::default() }
+    }
+}
+
+/// JetStream publishes whose acks are awaited at most [`PUBLISH_WINDOW`]
+/// behind the newest: pipelining without unbounded memory.
+#[derive(Default)]
+struct AckWindow {
+    in_flight: VecDeque<jetstream::context::PublishAckFuture>,
+}
+
+impl AckWindow {
+    /// Publishes `payload` on `subject` with `Nats-Msg-Id` = `id`, so the
+    /// server drops a re-publish within its duplicate window.
+    async fn send(&mut self, js: &jetstream::Context, subject: String, id: &str, payload: Vec<u8>, stream: &str) -> Result<()> {
+        if self.in_flight.len() >= PUBLISH_WINDOW {
+            self.settle_one(stream).await?;
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id);
+        let ack = js.publish_with_headers(subject, headers, payload.into()).await.with_context(|| format!("publishing to {stream}"))?;
+        self.in_flight.push_back(ack);
+        Ok(())
+    }
+
+    async fn settle_one(&mut self, stream: &str) -> Result<()> {
+        if let Some(ack) = self.in_flight.pop_front() {
+            ack.await.with_context(|| format!("not stored by JetStream (is stream {stream} there? run wmvae migrate)"))?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every message sent is stored.
+    async fn settle(&mut self, stream: &str) -> Result<()> {
+        while !self.in_flight.is_empty() {
+            self.settle_one(stream).await?;
+        }
+        Ok(())
     }
 }
 
@@ -60,40 +93,39 @@ pub struct FramePublisher {
     js: jetstream::Context,
     subject: String,
     source: String,
-    in_flight: VecDeque<jetstream::context::PublishAckFuture>,
+    window: AckWindow,
 }
 
 impl FramePublisher {
-    /// Publishes one frame with `Nats-Msg-Id` = `source:episode:step`, so the
-    /// server drops a re-publish within its duplicate window.
+    /// Publishes one frame with `Nats-Msg-Id` = `source:episode:step`.
     pub async fn send(&mut self, frame: &FrameMessage<'_>) -> Result<()> {
-        if self.in_flight.len() >= PUBLISH_WINDOW {
-            self.settle_one().await?;
-        }
-        let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", format!("{}:{}:{}", self.source, frame.episode, frame.step).as_str());
-        let ack = self
-            .js
-            .publish_with_headers(self.subject.clone(), headers, frame.to_msgpack().into())
-            .await
-            .context("publishing a frame")?;
-        self.in_flight.push_back(ack);
-        Ok(())
-    }
-
-    async fn settle_one(&mut self) -> Result<()> {
-        if let Some(ack) = self.in_flight.pop_front() {
-            ack.await.context("frame not stored by JetStream (is stream WM_FRAMES there? run wmvae migrate)")?;
-        }
-        Ok(())
+        let id = format!("{}:{}:{}", self.source, frame.episode, frame.step);
+        self.window.send(&self.js, self.subject.clone(), &id, frame.to_msgpack(), "WM_FRAMES").await
     }
 
     /// Waits until every frame sent is stored by the server.
     pub async fn finish(mut self) -> Result<()> {
-        while !self.in_flight.is_empty() {
-            self.settle_one().await?;
-        }
-        Ok(())
+        self.window.settle("WM_FRAMES").await
     }
 }
 
+/// Publishes latents on `<prefix>.latents.<source>` to WM_LATENTS, each
+/// with `Nats-Msg-Id` = `<source>/<episode>/<step>`, so a frame delivered
+/// twice within the stream's duplicate window still has one latent.
+pub struct LatentPublisher {
+    js: jetstream::Context,
+    prefix: String,
+    window: AckWindow,
+}
+
+impl LatentPublisher {
+    pub async fn send(&mut self, source: &str, latent: &LatentMessage) -> Result<()> {
+        let id = format!("{source}/{}/{}", latent.episode, latent.step);
+        self.window.send(&self.js, format!("{}.latents.{source}", self.prefix), &id, latent.to_msgpack(), "WM_LATENTS").await
+    }
+
+    /// Waits until JetStream has stored every latent sent.
+    pub async fn settle(&mut self) -> Result<()> {
+        self.window.settle("WM_LATENTS").await
+    }
+}

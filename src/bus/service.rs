@@ -4,6 +4,7 @@
 //! HTTP-like code. What each endpoint does is `daemon::control`'s.
 
 use super::Bus;
+use crate::config::Roles;
 use anyhow::{anyhow, Result};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -64,6 +65,19 @@ impl Endpoint {
         Endpoint::Import,
     ];
 
+    /// The endpoints a node with `roles` serves: `status` always, `encode`
+    /// on an encoder, the buffer's and the checkpoints' on a trainer.
+    pub fn served_by(roles: Roles) -> Vec<Endpoint> {
+        Endpoint::ALL
+            .into_iter()
+            .filter(|e| match e {
+                Endpoint::Status => true,
+                Endpoint::Encode => roles.encoder,
+                _ => roles.trainer,
+            })
+            .collect()
+    }
+
     /// The name under `<prefix>.ctl.`.
     pub fn name(self) -> &'static str {
         match self {
@@ -90,10 +104,10 @@ pub type Handler = Arc<dyn Fn(Endpoint, Bytes) -> Reply + Send + Sync>;
 
 impl Bus {
     /// Runs the `wmvae` micro service (`$SRV.PING` finds it) with one
-    /// endpoint of [`Endpoint::ALL`] under `<prefix>.ctl.`, until `shutdown`.
+    /// endpoint of `endpoints` under `<prefix>.ctl.`, until `shutdown`.
     /// Each request's payload goes to `handler` with its endpoint; errors
     /// become service errors carrying their code and text.
-    pub async fn serve_control(&self, handler: Handler, shutdown: CancellationToken) -> Result<()> {
+    pub async fn serve_control(&self, handler: Handler, endpoints: &[Endpoint], shutdown: CancellationToken) -> Result<()> {
         use async_nats::service::ServiceExt;
         let service = self
             .client
@@ -104,7 +118,7 @@ impl Bus {
             .map_err(|e| anyhow!("starting the {SERVICE_NAME} service: {e}"))?;
         let group = service.group(self.subject("ctl"));
         let mut tasks = tokio::task::JoinSet::new();
-        for which in Endpoint::ALL {
+        for &which in endpoints {
             let name = which.name();
             let mut endpoint = group.endpoint(name).await.map_err(|e| anyhow!("endpoint {name}: {e}"))?;
             let (handler, shutdown) = (handler.clone(), shutdown.clone());

@@ -30,21 +30,21 @@ pub enum Mode {
 
 /// Where operations go.
 pub enum Backend {
-    Live(Bus),
-    Offline(Store, Config),
+    Live(Box<Bus>),
+    Offline(Store, Box<Config>),
 }
 
 async fn live(config: &Config) -> Result<Backend> {
     let bus = Bus::connect_once(config).await?;
     match tokio::time::timeout(DAEMON_PROBE_TIMEOUT, bus.control_request(Endpoint::Status, Vec::new())).await {
-        Ok(Ok(_)) => Ok(Backend::Live(bus)),
+        Ok(Ok(_)) => Ok(Backend::Live(Box::new(bus))),
         Ok(Err(e)) => bail!("no wmvae daemon answers on {}: {e:#}", config.nats.url),
         Err(_) => bail!("no wmvae daemon answered on {} within {DAEMON_PROBE_TIMEOUT:?}", config.nats.url),
     }
 }
 
 fn offline(config: &Config) -> Result<Backend> {
-    Ok(Backend::Offline(Store::open(&config.store.data_dir, config.buffer)?, config.clone()))
+    Ok(Backend::Offline(Store::open(&config.store.data_dir, config.buffer)?, Box::new(config.clone())))
 }
 
 /// Picks the backend. With neither flag: the daemon if it answers, else the

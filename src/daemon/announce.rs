@@ -57,11 +57,7 @@ pub(super) async fn publish_offline_changes(bus: &Bus, store: &Store) -> Result<
 pub(super) async fn publish_events(bus: Bus, store: Store, mut events: mpsc::Receiver<Event>) {
     while let Some(event) = events.recv().await {
         let result = match event {
-            Event::Created(checkpoint, done) => {
-                let result = publish_created(&bus, &checkpoint).await;
-                let _ = done.send(());
-                result
-            }
+            Event::Created(checkpoint) => publish_created(&bus, &checkpoint).await,
             Event::Rollback { from, to, reason } => {
                 let mut a = announcement(CheckpointEvent::Rollback, &to.metadata, to.weights.len() as u64);
                 (a.from, a.to, a.reason) = (from, Some(to.metadata.version), Some(reason));

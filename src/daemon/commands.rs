@@ -38,14 +38,13 @@ impl Trainer {
         changed
     }
 
-    /// Training weights, Adam state and the latent encoder all move to
-    /// `version`, then the rollback is announced. Nothing changes if the
-    /// version is unknown or its checkpoint does not load.
+    /// Training weights and Adam state move to `version`, then the rollback
+    /// is announced (encoders follow it). Nothing changes if the version is
+    /// unknown or its checkpoint does not load.
     pub(super) fn roll_back(&mut self, version: u64, why: Change, by: &str, reason: Option<String>) -> Result<Option<u64>> {
         let to = Arc::new(versions::checkpoint(&self.store, version)?);
         self.learner.restore(&to)?;
         let from = self.store.registry().activate(version, why, by, reason.as_deref())?;
-        self.latents.switch_to(to.clone())?;
         self.active = to.clone();
         self.status.update(|s| s.active_version = Some(version));
         let reason = reason.unwrap_or_else(|| why.to_string());

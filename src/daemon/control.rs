@@ -12,7 +12,7 @@
 //! in one place, [`service_error`]: 404 for an unknown version, 400 for a
 //! request we refuse, 500 for our own failures.
 
-use super::latents::LatentWorker;
+use super::encoder::EncoderHandle;
 use super::status::StatusBoard;
 use crate::bus::messages::CheckpointRequest;
 use crate::bus::service::{Endpoint, Handler, Reply, ServiceError};
@@ -51,7 +51,7 @@ impl std::error::Error for BadRequest {}
 
 /// The one mapping of errors to service codes.
 pub fn service_error(e: anyhow::Error) -> ServiceError {
-    let code = if e.downcast_ref::<UnknownVersion>().is_some() {
+    let code = if e.downcast_ref::<UnknownVersion>().is_some() || e.downcast_ref::<NotHere>().is_some() {
         404
     } else if e.downcast_ref::<BadRequest>().is_some() || e.downcast_ref::<InUse>().is_some() {
         400
@@ -61,16 +61,35 @@ pub fn service_error(e: anyhow::Error) -> ServiceError {
     ServiceError { code, message: format!("{e:#}") }
 }
 
-/// What the endpoints reach.
+/// What the trainer's endpoints reach.
+#[derive(Clone)]
+pub struct TrainerSide {
+    pub store: Store,
+    pub commands: mpsc::Sender<Command>,
+}
+
+/// What the endpoints reach; a role's part is there on a node with that role.
 #[derive(Clone)]
 pub struct Context {
     pub status: StatusBoard,
-    pub latents: LatentWorker,
-    pub store: Store,
     pub bus: Bus,
-    pub commands: mpsc::Sender<Command>,
     pub config: Config,
+    pub encoder: Option<EncoderHandle>,
+    pub trainer: Option<TrainerSide>,
 }
+
+/// An endpoint of a role this node does not have (not served, so only a
+/// misrouted request meets it): 404.
+#[derive(Debug)]
+pub struct NotHere(pub &'static str);
+
+impl std::fmt::Display for NotHere {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "this node has no {} role", self.0)
+    }
+}
+
+impl std::error::Error for NotHere {}
 
 fn json(value: &impl Serialize) -> anyhow::Result<Vec<u8>> {
     Ok(serde_json::to_vec(value)?)
@@ -97,20 +116,28 @@ fn checkpoint_request(payload: &[u8]) -> anyhow::Result<CheckpointRequest> {
 
 /// Answers one request to `endpoint`.
 async fn answer(ctx: Context, endpoint: Endpoint, payload: bytes::Bytes) -> anyhow::Result<Vec<u8>> {
-    let request = match endpoint {
-        Endpoint::Status | Endpoint::Encode | Endpoint::BufferStats => CheckpointRequest::default(),
-        _ => checkpoint_request(&payload)?,
-    };
-    let version = || request.version.ok_or_else(|| BadRequest("request lacks \"version\"".into()));
-    let by = request.by.clone().unwrap_or_else(|| "unknown".into());
-    let store = ctx.store.clone();
     match endpoint {
         Endpoint::Status => json(&ctx.status.snapshot()),
-        Endpoint::BufferStats => json(&blocking(move || store.stats()).await?),
         Endpoint::Encode => {
+            let encoder = ctx.encoder.as_ref().ok_or(NotHere("encoder"))?;
             let frame = wire::decode_frame("request", &payload, ctx.config.ingest.preprocess).map_err(|r| BadRequest(r.to_string()))?;
-            Ok(ctx.latents.encode(frame).await?.to_msgpack())
+            Ok(encoder.encode(frame).await?.to_msgpack())
         }
+        _ => {
+            let trainer = ctx.trainer.clone().ok_or(NotHere("trainer"))?;
+            answer_trainer(&ctx, trainer, endpoint, &payload).await
+        }
+    }
+}
+
+/// The trainer's endpoints: the buffer's figures and the checkpoints.
+async fn answer_trainer(ctx: &Context, trainer: TrainerSide, endpoint: Endpoint, payload: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let request = checkpoint_request(payload)?;
+    let version = || request.version.ok_or_else(|| BadRequest("request lacks \"version\"".into()));
+    let by = request.by.clone().unwrap_or_else(|| "unknown".into());
+    let TrainerSide { store, commands } = trainer;
+    match endpoint {
+        Endpoint::BufferStats => json(&blocking(move || store.stats()).await?),
         Endpoint::List => json(&blocking(move || versions::list(&store)).await?),
         Endpoint::Show => {
             let v = version()?;
@@ -123,17 +150,17 @@ async fn answer(ctx: Context, endpoint: Endpoint, payload: bytes::Bytes) -> anyh
         }
         Endpoint::Rollback => {
             let (v, reason) = (version()?, request.reason.clone());
-            let from = ask_trainer(&ctx.commands, |reply| Command::Rollback { version: v, by, reason, reply }).await?;
+            let from = ask_trainer(&commands, |reply| Command::Rollback { version: v, by, reason, reply }).await?;
             json(&serde_json::json!({ "from": from, "to": v }))
         }
         Endpoint::Pin | Endpoint::Unpin => {
             let (v, pinned) = (version()?, endpoint == Endpoint::Pin);
-            ask_trainer(&ctx.commands, |reply| Command::Pin { version: v, pinned, reply }).await?;
+            ask_trainer(&commands, |reply| Command::Pin { version: v, pinned, reply }).await?;
             json(&serde_json::json!({ "version": v, "pinned": pinned }))
         }
         Endpoint::Delete => {
             let v = version()?;
-            json(&ask_trainer(&ctx.commands, |reply| Command::Delete { version: v, reply }).await?)
+            json(&ask_trainer(&commands, |reply| Command::Delete { version: v, reply }).await?)
         }
         Endpoint::Import => {
             let object = request.object.clone().ok_or_else(|| BadRequest("request lacks \"object\"".into()))?;
@@ -142,13 +169,14 @@ async fn answer(ctx: Context, endpoint: Endpoint, payload: bytes::Bytes) -> anyh
             let imported = match checked {
                 Ok(()) => {
                     let (origin, reason) = (object.clone(), request.reason.clone());
-                    ask_trainer(&ctx.commands, |reply| Command::Import { weights, origin, by, reason, reply }).await
+                    ask_trainer(&commands, |reply| Command::Import { weights, origin, by, reason, reply }).await
                 }
                 Err(e) => Err(e.into()),
             };
             ctx.bus.delete_object(&object).await?;
             json(&imported?)
         }
+        Endpoint::Status | Endpoint::Encode => Err(anyhow!("{} is not a trainer endpoint", endpoint.name())),
     }
 }
 
@@ -167,6 +195,7 @@ mod tests {
         assert_eq!(service_error(anyhow::Error::from(UnknownVersion(7)).context("show")).code, 404, "through context too");
         assert_eq!(service_error(BadRequest("request lacks \"version\"".into()).into()).code, 400);
         assert_eq!(service_error(InUse(3).into()).code, 400);
+        assert_eq!(service_error(NotHere("encoder").into()).code, 404);
         let ours = service_error(anyhow!("sled: I/O error"));
         assert_eq!((ours.code, ours.message.as_str()), (500, "sled: I/O error"));
     }

@@ -40,7 +40,8 @@ type CachedGrid = (u64, Instant, Arc<Vec<u8>>);
 #[derive(Clone)]
 pub struct HttpContext {
     status: StatusBoard,
-    store: Store,
+    /// The replay buffer and registry, on a trainer node.
+    store: Option<Store>,
     bus: Bus,
     config: Config,
     metrics: Arc<Metrics>,
@@ -48,7 +49,7 @@ pub struct HttpContext {
 }
 
 impl HttpContext {
-    pub fn new(status: StatusBoard, store: Store, bus: Bus, config: Config) -> HttpContext {
+    pub fn new(status: StatusBoard, store: Option<Store>, bus: Bus, config: Config) -> HttpContext {
         let metrics = Arc::new(Metrics::new(status.clone(), store.clone(), bus.clone()));
         HttpContext { status, store, bus, config, metrics, grid: Arc::default() }
     }
@@ -92,7 +93,8 @@ async fn metrics(State(ctx): State<HttpContext>) -> Response {
 }
 
 async fn healthz(State(ctx): State<HttpContext>) -> Response {
-    let store_ok = ctx.store.registry().active_version().is_ok();
+    // A node without a store (an encoder) has none to fail.
+    let store_ok = ctx.store.as_ref().is_none_or(|store| store.registry().active_version().is_ok());
     match (ctx.bus.is_connected(), store_ok) {
         (true, true) => "ok\n".into_response(),
         (nats, store) => (StatusCode::SERVICE_UNAVAILABLE, format!("nats connected: {nats}, store open: {store}\n")).into_response(),
@@ -115,13 +117,14 @@ async fn recon(State(ctx): State<HttpContext>) -> Response {
 
 /// The active version's grid, cached for [`GRID_MAX_AGE`].
 async fn recon_grid(ctx: &HttpContext) -> Result<Arc<Vec<u8>>> {
-    let version = ctx.store.registry().active_version()?.context("no active version yet")?;
+    let store = ctx.store.clone().context("this node has no trainer role, so no replay buffer to draw from")?;
+    let version = store.registry().active_version()?.context("no active version yet")?;
     if let Some((v, at, png)) = ctx.grid.lock().unwrap().clone() {
         if v == version && at.elapsed() < GRID_MAX_AGE {
             return Ok(png);
         }
     }
-    let (store, config) = (ctx.store.clone(), ctx.config.clone());
+    let config = ctx.config.clone();
     let png = Arc::new(tokio::task::spawn_blocking(move || crate::versions::recon_png(&store, version, &config)).await??);
     *ctx.grid.lock().unwrap() = Some((version, Instant::now(), png.clone()));
     Ok(png)
@@ -161,7 +164,11 @@ fn render_page(ctx: &HttpContext) -> Result<String> {
     let train: Vec<CurvePoint> = s.train_curve.iter().copied().collect();
     let eval: Vec<CurvePoint> = s.eval_curve.iter().copied().collect();
     let mut history = String::new();
-    for h in ctx.store.registry().history()?.iter().rev().take(20) {
+    let history_entries = match &ctx.store {
+        Some(store) => store.registry().history()?,
+        None => Vec::new(),
+    };
+    for h in history_entries.iter().rev().take(20) {
         let from = h.from.map_or("-".to_string(), |v| format!("v{v}"));
         let _ = write!(
             history,
@@ -186,7 +193,7 @@ fn render_page(ctx: &HttpContext) -> Result<String> {
 <h2>Active version history</h2>
 <table><tr><th>at</th><th>from</th><th>to</th><th>why</th><th>by</th><th>reason</th></tr>{history}</table>
 </body></html>"#,
-        state = s.state.as_str(),
+        state = s.state.map_or("no trainer here", |t| t.as_str()),
         step = s.step,
         version = s.active_version.unwrap_or(0),
         ips = s.images_per_s,

@@ -7,9 +7,8 @@
 //! disk slows pulling instead of growing memory. Nothing here decodes
 //! MessagePack itself (`wire`) or touches sled or NATS directly.
 
-use crate::bus::{Bus, Delivery};
+use crate::bus::{Bus, Delivery, FrameConsumer};
 use crate::config::IngestConfig;
-use crate::daemon::latents::LatentWorker;
 use crate::frames::preprocess::Policy;
 use crate::store::{compress_frames, Compressed, Store};
 use crate::frames::wire::{self, Reason, Rejection};
@@ -73,10 +72,9 @@ struct Prepared {
 /// fetch (the bus), prepare (decode and compress, off the runtime), commit
 /// (the store's group commit, then acks). The next batch is prepared while
 /// the current one commits; at most `PIPELINE_DEPTH + 3` batches are in
-/// memory (queued, preparing, prepared, committing). Newly stored frames go
-/// to `latents` (when given) for their latents.
-pub async fn run(bus: Bus, store: Store, config: IngestConfig, latents: Option<LatentWorker>, shutdown: CancellationToken) -> Result<()> {
-    let mut feed = bus.frame_feed().await?;
+/// memory (queued, preparing, prepared, committing).
+pub async fn run(bus: Bus, store: Store, config: IngestConfig, shutdown: CancellationToken) -> Result<()> {
+    let mut feed = bus.frame_feed(FrameConsumer::Ingest).await?;
     let (batches, mut incoming) = tokio::sync::mpsc::channel::<Vec<Delivery>>(PIPELINE_DEPTH);
     let (ready, mut prepared) = tokio::sync::mpsc::channel::<Prepared>(1);
     let max_wait = Duration::from_millis(config.batch_max_wait_ms);
@@ -106,7 +104,7 @@ pub async fn run(bus: Bus, store: Store, config: IngestConfig, latents: Option<L
     let mut last_log = Instant::now();
     while let Some(batch) = prepared.recv().await {
         let size = batch.batch.len();
-        match commit(&bus, &store, batch, latents.as_ref(), &mut log).await {
+        match commit(&bus, &store, batch, &mut log).await {
             Ok(done) => {
                 since_log.stored += done.stored;
                 since_log.duplicates += done.duplicates;
@@ -143,7 +141,7 @@ fn prepare(batch: Vec<Delivery>, policy: Policy) -> Prepared {
     for delivery in &batch {
         match wire::decode_frame(&delivery.source, &delivery.payload, policy) {
             Ok(frame) => {
-                frames.push(Frame { received_at: Some(delivery.received_at), ..frame });
+                frames.push(frame);
                 rejections.push(None);
             }
             Err(rejection) => rejections.push(Some(rejection)),
@@ -154,15 +152,12 @@ fn prepare(batch: Vec<Delivery>, policy: Policy) -> Prepared {
 }
 
 /// Commits one prepared batch, then acks or dead-letters each delivery.
-async fn commit(bus: &Bus, store: &Store, prepared: Prepared, latents: Option<&LatentWorker>, log: &mut RejectionLog) -> Result<BatchOutcome> {
+async fn commit(bus: &Bus, store: &Store, prepared: Prepared, log: &mut RejectionLog) -> Result<BatchOutcome> {
     let Prepared { batch, rejections, frames, compressed } = prepared;
     let reasons: Vec<Reason> = rejections.iter().flatten().map(|r: &Rejection| r.reason).collect();
     let store = store.clone();
     // The flush blocks: off the runtime.
-    let (committed, mut frames) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let committed = store.commit(&frames, compressed, &reasons)?;
-        Ok((committed, frames))
-    })
+    let committed = tokio::task::spawn_blocking(move || store.commit(&frames, compressed, &reasons))
     .await
     .context("ingest commit worker")??;
     let mut outcome = BatchOutcome { stored: committed.stored(), duplicates: committed.duplicates, rejected: 0 };
@@ -176,12 +171,6 @@ async fn commit(bus: &Bus, store: &Store, prepared: Prepared, latents: Option<&L
                 outcome.rejected += 1;
             }
         }
-    }
-    if let Some(latents) = latents {
-        // Highest index first, so each swap_remove leaves lower indices in place.
-        let mut stored: Vec<Frame> = committed.stored_indices.iter().rev().map(|&i| frames.swap_remove(i)).collect();
-        stored.reverse();
-        latents.submit(stored).await?;
     }
     Ok(outcome)
 }

@@ -21,7 +21,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(status: StatusBoard, store: Store, bus: Bus) -> Metrics {
+    pub fn new(status: StatusBoard, store: Option<Store>, bus: Bus) -> Metrics {
         let mut registry = Registry::with_prefix("wmvae");
         registry.register("latent_latency_seconds", "From frame received to its latent published.", status.latent_latency().0.clone());
         registry.register_collector(Box::new(Figures { status, store, bus }));
@@ -40,7 +40,8 @@ impl Metrics {
 #[derive(Clone)]
 struct Figures {
     status: StatusBoard,
-    store: Store,
+    /// The replay buffer, on a trainer node: its series only there.
+    store: Option<Store>,
     bus: Bus,
 }
 
@@ -73,20 +74,22 @@ fn losses(encoder: &mut DescriptorEncoder, name: &str, help: &str, losses: Optio
 impl Collector for Figures {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = self.status.snapshot();
-        let stats = self.store.stats().map_err(|e| {
-            tracing::warn!("/metrics: reading the store: {e:#}");
-            std::fmt::Error
-        })?;
         let e = &mut encoder;
-        counter(e, "frames_ingested", "Frames made durable in the replay buffer.", stats.frames_ingested)?;
-        counter(e, "frames_duplicate", "Frames already stored, acked without storing.", stats.duplicates)?;
-        let mut rejected = e.encode_descriptor("frames_rejected", "Frames dead-lettered, by reason.", None, ConstCounter::new(0u64).metric_type())?;
-        for (reason, n) in &stats.rejected {
-            ConstCounter::new(*n).encode(rejected.encode_family(&[("reason", reason.as_str())])?)?;
+        if let Some(store) = &self.store {
+            let stats = store.stats().map_err(|e| {
+                tracing::warn!("/metrics: reading the store: {e:#}");
+                std::fmt::Error
+            })?;
+            counter(e, "frames_ingested", "Frames made durable in the replay buffer.", stats.frames_ingested)?;
+            counter(e, "frames_duplicate", "Frames already stored, acked without storing.", stats.duplicates)?;
+            let mut rejected = e.encode_descriptor("frames_rejected", "Frames dead-lettered, by reason.", None, ConstCounter::new(0u64).metric_type())?;
+            for (reason, n) in &stats.rejected {
+                ConstCounter::new(*n).encode(rejected.encode_family(&[("reason", reason.as_str())])?)?;
+            }
+            gauge(e, "buffer_frames", "Frames held in the replay buffer.", stats.frames as f64)?;
+            gauge(e, "buffer_capacity_frames", "Replay buffer capacity.", stats.capacity as f64)?;
+            gauge(e, "buffer_bytes", "Bytes on disk of the sled store.", stats.bytes_on_disk as f64)?;
         }
-        gauge(e, "buffer_frames", "Frames held in the replay buffer.", stats.frames as f64)?;
-        gauge(e, "buffer_capacity_frames", "Replay buffer capacity.", stats.capacity as f64)?;
-        gauge(e, "buffer_bytes", "Bytes on disk of the sled store.", stats.bytes_on_disk as f64)?;
         counter(e, "train_steps", "Optimizer steps taken.", s.step.max(0) as u64)?;
         gauge(e, "train_images_per_second", "Training throughput over the last log window.", s.images_per_s)?;
         losses(e, "train_loss", "Mean training loss of the last log window.", s.last_losses)?;

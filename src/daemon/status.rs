@@ -1,9 +1,10 @@
-//! What the daemon is doing, as the `status` endpoint reports it: a small
-//! board the trainer and the latent worker write and the control service
-//! reads. No I/O beyond the store's counters.
+//! What this node is doing, as the `status` endpoint reports it: a small
+//! board the trainer and the encoder write and the control service, the
+//! metrics and the page read. No I/O beyond the store's counters.
 
-use crate::vae::learner::LossValues;
+use crate::config::Roles;
 use crate::store::{Split, Store};
+use crate::vae::learner::LossValues;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use prometheus_client::metrics::histogram::Histogram;
@@ -13,7 +14,7 @@ use std::time::Duration;
 /// Upper bounds (seconds) of the receive-to-latent latency histogram.
 const LATENCY_BUCKETS: [f64; 12] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0];
 
-/// Frame received to latent published: observed by the latent worker,
+/// Frame received to latent published: observed by the encoder,
 /// exported here. Clones share one histogram.
 #[derive(Clone, Debug)]
 pub struct LatentLatency(pub(super) Histogram);
@@ -58,6 +59,16 @@ impl TrainerState {
     }
 }
 
+/// What the encoder is doing (the status JSON's `encoder_state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EncoderState {
+    /// No version announced yet: the frame consumer stays idle.
+    #[serde(rename = "waiting for a version")]
+    WaitingForVersion,
+    #[serde(rename = "encoding")]
+    Encoding,
+}
+
 /// Points kept per loss curve (oldest dropped): enough for the page.
 const MAX_CURVE_POINTS: usize = 1000;
 /// A point of a loss curve.
@@ -77,7 +88,17 @@ fn push_bounded(curve: &mut VecDeque<CurvePoint>, point: CurvePoint) {
 /// The `status` endpoint's JSON (keys pinned); read back by the benches.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Status {
-    pub state: TrainerState,
+    /// What this node runs: "trainer", "encoder" or both.
+    pub roles: Vec<String>,
+    /// `[node] id` ("" for a single node).
+    pub node_id: String,
+    pub hostname: String,
+    /// The trainer's state; null on a node without the trainer role.
+    pub state: Option<TrainerState>,
+    /// The encoder's state; null on a node without the encoder role.
+    pub encoder_state: Option<EncoderState>,
+    /// The version the encoder's latents name now.
+    pub encoder_version: Option<u64>,
     pub step: i64,
     pub active_version: Option<u64>,
     pub buffer_frames: u64,
@@ -112,13 +133,21 @@ impl Status {
 #[derive(Clone)]
 pub struct StatusBoard {
     status: Arc<Mutex<Status>>,
-    store: Store,
+    /// The replay buffer, on a trainer node.
+    store: Option<Store>,
     latent_latency: LatentLatency,
 }
 
 impl StatusBoard {
-    pub fn new(store: Store, device: String) -> StatusBoard {
-        let status = Status { device, ..Default::default() };
+    pub fn new(roles: Roles, node_id: &str, store: Option<Store>, device: String) -> StatusBoard {
+        let status = Status {
+            roles: roles.to_string().split(',').map(str::to_string).collect(),
+            node_id: node_id.to_string(),
+            hostname: crate::config::hostname(),
+            state: roles.trainer.then_some(TrainerState::Starting),
+            device,
+            ..Default::default()
+        };
         StatusBoard { status: Arc::new(Mutex::new(status)), store, latent_latency: LatentLatency::default() }
     }
 
@@ -126,7 +155,7 @@ impl StatusBoard {
         change(&mut self.status.lock().unwrap());
     }
 
-    /// Frame received to latent published (the latent worker observes it).
+    /// Frame received to latent published (the encoder observes it).
     pub fn latent_latency(&self) -> &LatentLatency {
         &self.latent_latency
     }
@@ -134,9 +163,11 @@ impl StatusBoard {
     /// The status now, with the buffer's sizes read live.
     pub fn snapshot(&self) -> Status {
         let mut status = self.status.lock().unwrap().clone();
-        status.train_frames = self.store.len(Split::Train);
-        status.validation_frames = self.store.len(Split::Validation);
-        status.buffer_frames = status.train_frames + status.validation_frames;
+        if let Some(store) = &self.store {
+            status.train_frames = store.len(Split::Train);
+            status.validation_frames = store.len(Split::Validation);
+            status.buffer_frames = status.train_frames + status.validation_frames;
+        }
         status
     }
 }

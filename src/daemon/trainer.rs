@@ -11,7 +11,6 @@
 
 use super::control::Command;
 use super::guard::{DivergenceGuard, LossWindow};
-use super::latents::LatentWorker;
 use super::sampler::Sampler;
 use super::status::{StatusBoard, TrainerState};
 use crate::config::{Config, TrainConfig};
@@ -21,7 +20,7 @@ use crate::vae::learner::{Learner, LossValues};
 use anyhow::{Context, Result};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// Validation batches averaged for one eval.
@@ -31,8 +30,8 @@ const IDLE_PAUSE: Duration = Duration::from_millis(50);
 
 /// NATS work the trainer hands to the daemon, in order.
 pub enum Event {
-    /// Put the weights in the object store and announce; `done` fires after.
-    Created(Arc<Checkpoint>, oneshot::Sender<()>),
+    /// Put the weights in the object store and announce.
+    Created(Arc<Checkpoint>),
     /// Announce a rollback to `to` (from version `from`).
     Rollback { from: Option<u64>, to: Arc<Checkpoint>, reason: String },
     /// Remove the weights from the object store and announce.
@@ -46,7 +45,6 @@ pub struct Trainer {
     pub learner: Learner,
     /// The active checkpoint: the last good one, where rollbacks return.
     pub active: Arc<Checkpoint>,
-    pub latents: LatentWorker,
     pub events: mpsc::Sender<Event>,
     pub status: StatusBoard,
     pub commands: mpsc::Receiver<Command>,
@@ -96,12 +94,12 @@ impl Trainer {
             }
             // Gate: enough frames, and no more replay than samples_per_insert allows.
             if let Some(waiting) = self.gate(&cfg, run.frames_seen) {
-                self.status.update(|s| s.state = waiting);
+                self.status.update(|s| s.state = Some(waiting));
                 std::thread::sleep(IDLE_PAUSE);
                 continue;
             }
             let Some(batch) = sampler.next(IDLE_PAUSE) else { continue };
-            self.status.update(|s| s.state = TrainerState::Training);
+            self.status.update(|s| s.state = Some(TrainerState::Training));
             // Step, unless the guard says the loss diverged.
             let (loss, applied) = self.learner.train_step_guarded(&batch, |l| run.guard.accept(l))?;
             if !applied {
@@ -121,7 +119,7 @@ impl Trainer {
                 self.checkpoint(&mut run)?;
             }
         }
-        self.status.update(|s| s.state = TrainerState::Stopping);
+        self.status.update(|s| s.state = Some(TrainerState::Stopping));
         drop(sampler);
         if run.since_checkpoint.steps > 0 {
             self.checkpoint(&mut run)?;
@@ -193,8 +191,8 @@ impl Trainer {
     }
 
     /// Writes the next version from the current weights (after an eval),
-    /// makes it active, moves the latent worker to it, hands it to the
-    /// daemon to publish, and applies retention.
+    /// makes it active, hands it to the daemon to publish (encoders follow
+    /// the announcement), and applies retention.
     fn checkpoint(&mut self, run: &mut Run) -> Result<()> {
         let train = std::mem::take(&mut run.since_checkpoint).mean();
         let eval = self.evaluate()?;
@@ -227,14 +225,10 @@ impl Trainer {
         Ok(())
     }
 
-    /// A new version, already active in the store, goes out: published (the
-    /// object is in the store before any latent names the version), then
-    /// the latent worker moves to it.
+    /// A new version, already active in the store, goes out: to the object
+    /// store, then announced (encoders switch to it on the announcement).
     pub(super) fn adopt(&mut self, checkpoint: Arc<Checkpoint>) -> Result<()> {
-        let (published, done) = oneshot::channel();
-        self.events.blocking_send(Event::Created(checkpoint.clone(), published)).context("daemon event queue closed")?;
-        let _ = done.blocking_recv();
-        self.latents.switch_to(checkpoint.clone())?;
+        self.events.blocking_send(Event::Created(checkpoint.clone())).context("daemon event queue closed")?;
         let version = checkpoint.metadata.version;
         self.active = checkpoint;
         self.status.update(|s| s.active_version = Some(version));

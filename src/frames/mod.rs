@@ -32,7 +32,5 @@ pub struct Frame {
     pub action: Option<Vec<f32>>,
     pub reward: Option<f64>,
     pub done: Option<bool>,
-    /// When the daemon received it (for the latency histogram); not stored.
-    pub received_at: Option<std::time::Instant>,
 }
 

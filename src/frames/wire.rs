@@ -187,7 +187,7 @@ pub fn decode_frame(source: &str, payload: &Bytes, policy: Policy) -> Result<Fra
     };
     let pixels = preprocess::preprocess(rgb, height as usize, width as usize, policy)
         .or_else(|e| reject(Reason::UnsupportedSize, e.to_string()))?;
-    Ok(Frame { source: source.to_string(), episode, step, pixels, action, reward, done, received_at: None })
+    Ok(Frame { source: source.to_string(), episode, step, pixels, action, reward, done })
 }
 
 #[cfg(test)]

@@ -95,7 +95,6 @@ impl<'a> StoredFrame<'a> {
             action: self.action.as_ref().map(|a| a.to_vec()),
             reward: self.reward,
             done: self.done,
-            received_at: None,
         })
     }
 }

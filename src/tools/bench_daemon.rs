@@ -154,7 +154,7 @@ pub async fn pipeline(rate: f64, seconds: f64, device: crate::vae::device::Devic
     let batch = crate::config::Config::load(None)?.train.batch_size;
     publish_paced(&daemon.bus, 0, 2000, 2000.0).await?;
     let deadline = Instant::now() + Duration::from_secs(120);
-    while daemon.status().await?.state != TrainerState::Training {
+    while daemon.status().await?.state != Some(TrainerState::Training) {
         if Instant::now() > deadline {
             bail!("training did not start");
         }

@@ -16,7 +16,6 @@ fn frame(source: &str, episode: &str, step: u64) -> Frame {
         action: Some(vec![step as f32]),
         reward: Some(1.0),
         done: Some(false),
-        received_at: None,
     }
 }
 

@@ -1,0 +1,246 @@
+//! The encoder role: a latent for every frame, read straight from WM_FRAMES
+//! through the durable consumer `wmvae-encode` that every encoder replica
+//! shares (each frame goes to one replica), off the trainer's commit path.
+//!
+//! Three parts. The follower reads the checkpoint announcements from the
+//! one that named the active version on, fetches each newly active
+//! version's weights from the object store and checks their sha256 against
+//! the announcement. The fetcher pulls micro-batches of frames (bounded in
+//! size and wait by `[latents]`), but only once a version is loaded: until
+//! then the consumer stays idle. The worker thread owns the network: it
+//! decodes and checks each frame with the same code as ingest (a bad frame
+//! is terminated here without a dead letter; ingest dead-letters it),
+//! encodes, publishes the latents to WM_LATENTS with `Nats-Msg-Id`, and acks
+//! the frames only once JetStream has stored their latents. Weights switch
+//! between two micro-batches, in announcement order, so a latent names only
+//! a version that was announced and can be fetched.
+
+use super::status::{EncoderState, StatusBoard};
+use crate::bus::messages::{CheckpointEvent, LatentMessage};
+use crate::bus::{Bus, Delivery, FrameConsumer, LatentPublisher};
+use crate::config::Config;
+use crate::frames::preprocess::Policy;
+use crate::frames::{wire, Frame};
+use crate::vae::checkpoint::sha256_hex;
+use crate::vae::device::Device;
+use crate::vae::learner::Network;
+use crate::vae::model::VaeConfig;
+use anyhow::{anyhow, bail, Context, Result};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Micro-batches queued ahead of the worker: bounds memory (and unacked
+/// frames) when encoding falls behind; the fetcher then waits to queue.
+const QUEUE_DEPTH: usize = 4;
+
+enum Work {
+    /// A micro-batch of frame deliveries: a latent for each valid one.
+    Frames(Vec<Delivery>),
+    /// The `encode` endpoint: one frame, its latent back.
+    Encode(Frame, oneshot::Sender<Result<LatentMessage>>),
+    /// Newly active weights, sha256 already checked.
+    Switch { version: u64, weights: Vec<u8> },
+}
+
+/// A handle for the `encode` endpoint; clones share the worker.
+#[derive(Clone)]
+pub struct EncoderHandle {
+    queue: mpsc::Sender<Work>,
+}
+
+impl EncoderHandle {
+    /// Encodes one preprocessed frame with the weights the latents use now.
+    pub async fn encode(&self, frame: Frame) -> Result<LatentMessage> {
+        let (reply, answer) = oneshot::channel();
+        self.queue.send(Work::Encode(frame, reply)).await.map_err(|_| anyhow!("the encoder has stopped"))?;
+        answer.await.context("the encoder has stopped")?
+    }
+}
+
+/// The running encoder: its handle, and its task, which ends after
+/// `shutdown` once the frames in flight are done (or with the first error).
+pub struct Encoder {
+    pub handle: EncoderHandle,
+    pub task: JoinHandle<Result<()>>,
+}
+
+/// Starts the worker thread, the follower and the fetcher.
+pub fn start(bus: &Bus, config: &Config, device: Device, status: StatusBoard, shutdown: CancellationToken) -> Result<Encoder> {
+    let (queue, incoming) = mpsc::channel(QUEUE_DEPTH);
+    let worker = Worker {
+        net: Network::new(device, config.vae()),
+        vae: config.vae(),
+        version: None,
+        publisher: bus.latent_publisher(),
+        policy: config.ingest.preprocess,
+        status: status.clone(),
+        runtime: tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+    };
+    status.update(|s| s.encoder_state = Some(EncoderState::WaitingForVersion));
+    let thread = std::thread::Builder::new().name("wmvae-encoder".into()).spawn(move || worker.run(incoming))?;
+    let (loaded, ready) = watch::channel(false);
+    let max_wait = Duration::from_millis(config.latents.max_wait_ms);
+    let follower = follow(bus.clone(), queue.clone(), loaded, shutdown.clone());
+    let fetcher = fetch(bus.clone(), queue.clone(), ready, config.latents.max_batch, max_wait, shutdown.clone());
+    let task = tokio::spawn(async move {
+        // Either part failing stops the whole daemon, with its reason.
+        let stop_on_error = |result: Result<()>| {
+            if result.is_err() {
+                shutdown.cancel();
+            }
+            result
+        };
+        let (followed, fetched) = tokio::join!(async { stop_on_error(follower.await) }, async { stop_on_error(fetcher.await) });
+        // The worker drains its queue and stops once every handle is dropped.
+        tokio::task::spawn_blocking(move || thread.join()).await?.map_err(|_| anyhow!("the encoder thread panicked"))?;
+        followed.context("encoder: following the announcements").and(fetched.context("encoder: fetching frames"))
+    });
+    Ok(Encoder { handle: EncoderHandle { queue }, task })
+}
+
+/// Follows the announcements: each newly active version's weights, fetched
+/// and checked, go to the worker; `loaded` turns true after the first.
+async fn follow(bus: Bus, queue: mpsc::Sender<Work>, loaded: watch::Sender<bool>, shutdown: CancellationToken) -> Result<()> {
+    let mut feed = bus.follow_announcements().await?;
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            next = feed.next() => next?,
+        };
+        let Some(announcement) = next else { bail!("the checkpoint announcements ended") };
+        if !matches!(announcement.event, CheckpointEvent::Created | CheckpointEvent::Rollback) {
+            continue;
+        }
+        let version = announcement.metadata.version;
+        let Some(weights) = bus.get_object(&announcement.object).await? else {
+            tracing::warn!(version, object = %announcement.object, "an announced version's weights are not in the object store; keeping the current ones");
+            continue;
+        };
+        if sha256_hex(&weights) != announcement.metadata.sha256 {
+            tracing::error!(version, "the object store's weights do not match the announced sha256; keeping the current ones");
+            continue;
+        }
+        if queue.send(Work::Switch { version, weights }).await.is_err() {
+            return Ok(());
+        }
+        loaded.send_replace(true);
+    }
+}
+
+/// Pulls micro-batches from `wmvae-encode` for the worker, once a version is loaded.
+async fn fetch(bus: Bus, queue: mpsc::Sender<Work>, mut ready: watch::Receiver<bool>, max_batch: usize, max_wait: Duration, shutdown: CancellationToken) -> Result<()> {
+    tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        waited = ready.wait_for(|loaded| *loaded) => { waited.context("the follower stopped before any version")?; }
+    }
+    let mut feed = bus.frame_feed(FrameConsumer::Encode).await?;
+    while !shutdown.is_cancelled() {
+        let batch = feed.next_batch(max_batch, max_wait, &shutdown).await?;
+        if batch.is_empty() || queue.send(Work::Frames(batch)).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// The worker thread's state: the network and the version it holds.
+struct Worker {
+    net: Network,
+    vae: VaeConfig,
+    version: Option<u64>,
+    publisher: LatentPublisher,
+    policy: Policy,
+    status: StatusBoard,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Worker {
+    fn run(mut self, mut incoming: mpsc::Receiver<Work>) {
+        while let Some(work) = incoming.blocking_recv() {
+            match work {
+                Work::Switch { version, weights } => self.switch(version, &weights),
+                Work::Encode(frame, reply) => {
+                    let _ = reply.send(self.encode(std::slice::from_ref(&frame)).map(|mut latents| latents.remove(0)));
+                }
+                Work::Frames(batch) => {
+                    let n = batch.len();
+                    if let Err(e) = self.latents_for(batch) {
+                        tracing::error!("latents for {n} frames not published; the frames will be redelivered: {e:#}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Loads a version's weights; on failure the previous ones stay.
+    fn switch(&mut self, version: u64, weights: &[u8]) {
+        let mut net = Network::new(self.net.device(), self.vae);
+        match net.load_safetensors(weights, &format!("v{version} from the object store")) {
+            Ok(()) => {
+                self.net = net;
+                self.version = Some(version);
+                self.status.update(|s| (s.encoder_state, s.encoder_version) = (Some(EncoderState::Encoding), Some(version)));
+                tracing::info!(version, "encoder: latents now from this version");
+            }
+            Err(e) => tracing::error!(version, "encoder: the announced weights do not load: {e:#}"),
+        }
+    }
+
+    /// Latent messages for `frames`, naming the version held.
+    fn encode(&self, frames: &[Frame]) -> Result<Vec<LatentMessage>> {
+        let Some(version) = self.version else { bail!("this encoder has no version yet") };
+        let pixels: Vec<u8> = frames.iter().flat_map(|f| f.pixels.iter().copied()).collect();
+        let latents = self.net.encode_frames(&pixels)?;
+        Ok(frames
+            .iter()
+            .zip(latents.mu.into_iter().zip(latents.logvar))
+            .map(|(f, (mu, logvar))| LatentMessage {
+                episode: f.episode.clone(),
+                step: f.step,
+                model_version: version,
+                mu,
+                logvar,
+                action: f.action.clone(),
+                reward: f.reward,
+                done: f.done,
+            })
+            .collect())
+    }
+
+    /// Decodes a micro-batch, publishes a latent per valid frame, waits for
+    /// JetStream to store them, then acks; bad frames are terminated.
+    fn latents_for(&mut self, batch: Vec<Delivery>) -> Result<()> {
+        let (mut frames, mut good, mut bad) = (Vec::new(), Vec::new(), Vec::new());
+        for delivery in batch {
+            match wire::decode_frame(&delivery.source, &delivery.payload, self.policy) {
+                Ok(frame) => {
+                    frames.push(frame);
+                    good.push(delivery);
+                }
+                Err(_) => bad.push(delivery),
+            }
+        }
+        let latents = if frames.is_empty() { Vec::new() } else { self.encode(&frames)? };
+        let publisher = &mut self.publisher;
+        self.runtime.block_on(async {
+            for (frame, latent) in frames.iter().zip(&latents) {
+                publisher.send(&frame.source, latent).await?;
+            }
+            publisher.settle().await?;
+            for delivery in &good {
+                delivery.ack().await?;
+            }
+            for delivery in &bad {
+                delivery.terminate().await?;
+            }
+            anyhow::Ok(())
+        })?;
+        self.status.update(|s| s.latents_published += latents.len() as u64);
+        for delivery in &good {
+            self.status.latent_latency().observe(delivery.received_at.elapsed());
+        }
+        Ok(())
+    }
+}
