@@ -323,7 +323,9 @@ impl Config {
         Ok(config)
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Checks every bound and combination; `load` calls it, and so must
+    /// whoever changes a loaded config.
+    pub fn validate(&self) -> Result<()> {
         if self.nats.prefix.is_empty() || self.nats.prefix.contains(['.', '*', '>', ' ']) {
             bail!("nats.prefix must be one subject token (no '.', '*', '>' or spaces)");
         }

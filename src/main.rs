@@ -35,6 +35,11 @@ struct ConfigArgs {
 
 impl ConfigArgs {
     fn load(&self) -> Result<Config> {
+        self.load_with(|_| {})
+    }
+
+    /// The config with these flags and `more` applied, then checked again.
+    fn load_with(&self, more: impl FnOnce(&mut Config)) -> Result<Config> {
         let mut config = Config::load(self.config.as_deref())?;
         if let Some(url) = &self.nats_url {
             config.nats.url = url.clone();
@@ -42,6 +47,8 @@ impl ConfigArgs {
         if let Some(dir) = &self.data_dir {
             config.store.data_dir = dir.clone();
         }
+        more(&mut config);
+        config.validate().context("after the command-line overrides")?;
         Ok(config)
     }
 }
@@ -52,6 +59,9 @@ enum Command {
     Serve {
         #[command(flatten)]
         config: ConfigArgs,
+        /// What this process does: trainer, encoder, or trainer,encoder (overrides serve.roles).
+        #[arg(long)]
+        role: Option<wmvae::config::Roles>,
         /// Validate the configuration, print it, and exit.
         #[arg(long)]
         check_config: bool,
@@ -271,6 +281,19 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Latents/s with 1, 2, ... encoder processes on one local nats-server.
+    Encoders {
+        /// Encoder process counts to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        replicas: Vec<usize>,
+        /// Frames in the backlog each count encodes.
+        #[arg(long, default_value_t = 3000)]
+        frames: u64,
+        #[arg(long)]
+        nats_server: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Frames/s made durable end to end (NATS -> sled flush -> ack) against a
     /// local nats-server, beside a bare consume+ack baseline.
     Ingest {
@@ -339,8 +362,8 @@ async fn checkpoint_command(config: &Config, mode: backend::Mode, which: Checkpo
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Serve { config, check_config } => {
-            let config = config.load()?;
+        Command::Serve { config, role, check_config } => {
+            let config = config.load_with(|c| c.serve.roles = role.unwrap_or(c.serve.roles))?;
             if check_config {
                 print!("{}", toml::to_string(&config)?);
                 return Ok(());
@@ -418,6 +441,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench { which: BenchCommand::Pipeline { rate, seconds, device, nats_server, json } } => {
             let binary = nats_server.unwrap_or_else(wmvae::tools::nats_server::default_binary);
             render::bench(runtime()?.block_on(wmvae::tools::bench_daemon::pipeline(rate, seconds, device, &binary))?, json);
+        }
+        Command::Bench { which: BenchCommand::Encoders { replicas, frames, nats_server, json } } => {
+            let binary = nats_server.unwrap_or_else(wmvae::tools::nats_server::default_binary);
+            render::bench(runtime()?.block_on(wmvae::tools::bench_encoders::encoders(&replicas, frames, &binary))?, json);
         }
         Command::Bench { which: BenchCommand::Ingest { frames, nats_server, json } } => {
             let binary = nats_server.unwrap_or_else(wmvae::tools::nats_server::default_binary);

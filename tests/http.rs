@@ -6,21 +6,9 @@ mod common;
 
 use async_nats::jetstream;
 use common::nats::{wait_for_ingest_consumer, wait_until, Daemon, NatsServer};
-use common::frames;
-use std::io::{Read, Write};
+use common::{frames, http_get as get};
 use std::time::Duration;
 use wmvae::frames::wire::FrameMessage;
-
-fn get(port: u16, path: &str) -> (u16, String) {
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return (0, String::new()) };
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut response = Vec::new();
-    let _ = stream.read_to_end(&mut response);
-    let response = String::from_utf8_lossy(&response).to_string();
-    let code = response.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (code, response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
-}
 
 /// Headless Chromium's DOM of `url` after the page's images have loaded.
 fn chromium_dom(url: &str) -> String {
@@ -52,7 +40,7 @@ fn chromium_dom(url: &str) -> String {
 async fn metrics_health_and_status_page() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = common::free_port();
     let addr = format!("127.0.0.1:{port}");
     let env = [
         ("WMVAE_HTTP__ADDR", addr.as_str()),

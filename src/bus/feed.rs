@@ -17,9 +17,6 @@ use tokio_util::sync::CancellationToken;
 pub const REASON_HEADER: &str = "Wmvae-Reason";
 /// Header carrying the original subject of a dead-lettered frame.
 pub const SUBJECT_HEADER: &str = "Wmvae-Subject";
-/// Messages the server pushes per pull request: enough to keep a group
-/// commit full, small enough that a slow store holds few of them.
-const PULL_BATCH: usize = 1024;
 
 /// One frame message as delivered, with what is needed to ack it.
 pub struct Delivery {
@@ -51,6 +48,8 @@ pub struct FrameFeed {
     consumer: jetstream::consumer::Consumer<pull::Config>,
     messages: Option<pull::Stream>,
     subject_prefix: String,
+    /// Messages asked of the server per pull request.
+    pull_batch: usize,
 }
 
 impl Bus {
@@ -58,7 +57,7 @@ impl Bus {
     pub async fn frame_feed(&self, which: FrameConsumer) -> Result<FrameFeed> {
         let stream = self.js.get_stream(FRAMES_STREAM).await.with_context(|| format!("stream {FRAMES_STREAM} (run wmvae migrate)"))?;
         let consumer = stream.get_consumer(which.durable_name()).await.map_err(|e| anyhow!("consumer {}: {e}", which.durable_name()))?;
-        Ok(FrameFeed { consumer, messages: None, subject_prefix: self.subject("frames.") })
+        Ok(FrameFeed::over(consumer, self.subject("frames."), which.pull_batch()))
     }
 
     /// The bench's baseline: a bare ephemeral pull consumer over WM_FRAMES
@@ -71,7 +70,7 @@ impl Bus {
             ..Default::default()
         };
         let consumer = stream.create_consumer(config).await.context("creating the baseline consumer")?;
-        let mut messages = consumer.stream().max_messages_per_batch(PULL_BATCH).messages().await?;
+        let mut messages = consumer.stream().max_messages_per_batch(FrameConsumer::Ingest.pull_batch()).messages().await?;
         let start = Instant::now();
         for _ in 0..n {
             let message = messages.next().await.context("baseline consumer ended")?.map_err(|e| anyhow!("baseline consumer: {e}"))?;
@@ -99,6 +98,12 @@ impl Bus {
 }
 
 impl FrameFeed {
+    /// A feed over `consumer`, whose subjects start with `subject_prefix`
+    /// (`<prefix>.frames.`), pulling `pull_batch` messages at a time.
+    pub(super) fn over(consumer: jetstream::consumer::Consumer<pull::Config>, subject_prefix: String, pull_batch: usize) -> FrameFeed {
+        FrameFeed { consumer, messages: None, subject_prefix, pull_batch }
+    }
+
     /// Waits for at least one frame, then gathers more until `max` or
     /// `max_wait` after the first. Transient consumer errors are logged
     /// and retried; the stream is re-opened if it ends.
@@ -108,7 +113,7 @@ impl FrameFeed {
         let mut deadline: Option<Instant> = None;
         while batch.len() < max {
             if self.messages.is_none() {
-                let stream = self.consumer.stream().max_messages_per_batch(PULL_BATCH).messages().await;
+                let stream = self.consumer.stream().max_messages_per_batch(self.pull_batch).messages().await;
                 self.messages = Some(stream.context("opening the frame consumer")?);
             }
             let messages = self.messages.as_mut().expect("opened above");

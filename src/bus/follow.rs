@@ -39,16 +39,25 @@ impl Bus {
 }
 
 impl AnnouncementFeed {
-    /// The next announcement (waits for one); None when the feed ends. An
-    /// announcement that does not decode is logged and passed over.
-    pub async fn next(&mut self) -> Result<Option<Announcement>> {
+    /// The next announcement that makes a version active (`created` or
+    /// `rollback`), waiting for one. When several are already stored, only
+    /// the newest is returned: a follower that fell behind skips the
+    /// versions superseded meanwhile instead of loading each. None when the
+    /// feed ends. An announcement that does not decode is logged and passed over.
+    pub async fn next_activation(&mut self) -> Result<Option<Announcement>> {
+        let mut newest = None;
         while let Some(message) = self.messages.next().await {
             let message = message.map_err(|e| anyhow!("following {CHECKPOINTS_STREAM}: {e}"))?;
-            match rmp_serde::from_slice(&message.payload) {
-                Ok(announcement) => return Ok(Some(announcement)),
+            let pending = message.info().map(|info| info.pending).unwrap_or(0);
+            match rmp_serde::from_slice::<Announcement>(&message.payload) {
+                Ok(a) if matches!(a.event, CheckpointEvent::Created | CheckpointEvent::Rollback) => newest = Some(a),
+                Ok(_) => {}
                 Err(e) => tracing::warn!("an announcement on {} does not decode: {e}", message.subject),
             }
+            if pending == 0 && newest.is_some() {
+                return Ok(newest);
+            }
         }
-        Ok(None)
+        Ok(newest)
     }
 }

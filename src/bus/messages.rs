@@ -62,6 +62,12 @@ pub struct Announcement {
 }
 
 impl Announcement {
+    /// An announcement of `event` for the version `metadata` describes,
+    /// whose weights object is `bytes` long (0 when there is none).
+    pub fn new(event: CheckpointEvent, metadata: &Metadata, bytes: u64) -> Announcement {
+        Announcement { event, metadata: metadata.clone(), object: weights_object(metadata.version), bytes, from: None, to: None, reason: None }
+    }
+
     pub fn to_msgpack(&self) -> Vec<u8> {
         rmp_serde::to_vec_named(self).expect("an Announcement always serialises")
     }

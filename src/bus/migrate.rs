@@ -24,6 +24,13 @@ pub(super) const FRAMES_STREAM: &str = "WM_FRAMES";
 /// The checkpoint announcements' stream (migration 0002).
 pub(super) const CHECKPOINTS_STREAM: &str = "WM_CHECKPOINTS";
 
+/// Messages the server pushes per ingest pull request: enough to keep a
+/// group commit full, small enough that a slow store holds few of them.
+const INGEST_PULL_BATCH: usize = 1024;
+/// ... per encoder pull request: a default micro-batch (`[latents]
+/// max_batch`), so each replica holds at most about one batch unacked.
+const ENCODE_PULL_BATCH: usize = 64;
+
 /// The durable consumers that read WM_FRAMES, one per role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrameConsumer {
@@ -34,6 +41,16 @@ pub enum FrameConsumer {
 }
 
 impl FrameConsumer {
+    /// Messages each pull asks for. Ingest wants a group commit's worth;
+    /// encoders a micro-batch's, so frames spread over the replicas
+    /// instead of piling up, unacked, at the first to ask.
+    pub(super) fn pull_batch(self) -> usize {
+        match self {
+            FrameConsumer::Ingest => INGEST_PULL_BATCH,
+            FrameConsumer::Encode => ENCODE_PULL_BATCH,
+        }
+    }
+
     pub fn durable_name(self) -> &'static str {
         match self {
             FrameConsumer::Ingest => "wmvae-ingest",

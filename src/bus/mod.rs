@@ -16,6 +16,7 @@ pub mod messages;
 mod migrate;
 mod objects;
 mod publish;
+mod relay;
 pub mod service;
 
 pub use feed::{Delivery, FrameFeed, REASON_HEADER, SUBJECT_HEADER};
@@ -24,6 +25,7 @@ pub use publish::LatentPublisher;
 pub use migrate::{latest_store_schema, BusLimits, FrameConsumer, MigrationReport};
 pub use objects::CHECKPOINT_BUCKET;
 pub use publish::FramePublisher;
+pub use relay::RELAY_BYTES;
 
 use crate::config::{Config, NatsConfig};
 use anyhow::{bail, Context, Result};
@@ -85,6 +87,12 @@ impl Bus {
     /// Whether the connection to the server is up now.
     pub fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Messages stream `name` holds now.
+    pub async fn stream_len(&self, name: &str) -> Result<u64> {
+        let mut stream = self.js.get_stream(name).await.with_context(|| format!("stream {name}"))?;
+        Ok(stream.info().await.with_context(|| format!("reading stream {name}"))?.state.messages)
     }
 
     /// Disconnections since the daemon connected (each one reconnects).

@@ -53,19 +53,27 @@ impl Bus {
 /// JetStream publishes whose acks are awaited at most [`PUBLISH_WINDOW`]
 /// behind the newest: pipelining without unbounded memory.
 #[derive(Default)]
-struct AckWindow {
+pub(super) struct AckWindow {
     in_flight: VecDeque<jetstream::context::PublishAckFuture>,
 }
 
 impl AckWindow {
     /// Publishes `payload` on `subject` with `Nats-Msg-Id` = `id`, so the
     /// server drops a re-publish within its duplicate window.
-    async fn send(&mut self, js: &jetstream::Context, subject: String, id: &str, payload: Vec<u8>, stream: &str) -> Result<()> {
+    pub(super) async fn send(&mut self, js: &jetstream::Context, subject: String, id: &str, payload: Vec<u8>, stream: &str) -> Result<()> {
+        self.send_with(js, subject, id, &[], payload, stream).await
+    }
+
+    /// As [`AckWindow::send`], with more headers.
+    pub(super) async fn send_with(&mut self, js: &jetstream::Context, subject: String, id: &str, extra: &[(&str, &str)], payload: Vec<u8>, stream: &str) -> Result<()> {
         if self.in_flight.len() >= PUBLISH_WINDOW {
             self.settle_one(stream).await?;
         }
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", id);
+        for (name, value) in extra {
+            headers.insert(*name, *value);
+        }
         let ack = js.publish_with_headers(subject, headers, payload.into()).await.with_context(|| format!("publishing to {stream}"))?;
         self.in_flight.push_back(ack);
         Ok(())
@@ -79,7 +87,7 @@ impl AckWindow {
     }
 
     /// Waits until every message sent is stored.
-    async fn settle(&mut self, stream: &str) -> Result<()> {
+    pub(super) async fn settle(&mut self, stream: &str) -> Result<()> {
         while !self.in_flight.is_empty() {
             self.settle_one(stream).await?;
         }

@@ -12,14 +12,10 @@ use crate::vae::checkpoint::{Checkpoint, Metadata};
 use anyhow::{Context, Result};
 use tokio::sync::mpsc;
 
-fn announcement(event: CheckpointEvent, metadata: &Metadata, bytes: u64) -> Announcement {
-    Announcement { event, metadata: metadata.clone(), object: weights_object(metadata.version), bytes, from: None, to: None, reason: None }
-}
-
 /// Puts a version's weights in the object store, then announces it.
 async fn publish_created(bus: &Bus, checkpoint: &Checkpoint) -> Result<()> {
     bus.put_object(&weights_object(checkpoint.metadata.version), &checkpoint.weights).await?;
-    bus.announce(&announcement(CheckpointEvent::Created, &checkpoint.metadata, checkpoint.weights.len() as u64)).await
+    bus.announce(&Announcement::new(CheckpointEvent::Created, &checkpoint.metadata, checkpoint.weights.len() as u64)).await
 }
 
 /// Catches NATS up with the store after a start: versions whose weights
@@ -33,12 +29,12 @@ pub(super) async fn publish_offline_changes(bus: &Bus, store: &Store) -> Result<
     for version in published.iter().filter(|v| !stored.iter().any(|m| m.version == **v)) {
         bus.delete_object(&weights_object(*version)).await?;
         let metadata = Metadata { version: *version, ..Default::default() };
-        bus.announce(&announcement(CheckpointEvent::Deleted, &metadata, 0)).await?;
+        bus.announce(&Announcement::new(CheckpointEvent::Deleted, &metadata, 0)).await?;
     }
     for entry in registry.unannounced_history()? {
         if entry.why == Change::Rollback {
             if let Some(to) = registry.metadata(entry.to)? {
-                let mut a = announcement(CheckpointEvent::Rollback, &to, 0);
+                let mut a = Announcement::new(CheckpointEvent::Rollback, &to, 0);
                 (a.from, a.to, a.reason) = (entry.from, Some(entry.to), entry.reason.clone().or(Some("offline rollback".into())));
                 bus.announce(&a).await?;
             }
@@ -59,12 +55,12 @@ pub(super) async fn publish_events(bus: Bus, store: Store, mut events: mpsc::Rec
         let result = match event {
             Event::Created(checkpoint) => publish_created(&bus, &checkpoint).await,
             Event::Rollback { from, to, reason } => {
-                let mut a = announcement(CheckpointEvent::Rollback, &to.metadata, to.weights.len() as u64);
+                let mut a = Announcement::new(CheckpointEvent::Rollback, &to.metadata, to.weights.len() as u64);
                 (a.from, a.to, a.reason) = (from, Some(to.metadata.version), Some(reason));
                 bus.announce(&a).await
             }
             Event::Deleted(metadata) => match bus.delete_object(&weights_object(metadata.version)).await {
-                Ok(()) => bus.announce(&announcement(CheckpointEvent::Deleted, &metadata, 0)).await,
+                Ok(()) => bus.announce(&Announcement::new(CheckpointEvent::Deleted, &metadata, 0)).await,
                 Err(e) => Err(e),
             },
         };

@@ -16,7 +16,7 @@
 //! a version that was announced and can be fetched.
 
 use super::status::{EncoderState, StatusBoard};
-use crate::bus::messages::{CheckpointEvent, LatentMessage};
+use crate::bus::messages::LatentMessage;
 use crate::bus::{Bus, Delivery, FrameConsumer, LatentPublisher};
 use crate::config::Config;
 use crate::frames::preprocess::Policy;
@@ -100,19 +100,17 @@ pub fn start(bus: &Bus, config: &Config, device: Device, status: StatusBoard, sh
     Ok(Encoder { handle: EncoderHandle { queue }, task })
 }
 
-/// Follows the announcements: each newly active version's weights, fetched
-/// and checked, go to the worker; `loaded` turns true after the first.
+/// Follows the announcements: each newly active version's weights (the
+/// newest, when several came meanwhile), fetched and checked, go to the
+/// worker; `loaded` turns true after the first.
 async fn follow(bus: Bus, queue: mpsc::Sender<Work>, loaded: watch::Sender<bool>, shutdown: CancellationToken) -> Result<()> {
     let mut feed = bus.follow_announcements().await?;
     loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            next = feed.next() => next?,
+            next = feed.next_activation() => next?,
         };
         let Some(announcement) = next else { bail!("the checkpoint announcements ended") };
-        if !matches!(announcement.event, CheckpointEvent::Created | CheckpointEvent::Rollback) {
-            continue;
-        }
         let version = announcement.metadata.version;
         let Some(weights) = bus.get_object(&announcement.object).await? else {
             tracing::warn!(version, object = %announcement.object, "an announced version's weights are not in the object store; keeping the current ones");

@@ -98,6 +98,9 @@ impl Collector for Figures {
         counter(e, "auto_rollbacks", "Automatic rollbacks after divergence.", s.auto_rollbacks)?;
         counter(e, "latents_published", "Latents published.", s.latents_published)?;
         gauge(e, "active_version", "The active checkpoint version.", s.active_version.unwrap_or(0) as f64)?;
+        if let Some(version) = s.encoder_version {
+            gauge(e, "encoder_version", "The version this node's latents name now.", version as f64)?;
+        }
         gauge(e, "nats_connected", "1 while connected to NATS.", if self.bus.is_connected() { 1.0 } else { 0.0 })?;
         counter(e, "nats_reconnects", "Disconnections from NATS (each followed by a reconnect).", self.bus.disconnects())
     }

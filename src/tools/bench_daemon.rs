@@ -11,7 +11,6 @@ use crate::frames::wire::FrameMessage;
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use serde_json::{json, Value};
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -63,75 +62,114 @@ impl BenchDaemon {
     }
 }
 
-fn frame(i: u64) -> FrameMessage<'static> {
+pub(super) fn frame(i: u64) -> FrameMessage<'static> {
     let side = crate::frames::synthetic::SIDE as u32;
     let pixels = crate::frames::synthetic::render(i / FRAME_POOL % 7, i % FRAME_POOL);
     FrameMessage::rgb(format!("bench-{}", i / FRAME_POOL), i % FRAME_POOL, side, side, pixels).with_transition(vec![0.0, 1.0, 0.0], 0.1, false)
 }
 
 /// Publishes `count` frames at `rate` frames/s from `start_index`; returns
-/// each frame's (episode, step) and send time.
-async fn publish_paced(bus: &Bus, start_index: u64, count: u64, rate: f64) -> Result<HashMap<(String, u64), Instant>> {
+/// each frame's send time, in order. Frame `i` is episode `bench-{i / FRAME_POOL}`,
+/// step `i % FRAME_POOL`.
+async fn publish_paced(bus: &Bus, start_index: u64, count: u64, rate: f64) -> Result<Vec<Instant>> {
     let pool: Vec<FrameMessage> = (0..FRAME_POOL).map(frame).collect();
     let start = tokio::time::Instant::now();
-    let mut sent = HashMap::with_capacity(count as usize);
+    let mut sent = Vec::with_capacity(count as usize);
     for k in 0..count {
         tokio::time::sleep_until(start + Duration::from_secs_f64(k as f64 / rate)).await;
         let i = start_index + k;
         let mut msg = pool[(i % FRAME_POOL) as usize].clone();
         msg.episode = format!("bench-{}", i / FRAME_POOL);
-        sent.insert((msg.episode.clone(), msg.step), Instant::now());
+        sent.push(Instant::now());
         bus.publish_frame_core("bench", &msg).await?;
     }
     bus.flush().await?;
     Ok(sent)
 }
 
+/// The index of the frame `publish_paced` sent as (episode, step).
+fn frame_index(episode: &str, step: u64) -> Option<usize> {
+    let n: u64 = episode.strip_prefix("bench-")?.parse().ok()?;
+    Some((n * FRAME_POOL + step) as usize)
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// Milliseconds from each send to its receipt, sorted.
+fn latencies_ms(sent: &[Instant], received: &[(usize, Instant)]) -> Vec<f64> {
+    let mut ms: Vec<f64> = received.iter().filter_map(|(i, at)| sent.get(*i).map(|t0| (*at - *t0).as_secs_f64() * 1000.0)).collect();
+    ms.sort_by(f64::total_cmp);
+    ms
+}
+
 /// Publish → latent receipt, at `rate` frames/s for `seconds`, with the
-/// daemon in its default configuration (so it trains once min_frames is in,
-/// unless `train` is false).
+/// daemon in its default configuration but for `[train] threads = 1` (so it
+/// trains once min_frames is in, unless `train` is false). Beside it, on the
+/// same nats-server and the same frames, the floor: a bare relay
+/// (`Bus::relay`) that consumes, publishes 300 bytes and acks.
 pub async fn latency(rate: f64, seconds: f64, train: bool, nats_server: &Path) -> Result<Value> {
     let daemon = BenchDaemon::start(nats_server, |c| {
+        c.train.threads = 1;
         if !train {
             c.train.min_frames = u64::MAX;
         }
     })
     .await?;
+    let config = Config::load(None)?.latents;
+    let relay_stop = CancellationToken::new();
+    let relay = {
+        let (bus, stop) = (daemon.bus.clone(), relay_stop.clone());
+        tokio::spawn(async move { bus.relay(config.max_batch, Duration::from_millis(config.max_wait_ms), stop).await })
+    };
     let mut latents = daemon.bus.subscribe_latents("bench").await?;
+    let mut relayed = daemon.bus.subscribe_relayed().await?;
     let count = (rate * seconds) as u64;
     let bus = daemon.bus.clone();
     let publisher = tokio::spawn(async move { publish_paced(&bus, 0, count, rate).await });
-    let mut received = Vec::with_capacity(count as usize);
-    let deadline = Instant::now() + Duration::from_secs_f64(seconds + 30.0);
-    while (received.len() as u64) < count && Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_secs(5), latents.next()).await {
-            Ok(Some(latent)) => received.push(((latent.episode, latent.step), Instant::now())),
-            _ => break,
+    let (mut received, mut relayed_at) = (Vec::with_capacity(count as usize), Vec::with_capacity(count as usize));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(seconds + 30.0);
+    while (received.len() as u64) < count || (relayed_at.len() as u64) < count {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => break,
+            latent = latents.next() => match latent {
+                Some(latent) => received.extend(frame_index(&latent.episode, latent.step).map(|i| (i, Instant::now()))),
+                None => break,
+            },
+            sequence = relayed.next() => match sequence {
+                // WM_FRAMES holds only these frames: sequence k + 1 is frame k.
+                Some(sequence) => relayed_at.push((sequence as usize - 1, Instant::now())),
+                None => break,
+            },
         }
     }
     let sent = publisher.await??;
-    let mut ms: Vec<f64> = received.iter().filter_map(|(k, at)| sent.get(k).map(|t0| (*at - *t0).as_secs_f64() * 1000.0)).collect();
-    ms.sort_by(f64::total_cmp);
+    relay_stop.cancel();
+    relay.await.context("relay task")??;
+    let (latent_ms, relay_ms) = (latencies_ms(&sent, &received), latencies_ms(&sent, &relayed_at));
     let step = daemon.status().await?.step;
     daemon.stop().await?;
-    if ms.is_empty() {
-        bail!("no latents received");
+    if latent_ms.is_empty() || relay_ms.is_empty() {
+        bail!("no latents ({}) or no relayed frames ({}) received", latent_ms.len(), relay_ms.len());
     }
     Ok(json!({
         "bench": "latency",
         "rate": rate,
         "seconds": seconds,
         "frames": count,
-        "latents": ms.len(),
+        "latents": latent_ms.len(),
+        "relayed": relay_ms.len(),
         "training": train,
+        "train_threads": 1,
         "train_steps_during": step,
-        "latent_p50_ms": percentile(&ms, 0.50),
-        "latent_p99_ms": percentile(&ms, 0.99),
-        "latent_max_ms": ms[ms.len() - 1],
+        "latent_p50_ms": percentile(&latent_ms, 0.50),
+        "latent_p99_ms": percentile(&latent_ms, 0.99),
+        "latent_max_ms": latent_ms[latent_ms.len() - 1],
+        "relay_p50_ms": percentile(&relay_ms, 0.50),
+        "relay_p99_ms": percentile(&relay_ms, 0.99),
+        "relay_max_ms": relay_ms[relay_ms.len() - 1],
+        "latent_p99_over_relay_ms": percentile(&latent_ms, 0.99) - percentile(&relay_ms, 0.99),
     }))
 }
 

@@ -119,9 +119,14 @@ where
 
 /// Waits until a daemon has applied its migrations: the frame consumer exists.
 pub async fn wait_for_ingest_consumer(js: &async_nats::jetstream::Context) {
+    wait_for_consumer(js, "wmvae-ingest").await;
+}
+
+/// Waits until the durable consumer `name` on WM_FRAMES exists.
+pub async fn wait_for_consumer(js: &async_nats::jetstream::Context, name: &str) {
     wait_until(Duration::from_secs(60), "the daemon's migrations", || async {
         match js.get_stream("WM_FRAMES").await {
-            Ok(stream) => stream.get_consumer::<async_nats::jetstream::consumer::pull::Config>("wmvae-ingest").await.is_ok(),
+            Ok(stream) => stream.get_consumer::<async_nats::jetstream::consumer::pull::Config>(name).await.is_ok(),
             Err(_) => false,
         }
     })
