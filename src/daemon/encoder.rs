@@ -2,16 +2,17 @@
 //! through the durable consumer `wmvae-encode` that every encoder replica
 //! shares (each frame goes to one replica), off the trainer's commit path.
 //!
-//! Three parts. The follower reads the checkpoint announcements from the
+//! Four parts. The follower reads the checkpoint announcements from the
 //! one that named the active version on, fetches each newly active
 //! version's weights from the object store and checks their sha256 against
 //! the announcement. The fetcher pulls micro-batches of frames (bounded in
 //! size and wait by `[latents]`), but only once a version is loaded: until
 //! then the consumer stays idle. The worker thread owns the network: it
 //! decodes and checks each frame with the same code as ingest (a bad frame
-//! is terminated here without a dead letter; ingest dead-letters it),
-//! encodes, publishes the latents to WM_LATENTS with `Nats-Msg-Id`, and acks
-//! the frames only once JetStream has stored their latents. Weights switch
+//! is terminated here without a dead letter; ingest dead-letters it) and
+//! encodes; the publisher then stores the latents in WM_LATENTS with
+//! `Nats-Msg-Id` and acks the frames only once JetStream has stored them,
+//! while the worker encodes the next micro-batch. Weights switch
 //! between two micro-batches, in announcement order, so a latent names only
 //! a version that was announced and can be fetched.
 
@@ -34,6 +35,19 @@ use tokio_util::sync::CancellationToken;
 /// Micro-batches queued ahead of the worker: bounds memory (and unacked
 /// frames) when encoding falls behind; the fetcher then waits to queue.
 const QUEUE_DEPTH: usize = 4;
+/// Encoded micro-batches waiting for their latents to be stored: the worker
+/// encodes the next batch while the previous one's publishes and acks are in
+/// flight. Measured at 500 frames/s with the trainer running (2 cores):
+/// done in turn, publish and acks took 1.8 ms of every 4.1 ms a batch kept
+/// the worker busy.
+const PUBLISH_DEPTH: usize = 2;
+
+/// A micro-batch encoded: its latents, then what to ack and to terminate.
+struct Encoded {
+    latents: Vec<(String, LatentMessage)>,
+    good: Vec<Delivery>,
+    bad: Vec<Delivery>,
+}
 
 enum Work {
     /// A micro-batch of frame deliveries: a latent for each valid one.
@@ -69,21 +83,15 @@ pub struct Encoder {
 /// Starts the worker thread, the follower and the fetcher.
 pub fn start(bus: &Bus, config: &Config, device: Device, status: StatusBoard, shutdown: CancellationToken) -> Result<Encoder> {
     let (queue, incoming) = mpsc::channel(QUEUE_DEPTH);
-    let worker = Worker {
-        net: Network::new(device, config.vae()),
-        vae: config.vae(),
-        version: None,
-        publisher: bus.latent_publisher(),
-        policy: config.ingest.preprocess,
-        status: status.clone(),
-        runtime: tokio::runtime::Builder::new_current_thread().enable_all().build()?,
-    };
+    let (encoded, to_publish) = mpsc::channel(PUBLISH_DEPTH);
+    let worker = Worker { net: Network::new(device, config.vae()), vae: config.vae(), version: None, policy: config.ingest.preprocess, status: status.clone(), encoded };
     status.update(|s| s.encoder_state = Some(EncoderState::WaitingForVersion));
     let thread = std::thread::Builder::new().name("wmvae-encoder".into()).spawn(move || worker.run(incoming))?;
     let (loaded, ready) = watch::channel(false);
     let max_wait = Duration::from_millis(config.latents.max_wait_ms);
     let follower = follow(bus.clone(), queue.clone(), loaded, shutdown.clone());
     let fetcher = fetch(bus.clone(), queue.clone(), ready, config.latents.max_batch, max_wait, shutdown.clone());
+    let publisher = publish(bus.latent_publisher(), to_publish, status);
     let task = tokio::spawn(async move {
         // Either part failing stops the whole daemon, with its reason.
         let stop_on_error = |result: Result<()>| {
@@ -92,10 +100,11 @@ pub fn start(bus: &Bus, config: &Config, device: Device, status: StatusBoard, sh
             }
             result
         };
-        let (followed, fetched) = tokio::join!(async { stop_on_error(follower.await) }, async { stop_on_error(fetcher.await) });
-        // The worker drains its queue and stops once every handle is dropped.
+        // The worker drains its queue and stops once every handle is
+        // dropped; the publisher, once the worker has stopped.
+        let (followed, fetched, published) = tokio::join!(async { stop_on_error(follower.await) }, async { stop_on_error(fetcher.await) }, async { stop_on_error(publisher.await) });
         tokio::task::spawn_blocking(move || thread.join()).await?.map_err(|_| anyhow!("the encoder thread panicked"))?;
-        followed.context("encoder: following the announcements").and(fetched.context("encoder: fetching frames"))
+        followed.context("encoder: following the announcements").and(fetched.context("encoder: fetching frames")).and(published.context("encoder: publishing latents"))
     });
     Ok(Encoder { handle: EncoderHandle { queue }, task })
 }
@@ -143,15 +152,47 @@ async fn fetch(bus: Bus, queue: mpsc::Sender<Work>, mut ready: watch::Receiver<b
     Ok(())
 }
 
+/// Stores each encoded micro-batch's latents in WM_LATENTS, then acks its
+/// frames (bad ones terminated). A batch whose latents are not stored is
+/// not acked: its frames are redelivered after `ack_wait`.
+async fn publish(mut publisher: LatentPublisher, mut encoded: mpsc::Receiver<Encoded>, status: StatusBoard) -> Result<()> {
+    while let Some(Encoded { latents, good, bad }) = encoded.recv().await {
+        let stored: Result<()> = async {
+            for (source, latent) in &latents {
+                publisher.send(source, latent).await?;
+            }
+            publisher.settle().await?;
+            for delivery in &good {
+                delivery.ack().await?;
+            }
+            for delivery in &bad {
+                delivery.terminate().await?;
+            }
+            Ok(())
+        }
+        .await;
+        match stored {
+            Ok(()) => {
+                status.update(|s| s.latents_published += latents.len() as u64);
+                for delivery in &good {
+                    status.latent_latency().observe(delivery.received_at.elapsed());
+                }
+            }
+            Err(e) => tracing::error!("latents for {} frames not stored; the frames will be redelivered: {e:#}", good.len()),
+        }
+    }
+    Ok(())
+}
+
 /// The worker thread's state: the network and the version it holds.
 struct Worker {
     net: Network,
     vae: VaeConfig,
     version: Option<u64>,
-    publisher: LatentPublisher,
     policy: Policy,
     status: StatusBoard,
-    runtime: tokio::runtime::Runtime,
+    /// Where encoded micro-batches go to be stored and acked.
+    encoded: mpsc::Sender<Encoded>,
 }
 
 impl Worker {
@@ -162,12 +203,14 @@ impl Worker {
                 Work::Encode(frame, reply) => {
                     let _ = reply.send(self.encode(std::slice::from_ref(&frame)).map(|mut latents| latents.remove(0)));
                 }
-                Work::Frames(batch) => {
-                    let n = batch.len();
-                    if let Err(e) = self.latents_for(batch) {
-                        tracing::error!("latents for {n} frames not published; the frames will be redelivered: {e:#}");
+                Work::Frames(batch) => match self.latents_for(batch) {
+                    Ok(encoded) => {
+                        if self.encoded.blocking_send(encoded).is_err() {
+                            return; // the publisher stopped: the daemon is going down
+                        }
                     }
-                }
+                    Err(e) => tracing::error!("a micro-batch was not encoded; its frames will be redelivered: {e:#}"),
+                },
             }
         }
     }
@@ -207,9 +250,8 @@ impl Worker {
             .collect())
     }
 
-    /// Decodes a micro-batch, publishes a latent per valid frame, waits for
-    /// JetStream to store them, then acks; bad frames are terminated.
-    fn latents_for(&mut self, batch: Vec<Delivery>) -> Result<()> {
+    /// Decodes and encodes a micro-batch: a latent per valid frame.
+    fn latents_for(&self, batch: Vec<Delivery>) -> Result<Encoded> {
         let (mut frames, mut good, mut bad) = (Vec::new(), Vec::new(), Vec::new());
         for delivery in batch {
             match wire::decode_frame(&delivery.source, &delivery.payload, self.policy) {
@@ -221,24 +263,7 @@ impl Worker {
             }
         }
         let latents = if frames.is_empty() { Vec::new() } else { self.encode(&frames)? };
-        let publisher = &mut self.publisher;
-        self.runtime.block_on(async {
-            for (frame, latent) in frames.iter().zip(&latents) {
-                publisher.send(&frame.source, latent).await?;
-            }
-            publisher.settle().await?;
-            for delivery in &good {
-                delivery.ack().await?;
-            }
-            for delivery in &bad {
-                delivery.terminate().await?;
-            }
-            anyhow::Ok(())
-        })?;
-        self.status.update(|s| s.latents_published += latents.len() as u64);
-        for delivery in &good {
-            self.status.latent_latency().observe(delivery.received_at.elapsed());
-        }
-        Ok(())
+        let latents = frames.into_iter().map(|f| f.source).zip(latents).collect();
+        Ok(Encoded { latents, good, bad })
     }
 }
