@@ -2,7 +2,7 @@
 //! registry and text format. Most figures live elsewhere already (the
 //! store's counters, the status board, the bus's connection), so a
 //! [`Collector`] reads them at each scrape; the one series measured here is
-//! the receive-to-latent latency histogram, which the latent worker feeds.
+//! the receive-to-latent latency histogram, which the encoder feeds.
 //! Series names are pinned (dashboards depend on them). Reads only.
 
 use super::status::StatusBoard;

@@ -3,7 +3,7 @@
 //! bytes. Frames come in as uint8 bytes (64x64x3 each) and results go out
 //! as numbers, bytes and PNGs, so callers never hold a tensor.
 //!
-//! Used by the trainer, the latent worker, the CLI and the benches. Owns tch
+//! Used by the trainer, the encoder, the CLI and the benches. Owns tch
 //! tensors, so an instance lives on one thread; it does no I/O itself.
 
 use crate::vae::adam::{Adam, AdamConfig};
