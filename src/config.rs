@@ -42,6 +42,8 @@ pub struct Config {
 pub struct NatsConfig {
     /// Server URL(s), comma-separated; credentials never go in here.
     pub url: String,
+    /// `num_replicas` of every stream, the object store and the KV buckets.
+    pub replicas: usize,
     /// First token of every subject: `<prefix>.frames.<source>`, ...
     pub prefix: String,
     /// At most one way to authenticate: `user` + `password`, `token`,
@@ -167,6 +169,16 @@ pub struct ServeConfig {
 pub struct NodeConfig {
     /// This node's name among several ("" for a single node).
     pub id: String,
+    /// The training lease lapses this long after its last renewal.
+    pub lease_ttl_secs: u64,
+}
+
+impl NodeConfig {
+    /// Who holds the lease, as its value says: the node id, or this
+    /// machine's hostname when there is none.
+    pub fn holder(&self) -> String {
+        if self.id.is_empty() { hostname() } else { self.id.clone() }
+    }
 }
 
 /// The roles of one `wmvae serve` process, written `trainer`, `encoder` or
@@ -330,6 +342,15 @@ impl Config {
             bail!("nats.prefix must be one subject token (no '.', '*', '>' or spaces)");
         }
         self.nats.validate()?;
+        if !(1..=5).contains(&self.nats.replicas) {
+            bail!("nats.replicas must be in 1..=5 (JetStream's limit)");
+        }
+        if self.node.lease_ttl_secs < 3 {
+            bail!("node.lease_ttl_secs must be at least 3 (renewed every third of it)");
+        }
+        if self.node.id.contains(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_')) {
+            bail!("node.id may hold only letters, digits, '-' and '_' (it names a consumer)");
+        }
         if !(self.serve.roles.trainer || self.serve.roles.encoder) {
             bail!("serve.roles must name at least one role: trainer, encoder");
         }

@@ -99,12 +99,14 @@ pub fn default_actor() -> String {
 
 /// Builds and stores a new active version from foreign weights (strict
 /// names and shapes: a bad file changes nothing), with fresh Adam state.
-pub fn import(store: &Store, weights_bytes: &[u8], origin: &str, config: &Config, by: &str, reason: Option<&str>) -> Result<Checkpoint> {
+/// `version` is the number allocated across nodes (the daemon's), or None
+/// for the store's next (offline).
+pub fn import(store: &Store, version: Option<u64>, weights_bytes: &[u8], origin: &str, config: &Config, by: &str, reason: Option<&str>) -> Result<Checkpoint> {
     let mut learner = Learner::new(Device::Cpu, config.vae(), config.adam());
     learner.load_safetensors(weights_bytes, origin)?;
     let parent = store.registry().active_version()?;
     let metadata = Metadata { parent, created_at: now_rfc3339(), config: serde_json::to_value(config)?, ..Default::default() };
-    store.registry().add(|version| learner.snapshot(Metadata { version, ..metadata }), Change::Import, by, reason)
+    store.registry().add(version, |version| learner.snapshot(Metadata { version, ..metadata }), Change::Import, by, reason)
 }
 
 /// Checks that safetensors `bytes` fit the model (strict names, shapes and
@@ -134,7 +136,7 @@ mod tests {
     /// A version with placeholder bytes and `eval_loss`, made active.
     fn add(store: &Store, eval_loss: f64) -> u64 {
         let make = |version| Ok(Checkpoint::new(Metadata { version, eval_loss: Some(eval_loss), ..Default::default() }, vec![1; 4], vec![]));
-        store.registry().add(make, Change::Trained, "test", None).unwrap().metadata.version
+        store.registry().add(None, make, Change::Trained, "test", None).unwrap().metadata.version
     }
 
     #[test]
@@ -178,13 +180,13 @@ mod tests {
         add(&store, 3.0);
         let good = Network::new(Device::Cpu, config.vae()).weights_bytes().unwrap();
         // A bad file changes nothing and says which file.
-        let err = format!("{:#}", import(&store, &good[..good.len() / 2], "half.safetensors", &config, "me", None).unwrap_err());
+        let err = format!("{:#}", import(&store, None, &good[..good.len() / 2], "half.safetensors", &config, "me", None).unwrap_err());
         assert!(err.contains("half.safetensors"), "{err}");
         assert!(check_weights(b"not safetensors", "junk", &config).is_err());
         assert_eq!(store.registry().active_version().unwrap(), Some(1));
         // A good one becomes the next version, active, its parent the version before.
         check_weights(&good, "good", &config).unwrap();
-        let imported = import(&store, &good, "good.safetensors", &config, "me", Some("trained elsewhere")).unwrap();
+        let imported = import(&store, None, &good, "good.safetensors", &config, "me", Some("trained elsewhere")).unwrap();
         assert_eq!((imported.metadata.version, imported.metadata.parent), (2, Some(1)));
         assert_eq!(imported.weights, good);
         assert_eq!(store.registry().active_version().unwrap(), Some(2));
@@ -195,7 +197,7 @@ mod tests {
     fn recon_png_draws_stored_frames_over_their_reconstructions() {
         let (_dir, store, config) = setup();
         let weights = Network::new(Device::Cpu, config.vae()).weights_bytes().unwrap();
-        store.registry().add(|version| Ok(Checkpoint::new(Metadata { version, ..Default::default() }, weights.clone(), vec![])), Change::Initial, "test", None).unwrap();
+        store.registry().add(None, |version| Ok(Checkpoint::new(Metadata { version, ..Default::default() }, weights.clone(), vec![])), Change::Initial, "test", None).unwrap();
         let err = format!("{:#}", recon_png(&store, 1, &config).unwrap_err());
         assert!(err.contains("no frames"), "{err}");
         let stored: Vec<Frame> = (0..3)

@@ -274,10 +274,9 @@ async fn offline_commands_and_pickup_at_start() {
         assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     }
 
-    // The daemon starts: it announces the offline rollback and trains on from v2.
-    // The daemon starts: it publishes the offline import, removes and
-    // announces the offline delete, announces the offline rollback, and
-    // trains on from v2.
+    // The daemon starts: it publishes the offline import, announces the
+    // offline rollback, and trains on from v2. It deletes no object: start-up
+    // only adds what the bucket lacks (the bucket may hold another node's).
     let daemon = Daemon::start(&nats.url, d, FAST);
     publish(&js, 50, 2, 25).await;
     wait_until(Duration::from_secs(120), "the offline changes announced and a trained version", || async {
@@ -288,9 +287,9 @@ async fn offline_commands_and_pickup_at_start() {
     let events = announcements(&js).await;
     let rollback = events.iter().find(|a| a.event == CheckpointEvent::Rollback).unwrap();
     assert_eq!((rollback.to, rollback.reason.as_deref()), (Some(2), Some("offline fix")));
-    assert!(events.iter().any(|a| a.event == CheckpointEvent::Deleted && a.metadata.version == 3));
+    assert!(!events.iter().any(|a| a.event == CheckpointEvent::Deleted && a.metadata.version == 3));
     assert!(events.iter().any(|a| a.event == CheckpointEvent::Created && a.metadata.version == imported));
-    assert!(bucket.get("vae/v3.safetensors").await.is_err(), "the deleted version's object is gone");
+    assert!(bucket.get("vae/v3.safetensors").await.is_ok(), "start-up deletes no object");
     let next = events.iter().find(|a| a.event == CheckpointEvent::Created && a.metadata.version > imported).unwrap();
     assert_eq!(next.metadata.parent, Some(2));
     assert!(daemon.terminate().success());

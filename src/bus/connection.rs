@@ -58,7 +58,8 @@ where
     let mut attempts = 0u32;
     loop {
         attempts += 1;
-        let error = match make().await?.connect(&config.url).await {
+        let servers: Vec<&str> = config.url.split(',').map(str::trim).collect();
+        let error = match make().await?.connect(servers.as_slice()).await {
             Ok(client) => return Ok(client),
             Err(error) => error,
         };

@@ -55,8 +55,9 @@ pub struct FrameFeed {
 impl Bus {
     /// A durable frame consumer (after `migrate`).
     pub async fn frame_feed(&self, which: FrameConsumer) -> Result<FrameFeed> {
+        self.ensure_consumer(&which).await?;
         let stream = self.js.get_stream(FRAMES_STREAM).await.with_context(|| format!("stream {FRAMES_STREAM} (run wmvae migrate)"))?;
-        let consumer = stream.get_consumer(which.durable_name()).await.map_err(|e| anyhow!("consumer {}: {e}", which.durable_name()))?;
+        let consumer = stream.get_consumer(&which.durable_name()).await.map_err(|e| anyhow!("consumer {}: {e}", which.durable_name()))?;
         Ok(FrameFeed::over(consumer, self.subject("frames."), which.pull_batch()))
     }
 

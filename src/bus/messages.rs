@@ -59,18 +59,27 @@ pub struct Announcement {
     pub to: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The lease epoch of the leader that made the change (0 before leases).
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 impl Announcement {
     /// An announcement of `event` for the version `metadata` describes,
     /// whose weights object is `bytes` long (0 when there is none).
     pub fn new(event: CheckpointEvent, metadata: &Metadata, bytes: u64) -> Announcement {
-        Announcement { event, metadata: metadata.clone(), object: weights_object(metadata.version), bytes, from: None, to: None, reason: None }
+        Announcement { event, metadata: metadata.clone(), object: weights_object(metadata.version), bytes, from: None, to: None, reason: None, epoch: 0 }
     }
 
     pub fn to_msgpack(&self) -> Vec<u8> {
         rmp_serde::to_vec_named(self).expect("an Announcement always serialises")
     }
+}
+
+/// Object-store name of a version's full checkpoint (the envelope: weights,
+/// optimizer state, metadata), from which another node resumes.
+pub fn checkpoint_envelope_object(version: u64) -> String {
+    format!("vae/v{version}.checkpoint")
 }
 
 /// Object-store name of a version's weights.

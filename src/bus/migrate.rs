@@ -18,11 +18,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("0003_checkpoint_chunks.toml", include_str!("../../migrations/0003_checkpoint_chunks.toml")),
     ("0004_frame_chunks.toml", include_str!("../../migrations/0004_frame_chunks.toml")),
     ("0005_encoder.toml", include_str!("../../migrations/0005_encoder.toml")),
+    ("0006_cluster.toml", include_str!("../../migrations/0006_cluster.toml")),
 ];
 /// The frame stream (migration 0001).
 pub(super) const FRAMES_STREAM: &str = "WM_FRAMES";
-/// The checkpoint announcements' stream (migration 0002).
-pub(super) const CHECKPOINTS_STREAM: &str = "WM_CHECKPOINTS";
 
 /// Messages the server pushes per ingest pull request: enough to keep a
 /// group commit full, small enough that a slow store holds few of them.
@@ -31,11 +30,15 @@ const INGEST_PULL_BATCH: usize = 1024;
 /// max_batch`), so each replica holds at most about one batch unacked.
 const ENCODE_PULL_BATCH: usize = 64;
 
-/// The durable consumers that read WM_FRAMES, one per role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The durable consumers that read WM_FRAMES.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FrameConsumer {
-    /// `wmvae-ingest` (migration 0001): the trainer's replay buffer.
+    /// `wmvae-ingest` (migration 0001): a single trainer node's replay buffer.
     Ingest,
+    /// `wmvae-ingest-<node id>`: trainer node `<node id>`'s, made like
+    /// `wmvae-ingest` when the node first starts, so every trainer node
+    /// (leader and standbys) keeps its own buffer current.
+    IngestFor(String),
     /// `wmvae-encode` (migration 0005): shared by the encoder replicas.
     Encode,
 }
@@ -44,17 +47,26 @@ impl FrameConsumer {
     /// Messages each pull asks for. Ingest wants a group commit's worth;
     /// encoders a micro-batch's, so frames spread over the replicas
     /// instead of piling up, unacked, at the first to ask.
-    pub(super) fn pull_batch(self) -> usize {
+    pub(super) fn pull_batch(&self) -> usize {
         match self {
-            FrameConsumer::Ingest => INGEST_PULL_BATCH,
+            FrameConsumer::Ingest | FrameConsumer::IngestFor(_) => INGEST_PULL_BATCH,
             FrameConsumer::Encode => ENCODE_PULL_BATCH,
         }
     }
 
-    pub fn durable_name(self) -> &'static str {
+    /// The ingest consumer of the trainer node `[node] id` (none: `wmvae-ingest`).
+    pub fn ingest(node_id: &str) -> FrameConsumer {
+        match node_id {
+            "" => FrameConsumer::Ingest,
+            id => FrameConsumer::IngestFor(id.to_string()),
+        }
+    }
+
+    pub fn durable_name(&self) -> String {
         match self {
-            FrameConsumer::Ingest => "wmvae-ingest",
-            FrameConsumer::Encode => "wmvae-encode",
+            FrameConsumer::Ingest => "wmvae-ingest".into(),
+            FrameConsumer::IngestFor(id) => format!("wmvae-ingest-{id}"),
+            FrameConsumer::Encode => "wmvae-encode".into(),
         }
     }
 }
@@ -71,6 +83,18 @@ struct Migration {
     consumer: Vec<ConsumerDef>,
     #[serde(default)]
     object_store: Vec<ObjectStoreDef>,
+    #[serde(default)]
+    kv: Vec<KvDef>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KvDef {
+    bucket: String,
+    description: String,
+    /// The lease bucket: one value a key, its max age the lease TTL, expiry
+    /// shown as a purge marker.
+    lease: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,6 +156,10 @@ pub struct BusLimits {
     pub latents_max_age_secs: u64,
     /// ... and at most this many bytes.
     pub latents_max_bytes: i64,
+    /// `num_replicas` of everything (`[nats] replicas`).
+    pub replicas: usize,
+    /// The training lease's TTL (`[node] lease_ttl_secs`).
+    pub lease_ttl_secs: u64,
 }
 
 
@@ -143,6 +171,8 @@ impl BusLimits {
             max_ack_pending: config.ingest.max_ack_pending,
             latents_max_age_secs: config.latents.stream_max_age_secs,
             latents_max_bytes: config.latents.stream_max_bytes,
+            replicas: config.nats.replicas,
+            lease_ttl_secs: config.node.lease_ttl_secs,
         }
     }
 }
@@ -159,6 +189,10 @@ impl Bus {
             for def in &migration.object_store {
                 self.apply_object_store(def).await?;
                 report.streams.push(format!("OBJ_{}", def.bucket));
+            }
+            for def in &migration.kv {
+                self.apply_kv(def).await?;
+                report.streams.push(format!("KV_{}", def.bucket));
             }
             for def in &migration.consumer {
                 self.apply_consumer(def).await?;
@@ -190,6 +224,7 @@ impl Bus {
             max_messages: -1,
             max_messages_per_subject: -1,
             duplicate_window: Duration::from_secs(def.duplicate_window_secs),
+            num_replicas: self.limits.replicas,
             metadata: HashMap::from([(MIGRATION_METADATA_KEY.to_string(), version.to_string())]),
             ..Default::default()
         };
@@ -199,16 +234,61 @@ impl Bus {
 
     async fn apply_object_store(&self, def: &ObjectStoreDef) -> Result<()> {
         if self.js.get_object_store(&def.bucket).await.is_ok() {
-            return Ok(());
+            return self.apply_replicas(&format!("OBJ_{}", def.bucket), None).await;
         }
         let config = jetstream::object_store::Config {
             bucket: def.bucket.clone(),
             description: Some(def.description.clone()),
             storage: stream::StorageType::File,
+            num_replicas: self.limits.replicas,
             ..Default::default()
         };
         self.js.create_object_store(config).await.with_context(|| format!("creating object store {}", def.bucket))?;
         Ok(())
+    }
+
+    async fn apply_kv(&self, def: &KvDef) -> Result<()> {
+        let max_age = if def.lease { Duration::from_secs(self.limits.lease_ttl_secs) } else { Duration::ZERO };
+        if self.js.get_key_value(&def.bucket).await.is_ok() {
+            return self.apply_replicas(&format!("KV_{}", def.bucket), Some(max_age)).await;
+        }
+        let config = jetstream::kv::Config {
+            bucket: def.bucket.clone(),
+            description: def.description.clone(),
+            history: 1,
+            max_age,
+            storage: stream::StorageType::File,
+            num_replicas: self.limits.replicas,
+            limit_markers: def.lease.then_some(max_age),
+            ..Default::default()
+        };
+        self.js.create_key_value(config).await.with_context(|| format!("creating KV bucket {}", def.bucket))?;
+        Ok(())
+    }
+
+    /// Brings an existing stream (a bucket's) to the configured replicas
+    /// and, when given, max age: an update in place, never a re-create.
+    async fn apply_replicas(&self, name: &str, max_age: Option<Duration>) -> Result<()> {
+        let mut stream = self.js.get_stream(name).await.with_context(|| format!("stream {name}"))?;
+        let mut config = stream.info().await.with_context(|| format!("reading stream {name}"))?.config.clone();
+        if config.num_replicas == self.limits.replicas && max_age.is_none_or(|age| config.max_age == age) {
+            return Ok(());
+        }
+        config.num_replicas = self.limits.replicas;
+        if let Some(age) = max_age {
+            config.max_age = age;
+        }
+        self.js.update_stream(config).await.with_context(|| format!("updating stream {name}"))?;
+        Ok(())
+    }
+
+    /// Makes a node's own consumer (`IngestFor`) like the migrations' ones;
+    /// the others exist once `migrate` ran.
+    pub(super) async fn ensure_consumer(&self, which: &FrameConsumer) -> Result<()> {
+        match which {
+            FrameConsumer::IngestFor(_) => self.apply_consumer(&ConsumerDef { stream: FRAMES_STREAM.into(), durable: which.durable_name() }).await,
+            FrameConsumer::Ingest | FrameConsumer::Encode => Ok(()),
+        }
     }
 
     async fn apply_consumer(&self, def: &ConsumerDef) -> Result<()> {
@@ -241,9 +321,10 @@ mod tests {
     fn migrations_define_the_frame_stream_and_its_consumer() {
         let all = super::migrations().unwrap();
         assert!(all.iter().flat_map(|m| &m.stream).any(|s| s.name == super::FRAMES_STREAM));
-        for consumer in [super::FrameConsumer::Ingest, super::FrameConsumer::Encode] {
+        for consumer in [super::FrameConsumer::ingest(""), super::FrameConsumer::Encode] {
             assert!(all.iter().flat_map(|m| &m.consumer).any(|c| c.stream == super::FRAMES_STREAM && c.durable == consumer.durable_name()));
         }
-        assert!(all.iter().flat_map(|m| &m.stream).any(|s| s.name == super::CHECKPOINTS_STREAM));
+        let buckets: Vec<&str> = all.iter().flat_map(|m| &m.kv).map(|k| k.bucket.as_str()).collect();
+        assert_eq!(buckets, ["wm-lease", "wm-meta"], "the buckets bus::kv opens");
     }
 }

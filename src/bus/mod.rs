@@ -1,7 +1,7 @@
 //! Everything NATS, the only folder that touches async-nats: the
 //! connection ([`Bus`], `connection.rs`), the migrations of streams,
 //! consumers and buckets (`migrate.rs`), the frame feed and dead letters
-//! (`feed.rs`), following the announcements (`follow.rs`), publishing
+//! (`feed.rs`), the KV buckets nodes agree through (`kv`), publishing
 //! frames, latents and announcements (`publish.rs`),
 //! the checkpoint object bucket (`objects.rs`), the control service
 //! (`service.rs`) and the messages' schemas ([`messages`]).
@@ -11,7 +11,7 @@
 
 mod connection;
 mod feed;
-mod follow;
+pub mod kv;
 pub mod messages;
 mod migrate;
 mod objects;
@@ -20,7 +20,6 @@ mod relay;
 pub mod service;
 
 pub use feed::{Delivery, FrameFeed, REASON_HEADER, SUBJECT_HEADER};
-pub use follow::AnnouncementFeed;
 pub use publish::LatentPublisher;
 pub use migrate::{latest_store_schema, BusLimits, FrameConsumer, MigrationReport};
 pub use objects::CHECKPOINT_BUCKET;

@@ -4,6 +4,8 @@
 //! HTTP-like code. What each endpoint does is `daemon::control`'s.
 
 use super::Bus;
+use anyhow::Context;
+use std::collections::HashMap;
 use crate::config::Roles;
 use anyhow::{anyhow, Result};
 use bytes::Bytes;
@@ -65,17 +67,15 @@ impl Endpoint {
         Endpoint::Import,
     ];
 
-    /// The endpoints a node with `roles` serves: `status` always, `encode`
-    /// on an encoder, the buffer's and the checkpoints' on a trainer.
+    /// The endpoints every node with `roles` serves: `status`, and `encode`
+    /// on an encoder.
     pub fn served_by(roles: Roles) -> Vec<Endpoint> {
-        Endpoint::ALL
-            .into_iter()
-            .filter(|e| match e {
-                Endpoint::Status => true,
-                Endpoint::Encode => roles.encoder,
-                _ => roles.trainer,
-            })
-            .collect()
+        Endpoint::ALL.into_iter().filter(|e| *e == Endpoint::Status || (*e == Endpoint::Encode && roles.encoder)).collect()
+    }
+
+    /// The endpoints only the leading trainer serves: the buffer's and the checkpoints'.
+    pub fn leader_only() -> Vec<Endpoint> {
+        Endpoint::ALL.into_iter().filter(|e| !matches!(e, Endpoint::Status | Endpoint::Encode)).collect()
     }
 
     /// The name under `<prefix>.ctl.`.
@@ -97,6 +97,20 @@ impl Endpoint {
     }
 }
 
+/// Service metadata keys naming a node.
+const NODE_ID_KEY: &str = "node_id";
+const ROLES_KEY: &str = "roles";
+/// How long [`Bus::service_nodes`] listens for pongs: a local or LAN
+/// server answers in milliseconds.
+const DISCOVERY_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A node as the service's metadata names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub id: String,
+    pub roles: Roles,
+}
+
 /// A handler's answer: the reply's bytes or a service error.
 pub type Reply = Pin<Box<dyn Future<Output = Result<Vec<u8>, ServiceError>> + Send>>;
 /// (endpoint, request payload) to a reply.
@@ -107,12 +121,16 @@ impl Bus {
     /// endpoint of `endpoints` under `<prefix>.ctl.`, until `shutdown`.
     /// Each request's payload goes to `handler` with its endpoint; errors
     /// become service errors carrying their code and text.
-    pub async fn serve_control(&self, handler: Handler, endpoints: &[Endpoint], shutdown: CancellationToken) -> Result<()> {
+    /// `node` (this node's id and roles) is the instance's metadata, so
+    /// [`Bus::service_nodes`] finds it.
+    pub async fn serve_control(&self, handler: Handler, endpoints: &[Endpoint], node: &NodeInfo, shutdown: CancellationToken) -> Result<()> {
         use async_nats::service::ServiceExt;
+        let metadata = HashMap::from([(NODE_ID_KEY.to_string(), node.id.clone()), (ROLES_KEY.to_string(), node.roles.to_string())]);
         let service = self
             .client
             .service_builder()
             .description("World Models VAE trainer: status, encode, checkpoints")
+            .metadata(metadata)
             .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
             .await
             .map_err(|e| anyhow!("starting the {SERVICE_NAME} service: {e}"))?;
@@ -139,6 +157,32 @@ impl Bus {
         while tasks.join_next().await.is_some() {}
         service.stop().await.map_err(|e| anyhow!("stopping the service: {e}"))?;
         Ok(())
+    }
+
+    /// The running `wmvae` service instances that answer a ping within
+    /// [`DISCOVERY_WAIT`], each with its node's id and roles.
+    pub async fn service_nodes(&self) -> Result<Vec<NodeInfo>> {
+        let inbox = self.client.new_inbox();
+        let mut replies = self.client.subscribe(inbox.clone()).await.context("subscribing for service pings")?;
+        self.client.publish_with_reply(format!("$SRV.PING.{SERVICE_NAME}"), inbox, Bytes::new()).await.context("pinging the service")?;
+        let mut nodes = Vec::new();
+        let deadline = tokio::time::sleep(DISCOVERY_WAIT);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => return Ok(nodes),
+                reply = replies.next() => match reply {
+                    Some(reply) => {
+                        let Ok(pong) = serde_json::from_slice::<async_nats::service::PingResponse>(&reply.payload) else { continue };
+                        let roles = pong.metadata.get(ROLES_KEY).and_then(|r| r.parse().ok());
+                        if let Some(roles) = roles {
+                            nodes.push(NodeInfo { id: pong.metadata.get(NODE_ID_KEY).cloned().unwrap_or_default(), roles });
+                        }
+                    }
+                    None => return Ok(nodes),
+                },
+            }
+        }
     }
 
     /// A request to a control endpoint (`<prefix>.ctl.<endpoint>`); a

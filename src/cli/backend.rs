@@ -175,7 +175,7 @@ impl Backend {
                 let request = CheckpointRequest { version: None, by: Some(by.into()), reason: reason.map(str::to_string), object: Some(object) };
                 ask(bus, Endpoint::Import, &request).await
             }
-            Backend::Offline(store, _) => Ok(versions::import(store, bytes, origin, config, by, reason)?.metadata),
+            Backend::Offline(store, _) => Ok(versions::import(store, None, bytes, origin, config, by, reason)?.metadata),
         }
     }
 

@@ -1,66 +1,107 @@
-//! Checkpoint events out to NATS: a created version's weights to the
-//! object store, then its announcement; rollbacks and deletions announced;
-//! and at start, NATS caught up with what changed in the store while it
-//! was away. Runs on the daemon's runtime; the trainer hands it [`Event`]s.
-//! It decides nothing about versions: the registry already holds them.
+//! Checkpoint events out to NATS: a created version's weights and full
+//! checkpoint to the object store, its announcement, then `active` moved to
+//! it by compare-and-set under the leader's epoch; rollbacks and deletions
+//! likewise; and when a node starts leading, NATS caught up with what its
+//! store holds. Runs on the daemon's runtime; the trainer hands it
+//! [`Event`]s. It decides nothing about versions: the registry holds them.
 
+use super::lease::Lease;
 use super::trainer::Event;
-use crate::bus::messages::{weights_object, Announcement, CheckpointEvent};
+use crate::bus::kv::{Active, Conflict, Shared};
+use crate::bus::messages::{checkpoint_envelope_object, weights_object, Announcement, CheckpointEvent};
 use crate::bus::Bus;
 use crate::store::{Change, Store};
 use crate::vae::checkpoint::{Checkpoint, Metadata};
-use anyhow::{Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use tokio::sync::mpsc;
 
-/// Puts a version's weights in the object store, then announces it.
-async fn publish_created(bus: &Bus, checkpoint: &Checkpoint) -> Result<()> {
-    bus.put_object(&weights_object(checkpoint.metadata.version), &checkpoint.weights).await?;
-    bus.announce(&Announcement::new(CheckpointEvent::Created, &checkpoint.metadata, checkpoint.weights.len() as u64)).await
+/// Puts a version's weights and full checkpoint in the object store, then
+/// announces it under `epoch`.
+async fn publish_created(bus: &Bus, checkpoint: &Checkpoint, epoch: u64) -> Result<()> {
+    let version = checkpoint.metadata.version;
+    bus.put_object(&weights_object(version), &checkpoint.weights).await?;
+    bus.put_object(&checkpoint_envelope_object(version), &checkpoint.to_bytes()?).await?;
+    let mut announcement = Announcement::new(CheckpointEvent::Created, &checkpoint.metadata, checkpoint.weights.len() as u64);
+    announcement.epoch = epoch;
+    bus.announce(&announcement).await
 }
 
-/// Catches NATS up with the store after a start: versions whose weights
-/// are not in the object store yet (written while NATS was away, or
-/// imported offline) are published; objects of versions deleted offline are
-/// removed and announced; rollbacks made offline are announced.
-pub(super) async fn publish_offline_changes(bus: &Bus, store: &Store) -> Result<()> {
+/// Catches NATS up with the store when this node starts leading: versions
+/// whose objects are not in the object store yet (written while NATS was
+/// away, or imported offline) are published, rollbacks made offline are
+/// announced. It only adds: objects it does not know are left alone (they
+/// may be another node's).
+pub(super) async fn publish_offline_changes(bus: &Bus, store: &Store, epoch: u64) -> Result<()> {
     let registry = store.registry();
     let published = bus.object_versions().await?;
-    let stored = registry.list()?;
-    for version in published.iter().filter(|v| !stored.iter().any(|m| m.version == **v)) {
-        bus.delete_object(&weights_object(*version)).await?;
-        let metadata = Metadata { version: *version, ..Default::default() };
-        bus.announce(&Announcement::new(CheckpointEvent::Deleted, &metadata, 0)).await?;
-    }
     for entry in registry.unannounced_history()? {
         if entry.why == Change::Rollback {
             if let Some(to) = registry.metadata(entry.to)? {
                 let mut a = Announcement::new(CheckpointEvent::Rollback, &to, 0);
-                (a.from, a.to, a.reason) = (entry.from, Some(entry.to), entry.reason.clone().or(Some("offline rollback".into())));
+                (a.from, a.to, a.reason, a.epoch) = (entry.from, Some(entry.to), entry.reason.clone().or(Some("offline rollback".into())), epoch);
                 bus.announce(&a).await?;
             }
         }
     }
-    for metadata in stored {
+    for metadata in registry.list()? {
         if !published.contains(&metadata.version) {
             let checkpoint = registry.get(metadata.version)?.with_context(|| format!("checkpoint v{} vanished", metadata.version))?;
-            publish_created(bus, &checkpoint).await?;
+            publish_created(bus, &checkpoint, epoch).await?;
         }
     }
     registry.mark_history_announced()
 }
 
-/// Publishes the trainer's events in order until the trainer is gone.
-pub(super) async fn publish_events(bus: Bus, store: Store, mut events: mpsc::Receiver<Event>) {
+/// Makes `version` the cluster's active one under `epoch`, by
+/// compare-and-set from the value last seen; refused (and this node's
+/// leadership given up) when a newer epoch set it or another node moved it.
+async fn activate(shared: &Shared, lease: &Lease, metadata: &Metadata, epoch: u64) -> Result<()> {
+    let seen = shared.active().await?;
+    if let Some((active, _)) = &seen {
+        if active.epoch > epoch {
+            lease.lose();
+            bail!("v{} not made active: a newer leader (epoch {}) set the active version", metadata.version, active.epoch);
+        }
+    }
+    let active = Active { version: metadata.version, sha256: metadata.sha256.clone(), epoch };
+    if let Err(e) = shared.set_active(&active, seen.map(|(_, revision)| revision)).await {
+        if e.downcast_ref::<Conflict>().is_some() {
+            lease.lose();
+        }
+        return Err(e).with_context(|| format!("making v{} active", metadata.version));
+    }
+    Ok(())
+}
+
+/// The trainer's events, in order, until the trainer is gone. A version is
+/// made active only while this node still leads under the event's epoch;
+/// then it is announced, then made active (encoders switch on that).
+pub(super) async fn publish_events(bus: Bus, store: Store, shared: Shared, lease: Lease, mut events: mpsc::Receiver<Event>) {
     while let Some(event) = events.recv().await {
         let result = match event {
-            Event::Created(checkpoint) => publish_created(&bus, &checkpoint).await,
-            Event::Rollback { from, to, reason } => {
-                let mut a = Announcement::new(CheckpointEvent::Rollback, &to.metadata, to.weights.len() as u64);
-                (a.from, a.to, a.reason) = (from, Some(to.metadata.version), Some(reason));
-                bus.announce(&a).await
-            }
+            Event::Created { checkpoint, epoch } => match lease.epoch() == Some(epoch) {
+                true => match publish_created(&bus, &checkpoint, epoch).await {
+                    Ok(()) => activate(&shared, &lease, &checkpoint.metadata, epoch).await,
+                    Err(e) => Err(e),
+                },
+                false => Err(anyhow!("v{} not published: this node no longer leads (epoch {epoch})", checkpoint.metadata.version)),
+            },
+            Event::Rollback { from, to, reason, epoch } => match lease.epoch() == Some(epoch) {
+                true => {
+                    let mut a = Announcement::new(CheckpointEvent::Rollback, &to.metadata, to.weights.len() as u64);
+                    (a.from, a.to, a.reason, a.epoch) = (from, Some(to.metadata.version), Some(reason), epoch);
+                    match bus.announce(&a).await {
+                        Ok(()) => activate(&shared, &lease, &to.metadata, epoch).await,
+                        Err(e) => Err(e),
+                    }
+                }
+                false => Err(anyhow!("the rollback to v{} not announced: this node no longer leads (epoch {epoch})", to.metadata.version)),
+            },
             Event::Deleted(metadata) => match bus.delete_object(&weights_object(metadata.version)).await {
-                Ok(()) => bus.announce(&Announcement::new(CheckpointEvent::Deleted, &metadata, 0)).await,
+                Ok(()) => match bus.delete_object(&checkpoint_envelope_object(metadata.version)).await {
+                    Ok(()) => bus.announce(&Announcement::new(CheckpointEvent::Deleted, &metadata, 0)).await,
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e),
             },
         };
@@ -69,4 +110,3 @@ pub(super) async fn publish_events(bus: Bus, store: Store, mut events: mpsc::Rec
         }
     }
 }
-

@@ -48,13 +48,15 @@ impl Trainer {
         self.active = to.clone();
         self.status.update(|s| s.active_version = Some(version));
         let reason = reason.unwrap_or_else(|| why.to_string());
-        self.events.blocking_send(Event::Rollback { from, to, reason }).context("daemon event queue closed")?;
+        let epoch = self.leading()?;
+        self.events.blocking_send(Event::Rollback { from, to, reason, epoch }).context("daemon event queue closed")?;
         Ok(from)
     }
 
     /// A foreign model becomes the next version, active, with fresh Adam state.
     fn import(&mut self, weights: &[u8], origin: &str, by: &str, reason: Option<&str>) -> Result<Metadata> {
-        let checkpoint = Arc::new(versions::import(&self.store, weights, origin, &self.config, by, reason)?);
+        let version = self.allocate_version()?;
+        let checkpoint = Arc::new(versions::import(&self.store, Some(version), weights, origin, &self.config, by, reason)?);
         self.learner.restore(&checkpoint)?;
         let metadata = checkpoint.metadata.clone();
         self.adopt(checkpoint)?;

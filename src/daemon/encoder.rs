@@ -2,10 +2,10 @@
 //! through the durable consumer `wmvae-encode` that every encoder replica
 //! shares (each frame goes to one replica), off the trainer's commit path.
 //!
-//! Four parts. The follower reads the checkpoint announcements from the
-//! one that named the active version on, fetches each newly active
-//! version's weights from the object store and checks their sha256 against
-//! the announcement. The fetcher pulls micro-batches of frames (bounded in
+//! Four parts. The follower watches the cluster's active version (`wm-meta`
+//! `active`, which the leader moves after announcing), fetches each newly
+//! active version's weights from the object store and checks their sha256
+//! against it. The fetcher pulls micro-batches of frames (bounded in
 //! size and wait by `[latents]`), but only once a version is loaded: until
 //! then the consumer stays idle. The worker thread owns the network: it
 //! decodes and checks each frame with the same code as ingest (a bad frame
@@ -13,11 +13,12 @@
 //! encodes; the publisher then stores the latents in WM_LATENTS with
 //! `Nats-Msg-Id` and acks the frames only once JetStream has stored them,
 //! while the worker encodes the next micro-batch. Weights switch
-//! between two micro-batches, in announcement order, so a latent names only
-//! a version that was announced and can be fetched.
+//! between two micro-batches, in the order `active` moved, so a latent names
+//! only a version that was announced and can be fetched.
 
 use super::status::{EncoderState, StatusBoard};
-use crate::bus::messages::LatentMessage;
+use crate::bus::messages::{weights_object, LatentMessage};
+use futures::StreamExt;
 use crate::bus::{Bus, Delivery, FrameConsumer, LatentPublisher};
 use crate::config::Config;
 use crate::frames::preprocess::Policy;
@@ -109,24 +110,32 @@ pub fn start(bus: &Bus, config: &Config, device: Device, status: StatusBoard, sh
     Ok(Encoder { handle: EncoderHandle { queue }, task })
 }
 
-/// Follows the announcements: each newly active version's weights (the
-/// newest, when several came meanwhile), fetched and checked, go to the
-/// worker; `loaded` turns true after the first.
+/// Follows the cluster's active version (`wm-meta` `active`, moved by the
+/// leader after it announced the version): each newly active version's
+/// weights (the newest, when several came meanwhile), fetched and checked
+/// against the sha256 `active` names, go to the worker; `loaded` turns true
+/// after the first. An announcement alone moves nothing: a former leader's
+/// can't reach the encoders.
 async fn follow(bus: Bus, queue: mpsc::Sender<Work>, loaded: watch::Sender<bool>, shutdown: CancellationToken) -> Result<()> {
-    let mut feed = bus.follow_announcements().await?;
+    let shared = bus.shared().await?;
+    let mut updates = Box::pin(shared.watch_active().await?);
     loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            next = feed.next_activation() => next?,
+            next = updates.next() => next,
         };
-        let Some(announcement) = next else { bail!("the checkpoint announcements ended") };
-        let version = announcement.metadata.version;
-        let Some(weights) = bus.get_object(&announcement.object).await? else {
-            tracing::warn!(version, object = %announcement.object, "an announced version's weights are not in the object store; keeping the current ones");
+        let Some(update) = next else { bail!("the watch of the active version ended") };
+        let (active, newer) = update?;
+        if newer > 0 {
+            continue;
+        }
+        let version = active.version;
+        let Some(weights) = bus.get_object(&weights_object(version)).await? else {
+            tracing::warn!(version, "the active version's weights are not in the object store; keeping the current ones");
             continue;
         };
-        if sha256_hex(&weights) != announcement.metadata.sha256 {
-            tracing::error!(version, "the object store's weights do not match the announced sha256; keeping the current ones");
+        if sha256_hex(&weights) != active.sha256 {
+            tracing::error!(version, "the object store's weights do not match the active version's sha256; keeping the current ones");
             continue;
         }
         if queue.send(Work::Switch { version, weights }).await.is_err() {

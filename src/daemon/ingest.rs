@@ -73,8 +73,9 @@ struct Prepared {
 /// (the store's group commit, then acks). The next batch is prepared while
 /// the current one commits; at most `PIPELINE_DEPTH + 3` batches are in
 /// memory (queued, preparing, prepared, committing).
-pub async fn run(bus: Bus, store: Store, config: IngestConfig, shutdown: CancellationToken) -> Result<()> {
-    let mut feed = bus.frame_feed(FrameConsumer::Ingest).await?;
+/// Frames come through this node's own consumer (`node_id`'s).
+pub async fn run(bus: Bus, store: Store, config: IngestConfig, node_id: String, shutdown: CancellationToken) -> Result<()> {
+    let mut feed = bus.frame_feed(FrameConsumer::ingest(&node_id)).await?;
     let (batches, mut incoming) = tokio::sync::mpsc::channel::<Vec<Delivery>>(PIPELINE_DEPTH);
     let (ready, mut prepared) = tokio::sync::mpsc::channel::<Prepared>(1);
     let max_wait = Duration::from_millis(config.batch_max_wait_ms);

@@ -15,9 +15,11 @@ pub mod encoder;
 pub mod guard;
 pub mod http;
 pub mod ingest;
+pub mod lease;
 pub mod metrics;
 pub mod sampler;
 pub mod status;
+pub mod takeover;
 pub mod trainer;
 
 use crate::bus::Bus;
@@ -30,10 +32,12 @@ use crate::daemon::trainer::Trainer;
 use crate::vae::device::{self, Device};
 use crate::store::Change;
 
-use crate::bus::service::Endpoint;
+use crate::bus::service::{Endpoint, Handler, NodeInfo};
+use lease::Lease;
 use control::Command;
 use encoder::Encoder;
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use std::time::Duration;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -42,6 +46,8 @@ use tokio_util::sync::CancellationToken;
 /// Checkpoint events queued for publishing: a handful; the trainer makes a
 /// version every `checkpoint_every_steps`, far slower than they publish.
 const EVENT_QUEUE: usize = 16;
+/// How often leader-only serving looks at the lease: well under a TTL.
+const LEASE_POLL: Duration = Duration::from_millis(200);
 /// Operator commands waiting for the trainer: operators are few.
 const COMMAND_QUEUE: usize = 16;
 
@@ -71,7 +77,7 @@ fn resume_or_start(config: &Config, store: &Store, device: Device) -> Result<(Le
         return Ok((learner, Arc::new(checkpoint)));
     }
     let metadata = Metadata { created_at: now_rfc3339(), config: serde_json::to_value(config)?, ..Default::default() };
-    let checkpoint = store.registry().add(|version| learner.snapshot(Metadata { version, ..metadata }), Change::Initial, "wmvae", None)?;
+    let checkpoint = store.registry().add(None, |version| learner.snapshot(Metadata { version, ..metadata }), Change::Initial, "wmvae", None)?;
     tracing::info!(version = checkpoint.metadata.version, "initial weights written");
     Ok((learner, Arc::new(checkpoint)))
 }
@@ -80,9 +86,13 @@ fn resume_or_start(config: &Config, store: &Store, device: Device) -> Result<(Le
 struct TrainerRole {
     store: Store,
     commands: mpsc::Sender<Command>,
+    lease: Lease,
     ingest: JoinHandle<Result<()>>,
     thread: std::thread::JoinHandle<Result<()>>,
     publisher: JoinHandle<()>,
+    contender: JoinHandle<Result<()>>,
+    /// Stops contending for the lease (and releases it), last.
+    lease_stop: CancellationToken,
 }
 
 /// Cancels `shutdown` when `result` is an error, so one part failing stops
@@ -94,18 +104,35 @@ fn stop_on_error<T>(result: Result<T>, shutdown: &CancellationToken) -> Result<T
     result
 }
 
+/// Refuses a second trainer node with this node's id (or, both without
+/// one, a second single-node trainer) on the same NATS: they would split
+/// one consumer's frames.
+async fn refuse_twin(bus: &Bus, node_id: &str) -> Result<()> {
+    let twins = bus.service_nodes().await?.into_iter().filter(|n| n.roles.trainer && n.id == node_id).count();
+    if twins > 0 {
+        let named = if node_id.is_empty() { "without a [node] id".to_string() } else { format!("with [node] id {node_id:?}") };
+        bail!("another trainer node {named} already runs on this NATS; give each trainer node its own [node] id (WMVAE_NODE__ID)");
+    }
+    Ok(())
+}
+
 impl TrainerRole {
-    /// Resumes (or starts) the learner, catches NATS up with the store, and
-    /// starts ingest, the trainer thread and the checkpoint publisher.
+    /// Resumes (or starts) the learner from the store, then starts ingest
+    /// through this node's own consumer, contending for the lease, the
+    /// trainer thread (which trains only while leading) and the checkpoint
+    /// publisher.
     async fn start(config: &Config, bus: &Bus, store: &Store, device: Device, status: &StatusBoard, shutdown: &CancellationToken) -> Result<TrainerRole> {
+        refuse_twin(bus, &config.node.id).await?;
         let (learner, active) = {
             let (config, store) = (config.clone(), store.clone());
             tokio::task::spawn_blocking(move || resume_or_start(&config, &store, device)).await??
         };
-        announce::publish_offline_changes(bus, store).await?;
+        let shared = bus.shared().await?;
+        let lease_stop = CancellationToken::new();
+        let (lease, contender) = lease::start(shared.clone(), config.node.holder(), Duration::from_secs(config.node.lease_ttl_secs), lease_stop.clone());
         let (events, event_queue) = mpsc::channel(EVENT_QUEUE);
         let (commands, command_queue) = mpsc::channel(COMMAND_QUEUE);
-        let publisher = tokio::spawn(announce::publish_events(bus.clone(), store.clone(), event_queue));
+        let publisher = tokio::spawn(announce::publish_events(bus.clone(), store.clone(), shared.clone(), lease.clone(), event_queue));
         let trainer = Trainer {
             config: config.clone(),
             store: store.clone(),
@@ -115,25 +142,57 @@ impl TrainerRole {
             status: status.clone(),
             commands: command_queue,
             shutdown: shutdown.clone(),
+            lease: lease.clone(),
+            shared,
+            bus: bus.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            epoch: None,
         };
         let stop = shutdown.clone();
         let thread = std::thread::Builder::new().name("wmvae-trainer".into()).spawn(move || stop_on_error(trainer.run(), &stop))?;
-        let (bus, store_for_ingest, ingest_config, stop) = (bus.clone(), store.clone(), config.ingest.clone(), shutdown.clone());
-        let ingest = tokio::spawn(async move { stop_on_error(ingest::run(bus, store_for_ingest, ingest_config, stop.clone()).await, &stop) });
-        Ok(TrainerRole { store: store.clone(), commands, ingest, thread, publisher })
+        let (bus, store_for_ingest, ingest_config, node_id, stop) = (bus.clone(), store.clone(), config.ingest.clone(), config.node.id.clone(), shutdown.clone());
+        let ingest = tokio::spawn(async move { stop_on_error(ingest::run(bus, store_for_ingest, ingest_config, node_id, stop.clone()).await, &stop) });
+        Ok(TrainerRole { store: store.clone(), commands, lease, ingest, thread, publisher, contender, lease_stop })
     }
 
     /// After shutdown: ingest's batches in flight committed and acked, the
-    /// last checkpoint written, every checkpoint event published.
+    /// last checkpoint written, every checkpoint event published, then the
+    /// lease released so a standby takes over at once.
     async fn finish(self) -> Result<()> {
         let ingested = self.ingest.await.context("ingest task")?;
         let trained = tokio::task::spawn_blocking(move || self.thread.join()).await?.map_err(|_| anyhow!("the trainer thread panicked"))?;
         drop(self.commands);
         self.publisher.await.context("checkpoint publisher")?;
+        self.lease_stop.cancel();
+        let contended = self.contender.await.context("lease task")?;
         self.store.flush()?;
         tracing::info!("store flushed");
-        ingested.context("ingest").and(trained.context("trainer"))
+        ingested.context("ingest").and(trained.context("trainer")).and(contended.context("lease"))
     }
+}
+
+/// Serves the leader-only endpoints (checkpoints, buffer) while this node
+/// leads; a standby does not answer them, so every request reaches the leader.
+async fn serve_while_leading(bus: Bus, handler: Handler, node: NodeInfo, lease: Lease, shutdown: CancellationToken) -> Result<()> {
+    while !shutdown.is_cancelled() {
+        if lease.epoch().is_none() {
+            tokio::select! { _ = shutdown.cancelled() => break, _ = tokio::time::sleep(LEASE_POLL) => continue }
+        }
+        let leading = shutdown.child_token();
+        let watcher = {
+            let (lease, leading) = (lease.clone(), leading.clone());
+            tokio::spawn(async move {
+                while lease.epoch().is_some() && !leading.is_cancelled() {
+                    tokio::time::sleep(LEASE_POLL).await;
+                }
+                leading.cancel();
+            })
+        };
+        bus.serve_control(handler.clone(), &Endpoint::leader_only(), &node, leading.clone()).await?;
+        leading.cancel();
+        watcher.await.context("lease watcher")?;
+    }
+    Ok(())
 }
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
@@ -162,16 +221,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         true => Some(encoder::start(&bus, &config, device, status.clone(), shutdown.clone())?),
         false => None,
     };
+    let node = NodeInfo { id: config.node.id.clone(), roles };
+    let context = control::Context {
+        status: status.clone(),
+        bus: bus.clone(),
+        config: config.clone(),
+        encoder: encoder.as_ref().map(|e| e.handle.clone()),
+        trainer: trainer.as_ref().map(|t| control::TrainerSide { store: t.store.clone(), commands: t.commands.clone() }),
+    };
+    let handler = control::handler(context);
     let control = tokio::spawn({
-        let context = control::Context {
-            status: status.clone(),
-            bus: bus.clone(),
-            config: config.clone(),
-            encoder: encoder.as_ref().map(|e| e.handle.clone()),
-            trainer: trainer.as_ref().map(|t| control::TrainerSide { store: t.store.clone(), commands: t.commands.clone() }),
-        };
-        let (bus, handler, shutdown) = (bus.clone(), control::handler(context), shutdown.clone());
-        async move { stop_on_error(bus.serve_control(handler, &Endpoint::served_by(roles), shutdown.clone()).await, &shutdown) }
+        let (bus, handler, node, shutdown) = (bus.clone(), handler.clone(), node.clone(), shutdown.clone());
+        async move { stop_on_error(bus.serve_control(handler, &Endpoint::served_by(roles), &node, shutdown.clone()).await, &shutdown) }
+    });
+    let leader_control = trainer.as_ref().map(|t| {
+        let (bus, lease, shutdown) = (bus.clone(), t.lease.clone(), shutdown.clone());
+        tokio::spawn(async move { stop_on_error(serve_while_leading(bus, handler, node, lease, shutdown.clone()).await, &shutdown) })
     });
     let http = if config.http.addr.is_empty() {
         None
@@ -184,11 +249,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
 
     // Every part runs until the shutdown signal; the first to fail sends it.
     shutdown.cancelled().await;
+    let controlled = control.await.context("control task")?;
+    let controlled = match leader_control {
+        Some(task) => controlled.and(task.await.context("leader control task")?),
+        None => controlled,
+    };
     let trained = match trainer {
         Some(trainer) => trainer.finish().await,
         None => Ok(()),
     };
-    let controlled = control.await.context("control task")?;
     let served = match http {
         Some(task) => task.await.context("HTTP task")?,
         None => Ok(()),

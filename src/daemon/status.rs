@@ -45,6 +45,10 @@ pub enum TrainerState {
     Training,
     #[serde(rename = "stopping")]
     Stopping,
+    /// Another trainer node holds the lease: this one keeps its buffer
+    /// current and waits to take over.
+    #[serde(rename = "standby")]
+    Standby,
 }
 
 impl TrainerState {
@@ -55,6 +59,7 @@ impl TrainerState {
             TrainerState::Throttled => "throttled",
             TrainerState::Training => "training",
             TrainerState::Stopping => "stopping",
+            TrainerState::Standby => "standby",
         }
     }
 }
@@ -99,6 +104,11 @@ pub struct Status {
     pub encoder_state: Option<EncoderState>,
     /// The version the encoder's latents name now.
     pub encoder_version: Option<u64>,
+    /// A trainer node: whether it holds the training lease ("leader") or
+    /// waits ("standby"); null elsewhere.
+    pub lease: Option<String>,
+    /// The lease epoch this node trains under (leaders only).
+    pub epoch: Option<u64>,
     pub step: i64,
     pub active_version: Option<u64>,
     pub buffer_frames: u64,

@@ -11,6 +11,9 @@
 
 use super::control::Command;
 use super::guard::{DivergenceGuard, LossWindow};
+use super::lease::Lease;
+use crate::bus::kv::Shared;
+use crate::bus::Bus;
 use super::sampler::Sampler;
 use super::status::{StatusBoard, TrainerState};
 use crate::config::{Config, TrainConfig};
@@ -28,12 +31,15 @@ const EVAL_BATCHES: usize = 4;
 /// How long the loop sleeps while it waits for frames or is throttled.
 const IDLE_PAUSE: Duration = Duration::from_millis(50);
 
-/// NATS work the trainer hands to the daemon, in order.
+/// NATS work the trainer hands to the daemon, in order. `epoch` is the
+/// lease under which the trainer made the change: the announcer makes a
+/// version active only while this node still leads under it.
 pub enum Event {
-    /// Put the weights in the object store and announce.
-    Created(Arc<Checkpoint>),
-    /// Announce a rollback to `to` (from version `from`).
-    Rollback { from: Option<u64>, to: Arc<Checkpoint>, reason: String },
+    /// Put the weights and the full checkpoint in the object store, make the
+    /// version active (compare-and-set) and announce.
+    Created { checkpoint: Arc<Checkpoint>, epoch: u64 },
+    /// Make `to` active again and announce the rollback (from version `from`).
+    Rollback { from: Option<u64>, to: Arc<Checkpoint>, reason: String, epoch: u64 },
     /// Remove the weights from the object store and announce.
     Deleted(Metadata),
 }
@@ -49,6 +55,15 @@ pub struct Trainer {
     pub status: StatusBoard,
     pub commands: mpsc::Receiver<Command>,
     pub shutdown: CancellationToken,
+    /// Whether this node leads training, and under which epoch.
+    pub lease: Lease,
+    /// The cluster's shared state (active version, version numbers) and
+    /// object store, reached from this thread through `runtime`.
+    pub shared: Shared,
+    pub bus: Bus,
+    pub runtime: tokio::runtime::Handle,
+    /// The epoch this trainer took over under (None: not leading).
+    pub epoch: Option<u64>,
 }
 
 /// The state of one run of training from the active version: reset when
@@ -88,6 +103,15 @@ impl Trainer {
         let sampler = Sampler::start(self.store.clone(), Split::Train, cfg.batch_size, cfg.min_frames)?;
         self.status.update(|s| (s.step, s.active_version) = (self.learner.steps(), Some(self.active.metadata.version)));
         while !self.shutdown.is_cancelled() {
+            // Leadership: a standby keeps its buffer current and waits; a new epoch takes over.
+            let Some(epoch) = self.lease.epoch() else {
+                self.stand_by();
+                continue;
+            };
+            if self.epoch != Some(epoch) {
+                self.take_over(epoch)?;
+                run = Run::from(&self.active, &cfg);
+            }
             // Operator commands between two steps; new weights start a new run.
             if self.run_commands() {
                 run = Run::from(&self.active, &cfg);
@@ -121,7 +145,7 @@ impl Trainer {
         }
         self.status.update(|s| s.state = Some(TrainerState::Stopping));
         drop(sampler);
-        if run.since_checkpoint.steps > 0 {
+        if run.since_checkpoint.steps > 0 && self.lease.epoch().is_some() {
             self.checkpoint(&mut run)?;
         }
         Ok(())
@@ -213,8 +237,9 @@ impl Trainer {
             sha256: String::new(),
             config: serde_json::to_value(&self.config)?,
         };
+        let version = self.allocate_version()?;
         let learner = &self.learner;
-        let checkpoint = self.store.registry().add(|version| learner.snapshot(Metadata { version, ..metadata }), Change::Trained, "wmvae", None)?;
+        let checkpoint = self.store.registry().add(Some(version), |version| learner.snapshot(Metadata { version, ..metadata }), Change::Trained, "wmvae", None)?;
         let m = &checkpoint.metadata;
         tracing::info!(version = m.version, parent = ?m.parent, step = m.step, eval_loss = ?m.eval_loss, "checkpoint");
         self.adopt(Arc::new(checkpoint))?;
@@ -228,7 +253,8 @@ impl Trainer {
     /// A new version, already active in the store, goes out: to the object
     /// store, then announced (encoders switch to it on the announcement).
     pub(super) fn adopt(&mut self, checkpoint: Arc<Checkpoint>) -> Result<()> {
-        self.events.blocking_send(Event::Created(checkpoint.clone())).context("daemon event queue closed")?;
+        let epoch = self.leading()?;
+        self.events.blocking_send(Event::Created { checkpoint: checkpoint.clone(), epoch }).context("daemon event queue closed")?;
         let version = checkpoint.metadata.version;
         self.active = checkpoint;
         self.status.update(|s| s.active_version = Some(version));

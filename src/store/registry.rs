@@ -71,6 +71,10 @@ pub enum Change {
     /// Weights trained elsewhere.
     #[serde(rename = "import")]
     Import,
+    /// A new leader's store catching up with the active version (from the
+    /// object store's full checkpoint).
+    #[serde(rename = "takeover")]
+    Takeover,
 }
 
 impl Change {
@@ -81,6 +85,7 @@ impl Change {
             Change::Rollback => "rollback",
             Change::AutoRollback => "automatic rollback on divergence",
             Change::Import => "import",
+            Change::Takeover => "takeover",
         }
     }
 }
@@ -152,12 +157,22 @@ impl Registry {
         Ok(from)
     }
 
+    /// The number the next version gets when none is `given` to [`Registry::add`].
+    pub fn next_free(&self) -> Result<u64> {
+        Ok(self.counter("next_version")?.unwrap_or(1))
+    }
+
     /// Stores a new version built by `make` (given its number) and makes it
-    /// the active one with a history entry. Atomic and flushed before it
-    /// returns.
-    pub fn add(&self, make: impl FnOnce(u64) -> Result<Checkpoint>, why: Change, by: &str, reason: Option<&str>) -> Result<Checkpoint> {
+    /// the active one with a history entry. The number is `given` (allocated
+    /// across nodes, never below [`Registry::next_free`]) or the registry's
+    /// next. Atomic and flushed before it returns.
+    pub fn add(&self, given: Option<u64>, make: impl FnOnce(u64) -> Result<Checkpoint>, why: Change, by: &str, reason: Option<&str>) -> Result<Checkpoint> {
         let _guard = self.lock.lock().unwrap();
-        let version = self.counter("next_version")?.unwrap_or(1);
+        let next = self.next_free()?;
+        let version = given.unwrap_or(next);
+        if version < next {
+            bail!("v{version} is below this store's next version number v{next}: numbers are never reused");
+        }
         let checkpoint = make(version)?;
         if checkpoint.metadata.version != version {
             bail!("checkpoint built as v{} but v{version} was allocated", checkpoint.metadata.version);
@@ -307,7 +322,7 @@ mod tests {
             let metadata = Metadata { version, eval_loss: Some(eval_loss), ..Default::default() };
             Ok(Checkpoint::new(metadata, vec![version as u8; 8], vec![]))
         };
-        s.add(make, Change::Trained, "wmvae", None).unwrap().metadata.version
+        s.add(None, make, Change::Trained, "wmvae", None).unwrap().metadata.version
     }
 
     #[test]
@@ -352,7 +367,7 @@ mod tests {
         let s = st.registry();
         let weights: Vec<u8> = (0..3 * CHUNK_BYTES + 17).map(|i| (i % 251) as u8).collect();
         let make = |version| Ok(Checkpoint::new(Metadata { version, ..Default::default() }, weights.clone(), vec![1, 2, 3]));
-        assert_eq!(s.add(make, Change::Trained, "wmvae", None).unwrap().metadata.version, 1);
+        assert_eq!(s.add(None, make, Change::Trained, "wmvae", None).unwrap().metadata.version, 1);
         add(s, 1.0);
         assert!(s.tree.scan_prefix(key(b'V', 1)).count() > 3);
         let back = s.get(1).unwrap().unwrap();

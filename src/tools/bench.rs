@@ -156,7 +156,7 @@ pub async fn ingest(frames: u64, nats_server: &std::path::Path) -> Result<Value>
     let store = Store::open(dir.path(), config.buffer)?;
     let shutdown = CancellationToken::new();
     let start = Instant::now();
-    let task = tokio::spawn(crate::daemon::ingest::run(bus.clone(), store.clone(), config.ingest.clone(), shutdown.clone()));
+    let task = tokio::spawn(crate::daemon::ingest::run(bus.clone(), store.clone(), config.ingest.clone(), String::new(), shutdown.clone()));
     // A cheap counter: stats() walks the store's files and would steal CPU from what is measured.
     while store.frames_ingested() < frames {
         if task.is_finished() {

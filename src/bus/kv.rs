@@ -1,0 +1,182 @@
+//! The KV buckets several nodes agree through: `wm-lease` (the training
+//! lease: key `trainer`, value the holder) and `wm-meta` (`active`: the
+//! active version, moved only by compare-and-set; `next_version`: version
+//! numbers unique across nodes). Compare-and-set is JetStream's (a KV
+//! `update` with the revision last seen); who may do what is the daemon's
+//! decision, not this module's.
+
+use super::Bus;
+use anyhow::{anyhow, bail, Context, Result};
+use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+const LEASE_BUCKET: &str = "wm-lease";
+const LEASE_KEY: &str = "trainer";
+const META_BUCKET: &str = "wm-meta";
+const ACTIVE_KEY: &str = "active";
+const NEXT_VERSION_KEY: &str = "next_version";
+
+/// The value of `wm-meta`'s `active`: what every node encodes with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Active {
+    pub version: u64,
+    /// The weights' sha256 (hex), as announced.
+    pub sha256: String,
+    /// The lease revision of the leader that set it.
+    pub epoch: u64,
+}
+
+/// A compare-and-set that lost: someone else wrote the key since.
+#[derive(Debug)]
+pub struct Conflict(pub &'static str);
+
+impl std::fmt::Display for Conflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} was changed by another node", self.0)
+    }
+}
+
+impl std::error::Error for Conflict {}
+
+/// What a watcher of the lease sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseEvent {
+    /// Held by this holder.
+    Held(String),
+    /// Released, expired or purged: free to take.
+    Free,
+}
+
+/// The lease and meta buckets (after `migrate`).
+#[derive(Clone)]
+pub struct Shared {
+    lease: kv::Store,
+    meta: kv::Store,
+}
+
+impl Bus {
+    pub async fn shared(&self) -> Result<Shared> {
+        let lease = self.js.get_key_value(LEASE_BUCKET).await.with_context(|| format!("KV bucket {LEASE_BUCKET} (run wmvae migrate)"))?;
+        let meta = self.js.get_key_value(META_BUCKET).await.with_context(|| format!("KV bucket {META_BUCKET} (run wmvae migrate)"))?;
+        Ok(Shared { lease, meta })
+    }
+}
+
+impl Shared {
+    /// Takes the lease for `holder` if nobody holds it: Some(its revision).
+    pub async fn acquire(&self, holder: &str) -> Result<Option<u64>> {
+        match self.lease.create(LEASE_KEY, Bytes::from(holder.to_string())).await {
+            Ok(revision) => Ok(Some(revision)),
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(None),
+            Err(e) => Err(anyhow!("taking the lease: {e}")),
+        }
+    }
+
+    /// Renews a held lease: its new revision, or [`Conflict`] when it is
+    /// not ours any more (expired, taken, deleted).
+    pub async fn renew(&self, holder: &str, revision: u64) -> Result<u64> {
+        match self.lease.update(LEASE_KEY, Bytes::from(holder.to_string()), revision).await {
+            Ok(revision) => Ok(revision),
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Err(Conflict("the lease").into()),
+            Err(e) => Err(anyhow!("renewing the lease: {e}")),
+        }
+    }
+
+    /// Gives a held lease up, so a standby takes over at once.
+    pub async fn release(&self, revision: u64) -> Result<()> {
+        self.lease.delete_expect_revision(LEASE_KEY, Some(revision)).await.map_err(|e| anyhow!("releasing the lease: {e}"))
+    }
+
+    /// Who holds the lease now (as this server's replica sees it).
+    pub async fn holder(&self) -> Result<Option<String>> {
+        let entry = self.lease.entry(LEASE_KEY).await.map_err(|e| anyhow!("reading the lease: {e}"))?;
+        Ok(entry.filter(|e| e.operation == Operation::Put).map(|e| String::from_utf8_lossy(&e.value).into_owned()))
+    }
+
+    /// The lease's changes as they happen, starting with its state now.
+    pub async fn watch_lease(&self) -> Result<impl futures::Stream<Item = Result<LeaseEvent>>> {
+        let watch = self.lease.watch_with_history(LEASE_KEY).await.map_err(|e| anyhow!("watching the lease: {e}"))?;
+        Ok(watch.map(|entry| {
+            let entry = entry.map_err(|e| anyhow!("watching the lease: {e}"))?;
+            Ok(match entry.operation {
+                Operation::Put => LeaseEvent::Held(String::from_utf8_lossy(&entry.value).into_owned()),
+                Operation::Delete | Operation::Purge => LeaseEvent::Free,
+            })
+        }))
+    }
+
+    /// [`Shared::active`] for a thread outside the runtime.
+    pub fn active_blocking(&self, runtime: &tokio::runtime::Handle) -> Result<Option<(Active, u64)>> {
+        runtime.block_on(self.active())
+    }
+
+    /// The active version and the revision of its key, if one was set.
+    pub async fn active(&self) -> Result<Option<(Active, u64)>> {
+        let Some(entry) = self.meta.entry(ACTIVE_KEY).await.map_err(|e| anyhow!("reading {ACTIVE_KEY}: {e}"))? else { return Ok(None) };
+        if entry.operation != Operation::Put {
+            return Ok(None);
+        }
+        let active = serde_json::from_slice(&entry.value).with_context(|| format!("{META_BUCKET}/{ACTIVE_KEY} does not decode"))?;
+        Ok(Some((active, entry.revision)))
+    }
+
+    /// The active version as it changes, starting with its value now, each
+    /// with how many later changes are already stored (a follower that fell
+    /// behind skips to the newest).
+    pub async fn watch_active(&self) -> Result<impl futures::Stream<Item = Result<(Active, u64)>>> {
+        let watch = self.meta.watch_with_history(ACTIVE_KEY).await.map_err(|e| anyhow!("watching {ACTIVE_KEY}: {e}"))?;
+        Ok(watch.filter_map(|entry| async move {
+            match entry {
+                Err(e) => Some(Err(anyhow!("watching {ACTIVE_KEY}: {e}"))),
+                Ok(entry) if entry.operation == Operation::Put => {
+                    Some(serde_json::from_slice(&entry.value).map(|a| (a, entry.delta)).with_context(|| format!("{META_BUCKET}/{ACTIVE_KEY} does not decode")))
+                }
+                Ok(_) => None,
+            }
+        }))
+    }
+
+    /// Moves `active` by compare-and-set from `seen` (the revision last
+    /// read; None when the key was never set): its new revision, or
+    /// [`Conflict`] when another node moved it meanwhile.
+    pub async fn set_active(&self, active: &Active, seen: Option<u64>) -> Result<u64> {
+        let value = Bytes::from(serde_json::to_vec(active)?);
+        let written = match seen {
+            Some(revision) => self.meta.update(ACTIVE_KEY, value, revision).await.map_err(|e| match e.kind() {
+                UpdateErrorKind::WrongLastRevision => Conflict("the active version").into(),
+                _ => anyhow!("moving {ACTIVE_KEY}: {e}"),
+            }),
+            None => self.meta.create(ACTIVE_KEY, value).await.map_err(|e| match e.kind() {
+                CreateErrorKind::AlreadyExists => Conflict("the active version").into(),
+                _ => anyhow!("setting {ACTIVE_KEY}: {e}"),
+            }),
+        };
+        written
+    }
+
+    /// A version number no node had or will have: the first free one at
+    /// or after `at_least`, taken by compare-and-set on `next_version`.
+    pub async fn allocate_version(&self, at_least: u64) -> Result<u64> {
+        for _ in 0..100 {
+            let entry = self.meta.entry(NEXT_VERSION_KEY).await.map_err(|e| anyhow!("reading {NEXT_VERSION_KEY}: {e}"))?;
+            let (next, revision) = match &entry {
+                Some(e) if e.operation == Operation::Put => (String::from_utf8_lossy(&e.value).parse::<u64>().context("next_version")?, Some(e.revision)),
+                _ => (1, None),
+            };
+            let version = next.max(at_least);
+            let value = Bytes::from((version + 1).to_string());
+            let taken = match revision {
+                Some(revision) => self.meta.update(NEXT_VERSION_KEY, value, revision).await.map(drop).map_err(|e| e.kind() == UpdateErrorKind::WrongLastRevision),
+                None => self.meta.create(NEXT_VERSION_KEY, value).await.map(drop).map_err(|e| e.kind() == CreateErrorKind::AlreadyExists),
+            };
+            match taken {
+                Ok(()) => return Ok(version),
+                Err(true) => continue, // another node took one meanwhile: read again
+                Err(false) => bail!("allocating a version number in {META_BUCKET}"),
+            }
+        }
+        bail!("could not allocate a version number: {META_BUCKET}/{NEXT_VERSION_KEY} kept changing")
+    }
+}

@@ -1,0 +1,135 @@
+//! The training lease: one trainer node trains, checkpoints and announces;
+//! the others are hot standbys. The lease is the key `trainer` in KV bucket
+//! `wm-lease`: `create` takes it (its revision then is the leader's
+//! **epoch**), an `update` with the held revision every third of the TTL
+//! renews it, and a clean stop deletes it with that revision so a standby
+//! takes over at once. A renewal that fails or is late makes this node a
+//! standby at once, before the TTL could have run out: [`Lease::epoch`]
+//! answers None from then on. A standby watches the key and takes it when
+//! it is free. Deciding, not doing: the trainer and the announcer ask.
+
+use crate::bus::kv::{LeaseEvent, Shared};
+use anyhow::Result;
+use futures::StreamExt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// What this node may do now, and since when.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    epoch: u64,
+    renewed_at: Instant,
+}
+
+/// A handle on this node's leadership; clones share it.
+#[derive(Clone)]
+pub struct Lease {
+    held: Arc<Mutex<Option<Held>>>,
+    /// Past this since the last renewal, the lease counts as lost here:
+    /// two thirds of the TTL, so a lapse is noticed before it happens.
+    trust: Duration,
+}
+
+impl Lease {
+    /// The epoch while this node holds a fresh lease; None on a standby,
+    /// and from the moment a renewal is late or fails.
+    pub fn epoch(&self) -> Option<u64> {
+        let held = *self.held.lock().unwrap();
+        held.filter(|h| h.renewed_at.elapsed() < self.trust).map(|h| h.epoch)
+    }
+
+    /// Gives leadership up here at once (another node moved the active
+    /// version: this one is a zombie); the lease lapses or is taken.
+    pub fn lose(&self) {
+        *self.held.lock().unwrap() = None;
+    }
+}
+
+/// Starts contending for the lease as `holder`. `stop` ends the task: it
+/// then releases a lease it holds (the daemon stops it last, after the
+/// final checkpoint is announced).
+pub fn start(shared: Shared, holder: String, ttl: Duration, stop: CancellationToken) -> (Lease, JoinHandle<Result<()>>) {
+    let lease = Lease { held: Arc::default(), trust: ttl * 2 / 3 };
+    let task = tokio::spawn(contend(shared, holder, ttl, lease.clone(), stop));
+    (lease, task)
+}
+
+async fn contend(shared: Shared, holder: String, ttl: Duration, lease: Lease, stop: CancellationToken) -> Result<()> {
+    let renew_every = ttl / 3;
+    while !stop.is_cancelled() {
+        match shared.acquire(&holder).await {
+            Ok(Some(revision)) => lead(&shared, &holder, revision, renew_every, &lease, &stop).await,
+            Ok(None) => wait_until_free(&shared, ttl, &stop).await,
+            Err(e) => {
+                tracing::warn!("lease: {e:#}; trying again");
+                tokio::select! { _ = stop.cancelled() => {}, _ = tokio::time::sleep(renew_every) => {} }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Holds the lease until a renewal fails or `stop`, which releases it.
+async fn lead(shared: &Shared, holder: &str, mut revision: u64, renew_every: Duration, lease: &Lease, stop: &CancellationToken) {
+    let epoch = revision;
+    *lease.held.lock().unwrap() = Some(Held { epoch, renewed_at: Instant::now() });
+    tracing::info!(epoch, "lease: this node leads training");
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => {
+                lease.lose();
+                match shared.release(revision).await {
+                    Ok(()) => tracing::info!(epoch, "lease: released"),
+                    Err(e) => tracing::warn!(epoch, "lease: not released ({e:#}); it lapses by itself"),
+                }
+                return;
+            }
+            _ = tokio::time::sleep(renew_every) => {}
+        }
+        if lease.held.lock().unwrap().is_none() {
+            tracing::warn!(epoch, "lease: given up; a standby takes over once it lapses");
+            return;
+        }
+        match shared.renew(holder, revision).await {
+            Ok(renewed) => {
+                revision = renewed;
+                let mut held = lease.held.lock().unwrap();
+                if let Some(h) = held.as_mut() {
+                    h.renewed_at = Instant::now();
+                }
+            }
+            Err(e) => {
+                lease.lose();
+                tracing::warn!(epoch, "lease: lost ({e:#}); this node is a standby now");
+                return;
+            }
+        }
+    }
+}
+
+/// Waits until the lease is free (released, lapsed) or `stop`; at most a
+/// TTL, then looks again.
+async fn wait_until_free(shared: &Shared, ttl: Duration, stop: &CancellationToken) {
+    let Ok(mut events) = shared.watch_lease().await else {
+        tokio::select! { _ = stop.cancelled() => {}, _ = tokio::time::sleep(ttl / 3) => {} }
+        return;
+    };
+    let deadline = tokio::time::sleep(ttl);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = &mut deadline => return,
+            event = events.next() => match event {
+                Some(Ok(LeaseEvent::Free)) | None => return,
+                Some(Ok(LeaseEvent::Held(_))) => {}
+                Some(Err(e)) => {
+                    tracing::warn!("lease: {e:#}");
+                    return;
+                }
+            },
+        }
+    }
+}

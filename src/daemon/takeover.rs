@@ -1,0 +1,119 @@
+//! How a trainer node starts leading, and what it does only while it leads.
+//! On a new epoch it catches up with the cluster's active version (`wm-meta`
+//! `active`): when its own store lacks it, from the full checkpoint in the
+//! object store (sha256 checked), so step, Adam moments and versions
+//! continue; then it fences older leaders by rewriting `active` under its
+//! epoch (compare-and-set), and catches NATS up with what its store holds.
+//! Version numbers come from `wm-meta` too, unique across nodes. A standby
+//! refuses operator commands: the leader answers them.
+
+use super::announce;
+use super::control::Command;
+use super::status::TrainerState;
+use super::trainer::Trainer;
+use crate::bus::kv::{Active, Conflict};
+use crate::bus::messages::checkpoint_envelope_object;
+use crate::store::Change;
+use crate::vae::checkpoint::Checkpoint;
+use anyhow::{anyhow, bail, Context, Result};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a standby sleeps between looks at the lease.
+const STANDBY_PAUSE: Duration = Duration::from_millis(100);
+
+impl Trainer {
+    /// The epoch this node leads under, or an error when it no longer does.
+    pub(super) fn leading(&self) -> Result<u64> {
+        match (self.lease.epoch(), self.epoch) {
+            (Some(now), Some(took_over)) if now == took_over => Ok(now),
+            _ => bail!("this node no longer holds the training lease"),
+        }
+    }
+
+    /// A version number unique across nodes.
+    pub(super) fn allocate_version(&self) -> Result<u64> {
+        self.leading()?;
+        let at_least = self.store.registry().next_free()?;
+        self.runtime.block_on(self.shared.allocate_version(at_least))
+    }
+
+    /// Not leading: say so, refuse queued operator commands, wait a moment.
+    pub(super) fn stand_by(&mut self) {
+        if self.epoch.take().is_some() {
+            tracing::warn!("lost the training lease: training, checkpoints and announcements stop here");
+        }
+        self.status.update(|s| (s.state, s.lease, s.epoch) = (Some(TrainerState::Standby), Some("standby".into()), None));
+        while let Ok(command) = self.commands.try_recv() {
+            let refused = || anyhow!("this trainer node is a standby; the leader answers");
+            match command {
+                Command::Rollback { reply, .. } => drop(reply.send(Err(refused()))),
+                Command::Import { reply, .. } => drop(reply.send(Err(refused()))),
+                Command::Pin { reply, .. } => drop(reply.send(Err(refused()))),
+                Command::Delete { reply, .. } => drop(reply.send(Err(refused()))),
+            }
+        }
+        std::thread::sleep(STANDBY_PAUSE);
+    }
+
+    /// Starts leading under `epoch`.
+    pub(super) fn take_over(&mut self, epoch: u64) -> Result<()> {
+        tracing::info!(epoch, "taking over training");
+        self.epoch = Some(epoch);
+        let registry = self.store.registry().clone();
+        // Changes made offline to this store (a rollback, an import) are newer
+        // than what the cluster last agreed: they win.
+        let offline_changes = !registry.unannounced_history()?.is_empty();
+        let shared = self.shared.active_blocking(&self.runtime)?;
+        match shared {
+            Some((active, _)) if !offline_changes && active.version != self.active.metadata.version => self.catch_up(&active)?,
+            _ => {}
+        }
+        // NATS catches up with this store (objects it lacks, offline rollbacks).
+        let (bus, store) = (self.bus.clone(), self.store.clone());
+        self.runtime.block_on(announce::publish_offline_changes(&bus, &store, epoch))?;
+        // Fence: `active` rewritten under this epoch; an older leader's compare-and-set now fails.
+        let active = Active { version: self.active.metadata.version, sha256: self.active.metadata.sha256.clone(), epoch };
+        let seen = self.shared.active_blocking(&self.runtime)?.map(|(_, revision)| revision);
+        match self.runtime.block_on(self.shared.set_active(&active, seen)) {
+            Ok(_) => {}
+            Err(e) if e.downcast_ref::<Conflict>().is_some() => {
+                self.lease.lose();
+                return Err(e).context("another node moved the active version while this one took over");
+            }
+            Err(e) => return Err(e),
+        }
+        let version = self.active.metadata.version;
+        self.status.update(|s| (s.lease, s.epoch, s.active_version, s.step) = (Some("leader".into()), Some(epoch), Some(version), self.learner.steps()));
+        tracing::info!(epoch, version, step = self.learner.steps(), "leading training");
+        Ok(())
+    }
+
+    /// Resumes from the cluster's active version: from this store when it
+    /// holds it, else from the object store's full checkpoint.
+    fn catch_up(&mut self, active: &Active) -> Result<()> {
+        let registry = self.store.registry().clone();
+        let checkpoint = match registry.get(active.version)? {
+            Some(held) => held,
+            None => {
+                let name = checkpoint_envelope_object(active.version);
+                let bytes = self.runtime.block_on(self.bus.get_object(&name))?.with_context(|| format!("{name} is not in the object store"))?;
+                let checkpoint = Checkpoint::from_bytes(&bytes).with_context(|| name.clone())?;
+                checkpoint.verify()?;
+                if checkpoint.metadata.sha256 != active.sha256 {
+                    bail!("{name}: its weights' sha256 is not the active version's");
+                }
+                let envelope = checkpoint.clone();
+                registry.add(Some(active.version), move |_| Ok(envelope), Change::Takeover, "wmvae", None)?
+            }
+        };
+        self.learner.restore(&checkpoint)?;
+        if registry.active_version()? != Some(active.version) {
+            registry.activate(active.version, Change::Takeover, "wmvae", None)?;
+        }
+        registry.mark_history_announced()?;
+        tracing::info!(version = active.version, step = self.learner.steps(), "resumed from the cluster's active version");
+        self.active = Arc::new(checkpoint);
+        Ok(())
+    }
+}
