@@ -45,7 +45,7 @@ impl Trainer {
         let to = Arc::new(versions::checkpoint(&self.store, version)?);
         self.learner.restore(&to)?;
         let from = self.store.registry().activate(version, why, by, reason.as_deref())?;
-        self.active = to.clone();
+        self.active = Some(to.clone());
         self.status.update(|s| s.active_version = Some(version));
         let reason = reason.unwrap_or_else(|| why.to_string());
         let epoch = self.leading()?;

@@ -23,14 +23,13 @@ pub mod takeover;
 pub mod trainer;
 
 use crate::bus::Bus;
-use crate::vae::checkpoint::{now_rfc3339, Checkpoint, Metadata};
+use crate::vae::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::vae::learner::Learner;
 use crate::daemon::status::StatusBoard;
 use crate::store::Store;
 use crate::daemon::trainer::Trainer;
 use crate::vae::device::{self, Device};
-use crate::store::Change;
 
 use crate::bus::service::{Endpoint, Handler, NodeInfo};
 use lease::Lease;
@@ -66,20 +65,16 @@ pub fn shutdown_on_signals() -> Result<CancellationToken> {
     Ok(token)
 }
 
-/// The learner resumed from the active version, or fresh weights written
-/// as version 1 when the store has none.
-fn resume_or_start(config: &Config, store: &Store, device: Device) -> Result<(Learner, Arc<Checkpoint>)> {
+/// The learner resumed from this store's active version, if it has one;
+/// else fresh weights (which become version 1 only if this node leads a new
+/// cluster: see `takeover.rs`).
+fn resume(config: &Config, store: &Store, device: Device) -> Result<(Learner, Option<Arc<Checkpoint>>)> {
     let mut learner = Learner::new(device, config.vae(), config.adam());
-    if let Some(version) = store.registry().active_version()? {
-        let checkpoint = store.registry().get(version)?.with_context(|| format!("active checkpoint v{version} is missing from the store"))?;
-        learner.restore(&checkpoint)?;
-        tracing::info!(version, step = learner.steps(), "resumed from the active checkpoint");
-        return Ok((learner, Arc::new(checkpoint)));
-    }
-    let metadata = Metadata { created_at: now_rfc3339(), config: serde_json::to_value(config)?, ..Default::default() };
-    let checkpoint = store.registry().add(None, |version| learner.snapshot(Metadata { version, ..metadata }), Change::Initial, "wmvae", None)?;
-    tracing::info!(version = checkpoint.metadata.version, "initial weights written");
-    Ok((learner, Arc::new(checkpoint)))
+    let Some(version) = store.registry().active_version()? else { return Ok((learner, None)) };
+    let checkpoint = store.registry().get(version)?.with_context(|| format!("active checkpoint v{version} is missing from the store"))?;
+    learner.restore(&checkpoint)?;
+    tracing::info!(version, step = learner.steps(), "resumed from the active checkpoint");
+    Ok((learner, Some(Arc::new(checkpoint))))
 }
 
 /// The trainer role's parts, running.
@@ -125,7 +120,7 @@ impl TrainerRole {
         refuse_twin(bus, &config.node.id).await?;
         let (learner, active) = {
             let (config, store) = (config.clone(), store.clone());
-            tokio::task::spawn_blocking(move || resume_or_start(&config, &store, device)).await??
+            tokio::task::spawn_blocking(move || resume(&config, &store, device)).await??
         };
         let shared = bus.shared().await?;
         let lease_stop = CancellationToken::new();

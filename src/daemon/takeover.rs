@@ -14,7 +14,7 @@ use super::trainer::Trainer;
 use crate::bus::kv::{Active, Conflict};
 use crate::bus::messages::checkpoint_envelope_object;
 use crate::store::Change;
-use crate::vae::checkpoint::Checkpoint;
+use crate::vae::checkpoint::{now_rfc3339, Checkpoint, Metadata};
 use anyhow::{anyhow, bail, Context, Result};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +29,11 @@ impl Trainer {
             (Some(now), Some(took_over)) if now == took_over => Ok(now),
             _ => bail!("this node no longer holds the training lease"),
         }
+    }
+
+    /// The active checkpoint, which a leader always has.
+    pub(super) fn active(&self) -> Result<&Arc<Checkpoint>> {
+        self.active.as_ref().context("no active version yet: this node has not led")
     }
 
     /// A version number unique across nodes.
@@ -61,19 +66,24 @@ impl Trainer {
         tracing::info!(epoch, "taking over training");
         self.epoch = Some(epoch);
         let registry = self.store.registry().clone();
-        // Changes made offline to this store (a rollback, an import) are newer
-        // than what the cluster last agreed: they win.
-        let offline_changes = !registry.unannounced_history()?.is_empty();
-        let shared = self.shared.active_blocking(&self.runtime)?;
-        match shared {
-            Some((active, _)) if !offline_changes && active.version != self.active.metadata.version => self.catch_up(&active)?,
+        // An operator's rollback or import made offline to this store is newer
+        // than what the cluster last agreed: it wins. Anything else this store
+        // holds unannounced (a version made just before it lost the lease)
+        // gives way to the cluster's active version.
+        let operator_changes = registry.unannounced_history()?.iter().any(|h| matches!(h.why, Change::Rollback | Change::Import));
+        let cluster = self.shared.active_blocking(&self.runtime)?.map(|(active, _)| active);
+        let mine = self.active.as_ref().map(|a| a.metadata.version);
+        match cluster {
+            Some(active) if !operator_changes && mine != Some(active.version) => self.catch_up(&active)?,
+            None if mine.is_none() => self.start_fresh()?,
             _ => {}
         }
         // NATS catches up with this store (objects it lacks, offline rollbacks).
         let (bus, store) = (self.bus.clone(), self.store.clone());
         self.runtime.block_on(announce::publish_offline_changes(&bus, &store, epoch))?;
         // Fence: `active` rewritten under this epoch; an older leader's compare-and-set now fails.
-        let active = Active { version: self.active.metadata.version, sha256: self.active.metadata.sha256.clone(), epoch };
+        let (version, sha256) = (self.active()?.metadata.version, self.active()?.metadata.sha256.clone());
+        let active = Active { version, sha256, epoch };
         let seen = self.shared.active_blocking(&self.runtime)?.map(|(_, revision)| revision);
         match self.runtime.block_on(self.shared.set_active(&active, seen)) {
             Ok(_) => {}
@@ -83,9 +93,19 @@ impl Trainer {
             }
             Err(e) => return Err(e),
         }
-        let version = self.active.metadata.version;
         self.status.update(|s| (s.lease, s.epoch, s.active_version, s.step) = (Some("leader".into()), Some(epoch), Some(version), self.learner.steps()));
         tracing::info!(epoch, version, step = self.learner.steps(), "leading training");
+        Ok(())
+    }
+
+    /// A new cluster: this node's fresh weights become the first version.
+    fn start_fresh(&mut self) -> Result<()> {
+        let version = self.allocate_version()?;
+        let metadata = Metadata { created_at: now_rfc3339(), config: serde_json::to_value(&self.config)?, ..Default::default() };
+        let learner = &self.learner;
+        let checkpoint = self.store.registry().add(Some(version), |version| learner.snapshot(Metadata { version, ..metadata }), Change::Initial, "wmvae", None)?;
+        tracing::info!(version, "initial weights written");
+        self.active = Some(Arc::new(checkpoint));
         Ok(())
     }
 
@@ -113,7 +133,7 @@ impl Trainer {
         }
         registry.mark_history_announced()?;
         tracing::info!(version = active.version, step = self.learner.steps(), "resumed from the cluster's active version");
-        self.active = Arc::new(checkpoint);
+        self.active = Some(Arc::new(checkpoint));
         Ok(())
     }
 }

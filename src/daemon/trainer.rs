@@ -50,7 +50,8 @@ pub struct Trainer {
     pub store: Store,
     pub learner: Learner,
     /// The active checkpoint: the last good one, where rollbacks return.
-    pub active: Arc<Checkpoint>,
+    /// None until this node first leads on an empty store.
+    pub active: Option<Arc<Checkpoint>>,
     pub events: mpsc::Sender<Event>,
     pub status: StatusBoard,
     pub commands: mpsc::Receiver<Command>,
@@ -78,10 +79,10 @@ struct Run {
 }
 
 impl Run {
-    fn from(active: &Checkpoint, cfg: &TrainConfig) -> Run {
+    fn from(active: Option<&Checkpoint>, cfg: &TrainConfig) -> Run {
         Run {
             guard: DivergenceGuard::new(cfg.divergence_factor),
-            frames_seen: active.metadata.frames_seen,
+            frames_seen: active.map_or(0, |a| a.metadata.frames_seen),
             since_log: LossWindow::default(),
             since_checkpoint: LossWindow::default(),
             log_started: Instant::now(),
@@ -99,9 +100,9 @@ impl Trainer {
     /// Runs until shutdown, then writes a last checkpoint if it trained since the previous one.
     pub fn run(mut self) -> Result<()> {
         let cfg = self.config.train.clone();
-        let mut run = Run::from(&self.active, &cfg);
+        let mut run = Run::from(self.active.as_deref(), &cfg);
         let sampler = Sampler::start(self.store.clone(), Split::Train, cfg.batch_size, cfg.min_frames)?;
-        self.status.update(|s| (s.step, s.active_version) = (self.learner.steps(), Some(self.active.metadata.version)));
+        self.status.update(|s| (s.step, s.active_version) = (self.learner.steps(), self.active.as_ref().map(|a| a.metadata.version)));
         while !self.shutdown.is_cancelled() {
             // Leadership: a standby keeps its buffer current and waits; a new epoch takes over.
             let Some(epoch) = self.lease.epoch() else {
@@ -110,11 +111,11 @@ impl Trainer {
             };
             if self.epoch != Some(epoch) {
                 self.take_over(epoch)?;
-                run = Run::from(&self.active, &cfg);
+                run = Run::from(self.active.as_deref(), &cfg);
             }
             // Operator commands between two steps; new weights start a new run.
             if self.run_commands() {
-                run = Run::from(&self.active, &cfg);
+                run = Run::from(self.active.as_deref(), &cfg);
             }
             // Gate: enough frames, and no more replay than samples_per_insert allows.
             if let Some(waiting) = self.gate(&cfg, run.frames_seen) {
@@ -168,11 +169,11 @@ impl Trainer {
         tracing::warn!(loss = loss.total, bad_in_a_row = run.guard.bad_in_a_row, "step skipped: loss diverged");
         if run.guard.bad_in_a_row >= cfg.max_bad_steps {
             let reason = format!("automatic rollback on divergence: {} bad steps in a row", run.guard.bad_in_a_row);
-            let version = self.active.metadata.version;
+            let version = self.active()?.metadata.version;
             self.roll_back(version, Change::AutoRollback, "wmvae", Some(reason.clone()))?;
             tracing::warn!(to = version, "{reason}");
             self.status.update(|s| s.auto_rollbacks += 1);
-            *run = Run::from(&self.active, cfg);
+            *run = Run::from(self.active.as_deref(), cfg);
         }
         Ok(())
     }
@@ -182,8 +183,8 @@ impl Trainer {
         let images_per_s = run.since_log.images as f64 / run.log_started.elapsed().as_secs_f64();
         let mean = run.since_log.mean().unwrap_or(last);
         let buffer_frames = self.store.len(Split::Train) + self.store.len(Split::Validation);
-        let active_version = self.active.metadata.version;
-        tracing::info!(step, images_per_s = images_per_s.round(), loss = mean.total, recon = mean.recon, kl = mean.kl, buffer_frames, active_version, "train");
+        let active_version = self.active.as_ref().map(|a| a.metadata.version);
+        tracing::info!(step, images_per_s = images_per_s.round(), loss = mean.total, recon = mean.recon, kl = mean.kl, buffer_frames, ?active_version, "train");
         self.status.update(|s| {
             (s.images_per_s, s.last_losses) = (images_per_s, Some(mean));
             s.record_train(step, mean.total);
@@ -224,9 +225,10 @@ impl Trainer {
             tracing::warn!("checkpoint skipped: non-finite loss");
             return Ok(());
         }
+        let parent = self.active()?.metadata.version;
         let metadata = Metadata {
             version: 0,
-            parent: Some(self.active.metadata.version),
+            parent: Some(parent),
             step: self.learner.steps() as u64,
             frames_seen: run.frames_seen,
             train_loss: train.map(|t| t.total),
@@ -256,7 +258,7 @@ impl Trainer {
         let epoch = self.leading()?;
         self.events.blocking_send(Event::Created { checkpoint: checkpoint.clone(), epoch }).context("daemon event queue closed")?;
         let version = checkpoint.metadata.version;
-        self.active = checkpoint;
+        self.active = Some(checkpoint);
         self.status.update(|s| s.active_version = Some(version));
         Ok(())
     }

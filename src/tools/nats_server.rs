@@ -73,6 +73,34 @@ impl LocalNats {
     }
 }
 
+/// A JetStream cluster of local nats-servers on one host, for tests.
+pub struct LocalCluster {
+    pub servers: Vec<LocalNats>,
+}
+
+impl LocalCluster {
+    /// `n` servers, each with its own `server_name`, client and cluster
+    /// ports and store, routed to one another.
+    pub fn start(binary: &Path, n: usize) -> Result<LocalCluster> {
+        let ports = (0..n).map(|_| Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())).collect::<Result<Vec<u16>>>()?;
+        let routes: Vec<String> = ports.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect();
+        let servers = ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| {
+                let extra = format!("server_name: n{}\ncluster {{ name: wmvae, listen: 127.0.0.1:{port}, routes: [{}] }}", i + 1, routes.join(", "));
+                LocalNats::start_with(binary, &extra)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(LocalCluster { servers })
+    }
+
+    /// Every server's URL, comma-separated, as `[nats] url` takes them.
+    pub fn url(&self) -> String {
+        self.servers.iter().map(|s| s.url.as_str()).collect::<Vec<_>>().join(",")
+    }
+}
+
 impl Drop for LocalNats {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -1,0 +1,137 @@
+//! Beyond one machine, against real processes: a 3-node JetStream cluster
+//! (three nats-servers on free ports, routed to one another) with
+//! `[nats] replicas = 3`, two trainer nodes by lease; the leader SIGKILLed,
+//! the standby takes over and trains on from the last announced version;
+//! and next to a single-node default, a second trainer with its own id waits
+//! as a standby and deletes nothing, while one without an id is refused.
+
+mod common;
+
+use async_nats::jetstream;
+use common::nats::{wait_for_consumer, wait_until, Daemon, NatsServer};
+use common::{frames, repo_root, wmvae};
+use std::collections::HashSet;
+use std::time::Duration;
+use wmvae::bus::messages::{Announcement, CheckpointEvent};
+use wmvae::frames::wire::FrameMessage;
+use wmvae::tools::nats_server::LocalCluster;
+
+/// A trainer node that makes versions quickly, with a short lease.
+fn trainer_env(id: &'static str) -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("WMVAE_SERVE__ROLES", "trainer"),
+        ("WMVAE_NODE__ID", id),
+        ("WMVAE_NODE__LEASE_TTL_SECS", "3"),
+        ("WMVAE_NATS__REPLICAS", "3"),
+        ("WMVAE_TRAIN__MIN_FRAMES", "50"),
+        ("WMVAE_TRAIN__BATCH_SIZE", "16"),
+        ("WMVAE_TRAIN__CHECKPOINT_EVERY_STEPS", "10"),
+        ("WMVAE_TRAIN__EVAL_EVERY_STEPS", "10"),
+        ("WMVAE_TRAIN__KEEP_LAST", "1000"),
+        ("WMVAE_TRAIN__SAMPLES_PER_INSERT", "0"),
+        ("WMVAE_TRAIN__THREADS", "1"),
+        ("WMVAE_BUFFER__VALIDATION_FRACTION", "0.3"),
+    ]
+}
+
+async fn publish(js: &jetstream::Context, episodes: u64, steps: u64) {
+    for (i, px) in frames((episodes * steps) as usize, 64, 64).chunks(12288).enumerate() {
+        let msg = FrameMessage::rgb(format!("e{}", i as u64 / steps), i as u64 % steps, 64, 64, px);
+        js.publish("wm.frames.car", msg.to_msgpack().into()).await.unwrap().await.unwrap();
+    }
+}
+
+async fn created(js: &jetstream::Context) -> Vec<Announcement> {
+    let Ok(mut stream) = js.get_stream("WM_CHECKPOINTS").await else { return Vec::new() };
+    let Ok(info) = stream.info().await else { return Vec::new() };
+    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+    let mut out = Vec::new();
+    for seq in first..=last {
+        if let Ok(message) = stream.get_raw_message(seq).await {
+            let announcement: Announcement = rmp_serde::from_slice(&message.payload).unwrap();
+            if announcement.event == CheckpointEvent::Created {
+                out.push(announcement);
+            }
+        }
+    }
+    out
+}
+
+async fn lease_holder(js: &jetstream::Context) -> Option<String> {
+    let kv = js.get_key_value("wm-lease").await.ok()?;
+    let entry = kv.entry("trainer").await.ok()??;
+    (entry.operation == jetstream::kv::Operation::Put).then(|| String::from_utf8_lossy(&entry.value).into_owned())
+}
+
+/// The leading trainer SIGKILLed: the standby takes the lease, resumes at the
+/// last announced version's step, and announces higher versions; no version
+/// number appears twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standby_takes_over_when_the_leader_dies() {
+    let cluster = LocalCluster::start(&repo_root().join(".venv/bin/nats-server"), 3).unwrap();
+    let url = cluster.url();
+    let client = async_nats::connect(cluster.servers[0].url.as_str()).await.unwrap();
+    let js = jetstream::new(client);
+    wait_until(Duration::from_secs(60), "the cluster's JetStream", || async { js.query_account().await.is_ok() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let first = Daemon::start(&url, &dir.path().join("t1"), &trainer_env("t1"));
+    wait_until(Duration::from_secs(60), "t1 to lead", || async { lease_holder(&js).await.as_deref() == Some("t1") }).await;
+    let second = Daemon::start(&url, &dir.path().join("t2"), &trainer_env("t2"));
+    wait_for_consumer(&js, "wmvae-ingest-t2").await;
+    publish(&js, 6, 25).await;
+    wait_until(Duration::from_secs(120), "three versions from t1", || async { created(&js).await.len() >= 3 }).await;
+
+    first.kill();
+    let before = created(&js).await;
+    let last = before.last().unwrap().clone();
+    wait_until(Duration::from_secs(60), "t2 to take the lease", || async { lease_holder(&js).await.as_deref() == Some("t2") }).await;
+    wait_until(Duration::from_secs(120), "a version from t2", || async { created(&js).await.iter().any(|a| a.metadata.version > last.metadata.version) }).await;
+    let after = created(&js).await;
+    let next = after.iter().find(|a| a.metadata.version > last.metadata.version).unwrap();
+    assert!(next.epoch > last.epoch, "the new leader's epoch {} is not above {}", next.epoch, last.epoch);
+    // t1 may have made a version it never announced: the standby resumes from the last announced one.
+    assert_eq!(next.metadata.parent, Some(last.metadata.version), "training goes on from the last announced version");
+    assert!(next.metadata.step > last.metadata.step, "step went from {} back to {}", last.metadata.step, next.metadata.step);
+    let versions: Vec<u64> = after.iter().map(|a| a.metadata.version).collect();
+    assert_eq!(versions.iter().collect::<HashSet<_>>().len(), versions.len(), "a version number appeared twice: {versions:?}");
+    assert!(second.logs().contains("resumed from the cluster's active version"), "{}", second.logs());
+    assert!(second.terminate().success());
+}
+
+/// Next to a single-node default, a trainer with its own id is a standby
+/// and deletes nothing; one without an id is refused with a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_trainer_waits_or_is_refused() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let js = jetstream::new(nats.client().await);
+    let single: Vec<(&str, &str)> = trainer_env("").into_iter().filter(|(k, _)| !k.starts_with("WMVAE_NATS__REPLICAS")).collect();
+    let leader = Daemon::start(&nats.url, &dir.path().join("single"), &single);
+    wait_for_consumer(&js, "wmvae-ingest").await;
+    publish(&js, 4, 25).await;
+    wait_until(Duration::from_secs(120), "version 3", || async { created(&js).await.len() >= 3 }).await;
+    let holder = lease_holder(&js).await.unwrap();
+
+    let with_id: Vec<(&str, &str)> = trainer_env("b").into_iter().filter(|(k, _)| !k.starts_with("WMVAE_NATS__REPLICAS")).collect();
+    let standby = Daemon::start(&nats.url, &dir.path().join("b"), &with_id);
+    wait_for_consumer(&js, "wmvae-ingest-b").await;
+    tokio::time::sleep(Duration::from_secs(4)).await; // past a lease TTL
+    assert_eq!(lease_holder(&js).await.unwrap(), holder, "the standby took the lease");
+    assert!(!standby.logs().contains("leading training"), "{}", standby.logs());
+    let bucket = js.get_object_store("wm-checkpoints").await.unwrap();
+    for a in created(&js).await {
+        assert!(bucket.get(&a.object).await.is_ok(), "{} was deleted", a.object);
+    }
+
+    let out = wmvae()
+        .args(["serve", "--role", "trainer", "--nats-url", &nats.url, "--data-dir"])
+        .arg(dir.path().join("twin"))
+        .env("WMVAE_HTTP__ADDR", "")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("another trainer node without a [node] id"), "{said}");
+    assert!(standby.terminate().success());
+    assert!(leader.terminate().success());
+}
