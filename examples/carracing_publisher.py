@@ -38,6 +38,23 @@ def policy(obs, step, rng):
     return np.array([steer + rng.normal(0, 0.1), gas, 0.0], dtype=np.float32)
 
 
+# A publish that fails (a cluster electing a stream leader, a server
+# restarting) is sent again with the same Nats-Msg-Id: JetStream stores it
+# once. Waits between tries, in seconds; ~16 s in all covers an election.
+RETRY_PAUSES = [0.25, 0.5, 1, 2, 4, 8]
+
+
+async def publish(js, subject, payload, msg_id):
+    for pause in RETRY_PAUSES + [None]:
+        try:
+            return await js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
+        except Exception as error:  # nats.errors.TimeoutError, NoRespondersError, ...
+            if pause is None:
+                raise
+            print(f"publish {msg_id} failed ({error!r}); again in {pause} s", flush=True)
+            await asyncio.sleep(pause)
+
+
 async def run_env(js, source, args, index):
     env = gym.make("CarRacing-v3", render_mode="rgb_array")
     rng = np.random.default_rng(index if args.seed is None else args.seed * 1000 + index)
@@ -53,8 +70,7 @@ async def run_env(js, source, args, index):
             done = bool(terminated or truncated) or step + 1 == args.max_steps
             frame = {"episode": episode, "step": step, "height": 96, "width": 96, "channels": 3,
                      "pixels": obs.tobytes(), "action": action.tolist(), "reward": float(reward), "done": done}
-            await js.publish(f"wm.frames.{source}", msgpack.packb(frame),
-                             headers={"Nats-Msg-Id": f"{source}:{episode}:{step}"})
+            await publish(js, f"wm.frames.{source}", msgpack.packb(frame), f"{source}/{episode}/{step}")
             obs, step = next_obs, step + 1
             await asyncio.sleep(0)
         done_episodes += 1

@@ -358,6 +358,8 @@ async fn roles_keep_rollback_to_operators() {
     // The operator may.
     let out = checkpoint(&["rollback", "1", "--reason", "test"], as_user("operator", "o-pw"));
     assert!(out.status.success(), "operator: {}", text(&out));
+    // Announced once the versions queued before it are in the object store.
+    wait_until(Duration::from_secs(60), "the rollback announced", || async { !rollbacks(&js).await.is_empty() }).await;
     assert_eq!(rollbacks(&js).await, vec![1]);
     assert!(daemon.terminate().success());
 }

@@ -83,3 +83,41 @@ fn compose_stack_is_consistent() {
     assert_eq!(devices["driver"], "nvidia");
     assert_eq!(devices["capabilities"][0], "gpu");
 }
+
+/// The cluster stack: three NATS nodes from config/cluster/, two trainer
+/// nodes with distinct ids, two encoders, the publisher; every wmvae node's
+/// environment passes `--check-config` and names all three servers.
+#[test]
+fn cluster_stack_is_consistent() {
+    let doc = compose("docker-compose.cluster.yml");
+    let services = doc["services"].as_object().unwrap();
+    let mut ids = std::collections::HashSet::new();
+    for (name, service) in services {
+        for volume in strings(&service["volumes"]) {
+            let host = volume.split(':').next().unwrap();
+            if host.starts_with("./") {
+                assert!(repo_root().join(host).exists(), "{name}: mounted path {host} missing");
+            }
+        }
+        let args = strings(&service["command"]);
+        if args.first().map(String::as_str) != Some("serve") {
+            continue;
+        }
+        let mut cmd = wmvae();
+        cmd.args(&args).arg("--check-config");
+        for (key, value) in service["environment"].as_object().unwrap() {
+            cmd.env(key, value.as_str().unwrap());
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let checked: toml::Table = String::from_utf8(out.stdout).unwrap().parse().unwrap();
+        assert_eq!(checked["nats"]["url"].as_str().unwrap().split(',').count(), 3, "{name}");
+        assert_eq!(checked["nats"]["replicas"].as_integer(), Some(3), "{name}");
+        assert!(ids.insert(checked["node"]["id"].as_str().unwrap().to_string()), "{name}: a node id twice");
+    }
+    assert_eq!(ids.len(), 4, "two trainers and two encoders");
+    for n in 1..=3 {
+        let conf = std::fs::read_to_string(repo_root().join(format!("config/cluster/n{n}.conf"))).unwrap();
+        assert!(conf.contains(&format!("server_name: n{n}")) && conf.contains("sync_interval: always") && conf.contains("routes"));
+    }
+}

@@ -10,6 +10,7 @@ use async_nats::jetstream;
 use async_nats::HeaderMap;
 use futures::StreamExt;
 use std::collections::VecDeque;
+use std::time::Duration;
 
 /// JetStream publish acks awaited at most this far behind the newest
 /// publish: pipelining without unbounded memory.
@@ -50,11 +51,33 @@ impl Bus {
     }
 }
 
+/// Waits before sending a publish again whose ack did not come (a
+/// cluster electing a stream leader, a server restarting): ~16 s in all,
+/// past the 4-9 s of an election after a crash.
+const RETRY_PAUSES: [Duration; 6] = [
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+    Duration::from_secs(8),
+];
+
+/// A publish whose ack is awaited, with what is needed to send it again.
+struct InFlight {
+    ack: jetstream::context::PublishAckFuture,
+    subject: String,
+    headers: HeaderMap,
+    payload: bytes::Bytes,
+}
+
 /// JetStream publishes whose acks are awaited at most [`PUBLISH_WINDOW`]
-/// behind the newest: pipelining without unbounded memory.
+/// behind the newest: pipelining without unbounded memory. A publish whose
+/// ack fails is sent again with the same `Nats-Msg-Id` (so JetStream stores
+/// it once) after each of [`RETRY_PAUSES`].
 #[derive(Default)]
 pub(super) struct AckWindow {
-    in_flight: VecDeque<jetstream::context::PublishAckFuture>,
+    in_flight: VecDeque<InFlight>,
 }
 
 impl AckWindow {
@@ -67,29 +90,38 @@ impl AckWindow {
     /// As [`AckWindow::send`], with more headers.
     pub(super) async fn send_with(&mut self, js: &jetstream::Context, subject: String, id: &str, extra: &[(&str, &str)], payload: Vec<u8>, stream: &str) -> Result<()> {
         if self.in_flight.len() >= PUBLISH_WINDOW {
-            self.settle_one(stream).await?;
+            self.settle_one(js, stream).await?;
         }
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", id);
         for (name, value) in extra {
             headers.insert(*name, *value);
         }
-        let ack = js.publish_with_headers(subject, headers, payload.into()).await.with_context(|| format!("publishing to {stream}"))?;
-        self.in_flight.push_back(ack);
+        let payload = bytes::Bytes::from(payload);
+        let ack = js.publish_with_headers(subject.clone(), headers.clone(), payload.clone()).await.with_context(|| format!("publishing to {stream}"))?;
+        self.in_flight.push_back(InFlight { ack, subject, headers, payload });
         Ok(())
     }
 
-    async fn settle_one(&mut self, stream: &str) -> Result<()> {
-        if let Some(ack) = self.in_flight.pop_front() {
-            ack.await.with_context(|| format!("not stored by JetStream (is stream {stream} there? run wmvae migrate)"))?;
+    async fn settle_one(&mut self, js: &jetstream::Context, stream: &str) -> Result<()> {
+        let Some(InFlight { ack, subject, headers, payload }) = self.in_flight.pop_front() else { return Ok(()) };
+        let mut result = ack.await.map(drop);
+        for pause in RETRY_PAUSES {
+            let Err(e) = &result else { return Ok(()) };
+            tracing::warn!("a publish to {stream} was not acked ({e}); sending it again in {pause:?}");
+            tokio::time::sleep(pause).await;
+            result = match js.publish_with_headers(subject.clone(), headers.clone(), payload.clone()).await {
+                Ok(ack) => ack.await.map(drop),
+                Err(e) => Err(e),
+            };
         }
-        Ok(())
+        result.with_context(|| format!("not stored by JetStream (is stream {stream} there? run wmvae migrate)"))
     }
 
     /// Waits until every message sent is stored.
-    pub(super) async fn settle(&mut self, stream: &str) -> Result<()> {
+    pub(super) async fn settle(&mut self, js: &jetstream::Context, stream: &str) -> Result<()> {
         while !self.in_flight.is_empty() {
-            self.settle_one(stream).await?;
+            self.settle_one(js, stream).await?;
         }
         Ok(())
     }
@@ -105,15 +137,15 @@ pub struct FramePublisher {
 }
 
 impl FramePublisher {
-    /// Publishes one frame with `Nats-Msg-Id` = `source:episode:step`.
+    /// Publishes one frame with `Nats-Msg-Id` = `<source>/<episode>/<step>`.
     pub async fn send(&mut self, frame: &FrameMessage<'_>) -> Result<()> {
-        let id = format!("{}:{}:{}", self.source, frame.episode, frame.step);
+        let id = format!("{}/{}/{}", self.source, frame.episode, frame.step);
         self.window.send(&self.js, self.subject.clone(), &id, frame.to_msgpack(), "WM_FRAMES").await
     }
 
     /// Waits until every frame sent is stored by the server.
     pub async fn finish(mut self) -> Result<()> {
-        self.window.settle("WM_FRAMES").await
+        self.window.settle(&self.js, "WM_FRAMES").await
     }
 }
 
@@ -134,6 +166,6 @@ impl LatentPublisher {
 
     /// Waits until JetStream has stored every latent sent.
     pub async fn settle(&mut self) -> Result<()> {
-        self.window.settle("WM_LATENTS").await
+        self.window.settle(&self.js, "WM_LATENTS").await
     }
 }

@@ -43,7 +43,7 @@ impl Bus {
                 let id = delivery.stream_sequence.to_string();
                 window.send_with(&self.js, subject.clone(), &id, &[(SEQUENCE_HEADER, &id)], vec![0; RELAY_BYTES], RELAY_STREAM).await?;
             }
-            window.settle(RELAY_STREAM).await?;
+            window.settle(&self.js, RELAY_STREAM).await?;
             for delivery in &batch {
                 delivery.ack().await?;
             }
