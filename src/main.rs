@@ -294,6 +294,20 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// What a crash costs on a 3-node JetStream cluster on this host: the
+    /// WM_FRAMES leader's server, then the leading trainer node SIGKILLed.
+    Failover {
+        /// Frames published per second, each awaited until stored.
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        /// The trainer nodes' lease TTL (`[node] lease_ttl_secs`).
+        #[arg(long, default_value_t = 10)]
+        lease_ttl_secs: u64,
+        #[arg(long)]
+        nats_server: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Frames/s made durable end to end (NATS -> sled flush -> ack) against a
     /// local nats-server, beside a bare consume+ack baseline.
     Ingest {
@@ -445,6 +459,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench { which: BenchCommand::Encoders { replicas, frames, nats_server, json } } => {
             let binary = nats_server.unwrap_or_else(wmvae::tools::nats_server::default_binary);
             render::bench(runtime()?.block_on(wmvae::tools::bench_encoders::encoders(&replicas, frames, &binary))?, json);
+        }
+        Command::Bench { which: BenchCommand::Failover { rate, lease_ttl_secs, nats_server, json } } => {
+            let nats_server = nats_server.unwrap_or_else(wmvae::tools::nats_server::default_binary);
+            let options = wmvae::tools::bench_failover::FailoverOptions { rate, lease_ttl_secs, nats_server };
+            render::bench(runtime()?.block_on(wmvae::tools::bench_failover::failover(&options))?, json);
         }
         Command::Bench { which: BenchCommand::Ingest { frames, nats_server, json } } => {
             let binary = nats_server.unwrap_or_else(wmvae::tools::nats_server::default_binary);

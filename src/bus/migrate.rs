@@ -277,6 +277,11 @@ impl Bus {
         config.num_replicas = self.limits.replicas;
         if let Some(age) = max_age {
             config.max_age = age;
+            // The server refuses a duplicate window longer than the max age
+            // (a lease TTL shortened after the bucket was made).
+            if !age.is_zero() && config.duplicate_window > age {
+                config.duplicate_window = age;
+            }
         }
         self.js.update_stream(config).await.with_context(|| format!("updating stream {name}"))?;
         Ok(())

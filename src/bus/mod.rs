@@ -4,13 +4,15 @@
 //! (`feed.rs`), the KV buckets nodes agree through (`kv`), publishing
 //! frames, latents and announcements (`publish.rs`),
 //! the checkpoint object bucket (`objects.rs`), the control service
-//! (`service.rs`) and the messages' schemas ([`messages`]).
+//! (`service.rs`), the messages' schemas ([`messages`]), and reading
+//! streams whole from outside for benches and tests (`inspect.rs`).
 //!
 //! It moves bytes and acks; it does not decode frames (`frames`), store
 //! them (`store`) or decide what an endpoint answers (`daemon`).
 
 mod connection;
 mod feed;
+mod inspect;
 pub mod kv;
 pub mod messages;
 mod migrate;
@@ -20,6 +22,7 @@ mod relay;
 pub mod service;
 
 pub use feed::{Delivery, FrameFeed, REASON_HEADER, SUBJECT_HEADER};
+pub use inspect::StoredMessage;
 pub use publish::LatentPublisher;
 pub use migrate::{latest_store_schema, BusLimits, FrameConsumer, MigrationReport};
 pub use objects::CHECKPOINT_BUCKET;

@@ -143,6 +143,13 @@ impl FramePublisher {
         self.window.send(&self.js, self.subject.clone(), &id, frame.to_msgpack(), "WM_FRAMES").await
     }
 
+    /// Publishes one frame and waits until it and every frame before it
+    /// are stored: for a publisher that times each ack.
+    pub async fn send_stored(&mut self, frame: &FrameMessage<'_>) -> Result<()> {
+        self.send(frame).await?;
+        self.window.settle(&self.js, "WM_FRAMES").await
+    }
+
     /// Waits until every frame sent is stored by the server.
     pub async fn finish(mut self) -> Result<()> {
         self.window.settle(&self.js, "WM_FRAMES").await

@@ -3,18 +3,24 @@
 //! `wm-lease`: `create` takes it (its revision then is the leader's
 //! **epoch**), an `update` with the held revision every third of the TTL
 //! renews it, and a clean stop deletes it with that revision so a standby
-//! takes over at once. A renewal that fails or is late makes this node a
-//! standby at once, before the TTL could have run out: [`Lease::epoch`]
-//! answers None from then on. A standby watches the key and takes it when
+//! takes over at once. A renewal refused (the key is another's now), or
+//! not done within two thirds of the TTL (failures such as an election
+//! are tried again until then), makes this node a standby at once, before
+//! the TTL could have run out: [`Lease::epoch`] answers None from then on. A standby watches the key and takes it when
 //! it is free. Deciding, not doing: the trainer and the announcer ask.
 
-use crate::bus::kv::{LeaseEvent, Shared};
+use crate::bus::kv::{Conflict, LeaseEvent, Shared};
 use anyhow::Result;
 use futures::StreamExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+/// Pause between tries of a renewal that failed without a refusal: a
+/// bucket's leader election takes a few seconds, the lease trusts itself
+/// for two thirds of the TTL.
+const RENEW_RETRY: Duration = Duration::from_millis(250);
 
 /// What this node may do now, and since when.
 #[derive(Debug, Clone, Copy)]
@@ -34,7 +40,7 @@ pub struct Lease {
 
 impl Lease {
     /// The epoch while this node holds a fresh lease; None on a standby,
-    /// and from the moment a renewal is late or fails.
+    /// and from the moment a renewal is late or refused.
     pub fn epoch(&self) -> Option<u64> {
         let held = *self.held.lock().unwrap();
         held.filter(|h| h.renewed_at.elapsed() < self.trust).map(|h| h.epoch)
@@ -92,7 +98,7 @@ async fn lead(shared: &Shared, holder: &str, mut revision: u64, renew_every: Dur
             tracing::warn!(epoch, "lease: given up; a standby takes over once it lapses");
             return;
         }
-        match shared.renew(holder, revision).await {
+        match renew(shared, holder, revision, lease, stop).await {
             Ok(renewed) => {
                 revision = renewed;
                 let mut held = lease.held.lock().unwrap();
@@ -104,6 +110,22 @@ async fn lead(shared: &Shared, holder: &str, mut revision: u64, renew_every: Dur
                 lease.lose();
                 tracing::warn!(epoch, "lease: lost ({e:#}); this node is a standby now");
                 return;
+            }
+        }
+    }
+}
+
+/// One renewal: a refusal (another node holds the key now) is final; any
+/// other failure (an election of the bucket's leader, a reconnect) is tried
+/// again every [`RENEW_RETRY`] while the lease is still fresh here.
+async fn renew(shared: &Shared, holder: &str, revision: u64, lease: &Lease, stop: &CancellationToken) -> Result<u64> {
+    loop {
+        match shared.renew(holder, revision).await {
+            Ok(renewed) => return Ok(renewed),
+            Err(e) if e.downcast_ref::<Conflict>().is_some() || lease.epoch().is_none() || stop.is_cancelled() => return Err(e),
+            Err(e) => {
+                tracing::warn!("lease: not renewed yet ({e:#}); trying again");
+                tokio::time::sleep(RENEW_RETRY).await;
             }
         }
     }

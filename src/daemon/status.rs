@@ -74,6 +74,16 @@ pub enum EncoderState {
     Encoding,
 }
 
+/// A trainer node's part in the lease (the status JSON's `lease`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LeaseRole {
+    /// Holds the training lease: trains, checkpoints, announces.
+    Leader,
+    /// Waits to take over.
+    Standby,
+}
+
 /// Points kept per loss curve (oldest dropped): enough for the page.
 const MAX_CURVE_POINTS: usize = 1000;
 /// A point of a loss curve.
@@ -106,7 +116,7 @@ pub struct Status {
     pub encoder_version: Option<u64>,
     /// A trainer node: whether it holds the training lease ("leader") or
     /// waits ("standby"); null elsewhere.
-    pub lease: Option<String>,
+    pub lease: Option<LeaseRole>,
     /// The lease epoch this node trains under (leaders only).
     pub epoch: Option<u64>,
     pub step: i64,

@@ -9,7 +9,7 @@
 
 use super::announce;
 use super::control::Command;
-use super::status::TrainerState;
+use super::status::{LeaseRole, TrainerState};
 use super::trainer::Trainer;
 use crate::bus::kv::{Active, Conflict};
 use crate::bus::messages::checkpoint_envelope_object;
@@ -48,7 +48,7 @@ impl Trainer {
         if self.epoch.take().is_some() {
             tracing::warn!("lost the training lease: training, checkpoints and announcements stop here");
         }
-        self.status.update(|s| (s.state, s.lease, s.epoch) = (Some(TrainerState::Standby), Some("standby".into()), None));
+        self.status.update(|s| (s.state, s.lease, s.epoch) = (Some(TrainerState::Standby), Some(LeaseRole::Standby), None));
         while let Ok(command) = self.commands.try_recv() {
             let refused = || anyhow!("this trainer node is a standby; the leader answers");
             match command {
@@ -93,7 +93,7 @@ impl Trainer {
             }
             Err(e) => return Err(e),
         }
-        self.status.update(|s| (s.lease, s.epoch, s.active_version, s.step) = (Some("leader".into()), Some(epoch), Some(version), self.learner.steps()));
+        self.status.update(|s| (s.lease, s.epoch, s.active_version, s.step) = (Some(LeaseRole::Leader), Some(epoch), Some(version), self.learner.steps()));
         tracing::info!(epoch, version, step = self.learner.steps(), "leading training");
         Ok(())
     }

@@ -65,7 +65,14 @@ impl BenchDaemon {
 pub(super) fn frame(i: u64) -> FrameMessage<'static> {
     let side = crate::frames::synthetic::SIDE as u32;
     let pixels = crate::frames::synthetic::render(i / FRAME_POOL % 7, i % FRAME_POOL);
-    FrameMessage::rgb(format!("bench-{}", i / FRAME_POOL), i % FRAME_POOL, side, side, pixels).with_transition(vec![0.0, 1.0, 0.0], 0.1, false)
+    let (episode, step) = frame_name(i);
+    FrameMessage::rgb(episode, step, side, side, pixels).with_transition(vec![0.0, 1.0, 0.0], 0.1, false)
+}
+
+/// Frame `i`'s episode and step: `bench-{i / FRAME_POOL}`, `i % FRAME_POOL`
+/// ([`frame_index`] reads them back).
+pub(super) fn frame_name(i: u64) -> (String, u64) {
+    (format!("bench-{}", i / FRAME_POOL), i % FRAME_POOL)
 }
 
 /// Publishes `count` frames at `rate` frames/s from `start_index`; returns

@@ -1,12 +1,13 @@
 //! `wmvae bench encoders`: latents/s with 1, 2, ... `wmvae serve --role
 //! encoder` processes sharing one nats-server. Each count gets a fresh
 //! local nats-server holding a version (weights in the bucket, announced
-//! as a trainer would) and the same backlog of CarRacing-like 96x96 frames;
+//! and made active as a trainer would) and the same backlog of CarRacing-like 96x96 frames;
 //! the rate is measured from the first latent stored to the last. libtorch
 //! threads are split between the replicas (cores / replicas each).
 
 use super::bench_daemon::frame;
 use super::nats_server::LocalNats;
+use crate::bus::kv::Active;
 use crate::bus::messages::{weights_object, Announcement, CheckpointEvent};
 use crate::bus::Bus;
 use crate::config::Config;
@@ -57,6 +58,7 @@ async fn latents_per_s(count: usize, frames: u64, cores: usize, nats_server: &Pa
     bus.put_object(&weights_object(1), &weights).await?;
     let metadata = Metadata { version: 1, sha256: sha256_hex(&weights), created_at: now_rfc3339(), ..Default::default() };
     bus.announce(&Announcement::new(CheckpointEvent::Created, &metadata, weights.len() as u64)).await?;
+    bus.shared().await?.set_active(&Active { version: 1, sha256: metadata.sha256.clone(), epoch: 0 }, None).await?;
     let mut publisher = bus.frame_publisher("bench");
     for i in 0..frames {
         publisher.send(&frame(i)).await?;

@@ -1,6 +1,7 @@
 //! The CLI's tools that are not the daemon: `wmvae encode` ([`encode`]),
 //! `wmvae publish` ([`publish`]), `wmvae buffer export` ([`export`]), the
-//! benches ([`bench`], [`bench_daemon`], [`bench_encoders`]), a local nats-server child for
+//! benches ([`bench`], [`bench_daemon`], [`bench_encoders`],
+//! [`bench_failover`]), a local nats-server child for
 //! benches and tests ([`nats_server`]) and progress bars ([`progress`]).
 //!
 //! Each is a thin driver over the library's rooms; none holds logic the
@@ -9,6 +10,7 @@
 pub mod bench;
 pub mod bench_daemon;
 pub mod bench_encoders;
+pub mod bench_failover;
 pub mod encode;
 pub mod export;
 pub mod nats_server;

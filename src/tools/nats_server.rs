@@ -1,6 +1,7 @@
 //! A local nats-server child process with JetStream (`sync_interval:
 //! always`) on a free loopback port and its own store directory, for
-//! benches and tests. The server is killed when this is dropped.
+//! benches and tests, and a cluster of them; a server can be SIGKILLed and
+//! restarted on the same port and store. Killed when dropped.
 //!
 //! Process management only: clients connect through `bus`.
 
@@ -21,7 +22,9 @@ const MAX_FILE_STORE_BYTES: u64 = 64 << 30;
 pub struct LocalNats {
     child: Child,
     pub url: String,
-    _dir: tempfile::TempDir,
+    port: u16,
+    binary: PathBuf,
+    dir: tempfile::TempDir,
 }
 
 /// The venv's nats-server beside the working directory, else the one on PATH.
@@ -42,35 +45,58 @@ impl LocalNats {
     /// As [`LocalNats::start`], with `extra` appended to the server's
     /// config (authorization, TLS, operator mode ...).
     pub fn start_with(binary: &Path, extra: &str) -> Result<LocalNats> {
-        let dir = tempfile::tempdir()?;
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let conf = dir.path().join("nats.conf");
+        Self::start_on(binary, port, extra)
+    }
+
+    fn start_on(binary: &Path, port: u16, extra: &str) -> Result<LocalNats> {
+        let dir = tempfile::tempdir()?;
         let store = dir.path().join("js");
-        let log = dir.path().join("nats.log");
-        std::fs::write(&conf, format!(
+        std::fs::write(dir.path().join("nats.conf"), format!(
                 "listen: 127.0.0.1:{port}\njetstream {{ store_dir: {store:?}, sync_interval: always, max_file_store: {MAX_FILE_STORE_BYTES} }}\n{extra}\n"
             ))?;
-        let child = Command::new(binary)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .with_context(|| format!("starting {} (run scripts/setup)", binary.display()))?;
-        let mut server = LocalNats { child, url: format!("nats://127.0.0.1:{port}"), _dir: dir };
-        let deadline = Instant::now() + START_TIMEOUT;
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = server.child.try_wait()? {
-                let said = std::fs::read_to_string(&log).unwrap_or_default();
-                bail!("nats-server exited at start ({status}): {}", said.trim());
-            }
-            if Instant::now() > deadline {
-                bail!("nats-server did not listen on port {port} within {START_TIMEOUT:?}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(server)
+        let child = spawn(binary, dir.path(), port)?;
+        Ok(LocalNats { child, url: format!("nats://127.0.0.1:{port}"), port, binary: binary.to_owned(), dir })
     }
+
+    /// SIGKILL: the server gets no chance to step down or flush.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same port, config and store (after
+    /// [`LocalNats::kill`]).
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.child = spawn(&self.binary, self.dir.path(), self.port)?;
+        Ok(())
+    }
+}
+
+/// Runs nats-server on `dir`'s config until it listens on `port`.
+fn spawn(binary: &Path, dir: &Path, port: u16) -> Result<Child> {
+    let log = dir.join("nats.log");
+    let mut child = Command::new(binary)
+        .arg("-c")
+        .arg(dir.join("nats.conf"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log)?)
+        .spawn()
+        .with_context(|| format!("starting {} (run scripts/setup)", binary.display()))?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = child.try_wait()? {
+            let said = std::fs::read_to_string(&log).unwrap_or_default();
+            bail!("nats-server exited at start ({status}): {}", said.trim());
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("nats-server did not listen on port {port} within {START_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(child)
 }
 
 /// A JetStream cluster of local nats-servers on one host, for tests.
@@ -93,6 +119,12 @@ impl LocalCluster {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(LocalCluster { servers })
+    }
+
+    /// The server with `server_name` `name` (as JetStream names a stream's leader).
+    pub fn named(&mut self, name: &str) -> Option<&mut LocalNats> {
+        let index: usize = name.strip_prefix('n')?.parse().ok()?;
+        self.servers.get_mut(index.checked_sub(1)?)
     }
 
     /// Every server's URL, comma-separated, as `[nats] url` takes them.

@@ -1,0 +1,64 @@
+//! Reading what the cluster holds, from outside, for the benches and tests
+//! that check it: a stream's messages whole (an ordered consumer, no
+//! durable state left behind) and which server leads a stream's replicas.
+//! Not on the daemon's paths: those consume through `feed`.
+
+use super::Bus;
+use anyhow::{bail, Context, Result};
+use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
+use futures::StreamExt;
+use std::time::Duration;
+
+/// Longest read of a whole stream before giving up.
+const READ_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// One message as a stream stored it.
+#[derive(Debug, Clone)]
+pub struct StoredMessage {
+    pub subject: String,
+    /// Its `Nats-Msg-Id`, when it was published with one.
+    pub id: Option<String>,
+    pub payload: bytes::Bytes,
+}
+
+impl Bus {
+    /// The `server_name` of the server leading stream `name`'s replicas
+    /// now; None while it has no leader (an election) or is not clustered.
+    pub async fn stream_leader(&self, name: &str) -> Result<Option<String>> {
+        let mut stream = self.js.get_stream(name).await.with_context(|| format!("stream {name}"))?;
+        let info = stream.info().await.with_context(|| format!("reading stream {name}"))?;
+        Ok(info.cluster.as_ref().and_then(|c| c.leader.clone()))
+    }
+
+    /// Every message stream `name` holds now, oldest first.
+    pub async fn stream_messages(&self, name: &str) -> Result<Vec<StoredMessage>> {
+        let mut stream = self.js.get_stream(name).await.with_context(|| format!("stream {name}"))?;
+        let (messages, last) = {
+            let state = &stream.info().await.with_context(|| format!("reading stream {name}"))?.state;
+            (state.messages, state.last_sequence)
+        };
+        if messages == 0 {
+            return Ok(Vec::new());
+        }
+        let consumer = stream
+            .create_consumer(OrderedConfig { deliver_policy: DeliverPolicy::All, ..Default::default() })
+            .await
+            .with_context(|| format!("reading stream {name}"))?;
+        let mut stored = consumer.messages().await.with_context(|| format!("reading stream {name}"))?;
+        let mut out = Vec::with_capacity(messages as usize);
+        let read = async {
+            while let Some(message) = stored.next().await {
+                let message = message.with_context(|| format!("reading stream {name}"))?;
+                let sequence = message.info().map_err(|e| anyhow::anyhow!("{e}"))?.stream_sequence;
+                let id = message.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.to_string());
+                out.push(StoredMessage { subject: message.subject.to_string(), id, payload: message.payload.clone() });
+                if sequence >= last {
+                    return Ok(());
+                }
+            }
+            bail!("stream {name} ended early")
+        };
+        tokio::time::timeout(READ_TIMEOUT, read).await.with_context(|| format!("reading stream {name} took over {READ_TIMEOUT:?}"))??;
+        Ok(out)
+    }
+}

@@ -1,0 +1,300 @@
+//! `wmvae bench failover`: what a crash costs on a 3-node JetStream cluster
+//! on this host. Two `wmvae serve` processes (trainer and encoder roles,
+//! node ids `a` and `b`, `[nats] replicas = 3`) while frames stream in at a
+//! steady rate, each publish awaited until stored (retried through
+//! elections with its `Nats-Msg-Id`, as rollout workers do):
+//!
+//! 1. the server leading `WM_FRAMES` is SIGKILLed, then restarted on the
+//!    same port and store: `stream_failover_s`, kill to the first publish
+//!    acked again;
+//! 2. the node holding the training lease is SIGKILLed: `trainer_failover_s`, kill to
+//!    the standby's first training step; `trainer_failover_checkpoint_s`,
+//!    to its first announced version; `steps_lost`, the leader's step at
+//!    the kill less the active version's step the standby resumes from;
+//! 3. every acked frame must have exactly one latent in `WM_LATENTS`:
+//!    `acked_frames_lost`, `duplicate_latents`.
+//!
+//! Drives real processes from outside through NATS; decides nothing.
+
+use super::bench_daemon::{frame, frame_name};
+use super::nats_server::LocalCluster;
+use crate::bus::messages::{Announcement, CheckpointEvent};
+use crate::bus::service::Endpoint;
+use crate::bus::Bus;
+use crate::config::Config;
+use crate::daemon::status::{LeaseRole, Status};
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// The source the bench publishes as (latent ids are `<source>/<episode>/<step>`).
+const SOURCE: &str = "bench";
+/// Steps between checkpoints on the trainer nodes: the default (1000) takes
+/// minutes on a CPU; `steps_lost` is bounded by this.
+const CHECKPOINT_EVERY_STEPS: u64 = 50;
+/// Frames in the buffer before training starts.
+const MIN_FRAMES: u64 = 200;
+/// Redelivery of frames the killed node held unacked: shorter than the
+/// default 30 s, so the bench ends sooner; it changes no figure above.
+const ACK_WAIT_SECS: u64 = 5;
+/// The longest any one phase may take before the bench gives up.
+const PHASE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Lines of each node's log shown when the bench fails.
+const LOG_LINES: usize = 15;
+/// How often the bench looks.
+const POLL: Duration = Duration::from_millis(50);
+
+#[derive(Debug, Clone)]
+pub struct FailoverOptions {
+    /// Frames published per second, each awaited until stored.
+    pub rate: f64,
+    /// `[node] lease_ttl_secs` of both trainer nodes.
+    pub lease_ttl_secs: u64,
+    pub nats_server: PathBuf,
+}
+
+/// The two `wmvae serve` processes, killed when dropped.
+struct Nodes(Vec<(String, Child)>);
+
+impl Nodes {
+    fn start(&mut self, id: &str, url: &str, dir: &Path, ttl: u64) -> Result<()> {
+        let exe = std::env::current_exe().context("locating the wmvae binary")?;
+        let log = std::fs::File::create(dir.join(format!("{id}.log")))?;
+        let child = Command::new(exe)
+            .args(["serve", "--nats-url", url, "--data-dir"])
+            .arg(dir.join(id))
+            .env("WMVAE_NODE__ID", id)
+            .env("WMVAE_NODE__LEASE_TTL_SECS", ttl.to_string())
+            .env("WMVAE_NATS__REPLICAS", "3")
+            .env("WMVAE_TRAIN__DEVICE", "cpu")
+            .env("WMVAE_TRAIN__THREADS", "1")
+            .env("WMVAE_TRAIN__MIN_FRAMES", MIN_FRAMES.to_string())
+            .env("WMVAE_TRAIN__CHECKPOINT_EVERY_STEPS", CHECKPOINT_EVERY_STEPS.to_string())
+            .env("WMVAE_INGEST__ACK_WAIT_SECS", ACK_WAIT_SECS.to_string())
+            .env("WMVAE_HTTP__ADDR", "")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting node {id}"))?;
+        self.0.push((id.to_string(), child));
+        Ok(())
+    }
+
+    /// SIGKILL: no chance to release the lease or ack.
+    fn kill(&mut self, id: &str) -> Result<()> {
+        let (_, child) = self.0.iter_mut().find(|(n, _)| n == id).context("no such node")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
+    /// SIGTERM to `id`; whether it then exited 0 within a minute.
+    fn terminate(&mut self, id: &str) -> Result<bool> {
+        let (_, child) = self.0.iter_mut().find(|(n, _)| n == id).context("no such node")?;
+        Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.success());
+            }
+            std::thread::sleep(POLL);
+        }
+        Ok(false)
+    }
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Polls `check` until it answers Some, or fails after [`PHASE_TIMEOUT`].
+async fn wait_for<T, F, Fut>(what: &str, check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    wait_at_most(PHASE_TIMEOUT, what, check).await
+}
+
+/// As [`wait_for`], giving up after `timeout`.
+async fn wait_at_most<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(found) = check().await {
+            return Ok(found);
+        }
+        if Instant::now() > deadline {
+            bail!("gave up waiting for {what} after {timeout:?}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// What the publisher saw: each stored frame's index and when its ack came.
+#[derive(Default)]
+struct Acks {
+    stored: Vec<(u64, Instant)>,
+    failed: u64,
+}
+
+/// Publishes frame 0, 1, ... at `rate`, each awaited until stored, until `stop`.
+async fn publish(bus: Bus, rate: f64, acks: Arc<Mutex<Acks>>, stop: CancellationToken) {
+    let mut publisher = bus.frame_publisher(SOURCE);
+    let start = tokio::time::Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    for i in 0.. {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep_until(start + interval * i as u32) => {}
+        }
+        match publisher.send_stored(&frame(i)).await {
+            Ok(()) => acks.lock().unwrap().stored.push((i, Instant::now())),
+            Err(e) => {
+                tracing::warn!("frame {i} not stored: {e:#}");
+                acks.lock().unwrap().failed += 1;
+            }
+        }
+    }
+}
+
+/// The created announcements in `WM_CHECKPOINTS`, oldest first.
+async fn created(bus: &Bus) -> Result<Vec<Announcement>> {
+    let messages = bus.stream_messages("WM_CHECKPOINTS").await?;
+    Ok(messages
+        .iter()
+        .filter_map(|m| rmp_serde::from_slice::<Announcement>(&m.payload).ok())
+        .filter(|a| a.event == CheckpointEvent::Created)
+        .collect())
+}
+
+async fn status(bus: &Bus) -> Option<Status> {
+    let bytes = bus.control_request(Endpoint::Status, Vec::new()).await.ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+pub async fn failover(options: &FailoverOptions) -> Result<Value> {
+    let dir = tempfile::tempdir()?;
+    let result = run(options, dir.path()).await;
+    // A failed run says what the nodes said last.
+    result.with_context(|| {
+        ["a", "b"]
+            .iter()
+            .filter_map(|id| std::fs::read_to_string(dir.path().join(format!("{id}.log"))).ok().map(|log| (id, log)))
+            .map(|(id, log)| format!("node {id}'s last words:\n{}", log.lines().rev().take(LOG_LINES).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")))
+            .collect::<Vec<_>>()
+            .join("\n")
+    })
+}
+
+async fn run(options: &FailoverOptions, dir: &Path) -> Result<Value> {
+    let ttl = options.lease_ttl_secs;
+    let mut cluster = LocalCluster::start(&options.nats_server, 3)?;
+    let mut config = Config::load(None)?;
+    config.nats.url = cluster.url();
+    config.nats.replicas = 3;
+    let bus = Bus::connect(&config).await?;
+    wait_for("the cluster's JetStream", || async { bus.migrate().await.ok() }).await?;
+
+    let mut nodes = Nodes(Vec::new());
+    nodes.start("a", &config.nats.url, dir, ttl)?;
+    let shared = bus.shared().await?;
+    wait_for("node a to lead", || async { (shared.holder().await.ok()?.as_deref() == Some("a")).then_some(()) }).await?;
+    nodes.start("b", &config.nats.url, dir, ttl)?;
+    wait_for("node b to serve", || async { bus.service_nodes().await.ok()?.iter().any(|n| n.id == "b").then_some(()) }).await?;
+
+    let acks = Arc::new(Mutex::new(Acks::default()));
+    let stop = CancellationToken::new();
+    let publisher = tokio::spawn(publish(bus.clone(), options.rate, acks.clone(), stop.clone()));
+    wait_for("node a's second version", || async { (shared.active().await.ok()??.0.version >= 2).then_some(()) }).await?;
+
+    // 1. The server leading WM_FRAMES.
+    let leader = wait_for("WM_FRAMES's leader", || async { bus.stream_leader("WM_FRAMES").await.ok()? }).await?;
+    let server = cluster.named(&leader).with_context(|| format!("no server named {leader}"))?;
+    server.kill();
+    let killed = Instant::now();
+    let acked = wait_for("a publish acked after the kill", || async { acks.lock().unwrap().stored.last().map(|(_, at)| *at).filter(|at| *at > killed) }).await?;
+    let stream_failover_s = (acked - killed).as_secs_f64();
+    server.restart()?;
+    wait_for("WM_FRAMES's leader after the restart", || async { bus.stream_leader("WM_FRAMES").await.ok()? }).await?;
+
+    // 2. The leading trainer node (a lease lost during step 1 may have moved it).
+    let leader = wait_for("the lease's holder", || async { shared.holder().await.ok()? }).await?;
+    let before = wait_for("the leader's status", || async { status(&bus).await.filter(|s| s.node_id == leader && s.lease == Some(LeaseRole::Leader)) }).await?;
+    nodes.kill(&leader)?;
+    let killed = Instant::now();
+    let standby = if leader == "a" { "b" } else { "a" };
+    let old_epoch = before.epoch.context("the leader reports no epoch")?;
+    let resumed_step = wait_for("the active version's step", || async {
+        let (active, _) = shared.active().await.ok()??;
+        created(&bus).await.ok()?.iter().find(|a| a.metadata.version == active.version).map(|a| a.metadata.step)
+    })
+    .await?;
+    let stepped = wait_for("the standby's first training step", || async {
+        status(&bus).await.filter(|s| s.node_id == standby && s.lease == Some(LeaseRole::Leader) && s.step > resumed_step as i64).map(|_| Instant::now())
+    })
+    .await?;
+    let announced = wait_for("the standby's first version", || async { created(&bus).await.ok()?.iter().any(|a| a.epoch > old_epoch).then(Instant::now) }).await?;
+
+    // 3. Every acked frame has exactly one latent.
+    stop.cancel();
+    publisher.await?;
+    let (acked_ids, failed): (HashSet<String>, u64) = {
+        let acks = acks.lock().unwrap();
+        (acks.stored.iter().map(|(i, _)| latent_id(*i)).collect(), acks.failed)
+    };
+    // Frames node a held unacked come back after the ack wait.
+    let patience = Duration::from_secs(ACK_WAIT_SECS + 60);
+    let latents = wait_at_most(patience, "a latent for every acked frame", || async {
+        let ids: Vec<String> = bus.stream_messages("WM_LATENTS").await.ok()?.into_iter().filter_map(|m| m.id).collect();
+        let unique: HashSet<&String> = ids.iter().collect();
+        acked_ids.iter().all(|id| unique.contains(id)).then_some(ids)
+    });
+    let (lost, duplicates) = match latents.await {
+        Ok(ids) => (0, ids.len() - ids.iter().collect::<HashSet<_>>().len()),
+        Err(_) => {
+            let ids: Vec<String> = bus.stream_messages("WM_LATENTS").await?.into_iter().filter_map(|m| m.id).collect();
+            let unique: HashSet<&String> = ids.iter().collect();
+            (acked_ids.iter().filter(|id| !unique.contains(id)).count(), ids.len() - unique.len())
+        }
+    };
+    let exited_cleanly = nodes.terminate(standby)?;
+
+    Ok(json!({
+        "bench": "failover",
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "servers": 3,
+        "rate": options.rate,
+        "lease_ttl_secs": ttl,
+        "checkpoint_every_steps": CHECKPOINT_EVERY_STEPS,
+        "stream_failover_s": stream_failover_s,
+        "trainer_failover_s": (stepped - killed).as_secs_f64(),
+        "trainer_failover_checkpoint_s": (announced - killed).as_secs_f64(),
+        "steps_lost": (before.step - resumed_step as i64).max(0),
+        "acked_frames": acked_ids.len(),
+        "publishes_failed": failed,
+        "acked_frames_lost": lost,
+        "duplicate_latents": duplicates,
+        "standby_exited_cleanly": exited_cleanly,
+    }))
+}
+
+/// The latent id of frame `i`: `<source>/<episode>/<step>`.
+fn latent_id(i: u64) -> String {
+    let (episode, step) = frame_name(i);
+    format!("{SOURCE}/{episode}/{step}")
+}
