@@ -16,6 +16,15 @@ use std::borrow::Cow;
 /// environments while bounding the memory a single message can ask for.
 pub const MAX_SIDE: u32 = 1024;
 /// Decoded PNG bytes allowed: a 1,024 x 1,024 RGB image plus slack.
+/// Longest `episode`: it goes into every store key and latent id of its
+/// frames; ids people write (UUIDs, paths) fit with room to spare.
+pub const MAX_EPISODE_BYTES: usize = 256;
+/// Largest `step`: 2^53 - 1, so JSON and float64 readers (the exports,
+/// Python) see every step exactly.
+pub const MAX_STEP: u64 = (1 << 53) - 1;
+/// Longest `action`: CarRacing's is 3, MuJoCo's tens; the cap bounds what
+/// one frame adds to every row of `buffer export` (padded to the widest).
+pub const MAX_ACTION_LEN: usize = 64;
 const MAX_PNG_DECODED_BYTES: usize = 4 * 1024 * 1024;
 
 /// One frame as publishers send it (field names pinned by the contract).
@@ -80,10 +89,17 @@ pub enum Reason {
     UnsupportedSize,
     /// The subject has no source after the prefix.
     BadSubject,
+    /// `episode` is empty or longer than [`MAX_EPISODE_BYTES`].
+    BadEpisode,
+    /// `step` is past [`MAX_STEP`].
+    BadStep,
+    /// `action` is longer than [`MAX_ACTION_LEN`] or not finite, or
+    /// `reward` is not finite.
+    BadTransition,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 12] = [
         Reason::MalformedMsgpack,
         Reason::InvalidField,
         Reason::BadDimensions,
@@ -93,6 +109,9 @@ impl Reason {
         Reason::BadPng,
         Reason::UnsupportedSize,
         Reason::BadSubject,
+        Reason::BadEpisode,
+        Reason::BadStep,
+        Reason::BadTransition,
     ];
 
     pub fn code(self) -> &'static str {
@@ -106,6 +125,9 @@ impl Reason {
             Reason::BadPng => "bad_png",
             Reason::UnsupportedSize => "unsupported_size",
             Reason::BadSubject => "bad_subject",
+            Reason::BadEpisode => "bad_episode",
+            Reason::BadStep => "bad_step",
+            Reason::BadTransition => "bad_transition",
         }
     }
 }
@@ -163,6 +185,23 @@ pub fn decode_frame(source: &str, payload: &Bytes, policy: Policy) -> Result<Fra
     }
     let msg: FrameMessage = rmp_serde::from_slice(payload).map_err(classify)?;
     let FrameMessage { episode, step, height, width, channels, pixels, encoding, action, reward, done } = msg;
+    if episode.is_empty() || episode.len() > MAX_EPISODE_BYTES {
+        return reject(Reason::BadEpisode, format!("episode is {} bytes, expected 1..={MAX_EPISODE_BYTES}", episode.len()));
+    }
+    if step > MAX_STEP {
+        return reject(Reason::BadStep, format!("step {step} is past {MAX_STEP}"));
+    }
+    if let Some(action) = &action {
+        if action.len() > MAX_ACTION_LEN {
+            return reject(Reason::BadTransition, format!("action has {} values, at most {MAX_ACTION_LEN}", action.len()));
+        }
+        if !action.iter().all(|a| a.is_finite()) {
+            return reject(Reason::BadTransition, "action holds NaN or infinity");
+        }
+    }
+    if reward.is_some_and(|r| !r.is_finite()) {
+        return reject(Reason::BadTransition, "reward is NaN or infinity");
+    }
     if height == 0 || width == 0 || height > MAX_SIDE || width > MAX_SIDE {
         return reject(Reason::BadDimensions, format!("{height}x{width} outside 1..={MAX_SIDE}"));
     }
@@ -290,5 +329,16 @@ mod tests {
         assert_eq!(reason(&message(32, 48).to_msgpack()), Reason::UnsupportedSize);
         assert!(decode(&message(32, 48).to_msgpack(), Policy::Resize).is_ok());
         assert_eq!(decode_frame("", &Bytes::from(full.clone()), Policy::WorldModels).unwrap_err().reason, Reason::BadSubject);
+        assert_eq!(reason(&FrameMessage { episode: String::new(), ..message(64, 64) }.to_msgpack()), Reason::BadEpisode);
+        assert_eq!(reason(&FrameMessage { episode: "e".repeat(MAX_EPISODE_BYTES + 1), ..message(64, 64) }.to_msgpack()), Reason::BadEpisode);
+        assert_eq!(reason(&FrameMessage { step: MAX_STEP + 1, ..message(64, 64) }.to_msgpack()), Reason::BadStep);
+        let transition = |action: Vec<f32>, reward: f64| message(64, 64).with_transition(action, reward, false).to_msgpack();
+        assert_eq!(reason(&transition(vec![0.0; MAX_ACTION_LEN + 1], 0.0)), Reason::BadTransition);
+        assert_eq!(reason(&transition(vec![0.0, f32::NAN, 0.0], 0.0)), Reason::BadTransition);
+        assert_eq!(reason(&transition(vec![0.0, f32::INFINITY, 0.0], 0.0)), Reason::BadTransition);
+        assert_eq!(reason(&transition(vec![0.0, 1.0, 0.0], f64::NAN)), Reason::BadTransition);
+        assert_eq!(reason(&transition(vec![0.0, 1.0, 0.0], f64::NEG_INFINITY)), Reason::BadTransition);
+        assert!(decode(&FrameMessage { episode: "e".repeat(MAX_EPISODE_BYTES), step: MAX_STEP, ..message(64, 64) }.to_msgpack(), Policy::WorldModels).is_ok());
+        assert!(decode(&transition(vec![0.0; MAX_ACTION_LEN], -1.0), Policy::WorldModels).is_ok());
     }
 }
