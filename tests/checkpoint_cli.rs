@@ -141,7 +141,15 @@ async fn live_commands_through_the_daemon() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     ok(cli(url, d, &["rollback", "1", "--reason", "bad run"]));
     streaming.await.unwrap();
-    // Frames after the rollback has returned: their latents must be past the switch.
+    // The encoder follows the cluster's active version, moved once the
+    // rollback is announced: frames sent after it switched must have
+    // latents past the switch.
+    let client = nats.client().await;
+    wait_until(Duration::from_secs(60), "the encoder to switch to v1", || async {
+        let Ok(reply) = client.request("wm.ctl.status", "".into()).await else { return false };
+        serde_json::from_slice::<serde_json::Value>(&reply.payload).is_ok_and(|s| s["encoder_version"] == 1)
+    })
+    .await;
     publish(&js, 200, 1, 25).await;
     wait_until(Duration::from_secs(120), "a version after the rollback", || async {
         announcements(&js).await.iter().skip_while(|a| a.event != CheckpointEvent::Rollback).any(|a| a.event == CheckpointEvent::Created)
@@ -207,6 +215,14 @@ async fn live_commands_through_the_daemon() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("decoder.deconv4.bias"));
     assert_eq!(imports(json(cli(url, d, &["history", "--json"]))), before, "a bad import changed the history");
+
+    // An import naming a published version's weights: refused, nothing deleted.
+    let reply = client.request("wm.ctl.checkpoints.import", br#"{"object": "vae/v2.safetensors"}"#.as_slice().into()).await.unwrap();
+    let code = reply.headers.as_ref().and_then(|h| h.get("Nats-Service-Error-Code")).map(|v| v.to_string());
+    assert_eq!(code.as_deref(), Some("400"), "{:?}", reply.headers);
+    let bucket = js.get_object_store("wm-checkpoints").await.unwrap();
+    assert!(bucket.get("vae/v2.safetensors").await.is_ok(), "a refused import deleted a published version's weights");
+    assert_eq!(imports(json(cli(url, d, &["history", "--json"]))), before);
     assert!(daemon.terminate().success());
 }
 

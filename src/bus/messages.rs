@@ -87,6 +87,14 @@ pub fn weights_object(version: u64) -> String {
     format!("vae/v{version}.safetensors")
 }
 
+/// Where uploads to import go; `checkpoints.import` takes no other name.
+pub const IMPORTS_PREFIX: &str = "imports/";
+
+/// Object-store name of an upload to import, `tag` naming the uploader's try.
+pub fn import_object(tag: &str) -> String {
+    format!("{IMPORTS_PREFIX}{tag}.safetensors")
+}
+
 
 /// The body of every `checkpoints.*` request.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -25,7 +25,7 @@ pub use feed::{Delivery, FrameFeed, REASON_HEADER, SUBJECT_HEADER};
 pub use inspect::StoredMessage;
 pub use publish::LatentPublisher;
 pub use migrate::{latest_store_schema, BusLimits, FrameConsumer, MigrationReport};
-pub use objects::CHECKPOINT_BUCKET;
+pub use objects::{TooLarge, CHECKPOINT_BUCKET};
 pub use publish::FramePublisher;
 pub use relay::RELAY_BYTES;
 

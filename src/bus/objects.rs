@@ -9,6 +9,22 @@ use futures::StreamExt;
 
 /// The checkpoint weights bucket (migration 0002).
 pub const CHECKPOINT_BUCKET: &str = "wm-checkpoints";
+/// An object larger than its reader accepts.
+#[derive(Debug)]
+pub struct TooLarge {
+    pub name: String,
+    pub size: u64,
+    pub max: u64,
+}
+
+impl std::fmt::Display for TooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} holds {} bytes, over the limit of {}", self.name, self.size, self.max)
+    }
+}
+
+impl std::error::Error for TooLarge {}
+
 impl Bus {
     async fn checkpoint_bucket(&self) -> Result<jetstream::object_store::ObjectStore> {
         self.js.get_object_store(CHECKPOINT_BUCKET).await.with_context(|| format!("object store {CHECKPOINT_BUCKET} (run wmvae migrate)"))
@@ -24,14 +40,28 @@ impl Bus {
 
     /// An object's bytes, if it is there.
     pub async fn get_object(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        self.get_object_at_most(name, u64::MAX).await
+    }
+
+    /// As [`Bus::get_object`], refusing ([`TooLarge`]) an object over
+    /// `max` bytes before reading it, for names a request chose.
+    pub async fn get_object_at_most(&self, name: &str, max: u64) -> Result<Option<Vec<u8>>> {
         let bucket = self.checkpoint_bucket().await?;
-        let mut object = match bucket.get(name).await {
+        let object = match bucket.get(name).await {
             Ok(object) => object,
             Err(e) if e.kind() == jetstream::object_store::GetErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(anyhow!("getting {name}: {e}")),
         };
-        let mut bytes = Vec::new();
-        tokio::io::AsyncReadExt::read_to_end(&mut object, &mut bytes).await.with_context(|| format!("reading {name}"))?;
+        let size = object.info.size as u64;
+        if size > max {
+            return Err(TooLarge { name: name.to_string(), size, max }.into());
+        }
+        let mut bytes = Vec::with_capacity(size as usize);
+        // At most one byte past `max`, whatever the object's info said.
+        tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::AsyncReadExt::take(object, max.saturating_add(1)), &mut bytes).await.with_context(|| format!("reading {name}"))?;
+        if bytes.len() as u64 > max {
+            return Err(TooLarge { name: name.to_string(), size: bytes.len() as u64, max }.into());
+        }
         Ok(Some(bytes))
     }
 

@@ -4,7 +4,7 @@
 //! Either way the answers are the same types, from `versions` and `store`.
 //! No rendering here (`render.rs`), and no flag parsing (`main.rs`).
 
-use crate::bus::messages::{weights_object, CheckpointRequest};
+use crate::bus::messages::{import_object, weights_object, CheckpointRequest};
 use crate::bus::service::{Endpoint, ServiceError};
 use crate::bus::Bus;
 use crate::config::Config;
@@ -170,10 +170,15 @@ impl Backend {
         versions::check_weights(bytes, origin, config)?;
         match self {
             Backend::Live(bus) => {
-                let object = format!("imports/{}-{}.safetensors", std::process::id(), sha256_hex(bytes));
+                let object = import_object(&format!("{}-{}", std::process::id(), sha256_hex(bytes)));
                 bus.put_object(&object, bytes).await?;
-                let request = CheckpointRequest { version: None, by: Some(by.into()), reason: reason.map(str::to_string), object: Some(object) };
-                ask(bus, Endpoint::Import, &request).await
+                let request = CheckpointRequest { version: None, by: Some(by.into()), reason: reason.map(str::to_string), object: Some(object.clone()) };
+                let imported = ask(bus, Endpoint::Import, &request).await;
+                if imported.is_err() {
+                    // Refused: the daemon keeps the upload; it is this command's to remove.
+                    let _ = bus.delete_object(&object).await;
+                }
+                imported
             }
             Backend::Offline(store, _) => Ok(versions::import(store, None, bytes, origin, config, by, reason)?.metadata),
         }

@@ -14,9 +14,9 @@
 
 use super::encoder::EncoderHandle;
 use super::status::StatusBoard;
-use crate::bus::messages::CheckpointRequest;
+use crate::bus::messages::{CheckpointRequest, IMPORTS_PREFIX};
 use crate::bus::service::{Endpoint, Handler, Reply, ServiceError};
-use crate::bus::Bus;
+use crate::bus::{Bus, TooLarge};
 use crate::config::Config;
 use crate::frames::wire;
 use crate::store::{InUse, Store, UnknownVersion};
@@ -27,6 +27,11 @@ use futures::TryFutureExt;
 use serde::Serialize;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
+
+/// The largest upload `checkpoints.import` reads: the World Models VAE's
+/// weights are ~17 MB in f32; this leaves room for a wider z or f64 and
+/// bounds what one request makes the leader hold in memory.
+const MAX_IMPORT_BYTES: u64 = 256 << 20;
 
 /// A request for the trainer, carried out between two steps
 /// (`commands.rs`), with where its answer goes.
@@ -164,17 +169,21 @@ async fn answer_trainer(ctx: &Context, trainer: TrainerSide, endpoint: Endpoint,
         }
         Endpoint::Import => {
             let object = request.object.clone().ok_or_else(|| BadRequest("request lacks \"object\"".into()))?;
-            let weights = ctx.bus.get_object(&object).await?.ok_or_else(|| BadRequest(format!("no uploaded object {object}")))?;
-            let checked = versions::check_weights(&weights, &object, &ctx.config).map_err(|e| BadRequest(format!("{e:#}")));
-            let imported = match checked {
-                Ok(()) => {
-                    let (origin, reason) = (object.clone(), request.reason.clone());
-                    ask_trainer(&commands, |reply| Command::Import { weights, origin, by, reason, reply }).await
-                }
-                Err(e) => Err(e.into()),
+            if !object.starts_with(IMPORTS_PREFIX) {
+                return Err(BadRequest(format!("only uploads under {IMPORTS_PREFIX} can be imported, not {object}")).into());
+            }
+            let weights = match ctx.bus.get_object_at_most(&object, MAX_IMPORT_BYTES).await {
+                Ok(Some(weights)) => weights,
+                Ok(None) => return Err(BadRequest(format!("no uploaded object {object}")).into()),
+                Err(e) if e.downcast_ref::<TooLarge>().is_some() => return Err(BadRequest(format!("{e:#}")).into()),
+                Err(e) => return Err(e),
             };
+            versions::check_weights(&weights, &object, &ctx.config).map_err(|e| BadRequest(format!("{e:#}")))?;
+            let (origin, reason) = (object.clone(), request.reason.clone());
+            let imported = ask_trainer(&commands, |reply| Command::Import { weights, origin, by, reason, reply }).await?;
+            // The upload is gone only once it is a version; a refused one stays for the operator to look at.
             ctx.bus.delete_object(&object).await?;
-            json(&imported?)
+            json(&imported)
         }
         Endpoint::Status | Endpoint::Encode => Err(anyhow!("{} is not a trainer endpoint", endpoint.name())),
     }
