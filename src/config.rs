@@ -162,6 +162,8 @@ impl Serialize for Secret {
 pub struct ServeConfig {
     /// What this process does: trainer, encoder, or both.
     pub roles: Roles,
+    /// After the shutdown signal, how long the daemon still tries to reach NATS.
+    pub shutdown_grace_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -350,6 +352,9 @@ impl Config {
         }
         if self.node.id.contains(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_')) {
             bail!("node.id may hold only letters, digits, '-' and '_' (it names a consumer)");
+        }
+        if self.serve.shutdown_grace_secs == 0 {
+            bail!("serve.shutdown_grace_secs must be at least 1");
         }
         if !(self.serve.roles.trainer || self.serve.roles.encoder) {
             bail!("serve.roles must name at least one role: trainer, encoder");

@@ -55,7 +55,7 @@ impl Trainer {
 
     /// A foreign model becomes the next version, active, with fresh Adam state.
     fn import(&mut self, weights: &[u8], origin: &str, by: &str, reason: Option<&str>) -> Result<Metadata> {
-        let version = self.allocate_version()?;
+        let version = self.allocate_version(None)?;
         let checkpoint = Arc::new(versions::import(&self.store, Some(version), weights, origin, &self.config, by, reason)?);
         self.learner.restore(&checkpoint)?;
         let metadata = checkpoint.metadata.clone();

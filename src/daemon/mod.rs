@@ -47,22 +47,46 @@ use tokio_util::sync::CancellationToken;
 const EVENT_QUEUE: usize = 16;
 /// How often leader-only serving looks at the lease: well under a TTL.
 const LEASE_POLL: Duration = Duration::from_millis(200);
+/// How often shutdown looks whether the trainer thread has ended.
+const THREAD_POLL: Duration = Duration::from_millis(20);
 /// Operator commands waiting for the trainer: operators are few.
 const COMMAND_QUEUE: usize = 16;
 
-/// One token cancelled by SIGTERM or Ctrl-C, passed down to every task.
+/// One token cancelled by SIGTERM or Ctrl-C, passed down to every task. A
+/// second signal ends the process at once (exit 1): the operator's way out
+/// of a shutdown that waits on NATS.
 pub fn shutdown_on_signals() -> Result<CancellationToken> {
     let token = CancellationToken::new();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let cancel = token.clone();
     tokio::spawn(async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => tracing::info!("Ctrl-C: shutting down"),
-            _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("Ctrl-C: shutting down (again to exit at once)"),
+            _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down (again to exit at once)"),
         }
         cancel.cancel();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = sigterm.recv() => {}
+        }
+        eprintln!("error: a second signal: exiting at once; acked frames are in the store, unacked ones are redelivered, unannounced versions go out at the next start");
+        std::process::exit(1);
     });
     Ok(token)
+}
+
+/// Awaits `task` until `deadline`; past it, aborts it and says what is left
+/// (None).
+async fn until<T>(deadline: tokio::time::Instant, what: &str, left: &str, task: JoinHandle<T>) -> Result<Option<T>> {
+    let abort = task.abort_handle();
+    match tokio::time::timeout_at(deadline, task).await {
+        Ok(done) => Ok(Some(done.with_context(|| format!("{what} task"))?)),
+        Err(_) => {
+            abort.abort();
+            tracing::warn!("{what}: not done within the shutdown grace; {left}");
+            Ok(None)
+        }
+    }
 }
 
 /// The learner resumed from this store's active version, if it has one;
@@ -153,13 +177,21 @@ impl TrainerRole {
     /// After shutdown: ingest's batches in flight committed and acked, the
     /// last checkpoint written, every checkpoint event published, then the
     /// lease released so a standby takes over at once.
-    async fn finish(self) -> Result<()> {
-        let ingested = self.ingest.await.context("ingest task")?;
-        let trained = tokio::task::spawn_blocking(move || self.thread.join()).await?.map_err(|_| anyhow!("the trainer thread panicked"))?;
+    async fn finish(self, deadline: tokio::time::Instant) -> Result<()> {
+        let ingested = until(deadline, "ingest", "frames not acked yet are redelivered", self.ingest).await?.unwrap_or(Ok(()));
+        // The trainer thread needs no NATS to write its last checkpoint, but
+        // it may wait on the event queue while NATS is away.
+        while !self.thread.is_finished() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(THREAD_POLL).await;
+        }
+        let trained = match self.thread.is_finished() {
+            true => self.thread.join().map_err(|_| anyhow!("the trainer thread panicked"))?,
+            false => Err(anyhow!("the trainer thread did not stop within the shutdown grace")),
+        };
         drop(self.commands);
-        self.publisher.await.context("checkpoint publisher")?;
+        until(deadline, "checkpoint publisher", "unannounced versions go out at the next start", self.publisher).await?;
         self.lease_stop.cancel();
-        let contended = self.contender.await.context("lease task")?;
+        let contended = until(deadline, "lease", "the lease lapses by itself", self.contender).await?.unwrap_or(Ok(()));
         self.store.flush()?;
         tracing::info!("store flushed");
         ingested.context("ingest").and(trained.context("trainer")).and(contended.context("lease"))
@@ -244,13 +276,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
 
     // Every part runs until the shutdown signal; the first to fail sends it.
     shutdown.cancelled().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(config.serve.shutdown_grace_secs);
     let controlled = control.await.context("control task")?;
     let controlled = match leader_control {
         Some(task) => controlled.and(task.await.context("leader control task")?),
         None => controlled,
     };
     let trained = match trainer {
-        Some(trainer) => trainer.finish().await,
+        Some(trainer) => trainer.finish(deadline).await,
         None => Ok(()),
     };
     let served = match http {
@@ -260,11 +293,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let encoded = match encoder {
         Some(Encoder { handle, task }) => {
             drop(handle);
-            task.await.context("encoder task")?
+            until(deadline, "encoder", "frames not acked yet are redelivered", task).await?.unwrap_or(Ok(()))
         }
         None => Ok(()),
     };
-    bus.flush().await?;
+    // Unreachable NATS is no failure of this shutdown: the next start catches up.
+    if let Err(e) = bus.flush().await {
+        tracing::warn!("{e:#}; what did not reach NATS goes out at the next start");
+    }
     tracing::info!("bye");
     trained.and(controlled).and(served).and(encoded)
 }

@@ -36,11 +36,16 @@ impl Trainer {
         self.active.as_ref().context("no active version yet: this node has not led")
     }
 
-    /// A version number unique across nodes.
-    pub(super) fn allocate_version(&self) -> Result<u64> {
+    /// A version number unique across nodes, waited for at most `within`.
+    pub(super) fn allocate_version(&self, within: Option<Duration>) -> Result<u64> {
         self.leading()?;
         let at_least = self.store.registry().next_free()?;
-        self.runtime.block_on(self.shared.allocate_version(at_least))
+        let allocation = self.shared.allocate_version(at_least);
+        match within {
+            None => self.runtime.block_on(allocation),
+            // The timer is made inside the runtime: this thread is not one of its.
+            Some(limit) => self.runtime.block_on(async { tokio::time::timeout(limit, allocation).await }).map_err(|_| anyhow!("NATS did not answer within {limit:?}"))?,
+        }
     }
 
     /// Not leading: say so, refuse queued operator commands, wait a moment.
@@ -100,7 +105,7 @@ impl Trainer {
 
     /// A new cluster: this node's fresh weights become the first version.
     fn start_fresh(&mut self) -> Result<()> {
-        let version = self.allocate_version()?;
+        let version = self.allocate_version(None)?;
         let metadata = Metadata { created_at: now_rfc3339(), config: serde_json::to_value(&self.config)?, ..Default::default() };
         let learner = &self.learner;
         let checkpoint = self.store.registry().add(Some(version), |version| learner.snapshot(Metadata { version, ..metadata }), Change::Initial, "wmvae", None)?;

@@ -147,7 +147,16 @@ impl Trainer {
         self.status.update(|s| s.state = Some(TrainerState::Stopping));
         drop(sampler);
         if run.since_checkpoint.steps > 0 && self.lease.epoch().is_some() {
-            self.checkpoint(&mut run)?;
+            // Its number comes from NATS: waited for at most half the
+            // shutdown grace, so a stop without NATS still ends in time.
+            let limit = Duration::from_secs(self.config.serve.shutdown_grace_secs) / 2;
+            match self.allocate_version(Some(limit)) {
+                Ok(version) => self.write_checkpoint(version, &mut run)?,
+                Err(e) => tracing::warn!(
+                    steps = run.since_checkpoint.steps,
+                    "the steps since the last checkpoint were not checkpointed: no version number ({e:#}); training resumes from the active version"
+                ),
+            }
         }
         Ok(())
     }
@@ -219,6 +228,12 @@ impl Trainer {
     /// makes it active, hands it to the daemon to publish (encoders follow
     /// the announcement), and applies retention.
     fn checkpoint(&mut self, run: &mut Run) -> Result<()> {
+        let version = self.allocate_version(None)?;
+        self.write_checkpoint(version, run)
+    }
+
+    /// [`Trainer::checkpoint`] as `version`, a number already allocated.
+    fn write_checkpoint(&mut self, version: u64, run: &mut Run) -> Result<()> {
         let train = std::mem::take(&mut run.since_checkpoint).mean();
         let eval = self.evaluate()?;
         if eval.is_some_and(|e| !e.total.is_finite()) || train.is_some_and(|t| !t.total.is_finite()) {
@@ -239,7 +254,6 @@ impl Trainer {
             sha256: String::new(),
             config: serde_json::to_value(&self.config)?,
         };
-        let version = self.allocate_version()?;
         let learner = &self.learner;
         let checkpoint = self.store.registry().add(Some(version), |version| learner.snapshot(Metadata { version, ..metadata }), Change::Trained, "wmvae", None)?;
         let m = &checkpoint.metadata;

@@ -18,6 +18,11 @@ impl NatsServer {
         NatsServer { url: server.url.clone(), server }
     }
 
+    /// SIGKILL: the server is gone, as after a crash.
+    pub fn kill(&mut self) {
+        self.server.kill();
+    }
+
     pub async fn client(&self) -> async_nats::Client {
         async_nats::connect(&self.server.url).await.unwrap()
     }
@@ -60,6 +65,16 @@ impl Daemon {
         let mut child = self.child.take().unwrap();
         Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
         wait_with_timeout(&mut child, Duration::from_secs(60))
+    }
+
+    /// Sends `signal` (TERM, STOP, ...) and goes on.
+    pub fn signal(&self, signal: &str) {
+        assert!(Command::new("kill").args([&format!("-{signal}"), &self.pid().to_string()]).status().unwrap().success());
+    }
+
+    /// Waits for the exit, at most `timeout` (then it panics).
+    pub fn wait(mut self, timeout: Duration) -> ExitStatus {
+        wait_with_timeout(self.child.as_mut().unwrap(), timeout)
     }
 
     /// SIGKILL: no chance to clean up.

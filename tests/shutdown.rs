@@ -1,0 +1,65 @@
+//! Shutdown is bounded, against a real daemon whose nats-server went away:
+//! SIGTERM flushes the store and exits 0 within the shutdown grace (what did
+//! not reach NATS goes out at the next start); a second SIGTERM exits at
+//! once.
+
+mod common;
+
+use async_nats::jetstream;
+use common::nats::{wait_for_ingest_consumer, wait_until, Daemon, NatsServer};
+use common::frames;
+use std::time::{Duration, Instant};
+use wmvae::frames::wire::FrameMessage;
+
+const ENV: &[(&str, &str)] = &[
+    ("WMVAE_TRAIN__MIN_FRAMES", "50"),
+    ("WMVAE_TRAIN__BATCH_SIZE", "16"),
+    ("WMVAE_TRAIN__CHECKPOINT_EVERY_STEPS", "10"),
+    ("WMVAE_TRAIN__SAMPLES_PER_INSERT", "0"),
+    ("WMVAE_TRAIN__THREADS", "1"),
+    ("WMVAE_SERVE__SHUTDOWN_GRACE_SECS", "5"),
+];
+
+/// A daemon that has trained (so it has versions to announce) and whose
+/// nats-server was then SIGKILLed.
+async fn stranded(dir: &std::path::Path, env: &[(&str, &str)]) -> Daemon {
+    let mut nats = NatsServer::start();
+    let daemon = Daemon::start(&nats.url, dir, env);
+    let js = jetstream::new(nats.client().await);
+    wait_for_ingest_consumer(&js).await;
+    for (i, px) in frames(100, 64, 64).chunks(12288).enumerate() {
+        let msg = FrameMessage::rgb("e", i as u64, 64, 64, px);
+        js.publish("wm.frames.car", msg.to_msgpack().into()).await.unwrap().await.unwrap();
+    }
+    wait_until(Duration::from_secs(120), "a trained version", || async { daemon.logs().contains("checkpoint version=2") }).await;
+    nats.kill();
+    daemon
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_without_nats_exits_0_within_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = stranded(dir.path(), ENV).await;
+    let asked = Instant::now();
+    daemon.signal("TERM");
+    let logs_dir = daemon.data_dir.clone();
+    let status = daemon.wait(Duration::from_secs(60));
+    let took = asked.elapsed();
+    let logs: String = std::fs::read_dir(&logs_dir).unwrap().flatten().map(|e| std::fs::read_to_string(e.path()).unwrap_or_default()).collect();
+    assert!(status.success(), "{status}: {logs}");
+    // 5 s of grace, plus the last checkpoint and the bounded NATS flush.
+    assert!(took < Duration::from_secs(30), "shutdown took {took:?}: {logs}");
+    assert!(logs.contains("store flushed"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let env: Vec<(&str, &str)> = ENV.iter().copied().filter(|(k, _)| !k.ends_with("GRACE_SECS")).chain([("WMVAE_SERVE__SHUTDOWN_GRACE_SECS", "600")]).collect();
+    let daemon = stranded(dir.path(), &env).await;
+    daemon.signal("TERM");
+    wait_until(Duration::from_secs(10), "the first signal to be seen", || async { daemon.logs().contains("SIGTERM: shutting down") }).await;
+    daemon.signal("TERM");
+    let status = daemon.wait(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1), "{status}");
+}
