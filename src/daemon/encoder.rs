@@ -115,33 +115,94 @@ pub fn start(bus: &Bus, config: &Config, device: Device, status: StatusBoard, sh
 /// weights (the newest, when several came meanwhile), fetched and checked
 /// against the sha256 `active` names, go to the worker; `loaded` turns true
 /// after the first. An announcement alone moves nothing: a former leader's
-/// can't reach the encoders.
+/// can't reach the encoders. NATS failing under it (an election, a lost
+/// server) is waited out: the watch is made again and a fetch retried, with
+/// the current weights kept meanwhile.
 async fn follow(bus: Bus, queue: mpsc::Sender<Work>, loaded: watch::Sender<bool>, shutdown: CancellationToken) -> Result<()> {
     let shared = bus.shared().await?;
-    let mut updates = Box::pin(shared.watch_active().await?);
-    loop {
-        let next = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            next = updates.next() => next,
+    let mut pause = Backoff::default();
+    let mut current: Option<(u64, String)> = None;
+    while !shutdown.is_cancelled() {
+        let mut updates = match shared.watch_active().await {
+            Ok(updates) => Box::pin(updates),
+            Err(e) => {
+                tracing::warn!("encoder: {e:#}; watching again in {:?}", pause.next);
+                pause.wait(&shutdown).await;
+                continue;
+            }
         };
-        let Some(update) = next else { bail!("the watch of the active version ended") };
-        let (active, newer) = update?;
-        if newer > 0 {
-            continue;
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                next = updates.next() => next,
+            };
+            let (active, newer) = match next {
+                Some(Ok(update)) => update,
+                Some(Err(e)) => {
+                    tracing::warn!("encoder: {e:#}; watching again");
+                    break;
+                }
+                None => {
+                    tracing::warn!("encoder: the watch of the active version ended; watching again");
+                    break;
+                }
+            };
+            if newer > 0 || current.as_ref() == Some(&(active.version, active.sha256.clone())) {
+                continue;
+            }
+            let version = active.version;
+            let weights = loop {
+                match bus.get_object(&weights_object(version)).await {
+                    Ok(weights) => break weights,
+                    Err(e) => {
+                        tracing::warn!(version, "encoder: fetching the active version's weights: {e:#}; trying again in {:?}", pause.next);
+                        if !pause.wait(&shutdown).await {
+                            return Ok(());
+                        }
+                    }
+                }
+            };
+            pause = Backoff::default();
+            let Some(weights) = weights else {
+                tracing::warn!(version, "the active version's weights are not in the object store; keeping the current ones");
+                continue;
+            };
+            if sha256_hex(&weights) != active.sha256 {
+                tracing::error!(version, "the object store's weights do not match the active version's sha256; keeping the current ones");
+                continue;
+            }
+            if queue.send(Work::Switch { version, weights }).await.is_err() {
+                return Ok(());
+            }
+            current = Some((version, active.sha256));
+            loaded.send_replace(true);
         }
-        let version = active.version;
-        let Some(weights) = bus.get_object(&weights_object(version)).await? else {
-            tracing::warn!(version, "the active version's weights are not in the object store; keeping the current ones");
-            continue;
-        };
-        if sha256_hex(&weights) != active.sha256 {
-            tracing::error!(version, "the object store's weights do not match the active version's sha256; keeping the current ones");
-            continue;
+        pause.wait(&shutdown).await;
+    }
+    Ok(())
+}
+
+/// Pauses between tries against NATS: doubling from 100 ms to 5 s, well
+/// under an election's few seconds at first, then not hammering a lost server.
+struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff { next: Duration::from_millis(100) }
+    }
+}
+
+impl Backoff {
+    /// Sleeps the next pause; false when `shutdown` came first.
+    async fn wait(&mut self, shutdown: &CancellationToken) -> bool {
+        let pause = self.next;
+        self.next = (self.next * 2).min(Duration::from_secs(5));
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = tokio::time::sleep(pause) => true,
         }
-        if queue.send(Work::Switch { version, weights }).await.is_err() {
-            return Ok(());
-        }
-        loaded.send_replace(true);
     }
 }
 
