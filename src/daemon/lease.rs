@@ -3,10 +3,12 @@
 //! `wm-lease`: `create` takes it (its revision then is the leader's
 //! **epoch**), an `update` with the held revision every third of the TTL
 //! renews it, and a clean stop deletes it with that revision so a standby
-//! takes over at once. A renewal refused (the key is another's now), or
-//! not done within two thirds of the TTL (failures such as an election
-//! are tried again until then), makes this node a standby at once, before
-//! the TTL could have run out: [`Lease::epoch`] answers None from then on. A standby watches the key and takes it when
+//! takes over at once. A renewal that fails stops this node's training,
+//! checkpoints and announcements at once ([`Lease::epoch`] answers None);
+//! one refused (the key is another's now), or not done within two thirds
+//! of the TTL, makes it a standby, before the TTL could have run out.
+//! Other failures (an election of the bucket's leader) are tried again
+//! meanwhile, and a renewal that succeeds lets it lead on, same epoch. A standby watches the key and takes it when
 //! it is free. Deciding, not doing: the trainer and the announcer ask.
 
 use crate::bus::kv::{Conflict, LeaseEvent, Shared};
@@ -18,7 +20,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// Pause between tries of a renewal that failed without a refusal: a
-/// bucket's leader election takes a few seconds, the lease trusts itself
+/// bucket's leader election takes a few seconds, the lease can't lapse
 /// for two thirds of the TTL.
 const RENEW_RETRY: Duration = Duration::from_millis(250);
 
@@ -27,6 +29,9 @@ const RENEW_RETRY: Duration = Duration::from_millis(250);
 struct Held {
     epoch: u64,
     renewed_at: Instant,
+    /// A renewal failed and is being tried again: nothing is done under
+    /// this epoch until one succeeds.
+    failing: bool,
 }
 
 /// A handle on this node's leadership; clones share it.
@@ -40,10 +45,22 @@ pub struct Lease {
 
 impl Lease {
     /// The epoch while this node holds a fresh lease; None on a standby,
-    /// and from the moment a renewal is late or refused.
+    /// and from the moment a renewal fails or is late.
     pub fn epoch(&self) -> Option<u64> {
         let held = *self.held.lock().unwrap();
-        held.filter(|h| h.renewed_at.elapsed() < self.trust).map(|h| h.epoch)
+        held.filter(|h| !h.failing && h.renewed_at.elapsed() < self.trust).map(|h| h.epoch)
+    }
+
+    /// Whether the lease, renewed or not now, can't have lapsed yet.
+    fn fresh(&self) -> bool {
+        self.held.lock().unwrap().is_some_and(|h| h.renewed_at.elapsed() < self.trust)
+    }
+
+    /// Marks renewals failing (or not any more), keeping the lease.
+    fn set_failing(&self, failing: bool) {
+        if let Some(h) = self.held.lock().unwrap().as_mut() {
+            h.failing = failing;
+        }
     }
 
     /// Gives leadership up here at once (another node moved the active
@@ -80,7 +97,7 @@ async fn contend(shared: Shared, holder: String, ttl: Duration, lease: Lease, st
 /// Holds the lease until a renewal fails or `stop`, which releases it.
 async fn lead(shared: &Shared, holder: &str, mut revision: u64, renew_every: Duration, lease: &Lease, stop: &CancellationToken) {
     let epoch = revision;
-    *lease.held.lock().unwrap() = Some(Held { epoch, renewed_at: Instant::now() });
+    *lease.held.lock().unwrap() = Some(Held { epoch, renewed_at: Instant::now(), failing: false });
     tracing::info!(epoch, "lease: this node leads training");
     loop {
         tokio::select! {
@@ -103,7 +120,10 @@ async fn lead(shared: &Shared, holder: &str, mut revision: u64, renew_every: Dur
                 revision = renewed;
                 let mut held = lease.held.lock().unwrap();
                 if let Some(h) = held.as_mut() {
-                    h.renewed_at = Instant::now();
+                    if h.failing {
+                        tracing::info!(epoch, "lease: renewed again; leading on");
+                    }
+                    (h.renewed_at, h.failing) = (Instant::now(), false);
                 }
             }
             Err(e) => {
@@ -116,15 +136,18 @@ async fn lead(shared: &Shared, holder: &str, mut revision: u64, renew_every: Dur
 }
 
 /// One renewal: a refusal (another node holds the key now) is final; any
-/// other failure (an election of the bucket's leader, a reconnect) is tried
-/// again every [`RENEW_RETRY`] while the lease is still fresh here.
+/// other failure (an election of the bucket's leader, a reconnect) stops
+/// this node's work under the lease at once ([`Lease::epoch`] is None) and
+/// is tried again every [`RENEW_RETRY`] while the lease can't have lapsed;
+/// a renewal that then succeeds lets it lead on under the same epoch.
 async fn renew(shared: &Shared, holder: &str, revision: u64, lease: &Lease, stop: &CancellationToken) -> Result<u64> {
     loop {
         match shared.renew(holder, revision).await {
             Ok(renewed) => return Ok(renewed),
-            Err(e) if e.downcast_ref::<Conflict>().is_some() || lease.epoch().is_none() || stop.is_cancelled() => return Err(e),
+            Err(e) if e.downcast_ref::<Conflict>().is_some() || !lease.fresh() || stop.is_cancelled() => return Err(e),
             Err(e) => {
-                tracing::warn!("lease: not renewed yet ({e:#}); trying again");
+                lease.set_failing(true);
+                tracing::warn!("lease: not renewed ({e:#}); paused, trying again");
                 tokio::time::sleep(RENEW_RETRY).await;
             }
         }

@@ -51,7 +51,7 @@ impl Trainer {
     /// Not leading: say so, refuse queued operator commands, wait a moment.
     pub(super) fn stand_by(&mut self) {
         if self.epoch.take().is_some() {
-            tracing::warn!("lost the training lease: training, checkpoints and announcements stop here");
+            tracing::warn!("not leading (the lease lost, or its renewal failing): training, checkpoints and announcements stop here");
         }
         self.status.update(|s| (s.state, s.lease, s.epoch) = (Some(TrainerState::Standby), Some(LeaseRole::Standby), None));
         while let Ok(command) = self.commands.try_recv() {
