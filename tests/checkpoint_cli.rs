@@ -5,23 +5,12 @@ mod common;
 
 use async_nats::jetstream;
 use common::nats::{wait_for_ingest_consumer, wait_until, Daemon, NatsServer};
-use common::{frames, torch_reference, wmvae};
+use common::{frames, torch_reference, wmvae, FAST};
 use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 use wmvae::bus::messages::{Announcement, CheckpointEvent, LatentMessage};
 use wmvae::frames::wire::FrameMessage;
-
-const FAST: &[(&str, &str)] = &[
-    ("WMVAE_TRAIN__MIN_FRAMES", "50"),
-    ("WMVAE_TRAIN__BATCH_SIZE", "16"),
-    ("WMVAE_TRAIN__CHECKPOINT_EVERY_STEPS", "10"),
-    ("WMVAE_TRAIN__EVAL_EVERY_STEPS", "10"),
-    ("WMVAE_TRAIN__KEEP_LAST", "1000"),
-    ("WMVAE_TRAIN__SAMPLES_PER_INSERT", "0"),
-    ("WMVAE_TRAIN__THREADS", "1"),
-    ("WMVAE_BUFFER__VALIDATION_FRACTION", "0.3"),
-];
 
 fn cli(nats_url: &str, data_dir: &Path, args: &[&str]) -> Output {
     eprintln!("wmvae checkpoint {args:?}");

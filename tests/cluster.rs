@@ -12,7 +12,7 @@ mod common;
 
 use async_nats::jetstream;
 use common::nats::{wait_for_consumer, wait_until, Daemon, NatsServer};
-use common::{frames, repo_root, wmvae};
+use common::{frames, repo_root, wmvae, FAST};
 use futures::StreamExt;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -24,20 +24,25 @@ use wmvae::tools::nats_server::LocalCluster;
 
 /// A trainer node that makes versions quickly, with a short lease.
 fn trainer_env(id: &'static str) -> Vec<(&'static str, &'static str)> {
-    vec![
-        ("WMVAE_SERVE__ROLES", "trainer"),
-        ("WMVAE_NODE__ID", id),
-        ("WMVAE_NODE__LEASE_TTL_SECS", "3"),
-        ("WMVAE_NATS__REPLICAS", "3"),
-        ("WMVAE_TRAIN__MIN_FRAMES", "50"),
-        ("WMVAE_TRAIN__BATCH_SIZE", "16"),
-        ("WMVAE_TRAIN__CHECKPOINT_EVERY_STEPS", "10"),
-        ("WMVAE_TRAIN__EVAL_EVERY_STEPS", "10"),
-        ("WMVAE_TRAIN__KEEP_LAST", "1000"),
-        ("WMVAE_TRAIN__SAMPLES_PER_INSERT", "0"),
-        ("WMVAE_TRAIN__THREADS", "1"),
-        ("WMVAE_BUFFER__VALIDATION_FRACTION", "0.3"),
-    ]
+    let node = [("WMVAE_SERVE__ROLES", "trainer"), ("WMVAE_NODE__ID", id), ("WMVAE_NODE__LEASE_TTL_SECS", "3"), ("WMVAE_NATS__REPLICAS", "3")];
+    FAST.iter().copied().chain(node).collect()
+}
+
+/// A 3-node cluster with trainer `t1` leading and `t2` standing by, after
+/// `versions` versions from t1.
+async fn two_trainers(versions: usize) -> (LocalCluster, jetstream::Context, tempfile::TempDir, Daemon, Daemon) {
+    let cluster = LocalCluster::start(&repo_root().join(".venv/bin/nats-server"), 3).unwrap();
+    let url = cluster.url();
+    let js = jetstream::new(async_nats::connect(cluster.servers[0].url.as_str()).await.unwrap());
+    wait_until(Duration::from_secs(60), "the cluster's JetStream", || async { js.query_account().await.is_ok() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let first = Daemon::start(&url, &dir.path().join("t1"), &trainer_env("t1"));
+    wait_until(Duration::from_secs(60), "t1 to lead", || async { lease_holder(&js).await.as_deref() == Some("t1") }).await;
+    let second = Daemon::start(&url, &dir.path().join("t2"), &trainer_env("t2"));
+    wait_for_consumer(&js, "wmvae-ingest-t2").await;
+    publish(&js, 6, 25).await;
+    wait_until(Duration::from_secs(120), "versions from t1", || async { created(&js).await.len() >= versions }).await;
+    (cluster, js, dir, first, second)
 }
 
 async fn publish(js: &jetstream::Context, episodes: u64, steps: u64) {
@@ -74,18 +79,7 @@ async fn lease_holder(js: &jetstream::Context) -> Option<String> {
 /// number appears twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_standby_takes_over_when_the_leader_dies() {
-    let cluster = LocalCluster::start(&repo_root().join(".venv/bin/nats-server"), 3).unwrap();
-    let url = cluster.url();
-    let client = async_nats::connect(cluster.servers[0].url.as_str()).await.unwrap();
-    let js = jetstream::new(client);
-    wait_until(Duration::from_secs(60), "the cluster's JetStream", || async { js.query_account().await.is_ok() }).await;
-    let dir = tempfile::tempdir().unwrap();
-    let first = Daemon::start(&url, &dir.path().join("t1"), &trainer_env("t1"));
-    wait_until(Duration::from_secs(60), "t1 to lead", || async { lease_holder(&js).await.as_deref() == Some("t1") }).await;
-    let second = Daemon::start(&url, &dir.path().join("t2"), &trainer_env("t2"));
-    wait_for_consumer(&js, "wmvae-ingest-t2").await;
-    publish(&js, 6, 25).await;
-    wait_until(Duration::from_secs(120), "three versions from t1", || async { created(&js).await.len() >= 3 }).await;
+    let (_cluster, js, _dir, first, second) = two_trainers(3).await;
 
     first.kill();
     let before = created(&js).await;
@@ -109,17 +103,7 @@ async fn the_standby_takes_over_when_the_leader_dies() {
 /// `active` (what encoders follow); it sees by itself that it lost the lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_leader_comes_back_as_a_standby() {
-    let cluster = LocalCluster::start(&repo_root().join(".venv/bin/nats-server"), 3).unwrap();
-    let url = cluster.url();
-    let js = jetstream::new(async_nats::connect(cluster.servers[0].url.as_str()).await.unwrap());
-    wait_until(Duration::from_secs(60), "the cluster's JetStream", || async { js.query_account().await.is_ok() }).await;
-    let dir = tempfile::tempdir().unwrap();
-    let first = Daemon::start(&url, &dir.path().join("t1"), &trainer_env("t1"));
-    wait_until(Duration::from_secs(60), "t1 to lead", || async { lease_holder(&js).await.as_deref() == Some("t1") }).await;
-    let second = Daemon::start(&url, &dir.path().join("t2"), &trainer_env("t2"));
-    wait_for_consumer(&js, "wmvae-ingest-t2").await;
-    publish(&js, 6, 25).await;
-    wait_until(Duration::from_secs(120), "two versions from t1", || async { created(&js).await.len() >= 2 }).await;
+    let (_cluster, js, _dir, first, second) = two_trainers(2).await;
 
     // Every value `active` takes from now on.
     let meta = js.get_key_value("wm-meta").await.unwrap();

@@ -7,18 +7,10 @@ mod common;
 
 use async_nats::jetstream;
 use common::nats::{wait_for_ingest_consumer, wait_until, Daemon, NatsServer};
-use common::frames;
+use common::{frames, FAST};
 use std::time::{Duration, Instant};
 use wmvae::frames::wire::FrameMessage;
 
-const ENV: &[(&str, &str)] = &[
-    ("WMVAE_TRAIN__MIN_FRAMES", "50"),
-    ("WMVAE_TRAIN__BATCH_SIZE", "16"),
-    ("WMVAE_TRAIN__CHECKPOINT_EVERY_STEPS", "10"),
-    ("WMVAE_TRAIN__SAMPLES_PER_INSERT", "0"),
-    ("WMVAE_TRAIN__THREADS", "1"),
-    ("WMVAE_SERVE__SHUTDOWN_GRACE_SECS", "5"),
-];
 
 /// A daemon that has trained (so it has versions to announce) and whose
 /// nats-server was then SIGKILLed.
@@ -39,7 +31,8 @@ async fn stranded(dir: &std::path::Path, env: &[(&str, &str)]) -> Daemon {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_without_nats_exits_0_within_the_grace() {
     let dir = tempfile::tempdir().unwrap();
-    let daemon = stranded(dir.path(), ENV).await;
+    let env: Vec<(&str, &str)> = FAST.iter().copied().chain([("WMVAE_SERVE__SHUTDOWN_GRACE_SECS", "5")]).collect();
+    let daemon = stranded(dir.path(), &env).await;
     let asked = Instant::now();
     daemon.signal("TERM");
     let logs_dir = daemon.data_dir.clone();
@@ -55,7 +48,7 @@ async fn sigterm_without_nats_exits_0_within_the_grace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_sigterm_exits_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let env: Vec<(&str, &str)> = ENV.iter().copied().filter(|(k, _)| !k.ends_with("GRACE_SECS")).chain([("WMVAE_SERVE__SHUTDOWN_GRACE_SECS", "600")]).collect();
+    let env: Vec<(&str, &str)> = FAST.iter().copied().chain([("WMVAE_SERVE__SHUTDOWN_GRACE_SECS", "600")]).collect();
     let daemon = stranded(dir.path(), &env).await;
     daemon.signal("TERM");
     wait_until(Duration::from_secs(10), "the first signal to be seen", || async { daemon.logs().contains("SIGTERM: shutting down") }).await;

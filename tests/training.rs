@@ -7,26 +7,13 @@ mod common;
 
 use async_nats::jetstream;
 use common::nats::{wait_for_ingest_consumer, wait_until, Daemon, NatsServer};
-use common::{frames, wmvae};
+use common::{frames, wmvae, FAST};
 use futures::StreamExt;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 use wmvae::vae::checkpoint::sha256_hex;
 use wmvae::bus::messages::{Announcement, CheckpointEvent, LatentMessage};
 use wmvae::frames::wire::FrameMessage;
-
-/// Small, fast training for a 2-core CI box.
-const FAST: &[(&str, &str)] = &[
-    ("WMVAE_TRAIN__MIN_FRAMES", "50"),
-    ("WMVAE_TRAIN__BATCH_SIZE", "16"),
-    ("WMVAE_TRAIN__CHECKPOINT_EVERY_STEPS", "10"),
-    ("WMVAE_TRAIN__EVAL_EVERY_STEPS", "10"),
-    ("WMVAE_TRAIN__LOG_EVERY_STEPS", "10"),
-    ("WMVAE_TRAIN__KEEP_LAST", "1000"),
-    ("WMVAE_TRAIN__SAMPLES_PER_INSERT", "0"),
-    ("WMVAE_TRAIN__THREADS", "1"),
-    ("WMVAE_BUFFER__VALIDATION_FRACTION", "0.3"),
-];
 
 fn env(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
     FAST.iter().chain(extra).copied().collect()

@@ -64,4 +64,17 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Small, fast training for a 2-core CI box: `wmvae serve` environment.
+pub const FAST: &[(&str, &str)] = &[
+    ("WMVAE_TRAIN__MIN_FRAMES", "50"),
+    ("WMVAE_TRAIN__BATCH_SIZE", "16"),
+    ("WMVAE_TRAIN__CHECKPOINT_EVERY_STEPS", "10"),
+    ("WMVAE_TRAIN__EVAL_EVERY_STEPS", "10"),
+    ("WMVAE_TRAIN__LOG_EVERY_STEPS", "10"),
+    ("WMVAE_TRAIN__KEEP_LAST", "1000"),
+    ("WMVAE_TRAIN__SAMPLES_PER_INSERT", "0"),
+    ("WMVAE_TRAIN__THREADS", "1"),
+    ("WMVAE_BUFFER__VALIDATION_FRACTION", "0.3"),
+];
+
 pub mod nats;
