@@ -296,6 +296,8 @@ pub struct TrainConfig {
     pub divergence_factor: f64,
     /// Skipped steps in a row that trigger an automatic rollback.
     pub max_bad_steps: usize,
+    /// Automatic rollbacks in a row before training stops with an error.
+    pub max_auto_rollbacks: u32,
     pub checkpoint_every_steps: u64,
     /// Newest versions kept by retention (besides pinned, best and active).
     pub keep_last: usize,
@@ -394,6 +396,7 @@ impl Config {
             ("log_every_steps", self.train.log_every_steps),
             ("checkpoint_every_steps", self.train.checkpoint_every_steps),
             ("max_bad_steps", self.train.max_bad_steps as u64),
+            ("max_auto_rollbacks", self.train.max_auto_rollbacks as u64),
             ("keep_last", self.train.keep_last as u64),
         ] {
             if value == 0 {

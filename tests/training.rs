@@ -200,12 +200,14 @@ async fn resumes_after_sigkill() {
 }
 
 /// An absurd learning rate makes training diverge; the daemon skips the bad
-/// steps, rolls back to the last good version by itself, and announces it.
+/// steps, rolls back to the last good version by itself and announces it;
+/// each next rollback in a row goes one version further back, and once
+/// `max_auto_rollbacks` (or the versions) run out it stops, non-zero, saying why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rolls_back_by_itself_on_divergence() {
+async fn rolls_back_by_itself_on_divergence_then_stops() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(&nats.url, dir.path(), &env(&[("WMVAE_TRAIN__LEARNING_RATE", "1e6"), ("WMVAE_TRAIN__MAX_BAD_STEPS", "3")]));
+    let daemon = Daemon::start(&nats.url, dir.path(), &env(&[("WMVAE_TRAIN__LEARNING_RATE", "1e6"), ("WMVAE_TRAIN__MAX_BAD_STEPS", "3"), ("WMVAE_TRAIN__MAX_AUTO_ROLLBACKS", "2")]));
     let js = jetstream::new(nats.client().await);
     wait_for_ingest_consumer(&js).await;
     publish_frames(&js, 4, 20).await;
@@ -216,6 +218,11 @@ async fn rolls_back_by_itself_on_divergence() {
     let rollback = announcements(&js).await.into_iter().find(|a| a.event == CheckpointEvent::Rollback).unwrap();
     assert!(rollback.reason.as_deref().unwrap_or("").contains("automatic rollback on divergence"), "{rollback:?}");
     assert_eq!(rollback.to, Some(rollback.metadata.version));
-    assert!(daemon.logs().contains("automatic rollback on divergence"));
-    assert!(daemon.terminate().success());
+    // Every step diverges: v1 (the only version) has no parent to go back
+    // to, so the second attempt stops the daemon instead of looping.
+    let status = daemon.wait(Duration::from_secs(120));
+    let logs = std::fs::read_dir(dir.path()).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("serve-")).map(|e| std::fs::read_to_string(e.path()).unwrap()).collect::<String>();
+    assert!(!status.success(), "{logs}");
+    assert!(logs.contains("automatic rollback on divergence"), "{logs}");
+    assert!(logs.contains("training stopped: the loss diverged"), "{logs}");
 }

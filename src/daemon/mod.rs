@@ -166,6 +166,7 @@ impl TrainerRole {
             bus: bus.clone(),
             runtime: tokio::runtime::Handle::current(),
             epoch: None,
+            auto_rollbacks_in_a_row: 0,
         };
         let stop = shutdown.clone();
         let thread = std::thread::Builder::new().name("wmvae-trainer".into()).spawn(move || stop_on_error(trainer.run(), &stop))?;

@@ -20,7 +20,7 @@ use crate::config::{Config, TrainConfig};
 use crate::store::{Change, Split, Store};
 use crate::vae::checkpoint::{now_rfc3339, Checkpoint, Metadata};
 use crate::vae::learner::{Learner, LossValues};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -65,6 +65,8 @@ pub struct Trainer {
     pub runtime: tokio::runtime::Handle,
     /// The epoch this trainer took over under (None: not leading).
     pub epoch: Option<u64>,
+    /// Automatic rollbacks since the last version trained.
+    pub auto_rollbacks_in_a_row: u32,
 }
 
 /// The state of one run of training from the active version: reset when
@@ -177,14 +179,37 @@ impl Trainer {
         self.status.update(|s| s.skipped_steps += 1);
         tracing::warn!(loss = loss.total, bad_in_a_row = run.guard.bad_in_a_row, "step skipped: loss diverged");
         if run.guard.bad_in_a_row >= cfg.max_bad_steps {
-            let reason = format!("automatic rollback on divergence: {} bad steps in a row", run.guard.bad_in_a_row);
-            let version = self.active()?.metadata.version;
+            self.auto_rollbacks_in_a_row += 1;
+            let attempt = self.auto_rollbacks_in_a_row;
+            if attempt > cfg.max_auto_rollbacks {
+                bail!("training stopped: the loss diverged again after {} automatic rollbacks in a row (train.max_auto_rollbacks); look at the data and the learning rate, then roll back or import by hand", cfg.max_auto_rollbacks);
+            }
+            let Some(version) = self.rollback_target(attempt)? else {
+                bail!("training stopped: the loss diverged and no version before v{} is left to roll back to", self.active()?.metadata.version);
+            };
+            let reason = format!("automatic rollback on divergence: {} bad steps in a row (attempt {attempt} of {})", run.guard.bad_in_a_row, cfg.max_auto_rollbacks);
             self.roll_back(version, Change::AutoRollback, "wmvae", Some(reason.clone()))?;
             tracing::warn!(to = version, "{reason}");
             self.status.update(|s| s.auto_rollbacks += 1);
             *run = Run::from(self.active.as_deref(), cfg);
         }
         Ok(())
+    }
+
+    /// Where automatic rollback number `attempt` (since the last trained
+    /// version) returns: the active version, then each time one version
+    /// further back along its parents; None when that one is gone.
+    fn rollback_target(&self, attempt: u32) -> Result<Option<u64>> {
+        let mut version = self.active()?.metadata.version;
+        let registry = self.store.registry();
+        for _ in 1..attempt {
+            let Some(parent) = registry.metadata(version)?.and_then(|m| m.parent) else { return Ok(None) };
+            if registry.metadata(parent)?.is_none() {
+                return Ok(None);
+            }
+            version = parent;
+        }
+        Ok(Some(version))
     }
 
     /// The log line and the status board's train curve.
@@ -256,6 +281,7 @@ impl Trainer {
         };
         let learner = &self.learner;
         let checkpoint = self.store.registry().add(Some(version), |version| learner.snapshot(Metadata { version, ..metadata }), Change::Trained, "wmvae", None)?;
+        self.auto_rollbacks_in_a_row = 0;
         let m = &checkpoint.metadata;
         tracing::info!(version = m.version, parent = ?m.parent, step = m.step, eval_loss = ?m.eval_loss, "checkpoint");
         self.adopt(Arc::new(checkpoint))?;
