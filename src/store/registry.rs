@@ -189,10 +189,12 @@ impl Registry {
         Ok(checkpoint)
     }
 
-    /// Makes an existing version active. Returns the previous active version.
+    /// Makes an existing version active, once its stored bytes decode and
+    /// match their sha256 (a damaged version is never made active). Returns
+    /// the previous active version.
     pub fn activate(&self, version: u64, why: Change, by: &str, reason: Option<&str>) -> Result<Option<u64>> {
         let _guard = self.lock.lock().unwrap();
-        if !self.contains(version)? {
+        if self.get(version).with_context(|| format!("v{version} is not made active"))?.is_none() {
             return Err(UnknownVersion(version).into());
         }
         let mut batch = sled::Batch::default();
@@ -341,6 +343,25 @@ mod tests {
         let history: Vec<(Option<u64>, u64, Change)> = s.history().unwrap().into_iter().map(|h| (h.from, h.to, h.why)).collect();
         assert_eq!(history, [(None, 1, Change::Trained), (Some(1), 2, Change::Trained), (Some(2), 1, Change::Rollback), (Some(1), 3, Change::Trained)]);
         assert_eq!(s.get(3).unwrap().unwrap().weights, vec![3u8; 8]);
+    }
+
+    #[test]
+    fn a_damaged_version_is_never_made_active() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = store(dir.path());
+        let s = st.registry();
+        assert_eq!((add(s, 5.0), add(s, 4.0)), (1, 2));
+        // Flip the byte holding v1's weights (eight 1s: the envelope's last run of them).
+        let (chunk, mut bytes) = s.tree.scan_prefix(key(b'V', 1)).next().unwrap().unwrap();
+        let at = bytes.windows(8).rposition(|w| w == [1u8; 8]).unwrap();
+        let mut damaged = bytes.to_vec();
+        damaged[at] ^= 0xff;
+        bytes = damaged.into();
+        s.tree.insert(chunk, bytes).unwrap();
+        let refused = s.activate(1, Change::Rollback, "ops@host", None).unwrap_err();
+        assert!(format!("{refused:#}").contains("sha256"), "{refused:#}");
+        assert_eq!(s.active_version().unwrap(), Some(2));
+        assert!(s.activate(9, Change::Rollback, "ops@host", None).unwrap_err().downcast_ref::<UnknownVersion>().is_some());
     }
 
     #[test]
