@@ -113,11 +113,13 @@ impl FrameFeed {
         let mut batch = Vec::new();
         let mut deadline: Option<Instant> = None;
         while batch.len() < max {
-            if self.messages.is_none() {
-                let stream = self.consumer.stream().max_messages_per_batch(self.pull_batch).messages().await;
-                self.messages = Some(stream.context("opening the frame consumer")?);
-            }
-            let messages = self.messages.as_mut().expect("opened above");
+            let messages = match &mut self.messages {
+                Some(messages) => messages,
+                None => {
+                    let stream = self.consumer.stream().max_messages_per_batch(self.pull_batch).messages().await;
+                    self.messages.insert(stream.context("opening the frame consumer")?)
+                }
+            };
             // Before the first frame: wait indefinitely; after it: until the deadline.
             let deadline_or_never = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
             let next = tokio::select! {

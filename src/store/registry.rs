@@ -141,6 +141,13 @@ impl Registry {
         Ok(Registry { db: db.clone(), tree: db.open_tree("checkpoints")?, lock: Arc::default() })
     }
 
+    /// Holds the writers' lock. It guards no data of its own (each change
+    /// is one atomic sled batch), so a thread that panicked holding it left
+    /// nothing half-done: a poisoned lock is taken over, not a panic here.
+    fn serialised(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn counter(&self, name: &str) -> Result<Option<u64>> {
         self.tree.get(meta(name))?.map(|v| be_u64(&v)).transpose()
     }
@@ -167,7 +174,7 @@ impl Registry {
     /// across nodes, never below [`Registry::next_free`]) or the registry's
     /// next. Atomic and flushed before it returns.
     pub fn add(&self, given: Option<u64>, make: impl FnOnce(u64) -> Result<Checkpoint>, why: Change, by: &str, reason: Option<&str>) -> Result<Checkpoint> {
-        let _guard = self.lock.lock().unwrap();
+        let _guard = self.serialised();
         let next = self.next_free()?;
         let version = given.unwrap_or(next);
         if version < next {
@@ -193,7 +200,7 @@ impl Registry {
     /// match their sha256 (a damaged version is never made active). Returns
     /// the previous active version.
     pub fn activate(&self, version: u64, why: Change, by: &str, reason: Option<&str>) -> Result<Option<u64>> {
-        let _guard = self.lock.lock().unwrap();
+        let _guard = self.serialised();
         if self.get(version).with_context(|| format!("v{version} is not made active"))?.is_none() {
             return Err(UnknownVersion(version).into());
         }
@@ -245,7 +252,7 @@ impl Registry {
 
     /// Pins (kept by retention) or unpins a version.
     pub fn set_pinned(&self, version: u64, pinned: bool) -> Result<()> {
-        let _guard = self.lock.lock().unwrap();
+        let _guard = self.serialised();
         if !self.contains(version)? {
             return Err(UnknownVersion(version).into());
         }
@@ -260,7 +267,7 @@ impl Registry {
 
     /// Deletes a version (never the active one). Returns its metadata.
     pub fn delete(&self, version: u64) -> Result<Metadata> {
-        let _guard = self.lock.lock().unwrap();
+        let _guard = self.serialised();
         if self.counter("active")? == Some(version) {
             return Err(InUse(version).into());
         }
