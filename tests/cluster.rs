@@ -118,11 +118,11 @@ async fn a_paused_leader_comes_back_as_a_standby() {
         }
     });
 
-    signal(&first, "STOP");
+    first.signal("STOP");
     let old_epoch = created(&js).await.last().unwrap().epoch;
     wait_until(Duration::from_secs(60), "t2 to take the lease", || async { lease_holder(&js).await.as_deref() == Some("t2") }).await;
     wait_until(Duration::from_secs(120), "a version from t2", || async { created(&js).await.iter().any(|a| a.epoch > old_epoch) }).await;
-    signal(&first, "CONT");
+    first.signal("CONT");
     wait_until(Duration::from_secs(30), "t1 to see it lost the lease", || async { first.logs().contains("this node is a standby now") || first.logs().contains("lease: given up") }).await;
     // Time for anything t1 had queued to reach NATS, were it let through.
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -187,10 +187,6 @@ async fn replicas_and_lease_ttl_change_in_place() {
     assert_eq!(frames.info().await.unwrap().state.messages, 10, "frames kept");
     let lease = js.get_stream("KV_wm-lease").await.unwrap().info().await.unwrap().clone();
     assert_eq!(lease.config.max_age, Duration::from_secs(3));
-}
-
-fn signal(daemon: &Daemon, which: &str) {
-    assert!(std::process::Command::new("kill").args([&format!("-{which}"), &daemon.pid().to_string()]).status().unwrap().success());
 }
 
 /// Next to a single-node default, a trainer with its own id is a standby

@@ -207,7 +207,7 @@ async fn resumes_after_sigkill() {
 async fn rolls_back_by_itself_on_divergence_then_stops() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(&nats.url, dir.path(), &env(&[("WMVAE_TRAIN__LEARNING_RATE", "1e6"), ("WMVAE_TRAIN__MAX_BAD_STEPS", "3"), ("WMVAE_TRAIN__MAX_AUTO_ROLLBACKS", "2")]));
+    let mut daemon = Daemon::start(&nats.url, dir.path(), &env(&[("WMVAE_TRAIN__LEARNING_RATE", "1e6"), ("WMVAE_TRAIN__MAX_BAD_STEPS", "3"), ("WMVAE_TRAIN__MAX_AUTO_ROLLBACKS", "2")]));
     let js = jetstream::new(nats.client().await);
     wait_for_ingest_consumer(&js).await;
     publish_frames(&js, 4, 20).await;
@@ -221,7 +221,7 @@ async fn rolls_back_by_itself_on_divergence_then_stops() {
     // Every step diverges: v1 (the only version) has no parent to go back
     // to, so the second attempt stops the daemon instead of looping.
     let status = daemon.wait(Duration::from_secs(120));
-    let logs = std::fs::read_dir(dir.path()).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("serve-")).map(|e| std::fs::read_to_string(e.path()).unwrap()).collect::<String>();
+    let logs = daemon.logs();
     assert!(!status.success(), "{logs}");
     assert!(logs.contains("automatic rollback on divergence"), "{logs}");
     assert!(logs.contains("training stopped: the loss diverged"), "{logs}");

@@ -52,8 +52,7 @@ impl BenchDaemon {
     }
 
     async fn status(&self) -> Result<Status> {
-        let bytes = self.bus.control_request(crate::bus::service::Endpoint::Status, Vec::new()).await?;
-        serde_json::from_slice(&bytes).context("reading the daemon's status")
+        status(&self.bus).await
     }
 
     async fn stop(self) -> Result<()> {
@@ -73,6 +72,12 @@ pub(super) fn frame(i: u64) -> FrameMessage<'static> {
 /// ([`frame_index`] reads them back).
 pub(super) fn frame_name(i: u64) -> (String, u64) {
     (format!("bench-{}", i / FRAME_POOL), i % FRAME_POOL)
+}
+
+/// The status of whichever node answers `wm.ctl.status`.
+pub(super) async fn status(bus: &Bus) -> Result<Status> {
+    let bytes = bus.control_request(crate::bus::service::Endpoint::Status, Vec::new()).await?;
+    serde_json::from_slice(&bytes).context("reading the daemon's status")
 }
 
 /// Publishes `count` frames at `rate` frames/s from `start_index`; returns

@@ -16,13 +16,12 @@
 //!
 //! Drives real processes from outside through NATS; decides nothing.
 
-use super::bench_daemon::{frame, frame_name};
+use super::bench_daemon::{frame, frame_name, status};
 use super::nats_server::LocalCluster;
 use crate::bus::messages::{Announcement, CheckpointEvent};
-use crate::bus::service::Endpoint;
 use crate::bus::Bus;
 use crate::config::Config;
-use crate::daemon::status::{LeaseRole, Status};
+use crate::daemon::status::LeaseRole;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::collections::HashSet;
@@ -182,11 +181,6 @@ async fn created(bus: &Bus) -> Result<Vec<Announcement>> {
         .collect())
 }
 
-async fn status(bus: &Bus) -> Option<Status> {
-    let bytes = bus.control_request(Endpoint::Status, Vec::new()).await.ok()?;
-    serde_json::from_slice(&bytes).ok()
-}
-
 pub async fn failover(options: &FailoverOptions) -> Result<Value> {
     let dir = tempfile::tempdir()?;
     let result = run(options, dir.path()).await;
@@ -234,7 +228,7 @@ async fn run(options: &FailoverOptions, dir: &Path) -> Result<Value> {
 
     // 2. The leading trainer node (a lease lost during step 1 may have moved it).
     let leader = wait_for("the lease's holder", || async { shared.holder().await.ok()? }).await?;
-    let before = wait_for("the leader's status", || async { status(&bus).await.filter(|s| s.node_id == leader && s.lease == Some(LeaseRole::Leader)) }).await?;
+    let before = wait_for("the leader's status", || async { status(&bus).await.ok().filter(|s| s.node_id == leader && s.lease == Some(LeaseRole::Leader)) }).await?;
     nodes.kill(&leader)?;
     let killed = Instant::now();
     let standby = if leader == "a" { "b" } else { "a" };
@@ -245,7 +239,7 @@ async fn run(options: &FailoverOptions, dir: &Path) -> Result<Value> {
     })
     .await?;
     let stepped = wait_for("the standby's first training step", || async {
-        status(&bus).await.filter(|s| s.node_id == standby && s.lease == Some(LeaseRole::Leader) && s.step > resumed_step as i64).map(|_| Instant::now())
+        status(&bus).await.ok().filter(|s| s.node_id == standby && s.lease == Some(LeaseRole::Leader) && s.step > resumed_step as i64).map(|_| Instant::now())
     })
     .await?;
     let announced = wait_for("the standby's first version", || async { created(&bus).await.ok()?.iter().any(|a| a.epoch > old_epoch).then(Instant::now) }).await?;
@@ -257,21 +251,19 @@ async fn run(options: &FailoverOptions, dir: &Path) -> Result<Value> {
         let acks = acks.lock().unwrap();
         (acks.stored.iter().map(|(i, _)| latent_id(*i)).collect(), acks.failed)
     };
-    // Frames node a held unacked come back after the ack wait.
+    // Frames the killed node held unacked come back after the ack wait.
     let patience = Duration::from_secs(ACK_WAIT_SECS + 60);
-    let latents = wait_at_most(patience, "a latent for every acked frame", || async {
-        let ids: Vec<String> = bus.stream_messages("WM_LATENTS").await.ok()?.into_iter().filter_map(|m| m.id).collect();
+    let latent_ids = || async { bus.stream_messages("WM_LATENTS").await.map(|messages| messages.into_iter().filter_map(|m| m.id).collect::<Vec<String>>()) };
+    // Lost ones are counted below, after the wait gave up.
+    let _ = wait_at_most(patience, "a latent for every acked frame", || async {
+        let ids = latent_ids().await.ok()?;
         let unique: HashSet<&String> = ids.iter().collect();
-        acked_ids.iter().all(|id| unique.contains(id)).then_some(ids)
-    });
-    let (lost, duplicates) = match latents.await {
-        Ok(ids) => (0, ids.len() - ids.iter().collect::<HashSet<_>>().len()),
-        Err(_) => {
-            let ids: Vec<String> = bus.stream_messages("WM_LATENTS").await?.into_iter().filter_map(|m| m.id).collect();
-            let unique: HashSet<&String> = ids.iter().collect();
-            (acked_ids.iter().filter(|id| !unique.contains(id)).count(), ids.len() - unique.len())
-        }
-    };
+        acked_ids.iter().all(|id| unique.contains(id)).then_some(())
+    })
+    .await;
+    let ids = latent_ids().await?;
+    let unique: HashSet<&String> = ids.iter().collect();
+    let (lost, duplicates) = (acked_ids.iter().filter(|id| !unique.contains(id)).count(), ids.len() - unique.len());
     let exited_cleanly = nodes.terminate(standby)?;
 
     Ok(json!({

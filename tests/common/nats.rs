@@ -72,9 +72,9 @@ impl Daemon {
         assert!(Command::new("kill").args([&format!("-{signal}"), &self.pid().to_string()]).status().unwrap().success());
     }
 
-    /// Waits for the exit, at most `timeout` (then it panics).
-    pub fn wait(mut self, timeout: Duration) -> ExitStatus {
-        wait_with_timeout(self.child.as_mut().unwrap(), timeout)
+    /// Waits for the exit, at most `timeout` (then it panics); its logs stay readable.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        wait_with_timeout(&mut self.child.take().unwrap(), timeout)
     }
 
     /// SIGKILL: no chance to clean up.
