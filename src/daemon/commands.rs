@@ -42,13 +42,13 @@ impl Trainer {
     /// is announced (encoders follow it). Nothing changes if the version is
     /// unknown or its checkpoint does not load.
     pub(super) fn roll_back(&mut self, version: u64, why: Change, by: &str, reason: Option<String>) -> Result<Option<u64>> {
+        let epoch = self.leading()?;
         let to = Arc::new(versions::checkpoint(&self.store, version)?);
         self.learner.restore(&to)?;
         let from = self.store.registry().activate(version, why, by, reason.as_deref())?;
         self.active = Some(to.clone());
         self.status.update(|s| s.active_version = Some(version));
         let reason = reason.unwrap_or_else(|| why.to_string());
-        let epoch = self.leading()?;
         self.events.blocking_send(Event::Rollback { from, to, reason, epoch }).context("daemon event queue closed")?;
         Ok(from)
     }

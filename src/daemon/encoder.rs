@@ -16,6 +16,7 @@
 //! between two micro-batches, in the order `active` moved, so a latent names
 //! only a version that was announced and can be fetched.
 
+use super::backoff::Backoff;
 use super::status::{EncoderState, StatusBoard};
 use crate::bus::messages::{weights_object, LatentMessage};
 use futures::StreamExt;
@@ -180,30 +181,6 @@ async fn follow(bus: Bus, queue: mpsc::Sender<Work>, loaded: watch::Sender<bool>
         pause.wait(&shutdown).await;
     }
     Ok(())
-}
-
-/// Pauses between tries against NATS: doubling from 100 ms to 5 s, well
-/// under an election's few seconds at first, then not hammering a lost server.
-struct Backoff {
-    next: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Backoff {
-        Backoff { next: Duration::from_millis(100) }
-    }
-}
-
-impl Backoff {
-    /// Sleeps the next pause; false when `shutdown` came first.
-    async fn wait(&mut self, shutdown: &CancellationToken) -> bool {
-        let pause = self.next;
-        self.next = (self.next * 2).min(Duration::from_secs(5));
-        tokio::select! {
-            _ = shutdown.cancelled() => false,
-            _ = tokio::time::sleep(pause) => true,
-        }
-    }
 }
 
 /// Pulls micro-batches from `wmvae-encode` for the worker, once a version is loaded.

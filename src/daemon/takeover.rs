@@ -4,10 +4,13 @@
 //! object store (sha256 checked), so step, Adam moments and versions
 //! continue; then it fences older leaders by rewriting `active` under its
 //! epoch (compare-and-set), and catches NATS up with what its store holds.
-//! Version numbers come from `wm-meta` too, unique across nodes. A standby
+//! Version numbers come from `wm-meta` too, unique across nodes. A takeover
+//! that fails (the streams' leaders still being elected after a server was
+//! lost) is tried again, backing off, for [`TAKEOVER_PATIENCE`]. A standby
 //! refuses operator commands: the leader answers them.
 
 use super::announce;
+use super::backoff::Backoff;
 use super::control::Command;
 use super::status::{LeaseRole, TrainerState};
 use super::trainer::Trainer;
@@ -17,10 +20,20 @@ use crate::store::Change;
 use crate::vae::checkpoint::{now_rfc3339, Checkpoint, Metadata};
 use anyhow::{anyhow, bail, Context, Result};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long a standby sleeps between looks at the lease.
 const STANDBY_PAUSE: Duration = Duration::from_millis(100);
+/// How long a node holding the lease keeps trying to take over (NATS
+/// electing the leaders of a lost server's streams takes seconds) before
+/// it exits non-zero with the reason, releasing the lease to a standby.
+const TAKEOVER_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Failed tries at taking over, since when.
+pub(super) struct Retrying {
+    since: Instant,
+    pause: Backoff,
+}
 
 impl Trainer {
     /// The epoch this node leads under, or an error when it no longer does.
@@ -66,8 +79,26 @@ impl Trainer {
         std::thread::sleep(STANDBY_PAUSE);
     }
 
+    /// [`Trainer::take_over`], true once it leads; a failure is warned about
+    /// and waited out (false), and is the trainer's error after
+    /// [`TAKEOVER_PATIENCE`] of failing.
+    pub(super) fn take_over_or_wait(&mut self, epoch: u64, failing: &mut Option<Retrying>) -> Result<bool> {
+        let Err(e) = self.take_over(epoch) else {
+            *failing = None;
+            return Ok(true);
+        };
+        self.epoch = None;
+        let retrying = failing.get_or_insert_with(|| Retrying { since: Instant::now(), pause: Backoff::default() });
+        if retrying.since.elapsed() > TAKEOVER_PATIENCE {
+            return Err(e).context(format!("could not take over training for {TAKEOVER_PATIENCE:?}"));
+        }
+        tracing::warn!(epoch, "taking over training failed ({e:#}); trying again in {:?}", retrying.pause.next);
+        self.runtime.block_on(retrying.pause.wait(&self.shutdown));
+        Ok(false)
+    }
+
     /// Starts leading under `epoch`.
-    pub(super) fn take_over(&mut self, epoch: u64) -> Result<()> {
+    fn take_over(&mut self, epoch: u64) -> Result<()> {
         tracing::info!(epoch, "taking over training");
         self.epoch = Some(epoch);
         let registry = self.store.registry().clone();

@@ -30,6 +30,11 @@ use tokio_util::sync::CancellationToken;
 const EVAL_BATCHES: usize = 4;
 /// How long the loop sleeps while it waits for frames or is throttled.
 const IDLE_PAUSE: Duration = Duration::from_millis(50);
+/// How long a checkpoint waits for its version number from NATS (ms when
+/// NATS is well) before it is postponed: training goes on meanwhile.
+const ALLOCATE_PATIENCE: Duration = Duration::from_secs(5);
+/// Training time between tries of a postponed checkpoint.
+const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
 
 /// NATS work the trainer hands to the daemon, in order. `epoch` is the
 /// lease under which the trainer made the change: the announcer makes a
@@ -78,6 +83,10 @@ struct Run {
     since_log: LossWindow,
     since_checkpoint: LossWindow,
     log_started: Instant,
+    /// A checkpoint is due (its step passed) but not written yet.
+    checkpoint_due: bool,
+    /// A postponed checkpoint is not tried again before this.
+    checkpoint_not_before: Instant,
 }
 
 impl Run {
@@ -88,6 +97,8 @@ impl Run {
             since_log: LossWindow::default(),
             since_checkpoint: LossWindow::default(),
             log_started: Instant::now(),
+            checkpoint_due: false,
+            checkpoint_not_before: Instant::now(),
         }
     }
 
@@ -103,16 +114,20 @@ impl Trainer {
     pub fn run(mut self) -> Result<()> {
         let cfg = self.config.train.clone();
         let mut run = Run::from(self.active.as_deref(), &cfg);
+        let mut takeover = None;
         let sampler = Sampler::start(self.store.clone(), Split::Train, cfg.batch_size, cfg.min_frames)?;
         self.status.update(|s| (s.step, s.active_version) = (self.learner.steps(), self.active.as_ref().map(|a| a.metadata.version)));
         while !self.shutdown.is_cancelled() {
             // Leadership: a standby keeps its buffer current and waits; a new epoch takes over.
             let Some(epoch) = self.lease.epoch() else {
                 self.stand_by();
+                takeover = None;
                 continue;
             };
             if self.epoch != Some(epoch) {
-                self.take_over(epoch)?;
+                if !self.take_over_or_wait(epoch, &mut takeover)? {
+                    continue;
+                }
                 run = Run::from(self.active.as_deref(), &cfg);
             }
             // Operator commands between two steps; new weights start a new run.
@@ -142,7 +157,8 @@ impl Trainer {
             if step % cfg.eval_every_steps as i64 == 0 {
                 self.report_eval(step)?;
             }
-            if step % cfg.checkpoint_every_steps as i64 == 0 {
+            run.checkpoint_due |= step % cfg.checkpoint_every_steps as i64 == 0;
+            if run.checkpoint_due && Instant::now() >= run.checkpoint_not_before {
                 self.checkpoint(&mut run)?;
             }
         }
@@ -183,6 +199,9 @@ impl Trainer {
             let attempt = self.auto_rollbacks_in_a_row;
             if attempt > cfg.max_auto_rollbacks {
                 bail!("training stopped: the loss diverged again after {} automatic rollbacks in a row (train.max_auto_rollbacks); look at the data and the learning rate, then roll back or import by hand", cfg.max_auto_rollbacks);
+            }
+            if self.leading().is_err() {
+                return Ok(()); // not leading now: the loop stands by
             }
             let Some(version) = self.rollback_target(attempt)? else {
                 bail!("training stopped: the loss diverged and no version before v{} is left to roll back to", self.active()?.metadata.version);
@@ -251,10 +270,20 @@ impl Trainer {
 
     /// Writes the next version from the current weights (after an eval),
     /// makes it active, hands it to the daemon to publish (encoders follow
-    /// the announcement), and applies retention.
+    /// the announcement), and applies retention. Without a version number
+    /// (NATS electing a leader, the lease lost meanwhile) it is postponed.
     fn checkpoint(&mut self, run: &mut Run) -> Result<()> {
-        let version = self.allocate_version(None)?;
-        self.write_checkpoint(version, run)
+        match self.allocate_version(Some(ALLOCATE_PATIENCE)) {
+            Ok(version) => {
+                run.checkpoint_due = false;
+                self.write_checkpoint(version, run)
+            }
+            Err(e) => {
+                tracing::warn!(step = self.learner.steps(), "checkpoint postponed: no version number ({e:#}); trying again in {CHECKPOINT_RETRY:?}");
+                run.checkpoint_not_before = Instant::now() + CHECKPOINT_RETRY;
+                Ok(())
+            }
+        }
     }
 
     /// [`Trainer::checkpoint`] as `version`, a number already allocated.
