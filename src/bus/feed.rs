@@ -43,6 +43,12 @@ impl Delivery {
     }
 }
 
+/// First pause after a consumer error; doubled up to [`LONGEST_PAUSE`].
+const FIRST_PAUSE: Duration = Duration::from_millis(100);
+/// The longest pause between tries at a consumer that keeps failing: a
+/// server that comes back is read from within this.
+const LONGEST_PAUSE: Duration = Duration::from_secs(5);
+
 /// A durable pull consumer of WM_FRAMES, as batches of deliveries.
 pub struct FrameFeed {
     consumer: jetstream::consumer::Consumer<pull::Config>,
@@ -50,6 +56,11 @@ pub struct FrameFeed {
     subject_prefix: String,
     /// Messages asked of the server per pull request.
     pull_batch: usize,
+    /// How to make the durable consumer again when the server lost it
+    /// (None for the bench's ephemeral one).
+    remake: Option<(Bus, FrameConsumer)>,
+    /// The pause before the next try after an error.
+    pause: Duration,
 }
 
 impl Bus {
@@ -58,7 +69,9 @@ impl Bus {
         self.ensure_consumer(&which).await?;
         let stream = self.js.get_stream(FRAMES_STREAM).await.with_context(|| format!("stream {FRAMES_STREAM} (run wmvae migrate)"))?;
         let consumer = stream.get_consumer(&which.durable_name()).await.map_err(|e| anyhow!("consumer {}: {e}", which.durable_name()))?;
-        Ok(FrameFeed::over(consumer, self.subject("frames."), which.pull_batch()))
+        let mut feed = FrameFeed::over(consumer, self.subject("frames."), which.pull_batch());
+        feed.remake = Some((self.clone(), which));
+        Ok(feed)
     }
 
     /// The bench's baseline: a bare ephemeral pull consumer over WM_FRAMES
@@ -102,12 +115,35 @@ impl FrameFeed {
     /// A feed over `consumer`, whose subjects start with `subject_prefix`
     /// (`<prefix>.frames.`), pulling `pull_batch` messages at a time.
     pub(super) fn over(consumer: jetstream::consumer::Consumer<pull::Config>, subject_prefix: String, pull_batch: usize) -> FrameFeed {
-        FrameFeed { consumer, messages: None, subject_prefix, pull_batch }
+        FrameFeed { consumer, messages: None, subject_prefix, pull_batch, remake: None, pause: FIRST_PAUSE }
+    }
+
+    /// After an error: waits the next pause (false on `shutdown`).
+    async fn back_off(&mut self, shutdown: &CancellationToken) -> bool {
+        let pause = self.pause;
+        self.pause = (self.pause * 2).min(LONGEST_PAUSE);
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = tokio::time::sleep(pause) => true,
+        }
+    }
+
+    /// The pull stream could not be opened: the server may have lost the
+    /// stream or the consumer (restarted without its JetStream state).
+    /// Applies the migrations and makes the consumer again.
+    async fn remake_consumer(&mut self) -> Result<()> {
+        let Some((bus, which)) = &self.remake else { return Ok(()) };
+        bus.migrate().await?;
+        let stream = bus.js.get_stream(FRAMES_STREAM).await.with_context(|| format!("stream {FRAMES_STREAM}"))?;
+        bus.ensure_consumer(which).await?;
+        self.consumer = stream.get_consumer(&which.durable_name()).await.map_err(|e| anyhow!("consumer {}: {e}", which.durable_name()))?;
+        Ok(())
     }
 
     /// Waits for at least one frame, then gathers more until `max` or
-    /// `max_wait` after the first. Transient consumer errors are logged
-    /// and retried; the stream is re-opened if it ends.
+    /// `max_wait` after the first. Consumer errors are logged and retried,
+    /// backing off; the stream is re-opened if it ends, and the consumer
+    /// made again if it can't be (a server without its JetStream state).
     /// On `shutdown` it stops waiting and returns what it has (maybe nothing).
     pub async fn next_batch(&mut self, max: usize, max_wait: Duration, shutdown: &CancellationToken) -> Result<Vec<Delivery>> {
         let mut batch = Vec::new();
@@ -115,10 +151,19 @@ impl FrameFeed {
         while batch.len() < max {
             let messages = match &mut self.messages {
                 Some(messages) => messages,
-                None => {
-                    let stream = self.consumer.stream().max_messages_per_batch(self.pull_batch).messages().await;
-                    self.messages.insert(stream.context("opening the frame consumer")?)
-                }
+                None => match self.consumer.stream().max_messages_per_batch(self.pull_batch).messages().await {
+                    Ok(stream) => self.messages.insert(stream),
+                    Err(e) => {
+                        tracing::warn!("opening the frame consumer: {e}; making it again in {:?}", self.pause);
+                        if !self.back_off(shutdown).await {
+                            break;
+                        }
+                        if let Err(e) = self.remake_consumer().await {
+                            tracing::warn!("making the frame consumer again: {e:#}");
+                        }
+                        continue;
+                    }
+                },
             };
             // Before the first frame: wait indefinitely; after it: until the deadline.
             let deadline_or_never = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
@@ -137,10 +182,16 @@ impl FrameFeed {
                     let source = subject.strip_prefix(&self.subject_prefix).unwrap_or("").to_string();
                     batch.push(Delivery { source, subject, payload: message.payload, stream_sequence, received_at: std::time::Instant::now(), acker });
                     deadline.get_or_insert_with(|| Instant::now() + max_wait);
+                    self.pause = FIRST_PAUSE;
                 }
                 Some(Err(e)) => {
-                    tracing::warn!("frame consumer: {e}; retrying");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tracing::warn!("frame consumer: {e}; retrying in {:?}", self.pause);
+                    if self.pause == LONGEST_PAUSE {
+                        self.messages = None; // failing for seconds: open it again
+                    }
+                    if !self.back_off(shutdown).await {
+                        break;
+                    }
                 }
                 None => {
                     self.messages = None;

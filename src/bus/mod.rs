@@ -44,6 +44,8 @@ pub struct Bus {
     limits: BusLimits,
     /// Disconnections seen since connecting (each is followed by a reconnect attempt).
     disconnects: Arc<AtomicU64>,
+    /// Connections made, the first included: a new value is a reconnect.
+    connects: tokio::sync::watch::Receiver<u64>,
     client: async_nats::Client,
     js: jetstream::Context,
     prefix: String,
@@ -63,15 +65,18 @@ impl Bus {
 
     async fn open(config: &NatsConfig, limits: BusLimits, patience: Duration, once: bool) -> Result<Bus> {
         let disconnects = Arc::new(AtomicU64::new(0));
+        let (connected, connects) = tokio::sync::watch::channel(0u64);
+        let connected = Arc::new(connected);
         let make = || async {
-            let counter = disconnects.clone();
+            let (counter, connected) = (disconnects.clone(), connected.clone());
             let options = connection::options(config).await?.event_callback(move |event| {
-                let counter = counter.clone();
+                let (counter, connected) = (counter.clone(), connected.clone());
                 async move {
                     match event {
                         async_nats::Event::Disconnected => {
                             counter.fetch_add(1, Ordering::Relaxed);
                         }
+                        async_nats::Event::Connected => connected.send_modify(|n| *n += 1),
                         // Permission violations and the like: the server's words.
                         async_nats::Event::ServerError(e) => tracing::warn!("NATS server: {e}"),
                         _ => {}
@@ -83,7 +88,7 @@ impl Bus {
         let client = connection::connect(config, patience, make).await?;
         tracing::debug!(url = %config.url, auth = config.auth_kind(), "NATS connected");
         let js = jetstream::new(client.clone());
-        Ok(Bus { limits, disconnects, client, js, prefix: config.prefix.clone() })
+        Ok(Bus { limits, disconnects, connects, client, js, prefix: config.prefix.clone() })
     }
 
     /// Whether the connection to the server is up now.
@@ -100,6 +105,16 @@ impl Bus {
     /// Disconnections since the daemon connected (each one reconnects).
     pub fn disconnects(&self) -> u64 {
         self.disconnects.load(Ordering::Relaxed)
+    }
+
+    /// Waits for the next reconnect after this call (for ever when the
+    /// client is gone).
+    pub async fn reconnected(&self) {
+        let mut connects = self.connects.clone();
+        connects.mark_unchanged();
+        if connects.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 
     pub fn subject(&self, rest: &str) -> String {

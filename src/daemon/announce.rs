@@ -5,6 +5,7 @@
 //! store holds. Runs on the daemon's runtime; the trainer hands it
 //! [`Event`]s. It decides nothing about versions: the registry holds them.
 
+use super::backoff::Backoff;
 use super::lease::Lease;
 use super::trainer::Event;
 use crate::bus::kv::{Active, Conflict, Shared};
@@ -73,40 +74,79 @@ async fn activate(shared: &Shared, lease: &Lease, metadata: &Metadata, epoch: u6
     Ok(())
 }
 
-/// The trainer's events, in order, until the trainer is gone. A version is
-/// made active only while this node still leads under the event's epoch;
-/// then it is announced, then made active (encoders switch on that).
+/// One event out to NATS under its epoch, its announcement at most once
+/// (`announced` remembers it across tries); for a created version or a
+/// rollback, the version is then made active.
+async fn publish(bus: &Bus, shared: &Shared, lease: &Lease, event: &Event, announced: &mut bool) -> Result<()> {
+    match event {
+        Event::Created { checkpoint, epoch } => {
+            if !*announced {
+                publish_created(bus, checkpoint, *epoch).await?;
+                *announced = true;
+            }
+            activate(shared, lease, &checkpoint.metadata, *epoch).await
+        }
+        Event::Rollback { from, to, reason, epoch } => {
+            if !*announced {
+                let mut a = Announcement::new(CheckpointEvent::Rollback, &to.metadata, to.weights.len() as u64);
+                (a.from, a.to, a.reason, a.epoch) = (*from, Some(to.metadata.version), Some(reason.clone()), *epoch);
+                bus.announce(&a).await?;
+                *announced = true;
+            }
+            activate(shared, lease, &to.metadata, *epoch).await
+        }
+        Event::Deleted { metadata, .. } => {
+            if !*announced {
+                bus.delete_object(&weights_object(metadata.version)).await?;
+                bus.delete_object(&checkpoint_envelope_object(metadata.version)).await?;
+                bus.announce(&Announcement::new(CheckpointEvent::Deleted, metadata, 0)).await?;
+                *announced = true;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The trainer's events, in order, until the trainer is gone. Each is
+/// published only while this node leads under the event's epoch, and tried
+/// again, backing off, while it may still lead (a NATS election, a renewal
+/// failing); a version is announced, then made active (encoders switch on
+/// that), then its history entry is marked announced. An event given up
+/// (the lease lost) leaves its entry unannounced, for the next start.
 pub(super) async fn publish_events(bus: Bus, store: Store, shared: Shared, lease: Lease, mut events: mpsc::Receiver<Event>) {
     while let Some(event) = events.recv().await {
-        let result = match event {
-            Event::Created { checkpoint, epoch } => match lease.epoch() == Some(epoch) {
-                true => match publish_created(&bus, &checkpoint, epoch).await {
-                    Ok(()) => activate(&shared, &lease, &checkpoint.metadata, epoch).await,
-                    Err(e) => Err(e),
-                },
-                false => Err(anyhow!("v{} not published: this node no longer leads (epoch {epoch})", checkpoint.metadata.version)),
-            },
-            Event::Rollback { from, to, reason, epoch } => match lease.epoch() == Some(epoch) {
-                true => {
-                    let mut a = Announcement::new(CheckpointEvent::Rollback, &to.metadata, to.weights.len() as u64);
-                    (a.from, a.to, a.reason, a.epoch) = (from, Some(to.metadata.version), Some(reason), epoch);
-                    match bus.announce(&a).await {
-                        Ok(()) => activate(&shared, &lease, &to.metadata, epoch).await,
-                        Err(e) => Err(e),
-                    }
-                }
-                false => Err(anyhow!("the rollback to v{} not announced: this node no longer leads (epoch {epoch})", to.metadata.version)),
-            },
-            Event::Deleted(metadata) => match bus.delete_object(&weights_object(metadata.version)).await {
-                Ok(()) => match bus.delete_object(&checkpoint_envelope_object(metadata.version)).await {
-                    Ok(()) => bus.announce(&Announcement::new(CheckpointEvent::Deleted, &metadata, 0)).await,
-                    Err(e) => Err(e),
-                },
-                Err(e) => Err(e),
-            },
+        let (epoch, what) = match &event {
+            Event::Created { checkpoint, epoch } => (*epoch, format!("v{}", checkpoint.metadata.version)),
+            Event::Rollback { to, epoch, .. } => (*epoch, format!("the rollback to v{}", to.metadata.version)),
+            Event::Deleted { metadata, epoch } => (*epoch, format!("the deletion of v{}", metadata.version)),
         };
-        if let Err(e) = result.and_then(|()| store.registry().mark_history_announced()) {
-            tracing::error!("publishing a checkpoint event: {e:#}");
+        let (mut pause, mut announced) = (Backoff::default(), false);
+        loop {
+            let error = match lease.epoch() == Some(epoch) {
+                true => match publish(&bus, &shared, &lease, &event, &mut announced).await {
+                    Ok(()) => break mark_announced(&store, &event),
+                    Err(e) => e,
+                },
+                false => anyhow!("paused: the lease's renewal is failing"),
+            };
+            if !lease.may_lead(epoch) {
+                tracing::error!("{what} not published: this node no longer leads (epoch {epoch}); last error: {error:#}");
+                break;
+            }
+            tracing::warn!("publishing {what}: {error:#}; trying again in {:?}", pause.next);
+            pause.sleep().await;
         }
+    }
+}
+
+/// Marks the history entry of a published change announced.
+fn mark_announced(store: &Store, event: &Event) {
+    let (version, rollback) = match event {
+        Event::Created { checkpoint, .. } => (checkpoint.metadata.version, false),
+        Event::Rollback { to, .. } => (to.metadata.version, true),
+        Event::Deleted { .. } => return,
+    };
+    if let Err(e) = store.registry().mark_announced(version, rollback) {
+        tracing::error!("v{version} published, but not marked so in the store ({e:#}): the next start announces it again");
     }
 }

@@ -24,11 +24,16 @@ impl Default for Backoff {
 impl Backoff {
     /// Sleeps the next pause; false when `shutdown` came first.
     pub async fn wait(&mut self, shutdown: &CancellationToken) -> bool {
-        let pause = self.next;
-        self.next = (self.next * 2).min(LONGEST);
         tokio::select! {
             _ = shutdown.cancelled() => false,
-            _ = tokio::time::sleep(pause) => true,
+            _ = self.sleep() => true,
         }
+    }
+
+    /// Sleeps the next pause.
+    pub async fn sleep(&mut self) {
+        let pause = self.next;
+        self.next = (self.next * 2).min(LONGEST);
+        tokio::time::sleep(pause).await;
     }
 }

@@ -66,8 +66,9 @@ impl Trainer {
     /// Deletes a version (never the active one) and hands the removal of its
     /// object to the daemon.
     fn delete(&mut self, version: u64) -> Result<Metadata> {
+        let epoch = self.leading()?;
         let metadata = self.store.registry().delete(version)?;
-        self.events.blocking_send(Event::Deleted(metadata.clone())).context("daemon event queue closed")?;
+        self.events.blocking_send(Event::Deleted { metadata: metadata.clone(), epoch }).context("daemon event queue closed")?;
         Ok(metadata)
     }
 }

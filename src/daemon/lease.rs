@@ -14,6 +14,7 @@
 use crate::bus::kv::{Conflict, LeaseEvent, Shared};
 use anyhow::Result;
 use futures::StreamExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
@@ -24,10 +25,19 @@ use tokio_util::sync::CancellationToken;
 /// for two thirds of the TTL.
 const RENEW_RETRY: Duration = Duration::from_millis(250);
 
+/// One holding of the lease by this node: its epoch, and which of this
+/// node's holdings it is (epochs are KV revisions, which a server that
+/// lost its state hands out again from 1: the term tells them apart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    pub epoch: u64,
+    term: u64,
+}
+
 /// What this node may do now, and since when.
 #[derive(Debug, Clone, Copy)]
 struct Held {
-    epoch: u64,
+    grant: Grant,
     renewed_at: Instant,
     /// A renewal failed and is being tried again: nothing is done under
     /// this epoch until one succeeds.
@@ -38,6 +48,8 @@ struct Held {
 #[derive(Clone)]
 pub struct Lease {
     held: Arc<Mutex<Option<Held>>>,
+    /// Holdings so far.
+    terms: Arc<AtomicU64>,
     /// Past this since the last renewal, the lease counts as lost here:
     /// two thirds of the TTL, so a lapse is noticed before it happens.
     trust: Duration,
@@ -47,13 +59,24 @@ impl Lease {
     /// The epoch while this node holds a fresh lease; None on a standby,
     /// and from the moment a renewal fails or is late.
     pub fn epoch(&self) -> Option<u64> {
+        self.grant().map(|g| g.epoch)
+    }
+
+    /// As [`Lease::epoch`], with the holding it belongs to.
+    pub fn grant(&self) -> Option<Grant> {
         let held = *self.held.lock().unwrap();
-        held.filter(|h| !h.failing && h.renewed_at.elapsed() < self.trust).map(|h| h.epoch)
+        held.filter(|h| !h.failing && h.renewed_at.elapsed() < self.trust).map(|h| h.grant)
     }
 
     /// Whether the lease, renewed or not now, can't have lapsed yet.
     fn fresh(&self) -> bool {
         self.held.lock().unwrap().is_some_and(|h| h.renewed_at.elapsed() < self.trust)
+    }
+
+    /// Whether this node may still lead under `epoch`: leading now, or its
+    /// renewal failing but the lease not lapsed (work under it waits).
+    pub fn may_lead(&self, epoch: u64) -> bool {
+        self.fresh() && self.held.lock().unwrap().is_some_and(|h| h.grant.epoch == epoch)
     }
 
     /// Marks renewals failing (or not any more), keeping the lease.
@@ -74,7 +97,7 @@ impl Lease {
 /// then releases a lease it holds (the daemon stops it last, after the
 /// final checkpoint is announced).
 pub fn start(shared: Shared, holder: String, ttl: Duration, stop: CancellationToken) -> (Lease, JoinHandle<Result<()>>) {
-    let lease = Lease { held: Arc::default(), trust: ttl * 2 / 3 };
+    let lease = Lease { held: Arc::default(), terms: Arc::default(), trust: ttl * 2 / 3 };
     let task = tokio::spawn(contend(shared, holder, ttl, lease.clone(), stop));
     (lease, task)
 }
@@ -97,7 +120,8 @@ async fn contend(shared: Shared, holder: String, ttl: Duration, lease: Lease, st
 /// Holds the lease until a renewal fails or `stop`, which releases it.
 async fn lead(shared: &Shared, holder: &str, mut revision: u64, renew_every: Duration, lease: &Lease, stop: &CancellationToken) {
     let epoch = revision;
-    *lease.held.lock().unwrap() = Some(Held { epoch, renewed_at: Instant::now(), failing: false });
+    let grant = Grant { epoch, term: lease.terms.fetch_add(1, Ordering::Relaxed) + 1 };
+    *lease.held.lock().unwrap() = Some(Held { grant, renewed_at: Instant::now(), failing: false });
     tracing::info!(epoch, "lease: this node leads training");
     loop {
         tokio::select! {

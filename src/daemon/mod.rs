@@ -33,6 +33,7 @@ use crate::daemon::trainer::Trainer;
 use crate::vae::device::{self, Device};
 
 use crate::bus::service::{Endpoint, Handler, NodeInfo};
+use backoff::Backoff;
 use lease::Lease;
 use control::Command;
 use encoder::Encoder;
@@ -166,7 +167,7 @@ impl TrainerRole {
             shared,
             bus: bus.clone(),
             runtime: tokio::runtime::Handle::current(),
-            epoch: None,
+            grant: None,
             auto_rollbacks_in_a_row: 0,
         };
         let stop = shutdown.clone();
@@ -224,6 +225,34 @@ async fn serve_while_leading(bus: Bus, handler: Handler, node: NodeInfo, lease: 
     Ok(())
 }
 
+/// On every reconnect, the migrations again: a server that came back
+/// without its JetStream state (a new disk, a lost volume) gets its
+/// streams, buckets and consumers back without a restart of the daemon.
+/// Each part then retries against them as against any NATS fault.
+async fn migrate_on_reconnect(bus: Bus, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = bus.reconnected() => {}
+        }
+        let mut pause = Backoff::default();
+        loop {
+            match bus.migrate().await {
+                Ok(report) => {
+                    tracing::info!(streams = ?report.streams, "NATS reconnected: streams, buckets and consumers in place");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!("NATS reconnected, but the migrations failed ({e:#}); trying again in {:?}", pause.next);
+                    if !pause.wait(&shutdown).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let roles = config.serve.roles;
     device::set_threads(config.train.threads);
@@ -241,6 +270,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let report = bus.migrate().await?;
     tracing::info!(url = %config.nats.url, migration = report.version, streams = ?report.streams, "NATS ready");
     let status = StatusBoard::new(roles, &config.node.id, store.clone(), device::describe(device));
+    tokio::spawn(migrate_on_reconnect(bus.clone(), shutdown.clone()));
 
     let trainer = match &store {
         Some(store) => Some(TrainerRole::start(&config, &bus, store, device, &status, &shutdown).await?),

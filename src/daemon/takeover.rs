@@ -12,6 +12,7 @@
 use super::announce;
 use super::backoff::Backoff;
 use super::control::Command;
+use super::lease::Grant;
 use super::status::{LeaseRole, TrainerState};
 use super::trainer::Trainer;
 use crate::bus::kv::{Active, Conflict};
@@ -38,8 +39,8 @@ pub(super) struct Retrying {
 impl Trainer {
     /// The epoch this node leads under, or an error when it no longer does.
     pub(super) fn leading(&self) -> Result<u64> {
-        match (self.lease.epoch(), self.epoch) {
-            (Some(now), Some(took_over)) if now == took_over => Ok(now),
+        match (self.lease.grant(), self.grant) {
+            (Some(now), Some(took_over)) if now == took_over => Ok(now.epoch),
             _ => bail!("this node no longer holds the training lease"),
         }
     }
@@ -63,7 +64,7 @@ impl Trainer {
 
     /// Not leading: say so, refuse queued operator commands, wait a moment.
     pub(super) fn stand_by(&mut self) {
-        if self.epoch.take().is_some() {
+        if self.grant.take().is_some() {
             tracing::warn!("not leading (the lease lost, or its renewal failing): training, checkpoints and announcements stop here");
         }
         self.status.update(|s| (s.state, s.lease, s.epoch) = (Some(TrainerState::Standby), Some(LeaseRole::Standby), None));
@@ -82,12 +83,13 @@ impl Trainer {
     /// [`Trainer::take_over`], true once it leads; a failure is warned about
     /// and waited out (false), and is the trainer's error after
     /// [`TAKEOVER_PATIENCE`] of failing.
-    pub(super) fn take_over_or_wait(&mut self, epoch: u64, failing: &mut Option<Retrying>) -> Result<bool> {
-        let Err(e) = self.take_over(epoch) else {
+    pub(super) fn take_over_or_wait(&mut self, grant: Grant, failing: &mut Option<Retrying>) -> Result<bool> {
+        let epoch = grant.epoch;
+        let Err(e) = self.take_over(grant) else {
             *failing = None;
             return Ok(true);
         };
-        self.epoch = None;
+        self.grant = None;
         let retrying = failing.get_or_insert_with(|| Retrying { since: Instant::now(), pause: Backoff::default() });
         if retrying.since.elapsed() > TAKEOVER_PATIENCE {
             return Err(e).context(format!("could not take over training for {TAKEOVER_PATIENCE:?}"));
@@ -97,10 +99,11 @@ impl Trainer {
         Ok(false)
     }
 
-    /// Starts leading under `epoch`.
-    fn take_over(&mut self, epoch: u64) -> Result<()> {
+    /// Starts leading under `grant`.
+    fn take_over(&mut self, grant: Grant) -> Result<()> {
+        let epoch = grant.epoch;
         tracing::info!(epoch, "taking over training");
-        self.epoch = Some(epoch);
+        self.grant = Some(grant);
         let registry = self.store.registry().clone();
         // An operator's rollback or import made offline to this store is newer
         // than what the cluster last agreed: it wins. Anything else this store

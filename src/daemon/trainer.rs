@@ -11,7 +11,7 @@
 
 use super::control::Command;
 use super::guard::{DivergenceGuard, LossWindow};
-use super::lease::Lease;
+use super::lease::{Grant, Lease};
 use crate::bus::kv::Shared;
 use crate::bus::Bus;
 use super::sampler::Sampler;
@@ -46,7 +46,7 @@ pub enum Event {
     /// Make `to` active again and announce the rollback (from version `from`).
     Rollback { from: Option<u64>, to: Arc<Checkpoint>, reason: String, epoch: u64 },
     /// Remove the weights from the object store and announce.
-    Deleted(Metadata),
+    Deleted { metadata: Metadata, epoch: u64 },
 }
 
 /// Everything the loop talks to.
@@ -68,8 +68,8 @@ pub struct Trainer {
     pub shared: Shared,
     pub bus: Bus,
     pub runtime: tokio::runtime::Handle,
-    /// The epoch this trainer took over under (None: not leading).
-    pub epoch: Option<u64>,
+    /// The holding of the lease this trainer took over under (None: not leading).
+    pub grant: Option<Grant>,
     /// Automatic rollbacks since the last version trained.
     pub auto_rollbacks_in_a_row: u32,
 }
@@ -119,13 +119,13 @@ impl Trainer {
         self.status.update(|s| (s.step, s.active_version) = (self.learner.steps(), self.active.as_ref().map(|a| a.metadata.version)));
         while !self.shutdown.is_cancelled() {
             // Leadership: a standby keeps its buffer current and waits; a new epoch takes over.
-            let Some(epoch) = self.lease.epoch() else {
+            let Some(grant) = self.lease.grant() else {
                 self.stand_by();
                 takeover = None;
                 continue;
             };
-            if self.epoch != Some(epoch) {
-                if !self.take_over_or_wait(epoch, &mut takeover)? {
+            if self.grant != Some(grant) {
+                if !self.take_over_or_wait(grant, &mut takeover)? {
                     continue;
                 }
                 run = Run::from(self.active.as_deref(), &cfg);
@@ -314,19 +314,25 @@ impl Trainer {
         let m = &checkpoint.metadata;
         tracing::info!(version = m.version, parent = ?m.parent, step = m.step, eval_loss = ?m.eval_loss, "checkpoint");
         self.adopt(Arc::new(checkpoint))?;
+        // Retention is the leader's: a node that stopped leading meanwhile keeps all.
+        let Ok(epoch) = self.leading() else { return Ok(()) };
         for victim in self.store.registry().retention_victims(self.config.train.keep_last)? {
             let metadata = self.store.registry().delete(victim)?;
-            self.events.blocking_send(Event::Deleted(metadata)).context("daemon event queue closed")?;
+            self.events.blocking_send(Event::Deleted { metadata, epoch }).context("daemon event queue closed")?;
         }
         Ok(())
     }
 
     /// A new version, already active in the store, goes out: to the object
     /// store, then announced (encoders switch to it on the announcement).
+    /// A node that stopped leading since the version was made keeps it
+    /// unannounced: when it leads again, the cluster's active version decides.
     pub(super) fn adopt(&mut self, checkpoint: Arc<Checkpoint>) -> Result<()> {
-        let epoch = self.leading()?;
-        self.events.blocking_send(Event::Created { checkpoint: checkpoint.clone(), epoch }).context("daemon event queue closed")?;
         let version = checkpoint.metadata.version;
+        match self.leading() {
+            Ok(epoch) => self.events.blocking_send(Event::Created { checkpoint: checkpoint.clone(), epoch }).context("daemon event queue closed")?,
+            Err(e) => tracing::warn!(version, "v{version} stays unannounced in the store: {e:#}"),
+        }
         self.active = Some(checkpoint);
         self.status.update(|s| s.active_version = Some(version));
         Ok(())

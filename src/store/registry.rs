@@ -10,7 +10,8 @@
 //! | `D` version         | its metadata alone (MessagePack), for listings |
 //! | `P` version         | empty: the version is pinned            |
 //! | `H` seq(u64 BE)     | a history entry (MessagePack)           |
-//! | `M` name            | `next_version`, `active`, `history_next`, `history_announced` |
+//! | `A` seq(u64 BE)     | empty: that entry (at or past `history_announced`) was announced |
+//! | `M` name            | `next_version`, `active`, `history_next`, `history_announced` (every entry below it was announced) |
 
 use super::layout::be_u64;
 use crate::vae::checkpoint::{now_rfc3339, Checkpoint, Metadata};
@@ -295,19 +296,49 @@ impl Registry {
         Ok(all.iter().map(|m| m.version).filter(|v| !keep.contains(v)).collect())
     }
 
-    /// History entries not yet announced on NATS (made offline, or before a crash).
-    pub fn unannounced_history(&self) -> Result<Vec<HistoryEntry>> {
+    /// History entries not yet announced on NATS (made offline, before a
+    /// crash, or while NATS was away), oldest first, with their sequence numbers.
+    fn unannounced(&self) -> Result<Vec<(u64, HistoryEntry)>> {
         let from = self.counter("history_announced")?.unwrap_or(0);
-        self.tree
-            .range(key(b'H', from)..key(b'H', u64::MAX))
-            .map(|entry| rmp_serde::from_slice(&entry?.1).context("corrupt history entry"))
-            .collect()
+        let mut out = Vec::new();
+        for entry in self.tree.range(key(b'H', from)..key(b'H', u64::MAX)) {
+            let (k, v) = entry?;
+            let seq = be_u64(&k[1..])?;
+            if !self.tree.contains_key(key(b'A', seq))? {
+                out.push((seq, rmp_serde::from_slice(&v).context("corrupt history entry")?));
+            }
+        }
+        Ok(out)
     }
 
-    /// Records that every history entry so far has been announced.
+    /// History entries not yet announced on NATS, oldest first.
+    pub fn unannounced_history(&self) -> Result<Vec<HistoryEntry>> {
+        Ok(self.unannounced()?.into_iter().map(|(_, entry)| entry).collect())
+    }
+
+    /// Records that the oldest unannounced change to `version` has been
+    /// announced (changes are announced in order): a rollback's when
+    /// `rollback`, else the version's making; others stay unannounced.
+    pub fn mark_announced(&self, version: u64, rollback: bool) -> Result<()> {
+        let _guard = self.serialised();
+        let matches = |entry: &HistoryEntry| entry.to == version && matches!(entry.why, Change::Rollback | Change::AutoRollback) == rollback;
+        if let Some((seq, _)) = self.unannounced()?.into_iter().find(|(_, entry)| matches(entry)) {
+            self.tree.insert(key(b'A', seq), &[])?;
+        }
+        Ok(())
+    }
+
+    /// Records that every history entry so far has been announced (or
+    /// superseded by the cluster's active version).
     pub fn mark_history_announced(&self) -> Result<()> {
+        let _guard = self.serialised();
         let next = self.counter("history_next")?.unwrap_or(0);
-        self.tree.insert(meta("history_announced"), &next.to_be_bytes())?;
+        let mut batch = sled::Batch::default();
+        batch.insert(meta("history_announced"), &next.to_be_bytes());
+        for marked in self.tree.scan_prefix([b'A']).keys() {
+            batch.remove(marked?);
+        }
+        self.tree.apply_batch(batch)?;
         Ok(())
     }
 
@@ -321,6 +352,24 @@ impl Registry {
 mod tests {
     use super::*;
     use crate::store::{BufferConfig, Store};
+
+    #[test]
+    fn announcement_is_tracked_per_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path()).registry().clone();
+        let (v1, v2) = (add(&s, 1.0), add(&s, 2.0));
+        s.activate(v1, Change::Rollback, "ops", None).unwrap();
+        let whys = |s: &Registry| s.unannounced_history().unwrap().iter().map(|h| (h.to, h.why)).collect::<Vec<_>>();
+        assert_eq!(whys(&s), [(v1, Change::Trained), (v2, Change::Trained), (v1, Change::Rollback)]);
+        // v2's announcement and the rollback's went out; v1's did not.
+        s.mark_announced(v2, false).unwrap();
+        s.mark_announced(v1, true).unwrap();
+        assert_eq!(whys(&s), [(v1, Change::Trained)]);
+        s.mark_history_announced().unwrap();
+        assert!(whys(&s).is_empty());
+        s.activate(v2, Change::Rollback, "ops", None).unwrap();
+        assert_eq!(whys(&s), [(v2, Change::Rollback)], "marks from before do not hide a new entry");
+    }
 
     fn store(dir: &std::path::Path) -> Store {
         Store::open(dir, BufferConfig { capacity: 10, validation_fraction: 0.0 }).unwrap()

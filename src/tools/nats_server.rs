@@ -1,7 +1,7 @@
 //! A local nats-server child process with JetStream (`sync_interval:
 //! always`) on a free loopback port and its own store directory, for
 //! benches and tests, and a cluster of them; a server can be SIGKILLed and
-//! restarted on the same port and store. Killed when dropped.
+//! restarted on the same port, with its store or without. Killed when dropped.
 //!
 //! Process management only: clients connect through `bus`.
 
@@ -71,6 +71,14 @@ impl LocalNats {
         self.kill();
         self.child = spawn(&self.binary, self.dir.path(), self.port)?;
         Ok(())
+    }
+
+    /// Kills the server, deletes its JetStream store and starts it again
+    /// on the same port: a server that came back without its state.
+    pub fn restart_empty(&mut self) -> Result<()> {
+        self.kill();
+        std::fs::remove_dir_all(self.dir.path().join("js")).context("deleting the JetStream store")?;
+        self.restart()
     }
 }
 

@@ -23,6 +23,16 @@ impl NatsServer {
         self.server.kill();
     }
 
+    /// Starts it again, on the same port and store, after [`NatsServer::kill`].
+    pub fn restart(&mut self) {
+        self.server.restart().unwrap();
+    }
+
+    /// SIGKILL, then a start on the same port without the JetStream store.
+    pub fn restart_empty(&mut self) {
+        self.server.restart_empty().unwrap();
+    }
+
     pub async fn client(&self) -> async_nats::Client {
         async_nats::connect(&self.server.url).await.unwrap()
     }
@@ -129,6 +139,21 @@ where
     while !check().await {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+impl Daemon {
+    /// [`wait_until`], failing with this daemon's logs.
+    pub async fn wait_until<F, Fut>(&self, timeout: Duration, what: &str, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + timeout;
+        while !check().await {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; the daemon's logs:\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 

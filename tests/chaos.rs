@@ -1,0 +1,145 @@
+//! Faults against real processes: the nats-server SIGKILLed and restarted
+//! on the same port, with its store and without it, while frames stream in
+//! and the daemon trains.
+//! After each: every acked frame stored exactly once, every version the
+//! store made announced (in order, numbers only growing), the cluster's
+//! active version the store's, and the daemon exits 0 on SIGTERM.
+
+mod common;
+
+use async_nats::jetstream;
+use common::nats::{wait_until, Daemon, NatsServer};
+use common::{frames, FAST};
+use std::collections::HashSet;
+use std::time::Duration;
+use wmvae::bus::kv::Active;
+use wmvae::bus::messages::{Announcement, CheckpointEvent};
+use wmvae::frames::wire::FrameMessage;
+use wmvae::store::{BufferConfig, Store};
+
+/// Frames published (and acked by JetStream) before the server is killed,
+/// and again after it is back.
+const FRAMES_EACH_SIDE: u64 = 150;
+
+/// Publishes frames `from..to` of episode `e`, each with its `Nats-Msg-Id`
+/// and awaited until JetStream stored it; retried (as rollout workers do)
+/// while the server is away or just back.
+async fn publish(js: &jetstream::Context, from: u64, to: u64) {
+    let pixels = frames((to - from) as usize, 64, 64);
+    for (step, px) in (from..to).zip(pixels.chunks(12288)) {
+        let payload = FrameMessage::rgb("e", step, 64, 64, px).to_msgpack();
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("chaos/e/{step}").as_str());
+        wait_until(Duration::from_secs(60), "a frame stored by JetStream", || async {
+            match js.publish_with_headers("wm.frames.car", headers.clone(), payload.clone().into()).await {
+                Ok(ack) => ack.await.is_ok(),
+                Err(_) => false,
+            }
+        })
+        .await;
+    }
+}
+
+async fn announcements(js: &jetstream::Context) -> Vec<Announcement> {
+    let Ok(mut stream) = js.get_stream("WM_CHECKPOINTS").await else { return Vec::new() };
+    let Ok(info) = stream.info().await else { return Vec::new() };
+    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+    let mut out = Vec::new();
+    for seq in first..=last {
+        if let Ok(message) = stream.get_raw_message(seq).await {
+            out.push(rmp_serde::from_slice(&message.payload).unwrap());
+        }
+    }
+    out
+}
+
+fn created(all: &[Announcement]) -> Vec<u64> {
+    all.iter().filter(|a| a.event == CheckpointEvent::Created).map(|a| a.metadata.version).collect()
+}
+
+/// The nats-server SIGKILLed mid-training for a few seconds (past the
+/// lease's renewals), then restarted on its port and store: the daemon
+/// reconnects and trains on; what it made while NATS was away is announced;
+/// nothing acked is lost or stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nats_server_killed_and_restarted_mid_training() {
+    let mut nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let env: Vec<(&str, &str)> = FAST.iter().copied().chain([("WMVAE_NODE__LEASE_TTL_SECS", "3")]).collect();
+    let daemon = Daemon::start(&nats.url, dir.path(), &env);
+    let js = jetstream::new(nats.client().await);
+    common::nats::wait_for_ingest_consumer(&js).await;
+    publish(&js, 0, FRAMES_EACH_SIDE).await;
+    wait_until(Duration::from_secs(120), "version 2", || async { created(&announcements(&js).await).contains(&2) }).await;
+
+    // Down past the lease's trust (2 s of a 3 s TTL): training stops, the lease is lost.
+    nats.kill();
+    wait_until(Duration::from_secs(30), "the daemon to stop leading", || async { daemon.logs().contains("not leading") }).await;
+    nats.restart();
+    let js = jetstream::new(nats.client().await);
+    publish(&js, FRAMES_EACH_SIDE, 2 * FRAMES_EACH_SIDE).await;
+    let before = *created(&announcements(&js).await).iter().max().unwrap();
+    wait_until(Duration::from_secs(180), "a version announced after the restart", || async {
+        created(&announcements(&js).await).iter().any(|v| *v > before + 1)
+    })
+    .await;
+    let logs = daemon.logs();
+    assert!(daemon.terminate().success(), "{logs}");
+
+    // Every frame acked by JetStream stored exactly once.
+    let store = Store::open(&dir.path().join("store"), BufferConfig { capacity: 1_000_000, validation_fraction: 0.3 }).unwrap();
+    let stats = store.stats().unwrap();
+    assert_eq!(stats.frames_ingested, 2 * FRAMES_EACH_SIDE, "frames stored: {}: {logs}", stats.frames_ingested);
+    let distinct: HashSet<u64> = store.frames_in_order(None, false).map(|f| f.unwrap().step).collect();
+    assert_eq!(distinct.len() as u64, 2 * FRAMES_EACH_SIDE);
+
+    // Every version the store holds was announced, in growing order; the
+    // shutdown's last one too (it had NATS).
+    let all = announcements(&js).await;
+    let versions = created(&all);
+    assert!(versions.windows(2).all(|w| w[0] < w[1]), "versions announced out of order: {versions:?}");
+    let registry = store.registry();
+    for metadata in registry.list().unwrap() {
+        assert!(versions.contains(&metadata.version), "v{} is in the store but was never announced ({versions:?}): {logs}", metadata.version);
+    }
+    assert!(registry.unannounced_history().unwrap().is_empty(), "{:?}", registry.unannounced_history().unwrap());
+    let meta = js.get_key_value("wm-meta").await.unwrap();
+    let active: Active = serde_json::from_slice(&meta.get("active").await.unwrap().unwrap()).unwrap();
+    assert_eq!(Some(active.version), registry.active_version().unwrap(), "the cluster's active version is not the store's");
+}
+
+/// The nats-server comes back without its JetStream state (a lost volume):
+/// the daemon applies the migrations again, makes its consumer again, takes
+/// the lease again, republishes the versions its store holds and trains on;
+/// frames published to the new server are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nats_server_comes_back_without_its_state() {
+    let mut nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let env: Vec<(&str, &str)> = FAST.iter().copied().chain([("WMVAE_NODE__LEASE_TTL_SECS", "3")]).collect();
+    let daemon = Daemon::start(&nats.url, dir.path(), &env);
+    let js = jetstream::new(nats.client().await);
+    common::nats::wait_for_ingest_consumer(&js).await;
+    publish(&js, 0, FRAMES_EACH_SIDE).await;
+    wait_until(Duration::from_secs(120), "version 2", || async { created(&announcements(&js).await).contains(&2) }).await;
+
+    nats.restart_empty();
+    let js = jetstream::new(nats.client().await);
+    daemon.wait_until(Duration::from_secs(60), "WM_FRAMES made again", || async { js.get_stream("WM_FRAMES").await.is_ok() }).await;
+    publish(&js, FRAMES_EACH_SIDE, 2 * FRAMES_EACH_SIDE).await;
+    daemon.wait_until(Duration::from_secs(120), "a version trained after the state was lost", || async {
+        created(&announcements(&js).await).iter().any(|v| *v > 2)
+    })
+    .await;
+    let logs = daemon.logs();
+    assert!(logs.contains("NATS reconnected: streams, buckets and consumers in place"), "{logs}");
+    assert!(daemon.terminate().success(), "{logs}");
+
+    let store = Store::open(&dir.path().join("store"), BufferConfig { capacity: 1_000_000, validation_fraction: 0.3 }).unwrap();
+    assert_eq!(store.stats().unwrap().frames_ingested, 2 * FRAMES_EACH_SIDE, "{logs}");
+    // The new server has every version the store holds, from the store.
+    let versions = created(&announcements(&js).await);
+    for metadata in store.registry().list().unwrap() {
+        assert!(versions.contains(&metadata.version), "v{} is in the store but not on the new server ({versions:?}): {logs}", metadata.version);
+    }
+}
