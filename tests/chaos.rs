@@ -143,3 +143,91 @@ async fn the_nats_server_comes_back_without_its_state() {
         assert!(versions.contains(&metadata.version), "v{} is in the store but not on the new server ({versions:?}): {logs}", metadata.version);
     }
 }
+
+/// A tmpfs of `size` mounted on `dir` while it lives (the test runs as root
+/// in CI and here); None where mounting is not allowed.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let mounted = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir).stderr(std::process::Stdio::null()).status();
+        mounted.is_ok_and(|s| s.success()).then(|| Tmpfs(dir.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills the file system holding `path` with `path` until it refuses more.
+fn fill(path: &std::path::Path) {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).unwrap();
+    let chunk = vec![7u8; 1 << 20];
+    while file.write_all(&chunk).and_then(|()| file.sync_all()).is_ok() {}
+}
+
+/// The store's disk full while frames stream in: nothing is acked that is
+/// not durable (frames are nak'ed and wait in JetStream), /healthz says 503
+/// with the reason and /metrics `wmvae_store_writable 0`, the daemon stays
+/// up; once space is back it exits non-zero saying the store must be
+/// reopened (sled keeps its write error), and after the restart every frame
+/// is stored exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_holds_frames_back_and_loses_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk");
+    let Some(_tmpfs) = Tmpfs::mount(&disk, "256m") else {
+        eprintln!("SKIPPED: mounting a tmpfs needs root");
+        return;
+    };
+    let data = dir.path().join("daemon");
+    std::fs::create_dir_all(&data).unwrap();
+    std::os::unix::fs::symlink(&disk, data.join("store")).unwrap();
+    let nats = NatsServer::start();
+    let port = common::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    // No training: the store holds version 1 (~51 MB with Adam's state) and frames.
+    let env = [("WMVAE_HTTP__ADDR", addr.as_str()), ("WMVAE_TRAIN__MIN_FRAMES", "1000000"), ("WMVAE_TRAIN__THREADS", "1")];
+    let mut daemon = Daemon::start(&nats.url, &data, &env);
+    let js = jetstream::new(nats.client().await);
+    common::nats::wait_for_ingest_consumer(&js).await;
+    publish(&js, 0, FRAMES_EACH_SIDE).await;
+    daemon.wait_until(Duration::from_secs(60), "the first frames committed", || async { common::http_get(port, "/healthz").1.contains("last commit") }).await;
+
+    fill(&disk.join("filler"));
+    publish(&js, FRAMES_EACH_SIDE, 2 * FRAMES_EACH_SIDE).await;
+    daemon
+        .wait_until(Duration::from_secs(60), "/healthz to say the store can't write", || async {
+            let (code, body) = common::http_get(port, "/healthz");
+            code == 503 && body.contains("the store can't write")
+        })
+        .await;
+    assert!(common::http_get(port, "/metrics").1.contains("wmvae_store_writable 0"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!daemon.logs().contains("bye"), "the daemon stopped while the disk was full: {}", daemon.logs());
+
+    std::fs::remove_file(disk.join("filler")).unwrap();
+    let status = daemon.wait(Duration::from_secs(90));
+    let logs = daemon.logs();
+    assert!(!status.success(), "{logs}");
+    assert!(logs.contains("sled keeps a write error until the store is reopened"), "{logs}");
+
+    let daemon = Daemon::start(&nats.url, &data, &env);
+    daemon
+        .wait_until(Duration::from_secs(90), "every frame stored after the restart", || async {
+            let Ok(stream) = js.get_stream("WM_FRAMES").await else { return false };
+            let Ok(mut consumer) = stream.get_consumer::<async_nats::jetstream::consumer::pull::Config>("wmvae-ingest").await else { return false };
+            consumer.info().await.is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0)
+        })
+        .await;
+    let logs = daemon.logs();
+    assert!(daemon.terminate().success(), "{logs}");
+    let store = Store::open(&disk, BufferConfig { capacity: 1_000_000, validation_fraction: 0.3 }).unwrap();
+    assert_eq!(store.stats().unwrap().frames_ingested, 2 * FRAMES_EACH_SIDE, "{logs}");
+    let distinct: HashSet<u64> = store.frames_in_order(None, false).map(|f| f.unwrap().step).collect();
+    assert_eq!(distinct.len() as u64, 2 * FRAMES_EACH_SIDE);
+}

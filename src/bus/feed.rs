@@ -37,6 +37,11 @@ impl Delivery {
         self.acker.ack().await.map_err(|e| anyhow!("ack: {e}"))
     }
 
+    /// The frame could not be made durable now: redeliver it after `delay`.
+    pub async fn nak(&self, delay: Duration) -> Result<()> {
+        self.acker.ack_with(jetstream::AckKind::Nak(Some(delay))).await.map_err(|e| anyhow!("nak: {e}"))
+    }
+
     /// The frame was dead-lettered: never redeliver it.
     pub async fn terminate(&self) -> Result<()> {
         self.acker.ack_with(jetstream::AckKind::Term).await.map_err(|e| anyhow!("term: {e}"))

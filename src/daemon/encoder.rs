@@ -88,7 +88,12 @@ pub fn start(bus: &Bus, config: &Config, device: Device, status: StatusBoard, sh
     let (encoded, to_publish) = mpsc::channel(PUBLISH_DEPTH);
     let worker = Worker { net: Network::new(device, config.vae()), vae: config.vae(), version: None, policy: config.ingest.preprocess, status: status.clone(), encoded };
     status.update(|s| s.encoder_state = Some(EncoderState::WaitingForVersion));
-    let thread = std::thread::Builder::new().name("wmvae-encoder".into()).spawn(move || worker.run(incoming))?;
+    let stop = shutdown.clone();
+    let thread = std::thread::Builder::new().name("wmvae-encoder".into()).spawn(move || {
+        // However the thread ends (a panic, such as CUDA out of memory), the daemon stops.
+        let _stop = stop.drop_guard();
+        worker.run(incoming)
+    })?;
     let (loaded, ready) = watch::channel(false);
     let max_wait = Duration::from_millis(config.latents.max_wait_ms);
     let follower = follow(bus.clone(), queue.clone(), loaded, shutdown.clone());
@@ -245,6 +250,7 @@ struct Worker {
 impl Worker {
     fn run(mut self, mut incoming: mpsc::Receiver<Work>) {
         while let Some(work) = incoming.blocking_recv() {
+            self.status.update(|s| s.encoder_busy_since = Some(std::time::Instant::now()));
             match work {
                 Work::Switch { version, weights } => self.switch(version, &weights),
                 Work::Encode(frame, reply) => {
@@ -259,6 +265,7 @@ impl Worker {
                     Err(e) => tracing::error!("a micro-batch was not encoded; its frames will be redelivered: {e:#}"),
                 },
             }
+            self.status.update(|s| s.encoder_busy_since = None);
         }
     }
 

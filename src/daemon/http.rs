@@ -1,7 +1,8 @@
 //! The daemon's HTTP face for operators' usual tools, on `[http] addr`
 //! (loopback by default), served by axum: `/metrics` (Prometheus text
-//! format, `metrics.rs`), `/healthz` (200 only when NATS is connected and
-//! the store answers), `/` (a status page: loss curves, validation frames
+//! format, `metrics.rs`), `/healthz` (200 only when NATS is connected, the
+//! store answers and writes, and the trainer loop and encoder are not
+//! stalled; 503 with each reason, and the last commit's age), `/` (a status page: loss curves, validation frames
 //! over their reconstructions by the active version, version history) and
 //! `/recon.png` (that grid).
 //!
@@ -93,11 +94,18 @@ async fn metrics(State(ctx): State<HttpContext>) -> Response {
 }
 
 async fn healthz(State(ctx): State<HttpContext>) -> Response {
+    let mut problems = ctx.status.problems();
+    if !ctx.bus.is_connected() {
+        problems.push("NATS is not connected".into());
+    }
     // A node without a store (an encoder) has none to fail.
-    let store_ok = ctx.store.as_ref().is_none_or(|store| store.registry().active_version().is_ok());
-    match (ctx.bus.is_connected(), store_ok) {
-        (true, true) => "ok\n".into_response(),
-        (nats, store) => (StatusCode::SERVICE_UNAVAILABLE, format!("nats connected: {nats}, store open: {store}\n")).into_response(),
+    if let Some(Err(e)) = ctx.store.as_ref().map(|store| store.registry().active_version()) {
+        problems.push(format!("the store can't be read: {e:#}"));
+    }
+    let commit = ctx.status.snapshot().last_commit.map_or("no frames committed yet".to_string(), |at| format!("last commit {:.1} s ago", at.elapsed().as_secs_f64()));
+    match problems.is_empty() {
+        true => format!("ok ({commit})\n").into_response(),
+        false => (StatusCode::SERVICE_UNAVAILABLE, format!("{}\n({commit})\n", problems.join("\n"))).into_response(),
     }
 }
 

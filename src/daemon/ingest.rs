@@ -7,6 +7,7 @@
 //! disk slows pulling instead of growing memory. Nothing here decodes
 //! MessagePack itself (`wire`) or touches sled or NATS directly.
 
+use super::status::StatusBoard;
 use crate::bus::{Bus, Delivery, FrameConsumer};
 use crate::config::IngestConfig;
 use crate::frames::preprocess::Policy;
@@ -22,8 +23,12 @@ use tokio_util::sync::CancellationToken;
 const REJECTION_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// How often the loop reports its throughput.
 const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(10);
-/// Pause after a failed commit before pulling again (the batch is redelivered).
-const COMMIT_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// A batch the store could not write (a full disk) is nak'ed with this
+/// delay, doubled at each failure in a row up to [`STORE_RETRY_LONGEST`]:
+/// the frames wait in JetStream, not in memory, and a disk with room again
+/// is noticed within it.
+const STORE_RETRY_FIRST: Duration = Duration::from_secs(1);
+const STORE_RETRY_LONGEST: Duration = Duration::from_secs(30);
 
 /// Logs each rejection reason at most once per interval, with a count of
 /// what was suppressed meanwhile.
@@ -73,8 +78,11 @@ struct Prepared {
 /// (the store's group commit, then acks). The next batch is prepared while
 /// the current one commits; at most `PIPELINE_DEPTH + 3` batches are in
 /// memory (queued, preparing, prepared, committing).
-/// Frames come through this node's own consumer (`node_id`'s).
-pub async fn run(bus: Bus, store: Store, config: IngestConfig, node_id: String, shutdown: CancellationToken) -> Result<()> {
+/// Frames come through this node's own consumer (`node_id`'s). A batch the
+/// store can't write is nak'ed with backoff while its disk is full (the
+/// status board says so, for /healthz); once the disk takes writes again
+/// and the store still can't, ingest ends with the reason.
+pub async fn run(bus: Bus, store: Store, config: IngestConfig, node_id: String, status: StatusBoard, shutdown: CancellationToken) -> Result<()> {
     let mut feed = bus.frame_feed(FrameConsumer::ingest(&node_id)).await?;
     let (batches, mut incoming) = tokio::sync::mpsc::channel::<Vec<Delivery>>(PIPELINE_DEPTH);
     let (ready, mut prepared) = tokio::sync::mpsc::channel::<Prepared>(1);
@@ -103,17 +111,40 @@ pub async fn run(bus: Bus, store: Store, config: IngestConfig, node_id: String, 
     let mut log = RejectionLog::default();
     let mut since_log = BatchOutcome::default();
     let mut last_log = Instant::now();
-    while let Some(batch) = prepared.recv().await {
-        let size = batch.batch.len();
-        match commit(&bus, &store, batch, &mut log).await {
-            Ok(done) => {
-                since_log.stored += done.stored;
-                since_log.duplicates += done.duplicates;
-                since_log.rejected += done.rejected;
+    let mut store_pause = STORE_RETRY_FIRST;
+    while let Some(Prepared { batch, rejections, frames, compressed }) = prepared.recv().await {
+        let size = batch.len();
+        let reasons: Vec<Reason> = rejections.iter().flatten().map(|r: &Rejection| r.reason).collect();
+        let store_for_commit = store.clone();
+        // The flush blocks: off the runtime.
+        let committed = tokio::task::spawn_blocking(move || store_for_commit.commit(&frames, compressed, &reasons)).await.context("ingest commit worker")?;
+        match committed {
+            Ok(committed) => {
+                status.committed();
+                store_pause = STORE_RETRY_FIRST;
+                match settle(&bus, &batch, rejections, &mut log).await {
+                    Ok(rejected) => {
+                        since_log.stored += committed.stored();
+                        since_log.duplicates += committed.duplicates;
+                        since_log.rejected += rejected;
+                    }
+                    Err(e) => tracing::error!("ingest: a committed batch of {size} was not all acked ({e:#}); its frames come back and are found stored"),
+                }
             }
             Err(e) => {
-                tracing::error!("ingest batch of {size} failed, it will be redelivered: {e:#}");
-                tokio::time::sleep(COMMIT_RETRY_DELAY).await;
+                status.store_failed(&e);
+                store.check_write_failure(&e)?;
+                tracing::error!("ingest: the store can't write ({e:#}); a batch of {size} nak'ed, redelivered in {store_pause:?}");
+                for delivery in &batch {
+                    if let Err(e) = delivery.nak(store_pause).await {
+                        tracing::warn!("ingest: {e:#}; the frame comes back after ack_wait");
+                    }
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(store_pause) => {}
+                }
+                store_pause = (store_pause * 2).min(STORE_RETRY_LONGEST);
             }
         }
         if last_log.elapsed() >= PROGRESS_LOG_INTERVAL {
@@ -152,16 +183,10 @@ fn prepare(batch: Vec<Delivery>, policy: Policy) -> Prepared {
     Prepared { batch, rejections, frames, compressed }
 }
 
-/// Commits one prepared batch, then acks or dead-letters each delivery.
-async fn commit(bus: &Bus, store: &Store, prepared: Prepared, log: &mut RejectionLog) -> Result<BatchOutcome> {
-    let Prepared { batch, rejections, frames, compressed } = prepared;
-    let reasons: Vec<Reason> = rejections.iter().flatten().map(|r: &Rejection| r.reason).collect();
-    let store = store.clone();
-    // The flush blocks: off the runtime.
-    let committed = tokio::task::spawn_blocking(move || store.commit(&frames, compressed, &reasons))
-    .await
-    .context("ingest commit worker")??;
-    let mut outcome = BatchOutcome { stored: committed.stored(), duplicates: committed.duplicates, rejected: 0 };
+/// After its commit: acks each valid delivery, dead-letters and
+/// terminates each rejected one. Returns how many were rejected.
+async fn settle(bus: &Bus, batch: &[Delivery], rejections: Vec<Option<Rejection>>, log: &mut RejectionLog) -> Result<u64> {
+    let mut rejected = 0;
     for (delivery, rejection) in batch.iter().zip(rejections) {
         match rejection {
             None => delivery.ack().await?,
@@ -169,9 +194,9 @@ async fn commit(bus: &Bus, store: &Store, prepared: Prepared, log: &mut Rejectio
                 bus.dead_letter(delivery, &rejection.to_string()).await?;
                 delivery.terminate().await?;
                 log.record(&rejection, &delivery.subject);
-                outcome.rejected += 1;
+                rejected += 1;
             }
         }
     }
-    Ok(outcome)
+    Ok(rejected)
 }

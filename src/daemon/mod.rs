@@ -171,9 +171,13 @@ impl TrainerRole {
             auto_rollbacks_in_a_row: 0,
         };
         let stop = shutdown.clone();
-        let thread = std::thread::Builder::new().name("wmvae-trainer".into()).spawn(move || stop_on_error(trainer.run(), &stop))?;
-        let (bus, store_for_ingest, ingest_config, node_id, stop) = (bus.clone(), store.clone(), config.ingest.clone(), config.node.id.clone(), shutdown.clone());
-        let ingest = tokio::spawn(async move { stop_on_error(ingest::run(bus, store_for_ingest, ingest_config, node_id, stop.clone()).await, &stop) });
+        let thread = std::thread::Builder::new().name("wmvae-trainer".into()).spawn(move || {
+            // However the thread ends (an error, a panic), the daemon stops: finish() says why.
+            let _stop = stop.clone().drop_guard();
+            trainer.run()
+        })?;
+        let (bus, store_for_ingest, ingest_config, node_id, status, stop) = (bus.clone(), store.clone(), config.ingest.clone(), config.node.id.clone(), status.clone(), shutdown.clone());
+        let ingest = tokio::spawn(async move { stop_on_error(ingest::run(bus, store_for_ingest, ingest_config, node_id, status, stop.clone()).await, &stop) });
         Ok(TrainerRole { store: store.clone(), commands, lease, ingest, thread, publisher, contender, lease_stop })
     }
 
@@ -195,9 +199,12 @@ impl TrainerRole {
         until(deadline, "checkpoint publisher", "unannounced versions go out at the next start", self.publisher).await?;
         self.lease_stop.cancel();
         let contended = until(deadline, "lease", "the lease lapses by itself", self.contender).await?.unwrap_or(Ok(()));
-        self.store.flush()?;
-        tracing::info!("store flushed");
-        ingested.context("ingest").and(trained.context("trainer")).and(contended.context("lease"))
+        // A store that can't flush must not hide why the daemon stopped.
+        let flushed = self.store.flush();
+        if flushed.is_ok() {
+            tracing::info!("store flushed");
+        }
+        ingested.context("ingest").and(trained.context("trainer")).and(contended.context("lease")).and(flushed.context("flushing the store"))
     }
 }
 

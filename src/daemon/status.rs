@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use prometheus_client::metrics::histogram::Histogram;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Upper bounds (seconds) of the receive-to-latent latency histogram.
 const LATENCY_BUCKETS: [f64; 12] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0];
@@ -100,6 +100,12 @@ fn push_bounded(curve: &mut VecDeque<CurvePoint>, point: CurvePoint) {
     curve.push_back(point);
 }
 
+/// A trainer loop that has not gone round, or an encoder item not done,
+/// for this long is stalled. Its slowest rounds: a takeover retrying for
+/// up to 2 min shows as a stall too, rightly; a checkpoint with an eval
+/// takes seconds on a CPU.
+const STALLED: Duration = Duration::from_secs(60);
+
 /// The `status` endpoint's JSON (keys pinned); read back by the benches.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Status {
@@ -131,6 +137,19 @@ pub struct Status {
     pub skipped_steps: u64,
     pub auto_rollbacks: u64,
     pub latents_published: u64,
+    /// Writes to the store (frame commits, checkpoints) that failed.
+    pub store_write_errors: u64,
+    /// Why the store's last write failed, until one succeeds (a full disk).
+    pub store_error: Option<String>,
+    /// When the trainer loop last went round (a trainer node).
+    #[serde(skip)]
+    pub trainer_beat: Option<Instant>,
+    /// Since when the encoder thread works on its current item (None: idle).
+    #[serde(skip)]
+    pub encoder_busy_since: Option<Instant>,
+    /// When frames were last committed to the store.
+    #[serde(skip)]
+    pub last_commit: Option<Instant>,
     /// Train loss (mean of each log window) over steps, for the page.
     #[serde(skip)]
     pub train_curve: VecDeque<CurvePoint>,
@@ -178,6 +197,33 @@ impl StatusBoard {
     /// Frame received to latent published (the encoder observes it).
     pub fn latent_latency(&self) -> &LatentLatency {
         &self.latent_latency
+    }
+
+    /// A write to the store failed (`error`).
+    pub fn store_failed(&self, error: &anyhow::Error) {
+        self.update(|s| (s.store_write_errors, s.store_error) = (s.store_write_errors + 1, Some(format!("{error:#}"))));
+    }
+
+    /// Frames were committed: the store writes.
+    pub fn committed(&self) {
+        self.update(|s| (s.store_error, s.last_commit) = (None, Some(Instant::now())));
+    }
+
+    /// What makes this node unhealthy now, besides NATS: a store that
+    /// can't write, a trainer loop or encoder item stalled past [`STALLED`].
+    pub fn problems(&self) -> Vec<String> {
+        let s = self.status.lock().unwrap();
+        let mut problems = Vec::new();
+        if let Some(error) = &s.store_error {
+            problems.push(format!("the store can't write: {error}"));
+        }
+        if let Some(beat) = s.trainer_beat.filter(|b| b.elapsed() > STALLED) {
+            problems.push(format!("the trainer loop has not gone round for {:.0} s", beat.elapsed().as_secs_f64()));
+        }
+        if let Some(busy) = s.encoder_busy_since.filter(|b| b.elapsed() > STALLED) {
+            problems.push(format!("the encoder has been on one item for {:.0} s", busy.elapsed().as_secs_f64()));
+        }
+        problems
     }
 
     /// The status now, with the buffer's sizes read live.

@@ -118,6 +118,7 @@ impl Trainer {
         let sampler = Sampler::start(self.store.clone(), Split::Train, cfg.batch_size, cfg.min_frames)?;
         self.status.update(|s| (s.step, s.active_version) = (self.learner.steps(), self.active.as_ref().map(|a| a.metadata.version)));
         while !self.shutdown.is_cancelled() {
+            self.status.update(|s| s.trainer_beat = Some(Instant::now()));
             // Leadership: a standby keeps its buffer current and waits; a new epoch takes over.
             let Some(grant) = self.lease.grant() else {
                 self.stand_by();
@@ -309,7 +310,16 @@ impl Trainer {
             config: serde_json::to_value(&self.config)?,
         };
         let learner = &self.learner;
-        let checkpoint = self.store.registry().add(Some(version), |version| learner.snapshot(Metadata { version, ..metadata }), Change::Trained, "wmvae", None)?;
+        let checkpoint = match self.store.registry().add(Some(version), |version| learner.snapshot(Metadata { version, ..metadata }), Change::Trained, "wmvae", None) {
+            Ok(checkpoint) => checkpoint,
+            Err(e) => {
+                // A full disk: training goes on, the next checkpoint tries again.
+                self.status.store_failed(&e);
+                self.store.check_write_failure(&e)?;
+                tracing::error!(version, "checkpoint not written: the store can't write ({e:#}); training goes on");
+                return Ok(());
+            }
+        };
         self.auto_rollbacks_in_a_row = 0;
         let m = &checkpoint.metadata;
         tracing::info!(version = m.version, parent = ?m.parent, step = m.step, eval_loss = ?m.eval_loss, "checkpoint");

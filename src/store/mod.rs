@@ -50,11 +50,16 @@ const SLED_CACHE_BYTES: u64 = 32 * 1024 * 1024;
 /// process, or by a daemon exiting) can look locked for a few ms.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 const LOCK_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+/// The write that tells a full disk from a store that keeps an old error:
+/// a group commit's worth of frames, so a disk that takes it has room for one.
+const PROBE_BYTES: usize = 1 << 20;
 
 /// The replay buffer. Clones share one sled database; writes are
 /// serialised by an internal lock, reads (sampling) run alongside.
 #[derive(Clone)]
 pub struct Store {
+    /// The directory the store lives in.
+    dir: std::path::PathBuf,
     db: sled::Db,
     tree: sled::Tree,
     registry: Registry,
@@ -82,7 +87,7 @@ impl Store {
         };
         let tree = db.open_tree("buffer")?;
         let registry = Registry::open(&db)?;
-        let store = Store { db, tree, registry, config, counters: Arc::default() };
+        let store = Store { dir: dir.to_owned(), db, tree, registry, config, counters: Arc::default() };
         store.migrate()?;
         *store.counters.lock().unwrap() = store.read_counters()?;
         Ok(store)
@@ -112,6 +117,26 @@ impl Store {
     /// The version registry in the same database.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// After a write to the store failed: Ok while the store's disk refuses
+    /// a small write of its own too (full: the caller waits for space),
+    /// else the error to stop on. sled keeps the first write error it hits
+    /// and fails every later write with it, so once the disk takes writes
+    /// again only reopening the store (a restart) clears it.
+    pub fn check_write_failure(&self, failed: &anyhow::Error) -> Result<()> {
+        let probe = self.dir.join(".write-probe");
+        let disk_takes_writes = std::fs::File::create(&probe)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &[0u8; PROBE_BYTES]).and_then(|()| f.sync_all()))
+            .is_ok();
+        let _ = std::fs::remove_file(&probe);
+        match disk_takes_writes {
+            true => Err(anyhow::anyhow!("{failed:#}")).context(format!(
+                "the store in {} can't write, though its disk takes writes again: sled keeps a write error until the store is reopened; restart wmvae (nothing acked is lost)",
+                self.dir.display()
+            )),
+            false => Ok(()),
+        }
     }
 
     /// Flushes everything to disk (for shutdown; `commit` already flushes).
