@@ -37,6 +37,10 @@ def connect_options(url=None):
     """nats.connect() keyword arguments from the environment."""
     servers = (url or setting("url") or DEFAULT_URL).split(",")
     options = {"servers": servers, "name": os.path.basename(sys.argv[0]) or "wmvae-example"}
+    if setting("inbox_prefix"):
+        # Replies come to <prefix>.<id>: with config/nats-permissions.conf each
+        # user may read only its own (_INBOX_publisher, _INBOX_reader, ...).
+        options["inbox_prefix"] = setting("inbox_prefix").encode()
     if setting("password"):
         options.update(user=setting("user"), password=setting("password"))
     elif setting("token"):

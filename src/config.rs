@@ -60,6 +60,10 @@ pub struct NatsConfig {
     /// A client certificate and its key, for servers that verify clients.
     pub tls_cert_file: String,
     pub tls_key_file: String,
+    /// The subject this client's replies come to: `<inbox_prefix>.<id>`. A
+    /// shared server gives each user its own (`_INBOX_<user>`, as
+    /// config/nats-permissions.conf does), so no one reads another's replies.
+    pub inbox_prefix: String,
 }
 
 impl NatsConfig {
@@ -344,6 +348,9 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         if self.nats.prefix.is_empty() || self.nats.prefix.contains(['.', '*', '>', ' ']) {
             bail!("nats.prefix must be one subject token (no '.', '*', '>' or spaces)");
+        }
+        if self.nats.inbox_prefix.is_empty() || self.nats.inbox_prefix.contains(['.', '*', '>', ' ']) {
+            bail!("nats.inbox_prefix must be one subject token (no '.', '*', '>' or spaces), such as _INBOX_operator");
         }
         self.nats.validate()?;
         if !(1..=5).contains(&self.nats.replicas) {

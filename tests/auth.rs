@@ -12,9 +12,11 @@ use common::nats::{wait_for_ingest_consumer, wait_until, Daemon};
 use common::{frames, repo_root, venv_python, wmvae};
 use std::path::Path;
 use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wmvae::tools::nats_server::LocalNats;
 use wmvae::bus::messages::{Announcement, CheckpointEvent};
+use wmvae::bus::service::Endpoint;
 use wmvae::frames::wire::FrameMessage;
 
 /// A server demanding one way of authenticating, and the client settings
@@ -291,16 +293,52 @@ async fn rollbacks(js: &async_nats::jetstream::Context) -> Vec<u64> {
     to
 }
 
-/// config/nats-permissions.conf: a publisher's frames are stored but it may
-/// not roll back; a reader fetches weights and may not roll back; an
-/// operator rolls back.
+/// A client of `user` on the roles' server, on its own inbox prefix, that
+/// gives up on a request after a second, and the server's complaints.
+async fn role_client(url: &str, user: &str, password: &str) -> (async_nats::Client, Arc<Mutex<Vec<String>>>) {
+    let complaints = Arc::new(Mutex::new(Vec::new()));
+    let heard = complaints.clone();
+    let client = async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+        .custom_inbox_prefix(format!("_INBOX_{user}"))
+        .request_timeout(Some(Duration::from_secs(1)))
+        .event_callback(move |event| {
+            let heard = heard.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = event {
+                    heard.lock().unwrap().push(e.to_string());
+                }
+            }
+        })
+        .connect(url)
+        .await
+        .unwrap();
+    (client, complaints)
+}
+
+/// A request each endpoint answers without changing anything (an unknown
+/// version, an object that is not there, a frame that does not decode).
+fn harmless(endpoint: Endpoint) -> &'static [u8] {
+    match endpoint {
+        Endpoint::Import => br#"{"object": "imports/not-there"}"#,
+        Endpoint::Encode => b"\xc1",
+        _ => br#"{"version": 999999}"#,
+    }
+}
+
+/// config/nats-permissions.conf, the whole role x endpoint matrix: each
+/// user's request to each control endpoint is answered or refused by the
+/// server as the roles say (the publisher none, the reader all but the five
+/// that change the daemon, the operator all); none may read another user's
+/// inbox; a publisher's frames are stored; a reader loads the active weights
+/// into PyTorch; only an operator rolls back and imports (live, uploading
+/// through the object store).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_keep_rollback_to_operators() {
     let passwords = "WM_DAEMON_PASSWORD: d-pw\nWM_PUBLISHER_PASSWORD: p-pw\nWM_READER_PASSWORD: r-pw\nWM_OPERATOR_PASSWORD: o-pw\n";
     let roles = std::fs::read_to_string(repo_root().join("config/nats-permissions.conf")).unwrap();
     let server = start(&format!("{passwords}{roles}"));
-    let as_user = |user: &str, password: &str| pairs(&[("user", user), ("password", password)]);
-    let daemon_env = as_user("wmvae", "d-pw");
+    let as_user = |user: &str, password: &str| pairs(&[("user", user), ("password", password), ("inbox_prefix", &format!("_INBOX_{user}"))]);
+    let daemon_env = pairs(&[("user", "wmvae"), ("password", "d-pw")]);
     let dir = tempfile::tempdir().unwrap();
     let mut env: Vec<(&str, &str)> = daemon_env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     env.extend([
@@ -319,7 +357,7 @@ async fn roles_keep_rollback_to_operators() {
     wait_for_ingest_consumer(&js).await;
 
     // The publisher's frames are stored.
-    let publisher = async_nats::ConnectOptions::with_user_and_password("publisher".into(), "p-pw".into()).connect(&server.url).await.unwrap();
+    let (publisher, _) = role_client(&server.url, "publisher", "p-pw").await;
     let publisher_js = async_nats::jetstream::new(publisher.clone());
     for (i, px) in frames(80, 64, 64).chunks(12288).enumerate() {
         let msg = FrameMessage::rgb(format!("e{}", i / 8), i as u64 % 8, 64, 64, px.to_vec());
@@ -333,6 +371,29 @@ async fn roles_keep_rollback_to_operators() {
     };
     wait_until(Duration::from_secs(120), "version 2", || async { status().await["active_version"].as_u64() >= Some(2) }).await;
     assert_eq!(status().await["buffer_frames"].as_u64(), Some(80));
+
+    // Every role against every endpoint: answered, or refused by the server.
+    let (reader, reader_complaints) = role_client(&server.url, "reader", "r-pw").await;
+    let (operator, _) = role_client(&server.url, "operator", "o-pw").await;
+    let changes = [Endpoint::Rollback, Endpoint::Pin, Endpoint::Unpin, Endpoint::Delete, Endpoint::Import];
+    for endpoint in Endpoint::ALL {
+        let subject = format!("wm.ctl.{}", endpoint.name());
+        for (user, client, allowed) in [("publisher", &publisher, false), ("reader", &reader, !changes.contains(&endpoint)), ("operator", &operator, true)] {
+            let answered = client.request(subject.clone(), harmless(endpoint).into()).await.is_ok();
+            assert_eq!(answered, allowed, "{user} on {subject}: answered {answered}, the roles say {allowed}");
+        }
+    }
+    let versions_after_matrix = status().await["active_version"].as_u64();
+
+    // No one reads another's inbox: the server refuses the subscription,
+    // and the operator's replies do not reach the reader.
+    let mut snooped = reader.subscribe("_INBOX_operator.>").await.unwrap();
+    operator.request("wm.ctl.status", "".into()).await.unwrap();
+    assert!(tokio::time::timeout(Duration::from_secs(1), futures::StreamExt::next(&mut snooped)).await.is_err(), "the reader read the operator's reply");
+    wait_until(Duration::from_secs(5), "the server to refuse the reader's subscription", || async {
+        reader_complaints.lock().unwrap().iter().any(|c| c.to_lowercase().contains("permissions violation for subscription"))
+    })
+    .await;
 
     let checkpoint = |args: &[&str], who: Vec<(String, String)>| {
         let mut cmd = wmvae();
@@ -355,11 +416,19 @@ async fn roles_keep_rollback_to_operators() {
     assert!(out.status.success(), "reader could not load weights: {}", text(&out));
     assert!(png.exists());
 
-    // The operator may.
+    // The operator may roll back, and import live (the reader may not).
     let out = checkpoint(&["rollback", "1", "--reason", "test"], as_user("operator", "o-pw"));
     assert!(out.status.success(), "operator: {}", text(&out));
     // Announced once the versions queued before it are in the object store.
     wait_until(Duration::from_secs(60), "the rollback announced", || async { !rollbacks(&js).await.is_empty() }).await;
     assert_eq!(rollbacks(&js).await, vec![1]);
+    let weights = dir.path().join("v2.safetensors");
+    let out = checkpoint(&["export", "2", "--out", weights.to_str().unwrap()], as_user("reader", "r-pw"));
+    assert!(out.status.success(), "reader export: {}", text(&out));
+    let out = checkpoint(&["import", weights.to_str().unwrap(), "--reason", "roles test"], as_user("reader", "r-pw"));
+    assert!(!out.status.success(), "the reader imported: {}", text(&out));
+    let out = checkpoint(&["import", weights.to_str().unwrap(), "--reason", "roles test"], as_user("operator", "o-pw"));
+    assert!(out.status.success(), "operator import: {}", text(&out));
+    assert!(status().await["active_version"].as_u64() > versions_after_matrix, "the import did not become active");
     assert!(daemon.terminate().success());
 }

@@ -121,3 +121,57 @@ fn cluster_stack_is_consistent() {
         assert!(conf.contains(&format!("server_name: n{n}")) && conf.contains("sync_interval: always") && conf.contains("routes"));
     }
 }
+
+/// The default stack is closed by default: NATS reachable from the host's
+/// loopback only, running the roles of config/nats-permissions.conf, every
+/// client with its own user, and the passwords generated once by
+/// scripts/compose-secrets (run twice: kept); the daemon's generated
+/// password logs in to a real nats-server with those roles, no password
+/// does not.
+#[test]
+fn compose_runs_with_roles_and_generated_credentials() {
+    let doc = compose("docker-compose.yml");
+    let services = &doc["services"];
+    for port in strings(&services["nats"]["ports"]).iter().chain(&strings(&services["wmvae"]["ports"])) {
+        assert!(port.starts_with("127.0.0.1:"), "{port} is published beyond this host");
+    }
+    assert!(strings(&services["nats"]["volumes"]).iter().any(|v| v.starts_with("./config/nats-permissions.conf:/etc/nats/nats-permissions.conf")));
+    let server_conf = std::fs::read_to_string(repo_root().join("config/nats-server.compose.conf")).unwrap();
+    assert!(server_conf.lines().any(|l| l.trim() == "include nats-permissions.conf"), "{server_conf}");
+    for (service, user, password, inbox) in [("wmvae", "wmvae", "WM_DAEMON_PASSWORD", None), ("publisher", "publisher", "WM_PUBLISHER_PASSWORD", Some("_INBOX_publisher"))] {
+        let env = &services[service]["environment"];
+        assert_eq!(env["WMVAE_NATS__USER"].as_str(), Some(user), "{service}");
+        assert!(env["WMVAE_NATS__PASSWORD"].as_str().unwrap().starts_with(&format!("${{{password}:?")), "{service}");
+        assert_eq!(env["WMVAE_NATS__INBOX_PREFIX"].as_str(), inbox, "{service}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let env_file = dir.path().join(".env");
+    let generate = || std::process::Command::new(repo_root().join("scripts/compose-secrets")).arg(&env_file).output().unwrap();
+    assert!(generate().status.success());
+    let first = std::fs::read_to_string(&env_file).unwrap();
+    assert!(generate().status.success());
+    assert_eq!(std::fs::read_to_string(&env_file).unwrap(), first, "a second run changed the passwords");
+    let passwords: std::collections::HashMap<&str, &str> = first.lines().filter_map(|l| l.split_once('=')).collect();
+    for key in ["WM_DAEMON_PASSWORD", "WM_PUBLISHER_PASSWORD", "WM_READER_PASSWORD", "WM_OPERATOR_PASSWORD"] {
+        assert!(passwords.get(key).is_some_and(|p| p.len() >= 20), "{key} in {first}");
+    }
+    assert_eq!(passwords.values().collect::<std::collections::HashSet<_>>().len(), 4, "passwords repeat");
+
+    // A real server with the roles and the generated passwords.
+    let variables: String = passwords.iter().map(|(k, v)| format!("{k}: \"{v}\"\n")).collect();
+    let roles = std::fs::read_to_string(repo_root().join("config/nats-permissions.conf")).unwrap();
+    let server = wmvae::tools::nats_server::LocalNats::start_with(&repo_root().join(".venv/bin/nats-server"), &format!("{variables}{roles}")).unwrap();
+    let migrate = |password: Option<&str>| {
+        let mut cmd = wmvae();
+        cmd.args(["migrate", "--nats-url", &server.url]);
+        if let Some(password) = password {
+            cmd.env("WMVAE_NATS__USER", "wmvae").env("WMVAE_NATS__PASSWORD", password);
+        }
+        cmd.output().unwrap()
+    };
+    let out = migrate(Some(passwords["WM_DAEMON_PASSWORD"]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains(passwords["WM_DAEMON_PASSWORD"]), "the password was printed");
+    assert!(!migrate(None).status.success(), "an anonymous client got in");
+}

@@ -22,7 +22,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The client options for `config`: name, timeouts, credentials and TLS.
 pub async fn options(config: &NatsConfig) -> Result<ConnectOptions> {
-    let mut options = ConnectOptions::new().name("wmvae").connection_timeout(CONNECT_TIMEOUT);
+    let mut options = ConnectOptions::new().name("wmvae").connection_timeout(CONNECT_TIMEOUT).custom_inbox_prefix(&config.inbox_prefix);
     if let Some(password) = config.password.expose() {
         options = options.user_and_password(config.user.clone(), password.to_string());
     } else if let Some(token) = config.token.expose() {
