@@ -260,6 +260,8 @@ pub struct IngestConfig {
 pub struct HttpConfig {
     /// Where /metrics, /healthz and the status page listen ("" turns HTTP off).
     pub addr: String,
+    /// Connections served at once; more wait to be accepted.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -355,6 +357,9 @@ impl Config {
         self.nats.validate()?;
         if !(1..=5).contains(&self.nats.replicas) {
             bail!("nats.replicas must be in 1..=5 (JetStream's limit)");
+        }
+        if self.http.max_connections == 0 {
+            bail!("http.max_connections must be at least 1");
         }
         if self.node.lease_ttl_secs < 3 {
             bail!("node.lease_ttl_secs must be at least 3 (renewed every third of it)");

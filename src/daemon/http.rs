@@ -6,7 +6,9 @@
 //! over their reconstructions by the active version, version history) and
 //! `/recon.png` (that grid).
 //!
-//! GET only, a bounded time per request, one request per connection. It
+//! GET only, a bounded time per request, one request per connection, at
+//! most `[http] max_connections` connections at once; the grid drawn by
+//! one request at a time. It
 //! reads the status board, the store and the bus; it changes nothing.
 
 use super::metrics::Metrics;
@@ -21,7 +23,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use std::fmt::Write as _;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tower_http::set_header::SetResponseHeaderLayer;
@@ -46,7 +48,9 @@ pub struct HttpContext {
     bus: Bus,
     config: Config,
     metrics: Arc<Metrics>,
-    grid: Arc<Mutex<Option<CachedGrid>>>,
+    /// Held while a grid is drawn: concurrent requests wait for that one
+    /// (single flight) instead of each running the model.
+    grid: Arc<tokio::sync::Mutex<Option<CachedGrid>>>,
 }
 
 impl HttpContext {
@@ -56,11 +60,59 @@ impl HttpContext {
     }
 }
 
+/// A listener that accepts at most `max_connections` connections at a
+/// time: the next waits (in the kernel's backlog) until one closes.
+pub struct Listener {
+    inner: tokio::net::TcpListener,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+/// An accepted connection, holding its place under the cap until dropped.
+pub struct Connection {
+    stream: tokio::net::TcpStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl axum::serve::Listener for Listener {
+    type Io = Connection;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Connection, std::net::SocketAddr) {
+        let permit = self.permits.clone().acquire_owned().await.expect("the semaphore is never closed");
+        let (stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+        (Connection { stream, _permit: permit }, addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+impl tokio::io::AsyncRead for Connection {
+    fn poll_read(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Connection {
+    fn poll_write(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
 /// Binds the listener (at start-up, so a taken port fails the daemon at once).
-pub async fn bind(addr: &str) -> Result<tokio::net::TcpListener> {
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding HTTP on {addr} ([http] addr)"))?;
-    tracing::info!(addr = %listener.local_addr()?, "HTTP: /metrics /healthz /");
-    Ok(listener)
+pub async fn bind(addr: &str, max_connections: usize) -> Result<Listener> {
+    let inner = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding HTTP on {addr} ([http] addr)"))?;
+    tracing::info!(addr = %inner.local_addr()?, max_connections, "HTTP: /metrics /healthz /");
+    Ok(Listener { inner, permits: Arc::new(tokio::sync::Semaphore::new(max_connections)) })
 }
 
 /// The routes, with their limits.
@@ -78,7 +130,7 @@ fn router(ctx: HttpContext) -> Router {
 }
 
 /// Serves until `shutdown`.
-pub async fn serve(listener: tokio::net::TcpListener, ctx: HttpContext, shutdown: CancellationToken) -> Result<()> {
+pub async fn serve(listener: Listener, ctx: HttpContext, shutdown: CancellationToken) -> Result<()> {
     axum::serve(listener, router(ctx)).with_graceful_shutdown(shutdown.cancelled_owned()).await.context("HTTP server")
 }
 
@@ -123,18 +175,21 @@ async fn recon(State(ctx): State<HttpContext>) -> Response {
     }
 }
 
-/// The active version's grid, cached for [`GRID_MAX_AGE`].
+/// The active version's grid, cached for [`GRID_MAX_AGE`]; drawn by one
+/// request at a time, the others then served from the cache.
 async fn recon_grid(ctx: &HttpContext) -> Result<Arc<Vec<u8>>> {
     let store = ctx.store.clone().context("this node has no trainer role, so no replay buffer to draw from")?;
     let version = store.registry().active_version()?.context("no active version yet")?;
-    if let Some((v, at, png)) = ctx.grid.lock().unwrap().clone() {
-        if v == version && at.elapsed() < GRID_MAX_AGE {
-            return Ok(png);
+    let mut cached = ctx.grid.lock().await;
+    if let Some((v, at, png)) = cached.as_ref() {
+        if *v == version && at.elapsed() < GRID_MAX_AGE {
+            return Ok(png.clone());
         }
     }
     let config = ctx.config.clone();
     let png = Arc::new(tokio::task::spawn_blocking(move || crate::versions::recon_png(&store, version, &config)).await??);
-    *ctx.grid.lock().unwrap() = Some((version, Instant::now(), png.clone()));
+    tracing::info!(version, "status page: reconstruction grid drawn");
+    *cached = Some((version, Instant::now(), png.clone()));
     Ok(png)
 }
 

@@ -307,7 +307,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let http = if config.http.addr.is_empty() {
         None
     } else {
-        let listener = http::bind(&config.http.addr).await?;
+        let listener = http::bind(&config.http.addr, config.http.max_connections).await?;
         let context = http::HttpContext::new(status.clone(), store.clone(), bus.clone(), config.clone());
         Some(tokio::spawn(http::serve(listener, context, shutdown.clone())))
     };
