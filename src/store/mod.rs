@@ -30,6 +30,25 @@ pub use buffer::{BufferConfig, Committed, Stats};
 pub use layout::{compress_frames, Compressed, Split};
 pub use registry::{best_by_eval, Change, HistoryEntry, InUse, Registry, UnknownVersion};
 
+/// Entry points for `fuzz/` (cargo fuzz builds with `--cfg fuzzing`): the
+/// decoders of what sled holds, fed arbitrary bytes. In no normal build.
+#[cfg(fuzzing)]
+pub mod fuzzing {
+    /// Decodes a frame chunk and every frame in it, pixels included.
+    pub fn chunk(bytes: &[u8]) {
+        if let Ok(frames) = super::layout::decode_chunk(bytes) {
+            for frame in frames {
+                let _ = frame.to_frame(true);
+            }
+        }
+    }
+
+    /// Decodes an index block.
+    pub fn index_block(bytes: &[u8]) {
+        let _ = super::layout::decode_index_block(bytes);
+    }
+}
+
 use anyhow::{bail, Context, Result};
 use layout::{be_u64, meta_key};
 use std::path::Path;
