@@ -4,7 +4,9 @@
 //! weights, optimizer}` whose `weights` and `optimizer` are safetensors
 //! bytes (PyTorch-loadable weights; our Adam's moments and step). The
 //! `sha256` in the metadata is over the weights bytes, so the object-store
-//! copy of a version can be checked against its announcement. This module
+//! copy of a version can be checked against its announcement; from format
+//! version 2 the envelope's own `sha256` covers all of it (metadata,
+//! weights and optimizer state), checked on every read. This module
 //! does the format only: where checkpoints live is the store's and the bus's
 //! business.
 
@@ -14,8 +16,9 @@ use sha2::{Digest, Sha256};
 
 /// Written in every envelope, checked on every read.
 pub const FORMAT: &str = "wmvae-checkpoint";
-/// The newest envelope layout this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest envelope layout this build writes and reads. 2: the
+/// envelope's `sha256` over everything in it (1 had none).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// What a checkpoint says about itself (pinned names: downstream reads them).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -54,6 +57,20 @@ struct Envelope {
     weights: Vec<u8>,
     #[serde(with = "serde_bytes")]
     optimizer: Vec<u8>,
+    /// Hex sha256 of this envelope serialised with this field empty
+    /// (format version 2; empty in version 1).
+    #[serde(default)]
+    sha256: String,
+}
+
+impl Envelope {
+    /// The sha256 this envelope should carry.
+    fn digest(&mut self) -> Result<String> {
+        let carried = std::mem::take(&mut self.sha256);
+        let bytes = rmp_serde::to_vec_named(self).context("serialising checkpoint");
+        self.sha256 = carried;
+        Ok(sha256_hex(&bytes?))
+    }
 }
 
 /// Only the fields needed to refuse an envelope we can't read.
@@ -81,13 +98,15 @@ impl Checkpoint {
     }
 
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let envelope = Envelope {
+        let mut envelope = Envelope {
             format: FORMAT.to_string(),
             format_version: FORMAT_VERSION,
             metadata: self.metadata.clone(),
             weights: self.weights.clone(),
             optimizer: self.optimizer.clone(),
+            sha256: String::new(),
         };
+        envelope.sha256 = envelope.digest()?;
         rmp_serde::to_vec_named(&envelope).context("serialising checkpoint")
     }
 
@@ -104,7 +123,10 @@ impl Checkpoint {
                 head.format_version
             );
         }
-        let envelope: Envelope = rmp_serde::from_slice(bytes).context("corrupt wmvae checkpoint")?;
+        let mut envelope: Envelope = rmp_serde::from_slice(bytes).context("corrupt wmvae checkpoint")?;
+        if head.format_version >= 2 && envelope.digest()? != envelope.sha256 {
+            bail!("checkpoint v{}: the envelope does not match its sha256 (metadata, weights or optimizer state damaged); refusing to load", envelope.metadata.version);
+        }
         let checkpoint = Checkpoint { metadata: envelope.metadata, weights: envelope.weights, optimizer: envelope.optimizer };
         checkpoint.verify()?;
         Ok(checkpoint)
@@ -146,6 +168,39 @@ mod tests {
         c.weights[0] ^= 1;
         let err = Checkpoint::from_bytes(&c.to_bytes().unwrap()).unwrap_err().to_string();
         assert!(err.contains("does not match"), "{err}");
+    }
+
+    #[test]
+    fn damage_anywhere_in_the_envelope_is_refused() {
+        let bytes = sample().to_bytes().unwrap();
+        // The optimizer's bytes (its value, after its key), and a metadata field's (step 100 -> 101).
+        let optimizer = bytes.windows(9).rposition(|w| w == b"optimizer").unwrap();
+        let mut damaged = bytes.clone();
+        damaged[optimizer + 2] ^= 1;
+        let err = Checkpoint::from_bytes(&damaged).unwrap_err().to_string();
+        assert!(err.contains("does not match its sha256"), "{err}");
+        let step = bytes.windows(5).position(|w| w == b"step\x64").unwrap();
+        let mut damaged = bytes;
+        damaged[step + 4] = 101;
+        let err = Checkpoint::from_bytes(&damaged).unwrap_err().to_string();
+        assert!(err.contains("does not match its sha256"), "{err}");
+    }
+
+    #[test]
+    fn version_1_envelopes_are_still_read() {
+        #[derive(Serialize)]
+        struct V1<'a> {
+            format: &'static str,
+            format_version: u32,
+            metadata: &'a Metadata,
+            #[serde(with = "serde_bytes")]
+            weights: &'a [u8],
+            #[serde(with = "serde_bytes")]
+            optimizer: &'a [u8],
+        }
+        let c = sample();
+        let bytes = rmp_serde::to_vec_named(&V1 { format: FORMAT, format_version: 1, metadata: &c.metadata, weights: &c.weights, optimizer: &c.optimizer }).unwrap();
+        assert_eq!(Checkpoint::from_bytes(&bytes).unwrap(), c);
     }
 
     #[test]
