@@ -308,6 +308,21 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Faults while frames stream in (the daemon or the nats-server
+    /// SIGKILLed every few seconds, malformed frames of every kind), then
+    /// the books: acked frames lost or stored twice, kinds dead-lettered.
+    Chaos {
+        /// How long faults are injected.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Good frames published per second, each awaited until stored.
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        #[arg(long)]
+        nats_server: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Frames/s made durable end to end (NATS -> sled flush -> ack) against a
     /// local nats-server, beside a bare consume+ack baseline.
     Ingest {
@@ -464,6 +479,11 @@ fn run(cli: Cli) -> Result<()> {
             let nats_server = nats_server.unwrap_or_else(wmvae::tools::nats_server::default_binary);
             let options = wmvae::tools::bench_failover::FailoverOptions { rate, lease_ttl_secs, nats_server };
             render::bench(runtime()?.block_on(wmvae::tools::bench_failover::failover(&options))?, json);
+        }
+        Command::Bench { which: BenchCommand::Chaos { seconds, rate, nats_server, json } } => {
+            let nats_server = nats_server.unwrap_or_else(wmvae::tools::nats_server::default_binary);
+            let options = wmvae::tools::bench_chaos::ChaosOptions { seconds, rate, nats_server };
+            render::bench(runtime()?.block_on(wmvae::tools::bench_chaos::chaos(&options))?, json);
         }
         Command::Bench { which: BenchCommand::Ingest { frames, nats_server, json } } => {
             let binary = nats_server.unwrap_or_else(wmvae::tools::nats_server::default_binary);

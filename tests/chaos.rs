@@ -1,6 +1,7 @@
 //! Faults against real processes: the nats-server SIGKILLed and restarted
 //! on the same port, with its store and without it, while frames stream in
-//! and the daemon trains.
+//! and the daemon trains; the store's disk full; and `wmvae bench chaos`
+//! (random daemon and server kills, every kind of malformed frame).
 //! After each: every acked frame stored exactly once, every version the
 //! store made announced (in order, numbers only growing), the cluster's
 //! active version the store's, and the daemon exits 0 on SIGTERM.
@@ -230,4 +231,22 @@ async fn a_full_disk_holds_frames_back_and_loses_none() {
     assert_eq!(store.stats().unwrap().frames_ingested, 2 * FRAMES_EACH_SIDE, "{logs}");
     let distinct: HashSet<u64> = store.frames_in_order(None, false).map(|f| f.unwrap().step).collect();
     assert_eq!(distinct.len() as u64, 2 * FRAMES_EACH_SIDE);
+}
+
+/// `wmvae bench chaos` for a few faults: nothing acked lost or stored twice,
+/// every malformed kind dead-lettered with its reason, a clean exit.
+/// (`scripts/chaos` runs it longer for BENCHMARKS.md.)
+#[test]
+fn the_chaos_bench_loses_nothing() {
+    let out = common::wmvae().args(["bench", "chaos", "--json", "--seconds", "12", "--nats-server"]).arg(common::repo_root().join(".venv/bin/nats-server")).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    let figures: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(figures["frames_acked"].as_u64().unwrap() > 0, "{figures}");
+    assert_eq!(figures["lost"], 0, "{figures}");
+    assert_eq!(figures["duplicates"], 0, "{figures}");
+    assert!(figures["malformed_kinds"].as_u64().unwrap() >= 40, "{figures}");
+    assert_eq!(figures["malformed_dead_lettered"], figures["malformed_kinds"], "{figures}: {said}");
+    assert_eq!(figures["daemon_exited_cleanly"], true, "{figures}");
+    assert!(figures["daemon_kills"].as_u64().unwrap() + figures["server_kills"].as_u64().unwrap() >= 2, "{figures}");
 }

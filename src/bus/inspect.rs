@@ -18,6 +18,8 @@ pub struct StoredMessage {
     pub subject: String,
     /// Its `Nats-Msg-Id`, when it was published with one.
     pub id: Option<String>,
+    /// A dead letter's reason (its `Wmvae-Reason` header).
+    pub reason: Option<String>,
     pub payload: bytes::Bytes,
 }
 
@@ -50,8 +52,9 @@ impl Bus {
             while let Some(message) = stored.next().await {
                 let message = message.with_context(|| format!("reading stream {name}"))?;
                 let sequence = message.info().map_err(|e| anyhow::anyhow!("{e}"))?.stream_sequence;
-                let id = message.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.to_string());
-                out.push(StoredMessage { subject: message.subject.to_string(), id, payload: message.payload.clone() });
+                let header = |name: &str| message.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.to_string());
+                let (id, reason) = (header("Nats-Msg-Id"), header(super::REASON_HEADER));
+                out.push(StoredMessage { subject: message.subject.to_string(), id, reason, payload: message.payload.clone() });
                 if sequence >= last {
                     return Ok(());
                 }

@@ -33,6 +33,21 @@ impl Bus {
         Ok(())
     }
 
+    /// Publishes any bytes as a frame message on `<prefix>.frames.<source>`
+    /// with `Nats-Msg-Id` `id`, waiting until JetStream stored them: for
+    /// the chaos bench's malformed frames.
+    pub async fn publish_frame_bytes(&self, source: &str, id: &str, payload: Vec<u8>) -> Result<()> {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id);
+        self.js
+            .publish_with_headers(self.subject(&format!("frames.{source}")), headers, payload.into())
+            .await
+            .context("publishing a frame")?
+            .await
+            .context("storing a frame")?;
+        Ok(())
+    }
+
     /// Publishes one frame message on `<prefix>.frames.<source>` with core
     /// NATS (no stored-ack wait; the stream captures it).
     pub async fn publish_frame_core(&self, source: &str, frame: &FrameMessage<'_>) -> Result<()> {

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// The source the bench publishes as (latent ids are `<source>/<episode>/<step>`).
-const SOURCE: &str = "bench";
+pub(super) const SOURCE: &str = "bench";
 /// Steps between checkpoints on the trainer nodes: the default (1000) takes
 /// minutes on a CPU; `steps_lost` is bounded by this.
 const CHECKPOINT_EVERY_STEPS: u64 = 50;
@@ -58,35 +58,39 @@ pub struct FailoverOptions {
     pub nats_server: PathBuf,
 }
 
-/// The two `wmvae serve` processes, killed when dropped.
-struct Nodes(Vec<(String, Child)>);
+/// `wmvae serve` processes (this binary), each with its own data dir and
+/// log under `dir`, killed when dropped.
+pub(super) struct Nodes(Vec<(String, Child)>);
 
 impl Nodes {
-    fn start(&mut self, id: &str, url: &str, dir: &Path, ttl: u64) -> Result<()> {
+    pub(super) fn new() -> Nodes {
+        Nodes(Vec::new())
+    }
+
+    /// Starts node `id` (`[node] id`) against `url`, data in `dir/id`, log
+    /// in `dir/id.log` (appended to across restarts), with `env` on top.
+    pub(super) fn start(&mut self, id: &str, url: &str, dir: &Path, env: &[(&str, String)]) -> Result<()> {
         let exe = std::env::current_exe().context("locating the wmvae binary")?;
-        let log = std::fs::File::create(dir.join(format!("{id}.log")))?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{id}.log")))?;
         let child = Command::new(exe)
             .args(["serve", "--nats-url", url, "--data-dir"])
             .arg(dir.join(id))
             .env("WMVAE_NODE__ID", id)
-            .env("WMVAE_NODE__LEASE_TTL_SECS", ttl.to_string())
-            .env("WMVAE_NATS__REPLICAS", "3")
             .env("WMVAE_TRAIN__DEVICE", "cpu")
             .env("WMVAE_TRAIN__THREADS", "1")
-            .env("WMVAE_TRAIN__MIN_FRAMES", MIN_FRAMES.to_string())
-            .env("WMVAE_TRAIN__CHECKPOINT_EVERY_STEPS", CHECKPOINT_EVERY_STEPS.to_string())
-            .env("WMVAE_INGEST__ACK_WAIT_SECS", ACK_WAIT_SECS.to_string())
             .env("WMVAE_HTTP__ADDR", "")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting node {id}"))?;
+        self.0.retain(|(n, _)| n != id);
         self.0.push((id.to_string(), child));
         Ok(())
     }
 
     /// SIGKILL: no chance to release the lease or ack.
-    fn kill(&mut self, id: &str) -> Result<()> {
+    pub(super) fn kill(&mut self, id: &str) -> Result<()> {
         let (_, child) = self.0.iter_mut().find(|(n, _)| n == id).context("no such node")?;
         child.kill()?;
         child.wait()?;
@@ -94,7 +98,7 @@ impl Nodes {
     }
 
     /// SIGTERM to `id`; whether it then exited 0 within a minute.
-    fn terminate(&mut self, id: &str) -> Result<bool> {
+    pub(super) fn terminate(&mut self, id: &str) -> Result<bool> {
         let (_, child) = self.0.iter_mut().find(|(n, _)| n == id).context("no such node")?;
         Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -127,7 +131,7 @@ where
 }
 
 /// As [`wait_for`], giving up after `timeout`.
-async fn wait_at_most<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<T>
+pub(super) async fn wait_at_most<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -146,13 +150,13 @@ where
 
 /// What the publisher saw: each stored frame's index and when its ack came.
 #[derive(Default)]
-struct Acks {
-    stored: Vec<(u64, Instant)>,
-    failed: u64,
+pub(super) struct Acks {
+    pub(super) stored: Vec<(u64, Instant)>,
+    pub(super) failed: u64,
 }
 
 /// Publishes frame 0, 1, ... at `rate`, each awaited until stored, until `stop`.
-async fn publish(bus: Bus, rate: f64, acks: Arc<Mutex<Acks>>, stop: CancellationToken) {
+pub(super) async fn publish(bus: Bus, rate: f64, acks: Arc<Mutex<Acks>>, stop: CancellationToken) {
     let mut publisher = bus.frame_publisher(SOURCE);
     let start = tokio::time::Instant::now();
     let interval = Duration::from_secs_f64(1.0 / rate);
@@ -204,11 +208,18 @@ async fn run(options: &FailoverOptions, dir: &Path) -> Result<Value> {
     let bus = Bus::connect(&config).await?;
     wait_for("the cluster's JetStream", || async { bus.migrate().await.ok() }).await?;
 
-    let mut nodes = Nodes(Vec::new());
-    nodes.start("a", &config.nats.url, dir, ttl)?;
+    let env = [
+        ("WMVAE_NODE__LEASE_TTL_SECS", ttl.to_string()),
+        ("WMVAE_NATS__REPLICAS", "3".to_string()),
+        ("WMVAE_TRAIN__MIN_FRAMES", MIN_FRAMES.to_string()),
+        ("WMVAE_TRAIN__CHECKPOINT_EVERY_STEPS", CHECKPOINT_EVERY_STEPS.to_string()),
+        ("WMVAE_INGEST__ACK_WAIT_SECS", ACK_WAIT_SECS.to_string()),
+    ];
+    let mut nodes = Nodes::new();
+    nodes.start("a", &config.nats.url, dir, &env)?;
     let shared = bus.shared().await?;
     wait_for("node a to lead", || async { (shared.holder().await.ok()?.as_deref() == Some("a")).then_some(()) }).await?;
-    nodes.start("b", &config.nats.url, dir, ttl)?;
+    nodes.start("b", &config.nats.url, dir, &env)?;
     wait_for("node b to serve", || async { bus.service_nodes().await.ok()?.iter().any(|n| n.id == "b").then_some(()) }).await?;
 
     let acks = Arc::new(Mutex::new(Acks::default()));

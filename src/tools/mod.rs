@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod bench_daemon;
 pub mod bench_encoders;
+pub mod bench_chaos;
 pub mod bench_failover;
 pub mod encode;
 pub mod export;
