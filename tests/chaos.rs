@@ -9,7 +9,7 @@
 mod common;
 
 use async_nats::jetstream;
-use common::nats::{wait_until, Daemon, NatsServer};
+use common::nats::{announcements, wait_until, Daemon, NatsServer};
 use common::{frames, FAST};
 use std::collections::HashSet;
 use std::time::Duration;
@@ -41,21 +41,22 @@ async fn publish(js: &jetstream::Context, from: u64, to: u64) {
     }
 }
 
-async fn announcements(js: &jetstream::Context) -> Vec<Announcement> {
-    let Ok(mut stream) = js.get_stream("WM_CHECKPOINTS").await else { return Vec::new() };
-    let Ok(info) = stream.info().await else { return Vec::new() };
-    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
-    let mut out = Vec::new();
-    for seq in first..=last {
-        if let Ok(message) = stream.get_raw_message(seq).await {
-            out.push(rmp_serde::from_slice(&message.payload).unwrap());
-        }
-    }
-    out
-}
-
 fn created(all: &[Announcement]) -> Vec<u64> {
     all.iter().filter(|a| a.event == CheckpointEvent::Created).map(|a| a.metadata.version).collect()
+}
+
+/// A daemon on a short lease that has taken the first side's frames and
+/// announced version 2.
+async fn trained() -> (NatsServer, tempfile::TempDir, Daemon) {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let env: Vec<(&str, &str)> = FAST.iter().copied().chain([("WMVAE_NODE__LEASE_TTL_SECS", "3")]).collect();
+    let daemon = Daemon::start(&nats.url, dir.path(), &env);
+    let js = jetstream::new(nats.client().await);
+    common::nats::wait_for_ingest_consumer(&js).await;
+    publish(&js, 0, FRAMES_EACH_SIDE).await;
+    wait_until(Duration::from_secs(120), "version 2", || async { created(&announcements(&js).await).contains(&2) }).await;
+    (nats, dir, daemon)
 }
 
 /// The nats-server SIGKILLed mid-training for a few seconds (past the
@@ -64,14 +65,7 @@ fn created(all: &[Announcement]) -> Vec<u64> {
 /// nothing acked is lost or stored twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_nats_server_killed_and_restarted_mid_training() {
-    let mut nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let env: Vec<(&str, &str)> = FAST.iter().copied().chain([("WMVAE_NODE__LEASE_TTL_SECS", "3")]).collect();
-    let daemon = Daemon::start(&nats.url, dir.path(), &env);
-    let js = jetstream::new(nats.client().await);
-    common::nats::wait_for_ingest_consumer(&js).await;
-    publish(&js, 0, FRAMES_EACH_SIDE).await;
-    wait_until(Duration::from_secs(120), "version 2", || async { created(&announcements(&js).await).contains(&2) }).await;
+    let (mut nats, dir, daemon) = trained().await;
 
     // Down past the lease's trust (2 s of a 3 s TTL): training stops, the lease is lost.
     nats.kill();
@@ -115,14 +109,7 @@ async fn the_nats_server_killed_and_restarted_mid_training() {
 /// frames published to the new server are stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_nats_server_comes_back_without_its_state() {
-    let mut nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let env: Vec<(&str, &str)> = FAST.iter().copied().chain([("WMVAE_NODE__LEASE_TTL_SECS", "3")]).collect();
-    let daemon = Daemon::start(&nats.url, dir.path(), &env);
-    let js = jetstream::new(nats.client().await);
-    common::nats::wait_for_ingest_consumer(&js).await;
-    publish(&js, 0, FRAMES_EACH_SIDE).await;
-    wait_until(Duration::from_secs(120), "version 2", || async { created(&announcements(&js).await).contains(&2) }).await;
+    let (mut nats, dir, daemon) = trained().await;
 
     nats.restart_empty();
     let js = jetstream::new(nats.client().await);

@@ -11,7 +11,7 @@
 mod common;
 
 use async_nats::jetstream;
-use common::nats::{wait_for_consumer, wait_until, Daemon, NatsServer};
+use common::nats::{announcements, wait_for_consumer, wait_until, Daemon, NatsServer};
 use common::{frames, repo_root, wmvae, FAST};
 use futures::StreamExt;
 use std::collections::HashSet;
@@ -54,19 +54,7 @@ async fn publish(js: &jetstream::Context, episodes: u64, steps: u64) {
 }
 
 async fn created(js: &jetstream::Context) -> Vec<Announcement> {
-    let Ok(mut stream) = js.get_stream("WM_CHECKPOINTS").await else { return Vec::new() };
-    let Ok(info) = stream.info().await else { return Vec::new() };
-    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
-    let mut out = Vec::new();
-    for seq in first..=last {
-        if let Ok(message) = stream.get_raw_message(seq).await {
-            let announcement: Announcement = rmp_serde::from_slice(&message.payload).unwrap();
-            if announcement.event == CheckpointEvent::Created {
-                out.push(announcement);
-            }
-        }
-    }
-    out
+    announcements(js).await.into_iter().filter(|a| a.event == CheckpointEvent::Created).collect()
 }
 
 async fn lease_holder(js: &jetstream::Context) -> Option<String> {

@@ -172,3 +172,18 @@ pub async fn wait_for_consumer(js: &async_nats::jetstream::Context, name: &str) 
     })
     .await;
 }
+
+/// Every announcement WM_CHECKPOINTS holds, oldest first (none before the
+/// stream exists).
+pub async fn announcements(js: &async_nats::jetstream::Context) -> Vec<wmvae::bus::messages::Announcement> {
+    let Ok(mut stream) = js.get_stream("WM_CHECKPOINTS").await else { return Vec::new() };
+    let Ok(info) = stream.info().await else { return Vec::new() };
+    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+    let mut out = Vec::new();
+    for seq in first..=last {
+        if let Ok(message) = stream.get_raw_message(seq).await {
+            out.push(rmp_serde::from_slice(&message.payload).expect("an announcement decodes"));
+        }
+    }
+    out
+}
