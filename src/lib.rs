@@ -7,6 +7,7 @@
 //! each folder's rules):
 //!
 //! * [`config`]   the one configuration: defaults, file, environment
+//! * [`backoff`]  the one retry pause (doubling, bounded), for whatever waits out a fault
 //! * [`frames`]   the frame wire contract, preprocessing, frame files and pictures (no I/O to services)
 //! * [`vae`]      the model, our Adam, the learner, weights and checkpoint envelopes (the only tch user)
 //! * [`store`]    the durable, bounded replay buffer and the version registry (the only sled user)
@@ -18,6 +19,7 @@
 //!
 //! The binary (`src/main.rs`) only parses arguments and calls into these.
 
+pub mod backoff;
 pub mod bus;
 pub mod cli;
 pub mod config;

@@ -4,6 +4,7 @@
 
 use super::migrate::{FrameConsumer, FRAMES_STREAM};
 use super::Bus;
+use crate::backoff::Backoff;
 use anyhow::{anyhow, Context, Result};
 use async_nats::jetstream::{self, consumer::pull};
 use async_nats::HeaderMap;
@@ -48,12 +49,6 @@ impl Delivery {
     }
 }
 
-/// First pause after a consumer error; doubled up to [`LONGEST_PAUSE`].
-const FIRST_PAUSE: Duration = Duration::from_millis(100);
-/// The longest pause between tries at a consumer that keeps failing: a
-/// server that comes back is read from within this.
-const LONGEST_PAUSE: Duration = Duration::from_secs(5);
-
 /// A durable pull consumer of WM_FRAMES, as batches of deliveries.
 pub struct FrameFeed {
     consumer: jetstream::consumer::Consumer<pull::Config>,
@@ -65,7 +60,7 @@ pub struct FrameFeed {
     /// (None for the bench's ephemeral one).
     remake: Option<(Bus, FrameConsumer)>,
     /// The pause before the next try after an error.
-    pause: Duration,
+    pause: Backoff,
 }
 
 impl Bus {
@@ -120,25 +115,14 @@ impl FrameFeed {
     /// A feed over `consumer`, whose subjects start with `subject_prefix`
     /// (`<prefix>.frames.`), pulling `pull_batch` messages at a time.
     pub(super) fn over(consumer: jetstream::consumer::Consumer<pull::Config>, subject_prefix: String, pull_batch: usize) -> FrameFeed {
-        FrameFeed { consumer, messages: None, subject_prefix, pull_batch, remake: None, pause: FIRST_PAUSE }
-    }
-
-    /// After an error: waits the next pause (false on `shutdown`).
-    async fn back_off(&mut self, shutdown: &CancellationToken) -> bool {
-        let pause = self.pause;
-        self.pause = (self.pause * 2).min(LONGEST_PAUSE);
-        tokio::select! {
-            _ = shutdown.cancelled() => false,
-            _ = tokio::time::sleep(pause) => true,
-        }
+        FrameFeed { consumer, messages: None, subject_prefix, pull_batch, remake: None, pause: Backoff::default() }
     }
 
     /// The pull stream could not be opened: the server may have lost the
-    /// stream or the consumer (restarted without its JetStream state).
-    /// Applies the migrations and makes the consumer again.
+    /// consumer (restarted without its JetStream state; the daemon applies
+    /// the migrations again on the reconnect). Makes the consumer again.
     async fn remake_consumer(&mut self) -> Result<()> {
         let Some((bus, which)) = &self.remake else { return Ok(()) };
-        bus.migrate().await?;
         let stream = bus.js.get_stream(FRAMES_STREAM).await.with_context(|| format!("stream {FRAMES_STREAM}"))?;
         bus.ensure_consumer(which).await?;
         self.consumer = stream.get_consumer(&which.durable_name()).await.map_err(|e| anyhow!("consumer {}: {e}", which.durable_name()))?;
@@ -159,8 +143,8 @@ impl FrameFeed {
                 None => match self.consumer.stream().max_messages_per_batch(self.pull_batch).messages().await {
                     Ok(stream) => self.messages.insert(stream),
                     Err(e) => {
-                        tracing::warn!("opening the frame consumer: {e}; making it again in {:?}", self.pause);
-                        if !self.back_off(shutdown).await {
+                        tracing::warn!("opening the frame consumer: {e}; making it again in {:?}", self.pause.next);
+                        if !self.pause.wait(shutdown).await {
                             break;
                         }
                         if let Err(e) = self.remake_consumer().await {
@@ -187,14 +171,14 @@ impl FrameFeed {
                     let source = subject.strip_prefix(&self.subject_prefix).unwrap_or("").to_string();
                     batch.push(Delivery { source, subject, payload: message.payload, stream_sequence, received_at: std::time::Instant::now(), acker });
                     deadline.get_or_insert_with(|| Instant::now() + max_wait);
-                    self.pause = FIRST_PAUSE;
+                    self.pause.reset();
                 }
                 Some(Err(e)) => {
-                    tracing::warn!("frame consumer: {e}; retrying in {:?}", self.pause);
-                    if self.pause == LONGEST_PAUSE {
+                    tracing::warn!("frame consumer: {e}; retrying in {:?}", self.pause.next);
+                    if self.pause.at_longest() {
                         self.messages = None; // failing for seconds: open it again
                     }
-                    if !self.back_off(shutdown).await {
+                    if !self.pause.wait(shutdown).await {
                         break;
                     }
                 }

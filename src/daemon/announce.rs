@@ -5,7 +5,7 @@
 //! store holds. Runs on the daemon's runtime; the trainer hands it
 //! [`Event`]s. It decides nothing about versions: the registry holds them.
 
-use super::backoff::Backoff;
+use crate::backoff::Backoff;
 use super::lease::Lease;
 use super::trainer::Event;
 use crate::bus::kv::{Active, Conflict, Shared};

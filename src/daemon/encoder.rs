@@ -16,7 +16,7 @@
 //! between two micro-batches, in the order `active` moved, so a latent names
 //! only a version that was announced and can be fetched.
 
-use super::backoff::Backoff;
+use crate::backoff::Backoff;
 use super::status::{EncoderState, StatusBoard};
 use crate::bus::messages::{weights_object, LatentMessage};
 use futures::StreamExt;
@@ -168,7 +168,7 @@ async fn follow(bus: Bus, queue: mpsc::Sender<Work>, loaded: watch::Sender<bool>
                     }
                 }
             };
-            pause = Backoff::default();
+            pause.reset();
             let Some(weights) = weights else {
                 tracing::warn!(version, "the active version's weights are not in the object store; keeping the current ones");
                 continue;

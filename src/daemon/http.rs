@@ -154,7 +154,7 @@ async fn healthz(State(ctx): State<HttpContext>) -> Response {
     if let Some(Err(e)) = ctx.store.as_ref().map(|store| store.registry().active_version()) {
         problems.push(format!("the store can't be read: {e:#}"));
     }
-    let commit = ctx.status.snapshot().last_commit.map_or("no frames committed yet".to_string(), |at| format!("last commit {:.1} s ago", at.elapsed().as_secs_f64()));
+    let commit = ctx.status.last_commit().map_or("no frames committed yet".to_string(), |at| format!("last commit {:.1} s ago", at.elapsed().as_secs_f64()));
     match problems.is_empty() {
         true => format!("ok ({commit})\n").into_response(),
         false => (StatusCode::SERVICE_UNAVAILABLE, format!("{}\n({commit})\n", problems.join("\n"))).into_response(),

@@ -8,6 +8,7 @@
 //! MessagePack itself (`wire`) or touches sled or NATS directly.
 
 use super::status::StatusBoard;
+use crate::backoff::Backoff;
 use crate::bus::{Bus, Delivery, FrameConsumer};
 use crate::config::IngestConfig;
 use crate::frames::preprocess::Policy;
@@ -111,7 +112,7 @@ pub async fn run(bus: Bus, store: Store, config: IngestConfig, node_id: String, 
     let mut log = RejectionLog::default();
     let mut since_log = BatchOutcome::default();
     let mut last_log = Instant::now();
-    let mut store_pause = STORE_RETRY_FIRST;
+    let mut store_pause = Backoff::new(STORE_RETRY_FIRST, STORE_RETRY_LONGEST);
     while let Some(Prepared { batch, rejections, frames, compressed }) = prepared.recv().await {
         let size = batch.len();
         let reasons: Vec<Reason> = rejections.iter().flatten().map(|r: &Rejection| r.reason).collect();
@@ -121,7 +122,7 @@ pub async fn run(bus: Bus, store: Store, config: IngestConfig, node_id: String, 
         match committed {
             Ok(committed) => {
                 status.committed();
-                store_pause = STORE_RETRY_FIRST;
+                store_pause.reset();
                 match settle(&bus, &batch, rejections, &mut log).await {
                     Ok(rejected) => {
                         since_log.stored += committed.stored();
@@ -134,17 +135,14 @@ pub async fn run(bus: Bus, store: Store, config: IngestConfig, node_id: String, 
             Err(e) => {
                 status.store_failed(&e);
                 store.check_write_failure(&e)?;
-                tracing::error!("ingest: the store can't write ({e:#}); a batch of {size} nak'ed, redelivered in {store_pause:?}");
+                let delay = store_pause.next;
+                tracing::error!("ingest: the store can't write ({e:#}); a batch of {size} nak'ed, redelivered in {delay:?}");
                 for delivery in &batch {
-                    if let Err(e) = delivery.nak(store_pause).await {
+                    if let Err(e) = delivery.nak(delay).await {
                         tracing::warn!("ingest: {e:#}; the frame comes back after ack_wait");
                     }
                 }
-                tokio::select! {
-                    _ = shutdown.cancelled() => {}
-                    _ = tokio::time::sleep(store_pause) => {}
-                }
-                store_pause = (store_pause * 2).min(STORE_RETRY_LONGEST);
+                store_pause.wait(&shutdown).await;
             }
         }
         if last_log.elapsed() >= PROGRESS_LOG_INTERVAL {

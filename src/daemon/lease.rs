@@ -76,7 +76,7 @@ impl Lease {
     /// Whether this node may still lead under `epoch`: leading now, or its
     /// renewal failing but the lease not lapsed (work under it waits).
     pub fn may_lead(&self, epoch: u64) -> bool {
-        self.fresh() && self.held.lock().unwrap().is_some_and(|h| h.grant.epoch == epoch)
+        self.held.lock().unwrap().is_some_and(|h| h.grant.epoch == epoch && h.renewed_at.elapsed() < self.trust)
     }
 
     /// Marks renewals failing (or not any more), keeping the lease.

@@ -9,7 +9,6 @@
 //! Wiring and shutdown only: the parts are the sibling modules.
 
 pub mod announce;
-pub mod backoff;
 pub mod commands;
 pub mod control;
 pub mod encoder;
@@ -33,7 +32,7 @@ use crate::daemon::trainer::Trainer;
 use crate::vae::device::{self, Device};
 
 use crate::bus::service::{Endpoint, Handler, NodeInfo};
-use backoff::Backoff;
+use crate::backoff::Backoff;
 use lease::Lease;
 use control::Command;
 use encoder::Encoder;

@@ -209,6 +209,11 @@ impl StatusBoard {
         self.update(|s| (s.store_error, s.last_commit) = (None, Some(Instant::now())));
     }
 
+    /// When frames were last committed to the store.
+    pub fn last_commit(&self) -> Option<Instant> {
+        self.status.lock().unwrap().last_commit
+    }
+
     /// What makes this node unhealthy now, besides NATS: a store that
     /// can't write, a trainer loop or encoder item stalled past [`STALLED`].
     pub fn problems(&self) -> Vec<String> {

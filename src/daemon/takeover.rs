@@ -10,7 +10,7 @@
 //! refuses operator commands: the leader answers them.
 
 use super::announce;
-use super::backoff::Backoff;
+use crate::backoff::Backoff;
 use super::control::Command;
 use super::lease::Grant;
 use super::status::{LeaseRole, TrainerState};

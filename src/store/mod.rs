@@ -106,9 +106,9 @@ impl Store {
         };
         let tree = db.open_tree("buffer")?;
         let registry = Registry::open(&db)?;
-        let store = Store { dir: dir.to_owned(), db, tree, registry, config, counters: Arc::default() };
+        let mut store = Store { dir: dir.to_owned(), db, tree, registry, config, counters: Arc::default() };
         store.migrate()?;
-        *store.counters.lock().unwrap() = store.read_counters()?;
+        store.counters = Arc::new(Mutex::new(store.read_counters()?));
         Ok(store)
     }
 

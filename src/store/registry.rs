@@ -322,9 +322,23 @@ impl Registry {
     pub fn mark_announced(&self, version: u64, rollback: bool) -> Result<()> {
         let _guard = self.serialised();
         let matches = |entry: &HistoryEntry| entry.to == version && matches!(entry.why, Change::Rollback | Change::AutoRollback) == rollback;
-        if let Some((seq, _)) = self.unannounced()?.into_iter().find(|(_, entry)| matches(entry)) {
-            self.tree.insert(key(b'A', seq), &[])?;
+        let Some((seq, _)) = self.unannounced()?.into_iter().find(|(_, entry)| matches(entry)) else { return Ok(()) };
+        // The mark, and `history_announced` moved past every entry now
+        // announced in a row (their marks dropped), so the scan above stays
+        // as short as what is still unannounced.
+        let mut batch = sled::Batch::default();
+        let mut watermark = self.counter("history_announced")?.unwrap_or(0);
+        if seq != watermark {
+            batch.insert(key(b'A', seq), &[]);
+        } else {
+            watermark += 1;
+            while self.tree.contains_key(key(b'A', watermark))? {
+                batch.remove(key(b'A', watermark));
+                watermark += 1;
+            }
+            batch.insert(meta("history_announced"), &watermark.to_be_bytes());
         }
+        self.tree.apply_batch(batch)?;
         Ok(())
     }
 
