@@ -83,10 +83,9 @@ struct Run {
     since_log: LossWindow,
     since_checkpoint: LossWindow,
     log_started: Instant,
-    /// A checkpoint is due (its step passed) but not written yet.
-    checkpoint_due: bool,
-    /// A postponed checkpoint is not tried again before this.
-    checkpoint_not_before: Instant,
+    /// A checkpoint is due (its step passed, not written yet): tried from
+    /// this instant on (later once postponed).
+    checkpoint_due: Option<Instant>,
 }
 
 impl Run {
@@ -97,8 +96,7 @@ impl Run {
             since_log: LossWindow::default(),
             since_checkpoint: LossWindow::default(),
             log_started: Instant::now(),
-            checkpoint_due: false,
-            checkpoint_not_before: Instant::now(),
+            checkpoint_due: None,
         }
     }
 
@@ -158,8 +156,10 @@ impl Trainer {
             if step % cfg.eval_every_steps as i64 == 0 {
                 self.report_eval(step)?;
             }
-            run.checkpoint_due |= step % cfg.checkpoint_every_steps as i64 == 0;
-            if run.checkpoint_due && Instant::now() >= run.checkpoint_not_before {
+            if step % cfg.checkpoint_every_steps as i64 == 0 {
+                run.checkpoint_due.get_or_insert_with(Instant::now);
+            }
+            if run.checkpoint_due.is_some_and(|from| Instant::now() >= from) {
                 self.checkpoint(&mut run)?;
             }
         }
@@ -276,12 +276,12 @@ impl Trainer {
     fn checkpoint(&mut self, run: &mut Run) -> Result<()> {
         match self.allocate_version(Some(ALLOCATE_PATIENCE)) {
             Ok(version) => {
-                run.checkpoint_due = false;
+                run.checkpoint_due = None;
                 self.write_checkpoint(version, run)
             }
             Err(e) => {
                 tracing::warn!(step = self.learner.steps(), "checkpoint postponed: no version number ({e:#}); trying again in {CHECKPOINT_RETRY:?}");
-                run.checkpoint_not_before = Instant::now() + CHECKPOINT_RETRY;
+                run.checkpoint_due = Some(Instant::now() + CHECKPOINT_RETRY);
                 Ok(())
             }
         }
