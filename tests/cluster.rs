@@ -63,7 +63,25 @@ async fn lease_holder(js: &jetstream::Context) -> Option<String> {
     (entry.operation == jetstream::kv::Operation::Put).then(|| String::from_utf8_lossy(&entry.value).into_owned())
 }
 
-/// The leading trainer SIGKILLed: the standby takes the lease, resumes at the
+/// Every node's status, as `$SRV.STATS.wmvae` carries it (the `status`
+/// endpoint's `data`): node id to its `lease`.
+async fn leases_by_node(js: &jetstream::Context) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let client = js.client();
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await.unwrap();
+    client.publish_with_reply("$SRV.STATS.wmvae", inbox, "".into()).await.unwrap();
+    let mut leases = std::collections::BTreeMap::new();
+    while let Ok(Some(reply)) = tokio::time::timeout(Duration::from_secs(1), replies.next()).await {
+        let stats: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+        for status in stats["endpoints"].as_array().unwrap().iter().map(|e| &e["data"]).filter(|d| !d.is_null()) {
+            leases.insert(status["node_id"].as_str().unwrap().to_string(), status["lease"].clone());
+        }
+    }
+    leases
+}
+
+/// Both nodes' statuses reach a client on any server. The leading trainer
+/// SIGKILLed: the standby takes the lease, resumes at the
 /// last announced version's step, and announces higher versions; no version
 /// number appears twice. While the active version's full checkpoint is
 /// missing from the object store (as while its stream's leader is elected),
@@ -72,6 +90,9 @@ async fn lease_holder(js: &jetstream::Context) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_standby_takes_over_when_the_leader_dies() {
     let (_cluster, js, _dir, first, second) = two_trainers(3).await;
+    // Each node answers for itself, wherever its server is (a status request reaches the nearest node only).
+    let expected = std::collections::BTreeMap::from([("t1".to_string(), serde_json::json!("leader")), ("t2".to_string(), serde_json::json!("standby"))]);
+    assert_eq!(leases_by_node(&js).await, expected);
 
     first.kill();
     let before = created(&js).await;

@@ -115,6 +115,8 @@ pub struct NodeInfo {
 pub type Reply = Pin<Box<dyn Future<Output = Result<Vec<u8>, ServiceError>> + Send>>;
 /// (endpoint, request payload) to a reply.
 pub type Handler = Arc<dyn Fn(Endpoint, Bytes) -> Reply + Send + Sync>;
+/// This node's status as JSON, for `$SRV.STATS` (answered synchronously).
+pub type StatusProbe = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 impl Bus {
     /// Runs the `wmvae` micro service (`$SRV.PING` finds it) with one
@@ -122,15 +124,18 @@ impl Bus {
     /// Each request's payload goes to `handler` with its endpoint; errors
     /// become service errors carrying their code and text.
     /// `node` (this node's id and roles) is the instance's metadata, so
-    /// [`Bus::service_nodes`] finds it.
-    pub async fn serve_control(&self, handler: Handler, endpoints: &[Endpoint], node: &NodeInfo, shutdown: CancellationToken) -> Result<()> {
+    /// [`Bus::service_nodes`] finds it. With `probe`, the `status`
+    /// endpoint's stats carry this node's status as their `data`, so
+    /// [`Bus::node_statuses`] reaches every node (a request reaches one).
+    pub async fn serve_control(&self, handler: Handler, endpoints: &[Endpoint], node: &NodeInfo, probe: Option<StatusProbe>, shutdown: CancellationToken) -> Result<()> {
         use async_nats::service::ServiceExt;
         let metadata = HashMap::from([(NODE_ID_KEY.to_string(), node.id.clone()), (ROLES_KEY.to_string(), node.roles.to_string())]);
-        let service = self
-            .client
-            .service_builder()
-            .description("World Models VAE trainer: status, encode, checkpoints")
-            .metadata(metadata)
+        let mut builder = self.client.service_builder().description("World Models VAE trainer: status, encode, checkpoints").metadata(metadata);
+        if let Some(probe) = probe {
+            let status_subject = self.subject(&format!("ctl.{}", Endpoint::Status.name()));
+            builder = builder.stats_handler(move |_, stats| if stats.subject == status_subject { probe() } else { serde_json::Value::Null });
+        }
+        let service = builder
             .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
             .await
             .map_err(|e| anyhow!("starting the {SERVICE_NAME} service: {e}"))?;
@@ -162,24 +167,43 @@ impl Bus {
     /// The running `wmvae` service instances that answer a ping within
     /// [`DISCOVERY_WAIT`], each with its node's id and roles.
     pub async fn service_nodes(&self) -> Result<Vec<NodeInfo>> {
+        let pongs = self.gather("PING").await?;
+        Ok(pongs
+            .iter()
+            .filter_map(|reply| serde_json::from_slice::<async_nats::service::PingResponse>(reply).ok())
+            .filter_map(|pong| {
+                let roles = pong.metadata.get(ROLES_KEY).and_then(|r| r.parse().ok())?;
+                Some(NodeInfo { id: pong.metadata.get(NODE_ID_KEY).cloned().unwrap_or_default(), roles })
+            })
+            .collect())
+    }
+
+    /// Every node's status (as `<prefix>.ctl.status` answers it), from the
+    /// `$SRV.STATS` replies within [`DISCOVERY_WAIT`]: in a cluster a status
+    /// request reaches one node, the nearest, while this reaches each.
+    pub async fn node_statuses(&self) -> Result<Vec<serde_json::Value>> {
+        let replies = self.gather("STATS").await?;
+        Ok(replies
+            .iter()
+            .filter_map(|reply| serde_json::from_slice::<async_nats::service::Stats>(reply).ok())
+            .flat_map(|stats| stats.endpoints.into_iter().filter_map(|e| e.data.filter(|d| !d.is_null())))
+            .collect())
+    }
+
+    /// The replies to `$SRV.<verb>.wmvae` within [`DISCOVERY_WAIT`].
+    async fn gather(&self, verb: &str) -> Result<Vec<Bytes>> {
         let inbox = self.client.new_inbox();
-        let mut replies = self.client.subscribe(inbox.clone()).await.context("subscribing for service pings")?;
-        self.client.publish_with_reply(format!("$SRV.PING.{SERVICE_NAME}"), inbox, Bytes::new()).await.context("pinging the service")?;
-        let mut nodes = Vec::new();
+        let mut replies = self.client.subscribe(inbox.clone()).await.with_context(|| format!("subscribing for service {verb} replies"))?;
+        self.client.publish_with_reply(format!("$SRV.{verb}.{SERVICE_NAME}"), inbox, Bytes::new()).await.with_context(|| format!("sending the service {verb}"))?;
+        let mut gathered = Vec::new();
         let deadline = tokio::time::sleep(DISCOVERY_WAIT);
         tokio::pin!(deadline);
         loop {
             tokio::select! {
-                _ = &mut deadline => return Ok(nodes),
+                _ = &mut deadline => return Ok(gathered),
                 reply = replies.next() => match reply {
-                    Some(reply) => {
-                        let Ok(pong) = serde_json::from_slice::<async_nats::service::PingResponse>(&reply.payload) else { continue };
-                        let roles = pong.metadata.get(ROLES_KEY).and_then(|r| r.parse().ok());
-                        if let Some(roles) = roles {
-                            nodes.push(NodeInfo { id: pong.metadata.get(NODE_ID_KEY).cloned().unwrap_or_default(), roles });
-                        }
-                    }
-                    None => return Ok(nodes),
+                    Some(reply) => gathered.push(reply.payload),
+                    None => return Ok(gathered),
                 },
             }
         }

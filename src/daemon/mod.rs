@@ -31,7 +31,7 @@ use crate::store::Store;
 use crate::daemon::trainer::Trainer;
 use crate::vae::device::{self, Device};
 
-use crate::bus::service::{Endpoint, Handler, NodeInfo};
+use crate::bus::service::{Endpoint, Handler, NodeInfo, StatusProbe};
 use crate::backoff::Backoff;
 use lease::Lease;
 use control::Command;
@@ -224,7 +224,7 @@ async fn serve_while_leading(bus: Bus, handler: Handler, node: NodeInfo, lease: 
                 leading.cancel();
             })
         };
-        bus.serve_control(handler.clone(), &Endpoint::leader_only(), &node, leading.clone()).await?;
+        bus.serve_control(handler.clone(), &Endpoint::leader_only(), &node, None, leading.clone()).await?;
         leading.cancel();
         watcher.await.context("lease watcher")?;
     }
@@ -297,7 +297,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let handler = control::handler(context);
     let control = tokio::spawn({
         let (bus, handler, node, shutdown) = (bus.clone(), handler.clone(), node.clone(), shutdown.clone());
-        async move { stop_on_error(bus.serve_control(handler, &Endpoint::served_by(roles), &node, shutdown.clone()).await, &shutdown) }
+        let board = status.clone();
+        let probe: StatusProbe = Arc::new(move || serde_json::to_value(board.snapshot()).unwrap_or_default());
+        async move { stop_on_error(bus.serve_control(handler, &Endpoint::served_by(roles), &node, Some(probe), shutdown.clone()).await, &shutdown) }
     });
     let leader_control = trainer.as_ref().map(|t| {
         let (bus, lease, shutdown) = (bus.clone(), t.lease.clone(), shutdown.clone());

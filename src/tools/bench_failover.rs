@@ -16,12 +16,12 @@
 //!
 //! Drives real processes from outside through NATS; decides nothing.
 
-use super::bench_daemon::{frame, frame_name, status};
+use super::bench_daemon::{frame, frame_name};
 use super::nats_server::LocalCluster;
 use crate::bus::messages::{Announcement, CheckpointEvent};
 use crate::bus::Bus;
 use crate::config::Config;
-use crate::daemon::status::LeaseRole;
+use crate::daemon::status::{LeaseRole, Status};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::collections::HashSet;
@@ -175,6 +175,13 @@ pub(super) async fn publish(bus: Bus, rate: f64, acks: Arc<Mutex<Acks>>, stop: C
     }
 }
 
+/// Node `id`'s status, asked of every node: a status request reaches the
+/// node nearest the bench's server only.
+async fn node_status(bus: &Bus, id: &str) -> Option<Status> {
+    let statuses = bus.node_statuses().await.ok()?;
+    statuses.into_iter().filter_map(|s| serde_json::from_value::<Status>(s).ok()).find(|s| s.node_id == id)
+}
+
 /// The created announcements in `WM_CHECKPOINTS`, oldest first.
 async fn created(bus: &Bus) -> Result<Vec<Announcement>> {
     let messages = bus.stream_messages("WM_CHECKPOINTS").await?;
@@ -239,7 +246,7 @@ async fn run(options: &FailoverOptions, dir: &Path) -> Result<Value> {
 
     // 2. The leading trainer node (a lease lost during step 1 may have moved it).
     let leader = wait_for("the lease's holder", || async { shared.holder().await.ok()? }).await?;
-    let before = wait_for("the leader's status", || async { status(&bus).await.ok().filter(|s| s.node_id == leader && s.lease == Some(LeaseRole::Leader)) }).await?;
+    let before = wait_for("the leader's status", || async { node_status(&bus, &leader).await.filter(|s| s.lease == Some(LeaseRole::Leader)) }).await?;
     nodes.kill(&leader)?;
     let killed = Instant::now();
     let standby = if leader == "a" { "b" } else { "a" };
@@ -250,7 +257,7 @@ async fn run(options: &FailoverOptions, dir: &Path) -> Result<Value> {
     })
     .await?;
     let stepped = wait_for("the standby's first training step", || async {
-        status(&bus).await.ok().filter(|s| s.node_id == standby && s.lease == Some(LeaseRole::Leader) && s.step > resumed_step as i64).map(|_| Instant::now())
+        node_status(&bus, standby).await.filter(|s| s.lease == Some(LeaseRole::Leader) && s.step > resumed_step as i64).map(|_| Instant::now())
     })
     .await?;
     let announced = wait_for("the standby's first version", || async { created(&bus).await.ok()?.iter().any(|a| a.epoch > old_epoch).then(Instant::now) }).await?;
