@@ -19,6 +19,16 @@
 //!
 //! The binary (`src/main.rs`) only parses arguments and calls into these.
 
+/// A place where tests/failpoints.rs crashes the daemon: with the
+/// `failpoints` feature and `FAILPOINTS=<name>=return` the process aborts
+/// there (no destructor, no flush: as a SIGKILL would), with `=panic` the
+/// thread panics. Compiled out without the feature.
+macro_rules! crash_point {
+    ($name:literal) => {
+        fail::fail_point!($name, |_| std::process::abort())
+    };
+}
+
 pub mod backoff;
 pub mod bus;
 pub mod cli;

@@ -9,37 +9,17 @@
 mod common;
 
 use async_nats::jetstream;
-use common::nats::{announcements, wait_until, Daemon, NatsServer};
-use common::{frames, FAST};
+use common::nats::{announcements, publish_stored, wait_until, Daemon, NatsServer};
+use common::FAST;
 use std::collections::HashSet;
 use std::time::Duration;
 use wmvae::bus::kv::Active;
 use wmvae::bus::messages::{Announcement, CheckpointEvent};
-use wmvae::frames::wire::FrameMessage;
 use wmvae::store::{BufferConfig, Store};
 
 /// Frames published (and acked by JetStream) before the server is killed,
 /// and again after it is back.
 const FRAMES_EACH_SIDE: u64 = 150;
-
-/// Publishes frames `from..to` of episode `e`, each with its `Nats-Msg-Id`
-/// and awaited until JetStream stored it; retried (as rollout workers do)
-/// while the server is away or just back.
-async fn publish(js: &jetstream::Context, from: u64, to: u64) {
-    let pixels = frames((to - from) as usize, 64, 64);
-    for (step, px) in (from..to).zip(pixels.chunks(12288)) {
-        let payload = FrameMessage::rgb("e", step, 64, 64, px).to_msgpack();
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", format!("chaos/e/{step}").as_str());
-        wait_until(Duration::from_secs(60), "a frame stored by JetStream", || async {
-            match js.publish_with_headers("wm.frames.car", headers.clone(), payload.clone().into()).await {
-                Ok(ack) => ack.await.is_ok(),
-                Err(_) => false,
-            }
-        })
-        .await;
-    }
-}
 
 fn created(all: &[Announcement]) -> Vec<u64> {
     all.iter().filter(|a| a.event == CheckpointEvent::Created).map(|a| a.metadata.version).collect()
@@ -54,7 +34,7 @@ async fn trained() -> (NatsServer, tempfile::TempDir, Daemon) {
     let daemon = Daemon::start(&nats.url, dir.path(), &env);
     let js = jetstream::new(nats.client().await);
     common::nats::wait_for_ingest_consumer(&js).await;
-    publish(&js, 0, FRAMES_EACH_SIDE).await;
+    publish_stored(&js, 0, FRAMES_EACH_SIDE).await;
     wait_until(Duration::from_secs(120), "version 2", || async { created(&announcements(&js).await).contains(&2) }).await;
     (nats, dir, daemon)
 }
@@ -72,7 +52,7 @@ async fn the_nats_server_killed_and_restarted_mid_training() {
     wait_until(Duration::from_secs(30), "the daemon to stop leading", || async { daemon.logs().contains("not leading") }).await;
     nats.restart();
     let js = jetstream::new(nats.client().await);
-    publish(&js, FRAMES_EACH_SIDE, 2 * FRAMES_EACH_SIDE).await;
+    publish_stored(&js, FRAMES_EACH_SIDE, 2 * FRAMES_EACH_SIDE).await;
     let before = *created(&announcements(&js).await).iter().max().unwrap();
     wait_until(Duration::from_secs(180), "a version announced after the restart", || async {
         created(&announcements(&js).await).iter().any(|v| *v > before + 1)
@@ -114,7 +94,7 @@ async fn the_nats_server_comes_back_without_its_state() {
     nats.restart_empty();
     let js = jetstream::new(nats.client().await);
     daemon.wait_until(Duration::from_secs(60), "WM_FRAMES made again", || async { js.get_stream("WM_FRAMES").await.is_ok() }).await;
-    publish(&js, FRAMES_EACH_SIDE, 2 * FRAMES_EACH_SIDE).await;
+    publish_stored(&js, FRAMES_EACH_SIDE, 2 * FRAMES_EACH_SIDE).await;
     daemon.wait_until(Duration::from_secs(120), "a version trained after the state was lost", || async {
         created(&announcements(&js).await).iter().any(|v| *v > 2)
     })
@@ -161,9 +141,9 @@ fn fill(path: &std::path::Path) {
 /// The store's disk full while frames stream in: nothing is acked that is
 /// not durable (frames are nak'ed and wait in JetStream), /healthz says 503
 /// with the reason and /metrics `wmvae_store_writable 0`, the daemon stays
-/// up; once space is back it exits non-zero saying the store must be
-/// reopened (sled keeps its write error), and after the restart every frame
-/// is stored exactly once.
+/// up; once space is back it reopens the store (sled keeps its write error
+/// until then) by starting its parts again, in the same process, and every
+/// frame is stored exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_holds_frames_back_and_loses_none() {
     let dir = tempfile::tempdir().unwrap();
@@ -180,14 +160,14 @@ async fn a_full_disk_holds_frames_back_and_loses_none() {
     let addr = format!("127.0.0.1:{port}");
     // No training: the store holds version 1 (~51 MB with Adam's state) and frames.
     let env = [("WMVAE_HTTP__ADDR", addr.as_str()), ("WMVAE_TRAIN__MIN_FRAMES", "1000000"), ("WMVAE_TRAIN__THREADS", "1")];
-    let mut daemon = Daemon::start(&nats.url, &data, &env);
+    let daemon = Daemon::start(&nats.url, &data, &env);
     let js = jetstream::new(nats.client().await);
     common::nats::wait_for_ingest_consumer(&js).await;
-    publish(&js, 0, FRAMES_EACH_SIDE).await;
+    publish_stored(&js, 0, FRAMES_EACH_SIDE).await;
     daemon.wait_until(Duration::from_secs(60), "the first frames committed", || async { common::http_get(port, "/healthz").1.contains("last commit") }).await;
 
     fill(&disk.join("filler"));
-    publish(&js, FRAMES_EACH_SIDE, 2 * FRAMES_EACH_SIDE).await;
+    publish_stored(&js, FRAMES_EACH_SIDE, 2 * FRAMES_EACH_SIDE).await;
     daemon
         .wait_until(Duration::from_secs(60), "/healthz to say the store can't write", || async {
             let (code, body) = common::http_get(port, "/healthz");
@@ -199,20 +179,16 @@ async fn a_full_disk_holds_frames_back_and_loses_none() {
     assert!(!daemon.logs().contains("bye"), "the daemon stopped while the disk was full: {}", daemon.logs());
 
     std::fs::remove_file(disk.join("filler")).unwrap();
-    let status = daemon.wait(Duration::from_secs(90));
-    let logs = daemon.logs();
-    assert!(!status.success(), "{logs}");
-    assert!(logs.contains("sled keeps a write error until the store is reopened"), "{logs}");
-
-    let daemon = Daemon::start(&nats.url, &data, &env);
     daemon
-        .wait_until(Duration::from_secs(90), "every frame stored after the restart", || async {
+        .wait_until(Duration::from_secs(90), "every frame stored after the store was reopened", || async {
             let Ok(stream) = js.get_stream("WM_FRAMES").await else { return false };
             let Ok(mut consumer) = stream.get_consumer::<async_nats::jetstream::consumer::pull::Config>("wmvae-ingest").await else { return false };
             consumer.info().await.is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0)
         })
         .await;
     let logs = daemon.logs();
+    assert!(logs.contains("sled keeps a write error until the store is reopened") && logs.contains("reopening the store"), "{logs}");
+    assert_eq!(common::http_get(port, "/healthz").0, 200, "{logs}");
     assert!(daemon.terminate().success(), "{logs}");
     let store = Store::open(&disk, BufferConfig { capacity: 1_000_000, validation_fraction: 0.3 }).unwrap();
     assert_eq!(store.stats().unwrap().frames_ingested, 2 * FRAMES_EACH_SIDE, "{logs}");

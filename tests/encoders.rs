@@ -8,7 +8,7 @@
 mod common;
 
 use async_nats::jetstream;
-use common::nats::{wait_for_consumer, wait_until, Daemon, NatsServer};
+use common::nats::{stream_messages, wait_for_consumer, wait_until, Daemon, NatsServer};
 use common::{free_port, frames, http_get, repo_root, torch_reference, venv_python, wmvae};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -53,19 +53,6 @@ async fn publish(js: &jetstream::Context, first_episode: u64, episodes: u64, ste
         tokio::time::sleep(pause).await;
     }
     sent
-}
-
-/// Every message of stream `name` with its stream time.
-async fn stream_messages(js: &jetstream::Context, name: &str) -> Vec<async_nats::jetstream::message::StreamMessage> {
-    let Ok(mut stream) = js.get_stream(name).await else { return Vec::new() };
-    let state = stream.info().await.unwrap().state.clone();
-    let mut out = Vec::new();
-    for seq in state.first_sequence..=state.last_sequence {
-        if let Ok(message) = stream.get_raw_message(seq).await {
-            out.push(message);
-        }
-    }
-    out
 }
 
 async fn latents(js: &jetstream::Context) -> Vec<(LatentMessage, time::OffsetDateTime)> {

@@ -6,7 +6,7 @@
 mod common;
 
 use async_nats::jetstream;
-use common::nats::{wait_for_ingest_consumer, wait_until, Daemon, NatsServer};
+use common::nats::{announcements, stream_messages, wait_for_ingest_consumer, wait_until, Daemon, NatsServer};
 use common::{frames, wmvae, FAST};
 use futures::StreamExt;
 use std::collections::{BTreeMap, HashSet};
@@ -31,22 +31,6 @@ async fn publish_frames(js: &jetstream::Context, episodes: u64, steps: u64) -> V
         js.publish("wm.frames.car", frame_message(e, s, px).to_msgpack().into()).await.unwrap().await.unwrap();
     }
     raw
-}
-
-async fn stream_messages(js: &jetstream::Context, name: &str) -> Vec<async_nats::jetstream::message::StreamMessage> {
-    let Ok(mut stream) = js.get_stream(name).await else { return Vec::new() };
-    let state = stream.info().await.unwrap().state.clone();
-    let mut out = Vec::new();
-    for seq in state.first_sequence..=state.last_sequence {
-        if let Ok(msg) = stream.get_raw_message(seq).await {
-            out.push(msg);
-        }
-    }
-    out
-}
-
-async fn announcements(js: &jetstream::Context) -> Vec<Announcement> {
-    stream_messages(js, "WM_CHECKPOINTS").await.iter().map(|m| rmp_serde::from_slice(&m.payload).expect("announcement decodes")).collect()
 }
 
 async fn message_count(js: &jetstream::Context, name: &str) -> u64 {

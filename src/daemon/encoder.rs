@@ -110,7 +110,7 @@ pub fn start(bus: &Bus, config: &Config, device: Device, status: StatusBoard, sh
         // The worker drains its queue and stops once every handle is
         // dropped; the publisher, once the worker has stopped.
         let (followed, fetched, published) = tokio::join!(async { stop_on_error(follower.await) }, async { stop_on_error(fetcher.await) }, async { stop_on_error(publisher.await) });
-        tokio::task::spawn_blocking(move || thread.join()).await?.map_err(|_| anyhow!("the encoder thread panicked"))?;
+        tokio::task::spawn_blocking(move || thread.join()).await?.map_err(|panic| super::panicked("encoder", panic))?;
         followed.context("encoder: following the announcements").and(fetched.context("encoder: fetching frames")).and(published.context("encoder: publishing latents"))
     });
     Ok(Encoder { handle: EncoderHandle { queue }, task })
@@ -214,6 +214,7 @@ async fn publish(mut publisher: LatentPublisher, mut encoded: mpsc::Receiver<Enc
                 publisher.send(source, latent).await?;
             }
             publisher.settle().await?;
+            crash_point!("encoder-before-ack");
             for delivery in &good {
                 delivery.ack().await?;
             }

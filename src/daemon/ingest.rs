@@ -121,6 +121,7 @@ pub async fn run(bus: Bus, store: Store, config: IngestConfig, node_id: String, 
         let committed = tokio::task::spawn_blocking(move || store_for_commit.commit(&frames, compressed, &reasons)).await.context("ingest commit worker")?;
         match committed {
             Ok(committed) => {
+                crash_point!("ingest-before-ack");
                 status.committed();
                 store_pause.reset();
                 match settle(&bus, &batch, rejections, &mut log).await {

@@ -27,7 +27,7 @@ use crate::vae::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::vae::learner::Learner;
 use crate::daemon::status::StatusBoard;
-use crate::store::Store;
+use crate::store::{NeedsReopen, Store};
 use crate::daemon::trainer::Trainer;
 use crate::vae::device::{self, Device};
 
@@ -52,6 +52,10 @@ const LEASE_POLL: Duration = Duration::from_millis(200);
 const THREAD_POLL: Duration = Duration::from_millis(20);
 /// Operator commands waiting for the trainer: operators are few.
 const COMMAND_QUEUE: usize = 16;
+/// Between the parts stopping for a store reopen and starting again: sled's
+/// threads let go of the store's lock, and the old control service's
+/// subscriptions are gone before the new one checks for a twin.
+const REOPEN_PAUSE: Duration = Duration::from_secs(1);
 
 /// One token cancelled by SIGTERM or Ctrl-C, passed down to every task. A
 /// second signal ends the process at once (exit 1): the operator's way out
@@ -113,6 +117,13 @@ struct TrainerRole {
     contender: JoinHandle<Result<()>>,
     /// Stops contending for the lease (and releases it), last.
     lease_stop: CancellationToken,
+}
+
+/// A role thread's panic as the daemon's error, with the panic's message
+/// (e.g. CUDA out of memory) so the exit says why.
+fn panicked(thread: &str, panic: Box<dyn std::any::Any + Send>) -> anyhow::Error {
+    let message = panic.downcast_ref::<&str>().copied().or_else(|| panic.downcast_ref::<String>().map(String::as_str)).unwrap_or("no message");
+    anyhow!("the {thread} thread panicked: {message}")
 }
 
 /// Cancels `shutdown` when `result` is an error, so one part failing stops
@@ -191,7 +202,7 @@ impl TrainerRole {
             tokio::time::sleep(THREAD_POLL).await;
         }
         let trained = match self.thread.is_finished() {
-            true => self.thread.join().map_err(|_| anyhow!("the trainer thread panicked"))?,
+            true => self.thread.join().map_err(|panic| panicked("trainer", panic))?,
             false => Err(anyhow!("the trainer thread did not stop within the shutdown grace")),
         };
         drop(self.commands);
@@ -259,7 +270,30 @@ async fn migrate_on_reconnect(bus: Bus, shutdown: CancellationToken) {
     }
 }
 
+/// Runs the daemon until `shutdown` (or the first part's failure, its
+/// error). When the store must be reopened (sled latched a write error and
+/// the disk takes writes again: [`NeedsReopen`]), the parts stop as on a
+/// shutdown and start again in this process after [`REOPEN_PAUSE`], which
+/// reopens the store: frames not acked come back from JetStream, training
+/// resumes from the active version.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    loop {
+        let parts = shutdown.child_token();
+        match run_parts(config.clone(), parts).await {
+            Err(e) if e.chain().any(|c| c.is::<NeedsReopen>()) && !shutdown.is_cancelled() => {
+                tracing::error!("{e:#}; the daemon's parts start again in {REOPEN_PAUSE:?}, reopening the store");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(REOPEN_PAUSE) => {}
+                }
+            }
+            done => return done,
+        }
+    }
+}
+
+/// The daemon's parts, once: until `shutdown` or the first failure.
+async fn run_parts(config: Config, shutdown: CancellationToken) -> Result<()> {
     let roles = config.serve.roles;
     device::set_threads(config.train.threads);
     let device = config.train.device.resolve()?;

@@ -147,6 +147,7 @@ impl Trainer {
                 self.diverged(&mut run, &loss, &cfg)?;
                 continue;
             }
+            crash_point!("trainer-after-step");
             run.record(&loss, cfg.batch_size);
             let step = self.learner.steps();
             self.status.update(|s| s.step = step);
@@ -320,6 +321,7 @@ impl Trainer {
                 return Ok(());
             }
         };
+        crash_point!("checkpoint-before-announce");
         self.auto_rollbacks_in_a_row = 0;
         let m = &checkpoint.metadata;
         tracing::info!(version = m.version, parent = ?m.parent, step = m.step, eval_loss = ?m.eval_loss, "checkpoint");

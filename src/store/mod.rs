@@ -73,6 +73,24 @@ const LOCK_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_milli
 /// a group commit's worth of frames, so a disk that takes it has room for one.
 const PROBE_BYTES: usize = 1 << 20;
 
+/// The store can't write though its disk takes writes again: sled keeps
+/// the first write error it hits until the database is reopened. Whoever
+/// holds the store drops every clone of it and opens it again (the daemon
+/// restarts its parts in-process); nothing acked is lost.
+#[derive(Debug)]
+pub struct NeedsReopen {
+    dir: std::path::PathBuf,
+    failed: String,
+}
+
+impl std::fmt::Display for NeedsReopen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the store in {} can't write, though its disk takes writes again: sled keeps a write error until the store is reopened ({})", self.dir.display(), self.failed)
+    }
+}
+
+impl std::error::Error for NeedsReopen {}
+
 /// The replay buffer. Clones share one sled database; writes are
 /// serialised by an internal lock, reads (sampling) run alongside.
 #[derive(Clone)]
@@ -140,9 +158,9 @@ impl Store {
 
     /// After a write to the store failed: Ok while the store's disk refuses
     /// a small write of its own too (full: the caller waits for space),
-    /// else the error to stop on. sled keeps the first write error it hits
-    /// and fails every later write with it, so once the disk takes writes
-    /// again only reopening the store (a restart) clears it.
+    /// else a [`NeedsReopen`] to stop on. sled keeps the first write error
+    /// it hits and fails every later write with it, so once the disk takes
+    /// writes again only reopening the store clears it.
     pub fn check_write_failure(&self, failed: &anyhow::Error) -> Result<()> {
         let probe = self.dir.join(".write-probe");
         let disk_takes_writes = std::fs::File::create(&probe)
@@ -150,10 +168,7 @@ impl Store {
             .is_ok();
         let _ = std::fs::remove_file(&probe);
         match disk_takes_writes {
-            true => Err(anyhow::anyhow!("{failed:#}")).context(format!(
-                "the store in {} can't write, though its disk takes writes again: sled keeps a write error until the store is reopened; restart wmvae (nothing acked is lost)",
-                self.dir.display()
-            )),
+            true => Err(NeedsReopen { dir: self.dir.clone(), failed: format!("{failed:#}") }.into()),
             false => Ok(()),
         }
     }

@@ -173,17 +173,41 @@ pub async fn wait_for_consumer(js: &async_nats::jetstream::Context, name: &str) 
     .await;
 }
 
-/// Every announcement WM_CHECKPOINTS holds, oldest first (none before the
+/// Every message stream `name` holds, oldest first (none before the
 /// stream exists).
-pub async fn announcements(js: &async_nats::jetstream::Context) -> Vec<wmvae::bus::messages::Announcement> {
-    let Ok(mut stream) = js.get_stream("WM_CHECKPOINTS").await else { return Vec::new() };
+pub async fn stream_messages(js: &async_nats::jetstream::Context, name: &str) -> Vec<async_nats::jetstream::message::StreamMessage> {
+    let Ok(mut stream) = js.get_stream(name).await else { return Vec::new() };
     let Ok(info) = stream.info().await else { return Vec::new() };
     let (first, last) = (info.state.first_sequence, info.state.last_sequence);
     let mut out = Vec::new();
     for seq in first..=last {
         if let Ok(message) = stream.get_raw_message(seq).await {
-            out.push(rmp_serde::from_slice(&message.payload).expect("an announcement decodes"));
+            out.push(message);
         }
     }
     out
+}
+
+/// Every announcement WM_CHECKPOINTS holds, oldest first.
+pub async fn announcements(js: &async_nats::jetstream::Context) -> Vec<wmvae::bus::messages::Announcement> {
+    stream_messages(js, "WM_CHECKPOINTS").await.iter().map(|m| rmp_serde::from_slice(&m.payload).expect("an announcement decodes")).collect()
+}
+
+/// Publishes steps `from..to` of episode `e` (64x64 frames), each with its
+/// `Nats-Msg-Id` and awaited until JetStream stored it; retried (as rollout
+/// workers do) while the server is away or just back.
+pub async fn publish_stored(js: &async_nats::jetstream::Context, from: u64, to: u64) {
+    let pixels = super::frames((to - from) as usize, 64, 64);
+    for (step, px) in (from..to).zip(pixels.chunks(12288)) {
+        let payload = wmvae::frames::wire::FrameMessage::rgb("e", step, 64, 64, px).to_msgpack();
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("test/e/{step}").as_str());
+        wait_until(Duration::from_secs(60), "a frame stored by JetStream", || async {
+            match js.publish_with_headers("wm.frames.car", headers.clone(), payload.clone().into()).await {
+                Ok(ack) => ack.await.is_ok(),
+                Err(_) => false,
+            }
+        })
+        .await;
+    }
 }

@@ -1,0 +1,103 @@
+//! The daemon crashed at injected points (the `failpoints` feature: cargo
+//! runs this file only with it, as `scripts/test` does). Aborted, as a
+//! SIGKILL would, between a batch's group commit and its acks, between
+//! latents stored in WM_LATENTS and their frames' acks, and between a
+//! version written to the store and its upload and announcement; each next
+//! start picks up from there: every acked frame stored once, one latent per
+//! frame, versions only grow and every stored one is announced, and the
+//! last daemon exits 0 on SIGTERM. A role thread that panics ends the
+//! daemon non-zero, saying so with the panic's message.
+
+mod common;
+
+use async_nats::jetstream;
+use common::nats::{announcements, publish_stored, stream_messages, Daemon, NatsServer};
+use common::FAST;
+use std::collections::HashSet;
+use std::time::Duration;
+use wmvae::bus::messages::CheckpointEvent;
+use wmvae::store::{BufferConfig, Store};
+
+/// The crash points, in the order the rounds hit them (names as in the code's `crash_point!`).
+const CRASH_POINTS: [&str; 3] = ["ingest-before-ack", "encoder-before-ack", "checkpoint-before-announce"];
+/// Frames published in each round (enough to train past a checkpoint).
+const FRAMES_PER_ROUND: u64 = 100;
+/// SIGABRT: what `crash_point!` ends the process with.
+const SIGABRT: i32 = 6;
+
+fn env(failpoints: Option<&str>) -> Vec<(&str, &str)> {
+    let node = [("WMVAE_NODE__LEASE_TTL_SECS", "3")];
+    FAST.iter().copied().chain(node).chain(failpoints.map(|f| ("FAILPOINTS", f))).collect()
+}
+
+fn open_store(dir: &std::path::Path) -> Store {
+    Store::open(&dir.join("store"), BufferConfig { capacity: 1_000_000, validation_fraction: 0.3 }).unwrap()
+}
+
+async fn created(js: &jetstream::Context) -> Vec<u64> {
+    announcements(js).await.iter().filter(|a| a.event == CheckpointEvent::Created).map(|a| a.metadata.version).collect()
+}
+
+/// Frames still to be acked by `consumer` (pending or delivered, unacked).
+async fn unsettled(js: &jetstream::Context, consumer: &str) -> Option<u64> {
+    let stream = js.get_stream("WM_FRAMES").await.ok()?;
+    let info = stream.get_consumer::<jetstream::consumer::pull::Config>(consumer).await.ok()?.info().await.ok()?.clone();
+    Some(info.num_pending + info.num_ack_pending as u64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_at_each_point_the_next_start_loses_and_repeats_nothing() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let js = jetstream::new(nats.client().await);
+    for (round, point) in CRASH_POINTS.iter().enumerate() {
+        let failpoints = format!("{point}=return");
+        let mut daemon = Daemon::start(&nats.url, dir.path(), &env(Some(&failpoints)));
+        let from = round as u64 * FRAMES_PER_ROUND;
+        publish_stored(&js, from, from + FRAMES_PER_ROUND).await;
+        let status = daemon.wait(Duration::from_secs(180));
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(SIGABRT), "{point}: {status}: {}", daemon.logs());
+    }
+    // The last crash left a version in the store that NATS never heard of.
+    let unannounced = open_store(dir.path()).registry().list().unwrap().last().unwrap().version;
+    assert!(!created(&js).await.contains(&unannounced));
+
+    let total = CRASH_POINTS.len() as u64 * FRAMES_PER_ROUND;
+    let daemon = Daemon::start(&nats.url, dir.path(), &env(None));
+    daemon
+        .wait_until(Duration::from_secs(180), "every frame stored and encoded, and a version trained after the crashes", || async {
+            let settled = unsettled(&js, "wmvae-ingest").await == Some(0) && unsettled(&js, "wmvae-encode").await == Some(0);
+            settled && created(&js).await.iter().any(|v| *v > unannounced)
+        })
+        .await;
+    let logs = daemon.logs();
+    assert!(daemon.terminate().success(), "{logs}");
+
+    let store = open_store(dir.path());
+    assert_eq!(store.stats().unwrap().frames_ingested, total, "{logs}");
+    let steps: HashSet<u64> = store.frames_in_order(None, false).map(|f| f.unwrap().step).collect();
+    assert_eq!(steps.len() as u64, total);
+    // One latent per frame: the frames redelivered after the encoder's crash were encoded again, and JetStream kept one.
+    let latents = stream_messages(&js, "WM_LATENTS").await;
+    let ids: HashSet<String> = latents.iter().filter_map(|m| m.headers.get("Nats-Msg-Id").map(|id| id.to_string())).collect();
+    assert_eq!((latents.len() as u64, ids.len() as u64), (total, total), "{logs}");
+    // Versions only grew, and every one the store holds was announced.
+    let versions = created(&js).await;
+    assert!(versions.windows(2).all(|w| w[0] < w[1]), "versions announced out of order: {versions:?}");
+    for metadata in store.registry().list().unwrap() {
+        assert!(versions.contains(&metadata.version), "v{} is in the store but was never announced ({versions:?}): {logs}", metadata.version);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_thread_that_panics_ends_the_daemon_saying_why() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let js = jetstream::new(nats.client().await);
+    let mut daemon = Daemon::start(&nats.url, dir.path(), &env(Some("trainer-after-step=panic")));
+    publish_stored(&js, 0, FRAMES_PER_ROUND).await;
+    let status = daemon.wait(Duration::from_secs(180));
+    let logs = daemon.logs();
+    assert!(!status.success() && status.code().is_some(), "{status}: {logs}");
+    assert!(logs.contains("the trainer thread panicked: failpoint trainer-after-step panic"), "{logs}");
+}
