@@ -25,13 +25,17 @@ fn created(all: &[Announcement]) -> Vec<u64> {
     all.iter().filter(|a| a.event == CheckpointEvent::Created).map(|a| a.metadata.version).collect()
 }
 
+/// A daemon that trains fast, on a short lease.
+fn short_lease() -> Vec<(&'static str, &'static str)> {
+    FAST.iter().copied().chain([("WMVAE_NODE__LEASE_TTL_SECS", "3")]).collect()
+}
+
 /// A daemon on a short lease that has taken the first side's frames and
 /// announced version 2.
 async fn trained() -> (NatsServer, tempfile::TempDir, Daemon) {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let env: Vec<(&str, &str)> = FAST.iter().copied().chain([("WMVAE_NODE__LEASE_TTL_SECS", "3")]).collect();
-    let daemon = Daemon::start(&nats.url, dir.path(), &env);
+    let daemon = Daemon::start(&nats.url, dir.path(), &short_lease());
     let js = jetstream::new(nats.client().await);
     common::nats::wait_for_ingest_consumer(&js).await;
     publish_stored(&js, 0, FRAMES_EACH_SIDE).await;
@@ -110,6 +114,72 @@ async fn the_nats_server_comes_back_without_its_state() {
     for metadata in store.registry().list().unwrap() {
         assert!(versions.contains(&metadata.version), "v{} is in the store but not on the new server ({versions:?}): {logs}", metadata.version);
     }
+}
+
+/// Damages, as bit rot would, the stored envelope of the store's active
+/// version (a byte in its last chunk: the optimizer state) and version 1's
+/// listing metadata, in the sled database of a stopped daemon's store.
+/// Returns the active version.
+fn damage(store_dir: &std::path::Path) -> u64 {
+    let db = sled::open(store_dir.join("sled")).unwrap();
+    let tree = db.open_tree("checkpoints").unwrap();
+    let active = u64::from_be_bytes(tree.get(b"Mactive").unwrap().unwrap().as_ref().try_into().unwrap());
+    let prefix = [&[b'V'][..], &active.to_be_bytes()].concat();
+    let (chunk, bytes) = tree.scan_prefix(&prefix).last().unwrap().unwrap();
+    let mut damaged = bytes.to_vec();
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0x5a;
+    tree.insert(chunk, damaged).unwrap();
+    tree.insert([&[b'D'][..], &1u64.to_be_bytes()].concat(), &b"\xc1rot"[..]).unwrap();
+    db.flush().unwrap();
+    active
+}
+
+/// The active version damaged in the store of a stopped daemon, and an
+/// older version's listing: the next start repairs the active version from
+/// the object store's copy and rebuilds the listing, and trains on. Damaged
+/// again with the object store's copy gone, the next start rolls back to
+/// the newest intact version (history: "recovery from a damaged version",
+/// announced as a rollback) and trains on. Versions only grow; each daemon
+/// exits 0 on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_checkpoint_is_repaired_or_rolled_back_past() {
+    let (nats, dir, daemon) = trained().await;
+    let js = jetstream::new(nats.client().await);
+    assert!(daemon.terminate().success());
+    let store_dir = dir.path().join("store");
+    let open = || Store::open(&store_dir, BufferConfig { capacity: 1_000_000, validation_fraction: 0.3 }).unwrap();
+
+    // Repaired from the object store.
+    let active = damage(&store_dir);
+    let newest = *created(&announcements(&js).await).iter().max().unwrap();
+    let daemon = Daemon::start(&nats.url, dir.path(), &short_lease());
+    daemon.wait_until(Duration::from_secs(120), "a version trained after the repair", || async { created(&announcements(&js).await).iter().any(|v| *v > newest) }).await;
+    let logs = daemon.logs();
+    assert!(logs.contains(&format!("v{active} repaired from the object store's copy")) && logs.contains("listing metadata was damaged; rebuilt"), "{logs}");
+    assert!(daemon.terminate().success(), "{logs}");
+    let store = open();
+    assert_eq!(store.registry().get(active).unwrap().unwrap().metadata.version, active);
+    assert_eq!(store.registry().list().unwrap().first().map(|m| m.version), Some(1));
+    drop(store);
+
+    // No copy anywhere: rolled back past it.
+    let active = damage(&store_dir);
+    let objects = js.get_object_store("wm-checkpoints").await.unwrap();
+    objects.delete(wmvae::bus::messages::checkpoint_envelope_object(active).as_str()).await.unwrap();
+    let newest = *created(&announcements(&js).await).iter().max().unwrap();
+    let daemon = Daemon::start(&nats.url, dir.path(), &short_lease());
+    daemon.wait_until(Duration::from_secs(120), "a version trained after the recovery", || async { created(&announcements(&js).await).iter().any(|v| *v > newest) }).await;
+    let logs = daemon.logs();
+    assert!(daemon.terminate().success(), "{logs}");
+    let all = announcements(&js).await;
+    let rollback = all.iter().find(|a| a.event == CheckpointEvent::Rollback && a.from == Some(active)).unwrap_or_else(|| panic!("no rollback from v{active} announced: {logs}"));
+    let versions = created(&all);
+    assert!(versions.windows(2).all(|w| w[0] < w[1]), "versions announced out of order: {versions:?}");
+    let history = open().registry().history().unwrap();
+    let recovery = history.iter().find(|h| h.why == wmvae::store::Change::Recovery).unwrap();
+    assert_eq!((recovery.from, Some(recovery.to)), (Some(active), rollback.to), "{history:?}");
+    assert!(recovery.to < active);
 }
 
 /// A tmpfs of `size` mounted on `dir` while it lives (the test runs as root

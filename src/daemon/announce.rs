@@ -11,7 +11,7 @@ use super::trainer::Event;
 use crate::bus::kv::{Active, Conflict, Shared};
 use crate::bus::messages::{checkpoint_envelope_object, weights_object, Announcement, CheckpointEvent};
 use crate::bus::Bus;
-use crate::store::{Change, Store};
+use crate::store::{Change, Damaged, Store};
 use crate::vae::checkpoint::{Checkpoint, Metadata};
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::sync::mpsc;
@@ -36,7 +36,7 @@ pub(super) async fn publish_offline_changes(bus: &Bus, store: &Store, epoch: u64
     let registry = store.registry();
     let published = bus.object_versions().await?;
     for entry in registry.unannounced_history()? {
-        if entry.why == Change::Rollback {
+        if matches!(entry.why, Change::Rollback | Change::Recovery) {
             if let Some(to) = registry.metadata(entry.to)? {
                 let mut a = Announcement::new(CheckpointEvent::Rollback, &to, 0);
                 (a.from, a.to, a.reason, a.epoch) = (entry.from, Some(entry.to), entry.reason.clone().or(Some("offline rollback".into())), epoch);
@@ -46,7 +46,15 @@ pub(super) async fn publish_offline_changes(bus: &Bus, store: &Store, epoch: u64
     }
     for metadata in registry.list()? {
         if !published.contains(&metadata.version) {
-            let checkpoint = registry.get(metadata.version)?.with_context(|| format!("checkpoint v{} vanished", metadata.version))?;
+            let checkpoint = match registry.get(metadata.version) {
+                Ok(checkpoint) => checkpoint.with_context(|| format!("checkpoint v{} vanished", metadata.version))?,
+                // Never the active one (resuming repaired or left it); NATS can do without it.
+                Err(e) if e.chain().any(|c| c.is::<Damaged>()) => {
+                    tracing::error!(version = metadata.version, "{e:#}; not published");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             publish_created(bus, &checkpoint, epoch).await?;
         }
     }

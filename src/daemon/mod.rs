@@ -27,7 +27,7 @@ use crate::vae::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::vae::learner::Learner;
 use crate::daemon::status::StatusBoard;
-use crate::store::{NeedsReopen, Store};
+use crate::store::{Change, Damaged, NeedsReopen, Store};
 use crate::daemon::trainer::Trainer;
 use crate::vae::device::{self, Device};
 
@@ -96,14 +96,54 @@ async fn until<T>(deadline: tokio::time::Instant, what: &str, left: &str, task: 
 
 /// The learner resumed from this store's active version, if it has one;
 /// else fresh weights (which become version 1 only if this node leads a new
-/// cluster: see `takeover.rs`).
-fn resume(config: &Config, store: &Store, device: Device) -> Result<(Learner, Option<Arc<Checkpoint>>)> {
+/// cluster: see `takeover.rs`). An active version found damaged is
+/// repaired from the object store's copy, or else rolled back past
+/// ([`Change::Recovery`]) to the newest intact version.
+fn resume(config: &Config, store: &Store, bus: &Bus, device: Device) -> Result<(Learner, Option<Arc<Checkpoint>>)> {
     let mut learner = Learner::new(device, config.vae(), config.adam());
-    let Some(version) = store.registry().active_version()? else { return Ok((learner, None)) };
-    let checkpoint = store.registry().get(version)?.with_context(|| format!("active checkpoint v{version} is missing from the store"))?;
+    let registry = store.registry();
+    let Some(version) = registry.active_version()? else { return Ok((learner, None)) };
+    let checkpoint = match registry.get(version) {
+        Ok(checkpoint) => checkpoint.with_context(|| format!("active checkpoint v{version} is missing from the store"))?,
+        Err(e) if e.chain().any(|c| c.is::<Damaged>()) => {
+            tracing::error!("{e:#}");
+            recover(store, bus, version)?
+        }
+        Err(e) => return Err(e),
+    };
     learner.restore(&checkpoint)?;
-    tracing::info!(version, step = learner.steps(), "resumed from the active checkpoint");
+    tracing::info!(version = checkpoint.metadata.version, step = learner.steps(), "resumed from the active checkpoint");
     Ok((learner, Some(Arc::new(checkpoint))))
+}
+
+/// For an active `version` damaged in the store: the object store's copy
+/// (written back to the store), else the newest intact older version, made
+/// active; an error when there is neither.
+fn recover(store: &Store, bus: &Bus, version: u64) -> Result<Checkpoint> {
+    let registry = store.registry();
+    let expected = registry.metadata(version).ok().flatten().map(|m| m.sha256);
+    match takeover::object_store_copy(bus, &tokio::runtime::Handle::current(), version, expected.as_deref()) {
+        Ok(Some(copy)) => {
+            registry.repair(&copy)?;
+            tracing::warn!(version, "v{version} repaired from the object store's copy");
+            return Ok(copy);
+        }
+        Ok(None) => tracing::warn!(version, "the object store has no copy of v{version}"),
+        Err(e) => tracing::warn!(version, "no good copy of v{version} from the object store ({e:#})"),
+    }
+    for older in registry.list()?.iter().rev().filter(|m| m.version < version) {
+        match registry.get(older.version) {
+            Ok(Some(checkpoint)) => {
+                let reason = format!("v{version} is damaged in the store and the object store has no good copy");
+                registry.activate(older.version, Change::Recovery, "wmvae", Some(&reason))?;
+                tracing::warn!(from = version, to = older.version, "{reason}: rolled back to v{}", older.version);
+                return Ok(checkpoint);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!("{e:#}"),
+        }
+    }
+    bail!("the active version v{version} is damaged, the object store has no good copy, and no older version is intact: import weights (wmvae checkpoint import --offline) or move the store aside")
 }
 
 /// The trainer role's parts, running.
@@ -155,8 +195,8 @@ impl TrainerRole {
     async fn start(config: &Config, bus: &Bus, store: &Store, device: Device, status: &StatusBoard, shutdown: &CancellationToken) -> Result<TrainerRole> {
         refuse_twin(bus, &config.node.id).await?;
         let (learner, active) = {
-            let (config, store) = (config.clone(), store.clone());
-            tokio::task::spawn_blocking(move || resume(&config, &store, device)).await??
+            let (config, store, bus) = (config.clone(), store.clone(), bus.clone());
+            tokio::task::spawn_blocking(move || resume(&config, &store, &bus, device)).await??
         };
         let shared = bus.shared().await?;
         let lease_stop = CancellationToken::new();

@@ -17,7 +17,8 @@ use super::status::{LeaseRole, TrainerState};
 use super::trainer::Trainer;
 use crate::bus::kv::{Active, Conflict};
 use crate::bus::messages::checkpoint_envelope_object;
-use crate::store::Change;
+use crate::bus::Bus;
+use crate::store::{Change, Damaged};
 use crate::vae::checkpoint::{now_rfc3339, Checkpoint, Metadata};
 use anyhow::{anyhow, bail, Context, Result};
 use std::sync::Arc;
@@ -34,6 +35,20 @@ const TAKEOVER_PATIENCE: Duration = Duration::from_secs(120);
 pub(super) struct Retrying {
     since: Instant,
     pause: Backoff,
+}
+
+/// The object store's full checkpoint of `version` (its envelope's sha256
+/// checked, and its weights' against `sha256` when given); None when the
+/// object store has none.
+pub(super) fn object_store_copy(bus: &Bus, runtime: &tokio::runtime::Handle, version: u64, sha256: Option<&str>) -> Result<Option<Checkpoint>> {
+    let name = checkpoint_envelope_object(version);
+    let Some(bytes) = runtime.block_on(bus.get_object(&name))? else { return Ok(None) };
+    let checkpoint = Checkpoint::from_bytes(&bytes).with_context(|| name.clone())?;
+    checkpoint.verify()?;
+    if sha256.is_some_and(|sha256| checkpoint.metadata.sha256 != sha256) || checkpoint.metadata.version != version {
+        bail!("{name}: not the version (or weights) expected");
+    }
+    Ok(Some(checkpoint))
 }
 
 impl Trainer {
@@ -105,11 +120,12 @@ impl Trainer {
         tracing::info!(epoch, "taking over training");
         self.grant = Some(grant);
         let registry = self.store.registry().clone();
-        // An operator's rollback or import made offline to this store is newer
-        // than what the cluster last agreed: it wins. Anything else this store
-        // holds unannounced (a version made just before it lost the lease)
-        // gives way to the cluster's active version.
-        let operator_changes = registry.unannounced_history()?.iter().any(|h| matches!(h.why, Change::Rollback | Change::Import));
+        // An operator's rollback or import made offline to this store, or its
+        // recovery from a damaged version the object store had no copy of, is
+        // newer than what the cluster last agreed: it wins. Anything else this
+        // store holds unannounced (a version made just before it lost the
+        // lease) gives way to the cluster's active version.
+        let operator_changes = registry.unannounced_history()?.iter().any(|h| matches!(h.why, Change::Rollback | Change::Import | Change::Recovery));
         let cluster = self.shared.active_blocking(&self.runtime)?.map(|(active, _)| active);
         let mine = self.active.as_ref().map(|a| a.metadata.version);
         match cluster {
@@ -149,21 +165,28 @@ impl Trainer {
     }
 
     /// Resumes from the cluster's active version: from this store when it
-    /// holds it, else from the object store's full checkpoint.
+    /// holds it whole, else from the object store's full checkpoint (which
+    /// repairs a damaged copy here).
     fn catch_up(&mut self, active: &Active) -> Result<()> {
         let registry = self.store.registry().clone();
-        let checkpoint = match registry.get(active.version)? {
-            Some(held) => held,
-            None => {
+        let held = registry.get(active.version);
+        let checkpoint = match held {
+            Ok(Some(held)) => held,
+            Err(e) if e.chain().all(|c| !c.is::<Damaged>()) => return Err(e),
+            damaged_or_missing => {
                 let name = checkpoint_envelope_object(active.version);
-                let bytes = self.runtime.block_on(self.bus.get_object(&name))?.with_context(|| format!("{name} is not in the object store"))?;
-                let checkpoint = Checkpoint::from_bytes(&bytes).with_context(|| name.clone())?;
-                checkpoint.verify()?;
-                if checkpoint.metadata.sha256 != active.sha256 {
-                    bail!("{name}: its weights' sha256 is not the active version's");
+                let checkpoint = object_store_copy(&self.bus, &self.runtime, active.version, Some(&active.sha256))?.with_context(|| format!("{name} is not in the object store"))?;
+                match damaged_or_missing {
+                    Ok(_) => {
+                        let envelope = checkpoint.clone();
+                        registry.add(Some(active.version), move |_| Ok(envelope), Change::Takeover, "wmvae", None)?
+                    }
+                    Err(_) => {
+                        registry.repair(&checkpoint)?;
+                        tracing::warn!(version = active.version, "v{} was damaged in the store; repaired from the object store's copy", active.version);
+                        checkpoint
+                    }
                 }
-                let envelope = checkpoint.clone();
-                registry.add(Some(active.version), move |_| Ok(envelope), Change::Takeover, "wmvae", None)?
             }
         };
         self.learner.restore(&checkpoint)?;

@@ -28,7 +28,7 @@ mod registry;
 mod upgrade;
 pub use buffer::{BufferConfig, Committed, Stats};
 pub use layout::{compress_frames, Compressed, Split};
-pub use registry::{best_by_eval, Change, HistoryEntry, InUse, Registry, UnknownVersion};
+pub use registry::{best_by_eval, Change, Damaged, HistoryEntry, InUse, Registry, UnknownVersion};
 
 /// Entry points for `fuzz/` (cargo fuzz builds with `--cfg fuzzing`): the
 /// decoders of what sled holds, fed arbitrary bytes. In no normal build.

@@ -45,6 +45,24 @@ impl std::fmt::Display for InUse {
 
 impl std::error::Error for InUse {}
 
+/// A stored version whose bytes do not decode or match their sha256 (bit
+/// rot, a torn write): never loaded or made active. The daemon repairs it
+/// from the object store's copy, or rolls back past it
+/// ([`Change::Recovery`]).
+#[derive(Debug)]
+pub struct Damaged {
+    pub version: u64,
+    why: String,
+}
+
+impl std::fmt::Display for Damaged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "checkpoint v{} in the store is damaged: {}", self.version, self.why)
+    }
+}
+
+impl std::error::Error for Damaged {}
+
 /// The version with the lowest finite eval loss, if any has one.
 pub fn best_by_eval(all: &[Metadata]) -> Option<u64> {
     all.iter()
@@ -76,9 +94,18 @@ pub enum Change {
     /// object store's full checkpoint).
     #[serde(rename = "takeover")]
     Takeover,
+    /// The daemon's rollback past an active version found [`Damaged`] in
+    /// the store, with no copy of it in the object store.
+    #[serde(rename = "recovery from a damaged version")]
+    Recovery,
 }
 
 impl Change {
+    /// Whether the active version went back to an older one (announced as a `rollback`).
+    pub fn is_rollback(self) -> bool {
+        matches!(self, Change::Rollback | Change::AutoRollback | Change::Recovery)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Change::Initial => "initial",
@@ -87,6 +114,7 @@ impl Change {
             Change::AutoRollback => "automatic rollback on divergence",
             Change::Import => "import",
             Change::Takeover => "takeover",
+            Change::Recovery => "recovery from a damaged version",
         }
     }
 }
@@ -138,8 +166,56 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// Opens the registry, rebuilding any version's listing metadata that
+    /// no longer decodes from its envelope (which carries it too).
     pub(super) fn open(db: &sled::Db) -> Result<Registry> {
-        Ok(Registry { db: db.clone(), tree: db.open_tree("checkpoints")?, lock: Arc::default() })
+        let registry = Registry { db: db.clone(), tree: db.open_tree("checkpoints")?, lock: Arc::default() };
+        registry.repair_listings()?;
+        Ok(registry)
+    }
+
+    /// `D` entries that do not decode, rewritten from intact envelopes; a
+    /// version damaged in both stays out of listings ([`Registry::list`]).
+    fn repair_listings(&self) -> Result<()> {
+        for entry in self.tree.scan_prefix([b'D']) {
+            let (k, v) = entry?;
+            if rmp_serde::from_slice::<Metadata>(&v).is_ok() {
+                continue;
+            }
+            let version = be_u64(&k[1..])?;
+            match self.get(version) {
+                Ok(Some(checkpoint)) => {
+                    self.tree.insert(k, rmp_serde::to_vec_named(&checkpoint.metadata)?)?;
+                    self.db.flush()?;
+                    tracing::warn!(version, "v{version}'s listing metadata was damaged; rebuilt from its checkpoint");
+                }
+                Ok(None) => tracing::error!(version, "v{version}'s listing metadata is damaged and its checkpoint is gone"),
+                Err(e) => tracing::error!(version, "v{version}'s listing metadata is damaged, and so is its checkpoint ({e:#}); it stays out of listings"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces a stored version's bytes with `checkpoint` (the same
+    /// version, from a good copy such as the object store's, sha256
+    /// checked by the caller): a [`Damaged`] version made whole again.
+    pub fn repair(&self, checkpoint: &Checkpoint) -> Result<()> {
+        let _guard = self.serialised();
+        let version = checkpoint.metadata.version;
+        if !self.contains(version)? {
+            return Err(UnknownVersion(version).into());
+        }
+        let mut batch = sled::Batch::default();
+        for chunk in self.tree.scan_prefix(key(b'V', version)).keys() {
+            batch.remove(chunk?);
+        }
+        for (chunk, piece) in (0u32..).zip(checkpoint.to_bytes()?.chunks(CHUNK_BYTES)) {
+            batch.insert(chunk_key(version, chunk), piece);
+        }
+        batch.insert(key(b'D', version), rmp_serde::to_vec_named(&checkpoint.metadata)?);
+        self.tree.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
     }
 
     /// Holds the writers' lock. It guards no data of its own (each change
@@ -222,7 +298,7 @@ impl Registry {
         Ok(self.tree.contains_key(key(b'D', version))?)
     }
 
-    /// A whole checkpoint, its sha256 verified.
+    /// A whole checkpoint, its sha256 verified ([`Damaged`] when that fails).
     pub fn get(&self, version: u64) -> Result<Option<Checkpoint>> {
         // The chunks in key order; a schema 1 store has one piece under the bare prefix.
         let mut bytes = Vec::new();
@@ -232,19 +308,23 @@ impl Registry {
         if bytes.is_empty() {
             return Ok(None);
         }
-        Checkpoint::from_bytes(&bytes).with_context(|| format!("checkpoint v{version} in the store")).map(Some)
+        Checkpoint::from_bytes(&bytes).map(Some).map_err(|e| Damaged { version, why: format!("{e:#}") }.into())
     }
 
     pub fn metadata(&self, version: u64) -> Result<Option<Metadata>> {
         self.tree.get(key(b'D', version))?.map(|b| rmp_serde::from_slice(&b).context("corrupt checkpoint metadata")).transpose()
     }
 
-    /// Every stored version's metadata, oldest first.
+    /// Every stored version's metadata, oldest first (but for a version
+    /// whose metadata and checkpoint are both damaged: see `open`).
     pub fn list(&self) -> Result<Vec<Metadata>> {
-        self.tree
-            .scan_prefix([b'D'])
-            .map(|entry| rmp_serde::from_slice(&entry?.1).context("corrupt checkpoint metadata"))
-            .collect()
+        let mut all = Vec::new();
+        for entry in self.tree.scan_prefix([b'D']) {
+            if let Ok(metadata) = rmp_serde::from_slice(&entry?.1) {
+                all.push(metadata);
+            }
+        }
+        Ok(all)
     }
 
     pub fn pinned(&self) -> Result<BTreeSet<u64>> {
@@ -321,7 +401,7 @@ impl Registry {
     /// `rollback`, else the version's making; others stay unannounced.
     pub fn mark_announced(&self, version: u64, rollback: bool) -> Result<()> {
         let _guard = self.serialised();
-        let matches = |entry: &HistoryEntry| entry.to == version && matches!(entry.why, Change::Rollback | Change::AutoRollback) == rollback;
+        let matches = |entry: &HistoryEntry| entry.to == version && entry.why.is_rollback() == rollback;
         let Some((seq, _)) = self.unannounced()?.into_iter().find(|(_, entry)| matches(entry)) else { return Ok(()) };
         // The mark, and `history_announced` moved past every entry now
         // announced in a row (their marks dropped), so the scan above stays
@@ -432,6 +512,40 @@ mod tests {
         assert!(format!("{refused:#}").contains("sha256"), "{refused:#}");
         assert_eq!(s.active_version().unwrap(), Some(2));
         assert!(s.activate(9, Change::Rollback, "ops@host", None).unwrap_err().downcast_ref::<UnknownVersion>().is_some());
+    }
+
+    /// A damaged version is found as such, and made whole by `repair`
+    /// from a good copy; listing metadata that no longer decodes is rebuilt
+    /// from the envelope when the store opens, and a version damaged in
+    /// both stays out of listings.
+    #[test]
+    fn damaged_versions_are_found_and_repaired() {
+        let dir = tempfile::tempdir().unwrap();
+        let (v1, v2, v3) = {
+            let st = store(dir.path());
+            let s = st.registry();
+            let (v1, v2, v3) = (add(s, 5.0), add(s, 4.0), add(s, 3.0));
+            let good = s.get(v1).unwrap().unwrap();
+            let (chunk, bytes) = s.tree.scan_prefix(key(b'V', v1)).next().unwrap().unwrap();
+            let mut damaged = bytes.to_vec();
+            let last = damaged.len() - 1;
+            damaged[last] ^= 0xff;
+            s.tree.insert(&chunk, damaged.clone()).unwrap();
+            let found = s.get(v1).unwrap_err();
+            assert!(found.chain().any(|c| c.is::<Damaged>()), "{found:#}");
+            s.repair(&good).unwrap();
+            assert_eq!(s.get(v1).unwrap().unwrap().weights, good.weights);
+            // v2: its listing damaged; v3: its listing and its envelope.
+            s.tree.insert(key(b'D', v2), &b"\xc1garbage"[..]).unwrap();
+            s.tree.insert(key(b'D', v3), &b"\xc1garbage"[..]).unwrap();
+            let (chunk, _) = s.tree.scan_prefix(key(b'V', v3)).next().unwrap().unwrap();
+            s.tree.insert(&chunk, damaged).unwrap();
+            st.flush().unwrap();
+            (v1, v2, v3)
+        };
+        let st = store(dir.path());
+        let listed: Vec<(u64, Option<f64>)> = st.registry().list().unwrap().iter().map(|m| (m.version, m.eval_loss)).collect();
+        assert_eq!(listed, vec![(v1, Some(5.0)), (v2, Some(4.0))], "v{v3} is damaged throughout");
     }
 
     #[test]
