@@ -64,6 +64,13 @@ pub struct NatsConfig {
     /// shared server gives each user its own (`_INBOX_<user>`, as
     /// config/nats-permissions.conf does), so no one reads another's replies.
     pub inbox_prefix: String,
+    /// The daemon's control service on its own connection, as this user
+    /// ("" is unset: on the main connection). In an account of its own,
+    /// which exports `<prefix>.ctl.>` to the callers' account with `share`,
+    /// each request names the user the server authenticated, and that is
+    /// the `by` of what it changes (config/nats-permissions.conf).
+    pub control_user: String,
+    pub control_password: Secret,
 }
 
 impl NatsConfig {
@@ -97,6 +104,9 @@ impl NatsConfig {
         }
         if self.user.is_empty() == self.password.is_set() {
             bail!("nats.user and nats.password go together");
+        }
+        if self.control_user.is_empty() == self.control_password.is_set() {
+            bail!("nats.control_user and nats.control_password go together");
         }
         if let Some(seed) = self.nkey_seed.expose() {
             if nkeys::KeyPair::from_seed(seed).is_err() || !seed.starts_with("SU") {
@@ -531,12 +541,12 @@ mod tests {
 
     #[test]
     fn secrets_never_print() {
-        let c = Config::load_with_env(None, env(&[("WMVAE_NATS__USER", "alice"), ("WMVAE_NATS__PASSWORD", "1234")])).unwrap();
+        let c = Config::load_with_env(None, env(&[("WMVAE_NATS__USER", "alice"), ("WMVAE_NATS__PASSWORD", "1234"), ("WMVAE_NATS__CONTROL_USER", "ctl"), ("WMVAE_NATS__CONTROL_PASSWORD", "5678")])).unwrap();
         // A numeric-looking password stays a string, exactly as given.
         assert_eq!(c.nats.password.expose(), Some("1234"));
         assert_eq!(c.nats.auth_kind(), "user/password");
         for shown in [format!("{c:?}"), toml::to_string(&c).unwrap(), serde_json::to_string(&c).unwrap()] {
-            assert!(!shown.contains("1234"), "{shown}");
+            assert!(!shown.contains("1234") && !shown.contains("5678"), "{shown}");
             assert!(shown.contains("<redacted>"), "{shown}");
         }
     }
@@ -551,6 +561,7 @@ mod tests {
         refused(&[("WMVAE_NATS__URL", "nats://bob:hunter2@host:4222")], "must not carry credentials");
         refused(&[("WMVAE_NATS__TOKEN", "hunter2"), ("WMVAE_NATS__USER", "bob"), ("WMVAE_NATS__PASSWORD", "hunter2")], "at most one");
         refused(&[("WMVAE_NATS__PASSWORD", "hunter2")], "go together");
+        refused(&[("WMVAE_NATS__CONTROL_PASSWORD", "hunter2")], "control_user and nats.control_password go together");
         refused(&[("WMVAE_NATS__NKEY_SEED", "hunter2")], "not an nkey user seed");
         refused(&[("WMVAE_NATS__CREDS_FILE", "/nonexistent/x.creds")], "no file at /nonexistent/x.creds");
         refused(&[("WMVAE_NATS__TLS_CERT_FILE", "/etc/hostname")], "go together");

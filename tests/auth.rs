@@ -331,14 +331,16 @@ fn harmless(endpoint: Endpoint) -> &'static [u8] {
 /// that change the daemon, the operator all); none may read another user's
 /// inbox; a publisher's frames are stored; a reader loads the active weights
 /// into PyTorch; only an operator rolls back and imports (live, uploading
-/// through the object store).
+/// through the object store), and the history names the user the server
+/// authenticated, whatever the request's `by` says; discovery reaches the
+/// control service in its own account.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_keep_rollback_to_operators() {
-    let passwords = "WM_DAEMON_PASSWORD: d-pw\nWM_PUBLISHER_PASSWORD: p-pw\nWM_READER_PASSWORD: r-pw\nWM_OPERATOR_PASSWORD: o-pw\n";
+    let passwords = "WM_DAEMON_PASSWORD: d-pw\nWM_PUBLISHER_PASSWORD: p-pw\nWM_READER_PASSWORD: r-pw\nWM_OPERATOR_PASSWORD: o-pw\nWM_CONTROL_PASSWORD: c-pw\n";
     let roles = std::fs::read_to_string(repo_root().join("config/nats-permissions.conf")).unwrap();
     let server = start(&format!("{passwords}{roles}"));
     let as_user = |user: &str, password: &str| pairs(&[("user", user), ("password", password), ("inbox_prefix", &format!("_INBOX_{user}"))]);
-    let daemon_env = pairs(&[("user", "wmvae"), ("password", "d-pw")]);
+    let daemon_env = pairs(&[("user", "wmvae"), ("password", "d-pw"), ("control_user", "wmvae-control"), ("control_password", "c-pw")]);
     let dir = tempfile::tempdir().unwrap();
     let mut env: Vec<(&str, &str)> = daemon_env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     env.extend([
@@ -422,6 +424,19 @@ async fn roles_keep_rollback_to_operators() {
     // Announced once the versions queued before it are in the object store.
     wait_until(Duration::from_secs(60), "the rollback announced", || async { !rollbacks(&js).await.is_empty() }).await;
     assert_eq!(rollbacks(&js).await, vec![1]);
+    // Recorded as by the user the server authenticated, not the one the request names.
+    // (The trainer takes it between two steps: more than the role clients' second.)
+    let rollback = async_nats::Request::new().payload(br#"{"version": 2, "by": "mallory"}"#.as_ref().into()).timeout(Some(Duration::from_secs(30)));
+    operator.send_request("wm.ctl.checkpoints.rollback", rollback).await.unwrap();
+    let history = reader.request("wm.ctl.checkpoints.history", "".into()).await.unwrap();
+    let history: Vec<serde_json::Value> = serde_json::from_slice(&history.payload).unwrap();
+    let by: Vec<&str> = history.iter().filter(|h| h["why"] == "rollback").map(|h| h["by"].as_str().unwrap()).collect();
+    assert_eq!(by, ["operator", "operator"], "{history:?}");
+    // Discovery crosses into the control service's account.
+    let inbox = reader.new_inbox();
+    let mut pongs = reader.subscribe(inbox.clone()).await.unwrap();
+    reader.publish_with_reply("$SRV.PING.wmvae", inbox, "".into()).await.unwrap();
+    assert!(tokio::time::timeout(Duration::from_secs(2), futures::StreamExt::next(&mut pongs)).await.is_ok_and(|p| p.is_some()), "no pong from the control service");
     let weights = dir.path().join("v2.safetensors");
     let out = checkpoint(&["export", "2", "--out", weights.to_str().unwrap()], as_user("reader", "r-pw"));
     assert!(out.status.success(), "reader export: {}", text(&out));

@@ -144,6 +144,9 @@ fn compose_runs_with_roles_and_generated_credentials() {
         assert!(env["WMVAE_NATS__PASSWORD"].as_str().unwrap().starts_with(&format!("${{{password}:?")), "{service}");
         assert_eq!(env["WMVAE_NATS__INBOX_PREFIX"].as_str(), inbox, "{service}");
     }
+    let daemon = &services["wmvae"]["environment"];
+    assert_eq!(daemon["WMVAE_NATS__CONTROL_USER"].as_str(), Some("wmvae-control"));
+    assert!(daemon["WMVAE_NATS__CONTROL_PASSWORD"].as_str().unwrap().starts_with("${WM_CONTROL_PASSWORD:?"));
 
     let dir = tempfile::tempdir().unwrap();
     let env_file = dir.path().join(".env");
@@ -153,10 +156,17 @@ fn compose_runs_with_roles_and_generated_credentials() {
     assert!(generate().status.success());
     assert_eq!(std::fs::read_to_string(&env_file).unwrap(), first, "a second run changed the passwords");
     let passwords: std::collections::HashMap<&str, &str> = first.lines().filter_map(|l| l.split_once('=')).collect();
-    for key in ["WM_DAEMON_PASSWORD", "WM_PUBLISHER_PASSWORD", "WM_READER_PASSWORD", "WM_OPERATOR_PASSWORD"] {
+    let keys = ["WM_DAEMON_PASSWORD", "WM_PUBLISHER_PASSWORD", "WM_READER_PASSWORD", "WM_OPERATOR_PASSWORD", "WM_CONTROL_PASSWORD"];
+    for key in keys {
         assert!(passwords.get(key).is_some_and(|p| p.len() >= 20), "{key} in {first}");
     }
-    assert_eq!(passwords.values().collect::<std::collections::HashSet<_>>().len(), 4, "passwords repeat");
+    assert_eq!(passwords.values().collect::<std::collections::HashSet<_>>().len(), keys.len(), "passwords repeat");
+    // An .env from before a role existed gets that role's password, and keeps the others.
+    let older: String = first.lines().filter(|l| !l.starts_with("WM_CONTROL_PASSWORD=")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&env_file, &older).unwrap();
+    assert!(generate().status.success());
+    let topped_up = std::fs::read_to_string(&env_file).unwrap();
+    assert!(topped_up.starts_with(&older) && topped_up.contains("WM_CONTROL_PASSWORD="), "{topped_up}");
 
     // A real server with the roles and the generated passwords.
     let variables: String = passwords.iter().map(|(k, v)| format!("{k}: \"{v}\"\n")).collect();

@@ -35,6 +35,19 @@ pub async fn options(config: &NatsConfig) -> Result<ConnectOptions> {
             .await
             .with_context(|| format!("nats.creds_file {}: not a NATS credentials file", config.creds_file))?;
     }
+    Ok(with_tls(options, config))
+}
+
+/// The options for the control service's own connection, when
+/// `control_user` is set: that user, the main connection's TLS.
+pub fn control_options(config: &NatsConfig) -> Option<ConnectOptions> {
+    let password = config.control_password.expose()?;
+    let options = ConnectOptions::with_user_and_password(config.control_user.clone(), password.to_string()).name("wmvae-control").connection_timeout(CONNECT_TIMEOUT);
+    Some(with_tls(options, config))
+}
+
+/// `options` with the CA and client certificate of `config`, if any.
+fn with_tls(mut options: ConnectOptions, config: &NatsConfig) -> ConnectOptions {
     if !config.tls_ca_file.is_empty() {
         options = options.add_root_certificates(config.tls_ca_file.clone().into()).require_tls(true);
     }
@@ -43,7 +56,7 @@ pub async fn options(config: &NatsConfig) -> Result<ConnectOptions> {
             .add_client_certificate(config.tls_cert_file.clone().into(), config.tls_key_file.clone().into())
             .require_tls(true);
     }
-    Ok(options)
+    options
 }
 
 /// Connects with `options` (rebuilt for every attempt by `make`): once when

@@ -47,6 +47,9 @@ pub struct Bus {
     /// Connections made, the first included: a new value is a reconnect.
     connects: tokio::sync::watch::Receiver<u64>,
     client: async_nats::Client,
+    /// The connection the control service runs on: its own with
+    /// `[nats] control_user` (the daemon only), else `client`.
+    control: async_nats::Client,
     js: jetstream::Context,
     prefix: String,
 }
@@ -87,8 +90,22 @@ impl Bus {
         };
         let client = connection::connect(config, patience, make).await?;
         tracing::debug!(url = %config.url, auth = config.auth_kind(), "NATS connected");
+        let control = match connection::control_options(config).filter(|_| !once) {
+            Some(_) => {
+                let make_control = || async {
+                    let options = connection::control_options(config).context("nats.control_user unset")?;
+                    Ok(options.event_callback(|event| async move {
+                        if let async_nats::Event::ServerError(e) = event {
+                            tracing::warn!("NATS server (control connection): {e}");
+                        }
+                    }))
+                };
+                connection::connect(config, patience, make_control).await.context("the control service's connection (nats.control_user)")?
+            }
+            None => client.clone(),
+        };
         let js = jetstream::new(client.clone());
-        Ok(Bus { limits, disconnects, connects, client, js, prefix: config.prefix.clone() })
+        Ok(Bus { limits, disconnects, connects, client, control, js, prefix: config.prefix.clone() })
     }
 
     /// Whether the connection to the server is up now.

@@ -113,8 +113,24 @@ pub struct NodeInfo {
 
 /// A handler's answer: the reply's bytes or a service error.
 pub type Reply = Pin<Box<dyn Future<Output = Result<Vec<u8>, ServiceError>> + Send>>;
-/// (endpoint, request payload) to a reply.
-pub type Handler = Arc<dyn Fn(Endpoint, Bytes) -> Reply + Send + Sync>;
+/// (endpoint, request payload, who asked) to a reply.
+pub type Handler = Arc<dyn Fn(Endpoint, Bytes, Caller) -> Reply + Send + Sync>;
+
+/// Who sent a request, as the server authenticated them: the user named by
+/// the `Nats-Request-Info` header, which a server adds to a request that
+/// crossed a service import with `share` (the control service in its own
+/// account, config/nats-permissions.conf). None without one: nobody vouches
+/// for the caller then.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Caller(pub Option<String>);
+
+impl Caller {
+    fn of(message: &async_nats::Message) -> Caller {
+        let info = message.headers.as_ref().and_then(|h| h.get("Nats-Request-Info"));
+        let user = info.and_then(|i| serde_json::from_str::<serde_json::Value>(i.as_str()).ok()).and_then(|i| i["user"].as_str().map(str::to_string));
+        Caller(user.filter(|u| !u.is_empty()))
+    }
+}
 /// This node's status as JSON, for `$SRV.STATS` (answered synchronously).
 pub type StatusProbe = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
@@ -130,7 +146,7 @@ impl Bus {
     pub async fn serve_control(&self, handler: Handler, endpoints: &[Endpoint], node: &NodeInfo, probe: Option<StatusProbe>, shutdown: CancellationToken) -> Result<()> {
         use async_nats::service::ServiceExt;
         let metadata = HashMap::from([(NODE_ID_KEY.to_string(), node.id.clone()), (ROLES_KEY.to_string(), node.roles.to_string())]);
-        let mut builder = self.client.service_builder().description("World Models VAE trainer: status, encode, checkpoints").metadata(metadata);
+        let mut builder = self.control.service_builder().description("World Models VAE trainer: status, encode, checkpoints").metadata(metadata);
         if let Some(probe) = probe {
             let status_subject = self.subject(&format!("ctl.{}", Endpoint::Status.name()));
             builder = builder.stats_handler(move |_, stats| if stats.subject == status_subject { probe() } else { serde_json::Value::Null });
@@ -151,7 +167,7 @@ impl Bus {
                         _ = shutdown.cancelled() => break,
                         request = endpoint.next() => match request { Some(r) => r, None => break },
                     };
-                    let reply = handler(which, request.message.payload.clone()).await;
+                    let reply = handler(which, request.message.payload.clone(), Caller::of(&request.message)).await;
                     let reply = reply.map(Bytes::from).map_err(|e| async_nats::service::error::Error { status: e.message, code: e.code });
                     if let Err(e) = request.respond(reply).await {
                         tracing::warn!("control {name}: reply failed: {e}");

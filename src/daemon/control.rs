@@ -15,7 +15,7 @@
 use super::encoder::EncoderHandle;
 use super::status::StatusBoard;
 use crate::bus::messages::{CheckpointRequest, IMPORTS_PREFIX};
-use crate::bus::service::{Endpoint, Handler, Reply, ServiceError};
+use crate::bus::service::{Caller, Endpoint, Handler, Reply, ServiceError};
 use crate::bus::{Bus, TooLarge};
 use crate::config::Config;
 use crate::frames::wire;
@@ -120,7 +120,7 @@ fn checkpoint_request(payload: &[u8]) -> anyhow::Result<CheckpointRequest> {
 }
 
 /// Answers one request to `endpoint`.
-async fn answer(ctx: Context, endpoint: Endpoint, payload: bytes::Bytes) -> anyhow::Result<Vec<u8>> {
+async fn answer(ctx: Context, endpoint: Endpoint, payload: bytes::Bytes, caller: Caller) -> anyhow::Result<Vec<u8>> {
     match endpoint {
         Endpoint::Status => json(&ctx.status.snapshot()),
         Endpoint::Encode => {
@@ -130,16 +130,18 @@ async fn answer(ctx: Context, endpoint: Endpoint, payload: bytes::Bytes) -> anyh
         }
         _ => {
             let trainer = ctx.trainer.clone().ok_or(NotHere("trainer"))?;
-            answer_trainer(&ctx, trainer, endpoint, &payload).await
+            answer_trainer(&ctx, trainer, endpoint, &payload, caller).await
         }
     }
 }
 
 /// The trainer's endpoints: the buffer's figures and the checkpoints.
-async fn answer_trainer(ctx: &Context, trainer: TrainerSide, endpoint: Endpoint, payload: &[u8]) -> anyhow::Result<Vec<u8>> {
+/// A change is recorded as by the `caller` the server authenticated; the
+/// request's own `by` only where no server vouches for anyone.
+async fn answer_trainer(ctx: &Context, trainer: TrainerSide, endpoint: Endpoint, payload: &[u8], caller: Caller) -> anyhow::Result<Vec<u8>> {
     let request = checkpoint_request(payload)?;
     let version = || request.version.ok_or_else(|| BadRequest("request lacks \"version\"".into()));
-    let by = request.by.clone().unwrap_or_else(|| "unknown".into());
+    let by = caller.0.or_else(|| request.by.clone()).unwrap_or_else(|| "unknown".into());
     let TrainerSide { store, commands } = trainer;
     match endpoint {
         Endpoint::BufferStats => json(&blocking(move || store.stats()).await?),
@@ -191,7 +193,7 @@ async fn answer_trainer(ctx: &Context, trainer: TrainerSide, endpoint: Endpoint,
 
 /// The handler for every [`Endpoint`].
 pub fn handler(ctx: Context) -> Handler {
-    Arc::new(move |endpoint: Endpoint, payload: bytes::Bytes| Box::pin(answer(ctx.clone(), endpoint, payload).map_err(service_error)) as Reply)
+    Arc::new(move |endpoint: Endpoint, payload: bytes::Bytes, caller: Caller| Box::pin(answer(ctx.clone(), endpoint, payload, caller).map_err(service_error)) as Reply)
 }
 
 #[cfg(test)]
