@@ -17,11 +17,16 @@ use anyhow::{anyhow, bail, Context, Result};
 use tokio::sync::mpsc;
 
 /// Puts a version's weights and full checkpoint in the object store, then
-/// announces it under `epoch`.
-async fn publish_created(bus: &Bus, checkpoint: &Checkpoint, epoch: u64) -> Result<()> {
+/// announces it under `epoch` if `lease` still lets this node lead under it
+/// (the upload takes seconds: a node paused meanwhile past its TTL, whose
+/// standby took over, must not announce).
+async fn publish_created(bus: &Bus, lease: &Lease, checkpoint: &Checkpoint, epoch: u64) -> Result<()> {
     let version = checkpoint.metadata.version;
     bus.put_object(&weights_object(version), &checkpoint.weights).await?;
     bus.put_object(&checkpoint_envelope_object(version), &checkpoint.to_bytes()?).await?;
+    if !lease.may_lead(epoch) {
+        bail!("v{version} uploaded, not announced: the lease went meanwhile");
+    }
     let mut announcement = Announcement::new(CheckpointEvent::Created, &checkpoint.metadata, checkpoint.weights.len() as u64);
     announcement.epoch = epoch;
     bus.announce(&announcement).await
@@ -32,7 +37,7 @@ async fn publish_created(bus: &Bus, checkpoint: &Checkpoint, epoch: u64) -> Resu
 /// away, or imported offline) are published, rollbacks made offline are
 /// announced. It only adds: objects it does not know are left alone (they
 /// may be another node's).
-pub(super) async fn publish_offline_changes(bus: &Bus, store: &Store, epoch: u64) -> Result<()> {
+pub(super) async fn publish_offline_changes(bus: &Bus, store: &Store, lease: &Lease, epoch: u64) -> Result<()> {
     let registry = store.registry();
     let published = bus.object_versions().await?;
     for entry in registry.unannounced_history()? {
@@ -55,7 +60,7 @@ pub(super) async fn publish_offline_changes(bus: &Bus, store: &Store, epoch: u64
                 }
                 Err(e) => return Err(e),
             };
-            publish_created(bus, &checkpoint, epoch).await?;
+            publish_created(bus, lease, &checkpoint, epoch).await?;
         }
     }
     registry.mark_history_announced()
@@ -89,7 +94,7 @@ async fn publish(bus: &Bus, shared: &Shared, lease: &Lease, event: &Event, annou
     match event {
         Event::Created { checkpoint, epoch } => {
             if !*announced {
-                publish_created(bus, checkpoint, *epoch).await?;
+                publish_created(bus, lease, checkpoint, *epoch).await?;
                 *announced = true;
             }
             activate(shared, lease, &checkpoint.metadata, *epoch).await

@@ -75,7 +75,10 @@ pub fn shutdown_on_signals() -> Result<CancellationToken> {
             _ = sigterm.recv() => {}
         }
         eprintln!("error: a second signal: exiting at once; acked frames are in the store, unacked ones are redelivered, unannounced versions go out at the next start");
-        std::process::exit(1);
+        // _exit, not exit: exit runs libtorch's static destructors while the
+        // trainer thread may still be inside libtorch (a SIGSEGV, seen).
+        // SAFETY: _exit only ends the process; nothing runs after it.
+        unsafe { libc::_exit(1) }
     });
     Ok(token)
 }

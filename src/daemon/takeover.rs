@@ -122,26 +122,31 @@ impl Trainer {
         let registry = self.store.registry().clone();
         // An operator's rollback or import made offline to this store, or its
         // recovery from a damaged version the object store had no copy of, is
-        // newer than what the cluster last agreed: it wins. Anything else this
-        // store holds unannounced (a version made just before it lost the
-        // lease) gives way to the cluster's active version.
+        // newer than what the cluster last agreed: it wins; so do versions
+        // this node trained on from the cluster's active version that never
+        // reached NATS, when nobody has moved `active` since this node last
+        // led (its epoch is still the one there). Anything else
+        // this store holds unannounced (a version made just before it lost
+        // the lease, while another node trained on) gives way to the
+        // cluster's active version.
         let operator_changes = registry.unannounced_history()?.iter().any(|h| matches!(h.why, Change::Rollback | Change::Import | Change::Recovery));
         let cluster = self.shared.active_blocking(&self.runtime)?.map(|(active, _)| active);
         let mine = self.active.as_ref().map(|a| a.metadata.version);
         match cluster {
-            Some(active) if !operator_changes && mine != Some(active.version) => self.catch_up(&active)?,
+            Some(active) if !operator_changes && mine != Some(active.version) && !self.continues(&active)? => self.catch_up(&active)?,
             None if mine.is_none() => self.start_fresh()?,
             _ => {}
         }
+        self.adopt_pending()?;
         // NATS catches up with this store (objects it lacks, offline rollbacks).
-        let (bus, store) = (self.bus.clone(), self.store.clone());
-        self.runtime.block_on(announce::publish_offline_changes(&bus, &store, epoch))?;
+        let (bus, store, lease) = (self.bus.clone(), self.store.clone(), self.lease.clone());
+        self.runtime.block_on(announce::publish_offline_changes(&bus, &store, &lease, epoch))?;
         // Fence: `active` rewritten under this epoch; an older leader's compare-and-set now fails.
         let (version, sha256) = (self.active()?.metadata.version, self.active()?.metadata.sha256.clone());
         let active = Active { version, sha256, epoch };
         let seen = self.shared.active_blocking(&self.runtime)?.map(|(_, revision)| revision);
         match self.runtime.block_on(self.shared.set_active(&active, seen)) {
-            Ok(_) => {}
+            Ok(_) => registry.set_led_epoch(epoch)?,
             Err(e) if e.downcast_ref::<Conflict>().is_some() => {
                 self.lease.lose();
                 return Err(e).context("another node moved the active version while this one took over");
@@ -151,6 +156,52 @@ impl Trainer {
         self.status.update(|s| (s.lease, s.epoch, s.active_version, s.step) = (Some(LeaseRole::Leader), Some(epoch), Some(version), self.learner.steps()));
         tracing::info!(epoch, version, step = self.learner.steps(), "leading training");
         Ok(())
+    }
+
+    /// Whether this node's active version continues the cluster's `active`:
+    /// this node set it, in the epoch it last led, and its parents lead back
+    /// to it.
+    fn continues(&self, active: &Active) -> Result<bool> {
+        let registry = self.store.registry();
+        if registry.led_epoch()? != Some(active.epoch) {
+            return Ok(false);
+        }
+        let version = active.version;
+        let mut parent = self.active.as_ref().and_then(|a| a.metadata.parent);
+        while let Some(p) = parent {
+            if p == version {
+                return Ok(true);
+            }
+            parent = registry.metadata(p)?.and_then(|m| m.parent);
+        }
+        Ok(false)
+    }
+
+    /// The pending checkpoint (a shutdown's last, made while NATS was away)
+    /// becomes the next version when it continues the active version, and
+    /// training goes on from it; else it gives way to the cluster's.
+    fn adopt_pending(&mut self) -> Result<()> {
+        let registry = self.store.registry().clone();
+        let pending = match registry.pending() {
+            Ok(Some(pending)) => pending,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                tracing::error!("{e:#}; dropped");
+                return registry.clear_pending();
+            }
+        };
+        let (active, step) = (self.active()?.metadata.version, pending.metadata.step);
+        if pending.metadata.parent == Some(active) {
+            let version = self.allocate_version(None)?;
+            let make = move |version| Ok(Checkpoint { metadata: Metadata { version, ..pending.metadata.clone() }, ..pending });
+            let checkpoint = registry.add(Some(version), make, Change::Trained, "wmvae", None)?;
+            self.learner.restore(&checkpoint)?;
+            tracing::info!(version, step, "the last shutdown's pending checkpoint is v{version}");
+            self.active = Some(Arc::new(checkpoint));
+        } else {
+            tracing::warn!(step, "the last shutdown's pending checkpoint (after v{}) gives way: the cluster's active version is v{active}", pending.metadata.parent.unwrap_or(0));
+        }
+        registry.clear_pending()
     }
 
     /// A new cluster: this node's fresh weights become the first version.

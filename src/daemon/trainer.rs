@@ -166,16 +166,21 @@ impl Trainer {
         }
         self.status.update(|s| s.state = Some(TrainerState::Stopping));
         drop(sampler);
-        if run.since_checkpoint.steps > 0 && self.lease.epoch().is_some() {
+        if run.since_checkpoint.steps > 0 && self.grant.is_some() {
             // Its number comes from NATS: waited for at most half the
-            // shutdown grace, so a stop without NATS still ends in time.
+            // shutdown grace, so a stop without NATS still ends in time;
+            // without one it is kept as the pending checkpoint.
             let limit = Duration::from_secs(self.config.serve.shutdown_grace_secs) / 2;
-            match self.allocate_version(Some(limit)) {
-                Ok(version) => self.write_checkpoint(version, &mut run)?,
-                Err(e) => tracing::warn!(
-                    steps = run.since_checkpoint.steps,
-                    "the steps since the last checkpoint were not checkpointed: no version number ({e:#}); training resumes from the active version"
-                ),
+            let version = self.allocate_version(Some(limit));
+            if let Some(metadata) = self.next_metadata(&mut run)? {
+                match version {
+                    Ok(version) => self.write_checkpoint(version, metadata)?,
+                    Err(e) => {
+                        let (step, parent) = (metadata.step, metadata.parent);
+                        self.store.registry().set_pending(&self.learner.snapshot(metadata)?)?;
+                        tracing::warn!(step, "no version number for the last checkpoint ({e:#}): kept in the store as pending; it becomes a version when this node leads again, if the cluster's active version is still v{}", parent.unwrap_or(0));
+                    }
+                }
             }
         }
         Ok(())
@@ -278,7 +283,10 @@ impl Trainer {
         match self.allocate_version(Some(ALLOCATE_PATIENCE)) {
             Ok(version) => {
                 run.checkpoint_due = None;
-                self.write_checkpoint(version, run)
+                match self.next_metadata(run)? {
+                    Some(metadata) => self.write_checkpoint(version, metadata),
+                    None => Ok(()),
+                }
             }
             Err(e) => {
                 tracing::warn!(step = self.learner.steps(), "checkpoint postponed: no version number ({e:#}); trying again in {CHECKPOINT_RETRY:?}");
@@ -288,16 +296,17 @@ impl Trainer {
         }
     }
 
-    /// [`Trainer::checkpoint`] as `version`, a number already allocated.
-    fn write_checkpoint(&mut self, version: u64, run: &mut Run) -> Result<()> {
+    /// The metadata of a checkpoint of the weights now (after an eval),
+    /// numbered 0; None when a loss is not finite (no checkpoint then).
+    fn next_metadata(&mut self, run: &mut Run) -> Result<Option<Metadata>> {
         let train = std::mem::take(&mut run.since_checkpoint).mean();
         let eval = self.evaluate()?;
         if eval.is_some_and(|e| !e.total.is_finite()) || train.is_some_and(|t| !t.total.is_finite()) {
             tracing::warn!("checkpoint skipped: non-finite loss");
-            return Ok(());
+            return Ok(None);
         }
         let parent = self.active()?.metadata.version;
-        let metadata = Metadata {
+        Ok(Some(Metadata {
             version: 0,
             parent: Some(parent),
             step: self.learner.steps() as u64,
@@ -309,7 +318,11 @@ impl Trainer {
             created_at: now_rfc3339(),
             sha256: String::new(),
             config: serde_json::to_value(&self.config)?,
-        };
+        }))
+    }
+
+    /// [`Trainer::checkpoint`] as `version`, a number already allocated.
+    fn write_checkpoint(&mut self, version: u64, metadata: Metadata) -> Result<()> {
         let learner = &self.learner;
         let checkpoint = match self.store.registry().add(Some(version), |version| learner.snapshot(Metadata { version, ..metadata }), Change::Trained, "wmvae", None) {
             Ok(checkpoint) => checkpoint,

@@ -11,7 +11,8 @@
 //! | `P` version         | empty: the version is pinned            |
 //! | `H` seq(u64 BE)     | a history entry (MessagePack)           |
 //! | `A` seq(u64 BE)     | empty: that entry (at or past `history_announced`) was announced |
-//! | `M` name            | `next_version`, `active`, `history_next`, `history_announced` (every entry below it was announced) |
+//! | `W` chunk(u32 BE)   | the pending checkpoint: a shutdown's last, made without a version number (NATS away), in chunks |
+//! | `M` name            | `next_version`, `active`, `history_next`, `history_announced` (every entry below it was announced), `led_epoch` (the lease epoch this node last led under) |
 
 use super::layout::be_u64;
 use crate::vae::checkpoint::{now_rfc3339, Checkpoint, Metadata};
@@ -436,6 +437,58 @@ impl Registry {
         Ok(())
     }
 
+    /// The lease epoch this store's node last led under (set when it took over).
+    pub fn led_epoch(&self) -> Result<Option<u64>> {
+        self.counter("led_epoch")
+    }
+
+    pub fn set_led_epoch(&self, epoch: u64) -> Result<()> {
+        self.tree.insert(meta("led_epoch"), &epoch.to_be_bytes())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Keeps `checkpoint` (version 0: no number could be had) as the
+    /// pending one, replacing any before it; flushed before it returns.
+    pub fn set_pending(&self, checkpoint: &Checkpoint) -> Result<()> {
+        let _guard = self.serialised();
+        let mut batch = sled::Batch::default();
+        for chunk in self.tree.scan_prefix([b'W']).keys() {
+            batch.remove(chunk?);
+        }
+        for (chunk, piece) in (0u32..).zip(checkpoint.to_bytes()?.chunks(CHUNK_BYTES)) {
+            batch.insert([&[b'W'][..], &chunk.to_be_bytes()].concat(), piece);
+        }
+        self.tree.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The pending checkpoint, if one is kept ([`Damaged`] when it does
+    /// not decode).
+    pub fn pending(&self) -> Result<Option<Checkpoint>> {
+        let mut bytes = Vec::new();
+        for entry in self.tree.scan_prefix([b'W']) {
+            bytes.extend_from_slice(&entry?.1);
+        }
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        Checkpoint::from_bytes(&bytes).map(Some).map_err(|e| Damaged { version: 0, why: format!("the pending checkpoint: {e:#}") }.into())
+    }
+
+    /// Drops the pending checkpoint (made a version, or given up).
+    pub fn clear_pending(&self) -> Result<()> {
+        let _guard = self.serialised();
+        let mut batch = sled::Batch::default();
+        for chunk in self.tree.scan_prefix([b'W']).keys() {
+            batch.remove(chunk?);
+        }
+        self.tree.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// Every change of the active version, oldest first.
     pub fn history(&self) -> Result<Vec<HistoryEntry>> {
         self.tree.scan_prefix([b'H']).map(|entry| rmp_serde::from_slice(&entry?.1).context("corrupt history entry")).collect()
@@ -546,6 +599,27 @@ mod tests {
         let st = store(dir.path());
         let listed: Vec<(u64, Option<f64>)> = st.registry().list().unwrap().iter().map(|m| (m.version, m.eval_loss)).collect();
         assert_eq!(listed, vec![(v1, Some(5.0)), (v2, Some(4.0))], "v{v3} is damaged throughout");
+    }
+
+    /// A pending checkpoint survives a reopen until cleared, and is no version.
+    #[test]
+    fn a_pending_checkpoint_is_kept_until_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let st = store(dir.path());
+            let s = st.registry();
+            assert!(s.pending().unwrap().is_none());
+            let parent = add(s, 5.0);
+            let pending = Checkpoint::new(Metadata { parent: Some(parent), step: 7, ..Default::default() }, vec![9u8; 200_000], vec![1u8; 100_000]);
+            s.set_pending(&pending).unwrap();
+        }
+        let st = store(dir.path());
+        let s = st.registry();
+        let pending = s.pending().unwrap().unwrap();
+        assert_eq!((pending.metadata.parent, pending.metadata.step, pending.weights.len()), (Some(1), 7, 200_000));
+        assert_eq!(s.list().unwrap().len(), 1);
+        s.clear_pending().unwrap();
+        assert!(s.pending().unwrap().is_none());
     }
 
     #[test]
