@@ -7,7 +7,7 @@
 //! Over 400 lines for one concern: every section's type with its keys
 //! documented, the loading, and the checks of every bound.
 
-use crate::vae::adam::AdamConfig;
+use crate::vae::adam::{AdamConfig, Schedule};
 use crate::vae::device::DeviceChoice;
 use crate::vae::model::VaeConfig;
 use crate::frames::preprocess::Policy;
@@ -294,12 +294,28 @@ pub struct ModelConfig {
     pub kl_tolerance: f64,
 }
 
+/// `[train] lr_schedule` (`vae::adam::Schedule`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    Constant,
+    WarmupCosine,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
     pub device: DeviceChoice,
     pub batch_size: usize,
+    /// Adam's (peak) learning rate.
     pub learning_rate: f64,
+    /// How it moves with the step: `constant` (the paper) or `warmup_cosine`.
+    pub lr_schedule: LrSchedule,
+    /// `warmup_cosine`: steps of linear warmup, then steps of cosine decay
+    /// down to `min_learning_rate`, which holds after.
+    pub warmup_steps: u64,
+    pub decay_steps: u64,
+    pub min_learning_rate: f64,
     /// libtorch intra-op threads; 0 keeps libtorch's default (one per core).
     pub threads: usize,
     /// Training starts once the training split holds this many frames.
@@ -413,6 +429,14 @@ impl Config {
         if !(self.train.learning_rate > 0.0 && self.train.learning_rate.is_finite()) {
             bail!("train.learning_rate must be a positive number");
         }
+        if self.train.lr_schedule == LrSchedule::WarmupCosine {
+            if self.train.decay_steps == 0 {
+                bail!("train.decay_steps must be at least 1 with lr_schedule = \"warmup_cosine\"");
+            }
+            if !(self.train.min_learning_rate >= 0.0 && self.train.min_learning_rate <= self.train.learning_rate) {
+                bail!("train.min_learning_rate must be between 0 and train.learning_rate");
+            }
+        }
         for (name, value) in [
             ("eval_every_steps", self.train.eval_every_steps),
             ("log_every_steps", self.train.log_every_steps),
@@ -443,7 +467,12 @@ impl Config {
     }
 
     pub fn adam(&self) -> AdamConfig {
-        AdamConfig { learning_rate: self.train.learning_rate, ..AdamConfig::default() }
+        let t = &self.train;
+        let schedule = match t.lr_schedule {
+            LrSchedule::Constant => Schedule::Constant,
+            LrSchedule::WarmupCosine => Schedule::WarmupCosine { warmup_steps: t.warmup_steps, decay_steps: t.decay_steps, floor: t.min_learning_rate / t.learning_rate },
+        };
+        AdamConfig { learning_rate: t.learning_rate, schedule, ..AdamConfig::default() }
     }
 }
 

@@ -251,6 +251,26 @@ enum BenchCommand {
         #[command(flatten)]
         args: BenchArgs,
     },
+    /// How fast a fresh VAE learns with the config's [train] recipe: held-out
+    /// reconstruction loss and KL every tenth of the run, with wall time.
+    Quality {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Training frames: uint8 .npy (N, H, W, 3), 64x64 or 96x96 (preprocessed).
+        #[arg(long)]
+        frames: PathBuf,
+        /// Held-out frames (other episodes), the same way.
+        #[arg(long)]
+        heldout: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        steps: u64,
+        /// Report the first measured step whose held-out recon is at or under this.
+        #[arg(long)]
+        target_recon: Option<f64>,
+        /// Print one JSON object instead of a line of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Publish-to-latent latency through the whole daemon (in this process).
     Latency {
         /// Frames per second published.
@@ -462,6 +482,10 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench { which: BenchCommand::Encode { args } } => {
             render::bench(bench::encode(args.options())?, args.json);
+        }
+        Command::Bench { which: BenchCommand::Quality { config, frames, heldout, steps, target_recon, json } } => {
+            let options = wmvae::tools::bench_quality::QualityOptions { frames, heldout, steps, target_recon };
+            render::bench(wmvae::tools::bench_quality::quality(&config.load()?, &options)?, json);
         }
         Command::Bench { which: BenchCommand::Latency { rate, seconds, no_train, nats_server, json } } => {
             let binary = nats_server.unwrap_or_else(wmvae::tools::nats_server::default_binary);

@@ -4,7 +4,7 @@
 mod common;
 
 use tch::Device;
-use wmvae::vae::adam::AdamConfig;
+use wmvae::vae::adam::{AdamConfig, Schedule};
 use wmvae::vae::checkpoint::{Checkpoint, Metadata};
 use wmvae::vae::learner::{frames_to_tensor, Learner};
 use wmvae::vae::model::VaeConfig;
@@ -13,8 +13,12 @@ use wmvae::vae::model::VaeConfig;
 static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn learner(seed: i64, learning_rate: f64) -> Learner {
+    scheduled(seed, AdamConfig { learning_rate, ..Default::default() })
+}
+
+fn scheduled(seed: i64, adam: AdamConfig) -> Learner {
     tch::manual_seed(seed);
-    Learner::new(Device::Cpu, VaeConfig::default(), AdamConfig { learning_rate, ..Default::default() })
+    Learner::new(Device::Cpu, VaeConfig::default(), adam)
 }
 
 /// A few hundred steps on one fixed small batch lower the reconstruction loss a lot.
@@ -33,18 +37,21 @@ fn training_lowers_reconstruction_loss() {
     assert!(after.recon < 0.5 * before.recon, "recon {} -> {}", before.recon, after.recon);
 }
 
-/// Snapshot to bytes and restore elsewhere: identical outputs, identical next step.
+/// Snapshot to bytes and restore elsewhere: identical outputs, identical
+/// next step, the learning-rate schedule picked up where it was (step 4 of
+/// a warmup, not step 1 again).
 #[test]
 fn checkpoint_resumes_the_very_same_next_step() {
     let _rng = GLOBAL_RNG.lock().unwrap();
     let xs = frames_to_tensor(&common::frames(4, 64, 64), Device::Cpu).unwrap();
-    let mut original = learner(1, 1e-3);
+    let adam = AdamConfig { learning_rate: 1e-3, schedule: Schedule::WarmupCosine { warmup_steps: 10, decay_steps: 100, floor: 0.1 }, ..Default::default() };
+    let mut original = scheduled(1, adam);
     for _ in 0..3 {
         original.train_step(&xs);
     }
     let bytes = original.snapshot(Metadata { version: 2, step: 3, ..Default::default() }).unwrap().to_bytes().unwrap();
 
-    let mut resumed = learner(99, 1e-3);
+    let mut resumed = scheduled(99, adam);
     resumed.restore(&Checkpoint::from_bytes(&bytes).unwrap()).unwrap();
     assert_eq!(resumed.steps(), 3);
     assert_eq!(resumed.net().weights_bytes().unwrap(), original.net().weights_bytes().unwrap());

@@ -103,7 +103,22 @@ impl FrameReader {
         self.height * self.width * 3
     }
 
-    /// Reads up to `max_frames` frames; an empty vector at the end.
+    /// Reads up to `max_frames` frames preprocessed for the VAE (64x64 as
+    /// they are, CarRacing's 96x96 cropped and resized: `preprocess`); an
+    /// empty vector at the end.
+    pub fn read_preprocessed(&mut self, max_frames: usize) -> Result<Vec<u8>> {
+        let first = self.count - self.remaining;
+        let chunk = self.read_chunk(max_frames)?;
+        let mut frames = Vec::with_capacity(chunk.len() / self.frame_bytes() * crate::frames::BYTES);
+        for (i, frame) in chunk.chunks_exact(self.frame_bytes()).enumerate() {
+            let pixels = super::preprocess::preprocess(bytes::Bytes::copy_from_slice(frame), self.height, self.width, super::preprocess::Policy::WorldModels)
+                .with_context(|| format!("{}: frame {}", self.path.display(), first + i))?;
+            frames.extend_from_slice(&pixels);
+        }
+        Ok(frames)
+    }
+
+    /// Reads up to `max_frames` frames as stored; an empty vector at the end.
     pub fn read_chunk(&mut self, max_frames: usize) -> Result<Vec<u8>> {
         let n = max_frames.min(self.remaining);
         let mut buf = vec![0u8; n * self.frame_bytes()];

@@ -4,12 +4,10 @@
 //! File formats only; the model math is `vae::learner::Network`'s.
 
 use crate::frames::npy::{FrameReader, NpzWriter};
-use crate::frames::preprocess::{self, Policy};
 use crate::vae::device::DeviceChoice;
 use crate::vae::learner::Network;
 use crate::vae::model::VaeConfig;
 use anyhow::{Context, Result};
-use bytes::Bytes;
 use std::io::Write;
 use std::path::Path;
 
@@ -40,21 +38,15 @@ pub fn encode_file(net: &Network, input: &Path, output: &Path) -> Result<EncodeR
     let mut done = 0usize;
     let mut progress = crate::tools::progress::Progress::new("encode", reader.count as u64);
     loop {
-        let chunk = reader.read_chunk(ENCODE_CHUNK_FRAMES)?;
-        if chunk.is_empty() {
+        let frames = reader.read_preprocessed(ENCODE_CHUNK_FRAMES)?;
+        if frames.is_empty() {
             break;
-        }
-        let mut frames = Vec::with_capacity(chunk.len() / reader.frame_bytes() * crate::frames::BYTES);
-        for (i, frame) in chunk.chunks_exact(reader.frame_bytes()).enumerate() {
-            let pixels = preprocess::preprocess(Bytes::copy_from_slice(frame), height, width, Policy::WorldModels)
-                .with_context(|| format!("{}: frame {}", input.display(), done + i))?;
-            frames.extend_from_slice(&pixels);
         }
         let latents = net.encode_frames(&frames)?;
         mu.extend(latents.mu.into_iter().flatten());
         logvar.extend(latents.logvar.into_iter().flatten());
-        done += chunk.len() / reader.frame_bytes();
-        progress.advance((chunk.len() / reader.frame_bytes()) as u64);
+        done += frames.len() / crate::frames::BYTES;
+        progress.advance((frames.len() / crate::frames::BYTES) as u64);
     }
     let z = net.model().config().z_size as usize;
     let mut npz = NpzWriter::create(output)?;

@@ -12,6 +12,7 @@ pub mod bench_daemon;
 pub mod bench_encoders;
 pub mod bench_chaos;
 pub mod bench_failover;
+pub mod bench_quality;
 pub mod encode;
 pub mod export;
 pub mod nats_server;

@@ -13,15 +13,44 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 /// Hyper-parameters; the defaults are the paper's and PyTorch's.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamConfig {
+    /// The peak learning rate; `schedule` scales it at each step.
     pub learning_rate: f64,
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
+    pub schedule: Schedule,
 }
 
 impl Default for AdamConfig {
     fn default() -> Self {
-        AdamConfig { learning_rate: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8 }
+        AdamConfig { learning_rate: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, schedule: Schedule::Constant }
+    }
+}
+
+/// How the learning rate moves with the step count, which is part of the
+/// optimizer state: a resumed run (or a rollback) picks the schedule up
+/// where that checkpoint left it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Schedule {
+    /// The World Models recipe: `learning_rate` throughout.
+    Constant,
+    /// A linear warmup from 0 to `learning_rate` over `warmup_steps`, then
+    /// half a cosine down to `floor` x `learning_rate` over `decay_steps`,
+    /// flat after that (a continuous trainer has no last step).
+    WarmupCosine { warmup_steps: u64, decay_steps: u64, floor: f64 },
+}
+
+impl Schedule {
+    /// The learning rate's multiplier at step `t` (the first step is 1).
+    pub fn factor(self, t: u64) -> f64 {
+        match self {
+            Schedule::Constant => 1.0,
+            Schedule::WarmupCosine { warmup_steps, .. } if t <= warmup_steps => t as f64 / warmup_steps as f64,
+            Schedule::WarmupCosine { warmup_steps, decay_steps, floor } => {
+                let progress = ((t - warmup_steps) as f64 / decay_steps.max(1) as f64).min(1.0);
+                floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
+        }
     }
 }
 
@@ -64,11 +93,12 @@ impl Adam {
     pub fn minimize(&mut self, loss: &Tensor) {
         let params: Vec<&Tensor> = self.params.iter().map(|(_, p)| p).collect();
         let grads = Tensor::run_backward(&[loss], &params, false, false);
-        let AdamConfig { learning_rate, beta1, beta2, eps } = self.config;
+        let AdamConfig { learning_rate, beta1, beta2, eps, schedule } = self.config;
         self.step += 1;
-        let t = self.steps() as i32;
-        let bias_correction1 = 1.0 - beta1.powi(t);
-        let bias_correction2_sqrt = (1.0 - beta2.powi(t)).sqrt();
+        let t = self.steps();
+        let learning_rate = learning_rate * schedule.factor(t as u64);
+        let bias_correction1 = 1.0 - beta1.powi(t as i32);
+        let bias_correction2_sqrt = (1.0 - beta2.powi(t as i32)).sqrt();
         // p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps), with sqrt(bc2)
         // moved into the step size: one kernel fewer per parameter.
         let step_size = learning_rate * bias_correction2_sqrt / bias_correction1;
@@ -131,6 +161,19 @@ impl Adam {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Warmup climbs linearly to the peak, the cosine comes down to the
+    /// floor over its steps and stays there; constant is 1 throughout.
+    #[test]
+    fn schedules_scale_the_learning_rate_by_step() {
+        let s = Schedule::WarmupCosine { warmup_steps: 10, decay_steps: 100, floor: 0.1 };
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        assert!(close(s.factor(1), 0.1) && close(s.factor(5), 0.5) && close(s.factor(10), 1.0));
+        assert!(close(s.factor(60), 0.55), "halfway down: {}", s.factor(60));
+        assert!(close(s.factor(110), 0.1) && close(s.factor(10_000), 0.1));
+        assert!((1..200).all(|t| s.factor(t + 1) <= s.factor(t) || t < 10), "the decay only goes down");
+        assert!(close(Schedule::Constant.factor(12_345), 1.0));
+    }
 
     /// A quadratic bowl: Adam's first step moves each coordinate by ~lr
     /// against the gradient's sign, as the formula says.

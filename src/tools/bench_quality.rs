@@ -1,0 +1,117 @@
+//! `wmvae bench quality`: how fast a fresh VAE learns, not how fast it
+//! steps. Trains on one file's frames with the config's `[train]` recipe
+//! (batch size, learning rate and schedule) and measures the held-out
+//! reconstruction loss and KL every tenth of the run, with the training's
+//! wall time; how the training defaults are chosen (BENCHMARKS.md).
+//!
+//! Frames only from files, batches drawn uniformly with a fixed seed, so two
+//! recipes run on the same data see the same draws; no NATS, no store.
+
+use crate::config::Config;
+use crate::frames::npy::FrameReader;
+use crate::vae::device;
+use crate::vae::learner::{Learner, LossValues};
+use anyhow::{ensure, Result};
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Frames evaluated at once: bounds the activations an eval holds.
+const EVAL_CHUNK_FRAMES: usize = 256;
+/// Points on the curve besides step 0: every tenth of the run.
+const CURVE_POINTS: u64 = 10;
+
+/// What to train on and for how long.
+#[derive(Debug, Clone)]
+pub struct QualityOptions {
+    /// Training frames (uint8 .npy, N x H x W x 3; 96x96 preprocessed).
+    pub frames: PathBuf,
+    /// Held-out frames (other episodes), the same way.
+    pub heldout: PathBuf,
+    pub steps: u64,
+    /// Report the first curve step whose held-out recon is at or under it.
+    pub target_recon: Option<f64>,
+}
+
+/// Every frame of `path`, preprocessed, as one byte vector.
+fn read_frames(path: &Path) -> Result<Vec<u8>> {
+    let mut reader = FrameReader::open(path)?;
+    let mut all = Vec::with_capacity(reader.count * crate::frames::BYTES);
+    loop {
+        let chunk = reader.read_preprocessed(EVAL_CHUNK_FRAMES)?;
+        if chunk.is_empty() {
+            break;
+        }
+        all.extend_from_slice(&chunk);
+    }
+    ensure!(!all.is_empty(), "{}: no frames", path.display());
+    Ok(all)
+}
+
+/// Mean held-out losses over every frame of `heldout`.
+fn evaluate(learner: &Learner, heldout: &[u8]) -> Result<LossValues> {
+    let (mut sum, mut frames) = (LossValues { total: 0.0, recon: 0.0, kl: 0.0 }, 0usize);
+    for chunk in heldout.chunks(EVAL_CHUNK_FRAMES * crate::frames::BYTES) {
+        let n = chunk.len() / crate::frames::BYTES;
+        let l = learner.net().evaluate_frames(chunk)?;
+        (sum.total, sum.recon, sum.kl) = (sum.total + l.total * n as f64, sum.recon + l.recon * n as f64, sum.kl + l.kl * n as f64);
+        frames += n;
+    }
+    let n = frames as f64;
+    Ok(LossValues { total: sum.total / n, recon: sum.recon / n, kl: sum.kl / n })
+}
+
+pub fn quality(config: &Config, options: &QualityOptions) -> Result<Value> {
+    ensure!(options.steps > 0, "--steps must be at least 1");
+    let t = &config.train;
+    device::set_threads(t.threads);
+    let device = config.train.device.resolve()?;
+    let (train, heldout) = (read_frames(&options.frames)?, read_frames(&options.heldout)?);
+    let count = train.len() / crate::frames::BYTES;
+    let batch = config.train.batch_size;
+    let mut learner = Learner::new(device, config.vae(), config.adam());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let every = (options.steps / CURVE_POINTS).max(1);
+    let point = |step: u64, trained: Duration, l: LossValues| json!({ "step": step, "seconds": trained.as_secs_f64(), "eval_recon": l.recon, "eval_kl": l.kl });
+    let mut curve = vec![point(0, Duration::ZERO, evaluate(&learner, &heldout)?)];
+    let mut steps_to_recon = None;
+    let mut trained = Duration::ZERO;
+    let mut progress = crate::tools::progress::Progress::new("quality", options.steps);
+    let mut bytes = vec![0u8; batch * crate::frames::BYTES];
+    for step in 1..=options.steps {
+        let started = Instant::now();
+        for slot in bytes.chunks_exact_mut(crate::frames::BYTES) {
+            let i = rng.gen_range(0..count);
+            slot.copy_from_slice(&train[i * crate::frames::BYTES..(i + 1) * crate::frames::BYTES]);
+        }
+        learner.train_step_guarded(&bytes, |_| true)?;
+        trained += started.elapsed();
+        progress.advance(1);
+        if step % every == 0 || step == options.steps {
+            let l = evaluate(&learner, &heldout)?;
+            if steps_to_recon.is_none() && options.target_recon.is_some_and(|target| l.recon <= target) {
+                steps_to_recon = Some(step);
+            }
+            curve.push(point(step, trained, l));
+        }
+    }
+    Ok(json!({
+        "bench": "quality",
+        "device": device::describe(device),
+        "threads": t.threads,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "train_frames": count,
+        "heldout_frames": heldout.len() / crate::frames::BYTES,
+        "batch_size": batch,
+        "learning_rate": t.learning_rate,
+        "lr_schedule": t.lr_schedule,
+        "warmup_steps": t.warmup_steps,
+        "decay_steps": t.decay_steps,
+        "min_learning_rate": t.min_learning_rate,
+        "steps": options.steps,
+        "curve": curve,
+        "target_recon": options.target_recon,
+        "steps_to_recon": steps_to_recon,
+    }))
+}
