@@ -272,6 +272,8 @@ pub struct HttpConfig {
     pub addr: String,
     /// Connections served at once; more wait to be accepted.
     pub max_connections: usize,
+    /// The status page reloads itself every this many seconds (0: never).
+    pub refresh_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -331,8 +333,20 @@ pub struct TrainConfig {
     /// Automatic rollbacks in a row before training stops with an error.
     pub max_auto_rollbacks: u32,
     pub checkpoint_every_steps: u64,
+    /// While the model is young, versions (and evals) also at this step
+    /// and each doubling of it below `checkpoint_every_steps` (0: none).
+    pub first_checkpoint_steps: u64,
     /// Newest versions kept by retention (besides pinned, best and active).
     pub keep_last: usize,
+}
+
+impl TrainConfig {
+    /// Whether `step` is one of the young model's extra versions and
+    /// evals: `first_checkpoint_steps` x 1, 2, 4, ... below `checkpoint_every_steps`.
+    pub fn is_early_checkpoint(&self, step: u64) -> bool {
+        let first = self.first_checkpoint_steps;
+        first > 0 && step < self.checkpoint_every_steps && step % first == 0 && (step / first).is_power_of_two()
+    }
 }
 
 impl Config {
@@ -578,6 +592,14 @@ mod tests {
             assert!(!shown.contains("1234") && !shown.contains("5678"), "{shown}");
             assert!(shown.contains("<redacted>"), "{shown}");
         }
+    }
+
+    #[test]
+    fn early_checkpoints_double_until_the_cadence() {
+        let c = Config::load_with_env(None, env(&[("WMVAE_TRAIN__FIRST_CHECKPOINT_STEPS", "50")])).unwrap();
+        let early: Vec<u64> = (1..=5000).filter(|&s| c.train.is_early_checkpoint(s)).collect();
+        assert_eq!(early, [50, 100, 200, 400, 800]);
+        assert!(!(1..=5000).any(|s| Config::load(None).unwrap().train.is_early_checkpoint(s)), "off by default");
     }
 
     #[test]

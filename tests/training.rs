@@ -210,3 +210,24 @@ async fn rolls_back_by_itself_on_divergence_then_stops() {
     assert!(logs.contains("automatic rollback on divergence"), "{logs}");
     assert!(logs.contains("training stopped: the loss diverged"), "{logs}");
 }
+
+/// scripts/demo's config (config/demo.toml): a young model's progress shows
+/// early, a second version within the first 60 training steps (at 50), and
+/// the status page reloads itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_config_makes_a_second_version_early() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let env = [("WMVAE_TRAIN__MIN_FRAMES", "100"), ("WMVAE_TRAIN__THREADS", "1"), ("WMVAE_HTTP__ADDR", addr.as_str())];
+    let daemon = Daemon::start_with(&nats.url, dir.path(), Some(&common::repo_root().join("config/demo.toml")), &env);
+    let js = jetstream::new(nats.client().await);
+    wait_for_ingest_consumer(&js).await;
+    publish_frames(&js, 4, 40).await;
+    daemon.wait_until(Duration::from_secs(180), "version 2", || async { created_versions(&js).await.iter().any(|a| a.metadata.version == 2) }).await;
+    let second = created_versions(&js).await.into_iter().find(|a| a.metadata.version == 2).unwrap();
+    assert!(second.metadata.step <= 60, "version 2 came at step {}", second.metadata.step);
+    assert!(common::http_get(port, "/").1.contains(r#"<meta http-equiv="refresh" content="10">"#));
+    assert!(daemon.terminate().success());
+}

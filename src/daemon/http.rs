@@ -245,7 +245,7 @@ fn render_page(ctx: &HttpContext) -> Result<String> {
     }
     let loss = |l: Option<crate::vae::learner::LossValues>| l.map_or("-".into(), |l| format!("{:.1} (recon {:.1}, KL {:.2})", l.total, l.recon, l.kl));
     Ok(format!(
-        r#"<!doctype html><html><head><meta charset="utf-8"><title>wmvae</title>
+        r#"<!doctype html><html><head><meta charset="utf-8"><title>wmvae</title>{refresh}
 <style>body{{font-family:sans-serif;margin:24px}} td,th{{padding:2px 10px;text-align:left}} img{{image-rendering:pixelated;width:1024px}}</style></head><body>
 <h1>wmvae: World Models VAE</h1>
 <p>state <b>{state}</b> · step {step} · active <b>v{version}</b> · {ips:.0} images/s · buffer {frames} frames · device {device}</p>
@@ -268,5 +268,9 @@ fn render_page(ctx: &HttpContext) -> Result<String> {
         rollbacks = s.auto_rollbacks,
         train_chart = chart("Train loss", &[("train", &train)]),
         eval_chart = chart("Eval loss (validation split)", &[("eval", &eval)]),
+        refresh = match ctx.config.http.refresh_secs {
+            0 => String::new(),
+            secs => format!(r#"<meta http-equiv="refresh" content="{secs}">"#),
+        },
     ))
 }

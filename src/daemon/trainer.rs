@@ -154,10 +154,11 @@ impl Trainer {
             if step % cfg.log_every_steps as i64 == 0 {
                 self.log(step, &mut run, loss);
             }
-            if step % cfg.eval_every_steps as i64 == 0 {
+            let early = cfg.is_early_checkpoint(step as u64);
+            if step % cfg.eval_every_steps as i64 == 0 || early {
                 self.report_eval(step)?;
             }
-            if step % cfg.checkpoint_every_steps as i64 == 0 {
+            if step % cfg.checkpoint_every_steps as i64 == 0 || early {
                 run.checkpoint_due.get_or_insert_with(Instant::now);
             }
             if run.checkpoint_due.is_some_and(|from| Instant::now() >= from) {

@@ -48,12 +48,20 @@ impl Daemon {
     /// Starts `wmvae serve` with `env` overrides (WMVAE_...) and logs to
     /// `data_dir/serve-N.log`.
     pub fn start(nats_url: &str, data_dir: &Path, env: &[(&str, &str)]) -> Daemon {
+        Self::start_with(nats_url, data_dir, None, env)
+    }
+
+    /// [`Daemon::start`] with `--config config` too.
+    pub fn start_with(nats_url: &str, data_dir: &Path, config: Option<&Path>, env: &[(&str, &str)]) -> Daemon {
         std::fs::create_dir_all(data_dir).unwrap();
         let n = std::fs::read_dir(data_dir).unwrap().count();
         let log = std::fs::File::create(data_dir.join(format!("serve-{n}.log"))).unwrap();
         let mut cmd = super::wmvae();
-        cmd.args(["serve", "--nats-url", nats_url, "--data-dir"])
-            .arg(data_dir.join("store"))
+        cmd.args(["serve", "--nats-url", nats_url, "--data-dir"]).arg(data_dir.join("store"));
+        if let Some(config) = config {
+            cmd.arg("--config").arg(config);
+        }
+        cmd
             .env("WMVAE_TRAIN__DEVICE", "cpu")
             .env("WMVAE_INGEST__ACK_WAIT_SECS", "2")
             // Tests run daemons side by side: no fixed HTTP port unless asked.
