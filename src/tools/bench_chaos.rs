@@ -198,10 +198,14 @@ async fn run(options: &ChaosOptions, dir: &std::path::Path) -> Result<Value> {
     }
     let acked: HashSet<(String, u64)> = acks.lock().unwrap().stored.iter().map(|(i, _)| frame_name(*i)).collect();
     let publishes_failed = acks.lock().unwrap().failed;
-    // Drained: the buffer holds every frame acked (or stops growing).
-    let _ = wait_at_most(DRAIN_TIMEOUT, "every acked frame in the buffer", || async {
+    // Drained: the buffer holds every frame acked and the DLQ a letter for
+    // every malformed kind (the last ones were sent just now), or the wait
+    // gave up and the books below say what is missing.
+    let _ = wait_at_most(DRAIN_TIMEOUT, "every acked frame in the buffer, every malformed one dead-lettered", || async {
         let s = status(&bus).await.ok()?;
-        (s.buffer_frames >= acked.len() as u64).then_some(())
+        let letters = bus.stream_messages("WM_DLQ").await.ok()?;
+        let all_lettered = kinds.iter().all(|(_, payload)| letters.iter().any(|m| m.payload.as_ref() == payload.as_slice()));
+        (s.buffer_frames >= acked.len() as u64 && all_lettered).then_some(())
     })
     .await;
     let dead_letters = bus.stream_messages("WM_DLQ").await?;
