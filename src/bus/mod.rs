@@ -90,8 +90,9 @@ impl Bus {
         };
         let client = connection::connect(config, patience, make).await?;
         tracing::debug!(url = %config.url, auth = config.auth_kind(), "NATS connected");
-        let control = match connection::control_options(config).filter(|_| !once) {
-            Some(_) => {
+        // The daemon's control service on its own connection, when configured (never for the CLI).
+        let control = match !once && config.control_password.is_set() {
+            true => {
                 let make_control = || async {
                     let options = connection::control_options(config).context("nats.control_user unset")?;
                     Ok(options.event_callback(|event| async move {
@@ -102,7 +103,7 @@ impl Bus {
                 };
                 connection::connect(config, patience, make_control).await.context("the control service's connection (nats.control_user)")?
             }
-            None => client.clone(),
+            false => client.clone(),
         };
         let js = jetstream::new(client.clone());
         Ok(Bus { limits, disconnects, connects, client, control, js, prefix: config.prefix.clone() })

@@ -149,9 +149,8 @@ const CHUNK_BYTES: usize = 64 * 1024;
 fn key(tag: u8, n: u64) -> Vec<u8> {
     [&[tag][..], &n.to_be_bytes()].concat()
 }
-fn chunk_key(version: u64, chunk: u32) -> Vec<u8> {
-    [key(b'V', version), chunk.to_be_bytes().to_vec()].concat()
-}
+/// Where the pending checkpoint's chunks live (`W` chunk).
+const PENDING: &[u8] = b"W";
 fn meta(name: &str) -> Vec<u8> {
     [b"M", name.as_bytes()].concat()
 }
@@ -207,16 +206,38 @@ impl Registry {
             return Err(UnknownVersion(version).into());
         }
         let mut batch = sled::Batch::default();
-        for chunk in self.tree.scan_prefix(key(b'V', version)).keys() {
-            batch.remove(chunk?);
-        }
-        for (chunk, piece) in (0u32..).zip(checkpoint.to_bytes()?.chunks(CHUNK_BYTES)) {
-            batch.insert(chunk_key(version, chunk), piece);
-        }
+        self.put_chunks(&mut batch, &key(b'V', version), checkpoint)?;
         batch.insert(key(b'D', version), rmp_serde::to_vec_named(&checkpoint.metadata)?);
         self.tree.apply_batch(batch)?;
         self.db.flush()?;
         Ok(())
+    }
+
+    /// Adds to `batch` the removal of every chunk under `prefix`.
+    fn remove_chunks(&self, batch: &mut sled::Batch, prefix: &[u8]) -> Result<()> {
+        for chunk in self.tree.scan_prefix(prefix).keys() {
+            batch.remove(chunk?);
+        }
+        Ok(())
+    }
+
+    /// Adds to `batch` `checkpoint`'s envelope under `prefix` in pieces of
+    /// [`CHUNK_BYTES`] (`prefix` chunk(u32 BE)), replacing what was there.
+    fn put_chunks(&self, batch: &mut sled::Batch, prefix: &[u8], checkpoint: &Checkpoint) -> Result<()> {
+        self.remove_chunks(batch, prefix)?;
+        for (chunk, piece) in (0u32..).zip(checkpoint.to_bytes()?.chunks(CHUNK_BYTES)) {
+            batch.insert([prefix, &chunk.to_be_bytes()].concat(), piece);
+        }
+        Ok(())
+    }
+
+    /// The bytes of every chunk under `prefix`, in key order (empty: none).
+    fn read_chunks(&self, prefix: &[u8]) -> Result<Vec<u8>> {
+        let mut bytes = Vec::new();
+        for entry in self.tree.scan_prefix(prefix) {
+            bytes.extend_from_slice(&entry?.1);
+        }
+        Ok(bytes)
     }
 
     /// Holds the writers' lock. It guards no data of its own (each change
@@ -263,9 +284,7 @@ impl Registry {
             bail!("checkpoint built as v{} but v{version} was allocated", checkpoint.metadata.version);
         }
         let mut batch = sled::Batch::default();
-        for (chunk, piece) in (0u32..).zip(checkpoint.to_bytes()?.chunks(CHUNK_BYTES)) {
-            batch.insert(chunk_key(version, chunk), piece);
-        }
+        self.put_chunks(&mut batch, &key(b'V', version), &checkpoint)?;
         batch.insert(key(b'D', version), rmp_serde::to_vec_named(&checkpoint.metadata)?);
         batch.insert(meta("next_version"), &(version + 1).to_be_bytes());
         self.activate_in(&mut batch, version, why, by, reason)?;
@@ -301,11 +320,8 @@ impl Registry {
 
     /// A whole checkpoint, its sha256 verified ([`Damaged`] when that fails).
     pub fn get(&self, version: u64) -> Result<Option<Checkpoint>> {
-        // The chunks in key order; a schema 1 store has one piece under the bare prefix.
-        let mut bytes = Vec::new();
-        for entry in self.tree.scan_prefix(key(b'V', version)) {
-            bytes.extend_from_slice(&entry?.1);
-        }
+        // A schema 1 store has one piece under the bare prefix.
+        let bytes = self.read_chunks(&key(b'V', version))?;
         if bytes.is_empty() {
             return Ok(None);
         }
@@ -355,9 +371,7 @@ impl Registry {
         }
         let metadata = self.metadata(version)?.ok_or(UnknownVersion(version))?;
         let mut batch = sled::Batch::default();
-        for entry in self.tree.scan_prefix(key(b'V', version)).keys() {
-            batch.remove(entry?);
-        }
+        self.remove_chunks(&mut batch, &key(b'V', version))?;
         for tag in [b'D', b'P'] {
             batch.remove(key(tag, version));
         }
@@ -453,12 +467,7 @@ impl Registry {
     pub fn set_pending(&self, checkpoint: &Checkpoint) -> Result<()> {
         let _guard = self.serialised();
         let mut batch = sled::Batch::default();
-        for chunk in self.tree.scan_prefix([b'W']).keys() {
-            batch.remove(chunk?);
-        }
-        for (chunk, piece) in (0u32..).zip(checkpoint.to_bytes()?.chunks(CHUNK_BYTES)) {
-            batch.insert([&[b'W'][..], &chunk.to_be_bytes()].concat(), piece);
-        }
+        self.put_chunks(&mut batch, PENDING, checkpoint)?;
         self.tree.apply_batch(batch)?;
         self.db.flush()?;
         Ok(())
@@ -467,10 +476,7 @@ impl Registry {
     /// The pending checkpoint, if one is kept ([`Damaged`] when it does
     /// not decode).
     pub fn pending(&self) -> Result<Option<Checkpoint>> {
-        let mut bytes = Vec::new();
-        for entry in self.tree.scan_prefix([b'W']) {
-            bytes.extend_from_slice(&entry?.1);
-        }
+        let bytes = self.read_chunks(PENDING)?;
         if bytes.is_empty() {
             return Ok(None);
         }
@@ -481,9 +487,7 @@ impl Registry {
     pub fn clear_pending(&self) -> Result<()> {
         let _guard = self.serialised();
         let mut batch = sled::Batch::default();
-        for chunk in self.tree.scan_prefix([b'W']).keys() {
-            batch.remove(chunk?);
-        }
+        self.remove_chunks(&mut batch, PENDING)?;
         self.tree.apply_batch(batch)?;
         self.db.flush()?;
         Ok(())
