@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 
 /// How long a fresh server may take to listen.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// Starts tried before giving up when a port picked free was taken by
+/// someone else (another test) before the server bound it.
+const PORT_CLASH_TRIES: usize = 4;
 /// JetStream's file-store limit. Left unset, the server derives it from the
 /// disk's free space, and the streams' `max_bytes` (WM_FRAMES alone
 /// reserves 8 GiB) are refused as "insufficient storage resources" on a
@@ -45,8 +48,7 @@ impl LocalNats {
     /// As [`LocalNats::start`], with `extra` appended to the server's
     /// config (authorization, TLS, operator mode ...).
     pub fn start_with(binary: &Path, extra: &str) -> Result<LocalNats> {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        Self::start_on(binary, port, extra)
+        retry_port_clash(|| Self::start_on(binary, free_ports(1)?[0], extra))
     }
 
     fn start_on(binary: &Path, port: u16, extra: &str) -> Result<LocalNats> {
@@ -107,6 +109,25 @@ fn spawn(binary: &Path, dir: &Path, port: u16) -> Result<Child> {
     Ok(child)
 }
 
+/// `n` distinct loopback ports that were free a moment ago (the listeners
+/// are held until all are picked, then closed for the server to bind).
+fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners = (0..n).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<Vec<_>>>()?;
+    Ok(listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<std::io::Result<Vec<_>>>()?)
+}
+
+/// Runs `start` again, with fresh ports, while it fails because a port was
+/// taken between picking and binding; any other failure is returned.
+fn retry_port_clash<T>(mut start: impl FnMut() -> Result<T>) -> Result<T> {
+    let mut tries = 1;
+    loop {
+        match start() {
+            Err(e) if tries < PORT_CLASH_TRIES && format!("{e:#}").contains("address already in use") => tries += 1,
+            other => return other,
+        }
+    }
+}
+
 /// A JetStream cluster of local nats-servers on one host, for tests.
 pub struct LocalCluster {
     pub servers: Vec<LocalNats>,
@@ -116,17 +137,19 @@ impl LocalCluster {
     /// `n` servers, each with its own `server_name`, client and cluster
     /// ports and store, routed to one another.
     pub fn start(binary: &Path, n: usize) -> Result<LocalCluster> {
-        let ports = (0..n).map(|_| Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())).collect::<Result<Vec<u16>>>()?;
-        let routes: Vec<String> = ports.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect();
-        let servers = ports
-            .iter()
-            .enumerate()
-            .map(|(i, port)| {
-                let extra = format!("server_name: n{}\ncluster {{ name: wmvae, listen: 127.0.0.1:{port}, routes: [{}] }}", i + 1, routes.join(", "));
-                LocalNats::start_with(binary, &extra)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(LocalCluster { servers })
+        retry_port_clash(|| {
+            // Client and route ports picked together, so no two coincide.
+            let ports = free_ports(2 * n)?;
+            let (clients, cluster) = ports.split_at(n);
+            let routes: Vec<String> = cluster.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect();
+            let servers = (0..n)
+                .map(|i| {
+                    let extra = format!("server_name: n{}\ncluster {{ name: wmvae, listen: 127.0.0.1:{}, routes: [{}] }}", i + 1, cluster[i], routes.join(", "));
+                    LocalNats::start_on(binary, clients[i], &extra)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(LocalCluster { servers })
+        })
     }
 
     /// The server with `server_name` `name` (as JetStream names a stream's leader).
