@@ -12,6 +12,9 @@ Subcommands (run with the project's .venv/bin/python):
   resize --frames F.npy --out O.npy
       96x96 frames through the World Models preprocessing with PIL:
       crop rows 0..84, Image.resize((64, 64), Image.BILINEAR).
+  adam --weights W.safetensors --grads G.safetensors --steps N --lr LR --out O.safetensors
+      N steps of torch.optim.Adam from weights W, the gradient of step k
+      being G's tensor of the same name times (-1)^k (k + 1).
   bench [--batch 100] [--steps 20] [--threads T] [--channels-last] [--device cpu|cuda]
       training images/s of PyTorch eager (forward, loss, backward, Adam),
       printed as one JSON object.
@@ -113,6 +116,20 @@ def cmd_resize(args):
     np.save(args.out, np.stack(out).astype(np.uint8))
 
 
+def cmd_adam(args):
+    from safetensors.torch import load_file, save_file
+
+    vae = VAE()
+    vae.load_state_dict(load_file(args.weights))
+    grads = load_file(args.grads)
+    opt = torch.optim.Adam(vae.parameters(), lr=args.lr)
+    for k in range(args.steps):
+        for name, p in vae.named_parameters():
+            p.grad = grads[name] * ((-1) ** k * (k + 1))
+        opt.step()
+    save_file(vae.state_dict(), args.out)
+
+
 def cmd_bench(args):
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -166,6 +183,12 @@ def main():
     s = sub.add_parser("resize")
     s.add_argument("--frames", required=True)
     s.add_argument("--out", required=True)
+    s = sub.add_parser("adam")
+    s.add_argument("--weights", required=True)
+    s.add_argument("--grads", required=True)
+    s.add_argument("--steps", type=int, required=True)
+    s.add_argument("--lr", type=float, required=True)
+    s.add_argument("--out", required=True)
     s = sub.add_parser("bench")
     s.add_argument("--batch", type=int, default=100)
     s.add_argument("--steps", type=int, default=20)
@@ -173,7 +196,7 @@ def main():
     s.add_argument("--channels-last", action="store_true")
     s.add_argument("--device", default="cpu")
     args = p.parse_args()
-    {"parity": cmd_parity, "save-weights": cmd_save_weights, "resize": cmd_resize, "bench": cmd_bench}[args.cmd](args)
+    {"parity": cmd_parity, "save-weights": cmd_save_weights, "resize": cmd_resize, "adam": cmd_adam, "bench": cmd_bench}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -197,10 +197,9 @@ impl Learner {
         let origin = format!("checkpoint v{}", checkpoint.metadata.version);
         checkpoint.verify()?;
         let state = weights::from_safetensors_bytes(&checkpoint.optimizer, &origin)?;
-        let mut adam = Adam::new(&self.net.vs, self.adam.config);
-        adam.load_state(&state, &origin)?;
+        let state = self.adam.read_state(&state, &origin)?;
         self.net.load_safetensors(&checkpoint.weights, &origin)?;
-        self.adam = adam;
+        self.adam.set_state(state);
         Ok(())
     }
 }
