@@ -3,8 +3,10 @@
 //! * An rpath to libtorch's `lib/` so `target/*/wmvae` and the test binaries run
 //!   without `LD_LIBRARY_PATH` (which still wins, so a GPU machine can point at
 //!   its own libtorch).
-//! * `libtorch_cuda` linked with `--no-as-needed`: nothing references its symbols
-//!   directly, so the linker would drop it and CUDA would look unavailable.
+//!
+//! libtorch_cuda is deliberately not linked: `vae::device` loads it at run time
+//! where an NVIDIA driver exists (the rpath finds it), so CPU machines don't map
+//! ~210 MB of CUDA libraries.
 //!
 //! The libtorch directory comes from `LIBTORCH` (set in `.cargo/config.toml`).
 
@@ -14,14 +16,10 @@ fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-changed=build.rs");
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
-        println!("cargo:warning=LIBTORCH is not set; run scripts/setup (no rpath, no CUDA link)");
+        println!("cargo:warning=LIBTORCH is not set; run scripts/setup (no rpath)");
         return;
     };
     let lib_dir = PathBuf::from(libtorch).join("lib");
     let lib_dir = lib_dir.canonicalize().unwrap_or(lib_dir);
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
-    if lib_dir.join("libtorch_cuda.so").exists() {
-        println!("cargo:rustc-link-search=native={}", lib_dir.display());
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
-    }
 }
