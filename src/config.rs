@@ -9,7 +9,7 @@
 
 use crate::vae::adam::{AdamConfig, Schedule};
 use crate::vae::device::DeviceChoice;
-use crate::vae::model::VaeConfig;
+use crate::vae::model::{Precision, VaeConfig};
 use crate::frames::preprocess::Policy;
 use crate::store::BufferConfig;
 use std::path::PathBuf;
@@ -308,6 +308,9 @@ pub enum LrSchedule {
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
     pub device: DeviceChoice,
+    /// The training step's arithmetic: `fp32`, or `bf16` layers over
+    /// float32 weights, optimizer and loss.
+    pub precision: Precision,
     pub batch_size: usize,
     /// Adam's (peak) learning rate.
     pub learning_rate: f64,

@@ -245,6 +245,9 @@ enum BenchCommand {
         args: BenchArgs,
         #[arg(long, default_value_t = 100)]
         batch: usize,
+        /// The step's arithmetic ([train] precision).
+        #[arg(long, value_enum, default_value = "fp32")]
+        precision: wmvae::vae::model::Precision,
     },
     /// Encoding images/s at batch 1 and batch 256.
     Encode {
@@ -477,8 +480,8 @@ fn run(cli: Cli) -> Result<()> {
             let config = place.config.load()?;
             runtime()?.block_on(checkpoint_command(&config, place.mode(), which))?;
         }
-        Command::Bench { which: BenchCommand::Train { args, batch } } => {
-            render::bench(bench::train(args.options(), batch)?, args.json);
+        Command::Bench { which: BenchCommand::Train { args, batch, precision } } => {
+            render::bench(bench::train(args.options(), batch, precision)?, args.json);
         }
         Command::Bench { which: BenchCommand::Encode { args } } => {
             render::bench(bench::encode(args.options())?, args.json);

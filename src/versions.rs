@@ -102,7 +102,7 @@ pub fn default_actor() -> String {
 /// `version` is the number allocated across nodes (the daemon's), or None
 /// for the store's next (offline).
 pub fn import(store: &Store, version: Option<u64>, weights_bytes: &[u8], origin: &str, config: &Config, by: &str, reason: Option<&str>) -> Result<Checkpoint> {
-    let mut learner = Learner::new(Device::Cpu, config.vae(), config.adam());
+    let mut learner = Learner::new(Device::Cpu, config.vae(), config.adam(), config.train.precision);
     learner.load_safetensors(weights_bytes, origin)?;
     let parent = store.registry().active_version()?;
     let metadata = Metadata { parent, created_at: now_rfc3339(), config: serde_json::to_value(config)?, ..Default::default() };

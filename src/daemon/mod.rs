@@ -103,7 +103,7 @@ async fn until<T>(deadline: tokio::time::Instant, what: &str, left: &str, task: 
 /// repaired from the object store's copy, or else rolled back past
 /// ([`Change::Recovery`]) to the newest intact version.
 fn resume(config: &Config, store: &Store, bus: &Bus, device: Device) -> Result<(Learner, Option<Arc<Checkpoint>>)> {
-    let mut learner = Learner::new(device, config.vae(), config.adam());
+    let mut learner = Learner::new(device, config.vae(), config.adam(), config.train.precision);
     let registry = store.registry();
     let Some(version) = registry.active_version()? else { return Ok((learner, None)) };
     let checkpoint = match registry.get(version) {

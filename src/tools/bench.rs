@@ -7,7 +7,7 @@
 use crate::vae::adam::AdamConfig;
 use crate::vae::device::{describe, DeviceChoice};
 use crate::vae::learner::{frames_to_tensor, Learner};
-use crate::vae::model::VaeConfig;
+use crate::vae::model::{Precision, VaeConfig};
 use anyhow::Result;
 use serde_json::{json, Value};
 use std::time::Instant;
@@ -52,11 +52,12 @@ fn images_per_s(batch: usize, steps: usize, mut step: impl FnMut()) -> f64 {
     (batch * steps) as f64 / start.elapsed().as_secs_f64()
 }
 
-/// Full training steps (forward, loss, backward, Adam) at batch `batch`.
-pub fn train(options: BenchOptions, batch: usize) -> Result<Value> {
+/// Full training steps (forward, loss, backward, Adam) at batch `batch`,
+/// in `precision`.
+pub fn train(options: BenchOptions, batch: usize, precision: Precision) -> Result<Value> {
     apply_threads(options.threads);
     let device = options.device.resolve()?;
-    let mut learner = Learner::new(device, VaeConfig::default(), AdamConfig::default());
+    let mut learner = Learner::new(device, VaeConfig::default(), AdamConfig::default(), precision);
     let xs = random_frames(batch, device)?;
     let first_loss = learner.train_step(&xs).total;
     let mut last_loss = first_loss;
@@ -67,6 +68,7 @@ pub fn train(options: BenchOptions, batch: usize) -> Result<Value> {
         "bench": "train",
         "device": describe(device),
         "batch": batch,
+        "precision": precision,
         "steps": options.steps,
         "threads": tch::get_num_threads(),
         "train_images_per_s": rate,
@@ -80,7 +82,7 @@ pub fn train(options: BenchOptions, batch: usize) -> Result<Value> {
 pub fn encode(options: BenchOptions) -> Result<Value> {
     apply_threads(options.threads);
     let device = options.device.resolve()?;
-    let learner = Learner::new(device, VaeConfig::default(), AdamConfig::default());
+    let learner = Learner::new(device, VaeConfig::default(), AdamConfig::default(), Precision::Fp32);
     let mut rates = serde_json::Map::new();
     for batch in [1usize, 256] {
         let xs = random_frames(batch, device)?;

@@ -70,7 +70,7 @@ pub fn quality(config: &Config, options: &QualityOptions) -> Result<Value> {
     let (train, heldout) = (read_frames(&options.frames)?, read_frames(&options.heldout)?);
     let count = train.len() / crate::frames::BYTES;
     let batch = config.train.batch_size;
-    let mut learner = Learner::new(device, config.vae(), config.adam());
+    let mut learner = Learner::new(device, config.vae(), config.adam(), config.train.precision);
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let every = (options.steps / CURVE_POINTS).max(1);
     let point = |step: u64, trained: Duration, l: LossValues| json!({ "step": step, "seconds": trained.as_secs_f64(), "eval_recon": l.recon, "eval_kl": l.kl });
@@ -106,6 +106,7 @@ pub fn quality(config: &Config, options: &QualityOptions) -> Result<Value> {
         "batch_size": batch,
         "learning_rate": t.learning_rate,
         "lr_schedule": t.lr_schedule,
+        "precision": t.precision,
         "warmup_steps": t.warmup_steps,
         "decay_steps": t.decay_steps,
         "min_learning_rate": t.min_learning_rate,

@@ -8,7 +8,7 @@
 
 use crate::vae::adam::{Adam, AdamConfig};
 use crate::vae::checkpoint::{Checkpoint, Metadata};
-use crate::vae::model::{loss, Vae, VaeConfig, CHANNELS, IMAGE_SIZE};
+use crate::vae::model::{loss, Precision, Vae, VaeConfig, CHANNELS, IMAGE_SIZE};
 use crate::vae::weights;
 use anyhow::{bail, Result};
 use tch::{nn::VarStore, Device, Kind, Tensor};
@@ -40,6 +40,8 @@ pub struct Network {
 pub struct Learner {
     net: Network,
     adam: Adam,
+    /// The training step's arithmetic (evaluation and encoding stay float32).
+    precision: Precision,
 }
 
 /// uint8 frames (N x 64 x 64 x 3, HWC bytes) to the model's N x 3 x 64 x 64
@@ -88,7 +90,7 @@ impl Network {
 
     /// (mu, logvar) without gradient.
     pub fn encode(&self, xs: &Tensor) -> (Tensor, Tensor) {
-        tch::no_grad(|| self.vae.encode(xs))
+        tch::no_grad(|| self.vae.encode(xs, Precision::Fp32))
     }
 
     /// (mu, logvar) of uint8 frames (N x 64 x 64 x 3), one row per frame.
@@ -112,12 +114,12 @@ impl Network {
 
     /// Reconstructions from z = mu, without gradient.
     pub fn reconstruct(&self, xs: &Tensor) -> Tensor {
-        tch::no_grad(|| self.vae.forward_t(xs, false).recon)
+        tch::no_grad(|| self.vae.forward_t(xs, false, Precision::Fp32).recon)
     }
 
     /// Loss with z = mu and no gradient, for evaluation.
     pub fn evaluate(&self, xs: &Tensor) -> LossValues {
-        tch::no_grad(|| values(&loss(&self.vae.forward_t(xs, false), xs, self.vae.config())))
+        tch::no_grad(|| values(&loss(&self.vae.forward_t(xs, false, Precision::Fp32), xs, self.vae.config())))
     }
 
     /// The weights as PyTorch-loadable safetensors bytes.
@@ -139,11 +141,11 @@ impl Network {
 }
 
 impl Learner {
-    /// Fresh weights and a fresh optimizer.
-    pub fn new(device: Device, vae_config: VaeConfig, adam_config: AdamConfig) -> Learner {
+    /// Fresh weights and a fresh optimizer; training steps in `precision`.
+    pub fn new(device: Device, vae_config: VaeConfig, adam_config: AdamConfig, precision: Precision) -> Learner {
         let net = Network::new(device, vae_config);
         let adam = Adam::new(&net.vs, adam_config);
-        Learner { net, adam }
+        Learner { net, adam, precision }
     }
 
     /// The network, for inference and weight export.
@@ -169,7 +171,7 @@ impl Learner {
     }
 
     fn step(&mut self, xs: &Tensor, accept: impl FnOnce(&LossValues) -> bool) -> (LossValues, bool) {
-        let out = self.net.vae.forward_t(xs, true);
+        let out = self.net.vae.forward_t(xs, true, self.precision);
         let l = loss(&out, xs, self.net.vae.config());
         let v = values(&l);
         if !accept(&v) {

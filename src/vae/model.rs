@@ -6,7 +6,7 @@
 //! function [`loss`]. Deliberately no I/O and no optimizer: files live in
 //! `weights`/`checkpoint`, the update rule in `adam`.
 
-use tch::{nn, nn::Module, Kind, Tensor};
+use tch::{nn, Kind, Tensor};
 
 /// Side of the square frames the model sees.
 pub const IMAGE_SIZE: i64 = crate::frames::SIDE as i64;
@@ -17,6 +17,30 @@ const ENCODED_WIDTH: i64 = 1024;
 /// deconv1 maps those 1024 channels at 1x1 to 128 channels at 5x5.
 const DECONV1_CHANNELS: i64 = 128;
 const DECONV1_KERNEL: i64 = 5;
+/// Every conv and transposed conv: stride 2, no padding.
+const STRIDE: i64 = 2;
+
+/// The arithmetic of a forward pass (and so of its backward). The weights,
+/// Adam's state and the loss stay float32 either way: in bf16 the layers
+/// compute on bf16 copies of the float32 weights (autograd carries the
+/// gradients back to them), and their outputs return to float32 before the
+/// reparameterisation and the loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Bf16,
+}
+
+impl Precision {
+    fn kind(self) -> Kind {
+        match self {
+            Precision::Fp32 => Kind::Float,
+            Precision::Bf16 => Kind::BFloat16,
+        }
+    }
+}
 
 /// Shape hyper-parameters of the VAE.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -72,13 +96,35 @@ pub struct Loss {
 }
 
 fn conv(path: nn::Path, c_in: i64, c_out: i64) -> nn::Conv2D {
-    let config = nn::ConvConfig { stride: 2, ..Default::default() };
+    let config = nn::ConvConfig { stride: STRIDE, ..Default::default() };
     nn::conv2d(path, c_in, c_out, 4, config)
 }
 
 fn deconv(path: nn::Path, c_in: i64, c_out: i64, kernel: i64) -> nn::ConvTranspose2D {
-    let config = nn::ConvTransposeConfig { stride: 2, ..Default::default() };
+    let config = nn::ConvTransposeConfig { stride: STRIDE, ..Default::default() };
     nn::conv_transpose2d(path, c_in, c_out, kernel, config)
+}
+
+/// A layer's weight and bias in `kind` (the very tensors when already so).
+fn in_kind(ws: &Tensor, bs: &Option<Tensor>, kind: Kind) -> (Tensor, Option<Tensor>) {
+    (ws.to_kind(kind), bs.as_ref().map(|b| b.to_kind(kind)))
+}
+
+/// `layer` (built by [`conv`]) on `x`, computed in `kind`.
+fn conv_in(x: &Tensor, layer: &nn::Conv2D, kind: Kind) -> Tensor {
+    let (ws, bs) = in_kind(&layer.ws, &layer.bs, kind);
+    x.conv2d(&ws, bs.as_ref(), [STRIDE; 2], [0; 2], [1; 2], 1)
+}
+
+/// `layer` (built by [`deconv`]) on `x`, computed in `kind`.
+fn deconv_in(x: &Tensor, layer: &nn::ConvTranspose2D, kind: Kind) -> Tensor {
+    let (ws, bs) = in_kind(&layer.ws, &layer.bs, kind);
+    x.conv_transpose2d(&ws, bs.as_ref(), [STRIDE; 2], [0; 2], [0; 2], 1, [1; 2])
+}
+
+fn linear_in(x: &Tensor, layer: &nn::Linear, kind: Kind) -> Tensor {
+    let (ws, bs) = in_kind(&layer.ws, &layer.bs, kind);
+    x.linear(&ws, bs.as_ref())
 }
 
 /// `deconv1` applied to the N x 1024 output of `decoder.fc`, as if it were
@@ -88,11 +134,10 @@ fn deconv(path: nn::Path, c_in: i64, c_out: i64, kernel: i64) -> nn::ConvTranspo
 /// its transposed-conv kernel (84 vs 21 ms forward + backward at batch 100 on
 /// the 2-core CPU box; BENCHMARKS.md). Same weights, same names, same result
 /// up to float rounding.
-fn transposed_conv_of_point(h: &Tensor, layer: &nn::ConvTranspose2D) -> Tensor {
-    let out = h
-        .matmul(&layer.ws.view([ENCODED_WIDTH, -1]))
-        .view([-1, DECONV1_CHANNELS, DECONV1_KERNEL, DECONV1_KERNEL]);
-    match &layer.bs {
+fn transposed_conv_of_point(h: &Tensor, layer: &nn::ConvTranspose2D, kind: Kind) -> Tensor {
+    let (ws, bs) = in_kind(&layer.ws, &layer.bs, kind);
+    let out = h.matmul(&ws.view([ENCODED_WIDTH, -1])).view([-1, DECONV1_CHANNELS, DECONV1_KERNEL, DECONV1_KERNEL]);
+    match bs {
         Some(bias) => out + bias.view([1, -1, 1, 1]),
         None => out,
     }
@@ -123,41 +168,33 @@ impl Vae {
         self.config
     }
 
-    /// N x 3 x 64 x 64 floats in [0, 1] to (mu, logvar), each N x z.
-    pub fn encode(&self, xs: &Tensor) -> (Tensor, Tensor) {
-        let h = xs
-            .apply(&self.conv1)
-            .relu()
-            .apply(&self.conv2)
-            .relu()
-            .apply(&self.conv3)
-            .relu()
-            .apply(&self.conv4)
-            .relu()
+    /// N x 3 x 64 x 64 floats in [0, 1] to (mu, logvar), each N x z (float32).
+    pub fn encode(&self, xs: &Tensor, precision: Precision) -> (Tensor, Tensor) {
+        let kind = precision.kind();
+        let h = [&self.conv1, &self.conv2, &self.conv3, &self.conv4]
+            .iter()
+            .fold(xs.to_kind(kind), |h, layer| conv_in(&h, layer, kind).relu())
             // PyTorch's x.flatten(1): NCHW order whatever the memory format.
             .contiguous()
             .flatten(1, -1);
-        (self.fc_mu.forward(&h), self.fc_logvar.forward(&h))
+        (linear_in(&h, &self.fc_mu, kind).to_kind(Kind::Float), linear_in(&h, &self.fc_logvar, kind).to_kind(Kind::Float))
     }
 
-    /// N x z latents to N x 3 x 64 x 64 reconstructions in [0, 1].
-    pub fn decode(&self, zs: &Tensor) -> Tensor {
-        transposed_conv_of_point(&zs.apply(&self.fc), &self.deconv1)
-            .relu()
-            .apply(&self.deconv2)
-            .relu()
-            .apply(&self.deconv3)
-            .relu()
-            .apply(&self.deconv4)
-            .sigmoid()
+    /// N x z latents to N x 3 x 64 x 64 reconstructions in [0, 1] (float32).
+    pub fn decode(&self, zs: &Tensor, precision: Precision) -> Tensor {
+        let kind = precision.kind();
+        let h = transposed_conv_of_point(&linear_in(&zs.to_kind(kind), &self.fc, kind), &self.deconv1, kind).relu();
+        let h = deconv_in(&h, &self.deconv2, kind).relu();
+        let h = deconv_in(&h, &self.deconv3, kind).relu();
+        deconv_in(&h, &self.deconv4, kind).sigmoid().to_kind(Kind::Float)
     }
 
     /// Encode, sample z = mu + exp(logvar / 2) * eps with eps ~ N(0, 1) when
     /// `train` (z = mu otherwise), decode.
-    pub fn forward_t(&self, xs: &Tensor, train: bool) -> VaeOutput {
-        let (mu, logvar) = self.encode(xs);
+    pub fn forward_t(&self, xs: &Tensor, train: bool, precision: Precision) -> VaeOutput {
+        let (mu, logvar) = self.encode(xs, precision);
         let z = if train { &mu + (&logvar * 0.5).exp() * mu.randn_like() } else { mu.shallow_clone() };
-        VaeOutput { recon: self.decode(&z), mu, logvar }
+        VaeOutput { recon: self.decode(&z, precision), mu, logvar }
     }
 }
 
@@ -195,7 +232,7 @@ mod tests {
     fn shapes_follow_the_paper() {
         let (_vs, vae) = small_model();
         let xs = Tensor::rand([2, 3, 64, 64], (Kind::Float, Device::Cpu));
-        let out = vae.forward_t(&xs, true);
+        let out = vae.forward_t(&xs, true, Precision::Fp32);
         assert_eq!(out.mu.size(), [2, 32]);
         assert_eq!(out.logvar.size(), [2, 32]);
         assert_eq!(out.recon.size(), [2, 3, 64, 64]);
