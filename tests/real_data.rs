@@ -1,7 +1,8 @@
 //! Real data end to end: CarRacing-v3 frames from the example publisher
 //! (gymnasium, headless) through NATS into a running daemon, which learns
 //! them: a later version reconstructs the validation episodes with less than
-//! half the error of version 1, and its KL stays above the free-bits floor.
+//! half the error of version 1, and its KL has not collapsed under the
+//! free-bits floor.
 
 mod common;
 
@@ -81,6 +82,11 @@ async fn learns_real_carracing_frames() {
     eprintln!("{validation_frames} validation frames; v1: {first:?}; v{last}: {later:?}");
     assert!(last > 1);
     assert!(later.recon < first.recon / 2.0, "v{last} recon {} is not below half of v1's {}", later.recon, first.recon);
+    // Free bits (World Models: KL loss = max(KL, 0.5 x 32)) stop the KL term
+    // pulling under the floor, so a learning VAE's KL settles at it: held out,
+    // it hovers within a few percent either side (16.0-17.3 nats measured
+    // with the default schedule, BENCHMARKS.md issue #19). Posterior collapse
+    // is the KL falling far under it, towards 0.
     let floor = 0.5 * 32.0;
-    assert!(later.kl > floor, "v{last} KL {} at or below the free-bits floor {floor}: posterior collapse", later.kl);
+    assert!(later.kl > 0.9 * floor, "v{last} KL {} far under the free-bits floor {floor}: posterior collapse", later.kl);
 }

@@ -21,6 +21,8 @@ pub struct AdamConfig {
     pub schedule: Schedule,
 }
 
+/// The World Models paper's Adam (1e-4 throughout); the daemon's recipe is
+/// `[train]` in config/default.toml.
 impl Default for AdamConfig {
     fn default() -> Self {
         AdamConfig { learning_rate: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, schedule: Schedule::Constant }
