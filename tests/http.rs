@@ -11,6 +11,8 @@ use std::time::Duration;
 use wmvae::frames::wire::FrameMessage;
 
 /// Headless Chromium's DOM of `url` after the page's images have loaded.
+/// The virtual-time budget must end before the page's `<meta refresh>`
+/// fires: a dump taken mid-navigation is empty.
 fn chromium_dom(url: &str) -> String {
     let profile = tempfile::tempdir().unwrap();
     let out = std::process::Command::new("chromium")
@@ -23,7 +25,7 @@ fn chromium_dom(url: &str) -> String {
             "--disable-background-networking",
             "--disable-component-update",
             "--disable-sync",
-            "--virtual-time-budget=10000",
+            "--virtual-time-budget=5000",
             "--dump-dom",
         ])
         .arg(format!("--user-data-dir={}", profile.path().display()))
@@ -31,7 +33,9 @@ fn chromium_dom(url: &str) -> String {
         .output()
         .expect("running chromium (scripts/test installs Debian's chromium)");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).to_string()
+    let dom = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!dom.is_empty(), "Chromium dumped no DOM: {}", String::from_utf8_lossy(&out.stderr));
+    dom
 }
 
 /// Frames in, training on: /healthz 200, /metrics with the pinned series,
@@ -44,6 +48,8 @@ async fn metrics_health_and_status_page() {
     let addr = format!("127.0.0.1:{port}");
     let env = [
         ("WMVAE_HTTP__ADDR", addr.as_str()),
+        // Far past chromium_dom's 5 s virtual-time budget.
+        ("WMVAE_HTTP__REFRESH_SECS", "60"),
         ("WMVAE_TRAIN__MIN_FRAMES", "50"),
         ("WMVAE_TRAIN__BATCH_SIZE", "16"),
         ("WMVAE_TRAIN__LOG_EVERY_STEPS", "2"),
@@ -98,6 +104,7 @@ async fn metrics_health_and_status_page() {
     }
     assert!(dom.contains("data-loaded=\"yes\""), "the reconstruction grid did not load: {dom}");
     assert!(dom.contains("<td>initial</td>"), "version history missing");
+    assert!(dom.contains(r#"<meta http-equiv="refresh" content="60">"#), "the page does not refresh itself: {dom}");
 
     drop(nats);
     wait_until(Duration::from_secs(30), "healthz to fail without NATS", || async { get(port, "/healthz").0 == 503 }).await;
