@@ -6,7 +6,7 @@
 use crate::store::{Split, Store};
 use anyhow::{Context, Result};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -41,28 +41,7 @@ impl Sampler {
                 let (store, ready, stopped) = (store.clone(), ready.clone(), stop.clone());
                 std::thread::Builder::new()
                     .name(format!("wmvae-sampler-{i}"))
-                    .spawn(move || {
-                        let mut rng = rand::thread_rng();
-                        while !stopped.load(Ordering::Relaxed) {
-                            if store.len(split) < min_frames.max(1) {
-                                std::thread::sleep(EMPTY_SPLIT_PAUSE);
-                                continue;
-                            }
-                            match store.sample(split, batch_size, &mut rng) {
-                                // Err: the trainer dropped its end; stop.
-                                Ok(Some(batch)) => {
-                                    if ready.send(batch).is_err() {
-                                        break;
-                                    }
-                                }
-                                Ok(None) => std::thread::sleep(EMPTY_SPLIT_PAUSE),
-                                Err(e) => {
-                                    tracing::error!("sampler: {e:#}");
-                                    std::thread::sleep(Duration::from_secs(1));
-                                }
-                            }
-                        }
-                    })
+                    .spawn(move || draw(&store, split, batch_size, min_frames, &ready, &stopped))
                     .context("spawning a sampler thread")
             })
             .collect::<Result<Vec<_>>>()
@@ -73,6 +52,30 @@ impl Sampler {
     /// The next batch (64x64x3 frames, concatenated), or None after `wait`.
     pub fn next(&self, wait: Duration) -> Option<Vec<u8>> {
         self.batches.as_ref()?.recv_timeout(wait).ok()
+    }
+}
+
+/// One sampler thread's loop: draws batches into `ready` until `stopped`
+/// is set or the trainer drops its end.
+fn draw(store: &Store, split: Split, batch_size: usize, min_frames: u64, ready: &SyncSender<Vec<u8>>, stopped: &AtomicBool) {
+    let mut rng = rand::thread_rng();
+    while !stopped.load(Ordering::Relaxed) {
+        if store.len(split) < min_frames.max(1) {
+            std::thread::sleep(EMPTY_SPLIT_PAUSE);
+            continue;
+        }
+        match store.sample(split, batch_size, &mut rng) {
+            Ok(Some(batch)) => {
+                if ready.send(batch).is_err() {
+                    return; // the trainer dropped its end
+                }
+            }
+            Ok(None) => std::thread::sleep(EMPTY_SPLIT_PAUSE),
+            Err(e) => {
+                tracing::error!("sampler: {e:#}");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
     }
 }
 
