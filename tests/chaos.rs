@@ -278,7 +278,9 @@ fn the_chaos_bench_loses_nothing() {
     assert!(figures["frames_acked"].as_u64().unwrap() > 0, "{figures}");
     assert_eq!(figures["lost"], 0, "{figures}");
     assert_eq!(figures["duplicates"], 0, "{figures}");
-    assert!(figures["malformed_kinds"].as_u64().unwrap() >= 40, "{figures}");
+    assert!(figures["malformed_kinds"].as_u64().unwrap() >= 45, "{figures}");
+    assert!(figures["odd_identities"].as_u64().unwrap() >= 3, "{figures}");
+    assert_eq!(figures["odd_identities_encoded"], figures["odd_identities"], "{figures}: {said}");
     assert_eq!(figures["malformed_dead_lettered"], figures["malformed_kinds"], "{figures}: {said}");
     assert_eq!(figures["daemon_exited_cleanly"], true, "{figures}");
     assert!(figures["daemon_kills"].as_u64().unwrap() + figures["server_kills"].as_u64().unwrap() >= 2, "{figures}");

@@ -53,7 +53,7 @@ impl Bus {
                 let message = message.with_context(|| format!("reading stream {name}"))?;
                 let sequence = message.info().map_err(|e| anyhow::anyhow!("{e}"))?.stream_sequence;
                 let header = |name: &str| message.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.to_string());
-                let (id, reason) = (header("Nats-Msg-Id"), header(super::REASON_HEADER));
+                let (id, reason) = (header(super::headers::MSG_ID), header(super::headers::REASON));
                 out.push(StoredMessage { subject: message.subject.to_string(), id, reason, payload: message.payload.clone() });
                 if sequence >= last {
                     return Ok(());

@@ -4,6 +4,7 @@
 //! `checkpoints.*` control request. Schemas only: the
 //! sending is [`super::Bus`]'s.
 
+use crate::frames::Frame;
 use crate::vae::checkpoint::Metadata;
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +28,11 @@ pub struct LatentMessage {
 }
 
 impl LatentMessage {
+    /// The latent of `frame`, encoded by `model_version` as (`mu`, `logvar`).
+    pub fn of(frame: &Frame, model_version: u64, mu: Vec<f32>, logvar: Vec<f32>) -> LatentMessage {
+        LatentMessage { episode: frame.episode.clone(), step: frame.step, model_version, mu, logvar, action: frame.action.clone(), reward: frame.reward, done: frame.done }
+    }
+
     pub fn to_msgpack(&self) -> Vec<u8> {
         rmp_serde::to_vec_named(self).expect("a LatentMessage always serialises")
     }

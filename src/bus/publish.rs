@@ -2,6 +2,7 @@
 //! bounded window of acks), checkpoint announcements, plus a live latent
 //! subscription for the benches. Encoding is the messages' own.
 
+use super::headers;
 use super::messages::{Announcement, LatentMessage};
 use super::Bus;
 use crate::frames::wire::FrameMessage;
@@ -37,10 +38,8 @@ impl Bus {
     /// with `Nats-Msg-Id` `id`, waiting until JetStream stored them: for
     /// the chaos bench's malformed frames.
     pub async fn publish_frame_bytes(&self, source: &str, id: &str, payload: Vec<u8>) -> Result<()> {
-        let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", id);
         self.js
-            .publish_with_headers(self.subject(&format!("frames.{source}")), headers, payload.into())
+            .publish_with_headers(self.subject(&format!("frames.{source}")), headers::with_id(id, &[]), payload.into())
             .await
             .context("publishing a frame")?
             .await
@@ -96,21 +95,12 @@ pub(super) struct AckWindow {
 }
 
 impl AckWindow {
-    /// Publishes `payload` on `subject` with `Nats-Msg-Id` = `id`, so the
-    /// server drops a re-publish within its duplicate window.
-    pub(super) async fn send(&mut self, js: &jetstream::Context, subject: String, id: &str, payload: Vec<u8>, stream: &str) -> Result<()> {
-        self.send_with(js, subject, id, &[], payload, stream).await
-    }
-
-    /// As [`AckWindow::send`], with more headers.
-    pub(super) async fn send_with(&mut self, js: &jetstream::Context, subject: String, id: &str, extra: &[(&str, &str)], payload: Vec<u8>, stream: &str) -> Result<()> {
+    /// Publishes `payload` on `subject` with `headers` (which carry a
+    /// `Nats-Msg-Id`, so the server drops a re-publish within its
+    /// duplicate window).
+    pub(super) async fn send(&mut self, js: &jetstream::Context, subject: String, headers: HeaderMap, payload: Vec<u8>, stream: &str) -> Result<()> {
         if self.in_flight.len() >= PUBLISH_WINDOW {
             self.settle_one(js, stream).await?;
-        }
-        let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", id);
-        for (name, value) in extra {
-            headers.insert(*name, *value);
         }
         let payload = bytes::Bytes::from(payload);
         let ack = js.publish_with_headers(subject.clone(), headers.clone(), payload.clone()).await.with_context(|| format!("publishing to {stream}"))?;
@@ -152,10 +142,11 @@ pub struct FramePublisher {
 }
 
 impl FramePublisher {
-    /// Publishes one frame with `Nats-Msg-Id` = `<source>/<episode>/<step>`.
+    /// Publishes one frame with the `Nats-Msg-Id` of its identity
+    /// (`identity::message_id`).
     pub async fn send(&mut self, frame: &FrameMessage<'_>) -> Result<()> {
-        let id = format!("{}/{}/{}", self.source, frame.episode, frame.step);
-        self.window.send(&self.js, self.subject.clone(), &id, frame.to_msgpack(), "WM_FRAMES").await
+        let headers = headers::frame_id(&self.source, &frame.episode, frame.step);
+        self.window.send(&self.js, self.subject.clone(), headers, frame.to_msgpack(), "WM_FRAMES").await
     }
 
     /// Publishes one frame and waits until it and every frame before it
@@ -172,8 +163,9 @@ impl FramePublisher {
 }
 
 /// Publishes latents on `<prefix>.latents.<source>` to WM_LATENTS, each
-/// with `Nats-Msg-Id` = `<source>/<episode>/<step>`, so a frame delivered
-/// twice within the stream's duplicate window still has one latent.
+/// with the `Nats-Msg-Id` of its frame's identity (`identity::message_id`),
+/// so a frame delivered twice within the stream's duplicate window still
+/// has one latent.
 pub struct LatentPublisher {
     js: jetstream::Context,
     prefix: String,
@@ -182,8 +174,8 @@ pub struct LatentPublisher {
 
 impl LatentPublisher {
     pub async fn send(&mut self, source: &str, latent: &LatentMessage) -> Result<()> {
-        let id = format!("{source}/{}/{}", latent.episode, latent.step);
-        self.window.send(&self.js, format!("{}.latents.{source}", self.prefix), &id, latent.to_msgpack(), "WM_LATENTS").await
+        let headers = headers::frame_id(source, &latent.episode, latent.step);
+        self.window.send(&self.js, format!("{}.latents.{source}", self.prefix), headers, latent.to_msgpack(), "WM_LATENTS").await
     }
 
     /// Waits until JetStream has stored every latent sent.

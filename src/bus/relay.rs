@@ -7,6 +7,7 @@
 
 use super::feed::FrameFeed;
 use super::migrate::{FrameConsumer, FRAMES_STREAM};
+use super::headers;
 use super::publish::AckWindow;
 use super::Bus;
 use anyhow::{anyhow, Context, Result};
@@ -41,7 +42,7 @@ impl Bus {
             }
             for delivery in &batch {
                 let id = delivery.stream_sequence.to_string();
-                window.send_with(&self.js, subject.clone(), &id, &[(SEQUENCE_HEADER, &id)], vec![0; RELAY_BYTES], RELAY_STREAM).await?;
+                window.send(&self.js, subject.clone(), headers::with_id(&id, &[(SEQUENCE_HEADER, &id)]), vec![0; RELAY_BYTES], RELAY_STREAM).await?;
             }
             window.settle(&self.js, RELAY_STREAM).await?;
             for delivery in &batch {

@@ -168,7 +168,8 @@ impl Bus {
                         request = endpoint.next() => match request { Some(r) => r, None => break },
                     };
                     let reply = handler(which, request.message.payload.clone(), Caller::of(&request.message)).await;
-                    let reply = reply.map(Bytes::from).map_err(|e| async_nats::service::error::Error { status: e.message, code: e.code });
+                    // The error's text may quote the request: through the one header-value function.
+                    let reply = reply.map(Bytes::from).map_err(|e| async_nats::service::error::Error { status: super::headers::value(&e.message).to_string(), code: e.code });
                     if let Err(e) = request.respond(reply).await {
                         tracing::warn!("control {name}: reply failed: {e}");
                     }

@@ -1,5 +1,6 @@
 //! Frames as the outside world sends them and the model sees them: the wire
-//! contract ([`wire`]: decode and check, reasons for dead letters), World
+//! contract ([`wire`]: decode and check, reasons for dead letters), a
+//! frame's identity and its message id ([`identity`]), World
 //! Models preprocessing ([`preprocess`]), uint8 `.npy` frame files ([`npy`]),
 //! CarRacing-like frames without a simulator ([`synthetic`]) and PNG grids
 //! ([`grid`]).
@@ -8,6 +9,7 @@
 //! geometry the whole crate uses is defined here, once.
 
 pub mod grid;
+pub mod identity;
 pub mod npy;
 pub mod preprocess;
 pub mod synthetic;

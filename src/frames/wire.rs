@@ -6,6 +6,7 @@
 //! Pure decoding: no NATS, no sled. Every check runs before any large
 //! allocation, so a hostile message costs at most its own size.
 
+use super::identity::{check_episode, check_source};
 use super::preprocess::{self, Policy};
 use super::Frame;
 use bytes::Bytes;
@@ -15,16 +16,13 @@ use std::borrow::Cow;
 /// Largest accepted frame side. CarRacing is 96; 1,024 leaves room for other
 /// environments while bounding the memory a single message can ask for.
 pub const MAX_SIDE: u32 = 1024;
-/// Decoded PNG bytes allowed: a 1,024 x 1,024 RGB image plus slack.
-/// Longest `episode`: it goes into every store key and latent id of its
-/// frames; ids people write (UUIDs, paths) fit with room to spare.
-pub const MAX_EPISODE_BYTES: usize = 256;
 /// Largest `step`: 2^53 - 1, so JSON and float64 readers (the exports,
 /// Python) see every step exactly.
 pub const MAX_STEP: u64 = (1 << 53) - 1;
 /// Longest `action`: CarRacing's is 3, MuJoCo's tens; the cap bounds what
 /// one frame adds to every row of `buffer export` (padded to the widest).
 pub const MAX_ACTION_LEN: usize = 64;
+/// Decoded PNG bytes allowed: a 1,024 x 1,024 RGB image plus slack.
 const MAX_PNG_DECODED_BYTES: usize = 4 * 1024 * 1024;
 
 /// One frame as publishers send it (field names pinned by the contract).
@@ -87,9 +85,11 @@ pub enum Reason {
     BadPng,
     /// Not 64x64 nor 96x96, and the config doesn't say `preprocess = "resize"`.
     UnsupportedSize,
-    /// The subject has no source after the prefix.
+    /// The source (the subject after the prefix) is empty, too long, holds
+    /// a control character or a wildcard token (`identity::check_source`).
     BadSubject,
-    /// `episode` is empty or longer than [`MAX_EPISODE_BYTES`].
+    /// `episode` is empty, longer than `identity::MAX_EPISODE_BYTES` or holds a
+    /// control character (`identity::check_episode`).
     BadEpisode,
     /// `step` is past [`MAX_STEP`].
     BadStep,
@@ -180,14 +180,10 @@ fn classify(err: rmp_serde::decode::Error) -> Rejection {
 
 /// Decodes, checks and preprocesses one message from `source`.
 pub fn decode_frame(source: &str, payload: &Bytes, policy: Policy) -> Result<Frame, Rejection> {
-    if source.is_empty() {
-        return reject(Reason::BadSubject, "subject has no source after the prefix");
-    }
+    check_source(source).or_else(|why| reject(Reason::BadSubject, why))?;
     let msg: FrameMessage = rmp_serde::from_slice(payload).map_err(classify)?;
     let FrameMessage { episode, step, height, width, channels, pixels, encoding, action, reward, done } = msg;
-    if episode.is_empty() || episode.len() > MAX_EPISODE_BYTES {
-        return reject(Reason::BadEpisode, format!("episode is {} bytes, expected 1..={MAX_EPISODE_BYTES}", episode.len()));
-    }
+    check_episode(&episode).or_else(|why| reject(Reason::BadEpisode, why))?;
     if step > MAX_STEP {
         return reject(Reason::BadStep, format!("step {step} is past {MAX_STEP}"));
     }
@@ -232,6 +228,7 @@ pub fn decode_frame(source: &str, payload: &Bytes, policy: Policy) -> Result<Fra
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frames::identity::MAX_EPISODE_BYTES;
 
     fn message(height: u32, width: u32) -> FrameMessage<'static> {
         FrameMessage {
@@ -331,6 +328,11 @@ mod tests {
         assert_eq!(decode_frame("", &Bytes::from(full.clone()), Policy::WorldModels).unwrap_err().reason, Reason::BadSubject);
         assert_eq!(reason(&FrameMessage { episode: String::new(), ..message(64, 64) }.to_msgpack()), Reason::BadEpisode);
         assert_eq!(reason(&FrameMessage { episode: "e".repeat(MAX_EPISODE_BYTES + 1), ..message(64, 64) }.to_msgpack()), Reason::BadEpisode);
+        assert_eq!(reason(&FrameMessage { episode: "a\nb".into(), ..message(64, 64) }.to_msgpack()), Reason::BadEpisode);
+        assert_eq!(reason(&FrameMessage { episode: "a\rb".into(), ..message(64, 64) }.to_msgpack()), Reason::BadEpisode);
+        assert_eq!(decode_frame("a\nb", &Bytes::from(full.clone()), Policy::WorldModels).unwrap_err().reason, Reason::BadSubject);
+        assert_eq!(decode_frame("a.*", &Bytes::from(full.clone()), Policy::WorldModels).unwrap_err().reason, Reason::BadSubject);
+        assert!(decode(&FrameMessage { episode: "runs/a b".into(), ..message(64, 64) }.to_msgpack(), Policy::WorldModels).is_ok());
         assert_eq!(reason(&FrameMessage { step: MAX_STEP + 1, ..message(64, 64) }.to_msgpack()), Reason::BadStep);
         let transition = |action: Vec<f32>, reward: f64| message(64, 64).with_transition(action, reward, false).to_msgpack();
         assert_eq!(reason(&transition(vec![0.0; MAX_ACTION_LEN + 1], 0.0)), Reason::BadTransition);

@@ -12,9 +12,11 @@
 use super::bench_daemon::{frame_name, status};
 use super::bench_failover::{publish, wait_at_most, Acks, Nodes};
 use super::nats_server::LocalNats;
-use crate::bus::Bus;
+use crate::bus::{Bus, StoredMessage};
 use crate::config::Config;
-use crate::frames::wire::{MAX_ACTION_LEN, MAX_EPISODE_BYTES, MAX_SIDE, MAX_STEP};
+use crate::bus::messages::LatentMessage;
+use crate::frames::identity::{message_id, MAX_EPISODE_BYTES};
+use crate::frames::wire::{FrameMessage, MAX_ACTION_LEN, MAX_SIDE, MAX_STEP};
 use crate::store::{BufferConfig, Store};
 use anyhow::{Context, Result};
 use rand::Rng;
@@ -89,6 +91,23 @@ fn with(changes: &[(&'static str, Option<V>)]) -> Vec<u8> {
     pack(&map)
 }
 
+/// What must become of a hostile frame.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fate {
+    /// Dead-lettered with a reason starting with this code.
+    DeadLetter(&'static str),
+    /// Valid, however odd its identity: stored, and a latent for it under
+    /// its own id (two such frames must not share one).
+    Encoded,
+}
+
+/// A hostile frame: where it is published, its bytes, and its fate.
+struct Hostile {
+    source: String,
+    payload: Vec<u8>,
+    fate: Fate,
+}
+
 /// Every kind of malformed frame tried, each with the reason it must be
 /// dead-lettered with.
 fn malformed() -> Vec<(&'static str, Vec<u8>)> {
@@ -109,14 +128,22 @@ fn malformed() -> Vec<(&'static str, Vec<u8>)> {
     for field in ["episode", "step", "height", "width", "channels", "pixels"] {
         kinds.push(("invalid_field", with(&[(field, None)])));
     }
+    let episode = |e: &str| with(&[("episode", Some(V::S(e.into())))]);
     kinds.extend([
         ("invalid_field", with(&[("step", Some(V::S("one".into())))])),
         ("invalid_field", with(&[("height", Some(V::I(-1)))])),
         // A string where bytes belong is read as its bytes: too few of them.
         ("size_mismatch", with(&[("pixels", Some(V::S("pixels".into())))])),
         ("invalid_field", with(&[("episode", Some(V::U(5)))])),
-        ("bad_episode", with(&[("episode", Some(V::S(String::new())))])),
-        ("bad_episode", with(&[("episode", Some(V::S("e".repeat(MAX_EPISODE_BYTES + 1))))])),
+        ("bad_episode", episode("")),
+        ("bad_episode", episode(&"e".repeat(MAX_EPISODE_BYTES + 1))),
+        // Identities that once reached a header unchecked (a CR or LF made
+        // async-nats panic in a worker: no latent after them).
+        ("bad_episode", episode("a\nb")),
+        ("bad_episode", episode("a\rb")),
+        ("bad_episode", episode("a\0b")),
+        ("bad_episode", episode("tab\there")),
+        ("bad_episode", episode("c1\u{85}")),
         ("bad_step", with(&[("step", Some(V::U(MAX_STEP + 1)))])),
         ("bad_transition", with(&[("action", Some(V::A(vec![V::F(f64::NAN)])))])),
         ("bad_transition", with(&[("action", Some(V::A(vec![V::F(f64::INFINITY)])))])),
@@ -139,6 +166,39 @@ fn malformed() -> Vec<(&'static str, Vec<u8>)> {
         ("unsupported_size", with(&[("height", Some(V::U(100))), ("width", Some(V::U(80))), ("pixels", Some(V::B(vec![7; 100 * 80 * 3])))])),
     ]);
     kinds
+}
+
+/// Every hostile frame: the malformed kinds from [`BAD_SOURCE`]; a source
+/// with a control character; and valid frames whose identities would have
+/// shared one message id (`/` in a source or an episode) or need escaping,
+/// which must each get their own latent.
+fn hostile() -> Vec<Hostile> {
+    let mut all: Vec<Hostile> = malformed().into_iter().map(|(code, payload)| Hostile { source: BAD_SOURCE.into(), payload, fate: Fate::DeadLetter(code) }).collect();
+    let episode = |e: &str| with(&[("episode", Some(V::S(e.into())))]);
+    all.push(Hostile { source: format!("{BAD_SOURCE}\u{1}x"), payload: with(&[]), fate: Fate::DeadLetter("bad_subject") });
+    for (source, episode_name) in [(format!("{BAD_SOURCE}/a"), "1"), (BAD_SOURCE.to_string(), "a/1"), (BAD_SOURCE.to_string(), "run 5%/x é")] {
+        all.push(Hostile { source, payload: episode(episode_name), fate: Fate::Encoded });
+    }
+    all
+}
+
+/// Whether `kind` met its fate: None while nothing is there yet, Some(false)
+/// when something else became of it (a letter with another reason, a
+/// latent under another episode), Some(true) when it did.
+fn settled(kind: &Hostile, letters: &[StoredMessage], latents: &[StoredMessage], latent_prefix: String) -> Option<bool> {
+    match kind.fate {
+        Fate::DeadLetter(code) => {
+            let letter = letters.iter().find(|m| m.payload.as_ref() == kind.payload.as_slice())?;
+            Some(letter.reason.as_deref().is_some_and(|r| r.starts_with(code)))
+        }
+        Fate::Encoded => {
+            let frame: FrameMessage = rmp_serde::from_slice(&kind.payload).ok()?;
+            let subject = format!("{latent_prefix}{}", kind.source);
+            let of_frame = |m: &&StoredMessage| m.subject == subject && rmp_serde::from_slice::<LatentMessage>(&m.payload).is_ok_and(|l| l.episode == frame.episode && l.step == frame.step);
+            let latent = latents.iter().find(of_frame)?;
+            Some(latent.id.as_deref() == Some(message_id(&kind.source, &frame.episode, frame.step).as_str()))
+        }
+    }
 }
 
 pub async fn chaos(options: &ChaosOptions) -> Result<Value> {
@@ -164,7 +224,7 @@ async fn run(options: &ChaosOptions, dir: &std::path::Path) -> Result<Value> {
     let acks = Arc::new(Mutex::new(Acks::default()));
     let stop = CancellationToken::new();
     let publisher = tokio::spawn(publish(bus.clone(), options.rate, acks.clone(), stop.clone()));
-    let kinds = malformed();
+    let kinds = hostile();
     let (mut daemon_kills, mut server_kills) = (0u64, 0u64);
     let mut next_bad = 0;
     let end = Instant::now() + Duration::from_secs(options.seconds);
@@ -172,8 +232,8 @@ async fn run(options: &ChaosOptions, dir: &std::path::Path) -> Result<Value> {
         tokio::time::sleep(FAULT_EVERY).await;
         // A few malformed kinds between two faults, each awaited until stored.
         for _ in 0..kinds.len().div_ceil((options.seconds / FAULT_EVERY.as_secs()).max(1) as usize) {
-            if let Some((_, payload)) = kinds.get(next_bad) {
-                if bus.publish_frame_bytes(BAD_SOURCE, &format!("chaos-bad-{next_bad}"), payload.clone()).await.is_ok() {
+            if let Some(kind) = kinds.get(next_bad) {
+                if bus.publish_frame_bytes(&kind.source, &format!("chaos-bad-{next_bad}"), kind.payload.clone()).await.is_ok() {
                     next_bad += 1;
                 }
             }
@@ -193,37 +253,42 @@ async fn run(options: &ChaosOptions, dir: &std::path::Path) -> Result<Value> {
     publisher.await?;
     // Malformed kinds not yet sent (a fault took their turn) go now.
     while next_bad < kinds.len() {
-        let sent = bus.publish_frame_bytes(BAD_SOURCE, &format!("chaos-bad-{next_bad}"), kinds[next_bad].1.clone()).await;
+        let kind = &kinds[next_bad];
+        let sent = bus.publish_frame_bytes(&kind.source, &format!("chaos-bad-{next_bad}"), kind.payload.clone()).await;
         next_bad += usize::from(sent.is_ok());
     }
     let acked: HashSet<(String, u64)> = acks.lock().unwrap().stored.iter().map(|(i, _)| frame_name(*i)).collect();
     let publishes_failed = acks.lock().unwrap().failed;
-    // Drained: the buffer holds every frame acked and the DLQ a letter for
-    // every malformed kind (the last ones were sent just now), or the wait
-    // gave up and the books below say what is missing.
-    let _ = wait_at_most(DRAIN_TIMEOUT, "every acked frame in the buffer, every malformed one dead-lettered", || async {
+    // Drained: the buffer holds every frame acked, the DLQ a letter for
+    // every malformed kind and WM_LATENTS a latent for every odd valid one
+    // (the last ones were sent just now), or the wait gave up and the books
+    // below say what is missing.
+    let _ = wait_at_most(DRAIN_TIMEOUT, "every acked frame in the buffer, every hostile one dead-lettered or encoded", || async {
         let s = status(&bus).await.ok()?;
-        let letters = bus.stream_messages("WM_DLQ").await.ok()?;
-        let all_lettered = kinds.iter().all(|(_, payload)| letters.iter().any(|m| m.payload.as_ref() == payload.as_slice()));
-        (s.buffer_frames >= acked.len() as u64 && all_lettered).then_some(())
+        let (letters, latents) = (bus.stream_messages("WM_DLQ").await.ok()?, bus.stream_messages("WM_LATENTS").await.ok()?);
+        let settled = kinds.iter().all(|kind| settled(kind, &letters, &latents, bus.subject("latents.")).is_some());
+        (s.buffer_frames >= acked.len() as u64 && settled).then_some(())
     })
     .await;
     let dead_letters = bus.stream_messages("WM_DLQ").await?;
+    let latents = bus.stream_messages("WM_LATENTS").await?;
     let exited_cleanly = nodes.terminate(NODE)?;
 
     let store = Store::open(&dir.join(NODE), BufferConfig { capacity: config.buffer.capacity, validation_fraction: config.buffer.validation_fraction })?;
     let stats = store.stats()?;
     let stored: HashSet<(String, u64)> = store.frames_in_order(Some(super::bench_failover::SOURCE), false).map(|f| f.map(|f| (f.episode, f.step))).collect::<Result<_>>()?;
     let lost = acked.iter().filter(|k| !stored.contains(*k)).count();
-    let good_stored = stats.frames_ingested;
-    let reason_of = |payload: &[u8]| dead_letters.iter().find(|m| m.payload.as_ref() == payload).and_then(|m| m.reason.clone());
-    let mut dead_lettered = 0;
-    for (i, (expected, payload)) in kinds.iter().enumerate() {
-        match reason_of(payload) {
-            Some(reason) if reason.starts_with(expected) => dead_lettered += 1,
-            other => tracing::warn!("malformed kind {i} ({expected}) dead-lettered as {other:?}"),
+    // Frames ingested more than once show as ingested beyond those held.
+    let held = store.frames_in_order(None, false).count() as u64;
+    let (mut dead_lettered, mut encoded) = (0, 0);
+    for (i, kind) in kinds.iter().enumerate() {
+        match (kind.fate, settled(kind, &dead_letters, &latents, bus.subject("latents."))) {
+            (Fate::DeadLetter(_), Some(true)) => dead_lettered += 1,
+            (Fate::Encoded, Some(true)) => encoded += 1,
+            (fate, _) => tracing::warn!(source = kind.source, "hostile kind {i} ({fate:?}) did not meet its fate"),
         }
     }
+    let expected_letters = kinds.iter().filter(|k| matches!(k.fate, Fate::DeadLetter(_))).count();
     Ok(json!({
         "bench": "chaos",
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
@@ -235,9 +300,11 @@ async fn run(options: &ChaosOptions, dir: &std::path::Path) -> Result<Value> {
         "publishes_failed": publishes_failed,
         "frames_stored": stored.len(),
         "lost": lost,
-        "duplicates": good_stored.saturating_sub(stored.len() as u64),
-        "malformed_kinds": kinds.len(),
+        "duplicates": stats.frames_ingested.saturating_sub(held),
+        "malformed_kinds": expected_letters,
         "malformed_dead_lettered": dead_lettered,
+        "odd_identities": kinds.len() - expected_letters,
+        "odd_identities_encoded": encoded,
         "daemon_exited_cleanly": exited_cleanly,
     }))
 }

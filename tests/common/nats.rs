@@ -95,6 +95,11 @@ impl Daemon {
         wait_with_timeout(&mut self.child.take().unwrap(), timeout)
     }
 
+    /// The exit status, if the daemon has exited (None while it runs).
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|child| child.try_wait().unwrap())
+    }
+
     /// SIGKILL: no chance to clean up.
     pub fn kill(mut self) {
         let mut child = self.child.take().unwrap();
