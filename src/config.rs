@@ -263,6 +263,9 @@ pub struct IngestConfig {
     pub ack_wait_secs: u64,
     /// Frames handed out but not yet acked, at most (backpressure).
     pub max_ack_pending: i64,
+    /// Deliveries of one frame, at most, on each consumer; past them the
+    /// frame is dead-lettered as `undeliverable`.
+    pub max_deliver: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -430,6 +433,9 @@ impl Config {
         }
         if self.ingest.ack_wait_secs == 0 {
             bail!("ingest.ack_wait_secs must be at least 1");
+        }
+        if self.ingest.max_deliver < 2 {
+            bail!("ingest.max_deliver must be at least 2 (one delivery and one retry)");
         }
         if self.ingest.max_ack_pending < self.ingest.batch_max_frames as i64 {
             bail!("ingest.max_ack_pending must be at least ingest.batch_max_frames");

@@ -101,3 +101,39 @@ async fn a_role_thread_that_panics_ends_the_daemon_saying_why() {
     assert!(!status.success() && status.code().is_some(), "{status}: {logs}");
     assert!(logs.contains("the trainer thread panicked: failpoint trainer-after-step panic"), "{logs}");
 }
+
+/// A frame that fails every time it is delivered (here: one no encoder can
+/// encode) leaves the consumer after `max_deliver` deliveries: it is copied
+/// to WM_DLQ with the reason `undeliverable` and its last error, and every
+/// frame after it gets its latent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_that_keeps_failing_is_dead_lettered_and_the_consumer_moves_on() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let js = jetstream::new(nats.client().await);
+    let mut env = env(Some("encoder-poison=return(poison)"));
+    env.push(("WMVAE_INGEST__MAX_DELIVER", "3"));
+    let daemon = Daemon::start(&nats.url, dir.path(), &env);
+    common::nats::wait_for_consumer(&js, "wmvae-encode").await;
+    let poison = wmvae::frames::wire::FrameMessage::rgb("poison", 0, 64, 64, common::frames(1, 64, 64)).to_msgpack();
+    js.publish("wm.frames.car", poison.clone().into()).await.unwrap().await.unwrap();
+    daemon
+        .wait_until(Duration::from_secs(120), "the poison frame dead-lettered as undeliverable", || async {
+            stream_messages(&js, "WM_DLQ").await.iter().any(|m| m.payload == poison)
+        })
+        .await;
+    let letter = stream_messages(&js, "WM_DLQ").await.into_iter().find(|m| m.payload == poison).unwrap();
+    let reason = letter.headers.get("Wmvae-Reason").map(|v| v.to_string()).unwrap_or_default();
+    assert!(reason.starts_with("undeliverable: delivered 3 times on wmvae-encode"), "{reason}");
+    assert!(reason.contains("failpoint encoder-poison"), "the last error is in the letter: {reason}");
+
+    publish_stored(&js, 0, 20).await;
+    daemon
+        .wait_until(Duration::from_secs(120), "a latent for each frame after the poison one", || async {
+            stream_messages(&js, "WM_LATENTS").await.len() == 20
+        })
+        .await;
+    assert_eq!(unsettled(&js, "wmvae-encode").await, Some(0), "the consumer moved on");
+    let logs = daemon.logs();
+    assert!(daemon.terminate().success(), "{logs}");
+}

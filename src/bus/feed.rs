@@ -3,21 +3,18 @@
 //! the bench's bare consume+ack baseline. Bytes only: decoding is `frames`'.
 
 use super::migrate::{FrameConsumer, FRAMES_STREAM};
+use super::headers;
 use super::Bus;
 use crate::backoff::Backoff;
 use anyhow::{anyhow, Context, Result};
 use async_nats::jetstream::{self, consumer::pull};
-use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::StreamExt;
+use serde::Deserialize;
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// Header carrying the reason of a dead-lettered frame.
-pub const REASON_HEADER: &str = "Wmvae-Reason";
-/// Header carrying the original subject of a dead-lettered frame.
-pub const SUBJECT_HEADER: &str = "Wmvae-Subject";
 
 /// One frame message as delivered, with what is needed to ack it.
 pub struct Delivery {
@@ -41,6 +38,12 @@ impl Delivery {
     /// The frame could not be made durable now: redeliver it after `delay`.
     pub async fn nak(&self, delay: Duration) -> Result<()> {
         self.acker.ack_with(jetstream::AckKind::Nak(Some(delay))).await.map_err(|e| anyhow!("nak: {e}"))
+    }
+
+    /// The frame is still being worked on (a commit retried while the disk
+    /// is full): the server waits another `ack_wait` before redelivering.
+    pub async fn in_progress(&self) -> Result<()> {
+        self.acker.ack_with(jetstream::AckKind::Progress).await.map_err(|e| anyhow!("in progress: {e}"))
     }
 
     /// The frame was dead-lettered: never redeliver it.
@@ -97,10 +100,7 @@ impl Bus {
     /// waits for JetStream to store it. Deduplicated by the original's stream
     /// sequence, so a redelivered bad frame is dead-lettered once.
     pub async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<()> {
-        let mut headers = HeaderMap::new();
-        headers.insert(REASON_HEADER, reason);
-        headers.insert(SUBJECT_HEADER, delivery.subject.as_str());
-        headers.insert("Nats-Msg-Id", format!("frames-{}", delivery.stream_sequence).as_str());
+        let headers = headers::dead_letter(&delivery.subject, delivery.stream_sequence, reason);
         self.js
             .publish_with_headers(self.subject("dlq.frames"), headers, delivery.payload.clone())
             .await
@@ -108,6 +108,53 @@ impl Bus {
             .await
             .context("storing a dead letter")?;
         Ok(())
+    }
+}
+
+/// A frame a durable consumer gave up on: delivered `max_deliver` times
+/// without an ack, as the server's advisory says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct Undeliverable {
+    /// Its sequence in WM_FRAMES.
+    #[serde(rename = "stream_seq")]
+    pub stream_sequence: u64,
+    pub deliveries: u64,
+}
+
+/// Queue group of a consumer's advisory subscribers: one node handles each
+/// advisory (encoders share `wmvae-encode`).
+const ADVISORY_GROUP_PREFIX: &str = "wmvae-undeliverable-";
+
+impl Bus {
+    /// The frames `which` gives up on from now on, from the server's
+    /// `MAX_DELIVERIES` advisories (in a queue group, so one of the nodes
+    /// sharing the consumer gets each). Advisories that don't decode are
+    /// skipped. The subscription survives reconnects.
+    pub async fn undeliverable(&self, which: &FrameConsumer) -> Result<impl futures::Stream<Item = Undeliverable> + Unpin> {
+        let durable = which.durable_name();
+        let subject = format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{FRAMES_STREAM}.{durable}");
+        let subscriber = self.client.queue_subscribe(subject, format!("{ADVISORY_GROUP_PREFIX}{durable}")).await.context("subscribing to max-deliveries advisories")?;
+        Ok(subscriber.filter_map(|m| std::future::ready(serde_json::from_slice(&m.payload).ok())))
+    }
+
+    /// Copies frame `stream_sequence` of WM_FRAMES, as stored, to the
+    /// dead-letter stream with `reason`. False when the stream no longer
+    /// holds it (aged out).
+    pub async fn dead_letter_sequence(&self, stream_sequence: u64, reason: &str) -> Result<bool> {
+        let stream = self.js.get_stream(FRAMES_STREAM).await.with_context(|| format!("stream {FRAMES_STREAM}"))?;
+        let message = match stream.get_raw_message(stream_sequence).await {
+            Ok(message) => message,
+            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => return Ok(false),
+            Err(e) => return Err(anyhow!("reading frame {stream_sequence} of {FRAMES_STREAM}: {e}")),
+        };
+        let headers = headers::dead_letter(message.subject.as_str(), stream_sequence, reason);
+        self.js
+            .publish_with_headers(self.subject("dlq.frames"), headers, message.payload)
+            .await
+            .context("publishing a dead letter")?
+            .await
+            .context("storing a dead letter")?;
+        Ok(true)
     }
 }
 

@@ -152,6 +152,8 @@ pub struct BusLimits {
     pub ack_wait_secs: u64,
     /// Frames handed out but not yet acked, at most (`[ingest]`).
     pub max_ack_pending: i64,
+    /// Deliveries of one frame, at most, on each durable consumer (`[ingest]`).
+    pub max_deliver: i64,
     /// WM_LATENTS keeps latents this long (`[latents]`).
     pub latents_max_age_secs: u64,
     /// ... and at most this many bytes.
@@ -169,6 +171,7 @@ impl BusLimits {
         BusLimits {
             ack_wait_secs: config.ingest.ack_wait_secs,
             max_ack_pending: config.ingest.max_ack_pending,
+            max_deliver: config.ingest.max_deliver,
             latents_max_age_secs: config.latents.stream_max_age_secs,
             latents_max_bytes: config.latents.stream_max_bytes,
             replicas: config.nats.replicas,
@@ -302,6 +305,7 @@ impl Bus {
             ack_policy: jetstream::consumer::AckPolicy::Explicit,
             ack_wait: Duration::from_secs(self.limits.ack_wait_secs),
             max_ack_pending: self.limits.max_ack_pending,
+            max_deliver: self.limits.max_deliver,
             ..Default::default()
         };
         let stream = self.js.get_stream(&def.stream).await.with_context(|| format!("stream {}", def.stream))?;

@@ -12,6 +12,7 @@
 
 mod connection;
 mod feed;
+pub mod headers;
 mod inspect;
 pub mod kv;
 pub mod messages;
@@ -21,7 +22,7 @@ mod publish;
 mod relay;
 pub mod service;
 
-pub use feed::{Delivery, FrameFeed, REASON_HEADER, SUBJECT_HEADER};
+pub use feed::{Delivery, FrameFeed, Undeliverable};
 pub use inspect::StoredMessage;
 pub use publish::LatentPublisher;
 pub use migrate::{latest_store_schema, BusLimits, FrameConsumer, MigrationReport};

@@ -9,6 +9,14 @@ use futures::StreamExt;
 
 /// The checkpoint weights bucket (migration 0002).
 pub const CHECKPOINT_BUCKET: &str = "wm-checkpoints";
+/// The largest object read from the bucket: a full checkpoint of the
+/// default model (weights and Adam's two moments) is ~52 MB; this leaves
+/// room for models ten times larger, and bounds what an object whose
+/// metadata claims any size can make a reader hold.
+pub const MAX_OBJECT_BYTES: u64 = 512 << 20;
+/// Bytes reserved before reading an object, at most: the rest grows as
+/// bytes actually arrive, never from what the object's metadata claims.
+const PREALLOCATE_BYTES: u64 = 64 << 20;
 /// An object larger than its reader accepts.
 #[derive(Debug)]
 pub struct TooLarge {
@@ -38,14 +46,17 @@ impl Bus {
         Ok(())
     }
 
-    /// An object's bytes, if it is there.
+    /// An object's bytes, if it is there, refusing ([`TooLarge`]) one over
+    /// [`MAX_OBJECT_BYTES`].
     pub async fn get_object(&self, name: &str) -> Result<Option<Vec<u8>>> {
-        self.get_object_at_most(name, u64::MAX).await
+        self.get_object_at_most(name, MAX_OBJECT_BYTES).await
     }
 
     /// As [`Bus::get_object`], refusing ([`TooLarge`]) an object over
-    /// `max` bytes before reading it, for names a request chose.
+    /// `max` bytes (by its metadata before reading it, by what arrives
+    /// while reading), for names a request chose.
     pub async fn get_object_at_most(&self, name: &str, max: u64) -> Result<Option<Vec<u8>>> {
+        let max = max.min(MAX_OBJECT_BYTES);
         let bucket = self.checkpoint_bucket().await?;
         let object = match bucket.get(name).await {
             Ok(object) => object,
@@ -56,7 +67,7 @@ impl Bus {
         if size > max {
             return Err(TooLarge { name: name.to_string(), size, max }.into());
         }
-        let mut bytes = Vec::with_capacity(size as usize);
+        let mut bytes = Vec::with_capacity(size.min(PREALLOCATE_BYTES) as usize);
         // At most one byte past `max`, whatever the object's info said.
         tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::AsyncReadExt::take(object, max.saturating_add(1)), &mut bytes).await.with_context(|| format!("reading {name}"))?;
         if bytes.len() as u64 > max {

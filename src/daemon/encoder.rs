@@ -20,7 +20,8 @@ use crate::backoff::Backoff;
 use super::status::{EncoderState, StatusBoard};
 use crate::bus::messages::{weights_object, LatentMessage};
 use futures::StreamExt;
-use crate::bus::{Bus, Delivery, FrameConsumer, LatentPublisher};
+use super::undeliverable::{self, Failures};
+use crate::bus::{Bus, Delivery, FrameConsumer, LatentPublisher, TooLarge};
 use crate::config::Config;
 use crate::frames::preprocess::Policy;
 use crate::frames::{wire, Frame};
@@ -44,11 +45,14 @@ const QUEUE_DEPTH: usize = 4;
 /// the worker busy.
 const PUBLISH_DEPTH: usize = 2;
 
-/// A micro-batch encoded: its latents, then what to ack and to terminate.
+/// A micro-batch encoded: its latents, then what to ack, to terminate
+/// (invalid: ingest dead-letters them) and to hand back (they failed to
+/// encode, their error recorded: redelivered until `max_deliver`).
 struct Encoded {
     latents: Vec<(String, LatentMessage)>,
     good: Vec<Delivery>,
     bad: Vec<Delivery>,
+    failed: Vec<Delivery>,
 }
 
 enum Work {
@@ -86,7 +90,8 @@ pub struct Encoder {
 pub fn start(bus: &Bus, config: &Config, device: Device, status: StatusBoard, shutdown: CancellationToken) -> Result<Encoder> {
     let (queue, incoming) = mpsc::channel(QUEUE_DEPTH);
     let (encoded, to_publish) = mpsc::channel(PUBLISH_DEPTH);
-    let worker = Worker { net: Network::new(device, config.vae()), vae: config.vae(), version: None, policy: config.ingest.preprocess, status: status.clone(), encoded };
+    let failures = Failures::default();
+    let worker = Worker { net: Network::new(device, config.vae()), vae: config.vae(), version: None, policy: config.ingest.preprocess, status: status.clone(), encoded, failures: failures.clone() };
     status.update(|s| s.encoder_state = Some(EncoderState::WaitingForVersion));
     let stop = shutdown.clone();
     let thread = std::thread::Builder::new().name("wmvae-encoder".into()).spawn(move || {
@@ -98,7 +103,8 @@ pub fn start(bus: &Bus, config: &Config, device: Device, status: StatusBoard, sh
     let max_wait = Duration::from_millis(config.latents.max_wait_ms);
     let follower = follow(bus.clone(), queue.clone(), loaded, shutdown.clone());
     let fetcher = fetch(bus.clone(), queue.clone(), ready, config.latents.max_batch, max_wait, shutdown.clone());
-    let publisher = publish(bus.latent_publisher(), to_publish, status);
+    let publisher = publish(bus.latent_publisher(), to_publish, status, failures.clone());
+    let forwarder = undeliverable::forward(bus.clone(), FrameConsumer::Encode, failures, shutdown.clone());
     let task = tokio::spawn(async move {
         // Either part failing stops the whole daemon, with its reason.
         let stop_on_error = |result: Result<()>| {
@@ -109,9 +115,18 @@ pub fn start(bus: &Bus, config: &Config, device: Device, status: StatusBoard, sh
         };
         // The worker drains its queue and stops once every handle is
         // dropped; the publisher, once the worker has stopped.
-        let (followed, fetched, published) = tokio::join!(async { stop_on_error(follower.await) }, async { stop_on_error(fetcher.await) }, async { stop_on_error(publisher.await) });
+        let (followed, fetched, published, forwarded) = tokio::join!(
+            async { stop_on_error(follower.await) },
+            async { stop_on_error(fetcher.await) },
+            async { stop_on_error(publisher.await) },
+            async { stop_on_error(forwarder.await) }
+        );
         tokio::task::spawn_blocking(move || thread.join()).await?.map_err(|panic| super::panicked("encoder", panic))?;
-        followed.context("encoder: following the announcements").and(fetched.context("encoder: fetching frames")).and(published.context("encoder: publishing latents"))
+        followed
+            .context("encoder: following the announcements")
+            .and(fetched.context("encoder: fetching frames"))
+            .and(published.context("encoder: publishing latents"))
+            .and(forwarded.context("encoder: dead-lettering undeliverable frames"))
     });
     Ok(Encoder { handle: EncoderHandle { queue }, task })
 }
@@ -160,6 +175,10 @@ async fn follow(bus: Bus, queue: mpsc::Sender<Work>, loaded: watch::Sender<bool>
             let weights = loop {
                 match bus.get_object(&weights_object(version)).await {
                     Ok(weights) => break weights,
+                    Err(e) if e.is::<TooLarge>() => {
+                        tracing::error!(version, "encoder: the active version's weights are refused: {e:#}");
+                        break None;
+                    }
                     Err(e) => {
                         tracing::warn!(version, "encoder: fetching the active version's weights: {e:#}; trying again in {:?}", pause.next);
                         if !pause.wait(&shutdown).await {
@@ -170,7 +189,7 @@ async fn follow(bus: Bus, queue: mpsc::Sender<Work>, loaded: watch::Sender<bool>
             };
             pause.reset();
             let Some(weights) = weights else {
-                tracing::warn!(version, "the active version's weights are not in the object store; keeping the current ones");
+                tracing::warn!(version, "the active version's weights can't be had from the object store; keeping the current ones");
                 continue;
             };
             if sha256_hex(&weights) != active.sha256 {
@@ -190,9 +209,11 @@ async fn follow(bus: Bus, queue: mpsc::Sender<Work>, loaded: watch::Sender<bool>
 
 /// Pulls micro-batches from `wmvae-encode` for the worker, once a version is loaded.
 async fn fetch(bus: Bus, queue: mpsc::Sender<Work>, mut ready: watch::Receiver<bool>, max_batch: usize, max_wait: Duration, shutdown: CancellationToken) -> Result<()> {
+    // The follower gone before any version (it stopped on shutdown, or
+    // failed and says why itself): nothing to fetch for.
     tokio::select! {
         _ = shutdown.cancelled() => return Ok(()),
-        waited = ready.wait_for(|loaded| *loaded) => { waited.context("the follower stopped before any version")?; }
+        waited = ready.wait_for(|loaded| *loaded) => if waited.is_err() { return Ok(()) },
     }
     let mut feed = bus.frame_feed(FrameConsumer::Encode).await?;
     while !shutdown.is_cancelled() {
@@ -205,10 +226,16 @@ async fn fetch(bus: Bus, queue: mpsc::Sender<Work>, mut ready: watch::Receiver<b
 }
 
 /// Stores each encoded micro-batch's latents in WM_LATENTS, then acks its
-/// frames (bad ones terminated). A batch whose latents are not stored is
-/// not acked: its frames are redelivered after `ack_wait`.
-async fn publish(mut publisher: LatentPublisher, mut encoded: mpsc::Receiver<Encoded>, status: StatusBoard) -> Result<()> {
-    while let Some(Encoded { latents, good, bad }) = encoded.recv().await {
+/// frames (bad ones terminated, failed ones handed back at once). A batch
+/// whose latents are not stored is not acked: its frames are redelivered
+/// after `ack_wait`, the error recorded for each.
+async fn publish(mut publisher: LatentPublisher, mut encoded: mpsc::Receiver<Encoded>, status: StatusBoard, failures: Failures) -> Result<()> {
+    while let Some(Encoded { latents, good, bad, failed }) = encoded.recv().await {
+        for delivery in &failed {
+            if let Err(e) = delivery.nak(Duration::ZERO).await {
+                tracing::warn!("encoder: {e:#}; the frame comes back after ack_wait");
+            }
+        }
         let stored: Result<()> = async {
             for (source, latent) in &latents {
                 publisher.send(source, latent).await?;
@@ -231,7 +258,10 @@ async fn publish(mut publisher: LatentPublisher, mut encoded: mpsc::Receiver<Enc
                     status.latent_latency().observe(delivery.received_at.elapsed());
                 }
             }
-            Err(e) => tracing::error!("latents for {} frames not stored; the frames will be redelivered: {e:#}", good.len()),
+            Err(e) => {
+                tracing::error!("latents for {} frames not stored; the frames will be redelivered: {e:#}", good.len());
+                good.iter().for_each(|d| failures.record(d.stream_sequence, &e));
+            }
         }
     }
     Ok(())
@@ -246,6 +276,8 @@ struct Worker {
     status: StatusBoard,
     /// Where encoded micro-batches go to be stored and acked.
     encoded: mpsc::Sender<Encoded>,
+    /// Why frames failed to encode, for their dead letter.
+    failures: Failures,
 }
 
 impl Worker {
@@ -257,14 +289,11 @@ impl Worker {
                 Work::Encode(frame, reply) => {
                     let _ = reply.send(self.encode(std::slice::from_ref(&frame)).map(|mut latents| latents.remove(0)));
                 }
-                Work::Frames(batch) => match self.latents_for(batch) {
-                    Ok(encoded) => {
-                        if self.encoded.blocking_send(encoded).is_err() {
-                            return; // the publisher stopped: the daemon is going down
-                        }
+                Work::Frames(batch) => {
+                    if self.encoded.blocking_send(self.latents_for(batch)).is_err() {
+                        return; // the publisher stopped: the daemon is going down
                     }
-                    Err(e) => tracing::error!("a micro-batch was not encoded; its frames will be redelivered: {e:#}"),
-                },
+                }
             }
             self.status.update(|s| s.encoder_busy_since = None);
         }
@@ -287,26 +316,21 @@ impl Worker {
     /// Latent messages for `frames`, naming the version held.
     fn encode(&self, frames: &[Frame]) -> Result<Vec<LatentMessage>> {
         let Some(version) = self.version else { bail!("this encoder has no version yet") };
+        poisoned(frames)?;
         let pixels: Vec<u8> = frames.iter().flat_map(|f| f.pixels.iter().copied()).collect();
         let latents = self.net.encode_frames(&pixels)?;
         Ok(frames
             .iter()
             .zip(latents.mu.into_iter().zip(latents.logvar))
-            .map(|(f, (mu, logvar))| LatentMessage {
-                episode: f.episode.clone(),
-                step: f.step,
-                model_version: version,
-                mu,
-                logvar,
-                action: f.action.clone(),
-                reward: f.reward,
-                done: f.done,
-            })
+            .map(|(f, (mu, logvar))| LatentMessage::of(f, version, mu, logvar))
             .collect())
     }
 
-    /// Decodes and encodes a micro-batch: a latent per valid frame.
-    fn latents_for(&self, batch: Vec<Delivery>) -> Result<Encoded> {
+    /// Decodes and encodes a micro-batch: a latent per valid frame. When
+    /// the batch fails to encode, each frame is tried alone, so one frame
+    /// that can't be encoded holds back no other; those that fail alone are
+    /// handed back with their error recorded.
+    fn latents_for(&self, batch: Vec<Delivery>) -> Encoded {
         let (mut frames, mut good, mut bad) = (Vec::new(), Vec::new(), Vec::new());
         for delivery in batch {
             match wire::decode_frame(&delivery.source, &delivery.payload, self.policy) {
@@ -317,8 +341,40 @@ impl Worker {
                 Err(_) => bad.push(delivery),
             }
         }
-        let latents = if frames.is_empty() { Vec::new() } else { self.encode(&frames)? };
-        let latents = frames.into_iter().map(|f| f.source).zip(latents).collect();
-        Ok(Encoded { latents, good, bad })
+        let mut encoded = Encoded { latents: Vec::new(), good: Vec::new(), bad, failed: Vec::new() };
+        let whole = if frames.is_empty() { Ok(Vec::new()) } else { self.encode(&frames) };
+        let latents: Vec<Result<LatentMessage>> = match whole {
+            Ok(latents) => latents.into_iter().map(Ok).collect(),
+            Err(e) => {
+                tracing::warn!("a micro-batch of {} frames was not encoded ({e:#}); trying each alone", frames.len());
+                frames.iter().map(|f| self.encode(std::slice::from_ref(f)).map(|mut one| one.remove(0))).collect()
+            }
+        };
+        for ((frame, delivery), latent) in frames.into_iter().zip(good).zip(latents) {
+            match latent {
+                Ok(latent) => {
+                    encoded.latents.push((frame.source, latent));
+                    encoded.good.push(delivery);
+                }
+                Err(e) => {
+                    tracing::error!(sequence = delivery.stream_sequence, "a frame was not encoded; it is handed back: {e:#}");
+                    self.failures.record(delivery.stream_sequence, &e);
+                    encoded.failed.push(delivery);
+                }
+            }
+        }
+        encoded
     }
+}
+
+/// A test hook (the `failpoints` feature): `FAILPOINTS=encoder-poison=return(E)`
+/// makes encoding fail for any batch holding a frame of episode `E`, as a
+/// frame no encoder can handle would. Compiled out without the feature.
+#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
+fn poisoned(frames: &[Frame]) -> Result<()> {
+    fail::fail_point!("encoder-poison", |episode: Option<String>| match frames.iter().any(|f| Some(&f.episode) == episode.as_ref()) {
+        true => Err(anyhow!("failpoint encoder-poison: this frame can't be encoded")),
+        false => Ok(()),
+    });
+    Ok(())
 }

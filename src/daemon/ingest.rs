@@ -8,11 +8,12 @@
 //! MessagePack itself (`wire`) or touches sled or NATS directly.
 
 use super::status::StatusBoard;
+use super::undeliverable::{self, Failures};
 use crate::backoff::Backoff;
 use crate::bus::{Bus, Delivery, FrameConsumer};
 use crate::config::IngestConfig;
 use crate::frames::preprocess::Policy;
-use crate::store::{compress_frames, Compressed, Store};
+use crate::store::{compress_frames, Committed, Compressed, Store};
 use crate::frames::wire::{self, Reason, Rejection};
 use crate::frames::Frame;
 use anyhow::{Context, Result};
@@ -24,12 +25,14 @@ use tokio_util::sync::CancellationToken;
 const REJECTION_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// How often the loop reports its throughput.
 const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(10);
-/// A batch the store could not write (a full disk) is nak'ed with this
-/// delay, doubled at each failure in a row up to [`STORE_RETRY_LONGEST`]:
-/// the frames wait in JetStream, not in memory, and a disk with room again
-/// is noticed within it.
+/// A batch the store could not write (a full disk) is held and its commit
+/// tried again after this pause, doubled at each failure in a row up to
+/// [`STORE_RETRY_LONGEST`]; meanwhile its frames are marked in progress so
+/// the server neither redelivers them nor counts a delivery towards
+/// `max_deliver` (a full disk is not the frames' fault). A disk with room
+/// again is noticed within the longest pause.
 const STORE_RETRY_FIRST: Duration = Duration::from_secs(1);
-const STORE_RETRY_LONGEST: Duration = Duration::from_secs(30);
+const STORE_RETRY_LONGEST: Duration = Duration::from_secs(15);
 
 /// Logs each rejection reason at most once per interval, with a count of
 /// what was suppressed meanwhile.
@@ -80,11 +83,16 @@ struct Prepared {
 /// the current one commits; at most `PIPELINE_DEPTH + 3` batches are in
 /// memory (queued, preparing, prepared, committing).
 /// Frames come through this node's own consumer (`node_id`'s). A batch the
-/// store can't write is nak'ed with backoff while its disk is full (the
+/// store can't write is held and retried while its disk is full (the
 /// status board says so, for /healthz); once the disk takes writes again
-/// and the store still can't, ingest ends with the reason.
+/// and the store still can't, ingest ends with the reason. Frames the
+/// consumer gives up on (`max_deliver`) are dead-lettered with the last
+/// error seen (`undeliverable`).
 pub async fn run(bus: Bus, store: Store, config: IngestConfig, node_id: String, status: StatusBoard, shutdown: CancellationToken) -> Result<()> {
-    let mut feed = bus.frame_feed(FrameConsumer::ingest(&node_id)).await?;
+    let consumer = FrameConsumer::ingest(&node_id);
+    let mut feed = bus.frame_feed(consumer.clone()).await?;
+    let failures = Failures::default();
+    let forwarder = tokio::spawn(undeliverable::forward(bus.clone(), consumer, failures.clone(), shutdown.clone()));
     let (batches, mut incoming) = tokio::sync::mpsc::channel::<Vec<Delivery>>(PIPELINE_DEPTH);
     let (ready, mut prepared) = tokio::sync::mpsc::channel::<Prepared>(1);
     let max_wait = Duration::from_millis(config.batch_max_wait_ms);
@@ -112,38 +120,25 @@ pub async fn run(bus: Bus, store: Store, config: IngestConfig, node_id: String, 
     let mut log = RejectionLog::default();
     let mut since_log = BatchOutcome::default();
     let mut last_log = Instant::now();
-    let mut store_pause = Backoff::new(STORE_RETRY_FIRST, STORE_RETRY_LONGEST);
+    // In-progress marks must come well within ack_wait, or the held frames come back.
+    let longest = STORE_RETRY_LONGEST.min(Duration::from_secs(config.ack_wait_secs) / 2);
+    let mut store_pause = Backoff::new(STORE_RETRY_FIRST.min(longest), longest);
     while let Some(Prepared { batch, rejections, frames, compressed }) = prepared.recv().await {
         let size = batch.len();
         let reasons: Vec<Reason> = rejections.iter().flatten().map(|r: &Rejection| r.reason).collect();
-        let store_for_commit = store.clone();
-        // The flush blocks: off the runtime.
-        let committed = tokio::task::spawn_blocking(move || store_for_commit.commit(&frames, compressed, &reasons)).await.context("ingest commit worker")?;
-        match committed {
-            Ok(committed) => {
-                crash_point!("ingest-before-ack");
-                status.committed();
-                store_pause.reset();
-                match settle(&bus, &batch, rejections, &mut log).await {
-                    Ok(rejected) => {
-                        since_log.stored += committed.stored();
-                        since_log.duplicates += committed.duplicates;
-                        since_log.rejected += rejected;
-                    }
-                    Err(e) => tracing::error!("ingest: a committed batch of {size} was not all acked ({e:#}); its frames come back and are found stored"),
-                }
+        let Some(committed) = commit_holding(&store, &batch, frames, compressed, reasons, &status, &mut store_pause, &shutdown).await? else {
+            break; // shutdown while the disk was full: the batch comes back
+        };
+        crash_point!("ingest-before-ack");
+        match settle(&bus, &batch, rejections, &mut log).await {
+            Ok(rejected) => {
+                since_log.stored += committed.stored();
+                since_log.duplicates += committed.duplicates;
+                since_log.rejected += rejected;
             }
             Err(e) => {
-                status.store_failed(&e);
-                store.check_write_failure(&e)?;
-                let delay = store_pause.next;
-                tracing::error!("ingest: the store can't write ({e:#}); a batch of {size} nak'ed, redelivered in {delay:?}");
-                for delivery in &batch {
-                    if let Err(e) = delivery.nak(delay).await {
-                        tracing::warn!("ingest: {e:#}; the frame comes back after ack_wait");
-                    }
-                }
-                store_pause.wait(&shutdown).await;
+                tracing::error!("ingest: a committed batch of {size} was not all acked ({e:#}); its frames come back and are found stored");
+                batch.iter().for_each(|d| failures.record(d.stream_sequence, &e));
             }
         }
         if last_log.elapsed() >= PROGRESS_LOG_INTERVAL {
@@ -159,10 +154,54 @@ pub async fn run(bus: Bus, store: Store, config: IngestConfig, node_id: String, 
             (since_log, last_log) = (BatchOutcome::default(), Instant::now());
         }
     }
+    drop(prepared);
     fetcher.await.context("ingest fetch task")??;
     preparer.await.context("ingest prepare task")??;
+    forwarder.await.context("ingest dead-letter task")??;
     tracing::info!("ingest stopped");
     Ok(())
+}
+
+/// Commits a prepared batch; while the store can't write (a full disk) the
+/// batch is held, its frames marked in progress, and the commit tried again
+/// after `pause` (the status board says why, for /healthz). Ok(None) on
+/// `shutdown` meanwhile; an error once the disk takes writes again but the
+/// store still can't ([`crate::store::NeedsReopen`]).
+#[allow(clippy::too_many_arguments)]
+async fn commit_holding(store: &Store, batch: &[Delivery], frames: Vec<Frame>, compressed: Compressed, reasons: Vec<Reason>, status: &StatusBoard, pause: &mut Backoff, shutdown: &CancellationToken) -> Result<Option<Committed>> {
+    let (mut frames, mut compressed, mut reasons) = (frames, Some(compressed), reasons);
+    loop {
+        let store_for_commit = store.clone();
+        // Compressed once; a retry (rare: a full disk) compresses again.
+        let pixels = compressed.take().unwrap_or_else(|| compress_frames(&frames));
+        // The flush blocks: off the runtime.
+        let (back, back_reasons, committed) = tokio::task::spawn_blocking(move || {
+            let committed = store_for_commit.commit(&frames, pixels, &reasons);
+            (frames, reasons, committed)
+        })
+        .await
+        .context("ingest commit worker")?;
+        (frames, reasons) = (back, back_reasons);
+        let e = match committed {
+            Ok(committed) => {
+                status.committed();
+                pause.reset();
+                return Ok(Some(committed));
+            }
+            Err(e) => e,
+        };
+        status.store_failed(&e);
+        store.check_write_failure(&e)?;
+        tracing::error!("ingest: the store can't write ({e:#}); a batch of {} held, its commit tried again in {:?}", batch.len(), pause.next);
+        for delivery in batch {
+            if let Err(e) = delivery.in_progress().await {
+                tracing::warn!("ingest: {e:#}; the frame may come back after ack_wait");
+            }
+        }
+        if !pause.wait(shutdown).await {
+            return Ok(None);
+        }
+    }
 }
 
 /// Decodes (PNG, resize) and compresses one batch: blocking CPU work.

@@ -21,6 +21,7 @@ pub mod sampler;
 pub mod status;
 pub mod takeover;
 pub mod trainer;
+pub mod undeliverable;
 
 use crate::bus::Bus;
 use crate::vae::checkpoint::Checkpoint;
