@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Publish real CarRacing-v3 frames to wmvae: gymnasium rendered headless,
 a simple driving policy, raw 96x96 RGB frames with action, reward and done,
-several episodes in parallel, by the wire contract (PROTOCOL.md).
+several episodes in parallel, by the wire contract (PROTOCOL.md), through
+wmvae.Publisher (message ids, retries through stream leader elections).
 
     .venv/bin/python examples/carracing_publisher.py [--nats-url URL] [--envs 4] [--episodes 0]
         [--max-steps 0] [--seed S]
@@ -9,22 +10,28 @@ several episodes in parallel, by the wire contract (PROTOCOL.md).
 Credentials and TLS come from the daemon's WMVAE_NATS__* variables
 (see examples/wm_nats.py).
 
-Needs gymnasium with box2d (`pip install "gymnasium[box2d]"`), nats-py and
-msgpack. --episodes 0 runs until interrupted; --max-steps ends each episode
+Needs gymnasium with box2d (`pip install "gymnasium[box2d]"`) and the wmvae
+package (`pip install ./python`; from a checkout it is found without).
+--episodes 0 runs until interrupted; --max-steps ends each episode
 early (its last frame says done); --seed makes tracks and episode ids
 repeatable (so is the validation split, chosen by hashing episode ids).
 """
 import argparse
 import asyncio
 import os
+import sys
 import uuid
 
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 
 import gymnasium as gym  # noqa: E402
-import msgpack  # noqa: E402
-import wm_nats  # noqa: E402
 import numpy as np  # noqa: E402
+
+try:
+    import wmvae  # noqa: E402
+except ImportError:  # a checkout without `pip install ./python`
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+    import wmvae  # noqa: E402
 
 
 def policy(obs, step, rng):
@@ -38,26 +45,12 @@ def policy(obs, step, rng):
     return np.array([steer + rng.normal(0, 0.1), gas, 0.0], dtype=np.float32)
 
 
-# A publish that fails (a cluster electing a stream leader, a server
-# restarting) is sent again with the same Nats-Msg-Id: JetStream stores it
-# once. Waits between tries, in seconds; ~16 s in all covers an election.
-RETRY_PAUSES = [0.25, 0.5, 1, 2, 4, 8]
-
-
-async def publish(js, subject, payload, msg_id):
-    for pause in RETRY_PAUSES + [None]:
-        try:
-            return await js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
-        except Exception as error:  # nats.errors.TimeoutError, NoRespondersError, ...
-            if pause is None:
-                raise
-            print(f"publish {msg_id} failed ({error!r}); again in {pause} s", flush=True)
-            await asyncio.sleep(pause)
-
-
-async def run_env(js, source, args, index):
+async def run_env(nc, source, args, index):
     env = gym.make("CarRacing-v3", render_mode="rgb_array")
     rng = np.random.default_rng(index if args.seed is None else args.seed * 1000 + index)
+    # Acks of up to 64 frames in flight; a frame whose ack does not come is
+    # sent again with the same Nats-Msg-Id, so JetStream stores it once.
+    publisher = wmvae.Publisher(source, connection=nc, max_pending=64)
     done_episodes = 0
     while args.episodes == 0 or done_episodes < args.episodes:
         tag = uuid.uuid4().hex[:8] if args.seed is None else f"s{args.seed}e{done_episodes}"
@@ -68,13 +61,13 @@ async def run_env(js, source, args, index):
             action = policy(obs, step, rng)
             next_obs, reward, terminated, truncated, _ = env.step(action)
             done = bool(terminated or truncated) or step + 1 == args.max_steps
-            frame = {"episode": episode, "step": step, "height": 96, "width": 96, "channels": 3,
-                     "pixels": obs.tobytes(), "action": action.tolist(), "reward": float(reward), "done": done}
-            await publish(js, f"wm.frames.{source}", msgpack.packb(frame), f"{source}/{episode}/{step}")
+            await publisher.publish(episode, step, obs, action=action, reward=reward, done=done, wait=False)
             obs, step = next_obs, step + 1
             await asyncio.sleep(0)
+        await publisher.flush()
         done_episodes += 1
         print(f"{source}: episode {episode} done after {step} steps", flush=True)
+    await publisher.close()
 
 
 async def main():
@@ -85,9 +78,8 @@ async def main():
     p.add_argument("--max-steps", type=int, default=0, help="frames per episode at most; 0 = as the env ends it")
     p.add_argument("--seed", type=int, help="repeatable tracks and episode ids")
     args = p.parse_args()
-    nc = await wm_nats.connect(args.nats_url)
-    js = nc.jetstream()
-    await asyncio.gather(*(run_env(js, f"carracing-{i}", args, i) for i in range(args.envs)))
+    nc = await wmvae.connect(args.nats_url, reconnect=True)
+    await asyncio.gather(*(run_env(nc, f"carracing-{i}", args, i) for i in range(args.envs)))
     await nc.drain()
 
 

@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
 """Turn wmvae's latents into the memory model's training data: replay
-WM_LATENTS and write one .npz per finished episode (a latent with
-done = true ends it), as World Models' series.py does:
+WM_LATENTS (wmvae.latents) and write one .npz per finished episode (a
+latent with done = true ends it), as World Models' series.py does, in the
+series layout wmvae.read_series reads (PROTOCOL of `wmvae series`):
 
+    index.json  [{"source", "episode", "file", "frames"}, ...]
     mu      float32 (N, z)   in step order
     logvar  float32 (N, z)
     action  float32 (N, A)   NaN where a frame had no action
     reward  float32 (N,)     NaN where a frame had none
     done    bool    (N,)
-    step    uint64  (N,)
+    step    int64   (N,)
+    version int64   ()       the model version that encoded the episode (-1: several)
+    sha256  str     ()       that version's weights, as announced ("" if unknown)
 
     .venv/bin/python examples/latents_to_series.py --out series/ [--version V] [--follow] [URL]
 
@@ -21,65 +25,42 @@ daemon's WMVAE_NATS__* variables (see examples/wm_nats.py).
 import argparse
 import asyncio
 import os
-import re
+import sys
 
-import msgpack
-import numpy as np
-import wm_nats
-
-STREAM = "WM_LATENTS"
-
-
-def safe(name):
-    """A file-name-safe form of a source or episode name."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
-
-
-def write_episode(out_dir, source, episode, latents):
-    """One episode's latents, in step order, as an .npz; returns its path."""
-    latents = sorted(latents, key=lambda latent: latent["step"])
-    width = max((len(latent.get("action") or []) for latent in latents), default=0)
-    action = np.full((len(latents), width), np.nan, dtype=np.float32)
-    for row, latent in zip(action, latents):
-        given = latent.get("action") or []
-        row[: len(given)] = given
-    reward = [np.nan if latent.get("reward") is None else latent["reward"] for latent in latents]
-    path = os.path.join(out_dir, f"{safe(source)}__{safe(episode)}.npz")
-    np.savez(
-        path,
-        mu=np.asarray([latent["mu"] for latent in latents], dtype=np.float32),
-        logvar=np.asarray([latent["logvar"] for latent in latents], dtype=np.float32),
-        action=action,
-        reward=np.asarray(reward, dtype=np.float32),
-        done=np.asarray([bool(latent.get("done")) for latent in latents]),
-        step=np.asarray([latent["step"] for latent in latents], dtype=np.uint64),
-    )
-    return path
+try:
+    import wmvae
+except ImportError:  # a checkout without `pip install ./python`
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+    import wmvae
+from wmvae import checkpoints, series  # noqa: E402
 
 
 async def main(args):
     os.makedirs(args.out, exist_ok=True)
-    nc = await wm_nats.connect(args.url)
+    nc = await wmvae.connect(args.url, reconnect=True)
     js = nc.jetstream()
-    last = (await js.stream_info(STREAM)).state.last_seq
-    open_episodes = {}
-    written = 0
-    if last or args.follow:
-        # An ordered consumer replays the stream from its first latent.
-        sub = await js.subscribe("wm.latents.>", ordered_consumer=True)
-        async for msg in sub.messages:
-            latent = msgpack.unpackb(msg.data)
-            source = msg.subject.split(".", 2)[2]
-            if args.version is None or latent["model_version"] == args.version:
-                key = (source, latent["episode"])
-                open_episodes.setdefault(key, []).append(latent)
-                if latent.get("done"):
-                    print(write_episode(args.out, source, latent["episode"], open_episodes.pop(key)))
-                    written += 1
-            if not args.follow and msg.metadata.sequence.stream >= last:
-                break
+    hashes = {-1: ""}
+
+    async def sha256_of(version):
+        if version not in hashes:
+            event = await checkpoints.announcement(js, version)
+            hashes[version] = event["sha256"] if event else ""
+        return hashes[version]
+
+    open_episodes, index = {}, []
+    async for latent in wmvae.latents(">", connection=nc, follow=args.follow, version=args.version):
+        key = (latent["source"], latent["episode"])
+        open_episodes.setdefault(key, []).append(latent)
+        if latent["done"]:
+            arrays = series.arrays_from_latents(open_episodes.pop(key))
+            arrays["sha256"] = await sha256_of(int(arrays["version"]))
+            entry = series.write_episode(args.out, key[0], key[1], arrays)
+            index.append(entry)
+            series.write_index(args.out, index)
+            print(os.path.join(args.out, entry["file"]), flush=True)
+    series.write_index(args.out, index)
     await nc.close()
-    print(f"{written} episodes written to {args.out}; {len(open_episodes)} not finished yet")
+    print(f"{len(index)} episodes written to {args.out}; {len(open_episodes)} not finished yet")
 
 
 if __name__ == "__main__":
