@@ -113,3 +113,47 @@ async fn an_object_claiming_a_huge_size_is_refused_before_allocating() {
     let status = daemon.wait(Duration::from_secs(60));
     assert!(status.success(), "{status}: {}", daemon.logs());
 }
+
+/// Peak resident memory of process `pid` (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+/// A flood of ~1 MB requests to a slow endpoint once queued in the
+/// daemon's memory without bound (async-nats buffers 65,536 messages per
+/// subscription, and an endpoint answers one at a time). Now the control
+/// connection queues a few per endpoint and drops the rest: the daemon's
+/// peak memory stays bounded, and it still answers afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_control_requests_cannot_grow_memory_without_bound() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&nats.url, dir.path(), common::FAST);
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    common::nats::publish_stored(&js, 0, 60).await;
+    // Version 1 exists and the buffer holds frames to reconstruct: each recon request takes a while.
+    daemon
+        .wait_until(Duration::from_secs(120), "a reconstruction to be served", || async {
+            client.request("wm.ctl.checkpoints.recon", br#"{"version": 1}"#.to_vec().into()).await.is_ok_and(|r| r.headers.is_none())
+        })
+        .await;
+    let before = peak_rss(daemon.pid());
+    // {"version": 1} padded with JSON whitespace to ~1 MB, 1,500 times: 1.5 GB.
+    let mut request = br#"{"version": 1"#.to_vec();
+    request.resize(1_000_000, b' ');
+    request.push(b'}');
+    let request = bytes::Bytes::from(request);
+    for _ in 0..1500 {
+        client.publish_with_reply("wm.ctl.checkpoints.recon", "flood.replies", request.clone()).await.unwrap();
+    }
+    client.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let grown = peak_rss(daemon.pid()).saturating_sub(before);
+    assert!(grown < 400 << 20, "the daemon's peak memory grew by {} MB under the flood", grown >> 20);
+    let status = client.request("wm.ctl.status", "".into()).await;
+    assert!(status.is_ok(), "no status after the flood: {status:?}");
+    assert!(daemon.terminate().success());
+}

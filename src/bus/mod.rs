@@ -39,6 +39,15 @@ use std::time::Duration;
 
 /// Longest wait for buffered publishes to reach the server.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests queued per control endpoint (and discovery subject) on the
+/// control connection; past it the client drops them (the requester times
+/// out). Endpoints answer one request at a time and a request may be up to
+/// the server's `max_payload` (1 MiB by default), so this bounds what a
+/// flood of requests can make the daemon hold: about 22 subscriptions x 8
+/// x 1 MiB. Operators and scrapers send a handful at a time.
+const CONTROL_QUEUE: usize = 8;
+/// How often dropped control requests are logged, at most.
+const SLOW_CONTROL_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// A connected client with its JetStream context.
 #[derive(Clone)]
 pub struct Bus {
@@ -48,8 +57,9 @@ pub struct Bus {
     /// Connections made, the first included: a new value is a reconnect.
     connects: tokio::sync::watch::Receiver<u64>,
     client: async_nats::Client,
-    /// The connection the control service runs on: its own with
-    /// `[nats] control_user` (the daemon only), else `client`.
+    /// The connection the control service runs on: the daemon's own, with a
+    /// short request queue, as `[nats] control_user` when set; the CLI's
+    /// `client`.
     control: async_nats::Client,
     js: jetstream::Context,
     prefix: String,
@@ -91,20 +101,38 @@ impl Bus {
         };
         let client = connection::connect(config, patience, make).await?;
         tracing::debug!(url = %config.url, auth = config.auth_kind(), "NATS connected");
-        // The daemon's control service on its own connection, when configured (never for the CLI).
-        let control = match !once && config.control_password.is_set() {
-            true => {
+        // The daemon's control service on its own connection (never for the
+        // CLI): as `[nats] control_user` when configured, else as the main
+        // user; either way with a short request queue ([`CONTROL_QUEUE`]).
+        let control = match once {
+            false => {
                 let make_control = || async {
-                    let options = connection::control_options(config).context("nats.control_user unset")?;
-                    Ok(options.event_callback(|event| async move {
-                        if let async_nats::Event::ServerError(e) = event {
-                            tracing::warn!("NATS server (control connection): {e}");
+                    let options = match connection::control_options(config) {
+                        Some(options) => options,
+                        None => connection::options(config).await?.name("wmvae-control"),
+                    };
+                    // A flood would log a line per dropped request: one a minute.
+                    let last_said = Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
+                    Ok(options.subscription_capacity(CONTROL_QUEUE).event_callback(move |event| {
+                        let last_said = last_said.clone();
+                        async move {
+                            match event {
+                                async_nats::Event::ServerError(e) => tracing::warn!("NATS server (control connection): {e}"),
+                                async_nats::Event::SlowConsumer(_) => {
+                                    let mut last = last_said.lock().unwrap_or_else(|p| p.into_inner());
+                                    if last.is_none_or(|at| at.elapsed() >= SLOW_CONTROL_LOG_INTERVAL) {
+                                        *last = Some(std::time::Instant::now());
+                                        tracing::warn!("control requests arrive faster than they are answered; the excess is dropped");
+                                    }
+                                }
+                                _ => {}
+                            }
                         }
                     }))
                 };
-                connection::connect(config, patience, make_control).await.context("the control service's connection (nats.control_user)")?
+                connection::connect(config, patience, make_control).await.context("the control service's connection")?
             }
-            false => client.clone(),
+            true => client.clone(),
         };
         let js = jetstream::new(client.clone());
         Ok(Bus { limits, disconnects, connects, client, control, js, prefix: config.prefix.clone() })
