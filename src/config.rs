@@ -178,6 +178,8 @@ pub struct ServeConfig {
     pub roles: Roles,
     /// After the shutdown signal, how long the daemon still tries to reach NATS.
     pub shutdown_grace_secs: u64,
+    /// `/healthz` fails when a role's loop has not gone round for this long.
+    pub heartbeat_max_age_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -433,6 +435,9 @@ impl Config {
         }
         if self.ingest.ack_wait_secs == 0 {
             bail!("ingest.ack_wait_secs must be at least 1");
+        }
+        if self.serve.heartbeat_max_age_secs < 5 {
+            bail!("serve.heartbeat_max_age_secs must be at least 5 (idle loops beat every second)");
         }
         if self.ingest.max_deliver < 2 {
             bail!("ingest.max_deliver must be at least 2 (one delivery and one retry)");

@@ -365,6 +365,10 @@ impl BenchArgs {
     }
 }
 
+/// How long the exit waits for the runtime's blocking tasks after the
+/// daemon stopped: they only finish what the daemon already gave up on.
+const RUNTIME_EXIT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
@@ -420,10 +424,16 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", toml::to_string(&config)?);
                 return Ok(());
             }
-            runtime()?.block_on(async {
+            let runtime = runtime()?;
+            let served = runtime.block_on(async {
                 let shutdown = wmvae::daemon::shutdown_on_signals()?;
                 wmvae::daemon::run(config, shutdown).await
-            })?;
+            });
+            // The daemon said what it left; a blocking call still running
+            // (a read from a server gone mid-request) must not hold the exit,
+            // as dropping the runtime would.
+            runtime.shutdown_timeout(RUNTIME_EXIT_PATIENCE);
+            served?;
         }
         Command::Migrate { config } => {
             let config = config.load()?;

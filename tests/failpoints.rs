@@ -137,3 +137,57 @@ async fn a_frame_that_keeps_failing_is_dead_lettered_and_the_consumer_moves_on()
     let logs = daemon.logs();
     assert!(daemon.terminate().success(), "{logs}");
 }
+
+/// Every part runs under one supervisor: a panic in an async task (ingest's
+/// commit stage, the encoder's latent publisher) or in a sampler thread ends
+/// the daemon non-zero, saying which part and why (a worker that died once
+/// went unnoticed: the process stayed up, /healthz said 200).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_or_sampler_that_panics_ends_the_daemon_saying_which() {
+    let nats = NatsServer::start();
+    let js = jetstream::new(nats.client().await);
+    let cases = [
+        ("ingest-before-ack=panic", "ingest: the ingest panicked: failpoint ingest-before-ack panic"),
+        ("encoder-before-ack=panic", "encoder's latent publisher: the encoder's latent publisher panicked: failpoint encoder-before-ack panic"),
+        ("sampler-draw=panic", "sampler 0: the sampler 0 panicked: failpoint sampler-draw panic"),
+    ];
+    for (round, (failpoint, says)) in cases.iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut daemon = Daemon::start(&nats.url, dir.path(), &env(Some(failpoint)));
+        let from = round as u64 * FRAMES_PER_ROUND;
+        publish_stored(&js, from, from + FRAMES_PER_ROUND).await;
+        let status = daemon.wait(Duration::from_secs(180));
+        let logs = daemon.logs();
+        assert!(!status.success() && status.code().is_some(), "{failpoint}: {status}: {logs}");
+        assert!(logs.contains(says), "{failpoint}: {logs}");
+    }
+}
+
+/// /healthz follows each role's heartbeat: an idle daemon keeps beating
+/// (200 long past the configured age), a trainer loop stuck in one step
+/// shows within it (503, saying which loop).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_fails_when_a_loop_stops_going_round() {
+    let nats = NatsServer::start();
+    let js = jetstream::new(nats.client().await);
+    let port = common::free_port().to_string();
+    let addr = format!("127.0.0.1:{port}");
+    let port: u16 = port.parse().unwrap();
+    let mut env = env(Some("trainer-after-step=sleep(600000)"));
+    env.extend([("WMVAE_HTTP__ADDR", addr.as_str()), ("WMVAE_SERVE__HEARTBEAT_MAX_AGE_SECS", "5")]);
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&nats.url, dir.path(), &env);
+    daemon.wait_until(Duration::from_secs(60), "/healthz to answer", || async { common::http_get(port, "/healthz").0 == 200 }).await;
+    // Idle (no frames, so no step to stall in) for twice the age: still healthy.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (code, body) = common::http_get(port, "/healthz");
+    assert_eq!(code, 200, "idle loops beat: {body}");
+    // Frames: the first step sleeps in the failpoint, and the loop stops going round.
+    publish_stored(&js, 0, FRAMES_PER_ROUND).await;
+    daemon
+        .wait_until(Duration::from_secs(120), "/healthz to report the stalled trainer", || async {
+            let (code, body) = common::http_get(port, "/healthz");
+            code == 503 && body.contains("the trainer loop has not gone round")
+        })
+        .await;
+}

@@ -75,3 +75,98 @@ async fn a_second_sigterm_exits_at_once() {
     let status = daemon.wait(Duration::from_secs(10));
     assert_eq!(status.code(), Some(1), "{status}");
 }
+
+/// How the nats-server goes away.
+#[derive(Debug, Clone, Copy)]
+enum ServerStop {
+    /// SIGTERM: it shuts down cleanly.
+    Term,
+    /// SIGKILL: it is gone at once.
+    Kill,
+}
+
+/// When, against the daemon's SIGTERM.
+#[derive(Debug, Clone, Copy)]
+enum Order {
+    ServerFirst,
+    Together,
+    DaemonFirst,
+}
+
+/// The shutdown grace of these daemons: the exit must come within it and 5 s.
+const GRACE_SECS: u64 = 5;
+
+/// A daemon busy at everything (frames streaming in: ingest and encoding;
+/// training with a checkpoint every few steps: uploads and announcements)
+/// gets SIGTERM, and its nats-server goes away (`stop`) in `order` with it.
+/// Seen before: a node asleep 16 minutes later, another burning CPU for 6.
+async fn stops_in_time(stop: ServerStop, order: Order) {
+    let mut nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let grace = GRACE_SECS.to_string();
+    let env: Vec<(&str, &str)> = FAST
+        .iter()
+        .copied()
+        .chain([("WMVAE_SERVE__SHUTDOWN_GRACE_SECS", grace.as_str()), ("WMVAE_TRAIN__CHECKPOINT_EVERY_STEPS", "4"), ("WMVAE_NODE__LEASE_TTL_SECS", "3")])
+        .collect();
+    let mut daemon = Daemon::start(&nats.url, dir.path(), &env);
+    let client = nats.client().await;
+    let js = jetstream::new(client.clone());
+    wait_for_ingest_consumer(&js).await;
+    // Frames keep coming (core NATS: the publisher never waits on a server that is going).
+    let publishing = tokio::spawn(async move {
+        for (i, px) in frames(100_000, 64, 64).chunks(12288).enumerate().map(|(i, px)| (i as u64, px.to_vec())) {
+            let msg = FrameMessage::rgb("e", i, 64, 64, px);
+            if client.publish("wm.frames.car", msg.to_msgpack().into()).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    daemon.wait_until(Duration::from_secs(120), "versions trained and announced", || async { daemon.logs().contains("checkpoint version=4") }).await;
+    let server_goes = |nats: &mut NatsServer| match stop {
+        ServerStop::Term => nats.terminate(),
+        ServerStop::Kill => nats.kill(),
+    };
+    let asked = match order {
+        Order::ServerFirst => {
+            server_goes(&mut nats);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            daemon.signal("TERM");
+            Instant::now()
+        }
+        Order::Together => {
+            daemon.signal("TERM");
+            let asked = Instant::now();
+            server_goes(&mut nats);
+            asked
+        }
+        Order::DaemonFirst => {
+            daemon.signal("TERM");
+            let asked = Instant::now();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            server_goes(&mut nats);
+            asked
+        }
+    };
+    let status = daemon.wait(Duration::from_secs(120));
+    let took = asked.elapsed();
+    publishing.abort();
+    let logs = daemon.logs();
+    assert!(took <= Duration::from_secs(GRACE_SECS + 5), "{stop:?} {order:?}: the daemon took {took:?} to exit: {logs}");
+    assert!(status.success(), "{stop:?} {order:?}: {status}: {logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_is_bounded_whenever_the_server_is_terminated() {
+    for order in [Order::ServerFirst, Order::Together, Order::DaemonFirst] {
+        stops_in_time(ServerStop::Term, order).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_is_bounded_whenever_the_server_is_killed() {
+    for order in [Order::ServerFirst, Order::Together, Order::DaemonFirst] {
+        stops_in_time(ServerStop::Kill, order).await;
+    }
+}

@@ -176,14 +176,16 @@ impl FrameFeed {
         Ok(())
     }
 
-    /// Waits for at least one frame, then gathers more until `max` or
+    /// Waits for a first frame (at most `idle`: then it returns none, so
+    /// the caller's loop goes round), then gathers more until `max` or
     /// `max_wait` after the first. Consumer errors are logged and retried,
     /// backing off; the stream is re-opened if it ends, and the consumer
     /// made again if it can't be (a server without its JetStream state).
     /// On `shutdown` it stops waiting and returns what it has (maybe nothing).
-    pub async fn next_batch(&mut self, max: usize, max_wait: Duration, shutdown: &CancellationToken) -> Result<Vec<Delivery>> {
+    pub async fn next_batch(&mut self, max: usize, max_wait: Duration, idle: Duration, shutdown: &CancellationToken) -> Result<Vec<Delivery>> {
         let mut batch = Vec::new();
         let mut deadline: Option<Instant> = None;
+        let idle_until = Instant::now() + idle;
         while batch.len() < max {
             let messages = match &mut self.messages {
                 Some(messages) => messages,
@@ -201,11 +203,11 @@ impl FrameFeed {
                     }
                 },
             };
-            // Before the first frame: wait indefinitely; after it: until the deadline.
-            let deadline_or_never = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
+            // Before the first frame: until `idle` is over; after it: until the deadline.
+            let until = deadline.unwrap_or(idle_until);
             let next = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                next = tokio::time::timeout_at(deadline_or_never, messages.next()) => match next {
+                next = tokio::time::timeout_at(until, messages.next()) => match next {
                     Ok(next) => next,
                     Err(_) => break,
                 },

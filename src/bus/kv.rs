@@ -107,11 +107,6 @@ impl Shared {
         }))
     }
 
-    /// [`Shared::active`] for a thread outside the runtime.
-    pub fn active_blocking(&self, runtime: &tokio::runtime::Handle) -> Result<Option<(Active, u64)>> {
-        runtime.block_on(self.active())
-    }
-
     /// The active version and the revision of its key, if one was set.
     pub async fn active(&self) -> Result<Option<(Active, u64)>> {
         let Some(entry) = self.meta.entry(ACTIVE_KEY).await.map_err(|e| anyhow!("reading {ACTIVE_KEY}: {e}"))? else { return Ok(None) };

@@ -20,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 const RELAY_STREAM: &str = "WM_BENCH_RELAY";
 /// Bytes relayed per frame: about a latent message's size.
 pub const RELAY_BYTES: usize = 300;
+/// How long the relay waits for a frame before it looks at its shutdown again.
+const RELAY_IDLE: Duration = Duration::from_secs(1);
 /// Header naming the relayed frame's WM_FRAMES sequence.
 const SEQUENCE_HEADER: &str = "Wmvae-Frame-Sequence";
 
@@ -36,8 +38,8 @@ impl Bus {
         let mut feed = FrameFeed::over(consumer, self.subject("frames."), FrameConsumer::Encode.pull_batch());
         let mut window = AckWindow::default();
         loop {
-            let batch = feed.next_batch(max_batch, max_wait, &shutdown).await?;
-            if batch.is_empty() {
+            let batch = feed.next_batch(max_batch, max_wait, RELAY_IDLE, &shutdown).await?;
+            if shutdown.is_cancelled() && batch.is_empty() {
                 return Ok(());
             }
             for delivery in &batch {

@@ -126,7 +126,7 @@ async fn publish(bus: &Bus, shared: &Shared, lease: &Lease, event: &Event, annou
 /// failing); a version is announced, then made active (encoders switch on
 /// that), then its history entry is marked announced. An event given up
 /// (the lease lost) leaves its entry unannounced, for the next start.
-pub(super) async fn publish_events(bus: Bus, store: Store, shared: Shared, lease: Lease, mut events: mpsc::Receiver<Event>) {
+pub(super) async fn publish_events(bus: Bus, store: Store, shared: Shared, lease: Lease, mut events: mpsc::Receiver<Event>) -> Result<()> {
     while let Some(event) = events.recv().await {
         let (epoch, what) = match &event {
             Event::Created { checkpoint, epoch } => (*epoch, format!("v{}", checkpoint.metadata.version)),
@@ -150,6 +150,7 @@ pub(super) async fn publish_events(bus: Bus, store: Store, shared: Shared, lease
             pause.sleep().await;
         }
     }
+    Ok(())
 }
 
 /// Marks the history entry of a published change announced.

@@ -17,7 +17,8 @@
 //! only a version that was announced and can be fetched.
 
 use crate::backoff::Backoff;
-use super::status::{EncoderState, StatusBoard};
+use super::status::{EncoderState, Heart, StatusBoard, IDLE_TICK};
+use super::supervisor::Supervisor;
 use crate::bus::messages::{weights_object, LatentMessage};
 use futures::StreamExt;
 use super::undeliverable::{self, Failures};
@@ -62,6 +63,8 @@ enum Work {
     Encode(Frame, oneshot::Sender<Result<LatentMessage>>),
     /// Newly active weights, sha256 already checked.
     Switch { version: u64, weights: Vec<u8> },
+    /// Nothing to do (the feed is idle): the worker beats all the same.
+    Tick,
 }
 
 /// A handle for the `encode` endpoint; clones share the worker.
@@ -86,47 +89,37 @@ pub struct Encoder {
     pub task: JoinHandle<Result<()>>,
 }
 
-/// Starts the worker thread, the follower and the fetcher.
-pub fn start(bus: &Bus, config: &Config, device: Device, status: StatusBoard, shutdown: CancellationToken) -> Result<Encoder> {
+/// Starts the worker thread, the follower, the fetcher, the publisher and
+/// the dead-letter forwarder, each under `supervisor` (one failing stops
+/// the daemon, saying why).
+pub fn start(bus: &Bus, config: &Config, device: Device, status: StatusBoard, supervisor: &Supervisor) -> Result<Encoder> {
+    let shutdown = supervisor.shutdown().clone();
     let (queue, incoming) = mpsc::channel(QUEUE_DEPTH);
     let (encoded, to_publish) = mpsc::channel(PUBLISH_DEPTH);
     let failures = Failures::default();
     let worker = Worker { net: Network::new(device, config.vae()), vae: config.vae(), version: None, policy: config.ingest.preprocess, status: status.clone(), encoded, failures: failures.clone() };
     status.update(|s| s.encoder_state = Some(EncoderState::WaitingForVersion));
-    let stop = shutdown.clone();
-    let thread = std::thread::Builder::new().name("wmvae-encoder".into()).spawn(move || {
-        // However the thread ends (a panic, such as CUDA out of memory), the daemon stops.
-        let _stop = stop.drop_guard();
-        worker.run(incoming)
+    status.beat(Heart::Encoder);
+    let (runtime, stop) = (tokio::runtime::Handle::current(), shutdown.clone());
+    let thread = supervisor.thread("encoder thread", move || {
+        worker.run(incoming, &runtime, &stop);
+        Ok(())
     })?;
     let (loaded, ready) = watch::channel(false);
     let max_wait = Duration::from_millis(config.latents.max_wait_ms);
-    let follower = follow(bus.clone(), queue.clone(), loaded, shutdown.clone());
-    let fetcher = fetch(bus.clone(), queue.clone(), ready, config.latents.max_batch, max_wait, shutdown.clone());
-    let publisher = publish(bus.latent_publisher(), to_publish, status, failures.clone());
-    let forwarder = undeliverable::forward(bus.clone(), FrameConsumer::Encode, failures, shutdown.clone());
+    let parts = [
+        supervisor.spawn("encoder's follower", follow(bus.clone(), queue.clone(), loaded, shutdown.clone())),
+        supervisor.spawn("encoder's fetch", fetch(bus.clone(), queue.clone(), ready, config.latents.max_batch, max_wait, shutdown.clone())),
+        supervisor.spawn("encoder's latent publisher", publish(bus.latent_publisher(), to_publish, status, failures.clone())),
+        supervisor.spawn("encoder's dead letters", undeliverable::forward(bus.clone(), FrameConsumer::Encode, failures, shutdown)),
+    ];
+    // Their failures are the supervisor's to report; here only their end is
+    // awaited. The worker drains its queue and stops on shutdown; the
+    // publisher, once the worker has stopped.
     let task = tokio::spawn(async move {
-        // Either part failing stops the whole daemon, with its reason.
-        let stop_on_error = |result: Result<()>| {
-            if result.is_err() {
-                shutdown.cancel();
-            }
-            result
-        };
-        // The worker drains its queue and stops once every handle is
-        // dropped; the publisher, once the worker has stopped.
-        let (followed, fetched, published, forwarded) = tokio::join!(
-            async { stop_on_error(follower.await) },
-            async { stop_on_error(fetcher.await) },
-            async { stop_on_error(publisher.await) },
-            async { stop_on_error(forwarder.await) }
-        );
-        tokio::task::spawn_blocking(move || thread.join()).await?.map_err(|panic| super::panicked("encoder", panic))?;
-        followed
-            .context("encoder: following the announcements")
-            .and(fetched.context("encoder: fetching frames"))
-            .and(published.context("encoder: publishing latents"))
-            .and(forwarded.context("encoder: dead-lettering undeliverable frames"))
+        futures::future::join_all(parts).await;
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        Ok(())
     });
     Ok(Encoder { handle: EncoderHandle { queue }, task })
 }
@@ -211,14 +204,32 @@ async fn follow(bus: Bus, queue: mpsc::Sender<Work>, loaded: watch::Sender<bool>
 async fn fetch(bus: Bus, queue: mpsc::Sender<Work>, mut ready: watch::Receiver<bool>, max_batch: usize, max_wait: Duration, shutdown: CancellationToken) -> Result<()> {
     // The follower gone before any version (it stopped on shutdown, or
     // failed and says why itself): nothing to fetch for.
-    tokio::select! {
-        _ = shutdown.cancelled() => return Ok(()),
-        waited = ready.wait_for(|loaded| *loaded) => if waited.is_err() { return Ok(()) },
+    // Meanwhile the worker beats on an idle tick.
+    loop {
+        let loaded = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            waited = ready.wait_for(|loaded| *loaded) => match waited {
+                Ok(_) => true,
+                Err(_) => return Ok(()),
+            },
+            _ = tokio::time::sleep(IDLE_TICK) => false,
+        };
+        if loaded {
+            break;
+        }
+        if queue.send(Work::Tick).await.is_err() {
+            return Ok(());
+        }
     }
     let mut feed = bus.frame_feed(FrameConsumer::Encode).await?;
     while !shutdown.is_cancelled() {
-        let batch = feed.next_batch(max_batch, max_wait, &shutdown).await?;
-        if batch.is_empty() || queue.send(Work::Frames(batch)).await.is_err() {
+        let batch = feed.next_batch(max_batch, max_wait, IDLE_TICK, &shutdown).await?;
+        let work = match batch.is_empty() {
+            true if shutdown.is_cancelled() => break,
+            true => Work::Tick,
+            false => Work::Frames(batch),
+        };
+        if queue.send(work).await.is_err() {
             break;
         }
     }
@@ -281,10 +292,22 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(mut self, mut incoming: mpsc::Receiver<Work>) {
-        while let Some(work) = incoming.blocking_recv() {
-            self.status.update(|s| s.encoder_busy_since = Some(std::time::Instant::now()));
+    /// Works through `incoming` until `shutdown` finds it empty (or every
+    /// sender is gone), beating at each item.
+    fn run(mut self, mut incoming: mpsc::Receiver<Work>, runtime: &tokio::runtime::Handle, shutdown: &CancellationToken) {
+        let next = |incoming: &mut mpsc::Receiver<Work>| {
+            runtime.block_on(async {
+                tokio::select! {
+                    biased;
+                    work = incoming.recv() => work,
+                    _ = shutdown.cancelled() => incoming.try_recv().ok(),
+                }
+            })
+        };
+        while let Some(work) = next(&mut incoming) {
+            self.status.beat(Heart::Encoder);
             match work {
+                Work::Tick => {}
                 Work::Switch { version, weights } => self.switch(version, &weights),
                 Work::Encode(frame, reply) => {
                     let _ = reply.send(self.encode(std::slice::from_ref(&frame)).map(|mut latents| latents.remove(0)));
@@ -295,7 +318,6 @@ impl Worker {
                     }
                 }
             }
-            self.status.update(|s| s.encoder_busy_since = None);
         }
     }
 

@@ -146,7 +146,7 @@ async fn metrics(State(ctx): State<HttpContext>) -> Response {
 }
 
 async fn healthz(State(ctx): State<HttpContext>) -> Response {
-    let mut problems = ctx.status.problems();
+    let mut problems = ctx.status.problems(Duration::from_secs(ctx.config.serve.heartbeat_max_age_secs));
     if !ctx.bus.is_connected() {
         problems.push("NATS is not connected".into());
     }

@@ -7,7 +7,8 @@
 //! disk slows pulling instead of growing memory. Nothing here decodes
 //! MessagePack itself (`wire`) or touches sled or NATS directly.
 
-use super::status::StatusBoard;
+use super::status::{Heart, StatusBoard, IDLE_TICK};
+use super::supervisor::Supervisor;
 use super::undeliverable::{self, Failures};
 use crate::backoff::Backoff;
 use crate::bus::{Bus, Delivery, FrameConsumer};
@@ -88,27 +89,32 @@ struct Prepared {
 /// and the store still can't, ingest ends with the reason. Frames the
 /// consumer gives up on (`max_deliver`) are dead-lettered with the last
 /// error seen (`undeliverable`).
-pub async fn run(bus: Bus, store: Store, config: IngestConfig, node_id: String, status: StatusBoard, shutdown: CancellationToken) -> Result<()> {
+/// Its stages run under `supervisor`; an idle feed sends an empty batch
+/// through them every [`IDLE_TICK`], so ingest's heartbeat shows the whole
+/// pipeline going round.
+pub async fn run(bus: Bus, store: Store, config: IngestConfig, node_id: String, status: StatusBoard, supervisor: Supervisor) -> Result<()> {
+    let shutdown = supervisor.shutdown().clone();
     let consumer = FrameConsumer::ingest(&node_id);
     let mut feed = bus.frame_feed(consumer.clone()).await?;
     let failures = Failures::default();
-    let forwarder = tokio::spawn(undeliverable::forward(bus.clone(), consumer, failures.clone(), shutdown.clone()));
+    let forwarder = supervisor.spawn("ingest's dead letters", undeliverable::forward(bus.clone(), consumer, failures.clone(), shutdown.clone()));
     let (batches, mut incoming) = tokio::sync::mpsc::channel::<Vec<Delivery>>(PIPELINE_DEPTH);
     let (ready, mut prepared) = tokio::sync::mpsc::channel::<Prepared>(1);
     let max_wait = Duration::from_millis(config.batch_max_wait_ms);
     let max_frames = config.batch_max_frames;
     let fetch_shutdown = shutdown.clone();
-    let fetcher = tokio::spawn(async move {
+    let fetcher = supervisor.spawn("ingest's fetch", async move {
         while !fetch_shutdown.is_cancelled() {
-            let batch = feed.next_batch(max_frames, max_wait, &fetch_shutdown).await?;
-            if batch.is_empty() || batches.send(batch).await.is_err() {
+            // Empty when idle: a tick through the pipeline.
+            let batch = feed.next_batch(max_frames, max_wait, IDLE_TICK, &fetch_shutdown).await?;
+            if (batch.is_empty() && fetch_shutdown.is_cancelled()) || batches.send(batch).await.is_err() {
                 break;
             }
         }
         anyhow::Ok(())
     });
     let policy = config.preprocess;
-    let preparer = tokio::spawn(async move {
+    let preparer = supervisor.spawn("ingest's prepare", async move {
         while let Some(batch) = incoming.recv().await {
             let prepared = tokio::task::spawn_blocking(move || prepare(batch, policy)).await.context("ingest prepare worker")?;
             if ready.send(prepared).await.is_err() {
@@ -124,6 +130,10 @@ pub async fn run(bus: Bus, store: Store, config: IngestConfig, node_id: String, 
     let longest = STORE_RETRY_LONGEST.min(Duration::from_secs(config.ack_wait_secs) / 2);
     let mut store_pause = Backoff::new(STORE_RETRY_FIRST.min(longest), longest);
     while let Some(Prepared { batch, rejections, frames, compressed }) = prepared.recv().await {
+        status.beat(Heart::Ingest);
+        if batch.is_empty() {
+            continue; // an idle tick
+        }
         let size = batch.len();
         let reasons: Vec<Reason> = rejections.iter().flatten().map(|r: &Rejection| r.reason).collect();
         let Some(committed) = commit_holding(&store, &batch, frames, compressed, reasons, &status, &mut store_pause, &shutdown).await? else {
@@ -155,9 +165,8 @@ pub async fn run(bus: Bus, store: Store, config: IngestConfig, node_id: String, 
         }
     }
     drop(prepared);
-    fetcher.await.context("ingest fetch task")??;
-    preparer.await.context("ingest prepare task")??;
-    forwarder.await.context("ingest dead-letter task")??;
+    // Their failures are the supervisor's to report; here only their end is awaited.
+    let _ = tokio::join!(fetcher, preparer, forwarder);
     tracing::info!("ingest stopped");
     Ok(())
 }
@@ -191,6 +200,7 @@ async fn commit_holding(store: &Store, batch: &[Delivery], frames: Vec<Frame>, c
             Err(e) => e,
         };
         status.store_failed(&e);
+        status.beat(Heart::Ingest);
         store.check_write_failure(&e)?;
         tracing::error!("ingest: the store can't write ({e:#}); a batch of {} held, its commit tried again in {:?}", batch.len(), pause.next);
         for delivery in batch {

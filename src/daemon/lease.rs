@@ -11,6 +11,7 @@
 //! meanwhile, and a renewal that succeeds lets it lead on, same epoch. A standby watches the key and takes it when
 //! it is free. Deciding, not doing: the trainer and the announcer ask.
 
+use super::supervisor::Supervisor;
 use crate::bus::kv::{Conflict, LeaseEvent, Shared};
 use anyhow::Result;
 use futures::StreamExt;
@@ -93,12 +94,12 @@ impl Lease {
     }
 }
 
-/// Starts contending for the lease as `holder`. `stop` ends the task: it
-/// then releases a lease it holds (the daemon stops it last, after the
-/// final checkpoint is announced).
-pub fn start(shared: Shared, holder: String, ttl: Duration, stop: CancellationToken) -> (Lease, JoinHandle<Result<()>>) {
+/// Starts contending for the lease as `holder`, under `supervisor`. `stop`
+/// ends the task: it then releases a lease it holds (the daemon stops it
+/// last, after the final checkpoint is announced).
+pub fn start(shared: Shared, holder: String, ttl: Duration, stop: CancellationToken, supervisor: &Supervisor) -> (Lease, JoinHandle<Result<()>>) {
     let lease = Lease { held: Arc::default(), terms: Arc::default(), trust: ttl * 2 / 3 };
-    let task = tokio::spawn(contend(shared, holder, ttl, lease.clone(), stop));
+    let task = supervisor.spawn("lease", contend(shared, holder, ttl, lease.clone(), stop));
     (lease, task)
 }
 

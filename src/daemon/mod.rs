@@ -19,6 +19,7 @@ pub mod lease;
 pub mod metrics;
 pub mod sampler;
 pub mod status;
+pub mod supervisor;
 pub mod takeover;
 pub mod trainer;
 pub mod undeliverable;
@@ -27,7 +28,8 @@ use crate::bus::Bus;
 use crate::vae::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::vae::learner::Learner;
-use crate::daemon::status::StatusBoard;
+use crate::daemon::status::{Heart, StatusBoard};
+use crate::daemon::supervisor::{Supervisor, Watchdog};
 use crate::store::{Change, Damaged, NeedsReopen, Store};
 use crate::daemon::trainer::Trainer;
 use crate::vae::device::{self, Device};
@@ -57,6 +59,12 @@ const COMMAND_QUEUE: usize = 16;
 /// threads let go of the store's lock, and the old control service's
 /// subscriptions are gone before the new one checks for a twin.
 const REOPEN_PAUSE: Duration = Duration::from_secs(1);
+/// The final flush to NATS gets at least this long, even past the grace.
+const FINAL_FLUSH: Duration = Duration::from_millis(500);
+/// How long past the shutdown grace the [`Watchdog`] lets a shutdown run
+/// before it ends the process: the parts are cut off at the grace, so what
+/// is left (at most [`FINAL_FLUSH`] to NATS, the store's flush) is short.
+const WATCHDOG_MARGIN: Duration = Duration::from_secs(4);
 
 /// One token cancelled by SIGTERM or Ctrl-C, passed down to every task. A
 /// second signal ends the process at once (exit 1): the operator's way out
@@ -84,17 +92,13 @@ pub fn shutdown_on_signals() -> Result<CancellationToken> {
     Ok(token)
 }
 
-/// Awaits `task` until `deadline`; past it, aborts it and says what is left
-/// (None).
-async fn until<T>(deadline: tokio::time::Instant, what: &str, left: &str, task: JoinHandle<T>) -> Result<Option<T>> {
+/// Awaits `task` until `deadline`; past it, aborts it and says what is
+/// left. A part's own failure is the supervisor's to report.
+async fn until<T>(deadline: tokio::time::Instant, what: &str, left: &str, task: JoinHandle<T>) {
     let abort = task.abort_handle();
-    match tokio::time::timeout_at(deadline, task).await {
-        Ok(done) => Ok(Some(done.with_context(|| format!("{what} task"))?)),
-        Err(_) => {
-            abort.abort();
-            tracing::warn!("{what}: not done within the shutdown grace; {left}");
-            Ok(None)
-        }
+    if tokio::time::timeout_at(deadline, task).await.is_err() {
+        abort.abort();
+        tracing::warn!("{what}: not done within the shutdown grace; {left}");
     }
 }
 
@@ -126,7 +130,7 @@ fn resume(config: &Config, store: &Store, bus: &Bus, device: Device) -> Result<(
 fn recover(store: &Store, bus: &Bus, version: u64) -> Result<Checkpoint> {
     let registry = store.registry();
     let expected = registry.metadata(version).ok().flatten().map(|m| m.sha256);
-    match takeover::object_store_copy(bus, &tokio::runtime::Handle::current(), version, expected.as_deref()) {
+    match tokio::runtime::Handle::current().block_on(takeover::object_store_copy(bus, version, expected.as_deref())) {
         Ok(Some(copy)) => {
             registry.repair(&copy)?;
             tracing::warn!(version, "v{version} repaired from the object store's copy");
@@ -157,26 +161,10 @@ struct TrainerRole {
     lease: Lease,
     ingest: JoinHandle<Result<()>>,
     thread: std::thread::JoinHandle<Result<()>>,
-    publisher: JoinHandle<()>,
+    publisher: JoinHandle<Result<()>>,
     contender: JoinHandle<Result<()>>,
     /// Stops contending for the lease (and releases it), last.
     lease_stop: CancellationToken,
-}
-
-/// A role thread's panic as the daemon's error, with the panic's message
-/// (e.g. CUDA out of memory) so the exit says why.
-fn panicked(thread: &str, panic: Box<dyn std::any::Any + Send>) -> anyhow::Error {
-    let message = panic.downcast_ref::<&str>().copied().or_else(|| panic.downcast_ref::<String>().map(String::as_str)).unwrap_or("no message");
-    anyhow!("the {thread} thread panicked: {message}")
-}
-
-/// Cancels `shutdown` when `result` is an error, so one part failing stops
-/// the whole daemon (which then exits non-zero with the reason).
-fn stop_on_error<T>(result: Result<T>, shutdown: &CancellationToken) -> Result<T> {
-    if result.is_err() {
-        shutdown.cancel();
-    }
-    result
 }
 
 /// Refuses a second trainer node with this node's id (or, both without
@@ -195,8 +183,8 @@ impl TrainerRole {
     /// Resumes (or starts) the learner from the store, then starts ingest
     /// through this node's own consumer, contending for the lease, the
     /// trainer thread (which trains only while leading) and the checkpoint
-    /// publisher.
-    async fn start(config: &Config, bus: &Bus, store: &Store, device: Device, status: &StatusBoard, shutdown: &CancellationToken) -> Result<TrainerRole> {
+    /// publisher, each under `supervisor`.
+    async fn start(config: &Config, bus: &Bus, store: &Store, device: Device, status: &StatusBoard, supervisor: &Supervisor) -> Result<TrainerRole> {
         refuse_twin(bus, &config.node.id).await?;
         let (learner, active) = {
             let (config, store, bus) = (config.clone(), store.clone(), bus.clone());
@@ -204,10 +192,11 @@ impl TrainerRole {
         };
         let shared = bus.shared().await?;
         let lease_stop = CancellationToken::new();
-        let (lease, contender) = lease::start(shared.clone(), config.node.holder(), Duration::from_secs(config.node.lease_ttl_secs), lease_stop.clone());
+        let (lease, contender) = lease::start(shared.clone(), config.node.holder(), Duration::from_secs(config.node.lease_ttl_secs), lease_stop.clone(), supervisor);
         let (events, event_queue) = mpsc::channel(EVENT_QUEUE);
         let (commands, command_queue) = mpsc::channel(COMMAND_QUEUE);
-        let publisher = tokio::spawn(announce::publish_events(bus.clone(), store.clone(), shared.clone(), lease.clone(), event_queue));
+        let publisher = supervisor.spawn("checkpoint publisher", announce::publish_events(bus.clone(), store.clone(), shared.clone(), lease.clone(), event_queue));
+        status.beat(Heart::Trainer);
         let trainer = Trainer {
             config: config.clone(),
             store: store.clone(),
@@ -216,7 +205,7 @@ impl TrainerRole {
             events,
             status: status.clone(),
             commands: command_queue,
-            shutdown: shutdown.clone(),
+            supervisor: supervisor.clone(),
             lease: lease.clone(),
             shared,
             bus: bus.clone(),
@@ -224,41 +213,38 @@ impl TrainerRole {
             grant: None,
             auto_rollbacks_in_a_row: 0,
         };
-        let stop = shutdown.clone();
-        let thread = std::thread::Builder::new().name("wmvae-trainer".into()).spawn(move || {
-            // However the thread ends (an error, a panic), the daemon stops: finish() says why.
-            let _stop = stop.clone().drop_guard();
-            trainer.run()
-        })?;
-        let (bus, store_for_ingest, ingest_config, node_id, status, stop) = (bus.clone(), store.clone(), config.ingest.clone(), config.node.id.clone(), status.clone(), shutdown.clone());
-        let ingest = tokio::spawn(async move { stop_on_error(ingest::run(bus, store_for_ingest, ingest_config, node_id, status, stop.clone()).await, &stop) });
+        let thread = supervisor.thread("trainer thread", move || trainer.run())?;
+        status.beat(Heart::Ingest);
+        let ingest = supervisor.spawn("ingest", ingest::run(bus.clone(), store.clone(), config.ingest.clone(), config.node.id.clone(), status.clone(), supervisor.clone()));
         Ok(TrainerRole { store: store.clone(), commands, lease, ingest, thread, publisher, contender, lease_stop })
     }
 
     /// After shutdown: ingest's batches in flight committed and acked, the
     /// last checkpoint written, every checkpoint event published, then the
-    /// lease released so a standby takes over at once.
+    /// lease released so a standby takes over at once; each waited for
+    /// until `deadline` at most. Errors of the parts themselves are the
+    /// supervisor's; here, what kept the shutdown from finishing.
     async fn finish(self, deadline: tokio::time::Instant) -> Result<()> {
-        let ingested = until(deadline, "ingest", "frames not acked yet are redelivered", self.ingest).await?.unwrap_or(Ok(()));
+        until(deadline, "ingest", "frames not acked yet are redelivered", self.ingest).await;
         // The trainer thread needs no NATS to write its last checkpoint, but
         // it may wait on the event queue while NATS is away.
         while !self.thread.is_finished() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(THREAD_POLL).await;
         }
         let trained = match self.thread.is_finished() {
-            true => self.thread.join().map_err(|panic| panicked("trainer", panic))?,
+            true => Ok(()),
             false => Err(anyhow!("the trainer thread did not stop within the shutdown grace")),
         };
         drop(self.commands);
-        until(deadline, "checkpoint publisher", "unannounced versions go out at the next start", self.publisher).await?;
+        until(deadline, "checkpoint publisher", "unannounced versions go out at the next start", self.publisher).await;
         self.lease_stop.cancel();
-        let contended = until(deadline, "lease", "the lease lapses by itself", self.contender).await?.unwrap_or(Ok(()));
+        until(deadline, "lease", "the lease lapses by itself", self.contender).await;
         // A store that can't flush must not hide why the daemon stopped.
         let flushed = self.store.flush();
         if flushed.is_ok() {
             tracing::info!("store flushed");
         }
-        ingested.context("ingest").and(trained.context("trainer")).and(contended.context("lease")).and(flushed.context("flushing the store"))
+        trained.and(flushed.context("flushing the store"))
     }
 }
 
@@ -290,10 +276,10 @@ async fn serve_while_leading(bus: Bus, handler: Handler, node: NodeInfo, lease: 
 /// without its JetStream state (a new disk, a lost volume) gets its
 /// streams, buckets and consumers back without a restart of the daemon.
 /// Each part then retries against them as against any NATS fault.
-async fn migrate_on_reconnect(bus: Bus, shutdown: CancellationToken) {
+async fn migrate_on_reconnect(bus: Bus, shutdown: CancellationToken) -> Result<()> {
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return Ok(()),
             _ = bus.reconnected() => {}
         }
         let mut pause = Backoff::default();
@@ -306,7 +292,7 @@ async fn migrate_on_reconnect(bus: Bus, shutdown: CancellationToken) {
                 Err(e) => {
                     tracing::warn!("NATS reconnected, but the migrations failed ({e:#}); trying again in {:?}", pause.next);
                     if !pause.wait(&shutdown).await {
-                        return;
+                        return Ok(());
                     }
                 }
             }
@@ -336,8 +322,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     }
 }
 
-/// The daemon's parts, once: until `shutdown` or the first failure.
+/// The daemon's parts, once: until `shutdown` or the first failure (its
+/// error). The shutdown is bounded: each part is waited for until the
+/// grace is over, and a [`Watchdog`] ends the process if it still isn't.
 async fn run_parts(config: Config, shutdown: CancellationToken) -> Result<()> {
+    let supervisor = Supervisor::new(shutdown.clone());
     let roles = config.serve.roles;
     device::set_threads(config.train.threads);
     let device = config.train.device.resolve()?;
@@ -354,14 +343,14 @@ async fn run_parts(config: Config, shutdown: CancellationToken) -> Result<()> {
     let report = bus.migrate().await?;
     tracing::info!(url = %config.nats.url, migration = report.version, streams = ?report.streams, "NATS ready");
     let status = StatusBoard::new(roles, &config.node.id, store.clone(), device::describe(device));
-    tokio::spawn(migrate_on_reconnect(bus.clone(), shutdown.clone()));
+    let migrations = supervisor.spawn("migrations on reconnect", migrate_on_reconnect(bus.clone(), shutdown.clone()));
 
     let trainer = match &store {
-        Some(store) => Some(TrainerRole::start(&config, &bus, store, device, &status, &shutdown).await?),
+        Some(store) => Some(TrainerRole::start(&config, &bus, store, device, &status, &supervisor).await?),
         None => None,
     };
     let encoder = match roles.encoder {
-        true => Some(encoder::start(&bus, &config, device, status.clone(), shutdown.clone())?),
+        true => Some(encoder::start(&bus, &config, device, status.clone(), &supervisor)?),
         false => None,
     };
     let node = NodeInfo { id: config.node.id.clone(), roles };
@@ -373,52 +362,60 @@ async fn run_parts(config: Config, shutdown: CancellationToken) -> Result<()> {
         trainer: trainer.as_ref().map(|t| control::TrainerSide { store: t.store.clone(), commands: t.commands.clone() }),
     };
     let handler = control::handler(context);
-    let control = tokio::spawn({
+    let control = {
         let (bus, handler, node, shutdown) = (bus.clone(), handler.clone(), node.clone(), shutdown.clone());
         let board = status.clone();
         let probe: StatusProbe = Arc::new(move || serde_json::to_value(board.snapshot()).unwrap_or_default());
-        async move { stop_on_error(bus.serve_control(handler, &Endpoint::served_by(roles), &node, Some(probe), shutdown.clone()).await, &shutdown) }
-    });
-    let leader_control = trainer.as_ref().map(|t| {
-        let (bus, lease, shutdown) = (bus.clone(), t.lease.clone(), shutdown.clone());
-        tokio::spawn(async move { stop_on_error(serve_while_leading(bus, handler, node, lease, shutdown.clone()).await, &shutdown) })
-    });
-    let http = if config.http.addr.is_empty() {
-        None
-    } else {
-        let listener = http::bind(&config.http.addr, config.http.max_connections).await?;
-        let context = http::HttpContext::new(status.clone(), store.clone(), bus.clone(), config.clone());
-        Some(tokio::spawn(http::serve(listener, context, shutdown.clone())))
+        supervisor.spawn("control service", async move { bus.serve_control(handler, &Endpoint::served_by(roles), &node, Some(probe), shutdown).await })
+    };
+    let leader_control = trainer.as_ref().map(|t| supervisor.spawn("leader's control service", serve_while_leading(bus.clone(), handler, node, t.lease.clone(), shutdown.clone())));
+    let http = match config.http.addr.is_empty() {
+        true => None,
+        false => {
+            let listener = http::bind(&config.http.addr, config.http.max_connections).await?;
+            let context = http::HttpContext::new(status.clone(), store.clone(), bus.clone(), config.clone());
+            Some(supervisor.spawn("HTTP", http::serve(listener, context, shutdown.clone())))
+        }
     };
     tracing::info!(roles = %roles, node = %config.node.id, device = %device::describe(device), "serving");
 
     // Every part runs until the shutdown signal; the first to fail sends it.
     shutdown.cancelled().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(config.serve.shutdown_grace_secs);
-    let controlled = control.await.context("control task")?;
-    let controlled = match leader_control {
-        Some(task) => controlled.and(task.await.context("leader control task")?),
-        None => controlled,
-    };
+    let grace = Duration::from_secs(config.serve.shutdown_grace_secs);
+    let watchdog = Watchdog::arm(grace + WATCHDOG_MARGIN, supervisor.clone())?;
+    let deadline = tokio::time::Instant::now() + grace;
+    watchdog.at("stopping the control service");
+    until(deadline, "control service", "requests in flight go unanswered", control).await;
+    if let Some(task) = leader_control {
+        until(deadline, "leader's control service", "requests in flight go unanswered", task).await;
+    }
+    watchdog.at("stopping the trainer role");
     let trained = match trainer {
         Some(trainer) => trainer.finish(deadline).await,
         None => Ok(()),
     };
-    let served = match http {
-        Some(task) => task.await.context("HTTP task")?,
-        None => Ok(()),
-    };
-    let encoded = match encoder {
-        Some(Encoder { handle, task }) => {
-            drop(handle);
-            until(deadline, "encoder", "frames not acked yet are redelivered", task).await?.unwrap_or(Ok(()))
-        }
-        None => Ok(()),
-    };
-    // Unreachable NATS is no failure of this shutdown: the next start catches up.
-    if let Err(e) = bus.flush().await {
-        tracing::warn!("{e:#}; what did not reach NATS goes out at the next start");
+    watchdog.at("stopping HTTP and the encoder");
+    if let Some(task) = http {
+        until(deadline, "HTTP", "requests in flight are cut", task).await;
+    }
+    if let Some(Encoder { handle, task }) = encoder {
+        drop(handle);
+        until(deadline, "encoder", "frames not acked yet are redelivered", task).await;
+    }
+    until(deadline, "migrations on reconnect", "nothing is lost", migrations).await;
+    // Unreachable NATS is no failure of this shutdown: the next start
+    // catches up. What is buffered gets until the grace is over (a moment
+    // at least).
+    watchdog.at("flushing to NATS");
+    let flush_until = deadline.max(tokio::time::Instant::now() + FINAL_FLUSH);
+    match tokio::time::timeout_at(flush_until, bus.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("{e:#}; what did not reach NATS goes out at the next start"),
+        Err(_) => tracing::warn!("flushing to NATS: not done within the shutdown grace; what did not reach NATS goes out at the next start"),
     }
     tracing::info!("bye");
-    trained.and(controlled).and(served).and(encoded)
+    match supervisor.take_failure() {
+        Some(failure) => Err(failure),
+        None => trained,
+    }
 }

@@ -3,6 +3,7 @@
 //! draws nothing until the split holds `min_frames`, so the first batches
 //! come from a buffer as full as training asks. Reads the store; never writes.
 
+use super::supervisor::Supervisor;
 use crate::store::{Split, Store};
 use anyhow::{Context, Result};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +20,10 @@ const PREFETCH_BATCHES: usize = 4;
 /// images/s on an H100 and is meant to double); idle ones wait on the full
 /// queue, so they cost nothing while the step is the slower side.
 const SAMPLER_THREADS: usize = 4;
+/// The threads' names, one each.
+const SAMPLER_NAMES: [&str; SAMPLER_THREADS] = ["sampler 0", "sampler 1", "sampler 2", "sampler 3"];
+/// Pause after a draw that failed.
+const SAMPLE_RETRY: Duration = Duration::from_secs(1);
 /// Pause while the split holds too few frames.
 const EMPTY_SPLIT_PAUSE: Duration = Duration::from_millis(50);
 
@@ -26,22 +31,25 @@ pub struct Sampler {
     batches: Option<Receiver<Vec<u8>>>,
     /// Set when the trainer is done: the threads stop at their next pause.
     stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    threads: Vec<JoinHandle<Result<()>>>,
 }
 
 impl Sampler {
     /// Starts drawing batches of `batch_size` frames from `split` once it
-    /// holds `min_frames`.
-    pub fn start(store: Store, split: Split, batch_size: usize, min_frames: u64) -> Result<Sampler> {
+    /// holds `min_frames`, on threads under `supervisor` (a panic there
+    /// stops the daemon, saying why).
+    pub fn start(store: Store, split: Split, batch_size: usize, min_frames: u64, supervisor: &Supervisor) -> Result<Sampler> {
         let (ready, batches) = sync_channel(PREFETCH_BATCHES);
         let stop = Arc::new(AtomicBool::new(false));
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads = (0..SAMPLER_THREADS.min(cores))
             .map(|i| {
                 let (store, ready, stopped) = (store.clone(), ready.clone(), stop.clone());
-                std::thread::Builder::new()
-                    .name(format!("wmvae-sampler-{i}"))
-                    .spawn(move || draw(&store, split, batch_size, min_frames, &ready, &stopped))
+                supervisor
+                    .thread(SAMPLER_NAMES[i], move || {
+                        draw(&store, split, batch_size, min_frames, &ready, &stopped);
+                        Ok(())
+                    })
                     .context("spawning a sampler thread")
             })
             .collect::<Result<Vec<_>>>()
@@ -60,6 +68,7 @@ impl Sampler {
 fn draw(store: &Store, split: Split, batch_size: usize, min_frames: u64, ready: &SyncSender<Vec<u8>>, stopped: &AtomicBool) {
     let mut rng = rand::thread_rng();
     while !stopped.load(Ordering::Relaxed) {
+        fail::fail_point!("sampler-draw");
         if store.len(split) < min_frames.max(1) {
             std::thread::sleep(EMPTY_SPLIT_PAUSE);
             continue;
@@ -71,9 +80,10 @@ fn draw(store: &Store, split: Split, batch_size: usize, min_frames: u64, ready: 
                 }
             }
             Ok(None) => std::thread::sleep(EMPTY_SPLIT_PAUSE),
+            // A read that failed (a damaged chunk) is tried again: said, and paused.
             Err(e) => {
-                tracing::error!("sampler: {e:#}");
-                std::thread::sleep(Duration::from_secs(1));
+                tracing::error!("sampler: {e:#}; drawing again in {SAMPLE_RETRY:?}");
+                std::thread::sleep(SAMPLE_RETRY);
             }
         }
     }

@@ -100,11 +100,32 @@ fn push_bounded(curve: &mut VecDeque<CurvePoint>, point: CurvePoint) {
     curve.push_back(point);
 }
 
-/// A trainer loop that has not gone round, or an encoder item not done,
-/// for this long is stalled. Its slowest rounds: a takeover retrying for
-/// up to 2 min shows as a stall too, rightly; a checkpoint with an eval
-/// takes seconds on a CPU.
-const STALLED: Duration = Duration::from_secs(60);
+/// A role's loop that must keep going round: each beats at every round,
+/// idle or not, and `/healthz` fails when one has not beaten for
+/// `[serve] heartbeat_max_age_secs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Heart {
+    /// The training loop: a step, a standby's look at the lease, an idle pause.
+    Trainer,
+    /// Ingest's commit stage: a batch committed, or an idle tick through the pipeline.
+    Ingest,
+    /// The encoder's worker thread: a micro-batch, or an idle tick through its queue.
+    Encoder,
+}
+
+/// How often an idle loop beats (an empty round through it): well within
+/// the shortest `heartbeat_max_age_secs` allowed, and cheap (a wakeup).
+pub const IDLE_TICK: Duration = Duration::from_secs(1);
+
+impl Heart {
+    fn as_str(self) -> &'static str {
+        match self {
+            Heart::Trainer => "the trainer loop",
+            Heart::Ingest => "ingest",
+            Heart::Encoder => "the encoder",
+        }
+    }
+}
 
 /// The `status` endpoint's JSON (keys pinned); read back by the benches.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -141,12 +162,9 @@ pub struct Status {
     pub store_write_errors: u64,
     /// Why the store's last write failed, until one succeeds (a full disk).
     pub store_error: Option<String>,
-    /// When the trainer loop last went round (a trainer node).
+    /// When each role's loop last went round.
     #[serde(skip)]
-    pub trainer_beat: Option<Instant>,
-    /// Since when the encoder thread works on its current item (None: idle).
-    #[serde(skip)]
-    pub encoder_busy_since: Option<Instant>,
+    pub beats: std::collections::BTreeMap<Heart, Instant>,
     /// When frames were last committed to the store.
     #[serde(skip)]
     pub last_commit: Option<Instant>,
@@ -204,6 +222,13 @@ impl StatusBoard {
         self.update(|s| (s.store_write_errors, s.store_error) = (s.store_write_errors + 1, Some(format!("{error:#}"))));
     }
 
+    /// `heart`'s loop went round.
+    pub fn beat(&self, heart: Heart) {
+        self.update(|s| {
+            s.beats.insert(heart, Instant::now());
+        });
+    }
+
     /// Frames were committed: the store writes.
     pub fn committed(&self) {
         self.update(|s| (s.store_error, s.last_commit) = (None, Some(Instant::now())));
@@ -215,18 +240,15 @@ impl StatusBoard {
     }
 
     /// What makes this node unhealthy now, besides NATS: a store that
-    /// can't write, a trainer loop or encoder item stalled past [`STALLED`].
-    pub fn problems(&self) -> Vec<String> {
+    /// can't write, a role's loop that has not gone round for `max_age`.
+    pub fn problems(&self, max_age: Duration) -> Vec<String> {
         let s = self.status.lock().unwrap();
         let mut problems = Vec::new();
         if let Some(error) = &s.store_error {
             problems.push(format!("the store can't write: {error}"));
         }
-        if let Some(beat) = s.trainer_beat.filter(|b| b.elapsed() > STALLED) {
-            problems.push(format!("the trainer loop has not gone round for {:.0} s", beat.elapsed().as_secs_f64()));
-        }
-        if let Some(busy) = s.encoder_busy_since.filter(|b| b.elapsed() > STALLED) {
-            problems.push(format!("the encoder has been on one item for {:.0} s", busy.elapsed().as_secs_f64()));
+        for (heart, beat) in s.beats.iter().filter(|(_, b)| b.elapsed() > max_age) {
+            problems.push(format!("{} has not gone round for {:.0} s", heart.as_str(), beat.elapsed().as_secs_f64()));
         }
         problems
     }

@@ -40,9 +40,9 @@ pub(super) struct Retrying {
 /// The object store's full checkpoint of `version` (its envelope's sha256
 /// checked, and its weights' against `sha256` when given); None when the
 /// object store has none.
-pub(super) fn object_store_copy(bus: &Bus, runtime: &tokio::runtime::Handle, version: u64, sha256: Option<&str>) -> Result<Option<Checkpoint>> {
+pub(super) async fn object_store_copy(bus: &Bus, version: u64, sha256: Option<&str>) -> Result<Option<Checkpoint>> {
     let name = checkpoint_envelope_object(version);
-    let Some(bytes) = runtime.block_on(bus.get_object(&name))? else { return Ok(None) };
+    let Some(bytes) = bus.get_object(&name).await? else { return Ok(None) };
     let checkpoint = Checkpoint::from_bytes(&bytes).with_context(|| name.clone())?;
     checkpoint.verify()?;
     if sha256.is_some_and(|sha256| checkpoint.metadata.sha256 != sha256) || checkpoint.metadata.version != version {
@@ -65,16 +65,34 @@ impl Trainer {
         self.active.as_ref().context("no active version yet: this node has not led")
     }
 
+    /// A NATS call made from the trainer's thread, the one way it reaches
+    /// the runtime: given up when the shutdown signal comes while it waits
+    /// (a server gone mid-request must not hold the shutdown), and after
+    /// `limit` when one is given. A call made once the shutdown began (the
+    /// last checkpoint's) is bounded by its `limit` alone.
+    pub(super) fn nats<T>(&self, call: impl std::future::Future<Output = Result<T>>, limit: Option<Duration>) -> Result<T> {
+        let shutdown = self.supervisor.shutdown().clone();
+        let interruptible = !shutdown.is_cancelled();
+        // The timers are made inside the runtime: this thread is not one of its.
+        self.runtime.block_on(async {
+            let bounded = async {
+                match limit {
+                    Some(limit) => tokio::time::timeout(limit, call).await.map_err(|_| anyhow!("NATS did not answer within {limit:?}"))?,
+                    None => call.await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled(), if interruptible => Err(anyhow!("given up: the daemon is shutting down")),
+                done = bounded => done,
+            }
+        })
+    }
+
     /// A version number unique across nodes, waited for at most `within`.
     pub(super) fn allocate_version(&self, within: Option<Duration>) -> Result<u64> {
         self.leading()?;
         let at_least = self.store.registry().next_free()?;
-        let allocation = self.shared.allocate_version(at_least);
-        match within {
-            None => self.runtime.block_on(allocation),
-            // The timer is made inside the runtime: this thread is not one of its.
-            Some(limit) => self.runtime.block_on(async { tokio::time::timeout(limit, allocation).await }).map_err(|_| anyhow!("NATS did not answer within {limit:?}"))?,
-        }
+        self.nats(self.shared.allocate_version(at_least), within)
     }
 
     /// Not leading: say so, refuse queued operator commands, wait a moment.
@@ -110,7 +128,7 @@ impl Trainer {
             return Err(e).context(format!("could not take over training for {TAKEOVER_PATIENCE:?}"));
         }
         tracing::warn!(epoch, "taking over training failed ({e:#}); trying again in {:?}", retrying.pause.next);
-        self.runtime.block_on(retrying.pause.wait(&self.shutdown));
+        self.runtime.block_on(retrying.pause.wait(self.supervisor.shutdown()));
         Ok(false)
     }
 
@@ -130,7 +148,7 @@ impl Trainer {
         // the lease, while another node trained on) gives way to the
         // cluster's active version.
         let operator_changes = registry.unannounced_history()?.iter().any(|h| matches!(h.why, Change::Rollback | Change::Import | Change::Recovery));
-        let cluster = self.shared.active_blocking(&self.runtime)?.map(|(active, _)| active);
+        let cluster = self.nats(self.shared.active(), None)?.map(|(active, _)| active);
         let mine = self.active.as_ref().map(|a| a.metadata.version);
         match cluster {
             Some(active) if !operator_changes && mine != Some(active.version) && !self.continues(&active)? => self.catch_up(&active)?,
@@ -140,12 +158,12 @@ impl Trainer {
         self.adopt_pending()?;
         // NATS catches up with this store (objects it lacks, offline rollbacks).
         let (bus, store, lease) = (self.bus.clone(), self.store.clone(), self.lease.clone());
-        self.runtime.block_on(announce::publish_offline_changes(&bus, &store, &lease, epoch))?;
+        self.nats(announce::publish_offline_changes(&bus, &store, &lease, epoch), None)?;
         // Fence: `active` rewritten under this epoch; an older leader's compare-and-set now fails.
         let (version, sha256) = (self.active()?.metadata.version, self.active()?.metadata.sha256.clone());
         let active = Active { version, sha256, epoch };
-        let seen = self.shared.active_blocking(&self.runtime)?.map(|(_, revision)| revision);
-        match self.runtime.block_on(self.shared.set_active(&active, seen)) {
+        let seen = self.nats(self.shared.active(), None)?.map(|(_, revision)| revision);
+        match self.nats(self.shared.set_active(&active, seen), None) {
             Ok(_) => registry.set_led_epoch(epoch)?,
             Err(e) if e.downcast_ref::<Conflict>().is_some() => {
                 self.lease.lose();
@@ -226,7 +244,7 @@ impl Trainer {
             Err(e) if e.chain().all(|c| !c.is::<Damaged>()) => return Err(e),
             damaged_or_missing => {
                 let name = checkpoint_envelope_object(active.version);
-                let checkpoint = object_store_copy(&self.bus, &self.runtime, active.version, Some(&active.sha256))?.with_context(|| format!("{name} is not in the object store"))?;
+                let checkpoint = self.nats(object_store_copy(&self.bus, active.version, Some(&active.sha256)), None)?.with_context(|| format!("{name} is not in the object store"))?;
                 match damaged_or_missing {
                     Ok(_) => {
                         let envelope = checkpoint.clone();

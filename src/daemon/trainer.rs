@@ -15,7 +15,8 @@ use super::lease::{Grant, Lease};
 use crate::bus::kv::Shared;
 use crate::bus::Bus;
 use super::sampler::Sampler;
-use super::status::{StatusBoard, TrainerState};
+use super::status::{Heart, StatusBoard, TrainerState};
+use super::supervisor::Supervisor;
 use crate::config::{Config, TrainConfig};
 use crate::store::{Change, Split, Store};
 use crate::vae::checkpoint::{now_rfc3339, Checkpoint, Metadata};
@@ -24,7 +25,6 @@ use anyhow::{bail, Context, Result};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 /// Validation batches averaged for one eval.
 const EVAL_BATCHES: usize = 4;
@@ -60,7 +60,8 @@ pub struct Trainer {
     pub events: mpsc::Sender<Event>,
     pub status: StatusBoard,
     pub commands: mpsc::Receiver<Command>,
-    pub shutdown: CancellationToken,
+    /// Starts the sampler's threads; its token is the shutdown signal.
+    pub supervisor: Supervisor,
     /// Whether this node leads training, and under which epoch.
     pub lease: Lease,
     /// The cluster's shared state (active version, version numbers) and
@@ -113,10 +114,10 @@ impl Trainer {
         let cfg = self.config.train.clone();
         let mut run = Run::from(self.active.as_deref(), &cfg);
         let mut takeover = None;
-        let sampler = Sampler::start(self.store.clone(), Split::Train, cfg.batch_size, cfg.min_frames)?;
+        let sampler = Sampler::start(self.store.clone(), Split::Train, cfg.batch_size, cfg.min_frames, &self.supervisor)?;
         self.status.update(|s| (s.step, s.active_version) = (self.learner.steps(), self.active.as_ref().map(|a| a.metadata.version)));
-        while !self.shutdown.is_cancelled() {
-            self.status.update(|s| s.trainer_beat = Some(Instant::now()));
+        while !self.supervisor.shutdown().is_cancelled() {
+            self.status.beat(Heart::Trainer);
             // Leadership: a standby keeps its buffer current and waits; a new epoch takes over.
             let Some(grant) = self.lease.grant() else {
                 self.stand_by();

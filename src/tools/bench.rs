@@ -159,7 +159,7 @@ pub async fn ingest(frames: u64, nats_server: &std::path::Path) -> Result<Value>
     let shutdown = CancellationToken::new();
     let start = Instant::now();
     let status = crate::daemon::status::StatusBoard::new(crate::config::Roles { trainer: true, encoder: false }, "", Some(store.clone()), String::new());
-    let task = tokio::spawn(crate::daemon::ingest::run(bus.clone(), store.clone(), config.ingest.clone(), String::new(), status, shutdown.clone()));
+    let task = tokio::spawn(crate::daemon::ingest::run(bus.clone(), store.clone(), config.ingest.clone(), String::new(), status, crate::daemon::supervisor::Supervisor::new(shutdown.clone())));
     // A cheap counter: stats() walks the store's files and would steal CPU from what is measured.
     while store.frames_ingested() < frames {
         if task.is_finished() {

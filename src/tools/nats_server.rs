@@ -67,6 +67,16 @@ impl LocalNats {
         let _ = self.child.wait();
     }
 
+    /// SIGTERM: the server shuts down cleanly (stepping down, flushing);
+    /// returns once it has exited.
+    pub fn terminate(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: kill only sends a signal to our own child.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let _ = self.child.wait();
+    }
+
     /// Starts the server again on the same port, config and store (after
     /// [`LocalNats::kill`]).
     pub fn restart(&mut self) -> Result<()> {

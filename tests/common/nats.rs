@@ -23,6 +23,11 @@ impl NatsServer {
         self.server.kill();
     }
 
+    /// SIGTERM: a clean shutdown; returns once the server has exited.
+    pub fn terminate(&mut self) {
+        self.server.terminate();
+    }
+
     /// Starts it again, on the same port and store, after [`NatsServer::kill`].
     pub fn restart(&mut self) {
         self.server.restart().unwrap();
