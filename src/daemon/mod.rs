@@ -385,7 +385,7 @@ async fn run_parts(config: Config, shutdown: CancellationToken) -> Result<()> {
     let http = if config.http.addr.is_empty() {
         None
     } else {
-        let listener = http::bind(&config.http.addr, config.http.max_connections).await?;
+        let listener = http::bind(&config.http.addr).await?;
         let context = http::HttpContext::new(status.clone(), store.clone(), bus.clone(), config.clone());
         Some(tokio::spawn(http::serve(listener, context, shutdown.clone())))
     };
