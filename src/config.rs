@@ -275,7 +275,8 @@ pub struct IngestConfig {
 pub struct HttpConfig {
     /// Where /metrics, /healthz and the status page listen ("" turns HTTP off).
     pub addr: String,
-    /// Connections served at once; more wait to be accepted.
+    /// Requests served at once; more get 503 at once, but /healthz and
+    /// /metrics, always answered (idle connections are bounded apart).
     pub max_connections: usize,
     /// The status page reloads itself every this many seconds (0: never).
     pub refresh_secs: u64,

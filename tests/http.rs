@@ -111,18 +111,18 @@ async fn metrics_health_and_status_page() {
     drop(daemon);
 }
 
-/// `[http] max_connections`: with the cap held by idle connections, a
-/// further request waits unanswered until one closes, then is answered.
+/// `[http] max_connections` counts requests being served, not connections:
+/// with as many idle connections open, the status page is still answered.
 /// Concurrent /recon.png requests draw the grid once (single flight).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_are_capped_and_the_grid_is_drawn_once() {
-    use std::io::{Read, Write};
+async fn idle_connections_hold_no_cap_and_the_grid_is_drawn_once() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let port = common::free_port();
     let addr = format!("127.0.0.1:{port}");
-    // No training: version 1 stays active, so every grid is of it.
-    let env = [("WMVAE_HTTP__ADDR", addr.as_str()), ("WMVAE_HTTP__MAX_CONNECTIONS", "3"), ("WMVAE_TRAIN__MIN_FRAMES", "1000000"), ("WMVAE_BUFFER__VALIDATION_FRACTION", "0.5")];
+    // No training: version 1 stays active, so every grid is of it. The cap
+    // admits the six grid requests below at once.
+    let env = [("WMVAE_HTTP__ADDR", addr.as_str()), ("WMVAE_HTTP__MAX_CONNECTIONS", "6"), ("WMVAE_TRAIN__MIN_FRAMES", "1000000"), ("WMVAE_BUFFER__VALIDATION_FRACTION", "0.5")];
     let daemon = Daemon::start(&nats.url, dir.path(), &env);
     let js = jetstream::new(nats.client().await);
     wait_for_ingest_consumer(&js).await;
@@ -131,26 +131,129 @@ async fn connections_are_capped_and_the_grid_is_drawn_once() {
         js.publish("wm.frames.car", msg.to_msgpack().into()).await.unwrap().await.unwrap();
     }
     daemon.wait_until(Duration::from_secs(60), "frames committed", || async { get(port, "/healthz").1.contains("last commit") }).await;
+    daemon.wait_until(Duration::from_secs(60), "version 1 active", || async { get(port, "/metrics").1.contains("wmvae_active_version 1") }).await;
 
-    let idle: Vec<std::net::TcpStream> = (0..3).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut waiting = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(waiting, "GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
-    waiting.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let mut first = [0u8; 12];
-    assert!(waiting.read(&mut first).is_err(), "answered past the cap");
+    let idle: Vec<std::net::TcpStream> = (0..6).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    assert_eq!(get(port, "/").0, 200, "the status page beside 6 idle connections, 6 allowed");
     drop(idle);
-    waiting.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut answer = String::new();
-    waiting.read_to_string(&mut answer).unwrap();
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 
     let drawn = || daemon.logs().matches("reconstruction grid drawn").count();
     let before = drawn();
-    let requests: Vec<_> = (0..6).map(|_| std::thread::spawn(move || get(port, "/recon.png").0)).collect();
+    let requests: Vec<_> = (0..6).map(|_| std::thread::spawn(move || get(port, "/recon.png"))).collect();
     for request in requests {
-        assert_eq!(request.join().unwrap(), 200);
+        let (code, body) = request.join().unwrap();
+        assert_eq!(code, 200, "{body}");
     }
     assert_eq!(drawn() - before, 1, "six concurrent requests drew the grid {} times", drawn() - before);
+    assert!(daemon.terminate().success());
+}
+
+/// GET `path` on a fresh connection, answered (status line, body, close)
+/// within `within`: the status code, or why not.
+async fn get_within(port: u16, path: &str, within: Duration) -> Result<u16, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let answer = tokio::time::timeout(within, async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| format!("connect: {e}"))?;
+        stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes()).await.map_err(|e| format!("write: {e}"))?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.map_err(|e| format!("read: {e}"))?;
+        let response = String::from_utf8_lossy(&response).to_string();
+        response.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or(format!("not an HTTP response: {response:?}"))
+    });
+    answer.await.unwrap_or_else(|_| Err(format!("no answer within {within:?}")))
+}
+
+/// Waits until the server closes `stream` (EOF or reset, after whatever it
+/// sends), at most until `deadline`: what it sent, or None if it is still open.
+async fn closed_by_server(stream: &mut tokio::net::TcpStream, deadline: tokio::time::Instant) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut sent = Vec::new();
+    match tokio::time::timeout_at(deadline, stream.read_to_end(&mut sent)).await {
+        Ok(_) => Some(String::from_utf8_lossy(&sent).to_string()),
+        Err(_) => None,
+    }
+}
+
+/// This process's open-file limit raised to `at_least` (or the hard limit),
+/// for a thousand sockets on a box whose default is 1,024.
+fn raise_open_files(at_least: u64) {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0, "getrlimit");
+        if limit.rlim_cur < at_least {
+            limit.rlim_cur = at_least.min(limit.rlim_max);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0, "setrlimit");
+        }
+    }
+}
+
+/// Issue #24: 1,000 sockets opened to the status port and left silent don't
+/// starve /healthz (each probe answered within the issue's 1 s) or
+/// /metrics; the server closes the silent sockets once the header-read
+/// timeout (5 s) has passed, and a client that trickles a request head
+/// byte by byte (slowloris) is closed by that timeout too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_sockets_do_not_starve_healthz() {
+    use tokio::io::AsyncWriteExt;
+    const SILENT: usize = 1000;
+    // Wide of the header-read timeout (5 s), for a loaded box.
+    const CLOSED_WITHIN: Duration = Duration::from_secs(30);
+    raise_open_files(SILENT as u64 + 1024);
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let env = [("WMVAE_HTTP__ADDR", addr.as_str()), ("WMVAE_TRAIN__MIN_FRAMES", "1000000"), ("WMVAE_TRAIN__THREADS", "1")];
+    let daemon = Daemon::start(&nats.url, dir.path(), &env);
+    daemon.wait_until(Duration::from_secs(60), "/healthz to answer 200", || async { get(port, "/healthz").0 == 200 }).await;
+
+    // Opened until one is not accepted (the listener's backlog full) within 5 s.
+    let mut silent = Vec::with_capacity(SILENT);
+    while silent.len() < SILENT {
+        match tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(("127.0.0.1", port))).await {
+            Ok(Ok(stream)) => silent.push(stream),
+            _ => break,
+        }
+    }
+    let opened = silent.len();
+    for probe in 0..3 {
+        let asked = std::time::Instant::now();
+        let answer = get_within(port, "/healthz", Duration::from_secs(1)).await;
+        assert_eq!(answer, Ok(200), "/healthz probe {probe} beside {opened} silent sockets; the daemon's logs:\n{}", daemon.logs());
+        eprintln!("/healthz probe {probe} answered in {:?} beside {opened} silent sockets", asked.elapsed());
+    }
+    assert_eq!(opened, SILENT, "only {opened} of {SILENT} sockets connected");
+    assert_eq!(get_within(port, "/metrics", Duration::from_secs(10)).await, Ok(200), "/metrics beside {SILENT} silent sockets");
+
+    // A slowloris: a request head started and never finished, a byte at a time.
+    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ").await.unwrap();
+    let trickle = tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + CLOSED_WITHIN;
+        let (mut read, mut write) = slow.into_split();
+        let reader = tokio::spawn(async move {
+            let mut sent = Vec::new();
+            let read = tokio::time::timeout_at(deadline, tokio::io::AsyncReadExt::read_to_end(&mut read, &mut sent)).await;
+            read.ok().map(|_| String::from_utf8_lossy(&sent).to_string())
+        });
+        while !reader.is_finished() && tokio::time::Instant::now() < deadline {
+            if write.write_all(b"x").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        reader.await.unwrap()
+    });
+
+    let deadline = tokio::time::Instant::now() + CLOSED_WITHIN;
+    for (i, stream) in silent.iter_mut().enumerate() {
+        assert!(closed_by_server(stream, deadline).await.is_some(), "silent socket {i} still open {CLOSED_WITHIN:?} on");
+    }
+    match trickle.await.unwrap() {
+        Some(sent) => assert!(!sent.starts_with("HTTP/1.1 200"), "the slowloris was answered: {sent}"),
+        None => panic!("the slowloris socket still open {CLOSED_WITHIN:?} on"),
+    }
+    assert_eq!(get_within(port, "/healthz", Duration::from_secs(1)).await, Ok(200));
     assert!(daemon.terminate().success());
 }

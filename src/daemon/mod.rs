@@ -372,7 +372,7 @@ async fn run_parts(config: Config, shutdown: CancellationToken) -> Result<()> {
     let http = match config.http.addr.is_empty() {
         true => None,
         false => {
-            let listener = http::bind(&config.http.addr, config.http.max_connections).await?;
+            let listener = http::bind(&config.http.addr).await?;
             let context = http::HttpContext::new(status.clone(), store.clone(), bus.clone(), config.clone());
             Some(supervisor.spawn("HTTP", http::serve(listener, context, shutdown.clone())))
         }
