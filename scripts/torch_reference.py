@@ -7,6 +7,8 @@ Same layer names as wmvae's safetensors files (PyTorch state_dict layout), so
 Subcommands (run with the project's .venv/bin/python):
   parity --weights W.safetensors --frames F.npy --out O.npz
       mu, logvar and the reconstruction decode(mu) of 64x64 uint8 frames.
+  decode --weights W.safetensors --latents Z.npz [--key z] --out O.npz
+      decoder(z): `floats` (N, 64, 64, 3) in [0, 1] and `frames` uint8.
   save-weights --out W.safetensors [--seed S]
       freshly initialised PyTorch weights (to check that wmvae loads them).
   resize --frames F.npy --out O.npy
@@ -101,6 +103,19 @@ def cmd_parity(args):
     np.savez(args.out, mu=mu.numpy(), logvar=logvar.numpy(), recon=recon.numpy())
 
 
+def cmd_decode(args):
+    from safetensors.torch import load_file
+
+    vae = VAE()
+    vae.load_state_dict(load_file(args.weights))
+    vae.eval()
+    z = torch.from_numpy(np.load(args.latents)[args.key])
+    with torch.no_grad():
+        floats = vae.decoder(z).permute(0, 2, 3, 1).contiguous().numpy()
+    frames = np.clip(np.round(floats * 255.0), 0, 255).astype(np.uint8)
+    np.savez(args.out, floats=floats, frames=frames)
+
+
 def cmd_save_weights(args):
     from safetensors.torch import save_file
 
@@ -177,6 +192,11 @@ def main():
     s.add_argument("--weights", required=True)
     s.add_argument("--frames", required=True)
     s.add_argument("--out", required=True)
+    s = sub.add_parser("decode")
+    s.add_argument("--weights", required=True)
+    s.add_argument("--latents", required=True)
+    s.add_argument("--key", default="z")
+    s.add_argument("--out", required=True)
     s = sub.add_parser("save-weights")
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
@@ -196,7 +216,7 @@ def main():
     s.add_argument("--channels-last", action="store_true")
     s.add_argument("--device", default="cpu")
     args = p.parse_args()
-    {"parity": cmd_parity, "save-weights": cmd_save_weights, "resize": cmd_resize, "adam": cmd_adam, "bench": cmd_bench}[args.cmd](args)
+    {"parity": cmd_parity, "decode": cmd_decode, "save-weights": cmd_save_weights, "resize": cmd_resize, "adam": cmd_adam, "bench": cmd_bench}[args.cmd](args)
 
 
 if __name__ == "__main__":

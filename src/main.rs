@@ -115,6 +115,28 @@ enum Command {
         #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
         device: DeviceChoice,
     },
+    /// Decode latents (float32 N x z in an .npz) to uint8 frames (N, 64, 64, 3) in an .npy.
+    Decode {
+        /// A checkpoint version, from the running daemon or the store.
+        #[arg(long)]
+        checkpoint: u64,
+        #[command(flatten)]
+        place: PlaceArgs,
+        /// The .npz holding the latents.
+        #[arg(long)]
+        input: PathBuf,
+        /// Its array to decode (a series' `mu`, an encode's `mu`, ...).
+        #[arg(long, default_value = "z")]
+        key: String,
+        /// Output .npy: uint8 (N, 64, 64, 3).
+        #[arg(long)]
+        output: PathBuf,
+        /// Also a PNG grid of the frames.
+        #[arg(long)]
+        grid: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+        device: DeviceChoice,
+    },
     /// List, inspect, export, import, pin and roll back checkpoints, live or offline.
     Checkpoint {
         #[command(flatten)]
@@ -473,7 +495,7 @@ fn run(cli: Cli) -> Result<()> {
             let net = match (weights, checkpoint) {
                 (Some(path), _) => wmvae::tools::encode::net_from_weights(&path, device, config.vae())?,
                 (None, Some(version)) => {
-                    runtime()?.block_on(async { backend::connect(&config, place.mode()).await?.encoder(version, device, &config).await })?
+                    runtime()?.block_on(async { backend::connect(&config, place.mode()).await?.network(version, device, &config).await })?
                 }
                 (None, None) => unreachable!("clap requires --weights or --checkpoint"),
             };
@@ -485,6 +507,12 @@ fn run(cli: Cli) -> Result<()> {
                 report.input_width,
                 output.display()
             );
+        }
+        Command::Decode { checkpoint, place, input, key, output, grid, device } => {
+            let config = place.config.load()?;
+            let net = runtime()?.block_on(async { backend::connect(&config, place.mode()).await?.network(checkpoint, device, &config).await })?;
+            let n = wmvae::tools::decode::decode_file(&net, &input, &key, &output, grid.as_deref())?;
+            eprintln!("decoded {n} latents with v{checkpoint} to {}", output.display());
         }
         Command::Checkpoint { place, which } => {
             let config = place.config.load()?;

@@ -222,3 +222,57 @@ async fn an_encoder_started_first_waits_then_catches_up() {
     assert!(encoder.terminate().success());
     assert!(trainer.terminate().success());
 }
+
+/// `wm.ctl.decode` turns latents into frames with the active version or a
+/// pinned one, and `wm.ctl.encode` takes a pinned version too (a
+/// controller evaluated against a fixed V while training goes on); bad
+/// requests are refused with 400, an unknown version with 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decode_and_encode_on_the_active_or_a_pinned_version() {
+    use wmvae::bus::messages::DecodeReply;
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&nats.url, dir.path(), common::FAST);
+    let client = nats.client().await;
+    let js = jetstream::new(client.clone());
+    wait_for_consumer(&js, "wmvae-encode").await;
+    // Six episodes: a few land in the validation split, enough in training.
+    publish(&js, 0, 6, 40, Duration::ZERO).await;
+    let active = || async {
+        let reply = client.request("wm.ctl.status", "".into()).await.ok()?;
+        serde_json::from_slice::<serde_json::Value>(&reply.payload).ok()?["encoder_version"].as_u64()
+    };
+    daemon.wait_until(Duration::from_secs(120), "the encoder on a version after v1", || async { active().await.is_some_and(|v| v > 1) }).await;
+    let request = |body: serde_json::Value| {
+        let client = client.clone();
+        async move { client.request("wm.ctl.decode", rmp_serde::to_vec_named(&body).unwrap().into()).await.unwrap() }
+    };
+    let error_code = |reply: &async_nats::Message| reply.headers.as_ref().and_then(|h| h.get("Nats-Service-Error-Code")).map(|c| c.to_string());
+    let z: Vec<Vec<f32>> = wmvae::vae::properties::prior_draws(32).chunks(32).map(<[f32]>::to_vec).collect();
+    let on_active: DecodeReply = rmp_serde::from_slice(&request(serde_json::json!({ "z": z })).await.payload).unwrap();
+    assert!(on_active.version > 1);
+    assert_eq!(on_active.frames.len(), z.len() * 64 * 64 * 3);
+    let on_v1: DecodeReply = rmp_serde::from_slice(&request(serde_json::json!({ "z": z, "version": 1 })).await.payload).unwrap();
+    assert_eq!(on_v1.version, 1);
+    assert_ne!(on_v1.frames, on_active.frames, "v1's decoder is not the trained one");
+    assert_eq!(error_code(&request(serde_json::json!({ "z": vec![vec![0.0f32; 31]] })).await).as_deref(), Some("400"));
+    assert_eq!(error_code(&request(serde_json::json!({ "z": vec![vec![0.0f32; 32]; 300] })).await).as_deref(), Some("400"));
+    assert_eq!(error_code(&request(serde_json::json!({ "z": z, "version": 999 })).await).as_deref(), Some("404"));
+
+    // encode, pinned to v1: the frame message carries "version".
+    #[derive(serde::Serialize)]
+    struct Pinned<'a> {
+        #[serde(flatten)]
+        frame: FrameMessage<'a>,
+        version: u64,
+    }
+    let pixels = frames(1, 64, 64);
+    let pinned = Pinned { frame: FrameMessage::rgb("x", 0, 64, 64, pixels.as_slice()), version: 1 };
+    let reply = client.request("wm.ctl.encode", rmp_serde::to_vec_named(&pinned).unwrap().into()).await.unwrap();
+    let latent: LatentMessage = rmp_serde::from_slice(&reply.payload).unwrap();
+    assert_eq!(latent.model_version, 1);
+    let reply = client.request("wm.ctl.encode", FrameMessage::rgb("x", 0, 64, 64, pixels.as_slice()).to_msgpack().into()).await.unwrap();
+    let latent: LatentMessage = rmp_serde::from_slice(&reply.payload).unwrap();
+    assert!(latent.model_version > 1, "without a version: the active one");
+    assert!(daemon.terminate().success());
+}

@@ -125,3 +125,54 @@ fn carracing_preprocessing_matches_pil() {
     let worst = ours.iter().zip(&pil).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
     assert!(worst <= 2, "max difference to PIL: {worst} levels");
 }
+
+/// Decoding agrees with PyTorch's decoder on the same weights and latents:
+/// floats within 1e-5, and `wmvae decode`'s uint8 frames (a stored version,
+/// offline) within one level.
+#[test]
+fn decoded_frames_match_pytorch() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    tch::manual_seed(11);
+    let net = Network::new(Device::Cpu, VaeConfig::default());
+    let weights_bytes = net.weights_bytes().unwrap();
+    let weights_path = dir.path().join("w.safetensors");
+    std::fs::write(&weights_path, &weights_bytes).unwrap();
+    let z = wmvae::vae::properties::prior_draws(32);
+    let z_path = dir.path().join("z.npz");
+    let mut out = npy::NpzWriter::create(&z_path).unwrap();
+    out.array("z", "<f4", &[z.len() / 32, 32]).unwrap().write_all(&z.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+    out.finish().unwrap();
+    let theirs_path = dir.path().join("torch.npz");
+    torch_reference(&["decode", "--weights", weights_path.to_str().unwrap(), "--latents", z_path.to_str().unwrap(), "--out", theirs_path.to_str().unwrap()]);
+    let theirs = npz(&theirs_path);
+    let ours = Tensor::from_slice(&net.decode_floats(&z).unwrap()).view([-1, 64, 64, 3]);
+    assert!(max_abs_diff(&ours, &get(&theirs, "floats")) < 1e-5);
+
+    // The CLI, on a store holding these weights as v1.
+    let store_dir = dir.path().join("store");
+    let config = wmvae::config::Config::load(None).unwrap();
+    let store = wmvae::store::Store::open(&store_dir, config.buffer).unwrap();
+    wmvae::versions::import(&store, None, &weights_bytes, "test", &config, "test", None).unwrap();
+    drop(store);
+    let frames_path = dir.path().join("frames.npy");
+    let grid_path = dir.path().join("grid.png");
+    let run = common::wmvae()
+        .args(["decode", "--checkpoint", "1", "--offline", "--data-dir"])
+        .arg(&store_dir)
+        .arg("--input")
+        .arg(&z_path)
+        .arg("--output")
+        .arg(&frames_path)
+        .arg("--grid")
+        .arg(&grid_path)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let mut reader = npy::FrameReader::open(&frames_path).unwrap();
+    assert_eq!((reader.count, reader.height, reader.width), (z.len() / 32, 64, 64));
+    let decoded = Tensor::from_slice(&reader.read_chunk(reader.count).unwrap()).view([-1, 64, 64, 3]).to_kind(tch::Kind::Float);
+    let reference = get(&theirs, "frames").to_kind(tch::Kind::Float);
+    assert!(max_abs_diff(&decoded, &reference) <= 1.0, "uint8 frames within one level");
+    assert!(std::fs::read(&grid_path).unwrap().starts_with(b"\x89PNG"));
+}

@@ -102,6 +102,32 @@ pub fn import_object(tag: &str) -> String {
 }
 
 
+/// The `wm.ctl.decode` request: latents (each `z_size` numbers) to decode,
+/// on the active version or a pinned one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DecodeRequest {
+    pub z: Vec<Vec<f32>>,
+    #[serde(default)]
+    pub version: Option<u64>,
+}
+
+/// The `wm.ctl.decode` reply: the version that decoded, and its frames,
+/// N x 64 x 64 x 3 uint8 HWC.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DecodeReply {
+    pub version: u64,
+    #[serde(with = "serde_bytes")]
+    pub frames: Vec<u8>,
+}
+
+/// The one field `wm.ctl.encode` reads besides the frame message: a
+/// version to encode with instead of the active one.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+pub struct PinnedVersion {
+    #[serde(default)]
+    pub version: Option<u64>,
+}
+
 /// The body of every `checkpoints.*` request.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CheckpointRequest {

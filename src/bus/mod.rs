@@ -42,10 +42,11 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Requests queued per control endpoint (and discovery subject) on the
 /// control connection; past it the client drops them (the requester times
 /// out). Endpoints answer one request at a time and a request may be up to
-/// the server's `max_payload` (1 MiB by default), so this bounds what a
-/// flood of requests can make the daemon hold: about 22 subscriptions x 8
-/// x 1 MiB. Operators and scrapers send a handful at a time.
-const CONTROL_QUEUE: usize = 8;
+/// the server's `max_payload` (4 MiB in config/nats-server.conf), so this
+/// bounds what a flood of requests can make the daemon hold: 16 MiB an
+/// endpoint, about 22 subscriptions x 4 x 4 MiB at the very most.
+/// Operators and scrapers send a handful at a time.
+const CONTROL_QUEUE: usize = 4;
 /// How often dropped control requests are logged, at most.
 const SLOW_CONTROL_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// A connected client with its JetStream context.
@@ -136,6 +137,11 @@ impl Bus {
         };
         let js = jetstream::new(client.clone());
         Ok(Bus { limits, disconnects, connects, client, control, js, prefix: config.prefix.clone() })
+    }
+
+    /// The largest message the server takes (its `max_payload`).
+    pub fn max_payload(&self) -> usize {
+        self.client.server_info().max_payload
     }
 
     /// Whether the connection to the server is up now.

@@ -2,8 +2,10 @@
 //! `vae/v{N}.safetensors`, uploads to import under `imports/`. Whole objects
 //! in and out; what they mean is the daemon's and the CLI's business.
 
+use super::messages::{weights_object, Announcement, CheckpointEvent};
 use super::Bus;
-use anyhow::{anyhow, Context, Result};
+use crate::vae::checkpoint::sha256_hex;
+use anyhow::{anyhow, bail, Context, Result};
 use async_nats::jetstream;
 use futures::StreamExt;
 
@@ -14,6 +16,11 @@ pub const CHECKPOINT_BUCKET: &str = "wm-checkpoints";
 /// room for models ten times larger, and bounds what an object whose
 /// metadata claims any size can make a reader hold.
 pub const MAX_OBJECT_BYTES: u64 = 512 << 20;
+/// Announcements read back at most when looking for a version's: one a
+/// checkpoint, so months of them.
+const ANNOUNCEMENTS_SCANNED: u64 = 10_000;
+/// The stream of checkpoint announcements (migration 0002).
+const CHECKPOINTS_STREAM: &str = "WM_CHECKPOINTS";
 /// Bytes reserved before reading an object, at most: the rest grows as
 /// bytes actually arrive, never from what the object's metadata claims.
 const PREALLOCATE_BYTES: u64 = 64 << 20;
@@ -74,6 +81,38 @@ impl Bus {
             return Err(TooLarge { name: name.to_string(), size: bytes.len() as u64, max }.into());
         }
         Ok(Some(bytes))
+    }
+
+    /// Version `version`'s weights, checked against the sha256 its newest
+    /// `created` or `rollback` announcement names (None: no weights in the
+    /// bucket). A version whose announcement WM_CHECKPOINTS no longer
+    /// holds (its limits dropped it) is vouched for by the object store's
+    /// own digest, which every read checks.
+    pub async fn announced_weights(&self, version: u64) -> Result<Option<Vec<u8>>> {
+        let Some(weights) = self.get_object(&weights_object(version)).await? else { return Ok(None) };
+        if let Some(sha256) = self.announced_sha256(version).await? {
+            if sha256_hex(&weights) != sha256 {
+                bail!("v{version}'s weights in the object store do not match the sha256 it was announced with");
+            }
+        }
+        Ok(Some(weights))
+    }
+
+    /// The sha256 of `version` as its newest `created` or `rollback`
+    /// announcement says, reading WM_CHECKPOINTS from its end (at most
+    /// [`ANNOUNCEMENTS_SCANNED`] messages).
+    async fn announced_sha256(&self, version: u64) -> Result<Option<String>> {
+        let mut stream = self.js.get_stream(CHECKPOINTS_STREAM).await.with_context(|| format!("stream {CHECKPOINTS_STREAM}"))?;
+        let state = stream.info().await.with_context(|| format!("reading stream {CHECKPOINTS_STREAM}"))?.state.clone();
+        let oldest = state.first_sequence.max(state.last_sequence.saturating_sub(ANNOUNCEMENTS_SCANNED));
+        for sequence in (oldest..=state.last_sequence).rev().filter(|s| *s > 0) {
+            let Ok(message) = stream.get_raw_message(sequence).await else { continue };
+            let Ok(announcement) = rmp_serde::from_slice::<Announcement>(&message.payload) else { continue };
+            if announcement.metadata.version == version && announcement.event != CheckpointEvent::Deleted {
+                return Ok(Some(announcement.metadata.sha256));
+            }
+        }
+        Ok(None)
     }
 
     /// Removes an object (absent is fine).

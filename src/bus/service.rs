@@ -39,6 +39,7 @@ impl std::error::Error for ServiceError {}
 pub enum Endpoint {
     Status,
     Encode,
+    Decode,
     BufferStats,
     List,
     Show,
@@ -52,9 +53,10 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 12] = [
+    pub const ALL: [Endpoint; 13] = [
         Endpoint::Status,
         Endpoint::Encode,
+        Endpoint::Decode,
         Endpoint::BufferStats,
         Endpoint::List,
         Endpoint::Show,
@@ -67,15 +69,20 @@ impl Endpoint {
         Endpoint::Import,
     ];
 
+    /// Whether an encoder serves it (every encoder replica: one answers).
+    fn encoders(self) -> bool {
+        matches!(self, Endpoint::Encode | Endpoint::Decode)
+    }
+
     /// The endpoints every node with `roles` serves: `status`, and `encode`
-    /// on an encoder.
+    /// and `decode` on an encoder.
     pub fn served_by(roles: Roles) -> Vec<Endpoint> {
-        Endpoint::ALL.into_iter().filter(|e| *e == Endpoint::Status || (*e == Endpoint::Encode && roles.encoder)).collect()
+        Endpoint::ALL.into_iter().filter(|e| *e == Endpoint::Status || (e.encoders() && roles.encoder)).collect()
     }
 
     /// The endpoints only the leading trainer serves: the buffer's and the checkpoints'.
     pub fn leader_only() -> Vec<Endpoint> {
-        Endpoint::ALL.into_iter().filter(|e| !matches!(e, Endpoint::Status | Endpoint::Encode)).collect()
+        Endpoint::ALL.into_iter().filter(|e| *e != Endpoint::Status && !e.encoders()).collect()
     }
 
     /// The name under `<prefix>.ctl.`.
@@ -83,6 +90,7 @@ impl Endpoint {
         match self {
             Endpoint::Status => "status",
             Endpoint::Encode => "encode",
+            Endpoint::Decode => "decode",
             Endpoint::BufferStats => "buffer.stats",
             Endpoint::List => "checkpoints.list",
             Endpoint::Show => "checkpoints.show",

@@ -184,9 +184,9 @@ impl Backend {
         }
     }
 
-    /// The encoder holding a version's weights (sha256 checked), for
-    /// `wmvae encode --checkpoint`.
-    pub async fn encoder(&self, version: u64, device: DeviceChoice, config: &Config) -> Result<Network> {
+    /// The network holding a version's weights (sha256 checked), for
+    /// `wmvae encode --checkpoint` and `wmvae decode`.
+    pub async fn network(&self, version: u64, device: DeviceChoice, config: &Config) -> Result<Network> {
         let weights = self.export(version).await?;
         Network::from_safetensors(device.resolve()?, config.vae(), &weights, &format!("checkpoint v{version}"))
     }

@@ -14,7 +14,7 @@
 
 use super::encoder::EncoderHandle;
 use super::status::StatusBoard;
-use crate::bus::messages::{CheckpointRequest, IMPORTS_PREFIX};
+use crate::bus::messages::{CheckpointRequest, DecodeRequest, PinnedVersion, IMPORTS_PREFIX};
 use crate::bus::service::{Caller, Endpoint, Handler, Reply, ServiceError};
 use crate::bus::{Bus, TooLarge};
 use crate::config::Config;
@@ -112,6 +112,29 @@ async fn ask_trainer<T>(commands: &mpsc::Sender<Command>, make: impl FnOnce(ones
     answer.await.map_err(|_| anyhow!("the trainer has stopped"))?
 }
 
+/// Latents decoded by one request, at most: a batch the decoder takes at once.
+pub const MAX_DECODE_LATENTS: usize = 256;
+
+/// A `decode` request, checked: 1..=[`MAX_DECODE_LATENTS`] latents of
+/// `z_size` finite numbers, whose frames fit in a reply under the server's
+/// `max_payload` (a default server's 1 MiB holds 85 frames).
+fn decode_request(payload: &[u8], z_size: usize, max_payload: usize) -> anyhow::Result<DecodeRequest> {
+    let request: DecodeRequest = rmp_serde::from_slice(payload).map_err(|e| BadRequest(format!("bad decode request: {e}")))?;
+    let n = request.z.len();
+    if n == 0 || n > MAX_DECODE_LATENTS {
+        return Err(BadRequest(format!("{n} latents: a decode request takes 1..={MAX_DECODE_LATENTS}")).into());
+    }
+    if let Some(bad) = request.z.iter().find(|z| z.len() != z_size || !z.iter().all(|x| x.is_finite())) {
+        return Err(BadRequest(format!("a latent of {} numbers: each must be {z_size} finite numbers", bad.len())).into());
+    }
+    // The reply's frames plus room for its map and the version.
+    let fits = max_payload.saturating_sub(64) / crate::frames::BYTES;
+    if n > fits {
+        return Err(BadRequest(format!("{n} frames do not fit in one reply under this server's max_payload of {max_payload} bytes: send at most {fits} latents a request")).into());
+    }
+    Ok(request)
+}
+
 fn checkpoint_request(payload: &[u8]) -> anyhow::Result<CheckpointRequest> {
     if payload.is_empty() {
         return Ok(CheckpointRequest::default());
@@ -126,7 +149,14 @@ async fn answer(ctx: Context, endpoint: Endpoint, payload: bytes::Bytes, caller:
         Endpoint::Encode => {
             let encoder = ctx.encoder.as_ref().ok_or(NotHere("encoder"))?;
             let frame = wire::decode_frame("request", &payload, ctx.config.ingest.preprocess).map_err(|r| BadRequest(r.to_string()))?;
-            Ok(encoder.encode(frame).await?.to_msgpack())
+            let pinned: PinnedVersion = rmp_serde::from_slice(&payload).unwrap_or_default();
+            Ok(encoder.encode(frame, pinned.version).await?.to_msgpack())
+        }
+        Endpoint::Decode => {
+            let encoder = ctx.encoder.as_ref().ok_or(NotHere("encoder"))?;
+            let z = decode_request(&payload, ctx.config.model.z_size as usize, ctx.bus.max_payload())?;
+            let reply = encoder.decode(z.z.concat(), z.version).await?;
+            Ok(rmp_serde::to_vec_named(&reply)?)
         }
         _ => {
             let trainer = ctx.trainer.clone().ok_or(NotHere("trainer"))?;
@@ -187,7 +217,7 @@ async fn answer_trainer(ctx: &Context, trainer: TrainerSide, endpoint: Endpoint,
             ctx.bus.delete_object(&object).await?;
             json(&imported)
         }
-        Endpoint::Status | Endpoint::Encode => Err(anyhow!("{} is not a trainer endpoint", endpoint.name())),
+        Endpoint::Status | Endpoint::Encode | Endpoint::Decode => Err(anyhow!("{} is not a trainer endpoint", endpoint.name())),
     }
 }
 

@@ -19,7 +19,8 @@
 use crate::backoff::Backoff;
 use super::status::{EncoderState, Heart, StatusBoard, IDLE_TICK};
 use super::supervisor::Supervisor;
-use crate::bus::messages::{weights_object, LatentMessage};
+use crate::bus::messages::{weights_object, DecodeReply, LatentMessage};
+use crate::store::UnknownVersion;
 use futures::StreamExt;
 use super::undeliverable::{self, Failures};
 use crate::bus::{Bus, Delivery, FrameConsumer, LatentPublisher, TooLarge};
@@ -30,7 +31,7 @@ use crate::vae::checkpoint::sha256_hex;
 use crate::vae::device::Device;
 use crate::vae::learner::Network;
 use crate::vae::model::VaeConfig;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -56,28 +57,80 @@ struct Encoded {
     failed: Vec<Delivery>,
 }
 
+/// Versions other than the active one kept loaded for requests that pin
+/// one (`wm.ctl.encode`, `wm.ctl.decode` with a `version`): a controller
+/// evaluated against a fixed V, and maybe one more; ~17 MB each.
+const PINNED_KEPT: usize = 2;
+
 enum Work {
     /// A micro-batch of frame deliveries: a latent for each valid one.
     Frames(Vec<Delivery>),
-    /// The `encode` endpoint: one frame, its latent back.
-    Encode(Frame, oneshot::Sender<Result<LatentMessage>>),
-    /// Newly active weights, sha256 already checked.
-    Switch { version: u64, weights: Vec<u8> },
+    /// The `encode` endpoint: one frame, its latent back, by the active
+    /// version or the one given.
+    Encode { frame: Frame, version: Option<u64>, reply: oneshot::Sender<Result<LatentMessage>> },
+    /// The `decode` endpoint: latents (N x z_size, row-major) to frames.
+    Decode { z: Vec<f32>, version: Option<u64>, reply: oneshot::Sender<Result<DecodeReply>> },
+    /// Newly active weights, loaded and warmed off this thread.
+    Switch { version: u64, net: Box<Network> },
+    /// A pinned version's weights, loaded off this thread, kept beside the active ones.
+    Pin { version: u64, net: Box<Network> },
     /// Nothing to do (the feed is idle): the worker beats all the same.
     Tick,
 }
 
-/// A handle for the `encode` endpoint; clones share the worker.
+/// A request for a version this encoder has not loaded: the handle fetches
+/// its weights and asks again.
+#[derive(Debug)]
+struct NotLoaded(u64);
+
+impl std::fmt::Display for NotLoaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "v{} is not loaded here", self.0)
+    }
+}
+
+impl std::error::Error for NotLoaded {}
+
+/// A handle for the `encode` and `decode` endpoints; clones share the worker.
 #[derive(Clone)]
 pub struct EncoderHandle {
     queue: mpsc::Sender<Work>,
+    bus: Bus,
+    vae: VaeConfig,
+    device: Device,
 }
 
 impl EncoderHandle {
-    /// Encodes one preprocessed frame with the weights the latents use now.
-    pub async fn encode(&self, frame: Frame) -> Result<LatentMessage> {
+    /// Encodes one preprocessed frame with the weights the latents use
+    /// now, or with `version`'s.
+    pub async fn encode(&self, frame: Frame, version: Option<u64>) -> Result<LatentMessage> {
+        self.ask(|reply| Work::Encode { frame: frame.clone(), version, reply }).await
+    }
+
+    /// Decodes latents (N x z_size, row-major) to uint8 frames with the
+    /// active version's weights, or with `version`'s.
+    pub async fn decode(&self, z: Vec<f32>, version: Option<u64>) -> Result<DecodeReply> {
+        self.ask(|reply| Work::Decode { z: z.clone(), version, reply }).await
+    }
+
+    /// Hands `work` to the worker; when it names a version not loaded
+    /// there, fetches that version's weights (checked against their
+    /// announcement), loads them and asks again.
+    async fn ask<T>(&self, work: impl Fn(oneshot::Sender<Result<T>>) -> Work) -> Result<T> {
+        let first = self.send(&work).await;
+        let Err(e) = &first else { return first };
+        let Some(NotLoaded(version)) = e.downcast_ref::<NotLoaded>().map(|n| NotLoaded(n.0)) else { return first };
+        let weights = self.bus.announced_weights(version).await?.ok_or(UnknownVersion(version))?;
+        let (vae, device) = (self.vae, self.device);
+        let net = tokio::task::spawn_blocking(move || Network::from_safetensors(device, vae, &weights, &format!("v{version} from the object store"))).await??;
+        self.queue.send(Work::Pin { version, net: Box::new(net) }).await.map_err(|_| anyhow!("the encoder has stopped"))?;
+        tracing::info!(version, "encoder: v{version} loaded for requests that pin it");
+        self.send(&work).await
+    }
+
+    async fn send<T>(&self, work: &impl Fn(oneshot::Sender<Result<T>>) -> Work) -> Result<T> {
         let (reply, answer) = oneshot::channel();
-        self.queue.send(Work::Encode(frame, reply)).await.map_err(|_| anyhow!("the encoder has stopped"))?;
+        self.queue.send(work(reply)).await.map_err(|_| anyhow!("the encoder has stopped"))?;
         answer.await.context("the encoder has stopped")?
     }
 }
@@ -97,7 +150,15 @@ pub fn start(bus: &Bus, config: &Config, device: Device, status: StatusBoard, su
     let (queue, incoming) = mpsc::channel(QUEUE_DEPTH);
     let (encoded, to_publish) = mpsc::channel(PUBLISH_DEPTH);
     let failures = Failures::default();
-    let worker = Worker { net: Network::new(device, config.vae()), vae: config.vae(), version: None, policy: config.ingest.preprocess, status: status.clone(), encoded, failures: failures.clone() };
+    let worker = Worker {
+        net: Network::new(device, config.vae()),
+        version: None,
+        pinned: Default::default(),
+        policy: config.ingest.preprocess,
+        status: status.clone(),
+        encoded,
+        failures: failures.clone(),
+    };
     status.update(|s| s.encoder_state = Some(EncoderState::WaitingForVersion));
     status.beat(Heart::Encoder);
     let (runtime, stop) = (tokio::runtime::Handle::current(), shutdown.clone());
@@ -108,7 +169,7 @@ pub fn start(bus: &Bus, config: &Config, device: Device, status: StatusBoard, su
     let (loaded, ready) = watch::channel(false);
     let max_wait = Duration::from_millis(config.latents.max_wait_ms);
     let parts = [
-        supervisor.spawn("encoder's follower", follow(bus.clone(), queue.clone(), loaded, shutdown.clone())),
+        supervisor.spawn("encoder's follower", follow(bus.clone(), queue.clone(), (config.vae(), device), loaded, shutdown.clone())),
         supervisor.spawn("encoder's fetch", fetch(bus.clone(), queue.clone(), ready, config.latents.max_batch, max_wait, shutdown.clone())),
         supervisor.spawn("encoder's latent publisher", publish(bus.latent_publisher(), to_publish, status, failures.clone())),
         supervisor.spawn("encoder's dead letters", undeliverable::forward(bus.clone(), FrameConsumer::Encode, failures, shutdown)),
@@ -121,7 +182,7 @@ pub fn start(bus: &Bus, config: &Config, device: Device, status: StatusBoard, su
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         Ok(())
     });
-    Ok(Encoder { handle: EncoderHandle { queue }, task })
+    Ok(Encoder { handle: EncoderHandle { queue, bus: bus.clone(), vae: config.vae(), device }, task })
 }
 
 /// Follows the cluster's active version (`wm-meta` `active`, moved by the
@@ -132,7 +193,7 @@ pub fn start(bus: &Bus, config: &Config, device: Device, status: StatusBoard, su
 /// can't reach the encoders. NATS failing under it (an election, a lost
 /// server) is waited out: the watch is made again and a fetch retried, with
 /// the current weights kept meanwhile.
-async fn follow(bus: Bus, queue: mpsc::Sender<Work>, loaded: watch::Sender<bool>, shutdown: CancellationToken) -> Result<()> {
+async fn follow(bus: Bus, queue: mpsc::Sender<Work>, (config_vae, device): (VaeConfig, Device), loaded: watch::Sender<bool>, shutdown: CancellationToken) -> Result<()> {
     let shared = bus.shared().await?;
     let mut pause = Backoff::default();
     let mut current: Option<(u64, String)> = None;
@@ -189,7 +250,16 @@ async fn follow(bus: Bus, queue: mpsc::Sender<Work>, loaded: watch::Sender<bool>
                 tracing::error!(version, "the object store's weights do not match the active version's sha256; keeping the current ones");
                 continue;
             }
-            if queue.send(Work::Switch { version, weights }).await.is_err() {
+            let (vae, device) = (config_vae, device);
+            let built = tokio::task::spawn_blocking(move || warmed(device, vae, version, &weights)).await?;
+            let net = match built {
+                Ok(net) => net,
+                Err(e) => {
+                    tracing::error!(version, "encoder: the active version's weights do not load: {e:#}; keeping the current ones");
+                    continue;
+                }
+            };
+            if queue.send(Work::Switch { version, net: Box::new(net) }).await.is_err() {
                 return Ok(());
             }
             current = Some((version, active.sha256));
@@ -280,9 +350,11 @@ async fn publish(mut publisher: LatentPublisher, mut encoded: mpsc::Receiver<Enc
 
 /// The worker thread's state: the network and the version it holds.
 struct Worker {
+    /// The active version's network (fresh weights until the first).
     net: Network,
-    vae: VaeConfig,
     version: Option<u64>,
+    /// Pinned versions' networks, newest use first, at most [`PINNED_KEPT`].
+    pinned: std::collections::VecDeque<(u64, Network)>,
     policy: Policy,
     status: StatusBoard,
     /// Where encoded micro-batches go to be stored and acked.
@@ -308,9 +380,18 @@ impl Worker {
             self.status.beat(Heart::Encoder);
             match work {
                 Work::Tick => {}
-                Work::Switch { version, weights } => self.switch(version, &weights),
-                Work::Encode(frame, reply) => {
-                    let _ = reply.send(self.encode(std::slice::from_ref(&frame)).map(|mut latents| latents.remove(0)));
+                Work::Switch { version, net } => self.switch(version, *net),
+                Work::Pin { version, net } => {
+                    self.pinned.retain(|(v, _)| *v != version);
+                    self.pinned.push_front((version, *net));
+                    self.pinned.truncate(PINNED_KEPT);
+                }
+                Work::Encode { frame, version, reply } => {
+                    let _ = reply.send(self.encode_with(version, std::slice::from_ref(&frame)).map(|mut latents| latents.remove(0)));
+                }
+                Work::Decode { z, version, reply } => {
+                    let decoded = self.net_for(version).and_then(|(version, net)| Ok(DecodeReply { version, frames: net.decode_frames(&z)? }));
+                    let _ = reply.send(decoded);
                 }
                 Work::Frames(batch) => {
                     if self.encoded.blocking_send(self.latents_for(batch)).is_err() {
@@ -321,26 +402,37 @@ impl Worker {
         }
     }
 
-    /// Loads a version's weights; on failure the previous ones stay.
-    fn switch(&mut self, version: u64, weights: &[u8]) {
-        let mut net = Network::new(self.net.device(), self.vae);
-        match net.load_safetensors(weights, &format!("v{version} from the object store")) {
-            Ok(()) => {
-                self.net = net;
-                self.version = Some(version);
-                self.status.update(|s| (s.encoder_state, s.encoder_version) = (Some(EncoderState::Encoding), Some(version)));
-                tracing::info!(version, "encoder: latents now from this version");
-            }
-            Err(e) => tracing::error!(version, "encoder: the announced weights do not load: {e:#}"),
+    /// Swaps in the newly active version's network, loaded and warmed
+    /// beside the old one: the switch costs the worker no load time.
+    fn switch(&mut self, version: u64, net: Network) {
+        self.net = net;
+        self.version = Some(version);
+        self.status.update(|s| (s.encoder_state, s.encoder_version) = (Some(EncoderState::Encoding), Some(version)));
+        tracing::info!(version, "encoder: latents now from this version");
+    }
+
+    /// The network of `version` (the active one when None), with its
+    /// number; [`NotLoaded`] for a version not held here.
+    fn net_for(&self, version: Option<u64>) -> Result<(u64, &Network)> {
+        let active = self.version.map(|v| (v, &self.net));
+        match version {
+            None => active.context("this encoder has no version yet"),
+            Some(v) if self.version == Some(v) => Ok((v, &self.net)),
+            Some(v) => self.pinned.iter().find(|(p, _)| *p == v).map(|(p, net)| (*p, net)).ok_or_else(|| NotLoaded(v).into()),
         }
     }
 
-    /// Latent messages for `frames`, naming the version held.
+    /// Latent messages for `frames` by the active version, naming it.
     fn encode(&self, frames: &[Frame]) -> Result<Vec<LatentMessage>> {
-        let Some(version) = self.version else { bail!("this encoder has no version yet") };
+        self.encode_with(None, frames)
+    }
+
+    /// Latent messages for `frames` by `version` (the active one when None), naming it.
+    fn encode_with(&self, version: Option<u64>, frames: &[Frame]) -> Result<Vec<LatentMessage>> {
+        let (version, net) = self.net_for(version)?;
         poisoned(frames)?;
         let pixels: Vec<u8> = frames.iter().flat_map(|f| f.pixels.iter().copied()).collect();
-        let latents = self.net.encode_frames(&pixels)?;
+        let latents = net.encode_frames(&pixels)?;
         Ok(frames
             .iter()
             .zip(latents.mu.into_iter().zip(latents.logvar))
@@ -387,6 +479,14 @@ impl Worker {
         }
         encoded
     }
+}
+
+/// A network holding `version`'s `weights`, its kernels warmed by one
+/// encode, so the switch to it costs the worker nothing.
+fn warmed(device: Device, vae: VaeConfig, version: u64, weights: &[u8]) -> Result<Network> {
+    let net = Network::from_safetensors(device, vae, weights, &format!("v{version} from the object store"))?;
+    net.encode_frames(&[0u8; crate::frames::BYTES])?;
+    Ok(net)
 }
 
 /// A test hook (the `failpoints` feature): `FAILPOINTS=encoder-poison=return(E)`

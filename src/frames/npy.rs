@@ -1,7 +1,9 @@
 //! Streaming reader and writer for uint8 frame arrays in numpy's `.npy`
 //! format (N, H, W, 3), so `wmvae encode` holds one chunk of frames in
-//! memory, not the file, and an `.npz` writer that streams one array at a
-//! time (`encode`'s latents, `buffer export`). Files and headers only.
+//! memory, not the file; an `.npz` writer that streams one array at a
+//! time (`encode`'s latents, `buffer export`, `series`); and a reader of one
+//! float32 array from an `.npz` (`decode`'s latents), its size checked
+//! against the file before anything is allocated. Files and headers only.
 
 use anyhow::{bail, Context, Result};
 use std::fs::File;
@@ -28,12 +30,35 @@ fn header_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
     Some(header[start..].trim_start())
 }
 
-/// Parses `{'descr': '|u1', 'fortran_order': False, 'shape': (N, H, W, 3), }`.
-fn parse_header(header: &str) -> Result<Vec<usize>> {
+/// The element types read here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dtype {
+    U8,
+    F32,
+}
+
+impl Dtype {
+    /// Whether numpy's `descr` (quoted, as in the header) names this type.
+    fn is(self, descr: &str) -> bool {
+        let names: &[&str] = match self {
+            Dtype::U8 => &["'|u1'", "'u1'", "'<u1'"],
+            Dtype::F32 => &["'<f4'", "'f4'"],
+        };
+        names.iter().any(|n| descr.starts_with(n))
+    }
+}
+
+/// Parses `{'descr': '|u1', 'fortran_order': False, 'shape': (N, H, W, 3), }`
+/// for an array of `dtype`.
+fn parse_header(header: &str, dtype: Dtype) -> Result<Vec<usize>> {
     let descr = header_value(header, "descr").context("header has no 'descr'")?;
-    if !(descr.starts_with("'|u1'") || descr.starts_with("'u1'") || descr.starts_with("'<u1'")) {
-        let dtype = descr.split(',').next().unwrap_or(descr);
-        bail!("dtype {dtype} unsupported: frames must be uint8");
+    if !dtype.is(descr) {
+        let found = descr.split(',').next().unwrap_or(descr);
+        let wanted = match dtype {
+            Dtype::U8 => "frames must be uint8",
+            Dtype::F32 => "latents must be float32",
+        };
+        bail!("dtype {found} unsupported: {wanted}");
     }
     let fortran = header_value(header, "fortran_order").context("header has no 'fortran_order'")?;
     if !fortran.starts_with("False") {
@@ -49,6 +74,35 @@ fn parse_header(header: &str) -> Result<Vec<usize>> {
         .collect()
 }
 
+/// Reads a `.npy` header for an array of `dtype`: its shape and the offset of its data.
+fn read_header(reader: &mut impl Read, dtype: Dtype) -> Result<(Vec<usize>, usize)> {
+    let mut magic = [0u8; 8];
+    reader.read_exact(&mut magic).context("file too short for a .npy header")?;
+    if &magic[..6] != MAGIC {
+        bail!("missing the \\x93NUMPY magic");
+    }
+    let (len, prefix) = match magic[6] {
+        1 => {
+            let mut b = [0u8; 2];
+            reader.read_exact(&mut b)?;
+            (u16::from_le_bytes(b) as usize, 10)
+        }
+        2 | 3 => {
+            let mut b = [0u8; 4];
+            reader.read_exact(&mut b)?;
+            (u32::from_le_bytes(b) as usize, 12)
+        }
+        v => bail!("unknown .npy format version {v}"),
+    };
+    if len > MAX_HEADER_BYTES {
+        bail!("header of {len} bytes is too long");
+    }
+    let mut header = vec![0u8; len];
+    reader.read_exact(&mut header).context("truncated header")?;
+    let header = String::from_utf8(header).context("header is not text")?;
+    Ok((parse_header(&header, dtype)?, prefix + len))
+}
+
 impl FrameReader {
     /// Opens `path` and checks it holds uint8 (N, H, W, 3) in C order.
     pub fn open(path: &Path) -> Result<FrameReader> {
@@ -56,7 +110,7 @@ impl FrameReader {
         let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let file_len = file.metadata()?.len() as usize;
         let mut reader = BufReader::new(file);
-        let (shape, data_offset) = Self::read_header(&mut reader).map_err(with_path)?;
+        let (shape, data_offset) = read_header(&mut reader, Dtype::U8).map_err(with_path)?;
         let [count, height, width, 3] = shape[..] else {
             return Err(with_path(anyhow::anyhow!("shape {shape:?} is not (N, H, W, 3)")));
         };
@@ -68,34 +122,6 @@ impl FrameReader {
             )));
         }
         Ok(FrameReader { path: path.to_owned(), reader, remaining: count, count, height, width })
-    }
-
-    fn read_header(reader: &mut impl Read) -> Result<(Vec<usize>, usize)> {
-        let mut magic = [0u8; 8];
-        reader.read_exact(&mut magic).context("file too short for a .npy header")?;
-        if &magic[..6] != MAGIC {
-            bail!("missing the \\x93NUMPY magic");
-        }
-        let (len, prefix) = match magic[6] {
-            1 => {
-                let mut b = [0u8; 2];
-                reader.read_exact(&mut b)?;
-                (u16::from_le_bytes(b) as usize, 10)
-            }
-            2 | 3 => {
-                let mut b = [0u8; 4];
-                reader.read_exact(&mut b)?;
-                (u32::from_le_bytes(b) as usize, 12)
-            }
-            v => bail!("unknown .npy format version {v}"),
-        };
-        if len > MAX_HEADER_BYTES {
-            bail!("header of {len} bytes is too long");
-        }
-        let mut header = vec![0u8; len];
-        reader.read_exact(&mut header).context("truncated header")?;
-        let header = String::from_utf8(header).context("header is not text")?;
-        Ok((parse_header(&header)?, prefix + len))
     }
 
     /// Bytes of one frame.
@@ -172,6 +198,29 @@ impl NpzWriter {
     }
 }
 
+/// The most numbers [`read_npz_f32`] reads from one array: 64 Mi floats
+/// (256 MB), far past any file of latents (a million latents of 32).
+const MAX_NPZ_VALUES: usize = 64 << 20;
+
+/// Array `key` of the `.npz` at `path`, which must be float32 in C order:
+/// its shape and values. The shape's size is checked against the archive
+/// entry's before anything is allocated.
+pub fn read_npz_f32(path: &Path, key: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+    let what = || format!("{}: array {key:?}", path.display());
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut zip = zip::ZipArchive::new(BufReader::new(file)).with_context(|| format!("{}: not an .npz (zip) file", path.display()))?;
+    let mut entry = zip.by_name(&format!("{key}.npy")).with_context(what)?;
+    let entry_size = usize::try_from(entry.size()).with_context(what)?;
+    let (shape, data_offset) = read_header(&mut entry, Dtype::F32).with_context(what)?;
+    let count = shape.iter().try_fold(1usize, |n, d| n.checked_mul(*d)).filter(|n| *n <= MAX_NPZ_VALUES).with_context(|| format!("{}: shape {shape:?} is over {MAX_NPZ_VALUES} values", what()))?;
+    if entry_size != data_offset + count * 4 {
+        bail!("{}: shape {shape:?} needs {} bytes of data, the file has {}", what(), count * 4, entry_size.saturating_sub(data_offset));
+    }
+    let mut bytes = vec![0u8; count * 4];
+    entry.read_exact(&mut bytes).with_context(what)?;
+    Ok((shape, bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()))
+}
+
 /// Writes uint8 frames (N, H, W, 3) as a `.npy`.
 pub fn write_frames(path: &Path, frames: &[u8], height: usize, width: usize) -> Result<()> {
     let frame_bytes = height * width * 3;
@@ -202,6 +251,25 @@ mod tests {
         all.extend(r.read_chunk(2).unwrap());
         assert!(r.read_chunk(2).unwrap().is_empty());
         assert_eq!(all, frames);
+    }
+
+    #[test]
+    fn float_arrays_round_trip_through_npz_and_lies_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("z.npz");
+        let values: Vec<f32> = (0..6).map(|i| i as f32 / 2.0).collect();
+        let mut npz = NpzWriter::create(&path).unwrap();
+        npz.array("z", "<f4", &[2, 3]).unwrap().write_all(&values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+        npz.array("frames", "|u1", &[2]).unwrap().write_all(&[1, 2]).unwrap();
+        npz.finish().unwrap();
+        assert_eq!(read_npz_f32(&path, "z").unwrap(), (vec![2, 3], values));
+        assert!(format!("{:#}", read_npz_f32(&path, "frames").unwrap_err()).contains("float32"));
+        assert!(read_npz_f32(&path, "missing").is_err());
+        // A header claiming a huge shape is refused before any allocation.
+        let mut npz = NpzWriter::create(&path).unwrap();
+        npz.array("z", "<f4", &[1 << 40, 32]).unwrap().write_all(&[0u8; 16]).unwrap();
+        npz.finish().unwrap();
+        assert!(format!("{:#}", read_npz_f32(&path, "z").unwrap_err()).contains("over"));
     }
 
     #[test]

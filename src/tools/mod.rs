@@ -1,4 +1,5 @@
 //! The CLI's tools that are not the daemon: `wmvae encode` ([`encode`]),
+//! `wmvae decode` ([`decode`]),
 //! `wmvae publish` ([`publish`]), `wmvae buffer export` ([`export`]), the
 //! benches ([`bench`], [`bench_daemon`], [`bench_encoders`],
 //! [`bench_failover`]), a local nats-server child for
@@ -13,6 +14,7 @@ pub mod bench_encoders;
 pub mod bench_chaos;
 pub mod bench_failover;
 pub mod bench_quality;
+pub mod decode;
 pub mod encode;
 pub mod export;
 pub mod nats_server;

@@ -55,7 +55,7 @@ impl LocalNats {
         let dir = tempfile::tempdir()?;
         let store = dir.path().join("js");
         std::fs::write(dir.path().join("nats.conf"), format!(
-                "listen: 127.0.0.1:{port}\njetstream {{ store_dir: {store:?}, sync_interval: always, max_file_store: {MAX_FILE_STORE_BYTES} }}\n{extra}\n"
+                "listen: 127.0.0.1:{port}\nmax_payload: 4MB\njetstream {{ store_dir: {store:?}, sync_interval: always, max_file_store: {MAX_FILE_STORE_BYTES} }}\n{extra}\n"
             ))?;
         let child = spawn(binary, dir.path(), port)?;
         Ok(LocalNats { child, url: format!("nats://127.0.0.1:{port}"), port, binary: binary.to_owned(), dir })
