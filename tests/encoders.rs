@@ -255,6 +255,8 @@ async fn decode_and_encode_on_the_active_or_a_pinned_version() {
     let on_v1: DecodeReply = rmp_serde::from_slice(&request(serde_json::json!({ "z": z, "version": 1 })).await.payload).unwrap();
     assert_eq!(on_v1.version, 1);
     assert_ne!(on_v1.frames, on_active.frames, "v1's decoder is not the trained one");
+    let grid: DecodeReply = rmp_serde::from_slice(&request(serde_json::json!({ "z": z, "format": "png" })).await.payload).unwrap();
+    assert!(grid.frames.is_empty() && grid.png.is_some_and(|png| png.starts_with(b"\x89PNG")));
     assert_eq!(error_code(&request(serde_json::json!({ "z": vec![vec![0.0f32; 31]] })).await).as_deref(), Some("400"));
     assert_eq!(error_code(&request(serde_json::json!({ "z": vec![vec![0.0f32; 32]; 300] })).await).as_deref(), Some("400"));
     assert_eq!(error_code(&request(serde_json::json!({ "z": z, "version": 999 })).await).as_deref(), Some("404"));

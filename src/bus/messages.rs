@@ -109,15 +109,21 @@ pub struct DecodeRequest {
     pub z: Vec<Vec<f32>>,
     #[serde(default)]
     pub version: Option<u64>,
+    /// `"png"`: the frames as one PNG grid (`png`) instead of raw bytes.
+    #[serde(default)]
+    pub format: Option<String>,
 }
 
 /// The `wm.ctl.decode` reply: the version that decoded, and its frames,
-/// N x 64 x 64 x 3 uint8 HWC.
+/// N x 64 x 64 x 3 uint8 HWC (`frames`), or a PNG grid of them (`png`)
+/// when the request asked for `"format": "png"`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DecodeReply {
     pub version: u64,
-    #[serde(with = "serde_bytes")]
+    #[serde(default, with = "serde_bytes", skip_serializing_if = "Vec::is_empty")]
     pub frames: Vec<u8>,
+    #[serde(default, with = "serde_bytes", skip_serializing_if = "Option::is_none")]
+    pub png: Option<Vec<u8>>,
 }
 
 /// The one field `wm.ctl.encode` reads besides the frame message: a

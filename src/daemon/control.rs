@@ -114,12 +114,17 @@ async fn ask_trainer<T>(commands: &mpsc::Sender<Command>, make: impl FnOnce(ones
 
 /// Latents decoded by one request, at most: a batch the decoder takes at once.
 pub const MAX_DECODE_LATENTS: usize = 256;
+/// Frames in a row of a decode reply's PNG grid.
+const DECODE_GRID_COLUMNS: usize = 16;
 
 /// A `decode` request, checked: 1..=[`MAX_DECODE_LATENTS`] latents of
 /// `z_size` finite numbers, whose frames fit in a reply under the server's
 /// `max_payload` (a default server's 1 MiB holds 85 frames).
 fn decode_request(payload: &[u8], z_size: usize, max_payload: usize) -> anyhow::Result<DecodeRequest> {
     let request: DecodeRequest = rmp_serde::from_slice(payload).map_err(|e| BadRequest(format!("bad decode request: {e}")))?;
+    if request.format.as_deref().is_some_and(|f| f != "png" && f != "raw") {
+        return Err(BadRequest("format is \"raw\" (the default) or \"png\"".into()).into());
+    }
     let n = request.z.len();
     if n == 0 || n > MAX_DECODE_LATENTS {
         return Err(BadRequest(format!("{n} latents: a decode request takes 1..={MAX_DECODE_LATENTS}")).into());
@@ -154,8 +159,13 @@ async fn answer(ctx: Context, endpoint: Endpoint, payload: bytes::Bytes, caller:
         }
         Endpoint::Decode => {
             let encoder = ctx.encoder.as_ref().ok_or(NotHere("encoder"))?;
-            let z = decode_request(&payload, ctx.config.model.z_size as usize, ctx.bus.max_payload())?;
-            let reply = encoder.decode(z.z.concat(), z.version).await?;
+            let request = decode_request(&payload, ctx.config.model.z_size as usize, ctx.bus.max_payload())?;
+            let mut reply = encoder.decode(request.z.concat(), request.version).await?;
+            if request.format.as_deref() == Some("png") {
+                let frames = std::mem::take(&mut reply.frames);
+                let rows: Vec<&[u8]> = frames.chunks(DECODE_GRID_COLUMNS * crate::frames::BYTES).collect();
+                reply.png = Some(crate::frames::grid::png_grid(&rows, request.z.len().min(DECODE_GRID_COLUMNS))?);
+            }
             Ok(rmp_serde::to_vec_named(&reply)?)
         }
         _ => {

@@ -390,7 +390,7 @@ impl Worker {
                     let _ = reply.send(self.encode_with(version, std::slice::from_ref(&frame)).map(|mut latents| latents.remove(0)));
                 }
                 Work::Decode { z, version, reply } => {
-                    let decoded = self.net_for(version).and_then(|(version, net)| Ok(DecodeReply { version, frames: net.decode_frames(&z)? }));
+                    let decoded = self.net_for(version).and_then(|(version, net)| Ok(DecodeReply { version, frames: net.decode_frames(&z)?, png: None }));
                     let _ = reply.send(decoded);
                 }
                 Work::Frames(batch) => {
