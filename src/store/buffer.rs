@@ -363,37 +363,6 @@ impl Store {
         Ok(Some(out))
     }
 
-    /// Every stored frame in (source, episode, step) order, optionally of
-    /// one source; with `pixels` false their pixels are left empty (no
-    /// decompression).
-    pub fn frames_in_order<'a>(&'a self, source: Option<&'a str>, pixels: bool) -> impl Iterator<Item = Result<Frame>> + 'a {
-        let prefix: Vec<u8> = match source {
-            Some(s) => [b"I", s.as_bytes(), b"\0"].concat(),
-            None => b"I".to_vec(),
-        };
-        let locations = self.tree.scan_prefix(prefix).flat_map(|entry| {
-            let block = entry.map_err(anyhow::Error::from).and_then(|(_, bytes)| decode_index_block(&bytes));
-            match block {
-                Ok(block) => block.into_values().map(Ok).collect::<Vec<_>>(),
-                Err(e) => vec![Err(e)],
-            }
-        });
-        // Consecutive steps mostly share a chunk: keep the last one read.
-        let mut held: Option<(Split, u64, sled::IVec)> = None;
-        locations.map(move |location| {
-            let (split, seq) = location?;
-            if let Some((_, first, bytes)) = held.as_ref().filter(|(held_split, ..)| *held_split == split) {
-                if let Some(frame) = read_in_chunk(*first, bytes, seq, |stored| stored.to_frame(pixels))? {
-                    return Ok(frame);
-                }
-            }
-            let (first, bytes) = self.chunk_holding(split, seq)?.context("the index points at a missing frame")?;
-            let frame = read_in_chunk(first, &bytes, seq, |stored| stored.to_frame(pixels))?.context("the index points at a missing frame")?;
-            held = Some((split, first, bytes));
-            Ok(frame)
-        })
-    }
-
     pub fn stats(&self) -> Result<Stats> {
         let c = self.counters.lock().unwrap().clone();
         let train = c.head[0] - c.tail[0];

@@ -19,14 +19,17 @@
 //! of (source, episode). Nothing here knows about NATS or tensors.
 //! Versions live in a second tree, behind their own type ([`Registry`],
 //! `registry.rs`); stores written with an older layout are upgraded at open
-//! (`upgrade.rs`). The buffer's operations are in `buffer.rs`, its bytes in
+//! (`upgrade.rs`). The buffer's writes and sampling are in `buffer.rs`, its
+//! reads in order (export, series) in `episodes.rs`, its bytes in
 //! `layout.rs`; this file opens the database and holds it.
 
 mod buffer;
+mod episodes;
 mod layout;
 mod registry;
 mod upgrade;
 pub use buffer::{BufferConfig, Committed, Stats};
+pub use episodes::{Cursor, EpisodeCount, Scope};
 pub use layout::{compress_frames, Compressed, Split};
 pub use registry::{best_by_eval, Change, Damaged, HistoryEntry, InUse, Registry, UnknownVersion};
 
