@@ -141,6 +141,11 @@ pub struct Status {
     pub store_write_errors: u64,
     /// Why the store's last write failed, until one succeeds (a full disk).
     pub store_error: Option<String>,
+    /// Checkpoints that could not be written (also in `store_write_errors`).
+    pub checkpoint_write_errors: u64,
+    /// Why the last checkpoint could not be written, until one is: training
+    /// goes on from memory and the next checkpoint tries again.
+    pub checkpoint_error: Option<String>,
     /// When the trainer loop last went round (a trainer node).
     #[serde(skip)]
     pub trainer_beat: Option<Instant>,
@@ -202,6 +207,20 @@ impl StatusBoard {
     /// A write to the store failed (`error`).
     pub fn store_failed(&self, error: &anyhow::Error) {
         self.update(|s| (s.store_write_errors, s.store_error) = (s.store_write_errors + 1, Some(format!("{error:#}"))));
+    }
+
+    /// A checkpoint could not be written (`error`): counted and kept for
+    /// the status, not a store that can't write (frames may still go in).
+    pub fn checkpoint_failed(&self, error: &anyhow::Error) {
+        self.update(|s| {
+            (s.store_write_errors, s.checkpoint_write_errors) = (s.store_write_errors + 1, s.checkpoint_write_errors + 1);
+            s.checkpoint_error = Some(format!("{error:#}"));
+        });
+    }
+
+    /// A checkpoint was written.
+    pub fn checkpoint_written(&self) {
+        self.update(|s| s.checkpoint_error = None);
     }
 
     /// Frames were committed: the store writes.

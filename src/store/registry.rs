@@ -2,7 +2,9 @@
 //! (checkpoint envelopes), the active one, pins, and the history of every
 //! change of the active version. Its own type over the store's shared sled
 //! database: it knows nothing of frames, and the buffer nothing of it. Version numbers only grow and are never reused: the counter is
-//! committed in the same atomic batch as the version it hands out.
+//! committed in the same atomic batch as the version it hands out. A
+//! checkpoint's envelope is written only once the disk has room for it
+//! (`room.rs`).
 //!
 //! | key                 | value                                   |
 //! |---------------------|-----------------------------------------|
@@ -15,6 +17,7 @@
 //! | `M` name            | `next_version`, `active`, `history_next`, `history_announced` (every entry below it was announced), `led_epoch` (the lease epoch this node last led under) |
 
 use super::layout::be_u64;
+use super::room::{Claim, Room, CHECKPOINT_FACTOR};
 use crate::vae::checkpoint::{now_rfc3339, Checkpoint, Metadata};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -163,13 +166,15 @@ pub struct Registry {
     tree: sled::Tree,
     /// Serialises changes (create, activate, pin, delete).
     lock: Arc<Mutex<()>>,
+    /// The store's disk, claimed before an envelope is written.
+    room: Room,
 }
 
 impl Registry {
     /// Opens the registry, rebuilding any version's listing metadata that
     /// no longer decodes from its envelope (which carries it too).
-    pub(super) fn open(db: &sled::Db) -> Result<Registry> {
-        let registry = Registry { db: db.clone(), tree: db.open_tree("checkpoints")?, lock: Arc::default() };
+    pub(super) fn open(db: &sled::Db, room: Room) -> Result<Registry> {
+        let registry = Registry { db: db.clone(), tree: db.open_tree("checkpoints")?, lock: Arc::default(), room };
         registry.repair_listings()?;
         Ok(registry)
     }
@@ -206,7 +211,7 @@ impl Registry {
             return Err(UnknownVersion(version).into());
         }
         let mut batch = sled::Batch::default();
-        self.put_chunks(&mut batch, &key(b'V', version), checkpoint)?;
+        let _room = self.put_chunks(&mut batch, &key(b'V', version), checkpoint)?;
         batch.insert(key(b'D', version), rmp_serde::to_vec_named(&checkpoint.metadata)?);
         self.tree.apply_batch(batch)?;
         self.db.flush()?;
@@ -222,13 +227,22 @@ impl Registry {
     }
 
     /// Adds to `batch` `checkpoint`'s envelope under `prefix` in pieces of
-    /// [`CHUNK_BYTES`] (`prefix` chunk(u32 BE)), replacing what was there.
-    fn put_chunks(&self, batch: &mut sled::Batch, prefix: &[u8], checkpoint: &Checkpoint) -> Result<()> {
+    /// [`CHUNK_BYTES`] (`prefix` chunk(u32 BE)), replacing what was there,
+    /// once the disk has room for it ([`super::NoRoom`] else): the room
+    /// stays claimed while the returned [`Claim`] lives (until the batch
+    /// is applied and flushed).
+    fn put_chunks(&self, batch: &mut sled::Batch, prefix: &[u8], checkpoint: &Checkpoint) -> Result<Claim> {
+        let bytes = checkpoint.to_bytes()?;
+        let what = || match prefix == PENDING {
+            true => format!("the pending checkpoint ({:.1} MB)", bytes.len() as f64 / 1e6),
+            false => format!("checkpoint v{} ({:.1} MB)", checkpoint.metadata.version, bytes.len() as f64 / 1e6),
+        };
+        let room = self.room.claim(bytes.len() as u64 * CHECKPOINT_FACTOR, what)?;
         self.remove_chunks(batch, prefix)?;
-        for (chunk, piece) in (0u32..).zip(checkpoint.to_bytes()?.chunks(CHUNK_BYTES)) {
+        for (chunk, piece) in (0u32..).zip(bytes.chunks(CHUNK_BYTES)) {
             batch.insert([prefix, &chunk.to_be_bytes()].concat(), piece);
         }
-        Ok(())
+        Ok(room)
     }
 
     /// The bytes of every chunk under `prefix`, in key order (empty: none).
@@ -284,7 +298,7 @@ impl Registry {
             bail!("checkpoint built as v{} but v{version} was allocated", checkpoint.metadata.version);
         }
         let mut batch = sled::Batch::default();
-        self.put_chunks(&mut batch, &key(b'V', version), &checkpoint)?;
+        let _room = self.put_chunks(&mut batch, &key(b'V', version), &checkpoint)?;
         batch.insert(key(b'D', version), rmp_serde::to_vec_named(&checkpoint.metadata)?);
         batch.insert(meta("next_version"), &(version + 1).to_be_bytes());
         self.activate_in(&mut batch, version, why, by, reason)?;
@@ -467,7 +481,7 @@ impl Registry {
     pub fn set_pending(&self, checkpoint: &Checkpoint) -> Result<()> {
         let _guard = self.serialised();
         let mut batch = sled::Batch::default();
-        self.put_chunks(&mut batch, PENDING, checkpoint)?;
+        let _room = self.put_chunks(&mut batch, PENDING, checkpoint)?;
         self.tree.apply_batch(batch)?;
         self.db.flush()?;
         Ok(())
