@@ -4,7 +4,8 @@
 //! database: it knows nothing of frames, and the buffer nothing of it. Version numbers only grow and are never reused: the counter is
 //! committed in the same atomic batch as the version it hands out. A
 //! checkpoint's envelope is written only once the disk has room for it
-//! (`room.rs`).
+//! (`room.rs`). Opening checks every version (`registry/verify.rs`): one
+//! a failed write left half there is forgotten, never used.
 //!
 //! | key                 | value                                   |
 //! |---------------------|-----------------------------------------|
@@ -170,44 +171,27 @@ pub struct Registry {
     room: Room,
 }
 
+mod verify;
+
 impl Registry {
-    /// Opens the registry, rebuilding any version's listing metadata that
-    /// no longer decodes from its envelope (which carries it too).
+    /// Opens the registry and checks what it holds (`verify.rs`): versions
+    /// a failed write left half there forgotten, listings rebuilt from
+    /// intact envelopes, counters never behind what is stored.
     pub(super) fn open(db: &sled::Db, room: Room) -> Result<Registry> {
         let registry = Registry { db: db.clone(), tree: db.open_tree("checkpoints")?, lock: Arc::default(), room };
-        registry.repair_listings()?;
+        registry.verify()?;
         Ok(registry)
     }
 
-    /// `D` entries that do not decode, rewritten from intact envelopes; a
-    /// version damaged in both stays out of listings ([`Registry::list`]).
-    fn repair_listings(&self) -> Result<()> {
-        for entry in self.tree.scan_prefix([b'D']) {
-            let (k, v) = entry?;
-            if rmp_serde::from_slice::<Metadata>(&v).is_ok() {
-                continue;
-            }
-            let version = be_u64(&k[1..])?;
-            match self.get(version) {
-                Ok(Some(checkpoint)) => {
-                    self.tree.insert(k, rmp_serde::to_vec_named(&checkpoint.metadata)?)?;
-                    self.db.flush()?;
-                    tracing::warn!(version, "v{version}'s listing metadata was damaged; rebuilt from its checkpoint");
-                }
-                Ok(None) => tracing::error!(version, "v{version}'s listing metadata is damaged and its checkpoint is gone"),
-                Err(e) => tracing::error!(version, "v{version}'s listing metadata is damaged, and so is its checkpoint ({e:#}); it stays out of listings"),
-            }
-        }
-        Ok(())
-    }
-
-    /// Replaces a stored version's bytes with `checkpoint` (the same
-    /// version, from a good copy such as the object store's, sha256
-    /// checked by the caller): a [`Damaged`] version made whole again.
+    /// Writes a version back from a good copy (the same version, such as
+    /// the object store's, sha256 checked by the caller): a [`Damaged`]
+    /// version made whole again, or one this store numbered but no longer
+    /// holds whole (forgotten at open) put back. Never a number the store
+    /// has not handed out ([`UnknownVersion`]): new versions are `add`'s.
     pub fn repair(&self, checkpoint: &Checkpoint) -> Result<()> {
         let _guard = self.serialised();
         let version = checkpoint.metadata.version;
-        if !self.contains(version)? {
+        if version >= self.next_free()? {
             return Err(UnknownVersion(version).into());
         }
         let mut batch = sled::Batch::default();
@@ -514,186 +498,4 @@ impl Registry {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::{BufferConfig, Store};
-
-    #[test]
-    fn announcement_is_tracked_per_entry() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = store(dir.path()).registry().clone();
-        let (v1, v2) = (add(&s, 1.0), add(&s, 2.0));
-        s.activate(v1, Change::Rollback, "ops", None).unwrap();
-        let whys = |s: &Registry| s.unannounced_history().unwrap().iter().map(|h| (h.to, h.why)).collect::<Vec<_>>();
-        assert_eq!(whys(&s), [(v1, Change::Trained), (v2, Change::Trained), (v1, Change::Rollback)]);
-        // v2's announcement and the rollback's went out; v1's did not.
-        s.mark_announced(v2, false).unwrap();
-        s.mark_announced(v1, true).unwrap();
-        assert_eq!(whys(&s), [(v1, Change::Trained)]);
-        s.mark_history_announced().unwrap();
-        assert!(whys(&s).is_empty());
-        s.activate(v2, Change::Rollback, "ops", None).unwrap();
-        assert_eq!(whys(&s), [(v2, Change::Rollback)], "marks from before do not hide a new entry");
-    }
-
-    fn store(dir: &std::path::Path) -> Store {
-        Store::open(dir, BufferConfig { capacity: 10, validation_fraction: 0.0 }).unwrap()
-    }
-
-    fn add(s: &Registry, eval_loss: f64) -> u64 {
-        let make = |version| {
-            let metadata = Metadata { version, eval_loss: Some(eval_loss), ..Default::default() };
-            Ok(Checkpoint::new(metadata, vec![version as u8; 8], vec![]))
-        };
-        s.add(None, make, Change::Trained, "wmvae", None).unwrap().metadata.version
-    }
-
-    #[test]
-    fn versions_grow_across_reopen_and_deletes() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let st = store(dir.path());
-            let s = st.registry();
-            assert_eq!((add(s, 5.0), add(s, 4.0)), (1, 2));
-            s.activate(1, Change::Rollback, "ops@host", Some("bad run")).unwrap();
-            s.delete(2).unwrap();
-        }
-        let st = store(dir.path());
-        let s = st.registry();
-        assert_eq!(add(s, 3.0), 3, "a deleted version's number is never reused");
-        let history: Vec<(Option<u64>, u64, Change)> = s.history().unwrap().into_iter().map(|h| (h.from, h.to, h.why)).collect();
-        assert_eq!(history, [(None, 1, Change::Trained), (Some(1), 2, Change::Trained), (Some(2), 1, Change::Rollback), (Some(1), 3, Change::Trained)]);
-        assert_eq!(s.get(3).unwrap().unwrap().weights, vec![3u8; 8]);
-    }
-
-    #[test]
-    fn a_damaged_version_is_never_made_active() {
-        let dir = tempfile::tempdir().unwrap();
-        let st = store(dir.path());
-        let s = st.registry();
-        assert_eq!((add(s, 5.0), add(s, 4.0)), (1, 2));
-        // Flip the byte holding v1's weights (eight 1s: the envelope's last run of them).
-        let (chunk, mut bytes) = s.tree.scan_prefix(key(b'V', 1)).next().unwrap().unwrap();
-        let at = bytes.windows(8).rposition(|w| w == [1u8; 8]).unwrap();
-        let mut damaged = bytes.to_vec();
-        damaged[at] ^= 0xff;
-        bytes = damaged.into();
-        s.tree.insert(chunk, bytes).unwrap();
-        let refused = s.activate(1, Change::Rollback, "ops@host", None).unwrap_err();
-        assert!(format!("{refused:#}").contains("sha256"), "{refused:#}");
-        assert_eq!(s.active_version().unwrap(), Some(2));
-        assert!(s.activate(9, Change::Rollback, "ops@host", None).unwrap_err().downcast_ref::<UnknownVersion>().is_some());
-    }
-
-    /// A damaged version is found as such, and made whole by `repair`
-    /// from a good copy; listing metadata that no longer decodes is rebuilt
-    /// from the envelope when the store opens, and a version damaged in
-    /// both stays out of listings.
-    #[test]
-    fn damaged_versions_are_found_and_repaired() {
-        let dir = tempfile::tempdir().unwrap();
-        let (v1, v2, v3) = {
-            let st = store(dir.path());
-            let s = st.registry();
-            let (v1, v2, v3) = (add(s, 5.0), add(s, 4.0), add(s, 3.0));
-            let good = s.get(v1).unwrap().unwrap();
-            let (chunk, bytes) = s.tree.scan_prefix(key(b'V', v1)).next().unwrap().unwrap();
-            let mut damaged = bytes.to_vec();
-            let last = damaged.len() - 1;
-            damaged[last] ^= 0xff;
-            s.tree.insert(&chunk, damaged.clone()).unwrap();
-            let found = s.get(v1).unwrap_err();
-            assert!(found.chain().any(|c| c.is::<Damaged>()), "{found:#}");
-            s.repair(&good).unwrap();
-            assert_eq!(s.get(v1).unwrap().unwrap().weights, good.weights);
-            // v2: its listing damaged; v3: its listing and its envelope.
-            s.tree.insert(key(b'D', v2), &b"\xc1garbage"[..]).unwrap();
-            s.tree.insert(key(b'D', v3), &b"\xc1garbage"[..]).unwrap();
-            let (chunk, _) = s.tree.scan_prefix(key(b'V', v3)).next().unwrap().unwrap();
-            s.tree.insert(&chunk, damaged).unwrap();
-            st.flush().unwrap();
-            (v1, v2, v3)
-        };
-        let st = store(dir.path());
-        let listed: Vec<(u64, Option<f64>)> = st.registry().list().unwrap().iter().map(|m| (m.version, m.eval_loss)).collect();
-        assert_eq!(listed, vec![(v1, Some(5.0)), (v2, Some(4.0))], "v{v3} is damaged throughout");
-    }
-
-    /// A pending checkpoint survives a reopen until cleared, and is no version.
-    #[test]
-    fn a_pending_checkpoint_is_kept_until_cleared() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let st = store(dir.path());
-            let s = st.registry();
-            assert!(s.pending().unwrap().is_none());
-            let parent = add(s, 5.0);
-            let pending = Checkpoint::new(Metadata { parent: Some(parent), step: 7, ..Default::default() }, vec![9u8; 200_000], vec![1u8; 100_000]);
-            s.set_pending(&pending).unwrap();
-        }
-        let st = store(dir.path());
-        let s = st.registry();
-        let pending = s.pending().unwrap().unwrap();
-        assert_eq!((pending.metadata.parent, pending.metadata.step, pending.weights.len()), (Some(1), 7, 200_000));
-        assert_eq!(s.list().unwrap().len(), 1);
-        s.clear_pending().unwrap();
-        assert!(s.pending().unwrap().is_none());
-    }
-
-    #[test]
-    fn retention_keeps_newest_pinned_best_and_active() {
-        let dir = tempfile::tempdir().unwrap();
-        let st = store(dir.path());
-        let s = st.registry();
-        for loss in [9.0, 1.0, 8.0, 7.0, 6.0, 5.0] {
-            add(s, loss);
-        }
-        s.set_pinned(3, true).unwrap();
-        // Newest 2 (5, 6), pinned 3, best 2 (loss 1.0), active 6.
-        assert_eq!(s.retention_victims(2).unwrap(), [1, 4]);
-        assert!(s.delete(6).unwrap_err().to_string().contains("active"));
-        assert!(s.activate(42, Change::Rollback, "me", None).is_err());
-    }
-
-    /// A checkpoint larger than a chunk is stored in pieces, read back
-    /// whole, and deleted without leaving a piece behind.
-    #[test]
-    fn big_checkpoints_round_trip_in_chunks() {
-        let dir = tempfile::tempdir().unwrap();
-        let st = store(dir.path());
-        let s = st.registry();
-        let weights: Vec<u8> = (0..3 * CHUNK_BYTES + 17).map(|i| (i % 251) as u8).collect();
-        let make = |version| Ok(Checkpoint::new(Metadata { version, ..Default::default() }, weights.clone(), vec![1, 2, 3]));
-        assert_eq!(s.add(None, make, Change::Trained, "wmvae", None).unwrap().metadata.version, 1);
-        add(s, 1.0);
-        assert!(s.tree.scan_prefix(key(b'V', 1)).count() > 3);
-        let back = s.get(1).unwrap().unwrap();
-        assert_eq!((back.weights, back.optimizer), (weights, vec![1, 2, 3]));
-        s.delete(1).unwrap();
-        assert_eq!(s.tree.scan_prefix(key(b'V', 1)).count(), 0);
-        assert!(s.get(1).unwrap().is_none());
-    }
-
-    /// A schema 1 store (each envelope whole under `V` version) still reads,
-    /// and is marked current so that older builds refuse it from now on.
-    #[test]
-    fn schema_1_stores_are_read_and_upgraded() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let st = store(dir.path());
-            let s = st.registry();
-            let old = Checkpoint::new(Metadata { version: 1, ..Default::default() }, vec![9; 100], vec![]);
-            s.tree.insert(key(b'V', 1), old.to_bytes().unwrap()).unwrap();
-            s.tree.insert(key(b'D', 1), rmp_serde::to_vec_named(&old.metadata).unwrap()).unwrap();
-            s.tree.insert(meta("next_version"), &2u64.to_be_bytes()).unwrap();
-            st.tree.insert(crate::store::layout::meta_key("schema_version"), &1u64.to_be_bytes()).unwrap();
-            st.flush().unwrap();
-        }
-        let st = store(dir.path());
-        let s = st.registry();
-        assert_eq!(s.get(1).unwrap().unwrap().weights, vec![9; 100]);
-        assert_eq!(st.tree.get(crate::store::layout::meta_key("schema_version")).unwrap().unwrap().as_ref(), crate::store::SCHEMA_VERSION.to_be_bytes());
-        s.delete(1).unwrap();
-        assert!(s.get(1).unwrap().is_none());
-    }
-}
+mod tests;
