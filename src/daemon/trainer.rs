@@ -351,6 +351,7 @@ impl Trainer {
             let metadata = self.store.registry().delete(victim)?;
             self.events.blocking_send(Event::Deleted { metadata, epoch }).context("daemon event queue closed")?;
         }
+        self.store.registry().prune_history(self.config.train.keep_history)?;
         Ok(())
     }
 

@@ -31,7 +31,7 @@ mod room;
 mod upgrade;
 pub use buffer::{BufferConfig, Committed, Stats};
 pub use layout::{compress_frames, Compressed, Split};
-pub use registry::{best_by_eval, Change, Damaged, HistoryEntry, InUse, Registry, UnknownVersion};
+pub use registry::{best_by_eval, Change, Damaged, HistoryEntry, HistoryPage, InUse, Registry, UnknownVersion};
 pub use room::NoRoom;
 
 /// Entry points for `fuzz/` (cargo fuzz builds with `--cfg fuzzing`): the

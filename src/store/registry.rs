@@ -5,7 +5,8 @@
 //! committed in the same atomic batch as the version it hands out. A
 //! checkpoint's envelope is written only once the disk has room for it
 //! (`room.rs`). Opening checks every version (`registry/verify.rs`): one
-//! a failed write left half there is forgotten, never used.
+//! a failed write left half there is forgotten, never used; the history's
+//! pages and retention are `registry/history.rs`'s.
 //!
 //! | key                 | value                                   |
 //! |---------------------|-----------------------------------------|
@@ -171,7 +172,9 @@ pub struct Registry {
     room: Room,
 }
 
+mod history;
 mod verify;
+pub use history::HistoryPage;
 
 impl Registry {
     /// Opens the registry and checks what it holds (`verify.rs`): versions
@@ -389,66 +392,6 @@ impl Registry {
         Ok(all.iter().map(|m| m.version).filter(|v| !keep.contains(v)).collect())
     }
 
-    /// History entries not yet announced on NATS (made offline, before a
-    /// crash, or while NATS was away), oldest first, with their sequence numbers.
-    fn unannounced(&self) -> Result<Vec<(u64, HistoryEntry)>> {
-        let from = self.counter("history_announced")?.unwrap_or(0);
-        let mut out = Vec::new();
-        for entry in self.tree.range(key(b'H', from)..key(b'H', u64::MAX)) {
-            let (k, v) = entry?;
-            let seq = be_u64(&k[1..])?;
-            if !self.tree.contains_key(key(b'A', seq))? {
-                out.push((seq, rmp_serde::from_slice(&v).context("corrupt history entry")?));
-            }
-        }
-        Ok(out)
-    }
-
-    /// History entries not yet announced on NATS, oldest first.
-    pub fn unannounced_history(&self) -> Result<Vec<HistoryEntry>> {
-        Ok(self.unannounced()?.into_iter().map(|(_, entry)| entry).collect())
-    }
-
-    /// Records that the oldest unannounced change to `version` has been
-    /// announced (changes are announced in order): a rollback's when
-    /// `rollback`, else the version's making; others stay unannounced.
-    pub fn mark_announced(&self, version: u64, rollback: bool) -> Result<()> {
-        let _guard = self.serialised();
-        let matches = |entry: &HistoryEntry| entry.to == version && entry.why.is_rollback() == rollback;
-        let Some((seq, _)) = self.unannounced()?.into_iter().find(|(_, entry)| matches(entry)) else { return Ok(()) };
-        // The mark, and `history_announced` moved past every entry now
-        // announced in a row (their marks dropped), so the scan above stays
-        // as short as what is still unannounced.
-        let mut batch = sled::Batch::default();
-        let mut watermark = self.counter("history_announced")?.unwrap_or(0);
-        if seq != watermark {
-            batch.insert(key(b'A', seq), &[]);
-        } else {
-            watermark += 1;
-            while self.tree.contains_key(key(b'A', watermark))? {
-                batch.remove(key(b'A', watermark));
-                watermark += 1;
-            }
-            batch.insert(meta("history_announced"), &watermark.to_be_bytes());
-        }
-        self.tree.apply_batch(batch)?;
-        Ok(())
-    }
-
-    /// Records that every history entry so far has been announced (or
-    /// superseded by the cluster's active version).
-    pub fn mark_history_announced(&self) -> Result<()> {
-        let _guard = self.serialised();
-        let next = self.counter("history_next")?.unwrap_or(0);
-        let mut batch = sled::Batch::default();
-        batch.insert(meta("history_announced"), &next.to_be_bytes());
-        for marked in self.tree.scan_prefix([b'A']).keys() {
-            batch.remove(marked?);
-        }
-        self.tree.apply_batch(batch)?;
-        Ok(())
-    }
-
     /// The lease epoch this store's node last led under (set when it took over).
     pub fn led_epoch(&self) -> Result<Option<u64>> {
         self.counter("led_epoch")
@@ -489,11 +432,6 @@ impl Registry {
         self.tree.apply_batch(batch)?;
         self.db.flush()?;
         Ok(())
-    }
-
-    /// Every change of the active version, oldest first.
-    pub fn history(&self) -> Result<Vec<HistoryEntry>> {
-        self.tree.scan_prefix([b'H']).map(|entry| rmp_serde::from_slice(&entry?.1).context("corrupt history entry")).collect()
     }
 }
 

@@ -265,3 +265,72 @@ fn versions_left_half_there_are_forgotten_at_open() {
     let listed: Vec<u64> = store(dir.path()).registry().list().unwrap().iter().map(|m| m.version).collect();
     assert_eq!(listed, [1, 4, 6, 7], "nothing else goes at the next open");
 }
+
+/// Writes `n` history entries (rollbacks to v1, reason "r<i>") after the
+/// ones there, as if made one by one, in one batch.
+fn many_entries(s: &Registry, n: u64, reason_bytes: usize) {
+    let first = s.counter("history_next").unwrap().unwrap_or(0);
+    let mut batch = sled::Batch::default();
+    for i in 0..n {
+        let reason = format!("r{i}{}", "x".repeat(reason_bytes));
+        let entry = HistoryEntry { at: now_rfc3339(), from: Some(1), to: 1, why: Change::Rollback, by: "ops".into(), reason: Some(reason) };
+        batch.insert(key(b'H', first + i), rmp_serde::to_vec_named(&entry).unwrap());
+    }
+    batch.insert(meta("history_next"), &(first + n).to_be_bytes());
+    s.tree.apply_batch(batch).unwrap();
+}
+
+fn reasons(entries: &[HistoryEntry]) -> Vec<String> {
+    entries.iter().map(|h| h.reason.clone().unwrap_or_default()).collect()
+}
+
+/// Thousands of entries: read in pages from the newest back (each page
+/// oldest first, `more` and `next_before` leading to the one before), a
+/// page bounded by its bytes too; pruned to the newest `keep` only once
+/// announced, numbering going on after.
+#[test]
+fn history_is_read_in_pages_and_pruned_once_announced() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = store(dir.path());
+    let s = st.registry();
+    add(s, 1.0);
+    many_entries(s, 5000, 0);
+    let all = s.history().unwrap();
+    assert_eq!(all.len(), 5001);
+    let newest = s.history_page(None, 300, usize::MAX).unwrap();
+    assert_eq!((newest.entries.len(), newest.more, newest.next_before), (300, true, Some(4701)));
+    assert_eq!(newest.entries, all[4701..], "the newest page, oldest first");
+    let mut pages = vec![newest.entries];
+    let mut before = newest.next_before;
+    while let Some(seq) = before {
+        let page = s.history_page(Some(seq), 300, usize::MAX).unwrap();
+        assert!(page.entries.len() <= 300 && !page.entries.is_empty());
+        before = page.next_before;
+        assert_eq!(page.more, before.is_some());
+        pages.push(page.entries);
+    }
+    pages.reverse();
+    assert_eq!(pages.concat(), all, "the pages make the whole history");
+    assert_eq!(s.history_page(Some(0), 300, usize::MAX).unwrap(), HistoryPage::default());
+    // Big entries: fewer to a page, never none.
+    many_entries(s, 3, 100_000);
+    let page = s.history_page(None, 300, 250_000).unwrap();
+    assert_eq!((reasons(&page.entries).iter().map(|r| r.len()).sum::<usize>() > 190_000, page.entries.len(), page.more), (true, 2, true));
+    assert_eq!(s.history_page(None, 300, 10).unwrap().entries.len(), 1);
+    // Nothing announced: nothing pruned. Announced: down to the newest 1000.
+    assert_eq!(s.prune_history(1000).unwrap(), 0);
+    s.mark_history_announced().unwrap();
+    assert_eq!(s.prune_history(1000).unwrap(), 4004);
+    let kept = s.history().unwrap();
+    assert_eq!((kept.len(), kept.first().unwrap().reason.as_deref()), (1000, Some("r4003")));
+    assert!(!s.history_page(None, 2000, usize::MAX).unwrap().more);
+    // An entry not yet announced stays, however old it gets.
+    s.activate(1, Change::Rollback, "ops", Some("unannounced")).unwrap();
+    many_entries(s, 2000, 0);
+    s.prune_history(10).unwrap();
+    assert!(reasons(&s.history().unwrap()).contains(&"unannounced".to_string()));
+    drop(st);
+    let st = store(dir.path());
+    st.registry().activate(1, Change::Rollback, "ops", Some("after")).unwrap();
+    assert_eq!(st.registry().history().unwrap().last().unwrap().reason.as_deref(), Some("after"), "numbering goes on past what was pruned");
+}
