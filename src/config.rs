@@ -347,6 +347,8 @@ pub struct TrainConfig {
     pub first_checkpoint_steps: u64,
     /// Newest versions kept by retention (besides pinned, best and active).
     pub keep_last: usize,
+    /// Newest history entries kept; older ones go once announced.
+    pub keep_history: u64,
 }
 
 impl TrainConfig {
@@ -473,6 +475,7 @@ impl Config {
             ("max_bad_steps", self.train.max_bad_steps as u64),
             ("max_auto_rollbacks", self.train.max_auto_rollbacks as u64),
             ("keep_last", self.train.keep_last as u64),
+            ("keep_history", self.train.keep_history),
         ] {
             if value == 0 {
                 bail!("train.{name} must be at least 1");

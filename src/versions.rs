@@ -8,7 +8,7 @@
 //! only a live daemon can do (switching the weights it trains and encodes with).
 
 use crate::config::Config;
-use crate::store::{best_by_eval, Change, HistoryEntry, Split, Store, UnknownVersion};
+use crate::store::{best_by_eval, Change, HistoryEntry, HistoryPage, Split, Store, UnknownVersion};
 use crate::vae::checkpoint::{now_rfc3339, Checkpoint, Metadata};
 use crate::vae::device::Device;
 use crate::vae::learner::{Network, Learner};
@@ -70,8 +70,34 @@ pub fn show(store: &Store, version: u64) -> Result<Shown> {
     Ok(Shown { metadata, active: row.active, pinned: row.pinned, best: row.best })
 }
 
+/// History entries in one page, by default and at most: ~200 bytes each
+/// in JSON, a full page is ~100 KB, far under NATS's 1 MB payload limit.
+pub const HISTORY_PAGE: usize = 500;
+/// Stored bytes of the entries in one page at most (long reasons make big
+/// entries): its JSON stays well under NATS's 1 MB payload limit too.
+pub const HISTORY_PAGE_BYTES: usize = 256 << 10;
+
+/// The newest `limit` (default and at most [`HISTORY_PAGE`]) history
+/// entries before sequence number `before`, oldest first, and whether
+/// older ones are kept.
+pub fn history_page(store: &Store, before: Option<u64>, limit: Option<usize>) -> Result<HistoryPage> {
+    store.registry().history_page(before, limit.unwrap_or(HISTORY_PAGE).clamp(1, HISTORY_PAGE), HISTORY_PAGE_BYTES)
+}
+
+/// Every kept history entry, oldest first, read a page at a time.
 pub fn history(store: &Store) -> Result<Vec<HistoryEntry>> {
-    store.registry().history()
+    let mut pages = Vec::new();
+    let mut before = None;
+    loop {
+        let page = history_page(store, before, None)?;
+        pages.push(page.entries);
+        match page.next_before {
+            Some(next) if page.more => before = Some(next),
+            _ => break,
+        }
+    }
+    pages.reverse();
+    Ok(pages.concat())
 }
 
 /// A stored version, verified, or UnknownVersion.

@@ -299,3 +299,89 @@ async fn offline_commands_and_pickup_at_start() {
     assert_eq!(next.metadata.parent, Some(2));
     assert!(daemon.terminate().success());
 }
+
+/// Writes `n` history entries (rollbacks v1 -> v1, reason "r<i>") into the
+/// store of a stopped daemon after the ones it holds, all announced, as a
+/// store that made a checkpoint every few minutes for months would hold.
+fn a_long_history(store_dir: &Path, n: u64) {
+    let db = sled::open(store_dir.join("sled")).unwrap();
+    let tree = db.open_tree("checkpoints").unwrap();
+    let counter = |name: &str| tree.get(format!("M{name}")).unwrap().map_or(0, |v| u64::from_be_bytes(v.as_ref().try_into().unwrap()));
+    let first = counter("history_next");
+    let mut batch = sled::Batch::default();
+    for i in 0..n {
+        let entry = wmvae::store::HistoryEntry { at: "2026-12-07T00:00:00Z".into(), from: Some(1), to: 1, why: wmvae::store::Change::Rollback, by: "ops@host".into(), reason: Some(format!("r{i}")) };
+        batch.insert([&b"H"[..], &(first + i).to_be_bytes()].concat(), rmp_serde::to_vec_named(&entry).unwrap());
+    }
+    batch.insert("Mhistory_next", &(first + n).to_be_bytes());
+    batch.insert("Mhistory_announced", &(first + n).to_be_bytes());
+    tree.apply_batch(batch).unwrap();
+    db.flush().unwrap();
+}
+
+/// The daemon's `checkpoints.history` reply to `body`, once it serves the
+/// endpoint (a daemon starting has none yet).
+async fn history_request(client: &async_nats::Client, body: &str) -> bytes::Bytes {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match client.request("wm.ctl.checkpoints.history", body.to_string().into()).await {
+            Ok(reply) if reply.headers.as_ref().and_then(|h| h.get("Nats-Service-Error")).is_none() => return reply.payload,
+            other => assert!(std::time::Instant::now() < deadline, "no history from the daemon: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The "r<i>" reasons of history entries, as numbers, in order.
+fn numbered(history: &serde_json::Value) -> Vec<u64> {
+    history.as_array().unwrap().iter().filter_map(|h| h["reason"].as_str()?.strip_prefix('r')?.parse().ok()).collect()
+}
+
+/// Issue #24: a history of thousands of entries. `checkpoints.history`
+/// answers the request of older clients (empty) with the newest page as a
+/// bare list, far under NATS's 1 MB; a request with `limit` gets a page
+/// saying whether more are kept and where the next one begins;
+/// `checkpoint history --json` pages through all of it, live and offline.
+/// The daemon prunes entries past `[train] keep_history` at its next
+/// checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_history_is_paged_and_pruned() {
+    const ENTRIES: u64 = 6000;
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (url, d) = (nats.url.as_str(), dir.path());
+    let daemon = Daemon::start(url, d, FAST);
+    let js = jetstream::new(nats.client().await);
+    wait_until(Duration::from_secs(120), "version 1", || async { created(&js).await.contains(&1) }).await;
+    assert!(daemon.terminate().success());
+    a_long_history(&d.join("store"), ENTRIES);
+
+    let env: Vec<(&str, &str)> = FAST.iter().copied().chain([("WMVAE_TRAIN__KEEP_HISTORY", "1000")]).collect();
+    let daemon = Daemon::start(url, d, &env);
+    let client = nats.client().await;
+    let legacy = history_request(&client, "").await;
+    assert!(legacy.len() < 256 << 10, "{} bytes", legacy.len());
+    let legacy: serde_json::Value = serde_json::from_slice(&legacy).unwrap();
+    assert_eq!(numbered(&legacy), (ENTRIES - 500..ENTRIES).collect::<Vec<_>>(), "the newest 500, oldest first");
+    let page: serde_json::Value = serde_json::from_slice(&history_request(&client, r#"{"limit": 100}"#).await).unwrap();
+    assert_eq!((numbered(&page["entries"]).len(), &page["more"]), (100, &serde_json::Value::Bool(true)));
+    let before = page["next_before"].as_u64().unwrap();
+    let older: serde_json::Value = serde_json::from_slice(&history_request(&client, &format!(r#"{{"before": {before}, "limit": 100}}"#)).await).unwrap();
+    assert_eq!(numbered(&older["entries"]), (ENTRIES - 200..ENTRIES - 100).collect::<Vec<_>>());
+    let all = json(cli(url, d, &["history", "--json", "--online"]));
+    assert_eq!(numbered(&all), (0..ENTRIES).collect::<Vec<_>>(), "every entry, in order");
+    assert_eq!(all.as_array().unwrap().first().unwrap()["why"], "initial");
+
+    // A checkpoint prunes the history to the newest 1000.
+    publish(&js, 0, 6, 25).await;
+    wait_until(Duration::from_secs(120), "version 2", || async { created(&js).await.contains(&2) }).await;
+    wait_until(Duration::from_secs(60), "the history pruned", || async {
+        json(cli(url, d, &["history", "--json", "--online"])).as_array().unwrap().len() <= 1000
+    })
+    .await;
+    assert!(daemon.terminate().success());
+    let kept = json(cli(url, d, &["history", "--json", "--offline"]));
+    let kept_rows = kept.as_array().unwrap();
+    assert!(kept_rows.len() <= 1000 && kept_rows.len() > 990, "{}", kept_rows.len());
+    assert!(kept_rows.last().unwrap()["why"] == "trained" && numbered(&kept).windows(2).all(|w| w[1] == w[0] + 1));
+}

@@ -147,5 +147,12 @@ pub struct CheckpointRequest {
     /// `checkpoints.import`: the uploaded weights' object name in the bucket.
     #[serde(default)]
     pub object: Option<String>,
+    /// `checkpoints.history`: the page of entries before this sequence
+    /// number (a reply's `next_before`); with `limit`, the reply is a page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<u64>,
+    /// `checkpoints.history`: entries in the page at most.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
 }
 

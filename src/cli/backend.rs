@@ -8,7 +8,7 @@ use crate::bus::messages::{import_object, weights_object, CheckpointRequest};
 use crate::bus::service::{Endpoint, ServiceError};
 use crate::bus::Bus;
 use crate::config::Config;
-use crate::store::{HistoryEntry, Stats, Store, UnknownVersion};
+use crate::store::{HistoryEntry, HistoryPage, Stats, Store, UnknownVersion};
 use crate::vae::checkpoint::{sha256_hex, Metadata};
 use crate::vae::device::DeviceChoice;
 use crate::vae::learner::Network;
@@ -76,6 +76,41 @@ async fn ask<T: DeserializeOwned>(bus: &Bus, endpoint: Endpoint, body: &Checkpoi
     serde_json::from_slice(&reply).with_context(|| format!("reading the daemon's {} reply", endpoint.name()))
 }
 
+/// A `checkpoints.history` reply: a page, or (from a daemon that
+/// predates pages) every entry at once.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum HistoryReply {
+    Page(HistoryPage),
+    All(Vec<HistoryEntry>),
+}
+
+/// Every kept history entry from the daemon, oldest first, read a page at
+/// a time from the newest back: a reply must stay under NATS's payload limit.
+async fn live_history(bus: &Bus) -> Result<Vec<HistoryEntry>> {
+    let mut pages = Vec::new();
+    let mut before = None;
+    loop {
+        let request = CheckpointRequest { before, limit: Some(versions::HISTORY_PAGE), ..Default::default() };
+        match ask(bus, Endpoint::History, &request).await? {
+            HistoryReply::Page(page) => {
+                pages.push(page.entries);
+                match page.next_before {
+                    Some(next) if page.more && before.is_none_or(|b| next < b) => before = Some(next),
+                    Some(_) if page.more => bail!("the daemon's history pages do not move back (before {before:?})"),
+                    _ => break,
+                }
+            }
+            HistoryReply::All(entries) => {
+                pages.push(entries);
+                break;
+            }
+        }
+    }
+    pages.reverse();
+    Ok(pages.concat())
+}
+
 fn version_request(version: u64) -> CheckpointRequest {
     CheckpointRequest { version: Some(version), ..Default::default() }
 }
@@ -110,9 +145,10 @@ impl Backend {
         }
     }
 
+    /// Every kept change of the active version, oldest first.
     pub async fn history(&self) -> Result<Vec<HistoryEntry>> {
         match self {
-            Backend::Live(bus) => ask(bus, Endpoint::History, &CheckpointRequest::default()).await,
+            Backend::Live(bus) => live_history(bus).await,
             Backend::Offline(store, _) => versions::history(store),
         }
     }
@@ -129,7 +165,7 @@ impl Backend {
     pub async fn rollback(&self, version: u64, by: &str, reason: Option<&str>) -> Result<Option<u64>> {
         match self {
             Backend::Live(bus) => {
-                let request = CheckpointRequest { version: Some(version), by: Some(by.into()), reason: reason.map(str::to_string), object: None };
+                let request = CheckpointRequest { version: Some(version), by: Some(by.into()), reason: reason.map(str::to_string), ..Default::default() };
                 let reply: serde_json::Value = ask(bus, Endpoint::Rollback, &request).await?;
                 Ok(reply["from"].as_u64())
             }
@@ -172,7 +208,7 @@ impl Backend {
             Backend::Live(bus) => {
                 let object = import_object(&format!("{}-{}", std::process::id(), sha256_hex(bytes)));
                 bus.put_object(&object, bytes).await?;
-                let request = CheckpointRequest { version: None, by: Some(by.into()), reason: reason.map(str::to_string), object: Some(object.clone()) };
+                let request = CheckpointRequest { by: Some(by.into()), reason: reason.map(str::to_string), object: Some(object.clone()), ..Default::default() };
                 let imported = ask(bus, Endpoint::Import, &request).await;
                 if imported.is_err() {
                     // Refused: the daemon keeps the upload; it is this command's to remove.

@@ -4,7 +4,8 @@
 //! - `status`: JSON (step, active version, buffer frames, images/s, losses, device)
 //! - `encode`: a frame message in, a latent message out
 //! - `buffer.stats`: the replay buffer's figures
-//! - `checkpoints.list|show|history|recon`: read the store (JSON; PNG for recon)
+//! - `checkpoints.list|show|history|recon`: read the store (JSON; PNG for
+//!   recon); `history` a page at a time, newest first
 //! - `checkpoints.rollback|pin|unpin|delete|import`: carried out by the
 //!   trainer between two steps
 //!
@@ -190,7 +191,15 @@ async fn answer_trainer(ctx: &Context, trainer: TrainerSide, endpoint: Endpoint,
             let v = version()?;
             json(&blocking(move || versions::show(&store, v)).await?)
         }
-        Endpoint::History => json(&blocking(move || versions::history(&store)).await?),
+        Endpoint::History => {
+            let (before, limit) = (request.before, request.limit);
+            let page = blocking(move || versions::history_page(&store, before, limit)).await?;
+            match before.is_some() || limit.is_some() {
+                true => json(&page),
+                // The request from before pages: the newest page, as the bare list it was.
+                false => json(&page.entries),
+            }
+        }
         Endpoint::Recon => {
             let (v, config) = (version()?, ctx.config.clone());
             blocking(move || versions::recon_png(&store, v, &config)).await

@@ -452,11 +452,12 @@ fn render_page(ctx: &HttpContext) -> Result<String> {
     let train: Vec<CurvePoint> = s.train_curve.iter().copied().collect();
     let eval: Vec<CurvePoint> = s.eval_curve.iter().copied().collect();
     let mut history = String::new();
+    // The newest 20 only, read from the newest back: never the whole history.
     let history_entries = match &ctx.store {
-        Some(store) => store.registry().history()?,
+        Some(store) => crate::versions::history_page(store, None, Some(20))?.entries,
         None => Vec::new(),
     };
-    for h in history_entries.iter().rev().take(20) {
+    for h in history_entries.iter().rev() {
         let from = h.from.map_or("-".to_string(), |v| format!("v{v}"));
         let _ = write!(
             history,

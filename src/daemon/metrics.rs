@@ -98,6 +98,7 @@ impl Collector for Figures {
         counter(e, "auto_rollbacks", "Automatic rollbacks after divergence.", s.auto_rollbacks)?;
         counter(e, "latents_published", "Latents published.", s.latents_published)?;
         counter(e, "store_write_errors", "Writes to the store (frame commits, checkpoints) that failed.", s.store_write_errors)?;
+        counter(e, "checkpoint_write_errors", "Checkpoints that could not be written to the store (no room on its disk, or a write error); training goes on and the next checkpoint tries again.", s.checkpoint_write_errors)?;
         gauge(e, "store_writable", "1 while the store's last write succeeded, 0 while it fails (a full disk).", f64::from(u8::from(s.store_error.is_none())))?;
         gauge(e, "active_version", "The active checkpoint version.", s.active_version.unwrap_or(0) as f64)?;
         if let Some(version) = s.encoder_version {

@@ -104,15 +104,20 @@ async fn until<T>(deadline: tokio::time::Instant, what: &str, left: &str, task: 
 
 /// The learner resumed from this store's active version, if it has one;
 /// else fresh weights (which become version 1 only if this node leads a new
-/// cluster: see `takeover.rs`). An active version found damaged is
-/// repaired from the object store's copy, or else rolled back past
-/// ([`Change::Recovery`]) to the newest intact version.
+/// cluster: see `takeover.rs`). An active version found damaged, or not in
+/// the store (forgotten when it opened: a failed write left it half
+/// there), is written back from the object store's copy, or else rolled
+/// back past ([`Change::Recovery`]) to the newest intact version.
 fn resume(config: &Config, store: &Store, bus: &Bus, device: Device) -> Result<(Learner, Option<Arc<Checkpoint>>)> {
     let mut learner = Learner::new(device, config.vae(), config.adam(), config.train.precision);
     let registry = store.registry();
     let Some(version) = registry.active_version()? else { return Ok((learner, None)) };
     let checkpoint = match registry.get(version) {
-        Ok(checkpoint) => checkpoint.with_context(|| format!("active checkpoint v{version} is missing from the store"))?,
+        Ok(Some(checkpoint)) => checkpoint,
+        Ok(None) => {
+            tracing::error!(version, "the active version v{version} is not in the store");
+            recover(store, bus, version)?
+        }
         Err(e) if e.chain().any(|c| c.is::<Damaged>()) => {
             tracing::error!("{e:#}");
             recover(store, bus, version)?
@@ -124,16 +129,16 @@ fn resume(config: &Config, store: &Store, bus: &Bus, device: Device) -> Result<(
     Ok((learner, Some(Arc::new(checkpoint))))
 }
 
-/// For an active `version` damaged in the store: the object store's copy
-/// (written back to the store), else the newest intact older version, made
-/// active; an error when there is neither.
+/// For an active `version` damaged or missing in the store: the object
+/// store's copy (written back to the store), else the newest intact older
+/// version, made active; an error when there is neither.
 fn recover(store: &Store, bus: &Bus, version: u64) -> Result<Checkpoint> {
     let registry = store.registry();
     let expected = registry.metadata(version).ok().flatten().map(|m| m.sha256);
     match tokio::runtime::Handle::current().block_on(takeover::object_store_copy(bus, version, expected.as_deref())) {
         Ok(Some(copy)) => {
             registry.repair(&copy)?;
-            tracing::warn!(version, "v{version} repaired from the object store's copy");
+            tracing::warn!(version, "v{version} repaired from the object store's copy (written back to the store)");
             return Ok(copy);
         }
         Ok(None) => tracing::warn!(version, "the object store has no copy of v{version}"),
@@ -142,7 +147,7 @@ fn recover(store: &Store, bus: &Bus, version: u64) -> Result<Checkpoint> {
     for older in registry.list()?.iter().rev().filter(|m| m.version < version) {
         match registry.get(older.version) {
             Ok(Some(checkpoint)) => {
-                let reason = format!("v{version} is damaged in the store and the object store has no good copy");
+                let reason = format!("v{version} is damaged or missing in the store and the object store has no good copy");
                 registry.activate(older.version, Change::Recovery, "wmvae", Some(&reason))?;
                 tracing::warn!(from = version, to = older.version, "{reason}: rolled back to v{}", older.version);
                 return Ok(checkpoint);
@@ -151,7 +156,7 @@ fn recover(store: &Store, bus: &Bus, version: u64) -> Result<Checkpoint> {
             Err(e) => tracing::error!("{e:#}"),
         }
     }
-    bail!("the active version v{version} is damaged, the object store has no good copy, and no older version is intact: import weights (wmvae checkpoint import --offline) or move the store aside")
+    bail!("the active version v{version} is damaged or missing, the object store has no good copy, and no older version is intact: import weights (wmvae checkpoint import --offline) or move the store aside")
 }
 
 /// The trainer role's parts, running.

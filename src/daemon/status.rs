@@ -162,6 +162,11 @@ pub struct Status {
     pub store_write_errors: u64,
     /// Why the store's last write failed, until one succeeds (a full disk).
     pub store_error: Option<String>,
+    /// Checkpoints that could not be written (also in `store_write_errors`).
+    pub checkpoint_write_errors: u64,
+    /// Why the last checkpoint could not be written, until one is: training
+    /// goes on from memory and the next checkpoint tries again.
+    pub checkpoint_error: Option<String>,
     /// When each role's loop last went round.
     #[serde(skip)]
     pub beats: std::collections::BTreeMap<Heart, Instant>,
@@ -227,6 +232,20 @@ impl StatusBoard {
         self.update(|s| {
             s.beats.insert(heart, Instant::now());
         });
+    }
+
+    /// A checkpoint could not be written (`error`): counted and kept for
+    /// the status, not a store that can't write (frames may still go in).
+    pub fn checkpoint_failed(&self, error: &anyhow::Error) {
+        self.update(|s| {
+            (s.store_write_errors, s.checkpoint_write_errors) = (s.store_write_errors + 1, s.checkpoint_write_errors + 1);
+            s.checkpoint_error = Some(format!("{error:#}"));
+        });
+    }
+
+    /// A checkpoint was written.
+    pub fn checkpoint_written(&self) {
+        self.update(|s| s.checkpoint_error = None);
     }
 
     /// Frames were committed: the store writes.

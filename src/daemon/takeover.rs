@@ -234,27 +234,24 @@ impl Trainer {
     }
 
     /// Resumes from the cluster's active version: from this store when it
-    /// holds it whole, else from the object store's full checkpoint (which
-    /// repairs a damaged copy here).
+    /// holds it whole, else from the object store's full checkpoint, added
+    /// as a version new to this store, or written back over a copy here
+    /// that is damaged or was forgotten (a number this store handed out).
     fn catch_up(&mut self, active: &Active) -> Result<()> {
         let registry = self.store.registry().clone();
-        let held = registry.get(active.version);
-        let checkpoint = match held {
+        let checkpoint = match registry.get(active.version) {
             Ok(Some(held)) => held,
             Err(e) if e.chain().all(|c| !c.is::<Damaged>()) => return Err(e),
-            damaged_or_missing => {
+            _damaged_or_missing => {
                 let name = checkpoint_envelope_object(active.version);
                 let checkpoint = self.nats(object_store_copy(&self.bus, active.version, Some(&active.sha256)), None)?.with_context(|| format!("{name} is not in the object store"))?;
-                match damaged_or_missing {
-                    Ok(_) => {
-                        let envelope = checkpoint.clone();
-                        registry.add(Some(active.version), move |_| Ok(envelope), Change::Takeover, "wmvae", None)?
-                    }
-                    Err(_) => {
-                        registry.repair(&checkpoint)?;
-                        tracing::warn!(version = active.version, "v{} was damaged in the store; repaired from the object store's copy", active.version);
-                        checkpoint
-                    }
+                if active.version >= registry.next_free()? {
+                    let envelope = checkpoint.clone();
+                    registry.add(Some(active.version), move |_| Ok(envelope), Change::Takeover, "wmvae", None)?
+                } else {
+                    registry.repair(&checkpoint)?;
+                    tracing::warn!(version = active.version, "v{} was damaged or missing in the store; repaired from the object store's copy", active.version);
+                    checkpoint
                 }
             }
         };

@@ -329,13 +329,18 @@ impl Trainer {
         let checkpoint = match self.store.registry().add(Some(version), |version| learner.snapshot(Metadata { version, ..metadata }), Change::Trained, "wmvae", None) {
             Ok(checkpoint) => checkpoint,
             Err(e) => {
-                // A full disk: training goes on, the next checkpoint tries again.
-                self.status.store_failed(&e);
+                // No room for it (refused before sled saw it: frames still
+                // go in), or sled's error: training goes on from memory and
+                // the next checkpoint tries again. Only a store that keeps
+                // sled's error while its disk takes writes is reopened.
+                self.status.checkpoint_failed(&e);
+                let every = self.config.train.checkpoint_every_steps;
+                tracing::error!(version, step = self.learner.steps(), "checkpoint v{version} not written ({e:#}); training goes on from memory, and the next checkpoint (every {every} steps) tries again");
                 self.store.check_write_failure(&e)?;
-                tracing::error!(version, "checkpoint not written: the store can't write ({e:#}); training goes on");
                 return Ok(());
             }
         };
+        self.status.checkpoint_written();
         crash_point!("checkpoint-before-announce");
         self.auto_rollbacks_in_a_row = 0;
         let m = &checkpoint.metadata;
@@ -347,6 +352,7 @@ impl Trainer {
             let metadata = self.store.registry().delete(victim)?;
             self.events.blocking_send(Event::Deleted { metadata, epoch }).context("daemon event queue closed")?;
         }
+        self.store.registry().prune_history(self.config.train.keep_history)?;
         Ok(())
     }
 

@@ -2,7 +2,8 @@
 //! (frames + index + evictions + counters in one atomic batch, one flush),
 //! uniform sampling from a split's ring of sequence numbers, frames in
 //! (source, episode, step) order, and the counters behind `buffer stats`.
-//! The key layout and codecs are [`super::layout`]'s; opening is `mod.rs`'s.
+//! The key layout and codecs are [`super::layout`]'s; opening is `mod.rs`'s;
+//! room on the disk is claimed through `room.rs` before each commit.
 //! Over 400 lines for one concern: the commit, its eviction and dedup
 //! bookkeeping, and the reads that must agree with them.
 
@@ -256,9 +257,12 @@ impl Store {
     /// Group commit: stores `frames` (skipping ones already held) with their
     /// `compressed` pixels (from [`compress_frames`]), counts `rejected`,
     /// evicts the oldest past capacity, all in one atomic batch, then
-    /// flushes. When this returns Ok, everything is on disk.
+    /// flushes. When this returns Ok, everything is on disk; without room
+    /// on the disk for it, nothing is written ([`super::NoRoom`]).
     pub fn commit(&self, frames: &[Frame], compressed: Compressed, rejected: &[Reason]) -> Result<Committed> {
         ensure!(compressed.0.len() == frames.len(), "{} frames but {} compressed", frames.len(), compressed.0.len());
+        let bytes: u64 = compressed.0.iter().map(|z| z.len() as u64).sum();
+        let _room = self.room.claim(bytes * super::room::COMMIT_FACTOR, || format!("a group commit of {} frames", frames.len()))?;
         let mut counters = self.counters.lock().unwrap();
         let mut pending = PendingCommit::new(self, counters.clone());
         let mut done = Committed::default();

@@ -19,19 +19,22 @@
 //! of (source, episode). Nothing here knows about NATS or tensors.
 //! Versions live in a second tree, behind their own type ([`Registry`],
 //! `registry.rs`); stores written with an older layout are upgraded at open
-//! (`upgrade.rs`). The buffer's writes and sampling are in `buffer.rs`, its
-//! reads in order (export, series) in `episodes.rs`, its bytes in
-//! `layout.rs`; this file opens the database and holds it.
+//! (`upgrade.rs`). Every write first claims room on the disk (`room.rs`):
+//! sled must never meet a full disk. The buffer's writes and sampling are
+//! in `buffer.rs`, its reads in order (export, series) in `episodes.rs`,
+//! its bytes in `layout.rs`; this file opens the database and holds it.
 
 mod buffer;
 mod episodes;
 mod layout;
 mod registry;
+mod room;
 mod upgrade;
 pub use buffer::{BufferConfig, Committed, Stats};
 pub use episodes::{Cursor, EpisodeCount, Scope};
 pub use layout::{compress_frames, Compressed, Split};
-pub use registry::{best_by_eval, Change, Damaged, HistoryEntry, InUse, Registry, UnknownVersion};
+pub use registry::{best_by_eval, Change, Damaged, HistoryEntry, HistoryPage, InUse, Registry, UnknownVersion};
+pub use room::NoRoom;
 
 /// Entry points for `fuzz/` (cargo fuzz builds with `--cfg fuzzing`): the
 /// decoders of what sled holds, fed arbitrary bytes. In no normal build.
@@ -75,6 +78,7 @@ const LOCK_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_milli
 /// The write that tells a full disk from a store that keeps an old error:
 /// a group commit's worth of frames, so a disk that takes it has room for one.
 const PROBE_BYTES: usize = 1 << 20;
+use room::Room;
 
 /// The store can't write though its disk takes writes again: sled keeps
 /// the first write error it hits until the database is reopened. Whoever
@@ -103,6 +107,8 @@ pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
     registry: Registry,
+    /// The disk's room, claimed by every write before it reaches sled.
+    room: Room,
     config: BufferConfig,
     counters: Arc<Mutex<buffer::Counters>>,
 }
@@ -126,8 +132,9 @@ impl Store {
             }
         };
         let tree = db.open_tree("buffer")?;
-        let registry = Registry::open(&db)?;
-        let mut store = Store { dir: dir.to_owned(), db, tree, registry, config, counters: Arc::default() };
+        let room = Room::new(dir);
+        let registry = Registry::open(&db, room.clone())?;
+        let mut store = Store { dir: dir.to_owned(), db, tree, registry, room, config, counters: Arc::default() };
         store.migrate()?;
         store.counters = Arc::new(Mutex::new(store.read_counters()?));
         Ok(store)
@@ -159,16 +166,22 @@ impl Store {
         &self.registry
     }
 
-    /// After a write to the store failed: Ok while the store's disk refuses
-    /// a small write of its own too (full: the caller waits for space),
-    /// else a [`NeedsReopen`] to stop on. sled keeps the first write error
-    /// it hits and fails every later write with it, so once the disk takes
-    /// writes again only reopening the store clears it.
+    /// After a write to the store failed: Ok when it was refused for want
+    /// of room ([`NoRoom`]: sled saw nothing, the write succeeds once there
+    /// is room) or while the store's disk refuses a small write of its own
+    /// too (the caller waits for space), else a [`NeedsReopen`] to stop on.
+    /// sled keeps the first write error it hits and fails every later write
+    /// with it, so once the disk takes writes again only reopening the
+    /// store clears it.
     pub fn check_write_failure(&self, failed: &anyhow::Error) -> Result<()> {
+        if failed.chain().any(|c| c.is::<NoRoom>()) {
+            return Ok(());
+        }
         let probe = self.dir.join(".write-probe");
-        let disk_takes_writes = std::fs::File::create(&probe)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, &[0u8; PROBE_BYTES]).and_then(|()| f.sync_all()))
-            .is_ok();
+        let disk_takes_writes = self.room.claim(PROBE_BYTES as u64, || "a write probe".into()).is_ok()
+            && std::fs::File::create(&probe)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, &[0u8; PROBE_BYTES]).and_then(|()| f.sync_all()))
+                .is_ok();
         let _ = std::fs::remove_file(&probe);
         match disk_takes_writes {
             true => Err(NeedsReopen { dir: self.dir.clone(), failed: format!("{failed:#}") }.into()),

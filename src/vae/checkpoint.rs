@@ -6,9 +6,12 @@
 //! `sha256` in the metadata is over the weights bytes, so the object-store
 //! copy of a version can be checked against its announcement; from format
 //! version 2 the envelope's own `sha256` covers all of it (metadata,
-//! weights and optimizer state), checked on every read. This module
-//! does the format only: where checkpoints live is the store's and the bus's
-//! business.
+//! weights and optimizer state), checked on every read. An envelope that
+//! says format version 1 is read only when its bytes are exactly what the
+//! version 1 writer made of what it holds (no `sha256`, the five fields in
+//! their order): else a version 2 envelope with that byte changed would
+//! skip the whole-envelope check. This module does the format only: where
+//! checkpoints live is the store's and the bus's business.
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -64,6 +67,17 @@ struct Envelope {
 }
 
 impl Envelope {
+    /// Whether `bytes` (this envelope's) are exactly what the format
+    /// version 1 writer made of its fields: a version 1 envelope has no
+    /// whole-envelope sha256, so only its exact shape vouches for it.
+    fn written_by_version_1(&self, bytes: &[u8]) -> Result<bool> {
+        if self.format_version != 1 || !self.sha256.is_empty() {
+            return Ok(false);
+        }
+        let v1 = EnvelopeV1 { format: &self.format, format_version: 1, metadata: &self.metadata, weights: &self.weights, optimizer: &self.optimizer };
+        Ok(rmp_serde::to_vec_named(&v1).context("serialising checkpoint")? == bytes)
+    }
+
     /// The sha256 this envelope should carry.
     fn digest(&mut self) -> Result<String> {
         let carried = std::mem::take(&mut self.sha256);
@@ -71,6 +85,19 @@ impl Envelope {
         self.sha256 = carried;
         Ok(sha256_hex(&bytes?))
     }
+}
+
+/// A format version 1 envelope as its writer made it (wmvae before the
+/// envelope's `sha256`): the same map less that field.
+#[derive(Serialize)]
+struct EnvelopeV1<'a> {
+    format: &'a str,
+    format_version: u32,
+    metadata: &'a Metadata,
+    #[serde(with = "serde_bytes")]
+    weights: &'a [u8],
+    #[serde(with = "serde_bytes")]
+    optimizer: &'a [u8],
 }
 
 /// Only the fields needed to refuse an envelope we can't read.
@@ -126,6 +153,9 @@ impl Checkpoint {
         let mut envelope: Envelope = rmp_serde::from_slice(bytes).context("corrupt wmvae checkpoint")?;
         if head.format_version >= 2 && envelope.digest()? != envelope.sha256 {
             bail!("checkpoint v{}: the envelope does not match its sha256 (metadata, weights or optimizer state damaged); refusing to load", envelope.metadata.version);
+        }
+        if head.format_version < 2 && !envelope.written_by_version_1(bytes)? {
+            bail!("checkpoint v{}: the envelope says format version {} but is not what that version wrote (damaged, or another version's with its number changed); refusing to load", envelope.metadata.version, head.format_version);
         }
         let checkpoint = Checkpoint { metadata: envelope.metadata, weights: envelope.weights, optimizer: envelope.optimizer };
         checkpoint.verify()?;
@@ -186,12 +216,55 @@ mod tests {
         assert!(err.contains("does not match its sha256"), "{err}");
     }
 
+    /// What the format version 1 writer made (its `Envelope` then: these
+    /// five fields, serialised by `to_vec_named`; git 3e65e9c..4ca64a2).
+    fn written_by_version_1(c: &Checkpoint) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Envelope {
+            format: String,
+            format_version: u32,
+            metadata: Metadata,
+            #[serde(with = "serde_bytes")]
+            weights: Vec<u8>,
+            #[serde(with = "serde_bytes")]
+            optimizer: Vec<u8>,
+        }
+        let envelope = Envelope { format: FORMAT.into(), format_version: 1, metadata: c.metadata.clone(), weights: c.weights.clone(), optimizer: c.optimizer.clone() };
+        rmp_serde::to_vec_named(&envelope).unwrap()
+    }
+
     #[test]
     fn version_1_envelopes_are_still_read() {
+        let c = sample();
+        assert_eq!(Checkpoint::from_bytes(&written_by_version_1(&c)).unwrap(), c);
+    }
+
+    /// A version 2 envelope whose version byte says 1, damaged or not, is
+    /// refused: it would skip the whole-envelope sha256. So is a version 1
+    /// envelope changed where only that sha256 would have seen it.
+    #[test]
+    fn only_what_version_1_wrote_is_read_as_version_1() {
+        let bytes = sample().to_bytes().unwrap();
+        let at = bytes.windows(15).position(|w| w == b"format_version\x02").unwrap() + 14;
+        let mut flipped = bytes.clone();
+        flipped[at] = 1;
+        let err = Checkpoint::from_bytes(&flipped).unwrap_err().to_string();
+        assert!(err.contains("not what that version wrote"), "{err}");
+        let optimizer = flipped.windows(9).rposition(|w| w == b"optimizer").unwrap();
+        flipped[optimizer + 2] ^= 1;
+        assert!(Checkpoint::from_bytes(&flipped).is_err(), "damage past the flipped byte too");
+        // A genuine version 1 envelope with its optimizer state changed
+        // still reads (version 1 had nothing to catch that) ...
+        let v1 = written_by_version_1(&sample());
+        let optimizer = v1.windows(9).rposition(|w| w == b"optimizer").unwrap();
+        let mut changed = v1.clone();
+        changed[optimizer + 2] ^= 1;
+        assert!(Checkpoint::from_bytes(&changed).is_ok());
+        // ... but not one given an extra field, or with its fields in another order.
         #[derive(Serialize)]
-        struct V1<'a> {
-            format: &'static str,
+        struct Reordered<'a> {
             format_version: u32,
+            format: &'a str,
             metadata: &'a Metadata,
             #[serde(with = "serde_bytes")]
             weights: &'a [u8],
@@ -199,8 +272,12 @@ mod tests {
             optimizer: &'a [u8],
         }
         let c = sample();
-        let bytes = rmp_serde::to_vec_named(&V1 { format: FORMAT, format_version: 1, metadata: &c.metadata, weights: &c.weights, optimizer: &c.optimizer }).unwrap();
-        assert_eq!(Checkpoint::from_bytes(&bytes).unwrap(), c);
+        let reordered = rmp_serde::to_vec_named(&Reordered { format_version: 1, format: FORMAT, metadata: &c.metadata, weights: &c.weights, optimizer: &c.optimizer }).unwrap();
+        assert!(Checkpoint::from_bytes(&reordered).unwrap_err().to_string().contains("not what that version wrote"));
+        let mut with_sha = Envelope { format: FORMAT.into(), format_version: 1, metadata: c.metadata.clone(), weights: c.weights.clone(), optimizer: c.optimizer.clone(), sha256: String::new() };
+        with_sha.sha256 = with_sha.digest().unwrap();
+        let err = Checkpoint::from_bytes(&rmp_serde::to_vec_named(&with_sha).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("not what that version wrote"), "{err}");
     }
 
     #[test]

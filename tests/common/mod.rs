@@ -77,4 +77,5 @@ pub const FAST: &[(&str, &str)] = &[
     ("WMVAE_BUFFER__VALIDATION_FRACTION", "0.3"),
 ];
 
+pub mod disk;
 pub mod nats;
