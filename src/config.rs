@@ -33,7 +33,7 @@ pub struct Config {
     pub ingest: IngestConfig,
     pub latents: LatentsConfig,
     pub http: HttpConfig,
-    pub model: ModelConfig,
+    pub model: VaeConfig,
     pub train: TrainConfig,
 }
 
@@ -297,21 +297,6 @@ pub struct LatentsConfig {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ModelConfig {
-    pub z_size: i64,
-    pub kl_tolerance: f64,
-}
-
-/// `[train] lr_schedule` (`vae::adam::Schedule`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LrSchedule {
-    Constant,
-    WarmupCosine,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TrainConfig {
     pub device: DeviceChoice,
     /// The training step's arithmetic: `fp32`, or `bf16` layers over
@@ -321,7 +306,7 @@ pub struct TrainConfig {
     /// Adam's (peak) learning rate.
     pub learning_rate: f64,
     /// How it moves with the step: `constant` (the paper) or `warmup_cosine`.
-    pub lr_schedule: LrSchedule,
+    pub lr_schedule: Schedule,
     /// `warmup_cosine`: steps of linear warmup, then steps of cosine decay
     /// down to `min_learning_rate`, which holds after.
     pub warmup_steps: u64,
@@ -422,12 +407,7 @@ impl Config {
         if !(self.serve.roles.trainer || self.serve.roles.encoder) {
             bail!("serve.roles must name at least one role: trainer, encoder");
         }
-        if self.buffer.capacity == 0 {
-            bail!("buffer.capacity must be at least 1");
-        }
-        if !(0.0..1.0).contains(&self.buffer.validation_fraction) {
-            bail!("buffer.validation_fraction must be in [0, 1)");
-        }
+        self.buffer.validate()?;
         if self.ingest.batch_max_frames == 0 || self.ingest.batch_max_frames > MAX_INGEST_BATCH {
             bail!("ingest.batch_max_frames must be in 1..={MAX_INGEST_BATCH}");
         }
@@ -446,19 +426,14 @@ impl Config {
         if self.ingest.max_ack_pending < self.ingest.batch_max_frames as i64 {
             bail!("ingest.max_ack_pending must be at least ingest.batch_max_frames");
         }
-        if self.model.z_size < 1 {
-            bail!("model.z_size must be at least 1");
-        }
-        if !(0.0..=1e4).contains(&self.model.kl_tolerance) {
-            bail!("model.kl_tolerance must be in [0, 10000]");
-        }
+        self.model.validate()?;
         if self.train.batch_size == 0 || self.train.batch_size > MAX_BATCH_SIZE {
             bail!("train.batch_size must be in 1..={MAX_BATCH_SIZE}");
         }
         if !(self.train.learning_rate > 0.0 && self.train.learning_rate.is_finite()) {
             bail!("train.learning_rate must be a positive number");
         }
-        if self.train.lr_schedule == LrSchedule::WarmupCosine {
+        if self.train.lr_schedule == Schedule::WarmupCosine {
             if self.train.decay_steps == 0 {
                 bail!("train.decay_steps must be at least 1 with lr_schedule = \"warmup_cosine\"");
             }
@@ -491,17 +466,22 @@ impl Config {
         Ok(())
     }
 
+    /// The `[model]` section (a copy).
     pub fn vae(&self) -> VaeConfig {
-        VaeConfig { z_size: self.model.z_size, kl_tolerance: self.model.kl_tolerance }
+        self.model
     }
 
+    /// The optimizer these `[train]` keys describe (betas and eps: the defaults).
     pub fn adam(&self) -> AdamConfig {
         let t = &self.train;
-        let schedule = match t.lr_schedule {
-            LrSchedule::Constant => Schedule::Constant,
-            LrSchedule::WarmupCosine => Schedule::WarmupCosine { warmup_steps: t.warmup_steps, decay_steps: t.decay_steps, floor: t.min_learning_rate / t.learning_rate },
-        };
-        AdamConfig { learning_rate: t.learning_rate, schedule, ..AdamConfig::default() }
+        AdamConfig {
+            learning_rate: t.learning_rate,
+            schedule: t.lr_schedule,
+            warmup_steps: t.warmup_steps,
+            decay_steps: t.decay_steps,
+            min_learning_rate: t.min_learning_rate,
+            ..AdamConfig::default()
+        }
     }
 }
 
