@@ -6,7 +6,7 @@
 //! checkpoints. One folder per role (ARCHITECTURE.md has the code map and
 //! each folder's rules):
 //!
-//! * [`config`]   the one configuration: defaults, file, environment
+//! * [`config`]   the one configuration: defaults, file, environment (figment), each section checking itself
 //! * [`backoff`]  the one retry pause (doubling, bounded), for whatever waits out a fault
 //! * [`frames`]   the frame wire contract, preprocessing, frame files and pictures (no I/O to services)
 //! * [`vae`]      the model, our Adam, the learner, weights and checkpoint envelopes (the only tch user)

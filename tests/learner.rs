@@ -54,7 +54,7 @@ fn lowers_reconstruction_loss(precision: Precision) {
 fn checkpoint_resumes_the_very_same_next_step() {
     let _rng = GLOBAL_RNG.lock().unwrap();
     let xs = frames_to_tensor(&common::frames(4, 64, 64), Device::Cpu).unwrap();
-    let adam = AdamConfig { learning_rate: 1e-3, schedule: Schedule::WarmupCosine { warmup_steps: 10, decay_steps: 100, floor: 0.1 }, ..Default::default() };
+    let adam = AdamConfig { learning_rate: 1e-3, schedule: Schedule::WarmupCosine, warmup_steps: 10, decay_steps: 100, min_learning_rate: 1e-4, ..Default::default() };
     let mut original = scheduled(1, adam);
     for _ in 0..3 {
         original.train_step(&xs);

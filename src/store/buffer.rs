@@ -30,6 +30,13 @@ pub struct BufferConfig {
 }
 
 impl BufferConfig {
+    /// Checks the bounds, naming the config's keys (`[buffer]`).
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.capacity != 0, "buffer.capacity must be at least 1");
+        ensure!((0.0..1.0).contains(&self.validation_fraction), "buffer.validation_fraction must be in [0, 1)");
+        Ok(())
+    }
+
     /// The validation split's share of the capacity (at least one frame
     /// when the fraction is positive); the training split gets the rest.
     pub(super) fn capacity_of(&self, split: Split) -> u64 {

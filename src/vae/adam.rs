@@ -10,7 +10,8 @@ use crate::vae::weights::NamedTensors;
 use anyhow::{bail, Context, Result};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
-/// Hyper-parameters; the defaults are the paper's and PyTorch's.
+/// Hyper-parameters; the defaults are the paper's and PyTorch's. The
+/// daemon's are its config's `[train]` section (`config::Config::adam`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamConfig {
     /// The peak learning rate; `schedule` scales it at each step.
@@ -19,36 +20,46 @@ pub struct AdamConfig {
     pub beta2: f64,
     pub eps: f64,
     pub schedule: Schedule,
+    /// `WarmupCosine`: steps of linear warmup from 0 to `learning_rate`, ...
+    pub warmup_steps: u64,
+    /// ... then steps of half a cosine down to `min_learning_rate`, flat
+    /// after that (a continuous trainer has no last step).
+    pub decay_steps: u64,
+    pub min_learning_rate: f64,
 }
 
 /// The World Models paper's Adam (1e-4 throughout); the daemon's recipe is
 /// `[train]` in config/default.toml.
 impl Default for AdamConfig {
     fn default() -> Self {
-        AdamConfig { learning_rate: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, schedule: Schedule::Constant }
+        AdamConfig { learning_rate: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, schedule: Schedule::Constant, warmup_steps: 0, decay_steps: 0, min_learning_rate: 0.0 }
     }
 }
 
 /// How the learning rate moves with the step count, which is part of the
 /// optimizer state: a resumed run (or a rollback) picks the schedule up
-/// where that checkpoint left it.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// where that checkpoint left it. Written as the config's `[train]
+/// lr_schedule`: `constant` or `warmup_cosine`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Schedule {
     /// The World Models recipe: `learning_rate` throughout.
+    #[default]
     Constant,
-    /// A linear warmup from 0 to `learning_rate` over `warmup_steps`, then
-    /// half a cosine down to `floor` x `learning_rate` over `decay_steps`,
-    /// flat after that (a continuous trainer has no last step).
-    WarmupCosine { warmup_steps: u64, decay_steps: u64, floor: f64 },
+    /// A linear warmup, then half a cosine down to `min_learning_rate`
+    /// (`AdamConfig`'s `warmup_steps`, `decay_steps`).
+    WarmupCosine,
 }
 
-impl Schedule {
+impl AdamConfig {
     /// The learning rate's multiplier at step `t` (the first step is 1).
-    pub fn factor(self, t: u64) -> f64 {
-        match self {
+    pub fn factor(&self, t: u64) -> f64 {
+        let (warmup_steps, decay_steps) = (self.warmup_steps, self.decay_steps);
+        match self.schedule {
             Schedule::Constant => 1.0,
-            Schedule::WarmupCosine { warmup_steps, .. } if t <= warmup_steps => t as f64 / warmup_steps as f64,
-            Schedule::WarmupCosine { warmup_steps, decay_steps, floor } => {
+            Schedule::WarmupCosine if t <= warmup_steps => t as f64 / warmup_steps as f64,
+            Schedule::WarmupCosine => {
+                let floor = self.min_learning_rate / self.learning_rate;
                 let progress = ((t - warmup_steps) as f64 / decay_steps.max(1) as f64).min(1.0);
                 floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
             }
@@ -135,10 +146,10 @@ impl Adam {
     pub fn minimize(&mut self, loss: &Tensor) {
         let params: Vec<&Tensor> = self.params.iter().map(|p| &p.tensor).collect();
         let grads = Tensor::run_backward(&[loss], &params, false, false);
-        let AdamConfig { learning_rate, beta1, beta2, eps, schedule } = self.config;
+        let AdamConfig { learning_rate, beta1, beta2, eps, .. } = self.config;
         self.step += 1;
         let t = self.steps();
-        let learning_rate = learning_rate * schedule.factor(t as u64);
+        let learning_rate = learning_rate * self.config.factor(t as u64);
         let bias_correction1 = 1.0 - beta1.powi(t as i32);
         let bias_correction2_sqrt = (1.0 - beta2.powi(t as i32)).sqrt();
         // p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps), with sqrt(bc2)
@@ -210,13 +221,13 @@ mod tests {
     /// floor over its steps and stays there; constant is 1 throughout.
     #[test]
     fn schedules_scale_the_learning_rate_by_step() {
-        let s = Schedule::WarmupCosine { warmup_steps: 10, decay_steps: 100, floor: 0.1 };
+        let s = AdamConfig { learning_rate: 1.0, schedule: Schedule::WarmupCosine, warmup_steps: 10, decay_steps: 100, min_learning_rate: 0.1, ..Default::default() };
         let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
         assert!(close(s.factor(1), 0.1) && close(s.factor(5), 0.5) && close(s.factor(10), 1.0));
         assert!(close(s.factor(60), 0.55), "halfway down: {}", s.factor(60));
         assert!(close(s.factor(110), 0.1) && close(s.factor(10_000), 0.1));
         assert!((1..200).all(|t| s.factor(t + 1) <= s.factor(t) || t < 10), "the decay only goes down");
-        assert!(close(Schedule::Constant.factor(12_345), 1.0));
+        assert!(close(AdamConfig::default().factor(12_345), 1.0));
     }
 
     /// A quadratic bowl: Adam's first step moves each coordinate by ~lr

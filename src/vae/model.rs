@@ -42,13 +42,27 @@ impl Precision {
     }
 }
 
-/// Shape hyper-parameters of the VAE.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Shape hyper-parameters of the VAE: the config's `[model]` section.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VaeConfig {
     /// Latent size (32 in World Models).
     pub z_size: i64,
     /// Free bits: the KL term is floored at `kl_tolerance * z_size` nats per image.
     pub kl_tolerance: f64,
+}
+
+impl VaeConfig {
+    /// Checks the bounds, naming the config's keys (`[model]`).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.z_size < 1 {
+            anyhow::bail!("model.z_size must be at least 1");
+        }
+        if !(0.0..=1e4).contains(&self.kl_tolerance) {
+            anyhow::bail!("model.kl_tolerance must be in [0, 10000]");
+        }
+        Ok(())
+    }
 }
 
 impl Default for VaeConfig {
