@@ -282,6 +282,12 @@ impl Trainer {
     /// the announcement), and applies retention. Without a version number
     /// (NATS electing a leader, the lease lost meanwhile) it is postponed.
     fn checkpoint(&mut self, run: &mut Run) -> Result<()> {
+        // Once the shutdown began, the last checkpoint (after the loop) is
+        // the one written, within its share of the grace: a due one started
+        // here would wait ALLOCATE_PATIENCE on a NATS that may be gone.
+        if self.supervisor.shutdown().is_cancelled() {
+            return Ok(());
+        }
         match self.allocate_version(Some(ALLOCATE_PATIENCE)) {
             Ok(version) => {
                 run.checkpoint_due = None;
