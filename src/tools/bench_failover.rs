@@ -245,8 +245,14 @@ async fn run(options: &FailoverOptions, dir: &Path) -> Result<Value> {
     wait_for("WM_FRAMES's leader after the restart", || async { bus.stream_leader("WM_FRAMES").await.ok()? }).await?;
 
     // 2. The leading trainer node (a lease lost during step 1 may have moved it).
-    let leader = wait_for("the lease's holder", || async { shared.holder().await.ok()? }).await?;
-    let before = wait_for("the leader's status", || async { node_status(&bus, &leader).await.filter(|s| s.lease == Some(LeaseRole::Leader)) }).await?;
+    // The holder is read again on each try: a lease that lapsed while its
+    // status was asked moves to the other node, which is the one to kill then.
+    let (leader, before) = wait_for("the leader's status", || async {
+        let holder = shared.holder().await.ok()??;
+        let status = node_status(&bus, &holder).await.filter(|s| s.lease == Some(LeaseRole::Leader))?;
+        Some((holder, status))
+    })
+    .await?;
     nodes.kill(&leader)?;
     let killed = Instant::now();
     let standby = if leader == "a" { "b" } else { "a" };
