@@ -27,7 +27,11 @@ impl Default for Backoff {
 
 impl Backoff {
     pub fn new(first: Duration, longest: Duration) -> Backoff {
-        Backoff { next: first, first, longest }
+        Backoff {
+            next: first,
+            first,
+            longest,
+        }
     }
 
     /// Sleeps the next pause; false when `shutdown` came first.

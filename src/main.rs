@@ -7,9 +7,9 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use wmvae::tools::bench::{self, BenchOptions};
 use wmvae::cli::{backend, render};
 use wmvae::config::Config;
+use wmvae::tools::bench::{self, BenchOptions};
 use wmvae::vae::device::DeviceChoice;
 
 #[derive(Parser)]
@@ -383,7 +383,11 @@ enum BenchCommand {
 
 impl BenchArgs {
     fn options(&self) -> BenchOptions {
-        BenchOptions { device: self.device, steps: self.steps, threads: self.threads }
+        BenchOptions {
+            device: self.device,
+            steps: self.steps,
+            threads: self.threads,
+        }
     }
 }
 
@@ -403,14 +407,25 @@ async fn checkpoint_command(config: &Config, mode: backend::Mode, which: Checkpo
         CheckpointCommand::Show { version, recon, json } => {
             render::shown(backend.show(version).await?, json)?;
             if let Some(path) = recon {
-                std::fs::write(&path, backend.recon(version).await?).with_context(|| format!("writing {}", path.display()))?;
-                eprintln!("wrote {} (top: validation frames, bottom: reconstructions by v{version})", path.display());
+                std::fs::write(&path, backend.recon(version).await?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                eprintln!(
+                    "wrote {} (top: validation frames, bottom: reconstructions by v{version})",
+                    path.display()
+                );
             }
         }
         CheckpointCommand::Rollback { version, reason } => {
             let from = backend.rollback(version, &by, reason.as_deref()).await?;
-            let when = if backend.is_live() { "now" } else { "when the daemon next starts" };
-            println!("active version: v{} -> v{version} (takes effect {when})", render::version_or_dash(from));
+            let when = if backend.is_live() {
+                "now"
+            } else {
+                "when the daemon next starts"
+            };
+            println!(
+                "active version: v{} -> v{version} (takes effect {when})",
+                render::version_or_dash(from)
+            );
         }
         CheckpointCommand::Pin { version } => {
             backend.set_pinned(version, true).await?;
@@ -425,12 +440,15 @@ async fn checkpoint_command(config: &Config, mode: backend::Mode, which: Checkpo
             println!("v{version} deleted");
         }
         CheckpointCommand::Export { version, out } => {
-            std::fs::write(&out, backend.export(version).await?).with_context(|| format!("writing {}", out.display()))?;
+            std::fs::write(&out, backend.export(version).await?)
+                .with_context(|| format!("writing {}", out.display()))?;
             println!("v{version} written to {}", out.display());
         }
         CheckpointCommand::Import { file, reason } => {
             let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-            let metadata = backend.import(&bytes, &file.display().to_string(), config, &by, reason.as_deref()).await?;
+            let metadata = backend
+                .import(&bytes, &file.display().to_string(), config, &by, reason.as_deref())
+                .await?;
             println!("imported {} as v{} (active)", file.display(), metadata.version);
         }
         CheckpointCommand::History { json } => render::history(backend.history().await?, json)?,
@@ -440,7 +458,11 @@ async fn checkpoint_command(config: &Config, mode: backend::Mode, which: Checkpo
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Serve { config, role, check_config } => {
+        Command::Serve {
+            config,
+            role,
+            check_config,
+        } => {
             let config = config.load_with(|c| c.serve.roles = role.unwrap_or(c.serve.roles))?;
             if check_config {
                 print!("{}", toml::to_string(&config)?);
@@ -459,44 +481,79 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Migrate { config } => {
             let config = config.load()?;
-            let report = runtime()?.block_on(async { wmvae::bus::Bus::connect_once(&config).await?.migrate().await })?;
-            println!("NATS: migration {} applied (streams {:?}, consumers {:?})", report.version, report.streams, report.consumers);
+            let report =
+                runtime()?.block_on(async { wmvae::bus::Bus::connect_once(&config).await?.migrate().await })?;
+            println!(
+                "NATS: migration {} applied (streams {:?}, consumers {:?})",
+                report.version, report.streams, report.consumers
+            );
             match wmvae::store::Store::open(&config.store.data_dir, config.buffer) {
-                Ok(_) => println!("store {}: schema {}", config.store.data_dir.display(), wmvae::store::SCHEMA_VERSION),
+                Ok(_) => println!(
+                    "store {}: schema {}",
+                    config.store.data_dir.display(),
+                    wmvae::store::SCHEMA_VERSION
+                ),
                 Err(e) => println!("store {}: not migrated here: {e:#}", config.store.data_dir.display()),
             }
         }
-        Command::Buffer { which: BufferCommand::Stats { place, json } } => {
+        Command::Buffer {
+            which: BufferCommand::Stats { place, json },
+        } => {
             let config = place.config.load()?;
-            let stats = runtime()?.block_on(async { backend::connect(&config, place.mode()).await?.buffer_stats().await })?;
+            let stats =
+                runtime()?.block_on(async { backend::connect(&config, place.mode()).await?.buffer_stats().await })?;
             render::stats(&stats, json)?;
         }
-        Command::Buffer { which: BufferCommand::Export { config, out, source } } => {
+        Command::Buffer {
+            which: BufferCommand::Export { config, out, source },
+        } => {
             let config = config.load()?;
             let store = wmvae::store::Store::open(&config.store.data_dir, config.buffer)?;
             let summary = wmvae::tools::export::export(&store, source.as_deref(), &out)?;
             eprintln!("exported {} frames to {}", summary.frames, out.display());
         }
-        Command::Publish { config, source, npy, synthetic: _, rate, count } => {
+        Command::Publish {
+            config,
+            source,
+            npy,
+            synthetic: _,
+            rate,
+            count,
+        } => {
             let config = config.load()?;
             let input = match npy {
                 Some(path) => wmvae::tools::publish::Input::Npy(path),
                 None => wmvae::tools::publish::Input::Synthetic,
             };
-            let options = wmvae::tools::publish::PublishOptions { source, input, rate, count };
+            let options = wmvae::tools::publish::PublishOptions {
+                source,
+                input,
+                rate,
+                count,
+            };
             let sent = runtime()?.block_on(async {
                 let bus = wmvae::bus::Bus::connect(&config).await?;
                 wmvae::tools::publish::run(&bus, &options).await
             })?;
             eprintln!("published {sent} frames");
         }
-        Command::Encode { weights, checkpoint, place, input, output, device } => {
+        Command::Encode {
+            weights,
+            checkpoint,
+            place,
+            input,
+            output,
+            device,
+        } => {
             let config = place.config.load()?;
             let net = match (weights, checkpoint) {
                 (Some(path), _) => wmvae::tools::encode::net_from_weights(&path, device, config.vae())?,
-                (None, Some(version)) => {
-                    runtime()?.block_on(async { backend::connect(&config, place.mode()).await?.network(version, device, &config).await })?
-                }
+                (None, Some(version)) => runtime()?.block_on(async {
+                    backend::connect(&config, place.mode())
+                        .await?
+                        .network(version, device, &config)
+                        .await
+                })?,
                 (None, None) => unreachable!("clap requires --weights or --checkpoint"),
             };
             let report = wmvae::tools::encode::encode_file(&net, &input, &output)?;
@@ -508,9 +565,22 @@ fn run(cli: Cli) -> Result<()> {
                 output.display()
             );
         }
-        Command::Decode { checkpoint, place, input, key, output, grid, device } => {
+        Command::Decode {
+            checkpoint,
+            place,
+            input,
+            key,
+            output,
+            grid,
+            device,
+        } => {
             let config = place.config.load()?;
-            let net = runtime()?.block_on(async { backend::connect(&config, place.mode()).await?.network(checkpoint, device, &config).await })?;
+            let net = runtime()?.block_on(async {
+                backend::connect(&config, place.mode())
+                    .await?
+                    .network(checkpoint, device, &config)
+                    .await
+            })?;
             let n = wmvae::tools::decode::decode_file(&net, &input, &key, &output, grid.as_deref())?;
             eprintln!("decoded {n} latents with v{checkpoint} to {}", output.display());
         }
@@ -518,39 +588,127 @@ fn run(cli: Cli) -> Result<()> {
             let config = place.config.load()?;
             runtime()?.block_on(checkpoint_command(&config, place.mode(), which))?;
         }
-        Command::Bench { which: BenchCommand::Train { args, batch, precision } } => {
+        Command::Bench {
+            which: BenchCommand::Train { args, batch, precision },
+        } => {
             render::bench(bench::train(args.options(), batch, precision)?, args.json);
         }
-        Command::Bench { which: BenchCommand::Encode { args } } => {
+        Command::Bench {
+            which: BenchCommand::Encode { args },
+        } => {
             render::bench(bench::encode(args.options())?, args.json);
         }
-        Command::Bench { which: BenchCommand::Quality { config, frames, heldout, steps, target_recon, json } } => {
-            let options = wmvae::tools::bench_quality::QualityOptions { frames, heldout, steps, target_recon };
+        Command::Bench {
+            which:
+                BenchCommand::Quality {
+                    config,
+                    frames,
+                    heldout,
+                    steps,
+                    target_recon,
+                    json,
+                },
+        } => {
+            let options = wmvae::tools::bench_quality::QualityOptions {
+                frames,
+                heldout,
+                steps,
+                target_recon,
+            };
             render::bench(wmvae::tools::bench_quality::quality(&config.load()?, &options)?, json);
         }
-        Command::Bench { which: BenchCommand::Latency { rate, seconds, no_train, nats_server, json } } => {
+        Command::Bench {
+            which:
+                BenchCommand::Latency {
+                    rate,
+                    seconds,
+                    no_train,
+                    nats_server,
+                    json,
+                },
+        } => {
             let binary = nats_server.unwrap_or_else(wmvae::tools::nats_server::default_binary);
-            render::bench(runtime()?.block_on(wmvae::tools::bench_daemon::latency(rate, seconds, !no_train, &binary))?, json);
+            render::bench(
+                runtime()?.block_on(wmvae::tools::bench_daemon::latency(rate, seconds, !no_train, &binary))?,
+                json,
+            );
         }
-        Command::Bench { which: BenchCommand::Pipeline { rate, seconds, device, nats_server, json } } => {
+        Command::Bench {
+            which:
+                BenchCommand::Pipeline {
+                    rate,
+                    seconds,
+                    device,
+                    nats_server,
+                    json,
+                },
+        } => {
             let binary = nats_server.unwrap_or_else(wmvae::tools::nats_server::default_binary);
-            render::bench(runtime()?.block_on(wmvae::tools::bench_daemon::pipeline(rate, seconds, device, &binary))?, json);
+            render::bench(
+                runtime()?.block_on(wmvae::tools::bench_daemon::pipeline(rate, seconds, device, &binary))?,
+                json,
+            );
         }
-        Command::Bench { which: BenchCommand::Encoders { replicas, frames, nats_server, json } } => {
+        Command::Bench {
+            which:
+                BenchCommand::Encoders {
+                    replicas,
+                    frames,
+                    nats_server,
+                    json,
+                },
+        } => {
             let binary = nats_server.unwrap_or_else(wmvae::tools::nats_server::default_binary);
-            render::bench(runtime()?.block_on(wmvae::tools::bench_encoders::encoders(&replicas, frames, &binary))?, json);
+            render::bench(
+                runtime()?.block_on(wmvae::tools::bench_encoders::encoders(&replicas, frames, &binary))?,
+                json,
+            );
         }
-        Command::Bench { which: BenchCommand::Failover { rate, lease_ttl_secs, nats_server, json } } => {
+        Command::Bench {
+            which:
+                BenchCommand::Failover {
+                    rate,
+                    lease_ttl_secs,
+                    nats_server,
+                    json,
+                },
+        } => {
             let nats_server = nats_server.unwrap_or_else(wmvae::tools::nats_server::default_binary);
-            let options = wmvae::tools::bench_failover::FailoverOptions { rate, lease_ttl_secs, nats_server };
-            render::bench(runtime()?.block_on(wmvae::tools::bench_failover::failover(&options))?, json);
+            let options = wmvae::tools::bench_failover::FailoverOptions {
+                rate,
+                lease_ttl_secs,
+                nats_server,
+            };
+            render::bench(
+                runtime()?.block_on(wmvae::tools::bench_failover::failover(&options))?,
+                json,
+            );
         }
-        Command::Bench { which: BenchCommand::Chaos { seconds, rate, nats_server, json } } => {
+        Command::Bench {
+            which:
+                BenchCommand::Chaos {
+                    seconds,
+                    rate,
+                    nats_server,
+                    json,
+                },
+        } => {
             let nats_server = nats_server.unwrap_or_else(wmvae::tools::nats_server::default_binary);
-            let options = wmvae::tools::bench_chaos::ChaosOptions { seconds, rate, nats_server };
+            let options = wmvae::tools::bench_chaos::ChaosOptions {
+                seconds,
+                rate,
+                nats_server,
+            };
             render::bench(runtime()?.block_on(wmvae::tools::bench_chaos::chaos(&options))?, json);
         }
-        Command::Bench { which: BenchCommand::Ingest { frames, nats_server, json } } => {
+        Command::Bench {
+            which:
+                BenchCommand::Ingest {
+                    frames,
+                    nats_server,
+                    json,
+                },
+        } => {
             let binary = nats_server.unwrap_or_else(wmvae::tools::nats_server::default_binary);
             render::bench(runtime()?.block_on(bench::ingest(frames, &binary))?, json);
         }
@@ -560,7 +718,9 @@ fn run(cli: Cli) -> Result<()> {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,async_nats=warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,async_nats=warn".into()),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -572,7 +732,10 @@ fn main() -> ExitCode {
         Err(err) => {
             eprintln!("error: {err:#}");
             // Unknown versions are usage errors, like clap's: exit 2.
-            if err.chain().any(|e| e.downcast_ref::<wmvae::store::UnknownVersion>().is_some()) {
+            if err
+                .chain()
+                .any(|e| e.downcast_ref::<wmvae::store::UnknownVersion>().is_some())
+            {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE

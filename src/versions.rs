@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::store::{best_by_eval, Change, HistoryEntry, HistoryPage, Split, Store, UnknownVersion};
 use crate::vae::checkpoint::{now_rfc3339, Checkpoint, Metadata};
 use crate::vae::device::Device;
-use crate::vae::learner::{Network, Learner};
+use crate::vae::learner::{Learner, Network};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
@@ -65,9 +65,17 @@ pub fn list(store: &Store) -> Result<Vec<Listed>> {
 }
 
 pub fn show(store: &Store, version: u64) -> Result<Shown> {
-    let row = list(store)?.into_iter().find(|l| l.version == version).ok_or(UnknownVersion(version))?;
+    let row = list(store)?
+        .into_iter()
+        .find(|l| l.version == version)
+        .ok_or(UnknownVersion(version))?;
     let metadata = store.registry().metadata(version)?.ok_or(UnknownVersion(version))?;
-    Ok(Shown { metadata, active: row.active, pinned: row.pinned, best: row.best })
+    Ok(Shown {
+        metadata,
+        active: row.active,
+        pinned: row.pinned,
+        best: row.best,
+    })
 }
 
 /// History entries in one page, by default and at most: ~200 bytes each
@@ -81,7 +89,11 @@ pub const HISTORY_PAGE_BYTES: usize = 256 << 10;
 /// entries before sequence number `before`, oldest first, and whether
 /// older ones are kept.
 pub fn history_page(store: &Store, before: Option<u64>, limit: Option<usize>) -> Result<HistoryPage> {
-    store.registry().history_page(before, limit.unwrap_or(HISTORY_PAGE).clamp(1, HISTORY_PAGE), HISTORY_PAGE_BYTES)
+    store.registry().history_page(
+        before,
+        limit.unwrap_or(HISTORY_PAGE).clamp(1, HISTORY_PAGE),
+        HISTORY_PAGE_BYTES,
+    )
 }
 
 /// Every kept history entry, oldest first, read a page at a time.
@@ -102,7 +114,10 @@ pub fn history(store: &Store) -> Result<Vec<HistoryEntry>> {
 
 /// A stored version, verified, or UnknownVersion.
 pub fn checkpoint(store: &Store, version: u64) -> Result<Checkpoint> {
-    store.registry().get(version)?.ok_or_else(|| UnknownVersion(version).into())
+    store
+        .registry()
+        .get(version)?
+        .ok_or_else(|| UnknownVersion(version).into())
 }
 
 /// A PNG of up to [`RECON_FRAMES`] validation frames (training frames if
@@ -110,7 +125,11 @@ pub fn checkpoint(store: &Store, version: u64) -> Result<Checkpoint> {
 pub fn recon_png(store: &Store, version: u64, config: &Config) -> Result<Vec<u8>> {
     let mut net = Network::new(Device::Cpu, config.vae());
     net.load_checkpoint_weights(&checkpoint(store, version)?)?;
-    let split = if store.len(Split::Validation) > 0 { Split::Validation } else { Split::Train };
+    let split = if store.len(Split::Validation) > 0 {
+        Split::Validation
+    } else {
+        Split::Train
+    };
     let frames = store
         .sample(split, RECON_FRAMES, &mut rand::thread_rng())?
         .context("the replay buffer holds no frames to reconstruct")?;
@@ -127,12 +146,31 @@ pub fn default_actor() -> String {
 /// names and shapes: a bad file changes nothing), with fresh Adam state.
 /// `version` is the number allocated across nodes (the daemon's), or None
 /// for the store's next (offline).
-pub fn import(store: &Store, version: Option<u64>, weights_bytes: &[u8], origin: &str, config: &Config, by: &str, reason: Option<&str>) -> Result<Checkpoint> {
+pub fn import(
+    store: &Store,
+    version: Option<u64>,
+    weights_bytes: &[u8],
+    origin: &str,
+    config: &Config,
+    by: &str,
+    reason: Option<&str>,
+) -> Result<Checkpoint> {
     let mut learner = Learner::new(Device::Cpu, config.vae(), config.adam(), config.train.precision);
     learner.load_safetensors(weights_bytes, origin)?;
     let parent = store.registry().active_version()?;
-    let metadata = Metadata { parent, created_at: now_rfc3339(), config: serde_json::to_value(config)?, ..Default::default() };
-    store.registry().add(version, |version| learner.snapshot(Metadata { version, ..metadata }), Change::Import, by, reason)
+    let metadata = Metadata {
+        parent,
+        created_at: now_rfc3339(),
+        config: serde_json::to_value(config)?,
+        ..Default::default()
+    };
+    store.registry().add(
+        version,
+        |version| learner.snapshot(Metadata { version, ..metadata }),
+        Change::Import,
+        by,
+        reason,
+    )
 }
 
 /// Checks that safetensors `bytes` fit the model (strict names, shapes and
@@ -155,14 +193,36 @@ mod tests {
     fn setup() -> (tempfile::TempDir, Store, Config) {
         let dir = tempfile::tempdir().unwrap();
         let config = Config::load_with_env(None, []).unwrap();
-        let store = Store::open(dir.path(), crate::store::BufferConfig { capacity: 100, validation_fraction: 0.0 }).unwrap();
+        let store = Store::open(
+            dir.path(),
+            crate::store::BufferConfig {
+                capacity: 100,
+                validation_fraction: 0.0,
+            },
+        )
+        .unwrap();
         (dir, store, config)
     }
 
     /// A version with placeholder bytes and `eval_loss`, made active.
     fn add(store: &Store, eval_loss: f64) -> u64 {
-        let make = |version| Ok(Checkpoint::new(Metadata { version, eval_loss: Some(eval_loss), ..Default::default() }, vec![1; 4], vec![]));
-        store.registry().add(None, make, Change::Trained, "test", None).unwrap().metadata.version
+        let make = |version| {
+            Ok(Checkpoint::new(
+                Metadata {
+                    version,
+                    eval_loss: Some(eval_loss),
+                    ..Default::default()
+                },
+                vec![1; 4],
+                vec![],
+            ))
+        };
+        store
+            .registry()
+            .add(None, make, Change::Trained, "test", None)
+            .unwrap()
+            .metadata
+            .version
     }
 
     #[test]
@@ -172,10 +232,24 @@ mod tests {
             add(&store, loss);
         }
         store.registry().set_pinned(1, true).unwrap();
-        let marks: Vec<(u64, bool, bool, bool)> = list(&store).unwrap().iter().map(|l| (l.version, l.active, l.pinned, l.best)).collect();
-        assert_eq!(marks, [(1, false, true, false), (2, false, false, true), (3, true, false, false)]);
+        let marks: Vec<(u64, bool, bool, bool)> = list(&store)
+            .unwrap()
+            .iter()
+            .map(|l| (l.version, l.active, l.pinned, l.best))
+            .collect();
+        assert_eq!(
+            marks,
+            [
+                (1, false, true, false),
+                (2, false, false, true),
+                (3, true, false, false)
+            ]
+        );
         let shown = show(&store, 2).unwrap();
-        assert_eq!((shown.metadata.eval_loss, shown.best, shown.active), (Some(2.0), true, false));
+        assert_eq!(
+            (shown.metadata.eval_loss, shown.best, shown.active),
+            (Some(2.0), true, false)
+        );
     }
 
     #[test]
@@ -197,7 +271,10 @@ mod tests {
         assert_eq!(rollback(&store, 1, "ops@host", Some("bad run")).unwrap(), Some(2));
         assert_eq!(store.registry().active_version().unwrap(), Some(1));
         let last = history(&store).unwrap().pop().unwrap();
-        assert_eq!((last.from, last.to, last.why, last.by.as_str(), last.reason.as_deref()), (Some(2), 1, Change::Rollback, "ops@host", Some("bad run")));
+        assert_eq!(
+            (last.from, last.to, last.why, last.by.as_str(), last.reason.as_deref()),
+            (Some(2), 1, Change::Rollback, "ops@host", Some("bad run"))
+        );
     }
 
     #[test]
@@ -206,13 +283,34 @@ mod tests {
         add(&store, 3.0);
         let good = Network::new(Device::Cpu, config.vae()).weights_bytes().unwrap();
         // A bad file changes nothing and says which file.
-        let err = format!("{:#}", import(&store, None, &good[..good.len() / 2], "half.safetensors", &config, "me", None).unwrap_err());
+        let err = format!(
+            "{:#}",
+            import(
+                &store,
+                None,
+                &good[..good.len() / 2],
+                "half.safetensors",
+                &config,
+                "me",
+                None
+            )
+            .unwrap_err()
+        );
         assert!(err.contains("half.safetensors"), "{err}");
         assert!(check_weights(b"not safetensors", "junk", &config).is_err());
         assert_eq!(store.registry().active_version().unwrap(), Some(1));
         // A good one becomes the next version, active, its parent the version before.
         check_weights(&good, "good", &config).unwrap();
-        let imported = import(&store, None, &good, "good.safetensors", &config, "me", Some("trained elsewhere")).unwrap();
+        let imported = import(
+            &store,
+            None,
+            &good,
+            "good.safetensors",
+            &config,
+            "me",
+            Some("trained elsewhere"),
+        )
+        .unwrap();
         assert_eq!((imported.metadata.version, imported.metadata.parent), (2, Some(1)));
         assert_eq!(imported.weights, good);
         assert_eq!(store.registry().active_version().unwrap(), Some(2));
@@ -223,11 +321,37 @@ mod tests {
     fn recon_png_draws_stored_frames_over_their_reconstructions() {
         let (_dir, store, config) = setup();
         let weights = Network::new(Device::Cpu, config.vae()).weights_bytes().unwrap();
-        store.registry().add(None, |version| Ok(Checkpoint::new(Metadata { version, ..Default::default() }, weights.clone(), vec![])), Change::Initial, "test", None).unwrap();
+        store
+            .registry()
+            .add(
+                None,
+                |version| {
+                    Ok(Checkpoint::new(
+                        Metadata {
+                            version,
+                            ..Default::default()
+                        },
+                        weights.clone(),
+                        vec![],
+                    ))
+                },
+                Change::Initial,
+                "test",
+                None,
+            )
+            .unwrap();
         let err = format!("{:#}", recon_png(&store, 1, &config).unwrap_err());
         assert!(err.contains("no frames"), "{err}");
         let stored: Vec<Frame> = (0..3)
-            .map(|step| Frame { source: "s".into(), episode: "e".into(), step, pixels: vec![step as u8 * 60; frames::BYTES].into(), action: None, reward: None, done: None })
+            .map(|step| Frame {
+                source: "s".into(),
+                episode: "e".into(),
+                step,
+                pixels: vec![step as u8 * 60; frames::BYTES].into(),
+                action: None,
+                reward: None,
+                done: None,
+            })
             .collect();
         store.commit(&stored, compress_frames(&stored), &[]).unwrap();
         let png = recon_png(&store, 1, &config).unwrap();

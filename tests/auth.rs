@@ -14,10 +14,10 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use wmvae::tools::nats_server::LocalNats;
 use wmvae::bus::messages::{Announcement, CheckpointEvent};
 use wmvae::bus::service::Endpoint;
 use wmvae::frames::wire::FrameMessage;
+use wmvae::tools::nats_server::LocalNats;
 
 /// A server demanding one way of authenticating, and the client settings
 /// (WMVAE_NATS__*) that pass and that fail.
@@ -35,7 +35,9 @@ struct Scheme {
 }
 
 fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
-    list.iter().map(|(k, v)| (format!("WMVAE_NATS__{}", k.to_uppercase()), v.to_string())).collect()
+    list.iter()
+        .map(|(k, v)| (format!("WMVAE_NATS__{}", k.to_uppercase()), v.to_string()))
+        .collect()
 }
 
 fn start(server_config: &str) -> LocalNats {
@@ -49,7 +51,11 @@ fn run(mut cmd: Command, env: &[(String, String)]) -> (Output, Duration) {
 }
 
 fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 fn migrate(url: &str, data_dir: &Path) -> Command {
@@ -76,11 +82,19 @@ fn check_scheme(scheme: Scheme) {
     };
 
     let (out, _) = run(migrate(&server.url, &dir.path().join("store")), &scheme.right);
-    assert!(out.status.success(), "{name}: wmvae migrate with the right settings: {}", text(&out));
+    assert!(
+        out.status.success(),
+        "{name}: wmvae migrate with the right settings: {}",
+        text(&out)
+    );
     hides_secret(&text(&out));
 
     let (out, _) = run(python_check(&server.url), &scheme.right);
-    assert!(out.status.success(), "{name}: examples/wm_nats.py with the right settings: {}", text(&out));
+    assert!(
+        out.status.success(),
+        "{name}: examples/wm_nats.py with the right settings: {}",
+        text(&out)
+    );
     assert!(text(&out).contains("connected to"), "{}", text(&out));
 
     let mut check = wmvae();
@@ -91,12 +105,20 @@ fn check_scheme(scheme: Scheme) {
 
     let (out, took) = run(migrate(&server.url, &dir.path().join("store")), &scheme.wrong);
     assert!(!out.status.success(), "{name}: wrong settings were accepted");
-    assert!(text(&out).contains(scheme.refusal), "{name}: refusal should say {:?}:\n{}", scheme.refusal, text(&out));
+    assert!(
+        text(&out).contains(scheme.refusal),
+        "{name}: refusal should say {:?}:\n{}",
+        scheme.refusal,
+        text(&out)
+    );
     assert!(took < Duration::from_secs(15), "{name}: refusal took {took:?}");
     hides_secret(&text(&out));
 
     let (out, _) = run(python_check(&server.url), &scheme.wrong);
-    assert!(!out.status.success(), "{name}: examples/wm_nats.py accepted wrong settings");
+    assert!(
+        !out.status.success(),
+        "{name}: examples/wm_nats.py accepted wrong settings"
+    );
     hides_secret(&text(&out));
 }
 
@@ -151,7 +173,10 @@ fn nkey_seed() {
 /// A JWT as nsc writes them: header, claims, ed25519 signature by `issuer`.
 fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
     let header = URL_SAFE_NO_PAD.encode(r#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
-    let iat = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let iat = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let claims = serde_json::json!({
         "jti": format!("{name}{iat}").to_uppercase(), "iat": iat, "iss": issuer.public_key(),
         "name": name, "sub": subject, "nats": nats,
@@ -164,14 +189,22 @@ fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Val
 /// A `.creds` file for a user of `account`.
 fn creds_file(path: &Path, account: &nkeys::KeyPair) {
     let user = nkeys::KeyPair::new_user();
-    let token = jwt(account, &user.public_key(), "rollout", serde_json::json!({
-        "type": "user", "version": 2, "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
-    }));
+    let token = jwt(
+        account,
+        &user.public_key(),
+        "rollout",
+        serde_json::json!({
+            "type": "user", "version": 2, "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
+        }),
+    );
     let seed = user.seed().unwrap();
-    std::fs::write(path, format!(
-        "-----BEGIN NATS USER JWT-----\n{token}\n------END NATS USER JWT------\n\n\
+    std::fs::write(
+        path,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{token}\n------END NATS USER JWT------\n\n\
          -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
-    ))
+        ),
+    )
     .unwrap();
 }
 
@@ -182,17 +215,32 @@ fn creds_file_in_operator_mode() {
     let files = tempfile::tempdir().unwrap();
     let operator = nkeys::KeyPair::new_operator();
     let account = nkeys::KeyPair::new_account();
-    let operator_jwt = jwt(&operator, &operator.public_key(), "op", serde_json::json!({"type": "operator", "version": 2}));
-    let account_jwt = jwt(&operator, &account.public_key(), "wm", serde_json::json!({
-        "type": "account", "version": 2,
-        "limits": {
-            "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true,
-            "conn": -1, "leaf": -1, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
-        },
-    }));
+    let operator_jwt = jwt(
+        &operator,
+        &operator.public_key(),
+        "op",
+        serde_json::json!({"type": "operator", "version": 2}),
+    );
+    let account_jwt = jwt(
+        &operator,
+        &account.public_key(),
+        "wm",
+        serde_json::json!({
+            "type": "account", "version": 2,
+            "limits": {
+                "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true,
+                "conn": -1, "leaf": -1, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+            },
+        }),
+    );
     // JetStream in operator mode needs a system account.
     let system = nkeys::KeyPair::new_account();
-    let system_jwt = jwt(&operator, &system.public_key(), "SYS", serde_json::json!({"type": "account", "version": 2}));
+    let system_jwt = jwt(
+        &operator,
+        &system.public_key(),
+        "SYS",
+        serde_json::json!({"type": "account", "version": 2}),
+    );
     let (right, wrong) = (files.path().join("right.creds"), files.path().join("wrong.creds"));
     creds_file(&right, &account);
     creds_file(&wrong, &nkeys::KeyPair::new_account());
@@ -213,7 +261,14 @@ fn creds_file_in_operator_mode() {
 }
 
 /// PEM files of a certificate signed by `ca`, for `names`, with `usage`.
-fn issue(ca: &rcgen::Certificate, ca_key: &rcgen::KeyPair, names: &[&str], usage: rcgen::ExtendedKeyUsagePurpose, dir: &Path, stem: &str) {
+fn issue(
+    ca: &rcgen::Certificate,
+    ca_key: &rcgen::KeyPair,
+    names: &[&str],
+    usage: rcgen::ExtendedKeyUsagePurpose,
+    dir: &Path,
+    stem: &str,
+) {
     let key = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
     params.distinguished_name.push(rcgen::DnType::CommonName, names[0]);
@@ -228,7 +283,10 @@ fn certificate_authority(dir: &Path, stem: &str) -> (rcgen::Certificate, rcgen::
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     params.distinguished_name.push(rcgen::DnType::CommonName, stem);
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
     let cert = params.self_signed(&key).unwrap();
     std::fs::write(dir.join(format!("{stem}.pem")), cert.pem()).unwrap();
     (cert, key)
@@ -255,8 +313,16 @@ fn tls_client_certificate() {
             path("server-key.pem"),
             path("ca.pem")
         ),
-        right: pairs(&[("tls_ca_file", &path("ca.pem")), ("tls_cert_file", &path("client.pem")), ("tls_key_file", &path("client-key.pem"))]),
-        wrong: pairs(&[("tls_ca_file", &path("ca.pem")), ("tls_cert_file", &path("intruder.pem")), ("tls_key_file", &path("intruder-key.pem"))]),
+        right: pairs(&[
+            ("tls_ca_file", &path("ca.pem")),
+            ("tls_cert_file", &path("client.pem")),
+            ("tls_key_file", &path("client-key.pem")),
+        ]),
+        wrong: pairs(&[
+            ("tls_ca_file", &path("ca.pem")),
+            ("tls_cert_file", &path("intruder.pem")),
+            ("tls_key_file", &path("intruder-key.pem")),
+        ]),
         secret: None,
         refusal: "TLS",
         _files: Some(files),
@@ -270,7 +336,10 @@ fn daemon_refused_exits() {
     let server = start(r#"authorization { user: alice, password: "pw-7f3a1c" }"#);
     let dir = tempfile::tempdir().unwrap();
     let mut serve = wmvae();
-    serve.args(["serve", "--nats-url", &server.url, "--data-dir"]).arg(dir.path().join("store")).env("WMVAE_HTTP__ADDR", "");
+    serve
+        .args(["serve", "--nats-url", &server.url, "--data-dir"])
+        .arg(dir.path().join("store"))
+        .env("WMVAE_HTTP__ADDR", "");
     let (out, took) = run(serve, &pairs(&[("user", "alice"), ("password", "pw-wrong-1")]));
     assert!(!out.status.success());
     assert!(text(&out).contains(REFUSED), "{}", text(&out));
@@ -339,8 +408,19 @@ async fn roles_keep_rollback_to_operators() {
     let passwords = "WM_DAEMON_PASSWORD: d-pw\nWM_PUBLISHER_PASSWORD: p-pw\nWM_READER_PASSWORD: r-pw\nWM_OPERATOR_PASSWORD: o-pw\nWM_CONTROL_PASSWORD: c-pw\n";
     let roles = std::fs::read_to_string(repo_root().join("config/nats-permissions.conf")).unwrap();
     let server = start(&format!("{passwords}{roles}"));
-    let as_user = |user: &str, password: &str| pairs(&[("user", user), ("password", password), ("inbox_prefix", &format!("_INBOX_{user}"))]);
-    let daemon_env = pairs(&[("user", "wmvae"), ("password", "d-pw"), ("control_user", "wmvae-control"), ("control_password", "c-pw")]);
+    let as_user = |user: &str, password: &str| {
+        pairs(&[
+            ("user", user),
+            ("password", password),
+            ("inbox_prefix", &format!("_INBOX_{user}")),
+        ])
+    };
+    let daemon_env = pairs(&[
+        ("user", "wmvae"),
+        ("password", "d-pw"),
+        ("control_user", "wmvae-control"),
+        ("control_password", "c-pw"),
+    ]);
     let dir = tempfile::tempdir().unwrap();
     let mut env: Vec<(&str, &str)> = daemon_env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     env.extend([
@@ -354,7 +434,10 @@ async fn roles_keep_rollback_to_operators() {
         ("WMVAE_BUFFER__VALIDATION_FRACTION", "0.3"),
     ]);
     let daemon = Daemon::start(&server.url, dir.path(), &env);
-    let admin = async_nats::ConnectOptions::with_user_and_password("wmvae".into(), "d-pw".into()).connect(&server.url).await.unwrap();
+    let admin = async_nats::ConnectOptions::with_user_and_password("wmvae".into(), "d-pw".into())
+        .connect(&server.url)
+        .await
+        .unwrap();
     let js = async_nats::jetstream::new(admin.clone());
     wait_for_ingest_consumer(&js).await;
 
@@ -363,7 +446,12 @@ async fn roles_keep_rollback_to_operators() {
     let publisher_js = async_nats::jetstream::new(publisher.clone());
     for (i, px) in frames(80, 64, 64).chunks(12288).enumerate() {
         let msg = FrameMessage::rgb(format!("e{}", i / 8), i as u64 % 8, 64, 64, px.to_vec());
-        publisher_js.publish("wm.frames.car", msg.to_msgpack().into()).await.unwrap().await.unwrap();
+        publisher_js
+            .publish("wm.frames.car", msg.to_msgpack().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
     }
     let status = || async {
         match admin.request("wm.ctl.status", "".into()).await {
@@ -371,18 +459,34 @@ async fn roles_keep_rollback_to_operators() {
             Err(_) => serde_json::Value::Null, // the service is not up yet
         }
     };
-    wait_until(Duration::from_secs(120), "version 2", || async { status().await["active_version"].as_u64() >= Some(2) }).await;
+    wait_until(Duration::from_secs(120), "version 2", || async {
+        status().await["active_version"].as_u64() >= Some(2)
+    })
+    .await;
     assert_eq!(status().await["buffer_frames"].as_u64(), Some(80));
 
     // Every role against every endpoint: answered, or refused by the server.
     let (reader, reader_complaints) = role_client(&server.url, "reader", "r-pw").await;
     let (operator, _) = role_client(&server.url, "operator", "o-pw").await;
-    let changes = [Endpoint::Rollback, Endpoint::Pin, Endpoint::Unpin, Endpoint::Delete, Endpoint::Import];
+    let changes = [
+        Endpoint::Rollback,
+        Endpoint::Pin,
+        Endpoint::Unpin,
+        Endpoint::Delete,
+        Endpoint::Import,
+    ];
     for endpoint in Endpoint::ALL {
         let subject = format!("wm.ctl.{}", endpoint.name());
-        for (user, client, allowed) in [("publisher", &publisher, false), ("reader", &reader, !changes.contains(&endpoint)), ("operator", &operator, true)] {
+        for (user, client, allowed) in [
+            ("publisher", &publisher, false),
+            ("reader", &reader, !changes.contains(&endpoint)),
+            ("operator", &operator, true),
+        ] {
             let answered = client.request(subject.clone(), harmless(endpoint).into()).await.is_ok();
-            assert_eq!(answered, allowed, "{user} on {subject}: answered {answered}, the roles say {allowed}");
+            assert_eq!(
+                answered, allowed,
+                "{user} on {subject}: answered {answered}, the roles say {allowed}"
+            );
         }
     }
     let versions_after_matrix = status().await["active_version"].as_u64();
@@ -391,29 +495,49 @@ async fn roles_keep_rollback_to_operators() {
     // and the operator's replies do not reach the reader.
     let mut snooped = reader.subscribe("_INBOX_operator.>").await.unwrap();
     operator.request("wm.ctl.status", "".into()).await.unwrap();
-    assert!(tokio::time::timeout(Duration::from_secs(1), futures::StreamExt::next(&mut snooped)).await.is_err(), "the reader read the operator's reply");
-    wait_until(Duration::from_secs(5), "the server to refuse the reader's subscription", || async {
-        reader_complaints.lock().unwrap().iter().any(|c| c.to_lowercase().contains("permissions violation for subscription"))
-    })
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), futures::StreamExt::next(&mut snooped))
+            .await
+            .is_err(),
+        "the reader read the operator's reply"
+    );
+    wait_until(
+        Duration::from_secs(5),
+        "the server to refuse the reader's subscription",
+        || async {
+            reader_complaints
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|c| c.to_lowercase().contains("permissions violation for subscription"))
+        },
+    )
     .await;
 
     let checkpoint = |args: &[&str], who: Vec<(String, String)>| {
         let mut cmd = wmvae();
-        cmd.args(["checkpoint", "--online", "--nats-url", &server.url]).args(args);
+        cmd.args(["checkpoint", "--online", "--nats-url", &server.url])
+            .args(args);
         run(cmd, &who).0
     };
     // Neither the publisher nor the reader may roll back; the server says why.
     for (user, password) in [("publisher", "p-pw"), ("reader", "r-pw")] {
         let out = checkpoint(&["rollback", "1", "--reason", "test"], as_user(user, password));
         assert!(!out.status.success(), "{user} rolled back: {}", text(&out));
-        assert!(text(&out).to_lowercase().contains("permissions violation"), "{user}: {}", text(&out));
+        assert!(
+            text(&out).to_lowercase().contains("permissions violation"),
+            "{user}: {}",
+            text(&out)
+        );
     }
     assert_eq!(rollbacks(&js).await, Vec::<u64>::new());
 
     // The reader fetches the active weights into PyTorch.
     let png = dir.path().join("recon.png");
     let mut load = Command::new(venv_python());
-    load.arg(repo_root().join("examples/load_in_pytorch.py")).arg(&server.url).arg(&png);
+    load.arg(repo_root().join("examples/load_in_pytorch.py"))
+        .arg(&server.url)
+        .arg(&png);
     let (out, _) = run(load, &as_user("reader", "r-pw"));
     assert!(out.status.success(), "reader could not load weights: {}", text(&out));
     assert!(png.exists());
@@ -422,28 +546,60 @@ async fn roles_keep_rollback_to_operators() {
     let out = checkpoint(&["rollback", "1", "--reason", "test"], as_user("operator", "o-pw"));
     assert!(out.status.success(), "operator: {}", text(&out));
     // Announced once the versions queued before it are in the object store.
-    wait_until(Duration::from_secs(60), "the rollback announced", || async { !rollbacks(&js).await.is_empty() }).await;
+    wait_until(Duration::from_secs(60), "the rollback announced", || async {
+        !rollbacks(&js).await.is_empty()
+    })
+    .await;
     assert_eq!(rollbacks(&js).await, vec![1]);
     // Recorded as by the user the server authenticated, not the one the request names.
     // (The trainer takes it between two steps: more than the role clients' second.)
-    let rollback = async_nats::Request::new().payload(br#"{"version": 2, "by": "mallory"}"#.as_ref().into()).timeout(Some(Duration::from_secs(30)));
-    operator.send_request("wm.ctl.checkpoints.rollback", rollback).await.unwrap();
+    let rollback = async_nats::Request::new()
+        .payload(br#"{"version": 2, "by": "mallory"}"#.as_ref().into())
+        .timeout(Some(Duration::from_secs(30)));
+    operator
+        .send_request("wm.ctl.checkpoints.rollback", rollback)
+        .await
+        .unwrap();
     let history = reader.request("wm.ctl.checkpoints.history", "".into()).await.unwrap();
     let history: Vec<serde_json::Value> = serde_json::from_slice(&history.payload).unwrap();
-    let by: Vec<&str> = history.iter().filter(|h| h["why"] == "rollback").map(|h| h["by"].as_str().unwrap()).collect();
+    let by: Vec<&str> = history
+        .iter()
+        .filter(|h| h["why"] == "rollback")
+        .map(|h| h["by"].as_str().unwrap())
+        .collect();
     assert_eq!(by, ["operator", "operator"], "{history:?}");
     // Discovery crosses into the control service's account.
     let inbox = reader.new_inbox();
     let mut pongs = reader.subscribe(inbox.clone()).await.unwrap();
-    reader.publish_with_reply("$SRV.PING.wmvae", inbox, "".into()).await.unwrap();
-    assert!(tokio::time::timeout(Duration::from_secs(2), futures::StreamExt::next(&mut pongs)).await.is_ok_and(|p| p.is_some()), "no pong from the control service");
+    reader
+        .publish_with_reply("$SRV.PING.wmvae", inbox, "".into())
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), futures::StreamExt::next(&mut pongs))
+            .await
+            .is_ok_and(|p| p.is_some()),
+        "no pong from the control service"
+    );
     let weights = dir.path().join("v2.safetensors");
-    let out = checkpoint(&["export", "2", "--out", weights.to_str().unwrap()], as_user("reader", "r-pw"));
+    let out = checkpoint(
+        &["export", "2", "--out", weights.to_str().unwrap()],
+        as_user("reader", "r-pw"),
+    );
     assert!(out.status.success(), "reader export: {}", text(&out));
-    let out = checkpoint(&["import", weights.to_str().unwrap(), "--reason", "roles test"], as_user("reader", "r-pw"));
+    let out = checkpoint(
+        &["import", weights.to_str().unwrap(), "--reason", "roles test"],
+        as_user("reader", "r-pw"),
+    );
     assert!(!out.status.success(), "the reader imported: {}", text(&out));
-    let out = checkpoint(&["import", weights.to_str().unwrap(), "--reason", "roles test"], as_user("operator", "o-pw"));
+    let out = checkpoint(
+        &["import", weights.to_str().unwrap(), "--reason", "roles test"],
+        as_user("operator", "o-pw"),
+    );
     assert!(out.status.success(), "operator import: {}", text(&out));
-    assert!(status().await["active_version"].as_u64() > versions_after_matrix, "the import did not become active");
+    assert!(
+        status().await["active_version"].as_u64() > versions_after_matrix,
+        "the import did not become active"
+    );
     assert!(daemon.terminate().success());
 }

@@ -25,7 +25,12 @@ fn cli(nats_url: &str, data_dir: &Path, args: &[&str]) -> Output {
 }
 
 fn ok(out: Output) -> String {
-    assert!(out.status.success(), "exit {:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -37,8 +42,18 @@ fn json(out: Output) -> serde_json::Value {
 async fn publish_paced(js: &jetstream::Context, first_episode: u64, episodes: u64, steps: u64, pace: Duration) {
     let raw = frames((episodes * steps) as usize, 64, 64);
     for (i, px) in raw.chunks(12288).enumerate() {
-        let msg = FrameMessage::rgb(format!("e{}", first_episode + i as u64 / steps), i as u64 % steps, 64, 64, px.to_vec());
-        js.publish("wm.frames.car", msg.to_msgpack().into()).await.unwrap().await.unwrap();
+        let msg = FrameMessage::rgb(
+            format!("e{}", first_episode + i as u64 / steps),
+            i as u64 % steps,
+            64,
+            64,
+            px.to_vec(),
+        );
+        js.publish("wm.frames.car", msg.to_msgpack().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
         tokio::time::sleep(pace).await;
     }
 }
@@ -48,7 +63,9 @@ async fn publish(js: &jetstream::Context, first_episode: u64, episodes: u64, ste
 }
 
 async fn stream_payloads(js: &jetstream::Context, name: &str) -> Vec<bytes::Bytes> {
-    let Ok(mut stream) = js.get_stream(name).await else { return Vec::new() };
+    let Ok(mut stream) = js.get_stream(name).await else {
+        return Vec::new();
+    };
     let state = stream.info().await.unwrap().state.clone();
     let mut out = Vec::new();
     for seq in state.first_sequence..=state.last_sequence {
@@ -60,11 +77,20 @@ async fn stream_payloads(js: &jetstream::Context, name: &str) -> Vec<bytes::Byte
 }
 
 async fn announcements(js: &jetstream::Context) -> Vec<Announcement> {
-    stream_payloads(js, "WM_CHECKPOINTS").await.iter().map(|p| rmp_serde::from_slice(p).unwrap()).collect()
+    stream_payloads(js, "WM_CHECKPOINTS")
+        .await
+        .iter()
+        .map(|p| rmp_serde::from_slice(p).unwrap())
+        .collect()
 }
 
 async fn created(js: &jetstream::Context) -> Vec<u64> {
-    announcements(js).await.iter().filter(|a| a.event == CheckpointEvent::Created).map(|a| a.metadata.version).collect()
+    announcements(js)
+        .await
+        .iter()
+        .filter(|a| a.event == CheckpointEvent::Created)
+        .map(|a| a.metadata.version)
+        .collect()
 }
 
 fn encode_mu(args: &[&str], input: &Path, out: &Path, nats_url: &str, data_dir: &Path) -> Vec<f32> {
@@ -98,12 +124,19 @@ async fn live_commands_through_the_daemon() {
     let dir = tempfile::tempdir().unwrap();
     // samples_per_insert 3.2 x 150 frames = 30 steps of 16: v2, v3, v4, then
     // the trainer waits for frames, so the active version holds still.
-    let env: Vec<(&str, &str)> = FAST.iter().copied().chain([("WMVAE_TRAIN__SAMPLES_PER_INSERT", "3.2")]).collect();
+    let env: Vec<(&str, &str)> = FAST
+        .iter()
+        .copied()
+        .chain([("WMVAE_TRAIN__SAMPLES_PER_INSERT", "3.2")])
+        .collect();
     let daemon = Daemon::start(&nats.url, dir.path(), &env);
     let js = jetstream::new(nats.client().await);
     wait_for_ingest_consumer(&js).await;
     publish(&js, 0, 6, 25).await;
-    wait_until(Duration::from_secs(120), "version 4", || async { created(&js).await.len() >= 4 }).await;
+    wait_until(Duration::from_secs(120), "version 4", || async {
+        created(&js).await.len() >= 4
+    })
+    .await;
     let url = nats.url.as_str();
     let d = dir.path();
 
@@ -111,11 +144,17 @@ async fn live_commands_through_the_daemon() {
     let rows = list.as_array().unwrap();
     assert!(rows.len() >= 3);
     assert_eq!(rows.iter().filter(|r| r["active"] == true).count(), 1);
-    let active = rows.iter().find(|r| r["active"] == true).unwrap()["version"].as_u64().unwrap();
+    let active = rows.iter().find(|r| r["active"] == true).unwrap()["version"]
+        .as_u64()
+        .unwrap();
     assert_eq!(json(cli(url, d, &["show", "2", "--json"]))["parent"], 1);
     assert_eq!(cli(url, d, &["show", "999"]).status.code(), Some(2));
     ok(cli(url, d, &["pin", "2"]));
-    assert!(json(cli(url, d, &["list", "--json"])).as_array().unwrap().iter().any(|r| r["version"] == 2 && r["pinned"] == true));
+    assert!(json(cli(url, d, &["list", "--json"]))
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["version"] == 2 && r["pinned"] == true));
     ok(cli(url, d, &["unpin", "2"]));
     let refused = cli(url, d, &["delete", &active.to_string()]);
     assert_eq!(refused.status.code(), Some(1));
@@ -135,13 +174,19 @@ async fn live_commands_through_the_daemon() {
     // latents past the switch.
     let client = nats.client().await;
     wait_until(Duration::from_secs(60), "the encoder to switch to v1", || async {
-        let Ok(reply) = client.request("wm.ctl.status", "".into()).await else { return false };
+        let Ok(reply) = client.request("wm.ctl.status", "".into()).await else {
+            return false;
+        };
         serde_json::from_slice::<serde_json::Value>(&reply.payload).is_ok_and(|s| s["encoder_version"] == 1)
     })
     .await;
     publish(&js, 200, 1, 25).await;
     wait_until(Duration::from_secs(120), "a version after the rollback", || async {
-        announcements(&js).await.iter().skip_while(|a| a.event != CheckpointEvent::Rollback).any(|a| a.event == CheckpointEvent::Created)
+        announcements(&js)
+            .await
+            .iter()
+            .skip_while(|a| a.event != CheckpointEvent::Rollback)
+            .any(|a| a.event == CheckpointEvent::Created)
     })
     .await;
     let events = announcements(&js).await;
@@ -149,27 +194,71 @@ async fn live_commands_through_the_daemon() {
     // The frames streaming in let training go on, so a version newer than
     // `active` may have been created before the rollback landed: the
     // rollback starts from the newest version announced before it.
-    let newest_before = events.iter().take_while(|a| a.event != CheckpointEvent::Rollback).filter(|a| a.event == CheckpointEvent::Created).map(|a| a.metadata.version).max();
+    let newest_before = events
+        .iter()
+        .take_while(|a| a.event != CheckpointEvent::Rollback)
+        .filter(|a| a.event == CheckpointEvent::Created)
+        .map(|a| a.metadata.version)
+        .max();
     assert!(newest_before >= Some(active));
-    assert_eq!((rollback.from, rollback.to, rollback.reason.as_deref()), (newest_before, Some(1), Some("bad run")));
-    let after: Vec<&Announcement> = events.iter().skip_while(|a| a.event != CheckpointEvent::Rollback).filter(|a| a.event == CheckpointEvent::Created).collect();
-    assert_eq!(after[0].metadata.parent, Some(1), "training goes on from the rollback target");
+    assert_eq!(
+        (rollback.from, rollback.to, rollback.reason.as_deref()),
+        (newest_before, Some(1), Some("bad run"))
+    );
+    let after: Vec<&Announcement> = events
+        .iter()
+        .skip_while(|a| a.event != CheckpointEvent::Rollback)
+        .filter(|a| a.event == CheckpointEvent::Created)
+        .collect();
+    assert_eq!(
+        after[0].metadata.parent,
+        Some(1),
+        "training goes on from the rollback target"
+    );
     // Latents in stream order: v1 (initial weights), then the old lineage
     // 2..=old, then from the switch on only v1 or versions newer than old.
     let old = rollback.from.unwrap();
     let new_lineage = |v: u64| v == 1 || v > old;
-    wait_until(Duration::from_secs(60), "latents of the frames sent after the rollback", || async {
-        stream_payloads(&js, "WM_LATENTS").await.len() >= 275
-    })
+    wait_until(
+        Duration::from_secs(60),
+        "latents of the frames sent after the rollback",
+        || async { stream_payloads(&js, "WM_LATENTS").await.len() >= 275 },
+    )
     .await;
-    let versions: Vec<u64> = stream_payloads(&js, "WM_LATENTS").await.iter().map(|p| rmp_serde::from_slice::<LatentMessage>(p).unwrap().model_version).collect();
-    let first_old = versions.iter().position(|&v| !new_lineage(v)).expect("latents from trained versions");
-    let switch = first_old + versions[first_old..].iter().position(|&v| new_lineage(v)).expect("latents switched after the rollback");
-    assert!(versions[switch..].iter().all(|&v| new_lineage(v)), "a latent went back to an old version: {:?}", &versions[switch..]);
-    assert!(versions[first_old..switch].windows(2).all(|w| w[0] <= w[1]), "versions before the switch only grow");
+    let versions: Vec<u64> = stream_payloads(&js, "WM_LATENTS")
+        .await
+        .iter()
+        .map(|p| rmp_serde::from_slice::<LatentMessage>(p).unwrap().model_version)
+        .collect();
+    let first_old = versions
+        .iter()
+        .position(|&v| !new_lineage(v))
+        .expect("latents from trained versions");
+    let switch = first_old
+        + versions[first_old..]
+            .iter()
+            .position(|&v| new_lineage(v))
+            .expect("latents switched after the rollback");
+    assert!(
+        versions[switch..].iter().all(|&v| new_lineage(v)),
+        "a latent went back to an old version: {:?}",
+        &versions[switch..]
+    );
+    assert!(
+        versions[first_old..switch].windows(2).all(|w| w[0] <= w[1]),
+        "versions before the switch only grow"
+    );
     let history = json(cli(url, d, &["history", "--json"]));
-    let entry = history.as_array().unwrap().iter().find(|h| h["why"] == "rollback").unwrap();
-    assert_eq!((entry["to"].as_u64(), entry["reason"].as_str()), (Some(1), Some("bad run")));
+    let entry = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["why"] == "rollback")
+        .unwrap();
+    assert_eq!(
+        (entry["to"].as_u64(), entry["reason"].as_str()),
+        (Some(1), Some("bad run"))
+    );
     assert!(entry["by"].as_str().unwrap().contains('@'));
 
     // Export -> PyTorch gives the same mu as `wmvae encode --checkpoint`.
@@ -178,23 +267,75 @@ async fn live_commands_through_the_daemon() {
     let exported = d.join("v2.safetensors");
     ok(cli(url, d, &["export", "2", "--out", exported.to_str().unwrap()]));
     let torch_out = d.join("torch.npz");
-    torch_reference(&["parity", "--weights", exported.to_str().unwrap(), "--frames", frames_path.to_str().unwrap(), "--out", torch_out.to_str().unwrap()]);
-    let theirs: Vec<f32> = Vec::try_from(tch::Tensor::read_npz(&torch_out).unwrap().iter().find(|(n, _)| n == "mu").unwrap().1.flatten(0, -1)).unwrap();
+    torch_reference(&[
+        "parity",
+        "--weights",
+        exported.to_str().unwrap(),
+        "--frames",
+        frames_path.to_str().unwrap(),
+        "--out",
+        torch_out.to_str().unwrap(),
+    ]);
+    let theirs: Vec<f32> = Vec::try_from(
+        tch::Tensor::read_npz(&torch_out)
+            .unwrap()
+            .iter()
+            .find(|(n, _)| n == "mu")
+            .unwrap()
+            .1
+            .flatten(0, -1),
+    )
+    .unwrap();
     let ours = encode_mu(&["--checkpoint", "2"], &frames_path, &d.join("z.npz"), url, d);
     assert!(max_diff(&ours, &theirs) < 1e-5);
 
     // Import PyTorch weights: a new active version that encodes like the file.
     let foreign = d.join("torch.safetensors");
     torch_reference(&["save-weights", "--out", foreign.to_str().unwrap(), "--seed", "5"]);
-    let imported = ok(cli(url, d, &["import", foreign.to_str().unwrap(), "--reason", "from pytorch"]));
-    let version: u64 = imported.split(" as v").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
-    let from_file = encode_mu(&["--weights", foreign.to_str().unwrap()], &frames_path, &d.join("a.npz"), url, d);
-    let from_version = encode_mu(&["--checkpoint", &version.to_string()], &frames_path, &d.join("b.npz"), url, d);
+    let imported = ok(cli(
+        url,
+        d,
+        &["import", foreign.to_str().unwrap(), "--reason", "from pytorch"],
+    ));
+    let version: u64 = imported
+        .split(" as v")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let from_file = encode_mu(
+        &["--weights", foreign.to_str().unwrap()],
+        &frames_path,
+        &d.join("a.npz"),
+        url,
+        d,
+    );
+    let from_version = encode_mu(
+        &["--checkpoint", &version.to_string()],
+        &frames_path,
+        &d.join("b.npz"),
+        url,
+        d,
+    );
     assert!(max_diff(&from_file, &from_version) < 1e-6);
-    assert!(json(cli(url, d, &["history", "--json"])).as_array().unwrap().iter().any(|h| h["why"] == "import" && h["to"] == version));
+    assert!(json(cli(url, d, &["history", "--json"]))
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|h| h["why"] == "import" && h["to"] == version));
 
     // A bad file: a clear error naming the tensor, and nothing changes.
-    let imports = |history: serde_json::Value| history.as_array().unwrap().iter().filter(|h| h["why"] == "import").count();
+    let imports = |history: serde_json::Value| {
+        history
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|h| h["why"] == "import")
+            .count()
+    };
     let before = imports(json(cli(url, d, &["history", "--json"])));
     let mut named = wmvae::vae::weights::read_file(&foreign).unwrap();
     named.retain(|(n, _)| n != "decoder.deconv4.bias");
@@ -203,14 +344,31 @@ async fn live_commands_through_the_daemon() {
     let out = cli(url, d, &["import", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("decoder.deconv4.bias"));
-    assert_eq!(imports(json(cli(url, d, &["history", "--json"]))), before, "a bad import changed the history");
+    assert_eq!(
+        imports(json(cli(url, d, &["history", "--json"]))),
+        before,
+        "a bad import changed the history"
+    );
 
     // An import naming a published version's weights: refused, nothing deleted.
-    let reply = client.request("wm.ctl.checkpoints.import", br#"{"object": "vae/v2.safetensors"}"#.as_slice().into()).await.unwrap();
-    let code = reply.headers.as_ref().and_then(|h| h.get("Nats-Service-Error-Code")).map(|v| v.to_string());
+    let reply = client
+        .request(
+            "wm.ctl.checkpoints.import",
+            br#"{"object": "vae/v2.safetensors"}"#.as_slice().into(),
+        )
+        .await
+        .unwrap();
+    let code = reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Service-Error-Code"))
+        .map(|v| v.to_string());
     assert_eq!(code.as_deref(), Some("400"), "{:?}", reply.headers);
     let bucket = js.get_object_store("wm-checkpoints").await.unwrap();
-    assert!(bucket.get("vae/v2.safetensors").await.is_ok(), "a refused import deleted a published version's weights");
+    assert!(
+        bucket.get("vae/v2.safetensors").await.is_ok(),
+        "a refused import deleted a published version's weights"
+    );
     assert_eq!(imports(json(cli(url, d, &["history", "--json"]))), before);
     assert!(daemon.terminate().success());
 }
@@ -226,7 +384,10 @@ async fn offline_commands_and_pickup_at_start() {
     let js = jetstream::new(nats.client().await);
     wait_for_ingest_consumer(&js).await;
     publish(&js, 0, 6, 25).await;
-    wait_until(Duration::from_secs(120), "version 3", || async { created(&js).await.len() >= 3 }).await;
+    wait_until(Duration::from_secs(120), "version 3", || async {
+        created(&js).await.len() >= 3
+    })
+    .await;
     assert!(daemon.terminate().success());
     let d = dir.path();
     let url = nats.url.as_str();
@@ -236,31 +397,70 @@ async fn offline_commands_and_pickup_at_start() {
     assert_eq!(cli(url, d, &["show", "999", "--offline"]).status.code(), Some(2));
     ok(cli(url, d, &["pin", "1", "--offline"]));
     let recon = d.join("recon.png");
-    ok(cli(url, d, &["show", "2", "--offline", "--recon", recon.to_str().unwrap()]));
+    ok(cli(
+        url,
+        d,
+        &["show", "2", "--offline", "--recon", recon.to_str().unwrap()],
+    ));
     assert!(std::fs::read(&recon).unwrap().starts_with(b"\x89PNG"));
     ok(cli(url, d, &["unpin", "1", "--offline"]));
-    assert!(json(cli(url, d, &["list", "--json", "--offline"])).as_array().unwrap().iter().all(|r| r["pinned"] == false));
+    assert!(json(cli(url, d, &["list", "--json", "--offline"]))
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["pinned"] == false));
     // Export offline equals what the daemon published for that version.
     let exported = d.join("v3.safetensors");
-    ok(cli(url, d, &["export", "3", "--offline", "--out", exported.to_str().unwrap()]));
+    ok(cli(
+        url,
+        d,
+        &["export", "3", "--offline", "--out", exported.to_str().unwrap()],
+    ));
     let bucket = js.get_object_store("wm-checkpoints").await.unwrap();
     let mut object = bucket.get("vae/v3.safetensors").await.unwrap();
     let mut published = Vec::new();
-    tokio::io::AsyncReadExt::read_to_end(&mut object, &mut published).await.unwrap();
+    tokio::io::AsyncReadExt::read_to_end(&mut object, &mut published)
+        .await
+        .unwrap();
     assert_eq!(std::fs::read(&exported).unwrap(), published);
     // Import offline: a new version, active, encoding like the file.
     let foreign = d.join("torch.safetensors");
     torch_reference(&["save-weights", "--out", foreign.to_str().unwrap(), "--seed", "9"]);
     let imported = ok(cli(url, d, &["import", foreign.to_str().unwrap(), "--offline"]));
-    let imported: u64 = imported.split(" as v").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    let imported: u64 = imported
+        .split(" as v")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert_eq!(imported, newest + 1);
     let frames_path = d.join("f.npy");
     wmvae::frames::npy::write_frames(&frames_path, &frames(2, 64, 64), 64, 64).unwrap();
-    let from_file = encode_mu(&["--weights", foreign.to_str().unwrap()], &frames_path, &d.join("a.npz"), url, d);
-    let from_version = encode_mu(&["--checkpoint", &imported.to_string(), "--offline"], &frames_path, &d.join("b.npz"), url, d);
+    let from_file = encode_mu(
+        &["--weights", foreign.to_str().unwrap()],
+        &frames_path,
+        &d.join("a.npz"),
+        url,
+        d,
+    );
+    let from_version = encode_mu(
+        &["--checkpoint", &imported.to_string(), "--offline"],
+        &frames_path,
+        &d.join("b.npz"),
+        url,
+        d,
+    );
     assert!(max_diff(&from_file, &from_version) < 1e-6);
     // Delete offline: not the active one; another one goes.
-    assert_eq!(cli(url, d, &["delete", &imported.to_string(), "--offline"]).status.code(), Some(1));
+    assert_eq!(
+        cli(url, d, &["delete", &imported.to_string(), "--offline"])
+            .status
+            .code(),
+        Some(1)
+    );
     ok(cli(url, d, &["delete", "3", "--offline"]));
     assert_eq!(cli(url, d, &["show", "3", "--offline"]).status.code(), Some(2));
     ok(cli(url, d, &["rollback", "2", "--offline", "--reason", "offline fix"]));
@@ -271,7 +471,14 @@ async fn offline_commands_and_pickup_at_start() {
 
     // Store held, daemon unreachable: one clear line.
     {
-        let _held = wmvae::store::Store::open(&d.join("store"), wmvae::store::BufferConfig { capacity: 10, validation_fraction: 0.0 }).unwrap();
+        let _held = wmvae::store::Store::open(
+            &d.join("store"),
+            wmvae::store::BufferConfig {
+                capacity: 10,
+                validation_fraction: 0.0,
+            },
+        )
+        .unwrap();
         let out = cli("nats://127.0.0.1:1", d, &["list"]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1));
@@ -284,18 +491,37 @@ async fn offline_commands_and_pickup_at_start() {
     // only adds what the bucket lacks (the bucket may hold another node's).
     let daemon = Daemon::start(&nats.url, d, FAST);
     publish(&js, 50, 2, 25).await;
-    wait_until(Duration::from_secs(120), "the offline changes announced and a trained version", || async {
-        let a = announcements(&js).await;
-        a.iter().any(|a| a.event == CheckpointEvent::Rollback) && a.iter().any(|a| a.event == CheckpointEvent::Created && a.metadata.version > imported)
-    })
+    wait_until(
+        Duration::from_secs(120),
+        "the offline changes announced and a trained version",
+        || async {
+            let a = announcements(&js).await;
+            a.iter().any(|a| a.event == CheckpointEvent::Rollback)
+                && a.iter()
+                    .any(|a| a.event == CheckpointEvent::Created && a.metadata.version > imported)
+        },
+    )
     .await;
     let events = announcements(&js).await;
     let rollback = events.iter().find(|a| a.event == CheckpointEvent::Rollback).unwrap();
-    assert_eq!((rollback.to, rollback.reason.as_deref()), (Some(2), Some("offline fix")));
-    assert!(!events.iter().any(|a| a.event == CheckpointEvent::Deleted && a.metadata.version == 3));
-    assert!(events.iter().any(|a| a.event == CheckpointEvent::Created && a.metadata.version == imported));
-    assert!(bucket.get("vae/v3.safetensors").await.is_ok(), "start-up deletes no object");
-    let next = events.iter().find(|a| a.event == CheckpointEvent::Created && a.metadata.version > imported).unwrap();
+    assert_eq!(
+        (rollback.to, rollback.reason.as_deref()),
+        (Some(2), Some("offline fix"))
+    );
+    assert!(!events
+        .iter()
+        .any(|a| a.event == CheckpointEvent::Deleted && a.metadata.version == 3));
+    assert!(events
+        .iter()
+        .any(|a| a.event == CheckpointEvent::Created && a.metadata.version == imported));
+    assert!(
+        bucket.get("vae/v3.safetensors").await.is_ok(),
+        "start-up deletes no object"
+    );
+    let next = events
+        .iter()
+        .find(|a| a.event == CheckpointEvent::Created && a.metadata.version > imported)
+        .unwrap();
     assert_eq!(next.metadata.parent, Some(2));
     assert!(daemon.terminate().success());
 }
@@ -306,12 +532,26 @@ async fn offline_commands_and_pickup_at_start() {
 fn a_long_history(store_dir: &Path, n: u64) {
     let db = sled::open(store_dir.join("sled")).unwrap();
     let tree = db.open_tree("checkpoints").unwrap();
-    let counter = |name: &str| tree.get(format!("M{name}")).unwrap().map_or(0, |v| u64::from_be_bytes(v.as_ref().try_into().unwrap()));
+    let counter = |name: &str| {
+        tree.get(format!("M{name}"))
+            .unwrap()
+            .map_or(0, |v| u64::from_be_bytes(v.as_ref().try_into().unwrap()))
+    };
     let first = counter("history_next");
     let mut batch = sled::Batch::default();
     for i in 0..n {
-        let entry = wmvae::store::HistoryEntry { at: "2026-12-07T00:00:00Z".into(), from: Some(1), to: 1, why: wmvae::store::Change::Rollback, by: "ops@host".into(), reason: Some(format!("r{i}")) };
-        batch.insert([&b"H"[..], &(first + i).to_be_bytes()].concat(), rmp_serde::to_vec_named(&entry).unwrap());
+        let entry = wmvae::store::HistoryEntry {
+            at: "2026-12-07T00:00:00Z".into(),
+            from: Some(1),
+            to: 1,
+            why: wmvae::store::Change::Rollback,
+            by: "ops@host".into(),
+            reason: Some(format!("r{i}")),
+        };
+        batch.insert(
+            [&b"H"[..], &(first + i).to_be_bytes()].concat(),
+            rmp_serde::to_vec_named(&entry).unwrap(),
+        );
     }
     batch.insert("Mhistory_next", &(first + n).to_be_bytes());
     batch.insert("Mhistory_announced", &(first + n).to_be_bytes());
@@ -324,9 +564,23 @@ fn a_long_history(store_dir: &Path, n: u64) {
 async fn history_request(client: &async_nats::Client, body: &str) -> bytes::Bytes {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        match client.request("wm.ctl.checkpoints.history", body.to_string().into()).await {
-            Ok(reply) if reply.headers.as_ref().and_then(|h| h.get("Nats-Service-Error")).is_none() => return reply.payload,
-            other => assert!(std::time::Instant::now() < deadline, "no history from the daemon: {other:?}"),
+        match client
+            .request("wm.ctl.checkpoints.history", body.to_string().into())
+            .await
+        {
+            Ok(reply)
+                if reply
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Nats-Service-Error"))
+                    .is_none() =>
+            {
+                return reply.payload
+            }
+            other => assert!(
+                std::time::Instant::now() < deadline,
+                "no history from the daemon: {other:?}"
+            ),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -334,7 +588,12 @@ async fn history_request(client: &async_nats::Client, body: &str) -> bytes::Byte
 
 /// The "r<i>" reasons of history entries, as numbers, in order.
 fn numbered(history: &serde_json::Value) -> Vec<u64> {
-    history.as_array().unwrap().iter().filter_map(|h| h["reason"].as_str()?.strip_prefix('r')?.parse().ok()).collect()
+    history
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|h| h["reason"].as_str()?.strip_prefix('r')?.parse().ok())
+        .collect()
 }
 
 /// Issue #24: a history of thousands of entries. `checkpoints.history`
@@ -352,31 +611,61 @@ async fn a_long_history_is_paged_and_pruned() {
     let (url, d) = (nats.url.as_str(), dir.path());
     let daemon = Daemon::start(url, d, FAST);
     let js = jetstream::new(nats.client().await);
-    wait_until(Duration::from_secs(120), "version 1", || async { created(&js).await.contains(&1) }).await;
+    wait_until(Duration::from_secs(120), "version 1", || async {
+        created(&js).await.contains(&1)
+    })
+    .await;
     assert!(daemon.terminate().success());
     a_long_history(&d.join("store"), ENTRIES);
 
-    let env: Vec<(&str, &str)> = FAST.iter().copied().chain([("WMVAE_TRAIN__KEEP_HISTORY", "1000")]).collect();
+    let env: Vec<(&str, &str)> = FAST
+        .iter()
+        .copied()
+        .chain([("WMVAE_TRAIN__KEEP_HISTORY", "1000")])
+        .collect();
     let daemon = Daemon::start(url, d, &env);
     let client = nats.client().await;
     let legacy = history_request(&client, "").await;
     assert!(legacy.len() < 256 << 10, "{} bytes", legacy.len());
     let legacy: serde_json::Value = serde_json::from_slice(&legacy).unwrap();
-    assert_eq!(numbered(&legacy), (ENTRIES - 500..ENTRIES).collect::<Vec<_>>(), "the newest 500, oldest first");
+    assert_eq!(
+        numbered(&legacy),
+        (ENTRIES - 500..ENTRIES).collect::<Vec<_>>(),
+        "the newest 500, oldest first"
+    );
     let page: serde_json::Value = serde_json::from_slice(&history_request(&client, r#"{"limit": 100}"#).await).unwrap();
-    assert_eq!((numbered(&page["entries"]).len(), &page["more"]), (100, &serde_json::Value::Bool(true)));
+    assert_eq!(
+        (numbered(&page["entries"]).len(), &page["more"]),
+        (100, &serde_json::Value::Bool(true))
+    );
     let before = page["next_before"].as_u64().unwrap();
-    let older: serde_json::Value = serde_json::from_slice(&history_request(&client, &format!(r#"{{"before": {before}, "limit": 100}}"#)).await).unwrap();
-    assert_eq!(numbered(&older["entries"]), (ENTRIES - 200..ENTRIES - 100).collect::<Vec<_>>());
+    let older: serde_json::Value =
+        serde_json::from_slice(&history_request(&client, &format!(r#"{{"before": {before}, "limit": 100}}"#)).await)
+            .unwrap();
+    assert_eq!(
+        numbered(&older["entries"]),
+        (ENTRIES - 200..ENTRIES - 100).collect::<Vec<_>>()
+    );
     let all = json(cli(url, d, &["history", "--json", "--online"]));
-    assert_eq!(numbered(&all), (0..ENTRIES).collect::<Vec<_>>(), "every entry, in order");
+    assert_eq!(
+        numbered(&all),
+        (0..ENTRIES).collect::<Vec<_>>(),
+        "every entry, in order"
+    );
     assert_eq!(all.as_array().unwrap().first().unwrap()["why"], "initial");
 
     // A checkpoint prunes the history to the newest 1000.
     publish(&js, 0, 6, 25).await;
-    wait_until(Duration::from_secs(120), "version 2", || async { created(&js).await.contains(&2) }).await;
+    wait_until(Duration::from_secs(120), "version 2", || async {
+        created(&js).await.contains(&2)
+    })
+    .await;
     wait_until(Duration::from_secs(60), "the history pruned", || async {
-        json(cli(url, d, &["history", "--json", "--online"])).as_array().unwrap().len() <= 1000
+        json(cli(url, d, &["history", "--json", "--online"]))
+            .as_array()
+            .unwrap()
+            .len()
+            <= 1000
     })
     .await;
     assert!(daemon.terminate().success());

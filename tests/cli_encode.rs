@@ -6,9 +6,9 @@ mod common;
 use common::{frames, wmvae};
 use std::path::Path;
 use tch::{Device, Tensor};
+use wmvae::frames::{npy, preprocess};
 use wmvae::vae::learner::{frames_to_tensor, Network};
 use wmvae::vae::model::VaeConfig;
-use wmvae::frames::{npy, preprocess};
 use wmvae::vae::weights;
 
 fn encode(weights: &Path, input: &Path, output: &Path) -> std::process::Output {
@@ -45,7 +45,10 @@ fn encodes_carracing_frames_in_chunks() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // Not a terminal: progress comes as plain lines, ending at 100 %.
     let progress = String::from_utf8_lossy(&out.stderr);
-    assert!(progress.contains(&format!("encode: {n}/{n} (100%)")) && !progress.contains('\r'), "{progress}");
+    assert!(
+        progress.contains(&format!("encode: {n}/{n} (100%)")) && !progress.contains('\r'),
+        "{progress}"
+    );
 
     let written = Tensor::read_npz(&output).unwrap();
     let mu = &written.iter().find(|(n, _)| n == "mu").unwrap().1;
@@ -55,7 +58,15 @@ fn encodes_carracing_frames_in_chunks() {
     assert_eq!(mu.kind(), tch::Kind::Float);
     let pre: Vec<u8> = raw
         .chunks_exact(96 * 96 * 3)
-        .flat_map(|f| preprocess::preprocess(bytes::Bytes::copy_from_slice(f), 96, 96, preprocess::Policy::WorldModels).unwrap())
+        .flat_map(|f| {
+            preprocess::preprocess(
+                bytes::Bytes::copy_from_slice(f),
+                96,
+                96,
+                preprocess::Policy::WorldModels,
+            )
+            .unwrap()
+        })
         .collect();
     let (expected_mu, _) = net.encode(&frames_to_tensor(&pre, Device::Cpu).unwrap());
     let diff = (mu - expected_mu).abs().max().double_value(&[]);
@@ -90,7 +101,11 @@ fn bad_inputs_are_named() {
     named[0].1 = Tensor::zeros([2, 2], (tch::Kind::Float, Device::Cpu));
     let misshapen = dir.path().join("misshapen.safetensors");
     std::fs::write(&misshapen, weights::to_safetensors_bytes(&named).unwrap()).unwrap();
-    check(&misshapen, &input, &["misshapen.safetensors", &named[0].0, "shape [2, 2]"]);
+    check(
+        &misshapen,
+        &input,
+        &["misshapen.safetensors", &named[0].0, "shape [2, 2]"],
+    );
 
     let corrupt = dir.path().join("corrupt.safetensors");
     let mut bytes = net.weights_bytes().unwrap();

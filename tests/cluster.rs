@@ -17,15 +17,20 @@ use futures::StreamExt;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use wmvae::bus::kv::Active;
 use tokio::io::AsyncReadExt;
+use wmvae::bus::kv::Active;
 use wmvae::bus::messages::{checkpoint_envelope_object, Announcement, CheckpointEvent};
 use wmvae::frames::wire::FrameMessage;
 use wmvae::tools::nats_server::LocalCluster;
 
 /// A trainer node that makes versions quickly, with a short lease.
 fn trainer_env(id: &'static str) -> Vec<(&'static str, &'static str)> {
-    let node = [("WMVAE_SERVE__ROLES", "trainer"), ("WMVAE_NODE__ID", id), ("WMVAE_NODE__LEASE_TTL_SECS", "3"), ("WMVAE_NATS__REPLICAS", "3")];
+    let node = [
+        ("WMVAE_SERVE__ROLES", "trainer"),
+        ("WMVAE_NODE__ID", id),
+        ("WMVAE_NODE__LEASE_TTL_SECS", "3"),
+        ("WMVAE_NATS__REPLICAS", "3"),
+    ];
     FAST.iter().copied().chain(node).collect()
 }
 
@@ -35,26 +40,43 @@ async fn two_trainers(versions: usize) -> (LocalCluster, jetstream::Context, tem
     let cluster = LocalCluster::start(&repo_root().join(".venv/bin/nats-server"), 3).unwrap();
     let url = cluster.url();
     let js = jetstream::new(async_nats::connect(cluster.servers[0].url.as_str()).await.unwrap());
-    wait_until(Duration::from_secs(60), "the cluster's JetStream", || async { js.query_account().await.is_ok() }).await;
+    wait_until(Duration::from_secs(60), "the cluster's JetStream", || async {
+        js.query_account().await.is_ok()
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let first = Daemon::start(&url, &dir.path().join("t1"), &trainer_env("t1"));
-    wait_until(Duration::from_secs(60), "t1 to lead", || async { lease_holder(&js).await.as_deref() == Some("t1") }).await;
+    wait_until(Duration::from_secs(60), "t1 to lead", || async {
+        lease_holder(&js).await.as_deref() == Some("t1")
+    })
+    .await;
     let second = Daemon::start(&url, &dir.path().join("t2"), &trainer_env("t2"));
     wait_for_consumer(&js, "wmvae-ingest-t2").await;
     publish(&js, 6, 25).await;
-    wait_until(Duration::from_secs(120), "versions from t1", || async { created(&js).await.len() >= versions }).await;
+    wait_until(Duration::from_secs(120), "versions from t1", || async {
+        created(&js).await.len() >= versions
+    })
+    .await;
     (cluster, js, dir, first, second)
 }
 
 async fn publish(js: &jetstream::Context, episodes: u64, steps: u64) {
     for (i, px) in frames((episodes * steps) as usize, 64, 64).chunks(12288).enumerate() {
         let msg = FrameMessage::rgb(format!("e{}", i as u64 / steps), i as u64 % steps, 64, 64, px);
-        js.publish("wm.frames.car", msg.to_msgpack().into()).await.unwrap().await.unwrap();
+        js.publish("wm.frames.car", msg.to_msgpack().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
     }
 }
 
 async fn created(js: &jetstream::Context) -> Vec<Announcement> {
-    announcements(js).await.into_iter().filter(|a| a.event == CheckpointEvent::Created).collect()
+    announcements(js)
+        .await
+        .into_iter()
+        .filter(|a| a.event == CheckpointEvent::Created)
+        .collect()
 }
 
 async fn lease_holder(js: &jetstream::Context) -> Option<String> {
@@ -69,11 +91,20 @@ async fn leases_by_node(js: &jetstream::Context) -> std::collections::BTreeMap<S
     let client = js.client();
     let inbox = client.new_inbox();
     let mut replies = client.subscribe(inbox.clone()).await.unwrap();
-    client.publish_with_reply("$SRV.STATS.wmvae", inbox, "".into()).await.unwrap();
+    client
+        .publish_with_reply("$SRV.STATS.wmvae", inbox, "".into())
+        .await
+        .unwrap();
     let mut leases = std::collections::BTreeMap::new();
     while let Ok(Some(reply)) = tokio::time::timeout(Duration::from_secs(1), replies.next()).await {
         let stats: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
-        for status in stats["endpoints"].as_array().unwrap().iter().map(|e| &e["data"]).filter(|d| !d.is_null()) {
+        for status in stats["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| &e["data"])
+            .filter(|d| !d.is_null())
+        {
             leases.insert(status["node_id"].as_str().unwrap().to_string(), status["lease"].clone());
         }
     }
@@ -91,7 +122,10 @@ async fn leases_by_node(js: &jetstream::Context) -> std::collections::BTreeMap<S
 async fn the_standby_takes_over_when_the_leader_dies() {
     let (_cluster, js, _dir, first, second) = two_trainers(3).await;
     // Each node answers for itself, wherever its server is (a status request reaches the nearest node only).
-    let expected = std::collections::BTreeMap::from([("t1".to_string(), serde_json::json!("leader")), ("t2".to_string(), serde_json::json!("standby"))]);
+    let expected = std::collections::BTreeMap::from([
+        ("t1".to_string(), serde_json::json!("leader")),
+        ("t2".to_string(), serde_json::json!("standby")),
+    ]);
     assert_eq!(leases_by_node(&js).await, expected);
 
     first.kill();
@@ -102,21 +136,64 @@ async fn the_standby_takes_over_when_the_leader_dies() {
     let objects = js.get_object_store("wm-checkpoints").await.unwrap();
     let name = checkpoint_envelope_object(active.version);
     let mut envelope = Vec::new();
-    objects.get(&name).await.unwrap().read_to_end(&mut envelope).await.unwrap();
+    objects
+        .get(&name)
+        .await
+        .unwrap()
+        .read_to_end(&mut envelope)
+        .await
+        .unwrap();
     objects.delete(&name).await.unwrap();
-    wait_until(Duration::from_secs(60), "t2 to fail taking over", || async { second.logs().contains("taking over training failed") }).await;
+    wait_until(Duration::from_secs(60), "t2 to fail taking over", || async {
+        second.logs().contains("taking over training failed")
+    })
+    .await;
     objects.put(name.as_str(), &mut envelope.as_slice()).await.unwrap();
-    wait_until(Duration::from_secs(60), "t2 to take the lease", || async { lease_holder(&js).await.as_deref() == Some("t2") }).await;
-    wait_until(Duration::from_secs(120), "a version from t2", || async { created(&js).await.iter().any(|a| a.metadata.version > last.metadata.version) }).await;
+    wait_until(Duration::from_secs(60), "t2 to take the lease", || async {
+        lease_holder(&js).await.as_deref() == Some("t2")
+    })
+    .await;
+    wait_until(Duration::from_secs(120), "a version from t2", || async {
+        created(&js)
+            .await
+            .iter()
+            .any(|a| a.metadata.version > last.metadata.version)
+    })
+    .await;
     let after = created(&js).await;
-    let next = after.iter().find(|a| a.metadata.version > last.metadata.version).unwrap();
-    assert!(next.epoch > last.epoch, "the new leader's epoch {} is not above {}", next.epoch, last.epoch);
+    let next = after
+        .iter()
+        .find(|a| a.metadata.version > last.metadata.version)
+        .unwrap();
+    assert!(
+        next.epoch > last.epoch,
+        "the new leader's epoch {} is not above {}",
+        next.epoch,
+        last.epoch
+    );
     // t1 may have made a version it never announced: the standby resumes from the last announced one.
-    assert_eq!(next.metadata.parent, Some(last.metadata.version), "training goes on from the last announced version");
-    assert!(next.metadata.step > last.metadata.step, "step went from {} back to {}", last.metadata.step, next.metadata.step);
+    assert_eq!(
+        next.metadata.parent,
+        Some(last.metadata.version),
+        "training goes on from the last announced version"
+    );
+    assert!(
+        next.metadata.step > last.metadata.step,
+        "step went from {} back to {}",
+        last.metadata.step,
+        next.metadata.step
+    );
     let versions: Vec<u64> = after.iter().map(|a| a.metadata.version).collect();
-    assert_eq!(versions.iter().collect::<HashSet<_>>().len(), versions.len(), "a version number appeared twice: {versions:?}");
-    assert!(second.logs().contains("resumed from the cluster's active version"), "{}", second.logs());
+    assert_eq!(
+        versions.iter().collect::<HashSet<_>>().len(),
+        versions.len(),
+        "a version number appeared twice: {versions:?}"
+    );
+    assert!(
+        second.logs().contains("resumed from the cluster's active version"),
+        "{}",
+        second.logs()
+    );
     assert!(second.terminate().success());
 }
 
@@ -142,22 +219,45 @@ async fn a_paused_leader_comes_back_as_a_standby() {
 
     first.signal("STOP");
     let old_epoch = created(&js).await.last().unwrap().epoch;
-    wait_until(Duration::from_secs(60), "t2 to take the lease", || async { lease_holder(&js).await.as_deref() == Some("t2") }).await;
-    wait_until(Duration::from_secs(120), "a version from t2", || async { created(&js).await.iter().any(|a| a.epoch > old_epoch) }).await;
+    wait_until(Duration::from_secs(60), "t2 to take the lease", || async {
+        lease_holder(&js).await.as_deref() == Some("t2")
+    })
+    .await;
+    wait_until(Duration::from_secs(120), "a version from t2", || async {
+        created(&js).await.iter().any(|a| a.epoch > old_epoch)
+    })
+    .await;
     first.signal("CONT");
-    wait_until(Duration::from_secs(30), "t1 to see it lost the lease", || async { first.logs().contains("this node is a standby now") || first.logs().contains("lease: given up") }).await;
+    wait_until(Duration::from_secs(30), "t1 to see it lost the lease", || async {
+        first.logs().contains("this node is a standby now") || first.logs().contains("lease: given up")
+    })
+    .await;
     // Time for anything t1 had queued to reach NATS, were it let through.
     tokio::time::sleep(Duration::from_secs(6)).await;
 
     let after = created(&js).await;
     let takeover = after.iter().position(|a| a.epoch > old_epoch).unwrap();
-    assert!(after[takeover..].iter().all(|a| a.epoch > old_epoch), "the paused leader announced after the takeover: {:?}", after.iter().map(|a| (a.metadata.version, a.epoch)).collect::<Vec<_>>());
+    assert!(
+        after[takeover..].iter().all(|a| a.epoch > old_epoch),
+        "the paused leader announced after the takeover: {:?}",
+        after.iter().map(|a| (a.metadata.version, a.epoch)).collect::<Vec<_>>()
+    );
     let actives = actives.lock().unwrap().clone();
-    let moved = actives.iter().position(|a| a.epoch > old_epoch).expect("the new leader never set active");
-    assert!(actives[moved..].iter().all(|a| a.epoch > old_epoch), "the paused leader moved active: {actives:?}");
+    let moved = actives
+        .iter()
+        .position(|a| a.epoch > old_epoch)
+        .expect("the new leader never set active");
+    assert!(
+        actives[moved..].iter().all(|a| a.epoch > old_epoch),
+        "the paused leader moved active: {actives:?}"
+    );
     assert_eq!(lease_holder(&js).await.as_deref(), Some("t2"));
     let versions: Vec<u64> = after.iter().map(|a| a.metadata.version).collect();
-    assert_eq!(versions.iter().collect::<HashSet<_>>().len(), versions.len(), "a version number appeared twice: {versions:?}");
+    assert_eq!(
+        versions.iter().collect::<HashSet<_>>().len(),
+        versions.len(),
+        "a version number appeared twice: {versions:?}"
+    );
     assert!(first.terminate().success());
     assert!(second.terminate().success());
 }
@@ -169,7 +269,16 @@ async fn a_paused_leader_comes_back_as_a_standby() {
 #[test]
 fn failover_loses_and_duplicates_nothing() {
     let out = wmvae()
-        .args(["bench", "failover", "--json", "--lease-ttl-secs", "3", "--rate", "50", "--nats-server"])
+        .args([
+            "bench",
+            "failover",
+            "--json",
+            "--lease-ttl-secs",
+            "3",
+            "--rate",
+            "50",
+            "--nats-server",
+        ])
         .arg(repo_root().join(".venv/bin/nats-server"))
         .output()
         .unwrap();
@@ -180,7 +289,11 @@ fn failover_loses_and_duplicates_nothing() {
     assert_eq!(figures["acked_frames_lost"], 0, "{figures}");
     assert_eq!(figures["duplicate_latents"], 0, "{figures}");
     assert_eq!(figures["standby_exited_cleanly"], true, "{figures}");
-    for key in ["stream_failover_s", "trainer_failover_s", "trainer_failover_checkpoint_s"] {
+    for key in [
+        "stream_failover_s",
+        "trainer_failover_s",
+        "trainer_failover_checkpoint_s",
+    ] {
         assert!(figures[key].as_f64().is_some_and(|s| s > 0.0), "{key}: {figures}");
     }
 }
@@ -192,22 +305,45 @@ fn failover_loses_and_duplicates_nothing() {
 async fn replicas_and_lease_ttl_change_in_place() {
     let cluster = LocalCluster::start(&repo_root().join(".venv/bin/nats-server"), 3).unwrap();
     let js = jetstream::new(async_nats::connect(cluster.servers[0].url.as_str()).await.unwrap());
-    wait_until(Duration::from_secs(60), "the cluster's JetStream", || async { js.query_account().await.is_ok() }).await;
+    wait_until(Duration::from_secs(60), "the cluster's JetStream", || async {
+        js.query_account().await.is_ok()
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let migrate = |env: &[(&str, &str)]| {
-        let out = wmvae().args(["migrate", "--nats-url", &cluster.url(), "--data-dir"]).arg(dir.path()).envs(env.iter().copied()).output().unwrap();
+        let out = wmvae()
+            .args(["migrate", "--nats-url", &cluster.url(), "--data-dir"])
+            .arg(dir.path())
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     };
     migrate(&[]);
     publish(&js, 1, 10).await;
     migrate(&[("WMVAE_NATS__REPLICAS", "3"), ("WMVAE_NODE__LEASE_TTL_SECS", "3")]);
-    for name in ["WM_FRAMES", "WM_DLQ", "WM_LATENTS", "WM_CHECKPOINTS", "OBJ_wm-checkpoints", "KV_wm-lease", "KV_wm-meta"] {
+    for name in [
+        "WM_FRAMES",
+        "WM_DLQ",
+        "WM_LATENTS",
+        "WM_CHECKPOINTS",
+        "OBJ_wm-checkpoints",
+        "KV_wm-lease",
+        "KV_wm-meta",
+    ] {
         let info = js.get_stream(name).await.unwrap().info().await.unwrap().clone();
         assert_eq!(info.config.num_replicas, 3, "{name}");
     }
     let mut frames = js.get_stream("WM_FRAMES").await.unwrap();
     assert_eq!(frames.info().await.unwrap().state.messages, 10, "frames kept");
-    let lease = js.get_stream("KV_wm-lease").await.unwrap().info().await.unwrap().clone();
+    let lease = js
+        .get_stream("KV_wm-lease")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
     assert_eq!(lease.config.max_age, Duration::from_secs(3));
 }
 
@@ -218,14 +354,23 @@ async fn a_second_trainer_waits_or_is_refused() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let js = jetstream::new(nats.client().await);
-    let single: Vec<(&str, &str)> = trainer_env("").into_iter().filter(|(k, _)| !k.starts_with("WMVAE_NATS__REPLICAS")).collect();
+    let single: Vec<(&str, &str)> = trainer_env("")
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("WMVAE_NATS__REPLICAS"))
+        .collect();
     let leader = Daemon::start(&nats.url, &dir.path().join("single"), &single);
     wait_for_consumer(&js, "wmvae-ingest").await;
     publish(&js, 4, 25).await;
-    wait_until(Duration::from_secs(120), "version 3", || async { created(&js).await.len() >= 3 }).await;
+    wait_until(Duration::from_secs(120), "version 3", || async {
+        created(&js).await.len() >= 3
+    })
+    .await;
     let holder = lease_holder(&js).await.unwrap();
 
-    let with_id: Vec<(&str, &str)> = trainer_env("b").into_iter().filter(|(k, _)| !k.starts_with("WMVAE_NATS__REPLICAS")).collect();
+    let with_id: Vec<(&str, &str)> = trainer_env("b")
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("WMVAE_NATS__REPLICAS"))
+        .collect();
     let standby = Daemon::start(&nats.url, &dir.path().join("b"), &with_id);
     wait_for_consumer(&js, "wmvae-ingest-b").await;
     tokio::time::sleep(Duration::from_secs(4)).await; // past a lease TTL

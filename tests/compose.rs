@@ -11,13 +11,23 @@ use serde_json::Value;
 /// A compose file as JSON, parsed by PyYAML from the venv.
 fn compose(file: &str) -> Value {
     let script = "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))";
-    let out = std::process::Command::new(venv_python()).args(["-c", script]).arg(repo_root().join(file)).output().unwrap();
-    assert!(out.status.success(), "{file} does not parse: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(venv_python())
+        .args(["-c", script])
+        .arg(repo_root().join(file))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{file} does not parse: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn strings(v: &Value) -> Vec<String> {
-    v.as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect()).unwrap_or_default()
+    v.as_array()
+        .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+        .unwrap_or_default()
 }
 
 /// The whole stack is wired: contexts, mounts, config, NATS URLs.
@@ -32,7 +42,11 @@ fn compose_stack_is_consistent() {
         // `build: DIR` or `build: {context, dockerfile}`: the Dockerfile is there.
         let build = &service["build"];
         if let Some(context) = build.as_str().or(build["context"].as_str()) {
-            let dockerfile = build["dockerfile"].as_str().map_or(repo_root().join(context).join("Dockerfile"), |f| repo_root().join(context).join(f));
+            let dockerfile = build["dockerfile"]
+                .as_str()
+                .map_or(repo_root().join(context).join("Dockerfile"), |f| {
+                    repo_root().join(context).join(f)
+                });
             assert!(dockerfile.is_file(), "{name}: no {}", dockerfile.display());
         }
         for volume in strings(&service["volumes"]) {
@@ -40,7 +54,10 @@ fn compose_stack_is_consistent() {
             if host.starts_with("./") {
                 assert!(repo_root().join(host).exists(), "{name}: mounted path {host} missing");
             } else {
-                assert!(doc["volumes"].get(host).is_some(), "{name}: named volume {host} not declared");
+                assert!(
+                    doc["volumes"].get(host).is_some(),
+                    "{name}: named volume {host} not declared"
+                );
             }
         }
         for arg in strings(&service["command"]) {
@@ -52,10 +69,19 @@ fn compose_stack_is_consistent() {
     // The publisher is the CarRacing example, in its own image.
     let publisher = std::fs::read_to_string(repo_root().join("examples/Dockerfile")).unwrap();
     // Built from the repository root: the image installs the Python package (python/).
-    assert_eq!((services["publisher"]["build"]["context"].as_str(), services["publisher"]["build"]["dockerfile"].as_str()), (Some("."), Some("examples/Dockerfile")));
+    assert_eq!(
+        (
+            services["publisher"]["build"]["context"].as_str(),
+            services["publisher"]["build"]["dockerfile"].as_str()
+        ),
+        (Some("."), Some("examples/Dockerfile"))
+    );
     assert!(publisher.contains("gymnasium[box2d]") && publisher.contains("carracing_publisher.py"));
     for script in ["carracing_publisher.py", "wm_nats.py"] {
-        assert!(publisher.contains(script) && repo_root().join("examples").join(script).is_file(), "{script}");
+        assert!(
+            publisher.contains(script) && repo_root().join("examples").join(script).is_file(),
+            "{script}"
+        );
     }
     let dockerfile = std::fs::read_to_string(repo_root().join("Dockerfile")).unwrap();
     assert!(dockerfile.contains("COPY config /etc/wmvae") && repo_root().join("config/compose.toml").is_file());
@@ -65,8 +91,14 @@ fn compose_stack_is_consistent() {
     let daemon = &services["wmvae"];
     let mut args = strings(&daemon["command"]);
     assert_eq!(args.first().map(String::as_str), Some("serve"));
-    let config_in_image = args.iter().position(|a| a == "--config").map(|i| args[i + 1].clone()).unwrap();
-    let local = repo_root().join("config").join(config_in_image.strip_prefix("/etc/wmvae/").unwrap());
+    let config_in_image = args
+        .iter()
+        .position(|a| a == "--config")
+        .map(|i| args[i + 1].clone())
+        .unwrap();
+    let local = repo_root()
+        .join("config")
+        .join(config_in_image.strip_prefix("/etc/wmvae/").unwrap());
     let i = args.iter().position(|a| a == "--config").unwrap();
     args[i + 1] = local.display().to_string();
     args.push("--check-config".into());
@@ -117,12 +149,19 @@ fn cluster_stack_is_consistent() {
         let checked: toml::Table = String::from_utf8(out.stdout).unwrap().parse().unwrap();
         assert_eq!(checked["nats"]["url"].as_str().unwrap().split(',').count(), 3, "{name}");
         assert_eq!(checked["nats"]["replicas"].as_integer(), Some(3), "{name}");
-        assert!(ids.insert(checked["node"]["id"].as_str().unwrap().to_string()), "{name}: a node id twice");
+        assert!(
+            ids.insert(checked["node"]["id"].as_str().unwrap().to_string()),
+            "{name}: a node id twice"
+        );
     }
     assert_eq!(ids.len(), 4, "two trainers and two encoders");
     for n in 1..=3 {
         let conf = std::fs::read_to_string(repo_root().join(format!("config/cluster/n{n}.conf"))).unwrap();
-        assert!(conf.contains(&format!("server_name: n{n}")) && conf.contains("sync_interval: always") && conf.contains("routes"));
+        assert!(
+            conf.contains(&format!("server_name: n{n}"))
+                && conf.contains("sync_interval: always")
+                && conf.contains("routes")
+        );
     }
 }
 
@@ -136,56 +175,115 @@ fn cluster_stack_is_consistent() {
 fn compose_runs_with_roles_and_generated_credentials() {
     let doc = compose("docker-compose.yml");
     let services = &doc["services"];
-    for port in strings(&services["nats"]["ports"]).iter().chain(&strings(&services["wmvae"]["ports"])) {
+    for port in strings(&services["nats"]["ports"])
+        .iter()
+        .chain(&strings(&services["wmvae"]["ports"]))
+    {
         assert!(port.starts_with("127.0.0.1:"), "{port} is published beyond this host");
     }
-    assert!(strings(&services["nats"]["volumes"]).iter().any(|v| v.starts_with("./config/nats-permissions.conf:/etc/nats/nats-permissions.conf")));
+    assert!(strings(&services["nats"]["volumes"])
+        .iter()
+        .any(|v| v.starts_with("./config/nats-permissions.conf:/etc/nats/nats-permissions.conf")));
     let server_conf = std::fs::read_to_string(repo_root().join("config/nats-server.compose.conf")).unwrap();
-    assert!(server_conf.lines().any(|l| l.trim() == "include nats-permissions.conf"), "{server_conf}");
-    for (service, user, password, inbox) in [("wmvae", "wmvae", "WM_DAEMON_PASSWORD", None), ("publisher", "publisher", "WM_PUBLISHER_PASSWORD", Some("_INBOX_publisher"))] {
+    assert!(
+        server_conf.lines().any(|l| l.trim() == "include nats-permissions.conf"),
+        "{server_conf}"
+    );
+    for (service, user, password, inbox) in [
+        ("wmvae", "wmvae", "WM_DAEMON_PASSWORD", None),
+        (
+            "publisher",
+            "publisher",
+            "WM_PUBLISHER_PASSWORD",
+            Some("_INBOX_publisher"),
+        ),
+    ] {
         let env = &services[service]["environment"];
         assert_eq!(env["WMVAE_NATS__USER"].as_str(), Some(user), "{service}");
-        assert!(env["WMVAE_NATS__PASSWORD"].as_str().unwrap().starts_with(&format!("${{{password}:?")), "{service}");
+        assert!(
+            env["WMVAE_NATS__PASSWORD"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("${{{password}:?")),
+            "{service}"
+        );
         assert_eq!(env["WMVAE_NATS__INBOX_PREFIX"].as_str(), inbox, "{service}");
     }
     let daemon = &services["wmvae"]["environment"];
     assert_eq!(daemon["WMVAE_NATS__CONTROL_USER"].as_str(), Some("wmvae-control"));
-    assert!(daemon["WMVAE_NATS__CONTROL_PASSWORD"].as_str().unwrap().starts_with("${WM_CONTROL_PASSWORD:?"));
+    assert!(daemon["WMVAE_NATS__CONTROL_PASSWORD"]
+        .as_str()
+        .unwrap()
+        .starts_with("${WM_CONTROL_PASSWORD:?"));
 
     let dir = tempfile::tempdir().unwrap();
     let env_file = dir.path().join(".env");
-    let generate = || std::process::Command::new(repo_root().join("scripts/compose-secrets")).arg(&env_file).output().unwrap();
+    let generate = || {
+        std::process::Command::new(repo_root().join("scripts/compose-secrets"))
+            .arg(&env_file)
+            .output()
+            .unwrap()
+    };
     assert!(generate().status.success());
     let first = std::fs::read_to_string(&env_file).unwrap();
     assert!(generate().status.success());
-    assert_eq!(std::fs::read_to_string(&env_file).unwrap(), first, "a second run changed the passwords");
+    assert_eq!(
+        std::fs::read_to_string(&env_file).unwrap(),
+        first,
+        "a second run changed the passwords"
+    );
     let passwords: std::collections::HashMap<&str, &str> = first.lines().filter_map(|l| l.split_once('=')).collect();
-    let keys = ["WM_DAEMON_PASSWORD", "WM_PUBLISHER_PASSWORD", "WM_READER_PASSWORD", "WM_OPERATOR_PASSWORD", "WM_CONTROL_PASSWORD"];
+    let keys = [
+        "WM_DAEMON_PASSWORD",
+        "WM_PUBLISHER_PASSWORD",
+        "WM_READER_PASSWORD",
+        "WM_OPERATOR_PASSWORD",
+        "WM_CONTROL_PASSWORD",
+    ];
     for key in keys {
         assert!(passwords.get(key).is_some_and(|p| p.len() >= 20), "{key} in {first}");
     }
-    assert_eq!(passwords.values().collect::<std::collections::HashSet<_>>().len(), keys.len(), "passwords repeat");
+    assert_eq!(
+        passwords.values().collect::<std::collections::HashSet<_>>().len(),
+        keys.len(),
+        "passwords repeat"
+    );
     // An .env from before a role existed gets that role's password, and keeps the others.
-    let older: String = first.lines().filter(|l| !l.starts_with("WM_CONTROL_PASSWORD=")).map(|l| format!("{l}\n")).collect();
+    let older: String = first
+        .lines()
+        .filter(|l| !l.starts_with("WM_CONTROL_PASSWORD="))
+        .map(|l| format!("{l}\n"))
+        .collect();
     std::fs::write(&env_file, &older).unwrap();
     assert!(generate().status.success());
     let topped_up = std::fs::read_to_string(&env_file).unwrap();
-    assert!(topped_up.starts_with(&older) && topped_up.contains("WM_CONTROL_PASSWORD="), "{topped_up}");
+    assert!(
+        topped_up.starts_with(&older) && topped_up.contains("WM_CONTROL_PASSWORD="),
+        "{topped_up}"
+    );
 
     // A real server with the roles and the generated passwords.
     let variables: String = passwords.iter().map(|(k, v)| format!("{k}: \"{v}\"\n")).collect();
     let roles = std::fs::read_to_string(repo_root().join("config/nats-permissions.conf")).unwrap();
-    let server = wmvae::tools::nats_server::LocalNats::start_with(&repo_root().join(".venv/bin/nats-server"), &format!("{variables}{roles}")).unwrap();
+    let server = wmvae::tools::nats_server::LocalNats::start_with(
+        &repo_root().join(".venv/bin/nats-server"),
+        &format!("{variables}{roles}"),
+    )
+    .unwrap();
     let migrate = |password: Option<&str>| {
         let mut cmd = wmvae();
         cmd.args(["migrate", "--nats-url", &server.url]);
         if let Some(password) = password {
-            cmd.env("WMVAE_NATS__USER", "wmvae").env("WMVAE_NATS__PASSWORD", password);
+            cmd.env("WMVAE_NATS__USER", "wmvae")
+                .env("WMVAE_NATS__PASSWORD", password);
         }
         cmd.output().unwrap()
     };
     let out = migrate(Some(passwords["WM_DAEMON_PASSWORD"]));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(!String::from_utf8_lossy(&out.stderr).contains(passwords["WM_DAEMON_PASSWORD"]), "the password was printed");
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains(passwords["WM_DAEMON_PASSWORD"]),
+        "the password was printed"
+    );
     assert!(!migrate(None).status.success(), "an anonymous client got in");
 }

@@ -26,16 +26,29 @@ const FIRST_FRAMES: u64 = 150;
 const FLOOD_FRAMES: u64 = 12_000;
 
 fn created(all: &[wmvae::bus::messages::Announcement]) -> Vec<u64> {
-    all.iter().filter(|a| a.event == CheckpointEvent::Created).map(|a| a.metadata.version).collect()
+    all.iter()
+        .filter(|a| a.event == CheckpointEvent::Created)
+        .map(|a| a.metadata.version)
+        .collect()
 }
 
 /// A daemon that trains fast, on a short lease.
 fn short_lease() -> Vec<(&'static str, &'static str)> {
-    FAST.iter().copied().chain([("WMVAE_NODE__LEASE_TTL_SECS", "3")]).collect()
+    FAST.iter()
+        .copied()
+        .chain([("WMVAE_NODE__LEASE_TTL_SECS", "3")])
+        .collect()
 }
 
 fn open(dir: &std::path::Path) -> Store {
-    Store::open(dir, BufferConfig { capacity: 1_000_000, validation_fraction: 0.3 }).unwrap()
+    Store::open(
+        dir,
+        BufferConfig {
+            capacity: 1_000_000,
+            validation_fraction: 0.3,
+        },
+    )
+    .unwrap()
 }
 
 async fn cluster_active(js: &jetstream::Context) -> Active {
@@ -45,9 +58,16 @@ async fn cluster_active(js: &jetstream::Context) -> Active {
 
 /// Whether `consumer` on WM_FRAMES has handed out and had acked every frame.
 async fn settled(js: &jetstream::Context, consumer: &str) -> bool {
-    let Ok(stream) = js.get_stream("WM_FRAMES").await else { return false };
-    let Ok(mut consumer) = stream.get_consumer::<jetstream::consumer::pull::Config>(consumer).await else { return false };
-    consumer.info().await.is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0)
+    let Ok(stream) = js.get_stream("WM_FRAMES").await else {
+        return false;
+    };
+    let Ok(mut consumer) = stream.get_consumer::<jetstream::consumer::pull::Config>(consumer).await else {
+        return false;
+    };
+    consumer
+        .info()
+        .await
+        .is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0)
 }
 
 /// Every version the store lists reads back whole, the active one too.
@@ -55,10 +75,18 @@ fn assert_whole(store: &Store, logs: &str) {
     let registry = store.registry();
     for metadata in registry.list().unwrap() {
         let read = registry.get(metadata.version);
-        assert!(matches!(read, Ok(Some(_))), "v{} is listed but does not read back whole ({:?}): {logs}", metadata.version, read.map(|c| c.is_some()));
+        assert!(
+            matches!(read, Ok(Some(_))),
+            "v{} is listed but does not read back whole ({:?}): {logs}",
+            metadata.version,
+            read.map(|c| c.is_some())
+        );
     }
     let active = registry.active_version().unwrap().expect("an active version");
-    assert!(matches!(registry.get(active), Ok(Some(_))), "the active v{active} does not read back: {logs}");
+    assert!(
+        matches!(registry.get(active), Ok(Some(_))),
+        "the active v{active} does not read back: {logs}"
+    );
 }
 
 /// Publishes steps `from..to` with random pixels (seeded), 100 to an
@@ -69,10 +97,16 @@ async fn publish_random(js: &jetstream::Context, from: u64, to: u64) {
     let mut pixels = vec![0u8; 64 * 64 * 3];
     for step in from..to {
         rng.fill_bytes(&mut pixels);
-        let payload = wmvae::frames::wire::FrameMessage::rgb(format!("flood{}", step / 100), step, 64, 64, pixels.as_slice()).to_msgpack();
+        let payload =
+            wmvae::frames::wire::FrameMessage::rgb(format!("flood{}", step / 100), step, 64, 64, pixels.as_slice())
+                .to_msgpack();
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", format!("test/flood/{step}").as_str());
-        js.publish_with_headers("wm.frames.car", headers, payload.into()).await.unwrap().await.unwrap();
+        js.publish_with_headers("wm.frames.car", headers, payload.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
     }
 }
 
@@ -93,7 +127,11 @@ async fn a_takeover_on_a_small_disk_recovers_once_it_grows() {
     let first = Daemon::start(&nats.url, first_dir.path(), &short_lease());
     common::nats::wait_for_ingest_consumer(&js).await;
     publish_stored(&js, 0, FIRST_FRAMES).await;
-    first.wait_until(Duration::from_secs(120), "version 2", || async { created(&announcements(&js).await).contains(&2) }).await;
+    first
+        .wait_until(Duration::from_secs(120), "version 2", || async {
+            created(&announcements(&js).await).contains(&2)
+        })
+        .await;
     assert!(first.terminate().success());
     let active = cluster_active(&js).await.version;
 
@@ -108,31 +146,51 @@ async fn a_takeover_on_a_small_disk_recovers_once_it_grows() {
     std::os::unix::fs::symlink(&disk, data.join("store")).unwrap();
     let port = common::free_port();
     let addr = format!("127.0.0.1:{port}");
-    let env: Vec<(&str, &str)> = short_lease().into_iter().chain([("WMVAE_HTTP__ADDR", addr.as_str()), ("WMVAE_TRAIN__CHECKPOINT_EVERY_STEPS", "20")]).collect();
+    let env: Vec<(&str, &str)> = short_lease()
+        .into_iter()
+        .chain([
+            ("WMVAE_HTTP__ADDR", addr.as_str()),
+            ("WMVAE_TRAIN__CHECKPOINT_EVERY_STEPS", "20"),
+        ])
+        .collect();
     let second = Daemon::start(&nats.url, &data, &env);
     publish_random(&js, 0, FLOOD_FRAMES).await;
     second
-        .wait_until(Duration::from_secs(180), "/healthz to say the store can't write", || async {
-            let (code, body) = common::http_get(port, "/healthz");
-            code == 503 && body.contains("the store can't write")
-        })
+        .wait_until(
+            Duration::from_secs(180),
+            "/healthz to say the store can't write",
+            || async {
+                let (code, body) = common::http_get(port, "/healthz");
+                code == 503 && body.contains("the store can't write")
+            },
+        )
         .await;
 
     tmpfs.resize("2g");
     second
-        .wait_until(Duration::from_secs(240), "every frame stored, /healthz 200 and a version trained on the cluster's", || async {
-            let trained_on = created(&announcements(&js).await).iter().any(|v| *v > active);
-            trained_on && settled(&js, "wmvae-ingest").await && common::http_get(port, "/healthz").0 == 200
-        })
+        .wait_until(
+            Duration::from_secs(240),
+            "every frame stored, /healthz 200 and a version trained on the cluster's",
+            || async {
+                let trained_on = created(&announcements(&js).await).iter().any(|v| *v > active);
+                trained_on && settled(&js, "wmvae-ingest").await && common::http_get(port, "/healthz").0 == 200
+            },
+        )
         .await;
     let logs = second.logs();
     assert!(second.terminate().success(), "{logs}");
-    assert!(logs.contains(&format!("no room on the store's disk for checkpoint v{active}")), "the takeover's checkpoint never met the full disk: {logs}");
+    assert!(
+        logs.contains(&format!("no room on the store's disk for checkpoint v{active}")),
+        "the takeover's checkpoint never met the full disk: {logs}"
+    );
     let store = open(&disk);
     assert_eq!(store.stats().unwrap().frames_ingested, FLOOD_FRAMES, "{logs}");
     assert_whole(&store, &logs);
     let history = store.registry().history().unwrap();
-    assert!(history.iter().any(|h| h.to == active), "v{active} never became active here: {history:?}");
+    assert!(
+        history.iter().any(|h| h.to == active),
+        "v{active} never became active here: {history:?}"
+    );
 }
 
 /// Tears versions in the store of a stopped daemon as sled's recovery
@@ -144,9 +202,19 @@ fn tear(store_dir: &std::path::Path) -> (u64, u64) {
     let tree = db.open_tree("checkpoints").unwrap();
     let key = |tag: u8, v: u64| [&[tag][..], &v.to_be_bytes()].concat();
     let active = u64::from_be_bytes(tree.get(b"Mactive").unwrap().unwrap().as_ref().try_into().unwrap());
-    let older = tree.scan_prefix(b"D").keys().map(|k| u64::from_be_bytes(k.unwrap()[1..9].try_into().unwrap())).filter(|v| *v < active).max().unwrap();
+    let older = tree
+        .scan_prefix(b"D")
+        .keys()
+        .map(|k| u64::from_be_bytes(k.unwrap()[1..9].try_into().unwrap()))
+        .filter(|v| *v < active)
+        .max()
+        .unwrap();
     for (version, keep_listing) in [(active, false), (older, true)] {
-        let chunks: Vec<_> = tree.scan_prefix(key(b'V', version)).keys().map(Result::unwrap).collect();
+        let chunks: Vec<_> = tree
+            .scan_prefix(key(b'V', version))
+            .keys()
+            .map(Result::unwrap)
+            .collect();
         assert!(chunks.len() > 2, "v{version} has {} chunks", chunks.len());
         for chunk in &chunks[chunks.len() / 2..] {
             tree.remove(chunk).unwrap();
@@ -174,19 +242,32 @@ async fn a_version_left_half_there_is_fetched_again_or_forgotten() {
     let daemon = Daemon::start(&nats.url, dir.path(), &short_lease());
     common::nats::wait_for_ingest_consumer(&js).await;
     publish_stored(&js, 0, FIRST_FRAMES).await;
-    daemon.wait_until(Duration::from_secs(120), "version 3", || async { created(&announcements(&js).await).contains(&3) }).await;
+    daemon
+        .wait_until(Duration::from_secs(120), "version 3", || async {
+            created(&announcements(&js).await).contains(&3)
+        })
+        .await;
     assert!(daemon.terminate().success());
     let store_dir = dir.path().join("store");
     let (active, older) = tear(&store_dir);
 
     let newest = *created(&announcements(&js).await).iter().max().unwrap();
     let daemon = Daemon::start(&nats.url, dir.path(), &short_lease());
-    daemon.wait_until(Duration::from_secs(120), "a version trained after the torn start", || async { created(&announcements(&js).await).iter().any(|v| *v > newest) }).await;
+    daemon
+        .wait_until(
+            Duration::from_secs(120),
+            "a version trained after the torn start",
+            || async { created(&announcements(&js).await).iter().any(|v| *v > newest) },
+        )
+        .await;
     let logs = daemon.logs();
     assert!(daemon.terminate().success(), "{logs}");
     let store = open(&store_dir);
     assert_whole(&store, &logs);
     let listed: Vec<u64> = store.registry().list().unwrap().iter().map(|m| m.version).collect();
-    assert!(listed.contains(&active) && !listed.contains(&older), "v{active} fetched again, v{older} forgotten: {listed:?}: {logs}");
+    assert!(
+        listed.contains(&active) && !listed.contains(&older),
+        "v{active} fetched again, v{older} forgotten: {listed:?}: {logs}"
+    );
     assert_eq!(store.stats().unwrap().frames_ingested, FIRST_FRAMES, "{logs}");
 }

@@ -27,21 +27,44 @@ const SIGABRT: i32 = 6;
 
 fn env(failpoints: Option<&str>) -> Vec<(&str, &str)> {
     let node = [("WMVAE_NODE__LEASE_TTL_SECS", "3")];
-    FAST.iter().copied().chain(node).chain(failpoints.map(|f| ("FAILPOINTS", f))).collect()
+    FAST.iter()
+        .copied()
+        .chain(node)
+        .chain(failpoints.map(|f| ("FAILPOINTS", f)))
+        .collect()
 }
 
 fn open_store(dir: &std::path::Path) -> Store {
-    Store::open(&dir.join("store"), BufferConfig { capacity: 1_000_000, validation_fraction: 0.3 }).unwrap()
+    Store::open(
+        &dir.join("store"),
+        BufferConfig {
+            capacity: 1_000_000,
+            validation_fraction: 0.3,
+        },
+    )
+    .unwrap()
 }
 
 async fn created(js: &jetstream::Context) -> Vec<u64> {
-    announcements(js).await.iter().filter(|a| a.event == CheckpointEvent::Created).map(|a| a.metadata.version).collect()
+    announcements(js)
+        .await
+        .iter()
+        .filter(|a| a.event == CheckpointEvent::Created)
+        .map(|a| a.metadata.version)
+        .collect()
 }
 
 /// Frames still to be acked by `consumer` (pending or delivered, unacked).
 async fn unsettled(js: &jetstream::Context, consumer: &str) -> Option<u64> {
     let stream = js.get_stream("WM_FRAMES").await.ok()?;
-    let info = stream.get_consumer::<jetstream::consumer::pull::Config>(consumer).await.ok()?.info().await.ok()?.clone();
+    let info = stream
+        .get_consumer::<jetstream::consumer::pull::Config>(consumer)
+        .await
+        .ok()?
+        .info()
+        .await
+        .ok()?
+        .clone();
     Some(info.num_pending + info.num_ack_pending as u64)
 }
 
@@ -56,19 +79,35 @@ async fn crashed_at_each_point_the_next_start_loses_and_repeats_nothing() {
         let from = round as u64 * FRAMES_PER_ROUND;
         publish_stored(&js, from, from + FRAMES_PER_ROUND).await;
         let status = daemon.wait(Duration::from_secs(180));
-        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(SIGABRT), "{point}: {status}: {}", daemon.logs());
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(SIGABRT),
+            "{point}: {status}: {}",
+            daemon.logs()
+        );
     }
     // The last crash left a version in the store that NATS never heard of.
-    let unannounced = open_store(dir.path()).registry().list().unwrap().last().unwrap().version;
+    let unannounced = open_store(dir.path())
+        .registry()
+        .list()
+        .unwrap()
+        .last()
+        .unwrap()
+        .version;
     assert!(!created(&js).await.contains(&unannounced));
 
     let total = CRASH_POINTS.len() as u64 * FRAMES_PER_ROUND;
     let daemon = Daemon::start(&nats.url, dir.path(), &env(None));
     daemon
-        .wait_until(Duration::from_secs(180), "every frame stored and encoded, and a version trained after the crashes", || async {
-            let settled = unsettled(&js, "wmvae-ingest").await == Some(0) && unsettled(&js, "wmvae-encode").await == Some(0);
-            settled && created(&js).await.iter().any(|v| *v > unannounced)
-        })
+        .wait_until(
+            Duration::from_secs(180),
+            "every frame stored and encoded, and a version trained after the crashes",
+            || async {
+                let settled =
+                    unsettled(&js, "wmvae-ingest").await == Some(0) && unsettled(&js, "wmvae-encode").await == Some(0);
+                settled && created(&js).await.iter().any(|v| *v > unannounced)
+            },
+        )
         .await;
     let logs = daemon.logs();
     assert!(daemon.terminate().success(), "{logs}");
@@ -79,13 +118,23 @@ async fn crashed_at_each_point_the_next_start_loses_and_repeats_nothing() {
     assert_eq!(steps.len() as u64, total);
     // One latent per frame: the frames redelivered after the encoder's crash were encoded again, and JetStream kept one.
     let latents = stream_messages(&js, "WM_LATENTS").await;
-    let ids: HashSet<String> = latents.iter().filter_map(|m| m.headers.get("Nats-Msg-Id").map(|id| id.to_string())).collect();
+    let ids: HashSet<String> = latents
+        .iter()
+        .filter_map(|m| m.headers.get("Nats-Msg-Id").map(|id| id.to_string()))
+        .collect();
     assert_eq!((latents.len() as u64, ids.len() as u64), (total, total), "{logs}");
     // Versions only grew, and every one the store holds was announced.
     let versions = created(&js).await;
-    assert!(versions.windows(2).all(|w| w[0] < w[1]), "versions announced out of order: {versions:?}");
+    assert!(
+        versions.windows(2).all(|w| w[0] < w[1]),
+        "versions announced out of order: {versions:?}"
+    );
     for metadata in store.registry().list().unwrap() {
-        assert!(versions.contains(&metadata.version), "v{} is in the store but was never announced ({versions:?}): {logs}", metadata.version);
+        assert!(
+            versions.contains(&metadata.version),
+            "v{} is in the store but was never announced ({versions:?}): {logs}",
+            metadata.version
+        );
     }
 }
 
@@ -99,7 +148,10 @@ async fn a_role_thread_that_panics_ends_the_daemon_saying_why() {
     let status = daemon.wait(Duration::from_secs(180));
     let logs = daemon.logs();
     assert!(!status.success() && status.code().is_some(), "{status}: {logs}");
-    assert!(logs.contains("the trainer thread panicked: failpoint trainer-after-step panic"), "{logs}");
+    assert!(
+        logs.contains("the trainer thread panicked: failpoint trainer-after-step panic"),
+        "{logs}"
+    );
 }
 
 /// A frame that fails every time it is delivered (here: one no encoder can
@@ -116,22 +168,44 @@ async fn a_frame_that_keeps_failing_is_dead_lettered_and_the_consumer_moves_on()
     let daemon = Daemon::start(&nats.url, dir.path(), &env);
     common::nats::wait_for_consumer(&js, "wmvae-encode").await;
     let poison = wmvae::frames::wire::FrameMessage::rgb("poison", 0, 64, 64, common::frames(1, 64, 64)).to_msgpack();
-    js.publish("wm.frames.car", poison.clone().into()).await.unwrap().await.unwrap();
+    js.publish("wm.frames.car", poison.clone().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
     daemon
-        .wait_until(Duration::from_secs(120), "the poison frame dead-lettered as undeliverable", || async {
-            stream_messages(&js, "WM_DLQ").await.iter().any(|m| m.payload == poison)
-        })
+        .wait_until(
+            Duration::from_secs(120),
+            "the poison frame dead-lettered as undeliverable",
+            || async { stream_messages(&js, "WM_DLQ").await.iter().any(|m| m.payload == poison) },
+        )
         .await;
-    let letter = stream_messages(&js, "WM_DLQ").await.into_iter().find(|m| m.payload == poison).unwrap();
-    let reason = letter.headers.get("Wmvae-Reason").map(|v| v.to_string()).unwrap_or_default();
-    assert!(reason.starts_with("undeliverable: delivered 3 times on wmvae-encode"), "{reason}");
-    assert!(reason.contains("failpoint encoder-poison"), "the last error is in the letter: {reason}");
+    let letter = stream_messages(&js, "WM_DLQ")
+        .await
+        .into_iter()
+        .find(|m| m.payload == poison)
+        .unwrap();
+    let reason = letter
+        .headers
+        .get("Wmvae-Reason")
+        .map(|v| v.to_string())
+        .unwrap_or_default();
+    assert!(
+        reason.starts_with("undeliverable: delivered 3 times on wmvae-encode"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("failpoint encoder-poison"),
+        "the last error is in the letter: {reason}"
+    );
 
     publish_stored(&js, 0, 20).await;
     daemon
-        .wait_until(Duration::from_secs(120), "a latent for each frame after the poison one", || async {
-            stream_messages(&js, "WM_LATENTS").await.len() == 20
-        })
+        .wait_until(
+            Duration::from_secs(120),
+            "a latent for each frame after the poison one",
+            || async { stream_messages(&js, "WM_LATENTS").await.len() == 20 },
+        )
         .await;
     assert_eq!(unsettled(&js, "wmvae-encode").await, Some(0), "the consumer moved on");
     let logs = daemon.logs();
@@ -147,9 +221,18 @@ async fn a_task_or_sampler_that_panics_ends_the_daemon_saying_which() {
     let nats = NatsServer::start();
     let js = jetstream::new(nats.client().await);
     let cases = [
-        ("ingest-before-ack=panic", "ingest: the ingest panicked: failpoint ingest-before-ack panic"),
-        ("encoder-before-ack=panic", "encoder's latent publisher: the encoder's latent publisher panicked: failpoint encoder-before-ack panic"),
-        ("sampler-draw=panic", "sampler 0: the sampler 0 panicked: failpoint sampler-draw panic"),
+        (
+            "ingest-before-ack=panic",
+            "ingest: the ingest panicked: failpoint ingest-before-ack panic",
+        ),
+        (
+            "encoder-before-ack=panic",
+            "encoder's latent publisher: the encoder's latent publisher panicked: failpoint encoder-before-ack panic",
+        ),
+        (
+            "sampler-draw=panic",
+            "sampler 0: the sampler 0 panicked: failpoint sampler-draw panic",
+        ),
     ];
     for (round, (failpoint, says)) in cases.iter().enumerate() {
         let dir = tempfile::tempdir().unwrap();
@@ -158,7 +241,10 @@ async fn a_task_or_sampler_that_panics_ends_the_daemon_saying_which() {
         publish_stored(&js, from, from + FRAMES_PER_ROUND).await;
         let status = daemon.wait(Duration::from_secs(180));
         let logs = daemon.logs();
-        assert!(!status.success() && status.code().is_some(), "{failpoint}: {status}: {logs}");
+        assert!(
+            !status.success() && status.code().is_some(),
+            "{failpoint}: {status}: {logs}"
+        );
         assert!(logs.contains(says), "{failpoint}: {logs}");
     }
 }
@@ -174,10 +260,17 @@ async fn healthz_fails_when_a_loop_stops_going_round() {
     let addr = format!("127.0.0.1:{port}");
     let port: u16 = port.parse().unwrap();
     let mut env = env(Some("trainer-after-step=sleep(600000)"));
-    env.extend([("WMVAE_HTTP__ADDR", addr.as_str()), ("WMVAE_SERVE__HEARTBEAT_MAX_AGE_SECS", "5")]);
+    env.extend([
+        ("WMVAE_HTTP__ADDR", addr.as_str()),
+        ("WMVAE_SERVE__HEARTBEAT_MAX_AGE_SECS", "5"),
+    ]);
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(&nats.url, dir.path(), &env);
-    daemon.wait_until(Duration::from_secs(60), "/healthz to answer", || async { common::http_get(port, "/healthz").0 == 200 }).await;
+    daemon
+        .wait_until(Duration::from_secs(60), "/healthz to answer", || async {
+            common::http_get(port, "/healthz").0 == 200
+        })
+        .await;
     // Idle (no frames, so no step to stall in) for twice the age: still healthy.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let (code, body) = common::http_get(port, "/healthz");
@@ -185,17 +278,23 @@ async fn healthz_fails_when_a_loop_stops_going_round() {
     // Frames: the first step sleeps in the failpoint, and the loop stops going round.
     publish_stored(&js, 0, FRAMES_PER_ROUND).await;
     daemon
-        .wait_until(Duration::from_secs(120), "/healthz to report the stalled trainer", || async {
-            let (code, body) = common::http_get(port, "/healthz");
-            code == 503 && body.contains("the trainer loop has not gone round")
-        })
+        .wait_until(
+            Duration::from_secs(120),
+            "/healthz to report the stalled trainer",
+            || async {
+                let (code, body) = common::http_get(port, "/healthz");
+                code == 503 && body.contains("the trainer loop has not gone round")
+            },
+        )
         .await;
 }
 
 /// The value of the series `name` in the daemon's /metrics (0 before it is there).
 fn metric(port: u16, name: &str) -> f64 {
     let (_, body) = common::http_get(port, "/metrics");
-    body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// Issue #24: the store's disk has room for frames (and the daemon's 1 MiB
@@ -215,41 +314,88 @@ async fn a_checkpoint_without_room_is_an_error_while_ingest_and_training_go_on()
     let failpoint = format!("store-write=return({})", flag.display());
     let port = common::free_port();
     let addr = format!("127.0.0.1:{port}");
-    let daemon_env: Vec<(&str, &str)> = env(Some(&failpoint)).into_iter().chain([("WMVAE_HTTP__ADDR", addr.as_str())]).collect();
+    let daemon_env: Vec<(&str, &str)> = env(Some(&failpoint))
+        .into_iter()
+        .chain([("WMVAE_HTTP__ADDR", addr.as_str())])
+        .collect();
     let daemon = Daemon::start(&nats.url, &dir.path().join("daemon"), &daemon_env);
     common::nats::wait_for_ingest_consumer(&js).await;
     publish_stored(&js, 0, FRAMES_PER_ROUND).await;
-    daemon.wait_until(Duration::from_secs(180), "version 2", || async { created(&js).await.contains(&2) }).await;
+    daemon
+        .wait_until(Duration::from_secs(180), "version 2", || async {
+            created(&js).await.contains(&2)
+        })
+        .await;
 
     std::fs::write(&flag, "40000000").unwrap();
     publish_stored(&js, FRAMES_PER_ROUND, 2 * FRAMES_PER_ROUND).await;
     daemon
-        .wait_until(Duration::from_secs(180), "two checkpoints refused and every frame stored", || async {
-            metric(port, "wmvae_checkpoint_write_errors_total") >= 2.0 && unsettled(&js, "wmvae-ingest").await == Some(0)
-        })
+        .wait_until(
+            Duration::from_secs(180),
+            "two checkpoints refused and every frame stored",
+            || async {
+                metric(port, "wmvae_checkpoint_write_errors_total") >= 2.0
+                    && unsettled(&js, "wmvae-ingest").await == Some(0)
+            },
+        )
         .await;
     let before = *created(&js).await.iter().max().unwrap();
-    let status: serde_json::Value = serde_json::from_slice(&nats.client().await.request("wm.ctl.status", "".into()).await.unwrap().payload).unwrap();
+    let status: serde_json::Value = serde_json::from_slice(
+        &nats
+            .client()
+            .await
+            .request("wm.ctl.status", "".into())
+            .await
+            .unwrap()
+            .payload,
+    )
+    .unwrap();
     let error = status["checkpoint_error"].as_str().unwrap_or_default();
     assert!(error.contains("no room on the store's disk for checkpoint"), "{status}");
     assert!(status["checkpoint_write_errors"].as_u64() >= Some(2), "{status}");
-    assert_eq!(common::http_get(port, "/healthz").0, 200, "frames still go in: {}", daemon.logs());
+    assert_eq!(
+        common::http_get(port, "/healthz").0,
+        200,
+        "frames still go in: {}",
+        daemon.logs()
+    );
     // No version written once the first was refused (one the trainer wrote
     // just before the flag may still be announced meanwhile: the trainer's
     // own log lines are in order).
     let logs = daemon.logs();
     let refused_from = logs.find("not written (no room on the store's disk").unwrap();
-    assert!(!logs[refused_from..].contains("checkpoint version="), "a version while the disk has no room: {logs}");
+    assert!(
+        !logs[refused_from..].contains("checkpoint version="),
+        "a version while the disk has no room: {logs}"
+    );
 
     std::fs::remove_file(&flag).unwrap();
-    daemon.wait_until(Duration::from_secs(180), "a version once there is room", || async { created(&js).await.iter().any(|v| *v > before) }).await;
+    daemon
+        .wait_until(Duration::from_secs(180), "a version once there is room", || async {
+            created(&js).await.iter().any(|v| *v > before)
+        })
+        .await;
     let logs = daemon.logs();
     assert!(daemon.terminate().success(), "{logs}");
-    assert!(logs.contains("not written (no room on the store's disk") && logs.contains("training goes on from memory"), "{logs}");
-    assert!(!logs.contains("reopening the store") && logs.matches("replay buffer open").count() == 1, "the store was reopened: {logs}");
-    assert!(!logs.contains("resumed from the active checkpoint"), "training resumed from the old active version: {logs}");
+    assert!(
+        logs.contains("not written (no room on the store's disk") && logs.contains("training goes on from memory"),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains("reopening the store") && logs.matches("replay buffer open").count() == 1,
+        "the store was reopened: {logs}"
+    );
+    assert!(
+        !logs.contains("resumed from the active checkpoint"),
+        "training resumed from the old active version: {logs}"
+    );
     let store = open_store(&dir.path().join("daemon"));
     assert_eq!(store.stats().unwrap().frames_ingested, 2 * FRAMES_PER_ROUND, "{logs}");
     let newest = store.registry().list().unwrap().last().unwrap().clone();
-    assert!(newest.version > before && newest.step >= 30, "v{} at step {}: training went on meanwhile", newest.version, newest.step);
+    assert!(
+        newest.version > before && newest.step >= 30,
+        "v{} at step {}: training went on meanwhile",
+        newest.version,
+        newest.step
+    );
 }

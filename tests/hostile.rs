@@ -23,7 +23,11 @@ async fn publish(js: &async_nats::jetstream::Context, source: &str, episode: &st
     let payload = FrameMessage::rgb(episode, step, 64, 64, pixels).to_msgpack();
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", id);
-    js.publish_with_headers(format!("wm.frames.{source}"), headers, payload.into()).await.unwrap().await.unwrap();
+    js.publish_with_headers(format!("wm.frames.{source}"), headers, payload.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,28 +56,57 @@ async fn a_hostile_frame_leaves_every_later_frame_its_latent() {
 
     let expected = 120 + odd.len();
     daemon
-        .wait_until(Duration::from_secs(180), "a latent for every valid frame", || async { stream_messages(&js, "WM_LATENTS").await.len() >= expected })
+        .wait_until(Duration::from_secs(180), "a latent for every valid frame", || async {
+            stream_messages(&js, "WM_LATENTS").await.len() >= expected
+        })
         .await;
     let latents = stream_messages(&js, "WM_LATENTS").await;
     let mut by_id = HashMap::new();
     for message in &latents {
         let latent: LatentMessage = rmp_serde::from_slice(&message.payload).unwrap();
         let id = message.headers.get("Nats-Msg-Id").map(|v| v.to_string()).unwrap();
-        assert!(by_id.insert(id.clone(), (message.subject.to_string(), latent.episode.clone(), latent.step)).is_none(), "two latents under {id}");
+        assert!(
+            by_id
+                .insert(
+                    id.clone(),
+                    (message.subject.to_string(), latent.episode.clone(), latent.step)
+                )
+                .is_none(),
+            "two latents under {id}"
+        );
     }
     for step in 0..120 {
-        assert_eq!(by_id.get(&format!("car/e/{step}")).map(|l| l.2), Some(step), "frame car/e/{step} has no latent");
+        assert_eq!(
+            by_id.get(&format!("car/e/{step}")).map(|l| l.2),
+            Some(step),
+            "frame car/e/{step} has no latent"
+        );
     }
     for (source, episode) in odd {
         let id = wmvae::frames::identity::message_id(source, episode, 5);
-        let (subject, got_episode, _) = by_id.get(&id).unwrap_or_else(|| panic!("({source}, {episode}) has no latent under {id}"));
-        assert_eq!((subject.as_str(), got_episode.as_str()), (format!("wm.latents.{source}").as_str(), episode));
+        let (subject, got_episode, _) = by_id
+            .get(&id)
+            .unwrap_or_else(|| panic!("({source}, {episode}) has no latent under {id}"));
+        assert_eq!(
+            (subject.as_str(), got_episode.as_str()),
+            (format!("wm.latents.{source}").as_str(), episode)
+        );
     }
     assert_eq!(latents.len(), expected, "a latent for each valid frame, no more");
 
     let letters = stream_messages(&js, "WM_DLQ").await;
-    let reasons: Vec<String> = letters.iter().filter_map(|m| m.headers.get("Wmvae-Reason").map(|v| v.to_string())).collect();
-    assert_eq!(reasons.iter().filter(|r| r.starts_with("bad_episode: episode holds the control character")).count(), hostile.len(), "letters: {reasons:?}");
+    let reasons: Vec<String> = letters
+        .iter()
+        .filter_map(|m| m.headers.get("Wmvae-Reason").map(|v| v.to_string()))
+        .collect();
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| r.starts_with("bad_episode: episode holds the control character"))
+            .count(),
+        hostile.len(),
+        "letters: {reasons:?}"
+    );
     assert!(daemon.terminate().success());
 }
 
@@ -92,21 +125,47 @@ async fn an_object_claiming_a_huge_size_is_refused_before_allocating() {
     let mut daemon = Daemon::start(&nats.url, dir.path(), &env);
     let client = nats.client().await;
     let js = async_nats::jetstream::new(client.clone());
-    common::nats::wait_until(Duration::from_secs(60), "the daemon's migrations", || async { js.get_object_store("wm-checkpoints").await.is_ok() }).await;
+    common::nats::wait_until(Duration::from_secs(60), "the daemon's migrations", || async {
+        js.get_object_store("wm-checkpoints").await.is_ok()
+    })
+    .await;
     // The object store's own metadata record, forged: one chunk, 2^62 bytes.
     let name = "vae/v99.safetensors";
     let info = serde_json::json!({
         "name": name, "bucket": "wm-checkpoints", "nuid": "FORGEDNUID000000000001", "size": 1u64 << 62, "chunks": 1,
         "mtime": "2026-12-07T00:00:00Z", "digest": "SHA-256=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", "deleted": false
     });
-    let subject = format!("$O.wm-checkpoints.M.{}", base64::engine::general_purpose::URL_SAFE.encode(name));
+    let subject = format!(
+        "$O.wm-checkpoints.M.{}",
+        base64::engine::general_purpose::URL_SAFE.encode(name)
+    );
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Rollup", "sub");
-    js.publish_with_headers(subject, headers, serde_json::to_vec(&info).unwrap().into()).await.unwrap().await.unwrap();
-    common::nats::wait_until(Duration::from_secs(60), "the daemon's migrations", || async { js.get_key_value("wm-meta").await.is_ok() }).await;
+    js.publish_with_headers(subject, headers, serde_json::to_vec(&info).unwrap().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    common::nats::wait_until(Duration::from_secs(60), "the daemon's migrations", || async {
+        js.get_key_value("wm-meta").await.is_ok()
+    })
+    .await;
     let kv = js.get_key_value("wm-meta").await.unwrap();
-    kv.put("active", serde_json::to_vec(&serde_json::json!({"version": 99, "sha256": "00", "epoch": 1})).unwrap().into()).await.unwrap();
-    daemon.wait_until(Duration::from_secs(60), "the encoder refusing the forged object", || async { daemon.logs().contains("over the limit") }).await;
+    kv.put(
+        "active",
+        serde_json::to_vec(&serde_json::json!({"version": 99, "sha256": "00", "epoch": 1}))
+            .unwrap()
+            .into(),
+    )
+    .await
+    .unwrap();
+    daemon
+        .wait_until(
+            Duration::from_secs(60),
+            "the encoder refusing the forged object",
+            || async { daemon.logs().contains("over the limit") },
+        )
+        .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(daemon.try_status().is_none(), "the daemon died: {}", daemon.logs());
     daemon.signal("TERM");
@@ -137,7 +196,10 @@ async fn a_flood_of_control_requests_cannot_grow_memory_without_bound() {
     // Version 1 exists and the buffer holds frames to reconstruct: each recon request takes a while.
     daemon
         .wait_until(Duration::from_secs(120), "a reconstruction to be served", || async {
-            client.request("wm.ctl.checkpoints.recon", br#"{"version": 1}"#.to_vec().into()).await.is_ok_and(|r| r.headers.is_none())
+            client
+                .request("wm.ctl.checkpoints.recon", br#"{"version": 1}"#.to_vec().into())
+                .await
+                .is_ok_and(|r| r.headers.is_none())
         })
         .await;
     let before = peak_rss(daemon.pid());
@@ -147,12 +209,19 @@ async fn a_flood_of_control_requests_cannot_grow_memory_without_bound() {
     request.push(b'}');
     let request = bytes::Bytes::from(request);
     for _ in 0..1500 {
-        client.publish_with_reply("wm.ctl.checkpoints.recon", "flood.replies", request.clone()).await.unwrap();
+        client
+            .publish_with_reply("wm.ctl.checkpoints.recon", "flood.replies", request.clone())
+            .await
+            .unwrap();
     }
     client.flush().await.unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let grown = peak_rss(daemon.pid()).saturating_sub(before);
-    assert!(grown < 400 << 20, "the daemon's peak memory grew by {} MB under the flood", grown >> 20);
+    assert!(
+        grown < 400 << 20,
+        "the daemon's peak memory grew by {} MB under the flood",
+        grown >> 20
+    );
     let status = client.request("wm.ctl.status", "".into()).await;
     assert!(status.is_ok(), "no status after the flood: {status:?}");
     assert!(daemon.terminate().success());

@@ -34,7 +34,11 @@ fn chromium_dom(url: &str) -> String {
         .expect("running chromium (scripts/test installs Debian's chromium)");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let dom = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(!dom.is_empty(), "Chromium dumped no DOM: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        !dom.is_empty(),
+        "Chromium dumped no DOM: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     dom
 }
 
@@ -64,13 +68,24 @@ async fn metrics_health_and_status_page() {
     wait_for_ingest_consumer(&js).await;
     for (i, px) in frames(120, 64, 64).chunks(12288).enumerate() {
         let msg = FrameMessage::rgb(format!("e{}", i / 12), (i % 12) as u64, 64, 64, px.to_vec());
-        js.publish("wm.frames.car", msg.to_msgpack().into()).await.unwrap().await.unwrap();
+        js.publish("wm.frames.car", msg.to_msgpack().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
     }
-    js.publish("wm.frames.car", b"\xc1".to_vec().into()).await.unwrap().await.unwrap();
+    js.publish("wm.frames.car", b"\xc1".to_vec().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
     // Step 10: train points at 2..10, eval points at 4 and 8, v2 at step 8.
     wait_until(Duration::from_secs(120), "10 training steps", || async {
         let (_, m) = get(port, "/metrics");
-        let steps = m.lines().find_map(|l| l.strip_prefix("wmvae_train_steps_total ")).and_then(|v| v.parse::<f64>().ok());
+        let steps = m
+            .lines()
+            .find_map(|l| l.strip_prefix("wmvae_train_steps_total "))
+            .and_then(|v| v.parse::<f64>().ok());
         steps.is_some_and(|s| s >= 10.0)
     })
     .await;
@@ -100,14 +115,26 @@ async fn metrics_health_and_status_page() {
     assert_eq!(curves.len(), 2, "train and eval curves: {dom}");
     for curve in curves {
         let points = curve.split("points=\"").nth(1).unwrap().split('"').next().unwrap();
-        assert!(points.split(' ').count() >= 2, "a curve with fewer than 2 points: {points:?}");
+        assert!(
+            points.split(' ').count() >= 2,
+            "a curve with fewer than 2 points: {points:?}"
+        );
     }
-    assert!(dom.contains("data-loaded=\"yes\""), "the reconstruction grid did not load: {dom}");
+    assert!(
+        dom.contains("data-loaded=\"yes\""),
+        "the reconstruction grid did not load: {dom}"
+    );
     assert!(dom.contains("<td>initial</td>"), "version history missing");
-    assert!(dom.contains(r#"<meta http-equiv="refresh" content="60">"#), "the page does not refresh itself: {dom}");
+    assert!(
+        dom.contains(r#"<meta http-equiv="refresh" content="60">"#),
+        "the page does not refresh itself: {dom}"
+    );
 
     drop(nats);
-    wait_until(Duration::from_secs(30), "healthz to fail without NATS", || async { get(port, "/healthz").0 == 503 }).await;
+    wait_until(Duration::from_secs(30), "healthz to fail without NATS", || async {
+        get(port, "/healthz").0 == 503
+    })
+    .await;
     drop(daemon);
 }
 
@@ -122,29 +149,59 @@ async fn idle_connections_hold_no_cap_and_the_grid_is_drawn_once() {
     let addr = format!("127.0.0.1:{port}");
     // No training: version 1 stays active, so every grid is of it. The cap
     // admits the six grid requests below at once.
-    let env = [("WMVAE_HTTP__ADDR", addr.as_str()), ("WMVAE_HTTP__MAX_CONNECTIONS", "6"), ("WMVAE_TRAIN__MIN_FRAMES", "1000000"), ("WMVAE_BUFFER__VALIDATION_FRACTION", "0.5")];
+    let env = [
+        ("WMVAE_HTTP__ADDR", addr.as_str()),
+        ("WMVAE_HTTP__MAX_CONNECTIONS", "6"),
+        ("WMVAE_TRAIN__MIN_FRAMES", "1000000"),
+        ("WMVAE_BUFFER__VALIDATION_FRACTION", "0.5"),
+    ];
     let daemon = Daemon::start(&nats.url, dir.path(), &env);
     let js = jetstream::new(nats.client().await);
     wait_for_ingest_consumer(&js).await;
     for (i, px) in frames(40, 64, 64).chunks(12288).enumerate() {
         let msg = FrameMessage::rgb(format!("e{}", i / 4), (i % 4) as u64, 64, 64, px.to_vec());
-        js.publish("wm.frames.car", msg.to_msgpack().into()).await.unwrap().await.unwrap();
+        js.publish("wm.frames.car", msg.to_msgpack().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
     }
-    daemon.wait_until(Duration::from_secs(60), "frames committed", || async { get(port, "/healthz").1.contains("last commit") }).await;
-    daemon.wait_until(Duration::from_secs(60), "version 1 active", || async { get(port, "/metrics").1.contains("wmvae_active_version 1") }).await;
+    daemon
+        .wait_until(Duration::from_secs(60), "frames committed", || async {
+            get(port, "/healthz").1.contains("last commit")
+        })
+        .await;
+    daemon
+        .wait_until(Duration::from_secs(60), "version 1 active", || async {
+            get(port, "/metrics").1.contains("wmvae_active_version 1")
+        })
+        .await;
 
-    let idle: Vec<std::net::TcpStream> = (0..6).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
-    assert_eq!(get(port, "/").0, 200, "the status page beside 6 idle connections, 6 allowed");
+    let idle: Vec<std::net::TcpStream> = (0..6)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    assert_eq!(
+        get(port, "/").0,
+        200,
+        "the status page beside 6 idle connections, 6 allowed"
+    );
     drop(idle);
 
     let drawn = || daemon.logs().matches("reconstruction grid drawn").count();
     let before = drawn();
-    let requests: Vec<_> = (0..6).map(|_| std::thread::spawn(move || get(port, "/recon.png"))).collect();
+    let requests: Vec<_> = (0..6)
+        .map(|_| std::thread::spawn(move || get(port, "/recon.png")))
+        .collect();
     for request in requests {
         let (code, body) = request.join().unwrap();
         assert_eq!(code, 200, "{body}");
     }
-    assert_eq!(drawn() - before, 1, "six concurrent requests drew the grid {} times", drawn() - before);
+    assert_eq!(
+        drawn() - before,
+        1,
+        "six concurrent requests drew the grid {} times",
+        drawn() - before
+    );
     assert!(daemon.terminate().success());
 }
 
@@ -153,14 +210,28 @@ async fn idle_connections_hold_no_cap_and_the_grid_is_drawn_once() {
 async fn get_within(port: u16, path: &str, within: Duration) -> Result<u16, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let answer = tokio::time::timeout(within, async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| format!("connect: {e}"))?;
-        stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes()).await.map_err(|e| format!("write: {e}"))?;
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
         let mut response = Vec::new();
-        stream.read_to_end(&mut response).await.map_err(|e| format!("read: {e}"))?;
+        stream
+            .read_to_end(&mut response)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
         let response = String::from_utf8_lossy(&response).to_string();
-        response.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or(format!("not an HTTP response: {response:?}"))
+        response
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or(format!("not an HTTP response: {response:?}"))
     });
-    answer.await.unwrap_or_else(|_| Err(format!("no answer within {within:?}")))
+    answer
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {within:?}")))
 }
 
 /// Waits until the server closes `stream` (EOF or reset, after whatever it
@@ -177,7 +248,10 @@ async fn closed_by_server(stream: &mut tokio::net::TcpStream, deadline: tokio::t
 /// This process's open-file limit raised to `at_least` (or the hard limit),
 /// for a thousand sockets on a box whose default is 1,024.
 fn raise_open_files(at_least: u64) {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit and setrlimit only read and write the struct passed.
     unsafe {
         assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0, "getrlimit");
@@ -204,14 +278,27 @@ async fn silent_sockets_do_not_starve_healthz() {
     let dir = tempfile::tempdir().unwrap();
     let port = common::free_port();
     let addr = format!("127.0.0.1:{port}");
-    let env = [("WMVAE_HTTP__ADDR", addr.as_str()), ("WMVAE_TRAIN__MIN_FRAMES", "1000000"), ("WMVAE_TRAIN__THREADS", "1")];
+    let env = [
+        ("WMVAE_HTTP__ADDR", addr.as_str()),
+        ("WMVAE_TRAIN__MIN_FRAMES", "1000000"),
+        ("WMVAE_TRAIN__THREADS", "1"),
+    ];
     let daemon = Daemon::start(&nats.url, dir.path(), &env);
-    daemon.wait_until(Duration::from_secs(60), "/healthz to answer 200", || async { get(port, "/healthz").0 == 200 }).await;
+    daemon
+        .wait_until(Duration::from_secs(60), "/healthz to answer 200", || async {
+            get(port, "/healthz").0 == 200
+        })
+        .await;
 
     // Opened until one is not accepted (the listener's backlog full) within 5 s.
     let mut silent = Vec::with_capacity(SILENT);
     while silent.len() < SILENT {
-        match tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(("127.0.0.1", port))).await {
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::TcpStream::connect(("127.0.0.1", port)),
+        )
+        .await
+        {
             Ok(Ok(stream)) => silent.push(stream),
             _ => break,
         }
@@ -220,21 +307,36 @@ async fn silent_sockets_do_not_starve_healthz() {
     for probe in 0..3 {
         let asked = std::time::Instant::now();
         let answer = get_within(port, "/healthz", Duration::from_secs(1)).await;
-        assert_eq!(answer, Ok(200), "/healthz probe {probe} beside {opened} silent sockets; the daemon's logs:\n{}", daemon.logs());
-        eprintln!("/healthz probe {probe} answered in {:?} beside {opened} silent sockets", asked.elapsed());
+        assert_eq!(
+            answer,
+            Ok(200),
+            "/healthz probe {probe} beside {opened} silent sockets; the daemon's logs:\n{}",
+            daemon.logs()
+        );
+        eprintln!(
+            "/healthz probe {probe} answered in {:?} beside {opened} silent sockets",
+            asked.elapsed()
+        );
     }
     assert_eq!(opened, SILENT, "only {opened} of {SILENT} sockets connected");
-    assert_eq!(get_within(port, "/metrics", Duration::from_secs(10)).await, Ok(200), "/metrics beside {SILENT} silent sockets");
+    assert_eq!(
+        get_within(port, "/metrics", Duration::from_secs(10)).await,
+        Ok(200),
+        "/metrics beside {SILENT} silent sockets"
+    );
 
     // A slowloris: a request head started and never finished, a byte at a time.
     let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ").await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+        .await
+        .unwrap();
     let trickle = tokio::spawn(async move {
         let deadline = tokio::time::Instant::now() + CLOSED_WITHIN;
         let (mut read, mut write) = slow.into_split();
         let reader = tokio::spawn(async move {
             let mut sent = Vec::new();
-            let read = tokio::time::timeout_at(deadline, tokio::io::AsyncReadExt::read_to_end(&mut read, &mut sent)).await;
+            let read =
+                tokio::time::timeout_at(deadline, tokio::io::AsyncReadExt::read_to_end(&mut read, &mut sent)).await;
             read.ok().map(|_| String::from_utf8_lossy(&sent).to_string())
         });
         while !reader.is_finished() && tokio::time::Instant::now() < deadline {
@@ -248,7 +350,10 @@ async fn silent_sockets_do_not_starve_healthz() {
 
     let deadline = tokio::time::Instant::now() + CLOSED_WITHIN;
     for (i, stream) in silent.iter_mut().enumerate() {
-        assert!(closed_by_server(stream, deadline).await.is_some(), "silent socket {i} still open {CLOSED_WITHIN:?} on");
+        assert!(
+            closed_by_server(stream, deadline).await.is_some(),
+            "silent socket {i} still open {CLOSED_WITHIN:?} on"
+        );
     }
     match trickle.await.unwrap() {
         Some(sent) => assert!(!sent.starts_with("HTTP/1.1 200"), "the slowloris was answered: {sent}"),

@@ -11,8 +11,8 @@ use common::{frames, wmvae};
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 use wmvae::frames::preprocess::{preprocess, Policy};
-use wmvae::store::{BufferConfig, Store};
 use wmvae::frames::wire::FrameMessage;
+use wmvae::store::{BufferConfig, Store};
 
 fn frame(episode: &str, step: u64, height: u32, width: u32, pixels: Vec<u8>) -> FrameMessage<'static> {
     FrameMessage {
@@ -57,8 +57,12 @@ async fn publish(js: &jetstream::Context, source: &str, payload: Vec<u8>, msg_id
 /// nothing pending or unacked.
 async fn wait_drained(js: &jetstream::Context, timeout: Duration) {
     wait_until(timeout, "the ingest consumer to drain", || async {
-        let Ok(stream) = js.get_stream("WM_FRAMES").await else { return false };
-        let Ok(mut consumer) = stream.get_consumer::<pull::Config>("wmvae-ingest").await else { return false };
+        let Ok(stream) = js.get_stream("WM_FRAMES").await else {
+            return false;
+        };
+        let Ok(mut consumer) = stream.get_consumer::<pull::Config>("wmvae-ingest").await else {
+            return false;
+        };
         let Ok(info) = consumer.info().await else { return false };
         info.num_pending == 0 && info.num_ack_pending == 0 && info.delivered.stream_sequence > 0
     })
@@ -66,7 +70,14 @@ async fn wait_drained(js: &jetstream::Context, timeout: Duration) {
 }
 
 fn open_store(daemon_dir: &std::path::Path) -> Store {
-    Store::open(&daemon_dir.join("store"), BufferConfig { capacity: 1_000_000, validation_fraction: 0.05 }).unwrap()
+    Store::open(
+        &daemon_dir.join("store"),
+        BufferConfig {
+            capacity: 1_000_000,
+            validation_fraction: 0.05,
+        },
+    )
+    .unwrap()
 }
 
 /// Mixed traffic: valid 64x64, 96x96 and PNG frames, duplicates (server- and
@@ -87,19 +98,37 @@ async fn valid_frames_stored_once_bad_frames_dead_lettered() {
     let mut expected: BTreeMap<(String, String, u64), Vec<u8>> = BTreeMap::new();
     for step in 0..20u64 {
         let px = raw64[step as usize * 12288..][..12288].to_vec();
-        publish(&js, "carA", frame("e64", step, 64, 64, px.clone()).to_msgpack(), Some(&format!("carA:e64:{step}"))).await;
+        publish(
+            &js,
+            "carA",
+            frame("e64", step, 64, 64, px.clone()).to_msgpack(),
+            Some(&format!("carA:e64:{step}")),
+        )
+        .await;
         expected.insert(("carA".into(), "e64".into(), step), px);
     }
     for step in 0..10u64 {
         // A plain core-NATS publish: the stream captures the subject.
         let px = raw96[step as usize * 27648..][..27648].to_vec();
-        client.publish("wm.frames.carB", frame("e96", step, 96, 96, px.clone()).to_msgpack().into()).await.unwrap();
-        expected.insert(("carB".into(), "e96".into(), step), preprocess(px.into(), 96, 96, Policy::WorldModels).unwrap().to_vec());
+        client
+            .publish(
+                "wm.frames.carB",
+                frame("e96", step, 96, 96, px.clone()).to_msgpack().into(),
+            )
+            .await
+            .unwrap();
+        expected.insert(
+            ("carB".into(), "e96".into(), step),
+            preprocess(px.into(), 96, 96, Policy::WorldModels).unwrap().to_vec(),
+        );
     }
     client.flush().await.unwrap();
     for step in 0..5u64 {
         let px = raw64[step as usize * 12288..][..12288].to_vec();
-        let msg = FrameMessage { encoding: Some("png".into()), ..frame("epng", step, 64, 64, png(&px, 64)) };
+        let msg = FrameMessage {
+            encoding: Some("png".into()),
+            ..frame("epng", step, 64, 64, png(&px, 64))
+        };
         publish(&js, "carA", msg.to_msgpack(), None).await;
         expected.insert(("carA".into(), "epng".into(), step), px);
     }
@@ -107,7 +136,11 @@ async fn valid_frames_stored_once_bad_frames_dead_lettered() {
     // under new ids (dropped by the store).
     for step in 0..8u64 {
         let px = raw64[step as usize * 12288..][..12288].to_vec();
-        let id = if step < 4 { format!("carA:e64:{step}") } else { format!("again-{step}") };
+        let id = if step < 4 {
+            format!("carA:e64:{step}")
+        } else {
+            format!("again-{step}")
+        };
         publish(&js, "carA", frame("e64", step, 64, 64, px).to_msgpack(), Some(&id)).await;
     }
     // One of each kind of bad frame.
@@ -120,14 +153,68 @@ async fn valid_frames_stored_once_bad_frames_dead_lettered() {
     let bad: Vec<(&str, Vec<u8>)> = vec![
         ("malformed_msgpack", b"\xc1\xc1\xc1".to_vec()),
         ("malformed_msgpack", good.to_msgpack()[..5000].to_vec()),
-        ("invalid_field", rmp_serde::to_vec_named(&Partial { episode: "x".into(), step: 1 }).unwrap()),
-        ("size_mismatch", FrameMessage { pixels: vec![0; 100].into(), ..good.clone() }.to_msgpack()),
-        ("bad_dimensions", FrameMessage { height: 0, ..good.clone() }.to_msgpack()),
-        ("bad_dimensions", FrameMessage { height: 100_000, width: 100_000, ..good.clone() }.to_msgpack()),
-        ("wrong_channels", FrameMessage { channels: 4, ..good.clone() }.to_msgpack()),
-        ("bad_png", FrameMessage { encoding: Some("png".into()), pixels: b"\x89PNG\r\n\x1a\nnope".to_vec().into(), ..good.clone() }.to_msgpack()),
-        ("unknown_encoding", FrameMessage { encoding: Some("jpeg".into()), ..good.clone() }.to_msgpack()),
-        ("unsupported_size", frame("bad", 1, 32, 32, vec![0; 32 * 32 * 3]).to_msgpack()),
+        (
+            "invalid_field",
+            rmp_serde::to_vec_named(&Partial {
+                episode: "x".into(),
+                step: 1,
+            })
+            .unwrap(),
+        ),
+        (
+            "size_mismatch",
+            FrameMessage {
+                pixels: vec![0; 100].into(),
+                ..good.clone()
+            }
+            .to_msgpack(),
+        ),
+        (
+            "bad_dimensions",
+            FrameMessage {
+                height: 0,
+                ..good.clone()
+            }
+            .to_msgpack(),
+        ),
+        (
+            "bad_dimensions",
+            FrameMessage {
+                height: 100_000,
+                width: 100_000,
+                ..good.clone()
+            }
+            .to_msgpack(),
+        ),
+        (
+            "wrong_channels",
+            FrameMessage {
+                channels: 4,
+                ..good.clone()
+            }
+            .to_msgpack(),
+        ),
+        (
+            "bad_png",
+            FrameMessage {
+                encoding: Some("png".into()),
+                pixels: b"\x89PNG\r\n\x1a\nnope".to_vec().into(),
+                ..good.clone()
+            }
+            .to_msgpack(),
+        ),
+        (
+            "unknown_encoding",
+            FrameMessage {
+                encoding: Some("jpeg".into()),
+                ..good.clone()
+            }
+            .to_msgpack(),
+        ),
+        (
+            "unsupported_size",
+            frame("bad", 1, 32, 32, vec![0; 32 * 32 * 3]).to_msgpack(),
+        ),
     ];
     for (_, payload) in &bad {
         publish(&js, "carBad", payload.clone(), None).await;
@@ -142,7 +229,11 @@ async fn valid_frames_stored_once_bad_frames_dead_lettered() {
         let msg = dlq.get_raw_message(seq).await.unwrap();
         let reason = msg.headers.get("Wmvae-Reason").unwrap().to_string();
         assert_eq!(msg.headers.get("Wmvae-Subject").unwrap().as_str(), "wm.frames.carBad");
-        assert_eq!(msg.payload, bad[seq as usize - 1].1, "dead letter {seq} is not the original payload");
+        assert_eq!(
+            msg.payload,
+            bad[seq as usize - 1].1,
+            "dead letter {seq} is not the original payload"
+        );
         reasons.push(reason);
     }
     for ((code, _), reason) in bad.iter().zip(&reasons) {
@@ -152,11 +243,23 @@ async fn valid_frames_stored_once_bad_frames_dead_lettered() {
     // `buffer stats` live through the daemon, then offline on the store: the same figures.
     let buffer_stats = |place: &str| -> serde_json::Value {
         let out = wmvae()
-            .args(["buffer", "stats", "--json", place, "--nats-url", &nats.url, "--data-dir"])
+            .args([
+                "buffer",
+                "stats",
+                "--json",
+                place,
+                "--nats-url",
+                &nats.url,
+                "--data-dir",
+            ])
             .arg(dir.path().join("store"))
             .output()
             .unwrap();
-        assert!(out.status.success(), "buffer stats {place}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "buffer stats {place}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let mut stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert!(stats["bytes_on_disk"].as_u64().unwrap() > 0);
         stats.as_object_mut().unwrap().remove("bytes_on_disk"); // the shutdown writes a checkpoint
@@ -173,18 +276,42 @@ async fn valid_frames_stored_once_bad_frames_dead_lettered() {
     assert_eq!(stats["duplicates"], 4);
     assert_eq!(stats["rejected"]["malformed_msgpack"], 2);
     assert_eq!(stats["rejected"]["bad_dimensions"], 2);
-    assert_eq!(stats["rejected"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum::<u64>(), 10);
+    assert_eq!(
+        stats["rejected"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_u64().unwrap())
+            .sum::<u64>(),
+        10
+    );
 
     let export = dir.path().join("export.npz");
-    let out = wmvae().args(["buffer", "export", "--out"]).arg(&export).arg("--data-dir").arg(dir.path().join("store")).output().unwrap();
+    let out = wmvae()
+        .args(["buffer", "export", "--out"])
+        .arg(&export)
+        .arg("--data-dir")
+        .arg(dir.path().join("store"))
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let store = open_store(dir.path());
     let stored: Vec<_> = store.frames_in_order(None, true).map(|f| f.unwrap()).collect();
-    let keys: Vec<_> = stored.iter().map(|f| (f.source.clone(), f.episode.clone(), f.step)).collect();
+    let keys: Vec<_> = stored
+        .iter()
+        .map(|f| (f.source.clone(), f.episode.clone(), f.step))
+        .collect();
     assert_eq!(keys, expected.keys().cloned().collect::<Vec<_>>());
     for f in &stored {
-        assert_eq!(&f.pixels, &expected[&(f.source.clone(), f.episode.clone(), f.step)], "{} {} {}", f.source, f.episode, f.step);
+        assert_eq!(
+            &f.pixels,
+            &expected[&(f.source.clone(), f.episode.clone(), f.step)],
+            "{} {} {}",
+            f.source,
+            f.episode,
+            f.step
+        );
         assert_eq!(f.action, Some(vec![f.step as f32, 0.5, -0.5]));
         assert_eq!((f.reward, f.done), (Some(f.step as f64 * 0.1), Some(f.step == 9)));
     }
@@ -202,11 +329,18 @@ print(json.dumps({
   "action": list(z["action"].shape), "reward0": float(z["reward"][1]), "done": int(z["done"].sum()),
 }))
 "#;
-    let py = std::process::Command::new(common::venv_python()).args(["-c", script]).arg(&export).output().unwrap();
+    let py = std::process::Command::new(common::venv_python())
+        .args(["-c", script])
+        .arg(&export)
+        .output()
+        .unwrap();
     assert!(py.status.success(), "{}", String::from_utf8_lossy(&py.stderr));
     let seen: serde_json::Value = serde_json::from_slice(&py.stdout).unwrap();
     let all: Vec<u8> = stored.iter().flat_map(|f| f.pixels.clone()).collect();
-    assert_eq!(seen["files"], serde_json::json!(["action", "done", "episode", "frames", "reward", "source", "step"]));
+    assert_eq!(
+        seen["files"],
+        serde_json::json!(["action", "done", "episode", "frames", "reward", "source", "step"])
+    );
     assert_eq!(seen["frames"], serde_json::json!([[35, 64, 64, 3], "uint8"]));
     assert_eq!(seen["sha256"], wmvae::vae::checkpoint::sha256_hex(&all));
     assert_eq!(seen["first"], serde_json::json!(["carA", "e64", 0]));
@@ -227,15 +361,33 @@ async fn killed_mid_stream_loses_nothing_and_stores_nothing_twice() {
 
     let total = 3000u64;
     let publisher = wmvae()
-        .args(["publish", "--nats-url", &nats.url, "--source", "car", "--synthetic", "--rate", "1500", "--count", &total.to_string()])
+        .args([
+            "publish",
+            "--nats-url",
+            &nats.url,
+            "--source",
+            "car",
+            "--synthetic",
+            "--rate",
+            "1500",
+            "--count",
+            &total.to_string(),
+        ])
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     // Let part of the stream in, then kill the daemon without warning.
     wait_until(Duration::from_secs(30), "some frames to be acked", || async {
-        let Ok(stream) = js.get_stream("WM_FRAMES").await else { return false };
-        let Ok(mut c) = stream.get_consumer::<pull::Config>("wmvae-ingest").await else { return false };
-        c.info().await.map(|i| i.ack_floor.stream_sequence > 300).unwrap_or(false)
+        let Ok(stream) = js.get_stream("WM_FRAMES").await else {
+            return false;
+        };
+        let Ok(mut c) = stream.get_consumer::<pull::Config>("wmvae-ingest").await else {
+            return false;
+        };
+        c.info()
+            .await
+            .map(|i| i.ack_floor.stream_sequence > 300)
+            .unwrap_or(false)
     })
     .await;
     daemon.kill();
@@ -250,7 +402,11 @@ async fn killed_mid_stream_loses_nothing_and_stores_nothing_twice() {
     let stats = store.stats().unwrap();
     assert_eq!(stats.frames, total);
     assert_eq!(stats.frames_ingested, total, "a frame was stored twice");
-    let distinct: HashSet<(String, u64)> = store.frames_in_order(None, false).map(|f| f.unwrap()).map(|f| (f.episode, f.step)).collect();
+    let distinct: HashSet<(String, u64)> = store
+        .frames_in_order(None, false)
+        .map(|f| f.unwrap())
+        .map(|f| (f.episode, f.step))
+        .collect();
     assert_eq!(distinct.len() as u64, total);
 }
 
@@ -259,15 +415,35 @@ async fn killed_mid_stream_loses_nothing_and_stores_nothing_twice() {
 async fn capacity_evicts_oldest_keeps_newest() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(&nats.url, dir.path(), &[("WMVAE_BUFFER__CAPACITY", "50"), ("WMVAE_BUFFER__VALIDATION_FRACTION", "0")]);
+    let daemon = Daemon::start(
+        &nats.url,
+        dir.path(),
+        &[
+            ("WMVAE_BUFFER__CAPACITY", "50"),
+            ("WMVAE_BUFFER__VALIDATION_FRACTION", "0"),
+        ],
+    );
     let js = jetstream::new(nats.client().await);
     wait_for_ingest_consumer(&js).await;
     for step in 0..120u64 {
-        publish(&js, "car", frame("long", step, 64, 64, vec![(step % 256) as u8; 12288]).to_msgpack(), None).await;
+        publish(
+            &js,
+            "car",
+            frame("long", step, 64, 64, vec![(step % 256) as u8; 12288]).to_msgpack(),
+            None,
+        )
+        .await;
     }
     wait_drained(&js, Duration::from_secs(60)).await;
     assert!(daemon.terminate().success());
-    let store = Store::open(&dir.path().join("store"), BufferConfig { capacity: 50, validation_fraction: 0.0 }).unwrap();
+    let store = Store::open(
+        &dir.path().join("store"),
+        BufferConfig {
+            capacity: 50,
+            validation_fraction: 0.0,
+        },
+    )
+    .unwrap();
     let steps: Vec<u64> = store.frames_in_order(None, false).map(|f| f.unwrap().step).collect();
     assert_eq!(steps, (70..120).collect::<Vec<_>>());
     assert_eq!(store.stats().unwrap().evicted, 70);

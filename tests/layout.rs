@@ -27,19 +27,31 @@ fn code() -> Vec<(String, String)> {
         .map(|path| {
             let text = std::fs::read_to_string(&path).unwrap();
             let code: Vec<&str> = text.lines().filter(|l| !l.trim_start().starts_with("//")).collect();
-            (path.strip_prefix(&src).unwrap().to_string_lossy().replace('\\', "/"), code.join("\n"))
+            (
+                path.strip_prefix(&src).unwrap().to_string_lossy().replace('\\', "/"),
+                code.join("\n"),
+            )
         })
         .collect()
 }
 
 #[test]
 fn outside_crates_stay_in_their_folders() {
-    let rules: [(&str, &[&str]); 3] = [("tch::", &["vae/", "tools/bench.rs"]), ("sled::", &["store/"]), ("async_nats::", &["bus/"])];
+    let rules: [(&str, &[&str]); 3] = [
+        ("tch::", &["vae/", "tools/bench.rs"]),
+        ("sled::", &["store/"]),
+        ("async_nats::", &["bus/"]),
+    ];
     for (file, code) in code() {
         for (marker, allowed) in rules {
             // `tch::` as a path of its own, not the end of `Batch::`.
-            let uses = code.match_indices(marker).any(|(i, _)| !code[..i].ends_with(|c: char| c.is_alphanumeric() || c == '_'));
-            assert!(!uses || allowed.iter().any(|a| file.starts_with(a)), "src/{file} uses {marker} outside {allowed:?}");
+            let uses = code
+                .match_indices(marker)
+                .any(|(i, _)| !code[..i].ends_with(|c: char| c.is_alphanumeric() || c == '_'));
+            assert!(
+                !uses || allowed.iter().any(|a| file.starts_with(a)),
+                "src/{file} uses {marker} outside {allowed:?}"
+            );
         }
     }
 }
@@ -50,14 +62,22 @@ fn top_level_folders_import_no_circle() {
     for (file, code) in code() {
         let from = file.split('/').next().unwrap().trim_end_matches(".rs").to_string();
         for (i, _) in code.match_indices("crate::") {
-            let to: String = code[i + 7..].chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect();
+            let to: String = code[i + 7..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
             if !to.is_empty() && to != from {
                 graph.entry(from.clone()).or_default().insert(to);
             }
         }
     }
     // Depth-first search for a back edge.
-    fn visit(node: &str, graph: &BTreeMap<String, BTreeSet<String>>, path: &mut Vec<String>, done: &mut BTreeSet<String>) {
+    fn visit(
+        node: &str,
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) {
         if let Some(at) = path.iter().position(|n| n == node) {
             panic!("import circle: {} -> {node}", path[at..].join(" -> "));
         }
@@ -75,5 +95,8 @@ fn top_level_folders_import_no_circle() {
     for node in graph.keys() {
         visit(node, &graph, &mut Vec::new(), &mut done);
     }
-    assert!(graph.contains_key("daemon") && graph["daemon"].contains("store"), "the scan found no imports: {graph:?}");
+    assert!(
+        graph.contains_key("daemon") && graph["daemon"].contains("store"),
+        "the scan found no imports: {graph:?}"
+    );
 }

@@ -13,7 +13,13 @@ use wmvae::vae::model::{Precision, VaeConfig};
 static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn learner(seed: i64, learning_rate: f64) -> Learner {
-    scheduled(seed, AdamConfig { learning_rate, ..Default::default() })
+    scheduled(
+        seed,
+        AdamConfig {
+            learning_rate,
+            ..Default::default()
+        },
+    )
 }
 
 fn scheduled(seed: i64, adam: AdamConfig) -> Learner {
@@ -33,7 +39,15 @@ fn training_lowers_reconstruction_loss() {
 fn lowers_reconstruction_loss(precision: Precision) {
     let _rng = GLOBAL_RNG.lock().unwrap();
     tch::manual_seed(0);
-    let mut l = Learner::new(Device::Cpu, VaeConfig::default(), AdamConfig { learning_rate: 1e-3, ..Default::default() }, precision);
+    let mut l = Learner::new(
+        Device::Cpu,
+        VaeConfig::default(),
+        AdamConfig {
+            learning_rate: 1e-3,
+            ..Default::default()
+        },
+        precision,
+    );
     let xs = frames_to_tensor(&common::frames(8, 64, 64), Device::Cpu).unwrap();
     let before = l.net().evaluate(&xs);
     for _ in 0..200 {
@@ -42,7 +56,12 @@ fn lowers_reconstruction_loss(precision: Precision) {
     }
     let after = l.net().evaluate(&xs);
     assert_eq!(l.steps(), 200);
-    assert!(after.recon < 0.5 * before.recon, "{precision:?}: recon {} -> {}", before.recon, after.recon);
+    assert!(
+        after.recon < 0.5 * before.recon,
+        "{precision:?}: recon {} -> {}",
+        before.recon,
+        after.recon
+    );
     // Float32 weights: the safetensors writer refuses any other kind.
     assert!(l.net().weights_bytes().is_ok(), "{precision:?} weights are float32");
 }
@@ -54,17 +73,35 @@ fn lowers_reconstruction_loss(precision: Precision) {
 fn checkpoint_resumes_the_very_same_next_step() {
     let _rng = GLOBAL_RNG.lock().unwrap();
     let xs = frames_to_tensor(&common::frames(4, 64, 64), Device::Cpu).unwrap();
-    let adam = AdamConfig { learning_rate: 1e-3, schedule: Schedule::WarmupCosine, warmup_steps: 10, decay_steps: 100, min_learning_rate: 1e-4, ..Default::default() };
+    let adam = AdamConfig {
+        learning_rate: 1e-3,
+        schedule: Schedule::WarmupCosine,
+        warmup_steps: 10,
+        decay_steps: 100,
+        min_learning_rate: 1e-4,
+        ..Default::default()
+    };
     let mut original = scheduled(1, adam);
     for _ in 0..3 {
         original.train_step(&xs);
     }
-    let bytes = original.snapshot(Metadata { version: 2, step: 3, ..Default::default() }).unwrap().to_bytes().unwrap();
+    let bytes = original
+        .snapshot(Metadata {
+            version: 2,
+            step: 3,
+            ..Default::default()
+        })
+        .unwrap()
+        .to_bytes()
+        .unwrap();
 
     let mut resumed = scheduled(99, adam);
     resumed.restore(&Checkpoint::from_bytes(&bytes).unwrap()).unwrap();
     assert_eq!(resumed.steps(), 3);
-    assert_eq!(resumed.net().weights_bytes().unwrap(), original.net().weights_bytes().unwrap());
+    assert_eq!(
+        resumed.net().weights_bytes().unwrap(),
+        original.net().weights_bytes().unwrap()
+    );
     let (mu_a, logvar_a) = original.net().encode(&xs);
     let (mu_b, logvar_b) = resumed.net().encode(&xs);
     assert!(mu_a.equal(&mu_b) && logvar_a.equal(&logvar_b));
@@ -74,7 +111,11 @@ fn checkpoint_resumes_the_very_same_next_step() {
     tch::manual_seed(42);
     let loss_b = resumed.train_step(&xs);
     assert_eq!(loss_a, loss_b);
-    assert_eq!(original.net().weights_bytes().unwrap(), resumed.net().weights_bytes().unwrap(), "next step differs");
+    assert_eq!(
+        original.net().weights_bytes().unwrap(),
+        resumed.net().weights_bytes().unwrap(),
+        "next step differs"
+    );
 }
 
 /// A checkpoint with a tampered weight byte is refused and leaves the learner unchanged.
@@ -82,7 +123,12 @@ fn checkpoint_resumes_the_very_same_next_step() {
 fn tampered_checkpoint_changes_nothing() {
     let _rng = GLOBAL_RNG.lock().unwrap();
     let original = learner(1, 1e-4);
-    let mut checkpoint = original.snapshot(Metadata { version: 5, ..Default::default() }).unwrap();
+    let mut checkpoint = original
+        .snapshot(Metadata {
+            version: 5,
+            ..Default::default()
+        })
+        .unwrap();
     let last = checkpoint.weights.len() - 1;
     checkpoint.weights[last] ^= 0xff;
     let mut other = learner(2, 1e-4);

@@ -50,7 +50,15 @@ fn committed_pixels(px: &[u8], committed: &HashMap<u64, Key>) -> bool {
 }
 
 fn frame(key: Key) -> Frame {
-    Frame { source: format!("s{}", key.0), episode: format!("e{}", key.1), step: u64::from(key.2), pixels: pixels(key).into(), action: None, reward: None, done: None }
+    Frame {
+        source: format!("s{}", key.0),
+        episode: format!("e{}", key.1),
+        step: u64::from(key.2),
+        pixels: pixels(key).into(),
+        action: None,
+        reward: None,
+        done: None,
+    }
 }
 
 /// Draws batches from the train split until stopped; panics on a failed
@@ -61,7 +69,10 @@ fn sampler(store: Store, committed: Arc<HashMap<u64, Key>>, stop: Arc<AtomicBool
         let mut draws = 0;
         while !stop.load(Ordering::Relaxed) {
             if let Some(batch) = store.sample(Split::Train, 8, &mut rng).expect("sampling failed") {
-                assert!(batch.chunks(BYTES).all(|px| committed_pixels(px, &committed)), "sampled pixels never committed");
+                assert!(
+                    batch.chunks(BYTES).all(|px| committed_pixels(px, &committed)),
+                    "sampled pixels never committed"
+                );
                 draws += 1;
             }
         }
@@ -71,12 +82,25 @@ fn sampler(store: Store, committed: Arc<HashMap<u64, Key>>, stop: Arc<AtomicBool
 
 fn check(store: &Store, config: &BufferConfig, committed: &HashMap<u64, Key>) -> Result<(), TestCaseError> {
     let (train, validation) = (store.len(Split::Train), store.len(Split::Validation));
-    prop_assert!(train + validation <= config.capacity, "{train} + {validation} frames held, capacity {}", config.capacity);
-    let held: Vec<Frame> = store.frames_in_order(None, true).collect::<anyhow::Result<_>>().unwrap();
+    prop_assert!(
+        train + validation <= config.capacity,
+        "{train} + {validation} frames held, capacity {}",
+        config.capacity
+    );
+    let held: Vec<Frame> = store
+        .frames_in_order(None, true)
+        .collect::<anyhow::Result<_>>()
+        .unwrap();
     prop_assert_eq!(held.len() as u64, train + validation);
-    let keys: HashSet<(String, String, u64)> = held.iter().map(|f| (f.source.clone(), f.episode.clone(), f.step)).collect();
+    let keys: HashSet<(String, String, u64)> = held
+        .iter()
+        .map(|f| (f.source.clone(), f.episode.clone(), f.step))
+        .collect();
     prop_assert_eq!(keys.len(), held.len(), "a frame is held twice");
-    prop_assert!(held.iter().all(|f| committed_pixels(&f.pixels, committed)), "a held frame's pixels were never committed");
+    prop_assert!(
+        held.iter().all(|f| committed_pixels(&f.pixels, committed)),
+        "a held frame's pixels were never committed"
+    );
     Ok(())
 }
 

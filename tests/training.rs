@@ -11,9 +11,9 @@ use common::{frames, wmvae, FAST};
 use futures::StreamExt;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
-use wmvae::vae::checkpoint::sha256_hex;
 use wmvae::bus::messages::{Announcement, CheckpointEvent, LatentMessage};
 use wmvae::frames::wire::FrameMessage;
+use wmvae::vae::checkpoint::sha256_hex;
 
 fn env(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
     FAST.iter().chain(extra).copied().collect()
@@ -28,7 +28,11 @@ async fn publish_frames(js: &jetstream::Context, episodes: u64, steps: u64) -> V
     let raw = frames((episodes * steps) as usize, 64, 64);
     for (i, px) in raw.chunks(12288).enumerate() {
         let (e, s) = (i as u64 / steps, i as u64 % steps);
-        js.publish("wm.frames.car", frame_message(e, s, px).to_msgpack().into()).await.unwrap().await.unwrap();
+        js.publish("wm.frames.car", frame_message(e, s, px).to_msgpack().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
     }
     raw
 }
@@ -41,14 +45,20 @@ async fn message_count(js: &jetstream::Context, name: &str) -> u64 {
 }
 
 async fn created_versions(js: &jetstream::Context) -> Vec<Announcement> {
-    announcements(js).await.into_iter().filter(|a| a.event == CheckpointEvent::Created).collect()
+    announcements(js)
+        .await
+        .into_iter()
+        .filter(|a| a.event == CheckpointEvent::Created)
+        .collect()
 }
 
 async fn fetch_weights(js: &jetstream::Context, object: &str) -> Vec<u8> {
     let bucket = js.get_object_store("wm-checkpoints").await.unwrap();
     let mut obj = bucket.get(object).await.unwrap();
     let mut bytes = Vec::new();
-    tokio::io::AsyncReadExt::read_to_end(&mut obj, &mut bytes).await.unwrap();
+    tokio::io::AsyncReadExt::read_to_end(&mut obj, &mut bytes)
+        .await
+        .unwrap();
     bytes
 }
 
@@ -66,7 +76,11 @@ async fn checkpoints_latents_and_control_service() {
     wait_for_ingest_consumer(&js).await;
 
     let raw = publish_frames(&js, 10, 30).await;
-    js.publish("wm.frames.car", b"\xc1 not a frame".to_vec().into()).await.unwrap().await.unwrap();
+    js.publish("wm.frames.car", b"\xc1 not a frame".to_vec().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
     wait_until(Duration::from_secs(120), "300 latents and 3 versions", || async {
         message_count(&js, "WM_LATENTS").await >= 300 && created_versions(&js).await.len() >= 3
     })
@@ -81,7 +95,12 @@ async fn checkpoints_latents_and_control_service() {
         assert_eq!(a.object, format!("vae/v{}.safetensors", a.metadata.version));
         let bytes = fetch_weights(&js, &a.object).await;
         assert_eq!(bytes.len() as u64, a.bytes);
-        assert_eq!(sha256_hex(&bytes), a.metadata.sha256, "v{} object differs from its sha256", a.metadata.version);
+        assert_eq!(
+            sha256_hex(&bytes),
+            a.metadata.sha256,
+            "v{} object differs from its sha256",
+            a.metadata.version
+        );
         if a.metadata.version > 1 {
             assert_eq!(a.metadata.parent, Some(a.metadata.version - 1));
             assert!(a.metadata.step > 0 && a.metadata.eval_loss.is_some() && a.metadata.train_loss.is_some());
@@ -100,7 +119,11 @@ async fn checkpoints_latents_and_control_service() {
     let announced: HashSet<u64> = versions.iter().copied().collect();
     for (subject, latent) in &latents {
         assert_eq!(subject, "wm.latents.car");
-        assert!(announced.contains(&latent.model_version), "latent names unannounced v{}", latent.model_version);
+        assert!(
+            announced.contains(&latent.model_version),
+            "latent names unannounced v{}",
+            latent.model_version
+        );
         assert_eq!((latent.mu.len(), latent.logvar.len()), (32, 32));
     }
 
@@ -109,7 +132,11 @@ async fn checkpoints_latents_and_control_service() {
     let reply = client.request("wm.ctl.encode", request.into()).await.unwrap();
     let latent: LatentMessage = rmp_serde::from_slice(&reply.payload).unwrap();
     let weights_path = dir.path().join("v.safetensors");
-    std::fs::write(&weights_path, fetch_weights(&js, &format!("vae/v{}.safetensors", latent.model_version)).await).unwrap();
+    std::fs::write(
+        &weights_path,
+        fetch_weights(&js, &format!("vae/v{}.safetensors", latent.model_version)).await,
+    )
+    .unwrap();
     let frames_path = dir.path().join("one.npy");
     wmvae::frames::npy::write_frames(&frames_path, &raw[..12288], 64, 64).unwrap();
     let out_path = dir.path().join("z.npz");
@@ -125,25 +152,47 @@ async fn checkpoints_latents_and_control_service() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let npz = tch::Tensor::read_npz(&out_path).unwrap();
     let mu: Vec<f32> = Vec::try_from(npz.iter().find(|(n, _)| n == "mu").unwrap().1.get(0)).unwrap();
-    let worst = mu.iter().zip(&latent.mu).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let worst = mu
+        .iter()
+        .zip(&latent.mu)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
     assert!(worst < 1e-5, "encode endpoint and wmvae encode differ by {worst}");
 
     // A bad frame gets a service error with its reason.
     let reply = client.request("wm.ctl.encode", b"\xc1".to_vec().into()).await.unwrap();
-    let error = reply.headers.as_ref().and_then(|h| h.get("Nats-Service-Error")).map(|v| v.to_string()).unwrap_or_default();
+    let error = reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Service-Error"))
+        .map(|v| v.to_string())
+        .unwrap_or_default();
     assert!(error.contains("malformed_msgpack"), "service error: {error:?}");
 
     // Status, and discovery.
     let reply = client.request("wm.ctl.status", "".into()).await.unwrap();
     let status: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
-    for key in ["step", "active_version", "buffer_frames", "images_per_s", "last_losses", "device"] {
+    for key in [
+        "step",
+        "active_version",
+        "buffer_frames",
+        "images_per_s",
+        "last_losses",
+        "device",
+    ] {
         assert!(status.get(key).is_some(), "status lacks {key}: {status}");
     }
     assert_eq!(status["buffer_frames"], 300);
     assert_eq!(status["device"], "cpu");
     let mut pings = client.subscribe("_INBOX.ping").await.unwrap();
-    client.publish_with_reply("$SRV.PING.wmvae", "_INBOX.ping", "".into()).await.unwrap();
-    let pong = tokio::time::timeout(Duration::from_secs(5), pings.next()).await.unwrap().unwrap();
+    client
+        .publish_with_reply("$SRV.PING.wmvae", "_INBOX.ping", "".into())
+        .await
+        .unwrap();
+    let pong = tokio::time::timeout(Duration::from_secs(5), pings.next())
+        .await
+        .unwrap()
+        .unwrap();
     let pong: serde_json::Value = serde_json::from_slice(&pong.payload).unwrap();
     assert_eq!(pong["name"], "wmvae");
 
@@ -160,26 +209,58 @@ async fn resumes_after_sigkill() {
     let js = jetstream::new(nats.client().await);
     wait_for_ingest_consumer(&js).await;
     publish_frames(&js, 8, 25).await;
-    wait_until(Duration::from_secs(120), "version 3", || async { created_versions(&js).await.len() >= 3 }).await;
+    wait_until(Duration::from_secs(120), "version 3", || async {
+        created_versions(&js).await.len() >= 3
+    })
+    .await;
     daemon.kill();
     let before = created_versions(&js).await;
     let last = before.last().unwrap().metadata.clone();
 
     let daemon = Daemon::start(&nats.url, dir.path(), &env(&[]));
     wait_until(Duration::from_secs(120), "a version after the restart", || async {
-        created_versions(&js).await.iter().any(|a| a.metadata.version > last.version)
+        created_versions(&js)
+            .await
+            .iter()
+            .any(|a| a.metadata.version > last.version)
     })
     .await;
-    let next = created_versions(&js).await.into_iter().find(|a| a.metadata.version > last.version).unwrap();
-    assert_eq!(next.metadata.version, last.version + 1, "versions are never reused or skipped");
+    let next = created_versions(&js)
+        .await
+        .into_iter()
+        .find(|a| a.metadata.version > last.version)
+        .unwrap();
+    assert_eq!(
+        next.metadata.version,
+        last.version + 1,
+        "versions are never reused or skipped"
+    );
     assert_eq!(next.metadata.parent, Some(last.version));
-    assert!(next.metadata.step > last.step, "step went from {} back to {}", last.step, next.metadata.step);
+    assert!(
+        next.metadata.step > last.step,
+        "step went from {} back to {}",
+        last.step,
+        next.metadata.step
+    );
     assert!(daemon.logs().contains("resumed from the active checkpoint"));
     assert!(daemon.terminate().success());
 
-    let store = wmvae::store::Store::open(&dir.path().join("store"), wmvae::store::BufferConfig { capacity: 1_000_000, validation_fraction: 0.3 }).unwrap();
+    let store = wmvae::store::Store::open(
+        &dir.path().join("store"),
+        wmvae::store::BufferConfig {
+            capacity: 1_000_000,
+            validation_fraction: 0.3,
+        },
+    )
+    .unwrap();
     assert_eq!(store.stats().unwrap().frames, 200, "acked frames lost");
-    let by_version: BTreeMap<u64, u64> = store.registry().list().unwrap().into_iter().map(|m| (m.version, m.step)).collect();
+    let by_version: BTreeMap<u64, u64> = store
+        .registry()
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.version, m.step))
+        .collect();
     assert!(by_version.keys().copied().eq(1..=*by_version.keys().last().unwrap()));
 }
 
@@ -191,16 +272,38 @@ async fn resumes_after_sigkill() {
 async fn rolls_back_by_itself_on_divergence_then_stops() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let mut daemon = Daemon::start(&nats.url, dir.path(), &env(&[("WMVAE_TRAIN__LEARNING_RATE", "1e6"), ("WMVAE_TRAIN__MAX_BAD_STEPS", "3"), ("WMVAE_TRAIN__MAX_AUTO_ROLLBACKS", "2")]));
+    let mut daemon = Daemon::start(
+        &nats.url,
+        dir.path(),
+        &env(&[
+            ("WMVAE_TRAIN__LEARNING_RATE", "1e6"),
+            ("WMVAE_TRAIN__MAX_BAD_STEPS", "3"),
+            ("WMVAE_TRAIN__MAX_AUTO_ROLLBACKS", "2"),
+        ]),
+    );
     let js = jetstream::new(nats.client().await);
     wait_for_ingest_consumer(&js).await;
     publish_frames(&js, 4, 20).await;
     wait_until(Duration::from_secs(120), "a rollback announcement", || async {
-        announcements(&js).await.iter().any(|a| a.event == CheckpointEvent::Rollback)
+        announcements(&js)
+            .await
+            .iter()
+            .any(|a| a.event == CheckpointEvent::Rollback)
     })
     .await;
-    let rollback = announcements(&js).await.into_iter().find(|a| a.event == CheckpointEvent::Rollback).unwrap();
-    assert!(rollback.reason.as_deref().unwrap_or("").contains("automatic rollback on divergence"), "{rollback:?}");
+    let rollback = announcements(&js)
+        .await
+        .into_iter()
+        .find(|a| a.event == CheckpointEvent::Rollback)
+        .unwrap();
+    assert!(
+        rollback
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("automatic rollback on divergence"),
+        "{rollback:?}"
+    );
     assert_eq!(rollback.to, Some(rollback.metadata.version));
     // Every step diverges: v1 (the only version) has no parent to go back
     // to, so the second attempt stops the daemon instead of looping.
@@ -220,14 +323,37 @@ async fn the_demo_config_makes_a_second_version_early() {
     let dir = tempfile::tempdir().unwrap();
     let port = common::free_port();
     let addr = format!("127.0.0.1:{port}");
-    let env = [("WMVAE_TRAIN__MIN_FRAMES", "100"), ("WMVAE_TRAIN__THREADS", "1"), ("WMVAE_HTTP__ADDR", addr.as_str())];
-    let daemon = Daemon::start_with(&nats.url, dir.path(), Some(&common::repo_root().join("config/demo.toml")), &env);
+    let env = [
+        ("WMVAE_TRAIN__MIN_FRAMES", "100"),
+        ("WMVAE_TRAIN__THREADS", "1"),
+        ("WMVAE_HTTP__ADDR", addr.as_str()),
+    ];
+    let daemon = Daemon::start_with(
+        &nats.url,
+        dir.path(),
+        Some(&common::repo_root().join("config/demo.toml")),
+        &env,
+    );
     let js = jetstream::new(nats.client().await);
     wait_for_ingest_consumer(&js).await;
     publish_frames(&js, 4, 40).await;
-    daemon.wait_until(Duration::from_secs(180), "version 2", || async { created_versions(&js).await.iter().any(|a| a.metadata.version == 2) }).await;
-    let second = created_versions(&js).await.into_iter().find(|a| a.metadata.version == 2).unwrap();
-    assert!(second.metadata.step <= 60, "version 2 came at step {}", second.metadata.step);
-    assert!(common::http_get(port, "/").1.contains(r#"<meta http-equiv="refresh" content="10">"#));
+    daemon
+        .wait_until(Duration::from_secs(180), "version 2", || async {
+            created_versions(&js).await.iter().any(|a| a.metadata.version == 2)
+        })
+        .await;
+    let second = created_versions(&js)
+        .await
+        .into_iter()
+        .find(|a| a.metadata.version == 2)
+        .unwrap();
+    assert!(
+        second.metadata.step <= 60,
+        "version 2 came at step {}",
+        second.metadata.step
+    );
+    assert!(common::http_get(port, "/")
+        .1
+        .contains(r#"<meta http-equiv="refresh" content="10">"#));
     assert!(daemon.terminate().success());
 }

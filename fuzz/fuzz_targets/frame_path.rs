@@ -13,7 +13,9 @@ use wmvae::frames::preprocess::Policy;
 use wmvae::frames::wire::decode_frame;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&source_len, rest)) = data.split_first() else { return };
+    let Some((&source_len, rest)) = data.split_first() else {
+        return;
+    };
     let (source, payload) = rest.split_at((source_len as usize).min(rest.len()));
     let source = String::from_utf8_lossy(source);
     let payload = bytes::Bytes::copy_from_slice(payload);

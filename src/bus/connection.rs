@@ -22,7 +22,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The client options for `config`: name, timeouts, credentials and TLS.
 pub async fn options(config: &NatsConfig) -> Result<ConnectOptions> {
-    let mut options = ConnectOptions::new().name("wmvae").connection_timeout(CONNECT_TIMEOUT).custom_inbox_prefix(&config.inbox_prefix);
+    let mut options = ConnectOptions::new()
+        .name("wmvae")
+        .connection_timeout(CONNECT_TIMEOUT)
+        .custom_inbox_prefix(&config.inbox_prefix);
     if let Some(password) = config.password.expose() {
         options = options.user_and_password(config.user.clone(), password.to_string());
     } else if let Some(token) = config.token.expose() {
@@ -42,14 +45,18 @@ pub async fn options(config: &NatsConfig) -> Result<ConnectOptions> {
 /// `control_user` is set: that user, the main connection's TLS.
 pub fn control_options(config: &NatsConfig) -> Option<ConnectOptions> {
     let password = config.control_password.expose()?;
-    let options = ConnectOptions::with_user_and_password(config.control_user.clone(), password.to_string()).name("wmvae-control").connection_timeout(CONNECT_TIMEOUT);
+    let options = ConnectOptions::with_user_and_password(config.control_user.clone(), password.to_string())
+        .name("wmvae-control")
+        .connection_timeout(CONNECT_TIMEOUT);
     Some(with_tls(options, config))
 }
 
 /// `options` with the CA and client certificate of `config`, if any.
 fn with_tls(mut options: ConnectOptions, config: &NatsConfig) -> ConnectOptions {
     if !config.tls_ca_file.is_empty() {
-        options = options.add_root_certificates(config.tls_ca_file.clone().into()).require_tls(true);
+        options = options
+            .add_root_certificates(config.tls_ca_file.clone().into())
+            .require_tls(true);
     }
     if !config.tls_cert_file.is_empty() {
         options = options
@@ -80,7 +87,11 @@ where
             return Err(refusal);
         }
         if Instant::now() + RETRY_PAUSE > deadline {
-            let waited = if patience.is_zero() { String::new() } else { format!(" (tried for {patience:?})") };
+            let waited = if patience.is_zero() {
+                String::new()
+            } else {
+                format!(" (tried for {patience:?})")
+            };
             return Err(anyhow!(error)).with_context(|| format!("no NATS server answered at {}{waited}", config.url));
         }
         if attempts == 1 || attempts % 10 == 0 {
@@ -102,12 +113,18 @@ fn refusal(config: &NatsConfig, error: &async_nats::ConnectError) -> Option<anyh
             format!("NATS at {} refused the credentials (authentication: {auth}); check the nats.* settings and the server's users", config.url)
         }
         ConnectErrorKind::Authentication => {
-            format!("could not answer the challenge of NATS at {} with the configured {auth} key", config.url)
+            format!(
+                "could not answer the challenge of NATS at {} with the configured {auth} key",
+                config.url
+            )
         }
         // A server that rejects our client certificate ends the handshake
         // with a TLS alert, which async-nats reports as an IO error.
         ConnectErrorKind::Tls | ConnectErrorKind::Io if is_tls(error) => {
-            format!("TLS with NATS at {} failed; check nats.tls_ca_file, nats.tls_cert_file and nats.tls_key_file", config.url)
+            format!(
+                "TLS with NATS at {} failed; check nats.tls_ca_file, nats.tls_cert_file and nats.tls_key_file",
+                config.url
+            )
         }
         _ => return None,
     };

@@ -2,8 +2,8 @@
 //! [`Delivery`]s to ack or terminate, dead letters with their reason, and
 //! the bench's bare consume+ack baseline. Bytes only: decoding is `frames`'.
 
-use super::migrate::{FrameConsumer, FRAMES_STREAM};
 use super::headers;
+use super::migrate::{FrameConsumer, FRAMES_STREAM};
 use super::Bus;
 use crate::backoff::Backoff;
 use anyhow::{anyhow, Context, Result};
@@ -14,7 +14,6 @@ use serde::Deserialize;
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
 
 /// One frame message as delivered, with what is needed to ack it.
 pub struct Delivery {
@@ -37,18 +36,27 @@ impl Delivery {
 
     /// The frame could not be made durable now: redeliver it after `delay`.
     pub async fn nak(&self, delay: Duration) -> Result<()> {
-        self.acker.ack_with(jetstream::AckKind::Nak(Some(delay))).await.map_err(|e| anyhow!("nak: {e}"))
+        self.acker
+            .ack_with(jetstream::AckKind::Nak(Some(delay)))
+            .await
+            .map_err(|e| anyhow!("nak: {e}"))
     }
 
     /// The frame is still being worked on (a commit retried while the disk
     /// is full): the server waits another `ack_wait` before redelivering.
     pub async fn in_progress(&self) -> Result<()> {
-        self.acker.ack_with(jetstream::AckKind::Progress).await.map_err(|e| anyhow!("in progress: {e}"))
+        self.acker
+            .ack_with(jetstream::AckKind::Progress)
+            .await
+            .map_err(|e| anyhow!("in progress: {e}"))
     }
 
     /// The frame was dead-lettered: never redeliver it.
     pub async fn terminate(&self) -> Result<()> {
-        self.acker.ack_with(jetstream::AckKind::Term).await.map_err(|e| anyhow!("term: {e}"))
+        self.acker
+            .ack_with(jetstream::AckKind::Term)
+            .await
+            .map_err(|e| anyhow!("term: {e}"))
     }
 }
 
@@ -70,8 +78,15 @@ impl Bus {
     /// A durable frame consumer (after `migrate`).
     pub async fn frame_feed(&self, which: FrameConsumer) -> Result<FrameFeed> {
         self.ensure_consumer(&which).await?;
-        let stream = self.js.get_stream(FRAMES_STREAM).await.with_context(|| format!("stream {FRAMES_STREAM} (run wmvae migrate)"))?;
-        let consumer = stream.get_consumer(&which.durable_name()).await.map_err(|e| anyhow!("consumer {}: {e}", which.durable_name()))?;
+        let stream = self
+            .js
+            .get_stream(FRAMES_STREAM)
+            .await
+            .with_context(|| format!("stream {FRAMES_STREAM} (run wmvae migrate)"))?;
+        let consumer = stream
+            .get_consumer(&which.durable_name())
+            .await
+            .map_err(|e| anyhow!("consumer {}: {e}", which.durable_name()))?;
         let mut feed = FrameFeed::over(consumer, self.subject("frames."), which.pull_batch());
         feed.remake = Some((self.clone(), which));
         Ok(feed)
@@ -80,17 +95,32 @@ impl Bus {
     /// The bench's baseline: a bare ephemeral pull consumer over WM_FRAMES
     /// that reads `n` messages and only acks them. Returns the time taken.
     pub async fn consume_and_ack_only(&self, n: u64) -> Result<Duration> {
-        let stream = self.js.get_stream(FRAMES_STREAM).await.with_context(|| format!("stream {FRAMES_STREAM}"))?;
+        let stream = self
+            .js
+            .get_stream(FRAMES_STREAM)
+            .await
+            .with_context(|| format!("stream {FRAMES_STREAM}"))?;
         let config = pull::Config {
             ack_policy: jetstream::consumer::AckPolicy::Explicit,
             max_ack_pending: self.limits.max_ack_pending,
             ..Default::default()
         };
-        let consumer = stream.create_consumer(config).await.context("creating the baseline consumer")?;
-        let mut messages = consumer.stream().max_messages_per_batch(FrameConsumer::Ingest.pull_batch()).messages().await?;
+        let consumer = stream
+            .create_consumer(config)
+            .await
+            .context("creating the baseline consumer")?;
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(FrameConsumer::Ingest.pull_batch())
+            .messages()
+            .await?;
         let start = Instant::now();
         for _ in 0..n {
-            let message = messages.next().await.context("baseline consumer ended")?.map_err(|e| anyhow!("baseline consumer: {e}"))?;
+            let message = messages
+                .next()
+                .await
+                .context("baseline consumer ended")?
+                .map_err(|e| anyhow!("baseline consumer: {e}"))?;
             message.ack().await.map_err(|e| anyhow!("ack: {e}"))?;
         }
         Ok(start.elapsed())
@@ -130,10 +160,17 @@ impl Bus {
     /// `MAX_DELIVERIES` advisories (in a queue group, so one of the nodes
     /// sharing the consumer gets each). Advisories that don't decode are
     /// skipped. The subscription survives reconnects.
-    pub async fn undeliverable(&self, which: &FrameConsumer) -> Result<impl futures::Stream<Item = Undeliverable> + Unpin> {
+    pub async fn undeliverable(
+        &self,
+        which: &FrameConsumer,
+    ) -> Result<impl futures::Stream<Item = Undeliverable> + Unpin> {
         let durable = which.durable_name();
         let subject = format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{FRAMES_STREAM}.{durable}");
-        let subscriber = self.client.queue_subscribe(subject, format!("{ADVISORY_GROUP_PREFIX}{durable}")).await.context("subscribing to max-deliveries advisories")?;
+        let subscriber = self
+            .client
+            .queue_subscribe(subject, format!("{ADVISORY_GROUP_PREFIX}{durable}"))
+            .await
+            .context("subscribing to max-deliveries advisories")?;
         Ok(subscriber.filter_map(|m| std::future::ready(serde_json::from_slice(&m.payload).ok())))
     }
 
@@ -141,7 +178,11 @@ impl Bus {
     /// dead-letter stream with `reason`. False when the stream no longer
     /// holds it (aged out).
     pub async fn dead_letter_sequence(&self, stream_sequence: u64, reason: &str) -> Result<bool> {
-        let stream = self.js.get_stream(FRAMES_STREAM).await.with_context(|| format!("stream {FRAMES_STREAM}"))?;
+        let stream = self
+            .js
+            .get_stream(FRAMES_STREAM)
+            .await
+            .with_context(|| format!("stream {FRAMES_STREAM}"))?;
         let message = match stream.get_raw_message(stream_sequence).await {
             Ok(message) => message,
             Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => return Ok(false),
@@ -161,18 +202,38 @@ impl Bus {
 impl FrameFeed {
     /// A feed over `consumer`, whose subjects start with `subject_prefix`
     /// (`<prefix>.frames.`), pulling `pull_batch` messages at a time.
-    pub(super) fn over(consumer: jetstream::consumer::Consumer<pull::Config>, subject_prefix: String, pull_batch: usize) -> FrameFeed {
-        FrameFeed { consumer, messages: None, subject_prefix, pull_batch, remake: None, pause: Backoff::default() }
+    pub(super) fn over(
+        consumer: jetstream::consumer::Consumer<pull::Config>,
+        subject_prefix: String,
+        pull_batch: usize,
+    ) -> FrameFeed {
+        FrameFeed {
+            consumer,
+            messages: None,
+            subject_prefix,
+            pull_batch,
+            remake: None,
+            pause: Backoff::default(),
+        }
     }
 
     /// The pull stream could not be opened: the server may have lost the
     /// consumer (restarted without its JetStream state; the daemon applies
     /// the migrations again on the reconnect). Makes the consumer again.
     async fn remake_consumer(&mut self) -> Result<()> {
-        let Some((bus, which)) = &self.remake else { return Ok(()) };
-        let stream = bus.js.get_stream(FRAMES_STREAM).await.with_context(|| format!("stream {FRAMES_STREAM}"))?;
+        let Some((bus, which)) = &self.remake else {
+            return Ok(());
+        };
+        let stream = bus
+            .js
+            .get_stream(FRAMES_STREAM)
+            .await
+            .with_context(|| format!("stream {FRAMES_STREAM}"))?;
         bus.ensure_consumer(which).await?;
-        self.consumer = stream.get_consumer(&which.durable_name()).await.map_err(|e| anyhow!("consumer {}: {e}", which.durable_name()))?;
+        self.consumer = stream
+            .get_consumer(&which.durable_name())
+            .await
+            .map_err(|e| anyhow!("consumer {}: {e}", which.durable_name()))?;
         Ok(())
     }
 
@@ -182,17 +243,32 @@ impl FrameFeed {
     /// backing off; the stream is re-opened if it ends, and the consumer
     /// made again if it can't be (a server without its JetStream state).
     /// On `shutdown` it stops waiting and returns what it has (maybe nothing).
-    pub async fn next_batch(&mut self, max: usize, max_wait: Duration, idle: Duration, shutdown: &CancellationToken) -> Result<Vec<Delivery>> {
+    pub async fn next_batch(
+        &mut self,
+        max: usize,
+        max_wait: Duration,
+        idle: Duration,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<Delivery>> {
         let mut batch = Vec::new();
         let mut deadline: Option<Instant> = None;
         let idle_until = Instant::now() + idle;
         while batch.len() < max {
             let messages = match &mut self.messages {
                 Some(messages) => messages,
-                None => match self.consumer.stream().max_messages_per_batch(self.pull_batch).messages().await {
+                None => match self
+                    .consumer
+                    .stream()
+                    .max_messages_per_batch(self.pull_batch)
+                    .messages()
+                    .await
+                {
                     Ok(stream) => self.messages.insert(stream),
                     Err(e) => {
-                        tracing::warn!("opening the frame consumer: {e}; making it again in {:?}", self.pause.next);
+                        tracing::warn!(
+                            "opening the frame consumer: {e}; making it again in {:?}",
+                            self.pause.next
+                        );
                         if !self.pause.wait(shutdown).await {
                             break;
                         }
@@ -218,7 +294,14 @@ impl FrameFeed {
                     let (message, acker) = message.split();
                     let subject = message.subject.to_string();
                     let source = subject.strip_prefix(&self.subject_prefix).unwrap_or("").to_string();
-                    batch.push(Delivery { source, subject, payload: message.payload, stream_sequence, received_at: std::time::Instant::now(), acker });
+                    batch.push(Delivery {
+                        source,
+                        subject,
+                        payload: message.payload,
+                        stream_sequence,
+                        received_at: std::time::Instant::now(),
+                        acker,
+                    });
                     deadline.get_or_insert_with(|| Instant::now() + max_wait);
                     self.pause.reset();
                 }
@@ -242,4 +325,3 @@ impl FrameFeed {
         Ok(batch)
     }
 }
-

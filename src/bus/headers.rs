@@ -55,7 +55,10 @@ pub fn frame_id(source: &str, episode: &str, step: u64) -> HeaderMap {
 /// an id from the original's stream sequence so a redelivered bad frame
 /// is dead-lettered once.
 pub fn dead_letter(subject: &str, stream_sequence: u64, reason: &str) -> HeaderMap {
-    with_id(&format!("frames-{stream_sequence}"), &[(REASON, reason), (SUBJECT, subject)])
+    with_id(
+        &format!("frames-{stream_sequence}"),
+        &[(REASON, reason), (SUBJECT, subject)],
+    )
 }
 
 #[cfg(test)]
@@ -68,7 +71,13 @@ mod tests {
         assert_eq!(value("plain: text/ok é").as_str(), "plain: text/ok é");
         assert_eq!(value("\u{85}").as_str(), "%C2%85");
         let headers = dead_letter("wm.frames.x", 7, "bad_episode: episode holds \"a\nb\"");
-        assert_eq!(headers.get(REASON).map(|v| v.as_str()), Some("bad_episode: episode holds \"a%0Ab\""));
-        assert_eq!(frame_id("s/a", "1", 3).get(MSG_ID).map(|v| v.as_str()), Some("s%2Fa/1/3"));
+        assert_eq!(
+            headers.get(REASON).map(|v| v.as_str()),
+            Some("bad_episode: episode holds \"a%0Ab\"")
+        );
+        assert_eq!(
+            frame_id("s/a", "1", 3).get(MSG_ID).map(|v| v.as_str()),
+            Some("s%2Fa/1/3")
+        );
     }
 }

@@ -27,41 +27,72 @@ impl Bus {
     /// The `server_name` of the server leading stream `name`'s replicas
     /// now; None while it has no leader (an election) or is not clustered.
     pub async fn stream_leader(&self, name: &str) -> Result<Option<String>> {
-        let mut stream = self.js.get_stream(name).await.with_context(|| format!("stream {name}"))?;
+        let mut stream = self
+            .js
+            .get_stream(name)
+            .await
+            .with_context(|| format!("stream {name}"))?;
         let info = stream.info().await.with_context(|| format!("reading stream {name}"))?;
         Ok(info.cluster.as_ref().and_then(|c| c.leader.clone()))
     }
 
     /// Every message stream `name` holds now, oldest first.
     pub async fn stream_messages(&self, name: &str) -> Result<Vec<StoredMessage>> {
-        let mut stream = self.js.get_stream(name).await.with_context(|| format!("stream {name}"))?;
+        let mut stream = self
+            .js
+            .get_stream(name)
+            .await
+            .with_context(|| format!("stream {name}"))?;
         let (messages, last) = {
-            let state = &stream.info().await.with_context(|| format!("reading stream {name}"))?.state;
+            let state = &stream
+                .info()
+                .await
+                .with_context(|| format!("reading stream {name}"))?
+                .state;
             (state.messages, state.last_sequence)
         };
         if messages == 0 {
             return Ok(Vec::new());
         }
         let consumer = stream
-            .create_consumer(OrderedConfig { deliver_policy: DeliverPolicy::All, ..Default::default() })
+            .create_consumer(OrderedConfig {
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            })
             .await
             .with_context(|| format!("reading stream {name}"))?;
-        let mut stored = consumer.messages().await.with_context(|| format!("reading stream {name}"))?;
+        let mut stored = consumer
+            .messages()
+            .await
+            .with_context(|| format!("reading stream {name}"))?;
         let mut out = Vec::with_capacity(messages as usize);
         let read = async {
             while let Some(message) = stored.next().await {
                 let message = message.with_context(|| format!("reading stream {name}"))?;
                 let sequence = message.info().map_err(|e| anyhow::anyhow!("{e}"))?.stream_sequence;
-                let header = |name: &str| message.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.to_string());
+                let header = |name: &str| {
+                    message
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(name))
+                        .map(|v| v.to_string())
+                };
                 let (id, reason) = (header(super::headers::MSG_ID), header(super::headers::REASON));
-                out.push(StoredMessage { subject: message.subject.to_string(), id, reason, payload: message.payload.clone() });
+                out.push(StoredMessage {
+                    subject: message.subject.to_string(),
+                    id,
+                    reason,
+                    payload: message.payload.clone(),
+                });
                 if sequence >= last {
                     return Ok(());
                 }
             }
             bail!("stream {name} ended early")
         };
-        tokio::time::timeout(READ_TIMEOUT, read).await.with_context(|| format!("reading stream {name} took over {READ_TIMEOUT:?}"))??;
+        tokio::time::timeout(READ_TIMEOUT, read)
+            .await
+            .with_context(|| format!("reading stream {name} took over {READ_TIMEOUT:?}"))??;
         Ok(out)
     }
 }

@@ -58,8 +58,16 @@ pub struct Shared {
 
 impl Bus {
     pub async fn shared(&self) -> Result<Shared> {
-        let lease = self.js.get_key_value(LEASE_BUCKET).await.with_context(|| format!("KV bucket {LEASE_BUCKET} (run wmvae migrate)"))?;
-        let meta = self.js.get_key_value(META_BUCKET).await.with_context(|| format!("KV bucket {META_BUCKET} (run wmvae migrate)"))?;
+        let lease = self
+            .js
+            .get_key_value(LEASE_BUCKET)
+            .await
+            .with_context(|| format!("KV bucket {LEASE_BUCKET} (run wmvae migrate)"))?;
+        let meta = self
+            .js
+            .get_key_value(META_BUCKET)
+            .await
+            .with_context(|| format!("KV bucket {META_BUCKET} (run wmvae migrate)"))?;
         Ok(Shared { lease, meta })
     }
 }
@@ -77,7 +85,11 @@ impl Shared {
     /// Renews a held lease: its new revision, or [`Conflict`] when it is
     /// not ours any more (expired, taken, deleted).
     pub async fn renew(&self, holder: &str, revision: u64) -> Result<u64> {
-        match self.lease.update(LEASE_KEY, Bytes::from(holder.to_string()), revision).await {
+        match self
+            .lease
+            .update(LEASE_KEY, Bytes::from(holder.to_string()), revision)
+            .await
+        {
             Ok(revision) => Ok(revision),
             Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Err(Conflict("the lease").into()),
             Err(e) => Err(anyhow!("renewing the lease: {e}")),
@@ -86,18 +98,31 @@ impl Shared {
 
     /// Gives a held lease up, so a standby takes over at once.
     pub async fn release(&self, revision: u64) -> Result<()> {
-        self.lease.delete_expect_revision(LEASE_KEY, Some(revision)).await.map_err(|e| anyhow!("releasing the lease: {e}"))
+        self.lease
+            .delete_expect_revision(LEASE_KEY, Some(revision))
+            .await
+            .map_err(|e| anyhow!("releasing the lease: {e}"))
     }
 
     /// Who holds the lease now (as this server's replica sees it).
     pub async fn holder(&self) -> Result<Option<String>> {
-        let entry = self.lease.entry(LEASE_KEY).await.map_err(|e| anyhow!("reading the lease: {e}"))?;
-        Ok(entry.filter(|e| e.operation == Operation::Put).map(|e| String::from_utf8_lossy(&e.value).into_owned()))
+        let entry = self
+            .lease
+            .entry(LEASE_KEY)
+            .await
+            .map_err(|e| anyhow!("reading the lease: {e}"))?;
+        Ok(entry
+            .filter(|e| e.operation == Operation::Put)
+            .map(|e| String::from_utf8_lossy(&e.value).into_owned()))
     }
 
     /// The lease's changes as they happen, starting with its state now.
     pub async fn watch_lease(&self) -> Result<impl futures::Stream<Item = Result<LeaseEvent>>> {
-        let watch = self.lease.watch_with_history(LEASE_KEY).await.map_err(|e| anyhow!("watching the lease: {e}"))?;
+        let watch = self
+            .lease
+            .watch_with_history(LEASE_KEY)
+            .await
+            .map_err(|e| anyhow!("watching the lease: {e}"))?;
         Ok(watch.map(|entry| {
             let entry = entry.map_err(|e| anyhow!("watching the lease: {e}"))?;
             Ok(match entry.operation {
@@ -109,11 +134,19 @@ impl Shared {
 
     /// The active version and the revision of its key, if one was set.
     pub async fn active(&self) -> Result<Option<(Active, u64)>> {
-        let Some(entry) = self.meta.entry(ACTIVE_KEY).await.map_err(|e| anyhow!("reading {ACTIVE_KEY}: {e}"))? else { return Ok(None) };
+        let Some(entry) = self
+            .meta
+            .entry(ACTIVE_KEY)
+            .await
+            .map_err(|e| anyhow!("reading {ACTIVE_KEY}: {e}"))?
+        else {
+            return Ok(None);
+        };
         if entry.operation != Operation::Put {
             return Ok(None);
         }
-        let active = serde_json::from_slice(&entry.value).with_context(|| format!("{META_BUCKET}/{ACTIVE_KEY} does not decode"))?;
+        let active = serde_json::from_slice(&entry.value)
+            .with_context(|| format!("{META_BUCKET}/{ACTIVE_KEY} does not decode"))?;
         Ok(Some((active, entry.revision)))
     }
 
@@ -121,13 +154,19 @@ impl Shared {
     /// with how many later changes are already stored (a follower that fell
     /// behind skips to the newest).
     pub async fn watch_active(&self) -> Result<impl futures::Stream<Item = Result<(Active, u64)>>> {
-        let watch = self.meta.watch_with_history(ACTIVE_KEY).await.map_err(|e| anyhow!("watching {ACTIVE_KEY}: {e}"))?;
+        let watch = self
+            .meta
+            .watch_with_history(ACTIVE_KEY)
+            .await
+            .map_err(|e| anyhow!("watching {ACTIVE_KEY}: {e}"))?;
         Ok(watch.filter_map(|entry| async move {
             match entry {
                 Err(e) => Some(Err(anyhow!("watching {ACTIVE_KEY}: {e}"))),
-                Ok(entry) if entry.operation == Operation::Put => {
-                    Some(serde_json::from_slice(&entry.value).map(|a| (a, entry.delta)).with_context(|| format!("{META_BUCKET}/{ACTIVE_KEY} does not decode")))
-                }
+                Ok(entry) if entry.operation == Operation::Put => Some(
+                    serde_json::from_slice(&entry.value)
+                        .map(|a| (a, entry.delta))
+                        .with_context(|| format!("{META_BUCKET}/{ACTIVE_KEY} does not decode")),
+                ),
                 Ok(_) => None,
             }
         }))
@@ -139,10 +178,14 @@ impl Shared {
     pub async fn set_active(&self, active: &Active, seen: Option<u64>) -> Result<u64> {
         let value = Bytes::from(serde_json::to_vec(active)?);
         let written = match seen {
-            Some(revision) => self.meta.update(ACTIVE_KEY, value, revision).await.map_err(|e| match e.kind() {
-                UpdateErrorKind::WrongLastRevision => Conflict("the active version").into(),
-                _ => anyhow!("moving {ACTIVE_KEY}: {e}"),
-            }),
+            Some(revision) => self
+                .meta
+                .update(ACTIVE_KEY, value, revision)
+                .await
+                .map_err(|e| match e.kind() {
+                    UpdateErrorKind::WrongLastRevision => Conflict("the active version").into(),
+                    _ => anyhow!("moving {ACTIVE_KEY}: {e}"),
+                }),
             None => self.meta.create(ACTIVE_KEY, value).await.map_err(|e| match e.kind() {
                 CreateErrorKind::AlreadyExists => Conflict("the active version").into(),
                 _ => anyhow!("setting {ACTIVE_KEY}: {e}"),
@@ -155,16 +198,35 @@ impl Shared {
     /// or after `at_least`, taken by compare-and-set on `next_version`.
     pub async fn allocate_version(&self, at_least: u64) -> Result<u64> {
         for _ in 0..100 {
-            let entry = self.meta.entry(NEXT_VERSION_KEY).await.map_err(|e| anyhow!("reading {NEXT_VERSION_KEY}: {e}"))?;
+            let entry = self
+                .meta
+                .entry(NEXT_VERSION_KEY)
+                .await
+                .map_err(|e| anyhow!("reading {NEXT_VERSION_KEY}: {e}"))?;
             let (next, revision) = match &entry {
-                Some(e) if e.operation == Operation::Put => (String::from_utf8_lossy(&e.value).parse::<u64>().context("next_version")?, Some(e.revision)),
+                Some(e) if e.operation == Operation::Put => (
+                    String::from_utf8_lossy(&e.value)
+                        .parse::<u64>()
+                        .context("next_version")?,
+                    Some(e.revision),
+                ),
                 _ => (1, None),
             };
             let version = next.max(at_least);
             let value = Bytes::from((version + 1).to_string());
             let taken = match revision {
-                Some(revision) => self.meta.update(NEXT_VERSION_KEY, value, revision).await.map(drop).map_err(|e| e.kind() == UpdateErrorKind::WrongLastRevision),
-                None => self.meta.create(NEXT_VERSION_KEY, value).await.map(drop).map_err(|e| e.kind() == CreateErrorKind::AlreadyExists),
+                Some(revision) => self
+                    .meta
+                    .update(NEXT_VERSION_KEY, value, revision)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.kind() == UpdateErrorKind::WrongLastRevision),
+                None => self
+                    .meta
+                    .create(NEXT_VERSION_KEY, value)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.kind() == CreateErrorKind::AlreadyExists),
             };
             match taken {
                 Ok(()) => return Ok(version),

@@ -30,7 +30,16 @@ pub struct LatentMessage {
 impl LatentMessage {
     /// The latent of `frame`, encoded by `model_version` as (`mu`, `logvar`).
     pub fn of(frame: &Frame, model_version: u64, mu: Vec<f32>, logvar: Vec<f32>) -> LatentMessage {
-        LatentMessage { episode: frame.episode.clone(), step: frame.step, model_version, mu, logvar, action: frame.action.clone(), reward: frame.reward, done: frame.done }
+        LatentMessage {
+            episode: frame.episode.clone(),
+            step: frame.step,
+            model_version,
+            mu,
+            logvar,
+            action: frame.action.clone(),
+            reward: frame.reward,
+            done: frame.done,
+        }
     }
 
     pub fn to_msgpack(&self) -> Vec<u8> {
@@ -74,7 +83,16 @@ impl Announcement {
     /// An announcement of `event` for the version `metadata` describes,
     /// whose weights object is `bytes` long (0 when there is none).
     pub fn new(event: CheckpointEvent, metadata: &Metadata, bytes: u64) -> Announcement {
-        Announcement { event, metadata: metadata.clone(), object: weights_object(metadata.version), bytes, from: None, to: None, reason: None, epoch: 0 }
+        Announcement {
+            event,
+            metadata: metadata.clone(),
+            object: weights_object(metadata.version),
+            bytes,
+            from: None,
+            to: None,
+            reason: None,
+            epoch: 0,
+        }
     }
 
     pub fn to_msgpack(&self) -> Vec<u8> {
@@ -100,7 +118,6 @@ pub const IMPORTS_PREFIX: &str = "imports/";
 pub fn import_object(tag: &str) -> String {
     format!("{IMPORTS_PREFIX}{tag}.safetensors")
 }
-
 
 /// The `wm.ctl.decode` request: latents (each `z_size` numbers) to decode,
 /// on the active version or a pinned one.
@@ -155,4 +172,3 @@ pub struct CheckpointRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
 }
-

@@ -14,9 +14,18 @@ use std::time::Duration;
 /// Migration files, in order. Adding one means adding it here.
 const MIGRATIONS: &[(&str, &str)] = &[
     ("0001_frames.toml", include_str!("../../migrations/0001_frames.toml")),
-    ("0002_training.toml", include_str!("../../migrations/0002_training.toml")),
-    ("0003_checkpoint_chunks.toml", include_str!("../../migrations/0003_checkpoint_chunks.toml")),
-    ("0004_frame_chunks.toml", include_str!("../../migrations/0004_frame_chunks.toml")),
+    (
+        "0002_training.toml",
+        include_str!("../../migrations/0002_training.toml"),
+    ),
+    (
+        "0003_checkpoint_chunks.toml",
+        include_str!("../../migrations/0003_checkpoint_chunks.toml"),
+    ),
+    (
+        "0004_frame_chunks.toml",
+        include_str!("../../migrations/0004_frame_chunks.toml"),
+    ),
     ("0005_encoder.toml", include_str!("../../migrations/0005_encoder.toml")),
     ("0006_cluster.toml", include_str!("../../migrations/0006_cluster.toml")),
 ];
@@ -164,7 +173,6 @@ pub struct BusLimits {
     pub lease_ttl_secs: u64,
 }
 
-
 impl BusLimits {
     /// The limits of `config`'s `[ingest]` and `[latents]` sections.
     pub fn from_config(config: &Config) -> BusLimits {
@@ -208,22 +216,45 @@ impl Bus {
 
     async fn apply_stream(&self, def: &StreamDef, version: u64) -> Result<()> {
         if let Ok(mut existing) = self.js.get_stream(&def.name).await {
-            let info = existing.info().await.with_context(|| format!("reading stream {}", def.name))?;
-            let theirs = info.config.metadata.get(MIGRATION_METADATA_KEY).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            let info = existing
+                .info()
+                .await
+                .with_context(|| format!("reading stream {}", def.name))?;
+            let theirs = info
+                .config
+                .metadata
+                .get(MIGRATION_METADATA_KEY)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
             let newest = migrations()?.iter().map(|m| m.version).max().unwrap_or(0);
             if theirs > newest {
-                bail!("stream {} was shaped by migration {theirs} of a newer wmvae; this build knows up to {newest}", def.name);
+                bail!(
+                    "stream {} was shaped by migration {theirs} of a newer wmvae; this build knows up to {newest}",
+                    def.name
+                );
             }
         }
         let config = stream::Config {
             name: def.name.clone(),
-            subjects: def.subjects.iter().map(|s| s.replace("{prefix}", &self.prefix)).collect(),
+            subjects: def
+                .subjects
+                .iter()
+                .map(|s| s.replace("{prefix}", &self.prefix))
+                .collect(),
             description: Some(def.description.clone()),
             storage: stream::StorageType::File,
             retention: stream::RetentionPolicy::Limits,
             discard: stream::DiscardPolicy::Old,
-            max_age: Duration::from_secs(if def.limits_from_config { self.limits.latents_max_age_secs } else { def.max_age_secs }),
-            max_bytes: if def.limits_from_config { self.limits.latents_max_bytes } else { def.max_bytes },
+            max_age: Duration::from_secs(if def.limits_from_config {
+                self.limits.latents_max_age_secs
+            } else {
+                def.max_age_secs
+            }),
+            max_bytes: if def.limits_from_config {
+                self.limits.latents_max_bytes
+            } else {
+                def.max_bytes
+            },
             max_messages: -1,
             max_messages_per_subject: -1,
             duplicate_window: Duration::from_secs(def.duplicate_window_secs),
@@ -231,7 +262,10 @@ impl Bus {
             metadata: HashMap::from([(MIGRATION_METADATA_KEY.to_string(), version.to_string())]),
             ..Default::default()
         };
-        self.js.create_or_update_stream(config).await.with_context(|| format!("applying stream {}", def.name))?;
+        self.js
+            .create_or_update_stream(config)
+            .await
+            .with_context(|| format!("applying stream {}", def.name))?;
         Ok(())
     }
 
@@ -246,12 +280,19 @@ impl Bus {
             num_replicas: self.limits.replicas,
             ..Default::default()
         };
-        self.js.create_object_store(config).await.with_context(|| format!("creating object store {}", def.bucket))?;
+        self.js
+            .create_object_store(config)
+            .await
+            .with_context(|| format!("creating object store {}", def.bucket))?;
         Ok(())
     }
 
     async fn apply_kv(&self, def: &KvDef) -> Result<()> {
-        let max_age = if def.lease { Duration::from_secs(self.limits.lease_ttl_secs) } else { Duration::ZERO };
+        let max_age = if def.lease {
+            Duration::from_secs(self.limits.lease_ttl_secs)
+        } else {
+            Duration::ZERO
+        };
         if self.js.get_key_value(&def.bucket).await.is_ok() {
             return self.apply_replicas(&format!("KV_{}", def.bucket), Some(max_age)).await;
         }
@@ -265,15 +306,27 @@ impl Bus {
             limit_markers: def.lease.then_some(max_age),
             ..Default::default()
         };
-        self.js.create_key_value(config).await.with_context(|| format!("creating KV bucket {}", def.bucket))?;
+        self.js
+            .create_key_value(config)
+            .await
+            .with_context(|| format!("creating KV bucket {}", def.bucket))?;
         Ok(())
     }
 
     /// Brings an existing stream (a bucket's) to the configured replicas
     /// and, when given, max age: an update in place, never a re-create.
     async fn apply_replicas(&self, name: &str, max_age: Option<Duration>) -> Result<()> {
-        let mut stream = self.js.get_stream(name).await.with_context(|| format!("stream {name}"))?;
-        let mut config = stream.info().await.with_context(|| format!("reading stream {name}"))?.config.clone();
+        let mut stream = self
+            .js
+            .get_stream(name)
+            .await
+            .with_context(|| format!("stream {name}"))?;
+        let mut config = stream
+            .info()
+            .await
+            .with_context(|| format!("reading stream {name}"))?
+            .config
+            .clone();
         if config.num_replicas == self.limits.replicas && max_age.is_none_or(|age| config.max_age == age) {
             return Ok(());
         }
@@ -286,7 +339,10 @@ impl Bus {
                 config.duplicate_window = age;
             }
         }
-        self.js.update_stream(config).await.with_context(|| format!("updating stream {name}"))?;
+        self.js
+            .update_stream(config)
+            .await
+            .with_context(|| format!("updating stream {name}"))?;
         Ok(())
     }
 
@@ -294,7 +350,13 @@ impl Bus {
     /// the others exist once `migrate` ran.
     pub(super) async fn ensure_consumer(&self, which: &FrameConsumer) -> Result<()> {
         match which {
-            FrameConsumer::IngestFor(_) => self.apply_consumer(&ConsumerDef { stream: FRAMES_STREAM.into(), durable: which.durable_name() }).await,
+            FrameConsumer::IngestFor(_) => {
+                self.apply_consumer(&ConsumerDef {
+                    stream: FRAMES_STREAM.into(),
+                    durable: which.durable_name(),
+                })
+                .await
+            }
             FrameConsumer::Ingest | FrameConsumer::Encode => Ok(()),
         }
     }
@@ -308,11 +370,25 @@ impl Bus {
             max_deliver: self.limits.max_deliver,
             ..Default::default()
         };
-        let stream = self.js.get_stream(&def.stream).await.with_context(|| format!("stream {}", def.stream))?;
+        let stream = self
+            .js
+            .get_stream(&def.stream)
+            .await
+            .with_context(|| format!("stream {}", def.stream))?;
         let what = || format!("applying consumer {}/{}", def.stream, def.durable);
         match stream.get_consumer::<pull::Config>(&def.durable).await {
-            Ok(_) => self.js.update_consumer_on_stream(config, &def.stream).await.map(drop).with_context(what),
-            Err(_) => self.js.create_consumer_on_stream(config, &def.stream).await.map(drop).with_context(what),
+            Ok(_) => self
+                .js
+                .update_consumer_on_stream(config, &def.stream)
+                .await
+                .map(drop)
+                .with_context(what),
+            Err(_) => self
+                .js
+                .create_consumer_on_stream(config, &def.stream)
+                .await
+                .map(drop)
+                .with_context(what),
         }
     }
 }
@@ -329,9 +405,15 @@ mod tests {
     #[test]
     fn migrations_define_the_frame_stream_and_its_consumer() {
         let all = super::migrations().unwrap();
-        assert!(all.iter().flat_map(|m| &m.stream).any(|s| s.name == super::FRAMES_STREAM));
+        assert!(all
+            .iter()
+            .flat_map(|m| &m.stream)
+            .any(|s| s.name == super::FRAMES_STREAM));
         for consumer in [super::FrameConsumer::ingest(""), super::FrameConsumer::Encode] {
-            assert!(all.iter().flat_map(|m| &m.consumer).any(|c| c.stream == super::FRAMES_STREAM && c.durable == consumer.durable_name()));
+            assert!(all
+                .iter()
+                .flat_map(|m| &m.consumer)
+                .any(|c| c.stream == super::FRAMES_STREAM && c.durable == consumer.durable_name()));
         }
         let buckets: Vec<&str> = all.iter().flat_map(|m| &m.kv).map(|k| k.bucket.as_str()).collect();
         assert_eq!(buckets, ["wm-lease", "wm-meta"], "the buckets bus::kv opens");

@@ -24,10 +24,10 @@ pub mod service;
 
 pub use feed::{Delivery, FrameFeed, Undeliverable};
 pub use inspect::StoredMessage;
-pub use publish::LatentPublisher;
 pub use migrate::{latest_store_schema, BusLimits, FrameConsumer, MigrationReport};
 pub use objects::{TooLarge, CHECKPOINT_BUCKET};
 pub use publish::FramePublisher;
+pub use publish::LatentPublisher;
 pub use relay::RELAY_BYTES;
 
 use crate::config::{Config, NatsConfig};
@@ -70,7 +70,13 @@ impl Bus {
     /// Connects, waiting up to [`connection::STARTUP_PATIENCE`] for a server
     /// that is still starting (for the daemon); reconnects for ever after.
     pub async fn connect(config: &Config) -> Result<Bus> {
-        Self::open(&config.nats, BusLimits::from_config(config), connection::STARTUP_PATIENCE, false).await
+        Self::open(
+            &config.nats,
+            BusLimits::from_config(config),
+            connection::STARTUP_PATIENCE,
+            false,
+        )
+        .await
     }
 
     /// Connects once, failing fast when no server answers (for the CLI).
@@ -131,12 +137,22 @@ impl Bus {
                         }
                     }))
                 };
-                connection::connect(config, patience, make_control).await.context("the control service's connection")?
+                connection::connect(config, patience, make_control)
+                    .await
+                    .context("the control service's connection")?
             }
             true => client.clone(),
         };
         let js = jetstream::new(client.clone());
-        Ok(Bus { limits, disconnects, connects, client, control, js, prefix: config.prefix.clone() })
+        Ok(Bus {
+            limits,
+            disconnects,
+            connects,
+            client,
+            control,
+            js,
+            prefix: config.prefix.clone(),
+        })
     }
 
     /// The largest message the server takes (its `max_payload`).
@@ -151,8 +167,17 @@ impl Bus {
 
     /// Messages stream `name` holds now.
     pub async fn stream_len(&self, name: &str) -> Result<u64> {
-        let mut stream = self.js.get_stream(name).await.with_context(|| format!("stream {name}"))?;
-        Ok(stream.info().await.with_context(|| format!("reading stream {name}"))?.state.messages)
+        let mut stream = self
+            .js
+            .get_stream(name)
+            .await
+            .with_context(|| format!("stream {name}"))?;
+        Ok(stream
+            .info()
+            .await
+            .with_context(|| format!("reading stream {name}"))?
+            .state
+            .messages)
     }
 
     /// Disconnections since the daemon connected (each one reconnects).

@@ -34,7 +34,11 @@ pub struct TooLarge {
 
 impl std::fmt::Display for TooLarge {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} holds {} bytes, over the limit of {}", self.name, self.size, self.max)
+        write!(
+            f,
+            "{} holds {} bytes, over the limit of {}",
+            self.name, self.size, self.max
+        )
     }
 }
 
@@ -42,14 +46,20 @@ impl std::error::Error for TooLarge {}
 
 impl Bus {
     async fn checkpoint_bucket(&self) -> Result<jetstream::object_store::ObjectStore> {
-        self.js.get_object_store(CHECKPOINT_BUCKET).await.with_context(|| format!("object store {CHECKPOINT_BUCKET} (run wmvae migrate)"))
+        self.js
+            .get_object_store(CHECKPOINT_BUCKET)
+            .await
+            .with_context(|| format!("object store {CHECKPOINT_BUCKET} (run wmvae migrate)"))
     }
 
     /// Puts an object in the `wm-checkpoints` bucket (`vae/v{version}.safetensors`
     /// for a version's weights; `imports/...` for uploads to import).
     pub async fn put_object(&self, name: &str, bytes: &[u8]) -> Result<()> {
         let bucket = self.checkpoint_bucket().await?;
-        bucket.put(name, &mut std::io::Cursor::new(bytes)).await.with_context(|| format!("putting {name}"))?;
+        bucket
+            .put(name, &mut std::io::Cursor::new(bytes))
+            .await
+            .with_context(|| format!("putting {name}"))?;
         Ok(())
     }
 
@@ -72,13 +82,28 @@ impl Bus {
         };
         let size = object.info.size as u64;
         if size > max {
-            return Err(TooLarge { name: name.to_string(), size, max }.into());
+            return Err(TooLarge {
+                name: name.to_string(),
+                size,
+                max,
+            }
+            .into());
         }
         let mut bytes = Vec::with_capacity(size.min(PREALLOCATE_BYTES) as usize);
         // At most one byte past `max`, whatever the object's info said.
-        tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::AsyncReadExt::take(object, max.saturating_add(1)), &mut bytes).await.with_context(|| format!("reading {name}"))?;
+        tokio::io::AsyncReadExt::read_to_end(
+            &mut tokio::io::AsyncReadExt::take(object, max.saturating_add(1)),
+            &mut bytes,
+        )
+        .await
+        .with_context(|| format!("reading {name}"))?;
         if bytes.len() as u64 > max {
-            return Err(TooLarge { name: name.to_string(), size: bytes.len() as u64, max }.into());
+            return Err(TooLarge {
+                name: name.to_string(),
+                size: bytes.len() as u64,
+                max,
+            }
+            .into());
         }
         Ok(Some(bytes))
     }
@@ -89,7 +114,9 @@ impl Bus {
     /// holds (its limits dropped it) is vouched for by the object store's
     /// own digest, which every read checks.
     pub async fn announced_weights(&self, version: u64) -> Result<Option<Vec<u8>>> {
-        let Some(weights) = self.get_object(&weights_object(version)).await? else { return Ok(None) };
+        let Some(weights) = self.get_object(&weights_object(version)).await? else {
+            return Ok(None);
+        };
         if let Some(sha256) = self.announced_sha256(version).await? {
             if sha256_hex(&weights) != sha256 {
                 bail!("v{version}'s weights in the object store do not match the sha256 it was announced with");
@@ -102,12 +129,27 @@ impl Bus {
     /// announcement says, reading WM_CHECKPOINTS from its end (at most
     /// [`ANNOUNCEMENTS_SCANNED`] messages).
     async fn announced_sha256(&self, version: u64) -> Result<Option<String>> {
-        let mut stream = self.js.get_stream(CHECKPOINTS_STREAM).await.with_context(|| format!("stream {CHECKPOINTS_STREAM}"))?;
-        let state = stream.info().await.with_context(|| format!("reading stream {CHECKPOINTS_STREAM}"))?.state.clone();
-        let oldest = state.first_sequence.max(state.last_sequence.saturating_sub(ANNOUNCEMENTS_SCANNED));
+        let mut stream = self
+            .js
+            .get_stream(CHECKPOINTS_STREAM)
+            .await
+            .with_context(|| format!("stream {CHECKPOINTS_STREAM}"))?;
+        let state = stream
+            .info()
+            .await
+            .with_context(|| format!("reading stream {CHECKPOINTS_STREAM}"))?
+            .state
+            .clone();
+        let oldest = state
+            .first_sequence
+            .max(state.last_sequence.saturating_sub(ANNOUNCEMENTS_SCANNED));
         for sequence in (oldest..=state.last_sequence).rev().filter(|s| *s > 0) {
-            let Ok(message) = stream.get_raw_message(sequence).await else { continue };
-            let Ok(announcement) = rmp_serde::from_slice::<Announcement>(&message.payload) else { continue };
+            let Ok(message) = stream.get_raw_message(sequence).await else {
+                continue;
+            };
+            let Ok(announcement) = rmp_serde::from_slice::<Announcement>(&message.payload) else {
+                continue;
+            };
             if announcement.metadata.version == version && announcement.event != CheckpointEvent::Deleted {
                 return Ok(Some(announcement.metadata.sha256));
             }
@@ -128,14 +170,22 @@ impl Bus {
     /// Versions whose weights are in the bucket.
     pub async fn object_versions(&self) -> Result<Vec<u64>> {
         let bucket = self.checkpoint_bucket().await?;
-        let mut list = bucket.list().await.map_err(|e| anyhow!("listing {CHECKPOINT_BUCKET}: {e}"))?;
+        let mut list = bucket
+            .list()
+            .await
+            .map_err(|e| anyhow!("listing {CHECKPOINT_BUCKET}: {e}"))?;
         let mut versions = Vec::new();
         while let Some(info) = list.next().await {
             let info = info.map_err(|e| anyhow!("listing {CHECKPOINT_BUCKET}: {e}"))?;
             if info.deleted {
                 continue;
             }
-            if let Some(v) = info.name.strip_prefix("vae/v").and_then(|r| r.strip_suffix(".safetensors")).and_then(|v| v.parse().ok()) {
+            if let Some(v) = info
+                .name
+                .strip_prefix("vae/v")
+                .and_then(|r| r.strip_suffix(".safetensors"))
+                .and_then(|v| v.parse().ok())
+            {
                 versions.push(v);
             }
         }

@@ -19,7 +19,11 @@ const PUBLISH_WINDOW: usize = 256;
 impl Bus {
     /// A publisher of latents to WM_LATENTS.
     pub fn latent_publisher(&self) -> LatentPublisher {
-        LatentPublisher { js: self.js.clone(), prefix: self.prefix.clone(), window: AckWindow::default() }
+        LatentPublisher {
+            js: self.js.clone(),
+            prefix: self.prefix.clone(),
+            window: AckWindow::default(),
+        }
     }
 
     /// Announces a checkpoint event on `<prefix>.checkpoints` and waits
@@ -39,7 +43,11 @@ impl Bus {
     /// the chaos bench's malformed frames.
     pub async fn publish_frame_bytes(&self, source: &str, id: &str, payload: Vec<u8>) -> Result<()> {
         self.js
-            .publish_with_headers(self.subject(&format!("frames.{source}")), headers::with_id(id, &[]), payload.into())
+            .publish_with_headers(
+                self.subject(&format!("frames.{source}")),
+                headers::with_id(id, &[]),
+                payload.into(),
+            )
             .await
             .context("publishing a frame")?
             .await
@@ -50,18 +58,30 @@ impl Bus {
     /// Publishes one frame message on `<prefix>.frames.<source>` with core
     /// NATS (no stored-ack wait; the stream captures it).
     pub async fn publish_frame_core(&self, source: &str, frame: &FrameMessage<'_>) -> Result<()> {
-        self.client.publish(self.subject(&format!("frames.{source}")), frame.to_msgpack().into()).await.context("publishing a frame")
+        self.client
+            .publish(self.subject(&format!("frames.{source}")), frame.to_msgpack().into())
+            .await
+            .context("publishing a frame")
     }
 
     /// Subscribes to the latents of `source` (core NATS, live only).
     pub async fn subscribe_latents(&self, source: &str) -> Result<impl futures::Stream<Item = LatentMessage> + Unpin> {
-        let subscriber = self.client.subscribe(self.subject(&format!("latents.{source}"))).await.context("subscribing to latents")?;
+        let subscriber = self
+            .client
+            .subscribe(self.subject(&format!("latents.{source}")))
+            .await
+            .context("subscribing to latents")?;
         Ok(subscriber.filter_map(|m| std::future::ready(rmp_serde::from_slice(&m.payload).ok())))
     }
 
     /// A publisher of frames from `source` on `<prefix>.frames.<source>`.
     pub fn frame_publisher(&self, source: &str) -> FramePublisher {
-        FramePublisher { js: self.js.clone(), subject: self.subject(&format!("frames.{source}")), source: source.to_string(), window: AckWindow::default() }
+        FramePublisher {
+            js: self.js.clone(),
+            subject: self.subject(&format!("frames.{source}")),
+            source: source.to_string(),
+            window: AckWindow::default(),
+        }
     }
 }
 
@@ -98,24 +118,50 @@ impl AckWindow {
     /// Publishes `payload` on `subject` with `headers` (which carry a
     /// `Nats-Msg-Id`, so the server drops a re-publish within its
     /// duplicate window).
-    pub(super) async fn send(&mut self, js: &jetstream::Context, subject: String, headers: HeaderMap, payload: Vec<u8>, stream: &str) -> Result<()> {
+    pub(super) async fn send(
+        &mut self,
+        js: &jetstream::Context,
+        subject: String,
+        headers: HeaderMap,
+        payload: Vec<u8>,
+        stream: &str,
+    ) -> Result<()> {
         if self.in_flight.len() >= PUBLISH_WINDOW {
             self.settle_one(js, stream).await?;
         }
         let payload = bytes::Bytes::from(payload);
-        let ack = js.publish_with_headers(subject.clone(), headers.clone(), payload.clone()).await.with_context(|| format!("publishing to {stream}"))?;
-        self.in_flight.push_back(InFlight { ack, subject, headers, payload });
+        let ack = js
+            .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+            .await
+            .with_context(|| format!("publishing to {stream}"))?;
+        self.in_flight.push_back(InFlight {
+            ack,
+            subject,
+            headers,
+            payload,
+        });
         Ok(())
     }
 
     async fn settle_one(&mut self, js: &jetstream::Context, stream: &str) -> Result<()> {
-        let Some(InFlight { ack, subject, headers, payload }) = self.in_flight.pop_front() else { return Ok(()) };
+        let Some(InFlight {
+            ack,
+            subject,
+            headers,
+            payload,
+        }) = self.in_flight.pop_front()
+        else {
+            return Ok(());
+        };
         let mut result = ack.await.map(drop);
         for pause in RETRY_PAUSES {
             let Err(e) = &result else { return Ok(()) };
             tracing::warn!("a publish to {stream} was not acked ({e}); sending it again in {pause:?}");
             tokio::time::sleep(pause).await;
-            result = match js.publish_with_headers(subject.clone(), headers.clone(), payload.clone()).await {
+            result = match js
+                .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                .await
+            {
                 Ok(ack) => ack.await.map(drop),
                 Err(e) => Err(e),
             };
@@ -146,7 +192,9 @@ impl FramePublisher {
     /// (`identity::message_id`).
     pub async fn send(&mut self, frame: &FrameMessage<'_>) -> Result<()> {
         let headers = headers::frame_id(&self.source, &frame.episode, frame.step);
-        self.window.send(&self.js, self.subject.clone(), headers, frame.to_msgpack(), "WM_FRAMES").await
+        self.window
+            .send(&self.js, self.subject.clone(), headers, frame.to_msgpack(), "WM_FRAMES")
+            .await
     }
 
     /// Publishes one frame and waits until it and every frame before it
@@ -175,7 +223,15 @@ pub struct LatentPublisher {
 impl LatentPublisher {
     pub async fn send(&mut self, source: &str, latent: &LatentMessage) -> Result<()> {
         let headers = headers::frame_id(source, &latent.episode, latent.step);
-        self.window.send(&self.js, format!("{}.latents.{source}", self.prefix), headers, latent.to_msgpack(), "WM_LATENTS").await
+        self.window
+            .send(
+                &self.js,
+                format!("{}.latents.{source}", self.prefix),
+                headers,
+                latent.to_msgpack(),
+                "WM_LATENTS",
+            )
+            .await
     }
 
     /// Waits until JetStream has stored every latent sent.

@@ -4,12 +4,12 @@
 //! HTTP-like code. What each endpoint does is `daemon::control`'s.
 
 use super::Bus;
-use anyhow::Context;
-use std::collections::HashMap;
 use crate::config::Roles;
+use anyhow::Context;
 use anyhow::{anyhow, Result};
 use bytes::Bytes;
 use futures::StreamExt;
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -32,7 +32,6 @@ impl std::fmt::Display for ServiceError {
 }
 
 impl std::error::Error for ServiceError {}
-
 
 /// The endpoints this build serves (names pinned by PROTOCOL.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,12 +76,18 @@ impl Endpoint {
     /// The endpoints every node with `roles` serves: `status`, and `encode`
     /// and `decode` on an encoder.
     pub fn served_by(roles: Roles) -> Vec<Endpoint> {
-        Endpoint::ALL.into_iter().filter(|e| *e == Endpoint::Status || (e.encoders() && roles.encoder)).collect()
+        Endpoint::ALL
+            .into_iter()
+            .filter(|e| *e == Endpoint::Status || (e.encoders() && roles.encoder))
+            .collect()
     }
 
     /// The endpoints only the leading trainer serves: the buffer's and the checkpoints'.
     pub fn leader_only() -> Vec<Endpoint> {
-        Endpoint::ALL.into_iter().filter(|e| *e != Endpoint::Status && !e.encoders()).collect()
+        Endpoint::ALL
+            .into_iter()
+            .filter(|e| *e != Endpoint::Status && !e.encoders())
+            .collect()
     }
 
     /// The name under `<prefix>.ctl.`.
@@ -135,7 +140,9 @@ pub struct Caller(pub Option<String>);
 impl Caller {
     fn of(message: &async_nats::Message) -> Caller {
         let info = message.headers.as_ref().and_then(|h| h.get("Nats-Request-Info"));
-        let user = info.and_then(|i| serde_json::from_str::<serde_json::Value>(i.as_str()).ok()).and_then(|i| i["user"].as_str().map(str::to_string));
+        let user = info
+            .and_then(|i| serde_json::from_str::<serde_json::Value>(i.as_str()).ok())
+            .and_then(|i| i["user"].as_str().map(str::to_string));
         Caller(user.filter(|u| !u.is_empty()))
     }
 }
@@ -151,13 +158,33 @@ impl Bus {
     /// [`Bus::service_nodes`] finds it. With `probe`, the `status`
     /// endpoint's stats carry this node's status as their `data`, so
     /// [`Bus::node_statuses`] reaches every node (a request reaches one).
-    pub async fn serve_control(&self, handler: Handler, endpoints: &[Endpoint], node: &NodeInfo, probe: Option<StatusProbe>, shutdown: CancellationToken) -> Result<()> {
+    pub async fn serve_control(
+        &self,
+        handler: Handler,
+        endpoints: &[Endpoint],
+        node: &NodeInfo,
+        probe: Option<StatusProbe>,
+        shutdown: CancellationToken,
+    ) -> Result<()> {
         use async_nats::service::ServiceExt;
-        let metadata = HashMap::from([(NODE_ID_KEY.to_string(), node.id.clone()), (ROLES_KEY.to_string(), node.roles.to_string())]);
-        let mut builder = self.control.service_builder().description("World Models VAE trainer: status, encode, checkpoints").metadata(metadata);
+        let metadata = HashMap::from([
+            (NODE_ID_KEY.to_string(), node.id.clone()),
+            (ROLES_KEY.to_string(), node.roles.to_string()),
+        ]);
+        let mut builder = self
+            .control
+            .service_builder()
+            .description("World Models VAE trainer: status, encode, checkpoints")
+            .metadata(metadata);
         if let Some(probe) = probe {
             let status_subject = self.subject(&format!("ctl.{}", Endpoint::Status.name()));
-            builder = builder.stats_handler(move |_, stats| if stats.subject == status_subject { probe() } else { serde_json::Value::Null });
+            builder = builder.stats_handler(move |_, stats| {
+                if stats.subject == status_subject {
+                    probe()
+                } else {
+                    serde_json::Value::Null
+                }
+            });
         }
         let service = builder
             .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
@@ -167,7 +194,10 @@ impl Bus {
         let mut tasks = tokio::task::JoinSet::new();
         for &which in endpoints {
             let name = which.name();
-            let mut endpoint = group.endpoint(name).await.map_err(|e| anyhow!("endpoint {name}: {e}"))?;
+            let mut endpoint = group
+                .endpoint(name)
+                .await
+                .map_err(|e| anyhow!("endpoint {name}: {e}"))?;
             let (handler, shutdown) = (handler.clone(), shutdown.clone());
             tasks.spawn(async move {
                 loop {
@@ -177,7 +207,10 @@ impl Bus {
                     };
                     let reply = handler(which, request.message.payload.clone(), Caller::of(&request.message)).await;
                     // The error's text may quote the request: through the one header-value function.
-                    let reply = reply.map(Bytes::from).map_err(|e| async_nats::service::error::Error { status: super::headers::value(&e.message).to_string(), code: e.code });
+                    let reply = reply.map(Bytes::from).map_err(|e| async_nats::service::error::Error {
+                        status: super::headers::value(&e.message).to_string(),
+                        code: e.code,
+                    });
                     if let Err(e) = request.respond(reply).await {
                         tracing::warn!("control {name}: reply failed: {e}");
                     }
@@ -198,7 +231,10 @@ impl Bus {
             .filter_map(|reply| serde_json::from_slice::<async_nats::service::PingResponse>(reply).ok())
             .filter_map(|pong| {
                 let roles = pong.metadata.get(ROLES_KEY).and_then(|r| r.parse().ok())?;
-                Some(NodeInfo { id: pong.metadata.get(NODE_ID_KEY).cloned().unwrap_or_default(), roles })
+                Some(NodeInfo {
+                    id: pong.metadata.get(NODE_ID_KEY).cloned().unwrap_or_default(),
+                    roles,
+                })
             })
             .collect())
     }
@@ -211,15 +247,27 @@ impl Bus {
         Ok(replies
             .iter()
             .filter_map(|reply| serde_json::from_slice::<async_nats::service::Stats>(reply).ok())
-            .flat_map(|stats| stats.endpoints.into_iter().filter_map(|e| e.data.filter(|d| !d.is_null())))
+            .flat_map(|stats| {
+                stats
+                    .endpoints
+                    .into_iter()
+                    .filter_map(|e| e.data.filter(|d| !d.is_null()))
+            })
             .collect())
     }
 
     /// The replies to `$SRV.<verb>.wmvae` within [`DISCOVERY_WAIT`].
     async fn gather(&self, verb: &str) -> Result<Vec<Bytes>> {
         let inbox = self.client.new_inbox();
-        let mut replies = self.client.subscribe(inbox.clone()).await.with_context(|| format!("subscribing for service {verb} replies"))?;
-        self.client.publish_with_reply(format!("$SRV.{verb}.{SERVICE_NAME}"), inbox, Bytes::new()).await.with_context(|| format!("sending the service {verb}"))?;
+        let mut replies = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .with_context(|| format!("subscribing for service {verb} replies"))?;
+        self.client
+            .publish_with_reply(format!("$SRV.{verb}.{SERVICE_NAME}"), inbox, Bytes::new())
+            .await
+            .with_context(|| format!("sending the service {verb}"))?;
         let mut gathered = Vec::new();
         let deadline = tokio::time::sleep(DISCOVERY_WAIT);
         tokio::pin!(deadline);
@@ -238,11 +286,22 @@ impl Bus {
     /// service error comes back as a [`ServiceError`].
     pub async fn control_request(&self, endpoint: Endpoint, payload: Vec<u8>) -> Result<Bytes> {
         let subject = self.subject(&format!("ctl.{}", endpoint.name()));
-        let reply = self.client.request(subject.clone(), payload.into()).await.map_err(|e| anyhow!("{subject}: {e}"))?;
+        let reply = self
+            .client
+            .request(subject.clone(), payload.into())
+            .await
+            .map_err(|e| anyhow!("{subject}: {e}"))?;
         if let Some(headers) = reply.headers.as_ref() {
             if let Some(error) = headers.get(async_nats::service::NATS_SERVICE_ERROR) {
-                let code = headers.get(async_nats::service::NATS_SERVICE_ERROR_CODE).and_then(|c| c.as_str().parse().ok()).unwrap_or(500);
-                return Err(ServiceError { code, message: error.to_string() }.into());
+                let code = headers
+                    .get(async_nats::service::NATS_SERVICE_ERROR_CODE)
+                    .and_then(|c| c.as_str().parse().ok())
+                    .unwrap_or(500);
+                return Err(ServiceError {
+                    code,
+                    message: error.to_string(),
+                }
+                .into());
             }
         }
         Ok(reply.payload)
@@ -265,7 +324,10 @@ mod tests {
         for name in names {
             // PROTOCOL.md lists siblings as `wm.ctl.checkpoints.list`, `.show`, ...
             let sibling = format!("`.{}`", name.rsplit('.').next().unwrap_or(name));
-            assert!(protocol.contains(&format!("ctl.{name}")) || protocol.contains(&sibling), "PROTOCOL.md does not name ctl.{name}");
+            assert!(
+                protocol.contains(&format!("ctl.{name}")) || protocol.contains(&sibling),
+                "PROTOCOL.md does not name ctl.{name}"
+            );
         }
     }
 }

@@ -39,12 +39,18 @@ async fn live(config: &Config) -> Result<Backend> {
     match tokio::time::timeout(DAEMON_PROBE_TIMEOUT, bus.control_request(Endpoint::Status, Vec::new())).await {
         Ok(Ok(_)) => Ok(Backend::Live(Box::new(bus))),
         Ok(Err(e)) => bail!("no wmvae daemon answers on {}: {e:#}", config.nats.url),
-        Err(_) => bail!("no wmvae daemon answered on {} within {DAEMON_PROBE_TIMEOUT:?}", config.nats.url),
+        Err(_) => bail!(
+            "no wmvae daemon answered on {} within {DAEMON_PROBE_TIMEOUT:?}",
+            config.nats.url
+        ),
     }
 }
 
 fn offline(config: &Config) -> Result<Backend> {
-    Ok(Backend::Offline(Store::open(&config.store.data_dir, config.buffer)?, Box::new(config.clone())))
+    Ok(Backend::Offline(
+        Store::open(&config.store.data_dir, config.buffer)?,
+        Box::new(config.clone()),
+    ))
 }
 
 /// Picks the backend. With neither flag: the daemon if it answers, else the
@@ -55,19 +61,20 @@ pub async fn connect(config: &Config, mode: Mode) -> Result<Backend> {
         Mode::Offline => offline(config),
         Mode::Auto => match live(config).await {
             Ok(backend) => Ok(backend),
-            Err(live_error) => offline(config).map_err(|store_error| {
-                anyhow::anyhow!("no daemon and no store: {live_error:#}; and {store_error:#}")
-            }),
+            Err(live_error) => offline(config)
+                .map_err(|store_error| anyhow::anyhow!("no daemon and no store: {live_error:#}; and {store_error:#}")),
         },
     }
 }
 
 /// A request to a `checkpoints.*` endpoint; 404 answers become [`UnknownVersion`].
 async fn request(bus: &Bus, endpoint: Endpoint, request: &CheckpointRequest) -> Result<bytes::Bytes> {
-    bus.control_request(endpoint, serde_json::to_vec(request)?).await.map_err(|e| match (e.downcast_ref::<ServiceError>(), request.version) {
-        (Some(c), Some(v)) if c.code == 404 => UnknownVersion(v).into(),
-        _ => e,
-    })
+    bus.control_request(endpoint, serde_json::to_vec(request)?)
+        .await
+        .map_err(|e| match (e.downcast_ref::<ServiceError>(), request.version) {
+            (Some(c), Some(v)) if c.code == 404 => UnknownVersion(v).into(),
+            _ => e,
+        })
 }
 
 /// [`request`] with a JSON reply.
@@ -91,7 +98,11 @@ async fn live_history(bus: &Bus) -> Result<Vec<HistoryEntry>> {
     let mut pages = Vec::new();
     let mut before = None;
     loop {
-        let request = CheckpointRequest { before, limit: Some(versions::HISTORY_PAGE), ..Default::default() };
+        let request = CheckpointRequest {
+            before,
+            limit: Some(versions::HISTORY_PAGE),
+            ..Default::default()
+        };
         match ask(bus, Endpoint::History, &request).await? {
             HistoryReply::Page(page) => {
                 pages.push(page.entries);
@@ -112,7 +123,10 @@ async fn live_history(bus: &Bus) -> Result<Vec<HistoryEntry>> {
 }
 
 fn version_request(version: u64) -> CheckpointRequest {
-    CheckpointRequest { version: Some(version), ..Default::default() }
+    CheckpointRequest {
+        version: Some(version),
+        ..Default::default()
+    }
 }
 
 impl Backend {
@@ -165,7 +179,12 @@ impl Backend {
     pub async fn rollback(&self, version: u64, by: &str, reason: Option<&str>) -> Result<Option<u64>> {
         match self {
             Backend::Live(bus) => {
-                let request = CheckpointRequest { version: Some(version), by: Some(by.into()), reason: reason.map(str::to_string), ..Default::default() };
+                let request = CheckpointRequest {
+                    version: Some(version),
+                    by: Some(by.into()),
+                    reason: reason.map(str::to_string),
+                    ..Default::default()
+                };
                 let reply: serde_json::Value = ask(bus, Endpoint::Rollback, &request).await?;
                 Ok(reply["from"].as_u64())
             }
@@ -175,7 +194,13 @@ impl Backend {
 
     pub async fn set_pinned(&self, version: u64, pinned: bool) -> Result<()> {
         match self {
-            Backend::Live(bus) => ask::<serde_json::Value>(bus, if pinned { Endpoint::Pin } else { Endpoint::Unpin }, &version_request(version)).await.map(drop),
+            Backend::Live(bus) => ask::<serde_json::Value>(
+                bus,
+                if pinned { Endpoint::Pin } else { Endpoint::Unpin },
+                &version_request(version),
+            )
+            .await
+            .map(drop),
             Backend::Offline(store, _) => store.registry().set_pinned(version, pinned),
         }
     }
@@ -191,7 +216,10 @@ impl Backend {
     pub async fn export(&self, version: u64) -> Result<Vec<u8>> {
         let expected = self.show(version).await?.metadata.sha256;
         let weights = match self {
-            Backend::Live(bus) => bus.get_object(&weights_object(version)).await?.with_context(|| format!("v{version} is not in the object store"))?,
+            Backend::Live(bus) => bus
+                .get_object(&weights_object(version))
+                .await?
+                .with_context(|| format!("v{version} is not in the object store"))?,
             Backend::Offline(store, _) => versions::checkpoint(store, version)?.weights,
         };
         if sha256_hex(&weights) != expected {
@@ -202,13 +230,25 @@ impl Backend {
 
     /// A new active version from foreign weights. The file is checked here
     /// first, so errors name it and its tensors; nothing changes on error.
-    pub async fn import(&self, bytes: &[u8], origin: &str, config: &Config, by: &str, reason: Option<&str>) -> Result<Metadata> {
+    pub async fn import(
+        &self,
+        bytes: &[u8],
+        origin: &str,
+        config: &Config,
+        by: &str,
+        reason: Option<&str>,
+    ) -> Result<Metadata> {
         versions::check_weights(bytes, origin, config)?;
         match self {
             Backend::Live(bus) => {
                 let object = import_object(&format!("{}-{}", std::process::id(), sha256_hex(bytes)));
                 bus.put_object(&object, bytes).await?;
-                let request = CheckpointRequest { by: Some(by.into()), reason: reason.map(str::to_string), object: Some(object.clone()), ..Default::default() };
+                let request = CheckpointRequest {
+                    by: Some(by.into()),
+                    reason: reason.map(str::to_string),
+                    object: Some(object.clone()),
+                    ..Default::default()
+                };
                 let imported = ask(bus, Endpoint::Import, &request).await;
                 if imported.is_err() {
                     // Refused: the daemon keeps the upload; it is this command's to remove.
@@ -216,7 +256,9 @@ impl Backend {
                 }
                 imported
             }
-            Backend::Offline(store, _) => Ok(versions::import(store, None, bytes, origin, config, by, reason)?.metadata),
+            Backend::Offline(store, _) => {
+                Ok(versions::import(store, None, bytes, origin, config, by, reason)?.metadata)
+            }
         }
     }
 
@@ -224,6 +266,11 @@ impl Backend {
     /// `wmvae encode --checkpoint` and `wmvae decode`.
     pub async fn network(&self, version: u64, device: DeviceChoice, config: &Config) -> Result<Network> {
         let weights = self.export(version).await?;
-        Network::from_safetensors(device.resolve()?, config.vae(), &weights, &format!("checkpoint v{version}"))
+        Network::from_safetensors(
+            device.resolve()?,
+            config.vae(),
+            &weights,
+            &format!("checkpoint v{version}"),
+        )
     }
 }

@@ -23,10 +23,16 @@ fn opt<T: std::fmt::Display>(value: Option<T>) -> String {
 /// `wmvae buffer stats`.
 pub fn stats(stats: &Stats, json: bool) -> Result<()> {
     print_as(stats, json, |stats| {
-        println!("frames      {} of {} ({} train, {} validation)", stats.frames, stats.capacity, stats.train_frames, stats.validation_frames);
+        println!(
+            "frames      {} of {} ({} train, {} validation)",
+            stats.frames, stats.capacity, stats.train_frames, stats.validation_frames
+        );
         println!("episodes    {}", stats.episodes);
         println!("sources     {}", stats.sources);
-        println!("ingested    {} (duplicates {}, evicted {})", stats.frames_ingested, stats.duplicates, stats.evicted);
+        println!(
+            "ingested    {} (duplicates {}, evicted {})",
+            stats.frames_ingested, stats.duplicates, stats.evicted
+        );
         println!("disk bytes  {}", stats.bytes_on_disk);
         for (reason, n) in &stats.rejected {
             println!("rejected    {reason}: {n}");
@@ -38,11 +44,26 @@ pub fn stats(stats: &Stats, json: bool) -> Result<()> {
 /// `wmvae checkpoint list`.
 pub fn list(rows: Vec<Listed>, json: bool) -> Result<()> {
     print_as(rows, json, |rows| {
-        println!("{:>8} {:>8} {:>10}  {:<25} {:>12}  marks", "version", "parent", "step", "created", "eval_loss");
+        println!(
+            "{:>8} {:>8} {:>10}  {:<25} {:>12}  marks",
+            "version", "parent", "step", "created", "eval_loss"
+        );
         for r in rows {
-            let marks: Vec<&str> = [(r.active, "active"), (r.pinned, "pinned"), (r.best, "best")].iter().filter(|m| m.0).map(|m| m.1).collect();
+            let marks: Vec<&str> = [(r.active, "active"), (r.pinned, "pinned"), (r.best, "best")]
+                .iter()
+                .filter(|m| m.0)
+                .map(|m| m.1)
+                .collect();
             let loss = r.eval_loss.map_or_else(|| "-".into(), |l| format!("{l:.3}"));
-            println!("{:>8} {:>8} {:>10}  {:<25} {:>12}  {}", r.version, opt(r.parent), r.step, r.created_at, loss, marks.join(","));
+            println!(
+                "{:>8} {:>8} {:>10}  {:<25} {:>12}  {}",
+                r.version,
+                opt(r.parent),
+                r.step,
+                r.created_at,
+                loss,
+                marks.join(",")
+            );
         }
         Ok(())
     })
@@ -59,9 +80,20 @@ pub fn shown(shown: Shown, json: bool) -> Result<()> {
 /// `wmvae checkpoint history`.
 pub fn history(entries: Vec<HistoryEntry>, json: bool) -> Result<()> {
     print_as(entries, json, |entries| {
-        println!("{:<25} {:>6} {:>6}  {:<34} {:<20} reason", "at", "from", "to", "why", "by");
+        println!(
+            "{:<25} {:>6} {:>6}  {:<34} {:<20} reason",
+            "at", "from", "to", "why", "by"
+        );
         for h in entries {
-            println!("{:<25} {:>6} {:>6}  {:<34} {:<20} {}", h.at, opt(h.from), h.to, h.why, h.by, h.reason.unwrap_or_default());
+            println!(
+                "{:<25} {:>6} {:>6}  {:<34} {:<20} {}",
+                h.at,
+                opt(h.from),
+                h.to,
+                h.why,
+                h.by,
+                h.reason.unwrap_or_default()
+            );
         }
         Ok(())
     })
@@ -77,7 +109,12 @@ pub fn bench(result: serde_json::Value, json: bool) {
     if json {
         println!("{result}");
     } else {
-        let fields: Vec<String> = result.as_object().into_iter().flatten().map(|(k, v)| format!("{k}={v}")).collect();
+        let fields: Vec<String> = result
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         println!("{}", fields.join(" "));
     }
 }

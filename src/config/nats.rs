@@ -84,7 +84,12 @@ impl NatsConfig {
                 bail!("nats.url must not carry credentials: set nats.user and nats.password (or WMVAE_NATS__PASSWORD) so they stay out of logs");
             }
         }
-        let ways = [self.password.is_set(), self.token.is_set(), self.nkey_seed.is_set(), !self.creds_file.is_empty()];
+        let ways = [
+            self.password.is_set(),
+            self.token.is_set(),
+            self.nkey_seed.is_set(),
+            !self.creds_file.is_empty(),
+        ];
         if ways.iter().filter(|&&set| set).count() > 1 {
             bail!("nats: set at most one of password, token, nkey_seed and creds_file");
         }
@@ -141,7 +146,11 @@ impl Secret {
     }
 
     fn shown(&self) -> &'static str {
-        if self.is_set() { Self::SHOWN_AS } else { "" }
+        if self.is_set() {
+            Self::SHOWN_AS
+        } else {
+            ""
+        }
     }
 }
 

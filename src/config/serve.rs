@@ -46,14 +46,21 @@ impl NodeConfig {
     /// Who holds the lease, as its value says: the node id, or this
     /// machine's hostname when there is none.
     pub fn holder(&self) -> String {
-        if self.id.is_empty() { hostname() } else { self.id.clone() }
+        if self.id.is_empty() {
+            hostname()
+        } else {
+            self.id.clone()
+        }
     }
 
     pub fn validate(&self) -> Result<()> {
         if self.lease_ttl_secs < 3 {
             bail!("node.lease_ttl_secs must be at least 3 (renewed every third of it)");
         }
-        if self.id.contains(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_')) {
+        if self
+            .id
+            .contains(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+        {
             bail!("node.id may hold only letters, digits, '-' and '_' (it names a consumer)");
         }
         Ok(())
@@ -95,7 +102,10 @@ impl std::str::FromStr for Roles {
     type Err = anyhow::Error;
 
     fn from_str(text: &str) -> Result<Roles> {
-        let mut roles = Roles { trainer: false, encoder: false };
+        let mut roles = Roles {
+            trainer: false,
+            encoder: false,
+        };
         for role in text.split(',').map(str::trim) {
             match role {
                 "trainer" => roles.trainer = true,
@@ -109,7 +119,11 @@ impl std::str::FromStr for Roles {
 
 impl std::fmt::Display for Roles {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Vec<&str> = [(self.trainer, "trainer"), (self.encoder, "encoder")].into_iter().filter(|r| r.0).map(|r| r.1).collect();
+        let names: Vec<&str> = [(self.trainer, "trainer"), (self.encoder, "encoder")]
+            .into_iter()
+            .filter(|r| r.0)
+            .map(|r| r.1)
+            .collect();
         f.write_str(&names.join(","))
     }
 }
@@ -122,6 +136,8 @@ impl Serialize for Roles {
 
 impl<'de> Deserialize<'de> for Roles {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Roles, D::Error> {
-        String::deserialize(deserializer)?.parse().map_err(serde::de::Error::custom)
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }

@@ -12,9 +12,9 @@
 //! string).
 
 use anyhow::{anyhow, Context, Result};
+use figment::error::{Kind, OneOf};
 use figment::providers::{Format, Toml};
 use figment::value::{Dict, Map, Value};
-use figment::error::{Kind, OneOf};
 use figment::{Figment, Metadata, Profile, Provider, Source};
 use std::path::Path;
 
@@ -24,7 +24,11 @@ const ENV_PREFIX: &str = "WMVAE_";
 const ENV_SPLIT: &str = "__";
 
 /// The layers, later over earlier: `defaults` (TOML), `file`, `env`.
-pub(super) fn layers(defaults: &str, file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Figment> {
+pub(super) fn layers(
+    defaults: &str,
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Figment> {
     let typed_by: toml::Table = defaults.parse().context("built-in config/default.toml")?;
     let mut figment = Figment::from(Toml::string(defaults));
     if let Some(path) = file {
@@ -45,15 +49,24 @@ impl EnvOverlay {
     fn new(vars: impl IntoIterator<Item = (String, String)>, defaults: &toml::Table) -> EnvOverlay {
         let mut overlay = toml::Table::new();
         for (name, raw) in vars {
-            let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
-            let Some((section, key)) = rest.split_once(ENV_SPLIT) else { continue };
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let Some((section, key)) = rest.split_once(ENV_SPLIT) else {
+                continue;
+            };
             let (section, key) = (section.to_lowercase(), key.to_lowercase());
-            let default = defaults.get(&section).and_then(toml::Value::as_table).and_then(|table| table.get(&key));
+            let default = defaults
+                .get(&section)
+                .and_then(toml::Value::as_table)
+                .and_then(|table| table.get(&key));
             let value = match default {
                 Some(toml::Value::String(_)) => toml::Value::String(raw),
                 _ => parse_env_value(&raw),
             };
-            let table = overlay.entry(section).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let table = overlay
+                .entry(section)
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
             if let toml::Value::Table(table) = table {
                 table.insert(key, value);
             }
@@ -71,7 +84,9 @@ impl Provider for EnvOverlay {
     }
 
     fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
-        let dict = Value::serialize(&self.overlay)?.into_dict().ok_or_else(|| figment::Error::from("the environment's overlay is not a table"))?;
+        let dict = Value::serialize(&self.overlay)?
+            .into_dict()
+            .ok_or_else(|| figment::Error::from("the environment's overlay is not a table"))?;
         Ok(Profile::Default.collect(dict))
     }
 }
@@ -92,11 +107,19 @@ pub(super) fn explain(error: figment::Error, figment: &Figment) -> anyhow::Error
     let mut path = error.path.clone();
     if let (Kind::UnknownField(..), [section]) = (&error.kind, path.as_slice()) {
         // The variable that made an unknown section is named by one of its keys.
-        if let Some(key) = figment.find_value(section).ok().and_then(|v| v.into_dict()).and_then(|d| d.into_keys().next()) {
+        if let Some(key) = figment
+            .find_value(section)
+            .ok()
+            .and_then(|v| v.into_dict())
+            .and_then(|d| d.into_keys().next())
+        {
             path.push(key);
         }
     }
-    let origin = error.metadata.as_ref().map_or_else(|| "the configuration".to_string(), |md| origin(md, &path));
+    let origin = error
+        .metadata
+        .as_ref()
+        .map_or_else(|| "the configuration".to_string(), |md| origin(md, &path));
     let what = match &error.kind {
         Kind::UnknownVariant(found, expected) => format!("unknown variant `{found}`, expected {}", OneOf(expected)),
         kind => kind.to_string().trim_end().to_string(),

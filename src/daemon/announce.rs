@@ -5,9 +5,9 @@
 //! store holds. Runs on the daemon's runtime; the trainer hands it
 //! [`Event`]s. It decides nothing about versions: the registry holds them.
 
-use crate::backoff::Backoff;
 use super::lease::Lease;
 use super::trainer::Event;
+use crate::backoff::Backoff;
 use crate::bus::kv::{Active, Conflict, Shared};
 use crate::bus::messages::{checkpoint_envelope_object, weights_object, Announcement, CheckpointEvent};
 use crate::bus::Bus;
@@ -23,11 +23,16 @@ use tokio::sync::mpsc;
 async fn publish_created(bus: &Bus, lease: &Lease, checkpoint: &Checkpoint, epoch: u64) -> Result<()> {
     let version = checkpoint.metadata.version;
     bus.put_object(&weights_object(version), &checkpoint.weights).await?;
-    bus.put_object(&checkpoint_envelope_object(version), &checkpoint.to_bytes()?).await?;
+    bus.put_object(&checkpoint_envelope_object(version), &checkpoint.to_bytes()?)
+        .await?;
     if !lease.may_lead(epoch) {
         bail!("v{version} uploaded, not announced: the lease went meanwhile");
     }
-    let mut announcement = Announcement::new(CheckpointEvent::Created, &checkpoint.metadata, checkpoint.weights.len() as u64);
+    let mut announcement = Announcement::new(
+        CheckpointEvent::Created,
+        &checkpoint.metadata,
+        checkpoint.weights.len() as u64,
+    );
     announcement.epoch = epoch;
     bus.announce(&announcement).await
 }
@@ -44,7 +49,12 @@ pub(super) async fn publish_offline_changes(bus: &Bus, store: &Store, lease: &Le
         if matches!(entry.why, Change::Rollback | Change::Recovery) {
             if let Some(to) = registry.metadata(entry.to)? {
                 let mut a = Announcement::new(CheckpointEvent::Rollback, &to, 0);
-                (a.from, a.to, a.reason, a.epoch) = (entry.from, Some(entry.to), entry.reason.clone().or(Some("offline rollback".into())), epoch);
+                (a.from, a.to, a.reason, a.epoch) = (
+                    entry.from,
+                    Some(entry.to),
+                    entry.reason.clone().or(Some("offline rollback".into())),
+                    epoch,
+                );
                 bus.announce(&a).await?;
             }
         }
@@ -74,10 +84,18 @@ async fn activate(shared: &Shared, lease: &Lease, metadata: &Metadata, epoch: u6
     if let Some((active, _)) = &seen {
         if active.epoch > epoch {
             lease.lose();
-            bail!("v{} not made active: a newer leader (epoch {}) set the active version", metadata.version, active.epoch);
+            bail!(
+                "v{} not made active: a newer leader (epoch {}) set the active version",
+                metadata.version,
+                active.epoch
+            );
         }
     }
-    let active = Active { version: metadata.version, sha256: metadata.sha256.clone(), epoch };
+    let active = Active {
+        version: metadata.version,
+        sha256: metadata.sha256.clone(),
+        epoch,
+    };
     if let Err(e) = shared.set_active(&active, seen.map(|(_, revision)| revision)).await {
         if e.downcast_ref::<Conflict>().is_some() {
             lease.lose();
@@ -99,7 +117,12 @@ async fn publish(bus: &Bus, shared: &Shared, lease: &Lease, event: &Event, annou
             }
             activate(shared, lease, &checkpoint.metadata, *epoch).await
         }
-        Event::Rollback { from, to, reason, epoch } => {
+        Event::Rollback {
+            from,
+            to,
+            reason,
+            epoch,
+        } => {
             if !*announced {
                 let mut a = Announcement::new(CheckpointEvent::Rollback, &to.metadata, to.weights.len() as u64);
                 (a.from, a.to, a.reason, a.epoch) = (*from, Some(to.metadata.version), Some(reason.clone()), *epoch);
@@ -112,7 +135,8 @@ async fn publish(bus: &Bus, shared: &Shared, lease: &Lease, event: &Event, annou
             if !*announced {
                 bus.delete_object(&weights_object(metadata.version)).await?;
                 bus.delete_object(&checkpoint_envelope_object(metadata.version)).await?;
-                bus.announce(&Announcement::new(CheckpointEvent::Deleted, metadata, 0)).await?;
+                bus.announce(&Announcement::new(CheckpointEvent::Deleted, metadata, 0))
+                    .await?;
                 *announced = true;
             }
             Ok(())
@@ -126,7 +150,13 @@ async fn publish(bus: &Bus, shared: &Shared, lease: &Lease, event: &Event, annou
 /// failing); a version is announced, then made active (encoders switch on
 /// that), then its history entry is marked announced. An event given up
 /// (the lease lost) leaves its entry unannounced, for the next start.
-pub(super) async fn publish_events(bus: Bus, store: Store, shared: Shared, lease: Lease, mut events: mpsc::Receiver<Event>) -> Result<()> {
+pub(super) async fn publish_events(
+    bus: Bus,
+    store: Store,
+    shared: Shared,
+    lease: Lease,
+    mut events: mpsc::Receiver<Event>,
+) -> Result<()> {
     while let Some(event) = events.recv().await {
         let (epoch, what) = match &event {
             Event::Created { checkpoint, epoch } => (*epoch, format!("v{}", checkpoint.metadata.version)),
@@ -143,7 +173,9 @@ pub(super) async fn publish_events(bus: Bus, store: Store, shared: Shared, lease
                 false => anyhow!("paused: the lease's renewal is failing"),
             };
             if !lease.may_lead(epoch) {
-                tracing::error!("{what} not published: this node no longer leads (epoch {epoch}); last error: {error:#}");
+                tracing::error!(
+                    "{what} not published: this node no longer leads (epoch {epoch}); last error: {error:#}"
+                );
                 break;
             }
             tracing::warn!("publishing {what}: {error:#}; trying again in {:?}", pause.next);
@@ -161,6 +193,8 @@ fn mark_announced(store: &Store, event: &Event) {
         Event::Deleted { .. } => return,
     };
     if let Err(e) = store.registry().mark_announced(version, rollback) {
-        tracing::error!("v{version} published, but not marked so in the store ({e:#}): the next start announces it again");
+        tracing::error!(
+            "v{version} published, but not marked so in the store ({e:#}): the next start announces it again"
+        );
     }
 }

@@ -17,12 +17,23 @@ impl Trainer {
         let mut changed = false;
         while let Ok(command) = self.commands.try_recv() {
             match command {
-                Command::Rollback { version, by, reason, reply } => {
+                Command::Rollback {
+                    version,
+                    by,
+                    reason,
+                    reply,
+                } => {
                     let result = self.roll_back(version, Change::Rollback, &by, reason);
                     changed |= result.is_ok();
                     let _ = reply.send(result);
                 }
-                Command::Import { weights, origin, by, reason, reply } => {
+                Command::Import {
+                    weights,
+                    origin,
+                    by,
+                    reason,
+                    reply,
+                } => {
                     let result = self.import(&weights, &origin, &by, reason.as_deref());
                     changed |= result.is_ok();
                     let _ = reply.send(result);
@@ -41,7 +52,13 @@ impl Trainer {
     /// Training weights and Adam state move to `version`, then the rollback
     /// is announced (encoders follow it). Nothing changes if the version is
     /// unknown or its checkpoint does not load.
-    pub(super) fn roll_back(&mut self, version: u64, why: Change, by: &str, reason: Option<String>) -> Result<Option<u64>> {
+    pub(super) fn roll_back(
+        &mut self,
+        version: u64,
+        why: Change,
+        by: &str,
+        reason: Option<String>,
+    ) -> Result<Option<u64>> {
         let epoch = self.leading()?;
         let to = Arc::new(versions::checkpoint(&self.store, version)?);
         self.learner.restore(&to)?;
@@ -49,14 +66,29 @@ impl Trainer {
         self.active = Some(to.clone());
         self.status.update(|s| s.active_version = Some(version));
         let reason = reason.unwrap_or_else(|| why.to_string());
-        self.events.blocking_send(Event::Rollback { from, to, reason, epoch }).context("daemon event queue closed")?;
+        self.events
+            .blocking_send(Event::Rollback {
+                from,
+                to,
+                reason,
+                epoch,
+            })
+            .context("daemon event queue closed")?;
         Ok(from)
     }
 
     /// A foreign model becomes the next version, active, with fresh Adam state.
     fn import(&mut self, weights: &[u8], origin: &str, by: &str, reason: Option<&str>) -> Result<Metadata> {
         let version = self.allocate_version(None)?;
-        let checkpoint = Arc::new(versions::import(&self.store, Some(version), weights, origin, &self.config, by, reason)?);
+        let checkpoint = Arc::new(versions::import(
+            &self.store,
+            Some(version),
+            weights,
+            origin,
+            &self.config,
+            by,
+            reason,
+        )?);
         self.learner.restore(&checkpoint)?;
         let metadata = checkpoint.metadata.clone();
         self.adopt(checkpoint)?;
@@ -68,7 +100,12 @@ impl Trainer {
     fn delete(&mut self, version: u64) -> Result<Metadata> {
         let epoch = self.leading()?;
         let metadata = self.store.registry().delete(version)?;
-        self.events.blocking_send(Event::Deleted { metadata: metadata.clone(), epoch }).context("daemon event queue closed")?;
+        self.events
+            .blocking_send(Event::Deleted {
+                metadata: metadata.clone(),
+                epoch,
+            })
+            .context("daemon event queue closed")?;
         Ok(metadata)
     }
 }

@@ -37,10 +37,28 @@ const MAX_IMPORT_BYTES: u64 = 256 << 20;
 /// A request for the trainer, carried out between two steps
 /// (`commands.rs`), with where its answer goes.
 pub enum Command {
-    Rollback { version: u64, by: String, reason: Option<String>, reply: oneshot::Sender<anyhow::Result<Option<u64>>> },
-    Import { weights: Vec<u8>, origin: String, by: String, reason: Option<String>, reply: oneshot::Sender<anyhow::Result<Metadata>> },
-    Pin { version: u64, pinned: bool, reply: oneshot::Sender<anyhow::Result<()>> },
-    Delete { version: u64, reply: oneshot::Sender<anyhow::Result<Metadata>> },
+    Rollback {
+        version: u64,
+        by: String,
+        reason: Option<String>,
+        reply: oneshot::Sender<anyhow::Result<Option<u64>>>,
+    },
+    Import {
+        weights: Vec<u8>,
+        origin: String,
+        by: String,
+        reason: Option<String>,
+        reply: oneshot::Sender<anyhow::Result<Metadata>>,
+    },
+    Pin {
+        version: u64,
+        pinned: bool,
+        reply: oneshot::Sender<anyhow::Result<()>>,
+    },
+    Delete {
+        version: u64,
+        reply: oneshot::Sender<anyhow::Result<Metadata>>,
+    },
 }
 
 /// A request the service refuses: 400.
@@ -64,7 +82,10 @@ pub fn service_error(e: anyhow::Error) -> ServiceError {
     } else {
         500
     };
-    ServiceError { code, message: format!("{e:#}") }
+    ServiceError {
+        code,
+        message: format!("{e:#}"),
+    }
 }
 
 /// What the trainer's endpoints reach.
@@ -107,9 +128,15 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> anyhow::Result<T> + 
 }
 
 /// Hands a command to the trainer and waits for its answer.
-async fn ask_trainer<T>(commands: &mpsc::Sender<Command>, make: impl FnOnce(oneshot::Sender<anyhow::Result<T>>) -> Command) -> anyhow::Result<T> {
+async fn ask_trainer<T>(
+    commands: &mpsc::Sender<Command>,
+    make: impl FnOnce(oneshot::Sender<anyhow::Result<T>>) -> Command,
+) -> anyhow::Result<T> {
     let (reply, answer) = oneshot::channel();
-    commands.send(make(reply)).await.map_err(|_| anyhow!("the trainer has stopped"))?;
+    commands
+        .send(make(reply))
+        .await
+        .map_err(|_| anyhow!("the trainer has stopped"))?;
     answer.await.map_err(|_| anyhow!("the trainer has stopped"))?
 }
 
@@ -122,7 +149,8 @@ const DECODE_GRID_COLUMNS: usize = 16;
 /// `z_size` finite numbers, whose frames fit in a reply under the server's
 /// `max_payload` (a default server's 1 MiB holds 85 frames).
 fn decode_request(payload: &[u8], z_size: usize, max_payload: usize) -> anyhow::Result<DecodeRequest> {
-    let request: DecodeRequest = rmp_serde::from_slice(payload).map_err(|e| BadRequest(format!("bad decode request: {e}")))?;
+    let request: DecodeRequest =
+        rmp_serde::from_slice(payload).map_err(|e| BadRequest(format!("bad decode request: {e}")))?;
     if request.format.as_deref().is_some_and(|f| f != "png" && f != "raw") {
         return Err(BadRequest("format is \"raw\" (the default) or \"png\"".into()).into());
     }
@@ -130,8 +158,16 @@ fn decode_request(payload: &[u8], z_size: usize, max_payload: usize) -> anyhow::
     if n == 0 || n > MAX_DECODE_LATENTS {
         return Err(BadRequest(format!("{n} latents: a decode request takes 1..={MAX_DECODE_LATENTS}")).into());
     }
-    if let Some(bad) = request.z.iter().find(|z| z.len() != z_size || !z.iter().all(|x| x.is_finite())) {
-        return Err(BadRequest(format!("a latent of {} numbers: each must be {z_size} finite numbers", bad.len())).into());
+    if let Some(bad) = request
+        .z
+        .iter()
+        .find(|z| z.len() != z_size || !z.iter().all(|x| x.is_finite()))
+    {
+        return Err(BadRequest(format!(
+            "a latent of {} numbers: each must be {z_size} finite numbers",
+            bad.len()
+        ))
+        .into());
     }
     // The reply's frames plus room for its map and the version.
     let fits = max_payload.saturating_sub(64) / crate::frames::BYTES;
@@ -154,7 +190,8 @@ async fn answer(ctx: Context, endpoint: Endpoint, payload: bytes::Bytes, caller:
         Endpoint::Status => json(&ctx.status.snapshot()),
         Endpoint::Encode => {
             let encoder = ctx.encoder.as_ref().ok_or(NotHere("encoder"))?;
-            let frame = wire::decode_frame("request", &payload, ctx.config.ingest.preprocess).map_err(|r| BadRequest(r.to_string()))?;
+            let frame = wire::decode_frame("request", &payload, ctx.config.ingest.preprocess)
+                .map_err(|r| BadRequest(r.to_string()))?;
             let pinned: PinnedVersion = rmp_serde::from_slice(&payload).unwrap_or_default();
             Ok(encoder.encode(frame, pinned.version).await?.to_msgpack())
         }
@@ -165,7 +202,10 @@ async fn answer(ctx: Context, endpoint: Endpoint, payload: bytes::Bytes, caller:
             if request.format.as_deref() == Some("png") {
                 let frames = std::mem::take(&mut reply.frames);
                 let rows: Vec<&[u8]> = frames.chunks(DECODE_GRID_COLUMNS * crate::frames::BYTES).collect();
-                reply.png = Some(crate::frames::grid::png_grid(&rows, request.z.len().min(DECODE_GRID_COLUMNS))?);
+                reply.png = Some(crate::frames::grid::png_grid(
+                    &rows,
+                    request.z.len().min(DECODE_GRID_COLUMNS),
+                )?);
             }
             Ok(rmp_serde::to_vec_named(&reply)?)
         }
@@ -179,10 +219,23 @@ async fn answer(ctx: Context, endpoint: Endpoint, payload: bytes::Bytes, caller:
 /// The trainer's endpoints: the buffer's figures and the checkpoints.
 /// A change is recorded as by the `caller` the server authenticated; the
 /// request's own `by` only where no server vouches for anyone.
-async fn answer_trainer(ctx: &Context, trainer: TrainerSide, endpoint: Endpoint, payload: &[u8], caller: Caller) -> anyhow::Result<Vec<u8>> {
+async fn answer_trainer(
+    ctx: &Context,
+    trainer: TrainerSide,
+    endpoint: Endpoint,
+    payload: &[u8],
+    caller: Caller,
+) -> anyhow::Result<Vec<u8>> {
     let request = checkpoint_request(payload)?;
-    let version = || request.version.ok_or_else(|| BadRequest("request lacks \"version\"".into()));
-    let by = caller.0.or_else(|| request.by.clone()).unwrap_or_else(|| "unknown".into());
+    let version = || {
+        request
+            .version
+            .ok_or_else(|| BadRequest("request lacks \"version\"".into()))
+    };
+    let by = caller
+        .0
+        .or_else(|| request.by.clone())
+        .unwrap_or_else(|| "unknown".into());
     let TrainerSide { store, commands } = trainer;
     match endpoint {
         Endpoint::BufferStats => json(&blocking(move || store.stats()).await?),
@@ -206,12 +259,23 @@ async fn answer_trainer(ctx: &Context, trainer: TrainerSide, endpoint: Endpoint,
         }
         Endpoint::Rollback => {
             let (v, reason) = (version()?, request.reason.clone());
-            let from = ask_trainer(&commands, |reply| Command::Rollback { version: v, by, reason, reply }).await?;
+            let from = ask_trainer(&commands, |reply| Command::Rollback {
+                version: v,
+                by,
+                reason,
+                reply,
+            })
+            .await?;
             json(&serde_json::json!({ "from": from, "to": v }))
         }
         Endpoint::Pin | Endpoint::Unpin => {
             let (v, pinned) = (version()?, endpoint == Endpoint::Pin);
-            ask_trainer(&commands, |reply| Command::Pin { version: v, pinned, reply }).await?;
+            ask_trainer(&commands, |reply| Command::Pin {
+                version: v,
+                pinned,
+                reply,
+            })
+            .await?;
             json(&serde_json::json!({ "version": v, "pinned": pinned }))
         }
         Endpoint::Delete => {
@@ -219,9 +283,15 @@ async fn answer_trainer(ctx: &Context, trainer: TrainerSide, endpoint: Endpoint,
             json(&ask_trainer(&commands, |reply| Command::Delete { version: v, reply }).await?)
         }
         Endpoint::Import => {
-            let object = request.object.clone().ok_or_else(|| BadRequest("request lacks \"object\"".into()))?;
+            let object = request
+                .object
+                .clone()
+                .ok_or_else(|| BadRequest("request lacks \"object\"".into()))?;
             if !object.starts_with(IMPORTS_PREFIX) {
-                return Err(BadRequest(format!("only uploads under {IMPORTS_PREFIX} can be imported, not {object}")).into());
+                return Err(BadRequest(format!(
+                    "only uploads under {IMPORTS_PREFIX} can be imported, not {object}"
+                ))
+                .into());
             }
             let weights = match ctx.bus.get_object_at_most(&object, MAX_IMPORT_BYTES).await {
                 Ok(Some(weights)) => weights,
@@ -231,18 +301,29 @@ async fn answer_trainer(ctx: &Context, trainer: TrainerSide, endpoint: Endpoint,
             };
             versions::check_weights(&weights, &object, &ctx.config).map_err(|e| BadRequest(format!("{e:#}")))?;
             let (origin, reason) = (object.clone(), request.reason.clone());
-            let imported = ask_trainer(&commands, |reply| Command::Import { weights, origin, by, reason, reply }).await?;
+            let imported = ask_trainer(&commands, |reply| Command::Import {
+                weights,
+                origin,
+                by,
+                reason,
+                reply,
+            })
+            .await?;
             // The upload is gone only once it is a version; a refused one stays for the operator to look at.
             ctx.bus.delete_object(&object).await?;
             json(&imported)
         }
-        Endpoint::Status | Endpoint::Encode | Endpoint::Decode => Err(anyhow!("{} is not a trainer endpoint", endpoint.name())),
+        Endpoint::Status | Endpoint::Encode | Endpoint::Decode => {
+            Err(anyhow!("{} is not a trainer endpoint", endpoint.name()))
+        }
     }
 }
 
 /// The handler for every [`Endpoint`].
 pub fn handler(ctx: Context) -> Handler {
-    Arc::new(move |endpoint: Endpoint, payload: bytes::Bytes, caller: Caller| Box::pin(answer(ctx.clone(), endpoint, payload, caller).map_err(service_error)) as Reply)
+    Arc::new(move |endpoint: Endpoint, payload: bytes::Bytes, caller: Caller| {
+        Box::pin(answer(ctx.clone(), endpoint, payload, caller).map_err(service_error)) as Reply
+    })
 }
 
 #[cfg(test)]
@@ -252,8 +333,15 @@ mod tests {
     #[test]
     fn errors_map_to_404_400_and_500() {
         assert_eq!(service_error(UnknownVersion(7).into()).code, 404);
-        assert_eq!(service_error(anyhow::Error::from(UnknownVersion(7)).context("show")).code, 404, "through context too");
-        assert_eq!(service_error(BadRequest("request lacks \"version\"".into()).into()).code, 400);
+        assert_eq!(
+            service_error(anyhow::Error::from(UnknownVersion(7)).context("show")).code,
+            404,
+            "through context too"
+        );
+        assert_eq!(
+            service_error(BadRequest("request lacks \"version\"".into()).into()).code,
+            400
+        );
         assert_eq!(service_error(InUse(3).into()).code, 400);
         assert_eq!(service_error(NotHere("encoder").into()).code, 404);
         let ours = service_error(anyhow!("sled: I/O error"));
@@ -263,7 +351,10 @@ mod tests {
     #[test]
     fn checkpoint_requests_parse_or_are_bad_requests() {
         assert_eq!(checkpoint_request(b"").unwrap().version, None);
-        assert_eq!(checkpoint_request(br#"{"version": 4, "reason": "r"}"#).unwrap().version, Some(4));
+        assert_eq!(
+            checkpoint_request(br#"{"version": 4, "reason": "r"}"#).unwrap().version,
+            Some(4)
+        );
         let refused = service_error(checkpoint_request(b"{not json").unwrap_err());
         assert_eq!(refused.code, 400);
         assert!(refused.message.starts_with("bad request"), "{}", refused.message);

@@ -16,22 +16,22 @@
 //! between two micro-batches, in the order `active` moved, so a latent names
 //! only a version that was announced and can be fetched.
 
-use crate::backoff::Backoff;
 use super::status::{EncoderState, Heart, StatusBoard, IDLE_TICK};
 use super::supervisor::Supervisor;
-use crate::bus::messages::{weights_object, DecodeReply, LatentMessage};
-use crate::store::UnknownVersion;
-use futures::StreamExt;
 use super::undeliverable::{self, Failures};
+use crate::backoff::Backoff;
+use crate::bus::messages::{weights_object, DecodeReply, LatentMessage};
 use crate::bus::{Bus, Delivery, FrameConsumer, LatentPublisher, TooLarge};
 use crate::config::Config;
 use crate::frames::preprocess::Policy;
 use crate::frames::{wire, Frame};
+use crate::store::UnknownVersion;
 use crate::vae::checkpoint::sha256_hex;
 use crate::vae::device::Device;
 use crate::vae::learner::Network;
 use crate::vae::model::VaeConfig;
 use anyhow::{anyhow, Context, Result};
+use futures::StreamExt;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -67,9 +67,17 @@ enum Work {
     Frames(Vec<Delivery>),
     /// The `encode` endpoint: one frame, its latent back, by the active
     /// version or the one given.
-    Encode { frame: Frame, version: Option<u64>, reply: oneshot::Sender<Result<LatentMessage>> },
+    Encode {
+        frame: Frame,
+        version: Option<u64>,
+        reply: oneshot::Sender<Result<LatentMessage>>,
+    },
     /// The `decode` endpoint: latents (N x z_size, row-major) to frames.
-    Decode { z: Vec<f32>, version: Option<u64>, reply: oneshot::Sender<Result<DecodeReply>> },
+    Decode {
+        z: Vec<f32>,
+        version: Option<u64>,
+        reply: oneshot::Sender<Result<DecodeReply>>,
+    },
     /// Newly active weights, loaded and warmed off this thread.
     Switch { version: u64, net: Box<Network> },
     /// A pinned version's weights, loaded off this thread, kept beside the active ones.
@@ -104,13 +112,23 @@ impl EncoderHandle {
     /// Encodes one preprocessed frame with the weights the latents use
     /// now, or with `version`'s.
     pub async fn encode(&self, frame: Frame, version: Option<u64>) -> Result<LatentMessage> {
-        self.ask(|reply| Work::Encode { frame: frame.clone(), version, reply }).await
+        self.ask(|reply| Work::Encode {
+            frame: frame.clone(),
+            version,
+            reply,
+        })
+        .await
     }
 
     /// Decodes latents (N x z_size, row-major) to uint8 frames with the
     /// active version's weights, or with `version`'s.
     pub async fn decode(&self, z: Vec<f32>, version: Option<u64>) -> Result<DecodeReply> {
-        self.ask(|reply| Work::Decode { z: z.clone(), version, reply }).await
+        self.ask(|reply| Work::Decode {
+            z: z.clone(),
+            version,
+            reply,
+        })
+        .await
     }
 
     /// Hands `work` to the worker; when it names a version not loaded
@@ -119,18 +137,36 @@ impl EncoderHandle {
     async fn ask<T>(&self, work: impl Fn(oneshot::Sender<Result<T>>) -> Work) -> Result<T> {
         let first = self.send(&work).await;
         let Err(e) = &first else { return first };
-        let Some(NotLoaded(version)) = e.downcast_ref::<NotLoaded>().map(|n| NotLoaded(n.0)) else { return first };
-        let weights = self.bus.announced_weights(version).await?.ok_or(UnknownVersion(version))?;
+        let Some(NotLoaded(version)) = e.downcast_ref::<NotLoaded>().map(|n| NotLoaded(n.0)) else {
+            return first;
+        };
+        let weights = self
+            .bus
+            .announced_weights(version)
+            .await?
+            .ok_or(UnknownVersion(version))?;
         let (vae, device) = (self.vae, self.device);
-        let net = tokio::task::spawn_blocking(move || Network::from_safetensors(device, vae, &weights, &format!("v{version} from the object store"))).await??;
-        self.queue.send(Work::Pin { version, net: Box::new(net) }).await.map_err(|_| anyhow!("the encoder has stopped"))?;
+        let net = tokio::task::spawn_blocking(move || {
+            Network::from_safetensors(device, vae, &weights, &format!("v{version} from the object store"))
+        })
+        .await??;
+        self.queue
+            .send(Work::Pin {
+                version,
+                net: Box::new(net),
+            })
+            .await
+            .map_err(|_| anyhow!("the encoder has stopped"))?;
         tracing::info!(version, "encoder: v{version} loaded for requests that pin it");
         self.send(&work).await
     }
 
     async fn send<T>(&self, work: &impl Fn(oneshot::Sender<Result<T>>) -> Work) -> Result<T> {
         let (reply, answer) = oneshot::channel();
-        self.queue.send(work(reply)).await.map_err(|_| anyhow!("the encoder has stopped"))?;
+        self.queue
+            .send(work(reply))
+            .await
+            .map_err(|_| anyhow!("the encoder has stopped"))?;
         answer.await.context("the encoder has stopped")?
     }
 }
@@ -145,7 +181,13 @@ pub struct Encoder {
 /// Starts the worker thread, the follower, the fetcher, the publisher and
 /// the dead-letter forwarder, each under `supervisor` (one failing stops
 /// the daemon, saying why).
-pub fn start(bus: &Bus, config: &Config, device: Device, status: StatusBoard, supervisor: &Supervisor) -> Result<Encoder> {
+pub fn start(
+    bus: &Bus,
+    config: &Config,
+    device: Device,
+    status: StatusBoard,
+    supervisor: &Supervisor,
+) -> Result<Encoder> {
     let shutdown = supervisor.shutdown().clone();
     let (queue, incoming) = mpsc::channel(QUEUE_DEPTH);
     let (encoded, to_publish) = mpsc::channel(PUBLISH_DEPTH);
@@ -169,10 +211,35 @@ pub fn start(bus: &Bus, config: &Config, device: Device, status: StatusBoard, su
     let (loaded, ready) = watch::channel(false);
     let max_wait = Duration::from_millis(config.latents.max_wait_ms);
     let parts = [
-        supervisor.spawn("encoder's follower", follow(bus.clone(), queue.clone(), (config.vae(), device), loaded, shutdown.clone())),
-        supervisor.spawn("encoder's fetch", fetch(bus.clone(), queue.clone(), ready, config.latents.max_batch, max_wait, shutdown.clone())),
-        supervisor.spawn("encoder's latent publisher", publish(bus.latent_publisher(), to_publish, status, failures.clone())),
-        supervisor.spawn("encoder's dead letters", undeliverable::forward(bus.clone(), FrameConsumer::Encode, failures, shutdown)),
+        supervisor.spawn(
+            "encoder's follower",
+            follow(
+                bus.clone(),
+                queue.clone(),
+                (config.vae(), device),
+                loaded,
+                shutdown.clone(),
+            ),
+        ),
+        supervisor.spawn(
+            "encoder's fetch",
+            fetch(
+                bus.clone(),
+                queue.clone(),
+                ready,
+                config.latents.max_batch,
+                max_wait,
+                shutdown.clone(),
+            ),
+        ),
+        supervisor.spawn(
+            "encoder's latent publisher",
+            publish(bus.latent_publisher(), to_publish, status, failures.clone()),
+        ),
+        supervisor.spawn(
+            "encoder's dead letters",
+            undeliverable::forward(bus.clone(), FrameConsumer::Encode, failures, shutdown),
+        ),
     ];
     // Their failures are the supervisor's to report; here only their end is
     // awaited. The worker drains its queue and stops on shutdown; the
@@ -182,7 +249,15 @@ pub fn start(bus: &Bus, config: &Config, device: Device, status: StatusBoard, su
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         Ok(())
     });
-    Ok(Encoder { handle: EncoderHandle { queue, bus: bus.clone(), vae: config.vae(), device }, task })
+    Ok(Encoder {
+        handle: EncoderHandle {
+            queue,
+            bus: bus.clone(),
+            vae: config.vae(),
+            device,
+        },
+        task,
+    })
 }
 
 /// Follows the cluster's active version (`wm-meta` `active`, moved by the
@@ -193,7 +268,13 @@ pub fn start(bus: &Bus, config: &Config, device: Device, status: StatusBoard, su
 /// can't reach the encoders. NATS failing under it (an election, a lost
 /// server) is waited out: the watch is made again and a fetch retried, with
 /// the current weights kept meanwhile.
-async fn follow(bus: Bus, queue: mpsc::Sender<Work>, (config_vae, device): (VaeConfig, Device), loaded: watch::Sender<bool>, shutdown: CancellationToken) -> Result<()> {
+async fn follow(
+    bus: Bus,
+    queue: mpsc::Sender<Work>,
+    (config_vae, device): (VaeConfig, Device),
+    loaded: watch::Sender<bool>,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let shared = bus.shared().await?;
     let mut pause = Backoff::default();
     let mut current: Option<(u64, String)> = None;
@@ -234,7 +315,11 @@ async fn follow(bus: Bus, queue: mpsc::Sender<Work>, (config_vae, device): (VaeC
                         break None;
                     }
                     Err(e) => {
-                        tracing::warn!(version, "encoder: fetching the active version's weights: {e:#}; trying again in {:?}", pause.next);
+                        tracing::warn!(
+                            version,
+                            "encoder: fetching the active version's weights: {e:#}; trying again in {:?}",
+                            pause.next
+                        );
                         if !pause.wait(&shutdown).await {
                             return Ok(());
                         }
@@ -243,11 +328,17 @@ async fn follow(bus: Bus, queue: mpsc::Sender<Work>, (config_vae, device): (VaeC
             };
             pause.reset();
             let Some(weights) = weights else {
-                tracing::warn!(version, "the active version's weights can't be had from the object store; keeping the current ones");
+                tracing::warn!(
+                    version,
+                    "the active version's weights can't be had from the object store; keeping the current ones"
+                );
                 continue;
             };
             if sha256_hex(&weights) != active.sha256 {
-                tracing::error!(version, "the object store's weights do not match the active version's sha256; keeping the current ones");
+                tracing::error!(
+                    version,
+                    "the object store's weights do not match the active version's sha256; keeping the current ones"
+                );
                 continue;
             }
             let (vae, device) = (config_vae, device);
@@ -255,11 +346,21 @@ async fn follow(bus: Bus, queue: mpsc::Sender<Work>, (config_vae, device): (VaeC
             let net = match built {
                 Ok(net) => net,
                 Err(e) => {
-                    tracing::error!(version, "encoder: the active version's weights do not load: {e:#}; keeping the current ones");
+                    tracing::error!(
+                        version,
+                        "encoder: the active version's weights do not load: {e:#}; keeping the current ones"
+                    );
                     continue;
                 }
             };
-            if queue.send(Work::Switch { version, net: Box::new(net) }).await.is_err() {
+            if queue
+                .send(Work::Switch {
+                    version,
+                    net: Box::new(net),
+                })
+                .await
+                .is_err()
+            {
                 return Ok(());
             }
             current = Some((version, active.sha256));
@@ -271,7 +372,14 @@ async fn follow(bus: Bus, queue: mpsc::Sender<Work>, (config_vae, device): (VaeC
 }
 
 /// Pulls micro-batches from `wmvae-encode` for the worker, once a version is loaded.
-async fn fetch(bus: Bus, queue: mpsc::Sender<Work>, mut ready: watch::Receiver<bool>, max_batch: usize, max_wait: Duration, shutdown: CancellationToken) -> Result<()> {
+async fn fetch(
+    bus: Bus,
+    queue: mpsc::Sender<Work>,
+    mut ready: watch::Receiver<bool>,
+    max_batch: usize,
+    max_wait: Duration,
+    shutdown: CancellationToken,
+) -> Result<()> {
     // The follower gone before any version (it stopped on shutdown, or
     // failed and says why itself): nothing to fetch for.
     // Meanwhile the worker beats on an idle tick.
@@ -310,8 +418,19 @@ async fn fetch(bus: Bus, queue: mpsc::Sender<Work>, mut ready: watch::Receiver<b
 /// frames (bad ones terminated, failed ones handed back at once). A batch
 /// whose latents are not stored is not acked: its frames are redelivered
 /// after `ack_wait`, the error recorded for each.
-async fn publish(mut publisher: LatentPublisher, mut encoded: mpsc::Receiver<Encoded>, status: StatusBoard, failures: Failures) -> Result<()> {
-    while let Some(Encoded { latents, good, bad, failed }) = encoded.recv().await {
+async fn publish(
+    mut publisher: LatentPublisher,
+    mut encoded: mpsc::Receiver<Encoded>,
+    status: StatusBoard,
+    failures: Failures,
+) -> Result<()> {
+    while let Some(Encoded {
+        latents,
+        good,
+        bad,
+        failed,
+    }) = encoded.recv().await
+    {
         for delivery in &failed {
             if let Err(e) = delivery.nak(Duration::ZERO).await {
                 tracing::warn!("encoder: {e:#}; the frame comes back after ack_wait");
@@ -340,7 +459,10 @@ async fn publish(mut publisher: LatentPublisher, mut encoded: mpsc::Receiver<Enc
                 }
             }
             Err(e) => {
-                tracing::error!("latents for {} frames not stored; the frames will be redelivered: {e:#}", good.len());
+                tracing::error!(
+                    "latents for {} frames not stored; the frames will be redelivered: {e:#}",
+                    good.len()
+                );
                 good.iter().for_each(|d| failures.record(d.stream_sequence, &e));
             }
         }
@@ -366,7 +488,12 @@ struct Worker {
 impl Worker {
     /// Works through `incoming` until `shutdown` finds it empty (or every
     /// sender is gone), beating at each item.
-    fn run(mut self, mut incoming: mpsc::Receiver<Work>, runtime: &tokio::runtime::Handle, shutdown: &CancellationToken) {
+    fn run(
+        mut self,
+        mut incoming: mpsc::Receiver<Work>,
+        runtime: &tokio::runtime::Handle,
+        shutdown: &CancellationToken,
+    ) {
         let next = |incoming: &mut mpsc::Receiver<Work>| {
             runtime.block_on(async {
                 tokio::select! {
@@ -387,10 +514,19 @@ impl Worker {
                     self.pinned.truncate(PINNED_KEPT);
                 }
                 Work::Encode { frame, version, reply } => {
-                    let _ = reply.send(self.encode_with(version, std::slice::from_ref(&frame)).map(|mut latents| latents.remove(0)));
+                    let _ = reply.send(
+                        self.encode_with(version, std::slice::from_ref(&frame))
+                            .map(|mut latents| latents.remove(0)),
+                    );
                 }
                 Work::Decode { z, version, reply } => {
-                    let decoded = self.net_for(version).and_then(|(version, net)| Ok(DecodeReply { version, frames: net.decode_frames(&z)?, png: None }));
+                    let decoded = self.net_for(version).and_then(|(version, net)| {
+                        Ok(DecodeReply {
+                            version,
+                            frames: net.decode_frames(&z)?,
+                            png: None,
+                        })
+                    });
                     let _ = reply.send(decoded);
                 }
                 Work::Frames(batch) => {
@@ -407,7 +543,8 @@ impl Worker {
     fn switch(&mut self, version: u64, net: Network) {
         self.net = net;
         self.version = Some(version);
-        self.status.update(|s| (s.encoder_state, s.encoder_version) = (Some(EncoderState::Encoding), Some(version)));
+        self.status
+            .update(|s| (s.encoder_state, s.encoder_version) = (Some(EncoderState::Encoding), Some(version)));
         tracing::info!(version, "encoder: latents now from this version");
     }
 
@@ -418,7 +555,12 @@ impl Worker {
         match version {
             None => active.context("this encoder has no version yet"),
             Some(v) if self.version == Some(v) => Ok((v, &self.net)),
-            Some(v) => self.pinned.iter().find(|(p, _)| *p == v).map(|(p, net)| (*p, net)).ok_or_else(|| NotLoaded(v).into()),
+            Some(v) => self
+                .pinned
+                .iter()
+                .find(|(p, _)| *p == v)
+                .map(|(p, net)| (*p, net))
+                .ok_or_else(|| NotLoaded(v).into()),
         }
     }
 
@@ -455,13 +597,28 @@ impl Worker {
                 Err(_) => bad.push(delivery),
             }
         }
-        let mut encoded = Encoded { latents: Vec::new(), good: Vec::new(), bad, failed: Vec::new() };
-        let whole = if frames.is_empty() { Ok(Vec::new()) } else { self.encode(&frames) };
+        let mut encoded = Encoded {
+            latents: Vec::new(),
+            good: Vec::new(),
+            bad,
+            failed: Vec::new(),
+        };
+        let whole = if frames.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.encode(&frames)
+        };
         let latents: Vec<Result<LatentMessage>> = match whole {
             Ok(latents) => latents.into_iter().map(Ok).collect(),
             Err(e) => {
-                tracing::warn!("a micro-batch of {} frames was not encoded ({e:#}); trying each alone", frames.len());
-                frames.iter().map(|f| self.encode(std::slice::from_ref(f)).map(|mut one| one.remove(0))).collect()
+                tracing::warn!(
+                    "a micro-batch of {} frames was not encoded ({e:#}); trying each alone",
+                    frames.len()
+                );
+                frames
+                    .iter()
+                    .map(|f| self.encode(std::slice::from_ref(f)).map(|mut one| one.remove(0)))
+                    .collect()
             }
         };
         for ((frame, delivery), latent) in frames.into_iter().zip(good).zip(latents) {
@@ -471,7 +628,10 @@ impl Worker {
                     encoded.good.push(delivery);
                 }
                 Err(e) => {
-                    tracing::error!(sequence = delivery.stream_sequence, "a frame was not encoded; it is handed back: {e:#}");
+                    tracing::error!(
+                        sequence = delivery.stream_sequence,
+                        "a frame was not encoded; it is handed back: {e:#}"
+                    );
                     self.failures.record(delivery.stream_sequence, &e);
                     encoded.failed.push(delivery);
                 }
@@ -494,7 +654,10 @@ fn warmed(device: Device, vae: VaeConfig, version: u64, weights: &[u8]) -> Resul
 /// frame no encoder can handle would. Compiled out without the feature.
 #[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
 fn poisoned(frames: &[Frame]) -> Result<()> {
-    fail::fail_point!("encoder-poison", |episode: Option<String>| match frames.iter().any(|f| Some(&f.episode) == episode.as_ref()) {
+    fail::fail_point!("encoder-poison", |episode: Option<String>| match frames
+        .iter()
+        .any(|f| Some(&f.episode) == episode.as_ref())
+    {
         true => Err(anyhow!("failpoint encoder-poison: this frame can't be encoded")),
         false => Ok(()),
     });

@@ -22,12 +22,17 @@ pub struct DivergenceGuard {
 
 impl DivergenceGuard {
     pub fn new(factor: f64) -> DivergenceGuard {
-        DivergenceGuard { factor, recent: VecDeque::with_capacity(GUARD_WINDOW), bad_in_a_row: 0 }
+        DivergenceGuard {
+            factor,
+            recent: VecDeque::with_capacity(GUARD_WINDOW),
+            bad_in_a_row: 0,
+        }
     }
 
     /// Whether the step that produced `loss` may be applied.
     pub fn accept(&mut self, loss: &LossValues) -> bool {
-        let ok = loss.total.is_finite() && (self.recent.len() < GUARD_MIN_HISTORY || loss.total <= self.factor * self.median());
+        let ok = loss.total.is_finite()
+            && (self.recent.len() < GUARD_MIN_HISTORY || loss.total <= self.factor * self.median());
         if ok {
             if self.recent.len() == GUARD_WINDOW {
                 self.recent.pop_front();
@@ -59,13 +64,21 @@ impl LossWindow {
     pub fn add(&mut self, loss: &LossValues, images: u64) {
         self.steps += 1;
         self.images += images;
-        self.sum = LossValues { total: self.sum.total + loss.total, recon: self.sum.recon + loss.recon, kl: self.sum.kl + loss.kl };
+        self.sum = LossValues {
+            total: self.sum.total + loss.total,
+            recon: self.sum.recon + loss.recon,
+            kl: self.sum.kl + loss.kl,
+        };
     }
 
     /// The mean losses; None while the window is empty.
     pub fn mean(&self) -> Option<LossValues> {
         let n = self.steps as f64;
-        (self.steps > 0).then(|| LossValues { total: self.sum.total / n, recon: self.sum.recon / n, kl: self.sum.kl / n })
+        (self.steps > 0).then(|| LossValues {
+            total: self.sum.total / n,
+            recon: self.sum.recon / n,
+            kl: self.sum.kl / n,
+        })
     }
 }
 
@@ -74,7 +87,11 @@ mod tests {
     use super::*;
 
     fn loss(total: f64) -> LossValues {
-        LossValues { total, recon: total - 1.0, kl: 1.0 }
+        LossValues {
+            total,
+            recon: total - 1.0,
+            kl: 1.0,
+        }
     }
 
     #[test]
@@ -119,9 +136,30 @@ mod tests {
     fn window_means_and_counts() {
         let mut window = LossWindow::default();
         assert_eq!(window.mean(), None);
-        window.add(&LossValues { total: 10.0, recon: 8.0, kl: 2.0 }, 100);
-        window.add(&LossValues { total: 20.0, recon: 14.0, kl: 6.0 }, 100);
+        window.add(
+            &LossValues {
+                total: 10.0,
+                recon: 8.0,
+                kl: 2.0,
+            },
+            100,
+        );
+        window.add(
+            &LossValues {
+                total: 20.0,
+                recon: 14.0,
+                kl: 6.0,
+            },
+            100,
+        );
         assert_eq!((window.steps, window.images), (2, 200));
-        assert_eq!(window.mean(), Some(LossValues { total: 15.0, recon: 11.0, kl: 4.0 }));
+        assert_eq!(
+            window.mean(),
+            Some(LossValues {
+                total: 15.0,
+                recon: 11.0,
+                kl: 4.0
+            })
+        );
     }
 }

@@ -73,7 +73,8 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 const ANSWER_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// No connection lives longer than this, whatever it is doing: the head,
 /// the handler and the answer's writing, each at its longest.
-const CONNECTION_DEADLINE: Duration = Duration::from_secs(HEADER_READ_TIMEOUT.as_secs() + REQUEST_TIMEOUT.as_secs() + ANSWER_WRITE_TIMEOUT.as_secs());
+const CONNECTION_DEADLINE: Duration =
+    Duration::from_secs(HEADER_READ_TIMEOUT.as_secs() + REQUEST_TIMEOUT.as_secs() + ANSWER_WRITE_TIMEOUT.as_secs());
 /// Idle connections (no whole request head yet) kept at most; the next
 /// closes the oldest. A scraper, a probe and a few browsers (which open a
 /// few sockets ahead of need) hold a handful; 256 is far above that and
@@ -116,7 +117,14 @@ pub struct HttpContext {
 impl HttpContext {
     pub fn new(status: StatusBoard, store: Option<Store>, bus: Bus, config: Config) -> HttpContext {
         let metrics = Arc::new(Metrics::new(status.clone(), store.clone(), bus.clone()));
-        HttpContext { status, store, bus, config, metrics, grid: Arc::default() }
+        HttpContext {
+            status,
+            store,
+            bus,
+            config,
+            metrics,
+            grid: Arc::default(),
+        }
     }
 }
 
@@ -138,7 +146,13 @@ struct Limits {
 
 impl Limits {
     fn new(max_connections: usize) -> Limits {
-        Limits { requests: max_connections, idle: MAX_IDLE, header_read: HEADER_READ_TIMEOUT, request: REQUEST_TIMEOUT, connection: CONNECTION_DEADLINE }
+        Limits {
+            requests: max_connections,
+            idle: MAX_IDLE,
+            header_read: HEADER_READ_TIMEOUT,
+            request: REQUEST_TIMEOUT,
+            connection: CONNECTION_DEADLINE,
+        }
     }
 }
 
@@ -185,9 +199,18 @@ fn router(ctx: HttpContext) -> Router {
 fn limited(app: Router, limits: &Limits) -> Router {
     let permits = Arc::new(Semaphore::new(limits.requests));
     app.layer(axum::middleware::from_fn_with_state(permits, within_cap))
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, limits.request))
-        .layer(SetResponseHeaderLayer::overriding(header::CACHE_CONTROL, HeaderValue::from_static("no-store")))
-        .layer(SetResponseHeaderLayer::overriding(header::CONNECTION, HeaderValue::from_static("close")))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            limits.request,
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::CONNECTION,
+            HeaderValue::from_static("close"),
+        ))
 }
 
 /// Runs `request` if a permit is free or it is [`UNCAPPED`]; else 503 at
@@ -198,7 +221,12 @@ async fn within_cap(State(permits): State<Arc<Semaphore>>, request: Request, nex
     }
     match permits.try_acquire_owned() {
         Ok(_permit) => next.run(request).await,
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], "busy: [http] max_connections requests are being served\n").into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            "busy: [http] max_connections requests are being served\n",
+        )
+            .into_response(),
     }
 }
 
@@ -232,7 +260,14 @@ async fn accept_loop(listener: TcpListener, app: Router, limits: Limits, shutdow
             },
         };
         let slot = Arc::new(idle.admit());
-        tokio::spawn(connection(stream, app.clone(), slot, limits, shutdown.clone(), open.clone()));
+        tokio::spawn(connection(
+            stream,
+            app.clone(),
+            slot,
+            limits,
+            shutdown.clone(),
+            open.clone(),
+        ));
     }
     drop(listener);
     drop(open);
@@ -243,7 +278,14 @@ async fn accept_loop(listener: TcpListener, app: Router, limits: Limits, shutdow
 /// `header_read`) and runs `app`; the connection is dropped (closed) when
 /// it is evicted as the oldest idle one, at its deadline, or at shutdown
 /// if no request head has come.
-async fn connection(stream: TcpStream, app: Router, slot: Arc<IdleSlot>, limits: Limits, shutdown: CancellationToken, _open: mpsc::Sender<()>) {
+async fn connection(
+    stream: TcpStream,
+    app: Router,
+    slot: Arc<IdleSlot>,
+    limits: Limits,
+    shutdown: CancellationToken,
+    _open: mpsc::Sender<()>,
+) {
     let app = TowerToHyperService::new(app);
     let service = hyper::service::service_fn({
         let slot = slot.clone();
@@ -253,7 +295,9 @@ async fn connection(stream: TcpStream, app: Router, slot: Arc<IdleSlot>, limits:
         }
     });
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(limits.header_read).keep_alive(false);
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read)
+        .keep_alive(false);
     let served = http.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(served);
     let deadline = tokio::time::sleep(limits.connection);
@@ -311,7 +355,10 @@ struct IdleSlot {
 
 impl Idle {
     fn new(cap: usize) -> Idle {
-        Idle { cap: cap.max(1), waiting: Mutex::default() }
+        Idle {
+            cap: cap.max(1),
+            waiting: Mutex::default(),
+        }
     }
 
     /// Nothing panics while the lock is held, so a poisoned one is sound.
@@ -332,7 +379,11 @@ impl Idle {
         let id = queue.next;
         queue.next += 1;
         queue.waiting.insert(id, evicted.clone());
-        IdleSlot { idle: self.clone(), id, evicted }
+        IdleSlot {
+            idle: self.clone(),
+            id,
+            evicted,
+        }
     }
 
     fn evict_oldest(&self) {
@@ -365,13 +416,23 @@ fn failed(code: StatusCode, e: &anyhow::Error) -> Response {
 
 async fn metrics(State(ctx): State<HttpContext>) -> Response {
     match ctx.metrics.render() {
-        Ok(body) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response(),
-        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "metrics could not be read (see the daemon's log)\n").into_response(),
+        Ok(body) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            body,
+        )
+            .into_response(),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "metrics could not be read (see the daemon's log)\n",
+        )
+            .into_response(),
     }
 }
 
 async fn healthz(State(ctx): State<HttpContext>) -> Response {
-    let mut problems = ctx.status.problems(Duration::from_secs(ctx.config.serve.heartbeat_max_age_secs));
+    let mut problems = ctx
+        .status
+        .problems(Duration::from_secs(ctx.config.serve.heartbeat_max_age_secs));
     if !ctx.bus.is_connected() {
         problems.push("NATS is not connected".into());
     }
@@ -379,10 +440,19 @@ async fn healthz(State(ctx): State<HttpContext>) -> Response {
     if let Some(Err(e)) = ctx.store.as_ref().map(|store| store.registry().active_version()) {
         problems.push(format!("the store can't be read: {e:#}"));
     }
-    let commit = ctx.status.last_commit().map_or("no frames committed yet".to_string(), |at| format!("last commit {:.1} s ago", at.elapsed().as_secs_f64()));
+    let commit = ctx
+        .status
+        .last_commit()
+        .map_or("no frames committed yet".to_string(), |at| {
+            format!("last commit {:.1} s ago", at.elapsed().as_secs_f64())
+        });
     match problems.is_empty() {
         true => format!("ok ({commit})\n").into_response(),
-        false => (StatusCode::SERVICE_UNAVAILABLE, format!("{}\n({commit})\n", problems.join("\n"))).into_response(),
+        false => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{}\n({commit})\n", problems.join("\n")),
+        )
+            .into_response(),
     }
 }
 
@@ -403,7 +473,10 @@ async fn recon(State(ctx): State<HttpContext>) -> Response {
 /// The active version's grid, cached for [`GRID_MAX_AGE`]; drawn by one
 /// request at a time, the others then served from the cache.
 async fn recon_grid(ctx: &HttpContext) -> Result<Arc<Vec<u8>>> {
-    let store = ctx.store.clone().context("this node has no trainer role, so no replay buffer to draw from")?;
+    let store = ctx
+        .store
+        .clone()
+        .context("this node has no trainer role, so no replay buffer to draw from")?;
     let version = store.registry().active_version()?.context("no active version yet")?;
     let mut cached = ctx.grid.lock().await;
     if let Some((v, at, png)) = cached.as_ref() {
@@ -412,7 +485,8 @@ async fn recon_grid(ctx: &HttpContext) -> Result<Arc<Vec<u8>>> {
         }
     }
     let config = ctx.config.clone();
-    let png = Arc::new(tokio::task::spawn_blocking(move || crate::versions::recon_png(&store, version, &config)).await??);
+    let png =
+        Arc::new(tokio::task::spawn_blocking(move || crate::versions::recon_png(&store, version, &config)).await??);
     tracing::info!(version, "status page: reconstruction grid drawn");
     *cached = Some((version, Instant::now(), png.clone()));
     Ok(png)
@@ -421,24 +495,63 @@ async fn recon_grid(ctx: &HttpContext) -> Result<Arc<Vec<u8>>> {
 /// An SVG line chart of one or two curves.
 fn chart(title: &str, curves: &[(&str, &[CurvePoint])]) -> String {
     let (w, h, pad) = (560.0, 220.0, 36.0);
-    let points: Vec<&CurvePoint> = curves.iter().flat_map(|(_, c)| c.iter()).filter(|p| p.loss.is_finite()).collect();
-    let mut svg = format!(r#"<figure><figcaption>{title}</figcaption><svg class="chart" width="{w}" height="{h}" viewBox="0 0 {w} {h}">"#);
+    let points: Vec<&CurvePoint> = curves
+        .iter()
+        .flat_map(|(_, c)| c.iter())
+        .filter(|p| p.loss.is_finite())
+        .collect();
+    let mut svg = format!(
+        r#"<figure><figcaption>{title}</figcaption><svg class="chart" width="{w}" height="{h}" viewBox="0 0 {w} {h}">"#
+    );
     if points.is_empty() {
         svg += r#"<text x="20" y="110">no data yet</text></svg></figure>"#;
         return svg;
     }
-    let (x0, x1) = points.iter().fold((i64::MAX, i64::MIN), |(a, b), p| (a.min(p.step), b.max(p.step)));
-    let (y0, y1) = points.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.loss), b.max(p.loss)));
+    let (x0, x1) = points
+        .iter()
+        .fold((i64::MAX, i64::MIN), |(a, b), p| (a.min(p.step), b.max(p.step)));
+    let (y0, y1) = points
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.loss), b.max(p.loss)));
     let sx = |x: i64| pad + (x - x0) as f64 / ((x1 - x0).max(1) as f64) * (w - 2.0 * pad);
     let sy = |y: f64| h - pad - (y - y0) / (y1 - y0).max(1e-9) * (h - 2.0 * pad);
-    let _ = write!(svg, r##"<rect x="{pad}" y="{pad}" width="{}" height="{}" fill="none" stroke="#ccc"/>"##, w - 2.0 * pad, h - 2.0 * pad);
-    let _ = write!(svg, r#"<text x="2" y="{}" font-size="11">{y1:.1}</text><text x="2" y="{}" font-size="11">{y0:.1}</text>"#, pad, h - pad);
-    let _ = write!(svg, r#"<text x="{pad}" y="{}" font-size="11">step {x0}</text><text x="{}" y="{}" font-size="11">{x1}</text>"#, h - 8.0, w - pad - 30.0, h - 8.0);
+    let _ = write!(
+        svg,
+        r##"<rect x="{pad}" y="{pad}" width="{}" height="{}" fill="none" stroke="#ccc"/>"##,
+        w - 2.0 * pad,
+        h - 2.0 * pad
+    );
+    let _ = write!(
+        svg,
+        r#"<text x="2" y="{}" font-size="11">{y1:.1}</text><text x="2" y="{}" font-size="11">{y0:.1}</text>"#,
+        pad,
+        h - pad
+    );
+    let _ = write!(
+        svg,
+        r#"<text x="{pad}" y="{}" font-size="11">step {x0}</text><text x="{}" y="{}" font-size="11">{x1}</text>"#,
+        h - 8.0,
+        w - pad - 30.0,
+        h - 8.0
+    );
     for (i, (name, curve)) in curves.iter().enumerate() {
         let colour = ["#1f77b4", "#d62728"][i % 2];
-        let pts: Vec<String> = curve.iter().filter(|p| p.loss.is_finite()).map(|p| format!("{:.1},{:.1}", sx(p.step), sy(p.loss))).collect();
-        let _ = write!(svg, r#"<polyline class="curve" data-name="{name}" fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#, pts.join(" "));
-        let _ = write!(svg, r#"<text x="{}" y="{}" fill="{colour}" font-size="12">{name}</text>"#, w - pad - 80.0, pad + 14.0 + 14.0 * i as f64);
+        let pts: Vec<String> = curve
+            .iter()
+            .filter(|p| p.loss.is_finite())
+            .map(|p| format!("{:.1},{:.1}", sx(p.step), sy(p.loss)))
+            .collect();
+        let _ = write!(
+            svg,
+            r#"<polyline class="curve" data-name="{name}" fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#,
+            pts.join(" ")
+        );
+        let _ = write!(
+            svg,
+            r#"<text x="{}" y="{}" fill="{colour}" font-size="12">{name}</text>"#,
+            w - pad - 80.0,
+            pad + 14.0 + 14.0 * i as f64
+        );
     }
     svg + "</svg></figure>"
 }
@@ -469,7 +582,11 @@ fn render_page(ctx: &HttpContext) -> Result<String> {
             escape(h.reason.as_deref().unwrap_or(""))
         );
     }
-    let loss = |l: Option<crate::vae::learner::LossValues>| l.map_or("-".into(), |l| format!("{:.1} (recon {:.1}, KL {:.2})", l.total, l.recon, l.kl));
+    let loss = |l: Option<crate::vae::learner::LossValues>| {
+        l.map_or("-".into(), |l| {
+            format!("{:.1} (recon {:.1}, KL {:.2})", l.total, l.recon, l.kl)
+        })
+    };
     Ok(format!(
         r#"<!doctype html><html><head><meta charset="utf-8"><title>wmvae</title>{refresh}
 <style>body{{font-family:sans-serif;margin:24px}} td,th{{padding:2px 10px;text-align:left}} img{{image-rendering:pixelated;width:1024px}}</style></head><body>
@@ -514,7 +631,13 @@ mod tests {
     const NEVER: Duration = Duration::from_secs(3600);
 
     fn limits() -> Limits {
-        Limits { requests: 1, idle: 2, header_read: NEVER, request: NEVER, connection: NEVER }
+        Limits {
+            requests: 1,
+            idle: 2,
+            header_read: NEVER,
+            request: NEVER,
+            connection: NEVER,
+        }
     }
 
     /// `/healthz` and `/metrics` answer at once; `/slow` says it started
@@ -549,12 +672,21 @@ mod tests {
         let shutdown = CancellationToken::new();
         let app = limited(app(started.clone(), release.clone()), &limits);
         let task = tokio::spawn(accept_loop(listener, app, limits, shutdown.clone()));
-        Server { addr, shutdown, task, started, release }
+        Server {
+            addr,
+            shutdown,
+            task,
+            started,
+            release,
+        }
     }
 
     /// Sends a GET for `path` on `stream`.
     async fn ask(stream: &mut TcpStream, path: &str) {
-        stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes()).await.unwrap();
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
     }
 
     /// What the server sends on `stream` until it closes it; None if it
@@ -573,8 +705,14 @@ mod tests {
     async fn status(addr: SocketAddr, path: &str) -> u16 {
         let mut stream = TcpStream::connect(addr).await.unwrap();
         ask(&mut stream, path).await;
-        let answer = until_closed(&mut stream).await.expect("an answer, then the connection closed");
-        answer.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"))
+        let answer = until_closed(&mut stream)
+            .await
+            .expect("an answer, then the connection closed");
+        answer
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"))
     }
 
     #[tokio::test]
@@ -583,22 +721,38 @@ mod tests {
         let mut oldest = TcpStream::connect(server.addr).await.unwrap();
         let _second = TcpStream::connect(server.addr).await.unwrap();
         let _third = TcpStream::connect(server.addr).await.unwrap();
-        assert_eq!(until_closed(&mut oldest).await, Some(String::new()), "the oldest of 3 idle connections, 2 allowed, closed unanswered");
+        assert_eq!(
+            until_closed(&mut oldest).await,
+            Some(String::new()),
+            "the oldest of 3 idle connections, 2 allowed, closed unanswered"
+        );
         // The probe evicts the second, sends its head and is no longer idle.
         assert_eq!(status(server.addr, "/healthz").await, 200);
     }
 
     #[tokio::test]
     async fn silent_and_trickling_heads_are_closed() {
-        let server = start(Limits { idle: 16, header_read: Duration::from_millis(200), ..limits() }).await;
+        let server = start(Limits {
+            idle: 16,
+            header_read: Duration::from_millis(200),
+            ..limits()
+        })
+        .await;
         let mut silent = TcpStream::connect(server.addr).await.unwrap();
         let mut partial = TcpStream::connect(server.addr).await.unwrap();
         partial.write_all(b"GET /healthz HTTP/1.1\r\nHost: loc").await.unwrap();
         let silent_closed = until_closed(&mut silent).await;
         assert!(silent_closed.is_some(), "a silent connection stays open");
         let partial_closed = until_closed(&mut partial).await;
-        assert!(partial_closed.as_deref().is_some_and(|sent| !sent.contains(" 200 ")), "a partial head: {partial_closed:?}");
-        assert_eq!(status(server.addr, "/healthz").await, 200, "a prompt request is answered");
+        assert!(
+            partial_closed.as_deref().is_some_and(|sent| !sent.contains(" 200 ")),
+            "a partial head: {partial_closed:?}"
+        );
+        assert_eq!(
+            status(server.addr, "/healthz").await,
+            200,
+            "a prompt request is answered"
+        );
     }
 
     #[tokio::test]
@@ -614,13 +768,20 @@ mod tests {
         server.release.notify_one();
         let answer = until_closed(&mut slow).await.unwrap();
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-        assert!(answer.contains("cache-control: no-store") && answer.contains("connection: close"), "{answer}");
+        assert!(
+            answer.contains("cache-control: no-store") && answer.contains("connection: close"),
+            "{answer}"
+        );
         assert_eq!(status(server.addr, "/nope").await, 404, "the permit is back");
     }
 
     #[tokio::test]
     async fn a_connection_is_closed_at_its_deadline() {
-        let server = start(Limits { connection: Duration::from_millis(200), ..limits() }).await;
+        let server = start(Limits {
+            connection: Duration::from_millis(200),
+            ..limits()
+        })
+        .await;
         let mut hung = TcpStream::connect(server.addr).await.unwrap();
         ask(&mut hung, "/hang").await;
         assert_eq!(until_closed(&mut hung).await, Some(String::new()), "closed unanswered");
@@ -634,12 +795,19 @@ mod tests {
         ask(&mut slow, "/slow").await;
         server.started.notified().await;
         server.shutdown.cancel();
-        assert_eq!(until_closed(&mut idle).await, Some(String::new()), "the idle connection is closed at once");
+        assert_eq!(
+            until_closed(&mut idle).await,
+            Some(String::new()),
+            "the idle connection is closed at once"
+        );
         assert!(!server.task.is_finished(), "the loop waits for the request in flight");
         server.release.notify_one();
         let answer = until_closed(&mut slow).await.unwrap();
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-        tokio::time::timeout(PATIENCE, server.task).await.expect("the loop ends once every connection is closed").unwrap();
+        tokio::time::timeout(PATIENCE, server.task)
+            .await
+            .expect("the loop ends once every connection is closed")
+            .unwrap();
         assert!(TcpStream::connect(server.addr).await.is_err(), "the listener is closed");
     }
 }

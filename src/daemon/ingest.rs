@@ -14,9 +14,9 @@ use crate::backoff::Backoff;
 use crate::bus::{Bus, Delivery, FrameConsumer};
 use crate::config::IngestConfig;
 use crate::frames::preprocess::Policy;
-use crate::store::{compress_frames, Committed, Compressed, Store};
 use crate::frames::wire::{self, Reason, Rejection};
 use crate::frames::Frame;
+use crate::store::{compress_frames, Committed, Compressed, Store};
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -49,7 +49,13 @@ impl RejectionLog {
             Some((at, suppressed)) if now.duration_since(*at) < REJECTION_LOG_INTERVAL => *suppressed += 1,
             entry => {
                 let suppressed = entry.map(|(_, n)| *n).unwrap_or(0);
-                tracing::warn!(subject, reason = rejection.reason.code(), suppressed, "frame dead-lettered: {}", rejection.detail);
+                tracing::warn!(
+                    subject,
+                    reason = rejection.reason.code(),
+                    suppressed,
+                    "frame dead-lettered: {}",
+                    rejection.detail
+                );
                 self.last.insert(rejection.reason, (now, 0));
             }
         }
@@ -92,12 +98,22 @@ struct Prepared {
 /// Its stages run under `supervisor`; an idle feed sends an empty batch
 /// through them every [`IDLE_TICK`], so ingest's heartbeat shows the whole
 /// pipeline going round.
-pub async fn run(bus: Bus, store: Store, config: IngestConfig, node_id: String, status: StatusBoard, supervisor: Supervisor) -> Result<()> {
+pub async fn run(
+    bus: Bus,
+    store: Store,
+    config: IngestConfig,
+    node_id: String,
+    status: StatusBoard,
+    supervisor: Supervisor,
+) -> Result<()> {
     let shutdown = supervisor.shutdown().clone();
     let consumer = FrameConsumer::ingest(&node_id);
     let mut feed = bus.frame_feed(consumer.clone()).await?;
     let failures = Failures::default();
-    let forwarder = supervisor.spawn("ingest's dead letters", undeliverable::forward(bus.clone(), consumer, failures.clone(), shutdown.clone()));
+    let forwarder = supervisor.spawn(
+        "ingest's dead letters",
+        undeliverable::forward(bus.clone(), consumer, failures.clone(), shutdown.clone()),
+    );
     let (batches, mut incoming) = tokio::sync::mpsc::channel::<Vec<Delivery>>(PIPELINE_DEPTH);
     let (ready, mut prepared) = tokio::sync::mpsc::channel::<Prepared>(1);
     let max_wait = Duration::from_millis(config.batch_max_wait_ms);
@@ -106,7 +122,9 @@ pub async fn run(bus: Bus, store: Store, config: IngestConfig, node_id: String, 
     let fetcher = supervisor.spawn("ingest's fetch", async move {
         while !fetch_shutdown.is_cancelled() {
             // Empty when idle: a tick through the pipeline.
-            let batch = feed.next_batch(max_frames, max_wait, IDLE_TICK, &fetch_shutdown).await?;
+            let batch = feed
+                .next_batch(max_frames, max_wait, IDLE_TICK, &fetch_shutdown)
+                .await?;
             if (batch.is_empty() && fetch_shutdown.is_cancelled()) || batches.send(batch).await.is_err() {
                 break;
             }
@@ -116,7 +134,9 @@ pub async fn run(bus: Bus, store: Store, config: IngestConfig, node_id: String, 
     let policy = config.preprocess;
     let preparer = supervisor.spawn("ingest's prepare", async move {
         while let Some(batch) = incoming.recv().await {
-            let prepared = tokio::task::spawn_blocking(move || prepare(batch, policy)).await.context("ingest prepare worker")?;
+            let prepared = tokio::task::spawn_blocking(move || prepare(batch, policy))
+                .await
+                .context("ingest prepare worker")?;
             if ready.send(prepared).await.is_err() {
                 break;
             }
@@ -129,14 +149,31 @@ pub async fn run(bus: Bus, store: Store, config: IngestConfig, node_id: String, 
     // In-progress marks must come well within ack_wait, or the held frames come back.
     let longest = STORE_RETRY_LONGEST.min(Duration::from_secs(config.ack_wait_secs) / 2);
     let mut store_pause = Backoff::new(STORE_RETRY_FIRST.min(longest), longest);
-    while let Some(Prepared { batch, rejections, frames, compressed }) = prepared.recv().await {
+    while let Some(Prepared {
+        batch,
+        rejections,
+        frames,
+        compressed,
+    }) = prepared.recv().await
+    {
         status.beat(Heart::Ingest);
         if batch.is_empty() {
             continue; // an idle tick
         }
         let size = batch.len();
         let reasons: Vec<Reason> = rejections.iter().flatten().map(|r: &Rejection| r.reason).collect();
-        let Some(committed) = commit_holding(&store, &batch, frames, compressed, reasons, &status, &mut store_pause, &shutdown).await? else {
+        let Some(committed) = commit_holding(
+            &store,
+            &batch,
+            frames,
+            compressed,
+            reasons,
+            &status,
+            &mut store_pause,
+            &shutdown,
+        )
+        .await?
+        else {
             break; // shutdown while the disk was full: the batch comes back
         };
         crash_point!("ingest-before-ack");
@@ -177,7 +214,16 @@ pub async fn run(bus: Bus, store: Store, config: IngestConfig, node_id: String, 
 /// `shutdown` meanwhile; an error once the disk takes writes again but the
 /// store still can't ([`crate::store::NeedsReopen`]).
 #[allow(clippy::too_many_arguments)]
-async fn commit_holding(store: &Store, batch: &[Delivery], frames: Vec<Frame>, compressed: Compressed, reasons: Vec<Reason>, status: &StatusBoard, pause: &mut Backoff, shutdown: &CancellationToken) -> Result<Option<Committed>> {
+async fn commit_holding(
+    store: &Store,
+    batch: &[Delivery],
+    frames: Vec<Frame>,
+    compressed: Compressed,
+    reasons: Vec<Reason>,
+    status: &StatusBoard,
+    pause: &mut Backoff,
+    shutdown: &CancellationToken,
+) -> Result<Option<Committed>> {
     let (mut frames, mut compressed, mut reasons) = (frames, Some(compressed), reasons);
     loop {
         let store_for_commit = store.clone();
@@ -202,7 +248,11 @@ async fn commit_holding(store: &Store, batch: &[Delivery], frames: Vec<Frame>, c
         status.store_failed(&e);
         status.beat(Heart::Ingest);
         store.check_write_failure(&e)?;
-        tracing::error!("ingest: the store can't write ({e:#}); a batch of {} held, its commit tried again in {:?}", batch.len(), pause.next);
+        tracing::error!(
+            "ingest: the store can't write ({e:#}); a batch of {} held, its commit tried again in {:?}",
+            batch.len(),
+            pause.next
+        );
         for delivery in batch {
             if let Err(e) = delivery.in_progress().await {
                 tracing::warn!("ingest: {e:#}; the frame may come back after ack_wait");
@@ -228,12 +278,22 @@ fn prepare(batch: Vec<Delivery>, policy: Policy) -> Prepared {
         }
     }
     let compressed = compress_frames(&frames);
-    Prepared { batch, rejections, frames, compressed }
+    Prepared {
+        batch,
+        rejections,
+        frames,
+        compressed,
+    }
 }
 
 /// After its commit: acks each valid delivery, dead-letters and
 /// terminates each rejected one. Returns how many were rejected.
-async fn settle(bus: &Bus, batch: &[Delivery], rejections: Vec<Option<Rejection>>, log: &mut RejectionLog) -> Result<u64> {
+async fn settle(
+    bus: &Bus,
+    batch: &[Delivery],
+    rejections: Vec<Option<Rejection>>,
+    log: &mut RejectionLog,
+) -> Result<u64> {
     let mut rejected = 0;
     for (delivery, rejection) in batch.iter().zip(rejections) {
         match rejection {

@@ -66,18 +66,25 @@ impl Lease {
     /// As [`Lease::epoch`], with the holding it belongs to.
     pub fn grant(&self) -> Option<Grant> {
         let held = *self.held.lock().unwrap();
-        held.filter(|h| !h.failing && h.renewed_at.elapsed() < self.trust).map(|h| h.grant)
+        held.filter(|h| !h.failing && h.renewed_at.elapsed() < self.trust)
+            .map(|h| h.grant)
     }
 
     /// Whether the lease, renewed or not now, can't have lapsed yet.
     fn fresh(&self) -> bool {
-        self.held.lock().unwrap().is_some_and(|h| h.renewed_at.elapsed() < self.trust)
+        self.held
+            .lock()
+            .unwrap()
+            .is_some_and(|h| h.renewed_at.elapsed() < self.trust)
     }
 
     /// Whether this node may still lead under `epoch`: leading now, or its
     /// renewal failing but the lease not lapsed (work under it waits).
     pub fn may_lead(&self, epoch: u64) -> bool {
-        self.held.lock().unwrap().is_some_and(|h| h.grant.epoch == epoch && h.renewed_at.elapsed() < self.trust)
+        self.held
+            .lock()
+            .unwrap()
+            .is_some_and(|h| h.grant.epoch == epoch && h.renewed_at.elapsed() < self.trust)
     }
 
     /// Marks renewals failing (or not any more), keeping the lease.
@@ -97,8 +104,18 @@ impl Lease {
 /// Starts contending for the lease as `holder`, under `supervisor`. `stop`
 /// ends the task: it then releases a lease it holds (the daemon stops it
 /// last, after the final checkpoint is announced).
-pub fn start(shared: Shared, holder: String, ttl: Duration, stop: CancellationToken, supervisor: &Supervisor) -> (Lease, JoinHandle<Result<()>>) {
-    let lease = Lease { held: Arc::default(), terms: Arc::default(), trust: ttl * 2 / 3 };
+pub fn start(
+    shared: Shared,
+    holder: String,
+    ttl: Duration,
+    stop: CancellationToken,
+    supervisor: &Supervisor,
+) -> (Lease, JoinHandle<Result<()>>) {
+    let lease = Lease {
+        held: Arc::default(),
+        terms: Arc::default(),
+        trust: ttl * 2 / 3,
+    };
     let task = supervisor.spawn("lease", contend(shared, holder, ttl, lease.clone(), stop));
     (lease, task)
 }
@@ -119,10 +136,24 @@ async fn contend(shared: Shared, holder: String, ttl: Duration, lease: Lease, st
 }
 
 /// Holds the lease until a renewal fails or `stop`, which releases it.
-async fn lead(shared: &Shared, holder: &str, mut revision: u64, renew_every: Duration, lease: &Lease, stop: &CancellationToken) {
+async fn lead(
+    shared: &Shared,
+    holder: &str,
+    mut revision: u64,
+    renew_every: Duration,
+    lease: &Lease,
+    stop: &CancellationToken,
+) {
     let epoch = revision;
-    let grant = Grant { epoch, term: lease.terms.fetch_add(1, Ordering::Relaxed) + 1 };
-    *lease.held.lock().unwrap() = Some(Held { grant, renewed_at: Instant::now(), failing: false });
+    let grant = Grant {
+        epoch,
+        term: lease.terms.fetch_add(1, Ordering::Relaxed) + 1,
+    };
+    *lease.held.lock().unwrap() = Some(Held {
+        grant,
+        renewed_at: Instant::now(),
+        failing: false,
+    });
     tracing::info!(epoch, "lease: this node leads training");
     loop {
         tokio::select! {

@@ -23,7 +23,11 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(status: StatusBoard, store: Option<Store>, bus: Bus) -> Metrics {
         let mut registry = Registry::with_prefix("wmvae");
-        registry.register("latent_latency_seconds", "From frame received to its latent published.", status.latent_latency().0.clone());
+        registry.register(
+            "latent_latency_seconds",
+            "From frame received to its latent published.",
+            status.latent_latency().0.clone(),
+        );
         registry.register_collector(Box::new(Figures { status, store, bus }));
         Metrics { registry }
     }
@@ -62,7 +66,12 @@ fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: f64) ->
 }
 
 /// A gauge with a `kind` label per loss (total, recon, kl); nothing before the first value.
-fn losses(encoder: &mut DescriptorEncoder, name: &str, help: &str, losses: Option<LossValues>) -> Result<(), std::fmt::Error> {
+fn losses(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    losses: Option<LossValues>,
+) -> Result<(), std::fmt::Error> {
     let Some(l) = losses else { return Ok(()) };
     let mut family = encoder.encode_descriptor(name, help, None, ConstGauge::new(0.0).metric_type())?;
     for (kind, value) in [("total", l.total), ("recon", l.recon), ("kl", l.kl)] {
@@ -80,31 +89,111 @@ impl Collector for Figures {
                 tracing::warn!("/metrics: reading the store: {e:#}");
                 std::fmt::Error
             })?;
-            counter(e, "frames_ingested", "Frames made durable in the replay buffer.", stats.frames_ingested)?;
-            counter(e, "frames_duplicate", "Frames already stored, acked without storing.", stats.duplicates)?;
-            let mut rejected = e.encode_descriptor("frames_rejected", "Frames dead-lettered, by reason.", None, ConstCounter::new(0u64).metric_type())?;
+            counter(
+                e,
+                "frames_ingested",
+                "Frames made durable in the replay buffer.",
+                stats.frames_ingested,
+            )?;
+            counter(
+                e,
+                "frames_duplicate",
+                "Frames already stored, acked without storing.",
+                stats.duplicates,
+            )?;
+            let mut rejected = e.encode_descriptor(
+                "frames_rejected",
+                "Frames dead-lettered, by reason.",
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
             for (reason, n) in &stats.rejected {
                 ConstCounter::new(*n).encode(rejected.encode_family(&[("reason", reason.as_str())])?)?;
             }
-            gauge(e, "buffer_frames", "Frames held in the replay buffer.", stats.frames as f64)?;
-            gauge(e, "buffer_capacity_frames", "Replay buffer capacity.", stats.capacity as f64)?;
-            gauge(e, "buffer_bytes", "Bytes on disk of the sled store.", stats.bytes_on_disk as f64)?;
+            gauge(
+                e,
+                "buffer_frames",
+                "Frames held in the replay buffer.",
+                stats.frames as f64,
+            )?;
+            gauge(
+                e,
+                "buffer_capacity_frames",
+                "Replay buffer capacity.",
+                stats.capacity as f64,
+            )?;
+            gauge(
+                e,
+                "buffer_bytes",
+                "Bytes on disk of the sled store.",
+                stats.bytes_on_disk as f64,
+            )?;
         }
         counter(e, "train_steps", "Optimizer steps taken.", s.step.max(0) as u64)?;
-        gauge(e, "train_images_per_second", "Training throughput over the last log window.", s.images_per_s)?;
-        losses(e, "train_loss", "Mean training loss of the last log window.", s.last_losses)?;
+        gauge(
+            e,
+            "train_images_per_second",
+            "Training throughput over the last log window.",
+            s.images_per_s,
+        )?;
+        losses(
+            e,
+            "train_loss",
+            "Mean training loss of the last log window.",
+            s.last_losses,
+        )?;
         losses(e, "eval_loss", "Last eval loss on the validation split.", s.eval)?;
-        counter(e, "train_skipped_steps", "Steps skipped by the divergence guard.", s.skipped_steps)?;
-        counter(e, "auto_rollbacks", "Automatic rollbacks after divergence.", s.auto_rollbacks)?;
+        counter(
+            e,
+            "train_skipped_steps",
+            "Steps skipped by the divergence guard.",
+            s.skipped_steps,
+        )?;
+        counter(
+            e,
+            "auto_rollbacks",
+            "Automatic rollbacks after divergence.",
+            s.auto_rollbacks,
+        )?;
         counter(e, "latents_published", "Latents published.", s.latents_published)?;
-        counter(e, "store_write_errors", "Writes to the store (frame commits, checkpoints) that failed.", s.store_write_errors)?;
+        counter(
+            e,
+            "store_write_errors",
+            "Writes to the store (frame commits, checkpoints) that failed.",
+            s.store_write_errors,
+        )?;
         counter(e, "checkpoint_write_errors", "Checkpoints that could not be written to the store (no room on its disk, or a write error); training goes on and the next checkpoint tries again.", s.checkpoint_write_errors)?;
-        gauge(e, "store_writable", "1 while the store's last write succeeded, 0 while it fails (a full disk).", f64::from(u8::from(s.store_error.is_none())))?;
-        gauge(e, "active_version", "The active checkpoint version.", s.active_version.unwrap_or(0) as f64)?;
+        gauge(
+            e,
+            "store_writable",
+            "1 while the store's last write succeeded, 0 while it fails (a full disk).",
+            f64::from(u8::from(s.store_error.is_none())),
+        )?;
+        gauge(
+            e,
+            "active_version",
+            "The active checkpoint version.",
+            s.active_version.unwrap_or(0) as f64,
+        )?;
         if let Some(version) = s.encoder_version {
-            gauge(e, "encoder_version", "The version this node's latents name now.", version as f64)?;
+            gauge(
+                e,
+                "encoder_version",
+                "The version this node's latents name now.",
+                version as f64,
+            )?;
         }
-        gauge(e, "nats_connected", "1 while connected to NATS.", if self.bus.is_connected() { 1.0 } else { 0.0 })?;
-        counter(e, "nats_reconnects", "Disconnections from NATS (each followed by a reconnect).", self.bus.disconnects())
+        gauge(
+            e,
+            "nats_connected",
+            "1 while connected to NATS.",
+            if self.bus.is_connected() { 1.0 } else { 0.0 },
+        )?;
+        counter(
+            e,
+            "nats_reconnects",
+            "Disconnections from NATS (each followed by a reconnect).",
+            self.bus.disconnects(),
+        )
     }
 }

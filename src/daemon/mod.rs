@@ -25,23 +25,23 @@ pub mod trainer;
 pub mod undeliverable;
 
 use crate::bus::Bus;
-use crate::vae::checkpoint::Checkpoint;
 use crate::config::Config;
-use crate::vae::learner::Learner;
 use crate::daemon::status::{Heart, StatusBoard};
 use crate::daemon::supervisor::{Supervisor, Watchdog};
-use crate::store::{Change, Damaged, NeedsReopen, Store};
 use crate::daemon::trainer::Trainer;
+use crate::store::{Change, Damaged, NeedsReopen, Store};
+use crate::vae::checkpoint::Checkpoint;
 use crate::vae::device::{self, Device};
+use crate::vae::learner::Learner;
 
-use crate::bus::service::{Endpoint, Handler, NodeInfo, StatusProbe};
 use crate::backoff::Backoff;
-use lease::Lease;
+use crate::bus::service::{Endpoint, Handler, NodeInfo, StatusProbe};
+use anyhow::{anyhow, bail, Context, Result};
 use control::Command;
 use encoder::Encoder;
-use anyhow::{anyhow, bail, Context, Result};
-use std::time::Duration;
+use lease::Lease;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -71,7 +71,8 @@ const WATCHDOG_MARGIN: Duration = Duration::from_secs(4);
 /// of a shutdown that waits on NATS.
 pub fn shutdown_on_signals() -> Result<CancellationToken> {
     let token = CancellationToken::new();
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
     let cancel = token.clone();
     tokio::spawn(async move {
         tokio::select! {
@@ -111,7 +112,9 @@ async fn until<T>(deadline: tokio::time::Instant, what: &str, left: &str, task: 
 fn resume(config: &Config, store: &Store, bus: &Bus, device: Device) -> Result<(Learner, Option<Arc<Checkpoint>>)> {
     let mut learner = Learner::new(device, config.vae(), config.adam(), config.train.precision);
     let registry = store.registry();
-    let Some(version) = registry.active_version()? else { return Ok((learner, None)) };
+    let Some(version) = registry.active_version()? else {
+        return Ok((learner, None));
+    };
     let checkpoint = match registry.get(version) {
         Ok(Some(checkpoint)) => checkpoint,
         Ok(None) => {
@@ -125,7 +128,11 @@ fn resume(config: &Config, store: &Store, bus: &Bus, device: Device) -> Result<(
         Err(e) => return Err(e),
     };
     learner.restore(&checkpoint)?;
-    tracing::info!(version = checkpoint.metadata.version, step = learner.steps(), "resumed from the active checkpoint");
+    tracing::info!(
+        version = checkpoint.metadata.version,
+        step = learner.steps(),
+        "resumed from the active checkpoint"
+    );
     Ok((learner, Some(Arc::new(checkpoint))))
 }
 
@@ -138,7 +145,10 @@ fn recover(store: &Store, bus: &Bus, version: u64) -> Result<Checkpoint> {
     match tokio::runtime::Handle::current().block_on(takeover::object_store_copy(bus, version, expected.as_deref())) {
         Ok(Some(copy)) => {
             registry.repair(&copy)?;
-            tracing::warn!(version, "v{version} repaired from the object store's copy (written back to the store)");
+            tracing::warn!(
+                version,
+                "v{version} repaired from the object store's copy (written back to the store)"
+            );
             return Ok(copy);
         }
         Ok(None) => tracing::warn!(version, "the object store has no copy of v{version}"),
@@ -147,9 +157,15 @@ fn recover(store: &Store, bus: &Bus, version: u64) -> Result<Checkpoint> {
     for older in registry.list()?.iter().rev().filter(|m| m.version < version) {
         match registry.get(older.version) {
             Ok(Some(checkpoint)) => {
-                let reason = format!("v{version} is damaged or missing in the store and the object store has no good copy");
+                let reason =
+                    format!("v{version} is damaged or missing in the store and the object store has no good copy");
                 registry.activate(older.version, Change::Recovery, "wmvae", Some(&reason))?;
-                tracing::warn!(from = version, to = older.version, "{reason}: rolled back to v{}", older.version);
+                tracing::warn!(
+                    from = version,
+                    to = older.version,
+                    "{reason}: rolled back to v{}",
+                    older.version
+                );
                 return Ok(checkpoint);
             }
             Ok(None) => {}
@@ -176,9 +192,18 @@ struct TrainerRole {
 /// one, a second single-node trainer) on the same NATS: they would split
 /// one consumer's frames.
 async fn refuse_twin(bus: &Bus, node_id: &str) -> Result<()> {
-    let twins = bus.service_nodes().await?.into_iter().filter(|n| n.roles.trainer && n.id == node_id).count();
+    let twins = bus
+        .service_nodes()
+        .await?
+        .into_iter()
+        .filter(|n| n.roles.trainer && n.id == node_id)
+        .count();
     if twins > 0 {
-        let named = if node_id.is_empty() { "without a [node] id".to_string() } else { format!("with [node] id {node_id:?}") };
+        let named = if node_id.is_empty() {
+            "without a [node] id".to_string()
+        } else {
+            format!("with [node] id {node_id:?}")
+        };
         bail!("another trainer node {named} already runs on this NATS; give each trainer node its own [node] id (WMVAE_NODE__ID)");
     }
     Ok(())
@@ -189,7 +214,14 @@ impl TrainerRole {
     /// through this node's own consumer, contending for the lease, the
     /// trainer thread (which trains only while leading) and the checkpoint
     /// publisher, each under `supervisor`.
-    async fn start(config: &Config, bus: &Bus, store: &Store, device: Device, status: &StatusBoard, supervisor: &Supervisor) -> Result<TrainerRole> {
+    async fn start(
+        config: &Config,
+        bus: &Bus,
+        store: &Store,
+        device: Device,
+        status: &StatusBoard,
+        supervisor: &Supervisor,
+    ) -> Result<TrainerRole> {
         refuse_twin(bus, &config.node.id).await?;
         let (learner, active) = {
             let (config, store, bus) = (config.clone(), store.clone(), bus.clone());
@@ -197,10 +229,19 @@ impl TrainerRole {
         };
         let shared = bus.shared().await?;
         let lease_stop = CancellationToken::new();
-        let (lease, contender) = lease::start(shared.clone(), config.node.holder(), Duration::from_secs(config.node.lease_ttl_secs), lease_stop.clone(), supervisor);
+        let (lease, contender) = lease::start(
+            shared.clone(),
+            config.node.holder(),
+            Duration::from_secs(config.node.lease_ttl_secs),
+            lease_stop.clone(),
+            supervisor,
+        );
         let (events, event_queue) = mpsc::channel(EVENT_QUEUE);
         let (commands, command_queue) = mpsc::channel(COMMAND_QUEUE);
-        let publisher = supervisor.spawn("checkpoint publisher", announce::publish_events(bus.clone(), store.clone(), shared.clone(), lease.clone(), event_queue));
+        let publisher = supervisor.spawn(
+            "checkpoint publisher",
+            announce::publish_events(bus.clone(), store.clone(), shared.clone(), lease.clone(), event_queue),
+        );
         status.beat(Heart::Trainer);
         let trainer = Trainer {
             config: config.clone(),
@@ -220,8 +261,27 @@ impl TrainerRole {
         };
         let thread = supervisor.thread("trainer thread", move || trainer.run())?;
         status.beat(Heart::Ingest);
-        let ingest = supervisor.spawn("ingest", ingest::run(bus.clone(), store.clone(), config.ingest.clone(), config.node.id.clone(), status.clone(), supervisor.clone()));
-        Ok(TrainerRole { store: store.clone(), commands, lease, ingest, thread, publisher, contender, lease_stop })
+        let ingest = supervisor.spawn(
+            "ingest",
+            ingest::run(
+                bus.clone(),
+                store.clone(),
+                config.ingest.clone(),
+                config.node.id.clone(),
+                status.clone(),
+                supervisor.clone(),
+            ),
+        );
+        Ok(TrainerRole {
+            store: store.clone(),
+            commands,
+            lease,
+            ingest,
+            thread,
+            publisher,
+            contender,
+            lease_stop,
+        })
     }
 
     /// After shutdown: ingest's batches in flight committed and acked, the
@@ -241,7 +301,13 @@ impl TrainerRole {
             false => Err(anyhow!("the trainer thread did not stop within the shutdown grace")),
         };
         drop(self.commands);
-        until(deadline, "checkpoint publisher", "unannounced versions go out at the next start", self.publisher).await;
+        until(
+            deadline,
+            "checkpoint publisher",
+            "unannounced versions go out at the next start",
+            self.publisher,
+        )
+        .await;
         self.lease_stop.cancel();
         until(deadline, "lease", "the lease lapses by itself", self.contender).await;
         // A store that can't flush must not hide why the daemon stopped.
@@ -255,7 +321,13 @@ impl TrainerRole {
 
 /// Serves the leader-only endpoints (checkpoints, buffer) while this node
 /// leads; a standby does not answer them, so every request reaches the leader.
-async fn serve_while_leading(bus: Bus, handler: Handler, node: NodeInfo, lease: Lease, shutdown: CancellationToken) -> Result<()> {
+async fn serve_while_leading(
+    bus: Bus,
+    handler: Handler,
+    node: NodeInfo,
+    lease: Lease,
+    shutdown: CancellationToken,
+) -> Result<()> {
     while !shutdown.is_cancelled() {
         if lease.epoch().is_none() {
             tokio::select! { _ = shutdown.cancelled() => break, _ = tokio::time::sleep(LEASE_POLL) => continue }
@@ -270,7 +342,8 @@ async fn serve_while_leading(bus: Bus, handler: Handler, node: NodeInfo, lease: 
                 leading.cancel();
             })
         };
-        bus.serve_control(handler.clone(), &Endpoint::leader_only(), &node, None, leading.clone()).await?;
+        bus.serve_control(handler.clone(), &Endpoint::leader_only(), &node, None, leading.clone())
+            .await?;
         leading.cancel();
         watcher.await.context("lease watcher")?;
     }
@@ -295,7 +368,10 @@ async fn migrate_on_reconnect(bus: Bus, shutdown: CancellationToken) -> Result<(
                     break;
                 }
                 Err(e) => {
-                    tracing::warn!("NATS reconnected, but the migrations failed ({e:#}); trying again in {:?}", pause.next);
+                    tracing::warn!(
+                        "NATS reconnected, but the migrations failed ({e:#}); trying again in {:?}",
+                        pause.next
+                    );
                     if !pause.wait(&shutdown).await {
                         return Ok(());
                     }
@@ -348,7 +424,10 @@ async fn run_parts(config: Config, shutdown: CancellationToken) -> Result<()> {
     let report = bus.migrate().await?;
     tracing::info!(url = %config.nats.url, migration = report.version, streams = ?report.streams, "NATS ready");
     let status = StatusBoard::new(roles, &config.node.id, store.clone(), device::describe(device));
-    let migrations = supervisor.spawn("migrations on reconnect", migrate_on_reconnect(bus.clone(), shutdown.clone()));
+    let migrations = supervisor.spawn(
+        "migrations on reconnect",
+        migrate_on_reconnect(bus.clone(), shutdown.clone()),
+    );
 
     let trainer = match &store {
         Some(store) => Some(TrainerRole::start(&config, &bus, store, device, &status, &supervisor).await?),
@@ -358,22 +437,36 @@ async fn run_parts(config: Config, shutdown: CancellationToken) -> Result<()> {
         true => Some(encoder::start(&bus, &config, device, status.clone(), &supervisor)?),
         false => None,
     };
-    let node = NodeInfo { id: config.node.id.clone(), roles };
+    let node = NodeInfo {
+        id: config.node.id.clone(),
+        roles,
+    };
     let context = control::Context {
         status: status.clone(),
         bus: bus.clone(),
         config: config.clone(),
         encoder: encoder.as_ref().map(|e| e.handle.clone()),
-        trainer: trainer.as_ref().map(|t| control::TrainerSide { store: t.store.clone(), commands: t.commands.clone() }),
+        trainer: trainer.as_ref().map(|t| control::TrainerSide {
+            store: t.store.clone(),
+            commands: t.commands.clone(),
+        }),
     };
     let handler = control::handler(context);
     let control = {
         let (bus, handler, node, shutdown) = (bus.clone(), handler.clone(), node.clone(), shutdown.clone());
         let board = status.clone();
         let probe: StatusProbe = Arc::new(move || serde_json::to_value(board.snapshot()).unwrap_or_default());
-        supervisor.spawn("control service", async move { bus.serve_control(handler, &Endpoint::served_by(roles), &node, Some(probe), shutdown).await })
+        supervisor.spawn("control service", async move {
+            bus.serve_control(handler, &Endpoint::served_by(roles), &node, Some(probe), shutdown)
+                .await
+        })
     };
-    let leader_control = trainer.as_ref().map(|t| supervisor.spawn("leader's control service", serve_while_leading(bus.clone(), handler, node, t.lease.clone(), shutdown.clone())));
+    let leader_control = trainer.as_ref().map(|t| {
+        supervisor.spawn(
+            "leader's control service",
+            serve_while_leading(bus.clone(), handler, node, t.lease.clone(), shutdown.clone()),
+        )
+    });
     let http = match config.http.addr.is_empty() {
         true => None,
         false => {
@@ -392,7 +485,13 @@ async fn run_parts(config: Config, shutdown: CancellationToken) -> Result<()> {
     watchdog.at("stopping the control service");
     until(deadline, "control service", "requests in flight go unanswered", control).await;
     if let Some(task) = leader_control {
-        until(deadline, "leader's control service", "requests in flight go unanswered", task).await;
+        until(
+            deadline,
+            "leader's control service",
+            "requests in flight go unanswered",
+            task,
+        )
+        .await;
     }
     watchdog.at("stopping the trainer role");
     let trained = match trainer {
@@ -416,7 +515,9 @@ async fn run_parts(config: Config, shutdown: CancellationToken) -> Result<()> {
     match tokio::time::timeout_at(flush_until, bus.flush()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!("{e:#}; what did not reach NATS goes out at the next start"),
-        Err(_) => tracing::warn!("flushing to NATS: not done within the shutdown grace; what did not reach NATS goes out at the next start"),
+        Err(_) => tracing::warn!(
+            "flushing to NATS: not done within the shutdown grace; what did not reach NATS goes out at the next start"
+        ),
     }
     tracing::info!("bye");
     match supervisor.take_failure() {

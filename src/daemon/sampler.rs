@@ -38,7 +38,13 @@ impl Sampler {
     /// Starts drawing batches of `batch_size` frames from `split` once it
     /// holds `min_frames`, on threads under `supervisor` (a panic there
     /// stops the daemon, saying why).
-    pub fn start(store: Store, split: Split, batch_size: usize, min_frames: u64, supervisor: &Supervisor) -> Result<Sampler> {
+    pub fn start(
+        store: Store,
+        split: Split,
+        batch_size: usize,
+        min_frames: u64,
+        supervisor: &Supervisor,
+    ) -> Result<Sampler> {
         let (ready, batches) = sync_channel(PREFETCH_BATCHES);
         let stop = Arc::new(AtomicBool::new(false));
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -54,7 +60,11 @@ impl Sampler {
             })
             .collect::<Result<Vec<_>>>()
             .inspect_err(|_| stop.store(true, Ordering::Relaxed))?;
-        Ok(Sampler { batches: Some(batches), stop, threads })
+        Ok(Sampler {
+            batches: Some(batches),
+            stop,
+            threads,
+        })
     }
 
     /// The next batch (64x64x3 frames, concatenated), or None after `wait`.
@@ -65,7 +75,14 @@ impl Sampler {
 
 /// One sampler thread's loop: draws batches into `ready` until `stopped`
 /// is set or the trainer drops its end.
-fn draw(store: &Store, split: Split, batch_size: usize, min_frames: u64, ready: &SyncSender<Vec<u8>>, stopped: &AtomicBool) {
+fn draw(
+    store: &Store,
+    split: Split,
+    batch_size: usize,
+    min_frames: u64,
+    ready: &SyncSender<Vec<u8>>,
+    stopped: &AtomicBool,
+) {
     let mut rng = rand::thread_rng();
     while !stopped.load(Ordering::Relaxed) {
         fail::fail_point!("sampler-draw");

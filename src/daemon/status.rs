@@ -5,9 +5,9 @@
 use crate::config::Roles;
 use crate::store::{Split, Store};
 use crate::vae::learner::LossValues;
+use prometheus_client::metrics::histogram::Histogram;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
-use prometheus_client::metrics::histogram::Histogram;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -210,7 +210,11 @@ impl StatusBoard {
             device,
             ..Default::default()
         };
-        StatusBoard { status: Arc::new(Mutex::new(status)), store, latent_latency: LatentLatency::default() }
+        StatusBoard {
+            status: Arc::new(Mutex::new(status)),
+            store,
+            latent_latency: LatentLatency::default(),
+        }
     }
 
     pub fn update(&self, change: impl FnOnce(&mut Status)) {
@@ -238,7 +242,8 @@ impl StatusBoard {
     /// the status, not a store that can't write (frames may still go in).
     pub fn checkpoint_failed(&self, error: &anyhow::Error) {
         self.update(|s| {
-            (s.store_write_errors, s.checkpoint_write_errors) = (s.store_write_errors + 1, s.checkpoint_write_errors + 1);
+            (s.store_write_errors, s.checkpoint_write_errors) =
+                (s.store_write_errors + 1, s.checkpoint_write_errors + 1);
             s.checkpoint_error = Some(format!("{error:#}"));
         });
     }
@@ -267,7 +272,11 @@ impl StatusBoard {
             problems.push(format!("the store can't write: {error}"));
         }
         for (heart, beat) in s.beats.iter().filter(|(_, b)| b.elapsed() > max_age) {
-            problems.push(format!("{} has not gone round for {:.0} s", heart.as_str(), beat.elapsed().as_secs_f64()));
+            problems.push(format!(
+                "{} has not gone round for {:.0} s",
+                heart.as_str(),
+                beat.elapsed().as_secs_f64()
+            ));
         }
         problems
     }

@@ -39,13 +39,24 @@ struct Inner {
 
 /// A panic's message, when it carries one.
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
-    panic.downcast_ref::<&str>().copied().or_else(|| panic.downcast_ref::<String>().map(String::as_str)).unwrap_or("no message")
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message")
 }
 
 impl Supervisor {
     /// A supervisor whose parts stop on `shutdown`, which the first to fail cancels.
     pub fn new(shutdown: CancellationToken) -> Supervisor {
-        Supervisor { inner: Arc::new(Inner { shutdown, failure: Mutex::default(), running: Mutex::default(), next_id: AtomicU64::new(0) }) }
+        Supervisor {
+            inner: Arc::new(Inner {
+                shutdown,
+                failure: Mutex::default(),
+                running: Mutex::default(),
+                next_id: AtomicU64::new(0),
+            }),
+        }
     }
 
     /// The token the parts stop on.
@@ -56,20 +67,32 @@ impl Supervisor {
     /// Registers `name` as running until the returned guard drops.
     fn enter(&self, name: &'static str) -> Running {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        self.inner.running.lock().unwrap_or_else(|p| p.into_inner()).insert(id, name);
-        Running { id, supervisor: self.clone() }
+        self.inner
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, name);
+        Running {
+            id,
+            supervisor: self.clone(),
+        }
     }
 
     /// How part `name` ended: an error or a panic is recorded (the first one
     /// is the daemon's reason) and stops every part; the part's handle gets
     /// its text.
     fn ended(&self, name: &'static str, outcome: std::thread::Result<Result<()>>) -> Result<()> {
-        let result = outcome.unwrap_or_else(|panic| Err(anyhow!("the {name} panicked: {}", panic_message(panic.as_ref()))));
+        let result =
+            outcome.unwrap_or_else(|panic| Err(anyhow!("the {name} panicked: {}", panic_message(panic.as_ref()))));
         let Err(e) = result else { return Ok(()) };
         let e = e.context(name);
         let text = format!("{e:#}");
         tracing::error!("{text}; the daemon stops");
-        self.inner.failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+        self.inner
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(e);
         self.inner.shutdown.cancel();
         Err(anyhow!(text))
     }
@@ -109,7 +132,13 @@ impl Supervisor {
 
     /// The names of the parts running now.
     pub fn running(&self) -> Vec<&'static str> {
-        self.inner.running.lock().unwrap_or_else(|p| p.into_inner()).values().copied().collect()
+        self.inner
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .copied()
+            .collect()
     }
 }
 
@@ -121,7 +150,12 @@ struct Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.supervisor.inner.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+        self.supervisor
+            .inner
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
     }
 }
 
@@ -176,9 +210,16 @@ mod tests {
         assert!(thread.join().unwrap().is_err());
         assert!(supervisor.shutdown().is_cancelled());
         let failing = supervisor.spawn("second task", async { Err(anyhow!("later")) });
-        assert_eq!(format!("{:#}", failing.await.unwrap().unwrap_err()), "second task: later");
+        assert_eq!(
+            format!("{:#}", failing.await.unwrap().unwrap_err()),
+            "second task: later"
+        );
         let reason = supervisor.take_failure().map(|e| format!("{e:#}"));
-        assert_eq!(reason.as_deref(), Some("doomed thread: the doomed thread panicked: out of memory"), "the first failure is the reason");
+        assert_eq!(
+            reason.as_deref(),
+            Some("doomed thread: the doomed thread panicked: out of memory"),
+            "the first failure is the reason"
+        );
         assert!(supervisor.running().is_empty());
     }
 }

@@ -10,11 +10,11 @@
 //! refuses operator commands: the leader answers them.
 
 use super::announce;
-use crate::backoff::Backoff;
 use super::control::Command;
 use super::lease::Grant;
 use super::status::{LeaseRole, TrainerState};
 use super::trainer::Trainer;
+use crate::backoff::Backoff;
 use crate::bus::kv::{Active, Conflict};
 use crate::bus::messages::checkpoint_envelope_object;
 use crate::bus::Bus;
@@ -42,7 +42,9 @@ pub(super) struct Retrying {
 /// object store has none.
 pub(super) async fn object_store_copy(bus: &Bus, version: u64, sha256: Option<&str>) -> Result<Option<Checkpoint>> {
     let name = checkpoint_envelope_object(version);
-    let Some(bytes) = bus.get_object(&name).await? else { return Ok(None) };
+    let Some(bytes) = bus.get_object(&name).await? else {
+        return Ok(None);
+    };
     let checkpoint = Checkpoint::from_bytes(&bytes).with_context(|| name.clone())?;
     checkpoint.verify()?;
     if sha256.is_some_and(|sha256| checkpoint.metadata.sha256 != sha256) || checkpoint.metadata.version != version {
@@ -62,7 +64,9 @@ impl Trainer {
 
     /// The active checkpoint, which a leader always has.
     pub(super) fn active(&self) -> Result<&Arc<Checkpoint>> {
-        self.active.as_ref().context("no active version yet: this node has not led")
+        self.active
+            .as_ref()
+            .context("no active version yet: this node has not led")
     }
 
     /// A NATS call made from the trainer's thread, the one way it reaches
@@ -70,14 +74,20 @@ impl Trainer {
     /// (a server gone mid-request must not hold the shutdown), and after
     /// `limit` when one is given. A call made once the shutdown began (the
     /// last checkpoint's) is bounded by its `limit` alone.
-    pub(super) fn nats<T>(&self, call: impl std::future::Future<Output = Result<T>>, limit: Option<Duration>) -> Result<T> {
+    pub(super) fn nats<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T>>,
+        limit: Option<Duration>,
+    ) -> Result<T> {
         let shutdown = self.supervisor.shutdown().clone();
         let interruptible = !shutdown.is_cancelled();
         // The timers are made inside the runtime: this thread is not one of its.
         self.runtime.block_on(async {
             let bounded = async {
                 match limit {
-                    Some(limit) => tokio::time::timeout(limit, call).await.map_err(|_| anyhow!("NATS did not answer within {limit:?}"))?,
+                    Some(limit) => tokio::time::timeout(limit, call)
+                        .await
+                        .map_err(|_| anyhow!("NATS did not answer within {limit:?}"))?,
                     None => call.await,
                 }
             };
@@ -100,7 +110,8 @@ impl Trainer {
         if self.grant.take().is_some() {
             tracing::warn!("not leading (the lease lost, or its renewal failing): training, checkpoints and announcements stop here");
         }
-        self.status.update(|s| (s.state, s.lease, s.epoch) = (Some(TrainerState::Standby), Some(LeaseRole::Standby), None));
+        self.status
+            .update(|s| (s.state, s.lease, s.epoch) = (Some(TrainerState::Standby), Some(LeaseRole::Standby), None));
         while let Ok(command) = self.commands.try_recv() {
             let refused = || anyhow!("this trainer node is a standby; the leader answers");
             match command {
@@ -123,11 +134,18 @@ impl Trainer {
             return Ok(true);
         };
         self.grant = None;
-        let retrying = failing.get_or_insert_with(|| Retrying { since: Instant::now(), pause: Backoff::default() });
+        let retrying = failing.get_or_insert_with(|| Retrying {
+            since: Instant::now(),
+            pause: Backoff::default(),
+        });
         if retrying.since.elapsed() > TAKEOVER_PATIENCE {
             return Err(e).context(format!("could not take over training for {TAKEOVER_PATIENCE:?}"));
         }
-        tracing::warn!(epoch, "taking over training failed ({e:#}); trying again in {:?}", retrying.pause.next);
+        tracing::warn!(
+            epoch,
+            "taking over training failed ({e:#}); trying again in {:?}",
+            retrying.pause.next
+        );
         self.runtime.block_on(retrying.pause.wait(self.supervisor.shutdown()));
         Ok(false)
     }
@@ -147,11 +165,16 @@ impl Trainer {
         // this store holds unannounced (a version made just before it lost
         // the lease, while another node trained on) gives way to the
         // cluster's active version.
-        let operator_changes = registry.unannounced_history()?.iter().any(|h| matches!(h.why, Change::Rollback | Change::Import | Change::Recovery));
+        let operator_changes = registry
+            .unannounced_history()?
+            .iter()
+            .any(|h| matches!(h.why, Change::Rollback | Change::Import | Change::Recovery));
         let cluster = self.nats(self.shared.active(), None)?.map(|(active, _)| active);
         let mine = self.active.as_ref().map(|a| a.metadata.version);
         match cluster {
-            Some(active) if !operator_changes && mine != Some(active.version) && !self.continues(&active)? => self.catch_up(&active)?,
+            Some(active) if !operator_changes && mine != Some(active.version) && !self.continues(&active)? => {
+                self.catch_up(&active)?
+            }
             None if mine.is_none() => self.start_fresh()?,
             _ => {}
         }
@@ -171,7 +194,14 @@ impl Trainer {
             }
             Err(e) => return Err(e),
         }
-        self.status.update(|s| (s.lease, s.epoch, s.active_version, s.step) = (Some(LeaseRole::Leader), Some(epoch), Some(version), self.learner.steps()));
+        self.status.update(|s| {
+            (s.lease, s.epoch, s.active_version, s.step) = (
+                Some(LeaseRole::Leader),
+                Some(epoch),
+                Some(version),
+                self.learner.steps(),
+            )
+        });
         tracing::info!(epoch, version, step = self.learner.steps(), "leading training");
         Ok(())
     }
@@ -211,7 +241,15 @@ impl Trainer {
         let (active, step) = (self.active()?.metadata.version, pending.metadata.step);
         if pending.metadata.parent == Some(active) {
             let version = self.allocate_version(None)?;
-            let make = move |version| Ok(Checkpoint { metadata: Metadata { version, ..pending.metadata.clone() }, ..pending });
+            let make = move |version| {
+                Ok(Checkpoint {
+                    metadata: Metadata {
+                        version,
+                        ..pending.metadata.clone()
+                    },
+                    ..pending
+                })
+            };
             let checkpoint = registry.add(Some(version), make, Change::Trained, "wmvae", None)?;
             self.learner.restore(&checkpoint)?;
             tracing::info!(version, step, "the last shutdown's pending checkpoint is v{version}");
@@ -225,9 +263,19 @@ impl Trainer {
     /// A new cluster: this node's fresh weights become the first version.
     fn start_fresh(&mut self) -> Result<()> {
         let version = self.allocate_version(None)?;
-        let metadata = Metadata { created_at: now_rfc3339(), config: serde_json::to_value(&self.config)?, ..Default::default() };
+        let metadata = Metadata {
+            created_at: now_rfc3339(),
+            config: serde_json::to_value(&self.config)?,
+            ..Default::default()
+        };
         let learner = &self.learner;
-        let checkpoint = self.store.registry().add(Some(version), |version| learner.snapshot(Metadata { version, ..metadata }), Change::Initial, "wmvae", None)?;
+        let checkpoint = self.store.registry().add(
+            Some(version),
+            |version| learner.snapshot(Metadata { version, ..metadata }),
+            Change::Initial,
+            "wmvae",
+            None,
+        )?;
         tracing::info!(version, "initial weights written");
         self.active = Some(Arc::new(checkpoint));
         Ok(())
@@ -244,13 +292,25 @@ impl Trainer {
             Err(e) if e.chain().all(|c| !c.is::<Damaged>()) => return Err(e),
             _damaged_or_missing => {
                 let name = checkpoint_envelope_object(active.version);
-                let checkpoint = self.nats(object_store_copy(&self.bus, active.version, Some(&active.sha256)), None)?.with_context(|| format!("{name} is not in the object store"))?;
+                let checkpoint = self
+                    .nats(object_store_copy(&self.bus, active.version, Some(&active.sha256)), None)?
+                    .with_context(|| format!("{name} is not in the object store"))?;
                 if active.version >= registry.next_free()? {
                     let envelope = checkpoint.clone();
-                    registry.add(Some(active.version), move |_| Ok(envelope), Change::Takeover, "wmvae", None)?
+                    registry.add(
+                        Some(active.version),
+                        move |_| Ok(envelope),
+                        Change::Takeover,
+                        "wmvae",
+                        None,
+                    )?
                 } else {
                     registry.repair(&checkpoint)?;
-                    tracing::warn!(version = active.version, "v{} was damaged or missing in the store; repaired from the object store's copy", active.version);
+                    tracing::warn!(
+                        version = active.version,
+                        "v{} was damaged or missing in the store; repaired from the object store's copy",
+                        active.version
+                    );
                     checkpoint
                 }
             }
@@ -260,7 +320,11 @@ impl Trainer {
             registry.activate(active.version, Change::Takeover, "wmvae", None)?;
         }
         registry.mark_history_announced()?;
-        tracing::info!(version = active.version, step = self.learner.steps(), "resumed from the cluster's active version");
+        tracing::info!(
+            version = active.version,
+            step = self.learner.steps(),
+            "resumed from the cluster's active version"
+        );
         self.active = Some(Arc::new(checkpoint));
         Ok(())
     }

@@ -12,11 +12,11 @@
 use super::control::Command;
 use super::guard::{DivergenceGuard, LossWindow};
 use super::lease::{Grant, Lease};
-use crate::bus::kv::Shared;
-use crate::bus::Bus;
 use super::sampler::Sampler;
 use super::status::{Heart, StatusBoard, TrainerState};
 use super::supervisor::Supervisor;
+use crate::bus::kv::Shared;
+use crate::bus::Bus;
 use crate::config::{Config, TrainConfig};
 use crate::store::{Change, Split, Store};
 use crate::vae::checkpoint::{now_rfc3339, Checkpoint, Metadata};
@@ -44,7 +44,12 @@ pub enum Event {
     /// version active (compare-and-set) and announce.
     Created { checkpoint: Arc<Checkpoint>, epoch: u64 },
     /// Make `to` active again and announce the rollback (from version `from`).
-    Rollback { from: Option<u64>, to: Arc<Checkpoint>, reason: String, epoch: u64 },
+    Rollback {
+        from: Option<u64>,
+        to: Arc<Checkpoint>,
+        reason: String,
+        epoch: u64,
+    },
     /// Remove the weights from the object store and announce.
     Deleted { metadata: Metadata, epoch: u64 },
 }
@@ -114,8 +119,16 @@ impl Trainer {
         let cfg = self.config.train.clone();
         let mut run = Run::from(self.active.as_deref(), &cfg);
         let mut takeover = None;
-        let sampler = Sampler::start(self.store.clone(), Split::Train, cfg.batch_size, cfg.min_frames, &self.supervisor)?;
-        self.status.update(|s| (s.step, s.active_version) = (self.learner.steps(), self.active.as_ref().map(|a| a.metadata.version)));
+        let sampler = Sampler::start(
+            self.store.clone(),
+            Split::Train,
+            cfg.batch_size,
+            cfg.min_frames,
+            &self.supervisor,
+        )?;
+        self.status.update(|s| {
+            (s.step, s.active_version) = (self.learner.steps(), self.active.as_ref().map(|a| a.metadata.version))
+        });
         while !self.supervisor.shutdown().is_cancelled() {
             self.status.beat(Heart::Trainer);
             // Leadership: a standby keeps its buffer current and waits; a new epoch takes over.
@@ -140,7 +153,9 @@ impl Trainer {
                 std::thread::sleep(IDLE_PAUSE);
                 continue;
             }
-            let Some(batch) = sampler.next(IDLE_PAUSE) else { continue };
+            let Some(batch) = sampler.next(IDLE_PAUSE) else {
+                continue;
+            };
             self.status.update(|s| s.state = Some(TrainerState::Training));
             // Step, unless the guard says the loss diverged.
             let (loss, applied) = self.learner.train_step_guarded(&batch, |l| run.guard.accept(l))?;
@@ -202,7 +217,11 @@ impl Trainer {
     /// automatic rollback to the active (last good) version.
     fn diverged(&mut self, run: &mut Run, loss: &LossValues, cfg: &TrainConfig) -> Result<()> {
         self.status.update(|s| s.skipped_steps += 1);
-        tracing::warn!(loss = loss.total, bad_in_a_row = run.guard.bad_in_a_row, "step skipped: loss diverged");
+        tracing::warn!(
+            loss = loss.total,
+            bad_in_a_row = run.guard.bad_in_a_row,
+            "step skipped: loss diverged"
+        );
         if run.guard.bad_in_a_row >= cfg.max_bad_steps {
             self.auto_rollbacks_in_a_row += 1;
             let attempt = self.auto_rollbacks_in_a_row;
@@ -213,9 +232,15 @@ impl Trainer {
                 return Ok(()); // not leading now: the loop stands by
             }
             let Some(version) = self.rollback_target(attempt)? else {
-                bail!("training stopped: the loss diverged and no version before v{} is left to roll back to", self.active()?.metadata.version);
+                bail!(
+                    "training stopped: the loss diverged and no version before v{} is left to roll back to",
+                    self.active()?.metadata.version
+                );
             };
-            let reason = format!("automatic rollback on divergence: {} bad steps in a row (attempt {attempt} of {})", run.guard.bad_in_a_row, cfg.max_auto_rollbacks);
+            let reason = format!(
+                "automatic rollback on divergence: {} bad steps in a row (attempt {attempt} of {})",
+                run.guard.bad_in_a_row, cfg.max_auto_rollbacks
+            );
             self.roll_back(version, Change::AutoRollback, "wmvae", Some(reason.clone()))?;
             tracing::warn!(to = version, "{reason}");
             self.status.update(|s| s.auto_rollbacks += 1);
@@ -231,7 +256,9 @@ impl Trainer {
         let mut version = self.active()?.metadata.version;
         let registry = self.store.registry();
         for _ in 1..attempt {
-            let Some(parent) = registry.metadata(version)?.and_then(|m| m.parent) else { return Ok(None) };
+            let Some(parent) = registry.metadata(version)?.and_then(|m| m.parent) else {
+                return Ok(None);
+            };
             if registry.metadata(parent)?.is_none() {
                 return Ok(None);
             }
@@ -246,7 +273,16 @@ impl Trainer {
         let mean = run.since_log.mean().unwrap_or(last);
         let buffer_frames = self.store.len(Split::Train) + self.store.len(Split::Validation);
         let active_version = self.active.as_ref().map(|a| a.metadata.version);
-        tracing::info!(step, images_per_s = images_per_s.round(), loss = mean.total, recon = mean.recon, kl = mean.kl, buffer_frames, ?active_version, "train");
+        tracing::info!(
+            step,
+            images_per_s = images_per_s.round(),
+            loss = mean.total,
+            recon = mean.recon,
+            kl = mean.kl,
+            buffer_frames,
+            ?active_version,
+            "train"
+        );
         self.status.update(|s| {
             (s.images_per_s, s.last_losses) = (images_per_s, Some(mean));
             s.record_train(step, mean.total);
@@ -257,7 +293,13 @@ impl Trainer {
     /// An eval on the validation split, logged and put on the status board.
     fn report_eval(&self, step: i64) -> Result<()> {
         if let Some(eval) = self.evaluate()? {
-            tracing::info!(step, eval_loss = eval.total, eval_recon = eval.recon, eval_kl = eval.kl, "eval");
+            tracing::info!(
+                step,
+                eval_loss = eval.total,
+                eval_recon = eval.recon,
+                eval_kl = eval.kl,
+                "eval"
+            );
             self.status.update(|s| {
                 s.eval = Some(eval);
                 s.record_eval(step, eval.total);
@@ -271,8 +313,16 @@ impl Trainer {
         let mut rng = rand::thread_rng();
         let mut window = LossWindow::default();
         for _ in 0..EVAL_BATCHES {
-            let Some(batch) = self.store.sample(Split::Validation, self.config.train.batch_size, &mut rng)? else { return Ok(None) };
-            window.add(&self.learner.net().evaluate_frames(&batch)?, self.config.train.batch_size as u64);
+            let Some(batch) = self
+                .store
+                .sample(Split::Validation, self.config.train.batch_size, &mut rng)?
+            else {
+                return Ok(None);
+            };
+            window.add(
+                &self.learner.net().evaluate_frames(&batch)?,
+                self.config.train.batch_size as u64,
+            );
         }
         Ok(window.mean())
     }
@@ -297,7 +347,10 @@ impl Trainer {
                 }
             }
             Err(e) => {
-                tracing::warn!(step = self.learner.steps(), "checkpoint postponed: no version number ({e:#}); trying again in {CHECKPOINT_RETRY:?}");
+                tracing::warn!(
+                    step = self.learner.steps(),
+                    "checkpoint postponed: no version number ({e:#}); trying again in {CHECKPOINT_RETRY:?}"
+                );
                 run.checkpoint_due = Some(Instant::now() + CHECKPOINT_RETRY);
                 Ok(())
             }
@@ -332,7 +385,13 @@ impl Trainer {
     /// [`Trainer::checkpoint`] as `version`, a number already allocated.
     fn write_checkpoint(&mut self, version: u64, metadata: Metadata) -> Result<()> {
         let learner = &self.learner;
-        let checkpoint = match self.store.registry().add(Some(version), |version| learner.snapshot(Metadata { version, ..metadata }), Change::Trained, "wmvae", None) {
+        let checkpoint = match self.store.registry().add(
+            Some(version),
+            |version| learner.snapshot(Metadata { version, ..metadata }),
+            Change::Trained,
+            "wmvae",
+            None,
+        ) {
             Ok(checkpoint) => checkpoint,
             Err(e) => {
                 // No room for it (refused before sled saw it: frames still
@@ -356,7 +415,9 @@ impl Trainer {
         let Ok(epoch) = self.leading() else { return Ok(()) };
         for victim in self.store.registry().retention_victims(self.config.train.keep_last)? {
             let metadata = self.store.registry().delete(victim)?;
-            self.events.blocking_send(Event::Deleted { metadata, epoch }).context("daemon event queue closed")?;
+            self.events
+                .blocking_send(Event::Deleted { metadata, epoch })
+                .context("daemon event queue closed")?;
         }
         self.store.registry().prune_history(self.config.train.keep_history)?;
         Ok(())
@@ -369,7 +430,13 @@ impl Trainer {
     pub(super) fn adopt(&mut self, checkpoint: Arc<Checkpoint>) -> Result<()> {
         let version = checkpoint.metadata.version;
         match self.leading() {
-            Ok(epoch) => self.events.blocking_send(Event::Created { checkpoint: checkpoint.clone(), epoch }).context("daemon event queue closed")?,
+            Ok(epoch) => self
+                .events
+                .blocking_send(Event::Created {
+                    checkpoint: checkpoint.clone(),
+                    epoch,
+                })
+                .context("daemon event queue closed")?,
             Err(e) => tracing::warn!(version, "v{version} stays unannounced in the store: {e:#}"),
         }
         self.active = Some(checkpoint);

@@ -62,7 +62,11 @@ impl Failures {
 /// The dead letter's reason for a frame `consumer` gave up on.
 fn reason(consumer: &FrameConsumer, gave_up: Undeliverable, last_error: Option<String>) -> String {
     let last = last_error.unwrap_or_else(|| "none seen by this node (a node may have stopped while holding it)".into());
-    format!("undeliverable: delivered {} times on {} without success; last error: {last}", gave_up.deliveries, consumer.durable_name())
+    format!(
+        "undeliverable: delivered {} times on {} without success; last error: {last}",
+        gave_up.deliveries,
+        consumer.durable_name()
+    )
 }
 
 /// Copies every frame `consumer` gives up on to WM_DLQ, until `shutdown`.
@@ -98,11 +102,18 @@ pub async fn forward(bus: Bus, consumer: FrameConsumer, failures: Failures, shut
                     break;
                 }
                 Ok(false) => {
-                    tracing::warn!(sequence = gave_up.stream_sequence, "{why}; the stream no longer holds it");
+                    tracing::warn!(
+                        sequence = gave_up.stream_sequence,
+                        "{why}; the stream no longer holds it"
+                    );
                     break;
                 }
                 Err(e) => {
-                    tracing::warn!(sequence = gave_up.stream_sequence, "dead-lettering an undeliverable frame: {e:#}; trying again in {:?}", pause.next);
+                    tracing::warn!(
+                        sequence = gave_up.stream_sequence,
+                        "dead-lettering an undeliverable frame: {e:#}; trying again in {:?}",
+                        pause.next
+                    );
                     if !pause.wait(&shutdown).await {
                         return Ok(());
                     }

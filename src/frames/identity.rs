@@ -42,7 +42,10 @@ pub fn check_source(source: &str) -> Result<(), Refusal> {
     if let Some(c) = control(source) {
         return Err(format!("source holds the control character {:?}", c));
     }
-    if source.split('.').any(|token| token.is_empty() || token == "*" || token == ">") {
+    if source
+        .split('.')
+        .any(|token| token.is_empty() || token == "*" || token == ">")
+    {
         return Err("source has an empty or wildcard subject token".into());
     }
     Ok(())
@@ -53,7 +56,10 @@ pub fn check_source(source: &str) -> Result<(), Refusal> {
 /// and spaces included, is fine: ids escape them.
 pub fn check_episode(episode: &str) -> Result<(), Refusal> {
     if episode.is_empty() || episode.len() > MAX_EPISODE_BYTES {
-        return Err(format!("episode is {} bytes, expected 1..={MAX_EPISODE_BYTES}", episode.len()));
+        return Err(format!(
+            "episode is {} bytes, expected 1..={MAX_EPISODE_BYTES}",
+            episode.len()
+        ));
     }
     if let Some(c) = control(episode) {
         return Err(format!("episode holds the control character {:?}", c));

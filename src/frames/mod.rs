@@ -35,4 +35,3 @@ pub struct Frame {
     pub reward: Option<f64>,
     pub done: Option<bool>,
 }
-

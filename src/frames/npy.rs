@@ -65,19 +65,27 @@ fn parse_header(header: &str, dtype: Dtype) -> Result<Vec<usize>> {
         bail!("Fortran-ordered arrays unsupported: save with np.ascontiguousarray");
     }
     let shape = header_value(header, "shape").context("header has no 'shape'")?;
-    let inner = shape.strip_prefix('(').and_then(|s| s.split(')').next()).context("malformed 'shape'")?;
+    let inner = shape
+        .strip_prefix('(')
+        .and_then(|s| s.split(')').next())
+        .context("malformed 'shape'")?;
     inner
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().with_context(|| format!("malformed dimension {s:?} in 'shape'")))
+        .map(|s| {
+            s.parse::<usize>()
+                .with_context(|| format!("malformed dimension {s:?} in 'shape'"))
+        })
         .collect()
 }
 
 /// Reads a `.npy` header for an array of `dtype`: its shape and the offset of its data.
 fn read_header(reader: &mut impl Read, dtype: Dtype) -> Result<(Vec<usize>, usize)> {
     let mut magic = [0u8; 8];
-    reader.read_exact(&mut magic).context("file too short for a .npy header")?;
+    reader
+        .read_exact(&mut magic)
+        .context("file too short for a .npy header")?;
     if &magic[..6] != MAGIC {
         bail!("missing the \\x93NUMPY magic");
     }
@@ -114,14 +122,24 @@ impl FrameReader {
         let [count, height, width, 3] = shape[..] else {
             return Err(with_path(anyhow::anyhow!("shape {shape:?} is not (N, H, W, 3)")));
         };
-        let needed = count.checked_mul(height * width * 3).context("shape overflows").map_err(with_path)?;
+        let needed = count
+            .checked_mul(height * width * 3)
+            .context("shape overflows")
+            .map_err(with_path)?;
         if file_len < data_offset + needed {
             return Err(with_path(anyhow::anyhow!(
                 "truncated: shape {shape:?} needs {needed} bytes of data, the file has {}",
                 file_len.saturating_sub(data_offset)
             )));
         }
-        Ok(FrameReader { path: path.to_owned(), reader, remaining: count, count, height, width })
+        Ok(FrameReader {
+            path: path.to_owned(),
+            reader,
+            remaining: count,
+            count,
+            height,
+            width,
+        })
     }
 
     /// Bytes of one frame.
@@ -137,8 +155,13 @@ impl FrameReader {
         let chunk = self.read_chunk(max_frames)?;
         let mut frames = Vec::with_capacity(chunk.len() / self.frame_bytes() * crate::frames::BYTES);
         for (i, frame) in chunk.chunks_exact(self.frame_bytes()).enumerate() {
-            let pixels = super::preprocess::preprocess(bytes::Bytes::copy_from_slice(frame), self.height, self.width, super::preprocess::Policy::WorldModels)
-                .with_context(|| format!("{}: frame {}", self.path.display(), first + i))?;
+            let pixels = super::preprocess::preprocess(
+                bytes::Bytes::copy_from_slice(frame),
+                self.height,
+                self.width,
+                super::preprocess::Policy::WorldModels,
+            )
+            .with_context(|| format!("{}: frame {}", self.path.display(), first + i))?;
             frames.extend_from_slice(&pixels);
         }
         Ok(frames)
@@ -148,7 +171,9 @@ impl FrameReader {
     pub fn read_chunk(&mut self, max_frames: usize) -> Result<Vec<u8>> {
         let n = max_frames.min(self.remaining);
         let mut buf = vec![0u8; n * self.frame_bytes()];
-        self.reader.read_exact(&mut buf).with_context(|| format!("{}: truncated frame data", self.path.display()))?;
+        self.reader
+            .read_exact(&mut buf)
+            .with_context(|| format!("{}: truncated frame data", self.path.display()))?;
         self.remaining -= n;
         Ok(buf)
     }
@@ -158,7 +183,11 @@ impl FrameReader {
 /// (`|u1`, `<f4`, `<U12`, ...) and `shape`.
 pub fn header(descr: &str, shape: &[usize]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let shape = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
     let dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
     // Pad so that magic + version + length + header + '\n' is a multiple of 64.
     let padding = (64 - (10 + dict.len() + 1) % 64) % 64;
@@ -180,20 +209,30 @@ pub struct NpzWriter {
 impl NpzWriter {
     pub fn create(path: &Path) -> Result<NpzWriter> {
         let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(NpzWriter { zip: zip::ZipWriter::new(BufWriter::new(file)), path: path.to_path_buf() })
+        Ok(NpzWriter {
+            zip: zip::ZipWriter::new(BufWriter::new(file)),
+            path: path.to_path_buf(),
+        })
     }
 
     /// Starts array `name` of numpy dtype `descr` and `shape`; its data
     /// (C order, little-endian) is then written to the returned writer.
     pub fn array(&mut self, name: &str, descr: &str, shape: &[usize]) -> Result<&mut impl Write> {
-        let options = zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored).large_file(true);
-        self.zip.start_file(format!("{name}.npy"), options).with_context(|| format!("writing {}", self.path.display()))?;
+        let options = zip::write::FileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored)
+            .large_file(true);
+        self.zip
+            .start_file(format!("{name}.npy"), options)
+            .with_context(|| format!("writing {}", self.path.display()))?;
         self.zip.write_all(&header(descr, shape))?;
         Ok(&mut self.zip)
     }
 
     pub fn finish(mut self) -> Result<()> {
-        self.zip.finish().with_context(|| format!("finishing {}", self.path.display()))?.flush()?;
+        self.zip
+            .finish()
+            .with_context(|| format!("finishing {}", self.path.display()))?
+            .flush()?;
         Ok(())
     }
 }
@@ -208,17 +247,33 @@ const MAX_NPZ_VALUES: usize = 64 << 20;
 pub fn read_npz_f32(path: &Path, key: &str) -> Result<(Vec<usize>, Vec<f32>)> {
     let what = || format!("{}: array {key:?}", path.display());
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut zip = zip::ZipArchive::new(BufReader::new(file)).with_context(|| format!("{}: not an .npz (zip) file", path.display()))?;
+    let mut zip = zip::ZipArchive::new(BufReader::new(file))
+        .with_context(|| format!("{}: not an .npz (zip) file", path.display()))?;
     let mut entry = zip.by_name(&format!("{key}.npy")).with_context(what)?;
     let entry_size = usize::try_from(entry.size()).with_context(what)?;
     let (shape, data_offset) = read_header(&mut entry, Dtype::F32).with_context(what)?;
-    let count = shape.iter().try_fold(1usize, |n, d| n.checked_mul(*d)).filter(|n| *n <= MAX_NPZ_VALUES).with_context(|| format!("{}: shape {shape:?} is over {MAX_NPZ_VALUES} values", what()))?;
+    let count = shape
+        .iter()
+        .try_fold(1usize, |n, d| n.checked_mul(*d))
+        .filter(|n| *n <= MAX_NPZ_VALUES)
+        .with_context(|| format!("{}: shape {shape:?} is over {MAX_NPZ_VALUES} values", what()))?;
     if entry_size != data_offset + count * 4 {
-        bail!("{}: shape {shape:?} needs {} bytes of data, the file has {}", what(), count * 4, entry_size.saturating_sub(data_offset));
+        bail!(
+            "{}: shape {shape:?} needs {} bytes of data, the file has {}",
+            what(),
+            count * 4,
+            entry_size.saturating_sub(data_offset)
+        );
     }
     let mut bytes = vec![0u8; count * 4];
     entry.read_exact(&mut bytes).with_context(what)?;
-    Ok((shape, bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()))
+    Ok((
+        shape,
+        bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+    ))
 }
 
 /// Writes uint8 frames (N, H, W, 3) as a `.npy`.
@@ -259,7 +314,10 @@ mod tests {
         let path = dir.path().join("z.npz");
         let values: Vec<f32> = (0..6).map(|i| i as f32 / 2.0).collect();
         let mut npz = NpzWriter::create(&path).unwrap();
-        npz.array("z", "<f4", &[2, 3]).unwrap().write_all(&values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+        npz.array("z", "<f4", &[2, 3])
+            .unwrap()
+            .write_all(&values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())
+            .unwrap();
         npz.array("frames", "|u1", &[2]).unwrap().write_all(&[1, 2]).unwrap();
         npz.finish().unwrap();
         assert_eq!(read_npz_f32(&path, "z").unwrap(), (vec![2, 3], values));
@@ -267,7 +325,10 @@ mod tests {
         assert!(read_npz_f32(&path, "missing").is_err());
         // A header claiming a huge shape is refused before any allocation.
         let mut npz = NpzWriter::create(&path).unwrap();
-        npz.array("z", "<f4", &[1 << 40, 32]).unwrap().write_all(&[0u8; 16]).unwrap();
+        npz.array("z", "<f4", &[1 << 40, 32])
+            .unwrap()
+            .write_all(&[0u8; 16])
+            .unwrap();
         npz.finish().unwrap();
         assert!(format!("{:#}", read_npz_f32(&path, "z").unwrap_err()).contains("over"));
     }

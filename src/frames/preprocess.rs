@@ -31,7 +31,11 @@ pub enum Policy {
 pub fn preprocess(pixels: Bytes, height: usize, width: usize, policy: Policy) -> Result<Bytes> {
     let expected = height.checked_mul(width).and_then(|n| n.checked_mul(frames::CHANNELS));
     if height == 0 || width == 0 || expected != Some(pixels.len()) {
-        bail!("frame of {height}x{width}x{} needs {expected:?} bytes, got {}", frames::CHANNELS, pixels.len());
+        bail!(
+            "frame of {height}x{width}x{} needs {expected:?} bytes, got {}",
+            frames::CHANNELS,
+            pixels.len()
+        );
     }
     match (height, width, policy) {
         (frames::SIDE, frames::SIDE, _) => Ok(pixels),
@@ -39,7 +43,9 @@ pub fn preprocess(pixels: Bytes, height: usize, width: usize, policy: Policy) ->
             let kept = &pixels[..CARRACING_KEPT_ROWS * width * frames::CHANNELS];
             Ok(CARRACING_RESIZE.resize(kept).into())
         }
-        (_, _, Policy::Resize) => Ok(BilinearResize::new(height, width, frames::SIDE, frames::SIDE).resize(&pixels).into()),
+        (_, _, Policy::Resize) => Ok(BilinearResize::new(height, width, frames::SIDE, frames::SIDE)
+            .resize(&pixels)
+            .into()),
         (_, _, Policy::WorldModels) => {
             bail!("frame size {height}x{width} unsupported: expected 64x64 or 96x96 (set preprocess = \"resize\" to accept others)")
         }
@@ -105,7 +111,13 @@ struct BilinearResize {
 
 impl BilinearResize {
     fn new(height: usize, width: usize, out_h: usize, out_w: usize) -> BilinearResize {
-        BilinearResize { height, width, out_w, horizontal: bilinear_taps(width, out_w), vertical: bilinear_taps(height, out_h) }
+        BilinearResize {
+            height,
+            width,
+            out_w,
+            horizontal: bilinear_taps(width, out_w),
+            vertical: bilinear_taps(height, out_h),
+        }
     }
 
     /// Resizes one `height` x `width` image. Slices and whole rows, taps
@@ -116,7 +128,10 @@ impl BilinearResize {
         // Horizontal pass: height x out_w, a pixel's three channels together.
         let mid_row_len = self.out_w * frames::CHANNELS;
         let mut mid = vec![0u8; self.height * mid_row_len];
-        for (row, mid_row) in src.chunks_exact(self.width * frames::CHANNELS).zip(mid.chunks_exact_mut(mid_row_len)) {
+        for (row, mid_row) in src
+            .chunks_exact(self.width * frames::CHANNELS)
+            .zip(mid.chunks_exact_mut(mid_row_len))
+        {
             for (taps, out) in self.horizontal.iter().zip(mid_row.chunks_exact_mut(frames::CHANNELS)) {
                 let window = &row[taps.first * frames::CHANNELS..(taps.first + taps.weights.len()) * frames::CHANNELS];
                 let mut acc = [ROUNDING; frames::CHANNELS];
@@ -135,7 +150,10 @@ impl BilinearResize {
         let mut acc = vec![0i32; mid_row_len];
         for (taps, out_row) in self.vertical.iter().zip(out.chunks_exact_mut(mid_row_len)) {
             acc.fill(ROUNDING);
-            for (mid_row, &w) in mid[taps.first * mid_row_len..].chunks_exact(mid_row_len).zip(&taps.weights) {
+            for (mid_row, &w) in mid[taps.first * mid_row_len..]
+                .chunks_exact(mid_row_len)
+                .zip(&taps.weights)
+            {
                 for (a, &p) in acc.iter_mut().zip(mid_row) {
                     *a += p as i32 * w;
                 }
@@ -155,7 +173,10 @@ mod tests {
     #[test]
     fn small_frames_pass_unchanged() {
         let pixels: Vec<u8> = (0..frames::BYTES).map(|i| (i % 251) as u8).collect();
-        assert_eq!(preprocess(pixels.clone().into(), 64, 64, Policy::WorldModels).unwrap(), pixels);
+        assert_eq!(
+            preprocess(pixels.clone().into(), 64, 64, Policy::WorldModels).unwrap(),
+            pixels
+        );
     }
 
     #[test]
@@ -177,11 +198,20 @@ mod tests {
 
     #[test]
     fn wrong_sizes_are_clear_errors() {
-        let err = preprocess(vec![0u8; 10].into(), 64, 64, Policy::WorldModels).unwrap_err().to_string();
+        let err = preprocess(vec![0u8; 10].into(), 64, 64, Policy::WorldModels)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("needs Some(12288) bytes, got 10"), "{err}");
-        let err = preprocess(vec![0u8; 32 * 32 * 3].into(), 32, 32, Policy::WorldModels).unwrap_err().to_string();
+        let err = preprocess(vec![0u8; 32 * 32 * 3].into(), 32, 32, Policy::WorldModels)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("32x32 unsupported"), "{err}");
-        assert_eq!(preprocess(vec![9u8; 32 * 32 * 3].into(), 32, 32, Policy::Resize).unwrap().len(), frames::BYTES);
+        assert_eq!(
+            preprocess(vec![9u8; 32 * 32 * 3].into(), 32, 32, Policy::Resize)
+                .unwrap()
+                .len(),
+            frames::BYTES
+        );
         assert!(preprocess(Bytes::new(), 0, 0, Policy::Resize).is_err());
     }
 }

@@ -36,7 +36,11 @@ pub fn render(episode: u64, step: u64) -> Vec<u8> {
             let colour = if offset < half_width {
                 ROAD
             } else if offset < half_width + 2.0 {
-                if ((along * 2.0) as i64).rem_euclid(2) == 0 { CURB_RED } else { CURB_WHITE }
+                if ((along * 2.0) as i64).rem_euclid(2) == 0 {
+                    CURB_RED
+                } else {
+                    CURB_WHITE
+                }
             } else if (((x as f64 + t * 3.0) / 8.0) as i64 + ((y as f64 + t * 9.0) / 8.0) as i64) % 2 == 0 {
                 GRASS
             } else {

@@ -49,14 +49,36 @@ pub struct FrameMessage<'a> {
 
 impl<'a> FrameMessage<'a> {
     /// A raw RGB frame with no optional fields.
-    pub fn rgb(episode: impl Into<String>, step: u64, height: u32, width: u32, pixels: impl Into<Cow<'a, [u8]>>) -> FrameMessage<'a> {
-        FrameMessage { episode: episode.into(), step, height, width, channels: 3, pixels: pixels.into(), encoding: None, action: None, reward: None, done: None }
+    pub fn rgb(
+        episode: impl Into<String>,
+        step: u64,
+        height: u32,
+        width: u32,
+        pixels: impl Into<Cow<'a, [u8]>>,
+    ) -> FrameMessage<'a> {
+        FrameMessage {
+            episode: episode.into(),
+            step,
+            height,
+            width,
+            channels: 3,
+            pixels: pixels.into(),
+            encoding: None,
+            action: None,
+            reward: None,
+            done: None,
+        }
     }
 
     /// The same frame with the transition's optional fields: the action
     /// taken on it, the reward received and whether the episode ended.
     pub fn with_transition(self, action: Vec<f32>, reward: f64, done: bool) -> FrameMessage<'a> {
-        FrameMessage { action: Some(action), reward: Some(reward), done: Some(done), ..self }
+        FrameMessage {
+            action: Some(action),
+            reward: Some(reward),
+            done: Some(done),
+            ..self
+        }
     }
 
     /// MessagePack map bytes, as the contract says.
@@ -146,23 +168,41 @@ impl std::fmt::Display for Rejection {
 }
 
 fn reject<T>(reason: Reason, detail: impl Into<String>) -> Result<T, Rejection> {
-    Err(Rejection { reason, detail: detail.into() })
+    Err(Rejection {
+        reason,
+        detail: detail.into(),
+    })
 }
 
 fn decode_png(bytes: &[u8], height: u32, width: u32) -> Result<Vec<u8>, Rejection> {
-    let limits = png::Limits { bytes: MAX_PNG_DECODED_BYTES };
+    let limits = png::Limits {
+        bytes: MAX_PNG_DECODED_BYTES,
+    };
     let decoder = png::Decoder::new_with_limits(std::io::Cursor::new(bytes), limits);
-    let mut reader = decoder.read_info().or_else(|e| reject(Reason::BadPng, format!("undecodable PNG: {e}")))?;
+    let mut reader = decoder
+        .read_info()
+        .or_else(|e| reject(Reason::BadPng, format!("undecodable PNG: {e}")))?;
     let info = reader.info();
     if (info.width, info.height) != (width, height) {
-        return reject(Reason::BadPng, format!("PNG is {}x{}, message says {height}x{width}", info.height, info.width));
+        return reject(
+            Reason::BadPng,
+            format!("PNG is {}x{}, message says {height}x{width}", info.height, info.width),
+        );
     }
     if info.color_type != png::ColorType::Rgb || info.bit_depth != png::BitDepth::Eight {
-        return reject(Reason::WrongChannels, format!("PNG is {:?} {:?}, expected 8-bit RGB", info.color_type, info.bit_depth));
+        return reject(
+            Reason::WrongChannels,
+            format!("PNG is {:?} {:?}, expected 8-bit RGB", info.color_type, info.bit_depth),
+        );
     }
-    let size = reader.output_buffer_size().ok_or_else(|| Rejection { reason: Reason::BadPng, detail: "PNG too large".into() })?;
+    let size = reader.output_buffer_size().ok_or_else(|| Rejection {
+        reason: Reason::BadPng,
+        detail: "PNG too large".into(),
+    })?;
     let mut buf = vec![0u8; size];
-    reader.next_frame(&mut buf).or_else(|e| reject(Reason::BadPng, format!("undecodable PNG: {e}")))?;
+    reader
+        .next_frame(&mut buf)
+        .or_else(|e| reject(Reason::BadPng, format!("undecodable PNG: {e}")))?;
     buf.truncate((height * width * 3) as usize);
     Ok(buf)
 }
@@ -170,11 +210,26 @@ fn decode_png(bytes: &[u8], height: u32, width: u32) -> Result<Vec<u8>, Rejectio
 fn classify(err: rmp_serde::decode::Error) -> Rejection {
     use rmp_serde::decode::Error as E;
     match err {
-        E::Syntax(detail) | E::Uncategorized(detail) => Rejection { reason: Reason::InvalidField, detail },
-        E::TypeMismatch(rmp::Marker::Reserved) => Rejection { reason: Reason::MalformedMsgpack, detail: "byte 0xc1 is never used in MessagePack".into() },
-        E::TypeMismatch(marker) => Rejection { reason: Reason::InvalidField, detail: format!("unexpected {marker:?}") },
-        E::OutOfRange => Rejection { reason: Reason::InvalidField, detail: "number out of range".into() },
-        other => Rejection { reason: Reason::MalformedMsgpack, detail: other.to_string() },
+        E::Syntax(detail) | E::Uncategorized(detail) => Rejection {
+            reason: Reason::InvalidField,
+            detail,
+        },
+        E::TypeMismatch(rmp::Marker::Reserved) => Rejection {
+            reason: Reason::MalformedMsgpack,
+            detail: "byte 0xc1 is never used in MessagePack".into(),
+        },
+        E::TypeMismatch(marker) => Rejection {
+            reason: Reason::InvalidField,
+            detail: format!("unexpected {marker:?}"),
+        },
+        E::OutOfRange => Rejection {
+            reason: Reason::InvalidField,
+            detail: "number out of range".into(),
+        },
+        other => Rejection {
+            reason: Reason::MalformedMsgpack,
+            detail: other.to_string(),
+        },
     }
 }
 
@@ -182,14 +237,28 @@ fn classify(err: rmp_serde::decode::Error) -> Rejection {
 pub fn decode_frame(source: &str, payload: &Bytes, policy: Policy) -> Result<Frame, Rejection> {
     check_source(source).or_else(|why| reject(Reason::BadSubject, why))?;
     let msg: FrameMessage = rmp_serde::from_slice(payload).map_err(classify)?;
-    let FrameMessage { episode, step, height, width, channels, pixels, encoding, action, reward, done } = msg;
+    let FrameMessage {
+        episode,
+        step,
+        height,
+        width,
+        channels,
+        pixels,
+        encoding,
+        action,
+        reward,
+        done,
+    } = msg;
     check_episode(&episode).or_else(|why| reject(Reason::BadEpisode, why))?;
     if step > MAX_STEP {
         return reject(Reason::BadStep, format!("step {step} is past {MAX_STEP}"));
     }
     if let Some(action) = &action {
         if action.len() > MAX_ACTION_LEN {
-            return reject(Reason::BadTransition, format!("action has {} values, at most {MAX_ACTION_LEN}", action.len()));
+            return reject(
+                Reason::BadTransition,
+                format!("action has {} values, at most {MAX_ACTION_LEN}", action.len()),
+            );
         }
         if !action.iter().all(|a| a.is_finite()) {
             return reject(Reason::BadTransition, "action holds NaN or infinity");
@@ -199,16 +268,25 @@ pub fn decode_frame(source: &str, payload: &Bytes, policy: Policy) -> Result<Fra
         return reject(Reason::BadTransition, "reward is NaN or infinity");
     }
     if height == 0 || width == 0 || height > MAX_SIDE || width > MAX_SIDE {
-        return reject(Reason::BadDimensions, format!("{height}x{width} outside 1..={MAX_SIDE}"));
+        return reject(
+            Reason::BadDimensions,
+            format!("{height}x{width} outside 1..={MAX_SIDE}"),
+        );
     }
     if channels != 3 {
-        return reject(Reason::WrongChannels, format!("channels is {channels}, expected 3 (RGB)"));
+        return reject(
+            Reason::WrongChannels,
+            format!("channels is {channels}, expected 3 (RGB)"),
+        );
     }
     let rgb = match encoding.as_deref().unwrap_or("raw") {
         "raw" => {
             let expected = (height * width * channels) as usize;
             if pixels.len() != expected {
-                return reject(Reason::SizeMismatch, format!("pixels has {} bytes, {height}x{width}x3 needs {expected}", pixels.len()));
+                return reject(
+                    Reason::SizeMismatch,
+                    format!("pixels has {} bytes, {height}x{width}x3 needs {expected}", pixels.len()),
+                );
             }
             match pixels {
                 // Borrowed by `from_slice` from `payload` itself, and non-empty (checked
@@ -218,11 +296,24 @@ pub fn decode_frame(source: &str, payload: &Bytes, policy: Policy) -> Result<Fra
             }
         }
         "png" => Bytes::from(decode_png(&pixels, height, width)?),
-        other => return reject(Reason::UnknownEncoding, format!("encoding {other:?} is neither \"raw\" nor \"png\"")),
+        other => {
+            return reject(
+                Reason::UnknownEncoding,
+                format!("encoding {other:?} is neither \"raw\" nor \"png\""),
+            )
+        }
     };
     let pixels = preprocess::preprocess(rgb, height as usize, width as usize, policy)
         .or_else(|e| reject(Reason::UnsupportedSize, e.to_string()))?;
-    Ok(Frame { source: source.to_string(), episode, step, pixels, action, reward, done })
+    Ok(Frame {
+        source: source.to_string(),
+        episode,
+        step,
+        pixels,
+        action,
+        reward,
+        done,
+    })
 }
 
 #[cfg(test)]
@@ -267,7 +358,10 @@ mod tests {
         let payload = Bytes::from(message(64, 64).to_msgpack());
         let f = decode_frame("car", &payload, Policy::WorldModels).unwrap();
         let range = payload.as_ptr() as usize..payload.as_ptr() as usize + payload.len();
-        assert!(range.contains(&(f.pixels.as_ptr() as usize)), "pixels were copied out of the payload");
+        assert!(
+            range.contains(&(f.pixels.as_ptr() as usize)),
+            "pixels were copied out of the payload"
+        );
         assert_eq!(f.pixels, vec![100u8; 64 * 64 * 3]);
     }
 
@@ -283,7 +377,14 @@ mod tests {
             channels: u32,
             pixels: Vec<u8>,
         }
-        let msg = ArrayPixels { episode: "e".into(), step: 1, height: 64, width: 64, channels: 3, pixels: vec![7; 64 * 64 * 3] };
+        let msg = ArrayPixels {
+            episode: "e".into(),
+            step: 1,
+            height: 64,
+            width: 64,
+            channels: 3,
+            pixels: vec![7; 64 * 64 * 3],
+        };
         let f = decode(&rmp_serde::to_vec_named(&msg).unwrap(), Policy::WorldModels).unwrap();
         assert_eq!(f.pixels, vec![7u8; 64 * 64 * 3]);
     }
@@ -298,11 +399,18 @@ mod tests {
             enc.set_depth(png::BitDepth::Eight);
             enc.write_header().unwrap().write_image_data(&raw.pixels).unwrap();
         }
-        let png_msg = FrameMessage { pixels: png_bytes.into(), encoding: Some("png".into()), ..raw.clone() };
+        let png_msg = FrameMessage {
+            pixels: png_bytes.into(),
+            encoding: Some("png".into()),
+            ..raw.clone()
+        };
         let a = decode(&raw.to_msgpack(), Policy::WorldModels).unwrap();
         let b = decode(&png_msg.to_msgpack(), Policy::WorldModels).unwrap();
         assert_eq!(a, b);
-        let broken = FrameMessage { pixels: b"\x89PNG garbage".to_vec().into(), ..png_msg };
+        let broken = FrameMessage {
+            pixels: b"\x89PNG garbage".to_vec().into(),
+            ..png_msg
+        };
         assert_eq!(reason(&broken.to_msgpack()), Reason::BadPng);
     }
 
@@ -312,35 +420,179 @@ mod tests {
         assert_eq!(reason(b"\xc1\xc1\xc1"), Reason::MalformedMsgpack);
         let full = message(64, 64).to_msgpack();
         assert_eq!(reason(&full[..full.len() / 2]), Reason::MalformedMsgpack);
-        assert_eq!(reason(&rmp_serde::to_vec_named(&("a", 1)).unwrap()), Reason::InvalidField);
+        assert_eq!(
+            reason(&rmp_serde::to_vec_named(&("a", 1)).unwrap()),
+            Reason::InvalidField
+        );
         #[derive(Serialize)]
         struct Partial {
             episode: String,
         }
-        assert_eq!(reason(&rmp_serde::to_vec_named(&Partial { episode: "e".into() }).unwrap()), Reason::InvalidField);
-        assert_eq!(reason(&FrameMessage { height: 0, ..message(64, 64) }.to_msgpack()), Reason::BadDimensions);
-        assert_eq!(reason(&FrameMessage { width: 100_000, ..message(64, 64) }.to_msgpack()), Reason::BadDimensions);
-        assert_eq!(reason(&FrameMessage { channels: 4, ..message(64, 64) }.to_msgpack()), Reason::WrongChannels);
-        assert_eq!(reason(&FrameMessage { pixels: vec![0; 10].into(), ..message(64, 64) }.to_msgpack()), Reason::SizeMismatch);
-        assert_eq!(reason(&FrameMessage { encoding: Some("jpeg".into()), ..message(64, 64) }.to_msgpack()), Reason::UnknownEncoding);
+        assert_eq!(
+            reason(&rmp_serde::to_vec_named(&Partial { episode: "e".into() }).unwrap()),
+            Reason::InvalidField
+        );
+        assert_eq!(
+            reason(
+                &FrameMessage {
+                    height: 0,
+                    ..message(64, 64)
+                }
+                .to_msgpack()
+            ),
+            Reason::BadDimensions
+        );
+        assert_eq!(
+            reason(
+                &FrameMessage {
+                    width: 100_000,
+                    ..message(64, 64)
+                }
+                .to_msgpack()
+            ),
+            Reason::BadDimensions
+        );
+        assert_eq!(
+            reason(
+                &FrameMessage {
+                    channels: 4,
+                    ..message(64, 64)
+                }
+                .to_msgpack()
+            ),
+            Reason::WrongChannels
+        );
+        assert_eq!(
+            reason(
+                &FrameMessage {
+                    pixels: vec![0; 10].into(),
+                    ..message(64, 64)
+                }
+                .to_msgpack()
+            ),
+            Reason::SizeMismatch
+        );
+        assert_eq!(
+            reason(
+                &FrameMessage {
+                    encoding: Some("jpeg".into()),
+                    ..message(64, 64)
+                }
+                .to_msgpack()
+            ),
+            Reason::UnknownEncoding
+        );
         assert_eq!(reason(&message(32, 48).to_msgpack()), Reason::UnsupportedSize);
         assert!(decode(&message(32, 48).to_msgpack(), Policy::Resize).is_ok());
-        assert_eq!(decode_frame("", &Bytes::from(full.clone()), Policy::WorldModels).unwrap_err().reason, Reason::BadSubject);
-        assert_eq!(reason(&FrameMessage { episode: String::new(), ..message(64, 64) }.to_msgpack()), Reason::BadEpisode);
-        assert_eq!(reason(&FrameMessage { episode: "e".repeat(MAX_EPISODE_BYTES + 1), ..message(64, 64) }.to_msgpack()), Reason::BadEpisode);
-        assert_eq!(reason(&FrameMessage { episode: "a\nb".into(), ..message(64, 64) }.to_msgpack()), Reason::BadEpisode);
-        assert_eq!(reason(&FrameMessage { episode: "a\rb".into(), ..message(64, 64) }.to_msgpack()), Reason::BadEpisode);
-        assert_eq!(decode_frame("a\nb", &Bytes::from(full.clone()), Policy::WorldModels).unwrap_err().reason, Reason::BadSubject);
-        assert_eq!(decode_frame("a.*", &Bytes::from(full.clone()), Policy::WorldModels).unwrap_err().reason, Reason::BadSubject);
-        assert!(decode(&FrameMessage { episode: "runs/a b".into(), ..message(64, 64) }.to_msgpack(), Policy::WorldModels).is_ok());
-        assert_eq!(reason(&FrameMessage { step: MAX_STEP + 1, ..message(64, 64) }.to_msgpack()), Reason::BadStep);
-        let transition = |action: Vec<f32>, reward: f64| message(64, 64).with_transition(action, reward, false).to_msgpack();
-        assert_eq!(reason(&transition(vec![0.0; MAX_ACTION_LEN + 1], 0.0)), Reason::BadTransition);
-        assert_eq!(reason(&transition(vec![0.0, f32::NAN, 0.0], 0.0)), Reason::BadTransition);
-        assert_eq!(reason(&transition(vec![0.0, f32::INFINITY, 0.0], 0.0)), Reason::BadTransition);
-        assert_eq!(reason(&transition(vec![0.0, 1.0, 0.0], f64::NAN)), Reason::BadTransition);
-        assert_eq!(reason(&transition(vec![0.0, 1.0, 0.0], f64::NEG_INFINITY)), Reason::BadTransition);
-        assert!(decode(&FrameMessage { episode: "e".repeat(MAX_EPISODE_BYTES), step: MAX_STEP, ..message(64, 64) }.to_msgpack(), Policy::WorldModels).is_ok());
+        assert_eq!(
+            decode_frame("", &Bytes::from(full.clone()), Policy::WorldModels)
+                .unwrap_err()
+                .reason,
+            Reason::BadSubject
+        );
+        assert_eq!(
+            reason(
+                &FrameMessage {
+                    episode: String::new(),
+                    ..message(64, 64)
+                }
+                .to_msgpack()
+            ),
+            Reason::BadEpisode
+        );
+        assert_eq!(
+            reason(
+                &FrameMessage {
+                    episode: "e".repeat(MAX_EPISODE_BYTES + 1),
+                    ..message(64, 64)
+                }
+                .to_msgpack()
+            ),
+            Reason::BadEpisode
+        );
+        assert_eq!(
+            reason(
+                &FrameMessage {
+                    episode: "a\nb".into(),
+                    ..message(64, 64)
+                }
+                .to_msgpack()
+            ),
+            Reason::BadEpisode
+        );
+        assert_eq!(
+            reason(
+                &FrameMessage {
+                    episode: "a\rb".into(),
+                    ..message(64, 64)
+                }
+                .to_msgpack()
+            ),
+            Reason::BadEpisode
+        );
+        assert_eq!(
+            decode_frame("a\nb", &Bytes::from(full.clone()), Policy::WorldModels)
+                .unwrap_err()
+                .reason,
+            Reason::BadSubject
+        );
+        assert_eq!(
+            decode_frame("a.*", &Bytes::from(full.clone()), Policy::WorldModels)
+                .unwrap_err()
+                .reason,
+            Reason::BadSubject
+        );
+        assert!(decode(
+            &FrameMessage {
+                episode: "runs/a b".into(),
+                ..message(64, 64)
+            }
+            .to_msgpack(),
+            Policy::WorldModels
+        )
+        .is_ok());
+        assert_eq!(
+            reason(
+                &FrameMessage {
+                    step: MAX_STEP + 1,
+                    ..message(64, 64)
+                }
+                .to_msgpack()
+            ),
+            Reason::BadStep
+        );
+        let transition =
+            |action: Vec<f32>, reward: f64| message(64, 64).with_transition(action, reward, false).to_msgpack();
+        assert_eq!(
+            reason(&transition(vec![0.0; MAX_ACTION_LEN + 1], 0.0)),
+            Reason::BadTransition
+        );
+        assert_eq!(
+            reason(&transition(vec![0.0, f32::NAN, 0.0], 0.0)),
+            Reason::BadTransition
+        );
+        assert_eq!(
+            reason(&transition(vec![0.0, f32::INFINITY, 0.0], 0.0)),
+            Reason::BadTransition
+        );
+        assert_eq!(
+            reason(&transition(vec![0.0, 1.0, 0.0], f64::NAN)),
+            Reason::BadTransition
+        );
+        assert_eq!(
+            reason(&transition(vec![0.0, 1.0, 0.0], f64::NEG_INFINITY)),
+            Reason::BadTransition
+        );
+        assert!(decode(
+            &FrameMessage {
+                episode: "e".repeat(MAX_EPISODE_BYTES),
+                step: MAX_STEP,
+                ..message(64, 64)
+            }
+            .to_msgpack(),
+            Policy::WorldModels
+        )
+        .is_ok());
         assert!(decode(&transition(vec![0.0; MAX_ACTION_LEN], -1.0), Policy::WorldModels).is_ok());
     }
 }

@@ -33,7 +33,10 @@ impl BufferConfig {
     /// Checks the bounds, naming the config's keys (`[buffer]`).
     pub fn validate(&self) -> Result<()> {
         ensure!(self.capacity != 0, "buffer.capacity must be at least 1");
-        ensure!((0.0..1.0).contains(&self.validation_fraction), "buffer.validation_fraction must be in [0, 1)");
+        ensure!(
+            (0.0..1.0).contains(&self.validation_fraction),
+            "buffer.validation_fraction must be in [0, 1)"
+        );
         Ok(())
     }
 
@@ -117,7 +120,13 @@ struct PendingCommit<'s> {
 
 impl<'s> PendingCommit<'s> {
     fn new(store: &'s Store, counters: Counters) -> PendingCommit<'s> {
-        PendingCommit { store, batch: sled::Batch::default(), next: counters, counts: HashMap::new(), index: HashMap::new() }
+        PendingCommit {
+            store,
+            batch: sled::Batch::default(),
+            next: counters,
+            counts: HashMap::new(),
+            index: HashMap::new(),
+        }
     }
 
     fn index_block(&mut self, key: Vec<u8>) -> Result<&mut IndexBlock> {
@@ -180,7 +189,10 @@ impl<'s> PendingCommit<'s> {
     fn evict_stored(&mut self, split: Split, from: u64, to: u64) -> Result<()> {
         let mut seq = from;
         while seq < to {
-            let (first, bytes) = self.store.chunk_holding(split, seq)?.context("the buffer ring points at a missing frame")?;
+            let (first, bytes) = self
+                .store
+                .chunk_holding(split, seq)?
+                .context("the buffer ring points at a missing frame")?;
             let chunk = decode_chunk(&bytes)?;
             let end = first + chunk.len() as u64;
             ensure!(end > seq, "the buffer ring points at a missing frame (seq {seq})");
@@ -267,9 +279,16 @@ impl Store {
     /// flushes. When this returns Ok, everything is on disk; without room
     /// on the disk for it, nothing is written ([`super::NoRoom`]).
     pub fn commit(&self, frames: &[Frame], compressed: Compressed, rejected: &[Reason]) -> Result<Committed> {
-        ensure!(compressed.0.len() == frames.len(), "{} frames but {} compressed", frames.len(), compressed.0.len());
+        ensure!(
+            compressed.0.len() == frames.len(),
+            "{} frames but {} compressed",
+            frames.len(),
+            compressed.0.len()
+        );
         let bytes: u64 = compressed.0.iter().map(|z| z.len() as u64).sum();
-        let _room = self.room.claim(bytes * super::room::COMMIT_FACTOR, || format!("a group commit of {} frames", frames.len()))?;
+        let _room = self.room.claim(bytes * super::room::COMMIT_FACTOR, || {
+            format!("a group commit of {} frames", frames.len())
+        })?;
         let mut counters = self.counters.lock().unwrap();
         let mut pending = PendingCommit::new(self, counters.clone());
         let mut done = Committed::default();
@@ -287,7 +306,9 @@ impl Store {
         for split in [Split::Train, Split::Validation] {
             let i = split.byte() as usize;
             let (old_head, old_tail) = (counters.head[i], counters.tail[i]);
-            let new_tail = pending.next.head[i].saturating_sub(self.config.capacity_of(split)).max(old_tail);
+            let new_tail = pending.next.head[i]
+                .saturating_sub(self.config.capacity_of(split))
+                .max(old_tail);
             pending.evict_stored(split, old_tail, new_tail.min(old_head))?;
             // A burst over capacity: frames of this very batch evicted before they were ever written.
             let burst = new_tail.saturating_sub(old_head) as usize;
@@ -296,7 +317,10 @@ impl Store {
             }
             let first_kept = old_head + burst as u64;
             for (n, chunk) in added[i][burst..].chunks(CHUNK_FRAMES).enumerate() {
-                pending.batch.insert(chunk_key(split, first_kept + (n * CHUNK_FRAMES) as u64), encode_chunk(chunk)?);
+                pending.batch.insert(
+                    chunk_key(split, first_kept + (n * CHUNK_FRAMES) as u64),
+                    encode_chunk(chunk)?,
+                );
             }
             pending.next.tail[i] = new_tail;
             done.evicted += new_tail - old_tail;
@@ -317,7 +341,10 @@ impl Store {
 
     /// The index block under `key` as stored (empty when there is none).
     pub(super) fn read_index_block(&self, key: &[u8]) -> Result<IndexBlock> {
-        self.tree.get(key)?.map(|bytes| decode_index_block(&bytes)).unwrap_or(Ok(IndexBlock::new()))
+        self.tree
+            .get(key)?
+            .map(|bytes| decode_index_block(&bytes))
+            .unwrap_or(Ok(IndexBlock::new()))
     }
 
     /// The chunk that holds frame `seq` of `split`, as its first seq and
@@ -327,7 +354,9 @@ impl Store {
         if let Some(bytes) = self.tree.get(chunk_key(split, seq))? {
             return Ok(Some((seq, bytes)));
         }
-        let Some((key, bytes)) = self.tree.get_lt(chunk_key(split, seq + 1))? else { return Ok(None) };
+        let Some((key, bytes)) = self.tree.get_lt(chunk_key(split, seq + 1))? else {
+            return Ok(None);
+        };
         if key.len() != 10 || key[..2] != [b'C', split.byte()] {
             return Ok(None);
         }
@@ -369,7 +398,11 @@ impl Store {
                 }
             }
             misses += 1;
-            ensure!(misses <= MAX_SAMPLE_MISSES, "the {} ring points at missing frames (seq {seq})", split.name());
+            ensure!(
+                misses <= MAX_SAMPLE_MISSES,
+                "the {} ring points at missing frames (seq {seq})",
+                split.name()
+            );
         }
         Ok(Some(out))
     }
@@ -392,7 +425,6 @@ impl Store {
             rejected: c.rejected.iter().map(|(r, n)| (r.code().to_string(), *n)).collect(),
         })
     }
-
 }
 
 #[cfg(test)]

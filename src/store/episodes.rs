@@ -34,7 +34,8 @@ pub struct Scope {
 
 impl Scope {
     fn holds_episode(&self, episode: &str) -> bool {
-        self.episodes_from.as_deref().is_none_or(|from| episode >= from) && self.episodes_until.as_deref().is_none_or(|until| episode < until)
+        self.episodes_from.as_deref().is_none_or(|from| episode >= from)
+            && self.episodes_until.as_deref().is_none_or(|until| episode < until)
     }
 }
 
@@ -49,11 +50,16 @@ pub struct EpisodeCount {
 /// (source, episode) of an index key `I source 0 episode 0 block`, or of an
 /// episode key `E source 0 episode` (`tail_bytes` after the episode: 9 or 0).
 fn names(key: &[u8], tail_bytes: usize) -> Result<(String, String)> {
-    let body = key.get(1..key.len().saturating_sub(tail_bytes)).context("corrupt key in the store")?;
+    let body = key
+        .get(1..key.len().saturating_sub(tail_bytes))
+        .context("corrupt key in the store")?;
     let body = body.strip_suffix(b"\0").unwrap_or(body);
     let split = body.iter().position(|b| *b == 0).context("corrupt key in the store")?;
     let (source, episode) = (&body[..split], &body[split + 1..]);
-    Ok((String::from_utf8(source.to_vec())?, String::from_utf8(episode.to_vec())?))
+    Ok((
+        String::from_utf8(source.to_vec())?,
+        String::from_utf8(episode.to_vec())?,
+    ))
 }
 
 impl Store {
@@ -70,7 +76,11 @@ impl Store {
             let frames = be_u64(&value)?;
             if frames > 0 {
                 let (source, episode) = names(&key, 0)?;
-                out.push(EpisodeCount { source, episode, frames });
+                out.push(EpisodeCount {
+                    source,
+                    episode,
+                    frames,
+                });
             }
         }
         Ok(out)
@@ -79,8 +89,18 @@ impl Store {
     /// Every stored frame in (source, episode, step) order, optionally of
     /// one source; with `pixels` false their pixels are left empty (no
     /// decompression).
-    pub fn frames_in_order<'a>(&'a self, source: Option<&'a str>, pixels: bool) -> impl Iterator<Item = Result<Frame>> + 'a {
-        self.frames_in(Scope { source: source.map(str::to_string), ..Scope::default() }, pixels)
+    pub fn frames_in_order<'a>(
+        &'a self,
+        source: Option<&'a str>,
+        pixels: bool,
+    ) -> impl Iterator<Item = Result<Frame>> + 'a {
+        self.frames_in(
+            Scope {
+                source: source.map(str::to_string),
+                ..Scope::default()
+            },
+            pixels,
+        )
     }
 
     /// The frames of `scope` in (source, episode, step) order; frames of
@@ -94,7 +114,10 @@ impl Store {
             Some(c) => index_block_key(&c.source, &c.episode, c.step).0,
             None => prefix.clone(),
         };
-        let blocks = self.tree.range(start..).take_while(move |entry| entry.as_ref().map_or(true, |(key, _)| key.starts_with(&prefix)));
+        let blocks = self
+            .tree
+            .range(start..)
+            .take_while(move |entry| entry.as_ref().map_or(true, |(key, _)| key.starts_with(&prefix)));
         let locations = blocks.flat_map(move |entry| {
             let located = entry.map_err(anyhow::Error::from).and_then(|(key, bytes)| {
                 let (source, episode) = names(&key, 8)?;
@@ -102,9 +125,17 @@ impl Store {
                     return Ok(Vec::new());
                 }
                 let first_step = be_u64(&key[key.len() - 8..])? * INDEX_BLOCK_STEPS;
-                let after = scope.after.as_ref().filter(|c| c.source == source && c.episode == episode).map(|c| c.step);
+                let after = scope
+                    .after
+                    .as_ref()
+                    .filter(|c| c.source == source && c.episode == episode)
+                    .map(|c| c.step);
                 let block = decode_index_block(&bytes)?;
-                Ok(block.into_iter().filter(|(offset, _)| after.is_none_or(|a| first_step + u64::from(*offset) > a)).map(|(_, location)| Ok(location)).collect())
+                Ok(block
+                    .into_iter()
+                    .filter(|(offset, _)| after.is_none_or(|a| first_step + u64::from(*offset) > a))
+                    .map(|(_, location)| Ok(location))
+                    .collect())
             });
             match located {
                 Ok(locations) => locations,
@@ -120,8 +151,11 @@ impl Store {
                     return Ok(frame);
                 }
             }
-            let (first, bytes) = self.chunk_holding(split, seq)?.context("the index points at a missing frame")?;
-            let frame = read_in_chunk(first, &bytes, seq, |stored| stored.to_frame(pixels))?.context("the index points at a missing frame")?;
+            let (first, bytes) = self
+                .chunk_holding(split, seq)?
+                .context("the index points at a missing frame")?;
+            let frame = read_in_chunk(first, &bytes, seq, |stored| stored.to_frame(pixels))?
+                .context("the index points at a missing frame")?;
             held = Some((split, first, bytes));
             Ok(frame)
         })
@@ -134,27 +168,85 @@ mod tests {
     use crate::store::{compress_frames, BufferConfig};
 
     fn frame(source: &str, episode: &str, step: u64) -> Frame {
-        Frame { source: source.into(), episode: episode.into(), step, pixels: vec![step as u8; crate::frames::BYTES].into(), action: None, reward: None, done: None }
+        Frame {
+            source: source.into(),
+            episode: episode.into(),
+            step,
+            pixels: vec![step as u8; crate::frames::BYTES].into(),
+            action: None,
+            reward: None,
+            done: None,
+        }
     }
 
     #[test]
     fn scopes_select_and_resume_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), BufferConfig { capacity: 1000, validation_fraction: 0.3 }).unwrap();
+        let store = Store::open(
+            dir.path(),
+            BufferConfig {
+                capacity: 1000,
+                validation_fraction: 0.3,
+            },
+        )
+        .unwrap();
         let mut frames = Vec::new();
         for (source, episode) in [("b", "e1"), ("a", "e2"), ("a", "e1"), ("a", "x/y")] {
             frames.extend((0..70).map(|s| frame(source, episode, s)));
         }
         store.commit(&frames, compress_frames(&frames), &[]).unwrap();
-        let listed: Vec<(String, String, u64)> = store.episodes(None).unwrap().into_iter().map(|e| (e.source, e.episode, e.frames)).collect();
-        assert_eq!(listed, [("a".into(), "e1".into(), 70), ("a".into(), "e2".into(), 70), ("a".into(), "x/y".into(), 70), ("b".into(), "e1".into(), 70)]);
-        let keys = |scope: Scope| store.frames_in(scope, false).map(|f| f.map(|f| (f.source, f.episode, f.step))).collect::<Result<Vec<_>>>().unwrap();
+        let listed: Vec<(String, String, u64)> = store
+            .episodes(None)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.source, e.episode, e.frames))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("a".into(), "e1".into(), 70),
+                ("a".into(), "e2".into(), 70),
+                ("a".into(), "x/y".into(), 70),
+                ("b".into(), "e1".into(), 70)
+            ]
+        );
+        let keys = |scope: Scope| {
+            store
+                .frames_in(scope, false)
+                .map(|f| f.map(|f| (f.source, f.episode, f.step)))
+                .collect::<Result<Vec<_>>>()
+                .unwrap()
+        };
         assert_eq!(keys(Scope::default()).len(), 280);
-        let a_e2 = Scope { source: Some("a".into()), episodes_from: Some("e2".into()), episodes_until: Some("e3".into()), ..Scope::default() };
-        assert_eq!(keys(a_e2.clone()), (0..70).map(|s| ("a".to_string(), "e2".to_string(), s)).collect::<Vec<_>>());
-        let resumed = keys(Scope { after: Some(Cursor { source: "a".into(), episode: "e2".into(), step: 64 }), ..a_e2 });
+        let a_e2 = Scope {
+            source: Some("a".into()),
+            episodes_from: Some("e2".into()),
+            episodes_until: Some("e3".into()),
+            ..Scope::default()
+        };
+        assert_eq!(
+            keys(a_e2.clone()),
+            (0..70)
+                .map(|s| ("a".to_string(), "e2".to_string(), s))
+                .collect::<Vec<_>>()
+        );
+        let resumed = keys(Scope {
+            after: Some(Cursor {
+                source: "a".into(),
+                episode: "e2".into(),
+                step: 64,
+            }),
+            ..a_e2
+        });
         assert_eq!(resumed.iter().map(|k| k.2).collect::<Vec<_>>(), [65, 66, 67, 68, 69]);
-        let tail = keys(Scope { after: Some(Cursor { source: "a".into(), episode: "x/y".into(), step: 69 }), ..Scope::default() });
+        let tail = keys(Scope {
+            after: Some(Cursor {
+                source: "a".into(),
+                episode: "x/y".into(),
+                step: 69,
+            }),
+            ..Scope::default()
+        });
         assert_eq!((tail.len(), &tail[0]), (70, &("b".to_string(), "e1".to_string(), 0)));
         let pixels = store.frames_in(Scope::default(), true).next().unwrap().unwrap().pixels;
         assert_eq!(pixels.len(), crate::frames::BYTES);

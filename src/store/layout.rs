@@ -88,7 +88,11 @@ impl<'a> StoredFrame<'a> {
     /// The frame, with its pixels decompressed when `pixels` (else empty).
     pub(super) fn to_frame(&self, pixels: bool) -> Result<Frame> {
         Ok(Frame {
-            pixels: if pixels { decompress(&self.zpixels)?.into() } else { Default::default() },
+            pixels: if pixels {
+                decompress(&self.zpixels)?.into()
+            } else {
+                Default::default()
+            },
             source: self.source.to_string(),
             episode: self.episode.to_string(),
             step: self.step,
@@ -116,19 +120,39 @@ pub(super) fn decode_chunk(bytes: &[u8]) -> Result<Vec<StoredFrame<'_>>> {
 
 /// `read` applied to frame `seq` of the chunk `bytes` that starts at seq
 /// `first`; None when the chunk does not hold it.
-pub(super) fn read_in_chunk<T>(first: u64, bytes: &[u8], seq: u64, read: impl FnOnce(&StoredFrame) -> Result<T>) -> Result<Option<T>> {
+pub(super) fn read_in_chunk<T>(
+    first: u64,
+    bytes: &[u8],
+    seq: u64,
+    read: impl FnOnce(&StoredFrame) -> Result<T>,
+) -> Result<Option<T>> {
     let chunk = decode_chunk(bytes)?;
-    seq.checked_sub(first).and_then(|i| chunk.get(i as usize)).map(read).transpose()
+    seq.checked_sub(first)
+        .and_then(|i| chunk.get(i as usize))
+        .map(read)
+        .transpose()
 }
 
 /// An index block decoded: step offset in the block -> (split, seq).
 pub(super) type IndexBlock = BTreeMap<u8, (Split, u64)>;
 
 pub(super) fn decode_index_block(bytes: &[u8]) -> Result<IndexBlock> {
-    ensure!(bytes.len() % INDEX_RECORD_BYTES == 0, "corrupt index block of {} bytes", bytes.len());
+    ensure!(
+        bytes.len() % INDEX_RECORD_BYTES == 0,
+        "corrupt index block of {} bytes",
+        bytes.len()
+    );
     bytes
         .chunks(INDEX_RECORD_BYTES)
-        .map(|record| Ok((record[0], (Split::from_byte(record[1]).context("corrupt index record")?, be_u64(&record[2..])?))))
+        .map(|record| {
+            Ok((
+                record[0],
+                (
+                    Split::from_byte(record[1]).context("corrupt index record")?,
+                    be_u64(&record[2..])?,
+                ),
+            ))
+        })
         .collect()
 }
 
@@ -168,7 +192,9 @@ pub(super) fn source_key(source: &str) -> Vec<u8> {
     [b"S", source.as_bytes()].concat()
 }
 pub(super) fn be_u64(bytes: &[u8]) -> Result<u64> {
-    Ok(u64::from_be_bytes(bytes.try_into().context("corrupt counter in the store")?))
+    Ok(u64::from_be_bytes(
+        bytes.try_into().context("corrupt counter in the store")?,
+    ))
 }
 
 /// A batch's pixels compressed for [`Store::commit`], one entry per frame.
@@ -200,7 +226,10 @@ pub(super) fn decompress(z: &[u8]) -> Result<Vec<u8>> {
 /// As [`decompress`], into `out` (frames::BYTES long).
 pub(super) fn decompress_into(z: &[u8], out: &mut [u8]) -> Result<()> {
     let n = lz4_flex::block::decompress_into(z, out).context("corrupt frame pixels")?;
-    ensure!(n == frames::BYTES, "corrupt frame: {n} pixel bytes, expected {}", frames::BYTES);
+    ensure!(
+        n == frames::BYTES,
+        "corrupt frame: {n} pixel bytes, expected {}",
+        frames::BYTES
+    );
     Ok(())
 }
-

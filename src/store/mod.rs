@@ -120,11 +120,18 @@ impl Store {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let locked_since = std::time::Instant::now();
         let db = loop {
-            match sled::Config::new().path(dir.join("sled")).cache_capacity(SLED_CACHE_BYTES).open() {
+            match sled::Config::new()
+                .path(dir.join("sled"))
+                .cache_capacity(SLED_CACHE_BYTES)
+                .open()
+            {
                 Ok(db) => break db,
                 Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
                     if locked_since.elapsed() >= LOCK_WAIT {
-                        bail!("store {} is locked by another process (is wmvae serve running?)", dir.display());
+                        bail!(
+                            "store {} is locked by another process (is wmvae serve running?)",
+                            dir.display()
+                        );
                     }
                     std::thread::sleep(LOCK_RETRY_INTERVAL);
                 }
@@ -134,7 +141,15 @@ impl Store {
         let tree = db.open_tree("buffer")?;
         let room = Room::new(dir);
         let registry = Registry::open(&db, room.clone())?;
-        let mut store = Store { dir: dir.to_owned(), db, tree, registry, room, config, counters: Arc::default() };
+        let mut store = Store {
+            dir: dir.to_owned(),
+            db,
+            tree,
+            registry,
+            room,
+            config,
+            counters: Arc::default(),
+        };
         store.migrate()?;
         store.counters = Arc::new(Mutex::new(store.read_counters()?));
         Ok(store)
@@ -144,7 +159,11 @@ impl Store {
     /// an equal one, upgrades an older one in place, refuses a newer one
     /// (never rewrites it).
     fn migrate(&self) -> Result<()> {
-        let found = self.tree.get(meta_key("schema_version"))?.map(|v| be_u64(&v)).transpose()?;
+        let found = self
+            .tree
+            .get(meta_key("schema_version"))?
+            .map(|v| be_u64(&v))
+            .transpose()?;
         match found {
             Some(found) if found > SCHEMA_VERSION => {
                 bail!("store schema version {found} was written by a newer wmvae; this build knows up to {SCHEMA_VERSION}")
@@ -154,7 +173,8 @@ impl Store {
             // has none), and older builds must now refuse the store.
             _ => {
                 upgrade::frames_and_index(self)?;
-                self.tree.insert(meta_key("schema_version"), &SCHEMA_VERSION.to_be_bytes())?;
+                self.tree
+                    .insert(meta_key("schema_version"), &SCHEMA_VERSION.to_be_bytes())?;
                 self.db.flush()?;
             }
         }
@@ -184,7 +204,11 @@ impl Store {
                 .is_ok();
         let _ = std::fs::remove_file(&probe);
         match disk_takes_writes {
-            true => Err(NeedsReopen { dir: self.dir.clone(), failed: format!("{failed:#}") }.into()),
+            true => Err(NeedsReopen {
+                dir: self.dir.clone(),
+                failed: format!("{failed:#}"),
+            }
+            .into()),
             false => Ok(()),
         }
     }
@@ -195,4 +219,3 @@ impl Store {
         Ok(())
     }
 }
-

@@ -45,7 +45,11 @@ pub struct InUse(pub u64);
 
 impl std::fmt::Display for InUse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "checkpoint v{} is the active version; roll back to another first", self.0)
+        write!(
+            f,
+            "checkpoint v{} is the active version; roll back to another first",
+            self.0
+        )
     }
 }
 
@@ -181,7 +185,12 @@ impl Registry {
     /// a failed write left half there forgotten, listings rebuilt from
     /// intact envelopes, counters never behind what is stored.
     pub(super) fn open(db: &sled::Db, room: Room) -> Result<Registry> {
-        let registry = Registry { db: db.clone(), tree: db.open_tree("checkpoints")?, lock: Arc::default(), room };
+        let registry = Registry {
+            db: db.clone(),
+            tree: db.open_tree("checkpoints")?,
+            lock: Arc::default(),
+            room,
+        };
         registry.verify()?;
         Ok(registry)
     }
@@ -222,7 +231,11 @@ impl Registry {
         let bytes = checkpoint.to_bytes()?;
         let what = || match prefix == PENDING {
             true => format!("the pending checkpoint ({:.1} MB)", bytes.len() as f64 / 1e6),
-            false => format!("checkpoint v{} ({:.1} MB)", checkpoint.metadata.version, bytes.len() as f64 / 1e6),
+            false => format!(
+                "checkpoint v{} ({:.1} MB)",
+                checkpoint.metadata.version,
+                bytes.len() as f64 / 1e6
+            ),
         };
         let room = self.room.claim(bytes.len() as u64 * CHECKPOINT_FACTOR, what)?;
         self.remove_chunks(batch, prefix)?;
@@ -254,10 +267,24 @@ impl Registry {
 
     /// Adds "`version` is now active" and its history entry to `batch`;
     /// returns the version active before.
-    fn activate_in(&self, batch: &mut sled::Batch, version: u64, why: Change, by: &str, reason: Option<&str>) -> Result<Option<u64>> {
+    fn activate_in(
+        &self,
+        batch: &mut sled::Batch,
+        version: u64,
+        why: Change,
+        by: &str,
+        reason: Option<&str>,
+    ) -> Result<Option<u64>> {
         let from = self.counter("active")?;
         batch.insert(meta("active"), &version.to_be_bytes());
-        let entry = HistoryEntry { at: now_rfc3339(), from, to: version, why, by: by.into(), reason: reason.map(str::to_string) };
+        let entry = HistoryEntry {
+            at: now_rfc3339(),
+            from,
+            to: version,
+            why,
+            by: by.into(),
+            reason: reason.map(str::to_string),
+        };
         let seq = self.counter("history_next")?.unwrap_or(0);
         batch.insert(key(b'H', seq), rmp_serde::to_vec_named(&entry)?);
         batch.insert(meta("history_next"), &(seq + 1).to_be_bytes());
@@ -273,7 +300,14 @@ impl Registry {
     /// the active one with a history entry. The number is `given` (allocated
     /// across nodes, never below [`Registry::next_free`]) or the registry's
     /// next. Atomic and flushed before it returns.
-    pub fn add(&self, given: Option<u64>, make: impl FnOnce(u64) -> Result<Checkpoint>, why: Change, by: &str, reason: Option<&str>) -> Result<Checkpoint> {
+    pub fn add(
+        &self,
+        given: Option<u64>,
+        make: impl FnOnce(u64) -> Result<Checkpoint>,
+        why: Change,
+        by: &str,
+        reason: Option<&str>,
+    ) -> Result<Checkpoint> {
         let _guard = self.serialised();
         let next = self.next_free()?;
         let version = given.unwrap_or(next);
@@ -282,7 +316,10 @@ impl Registry {
         }
         let checkpoint = make(version)?;
         if checkpoint.metadata.version != version {
-            bail!("checkpoint built as v{} but v{version} was allocated", checkpoint.metadata.version);
+            bail!(
+                "checkpoint built as v{} but v{version} was allocated",
+                checkpoint.metadata.version
+            );
         }
         let mut batch = sled::Batch::default();
         let _room = self.put_chunks(&mut batch, &key(b'V', version), &checkpoint)?;
@@ -299,7 +336,11 @@ impl Registry {
     /// the previous active version.
     pub fn activate(&self, version: u64, why: Change, by: &str, reason: Option<&str>) -> Result<Option<u64>> {
         let _guard = self.serialised();
-        if self.get(version).with_context(|| format!("v{version} is not made active"))?.is_none() {
+        if self
+            .get(version)
+            .with_context(|| format!("v{version} is not made active"))?
+            .is_none()
+        {
             return Err(UnknownVersion(version).into());
         }
         let mut batch = sled::Batch::default();
@@ -326,11 +367,20 @@ impl Registry {
         if bytes.is_empty() {
             return Ok(None);
         }
-        Checkpoint::from_bytes(&bytes).map(Some).map_err(|e| Damaged { version, why: format!("{e:#}") }.into())
+        Checkpoint::from_bytes(&bytes).map(Some).map_err(|e| {
+            Damaged {
+                version,
+                why: format!("{e:#}"),
+            }
+            .into()
+        })
     }
 
     pub fn metadata(&self, version: u64) -> Result<Option<Metadata>> {
-        self.tree.get(key(b'D', version))?.map(|b| rmp_serde::from_slice(&b).context("corrupt checkpoint metadata")).transpose()
+        self.tree
+            .get(key(b'D', version))?
+            .map(|b| rmp_serde::from_slice(&b).context("corrupt checkpoint metadata"))
+            .transpose()
     }
 
     /// Every stored version's metadata, oldest first (but for a version
@@ -346,7 +396,10 @@ impl Registry {
     }
 
     pub fn pinned(&self) -> Result<BTreeSet<u64>> {
-        self.tree.scan_prefix([b'P']).map(|entry| be_u64(&entry?.0[1..])).collect()
+        self.tree
+            .scan_prefix([b'P'])
+            .map(|entry| be_u64(&entry?.0[1..]))
+            .collect()
     }
 
     /// Pins (kept by retention) or unpins a version.
@@ -421,7 +474,13 @@ impl Registry {
         if bytes.is_empty() {
             return Ok(None);
         }
-        Checkpoint::from_bytes(&bytes).map(Some).map_err(|e| Damaged { version: 0, why: format!("the pending checkpoint: {e:#}") }.into())
+        Checkpoint::from_bytes(&bytes).map(Some).map_err(|e| {
+            Damaged {
+                version: 0,
+                why: format!("the pending checkpoint: {e:#}"),
+            }
+            .into()
+        })
     }
 
     /// Drops the pending checkpoint (made a version, or given up).

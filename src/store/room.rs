@@ -85,7 +85,10 @@ impl Drop for Claim {
 
 impl Room {
     pub(super) fn new(dir: &Path) -> Room {
-        Room(Arc::new(Disk { dir: dir.to_owned(), claimed: Mutex::new(0) }))
+        Room(Arc::new(Disk {
+            dir: dir.to_owned(),
+            claimed: Mutex::new(0),
+        }))
     }
 
     /// Claims room for a write that takes `bytes` on disk, plus the
@@ -97,10 +100,17 @@ impl Room {
         let free = self.free_bytes().unwrap_or(u64::MAX).saturating_sub(*claimed);
         let needed = bytes.saturating_add(RESERVE_BYTES);
         if free < needed {
-            return Err(NoRoom { what: what(), needed, free });
+            return Err(NoRoom {
+                what: what(),
+                needed,
+                free,
+            });
         }
         *claimed += bytes;
-        Ok(Claim { disk: self.0.clone(), bytes })
+        Ok(Claim {
+            disk: self.0.clone(),
+            bytes,
+        })
     }
 
     /// Bytes free on the disk holding the store, for an unprivileged user.
@@ -142,15 +152,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let room = Room::new(dir.path());
         let free = room.free_bytes().unwrap();
-        assert!(free > 2 * RESERVE_BYTES, "this test needs some free space ({free} bytes)");
+        assert!(
+            free > 2 * RESERVE_BYTES,
+            "this test needs some free space ({free} bytes)"
+        );
         let most = free - RESERVE_BYTES - (1 << 20);
         let held = room.claim(most, || "most of it".into()).unwrap();
         // (1 GB: the disk is shared; others' files may come and go meanwhile.)
-        let refused = room.claim(1 << 30, || "a checkpoint".into()).err().expect("no room beyond the first claim");
-        assert_eq!((refused.what.as_str(), refused.needed), ("a checkpoint", (1 << 30) + RESERVE_BYTES));
+        let refused = room
+            .claim(1 << 30, || "a checkpoint".into())
+            .err()
+            .expect("no room beyond the first claim");
+        assert_eq!(
+            (refused.what.as_str(), refused.needed),
+            ("a checkpoint", (1 << 30) + RESERVE_BYTES)
+        );
         assert!(refused.to_string().contains("No space left on device"), "{refused}");
         drop(held);
         room.claim(4 << 20, || "a group commit".into()).unwrap();
-        assert!(room.claim(u64::MAX, String::new).is_err(), "never more than the disk holds");
+        assert!(
+            room.claim(u64::MAX, String::new).is_err(),
+            "never more than the disk holds"
+        );
     }
 }

@@ -10,7 +10,9 @@
 //! from the old keys to the new, so an upgrade cut short by a crash resumes
 //! where it stopped.
 
-use super::layout::{be_u64, chunk_key, encode_chunk, encode_index_block, index_block_key_under, IndexBlock, StoredFrame, CHUNK_FRAMES};
+use super::layout::{
+    be_u64, chunk_key, encode_chunk, encode_index_block, index_block_key_under, IndexBlock, StoredFrame, CHUNK_FRAMES,
+};
 use super::{Split, Store};
 use crate::frames;
 use anyhow::{ensure, Context, Result};
@@ -31,7 +33,11 @@ pub(super) fn frames_and_index(store: &Store) -> Result<()> {
 /// Moves up to [`ENTRIES_PER_BATCH`] old frames into chunks of consecutive
 /// seqs; false when none was left.
 fn frames_to_chunks(store: &Store) -> Result<bool> {
-    let old: Vec<(sled::IVec, sled::IVec)> = store.tree.scan_prefix(b"F").take(ENTRIES_PER_BATCH).collect::<Result<_, _>>()?;
+    let old: Vec<(sled::IVec, sled::IVec)> = store
+        .tree
+        .scan_prefix(b"F")
+        .take(ENTRIES_PER_BATCH)
+        .collect::<Result<_, _>>()?;
     let mut batch = sled::Batch::default();
     // The chunk being filled: its split, first seq and frames.
     let mut chunk: Option<(Split, u64, Vec<StoredFrame>)> = None;
@@ -39,10 +45,15 @@ fn frames_to_chunks(store: &Store) -> Result<bool> {
         ensure!(key.len() == 10, "corrupt frame key in a schema 2 store");
         let split = Split::from_byte(key[1]).context("corrupt frame key in a schema 2 store")?;
         let seq = be_u64(&key[2..])?;
-        let mut frame: StoredFrame = rmp_serde::from_slice(value).context("corrupt stored frame in a schema 2 store")?;
+        let mut frame: StoredFrame =
+            rmp_serde::from_slice(value).context("corrupt stored frame in a schema 2 store")?;
         frame.zpixels = Cow::Owned(lz4_flex::block::compress(&unzlib(&frame.zpixels)?));
         match &mut chunk {
-            Some((s, first, frames)) if *s == split && *first + frames.len() as u64 == seq && frames.len() < CHUNK_FRAMES => frames.push(frame),
+            Some((s, first, frames))
+                if *s == split && *first + frames.len() as u64 == seq && frames.len() < CHUNK_FRAMES =>
+            {
+                frames.push(frame)
+            }
             _ => {
                 if let Some((s, first, frames)) = chunk.replace((split, seq, vec![frame])) {
                     batch.insert(chunk_key(s, first), encode_chunk(&frames)?);
@@ -62,15 +73,25 @@ fn frames_to_chunks(store: &Store) -> Result<bool> {
 /// (merged with blocks an interrupted upgrade wrote); false when none was
 /// left.
 fn index_to_blocks(store: &Store) -> Result<bool> {
-    let old: Vec<(sled::IVec, sled::IVec)> = store.tree.scan_prefix(b"K").take(ENTRIES_PER_BATCH).collect::<Result<_, _>>()?;
+    let old: Vec<(sled::IVec, sled::IVec)> = store
+        .tree
+        .scan_prefix(b"K")
+        .take(ENTRIES_PER_BATCH)
+        .collect::<Result<_, _>>()?;
     let mut batch = sled::Batch::default();
     let mut blocks: BTreeMap<Vec<u8>, IndexBlock> = BTreeMap::new();
     for (key, value) in &old {
-        ensure!(key.len() > 9 && value.len() == 9, "corrupt index entry in a schema 2 store");
+        ensure!(
+            key.len() > 9 && value.len() == 9,
+            "corrupt index entry in a schema 2 store"
+        );
         let (name, step) = key.split_at(key.len() - 8);
         // `name` is `K` source 0 episode 0: the new key keeps it, under `I`.
         let (block_key, offset) = index_block_key_under(&[&name[1..]], be_u64(step)?);
-        let location = (Split::from_byte(value[0]).context("corrupt index entry in a schema 2 store")?, be_u64(&value[1..])?);
+        let location = (
+            Split::from_byte(value[0]).context("corrupt index entry in a schema 2 store")?,
+            be_u64(&value[1..])?,
+        );
         let block = match blocks.entry(block_key) {
             btree_map::Entry::Occupied(held) => held.into_mut(),
             btree_map::Entry::Vacant(slot) => {
@@ -91,8 +112,16 @@ fn index_to_blocks(store: &Store) -> Result<bool> {
 /// A schema 2 frame's pixels from their zlib stream.
 fn unzlib(z: &[u8]) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(frames::BYTES);
-    flate2::read::ZlibDecoder::new(z).take(frames::BYTES as u64 + 1).read_to_end(&mut out).context("corrupt frame pixels in a schema 2 store")?;
-    ensure!(out.len() == frames::BYTES, "corrupt frame in a schema 2 store: {} pixel bytes, expected {}", out.len(), frames::BYTES);
+    flate2::read::ZlibDecoder::new(z)
+        .take(frames::BYTES as u64 + 1)
+        .read_to_end(&mut out)
+        .context("corrupt frame pixels in a schema 2 store")?;
+    ensure!(
+        out.len() == frames::BYTES,
+        "corrupt frame in a schema 2 store: {} pixel bytes, expected {}",
+        out.len(),
+        frames::BYTES
+    );
     Ok(out)
 }
 

@@ -26,7 +26,9 @@ pub struct BenchOptions {
 }
 
 fn random_frames(batch: usize, device: tch::Device) -> Result<Tensor> {
-    let bytes: Vec<u8> = (0..batch * crate::frames::BYTES).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let bytes: Vec<u8> = (0..batch * crate::frames::BYTES)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     frames_to_tensor(&bytes, device)
 }
 
@@ -39,7 +41,8 @@ fn apply_threads(threads: usize) {
 /// Images per second of `step`, run `steps` times after the warm-up. Each
 /// step must end by reading a value back, which synchronises CUDA.
 fn images_per_s(batch: usize, steps: usize, mut step: impl FnMut()) -> f64 {
-    let mut progress = crate::tools::progress::Progress::new(format!("bench (batch {batch})"), (WARMUP_STEPS + steps) as u64);
+    let mut progress =
+        crate::tools::progress::Progress::new(format!("bench (batch {batch})"), (WARMUP_STEPS + steps) as u64);
     for _ in 0..WARMUP_STEPS {
         step();
         progress.advance(1);
@@ -111,7 +114,11 @@ const INGEST_BENCH_DISTINCT_FRAMES: u64 = 1000;
 fn proc_status_mb(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
@@ -122,8 +129,8 @@ fn proc_status_mb(field: &str) -> f64 {
 /// acks them. Rates are frames/s over the whole batch.
 pub async fn ingest(frames: u64, nats_server: &std::path::Path) -> Result<Value> {
     use crate::bus::Bus;
-    use crate::store::Store;
     use crate::frames::wire::FrameMessage;
+    use crate::store::Store;
     use tokio_util::sync::CancellationToken;
 
     // Loading libtorch (and the CUDA libraries linked beside it) is most of
@@ -136,14 +143,28 @@ pub async fn ingest(frames: u64, nats_server: &std::path::Path) -> Result<Value>
     bus.migrate().await?;
 
     let pool: Vec<bytes::Bytes> = (0..INGEST_BENCH_DISTINCT_FRAMES)
-        .map(|i| crate::frames::preprocess::preprocess(crate::frames::synthetic::render(i / 100, i % 100).into(), 96, 96, crate::frames::preprocess::Policy::WorldModels))
+        .map(|i| {
+            crate::frames::preprocess::preprocess(
+                crate::frames::synthetic::render(i / 100, i % 100).into(),
+                96,
+                96,
+                crate::frames::preprocess::Policy::WorldModels,
+            )
+        })
         .collect::<Result<_>>()?;
     let mut publisher = bus.frame_publisher("bench");
     let publish_start = Instant::now();
     for i in 0..frames {
-        let (episode, step) = (format!("bench-{}", i / INGEST_BENCH_DISTINCT_FRAMES), i % INGEST_BENCH_DISTINCT_FRAMES);
+        let (episode, step) = (
+            format!("bench-{}", i / INGEST_BENCH_DISTINCT_FRAMES),
+            i % INGEST_BENCH_DISTINCT_FRAMES,
+        );
         let side = crate::frames::SIDE as u32;
-        let frame = FrameMessage::rgb(episode, step, side, side, &pool[step as usize][..]).with_transition(vec![0.0, 1.0, 0.0], 0.1, false);
+        let frame = FrameMessage::rgb(episode, step, side, side, &pool[step as usize][..]).with_transition(
+            vec![0.0, 1.0, 0.0],
+            0.1,
+            false,
+        );
         publisher.send(&frame).await?;
     }
     publisher.finish().await?;
@@ -158,8 +179,23 @@ pub async fn ingest(frames: u64, nats_server: &std::path::Path) -> Result<Value>
     let store = Store::open(dir.path(), config.buffer)?;
     let shutdown = CancellationToken::new();
     let start = Instant::now();
-    let status = crate::daemon::status::StatusBoard::new(crate::config::Roles { trainer: true, encoder: false }, "", Some(store.clone()), String::new());
-    let task = tokio::spawn(crate::daemon::ingest::run(bus.clone(), store.clone(), config.ingest.clone(), String::new(), status, crate::daemon::supervisor::Supervisor::new(shutdown.clone())));
+    let status = crate::daemon::status::StatusBoard::new(
+        crate::config::Roles {
+            trainer: true,
+            encoder: false,
+        },
+        "",
+        Some(store.clone()),
+        String::new(),
+    );
+    let task = tokio::spawn(crate::daemon::ingest::run(
+        bus.clone(),
+        store.clone(),
+        config.ingest.clone(),
+        String::new(),
+        status,
+        crate::daemon::supervisor::Supervisor::new(shutdown.clone()),
+    ));
     // A cheap counter: stats() walks the store's files and would steal CPU from what is measured.
     while store.frames_ingested() < frames {
         if task.is_finished() {

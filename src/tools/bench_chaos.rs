@@ -12,9 +12,9 @@
 use super::bench_daemon::{frame_name, status};
 use super::bench_failover::{publish, wait_at_most, Acks, Nodes};
 use super::nats_server::LocalNats;
+use crate::bus::messages::LatentMessage;
 use crate::bus::{Bus, StoredMessage};
 use crate::config::Config;
-use crate::bus::messages::LatentMessage;
 use crate::frames::identity::{message_id, MAX_EPISODE_BYTES};
 use crate::frames::wire::{FrameMessage, MAX_ACTION_LEN, MAX_SIDE, MAX_STEP};
 use crate::store::{BufferConfig, Store};
@@ -146,24 +146,65 @@ fn malformed() -> Vec<(&'static str, Vec<u8>)> {
         ("bad_episode", episode("c1\u{85}")),
         ("bad_step", with(&[("step", Some(V::U(MAX_STEP + 1)))])),
         ("bad_transition", with(&[("action", Some(V::A(vec![V::F(f64::NAN)])))])),
-        ("bad_transition", with(&[("action", Some(V::A(vec![V::F(f64::INFINITY)])))])),
-        ("bad_transition", with(&[("action", Some(V::A(vec![V::F(0.0); MAX_ACTION_LEN + 1])))])),
+        (
+            "bad_transition",
+            with(&[("action", Some(V::A(vec![V::F(f64::INFINITY)])))]),
+        ),
+        (
+            "bad_transition",
+            with(&[("action", Some(V::A(vec![V::F(0.0); MAX_ACTION_LEN + 1])))]),
+        ),
         ("bad_transition", with(&[("reward", Some(V::F(f64::NAN)))])),
         ("bad_transition", with(&[("reward", Some(V::F(f64::NEG_INFINITY)))])),
         ("bad_dimensions", with(&[("height", Some(V::U(0)))])),
         ("bad_dimensions", with(&[("width", Some(V::U(0)))])),
-        ("bad_dimensions", with(&[("height", Some(V::U(u64::from(MAX_SIDE) + 1)))])),
+        (
+            "bad_dimensions",
+            with(&[("height", Some(V::U(u64::from(MAX_SIDE) + 1)))]),
+        ),
         ("wrong_channels", with(&[("channels", Some(V::U(1)))])),
         ("wrong_channels", with(&[("channels", Some(V::U(4)))])),
-        ("size_mismatch", with(&[("pixels", Some(V::B(vec![7; 64 * 64 * 3 - 1])))])),
-        ("size_mismatch", with(&[("pixels", Some(V::B(vec![7; 64 * 64 * 3 + 1])))])),
+        (
+            "size_mismatch",
+            with(&[("pixels", Some(V::B(vec![7; 64 * 64 * 3 - 1])))]),
+        ),
+        (
+            "size_mismatch",
+            with(&[("pixels", Some(V::B(vec![7; 64 * 64 * 3 + 1])))]),
+        ),
         ("size_mismatch", with(&[("pixels", Some(V::B(Vec::new())))])),
         ("unknown_encoding", with(&[("encoding", Some(V::S("jpeg".into())))])),
         ("unknown_encoding", with(&[("encoding", Some(V::S(String::new())))])),
-        ("bad_png", with(&[("encoding", Some(V::S("png".into()))), ("pixels", Some(V::B(b"\x89PNG not really".to_vec())))])),
-        ("bad_png", with(&[("encoding", Some(V::S("png".into()))), ("pixels", Some(V::B(vec![0; 100])))])),
-        ("unsupported_size", with(&[("height", Some(V::U(32))), ("width", Some(V::U(32))), ("pixels", Some(V::B(vec![7; 32 * 32 * 3])))])),
-        ("unsupported_size", with(&[("height", Some(V::U(100))), ("width", Some(V::U(80))), ("pixels", Some(V::B(vec![7; 100 * 80 * 3])))])),
+        (
+            "bad_png",
+            with(&[
+                ("encoding", Some(V::S("png".into()))),
+                ("pixels", Some(V::B(b"\x89PNG not really".to_vec()))),
+            ]),
+        ),
+        (
+            "bad_png",
+            with(&[
+                ("encoding", Some(V::S("png".into()))),
+                ("pixels", Some(V::B(vec![0; 100]))),
+            ]),
+        ),
+        (
+            "unsupported_size",
+            with(&[
+                ("height", Some(V::U(32))),
+                ("width", Some(V::U(32))),
+                ("pixels", Some(V::B(vec![7; 32 * 32 * 3]))),
+            ]),
+        ),
+        (
+            "unsupported_size",
+            with(&[
+                ("height", Some(V::U(100))),
+                ("width", Some(V::U(80))),
+                ("pixels", Some(V::B(vec![7; 100 * 80 * 3]))),
+            ]),
+        ),
     ]);
     kinds
 }
@@ -173,11 +214,30 @@ fn malformed() -> Vec<(&'static str, Vec<u8>)> {
 /// shared one message id (`/` in a source or an episode) or need escaping,
 /// which must each get their own latent.
 fn hostile() -> Vec<Hostile> {
-    let mut all: Vec<Hostile> = malformed().into_iter().map(|(code, payload)| Hostile { source: BAD_SOURCE.into(), payload, fate: Fate::DeadLetter(code) }).collect();
+    let mut all: Vec<Hostile> = malformed()
+        .into_iter()
+        .map(|(code, payload)| Hostile {
+            source: BAD_SOURCE.into(),
+            payload,
+            fate: Fate::DeadLetter(code),
+        })
+        .collect();
     let episode = |e: &str| with(&[("episode", Some(V::S(e.into())))]);
-    all.push(Hostile { source: format!("{BAD_SOURCE}\u{1}x"), payload: with(&[]), fate: Fate::DeadLetter("bad_subject") });
-    for (source, episode_name) in [(format!("{BAD_SOURCE}/a"), "1"), (BAD_SOURCE.to_string(), "a/1"), (BAD_SOURCE.to_string(), "run 5%/x é")] {
-        all.push(Hostile { source, payload: episode(episode_name), fate: Fate::Encoded });
+    all.push(Hostile {
+        source: format!("{BAD_SOURCE}\u{1}x"),
+        payload: with(&[]),
+        fate: Fate::DeadLetter("bad_subject"),
+    });
+    for (source, episode_name) in [
+        (format!("{BAD_SOURCE}/a"), "1"),
+        (BAD_SOURCE.to_string(), "a/1"),
+        (BAD_SOURCE.to_string(), "run 5%/x é"),
+    ] {
+        all.push(Hostile {
+            source,
+            payload: episode(episode_name),
+            fate: Fate::Encoded,
+        });
     }
     all
 }
@@ -185,7 +245,12 @@ fn hostile() -> Vec<Hostile> {
 /// Whether `kind` met its fate: None while nothing is there yet, Some(false)
 /// when something else became of it (a letter with another reason, a
 /// latent under another episode), Some(true) when it did.
-fn settled(kind: &Hostile, letters: &[StoredMessage], latents: &[StoredMessage], latent_prefix: String) -> Option<bool> {
+fn settled(
+    kind: &Hostile,
+    letters: &[StoredMessage],
+    latents: &[StoredMessage],
+    latent_prefix: String,
+) -> Option<bool> {
     match kind.fate {
         Fate::DeadLetter(code) => {
             let letter = letters.iter().find(|m| m.payload.as_ref() == kind.payload.as_slice())?;
@@ -194,7 +259,11 @@ fn settled(kind: &Hostile, letters: &[StoredMessage], latents: &[StoredMessage],
         Fate::Encoded => {
             let frame: FrameMessage = rmp_serde::from_slice(&kind.payload).ok()?;
             let subject = format!("{latent_prefix}{}", kind.source);
-            let of_frame = |m: &&StoredMessage| m.subject == subject && rmp_serde::from_slice::<LatentMessage>(&m.payload).is_ok_and(|l| l.episode == frame.episode && l.step == frame.step);
+            let of_frame = |m: &&StoredMessage| {
+                m.subject == subject
+                    && rmp_serde::from_slice::<LatentMessage>(&m.payload)
+                        .is_ok_and(|l| l.episode == frame.episode && l.step == frame.step)
+            };
             let latent = latents.iter().find(of_frame)?;
             Some(latent.id.as_deref() == Some(message_id(&kind.source, &frame.episode, frame.step).as_str()))
         }
@@ -206,7 +275,17 @@ pub async fn chaos(options: &ChaosOptions) -> Result<Value> {
     let result = run(options, dir.path()).await;
     result.with_context(|| {
         let log = std::fs::read_to_string(dir.path().join(format!("{NODE}.log"))).unwrap_or_default();
-        format!("the daemon's last words:\n{}", log.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"))
+        format!(
+            "the daemon's last words:\n{}",
+            log.lines()
+                .rev()
+                .take(20)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
     })
 }
 
@@ -216,10 +295,17 @@ async fn run(options: &ChaosOptions, dir: &std::path::Path) -> Result<Value> {
     config.nats.url = server.url.clone();
     let bus = Bus::connect(&config).await?;
     bus.migrate().await?;
-    let env = [("WMVAE_INGEST__ACK_WAIT_SECS", ACK_WAIT_SECS.to_string()), ("WMVAE_TRAIN__MIN_FRAMES", "200".to_string()), ("WMVAE_TRAIN__CHECKPOINT_EVERY_STEPS", "50".to_string())];
+    let env = [
+        ("WMVAE_INGEST__ACK_WAIT_SECS", ACK_WAIT_SECS.to_string()),
+        ("WMVAE_TRAIN__MIN_FRAMES", "200".to_string()),
+        ("WMVAE_TRAIN__CHECKPOINT_EVERY_STEPS", "50".to_string()),
+    ];
     let mut nodes = Nodes::new();
     nodes.start(NODE, &server.url, dir, &env)?;
-    wait_at_most(Duration::from_secs(60), "the daemon to serve", || async { status(&bus).await.ok() }).await?;
+    wait_at_most(Duration::from_secs(60), "the daemon to serve", || async {
+        status(&bus).await.ok()
+    })
+    .await?;
 
     let acks = Arc::new(Mutex::new(Acks::default()));
     let stop = CancellationToken::new();
@@ -231,9 +317,16 @@ async fn run(options: &ChaosOptions, dir: &std::path::Path) -> Result<Value> {
     while Instant::now() < end {
         tokio::time::sleep(FAULT_EVERY).await;
         // A few malformed kinds between two faults, each awaited until stored.
-        for _ in 0..kinds.len().div_ceil((options.seconds / FAULT_EVERY.as_secs()).max(1) as usize) {
+        for _ in 0..kinds
+            .len()
+            .div_ceil((options.seconds / FAULT_EVERY.as_secs()).max(1) as usize)
+        {
             if let Some(kind) = kinds.get(next_bad) {
-                if bus.publish_frame_bytes(&kind.source, &format!("chaos-bad-{next_bad}"), kind.payload.clone()).await.is_ok() {
+                if bus
+                    .publish_frame_bytes(&kind.source, &format!("chaos-bad-{next_bad}"), kind.payload.clone())
+                    .await
+                    .is_ok()
+                {
                     next_bad += 1;
                 }
             }
@@ -254,38 +347,70 @@ async fn run(options: &ChaosOptions, dir: &std::path::Path) -> Result<Value> {
     // Malformed kinds not yet sent (a fault took their turn) go now.
     while next_bad < kinds.len() {
         let kind = &kinds[next_bad];
-        let sent = bus.publish_frame_bytes(&kind.source, &format!("chaos-bad-{next_bad}"), kind.payload.clone()).await;
+        let sent = bus
+            .publish_frame_bytes(&kind.source, &format!("chaos-bad-{next_bad}"), kind.payload.clone())
+            .await;
         next_bad += usize::from(sent.is_ok());
     }
-    let acked: HashSet<(String, u64)> = acks.lock().unwrap().stored.iter().map(|(i, _)| frame_name(*i)).collect();
+    let acked: HashSet<(String, u64)> = acks
+        .lock()
+        .unwrap()
+        .stored
+        .iter()
+        .map(|(i, _)| frame_name(*i))
+        .collect();
     let publishes_failed = acks.lock().unwrap().failed;
     // Drained: the buffer holds every frame acked, the DLQ a letter for
     // every malformed kind and WM_LATENTS a latent for every odd valid one
     // (the last ones were sent just now), or the wait gave up and the books
     // below say what is missing.
-    let _ = wait_at_most(DRAIN_TIMEOUT, "every acked frame in the buffer, every hostile one dead-lettered or encoded", || async {
-        let s = status(&bus).await.ok()?;
-        let (letters, latents) = (bus.stream_messages("WM_DLQ").await.ok()?, bus.stream_messages("WM_LATENTS").await.ok()?);
-        let settled = kinds.iter().all(|kind| settled(kind, &letters, &latents, bus.subject("latents.")).is_some());
-        (s.buffer_frames >= acked.len() as u64 && settled).then_some(())
-    })
+    let _ = wait_at_most(
+        DRAIN_TIMEOUT,
+        "every acked frame in the buffer, every hostile one dead-lettered or encoded",
+        || async {
+            let s = status(&bus).await.ok()?;
+            let (letters, latents) = (
+                bus.stream_messages("WM_DLQ").await.ok()?,
+                bus.stream_messages("WM_LATENTS").await.ok()?,
+            );
+            let settled = kinds
+                .iter()
+                .all(|kind| settled(kind, &letters, &latents, bus.subject("latents.")).is_some());
+            (s.buffer_frames >= acked.len() as u64 && settled).then_some(())
+        },
+    )
     .await;
     let dead_letters = bus.stream_messages("WM_DLQ").await?;
     let latents = bus.stream_messages("WM_LATENTS").await?;
     let exited_cleanly = nodes.terminate(NODE)?;
 
-    let store = Store::open(&dir.join(NODE), BufferConfig { capacity: config.buffer.capacity, validation_fraction: config.buffer.validation_fraction })?;
+    let store = Store::open(
+        &dir.join(NODE),
+        BufferConfig {
+            capacity: config.buffer.capacity,
+            validation_fraction: config.buffer.validation_fraction,
+        },
+    )?;
     let stats = store.stats()?;
-    let stored: HashSet<(String, u64)> = store.frames_in_order(Some(super::bench_failover::SOURCE), false).map(|f| f.map(|f| (f.episode, f.step))).collect::<Result<_>>()?;
+    let stored: HashSet<(String, u64)> = store
+        .frames_in_order(Some(super::bench_failover::SOURCE), false)
+        .map(|f| f.map(|f| (f.episode, f.step)))
+        .collect::<Result<_>>()?;
     let lost = acked.iter().filter(|k| !stored.contains(*k)).count();
     // Frames ingested more than once show as ingested beyond those held.
     let held = store.frames_in_order(None, false).count() as u64;
     let (mut dead_lettered, mut encoded) = (0, 0);
     for (i, kind) in kinds.iter().enumerate() {
-        match (kind.fate, settled(kind, &dead_letters, &latents, bus.subject("latents."))) {
+        match (
+            kind.fate,
+            settled(kind, &dead_letters, &latents, bus.subject("latents.")),
+        ) {
             (Fate::DeadLetter(_), Some(true)) => dead_lettered += 1,
             (Fate::Encoded, Some(true)) => encoded += 1,
-            (fate, _) => tracing::warn!(source = kind.source, "hostile kind {i} ({fate:?}) did not meet its fate"),
+            (fate, _) => tracing::warn!(
+                source = kind.source,
+                "hostile kind {i} ({fate:?}) did not meet its fate"
+            ),
         }
     }
     let expected_letters = kinds.iter().filter(|k| matches!(k.fate, Fate::DeadLetter(_))).count();

@@ -4,10 +4,10 @@
 
 use crate::bus::Bus;
 use crate::config::Config;
-use crate::tools::nats_server::LocalNats;
 use crate::daemon::status::Status;
 use crate::daemon::status::TrainerState;
 use crate::frames::wire::FrameMessage;
+use crate::tools::nats_server::LocalNats;
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -40,7 +40,13 @@ impl BenchDaemon {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(crate::daemon::run(config.clone(), shutdown.clone()));
         let bus = Bus::connect(&config).await?;
-        let daemon = BenchDaemon { _server: server, _dir: dir, shutdown, task, bus };
+        let daemon = BenchDaemon {
+            _server: server,
+            _dir: dir,
+            shutdown,
+            task,
+            bus,
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         while daemon.status().await.is_err() {
             if daemon.task.is_finished() || Instant::now() > deadline {
@@ -76,7 +82,9 @@ pub(super) fn frame_name(i: u64) -> (String, u64) {
 
 /// The status of whichever node answers `wm.ctl.status`.
 pub(super) async fn status(bus: &Bus) -> Result<Status> {
-    let bytes = bus.control_request(crate::bus::service::Endpoint::Status, Vec::new()).await?;
+    let bytes = bus
+        .control_request(crate::bus::service::Endpoint::Status, Vec::new())
+        .await?;
     serde_json::from_slice(&bytes).context("reading the daemon's status")
 }
 
@@ -111,7 +119,10 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// Milliseconds from each send to its receipt, sorted.
 fn latencies_ms(sent: &[Instant], received: &[(usize, Instant)]) -> Vec<f64> {
-    let mut ms: Vec<f64> = received.iter().filter_map(|(i, at)| sent.get(*i).map(|t0| (*at - *t0).as_secs_f64() * 1000.0)).collect();
+    let mut ms: Vec<f64> = received
+        .iter()
+        .filter_map(|(i, at)| sent.get(*i).map(|t0| (*at - *t0).as_secs_f64() * 1000.0))
+        .collect();
     ms.sort_by(f64::total_cmp);
     ms
 }
@@ -133,7 +144,10 @@ pub async fn latency(rate: f64, seconds: f64, train: bool, nats_server: &Path) -
     let relay_stop = CancellationToken::new();
     let relay = {
         let (bus, stop) = (daemon.bus.clone(), relay_stop.clone());
-        tokio::spawn(async move { bus.relay(config.max_batch, Duration::from_millis(config.max_wait_ms), stop).await })
+        tokio::spawn(async move {
+            bus.relay(config.max_batch, Duration::from_millis(config.max_wait_ms), stop)
+                .await
+        })
     };
     let mut latents = daemon.bus.subscribe_latents("bench").await?;
     let mut relayed = daemon.bus.subscribe_relayed().await?;
@@ -163,7 +177,11 @@ pub async fn latency(rate: f64, seconds: f64, train: bool, nats_server: &Path) -
     let step = daemon.status().await?.step;
     daemon.stop().await?;
     if latent_ms.is_empty() || relay_ms.is_empty() {
-        bail!("no latents ({}) or no relayed frames ({}) received", latent_ms.len(), relay_ms.len());
+        bail!(
+            "no latents ({}) or no relayed frames ({}) received",
+            latent_ms.len(),
+            relay_ms.len()
+        );
     }
     Ok(json!({
         "bench": "latency",
@@ -194,7 +212,12 @@ async fn training_rate(daemon: &BenchDaemon, batch: usize, window: Duration) -> 
 }
 
 /// Training throughput idle, then while frames stream in at `rate`.
-pub async fn pipeline(rate: f64, seconds: f64, device: crate::vae::device::DeviceChoice, nats_server: &Path) -> Result<Value> {
+pub async fn pipeline(
+    rate: f64,
+    seconds: f64,
+    device: crate::vae::device::DeviceChoice,
+    nats_server: &Path,
+) -> Result<Value> {
     let daemon = BenchDaemon::start(nats_server, |c| {
         c.train.samples_per_insert = 0.0;
         c.train.min_frames = 1000;

@@ -41,7 +41,9 @@ pub async fn encoders(replicas: &[usize], frames: u64, nats_server: &Path) -> Re
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut result = json!({ "bench": "encoders", "frames": frames, "cores": cores });
     for &count in replicas {
-        let rate = latents_per_s(count, frames, cores, nats_server).await.with_context(|| format!("{count} encoders"))?;
+        let rate = latents_per_s(count, frames, cores, nats_server)
+            .await
+            .with_context(|| format!("{count} encoders"))?;
         result[format!("latents_per_s_{count}")] = json!(rate);
     }
     Ok(result)
@@ -56,9 +58,29 @@ async fn latents_per_s(count: usize, frames: u64, cores: usize, nats_server: &Pa
     // Version 1, as a trainer publishes it.
     let weights = Network::new(Device::Cpu, config.vae()).weights_bytes()?;
     bus.put_object(&weights_object(1), &weights).await?;
-    let metadata = Metadata { version: 1, sha256: sha256_hex(&weights), created_at: now_rfc3339(), ..Default::default() };
-    bus.announce(&Announcement::new(CheckpointEvent::Created, &metadata, weights.len() as u64)).await?;
-    bus.shared().await?.set_active(&Active { version: 1, sha256: metadata.sha256.clone(), epoch: 0 }, None).await?;
+    let metadata = Metadata {
+        version: 1,
+        sha256: sha256_hex(&weights),
+        created_at: now_rfc3339(),
+        ..Default::default()
+    };
+    bus.announce(&Announcement::new(
+        CheckpointEvent::Created,
+        &metadata,
+        weights.len() as u64,
+    ))
+    .await?;
+    bus.shared()
+        .await?
+        .set_active(
+            &Active {
+                version: 1,
+                sha256: metadata.sha256.clone(),
+                epoch: 0,
+            },
+            None,
+        )
+        .await?;
     let mut publisher = bus.frame_publisher("bench");
     for i in 0..frames {
         publisher.send(&frame(i)).await?;

@@ -71,7 +71,10 @@ impl Nodes {
     /// in `dir/id.log` (appended to across restarts), with `env` on top.
     pub(super) fn start(&mut self, id: &str, url: &str, dir: &Path, env: &[(&str, String)]) -> Result<()> {
         let exe = std::env::current_exe().context("locating the wmvae binary")?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{id}.log")))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("{id}.log")))?;
         let child = Command::new(exe)
             .args(["serve", "--nats-url", url, "--data-dir"])
             .arg(dir.join(id))
@@ -179,7 +182,10 @@ pub(super) async fn publish(bus: Bus, rate: f64, acks: Arc<Mutex<Acks>>, stop: C
 /// node nearest the bench's server only.
 async fn node_status(bus: &Bus, id: &str) -> Option<Status> {
     let statuses = bus.node_statuses().await.ok()?;
-    statuses.into_iter().filter_map(|s| serde_json::from_value::<Status>(s).ok()).find(|s| s.node_id == id)
+    statuses
+        .into_iter()
+        .filter_map(|s| serde_json::from_value::<Status>(s).ok())
+        .find(|s| s.node_id == id)
 }
 
 /// The created announcements in `WM_CHECKPOINTS`, oldest first.
@@ -199,8 +205,24 @@ pub async fn failover(options: &FailoverOptions) -> Result<Value> {
     result.with_context(|| {
         ["a", "b"]
             .iter()
-            .filter_map(|id| std::fs::read_to_string(dir.path().join(format!("{id}.log"))).ok().map(|log| (id, log)))
-            .map(|(id, log)| format!("node {id}'s last words:\n{}", log.lines().rev().take(LOG_LINES).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")))
+            .filter_map(|id| {
+                std::fs::read_to_string(dir.path().join(format!("{id}.log")))
+                    .ok()
+                    .map(|log| (id, log))
+            })
+            .map(|(id, log)| {
+                format!(
+                    "node {id}'s last words:\n{}",
+                    log.lines()
+                        .rev()
+                        .take(LOG_LINES)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                )
+            })
             .collect::<Vec<_>>()
             .join("\n")
     })
@@ -219,37 +241,72 @@ async fn run(options: &FailoverOptions, dir: &Path) -> Result<Value> {
         ("WMVAE_NODE__LEASE_TTL_SECS", ttl.to_string()),
         ("WMVAE_NATS__REPLICAS", "3".to_string()),
         ("WMVAE_TRAIN__MIN_FRAMES", MIN_FRAMES.to_string()),
-        ("WMVAE_TRAIN__CHECKPOINT_EVERY_STEPS", CHECKPOINT_EVERY_STEPS.to_string()),
+        (
+            "WMVAE_TRAIN__CHECKPOINT_EVERY_STEPS",
+            CHECKPOINT_EVERY_STEPS.to_string(),
+        ),
         ("WMVAE_INGEST__ACK_WAIT_SECS", ACK_WAIT_SECS.to_string()),
     ];
     let mut nodes = Nodes::new();
     nodes.start("a", &config.nats.url, dir, &env)?;
     let shared = bus.shared().await?;
-    wait_for("node a to lead", || async { (shared.holder().await.ok()?.as_deref() == Some("a")).then_some(()) }).await?;
+    wait_for("node a to lead", || async {
+        (shared.holder().await.ok()?.as_deref() == Some("a")).then_some(())
+    })
+    .await?;
     nodes.start("b", &config.nats.url, dir, &env)?;
-    wait_for("node b to serve", || async { bus.service_nodes().await.ok()?.iter().any(|n| n.id == "b").then_some(()) }).await?;
+    wait_for("node b to serve", || async {
+        bus.service_nodes()
+            .await
+            .ok()?
+            .iter()
+            .any(|n| n.id == "b")
+            .then_some(())
+    })
+    .await?;
 
     let acks = Arc::new(Mutex::new(Acks::default()));
     let stop = CancellationToken::new();
     let publisher = tokio::spawn(publish(bus.clone(), options.rate, acks.clone(), stop.clone()));
-    wait_for("node a's second version", || async { (shared.active().await.ok()??.0.version >= 2).then_some(()) }).await?;
+    wait_for("node a's second version", || async {
+        (shared.active().await.ok()??.0.version >= 2).then_some(())
+    })
+    .await?;
 
     // 1. The server leading WM_FRAMES.
-    let leader = wait_for("WM_FRAMES's leader", || async { bus.stream_leader("WM_FRAMES").await.ok()? }).await?;
-    let server = cluster.named(&leader).with_context(|| format!("no server named {leader}"))?;
+    let leader = wait_for("WM_FRAMES's leader", || async {
+        bus.stream_leader("WM_FRAMES").await.ok()?
+    })
+    .await?;
+    let server = cluster
+        .named(&leader)
+        .with_context(|| format!("no server named {leader}"))?;
     server.kill();
     let killed = Instant::now();
-    let acked = wait_for("a publish acked after the kill", || async { acks.lock().unwrap().stored.last().map(|(_, at)| *at).filter(|at| *at > killed) }).await?;
+    let acked = wait_for("a publish acked after the kill", || async {
+        acks.lock()
+            .unwrap()
+            .stored
+            .last()
+            .map(|(_, at)| *at)
+            .filter(|at| *at > killed)
+    })
+    .await?;
     let stream_failover_s = (acked - killed).as_secs_f64();
     server.restart()?;
-    wait_for("WM_FRAMES's leader after the restart", || async { bus.stream_leader("WM_FRAMES").await.ok()? }).await?;
+    wait_for("WM_FRAMES's leader after the restart", || async {
+        bus.stream_leader("WM_FRAMES").await.ok()?
+    })
+    .await?;
 
     // 2. The leading trainer node (a lease lost during step 1 may have moved it).
     // The holder is read again on each try: a lease that lapsed while its
     // status was asked moves to the other node, which is the one to kill then.
     let (leader, before) = wait_for("the leader's status", || async {
         let holder = shared.holder().await.ok()??;
-        let status = node_status(&bus, &holder).await.filter(|s| s.lease == Some(LeaseRole::Leader))?;
+        let status = node_status(&bus, &holder)
+            .await
+            .filter(|s| s.lease == Some(LeaseRole::Leader))?;
         Some((holder, status))
     })
     .await?;
@@ -259,14 +316,30 @@ async fn run(options: &FailoverOptions, dir: &Path) -> Result<Value> {
     let old_epoch = before.epoch.context("the leader reports no epoch")?;
     let resumed_step = wait_for("the active version's step", || async {
         let (active, _) = shared.active().await.ok()??;
-        created(&bus).await.ok()?.iter().find(|a| a.metadata.version == active.version).map(|a| a.metadata.step)
+        created(&bus)
+            .await
+            .ok()?
+            .iter()
+            .find(|a| a.metadata.version == active.version)
+            .map(|a| a.metadata.step)
     })
     .await?;
     let stepped = wait_for("the standby's first training step", || async {
-        node_status(&bus, standby).await.filter(|s| s.lease == Some(LeaseRole::Leader) && s.step > resumed_step as i64).map(|_| Instant::now())
+        node_status(&bus, standby)
+            .await
+            .filter(|s| s.lease == Some(LeaseRole::Leader) && s.step > resumed_step as i64)
+            .map(|_| Instant::now())
     })
     .await?;
-    let announced = wait_for("the standby's first version", || async { created(&bus).await.ok()?.iter().any(|a| a.epoch > old_epoch).then(Instant::now) }).await?;
+    let announced = wait_for("the standby's first version", || async {
+        created(&bus)
+            .await
+            .ok()?
+            .iter()
+            .any(|a| a.epoch > old_epoch)
+            .then(Instant::now)
+    })
+    .await?;
 
     // 3. Every acked frame has exactly one latent.
     stop.cancel();
@@ -277,7 +350,11 @@ async fn run(options: &FailoverOptions, dir: &Path) -> Result<Value> {
     };
     // Frames the killed node held unacked come back after the ack wait.
     let patience = Duration::from_secs(ACK_WAIT_SECS + 60);
-    let latent_ids = || async { bus.stream_messages("WM_LATENTS").await.map(|messages| messages.into_iter().filter_map(|m| m.id).collect::<Vec<String>>()) };
+    let latent_ids = || async {
+        bus.stream_messages("WM_LATENTS")
+            .await
+            .map(|messages| messages.into_iter().filter_map(|m| m.id).collect::<Vec<String>>())
+    };
     // Lost ones are counted below, after the wait gave up.
     let _ = wait_at_most(patience, "a latent for every acked frame", || async {
         let ids = latent_ids().await.ok()?;
@@ -287,7 +364,10 @@ async fn run(options: &FailoverOptions, dir: &Path) -> Result<Value> {
     .await;
     let ids = latent_ids().await?;
     let unique: HashSet<&String> = ids.iter().collect();
-    let (lost, duplicates) = (acked_ids.iter().filter(|id| !unique.contains(id)).count(), ids.len() - unique.len());
+    let (lost, duplicates) = (
+        acked_ids.iter().filter(|id| !unique.contains(id)).count(),
+        ids.len() - unique.len(),
+    );
     let exited_cleanly = nodes.terminate(standby)?;
 
     Ok(json!({

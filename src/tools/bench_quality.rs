@@ -51,15 +51,30 @@ fn read_frames(path: &Path) -> Result<Vec<u8>> {
 
 /// Mean held-out losses over every frame of `heldout`.
 fn evaluate(learner: &Learner, heldout: &[u8]) -> Result<LossValues> {
-    let (mut sum, mut frames) = (LossValues { total: 0.0, recon: 0.0, kl: 0.0 }, 0usize);
+    let (mut sum, mut frames) = (
+        LossValues {
+            total: 0.0,
+            recon: 0.0,
+            kl: 0.0,
+        },
+        0usize,
+    );
     for chunk in heldout.chunks(EVAL_CHUNK_FRAMES * crate::frames::BYTES) {
         let n = chunk.len() / crate::frames::BYTES;
         let l = learner.net().evaluate_frames(chunk)?;
-        (sum.total, sum.recon, sum.kl) = (sum.total + l.total * n as f64, sum.recon + l.recon * n as f64, sum.kl + l.kl * n as f64);
+        (sum.total, sum.recon, sum.kl) = (
+            sum.total + l.total * n as f64,
+            sum.recon + l.recon * n as f64,
+            sum.kl + l.kl * n as f64,
+        );
         frames += n;
     }
     let n = frames as f64;
-    Ok(LossValues { total: sum.total / n, recon: sum.recon / n, kl: sum.kl / n })
+    Ok(LossValues {
+        total: sum.total / n,
+        recon: sum.recon / n,
+        kl: sum.kl / n,
+    })
 }
 
 pub fn quality(config: &Config, options: &QualityOptions) -> Result<Value> {

@@ -21,7 +21,10 @@ pub fn decode_file(net: &Network, input: &Path, key: &str, output: &Path, grid: 
     let z_size = net.model().config().z_size as usize;
     let (shape, z) = npy::read_npz_f32(input, key)?;
     if shape.len() != 2 || shape[1] != z_size || shape[0] == 0 {
-        bail!("{}: array {key:?} has shape {shape:?}, expected (N, {z_size}) with N >= 1", input.display());
+        bail!(
+            "{}: array {key:?} has shape {shape:?}, expected (N, {z_size}) with N >= 1",
+            input.display()
+        );
     }
     let mut frames = Vec::with_capacity(shape[0] * crate::frames::BYTES);
     let mut progress = crate::tools::progress::Progress::new("decode", shape[0] as u64);

@@ -55,5 +55,9 @@ pub fn encode_file(net: &Network, input: &Path, output: &Path) -> Result<EncodeR
         npz.array(name, "<f4", &[done, z])?.write_all(&bytes)?;
     }
     npz.finish()?;
-    Ok(EncodeReport { frames: done, input_height: height, input_width: width })
+    Ok(EncodeReport {
+        frames: done,
+        input_height: height,
+        input_width: width,
+    })
 }

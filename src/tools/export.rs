@@ -7,9 +7,9 @@
 //! Streams: one pass over the store per array, so memory stays at one frame
 //! whatever the buffer's size. Reads through `store`; never writes to it.
 
+use crate::frames::Frame;
 use crate::frames::{self, npy::NpzWriter};
 use crate::store::Store;
-use crate::frames::Frame;
 use anyhow::Result;
 use std::io::Write;
 use std::path::Path;
@@ -45,22 +45,60 @@ pub fn export(store: &Store, source: Option<&str>, out: &Path) -> Result<ExportS
 
     type Column<'a> = (&'a str, String, Vec<usize>, Box<dyn Fn(&Frame) -> Vec<u8> + 'a>, bool);
     let columns: Vec<Column> = vec![
-        ("frames", "|u1".into(), vec![n, frames::SIDE, frames::SIDE, 3], Box::new(|f: &Frame| f.pixels.to_vec()), true),
-        ("source", format!("<U{source_width}"), vec![n], Box::new(move |f: &Frame| utf32(&f.source, source_width)), false),
-        ("episode", format!("<U{episode_width}"), vec![n], Box::new(move |f: &Frame| utf32(&f.episode, episode_width)), false),
-        ("step", "<u8".into(), vec![n], Box::new(|f: &Frame| f.step.to_le_bytes().to_vec()), false),
+        (
+            "frames",
+            "|u1".into(),
+            vec![n, frames::SIDE, frames::SIDE, 3],
+            Box::new(|f: &Frame| f.pixels.to_vec()),
+            true,
+        ),
+        (
+            "source",
+            format!("<U{source_width}"),
+            vec![n],
+            Box::new(move |f: &Frame| utf32(&f.source, source_width)),
+            false,
+        ),
+        (
+            "episode",
+            format!("<U{episode_width}"),
+            vec![n],
+            Box::new(move |f: &Frame| utf32(&f.episode, episode_width)),
+            false,
+        ),
+        (
+            "step",
+            "<u8".into(),
+            vec![n],
+            Box::new(|f: &Frame| f.step.to_le_bytes().to_vec()),
+            false,
+        ),
         (
             "action",
             "<f4".into(),
             vec![n, action_width],
             Box::new(move |f: &Frame| {
                 let given = f.action.as_deref().unwrap_or(&[]);
-                (0..action_width).flat_map(|i| given.get(i).copied().unwrap_or(f32::NAN).to_le_bytes()).collect()
+                (0..action_width)
+                    .flat_map(|i| given.get(i).copied().unwrap_or(f32::NAN).to_le_bytes())
+                    .collect()
             }),
             false,
         ),
-        ("reward", "<f8".into(), vec![n], Box::new(|f: &Frame| f.reward.unwrap_or(f64::NAN).to_le_bytes().to_vec()), false),
-        ("done", "|b1".into(), vec![n], Box::new(|f: &Frame| vec![f.done.unwrap_or(false) as u8]), false),
+        (
+            "reward",
+            "<f8".into(),
+            vec![n],
+            Box::new(|f: &Frame| f.reward.unwrap_or(f64::NAN).to_le_bytes().to_vec()),
+            false,
+        ),
+        (
+            "done",
+            "|b1".into(),
+            vec![n],
+            Box::new(|f: &Frame| vec![f.done.unwrap_or(false) as u8]),
+            false,
+        ),
     ];
     let mut progress = crate::tools::progress::Progress::new("export", (n * columns.len()) as u64);
     for (name, descr, shape, encode, with_pixels) in &columns {
@@ -75,5 +113,8 @@ pub fn export(store: &Store, source: Option<&str>, out: &Path) -> Result<ExportS
         }
     }
     npz.finish()?;
-    Ok(ExportSummary { frames: n, action_width })
+    Ok(ExportSummary {
+        frames: n,
+        action_width,
+    })
 }

@@ -9,9 +9,9 @@
 //! daemon needs.
 
 pub mod bench;
+pub mod bench_chaos;
 pub mod bench_daemon;
 pub mod bench_encoders;
-pub mod bench_chaos;
 pub mod bench_failover;
 pub mod bench_quality;
 pub mod decode;

@@ -58,7 +58,13 @@ impl LocalNats {
                 "listen: 127.0.0.1:{port}\nmax_payload: 4MB\njetstream {{ store_dir: {store:?}, sync_interval: always, max_file_store: {MAX_FILE_STORE_BYTES} }}\n{extra}\n"
             ))?;
         let child = spawn(binary, dir.path(), port)?;
-        Ok(LocalNats { child, url: format!("nats://127.0.0.1:{port}"), port, binary: binary.to_owned(), dir })
+        Ok(LocalNats {
+            child,
+            url: format!("nats://127.0.0.1:{port}"),
+            port,
+            binary: binary.to_owned(),
+            dir,
+        })
     }
 
     /// SIGKILL: the server gets no chance to step down or flush.
@@ -122,8 +128,13 @@ fn spawn(binary: &Path, dir: &Path, port: u16) -> Result<Child> {
 /// `n` distinct loopback ports that were free a moment ago (the listeners
 /// are held until all are picked, then closed for the server to bind).
 fn free_ports(n: usize) -> Result<Vec<u16>> {
-    let listeners = (0..n).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<Vec<_>>>()?;
-    Ok(listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<std::io::Result<Vec<_>>>()?)
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    Ok(listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<std::io::Result<Vec<_>>>()?)
 }
 
 /// Runs `start` again, with fresh ports, while it fails because a port was
@@ -154,7 +165,12 @@ impl LocalCluster {
             let routes: Vec<String> = cluster.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect();
             let servers = (0..n)
                 .map(|i| {
-                    let extra = format!("server_name: n{}\ncluster {{ name: wmvae, listen: 127.0.0.1:{}, routes: [{}] }}", i + 1, cluster[i], routes.join(", "));
+                    let extra = format!(
+                        "server_name: n{}\ncluster {{ name: wmvae, listen: 127.0.0.1:{}, routes: [{}] }}",
+                        i + 1,
+                        cluster[i],
+                        routes.join(", ")
+                    );
                     LocalNats::start_on(binary, clients[i], &extra)
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -170,7 +186,11 @@ impl LocalCluster {
 
     /// Every server's URL, comma-separated, as `[nats] url` takes them.
     pub fn url(&self) -> String {
-        self.servers.iter().map(|s| s.url.as_str()).collect::<Vec<_>>().join(",")
+        self.servers
+            .iter()
+            .map(|s| s.url.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 

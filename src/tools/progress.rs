@@ -25,14 +25,20 @@ impl Progress {
         let (label, total) = (label.into(), total.max(1));
         let shown = if std::io::stderr().is_terminal() {
             let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-            let style = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({eta})").unwrap_or_else(|_| ProgressStyle::default_bar());
+            let style = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({eta})")
+                .unwrap_or_else(|_| ProgressStyle::default_bar());
             bar.set_style(style.progress_chars("#> "));
             bar.set_message(label.clone());
             Shown::Bar(bar)
         } else {
             Shown::Lines { reported_tenth: 0 }
         };
-        Progress { label, total, done: 0, shown }
+        Progress {
+            label,
+            total,
+            done: 0,
+            shown,
+        }
     }
 
     /// Records `n` more units done.

@@ -53,13 +53,19 @@ impl Pacer {
 /// Publishes frames; returns how many were stored by JetStream.
 pub async fn run(bus: &Bus, options: &PublishOptions) -> Result<u64> {
     let mut publisher = bus.frame_publisher(&options.source);
-    let pacer = Pacer { start: Instant::now(), interval: options.rate.map(|r| Duration::from_secs_f64(1.0 / r)) };
+    let pacer = Pacer {
+        start: Instant::now(),
+        interval: options.rate.map(|r| Duration::from_secs_f64(1.0 / r)),
+    };
     let limit = options.count.unwrap_or(u64::MAX);
     let mut sent = 0u64;
     match &options.input {
         Input::Npy(path) => {
             let mut reader = FrameReader::open(path)?;
-            let episode = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let episode = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
             let (height, width) = (reader.height as u32, reader.width as u32);
             'file: loop {
                 let chunk = reader.read_chunk(NPY_CHUNK_FRAMES)?;
@@ -71,20 +77,31 @@ pub async fn run(bus: &Bus, options: &PublishOptions) -> Result<u64> {
                         break 'file;
                     }
                     pacer.wait(sent).await;
-                    publisher.send(&FrameMessage::rgb(episode.clone(), sent, height, width, pixels)).await?;
+                    publisher
+                        .send(&FrameMessage::rgb(episode.clone(), sent, height, width, pixels))
+                        .await?;
                     sent += 1;
                 }
             }
         }
         Input::Synthetic => {
-            let run_id = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+            let run_id = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0);
             while sent < limit {
                 pacer.wait(sent).await;
                 let (episode, step) = (sent / SYNTHETIC_EPISODE_STEPS, sent % SYNTHETIC_EPISODE_STEPS);
                 let steer = ((step as f32) * 0.05).sin();
                 let side = synthetic::SIDE as u32;
-                let frame = FrameMessage::rgb(format!("synthetic-{run_id}-{episode}"), step, side, side, synthetic::render(episode, step))
-                    .with_transition(vec![steer, 0.5, 0.0], 0.1, step + 1 == SYNTHETIC_EPISODE_STEPS);
+                let frame = FrameMessage::rgb(
+                    format!("synthetic-{run_id}-{episode}"),
+                    step,
+                    side,
+                    side,
+                    synthetic::render(episode, step),
+                )
+                .with_transition(vec![steer, 0.5, 0.0], 0.1, step + 1 == SYNTHETIC_EPISODE_STEPS);
                 publisher.send(&frame).await?;
                 sent += 1;
             }

@@ -32,7 +32,16 @@ pub struct AdamConfig {
 /// `[train]` in config/default.toml.
 impl Default for AdamConfig {
     fn default() -> Self {
-        AdamConfig { learning_rate: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, schedule: Schedule::Constant, warmup_steps: 0, decay_steps: 0, min_learning_rate: 0.0 }
+        AdamConfig {
+            learning_rate: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            schedule: Schedule::Constant,
+            warmup_steps: 0,
+            decay_steps: 0,
+            min_learning_rate: 0.0,
+        }
     }
 }
 
@@ -100,7 +109,8 @@ struct Param {
 impl Param {
     /// This parameter's slice of a flat buffer laid out as [`Adam::flat`].
     fn view_of(&self, flat: &Tensor) -> Tensor {
-        flat.narrow(0, self.offset, self.tensor.numel() as i64).view(self.tensor.size().as_slice())
+        flat.narrow(0, self.offset, self.tensor.numel() as i64)
+            .view(self.tensor.size().as_slice())
     }
 }
 
@@ -115,9 +125,18 @@ impl Adam {
     /// Zero moments, and the VarStore's trainable variables moved into one
     /// flat buffer (their values unchanged).
     pub fn new(vs: &VarStore, config: AdamConfig) -> Adam {
-        let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        let mut variables: Vec<(String, Tensor)> =
+            vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
         variables.sort_by(|a, b| a.0.cmp(&b.0));
-        let flat = tch::no_grad(|| Tensor::cat(&variables.iter().map(|(_, t)| t.detach().reshape(-1)).collect::<Vec<_>>(), 0));
+        let flat = tch::no_grad(|| {
+            Tensor::cat(
+                &variables
+                    .iter()
+                    .map(|(_, t)| t.detach().reshape(-1))
+                    .collect::<Vec<_>>(),
+                0,
+            )
+        });
         let mut offset = 0;
         let params = variables
             .into_iter()
@@ -132,7 +151,14 @@ impl Adam {
             // writes its slice of `flat`; autograd still sees a leaf.
             param.tensor.shallow_clone().set_data(&param.view_of(&flat));
         }
-        Adam { config, exp_avg: flat.zeros_like(), exp_avg_sq: flat.zeros_like(), flat, params, step: Tensor::from(0i64) }
+        Adam {
+            config,
+            exp_avg: flat.zeros_like(),
+            exp_avg_sq: flat.zeros_like(),
+            flat,
+            params,
+            step: Tensor::from(0i64),
+        }
     }
 
     /// Steps taken so far.
@@ -146,7 +172,13 @@ impl Adam {
     pub fn minimize(&mut self, loss: &Tensor) {
         let params: Vec<&Tensor> = self.params.iter().map(|p| &p.tensor).collect();
         let grads = Tensor::run_backward(&[loss], &params, false, false);
-        let AdamConfig { learning_rate, beta1, beta2, eps, .. } = self.config;
+        let AdamConfig {
+            learning_rate,
+            beta1,
+            beta2,
+            eps,
+            ..
+        } = self.config;
         self.step += 1;
         let t = self.steps();
         let learning_rate = learning_rate * self.config.factor(t as u64);
@@ -196,20 +228,38 @@ impl Adam {
             for (key, flat) in [("exp_avg", &exp_avg), ("exp_avg_sq", &exp_avg_sq)] {
                 let t = find(&format!("{key}.{}", param.name))?;
                 if t.size() != param.tensor.size() || t.kind() != Kind::Float {
-                    bail!("{origin}: optimizer tensor {key}.{} has shape {:?} {:?}, expected {:?} Float", param.name, t.size(), t.kind(), param.tensor.size());
+                    bail!(
+                        "{origin}: optimizer tensor {key}.{} has shape {:?} {:?}, expected {:?} Float",
+                        param.name,
+                        t.size(),
+                        t.kind(),
+                        param.tensor.size()
+                    );
                 }
                 param.view_of(flat).copy_(t);
             }
         }
         if named.len() != 2 * self.params.len() + 1 {
-            bail!("{origin}: optimizer state has {} tensors, expected {}", named.len(), 2 * self.params.len() + 1);
+            bail!(
+                "{origin}: optimizer state has {} tensors, expected {}",
+                named.len(),
+                2 * self.params.len() + 1
+            );
         }
-        Ok(State { exp_avg, exp_avg_sq, step: step.to_device(Device::Cpu).reshape([] as [i64; 0]).copy() })
+        Ok(State {
+            exp_avg,
+            exp_avg_sq,
+            step: step.to_device(Device::Cpu).reshape([] as [i64; 0]).copy(),
+        })
     }
 
     /// Applies a state from [`Adam::read_state`].
     pub fn set_state(&mut self, state: State) {
-        State { exp_avg: self.exp_avg, exp_avg_sq: self.exp_avg_sq, step: self.step } = state;
+        State {
+            exp_avg: self.exp_avg,
+            exp_avg_sq: self.exp_avg_sq,
+            step: self.step,
+        } = state;
     }
 }
 
@@ -221,12 +271,22 @@ mod tests {
     /// floor over its steps and stays there; constant is 1 throughout.
     #[test]
     fn schedules_scale_the_learning_rate_by_step() {
-        let s = AdamConfig { learning_rate: 1.0, schedule: Schedule::WarmupCosine, warmup_steps: 10, decay_steps: 100, min_learning_rate: 0.1, ..Default::default() };
+        let s = AdamConfig {
+            learning_rate: 1.0,
+            schedule: Schedule::WarmupCosine,
+            warmup_steps: 10,
+            decay_steps: 100,
+            min_learning_rate: 0.1,
+            ..Default::default()
+        };
         let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
         assert!(close(s.factor(1), 0.1) && close(s.factor(5), 0.5) && close(s.factor(10), 1.0));
         assert!(close(s.factor(60), 0.55), "halfway down: {}", s.factor(60));
         assert!(close(s.factor(110), 0.1) && close(s.factor(10_000), 0.1));
-        assert!((1..200).all(|t| s.factor(t + 1) <= s.factor(t) || t < 10), "the decay only goes down");
+        assert!(
+            (1..200).all(|t| s.factor(t + 1) <= s.factor(t) || t < 10),
+            "the decay only goes down"
+        );
         assert!(close(AdamConfig::default().factor(12_345), 1.0));
     }
 
@@ -236,12 +296,21 @@ mod tests {
     fn first_step_moves_by_learning_rate() {
         let vs = VarStore::new(Device::Cpu);
         let w = vs.root().var("w", &[3], tch::nn::Init::Const(1.0));
-        let mut adam = Adam::new(&vs, AdamConfig { learning_rate: 0.1, ..Default::default() });
+        let mut adam = Adam::new(
+            &vs,
+            AdamConfig {
+                learning_rate: 0.1,
+                ..Default::default()
+            },
+        );
         let target = Tensor::from_slice(&[0.0f32, 2.0, 1.0]);
         adam.minimize(&(&w - &target).square().sum(Kind::Float));
         let got: Vec<f32> = Vec::try_from(&w).unwrap();
         // grad = 2(w - t) = [2, -2, 0]: moves -0.1, +0.1, and 0 (0 / (0 + eps)).
-        assert!((got[0] - 0.9).abs() < 1e-6 && (got[1] - 1.1).abs() < 1e-6 && (got[2] - 1.0).abs() < 1e-6, "{got:?}");
+        assert!(
+            (got[0] - 0.9).abs() < 1e-6 && (got[1] - 1.1).abs() < 1e-6 && (got[2] - 1.0).abs() < 1e-6,
+            "{got:?}"
+        );
         assert_eq!(adam.steps(), 1);
     }
 

@@ -74,7 +74,13 @@ impl Envelope {
         if self.format_version != 1 || !self.sha256.is_empty() {
             return Ok(false);
         }
-        let v1 = EnvelopeV1 { format: &self.format, format_version: 1, metadata: &self.metadata, weights: &self.weights, optimizer: &self.optimizer };
+        let v1 = EnvelopeV1 {
+            format: &self.format,
+            format_version: 1,
+            metadata: &self.metadata,
+            weights: &self.weights,
+            optimizer: &self.optimizer,
+        };
         Ok(rmp_serde::to_vec_named(&v1).context("serialising checkpoint")? == bytes)
     }
 
@@ -121,7 +127,11 @@ impl Checkpoint {
     /// Builds a checkpoint, filling in `metadata.sha256` from `weights`.
     pub fn new(mut metadata: Metadata, weights: Vec<u8>, optimizer: Vec<u8>) -> Checkpoint {
         metadata.sha256 = sha256_hex(&weights);
-        Checkpoint { metadata, weights, optimizer }
+        Checkpoint {
+            metadata,
+            weights,
+            optimizer,
+        }
     }
 
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
@@ -140,7 +150,8 @@ impl Checkpoint {
     /// Parses and verifies; an envelope from a newer wmvae is refused by
     /// name, never misread.
     pub fn from_bytes(bytes: &[u8]) -> Result<Checkpoint> {
-        let head: EnvelopeHead = rmp_serde::from_slice(bytes).context("not a wmvae checkpoint (unreadable envelope)")?;
+        let head: EnvelopeHead =
+            rmp_serde::from_slice(bytes).context("not a wmvae checkpoint (unreadable envelope)")?;
         if head.format != FORMAT {
             bail!("not a wmvae checkpoint (format {:?})", head.format);
         }
@@ -157,7 +168,11 @@ impl Checkpoint {
         if head.format_version < 2 && !envelope.written_by_version_1(bytes)? {
             bail!("checkpoint v{}: the envelope says format version {} but is not what that version wrote (damaged, or another version's with its number changed); refusing to load", envelope.metadata.version, head.format_version);
         }
-        let checkpoint = Checkpoint { metadata: envelope.metadata, weights: envelope.weights, optimizer: envelope.optimizer };
+        let checkpoint = Checkpoint {
+            metadata: envelope.metadata,
+            weights: envelope.weights,
+            optimizer: envelope.optimizer,
+        };
         checkpoint.verify()?;
         Ok(checkpoint)
     }
@@ -181,7 +196,13 @@ mod tests {
     use super::*;
 
     fn sample() -> Checkpoint {
-        let metadata = Metadata { version: 3, parent: Some(2), step: 100, created_at: now_rfc3339(), ..Default::default() };
+        let metadata = Metadata {
+            version: 3,
+            parent: Some(2),
+            step: 100,
+            created_at: now_rfc3339(),
+            ..Default::default()
+        };
         Checkpoint::new(metadata, b"weights".to_vec(), b"optimizer".to_vec())
     }
 
@@ -229,7 +250,13 @@ mod tests {
             #[serde(with = "serde_bytes")]
             optimizer: Vec<u8>,
         }
-        let envelope = Envelope { format: FORMAT.into(), format_version: 1, metadata: c.metadata.clone(), weights: c.weights.clone(), optimizer: c.optimizer.clone() };
+        let envelope = Envelope {
+            format: FORMAT.into(),
+            format_version: 1,
+            metadata: c.metadata.clone(),
+            weights: c.weights.clone(),
+            optimizer: c.optimizer.clone(),
+        };
         rmp_serde::to_vec_named(&envelope).unwrap()
     }
 
@@ -252,7 +279,10 @@ mod tests {
         assert!(err.contains("not what that version wrote"), "{err}");
         let optimizer = flipped.windows(9).rposition(|w| w == b"optimizer").unwrap();
         flipped[optimizer + 2] ^= 1;
-        assert!(Checkpoint::from_bytes(&flipped).is_err(), "damage past the flipped byte too");
+        assert!(
+            Checkpoint::from_bytes(&flipped).is_err(),
+            "damage past the flipped byte too"
+        );
         // A genuine version 1 envelope with its optimizer state changed
         // still reads (version 1 had nothing to catch that) ...
         let v1 = written_by_version_1(&sample());
@@ -272,11 +302,30 @@ mod tests {
             optimizer: &'a [u8],
         }
         let c = sample();
-        let reordered = rmp_serde::to_vec_named(&Reordered { format_version: 1, format: FORMAT, metadata: &c.metadata, weights: &c.weights, optimizer: &c.optimizer }).unwrap();
-        assert!(Checkpoint::from_bytes(&reordered).unwrap_err().to_string().contains("not what that version wrote"));
-        let mut with_sha = Envelope { format: FORMAT.into(), format_version: 1, metadata: c.metadata.clone(), weights: c.weights.clone(), optimizer: c.optimizer.clone(), sha256: String::new() };
+        let reordered = rmp_serde::to_vec_named(&Reordered {
+            format_version: 1,
+            format: FORMAT,
+            metadata: &c.metadata,
+            weights: &c.weights,
+            optimizer: &c.optimizer,
+        })
+        .unwrap();
+        assert!(Checkpoint::from_bytes(&reordered)
+            .unwrap_err()
+            .to_string()
+            .contains("not what that version wrote"));
+        let mut with_sha = Envelope {
+            format: FORMAT.into(),
+            format_version: 1,
+            metadata: c.metadata.clone(),
+            weights: c.weights.clone(),
+            optimizer: c.optimizer.clone(),
+            sha256: String::new(),
+        };
         with_sha.sha256 = with_sha.digest().unwrap();
-        let err = Checkpoint::from_bytes(&rmp_serde::to_vec_named(&with_sha).unwrap()).unwrap_err().to_string();
+        let err = Checkpoint::from_bytes(&rmp_serde::to_vec_named(&with_sha).unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not what that version wrote"), "{err}");
     }
 
@@ -287,11 +336,22 @@ mod tests {
             format: &'static str,
             format_version: u32,
         }
-        let bytes = rmp_serde::to_vec_named(&Future { format: FORMAT, format_version: 99 }).unwrap();
+        let bytes = rmp_serde::to_vec_named(&Future {
+            format: FORMAT,
+            format_version: 99,
+        })
+        .unwrap();
         let err = Checkpoint::from_bytes(&bytes).unwrap_err().to_string();
         assert!(err.contains("newer wmvae"), "{err}");
-        let bytes = rmp_serde::to_vec_named(&Future { format: "other", format_version: 1 }).unwrap();
-        assert!(Checkpoint::from_bytes(&bytes).unwrap_err().to_string().contains("not a wmvae checkpoint"));
+        let bytes = rmp_serde::to_vec_named(&Future {
+            format: "other",
+            format_version: 1,
+        })
+        .unwrap();
+        assert!(Checkpoint::from_bytes(&bytes)
+            .unwrap_err()
+            .to_string()
+            .contains("not a wmvae checkpoint"));
         assert!(Checkpoint::from_bytes(b"\xc1garbage").is_err());
     }
 }

@@ -38,7 +38,9 @@ impl DeviceChoice {
                     Ok(Device::Cpu)
                 }
             },
-            DeviceChoice::Cuda => cuda().map_err(|why| anyhow!("device cuda requested but {why} (cuda available: false)")),
+            DeviceChoice::Cuda => {
+                cuda().map_err(|why| anyhow!("device cuda requested but {why} (cuda available: false)"))
+            }
         }
     }
 }
@@ -70,7 +72,8 @@ pub fn nvidia_driver_present() -> bool {
 /// or `LD_LIBRARY_PATH`), which registers libtorch's CUDA backend. Public
 /// so a test on a machine without a driver can check what loading does.
 pub fn load_cuda_backend() -> Result<()> {
-    dlopen(c"libtorch_cuda.so", libc::RTLD_NOW | libc::RTLD_GLOBAL).map_err(|e| anyhow!("loading libtorch's CUDA backend: {e}"))
+    dlopen(c"libtorch_cuda.so", libc::RTLD_NOW | libc::RTLD_GLOBAL)
+        .map_err(|e| anyhow!("loading libtorch's CUDA backend: {e}"))
 }
 
 /// `dlopen`, keeping the library loaded for the life of the process.
@@ -80,7 +83,11 @@ fn dlopen(name: &CStr, flags: c_int) -> std::result::Result<(), String> {
     unsafe {
         if libc::dlopen(name.as_ptr(), flags).is_null() {
             let error = libc::dlerror();
-            return Err(if error.is_null() { format!("{name:?} could not be loaded") } else { CStr::from_ptr(error).to_string_lossy().into_owned() });
+            return Err(if error.is_null() {
+                format!("{name:?} could not be loaded")
+            } else {
+                CStr::from_ptr(error).to_string_lossy().into_owned()
+            });
         }
     }
     Ok(())

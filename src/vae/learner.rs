@@ -53,15 +53,23 @@ pub fn frames_to_tensor(frames: &[u8], device: Device) -> Result<Tensor> {
         bail!("{} bytes are not whole 64x64x3 frames", frames.len());
     }
     let n = (frames.len() / per_frame) as i64;
-    let bytes = Tensor::from_slice(frames).view([n, IMAGE_SIZE, IMAGE_SIZE, CHANNELS]).to_device(device);
+    let bytes = Tensor::from_slice(frames)
+        .view([n, IMAGE_SIZE, IMAGE_SIZE, CHANNELS])
+        .to_device(device);
     Ok((bytes.permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0).contiguous())
 }
 
 /// The three losses as numbers: one copy to the host (one device sync).
 fn values(l: &crate::vae::model::Loss) -> LossValues {
-    let host = Tensor::stack(&[&l.total, &l.recon, &l.kl], 0).to_kind(Kind::Double).to_device(Device::Cpu);
+    let host = Tensor::stack(&[&l.total, &l.recon, &l.kl], 0)
+        .to_kind(Kind::Double)
+        .to_device(Device::Cpu);
     let v: Vec<f64> = Vec::try_from(&host).expect("three scalars");
-    LossValues { total: v[0], recon: v[1], kl: v[2] }
+    LossValues {
+        total: v[0],
+        recon: v[1],
+        kl: v[2],
+    }
 }
 
 impl Network {
@@ -96,7 +104,10 @@ impl Network {
     /// (mu, logvar) of uint8 frames (N x 64 x 64 x 3), one row per frame.
     pub fn encode_frames(&self, frames: &[u8]) -> Result<Latents> {
         let (mu, logvar) = self.encode(&frames_to_tensor(frames, self.device)?);
-        Ok(Latents { mu: Vec::try_from(mu.to_device(Device::Cpu))?, logvar: Vec::try_from(logvar.to_device(Device::Cpu))? })
+        Ok(Latents {
+            mu: Vec::try_from(mu.to_device(Device::Cpu))?,
+            logvar: Vec::try_from(logvar.to_device(Device::Cpu))?,
+        })
     }
 
     /// Evaluation losses (z = mu, no gradient) of uint8 frames.
@@ -107,7 +118,13 @@ impl Network {
     /// A PNG of `frames` (top row) over their reconstructions (bottom row).
     pub fn recon_png(&self, frames: &[u8]) -> Result<Vec<u8>> {
         let recon = self.reconstruct(&frames_to_tensor(frames, self.device)?);
-        let bytes = (recon * 255.0).round().clamp(0.0, 255.0).to_kind(Kind::Uint8).permute([0, 2, 3, 1]).contiguous().flatten(0, -1);
+        let bytes = (recon * 255.0)
+            .round()
+            .clamp(0.0, 255.0)
+            .to_kind(Kind::Uint8)
+            .permute([0, 2, 3, 1])
+            .contiguous()
+            .flatten(0, -1);
         let recon_bytes = Vec::<u8>::try_from(bytes.to_device(Device::Cpu))?;
         crate::frames::grid::png_grid(&[frames, &recon_bytes], frames.len() / crate::frames::BYTES)
     }
@@ -119,7 +136,13 @@ impl Network {
 
     /// Loss with z = mu and no gradient, for evaluation.
     pub fn evaluate(&self, xs: &Tensor) -> LossValues {
-        tch::no_grad(|| values(&loss(&self.vae.forward_t(xs, false, Precision::Fp32), xs, self.vae.config())))
+        tch::no_grad(|| {
+            values(&loss(
+                &self.vae.forward_t(xs, false, Precision::Fp32),
+                xs,
+                self.vae.config(),
+            ))
+        })
     }
 
     /// The weights as PyTorch-loadable safetensors bytes.
@@ -136,7 +159,10 @@ impl Network {
     /// Loads a checkpoint's weights after checking their sha256.
     pub fn load_checkpoint_weights(&mut self, checkpoint: &Checkpoint) -> Result<()> {
         checkpoint.verify()?;
-        self.load_safetensors(&checkpoint.weights, &format!("checkpoint v{}", checkpoint.metadata.version))
+        self.load_safetensors(
+            &checkpoint.weights,
+            &format!("checkpoint v{}", checkpoint.metadata.version),
+        )
     }
 }
 
@@ -166,7 +192,11 @@ impl Learner {
     /// One step on uint8 frames: forward, loss, backward; the update is
     /// applied only when `accept` says the loss is fit to learn from (the
     /// divergence guard's hook). Returns the losses and whether it applied.
-    pub fn train_step_guarded(&mut self, frames: &[u8], accept: impl FnOnce(&LossValues) -> bool) -> Result<(LossValues, bool)> {
+    pub fn train_step_guarded(
+        &mut self,
+        frames: &[u8],
+        accept: impl FnOnce(&LossValues) -> bool,
+    ) -> Result<(LossValues, bool)> {
         Ok(self.step(&frames_to_tensor(frames, self.net.device)?, accept))
     }
 

@@ -67,7 +67,10 @@ impl VaeConfig {
 
 impl Default for VaeConfig {
     fn default() -> Self {
-        VaeConfig { z_size: 32, kl_tolerance: 0.5 }
+        VaeConfig {
+            z_size: 32,
+            kl_tolerance: 0.5,
+        }
     }
 }
 
@@ -110,12 +113,18 @@ pub struct Loss {
 }
 
 fn conv(path: nn::Path, c_in: i64, c_out: i64) -> nn::Conv2D {
-    let config = nn::ConvConfig { stride: STRIDE, ..Default::default() };
+    let config = nn::ConvConfig {
+        stride: STRIDE,
+        ..Default::default()
+    };
     nn::conv2d(path, c_in, c_out, 4, config)
 }
 
 fn deconv(path: nn::Path, c_in: i64, c_out: i64, kernel: i64) -> nn::ConvTranspose2D {
-    let config = nn::ConvTransposeConfig { stride: STRIDE, ..Default::default() };
+    let config = nn::ConvTransposeConfig {
+        stride: STRIDE,
+        ..Default::default()
+    };
     nn::conv_transpose2d(path, c_in, c_out, kernel, config)
 }
 
@@ -150,7 +159,9 @@ fn linear_in(x: &Tensor, layer: &nn::Linear, kind: Kind) -> Tensor {
 /// up to float rounding.
 fn transposed_conv_of_point(h: &Tensor, layer: &nn::ConvTranspose2D, kind: Kind) -> Tensor {
     let (ws, bs) = in_kind(&layer.ws, &layer.bs, kind);
-    let out = h.matmul(&ws.view([ENCODED_WIDTH, -1])).view([-1, DECONV1_CHANNELS, DECONV1_KERNEL, DECONV1_KERNEL]);
+    let out = h
+        .matmul(&ws.view([ENCODED_WIDTH, -1]))
+        .view([-1, DECONV1_CHANNELS, DECONV1_KERNEL, DECONV1_KERNEL]);
     match bs {
         Some(bias) => out + bias.view([1, -1, 1, 1]),
         None => out,
@@ -191,7 +202,10 @@ impl Vae {
             // PyTorch's x.flatten(1): NCHW order whatever the memory format.
             .contiguous()
             .flatten(1, -1);
-        (linear_in(&h, &self.fc_mu, kind).to_kind(Kind::Float), linear_in(&h, &self.fc_logvar, kind).to_kind(Kind::Float))
+        (
+            linear_in(&h, &self.fc_mu, kind).to_kind(Kind::Float),
+            linear_in(&h, &self.fc_logvar, kind).to_kind(Kind::Float),
+        )
     }
 
     /// N x z latents to N x 3 x 64 x 64 reconstructions in [0, 1] (float32).
@@ -207,8 +221,16 @@ impl Vae {
     /// `train` (z = mu otherwise), decode.
     pub fn forward_t(&self, xs: &Tensor, train: bool, precision: Precision) -> VaeOutput {
         let (mu, logvar) = self.encode(xs, precision);
-        let z = if train { &mu + (&logvar * 0.5).exp() * mu.randn_like() } else { mu.shallow_clone() };
-        VaeOutput { recon: self.decode(&z, precision), mu, logvar }
+        let z = if train {
+            &mu + (&logvar * 0.5).exp() * mu.randn_like()
+        } else {
+            mu.shallow_clone()
+        };
+        VaeOutput {
+            recon: self.decode(&z, precision),
+            mu,
+            logvar,
+        }
     }
 }
 
@@ -220,14 +242,23 @@ impl Vae {
 /// total = recon + mean_n max(kl_n, kl_tolerance * z_size)
 /// ```
 pub fn loss(out: &VaeOutput, xs: &Tensor, config: VaeConfig) -> Loss {
-    let recon = (&out.recon - xs).square().sum_dim_intlist([1i64, 2, 3].as_slice(), false, Kind::Float).mean(Kind::Float);
-    let kl_per_image = (out.logvar.shallow_clone() + 1.0 - out.mu.square() - out.logvar.exp())
-        .sum_dim_intlist([1i64].as_slice(), false, Kind::Float)
-        * -0.5;
+    let recon = (&out.recon - xs)
+        .square()
+        .sum_dim_intlist([1i64, 2, 3].as_slice(), false, Kind::Float)
+        .mean(Kind::Float);
+    let kl_per_image = (out.logvar.shallow_clone() + 1.0 - out.mu.square() - out.logvar.exp()).sum_dim_intlist(
+        [1i64].as_slice(),
+        false,
+        Kind::Float,
+    ) * -0.5;
     let floor = config.kl_tolerance * config.z_size as f64;
     let kl_floored = kl_per_image.clamp_min(floor).mean(Kind::Float);
     let kl = kl_per_image.mean(Kind::Float);
-    Loss { total: &recon + kl_floored, recon, kl }
+    Loss {
+        total: &recon + kl_floored,
+        recon,
+        kl,
+    }
 }
 
 #[cfg(test)]
@@ -322,9 +353,23 @@ mod tests {
         let config = VaeConfig::default();
         let xs = Tensor::zeros([2, 3, 64, 64], (Kind::Float, Device::Cpu));
         // Image 0: KL 64 (mu = 2); image 1: KL 0, floored to 16. Mean floored = 40, raw = 32.
-        let mu = Tensor::stack(&[Tensor::full([32], 2.0, (Kind::Float, Device::Cpu)), Tensor::zeros([32], (Kind::Float, Device::Cpu))], 0);
+        let mu = Tensor::stack(
+            &[
+                Tensor::full([32], 2.0, (Kind::Float, Device::Cpu)),
+                Tensor::zeros([32], (Kind::Float, Device::Cpu)),
+            ],
+            0,
+        );
         let logvar = Tensor::zeros([2, 32], (Kind::Float, Device::Cpu));
-        let l = loss(&VaeOutput { recon: xs.shallow_clone(), mu, logvar }, &xs, config);
+        let l = loss(
+            &VaeOutput {
+                recon: xs.shallow_clone(),
+                mu,
+                logvar,
+            },
+            &xs,
+            config,
+        );
         assert_eq!(l.kl.double_value(&[]), 32.0);
         assert_eq!(l.total.double_value(&[]), 40.0);
     }

@@ -59,7 +59,10 @@ impl Network {
     /// Decoded frames of latents `z` as uint8 HWC (N x 64 x 64 x 3), each
     /// value rounded from [0, 1] x 255.
     pub fn decode_frames(&self, z: &[f32]) -> Result<Vec<u8>> {
-        let bytes = (self.decoded(z)? * 255.0).round().clamp(0.0, 255.0).to_kind(Kind::Uint8);
+        let bytes = (self.decoded(z)? * 255.0)
+            .round()
+            .clamp(0.0, 255.0)
+            .to_kind(Kind::Uint8);
         Ok(Vec::try_from(bytes.flatten(0, -1))?)
     }
 
@@ -69,7 +72,9 @@ impl Network {
         if z.is_empty() || z.len() % z_size != 0 {
             bail!("{} numbers are not whole latents of {z_size}", z.len());
         }
-        let zs = Tensor::from_slice(z).view([(z.len() / z_size) as i64, z_size as i64]).to_device(self.device());
+        let zs = Tensor::from_slice(z)
+            .view([(z.len() / z_size) as i64, z_size as i64])
+            .to_device(self.device());
         let frames = tch::no_grad(|| self.model().decode(&zs, Precision::Fp32));
         Ok(frames.permute([0, 2, 3, 1]).contiguous().to_device(Device::Cpu))
     }
@@ -103,7 +108,10 @@ impl Network {
         let kl_per_dim = Vec::<f64>::try_from(kl.to_device(Device::Cpu))?;
         let variance = mu.var_dim(0, false, false);
         let active = variance.gt(ACTIVE_UNIT_VARIANCE).sum(Kind::Int64).int64_value(&[]);
-        Ok(Diagnostics { kl_per_dim, active_units: active as u32 })
+        Ok(Diagnostics {
+            kl_per_dim,
+            active_units: active as u32,
+        })
     }
 }
 
@@ -114,7 +122,13 @@ mod tests {
 
     fn net() -> Network {
         tch::manual_seed(0);
-        Network::new(Device::Cpu, VaeConfig { z_size: 32, kl_tolerance: 0.5 })
+        Network::new(
+            Device::Cpu,
+            VaeConfig {
+                z_size: 32,
+                kl_tolerance: 0.5,
+            },
+        )
     }
 
     #[test]
@@ -134,7 +148,10 @@ mod tests {
         let floats = net.decode_floats(&z).unwrap();
         let bytes = net.decode_frames(&z).unwrap();
         assert_eq!((floats.len(), bytes.len()), (PRIOR_DRAWS * 12288, PRIOR_DRAWS * 12288));
-        assert!(floats.iter().zip(&bytes).all(|(f, &b)| ((f * 255.0).round() - b as f32).abs() <= 0.5));
+        assert!(floats
+            .iter()
+            .zip(&bytes)
+            .all(|(f, &b)| ((f * 255.0).round() - b as f32).abs() <= 0.5));
         assert!(net.decode_frames(&z[..31]).is_err());
         assert_eq!(net.prior_samples().unwrap(), bytes);
     }
@@ -153,7 +170,9 @@ mod tests {
     #[test]
     fn diagnostics_count_dimensions() {
         let net = net();
-        let frames: Vec<u8> = (0..16 * 12288).map(|i| ((i * 7 + i / 12288 * 31) % 256) as u8).collect();
+        let frames: Vec<u8> = (0..16 * 12288)
+            .map(|i| ((i * 7 + i / 12288 * 31) % 256) as u8)
+            .collect();
         let d = net.diagnostics(&frames).unwrap();
         assert_eq!(d.kl_per_dim.len(), 32);
         assert!(d.kl_per_dim.iter().all(|k| k.is_finite() && *k >= 0.0));

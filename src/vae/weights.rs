@@ -43,7 +43,8 @@ pub fn to_safetensors_bytes(named: &[(String, Tensor)]) -> Result<Vec<u8>> {
         let cpu = tensor.to_device(Device::Cpu).contiguous();
         let numel = cpu.numel();
         let mut bytes = vec![0u8; numel * cpu.kind().elt_size_in_bytes()];
-        cpu.f_copy_data_u8(&mut bytes, numel).with_context(|| format!("copying tensor {name}"))?;
+        cpu.f_copy_data_u8(&mut bytes, numel)
+            .with_context(|| format!("copying tensor {name}"))?;
         let shape = cpu.size().iter().map(|&d| d as usize).collect();
         raw.insert(name.as_str(), (dtype, shape, bytes));
     }
@@ -61,7 +62,8 @@ pub fn to_safetensors_bytes(named: &[(String, Tensor)]) -> Result<Vec<u8>> {
 /// Parses safetensors bytes; `origin` (a file name, "checkpoint v3", ...)
 /// goes into every error.
 pub fn from_safetensors_bytes(bytes: &[u8], origin: &str) -> Result<NamedTensors> {
-    let file = SafeTensors::deserialize(bytes).map_err(|e| anyhow!("{origin}: not a valid safetensors file ({e:?})"))?;
+    let file =
+        SafeTensors::deserialize(bytes).map_err(|e| anyhow!("{origin}: not a valid safetensors file ({e:?})"))?;
     let mut named = Vec::new();
     for (name, view) in file.tensors() {
         let kind = kind_of(view.dtype())
@@ -102,10 +104,16 @@ pub fn load_into(vs: &VarStore, named: &[(String, Tensor)], origin: &str) -> Res
             bail!("{origin}: missing tensor {name} (expected shape {want:?})");
         };
         if tensor.size() != want {
-            bail!("{origin}: tensor {name} has shape {:?}, expected {want:?}", tensor.size());
+            bail!(
+                "{origin}: tensor {name} has shape {:?}, expected {want:?}",
+                tensor.size()
+            );
         }
         if tensor.kind() != Kind::Float {
-            bail!("{origin}: tensor {name} has dtype {:?}, expected float32", tensor.kind());
+            bail!(
+                "{origin}: tensor {name} has dtype {:?}, expected float32",
+                tensor.kind()
+            );
         }
     }
     if let Some(extra) = given.keys().find(|n| !variables.contains_key(**n)) {
@@ -114,7 +122,8 @@ pub fn load_into(vs: &VarStore, named: &[(String, Tensor)], origin: &str) -> Res
     tch::no_grad(|| {
         for (name, var) in &variables {
             let mut var = var.shallow_clone();
-            var.f_copy_(given[name.as_str()]).with_context(|| format!("{origin}: copying tensor {name}"))?;
+            var.f_copy_(given[name.as_str()])
+                .with_context(|| format!("{origin}: copying tensor {name}"))?;
         }
         Ok(())
     })
@@ -151,7 +160,10 @@ mod tests {
         let mut named = named_variables(&vs);
         named.retain(|(n, _)| n != "decoder.fc.bias");
         let err = load_into(&vs, &named, "w.safetensors").unwrap_err().to_string();
-        assert!(err.contains("w.safetensors") && err.contains("missing tensor decoder.fc.bias"), "{err}");
+        assert!(
+            err.contains("w.safetensors") && err.contains("missing tensor decoder.fc.bias"),
+            "{err}"
+        );
 
         let mut named = named_variables(&vs);
         named[0].1 = Tensor::zeros([7], (Kind::Float, Device::Cpu));
@@ -161,7 +173,12 @@ mod tests {
 
     #[test]
     fn corrupt_bytes_are_a_clear_error() {
-        let err = from_safetensors_bytes(b"definitely not safetensors", "junk.safetensors").unwrap_err().to_string();
-        assert!(err.contains("junk.safetensors") && err.contains("not a valid safetensors"), "{err}");
+        let err = from_safetensors_bytes(b"definitely not safetensors", "junk.safetensors")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("junk.safetensors") && err.contains("not a valid safetensors"),
+            "{err}"
+        );
     }
 }

@@ -14,13 +14,21 @@ impl Tmpfs {
     /// None where mounting is not allowed.
     pub fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
         std::fs::create_dir_all(dir).unwrap();
-        let mounted = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir).stderr(std::process::Stdio::null()).status();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .stderr(std::process::Stdio::null())
+            .status();
         mounted.is_ok_and(|s| s.success()).then(|| Tmpfs(dir.to_owned()))
     }
 
     /// Gives it a new size in place (what it holds stays).
     pub fn resize(&self, size: &str) {
-        let status = std::process::Command::new("mount").args(["-o", &format!("remount,size={size}")]).arg(&self.0).status().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
         assert!(status.success(), "remounting {} with size {size}", self.0.display());
     }
 }
@@ -63,9 +71,14 @@ impl FullDisk {
                 let disk = scratch.join("disk");
                 let tmpfs = Tmpfs::mount(&disk, size)?;
                 std::os::unix::fs::symlink(&disk, data.join("store")).unwrap();
-                Some(FullDisk::Tmpfs { _tmpfs: tmpfs, filler: disk.join("filler") })
+                Some(FullDisk::Tmpfs {
+                    _tmpfs: tmpfs,
+                    filler: disk.join("filler"),
+                })
             }
-            _ => cfg!(feature = "failpoints").then(|| FullDisk::Failpoint { flag: scratch.join("disk-full") }),
+            _ => cfg!(feature = "failpoints").then(|| FullDisk::Failpoint {
+                flag: scratch.join("disk-full"),
+            }),
         }
     }
 

@@ -21,7 +21,11 @@ pub fn torch_reference(args: &[&str]) {
         .args(args)
         .output()
         .expect("running the venv's python (did scripts/setup run?)");
-    assert!(out.status.success(), "torch_reference.py {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "torch_reference.py {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Deterministic, image-like uint8 frames (smooth gradients plus a pattern).
@@ -49,19 +53,33 @@ pub fn wmvae() -> Command {
 /// when nothing listens.
 pub fn http_get(port: u16, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return (0, String::new()) };
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
     write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
     let mut response = Vec::new();
     let _ = stream.read_to_end(&mut response);
     let response = String::from_utf8_lossy(&response).to_string();
     let code = response.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (code, response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+    (
+        code,
+        response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default(),
+    )
 }
 
 /// A free TCP port on 127.0.0.1 (free when asked; tests bind it soon after).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Small, fast training for a 2-core CI box: `wmvae serve` environment.

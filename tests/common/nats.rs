@@ -14,8 +14,12 @@ pub struct NatsServer {
 
 impl NatsServer {
     pub fn start() -> NatsServer {
-        let server = wmvae::tools::nats_server::LocalNats::start(&super::repo_root().join(".venv/bin/nats-server")).unwrap();
-        NatsServer { url: server.url.clone(), server }
+        let server =
+            wmvae::tools::nats_server::LocalNats::start(&super::repo_root().join(".venv/bin/nats-server")).unwrap();
+        NatsServer {
+            url: server.url.clone(),
+            server,
+        }
     }
 
     /// SIGKILL: the server is gone, as after a crash.
@@ -62,12 +66,12 @@ impl Daemon {
         let n = std::fs::read_dir(data_dir).unwrap().count();
         let log = std::fs::File::create(data_dir.join(format!("serve-{n}.log"))).unwrap();
         let mut cmd = super::wmvae();
-        cmd.args(["serve", "--nats-url", nats_url, "--data-dir"]).arg(data_dir.join("store"));
+        cmd.args(["serve", "--nats-url", nats_url, "--data-dir"])
+            .arg(data_dir.join("store"));
         if let Some(config) = config {
             cmd.arg("--config").arg(config);
         }
-        cmd
-            .env("WMVAE_TRAIN__DEVICE", "cpu")
+        cmd.env("WMVAE_TRAIN__DEVICE", "cpu")
             .env("WMVAE_INGEST__ACK_WAIT_SECS", "2")
             // Tests run daemons side by side: no fixed HTTP port unless asked.
             .env("WMVAE_HTTP__ADDR", "")
@@ -76,7 +80,10 @@ impl Daemon {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        Daemon { child: Some(cmd.spawn().unwrap()), data_dir: data_dir.to_owned() }
+        Daemon {
+            child: Some(cmd.spawn().unwrap()),
+            data_dir: data_dir.to_owned(),
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -86,13 +93,20 @@ impl Daemon {
     /// SIGTERM, then wait for the exit.
     pub fn terminate(mut self) -> ExitStatus {
         let mut child = self.child.take().unwrap();
-        Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
         wait_with_timeout(&mut child, Duration::from_secs(60))
     }
 
     /// Sends `signal` (TERM, STOP, ...) and goes on.
     pub fn signal(&self, signal: &str) {
-        assert!(Command::new("kill").args([&format!("-{signal}"), &self.pid().to_string()]).status().unwrap().success());
+        assert!(Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success());
     }
 
     /// Waits for the exit, at most `timeout` (then it panics); its logs stay readable.
@@ -169,7 +183,11 @@ impl Daemon {
     {
         let deadline = Instant::now() + timeout;
         while !check().await {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}; the daemon's logs:\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; the daemon's logs:\n{}",
+                self.logs()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -184,7 +202,10 @@ pub async fn wait_for_ingest_consumer(js: &async_nats::jetstream::Context) {
 pub async fn wait_for_consumer(js: &async_nats::jetstream::Context, name: &str) {
     wait_until(Duration::from_secs(60), "the daemon's migrations", || async {
         match js.get_stream("WM_FRAMES").await {
-            Ok(stream) => stream.get_consumer::<async_nats::jetstream::consumer::pull::Config>(name).await.is_ok(),
+            Ok(stream) => stream
+                .get_consumer::<async_nats::jetstream::consumer::pull::Config>(name)
+                .await
+                .is_ok(),
             Err(_) => false,
         }
     })
@@ -193,9 +214,16 @@ pub async fn wait_for_consumer(js: &async_nats::jetstream::Context, name: &str) 
 
 /// Every message stream `name` holds, oldest first (none before the
 /// stream exists).
-pub async fn stream_messages(js: &async_nats::jetstream::Context, name: &str) -> Vec<async_nats::jetstream::message::StreamMessage> {
-    let Ok(mut stream) = js.get_stream(name).await else { return Vec::new() };
-    let Ok(info) = stream.info().await else { return Vec::new() };
+pub async fn stream_messages(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+) -> Vec<async_nats::jetstream::message::StreamMessage> {
+    let Ok(mut stream) = js.get_stream(name).await else {
+        return Vec::new();
+    };
+    let Ok(info) = stream.info().await else {
+        return Vec::new();
+    };
     let (first, last) = (info.state.first_sequence, info.state.last_sequence);
     let mut out = Vec::new();
     for seq in first..=last {
@@ -208,7 +236,11 @@ pub async fn stream_messages(js: &async_nats::jetstream::Context, name: &str) ->
 
 /// Every announcement WM_CHECKPOINTS holds, oldest first.
 pub async fn announcements(js: &async_nats::jetstream::Context) -> Vec<wmvae::bus::messages::Announcement> {
-    stream_messages(js, "WM_CHECKPOINTS").await.iter().map(|m| rmp_serde::from_slice(&m.payload).expect("an announcement decodes")).collect()
+    stream_messages(js, "WM_CHECKPOINTS")
+        .await
+        .iter()
+        .map(|m| rmp_serde::from_slice(&m.payload).expect("an announcement decodes"))
+        .collect()
 }
 
 /// Publishes steps `from..to` of episode `e` (64x64 frames), each with its
@@ -221,7 +253,10 @@ pub async fn publish_stored(js: &async_nats::jetstream::Context, from: u64, to: 
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", format!("test/e/{step}").as_str());
         wait_until(Duration::from_secs(60), "a frame stored by JetStream", || async {
-            match js.publish_with_headers("wm.frames.car", headers.clone(), payload.clone().into()).await {
+            match js
+                .publish_with_headers("wm.frames.car", headers.clone(), payload.clone().into())
+                .await
+            {
                 Ok(ack) => ack.await.is_ok(),
                 Err(_) => false,
             }

@@ -51,7 +51,9 @@ impl Registry {
     pub fn mark_announced(&self, version: u64, rollback: bool) -> Result<()> {
         let _guard = self.serialised();
         let matches = |entry: &HistoryEntry| entry.to == version && entry.why.is_rollback() == rollback;
-        let Some((seq, _)) = self.unannounced()?.into_iter().find(|(_, entry)| matches(entry)) else { return Ok(()) };
+        let Some((seq, _)) = self.unannounced()?.into_iter().find(|(_, entry)| matches(entry)) else {
+            return Ok(());
+        };
         // The mark, and `history_announced` moved past every entry now
         // announced in a row (their marks dropped), so the scan above stays
         // as short as what is still unannounced.
@@ -88,7 +90,10 @@ impl Registry {
     /// Every kept change of the active version, oldest first (all at
     /// once: for tests and tools; pages are [`Registry::history_page`]).
     pub fn history(&self) -> Result<Vec<HistoryEntry>> {
-        self.tree.scan_prefix([b'H']).map(|entry| rmp_serde::from_slice(&entry?.1).context("corrupt history entry")).collect()
+        self.tree
+            .scan_prefix([b'H'])
+            .map(|entry| rmp_serde::from_slice(&entry?.1).context("corrupt history entry"))
+            .collect()
     }
 
     /// The newest `limit` entries (at least one) before sequence number
@@ -107,7 +112,8 @@ impl Registry {
             }
             bytes += v.len();
             page.next_before = Some(be_u64(&k[1..])?);
-            page.entries.push(rmp_serde::from_slice(&v).context("corrupt history entry")?);
+            page.entries
+                .push(rmp_serde::from_slice(&v).context("corrupt history entry")?);
         }
         page.entries.reverse();
         if !page.more {

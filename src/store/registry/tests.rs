@@ -9,8 +9,17 @@ fn announcement_is_tracked_per_entry() {
     let s = store(dir.path()).registry().clone();
     let (v1, v2) = (add(&s, 1.0), add(&s, 2.0));
     s.activate(v1, Change::Rollback, "ops", None).unwrap();
-    let whys = |s: &Registry| s.unannounced_history().unwrap().iter().map(|h| (h.to, h.why)).collect::<Vec<_>>();
-    assert_eq!(whys(&s), [(v1, Change::Trained), (v2, Change::Trained), (v1, Change::Rollback)]);
+    let whys = |s: &Registry| {
+        s.unannounced_history()
+            .unwrap()
+            .iter()
+            .map(|h| (h.to, h.why))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        whys(&s),
+        [(v1, Change::Trained), (v2, Change::Trained), (v1, Change::Rollback)]
+    );
     // v2's announcement and the rollback's went out; v1's did not.
     s.mark_announced(v2, false).unwrap();
     s.mark_announced(v1, true).unwrap();
@@ -18,19 +27,37 @@ fn announcement_is_tracked_per_entry() {
     s.mark_history_announced().unwrap();
     assert!(whys(&s).is_empty());
     s.activate(v2, Change::Rollback, "ops", None).unwrap();
-    assert_eq!(whys(&s), [(v2, Change::Rollback)], "marks from before do not hide a new entry");
+    assert_eq!(
+        whys(&s),
+        [(v2, Change::Rollback)],
+        "marks from before do not hide a new entry"
+    );
 }
 
 fn store(dir: &std::path::Path) -> Store {
-    Store::open(dir, BufferConfig { capacity: 10, validation_fraction: 0.0 }).unwrap()
+    Store::open(
+        dir,
+        BufferConfig {
+            capacity: 10,
+            validation_fraction: 0.0,
+        },
+    )
+    .unwrap()
 }
 
 fn add(s: &Registry, eval_loss: f64) -> u64 {
     let make = |version| {
-        let metadata = Metadata { version, eval_loss: Some(eval_loss), ..Default::default() };
+        let metadata = Metadata {
+            version,
+            eval_loss: Some(eval_loss),
+            ..Default::default()
+        };
         Ok(Checkpoint::new(metadata, vec![version as u8; 8], vec![]))
     };
-    s.add(None, make, Change::Trained, "wmvae", None).unwrap().metadata.version
+    s.add(None, make, Change::Trained, "wmvae", None)
+        .unwrap()
+        .metadata
+        .version
 }
 
 #[test]
@@ -46,8 +73,21 @@ fn versions_grow_across_reopen_and_deletes() {
     let st = store(dir.path());
     let s = st.registry();
     assert_eq!(add(s, 3.0), 3, "a deleted version's number is never reused");
-    let history: Vec<(Option<u64>, u64, Change)> = s.history().unwrap().into_iter().map(|h| (h.from, h.to, h.why)).collect();
-    assert_eq!(history, [(None, 1, Change::Trained), (Some(1), 2, Change::Trained), (Some(2), 1, Change::Rollback), (Some(1), 3, Change::Trained)]);
+    let history: Vec<(Option<u64>, u64, Change)> = s
+        .history()
+        .unwrap()
+        .into_iter()
+        .map(|h| (h.from, h.to, h.why))
+        .collect();
+    assert_eq!(
+        history,
+        [
+            (None, 1, Change::Trained),
+            (Some(1), 2, Change::Trained),
+            (Some(2), 1, Change::Rollback),
+            (Some(1), 3, Change::Trained)
+        ]
+    );
     assert_eq!(s.get(3).unwrap().unwrap().weights, vec![3u8; 8]);
 }
 
@@ -67,7 +107,11 @@ fn a_damaged_version_is_never_made_active() {
     let refused = s.activate(1, Change::Rollback, "ops@host", None).unwrap_err();
     assert!(format!("{refused:#}").contains("sha256"), "{refused:#}");
     assert_eq!(s.active_version().unwrap(), Some(2));
-    assert!(s.activate(9, Change::Rollback, "ops@host", None).unwrap_err().downcast_ref::<UnknownVersion>().is_some());
+    assert!(s
+        .activate(9, Change::Rollback, "ops@host", None)
+        .unwrap_err()
+        .downcast_ref::<UnknownVersion>()
+        .is_some());
 }
 
 /// A damaged version is found as such, and made whole by `repair`
@@ -100,8 +144,18 @@ fn damaged_versions_are_found_and_repaired() {
         (v1, v2, v3)
     };
     let st = store(dir.path());
-    let listed: Vec<(u64, Option<f64>)> = st.registry().list().unwrap().iter().map(|m| (m.version, m.eval_loss)).collect();
-    assert_eq!(listed, vec![(v1, Some(5.0)), (v2, Some(4.0))], "v{v3} is damaged throughout");
+    let listed: Vec<(u64, Option<f64>)> = st
+        .registry()
+        .list()
+        .unwrap()
+        .iter()
+        .map(|m| (m.version, m.eval_loss))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![(v1, Some(5.0)), (v2, Some(4.0))],
+        "v{v3} is damaged throughout"
+    );
 }
 
 /// A pending checkpoint survives a reopen until cleared, and is no version.
@@ -113,13 +167,24 @@ fn a_pending_checkpoint_is_kept_until_cleared() {
         let s = st.registry();
         assert!(s.pending().unwrap().is_none());
         let parent = add(s, 5.0);
-        let pending = Checkpoint::new(Metadata { parent: Some(parent), step: 7, ..Default::default() }, vec![9u8; 200_000], vec![1u8; 100_000]);
+        let pending = Checkpoint::new(
+            Metadata {
+                parent: Some(parent),
+                step: 7,
+                ..Default::default()
+            },
+            vec![9u8; 200_000],
+            vec![1u8; 100_000],
+        );
         s.set_pending(&pending).unwrap();
     }
     let st = store(dir.path());
     let s = st.registry();
     let pending = s.pending().unwrap().unwrap();
-    assert_eq!((pending.metadata.parent, pending.metadata.step, pending.weights.len()), (Some(1), 7, 200_000));
+    assert_eq!(
+        (pending.metadata.parent, pending.metadata.step, pending.weights.len()),
+        (Some(1), 7, 200_000)
+    );
     assert_eq!(s.list().unwrap().len(), 1);
     s.clear_pending().unwrap();
     assert!(s.pending().unwrap().is_none());
@@ -148,8 +213,23 @@ fn big_checkpoints_round_trip_in_chunks() {
     let st = store(dir.path());
     let s = st.registry();
     let weights: Vec<u8> = (0..3 * CHUNK_BYTES + 17).map(|i| (i % 251) as u8).collect();
-    let make = |version| Ok(Checkpoint::new(Metadata { version, ..Default::default() }, weights.clone(), vec![1, 2, 3]));
-    assert_eq!(s.add(None, make, Change::Trained, "wmvae", None).unwrap().metadata.version, 1);
+    let make = |version| {
+        Ok(Checkpoint::new(
+            Metadata {
+                version,
+                ..Default::default()
+            },
+            weights.clone(),
+            vec![1, 2, 3],
+        ))
+    };
+    assert_eq!(
+        s.add(None, make, Change::Trained, "wmvae", None)
+            .unwrap()
+            .metadata
+            .version,
+        1
+    );
     add(s, 1.0);
     assert!(s.tree.scan_prefix(key(b'V', 1)).count() > 3);
     let back = s.get(1).unwrap().unwrap();
@@ -167,17 +247,35 @@ fn schema_1_stores_are_read_and_upgraded() {
     {
         let st = store(dir.path());
         let s = st.registry();
-        let old = Checkpoint::new(Metadata { version: 1, ..Default::default() }, vec![9; 100], vec![]);
+        let old = Checkpoint::new(
+            Metadata {
+                version: 1,
+                ..Default::default()
+            },
+            vec![9; 100],
+            vec![],
+        );
         s.tree.insert(key(b'V', 1), old.to_bytes().unwrap()).unwrap();
-        s.tree.insert(key(b'D', 1), rmp_serde::to_vec_named(&old.metadata).unwrap()).unwrap();
+        s.tree
+            .insert(key(b'D', 1), rmp_serde::to_vec_named(&old.metadata).unwrap())
+            .unwrap();
         s.tree.insert(meta("next_version"), &2u64.to_be_bytes()).unwrap();
-        st.tree.insert(crate::store::layout::meta_key("schema_version"), &1u64.to_be_bytes()).unwrap();
+        st.tree
+            .insert(crate::store::layout::meta_key("schema_version"), &1u64.to_be_bytes())
+            .unwrap();
         st.flush().unwrap();
     }
     let st = store(dir.path());
     let s = st.registry();
     assert_eq!(s.get(1).unwrap().unwrap().weights, vec![9; 100]);
-    assert_eq!(st.tree.get(crate::store::layout::meta_key("schema_version")).unwrap().unwrap().as_ref(), crate::store::SCHEMA_VERSION.to_be_bytes());
+    assert_eq!(
+        st.tree
+            .get(crate::store::layout::meta_key("schema_version"))
+            .unwrap()
+            .unwrap()
+            .as_ref(),
+        crate::store::SCHEMA_VERSION.to_be_bytes()
+    );
     s.delete(1).unwrap();
     assert!(s.get(1).unwrap().is_none());
 }
@@ -185,11 +283,23 @@ fn schema_1_stores_are_read_and_upgraded() {
 /// A checkpoint as `version` with `weights_bytes` of weights.
 fn big(version: u64, weights_bytes: usize) -> Checkpoint {
     let weights: Vec<u8> = (0..weights_bytes).map(|i| (i % 249) as u8 ^ version as u8).collect();
-    Checkpoint::new(Metadata { version, eval_loss: Some(1.0), ..Default::default() }, weights, vec![7; 100])
+    Checkpoint::new(
+        Metadata {
+            version,
+            eval_loss: Some(1.0),
+            ..Default::default()
+        },
+        weights,
+        vec![7; 100],
+    )
 }
 
 fn chunk_keys(s: &Registry, version: u64) -> Vec<sled::IVec> {
-    s.tree.scan_prefix(key(b'V', version)).keys().map(Result::unwrap).collect()
+    s.tree
+        .scan_prefix(key(b'V', version))
+        .keys()
+        .map(Result::unwrap)
+        .collect()
 }
 
 /// Weights that make an envelope of exactly `n` whole chunks.
@@ -218,9 +328,18 @@ fn versions_left_half_there_are_forgotten_at_open() {
     let copy = {
         let st = store(dir.path());
         let s = st.registry();
-        for c in [big(1, 5 * CHUNK_BYTES), big(2, 5 * CHUNK_BYTES), exact_chunks(3, 4), big(4, 3 * CHUNK_BYTES), big(5, 2 * CHUNK_BYTES), big(6, 2 * CHUNK_BYTES), big(7, 5 * CHUNK_BYTES)] {
+        for c in [
+            big(1, 5 * CHUNK_BYTES),
+            big(2, 5 * CHUNK_BYTES),
+            exact_chunks(3, 4),
+            big(4, 3 * CHUNK_BYTES),
+            big(5, 2 * CHUNK_BYTES),
+            big(6, 2 * CHUNK_BYTES),
+            big(7, 5 * CHUNK_BYTES),
+        ] {
             let version = c.metadata.version;
-            s.add(Some(version), move |_| Ok(c), Change::Trained, "wmvae", None).unwrap();
+            s.add(Some(version), move |_| Ok(c), Change::Trained, "wmvae", None)
+                .unwrap();
         }
         s.set_pinned(2, true).unwrap();
         let copy = s.get(7).unwrap().unwrap();
@@ -238,7 +357,9 @@ fn versions_left_half_there_are_forgotten_at_open() {
         for k in chunk_keys(s, 5) {
             s.tree.remove(k).unwrap();
         }
-        s.tree.insert([&key(b'V', 9)[..], &1u32.to_be_bytes()].concat(), vec![1u8; 10]).unwrap();
+        s.tree
+            .insert([&key(b'V', 9)[..], &1u32.to_be_bytes()].concat(), vec![1u8; 10])
+            .unwrap();
         let last_history = s.counter("history_next").unwrap().unwrap() - 1;
         s.tree.insert(meta("next_version"), &3u64.to_be_bytes()).unwrap();
         s.tree.insert(meta("history_next"), &1u64.to_be_bytes()).unwrap();
@@ -249,20 +370,45 @@ fn versions_left_half_there_are_forgotten_at_open() {
     let st = store(dir.path());
     let s = st.registry();
     let listed: Vec<u64> = s.list().unwrap().iter().map(|m| m.version).collect();
-    assert_eq!(listed, [1, 4, 6], "1 and 6 intact, 4's listing rebuilt; the rest forgotten");
+    assert_eq!(
+        listed,
+        [1, 4, 6],
+        "1 and 6 intact, 4's listing rebuilt; the rest forgotten"
+    );
     for gone in [2, 3, 5, 7, 9] {
-        assert!(chunk_keys(s, gone).is_empty() && s.metadata(gone).unwrap().is_none(), "v{gone} is half there");
+        assert!(
+            chunk_keys(s, gone).is_empty() && s.metadata(gone).unwrap().is_none(),
+            "v{gone} is half there"
+        );
         assert!(s.get(gone).unwrap().is_none());
     }
     assert!(s.pinned().unwrap().is_empty(), "a forgotten version's pin goes with it");
-    assert_eq!(s.active_version().unwrap(), Some(7), "active still names the version to fetch again");
-    assert_eq!((s.next_free().unwrap(), s.counter("history_next").unwrap()), (10, Some(7)), "counters past what is stored");
+    assert_eq!(
+        s.active_version().unwrap(),
+        Some(7),
+        "active still names the version to fetch again"
+    );
+    assert_eq!(
+        (s.next_free().unwrap(), s.counter("history_next").unwrap()),
+        (10, Some(7)),
+        "counters past what is stored"
+    );
     // The active version written back from a good copy; a number never handed out is not.
     s.repair(&copy).unwrap();
     assert_eq!(s.get(7).unwrap().unwrap(), copy);
-    assert!(s.repair(&big(10, 10)).unwrap_err().downcast_ref::<UnknownVersion>().is_some());
+    assert!(s
+        .repair(&big(10, 10))
+        .unwrap_err()
+        .downcast_ref::<UnknownVersion>()
+        .is_some());
     drop(st);
-    let listed: Vec<u64> = store(dir.path()).registry().list().unwrap().iter().map(|m| m.version).collect();
+    let listed: Vec<u64> = store(dir.path())
+        .registry()
+        .list()
+        .unwrap()
+        .iter()
+        .map(|m| m.version)
+        .collect();
     assert_eq!(listed, [1, 4, 6, 7], "nothing else goes at the next open");
 }
 
@@ -273,7 +419,14 @@ fn many_entries(s: &Registry, n: u64, reason_bytes: usize) {
     let mut batch = sled::Batch::default();
     for i in 0..n {
         let reason = format!("r{i}{}", "x".repeat(reason_bytes));
-        let entry = HistoryEntry { at: now_rfc3339(), from: Some(1), to: 1, why: Change::Rollback, by: "ops".into(), reason: Some(reason) };
+        let entry = HistoryEntry {
+            at: now_rfc3339(),
+            from: Some(1),
+            to: 1,
+            why: Change::Rollback,
+            by: "ops".into(),
+            reason: Some(reason),
+        };
         batch.insert(key(b'H', first + i), rmp_serde::to_vec_named(&entry).unwrap());
     }
     batch.insert(meta("history_next"), &(first + n).to_be_bytes());
@@ -298,7 +451,10 @@ fn history_is_read_in_pages_and_pruned_once_announced() {
     let all = s.history().unwrap();
     assert_eq!(all.len(), 5001);
     let newest = s.history_page(None, 300, usize::MAX).unwrap();
-    assert_eq!((newest.entries.len(), newest.more, newest.next_before), (300, true, Some(4701)));
+    assert_eq!(
+        (newest.entries.len(), newest.more, newest.next_before),
+        (300, true, Some(4701))
+    );
     assert_eq!(newest.entries, all[4701..], "the newest page, oldest first");
     let mut pages = vec![newest.entries];
     let mut before = newest.next_before;
@@ -311,18 +467,31 @@ fn history_is_read_in_pages_and_pruned_once_announced() {
     }
     pages.reverse();
     assert_eq!(pages.concat(), all, "the pages make the whole history");
-    assert_eq!(s.history_page(Some(0), 300, usize::MAX).unwrap(), HistoryPage::default());
+    assert_eq!(
+        s.history_page(Some(0), 300, usize::MAX).unwrap(),
+        HistoryPage::default()
+    );
     // Big entries: fewer to a page, never none.
     many_entries(s, 3, 100_000);
     let page = s.history_page(None, 300, 250_000).unwrap();
-    assert_eq!((reasons(&page.entries).iter().map(|r| r.len()).sum::<usize>() > 190_000, page.entries.len(), page.more), (true, 2, true));
+    assert_eq!(
+        (
+            reasons(&page.entries).iter().map(|r| r.len()).sum::<usize>() > 190_000,
+            page.entries.len(),
+            page.more
+        ),
+        (true, 2, true)
+    );
     assert_eq!(s.history_page(None, 300, 10).unwrap().entries.len(), 1);
     // Nothing announced: nothing pruned. Announced: down to the newest 1000.
     assert_eq!(s.prune_history(1000).unwrap(), 0);
     s.mark_history_announced().unwrap();
     assert_eq!(s.prune_history(1000).unwrap(), 4004);
     let kept = s.history().unwrap();
-    assert_eq!((kept.len(), kept.first().unwrap().reason.as_deref()), (1000, Some("r4003")));
+    assert_eq!(
+        (kept.len(), kept.first().unwrap().reason.as_deref()),
+        (1000, Some("r4003"))
+    );
     assert!(!s.history_page(None, 2000, usize::MAX).unwrap().more);
     // An entry not yet announced stays, however old it gets.
     s.activate(1, Change::Rollback, "ops", Some("unannounced")).unwrap();
@@ -331,6 +500,12 @@ fn history_is_read_in_pages_and_pruned_once_announced() {
     assert!(reasons(&s.history().unwrap()).contains(&"unannounced".to_string()));
     drop(st);
     let st = store(dir.path());
-    st.registry().activate(1, Change::Rollback, "ops", Some("after")).unwrap();
-    assert_eq!(st.registry().history().unwrap().last().unwrap().reason.as_deref(), Some("after"), "numbering goes on past what was pruned");
+    st.registry()
+        .activate(1, Change::Rollback, "ops", Some("after"))
+        .unwrap();
+    assert_eq!(
+        st.registry().history().unwrap().last().unwrap().reason.as_deref(),
+        Some("after"),
+        "numbering goes on past what was pruned"
+    );
 }

@@ -61,7 +61,10 @@ impl Chunks {
             return (self.count > 0).then(|| "a whole envelope and chunks under one version".into());
         }
         if self.gap {
-            return Some(format!("its chunks are not numbered 0 to {} in a row", self.count.saturating_sub(1)));
+            return Some(format!(
+                "its chunks are not numbered 0 to {} in a row",
+                self.count.saturating_sub(1)
+            ));
         }
         (self.short_inside || self.last > CHUNK_BYTES).then(|| "a chunk before its last is short".into())
     }
@@ -99,7 +102,10 @@ impl Registry {
         if let Some(&newest) = versions.last() {
             if self.next_free()? <= newest {
                 self.tree.insert(meta("next_version"), &(newest + 1).to_be_bytes())?;
-                tracing::warn!(newest, "the next version number was behind v{newest} in the store; moved past it");
+                tracing::warn!(
+                    newest,
+                    "the next version number was behind v{newest} in the store; moved past it"
+                );
             }
         }
         if let Some(last) = self.tree.scan_prefix([b'H']).keys().next_back() {
@@ -117,8 +123,12 @@ impl Registry {
     /// that is all that is wrong.
     fn check(&self, version: u64, chunks: Option<&Chunks>, active: Option<u64>) -> Result<()> {
         let listing = self.tree.get(key(b'D', version))?;
-        let listed = listing.as_deref().map(|bytes| rmp_serde::from_slice::<Metadata>(bytes).is_ok());
-        let Some(chunks) = chunks else { return self.forget(version, "its envelope is gone", active) };
+        let listed = listing
+            .as_deref()
+            .map(|bytes| rmp_serde::from_slice::<Metadata>(bytes).is_ok());
+        let Some(chunks) = chunks else {
+            return self.forget(version, "its envelope is gone", active);
+        };
         if let Some(why) = chunks.torn() {
             return self.forget(version, &why, active);
         }
