@@ -148,10 +148,12 @@ mod tests {
         let floats = net.decode_floats(&z).unwrap();
         let bytes = net.decode_frames(&z).unwrap();
         assert_eq!((floats.len(), bytes.len()), (PRIOR_DRAWS * 12288, PRIOR_DRAWS * 12288));
+        // libtorch rounds halves to even (f.round() sends 0.5 up: one run in
+        // some drew a value at exactly n + 0.5 and failed).
         assert!(floats
             .iter()
             .zip(&bytes)
-            .all(|(f, &b)| ((f * 255.0).round() - b as f32).abs() <= 0.5));
+            .all(|(f, &b)| ((f * 255.0).round_ties_even().clamp(0.0, 255.0) - b as f32).abs() <= 0.5));
         assert!(net.decode_frames(&z[..31]).is_err());
         assert_eq!(net.prior_samples().unwrap(), bytes);
     }
