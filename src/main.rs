@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use wmvae::cli::{backend, render};
 use wmvae::config::Config;
+use wmvae::store::{Change, Provenance};
 use wmvae::tools::bench::{self, BenchOptions};
 use wmvae::vae::device::DeviceChoice;
 
@@ -416,7 +417,9 @@ async fn checkpoint_command(config: &Config, mode: backend::Mode, which: Checkpo
             }
         }
         CheckpointCommand::Rollback { version, reason } => {
-            let from = backend.rollback(version, &by, reason.as_deref()).await?;
+            let from = backend
+                .rollback(version, &Provenance::operator(Change::Rollback, by, reason))
+                .await?;
             let when = if backend.is_live() {
                 "now"
             } else {
@@ -447,7 +450,12 @@ async fn checkpoint_command(config: &Config, mode: backend::Mode, which: Checkpo
         CheckpointCommand::Import { file, reason } => {
             let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let metadata = backend
-                .import(&bytes, &file.display().to_string(), config, &by, reason.as_deref())
+                .import(
+                    &bytes,
+                    &file.display().to_string(),
+                    config,
+                    &Provenance::operator(Change::Import, by, reason),
+                )
                 .await?;
             println!("imported {} as v{} (active)", file.display(), metadata.version);
         }

@@ -8,7 +8,7 @@
 //! only a live daemon can do (switching the weights it trains and encodes with).
 
 use crate::config::Config;
-use crate::store::{best_by_eval, Change, HistoryEntry, HistoryPage, Split, Store, UnknownVersion};
+use crate::store::{best_by_eval, HistoryEntry, HistoryPage, Provenance, Split, Store, UnknownVersion};
 use crate::vae::checkpoint::{now_rfc3339, Checkpoint, Metadata};
 use crate::vae::device::Device;
 use crate::vae::learner::{Learner, Network};
@@ -152,8 +152,7 @@ pub fn import(
     weights_bytes: &[u8],
     origin: &str,
     config: &Config,
-    by: &str,
-    reason: Option<&str>,
+    provenance: &Provenance,
 ) -> Result<Checkpoint> {
     let mut learner = Learner::new(Device::Cpu, config.vae(), config.adam(), config.train.precision);
     learner.load_safetensors(weights_bytes, origin)?;
@@ -167,9 +166,7 @@ pub fn import(
     store.registry().add(
         version,
         |version| learner.snapshot(Metadata { version, ..metadata }),
-        Change::Import,
-        by,
-        reason,
+        provenance,
     )
 }
 
@@ -180,8 +177,8 @@ pub fn check_weights(bytes: &[u8], origin: &str, config: &Config) -> Result<()> 
 }
 
 /// Makes `version` active (offline; the daemon does more, see `trainer`).
-pub fn rollback(store: &Store, version: u64, by: &str, reason: Option<&str>) -> Result<Option<u64>> {
-    store.registry().activate(version, Change::Rollback, by, reason)
+pub fn rollback(store: &Store, version: u64, provenance: &Provenance) -> Result<Option<u64>> {
+    store.registry().activate(version, provenance)
 }
 
 #[cfg(test)]
@@ -189,6 +186,7 @@ mod tests {
     use super::*;
     use crate::frames::{self, Frame};
     use crate::store::compress_frames;
+    use crate::store::Change;
 
     fn setup() -> (tempfile::TempDir, Store, Config) {
         let dir = tempfile::tempdir().unwrap();
@@ -219,7 +217,7 @@ mod tests {
         };
         store
             .registry()
-            .add(None, make, Change::Trained, "test", None)
+            .add(None, make, &Provenance::operator(Change::Trained, "test", None))
             .unwrap()
             .metadata
             .version
@@ -259,7 +257,10 @@ mod tests {
         let unknown = |e: anyhow::Error| e.downcast_ref::<UnknownVersion>().map(|u| u.0);
         assert_eq!(unknown(show(&store, 7).unwrap_err()), Some(7));
         assert_eq!(unknown(checkpoint(&store, 7).unwrap_err()), Some(7));
-        assert_eq!(unknown(rollback(&store, 7, "me", None).unwrap_err()), Some(7));
+        assert_eq!(
+            unknown(rollback(&store, 7, &Provenance::operator(Change::Rollback, "me", None)).unwrap_err()),
+            Some(7)
+        );
         assert_eq!(unknown(recon_png(&store, 7, &config).unwrap_err()), Some(7));
     }
 
@@ -268,7 +269,15 @@ mod tests {
         let (_dir, store, _) = setup();
         add(&store, 3.0);
         add(&store, 2.0);
-        assert_eq!(rollback(&store, 1, "ops@host", Some("bad run")).unwrap(), Some(2));
+        assert_eq!(
+            rollback(
+                &store,
+                1,
+                &Provenance::operator(Change::Rollback, "ops@host", Some("bad run".into()))
+            )
+            .unwrap(),
+            Some(2)
+        );
         assert_eq!(store.registry().active_version().unwrap(), Some(1));
         let last = history(&store).unwrap().pop().unwrap();
         assert_eq!(
@@ -291,8 +300,7 @@ mod tests {
                 &good[..good.len() / 2],
                 "half.safetensors",
                 &config,
-                "me",
-                None
+                &Provenance::operator(Change::Import, "me", None)
             )
             .unwrap_err()
         );
@@ -307,8 +315,7 @@ mod tests {
             &good,
             "good.safetensors",
             &config,
-            "me",
-            Some("trained elsewhere"),
+            &Provenance::operator(Change::Import, "me", Some("trained elsewhere".into())),
         )
         .unwrap();
         assert_eq!((imported.metadata.version, imported.metadata.parent), (2, Some(1)));
@@ -335,9 +342,7 @@ mod tests {
                         vec![],
                     ))
                 },
-                Change::Initial,
-                "test",
-                None,
+                &Provenance::operator(Change::Initial, "test", None),
             )
             .unwrap();
         let err = format!("{:#}", recon_png(&store, 1, &config).unwrap_err());

@@ -405,7 +405,8 @@ fn harmless(endpoint: Endpoint) -> &'static [u8] {
 /// control service in its own account.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_keep_rollback_to_operators() {
-    let passwords = "WM_DAEMON_PASSWORD: d-pw\nWM_PUBLISHER_PASSWORD: p-pw\nWM_READER_PASSWORD: r-pw\nWM_OPERATOR_PASSWORD: o-pw\nWM_CONTROL_PASSWORD: c-pw\n";
+    let passwords = "WM_DAEMON_PASSWORD: d-pw\nWM_PUBLISHER_PASSWORD: p-pw\nWM_READER_PASSWORD: \
+        r-pw\nWM_OPERATOR_PASSWORD: o-pw\nWM_CONTROL_PASSWORD: c-pw\n";
     let roles = std::fs::read_to_string(repo_root().join("config/nats-permissions.conf")).unwrap();
     let server = start(&format!("{passwords}{roles}"));
     let as_user = |user: &str, password: &str| {

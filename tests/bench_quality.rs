@@ -42,7 +42,12 @@ fn quality(config: &std::path::Path, dir: &std::path::Path) -> Value {
 fn reports_a_held_out_curve_for_each_recipe() {
     let dir = tempfile::tempdir().unwrap();
     let cosine = dir.path().join("cosine.toml");
-    std::fs::write(&cosine, "[train]\nlearning_rate = 1e-3\nlr_schedule = \"warmup_cosine\"\nwarmup_steps = 5\ndecay_steps = 50\nmin_learning_rate = 1e-4\n").unwrap();
+    std::fs::write(
+        &cosine,
+        "[train]\nlearning_rate = 1e-3\nlr_schedule = \"warmup_cosine\"\nwarmup_steps = \
+        5\ndecay_steps = 50\nmin_learning_rate = 1e-4\n",
+    )
+    .unwrap();
     for (config, schedule, rate) in [
         (repo_root().join("config/world_models_paper.toml"), "constant", 1e-4),
         (cosine, "warmup_cosine", 1e-3),

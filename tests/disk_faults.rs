@@ -138,7 +138,10 @@ async fn a_takeover_on_a_small_disk_recovers_once_it_grows() {
     let scratch = tempfile::tempdir().unwrap();
     let disk = scratch.path().join("disk");
     let Some(tmpfs) = Tmpfs::mount(&disk, "120m") else {
-        eprintln!("SKIPPED: mounting a tmpfs needs root (a_version_left_half_there_is_fetched_again_or_forgotten covers the recovery everywhere)");
+        eprintln!(
+            "SKIPPED: mounting a tmpfs needs root (a_version_left_half_there_is_fetched_again_or_forgotten \
+            covers the recovery everywhere)"
+        );
         return;
     };
     let data = scratch.path().join("daemon");

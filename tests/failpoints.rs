@@ -116,7 +116,8 @@ async fn crashed_at_each_point_the_next_start_loses_and_repeats_nothing() {
     assert_eq!(store.stats().unwrap().frames_ingested, total, "{logs}");
     let steps: HashSet<u64> = store.frames_in_order(None, false).map(|f| f.unwrap().step).collect();
     assert_eq!(steps.len() as u64, total);
-    // One latent per frame: the frames redelivered after the encoder's crash were encoded again, and JetStream kept one.
+    // One latent per frame: the frames redelivered after the encoder's crash
+    // were encoded again, and JetStream kept one.
     let latents = stream_messages(&js, "WM_LATENTS").await;
     let ids: HashSet<String> = latents
         .iter()

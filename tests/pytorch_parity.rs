@@ -225,7 +225,15 @@ fn decoded_frames_match_pytorch() {
     let store_dir = dir.path().join("store");
     let config = wmvae::config::Config::load(None).unwrap();
     let store = wmvae::store::Store::open(&store_dir, config.buffer).unwrap();
-    wmvae::versions::import(&store, None, &weights_bytes, "test", &config, "test", None).unwrap();
+    wmvae::versions::import(
+        &store,
+        None,
+        &weights_bytes,
+        "test",
+        &config,
+        &wmvae::store::Provenance::operator(wmvae::store::Change::Import, "test", None),
+    )
+    .unwrap();
     drop(store);
     let frames_path = dir.path().join("frames.npy");
     let grid_path = dir.path().join("grid.png");

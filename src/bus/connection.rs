@@ -110,7 +110,11 @@ fn refusal(config: &NatsConfig, error: &async_nats::ConnectError) -> Option<anyh
     let auth = config.auth_kind();
     let why = match error.kind() {
         ConnectErrorKind::AuthorizationViolation => {
-            format!("NATS at {} refused the credentials (authentication: {auth}); check the nats.* settings and the server's users", config.url)
+            format!(
+                "NATS at {} refused the credentials (authentication: {auth}); check the nats.* settings and the \
+                server's users",
+                config.url
+            )
         }
         ConnectErrorKind::Authentication => {
             format!(

@@ -120,22 +120,30 @@ impl Bus {
                     };
                     // A flood would log a line per dropped request: one a minute.
                     let last_said = Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
-                    Ok(options.subscription_capacity(CONTROL_QUEUE).event_callback(move |event| {
-                        let last_said = last_said.clone();
-                        async move {
-                            match event {
-                                async_nats::Event::ServerError(e) => tracing::warn!("NATS server (control connection): {e}"),
-                                async_nats::Event::SlowConsumer(_) => {
-                                    let mut last = last_said.lock().unwrap_or_else(|p| p.into_inner());
-                                    if last.is_none_or(|at| at.elapsed() >= SLOW_CONTROL_LOG_INTERVAL) {
-                                        *last = Some(std::time::Instant::now());
-                                        tracing::warn!("control requests arrive faster than they are answered; the excess is dropped");
+                    Ok(options
+                        .subscription_capacity(CONTROL_QUEUE)
+                        .event_callback(move |event| {
+                            let last_said = last_said.clone();
+                            async move {
+                                match event {
+                                    async_nats::Event::ServerError(e) => tracing::warn!(
+                                        "NATS server (control connection): \
+                                    {e}"
+                                    ),
+                                    async_nats::Event::SlowConsumer(_) => {
+                                        let mut last = last_said.lock().unwrap_or_else(|p| p.into_inner());
+                                        if last.is_none_or(|at| at.elapsed() >= SLOW_CONTROL_LOG_INTERVAL) {
+                                            *last = Some(std::time::Instant::now());
+                                            tracing::warn!(
+                                                "control requests arrive faster than they are answered; the \
+                                            excess is dropped"
+                                            );
+                                        }
                                     }
+                                    _ => {}
                                 }
-                                _ => {}
                             }
-                        }
-                    }))
+                        }))
                 };
                 connection::connect(config, patience, make_control)
                     .await

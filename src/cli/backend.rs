@@ -8,7 +8,7 @@ use crate::bus::messages::{import_object, weights_object, CheckpointRequest};
 use crate::bus::service::{Endpoint, ServiceError};
 use crate::bus::Bus;
 use crate::config::Config;
-use crate::store::{HistoryEntry, HistoryPage, Stats, Store, UnknownVersion};
+use crate::store::{HistoryEntry, HistoryPage, Provenance, Stats, Store, UnknownVersion};
 use crate::vae::checkpoint::{sha256_hex, Metadata};
 use crate::vae::device::DeviceChoice;
 use crate::vae::learner::Network;
@@ -176,19 +176,19 @@ impl Backend {
     }
 
     /// Returns the previously active version.
-    pub async fn rollback(&self, version: u64, by: &str, reason: Option<&str>) -> Result<Option<u64>> {
+    pub async fn rollback(&self, version: u64, provenance: &Provenance) -> Result<Option<u64>> {
         match self {
             Backend::Live(bus) => {
                 let request = CheckpointRequest {
                     version: Some(version),
-                    by: Some(by.into()),
-                    reason: reason.map(str::to_string),
+                    by: Some(provenance.by.name().into()),
+                    reason: provenance.reason.clone(),
                     ..Default::default()
                 };
                 let reply: serde_json::Value = ask(bus, Endpoint::Rollback, &request).await?;
                 Ok(reply["from"].as_u64())
             }
-            Backend::Offline(store, _) => versions::rollback(store, version, by, reason),
+            Backend::Offline(store, _) => versions::rollback(store, version, provenance),
         }
     }
 
@@ -235,8 +235,7 @@ impl Backend {
         bytes: &[u8],
         origin: &str,
         config: &Config,
-        by: &str,
-        reason: Option<&str>,
+        provenance: &Provenance,
     ) -> Result<Metadata> {
         versions::check_weights(bytes, origin, config)?;
         match self {
@@ -244,8 +243,8 @@ impl Backend {
                 let object = import_object(&format!("{}-{}", std::process::id(), sha256_hex(bytes)));
                 bus.put_object(&object, bytes).await?;
                 let request = CheckpointRequest {
-                    by: Some(by.into()),
-                    reason: reason.map(str::to_string),
+                    by: Some(provenance.by.name().into()),
+                    reason: provenance.reason.clone(),
                     object: Some(object.clone()),
                     ..Default::default()
                 };
@@ -257,7 +256,7 @@ impl Backend {
                 imported
             }
             Backend::Offline(store, _) => {
-                Ok(versions::import(store, None, bytes, origin, config, by, reason)?.metadata)
+                Ok(versions::import(store, None, bytes, origin, config, provenance)?.metadata)
             }
         }
     }

@@ -81,7 +81,10 @@ impl NatsConfig {
         for server in self.url.split(',') {
             let authority = server.split_once("://").map_or(server, |(_, rest)| rest);
             if authority.split('/').next().unwrap_or_default().contains('@') {
-                bail!("nats.url must not carry credentials: set nats.user and nats.password (or WMVAE_NATS__PASSWORD) so they stay out of logs");
+                bail!(
+                    "nats.url must not carry credentials: set nats.user and nats.password (or WMVAE_NATS__PASSWORD) \
+                    so they stay out of logs"
+                );
             }
         }
         let ways = [

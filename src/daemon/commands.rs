@@ -5,7 +5,7 @@
 
 use super::control::Command;
 use super::trainer::{Event, Trainer};
-use crate::store::Change;
+use crate::store::Provenance;
 use crate::vae::checkpoint::Metadata;
 use crate::versions;
 use anyhow::{Context, Result};
@@ -19,22 +19,20 @@ impl Trainer {
             match command {
                 Command::Rollback {
                     version,
-                    by,
-                    reason,
+                    provenance,
                     reply,
                 } => {
-                    let result = self.roll_back(version, Change::Rollback, &by, reason);
+                    let result = self.roll_back(version, provenance);
                     changed |= result.is_ok();
                     let _ = reply.send(result);
                 }
                 Command::Import {
                     weights,
                     origin,
-                    by,
-                    reason,
+                    provenance,
                     reply,
                 } => {
-                    let result = self.import(&weights, &origin, &by, reason.as_deref());
+                    let result = self.import(&weights, &origin, &provenance);
                     changed |= result.is_ok();
                     let _ = reply.send(result);
                 }
@@ -52,20 +50,14 @@ impl Trainer {
     /// Training weights and Adam state move to `version`, then the rollback
     /// is announced (encoders follow it). Nothing changes if the version is
     /// unknown or its checkpoint does not load.
-    pub(super) fn roll_back(
-        &mut self,
-        version: u64,
-        why: Change,
-        by: &str,
-        reason: Option<String>,
-    ) -> Result<Option<u64>> {
+    pub(super) fn roll_back(&mut self, version: u64, provenance: Provenance) -> Result<Option<u64>> {
         let epoch = self.leading()?;
         let to = Arc::new(versions::checkpoint(&self.store, version)?);
         self.learner.restore(&to)?;
-        let from = self.store.registry().activate(version, why, by, reason.as_deref())?;
+        let from = self.store.registry().activate(version, &provenance)?;
         self.active = Some(to.clone());
         self.status.update(|s| s.active_version = Some(version));
-        let reason = reason.unwrap_or_else(|| why.to_string());
+        let reason = provenance.reason.unwrap_or_else(|| provenance.why.to_string());
         self.events
             .blocking_send(Event::Rollback {
                 from,
@@ -78,7 +70,7 @@ impl Trainer {
     }
 
     /// A foreign model becomes the next version, active, with fresh Adam state.
-    fn import(&mut self, weights: &[u8], origin: &str, by: &str, reason: Option<&str>) -> Result<Metadata> {
+    fn import(&mut self, weights: &[u8], origin: &str, provenance: &Provenance) -> Result<Metadata> {
         let version = self.allocate_version(None)?;
         let checkpoint = Arc::new(versions::import(
             &self.store,
@@ -86,8 +78,7 @@ impl Trainer {
             weights,
             origin,
             &self.config,
-            by,
-            reason,
+            provenance,
         )?);
         self.learner.restore(&checkpoint)?;
         let metadata = checkpoint.metadata.clone();

@@ -20,7 +20,7 @@ use crate::bus::service::{Caller, Endpoint, Handler, Reply, ServiceError};
 use crate::bus::{Bus, TooLarge};
 use crate::config::Config;
 use crate::frames::wire;
-use crate::store::{InUse, Store, UnknownVersion};
+use crate::store::{Change, InUse, Provenance, Store, UnknownVersion};
 use crate::vae::checkpoint::Metadata;
 use crate::versions;
 use anyhow::anyhow;
@@ -39,15 +39,13 @@ const MAX_IMPORT_BYTES: u64 = 256 << 20;
 pub enum Command {
     Rollback {
         version: u64,
-        by: String,
-        reason: Option<String>,
+        provenance: Provenance,
         reply: oneshot::Sender<anyhow::Result<Option<u64>>>,
     },
     Import {
         weights: Vec<u8>,
         origin: String,
-        by: String,
-        reason: Option<String>,
+        provenance: Provenance,
         reply: oneshot::Sender<anyhow::Result<Metadata>>,
     },
     Pin {
@@ -172,7 +170,11 @@ fn decode_request(payload: &[u8], z_size: usize, max_payload: usize) -> anyhow::
     // The reply's frames plus room for its map and the version.
     let fits = max_payload.saturating_sub(64) / crate::frames::BYTES;
     if n > fits {
-        return Err(BadRequest(format!("{n} frames do not fit in one reply under this server's max_payload of {max_payload} bytes: send at most {fits} latents a request")).into());
+        return Err(BadRequest(format!(
+            "{n} frames do not fit in one reply under this server's max_payload of \
+            {max_payload} bytes: send at most {fits} latents a request"
+        ))
+        .into());
     }
     Ok(request)
 }
@@ -259,10 +261,10 @@ async fn answer_trainer(
         }
         Endpoint::Rollback => {
             let (v, reason) = (version()?, request.reason.clone());
+            let provenance = Provenance::operator(Change::Rollback, by, reason);
             let from = ask_trainer(&commands, |reply| Command::Rollback {
                 version: v,
-                by,
-                reason,
+                provenance,
                 reply,
             })
             .await?;
@@ -301,11 +303,11 @@ async fn answer_trainer(
             };
             versions::check_weights(&weights, &object, &ctx.config).map_err(|e| BadRequest(format!("{e:#}")))?;
             let (origin, reason) = (object.clone(), request.reason.clone());
+            let provenance = Provenance::operator(Change::Import, by, reason);
             let imported = ask_trainer(&commands, |reply| Command::Import {
                 weights,
                 origin,
-                by,
-                reason,
+                provenance,
                 reply,
             })
             .await?;

@@ -235,7 +235,8 @@ async fn within_cap(State(permits): State<Arc<Semaphore>>, request: Request, nex
 /// descriptors) are logged and retried: once bound, it does not fail.
 pub async fn serve(listener: TcpListener, ctx: HttpContext, shutdown: CancellationToken) -> Result<()> {
     let limits = Limits::new(ctx.config.http.max_connections);
-    tracing::info!(max_requests = limits.requests, max_idle = limits.idle, header_read_timeout = ?limits.header_read, "HTTP limits");
+    let (max_requests, max_idle, header_read_timeout) = (limits.requests, limits.idle, limits.header_read);
+    tracing::info!(max_requests, max_idle, ?header_read_timeout, "HTTP limits");
     accept_loop(listener, limited(router(ctx), &limits), limits, shutdown).await;
     Ok(())
 }
@@ -543,7 +544,8 @@ fn chart(title: &str, curves: &[(&str, &[CurvePoint])]) -> String {
             .collect();
         let _ = write!(
             svg,
-            r#"<polyline class="curve" data-name="{name}" fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#,
+            r#"<polyline class="curve" data-name="{name}" fill="none" stroke="{colour}" stroke-width="2"
+                points="{}"/>"#,
             pts.join(" ")
         );
         let _ = write!(
@@ -589,13 +591,16 @@ fn render_page(ctx: &HttpContext) -> Result<String> {
     };
     Ok(format!(
         r#"<!doctype html><html><head><meta charset="utf-8"><title>wmvae</title>{refresh}
-<style>body{{font-family:sans-serif;margin:24px}} td,th{{padding:2px 10px;text-align:left}} img{{image-rendering:pixelated;width:1024px}}</style></head><body>
+<style>body{{font-family:sans-serif;margin:24px}} td,th{{padding:2px 10px;text-align:left}}
+img{{image-rendering:pixelated;width:1024px}}</style></head><body>
 <h1>wmvae: World Models VAE</h1>
-<p>state <b>{state}</b> · step {step} · active <b>v{version}</b> · {ips:.0} images/s · buffer {frames} frames · device {device}</p>
+<p>state <b>{state}</b> · step {step} · active <b>v{version}</b> · {ips:.0} images/s ·
+buffer {frames} frames · device {device}</p>
 <p>train loss {train_loss} · eval loss {eval_loss} · latents published {latents} · auto rollbacks {rollbacks}</p>
 {train_chart}{eval_chart}
 <h2>Validation frames (top) and their reconstructions by v{version} (bottom)</h2>
-<img id="grid" alt="reconstructions" src="/recon.png" onload="this.dataset.loaded='yes'" onerror="this.dataset.loaded='no'">
+<img id="grid" alt="reconstructions" src="/recon.png" onload="this.dataset.loaded='yes'"
+ onerror="this.dataset.loaded='no'">
 <h2>Active version history</h2>
 <table><tr><th>at</th><th>from</th><th>to</th><th>why</th><th>by</th><th>reason</th></tr>{history}</table>
 </body></html>"#,

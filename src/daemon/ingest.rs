@@ -184,7 +184,10 @@ pub async fn run(
                 since_log.rejected += rejected;
             }
             Err(e) => {
-                tracing::error!("ingest: a committed batch of {size} was not all acked ({e:#}); its frames come back and are found stored");
+                tracing::error!(
+                    "ingest: a committed batch of {size} was not all acked ({e:#}); its frames come back \
+                    and are found stored"
+                );
                 batch.iter().for_each(|d| failures.record(d.stream_sequence, &e));
             }
         }

@@ -162,7 +162,14 @@ impl Collector for Figures {
             "Writes to the store (frame commits, checkpoints) that failed.",
             s.store_write_errors,
         )?;
-        counter(e, "checkpoint_write_errors", "Checkpoints that could not be written to the store (no room on its disk, or a write error); training goes on and the next checkpoint tries again.", s.checkpoint_write_errors)?;
+        counter(
+            e,
+            "checkpoint_write_errors",
+            "Checkpoints that could not be written to the store (no room on its \
+            disk, or a write error); training goes on and the next checkpoint tries \
+            again.",
+            s.checkpoint_write_errors,
+        )?;
         gauge(
             e,
             "store_writable",

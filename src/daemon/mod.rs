@@ -29,7 +29,7 @@ use crate::config::Config;
 use crate::daemon::status::{Heart, StatusBoard};
 use crate::daemon::supervisor::{Supervisor, Watchdog};
 use crate::daemon::trainer::Trainer;
-use crate::store::{Change, Damaged, NeedsReopen, Store};
+use crate::store::{Change, Damaged, NeedsReopen, Provenance, Store};
 use crate::vae::checkpoint::Checkpoint;
 use crate::vae::device::{self, Device};
 use crate::vae::learner::Learner;
@@ -84,7 +84,10 @@ pub fn shutdown_on_signals() -> Result<CancellationToken> {
             _ = tokio::signal::ctrl_c() => {}
             _ = sigterm.recv() => {}
         }
-        eprintln!("error: a second signal: exiting at once; acked frames are in the store, unacked ones are redelivered, unannounced versions go out at the next start");
+        eprintln!(
+            "error: a second signal: exiting at once; acked frames are in the store, unacked ones are \
+            redelivered, unannounced versions go out at the next start"
+        );
         // _exit, not exit: exit runs libtorch's static destructors while the
         // trainer thread may still be inside libtorch (a SIGSEGV, seen).
         // SAFETY: _exit only ends the process; nothing runs after it.
@@ -159,7 +162,7 @@ fn recover(store: &Store, bus: &Bus, version: u64) -> Result<Checkpoint> {
             Ok(Some(checkpoint)) => {
                 let reason =
                     format!("v{version} is damaged or missing in the store and the object store has no good copy");
-                registry.activate(older.version, Change::Recovery, "wmvae", Some(&reason))?;
+                registry.activate(older.version, &Provenance::daemon(Change::Recovery).because(&reason))?;
                 tracing::warn!(
                     from = version,
                     to = older.version,
@@ -172,7 +175,10 @@ fn recover(store: &Store, bus: &Bus, version: u64) -> Result<Checkpoint> {
             Err(e) => tracing::error!("{e:#}"),
         }
     }
-    bail!("the active version v{version} is damaged or missing, the object store has no good copy, and no older version is intact: import weights (wmvae checkpoint import --offline) or move the store aside")
+    bail!(
+        "the active version v{version} is damaged or missing, the object store has no good copy, and no older \
+        version is intact: import weights (wmvae checkpoint import --offline) or move the store aside"
+    )
 }
 
 /// The trainer role's parts, running.
@@ -204,7 +210,10 @@ async fn refuse_twin(bus: &Bus, node_id: &str) -> Result<()> {
         } else {
             format!("with [node] id {node_id:?}")
         };
-        bail!("another trainer node {named} already runs on this NATS; give each trainer node its own [node] id (WMVAE_NODE__ID)");
+        bail!(
+            "another trainer node {named} already runs on this NATS; give each trainer node its own [node] id \
+            (WMVAE_NODE__ID)"
+        );
     }
     Ok(())
 }
@@ -364,7 +373,8 @@ async fn migrate_on_reconnect(bus: Bus, shutdown: CancellationToken) -> Result<(
         loop {
             match bus.migrate().await {
                 Ok(report) => {
-                    tracing::info!(streams = ?report.streams, "NATS reconnected: streams, buckets and consumers in place");
+                    tracing::info!(streams = ?report.streams, "NATS reconnected: streams, buckets and consumers in \
+                        place");
                     break;
                 }
                 Err(e) => {
@@ -415,7 +425,8 @@ async fn run_parts(config: Config, shutdown: CancellationToken) -> Result<()> {
         true => {
             let store = Store::open(&config.store.data_dir, config.buffer)?;
             let stats = store.stats()?;
-            tracing::info!(data_dir = %config.store.data_dir.display(), frames = stats.frames, capacity = stats.capacity, "replay buffer open");
+            let (frames, capacity) = (stats.frames, stats.capacity);
+            tracing::info!(data_dir = %config.store.data_dir.display(), frames, capacity, "replay buffer open");
             Some(store)
         }
         false => None,

@@ -174,19 +174,23 @@ impl Watchdog {
         let (disarm, disarmed) = std::sync::mpsc::channel::<()>();
         let stage = Arc::new(Mutex::new("starting the shutdown"));
         let at = stage.clone();
-        std::thread::Builder::new().name("wmvae-watchdog".into()).spawn(move || {
-            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = disarmed.recv_timeout(limit) {
-                let stage = *at.lock().unwrap_or_else(|p| p.into_inner());
-                let running = supervisor.running();
-                eprintln!(
-                    "error: the shutdown did not finish within {limit:?} ([serve] shutdown_grace_secs and a margin): it was {stage}; parts still running: {}; exiting. Acked frames are in the store, unacked ones are redelivered, unannounced versions go out at the next start",
+        std::thread::Builder::new()
+            .name("wmvae-watchdog".into())
+            .spawn(move || {
+                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = disarmed.recv_timeout(limit) {
+                    let stage = *at.lock().unwrap_or_else(|p| p.into_inner());
+                    let running = supervisor.running();
+                    eprintln!(
+                    "error: the shutdown did not finish within {limit:?} ([serve] shutdown_grace_secs and a margin): \
+                        it was {stage}; parts still running: {}; exiting. Acked frames are in the store, unacked ones \
+                        are redelivered, unannounced versions go out at the next start",
                     if running.is_empty() { "none".to_string() } else { running.join(", ") }
                 );
-                // SAFETY: _exit only ends the process (no destructors run
-                // under threads that may be inside libtorch or sled).
-                unsafe { libc::_exit(1) }
-            }
-        })?;
+                    // SAFETY: _exit only ends the process (no destructors run
+                    // under threads that may be inside libtorch or sled).
+                    unsafe { libc::_exit(1) }
+                }
+            })?;
         Ok(Watchdog { _disarm: disarm, stage })
     }
 

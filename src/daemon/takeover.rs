@@ -18,7 +18,7 @@ use crate::backoff::Backoff;
 use crate::bus::kv::{Active, Conflict};
 use crate::bus::messages::checkpoint_envelope_object;
 use crate::bus::Bus;
-use crate::store::{Change, Damaged};
+use crate::store::{Change, Damaged, Provenance};
 use crate::vae::checkpoint::{now_rfc3339, Checkpoint, Metadata};
 use anyhow::{anyhow, bail, Context, Result};
 use std::sync::Arc;
@@ -108,7 +108,10 @@ impl Trainer {
     /// Not leading: say so, refuse queued operator commands, wait a moment.
     pub(super) fn stand_by(&mut self) {
         if self.grant.take().is_some() {
-            tracing::warn!("not leading (the lease lost, or its renewal failing): training, checkpoints and announcements stop here");
+            tracing::warn!(
+                "not leading (the lease lost, or its renewal failing): training, checkpoints and \
+                announcements stop here"
+            );
         }
         self.status
             .update(|s| (s.state, s.lease, s.epoch) = (Some(TrainerState::Standby), Some(LeaseRole::Standby), None));
@@ -250,12 +253,17 @@ impl Trainer {
                     ..pending
                 })
             };
-            let checkpoint = registry.add(Some(version), make, Change::Trained, "wmvae", None)?;
+            let checkpoint = registry.add(Some(version), make, &Provenance::daemon(Change::Trained))?;
             self.learner.restore(&checkpoint)?;
             tracing::info!(version, step, "the last shutdown's pending checkpoint is v{version}");
             self.active = Some(Arc::new(checkpoint));
         } else {
-            tracing::warn!(step, "the last shutdown's pending checkpoint (after v{}) gives way: the cluster's active version is v{active}", pending.metadata.parent.unwrap_or(0));
+            tracing::warn!(
+                step,
+                "the last shutdown's pending checkpoint (after v{}) gives way: the cluster's active \
+                version is v{active}",
+                pending.metadata.parent.unwrap_or(0)
+            );
         }
         registry.clear_pending()
     }
@@ -272,9 +280,7 @@ impl Trainer {
         let checkpoint = self.store.registry().add(
             Some(version),
             |version| learner.snapshot(Metadata { version, ..metadata }),
-            Change::Initial,
-            "wmvae",
-            None,
+            &Provenance::daemon(Change::Initial),
         )?;
         tracing::info!(version, "initial weights written");
         self.active = Some(Arc::new(checkpoint));
@@ -300,9 +306,7 @@ impl Trainer {
                     registry.add(
                         Some(active.version),
                         move |_| Ok(envelope),
-                        Change::Takeover,
-                        "wmvae",
-                        None,
+                        &Provenance::daemon(Change::Takeover),
                     )?
                 } else {
                     registry.repair(&checkpoint)?;
@@ -317,7 +321,7 @@ impl Trainer {
         };
         self.learner.restore(&checkpoint)?;
         if registry.active_version()? != Some(active.version) {
-            registry.activate(active.version, Change::Takeover, "wmvae", None)?;
+            registry.activate(active.version, &Provenance::daemon(Change::Takeover))?;
         }
         registry.mark_history_announced()?;
         tracing::info!(

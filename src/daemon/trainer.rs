@@ -18,7 +18,7 @@ use super::supervisor::Supervisor;
 use crate::bus::kv::Shared;
 use crate::bus::Bus;
 use crate::config::{Config, TrainConfig};
-use crate::store::{Change, Split, Store};
+use crate::store::{Change, Provenance, Split, Store};
 use crate::vae::checkpoint::{now_rfc3339, Checkpoint, Metadata};
 use crate::vae::learner::{Learner, LossValues};
 use anyhow::{bail, Context, Result};
@@ -195,7 +195,13 @@ impl Trainer {
                     Err(e) => {
                         let (step, parent) = (metadata.step, metadata.parent);
                         self.store.registry().set_pending(&self.learner.snapshot(metadata)?)?;
-                        tracing::warn!(step, "no version number for the last checkpoint ({e:#}): kept in the store as pending; it becomes a version when this node leads again, if the cluster's active version is still v{}", parent.unwrap_or(0));
+                        tracing::warn!(
+                            step,
+                            "no version number for the last checkpoint ({e:#}): kept in the store as \
+                            pending; it becomes a version when this node leads again, if the cluster's active version \
+                            is still v{}",
+                            parent.unwrap_or(0)
+                        );
                     }
                 }
             }
@@ -226,7 +232,12 @@ impl Trainer {
             self.auto_rollbacks_in_a_row += 1;
             let attempt = self.auto_rollbacks_in_a_row;
             if attempt > cfg.max_auto_rollbacks {
-                bail!("training stopped: the loss diverged again after {} automatic rollbacks in a row (train.max_auto_rollbacks); look at the data and the learning rate, then roll back or import by hand", cfg.max_auto_rollbacks);
+                bail!(
+                    "training stopped: the loss diverged again after {} automatic rollbacks in a row \
+                    (train.max_auto_rollbacks); look at the data and the learning rate, then roll back or import by \
+                    hand",
+                    cfg.max_auto_rollbacks
+                );
             }
             if self.leading().is_err() {
                 return Ok(()); // not leading now: the loop stands by
@@ -241,7 +252,7 @@ impl Trainer {
                 "automatic rollback on divergence: {} bad steps in a row (attempt {attempt} of {})",
                 run.guard.bad_in_a_row, cfg.max_auto_rollbacks
             );
-            self.roll_back(version, Change::AutoRollback, "wmvae", Some(reason.clone()))?;
+            self.roll_back(version, Provenance::daemon(Change::AutoRollback).because(&reason))?;
             tracing::warn!(to = version, "{reason}");
             self.status.update(|s| s.auto_rollbacks += 1);
             *run = Run::from(self.active.as_deref(), cfg);
@@ -388,9 +399,7 @@ impl Trainer {
         let checkpoint = match self.store.registry().add(
             Some(version),
             |version| learner.snapshot(Metadata { version, ..metadata }),
-            Change::Trained,
-            "wmvae",
-            None,
+            &Provenance::daemon(Change::Trained),
         ) {
             Ok(checkpoint) => checkpoint,
             Err(e) => {
@@ -400,7 +409,12 @@ impl Trainer {
                 // sled's error while its disk takes writes is reopened.
                 self.status.checkpoint_failed(&e);
                 let every = self.config.train.checkpoint_every_steps;
-                tracing::error!(version, step = self.learner.steps(), "checkpoint v{version} not written ({e:#}); training goes on from memory, and the next checkpoint (every {every} steps) tries again");
+                tracing::error!(
+                    version,
+                    step = self.learner.steps(),
+                    "checkpoint v{version} not written ({e:#}); \
+                    training goes on from memory, and the next checkpoint (every {every} steps) tries again"
+                );
                 self.store.check_write_failure(&e)?;
                 return Ok(());
             }

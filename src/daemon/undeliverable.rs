@@ -27,8 +27,11 @@ const ERROR_BYTES: usize = 512;
 /// Clones share it.
 #[derive(Clone, Default)]
 pub struct Failures {
-    inner: Arc<Mutex<(HashMap<u64, String>, VecDeque<u64>)>>,
+    inner: Arc<Mutex<Remembered>>,
 }
+
+/// Each frame's last error, and the frames in the order first seen.
+type Remembered = (HashMap<u64, String>, VecDeque<u64>);
 
 impl Failures {
     /// Records `error` as the last failure of frame `stream_sequence`.

@@ -47,7 +47,10 @@ pub fn preprocess(pixels: Bytes, height: usize, width: usize, policy: Policy) ->
             .resize(&pixels)
             .into()),
         (_, _, Policy::WorldModels) => {
-            bail!("frame size {height}x{width} unsupported: expected 64x64 or 96x96 (set preprocess = \"resize\" to accept others)")
+            bail!(
+                "frame size {height}x{width} unsupported: expected 64x64 or 96x96 (set preprocess = \"resize\" to \
+                accept others)"
+            )
         }
     }
 }

@@ -33,7 +33,9 @@ mod upgrade;
 pub use buffer::{BufferConfig, Committed, Stats};
 pub use episodes::{Cursor, EpisodeCount, Scope};
 pub use layout::{compress_frames, Compressed, Split};
-pub use registry::{best_by_eval, Change, Damaged, HistoryEntry, HistoryPage, InUse, Registry, UnknownVersion};
+pub use registry::{
+    best_by_eval, Actor, Change, Damaged, HistoryEntry, HistoryPage, InUse, Provenance, Registry, UnknownVersion,
+};
 pub use room::NoRoom;
 
 /// Entry points for `fuzz/` (cargo fuzz builds with `--cfg fuzzing`): the
@@ -92,7 +94,13 @@ pub struct NeedsReopen {
 
 impl std::fmt::Display for NeedsReopen {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the store in {} can't write, though its disk takes writes again: sled keeps a write error until the store is reopened ({})", self.dir.display(), self.failed)
+        write!(
+            f,
+            "the store in {} can't write, though its disk takes writes again: sled keeps a write error until the \
+            store is reopened ({})",
+            self.dir.display(),
+            self.failed
+        )
     }
 }
 
@@ -166,7 +174,10 @@ impl Store {
             .transpose()?;
         match found {
             Some(found) if found > SCHEMA_VERSION => {
-                bail!("store schema version {found} was written by a newer wmvae; this build knows up to {SCHEMA_VERSION}")
+                bail!(
+                    "store schema version {found} was written by a newer wmvae; this build knows up to \
+                    {SCHEMA_VERSION}"
+                )
             }
             Some(found) if found == SCHEMA_VERSION => {}
             // New, or older: older frames move to the new layout (a new store

@@ -81,60 +81,6 @@ pub fn best_by_eval(all: &[Metadata]) -> Option<u64> {
         .map(|(_, version)| version)
 }
 
-/// Why the active version changed. Stored and shown as the strings each
-/// variant names (the history's `why`, pinned in JSON).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Change {
-    /// Version 1: fresh weights on a new store.
-    #[serde(rename = "initial")]
-    Initial,
-    /// A checkpoint of training.
-    #[serde(rename = "trained")]
-    Trained,
-    /// An operator's rollback (live or offline).
-    #[serde(rename = "rollback")]
-    Rollback,
-    /// The trainer's own rollback after a run of diverging steps.
-    #[serde(rename = "automatic rollback on divergence")]
-    AutoRollback,
-    /// Weights trained elsewhere.
-    #[serde(rename = "import")]
-    Import,
-    /// A new leader's store catching up with the active version (from the
-    /// object store's full checkpoint).
-    #[serde(rename = "takeover")]
-    Takeover,
-    /// The daemon's rollback past an active version found [`Damaged`] in
-    /// the store, with no copy of it in the object store.
-    #[serde(rename = "recovery from a damaged version")]
-    Recovery,
-}
-
-impl Change {
-    /// Whether the active version went back to an older one (announced as a `rollback`).
-    pub fn is_rollback(self) -> bool {
-        matches!(self, Change::Rollback | Change::AutoRollback | Change::Recovery)
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Change::Initial => "initial",
-            Change::Trained => "trained",
-            Change::Rollback => "rollback",
-            Change::AutoRollback => "automatic rollback on divergence",
-            Change::Import => "import",
-            Change::Takeover => "takeover",
-            Change::Recovery => "recovery from a damaged version",
-        }
-    }
-}
-
-impl std::fmt::Display for Change {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.pad(self.as_str())
-    }
-}
-
 /// One change of the active version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HistoryEntry {
@@ -143,7 +89,8 @@ pub struct HistoryEntry {
     pub from: Option<u64>,
     pub to: u64,
     pub why: Change,
-    /// Who asked: "wmvae" for the daemon itself, else a NATS user or user@host.
+    /// Who asked: [`Actor::name`] ("wmvae" for the daemon itself, else a
+    /// NATS user or user@host).
     pub by: String,
     pub reason: Option<String>,
 }
@@ -160,8 +107,36 @@ fn key(tag: u8, n: u64) -> Vec<u8> {
 }
 /// Where the pending checkpoint's chunks live (`W` chunk).
 const PENDING: &[u8] = b"W";
-fn meta(name: &str) -> Vec<u8> {
-    [b"M", name.as_bytes()].concat()
+fn meta(counter: Counter) -> Vec<u8> {
+    [b"M", counter.name().as_bytes()].concat()
+}
+
+/// The registry's counters, each a big-endian u64 under `M` + its name.
+#[derive(Debug, Clone, Copy)]
+enum Counter {
+    /// The number the next version gets.
+    NextVersion,
+    /// The active version.
+    Active,
+    /// The sequence number of the next history entry.
+    HistoryNext,
+    /// Every history entry below it was announced.
+    HistoryAnnounced,
+    /// The lease epoch this node last led under.
+    LedEpoch,
+}
+
+impl Counter {
+    /// Its name in the stored key (pinned: stores on disk hold these).
+    fn name(self) -> &'static str {
+        match self {
+            Counter::NextVersion => "next_version",
+            Counter::Active => "active",
+            Counter::HistoryNext => "history_next",
+            Counter::HistoryAnnounced => "history_announced",
+            Counter::LedEpoch => "led_epoch",
+        }
+    }
 }
 
 /// The registry. Clones share the store's sled database; changes are
@@ -177,8 +152,10 @@ pub struct Registry {
 }
 
 mod history;
+mod provenance;
 mod verify;
 pub use history::HistoryPage;
+pub use provenance::{Actor, Change, Provenance};
 
 impl Registry {
     /// Opens the registry and checks what it holds (`verify.rs`): versions
@@ -261,39 +238,32 @@ impl Registry {
         self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn counter(&self, name: &str) -> Result<Option<u64>> {
-        self.tree.get(meta(name))?.map(|v| be_u64(&v)).transpose()
+    fn counter(&self, counter: Counter) -> Result<Option<u64>> {
+        self.tree.get(meta(counter))?.map(|v| be_u64(&v)).transpose()
     }
 
     /// Adds "`version` is now active" and its history entry to `batch`;
     /// returns the version active before.
-    fn activate_in(
-        &self,
-        batch: &mut sled::Batch,
-        version: u64,
-        why: Change,
-        by: &str,
-        reason: Option<&str>,
-    ) -> Result<Option<u64>> {
-        let from = self.counter("active")?;
-        batch.insert(meta("active"), &version.to_be_bytes());
+    fn activate_in(&self, batch: &mut sled::Batch, version: u64, provenance: &Provenance) -> Result<Option<u64>> {
+        let from = self.counter(Counter::Active)?;
+        batch.insert(meta(Counter::Active), &version.to_be_bytes());
         let entry = HistoryEntry {
             at: now_rfc3339(),
             from,
             to: version,
-            why,
-            by: by.into(),
-            reason: reason.map(str::to_string),
+            why: provenance.why,
+            by: provenance.by.name().into(),
+            reason: provenance.reason.clone(),
         };
-        let seq = self.counter("history_next")?.unwrap_or(0);
+        let seq = self.counter(Counter::HistoryNext)?.unwrap_or(0);
         batch.insert(key(b'H', seq), rmp_serde::to_vec_named(&entry)?);
-        batch.insert(meta("history_next"), &(seq + 1).to_be_bytes());
+        batch.insert(meta(Counter::HistoryNext), &(seq + 1).to_be_bytes());
         Ok(from)
     }
 
     /// The number the next version gets when none is `given` to [`Registry::add`].
     pub fn next_free(&self) -> Result<u64> {
-        Ok(self.counter("next_version")?.unwrap_or(1))
+        Ok(self.counter(Counter::NextVersion)?.unwrap_or(1))
     }
 
     /// Stores a new version built by `make` (given its number) and makes it
@@ -304,9 +274,7 @@ impl Registry {
         &self,
         given: Option<u64>,
         make: impl FnOnce(u64) -> Result<Checkpoint>,
-        why: Change,
-        by: &str,
-        reason: Option<&str>,
+        provenance: &Provenance,
     ) -> Result<Checkpoint> {
         let _guard = self.serialised();
         let next = self.next_free()?;
@@ -324,8 +292,8 @@ impl Registry {
         let mut batch = sled::Batch::default();
         let _room = self.put_chunks(&mut batch, &key(b'V', version), &checkpoint)?;
         batch.insert(key(b'D', version), rmp_serde::to_vec_named(&checkpoint.metadata)?);
-        batch.insert(meta("next_version"), &(version + 1).to_be_bytes());
-        self.activate_in(&mut batch, version, why, by, reason)?;
+        batch.insert(meta(Counter::NextVersion), &(version + 1).to_be_bytes());
+        self.activate_in(&mut batch, version, provenance)?;
         self.tree.apply_batch(batch)?;
         self.db.flush()?;
         Ok(checkpoint)
@@ -334,7 +302,7 @@ impl Registry {
     /// Makes an existing version active, once its stored bytes decode and
     /// match their sha256 (a damaged version is never made active). Returns
     /// the previous active version.
-    pub fn activate(&self, version: u64, why: Change, by: &str, reason: Option<&str>) -> Result<Option<u64>> {
+    pub fn activate(&self, version: u64, provenance: &Provenance) -> Result<Option<u64>> {
         let _guard = self.serialised();
         if self
             .get(version)
@@ -344,14 +312,14 @@ impl Registry {
             return Err(UnknownVersion(version).into());
         }
         let mut batch = sled::Batch::default();
-        let from = self.activate_in(&mut batch, version, why, by, reason)?;
+        let from = self.activate_in(&mut batch, version, provenance)?;
         self.tree.apply_batch(batch)?;
         self.db.flush()?;
         Ok(from)
     }
 
     pub fn active_version(&self) -> Result<Option<u64>> {
-        self.counter("active")
+        self.counter(Counter::Active)
     }
 
     /// Whether `version` is stored (its metadata is written and removed
@@ -420,7 +388,7 @@ impl Registry {
     /// Deletes a version (never the active one). Returns its metadata.
     pub fn delete(&self, version: u64) -> Result<Metadata> {
         let _guard = self.serialised();
-        if self.counter("active")? == Some(version) {
+        if self.counter(Counter::Active)? == Some(version) {
             return Err(InUse(version).into());
         }
         let metadata = self.metadata(version)?.ok_or(UnknownVersion(version))?;
@@ -447,11 +415,11 @@ impl Registry {
 
     /// The lease epoch this store's node last led under (set when it took over).
     pub fn led_epoch(&self) -> Result<Option<u64>> {
-        self.counter("led_epoch")
+        self.counter(Counter::LedEpoch)
     }
 
     pub fn set_led_epoch(&self, epoch: u64) -> Result<()> {
-        self.tree.insert(meta("led_epoch"), &epoch.to_be_bytes())?;
+        self.tree.insert(meta(Counter::LedEpoch), &epoch.to_be_bytes())?;
         self.db.flush()?;
         Ok(())
     }

@@ -45,7 +45,15 @@ pub struct NoRoom {
 impl std::fmt::Display for NoRoom {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mb = |bytes: u64| bytes as f64 / 1e6;
-        write!(f, "no room on the store's disk for {}: it needs {:.1} MB free (with {} MB kept for sled), {:.1} MB are (No space left on device)", self.what, mb(self.needed), RESERVE_BYTES >> 20, mb(self.free))
+        write!(
+            f,
+            "no room on the store's disk for {}: it needs {:.1} MB free (with {} MB kept for sled), {:.1} MB are \
+            (No space left on device)",
+            self.what,
+            mb(self.needed),
+            RESERVE_BYTES >> 20,
+            mb(self.free)
+        )
     }
 }
 

@@ -54,9 +54,13 @@ impl LocalNats {
     fn start_on(binary: &Path, port: u16, extra: &str) -> Result<LocalNats> {
         let dir = tempfile::tempdir()?;
         let store = dir.path().join("js");
-        std::fs::write(dir.path().join("nats.conf"), format!(
-                "listen: 127.0.0.1:{port}\nmax_payload: 4MB\njetstream {{ store_dir: {store:?}, sync_interval: always, max_file_store: {MAX_FILE_STORE_BYTES} }}\n{extra}\n"
-            ))?;
+        std::fs::write(
+            dir.path().join("nats.conf"),
+            format!(
+                "listen: 127.0.0.1:{port}\nmax_payload: 4MB\njetstream {{ store_dir: {store:?}, sync_interval: always, \
+                    max_file_store: {MAX_FILE_STORE_BYTES} }}\n{extra}\n"
+            ),
+        )?;
         let child = spawn(binary, dir.path(), port)?;
         Ok(LocalNats {
             child,

@@ -163,10 +163,20 @@ impl Checkpoint {
         }
         let mut envelope: Envelope = rmp_serde::from_slice(bytes).context("corrupt wmvae checkpoint")?;
         if head.format_version >= 2 && envelope.digest()? != envelope.sha256 {
-            bail!("checkpoint v{}: the envelope does not match its sha256 (metadata, weights or optimizer state damaged); refusing to load", envelope.metadata.version);
+            bail!(
+                "checkpoint v{}: the envelope does not match its sha256 (metadata, weights or optimizer state \
+                damaged); refusing to load",
+                envelope.metadata.version
+            );
         }
         if head.format_version < 2 && !envelope.written_by_version_1(bytes)? {
-            bail!("checkpoint v{}: the envelope says format version {} but is not what that version wrote (damaged, or another version's with its number changed); refusing to load", envelope.metadata.version, head.format_version);
+            bail!(
+                "checkpoint v{}: the envelope says format version {} but is not what that version wrote (damaged, or \
+                another version's with its number changed); refusing to \
+                load",
+                envelope.metadata.version,
+                head.format_version
+            );
         }
         let checkpoint = Checkpoint {
             metadata: envelope.metadata,

@@ -28,7 +28,7 @@ impl Registry {
     /// History entries not yet announced on NATS (made offline, before a
     /// crash, or while NATS was away), oldest first, with their sequence numbers.
     fn unannounced(&self) -> Result<Vec<(u64, HistoryEntry)>> {
-        let from = self.counter("history_announced")?.unwrap_or(0);
+        let from = self.counter(Counter::HistoryAnnounced)?.unwrap_or(0);
         let mut out = Vec::new();
         for entry in self.tree.range(key(b'H', from)..key(b'H', u64::MAX)) {
             let (k, v) = entry?;
@@ -58,7 +58,7 @@ impl Registry {
         // announced in a row (their marks dropped), so the scan above stays
         // as short as what is still unannounced.
         let mut batch = sled::Batch::default();
-        let mut watermark = self.counter("history_announced")?.unwrap_or(0);
+        let mut watermark = self.counter(Counter::HistoryAnnounced)?.unwrap_or(0);
         if seq != watermark {
             batch.insert(key(b'A', seq), &[]);
         } else {
@@ -67,7 +67,7 @@ impl Registry {
                 batch.remove(key(b'A', watermark));
                 watermark += 1;
             }
-            batch.insert(meta("history_announced"), &watermark.to_be_bytes());
+            batch.insert(meta(Counter::HistoryAnnounced), &watermark.to_be_bytes());
         }
         self.tree.apply_batch(batch)?;
         Ok(())
@@ -77,9 +77,9 @@ impl Registry {
     /// superseded by the cluster's active version).
     pub fn mark_history_announced(&self) -> Result<()> {
         let _guard = self.serialised();
-        let next = self.counter("history_next")?.unwrap_or(0);
+        let next = self.counter(Counter::HistoryNext)?.unwrap_or(0);
         let mut batch = sled::Batch::default();
-        batch.insert(meta("history_announced"), &next.to_be_bytes());
+        batch.insert(meta(Counter::HistoryAnnounced), &next.to_be_bytes());
         for marked in self.tree.scan_prefix([b'A']).keys() {
             batch.remove(marked?);
         }
@@ -127,8 +127,8 @@ impl Registry {
     /// of stays until it is announced. Returns how many went.
     pub fn prune_history(&self, keep: u64) -> Result<usize> {
         let _guard = self.serialised();
-        let next = self.counter("history_next")?.unwrap_or(0);
-        let announced = self.counter("history_announced")?.unwrap_or(0);
+        let next = self.counter(Counter::HistoryNext)?.unwrap_or(0);
+        let announced = self.counter(Counter::HistoryAnnounced)?.unwrap_or(0);
         let below = next.saturating_sub(keep).min(announced);
         let mut batch = sled::Batch::default();
         let mut dropped = 0;

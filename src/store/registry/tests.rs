@@ -8,7 +8,8 @@ fn announcement_is_tracked_per_entry() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(dir.path()).registry().clone();
     let (v1, v2) = (add(&s, 1.0), add(&s, 2.0));
-    s.activate(v1, Change::Rollback, "ops", None).unwrap();
+    s.activate(v1, &Provenance::operator(Change::Rollback, "ops", None))
+        .unwrap();
     let whys = |s: &Registry| {
         s.unannounced_history()
             .unwrap()
@@ -26,7 +27,8 @@ fn announcement_is_tracked_per_entry() {
     assert_eq!(whys(&s), [(v1, Change::Trained)]);
     s.mark_history_announced().unwrap();
     assert!(whys(&s).is_empty());
-    s.activate(v2, Change::Rollback, "ops", None).unwrap();
+    s.activate(v2, &Provenance::operator(Change::Rollback, "ops", None))
+        .unwrap();
     assert_eq!(
         whys(&s),
         [(v2, Change::Rollback)],
@@ -54,7 +56,7 @@ fn add(s: &Registry, eval_loss: f64) -> u64 {
         };
         Ok(Checkpoint::new(metadata, vec![version as u8; 8], vec![]))
     };
-    s.add(None, make, Change::Trained, "wmvae", None)
+    s.add(None, make, &Provenance::daemon(Change::Trained))
         .unwrap()
         .metadata
         .version
@@ -67,7 +69,11 @@ fn versions_grow_across_reopen_and_deletes() {
         let st = store(dir.path());
         let s = st.registry();
         assert_eq!((add(s, 5.0), add(s, 4.0)), (1, 2));
-        s.activate(1, Change::Rollback, "ops@host", Some("bad run")).unwrap();
+        s.activate(
+            1,
+            &Provenance::operator(Change::Rollback, "ops@host", Some("bad run".into())),
+        )
+        .unwrap();
         s.delete(2).unwrap();
     }
     let st = store(dir.path());
@@ -104,11 +110,13 @@ fn a_damaged_version_is_never_made_active() {
     damaged[at] ^= 0xff;
     bytes = damaged.into();
     s.tree.insert(chunk, bytes).unwrap();
-    let refused = s.activate(1, Change::Rollback, "ops@host", None).unwrap_err();
+    let refused = s
+        .activate(1, &Provenance::operator(Change::Rollback, "ops@host", None))
+        .unwrap_err();
     assert!(format!("{refused:#}").contains("sha256"), "{refused:#}");
     assert_eq!(s.active_version().unwrap(), Some(2));
     assert!(s
-        .activate(9, Change::Rollback, "ops@host", None)
+        .activate(9, &Provenance::operator(Change::Rollback, "ops@host", None))
         .unwrap_err()
         .downcast_ref::<UnknownVersion>()
         .is_some());
@@ -202,7 +210,9 @@ fn retention_keeps_newest_pinned_best_and_active() {
     // Newest 2 (5, 6), pinned 3, best 2 (loss 1.0), active 6.
     assert_eq!(s.retention_victims(2).unwrap(), [1, 4]);
     assert!(s.delete(6).unwrap_err().to_string().contains("active"));
-    assert!(s.activate(42, Change::Rollback, "me", None).is_err());
+    assert!(s
+        .activate(42, &Provenance::operator(Change::Rollback, "me", None))
+        .is_err());
 }
 
 /// A checkpoint larger than a chunk is stored in pieces, read back
@@ -224,7 +234,7 @@ fn big_checkpoints_round_trip_in_chunks() {
         ))
     };
     assert_eq!(
-        s.add(None, make, Change::Trained, "wmvae", None)
+        s.add(None, make, &Provenance::daemon(Change::Trained))
             .unwrap()
             .metadata
             .version,
@@ -259,7 +269,7 @@ fn schema_1_stores_are_read_and_upgraded() {
         s.tree
             .insert(key(b'D', 1), rmp_serde::to_vec_named(&old.metadata).unwrap())
             .unwrap();
-        s.tree.insert(meta("next_version"), &2u64.to_be_bytes()).unwrap();
+        s.tree.insert(meta(Counter::NextVersion), &2u64.to_be_bytes()).unwrap();
         st.tree
             .insert(crate::store::layout::meta_key("schema_version"), &1u64.to_be_bytes())
             .unwrap();
@@ -338,7 +348,7 @@ fn versions_left_half_there_are_forgotten_at_open() {
             big(7, 5 * CHUNK_BYTES),
         ] {
             let version = c.metadata.version;
-            s.add(Some(version), move |_| Ok(c), Change::Trained, "wmvae", None)
+            s.add(Some(version), move |_| Ok(c), &Provenance::daemon(Change::Trained))
                 .unwrap();
         }
         s.set_pinned(2, true).unwrap();
@@ -360,9 +370,9 @@ fn versions_left_half_there_are_forgotten_at_open() {
         s.tree
             .insert([&key(b'V', 9)[..], &1u32.to_be_bytes()].concat(), vec![1u8; 10])
             .unwrap();
-        let last_history = s.counter("history_next").unwrap().unwrap() - 1;
-        s.tree.insert(meta("next_version"), &3u64.to_be_bytes()).unwrap();
-        s.tree.insert(meta("history_next"), &1u64.to_be_bytes()).unwrap();
+        let last_history = s.counter(Counter::HistoryNext).unwrap().unwrap() - 1;
+        s.tree.insert(meta(Counter::NextVersion), &3u64.to_be_bytes()).unwrap();
+        s.tree.insert(meta(Counter::HistoryNext), &1u64.to_be_bytes()).unwrap();
         st.flush().unwrap();
         assert_eq!(last_history, 6);
         copy
@@ -389,7 +399,7 @@ fn versions_left_half_there_are_forgotten_at_open() {
         "active still names the version to fetch again"
     );
     assert_eq!(
-        (s.next_free().unwrap(), s.counter("history_next").unwrap()),
+        (s.next_free().unwrap(), s.counter(Counter::HistoryNext).unwrap()),
         (10, Some(7)),
         "counters past what is stored"
     );
@@ -415,7 +425,7 @@ fn versions_left_half_there_are_forgotten_at_open() {
 /// Writes `n` history entries (rollbacks to v1, reason "r<i>") after the
 /// ones there, as if made one by one, in one batch.
 fn many_entries(s: &Registry, n: u64, reason_bytes: usize) {
-    let first = s.counter("history_next").unwrap().unwrap_or(0);
+    let first = s.counter(Counter::HistoryNext).unwrap().unwrap_or(0);
     let mut batch = sled::Batch::default();
     for i in 0..n {
         let reason = format!("r{i}{}", "x".repeat(reason_bytes));
@@ -429,7 +439,7 @@ fn many_entries(s: &Registry, n: u64, reason_bytes: usize) {
         };
         batch.insert(key(b'H', first + i), rmp_serde::to_vec_named(&entry).unwrap());
     }
-    batch.insert(meta("history_next"), &(first + n).to_be_bytes());
+    batch.insert(meta(Counter::HistoryNext), &(first + n).to_be_bytes());
     s.tree.apply_batch(batch).unwrap();
 }
 
@@ -494,14 +504,18 @@ fn history_is_read_in_pages_and_pruned_once_announced() {
     );
     assert!(!s.history_page(None, 2000, usize::MAX).unwrap().more);
     // An entry not yet announced stays, however old it gets.
-    s.activate(1, Change::Rollback, "ops", Some("unannounced")).unwrap();
+    s.activate(
+        1,
+        &Provenance::operator(Change::Rollback, "ops", Some("unannounced".into())),
+    )
+    .unwrap();
     many_entries(s, 2000, 0);
     s.prune_history(10).unwrap();
     assert!(reasons(&s.history().unwrap()).contains(&"unannounced".to_string()));
     drop(st);
     let st = store(dir.path());
     st.registry()
-        .activate(1, Change::Rollback, "ops", Some("after"))
+        .activate(1, &Provenance::operator(Change::Rollback, "ops", Some("after".into())))
         .unwrap();
     assert_eq!(
         st.registry().history().unwrap().last().unwrap().reason.as_deref(),

@@ -89,7 +89,7 @@ impl Registry {
         for k in self.tree.scan_prefix([b'D']).keys() {
             versions.insert(be_u64(&k?[1..])?);
         }
-        let active = self.counter("active")?;
+        let active = self.counter(Counter::Active)?;
         for &version in &versions {
             self.check(version, found.get(&version), active)?;
         }
@@ -101,7 +101,8 @@ impl Registry {
         }
         if let Some(&newest) = versions.last() {
             if self.next_free()? <= newest {
-                self.tree.insert(meta("next_version"), &(newest + 1).to_be_bytes())?;
+                self.tree
+                    .insert(meta(Counter::NextVersion), &(newest + 1).to_be_bytes())?;
                 tracing::warn!(
                     newest,
                     "the next version number was behind v{newest} in the store; moved past it"
@@ -110,8 +111,9 @@ impl Registry {
         }
         if let Some(last) = self.tree.scan_prefix([b'H']).keys().next_back() {
             let last = be_u64(&last?[1..])?;
-            if self.counter("history_next")?.unwrap_or(0) <= last {
-                self.tree.insert(meta("history_next"), &(last + 1).to_be_bytes())?;
+            if self.counter(Counter::HistoryNext)?.unwrap_or(0) <= last {
+                self.tree
+                    .insert(meta(Counter::HistoryNext), &(last + 1).to_be_bytes())?;
                 tracing::warn!("the history's next entry number was behind its entry {last}; moved past it");
             }
         }
@@ -137,15 +139,41 @@ impl Registry {
         }
         match self.get(version) {
             Ok(Some(checkpoint)) if listed != Some(true) => {
-                self.tree.insert(key(b'D', version), rmp_serde::to_vec_named(&checkpoint.metadata)?)?;
+                self.tree
+                    .insert(key(b'D', version), rmp_serde::to_vec_named(&checkpoint.metadata)?)?;
                 let was = if listed.is_some() { "damaged" } else { "missing" };
-                tracing::warn!(version, "v{version}'s listing metadata was {was}; rebuilt from its checkpoint");
+                tracing::warn!(
+                    version,
+                    "v{version}'s listing metadata was {was}; rebuilt from its checkpoint"
+                );
             }
             Ok(_) => {}
-            Err(e) if chunks.may_lack_tail() => return self.forget(version, &format!("a tail of its chunks is missing: {e:#}"), active),
+            Err(e) if chunks.may_lack_tail() => {
+                return self.forget(
+                    version,
+                    &format!(
+                        "a tail of its chunks is missing: \
+                {e:#}"
+                    ),
+                    active,
+                )
+            }
             Err(e) => match listed {
-                None => return self.forget(version, &format!("chunks without a listing that do not decode: {e:#}"), active),
-                Some(false) => tracing::error!(version, "v{version}'s listing metadata is damaged, and so is its checkpoint ({e:#}); it stays out of listings"),
+                None => {
+                    return self.forget(
+                        version,
+                        &format!(
+                            "chunks without a listing that do not decode: \
+                    {e:#}"
+                        ),
+                        active,
+                    )
+                }
+                Some(false) => tracing::error!(
+                    version,
+                    "v{version}'s listing metadata is damaged, and so is its \
+                    checkpoint ({e:#}); it stays out of listings"
+                ),
                 // Damaged in place: the daemon repairs the active version or rolls back past it.
                 Some(true) => tracing::error!(version, "{e:#}"),
             },
@@ -164,7 +192,11 @@ impl Registry {
             true => "; it is the active version: it is fetched again from the object store, or rolled back past",
             false => "",
         };
-        tracing::error!(version, "v{version} is not whole in the store ({why}): a write that failed part way (a full disk?) left it so; forgotten{then}");
+        tracing::error!(
+            version,
+            "v{version} is not whole in the store ({why}): a write that failed part way (a full \
+            disk?) left it so; forgotten{then}"
+        );
         Ok(())
     }
 }
