@@ -230,10 +230,14 @@ async fn resumes_after_sigkill() {
         .into_iter()
         .find(|a| a.metadata.version > last.version)
         .unwrap();
-    assert_eq!(
+    // Never reused; one number may be skipped: the kill can land after the
+    // trainer took the next number from wm-meta and before it stored that
+    // version (its eval runs in between; seen once in some runs).
+    assert!(
+        (last.version + 1..=last.version + 2).contains(&next.metadata.version),
+        "v{} after v{}: versions are never reused, and at most the one in flight is skipped",
         next.metadata.version,
-        last.version + 1,
-        "versions are never reused or skipped"
+        last.version
     );
     assert_eq!(next.metadata.parent, Some(last.version));
     assert!(

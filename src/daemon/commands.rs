@@ -51,7 +51,7 @@ impl Trainer {
     /// is announced (encoders follow it). Nothing changes if the version is
     /// unknown or its checkpoint does not load.
     pub(super) fn roll_back(&mut self, version: u64, provenance: Provenance) -> Result<Option<u64>> {
-        let epoch = self.leading()?;
+        let epoch = self.leadership.epoch()?;
         let to = Arc::new(versions::checkpoint(&self.store, version)?);
         self.learner.restore(&to)?;
         let from = self.store.registry().activate(version, &provenance)?;
@@ -89,7 +89,7 @@ impl Trainer {
     /// Deletes a version (never the active one) and hands the removal of its
     /// object to the daemon.
     fn delete(&mut self, version: u64) -> Result<Metadata> {
-        let epoch = self.leading()?;
+        let epoch = self.leadership.epoch()?;
         let metadata = self.store.registry().delete(version)?;
         self.events
             .blocking_send(Event::Deleted {

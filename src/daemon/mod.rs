@@ -15,8 +15,10 @@ pub mod encoder;
 pub mod guard;
 pub mod http;
 pub mod ingest;
+pub mod leadership;
 pub mod lease;
 pub mod metrics;
+pub mod recovery;
 pub mod sampler;
 pub mod status;
 pub mod supervisor;
@@ -29,16 +31,15 @@ use crate::config::Config;
 use crate::daemon::status::{Heart, StatusBoard};
 use crate::daemon::supervisor::{Supervisor, Watchdog};
 use crate::daemon::trainer::Trainer;
-use crate::store::{Change, Damaged, NeedsReopen, Provenance, Store};
-use crate::vae::checkpoint::Checkpoint;
+use crate::store::{NeedsReopen, Store};
 use crate::vae::device::{self, Device};
-use crate::vae::learner::Learner;
 
 use crate::backoff::Backoff;
 use crate::bus::service::{Endpoint, Handler, NodeInfo, StatusProbe};
 use anyhow::{anyhow, bail, Context, Result};
 use control::Command;
 use encoder::Encoder;
+use leadership::Leadership;
 use lease::Lease;
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,15 +47,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// Checkpoint events queued for publishing: a handful; the trainer makes a
-/// version every `checkpoint_every_steps`, far slower than they publish.
-const EVENT_QUEUE: usize = 16;
 /// How often leader-only serving looks at the lease: well under a TTL.
 const LEASE_POLL: Duration = Duration::from_millis(200);
 /// How often shutdown looks whether the trainer thread has ended.
 const THREAD_POLL: Duration = Duration::from_millis(20);
-/// Operator commands waiting for the trainer: operators are few.
-const COMMAND_QUEUE: usize = 16;
 /// Between the parts stopping for a store reopen and starting again: sled's
 /// threads let go of the store's lock, and the old control service's
 /// subscriptions are gone before the new one checks for a twin.
@@ -104,81 +100,6 @@ async fn until<T>(deadline: tokio::time::Instant, what: &str, left: &str, task: 
         abort.abort();
         tracing::warn!("{what}: not done within the shutdown grace; {left}");
     }
-}
-
-/// The learner resumed from this store's active version, if it has one;
-/// else fresh weights (which become version 1 only if this node leads a new
-/// cluster: see `takeover.rs`). An active version found damaged, or not in
-/// the store (forgotten when it opened: a failed write left it half
-/// there), is written back from the object store's copy, or else rolled
-/// back past ([`Change::Recovery`]) to the newest intact version.
-fn resume(config: &Config, store: &Store, bus: &Bus, device: Device) -> Result<(Learner, Option<Arc<Checkpoint>>)> {
-    let mut learner = Learner::new(device, config.vae(), config.adam(), config.train.precision);
-    let registry = store.registry();
-    let Some(version) = registry.active_version()? else {
-        return Ok((learner, None));
-    };
-    let checkpoint = match registry.get(version) {
-        Ok(Some(checkpoint)) => checkpoint,
-        Ok(None) => {
-            tracing::error!(version, "the active version v{version} is not in the store");
-            recover(store, bus, version)?
-        }
-        Err(e) if e.chain().any(|c| c.is::<Damaged>()) => {
-            tracing::error!("{e:#}");
-            recover(store, bus, version)?
-        }
-        Err(e) => return Err(e),
-    };
-    learner.restore(&checkpoint)?;
-    tracing::info!(
-        version = checkpoint.metadata.version,
-        step = learner.steps(),
-        "resumed from the active checkpoint"
-    );
-    Ok((learner, Some(Arc::new(checkpoint))))
-}
-
-/// For an active `version` damaged or missing in the store: the object
-/// store's copy (written back to the store), else the newest intact older
-/// version, made active; an error when there is neither.
-fn recover(store: &Store, bus: &Bus, version: u64) -> Result<Checkpoint> {
-    let registry = store.registry();
-    let expected = registry.metadata(version).ok().flatten().map(|m| m.sha256);
-    match tokio::runtime::Handle::current().block_on(takeover::object_store_copy(bus, version, expected.as_deref())) {
-        Ok(Some(copy)) => {
-            registry.repair(&copy)?;
-            tracing::warn!(
-                version,
-                "v{version} repaired from the object store's copy (written back to the store)"
-            );
-            return Ok(copy);
-        }
-        Ok(None) => tracing::warn!(version, "the object store has no copy of v{version}"),
-        Err(e) => tracing::warn!(version, "no good copy of v{version} from the object store ({e:#})"),
-    }
-    for older in registry.list()?.iter().rev().filter(|m| m.version < version) {
-        match registry.get(older.version) {
-            Ok(Some(checkpoint)) => {
-                let reason =
-                    format!("v{version} is damaged or missing in the store and the object store has no good copy");
-                registry.activate(older.version, &Provenance::daemon(Change::Recovery).because(&reason))?;
-                tracing::warn!(
-                    from = version,
-                    to = older.version,
-                    "{reason}: rolled back to v{}",
-                    older.version
-                );
-                return Ok(checkpoint);
-            }
-            Ok(None) => {}
-            Err(e) => tracing::error!("{e:#}"),
-        }
-    }
-    bail!(
-        "the active version v{version} is damaged or missing, the object store has no good copy, and no older \
-        version is intact: import weights (wmvae checkpoint import --offline) or move the store aside"
-    )
 }
 
 /// The trainer role's parts, running.
@@ -232,9 +153,9 @@ impl TrainerRole {
         supervisor: &Supervisor,
     ) -> Result<TrainerRole> {
         refuse_twin(bus, &config.node.id).await?;
-        let (learner, active) = {
+        let resumed = {
             let (config, store, bus) = (config.clone(), store.clone(), bus.clone());
-            tokio::task::spawn_blocking(move || resume(&config, &store, &bus, device)).await??
+            tokio::task::spawn_blocking(move || recovery::resume(&config, &store, &bus, device)).await??
         };
         let shared = bus.shared().await?;
         let lease_stop = CancellationToken::new();
@@ -245,29 +166,27 @@ impl TrainerRole {
             lease_stop.clone(),
             supervisor,
         );
-        let (events, event_queue) = mpsc::channel(EVENT_QUEUE);
-        let (commands, command_queue) = mpsc::channel(COMMAND_QUEUE);
+        let runtime = tokio::runtime::Handle::current();
+        let leadership = Leadership::new(
+            lease.clone(),
+            shared.clone(),
+            bus.clone(),
+            runtime,
+            supervisor.shutdown().clone(),
+        );
+        let (trainer, event_queue, commands) = Trainer::new(
+            config.clone(),
+            store.clone(),
+            resumed,
+            status.clone(),
+            supervisor.clone(),
+            leadership,
+        );
         let publisher = supervisor.spawn(
             "checkpoint publisher",
-            announce::publish_events(bus.clone(), store.clone(), shared.clone(), lease.clone(), event_queue),
+            announce::publish_events(bus.clone(), store.clone(), shared, lease.clone(), event_queue),
         );
         status.beat(Heart::Trainer);
-        let trainer = Trainer {
-            config: config.clone(),
-            store: store.clone(),
-            learner,
-            active,
-            events,
-            status: status.clone(),
-            commands: command_queue,
-            supervisor: supervisor.clone(),
-            lease: lease.clone(),
-            shared,
-            bus: bus.clone(),
-            runtime: tokio::runtime::Handle::current(),
-            grant: None,
-            auto_rollbacks_in_a_row: 0,
-        };
         let thread = supervisor.thread("trainer thread", move || trainer.run())?;
         status.beat(Heart::Ingest);
         let ingest = supervisor.spawn(

@@ -54,14 +54,6 @@ pub(super) async fn object_store_copy(bus: &Bus, version: u64, sha256: Option<&s
 }
 
 impl Trainer {
-    /// The epoch this node leads under, or an error when it no longer does.
-    pub(super) fn leading(&self) -> Result<u64> {
-        match (self.lease.grant(), self.grant) {
-            (Some(now), Some(took_over)) if now == took_over => Ok(now.epoch),
-            _ => bail!("this node no longer holds the training lease"),
-        }
-    }
-
     /// The active checkpoint, which a leader always has.
     pub(super) fn active(&self) -> Result<&Arc<Checkpoint>> {
         self.active
@@ -69,45 +61,15 @@ impl Trainer {
             .context("no active version yet: this node has not led")
     }
 
-    /// A NATS call made from the trainer's thread, the one way it reaches
-    /// the runtime: given up when the shutdown signal comes while it waits
-    /// (a server gone mid-request must not hold the shutdown), and after
-    /// `limit` when one is given. A call made once the shutdown began (the
-    /// last checkpoint's) is bounded by its `limit` alone.
-    pub(super) fn nats<T>(
-        &self,
-        call: impl std::future::Future<Output = Result<T>>,
-        limit: Option<Duration>,
-    ) -> Result<T> {
-        let shutdown = self.supervisor.shutdown().clone();
-        let interruptible = !shutdown.is_cancelled();
-        // The timers are made inside the runtime: this thread is not one of its.
-        self.runtime.block_on(async {
-            let bounded = async {
-                match limit {
-                    Some(limit) => tokio::time::timeout(limit, call)
-                        .await
-                        .map_err(|_| anyhow!("NATS did not answer within {limit:?}"))?,
-                    None => call.await,
-                }
-            };
-            tokio::select! {
-                _ = shutdown.cancelled(), if interruptible => Err(anyhow!("given up: the daemon is shutting down")),
-                done = bounded => done,
-            }
-        })
-    }
-
     /// A version number unique across nodes, waited for at most `within`.
     pub(super) fn allocate_version(&self, within: Option<Duration>) -> Result<u64> {
-        self.leading()?;
         let at_least = self.store.registry().next_free()?;
-        self.nats(self.shared.allocate_version(at_least), within)
+        self.leadership.allocate_version(at_least, within)
     }
 
     /// Not leading: say so, refuse queued operator commands, wait a moment.
     pub(super) fn stand_by(&mut self) {
-        if self.grant.take().is_some() {
+        if self.leadership.end() {
             tracing::warn!(
                 "not leading (the lease lost, or its renewal failing): training, checkpoints and \
                 announcements stop here"
@@ -136,7 +98,7 @@ impl Trainer {
             *failing = None;
             return Ok(true);
         };
-        self.grant = None;
+        self.leadership.end();
         let retrying = failing.get_or_insert_with(|| Retrying {
             since: Instant::now(),
             pause: Backoff::default(),
@@ -149,7 +111,7 @@ impl Trainer {
             "taking over training failed ({e:#}); trying again in {:?}",
             retrying.pause.next
         );
-        self.runtime.block_on(retrying.pause.wait(self.supervisor.shutdown()));
+        self.leadership.pause(&mut retrying.pause);
         Ok(false)
     }
 
@@ -157,7 +119,7 @@ impl Trainer {
     fn take_over(&mut self, grant: Grant) -> Result<()> {
         let epoch = grant.epoch;
         tracing::info!(epoch, "taking over training");
-        self.grant = Some(grant);
+        self.leadership.begin(grant);
         let registry = self.store.registry().clone();
         // An operator's rollback or import made offline to this store, or its
         // recovery from a damaged version the object store had no copy of, is
@@ -172,7 +134,7 @@ impl Trainer {
             .unannounced_history()?
             .iter()
             .any(|h| matches!(h.why, Change::Rollback | Change::Import | Change::Recovery));
-        let cluster = self.nats(self.shared.active(), None)?.map(|(active, _)| active);
+        let cluster = self.leadership.cluster_active()?.map(|(active, _)| active);
         let mine = self.active.as_ref().map(|a| a.metadata.version);
         match cluster {
             Some(active) if !operator_changes && mine != Some(active.version) && !self.continues(&active)? => {
@@ -183,16 +145,17 @@ impl Trainer {
         }
         self.adopt_pending()?;
         // NATS catches up with this store (objects it lacks, offline rollbacks).
-        let (bus, store, lease) = (self.bus.clone(), self.store.clone(), self.lease.clone());
-        self.nats(announce::publish_offline_changes(&bus, &store, &lease, epoch), None)?;
+        let (bus, lease) = (self.leadership.bus(), self.leadership.lease());
+        let offline_changes = announce::publish_offline_changes(bus, &self.store, lease, epoch);
+        self.leadership.nats(offline_changes, None)?;
         // Fence: `active` rewritten under this epoch; an older leader's compare-and-set now fails.
         let (version, sha256) = (self.active()?.metadata.version, self.active()?.metadata.sha256.clone());
         let active = Active { version, sha256, epoch };
-        let seen = self.nats(self.shared.active(), None)?.map(|(_, revision)| revision);
-        match self.nats(self.shared.set_active(&active, seen), None) {
+        let seen = self.leadership.cluster_active()?.map(|(_, revision)| revision);
+        match self.leadership.set_active(&active, seen) {
             Ok(_) => registry.set_led_epoch(epoch)?,
             Err(e) if e.downcast_ref::<Conflict>().is_some() => {
-                self.lease.lose();
+                self.leadership.lose();
                 return Err(e).context("another node moved the active version while this one took over");
             }
             Err(e) => return Err(e),
@@ -299,7 +262,11 @@ impl Trainer {
             _damaged_or_missing => {
                 let name = checkpoint_envelope_object(active.version);
                 let checkpoint = self
-                    .nats(object_store_copy(&self.bus, active.version, Some(&active.sha256)), None)?
+                    .leadership
+                    .nats(
+                        object_store_copy(self.leadership.bus(), active.version, Some(&active.sha256)),
+                        None,
+                    )?
                     .with_context(|| format!("{name} is not in the object store"))?;
                 if active.version >= registry.next_free()? {
                     let envelope = checkpoint.clone();

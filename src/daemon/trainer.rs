@@ -11,12 +11,10 @@
 
 use super::control::Command;
 use super::guard::{DivergenceGuard, LossWindow};
-use super::lease::{Grant, Lease};
+use super::leadership::Leadership;
 use super::sampler::Sampler;
 use super::status::{Heart, StatusBoard, TrainerState};
 use super::supervisor::Supervisor;
-use crate::bus::kv::Shared;
-use crate::bus::Bus;
 use crate::config::{Config, TrainConfig};
 use crate::store::{Change, Provenance, Split, Store};
 use crate::vae::checkpoint::{now_rfc3339, Checkpoint, Metadata};
@@ -54,30 +52,61 @@ pub enum Event {
     Deleted { metadata: Metadata, epoch: u64 },
 }
 
+/// Checkpoint events queued for publishing: a handful; the trainer makes a
+/// version every `checkpoint_every_steps`, far slower than they publish.
+const EVENT_QUEUE: usize = 16;
+/// Operator commands waiting for the trainer: operators are few.
+const COMMAND_QUEUE: usize = 16;
+
 /// Everything the loop talks to.
 pub struct Trainer {
-    pub config: Config,
-    pub store: Store,
-    pub learner: Learner,
+    pub(super) config: Config,
+    pub(super) store: Store,
+    pub(super) learner: Learner,
     /// The active checkpoint: the last good one, where rollbacks return.
     /// None until this node first leads on an empty store.
-    pub active: Option<Arc<Checkpoint>>,
-    pub events: mpsc::Sender<Event>,
-    pub status: StatusBoard,
-    pub commands: mpsc::Receiver<Command>,
+    pub(super) active: Option<Arc<Checkpoint>>,
+    pub(super) events: mpsc::Sender<Event>,
+    pub(super) status: StatusBoard,
+    pub(super) commands: mpsc::Receiver<Command>,
     /// Starts the sampler's threads; its token is the shutdown signal.
-    pub supervisor: Supervisor,
-    /// Whether this node leads training, and under which epoch.
-    pub lease: Lease,
-    /// The cluster's shared state (active version, version numbers) and
-    /// object store, reached from this thread through `runtime`.
-    pub shared: Shared,
-    pub bus: Bus,
-    pub runtime: tokio::runtime::Handle,
-    /// The holding of the lease this trainer took over under (None: not leading).
-    pub grant: Option<Grant>,
+    pub(super) supervisor: Supervisor,
+    /// Whether this node leads training, under which epoch, and its way to NATS.
+    pub(super) leadership: Leadership,
     /// Automatic rollbacks since the last version trained.
-    pub auto_rollbacks_in_a_row: u32,
+    pub(super) auto_rollbacks_in_a_row: u32,
+}
+
+/// What resuming from the store gave: the learner, and the active checkpoint if any.
+pub type Resumed = (Learner, Option<Arc<Checkpoint>>);
+
+impl Trainer {
+    /// A trainer (not leading yet), with the queue its events go out on and
+    /// the one operator commands come in on.
+    pub(super) fn new(
+        config: Config,
+        store: Store,
+        (learner, active): Resumed,
+        status: StatusBoard,
+        supervisor: Supervisor,
+        leadership: Leadership,
+    ) -> (Trainer, mpsc::Receiver<Event>, mpsc::Sender<Command>) {
+        let (events, event_queue) = mpsc::channel(EVENT_QUEUE);
+        let (command_sender, commands) = mpsc::channel(COMMAND_QUEUE);
+        let trainer = Trainer {
+            config,
+            store,
+            learner,
+            active,
+            events,
+            status,
+            commands,
+            supervisor,
+            leadership,
+            auto_rollbacks_in_a_row: 0,
+        };
+        (trainer, event_queue, command_sender)
+    }
 }
 
 /// The state of one run of training from the active version: reset when
@@ -132,12 +161,12 @@ impl Trainer {
         while !self.supervisor.shutdown().is_cancelled() {
             self.status.beat(Heart::Trainer);
             // Leadership: a standby keeps its buffer current and waits; a new epoch takes over.
-            let Some(grant) = self.lease.grant() else {
+            let Some(grant) = self.leadership.offered() else {
                 self.stand_by();
                 takeover = None;
                 continue;
             };
-            if self.grant != Some(grant) {
+            if !self.leadership.took_over_under(grant) {
                 if !self.take_over_or_wait(grant, &mut takeover)? {
                     continue;
                 }
@@ -183,7 +212,7 @@ impl Trainer {
         }
         self.status.update(|s| s.state = Some(TrainerState::Stopping));
         drop(sampler);
-        if run.since_checkpoint.steps > 0 && self.grant.is_some() {
+        if run.since_checkpoint.steps > 0 && self.leadership.began() {
             // Its number comes from NATS: waited for at most half the
             // shutdown grace, so a stop without NATS still ends in time;
             // without one it is kept as the pending checkpoint.
@@ -239,7 +268,7 @@ impl Trainer {
                     cfg.max_auto_rollbacks
                 );
             }
-            if self.leading().is_err() {
+            if self.leadership.epoch().is_err() {
                 return Ok(()); // not leading now: the loop stands by
             }
             let Some(version) = self.rollback_target(attempt)? else {
@@ -426,7 +455,9 @@ impl Trainer {
         tracing::info!(version = m.version, parent = ?m.parent, step = m.step, eval_loss = ?m.eval_loss, "checkpoint");
         self.adopt(Arc::new(checkpoint))?;
         // Retention is the leader's: a node that stopped leading meanwhile keeps all.
-        let Ok(epoch) = self.leading() else { return Ok(()) };
+        let Ok(epoch) = self.leadership.epoch() else {
+            return Ok(());
+        };
         for victim in self.store.registry().retention_victims(self.config.train.keep_last)? {
             let metadata = self.store.registry().delete(victim)?;
             self.events
@@ -443,7 +474,7 @@ impl Trainer {
     /// unannounced: when it leads again, the cluster's active version decides.
     pub(super) fn adopt(&mut self, checkpoint: Arc<Checkpoint>) -> Result<()> {
         let version = checkpoint.metadata.version;
-        match self.leading() {
+        match self.leadership.epoch() {
             Ok(epoch) => self
                 .events
                 .blocking_send(Event::Created {
