@@ -1,8 +1,10 @@
 //! Pauses between tries of work that may fail for a while (NATS electing
 //! a leader or reconnecting, a full disk): doubling from a first pause to a
 //! longest one, short at first, then not hammering what is down. The one
-//! retry pause of the crate; deciding when to give up is the caller's.
+//! retry pause of the crate, and its one retry loop ([`Backoff::retry`]);
+//! deciding when to give up is the caller's.
 
+use std::future::Future;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -52,6 +54,35 @@ impl Backoff {
     /// Whether the pauses have grown to the longest: failing for a while.
     pub fn at_longest(&self) -> bool {
         self.next == self.longest
+    }
+
+    /// Tries `attempt` until it succeeds, pausing between failures (each
+    /// handed to `failed` with the pause that follows, to say so); after
+    /// the success the pauses start over. None when `shutdown` came first.
+    pub async fn retry<T, Fut>(
+        &mut self,
+        shutdown: &CancellationToken,
+        mut attempt: impl FnMut() -> Fut,
+        mut failed: impl FnMut(&anyhow::Error, Duration),
+    ) -> Option<T>
+    where
+        Fut: Future<Output = anyhow::Result<T>>,
+    {
+        while !shutdown.is_cancelled() {
+            match attempt().await {
+                Ok(done) => {
+                    self.reset();
+                    return Some(done);
+                }
+                Err(e) => {
+                    failed(&e, self.next);
+                    if !self.wait(shutdown).await {
+                        break;
+                    }
+                }
+            }
+        }
+        None
     }
 
     /// After a success: the next failure starts from the first pause.

@@ -20,6 +20,7 @@ use super::status::{EncoderState, Heart, StatusBoard, IDLE_TICK};
 use super::supervisor::Supervisor;
 use super::undeliverable::{self, Failures};
 use crate::backoff::Backoff;
+use crate::bus::kv::Active;
 use crate::bus::messages::{weights_object, DecodeReply, LatentMessage};
 use crate::bus::{Bus, Delivery, FrameConsumer, LatentPublisher, TooLarge};
 use crate::config::Config;
@@ -271,88 +272,24 @@ pub fn start(
 async fn follow(
     bus: Bus,
     queue: mpsc::Sender<Work>,
-    (config_vae, device): (VaeConfig, Device),
+    model: (VaeConfig, Device),
     loaded: watch::Sender<bool>,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let shared = bus.shared().await?;
     let mut pause = Backoff::default();
     let mut current: Option<(u64, String)> = None;
-    while !shutdown.is_cancelled() {
-        let mut updates = match shared.watch_active().await {
-            Ok(updates) => Box::pin(updates),
-            Err(e) => {
-                tracing::warn!("encoder: {e:#}; watching again in {:?}", pause.next);
-                pause.wait(&shutdown).await;
+    let failed = |e: &anyhow::Error, next| tracing::warn!("encoder: {e:#}; watching again in {next:?}");
+    while let Some(updates) = pause.retry(&shutdown, || shared.watch_active(), failed).await {
+        let mut updates = Box::pin(updates);
+        while let Some(active) = next_active(&mut updates, &shutdown).await {
+            if current.as_ref() == Some(&(active.version, active.sha256.clone())) {
                 continue;
             }
-        };
-        loop {
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                next = updates.next() => next,
-            };
-            let (active, newer) = match next {
-                Some(Ok(update)) => update,
-                Some(Err(e)) => {
-                    tracing::warn!("encoder: {e:#}; watching again");
-                    break;
-                }
-                None => {
-                    tracing::warn!("encoder: the watch of the active version ended; watching again");
-                    break;
-                }
-            };
-            if newer > 0 || current.as_ref() == Some(&(active.version, active.sha256.clone())) {
+            let Some(net) = load_active(&bus, &active, model, &mut pause, &shutdown).await? else {
                 continue;
-            }
+            };
             let version = active.version;
-            let weights = loop {
-                match bus.get_object(&weights_object(version)).await {
-                    Ok(weights) => break weights,
-                    Err(e) if e.is::<TooLarge>() => {
-                        tracing::error!(version, "encoder: the active version's weights are refused: {e:#}");
-                        break None;
-                    }
-                    Err(e) => {
-                        tracing::warn!(
-                            version,
-                            "encoder: fetching the active version's weights: {e:#}; trying again in {:?}",
-                            pause.next
-                        );
-                        if !pause.wait(&shutdown).await {
-                            return Ok(());
-                        }
-                    }
-                }
-            };
-            pause.reset();
-            let Some(weights) = weights else {
-                tracing::warn!(
-                    version,
-                    "the active version's weights can't be had from the object store; keeping the current ones"
-                );
-                continue;
-            };
-            if sha256_hex(&weights) != active.sha256 {
-                tracing::error!(
-                    version,
-                    "the object store's weights do not match the active version's sha256; keeping the current ones"
-                );
-                continue;
-            }
-            let (vae, device) = (config_vae, device);
-            let built = tokio::task::spawn_blocking(move || warmed(device, vae, version, &weights)).await?;
-            let net = match built {
-                Ok(net) => net,
-                Err(e) => {
-                    tracing::error!(
-                        version,
-                        "encoder: the active version's weights do not load: {e:#}; keeping the current ones"
-                    );
-                    continue;
-                }
-            };
             if queue
                 .send(Work::Switch {
                     version,
@@ -369,6 +306,89 @@ async fn follow(
         pause.wait(&shutdown).await;
     }
     Ok(())
+}
+
+/// The next newly active version the watch gives (an update with newer
+/// ones behind it is skipped); None when the watch failed or ended (said
+/// so: it is made again) or the shutdown came.
+async fn next_active(
+    updates: &mut (impl futures::Stream<Item = Result<(Active, u64)>> + Unpin),
+    shutdown: &CancellationToken,
+) -> Option<Active> {
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            next = updates.next() => next,
+        };
+        match next {
+            Some(Ok((active, 0))) => return Some(active),
+            Some(Ok(_newer_behind)) => {}
+            Some(Err(e)) => {
+                tracing::warn!("encoder: {e:#}; watching again");
+                return None;
+            }
+            None => {
+                tracing::warn!("encoder: the watch of the active version ended; watching again");
+                return None;
+            }
+        }
+    }
+}
+
+/// The `active` version's network: its weights from the object store
+/// (fetched again while NATS fails), checked against the sha256 `active`
+/// names, built and warmed off the runtime. None (said why) when they
+/// can't be had, don't match or don't load: the current weights stay.
+async fn load_active(
+    bus: &Bus,
+    active: &Active,
+    (vae, device): (VaeConfig, Device),
+    pause: &mut Backoff,
+    shutdown: &CancellationToken,
+) -> Result<Option<Network>> {
+    let version = active.version;
+    let fetch = || async {
+        match bus.get_object(&weights_object(version)).await {
+            Err(e) if e.is::<TooLarge>() => {
+                tracing::error!(version, "encoder: the active version's weights are refused: {e:#}");
+                Ok(None)
+            }
+            fetched => fetched,
+        }
+    };
+    let failed = |e: &anyhow::Error, next| {
+        tracing::warn!(
+            version,
+            "encoder: fetching the active version's weights: {e:#}; trying again in {next:?}"
+        )
+    };
+    let Some(fetched) = pause.retry(shutdown, fetch, failed).await else {
+        return Ok(None);
+    };
+    let Some(weights) = fetched else {
+        tracing::warn!(
+            version,
+            "the active version's weights can't be had from the object store; keeping the current ones"
+        );
+        return Ok(None);
+    };
+    if sha256_hex(&weights) != active.sha256 {
+        tracing::error!(
+            version,
+            "the object store's weights do not match the active version's sha256; keeping the current ones"
+        );
+        return Ok(None);
+    }
+    match tokio::task::spawn_blocking(move || warmed(device, vae, version, &weights)).await? {
+        Ok(net) => Ok(Some(net)),
+        Err(e) => {
+            tracing::error!(
+                version,
+                "encoder: the active version's weights do not load: {e:#}; keeping the current ones"
+            );
+            Ok(None)
+        }
+    }
 }
 
 /// Pulls micro-batches from `wmvae-encode` for the worker, once a version is loaded.

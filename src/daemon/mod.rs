@@ -288,25 +288,13 @@ async fn migrate_on_reconnect(bus: Bus, shutdown: CancellationToken) -> Result<(
             _ = shutdown.cancelled() => return Ok(()),
             _ = bus.reconnected() => {}
         }
-        let mut pause = Backoff::default();
-        loop {
-            match bus.migrate().await {
-                Ok(report) => {
-                    tracing::info!(streams = ?report.streams, "NATS reconnected: streams, buckets and consumers in \
-                        place");
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "NATS reconnected, but the migrations failed ({e:#}); trying again in {:?}",
-                        pause.next
-                    );
-                    if !pause.wait(&shutdown).await {
-                        return Ok(());
-                    }
-                }
-            }
-        }
+        let failed = |e: &anyhow::Error, next| {
+            tracing::warn!("NATS reconnected, but the migrations failed ({e:#}); trying again in {next:?}")
+        };
+        let Some(report) = Backoff::default().retry(&shutdown, || bus.migrate(), failed).await else {
+            return Ok(());
+        };
+        tracing::info!(streams = ?report.streams, "NATS reconnected: streams, buckets and consumers in place");
     }
 }
 

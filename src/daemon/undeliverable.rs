@@ -77,16 +77,9 @@ fn reason(consumer: &FrameConsumer, gave_up: Undeliverable, last_error: Option<S
 /// dead letter retried.
 pub async fn forward(bus: Bus, consumer: FrameConsumer, failures: Failures, shutdown: CancellationToken) -> Result<()> {
     let mut pause = Backoff::default();
-    let mut advisories = loop {
-        match bus.undeliverable(&consumer).await {
-            Ok(advisories) => break advisories,
-            Err(e) => {
-                tracing::warn!("{e:#}; trying again in {:?}", pause.next);
-                if !pause.wait(&shutdown).await {
-                    return Ok(());
-                }
-            }
-        }
+    let failed = |e: &anyhow::Error, next| tracing::warn!("{e:#}; trying again in {next:?}");
+    let Some(mut advisories) = pause.retry(&shutdown, || bus.undeliverable(&consumer), failed).await else {
+        return Ok(());
     };
     loop {
         let gave_up = tokio::select! {
@@ -96,32 +89,23 @@ pub async fn forward(bus: Bus, consumer: FrameConsumer, failures: Failures, shut
                 None => return Ok(()),
             },
         };
-        let why = reason(&consumer, gave_up, failures.take(gave_up.stream_sequence));
-        pause.reset();
-        loop {
-            match bus.dead_letter_sequence(gave_up.stream_sequence, &why).await {
-                Ok(true) => {
-                    tracing::warn!(sequence = gave_up.stream_sequence, "frame dead-lettered: {why}");
-                    break;
-                }
-                Ok(false) => {
-                    tracing::warn!(
-                        sequence = gave_up.stream_sequence,
-                        "{why}; the stream no longer holds it"
-                    );
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        sequence = gave_up.stream_sequence,
-                        "dead-lettering an undeliverable frame: {e:#}; trying again in {:?}",
-                        pause.next
-                    );
-                    if !pause.wait(&shutdown).await {
-                        return Ok(());
-                    }
-                }
-            }
+        let (sequence, why) = (
+            gave_up.stream_sequence,
+            reason(&consumer, gave_up, failures.take(gave_up.stream_sequence)),
+        );
+        let failed = |e: &anyhow::Error, next| {
+            tracing::warn!(
+                sequence,
+                "dead-lettering an undeliverable frame: {e:#}; trying again in {next:?}"
+            )
+        };
+        match pause
+            .retry(&shutdown, || bus.dead_letter_sequence(sequence, &why), failed)
+            .await
+        {
+            Some(true) => tracing::warn!(sequence, "frame dead-lettered: {why}"),
+            Some(false) => tracing::warn!(sequence, "{why}; the stream no longer holds it"),
+            None => return Ok(()),
         }
     }
 }
