@@ -29,16 +29,9 @@ pub struct Active {
 }
 
 /// A compare-and-set that lost: someone else wrote the key since.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0} was changed by another node")]
 pub struct Conflict(pub &'static str);
-
-impl std::fmt::Display for Conflict {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} was changed by another node", self.0)
-    }
-}
-
-impl std::error::Error for Conflict {}
 
 /// What a watcher of the lease sees.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -25,24 +25,13 @@ const CHECKPOINTS_STREAM: &str = "WM_CHECKPOINTS";
 /// bytes actually arrive, never from what the object's metadata claims.
 const PREALLOCATE_BYTES: u64 = 64 << 20;
 /// An object larger than its reader accepts.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{name} holds {size} bytes, over the limit of {max}")]
 pub struct TooLarge {
     pub name: String,
     pub size: u64,
     pub max: u64,
 }
-
-impl std::fmt::Display for TooLarge {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} holds {} bytes, over the limit of {}",
-            self.name, self.size, self.max
-        )
-    }
-}
-
-impl std::error::Error for TooLarge {}
 
 impl Bus {
     async fn checkpoint_bucket(&self) -> Result<jetstream::object_store::ObjectStore> {

@@ -19,19 +19,12 @@ use tokio_util::sync::CancellationToken;
 pub const SERVICE_NAME: &str = "wmvae";
 /// A service error: an HTTP-like code (404 unknown, 400 refused request,
 /// 500 our fault) and a message.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
 pub struct ServiceError {
     pub code: usize,
     pub message: String,
 }
-
-impl std::fmt::Display for ServiceError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for ServiceError {}
 
 /// The endpoints this build serves (names pinned by PROTOCOL.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

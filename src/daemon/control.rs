@@ -60,16 +60,9 @@ pub enum Command {
 }
 
 /// A request the service refuses: 400.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 pub struct BadRequest(pub String);
-
-impl std::fmt::Display for BadRequest {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for BadRequest {}
 
 /// The one mapping of errors to service codes.
 pub fn service_error(e: anyhow::Error) -> ServiceError {
@@ -105,16 +98,9 @@ pub struct Context {
 
 /// An endpoint of a role this node does not have (not served, so only a
 /// misrouted request meets it): 404.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("this node has no {0} role")]
 pub struct NotHere(pub &'static str);
-
-impl std::fmt::Display for NotHere {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "this node has no {} role", self.0)
-    }
-}
-
-impl std::error::Error for NotHere {}
 
 fn json(value: &impl Serialize) -> anyhow::Result<Vec<u8>> {
     Ok(serde_json::to_vec(value)?)

@@ -26,17 +26,18 @@
 
 mod buffer;
 mod episodes;
+mod errors;
 mod layout;
 mod registry;
 mod room;
 mod upgrade;
 pub use buffer::{BufferConfig, Committed, Stats};
 pub use episodes::{Cursor, EpisodeCount, Scope};
+pub use errors::{NeedsReopen, NoRoom};
 pub use layout::{compress_frames, Compressed, Split};
 pub use registry::{
     best_by_eval, Actor, Change, Damaged, HistoryEntry, HistoryPage, InUse, Provenance, Registry, UnknownVersion,
 };
-pub use room::NoRoom;
 
 /// Entry points for `fuzz/` (cargo fuzz builds with `--cfg fuzzing`): the
 /// decoders of what sled holds, fed arbitrary bytes. In no normal build.
@@ -81,30 +82,6 @@ const LOCK_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_milli
 /// a group commit's worth of frames, so a disk that takes it has room for one.
 const PROBE_BYTES: usize = 1 << 20;
 use room::Room;
-
-/// The store can't write though its disk takes writes again: sled keeps
-/// the first write error it hits until the database is reopened. Whoever
-/// holds the store drops every clone of it and opens it again (the daemon
-/// restarts its parts in-process); nothing acked is lost.
-#[derive(Debug)]
-pub struct NeedsReopen {
-    dir: std::path::PathBuf,
-    failed: String,
-}
-
-impl std::fmt::Display for NeedsReopen {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "the store in {} can't write, though its disk takes writes again: sled keeps a write error until the \
-            store is reopened ({})",
-            self.dir.display(),
-            self.failed
-        )
-    }
-}
-
-impl std::error::Error for NeedsReopen {}
 
 /// The replay buffer. Clones share one sled database; writes are
 /// serialised by an internal lock, reads (sampling) run alongside.

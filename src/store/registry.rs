@@ -18,6 +18,7 @@
 //! | `W` chunk(u32 BE)   | the pending checkpoint: a shutdown's last, made without a version number (NATS away), in chunks |
 //! | `M` name            | `next_version`, `active`, `history_next`, `history_announced` (every entry below it was announced), `led_epoch` (the lease epoch this node last led under) |
 
+pub use super::errors::{Damaged, InUse, UnknownVersion};
 use super::layout::be_u64;
 use super::room::{Claim, Room, CHECKPOINT_FACTOR};
 use crate::vae::checkpoint::{now_rfc3339, Checkpoint, Metadata};
@@ -25,53 +26,6 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
-
-/// A version that does not exist (any more): exit code 2 at the CLI, 404 on the service.
-#[derive(Debug)]
-pub struct UnknownVersion(pub u64);
-
-impl std::fmt::Display for UnknownVersion {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "no checkpoint version {} (unknown or deleted)", self.0)
-    }
-}
-
-impl std::error::Error for UnknownVersion {}
-
-/// A version that can't be deleted because it is the active one (a refused
-/// request: 400 on the service).
-#[derive(Debug)]
-pub struct InUse(pub u64);
-
-impl std::fmt::Display for InUse {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "checkpoint v{} is the active version; roll back to another first",
-            self.0
-        )
-    }
-}
-
-impl std::error::Error for InUse {}
-
-/// A stored version whose bytes do not decode or match their sha256 (bit
-/// rot, a torn write): never loaded or made active. The daemon repairs it
-/// from the object store's copy, or rolls back past it
-/// ([`Change::Recovery`]).
-#[derive(Debug)]
-pub struct Damaged {
-    pub version: u64,
-    why: String,
-}
-
-impl std::fmt::Display for Damaged {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "checkpoint v{} in the store is damaged: {}", self.version, self.why)
-    }
-}
-
-impl std::error::Error for Damaged {}
 
 /// The version with the lowest finite eval loss, if any has one.
 pub fn best_by_eval(all: &[Metadata]) -> Option<u64> {

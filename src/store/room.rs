@@ -15,6 +15,7 @@
 //! makes the disk read as having the bytes the file FLAG holds free (none
 //! when it is empty) while FLAG exists: tests fill and free it at will.
 
+pub(super) use super::errors::NoRoom;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -30,34 +31,6 @@ pub(super) const COMMIT_FACTOR: u64 = 3;
 /// the store by ~125 MB and peaked at ~126 MB over it while written (its
 /// 64 KB chunks sit in leaves of 16 that are rewritten whole as they fill).
 pub(super) const CHECKPOINT_FACTOR: u64 = 3;
-
-/// A write refused because the store's disk has no room for it: nothing
-/// reached sled, so the write succeeds once there is room again (no
-/// reopen needed).
-#[derive(Debug)]
-pub struct NoRoom {
-    /// What was to be written, for people.
-    pub what: String,
-    pub needed: u64,
-    pub free: u64,
-}
-
-impl std::fmt::Display for NoRoom {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mb = |bytes: u64| bytes as f64 / 1e6;
-        write!(
-            f,
-            "no room on the store's disk for {}: it needs {:.1} MB free (with {} MB kept for sled), {:.1} MB are \
-            (No space left on device)",
-            self.what,
-            mb(self.needed),
-            RESERVE_BYTES >> 20,
-            mb(self.free)
-        )
-    }
-}
-
-impl std::error::Error for NoRoom {}
 
 /// The disk's room, shared by every clone of a store: free bytes less the
 /// claims of writes in flight.

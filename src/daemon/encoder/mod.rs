@@ -92,16 +92,9 @@ enum Work {
 
 /// A request for a version this encoder has not loaded: the handle fetches
 /// its weights and asks again.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("v{0} is not loaded here")]
 struct NotLoaded(u64);
-
-impl std::fmt::Display for NotLoaded {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "v{} is not loaded here", self.0)
-    }
-}
-
-impl std::error::Error for NotLoaded {}
 
 /// A handle for the `encode` and `decode` endpoints; clones share the worker.
 #[derive(Clone)]
