@@ -120,6 +120,15 @@ pub fn checkpoint(store: &Store, version: u64) -> Result<Checkpoint> {
         .ok_or_else(|| UnknownVersion(version).into())
 }
 
+/// Up to `n` held-out frames (the validation split's, drawn with
+/// replacement, no more than it holds); None while it is empty.
+pub fn held_out_frames(store: &Store, n: usize) -> Result<Option<Vec<u8>>> {
+    match n.min(store.len(Split::Validation) as usize) {
+        0 => Ok(None),
+        n => store.sample(Split::Validation, n, &mut rand::thread_rng()),
+    }
+}
+
 /// A PNG of up to [`RECON_FRAMES`] validation frames (training frames if
 /// the validation split is empty) over their reconstructions by `version`.
 pub fn recon_png(store: &Store, version: u64, config: &Config) -> Result<Vec<u8>> {
