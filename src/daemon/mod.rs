@@ -18,6 +18,7 @@ pub mod ingest;
 pub mod lease;
 pub mod metrics;
 pub mod sampler;
+pub mod showcase;
 pub mod status;
 pub mod supervisor;
 pub mod takeover;
