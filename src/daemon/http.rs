@@ -97,6 +97,7 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 /// counters, a file size or one registry key, in microseconds, and wait
 /// on nothing: exempting them costs no more than answering them.
 const UNCAPPED: [&str; 2] = ["/healthz", "/metrics"];
+
 /// What the pages read.
 #[derive(Clone)]
 pub struct HttpContext {
