@@ -80,8 +80,9 @@ fn evaluate(learner: &Learner, heldout: &[u8]) -> Result<LossValues> {
     })
 }
 
-/// Up to [`DIAGNOSTIC_FRAMES`] of `heldout`'s frames, evenly spread: the
-/// file's frames in order are episodes, whose neighbours look alike.
+/// Up to [`DIAGNOSTIC_FRAMES`] of `heldout`'s frames, every k-th from the
+/// first (k: its frames over that, rounded down): the file's frames in
+/// order are episodes, whose neighbours look alike.
 fn spread(heldout: &[u8]) -> Vec<u8> {
     let stride = (heldout.len() / crate::frames::BYTES / DIAGNOSTIC_FRAMES).max(1);
     let frames = heldout.chunks_exact(crate::frames::BYTES).step_by(stride);
