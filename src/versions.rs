@@ -12,6 +12,7 @@ use crate::store::{best_by_eval, HistoryEntry, HistoryPage, Provenance, Split, S
 use crate::vae::checkpoint::{now_rfc3339, Checkpoint, Metadata};
 use crate::vae::device::Device;
 use crate::vae::learner::{Learner, Network};
+use crate::vae::properties::{INTERPOLATION_STEPS, PRIOR_DRAWS};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
@@ -120,20 +121,60 @@ pub fn checkpoint(store: &Store, version: u64) -> Result<Checkpoint> {
         .ok_or_else(|| UnknownVersion(version).into())
 }
 
-/// A PNG of up to [`RECON_FRAMES`] validation frames (training frames if
-/// the validation split is empty) over their reconstructions by `version`.
-pub fn recon_png(store: &Store, version: u64, config: &Config) -> Result<Vec<u8>> {
+/// The weights of stored `version` in a network on the CPU.
+fn network(store: &Store, version: u64, config: &Config) -> Result<Network> {
     let mut net = Network::new(Device::Cpu, config.vae());
     net.load_checkpoint_weights(&checkpoint(store, version)?)?;
+    Ok(net)
+}
+
+/// `n` frames to show: validation frames, or training frames while the
+/// validation split is empty.
+fn frames_to_show(store: &Store, n: usize) -> Result<Vec<u8>> {
     let split = if store.len(Split::Validation) > 0 {
         Split::Validation
     } else {
         Split::Train
     };
-    let frames = store
-        .sample(split, RECON_FRAMES, &mut rand::thread_rng())?
-        .context("the replay buffer holds no frames to reconstruct")?;
-    net.recon_png(&frames)
+    store
+        .sample(split, n, &mut rand::thread_rng())?
+        .context("the replay buffer holds no frames to show")
+}
+
+/// Up to `n` held-out frames (the validation split's, drawn with
+/// replacement, no more than it holds); None while it is empty.
+pub fn held_out_frames(store: &Store, n: usize) -> Result<Option<Vec<u8>>> {
+    match n.min(store.len(Split::Validation) as usize) {
+        0 => Ok(None),
+        n => store.sample(Split::Validation, n, &mut rand::thread_rng()),
+    }
+}
+
+/// A PNG of up to [`RECON_FRAMES`] validation frames (training frames if
+/// the validation split is empty) over their reconstructions by `version`.
+pub fn recon_png(store: &Store, version: u64, config: &Config) -> Result<Vec<u8>> {
+    network(store, version, config)?.recon_png(&frames_to_show(store, RECON_FRAMES)?)
+}
+
+/// A PNG of the same [`PRIOR_DRAWS`] draws from the prior decoded by each
+/// of `versions`: one row per version, in the order given.
+pub fn prior_strip_png(store: &Store, versions: &[u64], config: &Config) -> Result<Vec<u8>> {
+    let rows = versions
+        .iter()
+        .map(|&version| network(store, version, config)?.prior_samples())
+        .collect::<Result<Vec<_>>>()?;
+    let rows: Vec<&[u8]> = rows.iter().map(Vec::as_slice).collect();
+    crate::frames::grid::png_grid(&rows, PRIOR_DRAWS)
+}
+
+/// A PNG of one row: a validation frame (a training frame if that split is
+/// empty), [`INTERPOLATION_STEPS`] frames decoded by `version` along the
+/// line between its latent and another's, then that other frame.
+pub fn interpolation_png(store: &Store, version: u64, config: &Config) -> Result<Vec<u8>> {
+    let ends = frames_to_show(store, 2)?;
+    let (a, b) = ends.split_at(crate::frames::BYTES);
+    let path = network(store, version, config)?.interpolation(a, b)?;
+    crate::frames::grid::png_grid(&[&[a, &path, b].concat()], INTERPOLATION_STEPS + 2)
 }
 
 /// `by` when none is given: user@host.
@@ -325,7 +366,7 @@ mod tests {
     }
 
     #[test]
-    fn recon_png_draws_stored_frames_over_their_reconstructions() {
+    fn pictures_draw_stored_frames_and_the_prior() {
         let (_dir, store, config) = setup();
         let weights = Network::new(Device::Cpu, config.vae()).weights_bytes().unwrap();
         store
@@ -359,7 +400,19 @@ mod tests {
             })
             .collect();
         store.commit(&stored, compress_frames(&stored), &[]).unwrap();
-        let png = recon_png(&store, 1, &config).unwrap();
-        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        // (width, height) of a PNG, from its header.
+        let size = |png: &[u8]| {
+            assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+            let be = |at: usize| u32::from_be_bytes(png[at..at + 4].try_into().unwrap());
+            (be(16), be(20))
+        };
+        assert_eq!(size(&recon_png(&store, 1, &config).unwrap()), (8 * 64, 2 * 64));
+        assert_eq!(
+            size(&prior_strip_png(&store, &[1, 1], &config).unwrap()),
+            (8 * 64, 2 * 64)
+        );
+        assert_eq!(size(&interpolation_png(&store, 1, &config).unwrap()), (10 * 64, 64));
+        // No validation split here: no held-out frames, though there are frames to show.
+        assert_eq!(held_out_frames(&store, 4).unwrap(), None);
     }
 }

@@ -77,6 +77,13 @@ fn reports_a_held_out_curve_for_each_recipe() {
                 .all(|p| p["eval_recon"].as_f64().unwrap().is_finite() && p["eval_kl"].as_f64().unwrap() >= 0.0),
             "{figures}"
         );
+        assert!(
+            curve.iter().all(|p| p["active_units"].as_u64().is_some_and(|u| u <= 32)
+                && p["kl_per_dim"].as_array().is_some_and(
+                    |kl| kl.len() == 32 && kl.iter().all(|k| k.as_f64().is_some_and(|k| k.is_finite() && k >= 0.0))
+                )),
+            "{figures}"
+        );
         // Every measured step is under a target of 1e9: the first one after step 0.
         assert_eq!(figures["steps_to_recon"].as_u64(), Some(2), "{figures}");
     }

@@ -147,7 +147,15 @@ async fn live_commands_through_the_daemon() {
     let active = rows.iter().find(|r| r["active"] == true).unwrap()["version"]
         .as_u64()
         .unwrap();
-    assert_eq!(json(cli(url, d, &["show", "2", "--json"]))["parent"], 1);
+    let shown = json(cli(url, d, &["show", "2", "--json"]));
+    assert_eq!(shown["parent"], 1);
+    // Its latent diagnostics on held-out frames (issue #27's pinned names).
+    assert!(shown["active_units"].as_u64().is_some_and(|u| u <= 32), "{shown}");
+    let kl = shown["kl_per_dim"].as_array().unwrap();
+    assert!(
+        kl.len() == 32 && kl.iter().all(|k| k.as_f64().is_some_and(|k| k >= 0.0)),
+        "{shown}"
+    );
     assert_eq!(cli(url, d, &["show", "999"]).status.code(), Some(2));
     ok(cli(url, d, &["pin", "2"]));
     assert!(json(cli(url, d, &["list", "--json"]))

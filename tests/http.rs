@@ -1,6 +1,7 @@
 //! The daemon's HTTP face: /healthz follows the NATS connection, /metrics
-//! speaks Prometheus, and the status page renders its loss curves and the
-//! reconstruction grid in headless Chromium.
+//! speaks Prometheus, and the status page renders its loss curves, the
+//! reconstruction grid, the prior samples across versions, the
+//! interpolation and the latent diagnostics in headless Chromium.
 
 mod common;
 
@@ -42,8 +43,18 @@ fn chromium_dom(url: &str) -> String {
     dom
 }
 
+/// The `<img id="{id}" ...>` tag of `dom`, as Chromium left it.
+fn img<'a>(dom: &'a str, id: &str) -> &'a str {
+    let at = dom
+        .find(&format!(r#"<img id="{id}""#))
+        .unwrap_or_else(|| panic!("no image {id}: {dom}"));
+    dom[at..].split('>').next().unwrap()
+}
+
 /// Frames in, training on: /healthz 200, /metrics with the pinned series,
-/// the page's curves and grid rendered by Chromium; NATS gone: /healthz 503.
+/// the page's curves, grid and World Models' properties (prior samples of
+/// every version, interpolation, diagnostics) rendered by Chromium once two
+/// versions are trained; NATS gone: /healthz 503.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_health_and_status_page() {
     let nats = NatsServer::start();
@@ -79,14 +90,14 @@ async fn metrics_health_and_status_page() {
         .unwrap()
         .await
         .unwrap();
-    // Step 10: train points at 2..10, eval points at 4 and 8, v2 at step 8.
-    wait_until(Duration::from_secs(120), "10 training steps", || async {
+    // Step 17: train points at 2..16, eval points at 4, 8, ..., v2 at step 8 and v3 at 16.
+    wait_until(Duration::from_secs(180), "17 training steps", || async {
         let (_, m) = get(port, "/metrics");
         let steps = m
             .lines()
             .find_map(|l| l.strip_prefix("wmvae_train_steps_total "))
             .and_then(|v| v.parse::<f64>().ok());
-        steps.is_some_and(|s| s >= 10.0)
+        steps.is_some_and(|s| s >= 17.0)
     })
     .await;
 
@@ -104,6 +115,7 @@ async fn metrics_health_and_status_page() {
         "wmvae_latents_published_total 120",
         "wmvae_latent_latency_seconds_bucket{le=\"+Inf\"} 120",
         "wmvae_active_version ",
+        "wmvae_active_units ",
         "wmvae_nats_reconnects_total ",
     ] {
         assert!(metrics.contains(series), "missing {series:?} in\n{metrics}");
@@ -120,10 +132,35 @@ async fn metrics_health_and_status_page() {
             "a curve with fewer than 2 points: {points:?}"
         );
     }
-    assert!(
-        dom.contains("data-loaded=\"yes\""),
-        "the reconstruction grid did not load: {dom}"
-    );
+    for id in ["grid", "prior", "interpolation"] {
+        assert!(
+            img(&dom, id).contains(r#"data-loaded="yes""#),
+            "the picture {id} did not load: {dom}"
+        );
+    }
+    // Training goes on meanwhile: v3 or later is the newest row.
+    let newest = dom
+        .split(" (top) to v")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next()?.parse::<u64>().ok());
+    assert!(newest.is_some_and(|v| v >= 3), "the prior strip's rows: {dom}");
+    let rows: Vec<&str> = dom.split("<tr data-version=").skip(1).collect();
+    assert!(rows.len() >= 3, "a diagnostics row per version: {dom}");
+    // Every trained version's (v1 is the initial weights: none).
+    for row in rows.iter().filter(|row| !row.starts_with(r#""1""#)) {
+        let units = row
+            .split(r#"class="active-units">"#)
+            .nth(1)
+            .unwrap()
+            .split('<')
+            .next()
+            .unwrap();
+        assert!(
+            units.parse::<u32>().is_ok_and(|u| u <= 32),
+            "active units {units:?} in {row}"
+        );
+        assert_eq!(row.matches(r#"<rect class="kl""#).count(), 32, "32 KL bars in {row}");
+    }
     assert!(dom.contains("<td>initial</td>"), "version history missing");
     assert!(
         dom.contains(r#"<meta http-equiv="refresh" content="60">"#),

@@ -104,6 +104,19 @@ async fn checkpoints_latents_and_control_service() {
         if a.metadata.version > 1 {
             assert_eq!(a.metadata.parent, Some(a.metadata.version - 1));
             assert!(a.metadata.step > 0 && a.metadata.eval_loss.is_some() && a.metadata.train_loss.is_some());
+            // Latent diagnostics on the held-out frames, in the announcement.
+            let m = &a.metadata;
+            assert!(
+                m.active_units.is_some_and(|u| u <= 32),
+                "v{}: {:?}",
+                m.version,
+                m.active_units
+            );
+            let kl = m.kl_per_dim.as_ref().expect("kl_per_dim");
+            assert!(
+                kl.len() == 32 && kl.iter().all(|k| k.is_finite() && *k >= 0.0),
+                "{kl:?}"
+            );
         }
     }
 

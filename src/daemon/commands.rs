@@ -1,7 +1,8 @@
 //! Operator commands (rollback, import, pin, delete) from the control
 //! service, carried out by the trainer thread between two steps: they never
 //! race a checkpoint write or an automatic rollback, and the history records
-//! them in order. The loop itself is `trainer.rs`'s.
+//! them in order; and where an automatic rollback returns (the divergence
+//! guard's). The loop itself is `trainer.rs`'s.
 
 use super::control::Command;
 use super::trainer::{Event, Trainer};
@@ -45,6 +46,24 @@ impl Trainer {
             }
         }
         changed
+    }
+
+    /// Where automatic rollback number `attempt` (since the last trained
+    /// version) returns: the active version, then each time one version
+    /// further back along its parents; None when that one is gone.
+    pub(super) fn rollback_target(&self, attempt: u32) -> Result<Option<u64>> {
+        let mut version = self.active()?.metadata.version;
+        let registry = self.store.registry();
+        for _ in 1..attempt {
+            let Some(parent) = registry.metadata(version)?.and_then(|m| m.parent) else {
+                return Ok(None);
+            };
+            if registry.metadata(parent)?.is_none() {
+                return Ok(None);
+            }
+            version = parent;
+        }
+        Ok(Some(version))
     }
 
     /// Training weights and Adam state move to `version`, then the rollback

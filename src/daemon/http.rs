@@ -4,7 +4,9 @@
 //! answers and writes, and the trainer loop and encoder are not stalled;
 //! 503 with each reason, and the last commit's age), `/` (a status page:
 //! loss curves, validation frames over their reconstructions by the active
-//! version, version history) and `/recon.png` (that grid). It reads the
+//! version, samples from the prior across versions, an interpolation,
+//! latent diagnostics, version history) and its pictures `/recon.png`,
+//! `/prior.png` and `/interpolation.png` (`showcase.rs`). It reads the
 //! status board, the store and the bus; it changes nothing.
 //!
 //! The routes are an axum `Router`, served by our own accept loop over
@@ -24,8 +26,8 @@
 //!   get 503 at once, except `/healthz` and `/metrics` ([`UNCAPPED`]),
 //!   which are always answered;
 //! - GET only, one request per connection (`Connection: close`), HTTP/1
-//!   only, `Cache-Control: no-store`; the grid drawn by one request at a
-//!   time.
+//!   only, `Cache-Control: no-store`; each picture drawn by one request
+//!   at a time.
 //!
 //! What it does not do: it can't keep a client that sends whole requests
 //! as fast as it can from taking CPU; a probe is evicted only if
@@ -34,6 +36,7 @@
 //! (loopback by default; put a proxy in front to expose it).
 
 use super::metrics::Metrics;
+use super::showcase::{self, Pictures};
 use super::status::{CurvePoint, StatusBoard};
 use crate::bus::Bus;
 use crate::config::Config;
@@ -51,7 +54,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -94,24 +97,17 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 /// counters, a file size or one registry key, in microseconds, and wait
 /// on nothing: exempting them costs no more than answering them.
 const UNCAPPED: [&str; 2] = ["/healthz", "/metrics"];
-/// The reconstruction grid is recomputed at most this often.
-const GRID_MAX_AGE: Duration = Duration::from_secs(30);
-
-/// (version, made at, PNG) of the last grid drawn.
-type CachedGrid = (u64, Instant, Arc<Vec<u8>>);
 
 /// What the pages read.
 #[derive(Clone)]
 pub struct HttpContext {
     status: StatusBoard,
     /// The replay buffer and registry, on a trainer node.
-    store: Option<Store>,
+    pub(super) store: Option<Store>,
     bus: Bus,
-    config: Config,
+    pub(super) config: Config,
     metrics: Arc<Metrics>,
-    /// Held while a grid is drawn: concurrent requests wait for that one
-    /// (single flight) instead of each running the model.
-    grid: Arc<tokio::sync::Mutex<Option<CachedGrid>>>,
+    pub(super) pictures: Pictures,
 }
 
 impl HttpContext {
@@ -123,7 +119,7 @@ impl HttpContext {
             bus,
             config,
             metrics,
-            grid: Arc::default(),
+            pictures: Pictures::default(),
         }
     }
 }
@@ -189,7 +185,9 @@ fn router(ctx: HttpContext) -> Router {
         .route("/", get(page))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
-        .route("/recon.png", get(recon))
+        .route("/recon.png", get(showcase::recon))
+        .route("/prior.png", get(showcase::prior))
+        .route("/interpolation.png", get(showcase::interpolation))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
         .with_state(ctx)
 }
@@ -411,7 +409,7 @@ impl Drop for IdleSlot {
     }
 }
 
-fn failed(code: StatusCode, e: &anyhow::Error) -> Response {
+pub(super) fn failed(code: StatusCode, e: &anyhow::Error) -> Response {
     (code, format!("{e:#}\n")).into_response()
 }
 
@@ -462,35 +460,6 @@ async fn page(State(ctx): State<HttpContext>) -> Response {
         Ok(html) => Html(html).into_response(),
         Err(e) => failed(StatusCode::INTERNAL_SERVER_ERROR, &e),
     }
-}
-
-async fn recon(State(ctx): State<HttpContext>) -> Response {
-    match recon_grid(&ctx).await {
-        Ok(png) => ([(header::CONTENT_TYPE, "image/png")], png.to_vec()).into_response(),
-        Err(e) => failed(StatusCode::SERVICE_UNAVAILABLE, &e),
-    }
-}
-
-/// The active version's grid, cached for [`GRID_MAX_AGE`]; drawn by one
-/// request at a time, the others then served from the cache.
-async fn recon_grid(ctx: &HttpContext) -> Result<Arc<Vec<u8>>> {
-    let store = ctx
-        .store
-        .clone()
-        .context("this node has no trainer role, so no replay buffer to draw from")?;
-    let version = store.registry().active_version()?.context("no active version yet")?;
-    let mut cached = ctx.grid.lock().await;
-    if let Some((v, at, png)) = cached.as_ref() {
-        if *v == version && at.elapsed() < GRID_MAX_AGE {
-            return Ok(png.clone());
-        }
-    }
-    let config = ctx.config.clone();
-    let png =
-        Arc::new(tokio::task::spawn_blocking(move || crate::versions::recon_png(&store, version, &config)).await??);
-    tracing::info!(version, "status page: reconstruction grid drawn");
-    *cached = Some((version, Instant::now(), png.clone()));
-    Ok(png)
 }
 
 /// An SVG line chart of one or two curves.
@@ -601,7 +570,7 @@ buffer {frames} frames · device {device}</p>
 <h2>Validation frames (top) and their reconstructions by v{version} (bottom)</h2>
 <img id="grid" alt="reconstructions" src="/recon.png" onload="this.dataset.loaded='yes'"
  onerror="this.dataset.loaded='no'">
-<h2>Active version history</h2>
+{showcase}<h2>Active version history</h2>
 <table><tr><th>at</th><th>from</th><th>to</th><th>why</th><th>by</th><th>reason</th></tr>{history}</table>
 </body></html>"#,
         state = s.state.map_or("no trainer here", |t| t.as_str()),
@@ -616,6 +585,7 @@ buffer {frames} frames · device {device}</p>
         rollbacks = s.auto_rollbacks,
         train_chart = chart("Train loss", &[("train", &train)]),
         eval_chart = chart("Eval loss (validation split)", &[("eval", &eval)]),
+        showcase = showcase::section(ctx, s.active_version.unwrap_or(0))?,
         refresh = match ctx.config.http.refresh_secs {
             0 => String::new(),
             secs => format!(r#"<meta http-equiv="refresh" content="{secs}">"#),

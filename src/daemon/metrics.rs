@@ -80,6 +80,23 @@ fn losses(
     Ok(())
 }
 
+/// The active version's `active_units`, from its stored metadata; None
+/// when it has none (older, initial or imported weights) or the store
+/// can't say (logged: one series less, not a failed scrape).
+fn active_units(store: &Store) -> Option<u32> {
+    let registry = store.registry();
+    let metadata = registry
+        .active_version()
+        .and_then(|active| active.map(|v| registry.metadata(v)).transpose());
+    match metadata {
+        Ok(metadata) => metadata.flatten().and_then(|m| m.active_units),
+        Err(e) => {
+            tracing::warn!("/metrics: reading the active version's metadata: {e:#}");
+            None
+        }
+    }
+}
+
 impl Collector for Figures {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = self.status.snapshot();
@@ -128,6 +145,9 @@ impl Collector for Figures {
                 "Bytes on disk of the sled store.",
                 stats.bytes_on_disk as f64,
             )?;
+            if let Some(units) = active_units(store) {
+                gauge(e, "active_units", "Latent dimensions the active version uses: posterior-mean variance over 0.01 across held-out frames, measured when it was made.", f64::from(units))?;
+            }
         }
         counter(e, "train_steps", "Optimizer steps taken.", s.step.max(0) as u64)?;
         gauge(

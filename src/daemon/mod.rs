@@ -20,6 +20,7 @@ pub mod lease;
 pub mod metrics;
 pub mod recovery;
 pub mod sampler;
+pub mod showcase;
 pub mod status;
 pub mod supervisor;
 pub mod takeover;

@@ -19,6 +19,7 @@ use crate::config::{Config, TrainConfig};
 use crate::store::{Change, Provenance, Split, Store};
 use crate::vae::checkpoint::{now_rfc3339, Checkpoint, Metadata};
 use crate::vae::learner::{Learner, LossValues};
+use crate::vae::properties::{Diagnostics, DIAGNOSTIC_FRAMES};
 use anyhow::{bail, Context, Result};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -289,24 +290,6 @@ impl Trainer {
         Ok(())
     }
 
-    /// Where automatic rollback number `attempt` (since the last trained
-    /// version) returns: the active version, then each time one version
-    /// further back along its parents; None when that one is gone.
-    fn rollback_target(&self, attempt: u32) -> Result<Option<u64>> {
-        let mut version = self.active()?.metadata.version;
-        let registry = self.store.registry();
-        for _ in 1..attempt {
-            let Some(parent) = registry.metadata(version)?.and_then(|m| m.parent) else {
-                return Ok(None);
-            };
-            if registry.metadata(parent)?.is_none() {
-                return Ok(None);
-            }
-            version = parent;
-        }
-        Ok(Some(version))
-    }
-
     /// The log line and the status board's train curve.
     fn log(&self, step: i64, run: &mut Run, last: LossValues) {
         let images_per_s = run.since_log.images as f64 / run.log_started.elapsed().as_secs_f64();
@@ -407,6 +390,7 @@ impl Trainer {
             return Ok(None);
         }
         let parent = self.active()?.metadata.version;
+        let diagnostics = self.diagnose()?;
         Ok(Some(Metadata {
             version: 0,
             parent: Some(parent),
@@ -419,7 +403,18 @@ impl Trainer {
             created_at: now_rfc3339(),
             sha256: String::new(),
             config: serde_json::to_value(&self.config)?,
+            active_units: diagnostics.as_ref().map(|d| d.active_units),
+            kl_per_dim: diagnostics.map(|d| d.kl_per_dim),
         }))
+    }
+
+    /// Latent diagnostics of the weights now on up to [`DIAGNOSTIC_FRAMES`]
+    /// held-out frames; None while the validation split is empty.
+    fn diagnose(&self) -> Result<Option<Diagnostics>> {
+        match crate::versions::held_out_frames(&self.store, DIAGNOSTIC_FRAMES)? {
+            Some(frames) => Ok(Some(self.learner.net().diagnostics(&frames)?)),
+            None => Ok(None),
+        }
     }
 
     /// [`Trainer::checkpoint`] as `version`, a number already allocated.

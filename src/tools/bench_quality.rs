@@ -2,7 +2,9 @@
 //! steps. Trains on one file's frames with the config's `[train]` recipe
 //! (batch size, learning rate and schedule) and measures the held-out
 //! reconstruction loss and KL every tenth of the run, with the training's
-//! wall time; how the training defaults are chosen (BENCHMARKS.md).
+//! wall time and the latent diagnostics (active units, KL per dimension, on
+//! up to `DIAGNOSTIC_FRAMES` held-out frames spread over the file); how the
+//! training defaults are chosen (BENCHMARKS.md).
 //!
 //! Frames only from files, batches drawn uniformly with a fixed seed, so two
 //! recipes run on the same data see the same draws; no NATS, no store.
@@ -11,6 +13,7 @@ use crate::config::Config;
 use crate::frames::npy::FrameReader;
 use crate::vae::device;
 use crate::vae::learner::{Learner, LossValues};
+use crate::vae::properties::DIAGNOSTIC_FRAMES;
 use anyhow::{ensure, Result};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -77,6 +80,25 @@ fn evaluate(learner: &Learner, heldout: &[u8]) -> Result<LossValues> {
     })
 }
 
+/// Up to [`DIAGNOSTIC_FRAMES`] of `heldout`'s frames, every k-th from the
+/// first (k: its frames over that, rounded down): the file's frames in
+/// order are episodes, whose neighbours look alike.
+fn spread(heldout: &[u8]) -> Vec<u8> {
+    let stride = (heldout.len() / crate::frames::BYTES / DIAGNOSTIC_FRAMES).max(1);
+    let frames = heldout.chunks_exact(crate::frames::BYTES).step_by(stride);
+    frames.take(DIAGNOSTIC_FRAMES).flatten().copied().collect()
+}
+
+/// A point of the curve after `step` steps (`trained`: their wall time):
+/// held-out losses on every frame, diagnostics on `spread`'s; and its recon.
+fn point(learner: &Learner, step: u64, trained: Duration, heldout: &[u8], spread: &[u8]) -> Result<(Value, f64)> {
+    let l = evaluate(learner, heldout)?;
+    let d = learner.net().diagnostics(spread)?;
+    let point = json!({ "step": step, "seconds": trained.as_secs_f64(), "eval_recon": l.recon, "eval_kl": l.kl,
+        "active_units": d.active_units, "kl_per_dim": d.kl_per_dim });
+    Ok((point, l.recon))
+}
+
 pub fn quality(config: &Config, options: &QualityOptions) -> Result<Value> {
     ensure!(options.steps > 0, "--steps must be at least 1");
     let t = &config.train;
@@ -88,8 +110,8 @@ pub fn quality(config: &Config, options: &QualityOptions) -> Result<Value> {
     let mut learner = Learner::new(device, config.vae(), config.adam(), config.train.precision);
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let every = (options.steps / CURVE_POINTS).max(1);
-    let point = |step: u64, trained: Duration, l: LossValues| json!({ "step": step, "seconds": trained.as_secs_f64(), "eval_recon": l.recon, "eval_kl": l.kl });
-    let mut curve = vec![point(0, Duration::ZERO, evaluate(&learner, &heldout)?)];
+    let few = spread(&heldout);
+    let mut curve = vec![point(&learner, 0, Duration::ZERO, &heldout, &few)?.0];
     let mut steps_to_recon = None;
     let mut trained = Duration::ZERO;
     let mut progress = crate::tools::progress::Progress::new("quality", options.steps);
@@ -104,11 +126,11 @@ pub fn quality(config: &Config, options: &QualityOptions) -> Result<Value> {
         trained += started.elapsed();
         progress.advance(1);
         if step % every == 0 || step == options.steps {
-            let l = evaluate(&learner, &heldout)?;
-            if steps_to_recon.is_none() && options.target_recon.is_some_and(|target| l.recon <= target) {
+            let (point, recon) = point(&learner, step, trained, &heldout, &few)?;
+            if steps_to_recon.is_none() && options.target_recon.is_some_and(|target| recon <= target) {
                 steps_to_recon = Some(step);
             }
-            curve.push(point(step, trained, l));
+            curve.push(point);
         }
     }
     Ok(json!({

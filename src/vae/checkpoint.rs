@@ -40,6 +40,17 @@ pub struct Metadata {
     pub sha256: String,
     /// The configuration it trained with.
     pub config: serde_json::Value,
+    /// Latent dimensions in use on held-out frames (`vae::properties::Diagnostics`).
+    /// Absent where none were computed: versions made before wmvae computed
+    /// them, initial and imported weights, checkpoints without held-out
+    /// frames. Absent fields are not serialised, so the envelope of an older
+    /// checkpoint re-serialises to its own bytes and still verifies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_units: Option<u32>,
+    /// Mean KL(q(z_j | x) || N(0, 1)) per latent dimension on held-out
+    /// frames, nats (`z_size` numbers); absent as `active_units` is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kl_per_dim: Option<Vec<f64>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -337,6 +348,68 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("not what that version wrote"), "{err}");
+    }
+
+    /// The metadata as wmvae wrote it before `active_units` and
+    /// `kl_per_dim` (git bc251e8): a version 2 envelope of it, its sha256
+    /// over those fields only, still verifies and reads with both absent.
+    #[test]
+    fn envelopes_from_before_the_diagnostics_still_verify() {
+        #[derive(Serialize)]
+        struct OldMetadata {
+            version: u64,
+            parent: Option<u64>,
+            step: u64,
+            frames_seen: u64,
+            train_loss: Option<f64>,
+            eval_loss: Option<f64>,
+            eval_recon: Option<f64>,
+            eval_kl: Option<f64>,
+            created_at: String,
+            sha256: String,
+            config: serde_json::Value,
+        }
+        #[derive(Serialize)]
+        struct OldEnvelope<'a> {
+            format: &'a str,
+            format_version: u32,
+            metadata: OldMetadata,
+            #[serde(with = "serde_bytes")]
+            weights: &'a [u8],
+            #[serde(with = "serde_bytes")]
+            optimizer: &'a [u8],
+            sha256: String,
+        }
+        let c = sample();
+        let m = c.metadata.clone();
+        let mut old = OldEnvelope {
+            format: FORMAT,
+            format_version: 2,
+            metadata: OldMetadata {
+                version: m.version,
+                parent: m.parent,
+                step: m.step,
+                frames_seen: m.frames_seen,
+                train_loss: Some(1.5),
+                eval_loss: m.eval_loss,
+                eval_recon: m.eval_recon,
+                eval_kl: m.eval_kl,
+                created_at: m.created_at,
+                sha256: m.sha256,
+                config: serde_json::json!({"train": {"batch_size": 100}}),
+            },
+            weights: &c.weights,
+            optimizer: &c.optimizer,
+            sha256: String::new(),
+        };
+        old.sha256 = sha256_hex(&rmp_serde::to_vec_named(&old).unwrap());
+        let read = Checkpoint::from_bytes(&rmp_serde::to_vec_named(&old).unwrap()).unwrap();
+        assert_eq!((read.metadata.active_units, read.metadata.kl_per_dim), (None, None));
+        assert_eq!((read.metadata.step, read.metadata.train_loss), (100, Some(1.5)));
+        // And the new fields round-trip, under the envelope's sha256.
+        let mut new = sample();
+        (new.metadata.active_units, new.metadata.kl_per_dim) = (Some(7), Some(vec![0.25; 32]));
+        assert_eq!(Checkpoint::from_bytes(&new.to_bytes().unwrap()).unwrap(), new);
     }
 
     #[test]
