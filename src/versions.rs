@@ -12,6 +12,7 @@ use crate::store::{best_by_eval, Change, HistoryEntry, HistoryPage, Split, Store
 use crate::vae::checkpoint::{now_rfc3339, Checkpoint, Metadata};
 use crate::vae::device::Device;
 use crate::vae::learner::{Learner, Network};
+use crate::vae::model::VaeConfig;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
@@ -120,11 +121,17 @@ pub fn checkpoint(store: &Store, version: u64) -> Result<Checkpoint> {
         .ok_or_else(|| UnknownVersion(version).into())
 }
 
+/// The network holding a stored version's weights (verified), on `device`.
+pub fn network(store: &Store, version: u64, device: Device, vae: VaeConfig) -> Result<Network> {
+    let mut net = Network::new(device, vae);
+    net.load_checkpoint_weights(&checkpoint(store, version)?)?;
+    Ok(net)
+}
+
 /// A PNG of up to [`RECON_FRAMES`] validation frames (training frames if
 /// the validation split is empty) over their reconstructions by `version`.
 pub fn recon_png(store: &Store, version: u64, config: &Config) -> Result<Vec<u8>> {
-    let mut net = Network::new(Device::Cpu, config.vae());
-    net.load_checkpoint_weights(&checkpoint(store, version)?)?;
+    let net = network(store, version, Device::Cpu, config.vae())?;
     let split = if store.len(Split::Validation) > 0 {
         Split::Validation
     } else {
