@@ -13,6 +13,7 @@
 //! * [`store`]    the durable, bounded replay buffer and the version registry (the only sled user)
 //! * [`bus`]      streams, consumers, objects, announcements, the control service (the only NATS user)
 //! * [`versions`] what operators do to versions (list, show, import, rollback), shared by daemon and CLI
+//! * [`series`]   a version's series of the buffer, a page at a time, shared by daemon and CLI
 //! * [`daemon`]   `wmvae serve`: ingest, trainer, latents, control, status, HTTP, and their wiring
 //! * [`cli`]      the CLI's side: where a command goes (daemon or store) and how answers print
 //! * [`tools`]    `encode`, `publish`, `buffer export`, the benches, a local nats-server
@@ -35,6 +36,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod frames;
+pub mod series;
 pub mod store;
 pub mod tools;
 pub mod vae;

@@ -138,6 +138,30 @@ enum Command {
         #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
         device: DeviceChoice,
     },
+    /// Encode every stored episode (or those named) with one version: one .npz per
+    /// episode and index.json in --out (PROTOCOL.md, "Series"). Through the running
+    /// daemon (its trainer encodes) or on the store; resumable: a rerun into the same
+    /// --out skips the episodes its index.json lists.
+    Series {
+        /// A version number, or `active`.
+        #[arg(long, value_parser = parse_version)]
+        version: VersionArg,
+        /// The series directory (created; refused if it holds another version's series).
+        #[arg(long)]
+        out: PathBuf,
+        /// Only this source.
+        #[arg(long)]
+        source: Option<String>,
+        /// Episodes whose name is in [FROM, UNTIL), by string order; either end may be
+        /// left empty (`ep-10..`, `..ep-20`). The first `..` splits the two.
+        #[arg(long, value_name = "FROM..UNTIL")]
+        episodes: Option<String>,
+        #[command(flatten)]
+        place: PlaceArgs,
+        /// Where an offline run encodes (a live one: on the daemon's [train] device).
+        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+        device: DeviceChoice,
+    },
     /// List, inspect, export, import, pin and roll back checkpoints, live or offline.
     Checkpoint {
         #[command(flatten)]
@@ -150,6 +174,23 @@ enum Command {
         #[command(subcommand)]
         which: BenchCommand,
     },
+}
+
+/// `--version`: a number or the active one.
+#[derive(Clone, Copy)]
+enum VersionArg {
+    Active,
+    Number(u64),
+}
+
+fn parse_version(text: &str) -> Result<VersionArg, String> {
+    match text {
+        "active" => Ok(VersionArg::Active),
+        _ => text
+            .parse()
+            .map(VersionArg::Number)
+            .map_err(|_| format!("{text:?} is neither a version number nor `active`")),
+    }
 }
 
 /// Where checkpoint and buffer-stats commands go: the running daemon (over
@@ -464,6 +505,34 @@ async fn checkpoint_command(config: &Config, mode: backend::Mode, which: Checkpo
     Ok(())
 }
 
+/// `wmvae series`: resolves the version, then writes the directory.
+async fn series_command(
+    config: &Config,
+    mode: backend::Mode,
+    version: VersionArg,
+    scope: wmvae::store::Scope,
+    out: &std::path::Path,
+    device: DeviceChoice,
+) -> Result<()> {
+    let backend = backend::connect(config, mode).await?;
+    let version = match version {
+        VersionArg::Number(v) => v,
+        VersionArg::Active => backend.active_version().await?,
+    };
+    let pages = backend.series(version, device, config).await?;
+    let started = std::time::Instant::now();
+    let report = wmvae::tools::series::write(&pages, &scope, out).await?;
+    eprintln!(
+        "series of v{version} in {}: {} episodes written ({} frames, {:.0} frames/s), {} already there",
+        out.display(),
+        report.written,
+        report.frames,
+        report.frames as f64 / started.elapsed().as_secs_f64(),
+        report.skipped
+    );
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve {
@@ -591,6 +660,27 @@ fn run(cli: Cli) -> Result<()> {
             })?;
             let n = wmvae::tools::decode::decode_file(&net, &input, &key, &output, grid.as_deref())?;
             eprintln!("decoded {n} latents with v{checkpoint} to {}", output.display());
+        }
+        Command::Series {
+            version,
+            out,
+            source,
+            episodes,
+            place,
+            device,
+        } => {
+            let config = place.config.load()?;
+            let (episodes_from, episodes_until) = match episodes {
+                Some(range) => wmvae::tools::series::parse_episode_range(&range)?,
+                None => (None, None),
+            };
+            let scope = wmvae::store::Scope {
+                source,
+                episodes_from,
+                episodes_until,
+                after: None,
+            };
+            runtime()?.block_on(series_command(&config, place.mode(), version, scope, &out, device))?;
         }
         Command::Checkpoint { place, which } => {
             let config = place.config.load()?;

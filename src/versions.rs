@@ -12,6 +12,7 @@ use crate::store::{best_by_eval, HistoryEntry, HistoryPage, Provenance, Split, S
 use crate::vae::checkpoint::{now_rfc3339, Checkpoint, Metadata};
 use crate::vae::device::Device;
 use crate::vae::learner::{Learner, Network};
+use crate::vae::model::VaeConfig;
 use crate::vae::properties::{INTERPOLATION_STEPS, PRIOR_DRAWS};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -121,9 +122,9 @@ pub fn checkpoint(store: &Store, version: u64) -> Result<Checkpoint> {
         .ok_or_else(|| UnknownVersion(version).into())
 }
 
-/// The weights of stored `version` in a network on the CPU.
-fn network(store: &Store, version: u64, config: &Config) -> Result<Network> {
-    let mut net = Network::new(Device::Cpu, config.vae());
+/// The network holding a stored version's weights (verified), on `device`.
+pub fn network(store: &Store, version: u64, device: Device, vae: VaeConfig) -> Result<Network> {
+    let mut net = Network::new(device, vae);
     net.load_checkpoint_weights(&checkpoint(store, version)?)?;
     Ok(net)
 }
@@ -153,7 +154,7 @@ pub fn held_out_frames(store: &Store, n: usize) -> Result<Option<Vec<u8>>> {
 /// A PNG of up to [`RECON_FRAMES`] validation frames (training frames if
 /// the validation split is empty) over their reconstructions by `version`.
 pub fn recon_png(store: &Store, version: u64, config: &Config) -> Result<Vec<u8>> {
-    network(store, version, config)?.recon_png(&frames_to_show(store, RECON_FRAMES)?)
+    network(store, version, Device::Cpu, config.vae())?.recon_png(&frames_to_show(store, RECON_FRAMES)?)
 }
 
 /// A PNG of the same [`PRIOR_DRAWS`] draws from the prior decoded by each
@@ -161,7 +162,7 @@ pub fn recon_png(store: &Store, version: u64, config: &Config) -> Result<Vec<u8>
 pub fn prior_strip_png(store: &Store, versions: &[u64], config: &Config) -> Result<Vec<u8>> {
     let rows = versions
         .iter()
-        .map(|&version| network(store, version, config)?.prior_samples())
+        .map(|&version| network(store, version, Device::Cpu, config.vae())?.prior_samples())
         .collect::<Result<Vec<_>>>()?;
     let rows: Vec<&[u8]> = rows.iter().map(Vec::as_slice).collect();
     crate::frames::grid::png_grid(&rows, PRIOR_DRAWS)
@@ -173,7 +174,7 @@ pub fn prior_strip_png(store: &Store, versions: &[u64], config: &Config) -> Resu
 pub fn interpolation_png(store: &Store, version: u64, config: &Config) -> Result<Vec<u8>> {
     let ends = frames_to_show(store, 2)?;
     let (a, b) = ends.split_at(crate::frames::BYTES);
-    let path = network(store, version, config)?.interpolation(a, b)?;
+    let path = network(store, version, Device::Cpu, config.vae())?.interpolation(a, b)?;
     crate::frames::grid::png_grid(&[&[a, &path, b].concat()], INTERPOLATION_STEPS + 2)
 }
 

@@ -316,6 +316,29 @@ def test_series_from_the_daemons_latents_read_back(published, stream_latents, da
         assert np.array_equal(e["action"], actions) and np.array_equal(e["done"], dones)
 
 
+def test_wmvae_series_writes_what_read_series_reads(published, stream_latents, daemon, tmp_path):
+    """`wmvae series` through the live daemon (its trainer encodes): the
+    pinned layout, the published transitions, and the stream's latents of
+    the same version."""
+    version = min(latent["model_version"] for latent in stream_latents)
+    run = subprocess.run([str(WMVAE), "series", "--version", str(version), "--source", published.source,
+                          "--out", str(tmp_path), "--nats-url", daemon.url],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    episodes = {e["episode"]: e for e in wmvae.read_series(tmp_path)}
+    sha256 = announced(daemon.url, version)["sha256"]
+    for name, (frames, actions, rewards, dones) in published.episodes.items():
+        e = episodes[name]
+        assert e["frames"] == len(frames) and e["step"].tolist() == list(range(len(frames)))
+        assert np.array_equal(e["action"], np.asarray(actions, dtype=np.float32)) and np.array_equal(e["done"], dones)
+        assert np.allclose(e["reward"], rewards, rtol=1e-6)
+        assert (e["version"], e["sha256"]) == (version, sha256)
+    same = [latent for latent in stream_latents if latent["model_version"] == version]
+    assert same
+    for latent in same:
+        assert np.allclose(episodes[latent["episode"]]["mu"][latent["step"]], latent["mu"], atol=TOLERANCE)
+
+
 def test_the_mdn_rnn_example_learns_the_next_z(published, stream_latents, daemon, tmp_path):
     make_series(daemon.url, stream_latents, tmp_path)
     run = subprocess.run([PYTHON, str(REPO / "examples" / "train_mdn_rnn.py"), "--series", str(tmp_path), "--steps", "60",

@@ -42,10 +42,12 @@ pub enum Endpoint {
     Unpin,
     Delete,
     Import,
+    SeriesEpisodes,
+    SeriesPage,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 13] = [
+    pub const ALL: [Endpoint; 15] = [
         Endpoint::Status,
         Endpoint::Encode,
         Endpoint::Decode,
@@ -59,6 +61,8 @@ impl Endpoint {
         Endpoint::Unpin,
         Endpoint::Delete,
         Endpoint::Import,
+        Endpoint::SeriesEpisodes,
+        Endpoint::SeriesPage,
     ];
 
     /// Whether an encoder serves it (every encoder replica: one answers).
@@ -75,7 +79,8 @@ impl Endpoint {
             .collect()
     }
 
-    /// The endpoints only the leading trainer serves: the buffer's and the checkpoints'.
+    /// The endpoints only the leading trainer serves: the buffer's, the
+    /// checkpoints' and the series' (made from the buffer it holds).
     pub fn leader_only() -> Vec<Endpoint> {
         Endpoint::ALL
             .into_iter()
@@ -99,6 +104,8 @@ impl Endpoint {
             Endpoint::Unpin => "checkpoints.unpin",
             Endpoint::Delete => "checkpoints.delete",
             Endpoint::Import => "checkpoints.import",
+            Endpoint::SeriesEpisodes => "series.episodes",
+            Endpoint::SeriesPage => "series.page",
         }
     }
 }

@@ -1,5 +1,5 @@
-//! The operator's side of `wmvae checkpoint ...`, `wmvae buffer stats` and
-//! `wmvae encode --checkpoint`: through the running daemon's control service when one
+//! The operator's side of `wmvae checkpoint ...`, `wmvae buffer stats`,
+//! `wmvae encode --checkpoint` and `wmvae series`: through the running daemon's control service when one
 //! answers, else on the store directly (sled lets one process hold it).
 //! Either way the answers are the same types, from `versions` and `store`.
 //! No rendering here (`render.rs`), and no flag parsing (`main.rs`).
@@ -8,7 +8,8 @@ use crate::bus::messages::{import_object, weights_object, CheckpointRequest};
 use crate::bus::service::{Endpoint, ServiceError};
 use crate::bus::Bus;
 use crate::config::Config;
-use crate::store::{HistoryEntry, HistoryPage, Provenance, Stats, Store, UnknownVersion};
+use crate::series::{self, Budget, EpisodesPage, Page, PageRequest, Pages};
+use crate::store::{Cursor, EpisodeCount, HistoryEntry, HistoryPage, Provenance, Scope, Stats, Store, UnknownVersion};
 use crate::vae::checkpoint::{sha256_hex, Metadata};
 use crate::vae::device::DeviceChoice;
 use crate::vae::learner::Network;
@@ -271,5 +272,117 @@ impl Backend {
             &weights,
             &format!("checkpoint v{version}"),
         )
+    }
+
+    /// The active version (`--version active`).
+    pub async fn active_version(&self) -> Result<u64> {
+        let active = match self {
+            Backend::Live(bus) => {
+                let reply = bus.control_request(Endpoint::Status, Vec::new()).await?;
+                let status: serde_json::Value =
+                    serde_json::from_slice(&reply).context("reading the daemon's status")?;
+                status["active_version"].as_u64()
+            }
+            Backend::Offline(store, _) => store.registry().active_version()?,
+        };
+        active.context("there is no active version yet")
+    }
+
+    /// Where `wmvae series` gets a version's pages: the leading trainer
+    /// encodes them, or the store is read and encoded here on `device`.
+    pub async fn series(&self, version: u64, device: DeviceChoice, config: &Config) -> Result<SeriesPages<'_>> {
+        let sha256 = self.show(version).await?.metadata.sha256;
+        Ok(match self {
+            Backend::Live(bus) => SeriesPages::Live { bus, version, sha256 },
+            Backend::Offline(store, _) => SeriesPages::Offline {
+                store,
+                net: Box::new(self.network(version, device, config).await?),
+                version,
+                sha256,
+            },
+        })
+    }
+}
+
+/// A version's series, a page at a time, from a [`Backend`].
+pub enum SeriesPages<'a> {
+    Live {
+        bus: &'a Bus,
+        version: u64,
+        sha256: String,
+    },
+    Offline {
+        store: &'a Store,
+        net: Box<Network>,
+        version: u64,
+        sha256: String,
+    },
+}
+
+/// Frames of a page read offline: enough to keep the encoder busy, one
+/// episode's worth held at a time.
+const OFFLINE_PAGE_FRAMES: usize = 4096;
+
+impl Pages for SeriesPages<'_> {
+    fn version(&self) -> (u64, &str) {
+        match self {
+            SeriesPages::Live { version, sha256, .. } | SeriesPages::Offline { version, sha256, .. } => {
+                (*version, sha256)
+            }
+        }
+    }
+
+    async fn episodes(&self, scope: &Scope) -> Result<Vec<EpisodeCount>> {
+        let bus = match self {
+            SeriesPages::Offline { store, .. } => return series::episodes(store, scope),
+            SeriesPages::Live { bus, .. } => bus,
+        };
+        let (mut all, mut scope) = (Vec::new(), scope.clone());
+        loop {
+            let reply = bus
+                .control_request(Endpoint::SeriesEpisodes, serde_json::to_vec(&scope)?)
+                .await?;
+            let page: EpisodesPage =
+                serde_json::from_slice(&reply).context("reading the daemon's series.episodes reply")?;
+            let last = page.episodes.last().map(|e| Cursor {
+                source: e.source.clone(),
+                episode: e.episode.clone(),
+                step: 0,
+            });
+            all.extend(page.episodes);
+            match last {
+                Some(last) if page.more => scope.after = Some(last),
+                _ => return Ok(all),
+            }
+        }
+    }
+
+    async fn page(&self, scope: Scope) -> Result<Page> {
+        match self {
+            SeriesPages::Offline {
+                store, net, version, ..
+            } => {
+                let budget = Budget {
+                    frames: OFFLINE_PAGE_FRAMES,
+                    bytes: usize::MAX,
+                };
+                series::page(store, net, *version, scope, budget)
+            }
+            SeriesPages::Live { bus, version, .. } => {
+                let request = PageRequest {
+                    version: *version,
+                    scope,
+                    limit: None,
+                };
+                let reply = bus
+                    .control_request(Endpoint::SeriesPage, serde_json::to_vec(&request)?)
+                    .await
+                    .map_err(|e| match e.downcast_ref::<ServiceError>() {
+                        Some(c) if c.code == 404 => UnknownVersion(*version).into(),
+                        _ => e,
+                    })?;
+                rmp_serde::from_slice(&reply).context("reading the daemon's series.page reply")
+            }
+        }
     }
 }

@@ -8,6 +8,8 @@
 //!   recon); `history` a page at a time, newest first
 //! - `checkpoints.rollback|pin|unpin|delete|import`: carried out by the
 //!   trainer between two steps
+//! - `series.episodes`, `series.page`: a version's series of the buffer,
+//!   a page at a time (`crate::series`), for `wmvae series` while the daemon runs
 //!
 //! Checkpoint requests are JSON [`CheckpointRequest`]s (`bus::messages`). Errors map to codes
 //! in one place, [`service_error`]: 404 for an unknown version, 400 for a
@@ -20,7 +22,8 @@ use crate::bus::service::{Caller, Endpoint, Handler, Reply, ServiceError};
 use crate::bus::{Bus, TooLarge};
 use crate::config::Config;
 use crate::frames::wire;
-use crate::store::{Change, InUse, Provenance, Store, UnknownVersion};
+use crate::series::{self, Budget, PageRequest, PAGE_FRAMES};
+use crate::store::{Change, InUse, Provenance, Scope, Store, UnknownVersion};
 use crate::vae::checkpoint::Metadata;
 use crate::versions;
 use anyhow::anyhow;
@@ -197,11 +200,39 @@ async fn answer(ctx: Context, endpoint: Endpoint, payload: bytes::Bytes, caller:
             }
             Ok(rmp_serde::to_vec_named(&reply)?)
         }
+        Endpoint::SeriesEpisodes | Endpoint::SeriesPage => {
+            let trainer = ctx.trainer.as_ref().ok_or(NotHere("trainer"))?;
+            answer_series(&ctx, trainer.store.clone(), endpoint, &payload).await
+        }
         _ => {
             let trainer = ctx.trainer.clone().ok_or(NotHere("trainer"))?;
             answer_trainer(&ctx, trainer, endpoint, &payload, caller).await
         }
     }
+}
+
+/// The series endpoints: JSON requests; the episodes in JSON, a page in
+/// MessagePack, each under the server's `max_payload`. A page is encoded
+/// here, on the trainer's device, by the requested version's stored weights.
+async fn answer_series(ctx: &Context, store: Store, endpoint: Endpoint, payload: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let max_bytes = ctx.bus.max_payload();
+    let bad = |e: serde_json::Error| BadRequest(format!("bad {} request: {e}", endpoint.name()));
+    if endpoint == Endpoint::SeriesEpisodes {
+        let scope: Scope = serde_json::from_slice(payload).map_err(bad)?;
+        return json(&blocking(move || series::episodes_page(&store, &scope, max_bytes)).await?);
+    }
+    let request: PageRequest = serde_json::from_slice(payload).map_err(bad)?;
+    let budget = Budget {
+        frames: request.limit.unwrap_or(PAGE_FRAMES).clamp(1, PAGE_FRAMES),
+        bytes: max_bytes,
+    };
+    let (device, vae) = (ctx.config.train.device, ctx.config.vae());
+    let page = blocking(move || {
+        let net = versions::network(&store, request.version, device.resolve()?, vae)?;
+        series::page(&store, &net, request.version, request.scope, budget)
+    })
+    .await?;
+    Ok(rmp_serde::to_vec_named(&page)?)
 }
 
 /// The trainer's endpoints: the buffer's figures and the checkpoints.
@@ -301,7 +332,7 @@ async fn answer_trainer(
             ctx.bus.delete_object(&object).await?;
             json(&imported)
         }
-        Endpoint::Status | Endpoint::Encode | Endpoint::Decode => {
+        Endpoint::Status | Endpoint::Encode | Endpoint::Decode | Endpoint::SeriesEpisodes | Endpoint::SeriesPage => {
             Err(anyhow!("{} is not a trainer endpoint", endpoint.name()))
         }
     }

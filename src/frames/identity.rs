@@ -6,7 +6,8 @@
 //! [`check_episode`], called by the wire decoder before anything else
 //! reads them); [`message_id`] builds the id by an escaping that is
 //! injective, so no two distinct triples share an id and the id holds only
-//! printable ASCII. Pure functions: no NATS (the header values themselves are
+//! printable ASCII; [`series_file_name`] names its episode's series file.
+//! Pure functions: no NATS (the header values themselves are
 //! `bus`'s), no store.
 
 use std::fmt::Write as _;
@@ -94,6 +95,35 @@ pub fn message_id(source: &str, episode: &str, step: u64) -> String {
     format!("{}/{}/{step}", escape(source), escape(episode))
 }
 
+/// Characters of a series file name taken from its source and episode:
+/// enough to read which episode it is, far under any file system's 255.
+const FILE_NAME_READABLE_CHARS: usize = 64;
+/// Hex digits of the hash in a series file name: 80 bits, so two episodes
+/// whose readable parts agree still get distinct names.
+const FILE_NAME_HASH_HEX: usize = 20;
+
+/// The one name of (source, episode)'s file in a series directory:
+/// `<readable>-<hash>.npz`. The readable part is `source_episode` with
+/// every character but ASCII letters, digits, `-` and `_` made `_`, cut to
+/// [`FILE_NAME_READABLE_CHARS`]; the hash (sha256 of the exact pair,
+/// length-prefixed) tells apart pairs that read the same. Whatever the
+/// names hold, the result has no path separator, no `..`, no control
+/// character and no leading dot.
+pub fn series_file_name(source: &str, episode: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let readable: String = format!("{source}_{episode}")
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .take(FILE_NAME_READABLE_CHARS)
+        .collect();
+    let mut hash = Sha256::new();
+    hash.update((source.len() as u64).to_le_bytes());
+    hash.update(source.as_bytes());
+    hash.update(episode.as_bytes());
+    let hex: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    format!("{readable}-{}.npz", &hex[..FILE_NAME_HASH_HEX])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +152,28 @@ mod tests {
         assert!(check_source("worker-1.gpu").is_ok());
     }
 
+    #[test]
+    fn series_file_names_are_safe_and_readable() {
+        let name = series_file_name("car-1", "ep 7");
+        assert!(name.starts_with("car-1_ep_7-") && name.ends_with(".npz"), "{name}");
+        for (source, episode) in [
+            ("s", "../x"),
+            ("..", ".."),
+            ("a/b", "c\\d"),
+            ("s", "\u{0}\n\u{85}é"),
+            ("", ""),
+        ] {
+            let name = series_file_name(source, episode);
+            assert!(
+                !name.contains(['/', '\\']) && !name.starts_with('.') && !name.contains(".."),
+                "{name}"
+            );
+            assert!(name.chars().all(|c| c.is_ascii_graphic()), "{name}");
+        }
+        let long = "e".repeat(MAX_EPISODE_BYTES);
+        assert!(series_file_name(&long, &long).len() < 100);
+    }
+
     proptest! {
         /// No two distinct (source, episode, step) share an id, and an id
         /// is printable ASCII.
@@ -136,6 +188,12 @@ mod tests {
         #[test]
         fn slashes_and_percents_do_not_collide(a in ("[s/%a]{0,4}", "[s/%a1]{0,4}"), b in ("[s/%a]{0,4}", "[s/%a1]{0,4}")) {
             prop_assert_eq!(message_id(&a.0, &a.1, 1) == message_id(&b.0, &b.1, 1), a == b);
+        }
+
+        /// Pairs whose readable parts agree (`_` stands for `/`, `.`, `_`) still get distinct file names.
+        #[test]
+        fn series_file_names_are_injective(a in ("[s/_.a]{0,4}", "[s/_.a]{0,4}"), b in ("[s/_.a]{0,4}", "[s/_.a]{0,4}")) {
+            prop_assert_eq!(series_file_name(&a.0, &a.1) == series_file_name(&b.0, &b.1), a == b);
         }
     }
 }

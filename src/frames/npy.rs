@@ -199,6 +199,16 @@ pub fn header(descr: &str, shape: &[usize]) -> Vec<u8> {
     out
 }
 
+/// `text` as numpy's `<U{width}` (UTF-32LE, NUL-padded to `width` characters).
+pub fn utf32(text: &str, width: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(width * 4);
+    for c in text.chars() {
+        out.extend((c as u32).to_le_bytes());
+    }
+    out.resize(width * 4, 0);
+    out
+}
+
 /// An `.npz` (a zip of `.npy` files, stored uncompressed) written one array
 /// at a time, so a caller streams each array's data without holding it.
 pub struct NpzWriter {

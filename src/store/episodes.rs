@@ -33,7 +33,8 @@ pub struct Scope {
 }
 
 impl Scope {
-    fn holds_episode(&self, episode: &str) -> bool {
+    /// Whether `episode`'s name is in the scope's range.
+    pub fn holds_episode(&self, episode: &str) -> bool {
         self.episodes_from.as_deref().is_none_or(|from| episode >= from)
             && self.episodes_until.as_deref().is_none_or(|until| episode < until)
     }
@@ -110,14 +111,34 @@ impl Store {
             Some(s) => [b"I", s.as_bytes(), b"\0"].concat(),
             None => b"I".to_vec(),
         };
-        let start = match &scope.after {
-            Some(c) => index_block_key(&c.source, &c.episode, c.step).0,
-            None => prefix.clone(),
-        };
-        let blocks = self
-            .tree
-            .range(start..)
-            .take_while(move |entry| entry.as_ref().map_or(true, |(key, _)| key.starts_with(&prefix)));
+        // Of one source, the scan starts at the range's first episode (its
+        // key: names hold no NUL, so key order is name order) and stops at
+        // the first name past the range.
+        let from = scope
+            .source
+            .as_ref()
+            .zip(scope.episodes_from.as_ref())
+            .map(|(s, e)| [b"I", s.as_bytes(), b"\0", e.as_bytes(), b"\0"].concat());
+        let until = scope.source.as_ref().and(scope.episodes_until.clone());
+        let after = scope
+            .after
+            .as_ref()
+            .map(|c| index_block_key(&c.source, &c.episode, c.step).0);
+        let start = [Some(prefix.clone()), from, after]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or_default();
+        let blocks = self.tree.range(start..).take_while(move |entry| {
+            entry.as_ref().map_or(true, |(key, _)| {
+                let before_until = || {
+                    until
+                        .as_ref()
+                        .is_none_or(|u| names(key, 8).map_or(true, |(_, e)| e < *u))
+                };
+                key.starts_with(&prefix) && before_until()
+            })
+        });
         let locations = blocks.flat_map(move |entry| {
             let located = entry.map_err(anyhow::Error::from).and_then(|(key, bytes)| {
                 let (source, episode) = names(&key, 8)?;
@@ -228,6 +249,19 @@ mod tests {
             keys(a_e2.clone()),
             (0..70)
                 .map(|s| ("a".to_string(), "e2".to_string(), s))
+                .collect::<Vec<_>>()
+        );
+        // One episode: its name to the next one (names hold no NUL).
+        let e1_only = Scope {
+            source: Some("a".into()),
+            episodes_from: Some("e1".into()),
+            episodes_until: Some("e1\0".into()),
+            ..Scope::default()
+        };
+        assert_eq!(
+            keys(e1_only),
+            (0..70)
+                .map(|s| ("a".to_string(), "e1".to_string(), s))
                 .collect::<Vec<_>>()
         );
         let resumed = keys(Scope {

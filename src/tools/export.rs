@@ -8,7 +8,10 @@
 //! whatever the buffer's size. Reads through `store`; never writes to it.
 
 use crate::frames::Frame;
-use crate::frames::{self, npy::NpzWriter};
+use crate::frames::{
+    self,
+    npy::{self, NpzWriter},
+};
 use crate::store::Store;
 use anyhow::Result;
 use std::io::Write;
@@ -19,15 +22,6 @@ use std::path::Path;
 pub struct ExportSummary {
     pub frames: usize,
     pub action_width: usize,
-}
-
-fn utf32(text: &str, width: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(width * 4);
-    for c in text.chars() {
-        out.extend((c as u32).to_le_bytes());
-    }
-    out.resize(width * 4, 0);
-    out
 }
 
 /// Writes the export of `store` (optionally one `source`) to `out`.
@@ -56,14 +50,14 @@ pub fn export(store: &Store, source: Option<&str>, out: &Path) -> Result<ExportS
             "source",
             format!("<U{source_width}"),
             vec![n],
-            Box::new(move |f: &Frame| utf32(&f.source, source_width)),
+            Box::new(move |f: &Frame| npy::utf32(&f.source, source_width)),
             false,
         ),
         (
             "episode",
             format!("<U{episode_width}"),
             vec![n],
-            Box::new(move |f: &Frame| utf32(&f.episode, episode_width)),
+            Box::new(move |f: &Frame| npy::utf32(&f.episode, episode_width)),
             false,
         ),
         (

@@ -1,6 +1,7 @@
 //! The CLI's tools that are not the daemon: `wmvae encode` ([`encode`]),
 //! `wmvae decode` ([`decode`]),
-//! `wmvae publish` ([`publish`]), `wmvae buffer export` ([`export`]), the
+//! `wmvae publish` ([`publish`]), `wmvae buffer export` ([`export`]),
+//! `wmvae series` ([`series`]: the files; the pages are `crate::series`'), the
 //! benches ([`bench`], [`bench_daemon`], [`bench_encoders`],
 //! [`bench_failover`]), a local nats-server child for
 //! benches and tests ([`nats_server`]) and progress bars ([`progress`]).
@@ -20,3 +21,4 @@ pub mod export;
 pub mod nats_server;
 pub mod progress;
 pub mod publish;
+pub mod series;
