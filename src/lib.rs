@@ -15,7 +15,7 @@
 //! * [`versions`] what operators do to versions (list, show, import, rollback), shared by daemon and CLI
 //! * [`daemon`]   `wmvae serve`: ingest, trainer, latents, control, status, HTTP, and their wiring
 //! * [`cli`]      the CLI's side: where a command goes (daemon or store) and how answers print
-//! * [`tools`]    `encode`, `publish`, `buffer export`, the benches, a local nats-server
+//! * [`tools`]    `encode`, `decode`, `publish`, `buffer export`, progress bars (the benches: crates/bench)
 //!
 //! The binary (`src/main.rs`) only parses arguments and calls into these.
 

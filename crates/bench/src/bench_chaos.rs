@@ -1,5 +1,5 @@
 //! `wmvae bench chaos`: faults while frames stream in, then the books are
-//! checked. One `wmvae serve` (this binary) on one local nats-server; frames
+//! checked. One `wmvae serve` (the `wmvae` beside this binary) on one local nats-server; frames
 //! published at a steady rate, each awaited until stored (retried by the
 //! next one through outages); every few seconds either the daemon is
 //! SIGKILLed and started again, or the nats-server is SIGKILLed and
@@ -12,12 +12,6 @@
 use super::bench_daemon::{frame_name, status};
 use super::bench_failover::{publish, wait_at_most, Acks, Nodes};
 use super::nats_server::LocalNats;
-use crate::bus::messages::LatentMessage;
-use crate::bus::{Bus, StoredMessage};
-use crate::config::Config;
-use crate::frames::identity::{message_id, MAX_EPISODE_BYTES};
-use crate::frames::wire::{FrameMessage, MAX_ACTION_LEN, MAX_SIDE, MAX_STEP};
-use crate::store::{BufferConfig, Store};
 use anyhow::{Context, Result};
 use rand::Rng;
 use serde::Serialize;
@@ -27,6 +21,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+use wmvae::bus::messages::LatentMessage;
+use wmvae::bus::{Bus, StoredMessage};
+use wmvae::config::Config;
+use wmvae::frames::identity::{message_id, MAX_EPISODE_BYTES};
+use wmvae::frames::wire::{FrameMessage, MAX_ACTION_LEN, MAX_SIDE, MAX_STEP};
+use wmvae::store::{BufferConfig, Store};
 
 /// The node id, so its data is in `<dir>/d`.
 const NODE: &str = "d";

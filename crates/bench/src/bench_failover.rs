@@ -18,10 +18,6 @@
 
 use super::bench_daemon::{frame, frame_name};
 use super::nats_server::LocalCluster;
-use crate::bus::messages::{Announcement, CheckpointEvent};
-use crate::bus::Bus;
-use crate::config::Config;
-use crate::daemon::status::{LeaseRole, Status};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::collections::HashSet;
@@ -31,6 +27,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+use wmvae::bus::messages::{Announcement, CheckpointEvent};
+use wmvae::bus::Bus;
+use wmvae::config::Config;
+use wmvae::daemon::status::{LeaseRole, Status};
 
 /// The source the bench publishes as (latent ids are `<source>/<episode>/<step>`).
 pub(super) const SOURCE: &str = "bench";
@@ -70,7 +70,7 @@ impl Nodes {
     /// Starts node `id` (`[node] id`) against `url`, data in `dir/id`, log
     /// in `dir/id.log` (appended to across restarts), with `env` on top.
     pub(super) fn start(&mut self, id: &str, url: &str, dir: &Path, env: &[(&str, String)]) -> Result<()> {
-        let exe = std::env::current_exe().context("locating the wmvae binary")?;
+        let exe = crate::wmvae_binary()?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
