@@ -13,6 +13,7 @@ use wmvae::cli::args::ConfigArgs;
 use wmvae::cli::{backend, render};
 use wmvae::config::Config;
 use wmvae::store::{Change, Provenance};
+use wmvae::tools::publish::{Input, PublishOptions};
 use wmvae::vae::device::DeviceChoice;
 
 #[derive(Parser)]
@@ -113,8 +114,10 @@ enum Command {
         #[command(subcommand)]
         which: CheckpointCommand,
     },
-    /// Measure performance (figures for BENCHMARKS.md): runs wmvae-bench,
-    /// beside this binary, with the rest of the line (`wmvae bench --help`).
+    /// Measure performance (figures for BENCHMARKS.md).
+    ///
+    /// Runs wmvae-bench, beside this binary, with the rest of the line
+    /// (`wmvae bench --help` lists the benches).
     #[command(disable_help_flag = true)]
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -223,22 +226,26 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
+/// `wmvae checkpoint show`: the version's metadata, and a PNG of its
+/// reconstructions when asked.
+async fn show(backend: &backend::Backend, version: u64, recon: Option<PathBuf>, json: bool) -> Result<()> {
+    render::shown(backend.show(version).await?, json)?;
+    if let Some(path) = recon {
+        std::fs::write(&path, backend.recon(version).await?).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!(
+            "wrote {} (top: validation frames, bottom: reconstructions by v{version})",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 async fn checkpoint_command(config: &Config, mode: backend::Mode, which: CheckpointCommand) -> Result<()> {
     let backend = backend::connect(config, mode).await?;
     let by = wmvae::versions::default_actor();
     match which {
         CheckpointCommand::List { json } => render::list(backend.list().await?, json)?,
-        CheckpointCommand::Show { version, recon, json } => {
-            render::shown(backend.show(version).await?, json)?;
-            if let Some(path) = recon {
-                std::fs::write(&path, backend.recon(version).await?)
-                    .with_context(|| format!("writing {}", path.display()))?;
-                eprintln!(
-                    "wrote {} (top: validation frames, bottom: reconstructions by v{version})",
-                    path.display()
-                );
-            }
-        }
+        CheckpointCommand::Show { version, recon, json } => show(&backend, version, recon, json).await?,
         CheckpointCommand::Rollback { version, reason } => {
             let from = backend
                 .rollback(version, &Provenance::operator(Change::Rollback, by, reason))
@@ -345,7 +352,7 @@ fn buffer(which: BufferCommand) -> Result<()> {
 }
 
 /// `wmvae publish`: frames from a file or rendered here, by the wire contract.
-fn publish(config: ConfigArgs, options: wmvae::tools::publish::PublishOptions) -> Result<()> {
+fn publish(config: ConfigArgs, options: PublishOptions) -> Result<()> {
     let config = config.load()?;
     let sent = runtime()?.block_on(async {
         let bus = wmvae::bus::Bus::connect(&config).await?;
@@ -370,6 +377,32 @@ fn network(
     })
 }
 
+/// `wmvae encode`: the weights from a file or a checkpoint, then frames to latents.
+fn encode(
+    weights: Option<PathBuf>,
+    checkpoint: Option<u64>,
+    place: &PlaceArgs,
+    device: DeviceChoice,
+    input: &std::path::Path,
+    output: &std::path::Path,
+) -> Result<()> {
+    let config = place.config.load()?;
+    let net = match (weights, checkpoint) {
+        (Some(path), _) => wmvae::tools::encode::net_from_weights(&path, device, config.vae())?,
+        (None, Some(version)) => network(place, &config, version, device)?,
+        (None, None) => unreachable!("clap requires --weights or --checkpoint"),
+    };
+    let report = wmvae::tools::encode::encode_file(&net, input, output)?;
+    eprintln!(
+        "encoded {} frames of {}x{} to {}",
+        report.frames,
+        report.input_height,
+        report.input_width,
+        output.display()
+    );
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve {
@@ -387,11 +420,8 @@ fn run(cli: Cli) -> Result<()> {
             rate,
             count,
         } => {
-            let input = match npy {
-                Some(path) => wmvae::tools::publish::Input::Npy(path),
-                None => wmvae::tools::publish::Input::Synthetic,
-            };
-            let options = wmvae::tools::publish::PublishOptions {
+            let input = npy.map_or(Input::Synthetic, Input::Npy);
+            let options = PublishOptions {
                 source,
                 input,
                 rate,
@@ -406,22 +436,7 @@ fn run(cli: Cli) -> Result<()> {
             input,
             output,
             device,
-        } => {
-            let config = place.config.load()?;
-            let net = match (weights, checkpoint) {
-                (Some(path), _) => wmvae::tools::encode::net_from_weights(&path, device, config.vae())?,
-                (None, Some(version)) => network(&place, &config, version, device)?,
-                (None, None) => unreachable!("clap requires --weights or --checkpoint"),
-            };
-            let report = wmvae::tools::encode::encode_file(&net, &input, &output)?;
-            eprintln!(
-                "encoded {} frames of {}x{} to {}",
-                report.frames,
-                report.input_height,
-                report.input_width,
-                output.display()
-            );
-        }
+        } => encode(weights, checkpoint, &place, device, &input, &output)?,
         Command::Decode {
             checkpoint,
             place,
@@ -431,14 +446,12 @@ fn run(cli: Cli) -> Result<()> {
             grid,
             device,
         } => {
-            let config = place.config.load()?;
-            let net = network(&place, &config, checkpoint, device)?;
+            let net = network(&place, &place.config.load()?, checkpoint, device)?;
             let n = wmvae::tools::decode::decode_file(&net, &input, &key, &output, grid.as_deref())?;
             eprintln!("decoded {n} latents with v{checkpoint} to {}", output.display());
         }
         Command::Checkpoint { place, which } => {
-            let config = place.config.load()?;
-            runtime()?.block_on(checkpoint_command(&config, place.mode(), which))?;
+            runtime()?.block_on(checkpoint_command(&place.config.load()?, place.mode(), which))?
         }
         Command::Bench { args } => return Err(bench(args)),
     }

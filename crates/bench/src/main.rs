@@ -195,15 +195,19 @@ fn models(which: BenchCommand) -> Result<()> {
             };
             render::bench(bench_quality::quality(&config.load()?, &options)?, json);
         }
-        _ => unreachable!("services() takes the others"),
+        _ => unreachable!("run() sends only these here"),
     }
     Ok(())
 }
 
-/// The benches against local nats-servers (the daemon in this process or
-/// as child processes): each an async run on a fresh runtime.
-fn services(which: BenchCommand) -> Result<()> {
-    let server = |given: Option<PathBuf>| given.unwrap_or_else(default_binary);
+/// The nats-server binary given, or the default one.
+fn server(given: Option<PathBuf>) -> PathBuf {
+    given.unwrap_or_else(default_binary)
+}
+
+/// The benches of the daemon in this process against a local nats-server:
+/// latency, pipeline, ingest.
+fn in_process(which: BenchCommand) -> Result<()> {
     let rt = runtime()?;
     let (figures, json) = match which {
         BenchCommand::Latency {
@@ -226,6 +230,22 @@ fn services(which: BenchCommand) -> Result<()> {
             rt.block_on(bench_daemon::pipeline(rate, seconds, device, &server(nats_server)))?,
             json,
         ),
+        BenchCommand::Ingest {
+            frames,
+            nats_server,
+            json,
+        } => (rt.block_on(bench::ingest(frames, &server(nats_server)))?, json),
+        _ => unreachable!("run() sends only these here"),
+    };
+    render::bench(figures, json);
+    Ok(())
+}
+
+/// The benches of `wmvae serve` processes (the `wmvae` beside this binary)
+/// against local nats-servers: encoders, failover, chaos.
+fn processes(which: BenchCommand) -> Result<()> {
+    let rt = runtime()?;
+    let (figures, json) = match which {
         BenchCommand::Encoders {
             replicas,
             frames,
@@ -241,11 +261,10 @@ fn services(which: BenchCommand) -> Result<()> {
             nats_server,
             json,
         } => {
-            let nats_server = server(nats_server);
             let options = bench_failover::FailoverOptions {
                 rate,
                 lease_ttl_secs,
-                nats_server,
+                nats_server: server(nats_server),
             };
             (rt.block_on(bench_failover::failover(&options))?, json)
         }
@@ -255,20 +274,14 @@ fn services(which: BenchCommand) -> Result<()> {
             nats_server,
             json,
         } => {
-            let nats_server = server(nats_server);
             let options = bench_chaos::ChaosOptions {
                 seconds,
                 rate,
-                nats_server,
+                nats_server: server(nats_server),
             };
             (rt.block_on(bench_chaos::chaos(&options))?, json)
         }
-        BenchCommand::Ingest {
-            frames,
-            nats_server,
-            json,
-        } => (rt.block_on(bench::ingest(frames, &server(nats_server)))?, json),
-        _ => unreachable!("models() takes the others"),
+        _ => unreachable!("run() sends only these here"),
     };
     render::bench(figures, json);
     Ok(())
@@ -279,7 +292,10 @@ fn run(cli: Cli) -> Result<()> {
         which @ (BenchCommand::Train { .. } | BenchCommand::Encode { .. } | BenchCommand::Quality { .. }) => {
             models(which)
         }
-        which => services(which),
+        which @ (BenchCommand::Latency { .. } | BenchCommand::Pipeline { .. } | BenchCommand::Ingest { .. }) => {
+            in_process(which)
+        }
+        which => processes(which),
     }
 }
 
