@@ -122,25 +122,11 @@ fn proc_status_mb(field: &str) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// Ingest end to end against a local nats-server (`sync_interval: always`):
-/// `frames` 64x64 CarRacing-like frames are published to WM_FRAMES first;
-/// then a bare pull consumer that only acks reads them all (the baseline),
-/// then the real ingest loop makes them durable in a fresh sled store and
-/// acks them. Rates are frames/s over the whole batch.
-pub async fn ingest(frames: u64, nats_server: &std::path::Path) -> Result<Value> {
-    use tokio_util::sync::CancellationToken;
-    use wmvae::bus::Bus;
+/// Publishes `frames` 64x64 CarRacing-like frames (a pool of
+/// [`INGEST_BENCH_DISTINCT_FRAMES`] cycled) to WM_FRAMES, acks awaited;
+/// frames/s.
+async fn publish_backlog(bus: &wmvae::bus::Bus, frames: u64) -> Result<f64> {
     use wmvae::frames::wire::FrameMessage;
-    use wmvae::store::Store;
-
-    // Loading libtorch (and the CUDA libraries linked beside it) is most of
-    // the process's resident set before any work: report it apart.
-    let baseline_rss_mb = proc_status_mb("VmRSS:");
-    let server = crate::nats_server::LocalNats::start(nats_server)?;
-    let mut config = wmvae::config::Config::load(None)?;
-    config.nats.url = server.url.clone();
-    let bus = Bus::connect(&config).await?;
-    bus.migrate().await?;
 
     let pool: Vec<bytes::Bytes> = (0..INGEST_BENCH_DISTINCT_FRAMES)
         .map(|i| {
@@ -168,9 +154,31 @@ pub async fn ingest(frames: u64, nats_server: &std::path::Path) -> Result<Value>
         publisher.send(&frame).await?;
     }
     publisher.finish().await?;
-    // The publisher's frames are no part of the daemon's footprint.
-    drop(pool);
-    let publish_rate = frames as f64 / publish_start.elapsed().as_secs_f64();
+    // The publisher's frames (`pool`, dropped on return) are no part of
+    // the daemon's footprint.
+    Ok(frames as f64 / publish_start.elapsed().as_secs_f64())
+}
+
+/// Ingest end to end against a local nats-server (`sync_interval: always`):
+/// `frames` 64x64 CarRacing-like frames are published to WM_FRAMES first;
+/// then a bare pull consumer that only acks reads them all (the baseline),
+/// then the real ingest loop makes them durable in a fresh sled store and
+/// acks them. Rates are frames/s over the whole batch.
+pub async fn ingest(frames: u64, nats_server: &std::path::Path) -> Result<Value> {
+    use tokio_util::sync::CancellationToken;
+    use wmvae::bus::Bus;
+    use wmvae::store::Store;
+
+    // Loading libtorch (and the CUDA libraries linked beside it) is most of
+    // the process's resident set before any work: report it apart.
+    let baseline_rss_mb = proc_status_mb("VmRSS:");
+    let server = crate::nats_server::LocalNats::start(nats_server)?;
+    let mut config = wmvae::config::Config::load(None)?;
+    config.nats.url = server.url.clone();
+    let bus = Bus::connect(&config).await?;
+    bus.migrate().await?;
+
+    let publish_rate = publish_backlog(&bus, frames).await?;
 
     let plain = bus.consume_and_ack_only(frames).await?;
     let plain_rate = frames as f64 / plain.as_secs_f64();
