@@ -15,6 +15,8 @@ COPY --from=build /src/.venv/lib/python3.11/site-packages/torch/lib /opt/site-pa
 COPY --from=build /src/.venv/lib/python3.11/site-packages/nvidia /opt/site-packages/nvidia
 ENV LD_LIBRARY_PATH=/opt/site-packages/torch/lib
 COPY --from=build /src/target/release/wmvae /usr/local/bin/wmvae
+# `wmvae bench ...` runs the wmvae-bench beside wmvae (crates/bench).
+COPY --from=build /src/target/release/wmvae-bench /usr/local/bin/wmvae-bench
 COPY config /etc/wmvae
 VOLUME /data
 EXPOSE 9464

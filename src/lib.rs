@@ -16,7 +16,7 @@
 //! * [`series`]   a version's series of the buffer, a page at a time, shared by daemon and CLI
 //! * [`daemon`]   `wmvae serve`: ingest, trainer, latents, control, status, HTTP, and their wiring
 //! * [`cli`]      the CLI's side: where a command goes (daemon or store) and how answers print
-//! * [`tools`]    `encode`, `publish`, `buffer export`, the benches, a local nats-server
+//! * [`tools`]    `encode`, `decode`, `publish`, `buffer export`, progress bars (the benches: crates/bench)
 //!
 //! The binary (`src/main.rs`) only parses arguments and calls into these.
 

@@ -1,16 +1,19 @@
 //! The `wmvae` binary: argument parsing and dispatch only; the work is in
 //! the library (printing in `cli::render`, where commands go in
-//! `cli::backend`). Over 400 lines because every command's flags and help
-//! live here, in one place, as clap derives.
+//! `cli::backend`). Every command's flags and help live here as clap
+//! derives, but `bench`'s: `wmvae bench ...` runs `wmvae-bench` (the
+//! benches' crate, crates/bench) from beside this binary.
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use wmvae::cli::args::ConfigArgs;
 use wmvae::cli::{backend, render};
 use wmvae::config::Config;
 use wmvae::store::{Change, Provenance};
-use wmvae::tools::bench::{self, BenchOptions};
+use wmvae::tools::publish::{Input, PublishOptions};
 use wmvae::vae::device::DeviceChoice;
 
 #[derive(Parser)]
@@ -18,40 +21,6 @@ use wmvae::vae::device::DeviceChoice;
 struct Cli {
     #[command(subcommand)]
     command: Command,
-}
-
-/// Where the config comes from, and the overrides every daemon-facing command takes.
-#[derive(clap::Args, Clone)]
-struct ConfigArgs {
-    /// Config file overlaid on config/default.toml.
-    #[arg(long, global = true)]
-    config: Option<PathBuf>,
-    /// NATS server URL (overrides nats.url).
-    #[arg(long, global = true)]
-    nats_url: Option<String>,
-    /// Store directory (overrides store.data_dir).
-    #[arg(long, global = true)]
-    data_dir: Option<PathBuf>,
-}
-
-impl ConfigArgs {
-    fn load(&self) -> Result<Config> {
-        self.load_with(|_| {})
-    }
-
-    /// The config with these flags and `more` applied, then checked again.
-    fn load_with(&self, more: impl FnOnce(&mut Config)) -> Result<Config> {
-        let mut config = Config::load(self.config.as_deref())?;
-        if let Some(url) = &self.nats_url {
-            config.nats.url = url.clone();
-        }
-        if let Some(dir) = &self.data_dir {
-            config.store.data_dir = dir.clone();
-        }
-        more(&mut config);
-        config.validate().context("after the command-line overrides")?;
-        Ok(config)
-    }
 }
 
 #[derive(Subcommand)]
@@ -170,9 +139,13 @@ enum Command {
         which: CheckpointCommand,
     },
     /// Measure performance (figures for BENCHMARKS.md).
+    ///
+    /// Runs wmvae-bench, beside this binary, with the rest of the line
+    /// (`wmvae bench --help` lists the benches).
+    #[command(disable_help_flag = true)]
     Bench {
-        #[command(subcommand)]
-        which: BenchCommand,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
     },
 }
 
@@ -286,153 +259,6 @@ enum BufferCommand {
     },
 }
 
-#[derive(clap::Args, Clone, Copy)]
-struct BenchArgs {
-    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
-    device: DeviceChoice,
-    /// Timed steps after the warm-up.
-    #[arg(long, default_value_t = 20)]
-    steps: usize,
-    /// libtorch intra-op threads (0: libtorch's default).
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
-    /// Print one JSON object instead of a line of text.
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Subcommand)]
-enum BenchCommand {
-    /// Training images/s of the full step: forward, loss, backward, Adam.
-    Train {
-        #[command(flatten)]
-        args: BenchArgs,
-        #[arg(long, default_value_t = 100)]
-        batch: usize,
-        /// The step's arithmetic ([train] precision).
-        #[arg(long, value_enum, default_value = "fp32")]
-        precision: wmvae::vae::model::Precision,
-    },
-    /// Encoding images/s at batch 1 and batch 256.
-    Encode {
-        #[command(flatten)]
-        args: BenchArgs,
-    },
-    /// How fast a fresh VAE learns with the config's [train] recipe: held-out
-    /// reconstruction loss and KL every tenth of the run, with wall time.
-    Quality {
-        #[command(flatten)]
-        config: ConfigArgs,
-        /// Training frames: uint8 .npy (N, H, W, 3), 64x64 or 96x96 (preprocessed).
-        #[arg(long)]
-        frames: PathBuf,
-        /// Held-out frames (other episodes), the same way.
-        #[arg(long)]
-        heldout: PathBuf,
-        #[arg(long, default_value_t = 1000)]
-        steps: u64,
-        /// Report the first measured step whose held-out recon is at or under this.
-        #[arg(long)]
-        target_recon: Option<f64>,
-        /// Print one JSON object instead of a line of text.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Publish-to-latent latency through the whole daemon (in this process).
-    Latency {
-        /// Frames per second published.
-        #[arg(long, default_value_t = 1000.0)]
-        rate: f64,
-        #[arg(long, default_value_t = 10.0)]
-        seconds: f64,
-        /// Keep the trainer idle (min_frames never reached) to see ingest and encode alone.
-        #[arg(long)]
-        no_train: bool,
-        #[arg(long)]
-        nats_server: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Training images/s idle and while frames stream in (whole daemon, in this process).
-    Pipeline {
-        /// Frames per second streamed in during the second measurement.
-        #[arg(long, default_value_t = 500.0)]
-        rate: f64,
-        /// Length of each measurement window.
-        #[arg(long, default_value_t = 20.0)]
-        seconds: f64,
-        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
-        device: DeviceChoice,
-        #[arg(long)]
-        nats_server: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Latents/s with 1, 2, ... encoder processes on one local nats-server.
-    Encoders {
-        /// Encoder process counts to measure, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "1,2")]
-        replicas: Vec<usize>,
-        /// Frames in the backlog each count encodes.
-        #[arg(long, default_value_t = 3000)]
-        frames: u64,
-        #[arg(long)]
-        nats_server: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
-    },
-    /// What a crash costs on a 3-node JetStream cluster on this host: the
-    /// WM_FRAMES leader's server, then the leading trainer node SIGKILLed.
-    Failover {
-        /// Frames published per second, each awaited until stored.
-        #[arg(long, default_value_t = 100.0)]
-        rate: f64,
-        /// The trainer nodes' lease TTL (`[node] lease_ttl_secs`).
-        #[arg(long, default_value_t = 10)]
-        lease_ttl_secs: u64,
-        #[arg(long)]
-        nats_server: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Faults while frames stream in (the daemon or the nats-server
-    /// SIGKILLed every few seconds, malformed frames of every kind), then
-    /// the books: acked frames lost or stored twice, kinds dead-lettered.
-    Chaos {
-        /// How long faults are injected.
-        #[arg(long, default_value_t = 60)]
-        seconds: u64,
-        /// Good frames published per second, each awaited until stored.
-        #[arg(long, default_value_t = 100.0)]
-        rate: f64,
-        #[arg(long)]
-        nats_server: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Frames/s made durable end to end (NATS -> sled flush -> ack) against a
-    /// local nats-server, beside a bare consume+ack baseline.
-    Ingest {
-        #[arg(long, default_value_t = 20_000)]
-        frames: u64,
-        /// The nats-server binary (default: .venv/bin/nats-server, else PATH).
-        #[arg(long)]
-        nats_server: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-impl BenchArgs {
-    fn options(&self) -> BenchOptions {
-        BenchOptions {
-            device: self.device,
-            steps: self.steps,
-            threads: self.threads,
-        }
-    }
-}
-
 /// How long the exit waits for the runtime's blocking tasks after the
 /// daemon stopped: they only finish what the daemon already gave up on.
 const RUNTIME_EXIT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
@@ -441,22 +267,26 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
+/// `wmvae checkpoint show`: the version's metadata, and a PNG of its
+/// reconstructions when asked.
+async fn show(backend: &backend::Backend, version: u64, recon: Option<PathBuf>, json: bool) -> Result<()> {
+    render::shown(backend.show(version).await?, json)?;
+    if let Some(path) = recon {
+        std::fs::write(&path, backend.recon(version).await?).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!(
+            "wrote {} (top: validation frames, bottom: reconstructions by v{version})",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 async fn checkpoint_command(config: &Config, mode: backend::Mode, which: CheckpointCommand) -> Result<()> {
     let backend = backend::connect(config, mode).await?;
     let by = wmvae::versions::default_actor();
     match which {
         CheckpointCommand::List { json } => render::list(backend.list().await?, json)?,
-        CheckpointCommand::Show { version, recon, json } => {
-            render::shown(backend.show(version).await?, json)?;
-            if let Some(path) = recon {
-                std::fs::write(&path, backend.recon(version).await?)
-                    .with_context(|| format!("writing {}", path.display()))?;
-                eprintln!(
-                    "wrote {} (top: validation frames, bottom: reconstructions by v{version})",
-                    path.display()
-                );
-            }
-        }
+        CheckpointCommand::Show { version, recon, json } => show(&backend, version, recon, json).await?,
         CheckpointCommand::Rollback { version, reason } => {
             let from = backend
                 .rollback(version, &Provenance::operator(Change::Rollback, by, reason))
@@ -505,32 +335,153 @@ async fn checkpoint_command(config: &Config, mode: backend::Mode, which: Checkpo
     Ok(())
 }
 
-/// `wmvae series`: resolves the version, then writes the directory.
-async fn series_command(
+/// `wmvae serve`: the daemon until a signal or a failure.
+fn serve(config: ConfigArgs, role: Option<wmvae::config::Roles>, check_config: bool) -> Result<()> {
+    let config = config.load_with(|c| c.serve.roles = role.unwrap_or(c.serve.roles))?;
+    if check_config {
+        print!("{}", toml::to_string(&config)?);
+        return Ok(());
+    }
+    let runtime = runtime()?;
+    let served = runtime.block_on(async {
+        let shutdown = wmvae::daemon::shutdown_on_signals()?;
+        wmvae::daemon::run(config, shutdown).await
+    });
+    // The daemon said what it left; a blocking call still running
+    // (a read from a server gone mid-request) must not hold the exit,
+    // as dropping the runtime would.
+    runtime.shutdown_timeout(RUNTIME_EXIT_PATIENCE);
+    served
+}
+
+/// `wmvae migrate`: NATS's streams and consumers, then the store's schema.
+fn migrate(config: ConfigArgs) -> Result<()> {
+    let config = config.load()?;
+    let report = runtime()?.block_on(async { wmvae::bus::Bus::connect_once(&config).await?.migrate().await })?;
+    println!(
+        "NATS: migration {} applied (streams {:?}, consumers {:?})",
+        report.version, report.streams, report.consumers
+    );
+    match wmvae::store::Store::open(&config.store.data_dir, config.buffer) {
+        Ok(_) => println!(
+            "store {}: schema {}",
+            config.store.data_dir.display(),
+            wmvae::store::SCHEMA_VERSION
+        ),
+        Err(e) => println!("store {}: not migrated here: {e:#}", config.store.data_dir.display()),
+    }
+    Ok(())
+}
+
+/// `wmvae buffer stats|export`.
+fn buffer(which: BufferCommand) -> Result<()> {
+    match which {
+        BufferCommand::Stats { place, json } => {
+            let config = place.config.load()?;
+            let stats =
+                runtime()?.block_on(async { backend::connect(&config, place.mode()).await?.buffer_stats().await })?;
+            render::stats(&stats, json)?;
+        }
+        BufferCommand::Export { config, out, source } => {
+            let config = config.load()?;
+            let store = wmvae::store::Store::open(&config.store.data_dir, config.buffer)?;
+            let summary = wmvae::tools::export::export(&store, source.as_deref(), &out)?;
+            eprintln!("exported {} frames to {}", summary.frames, out.display());
+        }
+    }
+    Ok(())
+}
+
+/// `wmvae publish`: frames from a file or rendered here, by the wire contract.
+fn publish(config: ConfigArgs, options: PublishOptions) -> Result<()> {
+    let config = config.load()?;
+    let sent = runtime()?.block_on(async {
+        let bus = wmvae::bus::Bus::connect(&config).await?;
+        wmvae::tools::publish::run(&bus, &options).await
+    })?;
+    eprintln!("published {sent} frames");
+    Ok(())
+}
+
+/// The network of checkpoint `version`, from the running daemon or the store.
+fn network(
+    place: &PlaceArgs,
     config: &Config,
-    mode: backend::Mode,
+    version: u64,
+    device: DeviceChoice,
+) -> Result<wmvae::vae::learner::Network> {
+    runtime()?.block_on(async {
+        backend::connect(config, place.mode())
+            .await?
+            .network(version, device, config)
+            .await
+    })
+}
+
+/// `wmvae encode`: the weights from a file or a checkpoint, then frames to latents.
+fn encode(
+    weights: Option<PathBuf>,
+    checkpoint: Option<u64>,
+    place: &PlaceArgs,
+    device: DeviceChoice,
+    input: &std::path::Path,
+    output: &std::path::Path,
+) -> Result<()> {
+    let config = place.config.load()?;
+    let net = match (weights, checkpoint) {
+        (Some(path), _) => wmvae::tools::encode::net_from_weights(&path, device, config.vae())?,
+        (None, Some(version)) => network(place, &config, version, device)?,
+        (None, None) => unreachable!("clap requires --weights or --checkpoint"),
+    };
+    let report = wmvae::tools::encode::encode_file(&net, input, output)?;
+    eprintln!(
+        "encoded {} frames of {}x{} to {}",
+        report.frames,
+        report.input_height,
+        report.input_width,
+        output.display()
+    );
+    Ok(())
+}
+
+/// `wmvae series`: the scope from the flags, the version resolved, then the directory written.
+fn series(
+    place: &PlaceArgs,
     version: VersionArg,
-    scope: wmvae::store::Scope,
+    (source, episodes): (Option<String>, Option<String>),
     out: &std::path::Path,
     device: DeviceChoice,
 ) -> Result<()> {
-    let backend = backend::connect(config, mode).await?;
-    let version = match version {
-        VersionArg::Number(v) => v,
-        VersionArg::Active => backend.active_version().await?,
+    let config = place.config.load()?;
+    let (episodes_from, episodes_until) = match episodes {
+        Some(range) => wmvae::tools::series::parse_episode_range(&range)?,
+        None => (None, None),
     };
-    let pages = backend.series(version, device, config).await?;
-    let started = std::time::Instant::now();
-    let report = wmvae::tools::series::write(&pages, &scope, out).await?;
-    eprintln!(
-        "series of v{version} in {}: {} episodes written ({} frames, {:.0} frames/s), {} already there",
-        out.display(),
-        report.written,
-        report.frames,
-        report.frames as f64 / started.elapsed().as_secs_f64(),
-        report.skipped
-    );
-    Ok(())
+    let scope = wmvae::store::Scope {
+        source,
+        episodes_from,
+        episodes_until,
+        after: None,
+    };
+    runtime()?.block_on(async {
+        let backend = backend::connect(&config, place.mode()).await?;
+        let version = match version {
+            VersionArg::Number(v) => v,
+            VersionArg::Active => backend.active_version().await?,
+        };
+        let pages = backend.series(version, device, &config).await?;
+        let started = std::time::Instant::now();
+        let report = wmvae::tools::series::write(&pages, &scope, out).await?;
+        eprintln!(
+            "series of v{version} in {}: {} episodes written ({} frames, {:.0} frames/s), {} already there",
+            out.display(),
+            report.written,
+            report.frames,
+            report.frames as f64 / started.elapsed().as_secs_f64(),
+            report.skipped
+        );
+        Ok(())
+    })
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -539,56 +490,9 @@ fn run(cli: Cli) -> Result<()> {
             config,
             role,
             check_config,
-        } => {
-            let config = config.load_with(|c| c.serve.roles = role.unwrap_or(c.serve.roles))?;
-            if check_config {
-                print!("{}", toml::to_string(&config)?);
-                return Ok(());
-            }
-            let runtime = runtime()?;
-            let served = runtime.block_on(async {
-                let shutdown = wmvae::daemon::shutdown_on_signals()?;
-                wmvae::daemon::run(config, shutdown).await
-            });
-            // The daemon said what it left; a blocking call still running
-            // (a read from a server gone mid-request) must not hold the exit,
-            // as dropping the runtime would.
-            runtime.shutdown_timeout(RUNTIME_EXIT_PATIENCE);
-            served?;
-        }
-        Command::Migrate { config } => {
-            let config = config.load()?;
-            let report =
-                runtime()?.block_on(async { wmvae::bus::Bus::connect_once(&config).await?.migrate().await })?;
-            println!(
-                "NATS: migration {} applied (streams {:?}, consumers {:?})",
-                report.version, report.streams, report.consumers
-            );
-            match wmvae::store::Store::open(&config.store.data_dir, config.buffer) {
-                Ok(_) => println!(
-                    "store {}: schema {}",
-                    config.store.data_dir.display(),
-                    wmvae::store::SCHEMA_VERSION
-                ),
-                Err(e) => println!("store {}: not migrated here: {e:#}", config.store.data_dir.display()),
-            }
-        }
-        Command::Buffer {
-            which: BufferCommand::Stats { place, json },
-        } => {
-            let config = place.config.load()?;
-            let stats =
-                runtime()?.block_on(async { backend::connect(&config, place.mode()).await?.buffer_stats().await })?;
-            render::stats(&stats, json)?;
-        }
-        Command::Buffer {
-            which: BufferCommand::Export { config, out, source },
-        } => {
-            let config = config.load()?;
-            let store = wmvae::store::Store::open(&config.store.data_dir, config.buffer)?;
-            let summary = wmvae::tools::export::export(&store, source.as_deref(), &out)?;
-            eprintln!("exported {} frames to {}", summary.frames, out.display());
-        }
+        } => serve(config, role, check_config)?,
+        Command::Migrate { config } => migrate(config)?,
+        Command::Buffer { which } => buffer(which)?,
         Command::Publish {
             config,
             source,
@@ -597,22 +501,14 @@ fn run(cli: Cli) -> Result<()> {
             rate,
             count,
         } => {
-            let config = config.load()?;
-            let input = match npy {
-                Some(path) => wmvae::tools::publish::Input::Npy(path),
-                None => wmvae::tools::publish::Input::Synthetic,
-            };
-            let options = wmvae::tools::publish::PublishOptions {
+            let input = npy.map_or(Input::Synthetic, Input::Npy);
+            let options = PublishOptions {
                 source,
                 input,
                 rate,
                 count,
             };
-            let sent = runtime()?.block_on(async {
-                let bus = wmvae::bus::Bus::connect(&config).await?;
-                wmvae::tools::publish::run(&bus, &options).await
-            })?;
-            eprintln!("published {sent} frames");
+            publish(config, options)?;
         }
         Command::Encode {
             weights,
@@ -621,27 +517,7 @@ fn run(cli: Cli) -> Result<()> {
             input,
             output,
             device,
-        } => {
-            let config = place.config.load()?;
-            let net = match (weights, checkpoint) {
-                (Some(path), _) => wmvae::tools::encode::net_from_weights(&path, device, config.vae())?,
-                (None, Some(version)) => runtime()?.block_on(async {
-                    backend::connect(&config, place.mode())
-                        .await?
-                        .network(version, device, &config)
-                        .await
-                })?,
-                (None, None) => unreachable!("clap requires --weights or --checkpoint"),
-            };
-            let report = wmvae::tools::encode::encode_file(&net, &input, &output)?;
-            eprintln!(
-                "encoded {} frames of {}x{} to {}",
-                report.frames,
-                report.input_height,
-                report.input_width,
-                output.display()
-            );
-        }
+        } => encode(weights, checkpoint, &place, device, &input, &output)?,
         Command::Decode {
             checkpoint,
             place,
@@ -651,13 +527,7 @@ fn run(cli: Cli) -> Result<()> {
             grid,
             device,
         } => {
-            let config = place.config.load()?;
-            let net = runtime()?.block_on(async {
-                backend::connect(&config, place.mode())
-                    .await?
-                    .network(checkpoint, device, &config)
-                    .await
-            })?;
+            let net = network(&place, &place.config.load()?, checkpoint, device)?;
             let n = wmvae::tools::decode::decode_file(&net, &input, &key, &output, grid.as_deref())?;
             eprintln!("decoded {n} latents with v{checkpoint} to {}", output.display());
         }
@@ -668,150 +538,32 @@ fn run(cli: Cli) -> Result<()> {
             episodes,
             place,
             device,
-        } => {
-            let config = place.config.load()?;
-            let (episodes_from, episodes_until) = match episodes {
-                Some(range) => wmvae::tools::series::parse_episode_range(&range)?,
-                None => (None, None),
-            };
-            let scope = wmvae::store::Scope {
-                source,
-                episodes_from,
-                episodes_until,
-                after: None,
-            };
-            runtime()?.block_on(series_command(&config, place.mode(), version, scope, &out, device))?;
-        }
+        } => series(&place, version, (source, episodes), &out, device)?,
         Command::Checkpoint { place, which } => {
-            let config = place.config.load()?;
-            runtime()?.block_on(checkpoint_command(&config, place.mode(), which))?;
+            runtime()?.block_on(checkpoint_command(&place.config.load()?, place.mode(), which))?
         }
-        Command::Bench {
-            which: BenchCommand::Train { args, batch, precision },
-        } => {
-            render::bench(bench::train(args.options(), batch, precision)?, args.json);
-        }
-        Command::Bench {
-            which: BenchCommand::Encode { args },
-        } => {
-            render::bench(bench::encode(args.options())?, args.json);
-        }
-        Command::Bench {
-            which:
-                BenchCommand::Quality {
-                    config,
-                    frames,
-                    heldout,
-                    steps,
-                    target_recon,
-                    json,
-                },
-        } => {
-            let options = wmvae::tools::bench_quality::QualityOptions {
-                frames,
-                heldout,
-                steps,
-                target_recon,
-            };
-            render::bench(wmvae::tools::bench_quality::quality(&config.load()?, &options)?, json);
-        }
-        Command::Bench {
-            which:
-                BenchCommand::Latency {
-                    rate,
-                    seconds,
-                    no_train,
-                    nats_server,
-                    json,
-                },
-        } => {
-            let binary = nats_server.unwrap_or_else(wmvae::tools::nats_server::default_binary);
-            render::bench(
-                runtime()?.block_on(wmvae::tools::bench_daemon::latency(rate, seconds, !no_train, &binary))?,
-                json,
-            );
-        }
-        Command::Bench {
-            which:
-                BenchCommand::Pipeline {
-                    rate,
-                    seconds,
-                    device,
-                    nats_server,
-                    json,
-                },
-        } => {
-            let binary = nats_server.unwrap_or_else(wmvae::tools::nats_server::default_binary);
-            render::bench(
-                runtime()?.block_on(wmvae::tools::bench_daemon::pipeline(rate, seconds, device, &binary))?,
-                json,
-            );
-        }
-        Command::Bench {
-            which:
-                BenchCommand::Encoders {
-                    replicas,
-                    frames,
-                    nats_server,
-                    json,
-                },
-        } => {
-            let binary = nats_server.unwrap_or_else(wmvae::tools::nats_server::default_binary);
-            render::bench(
-                runtime()?.block_on(wmvae::tools::bench_encoders::encoders(&replicas, frames, &binary))?,
-                json,
-            );
-        }
-        Command::Bench {
-            which:
-                BenchCommand::Failover {
-                    rate,
-                    lease_ttl_secs,
-                    nats_server,
-                    json,
-                },
-        } => {
-            let nats_server = nats_server.unwrap_or_else(wmvae::tools::nats_server::default_binary);
-            let options = wmvae::tools::bench_failover::FailoverOptions {
-                rate,
-                lease_ttl_secs,
-                nats_server,
-            };
-            render::bench(
-                runtime()?.block_on(wmvae::tools::bench_failover::failover(&options))?,
-                json,
-            );
-        }
-        Command::Bench {
-            which:
-                BenchCommand::Chaos {
-                    seconds,
-                    rate,
-                    nats_server,
-                    json,
-                },
-        } => {
-            let nats_server = nats_server.unwrap_or_else(wmvae::tools::nats_server::default_binary);
-            let options = wmvae::tools::bench_chaos::ChaosOptions {
-                seconds,
-                rate,
-                nats_server,
-            };
-            render::bench(runtime()?.block_on(wmvae::tools::bench_chaos::chaos(&options))?, json);
-        }
-        Command::Bench {
-            which:
-                BenchCommand::Ingest {
-                    frames,
-                    nats_server,
-                    json,
-                },
-        } => {
-            let binary = nats_server.unwrap_or_else(wmvae::tools::nats_server::default_binary);
-            render::bench(runtime()?.block_on(bench::ingest(frames, &binary))?, json);
-        }
+        Command::Bench { args } => return Err(bench(args)),
     }
     Ok(())
+}
+
+/// Runs `wmvae-bench` from beside this binary in this process's place
+/// (same arguments after `bench`, stdio, exit status and signals); returns
+/// only when it could not.
+fn bench(args: Vec<OsString>) -> anyhow::Error {
+    use std::os::unix::process::CommandExt;
+    let bench = match std::env::current_exe() {
+        Ok(exe) => exe.with_file_name("wmvae-bench"),
+        Err(e) => return anyhow::Error::new(e).context("locating this binary"),
+    };
+    if !bench.is_file() {
+        return anyhow::anyhow!(
+            "`wmvae bench` runs {}, which is not there: build it (cargo build --release --workspace)",
+            bench.display()
+        );
+    }
+    let err = std::process::Command::new(&bench).args(args).exec();
+    anyhow::Error::new(err).context(format!("running {}", bench.display()))
 }
 
 fn main() -> ExitCode {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use wmvae::bus::messages::{Announcement, CheckpointEvent};
 use wmvae::bus::service::Endpoint;
 use wmvae::frames::wire::FrameMessage;
-use wmvae::tools::nats_server::LocalNats;
+use wmvae_bench::nats_server::LocalNats;
 
 /// A server demanding one way of authenticating, and the client settings
 /// (WMVAE_NATS__*) that pass and that fail.

@@ -21,7 +21,7 @@ use tokio::io::AsyncReadExt;
 use wmvae::bus::kv::Active;
 use wmvae::bus::messages::{checkpoint_envelope_object, Announcement, CheckpointEvent};
 use wmvae::frames::wire::FrameMessage;
-use wmvae::tools::nats_server::LocalCluster;
+use wmvae_bench::nats_server::LocalCluster;
 
 /// A trainer node that makes versions quickly, with a short lease.
 fn trainer_env(id: &'static str) -> Vec<(&'static str, &'static str)> {

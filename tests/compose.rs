@@ -265,7 +265,7 @@ fn compose_runs_with_roles_and_generated_credentials() {
     // A real server with the roles and the generated passwords.
     let variables: String = passwords.iter().map(|(k, v)| format!("{k}: \"{v}\"\n")).collect();
     let roles = std::fs::read_to_string(repo_root().join("config/nats-permissions.conf")).unwrap();
-    let server = wmvae::tools::nats_server::LocalNats::start_with(
+    let server = wmvae_bench::nats_server::LocalNats::start_with(
         &repo_root().join(".venv/bin/nats-server"),
         &format!("{variables}{roles}"),
     )

@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 
 /// The venv's nats-server on a free port, via the library's own harness.
 pub struct NatsServer {
-    server: wmvae::tools::nats_server::LocalNats,
+    server: wmvae_bench::nats_server::LocalNats,
     pub url: String,
 }
 
 impl NatsServer {
     pub fn start() -> NatsServer {
         let server =
-            wmvae::tools::nats_server::LocalNats::start(&super::repo_root().join(".venv/bin/nats-server")).unwrap();
+            wmvae_bench::nats_server::LocalNats::start(&super::repo_root().join(".venv/bin/nats-server")).unwrap();
         NatsServer {
             url: server.url.clone(),
             server,

@@ -9,16 +9,16 @@
 //! Frames only from files, batches drawn uniformly with a fixed seed, so two
 //! recipes run on the same data see the same draws; no NATS, no store.
 
-use crate::config::Config;
-use crate::frames::npy::FrameReader;
-use crate::vae::device;
-use crate::vae::learner::{Learner, LossValues};
-use crate::vae::properties::DIAGNOSTIC_FRAMES;
 use anyhow::{ensure, Result};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use wmvae::config::Config;
+use wmvae::frames::npy::FrameReader;
+use wmvae::vae::device;
+use wmvae::vae::learner::{Learner, LossValues};
+use wmvae::vae::properties::DIAGNOSTIC_FRAMES;
 
 /// Frames evaluated at once: bounds the activations an eval holds.
 const EVAL_CHUNK_FRAMES: usize = 256;
@@ -40,7 +40,7 @@ pub struct QualityOptions {
 /// Every frame of `path`, preprocessed, as one byte vector.
 fn read_frames(path: &Path) -> Result<Vec<u8>> {
     let mut reader = FrameReader::open(path)?;
-    let mut all = Vec::with_capacity(reader.count * crate::frames::BYTES);
+    let mut all = Vec::with_capacity(reader.count * wmvae::frames::BYTES);
     loop {
         let chunk = reader.read_preprocessed(EVAL_CHUNK_FRAMES)?;
         if chunk.is_empty() {
@@ -62,8 +62,8 @@ fn evaluate(learner: &Learner, heldout: &[u8]) -> Result<LossValues> {
         },
         0usize,
     );
-    for chunk in heldout.chunks(EVAL_CHUNK_FRAMES * crate::frames::BYTES) {
-        let n = chunk.len() / crate::frames::BYTES;
+    for chunk in heldout.chunks(EVAL_CHUNK_FRAMES * wmvae::frames::BYTES) {
+        let n = chunk.len() / wmvae::frames::BYTES;
         let l = learner.net().evaluate_frames(chunk)?;
         (sum.total, sum.recon, sum.kl) = (
             sum.total + l.total * n as f64,
@@ -84,8 +84,8 @@ fn evaluate(learner: &Learner, heldout: &[u8]) -> Result<LossValues> {
 /// first (k: its frames over that, rounded down): the file's frames in
 /// order are episodes, whose neighbours look alike.
 fn spread(heldout: &[u8]) -> Vec<u8> {
-    let stride = (heldout.len() / crate::frames::BYTES / DIAGNOSTIC_FRAMES).max(1);
-    let frames = heldout.chunks_exact(crate::frames::BYTES).step_by(stride);
+    let stride = (heldout.len() / wmvae::frames::BYTES / DIAGNOSTIC_FRAMES).max(1);
+    let frames = heldout.chunks_exact(wmvae::frames::BYTES).step_by(stride);
     frames.take(DIAGNOSTIC_FRAMES).flatten().copied().collect()
 }
 
@@ -105,7 +105,7 @@ pub fn quality(config: &Config, options: &QualityOptions) -> Result<Value> {
     device::set_threads(t.threads);
     let device = config.train.device.resolve()?;
     let (train, heldout) = (read_frames(&options.frames)?, read_frames(&options.heldout)?);
-    let count = train.len() / crate::frames::BYTES;
+    let count = train.len() / wmvae::frames::BYTES;
     let batch = config.train.batch_size;
     let mut learner = Learner::new(device, config.vae(), config.adam(), config.train.precision);
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
@@ -114,13 +114,13 @@ pub fn quality(config: &Config, options: &QualityOptions) -> Result<Value> {
     let mut curve = vec![point(&learner, 0, Duration::ZERO, &heldout, &few)?.0];
     let mut steps_to_recon = None;
     let mut trained = Duration::ZERO;
-    let mut progress = crate::tools::progress::Progress::new("quality", options.steps);
-    let mut bytes = vec![0u8; batch * crate::frames::BYTES];
+    let mut progress = wmvae::tools::progress::Progress::new("quality", options.steps);
+    let mut bytes = vec![0u8; batch * wmvae::frames::BYTES];
     for step in 1..=options.steps {
         let started = Instant::now();
-        for slot in bytes.chunks_exact_mut(crate::frames::BYTES) {
+        for slot in bytes.chunks_exact_mut(wmvae::frames::BYTES) {
             let i = rng.gen_range(0..count);
-            slot.copy_from_slice(&train[i * crate::frames::BYTES..(i + 1) * crate::frames::BYTES]);
+            slot.copy_from_slice(&train[i * wmvae::frames::BYTES..(i + 1) * wmvae::frames::BYTES]);
         }
         learner.train_step_guarded(&bytes, |_| true)?;
         trained += started.elapsed();
@@ -139,7 +139,7 @@ pub fn quality(config: &Config, options: &QualityOptions) -> Result<Value> {
         "threads": t.threads,
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "train_frames": count,
-        "heldout_frames": heldout.len() / crate::frames::BYTES,
+        "heldout_frames": heldout.len() / wmvae::frames::BYTES,
         "batch_size": batch,
         "learning_rate": t.learning_rate,
         "lr_schedule": t.lr_schedule,

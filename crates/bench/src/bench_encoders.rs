@@ -7,18 +7,18 @@
 
 use super::bench_daemon::frame;
 use super::nats_server::LocalNats;
-use crate::bus::kv::Active;
-use crate::bus::messages::{weights_object, Announcement, CheckpointEvent};
-use crate::bus::Bus;
-use crate::config::Config;
-use crate::vae::checkpoint::{now_rfc3339, sha256_hex, Metadata};
-use crate::vae::device::Device;
-use crate::vae::learner::Network;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use wmvae::bus::kv::Active;
+use wmvae::bus::messages::{weights_object, Announcement, CheckpointEvent};
+use wmvae::bus::Bus;
+use wmvae::config::Config;
+use wmvae::vae::checkpoint::{now_rfc3339, sha256_hex, Metadata};
+use wmvae::vae::device::Device;
+use wmvae::vae::learner::Network;
 
 /// The longest one count may take before the bench gives up.
 const RUN_TIMEOUT: Duration = Duration::from_secs(600);
@@ -87,7 +87,7 @@ async fn latents_per_s(count: usize, frames: u64, cores: usize, nats_server: &Pa
     }
     publisher.finish().await?;
 
-    let exe = std::env::current_exe().context("locating the wmvae binary")?;
+    let exe = crate::wmvae_binary()?;
     let threads = (cores / count).max(1).to_string();
     let children = (0..count)
         .map(|k| {

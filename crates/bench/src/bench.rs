@@ -4,14 +4,14 @@
 //! JSON object (`--json`) or a line of text. Inputs are random frames: speed
 //! does not depend on pixel content. BENCHMARKS.md records the figures.
 
-use crate::vae::adam::AdamConfig;
-use crate::vae::device::{describe, DeviceChoice};
-use crate::vae::learner::{frames_to_tensor, Learner};
-use crate::vae::model::{Precision, VaeConfig};
 use anyhow::Result;
 use serde_json::{json, Value};
 use std::time::Instant;
 use tch::Tensor;
+use wmvae::vae::adam::AdamConfig;
+use wmvae::vae::device::{describe, DeviceChoice};
+use wmvae::vae::learner::{frames_to_tensor, Learner};
+use wmvae::vae::model::{Precision, VaeConfig};
 
 /// Untimed steps first: libtorch picks kernels and allocates on the first few.
 const WARMUP_STEPS: usize = 3;
@@ -26,7 +26,7 @@ pub struct BenchOptions {
 }
 
 fn random_frames(batch: usize, device: tch::Device) -> Result<Tensor> {
-    let bytes: Vec<u8> = (0..batch * crate::frames::BYTES)
+    let bytes: Vec<u8> = (0..batch * wmvae::frames::BYTES)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
     frames_to_tensor(&bytes, device)
@@ -42,7 +42,7 @@ fn apply_threads(threads: usize) {
 /// step must end by reading a value back, which synchronises CUDA.
 fn images_per_s(batch: usize, steps: usize, mut step: impl FnMut()) -> f64 {
     let mut progress =
-        crate::tools::progress::Progress::new(format!("bench (batch {batch})"), (WARMUP_STEPS + steps) as u64);
+        wmvae::tools::progress::Progress::new(format!("bench (batch {batch})"), (WARMUP_STEPS + steps) as u64);
     for _ in 0..WARMUP_STEPS {
         step();
         progress.advance(1);
@@ -122,33 +122,19 @@ fn proc_status_mb(field: &str) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// Ingest end to end against a local nats-server (`sync_interval: always`):
-/// `frames` 64x64 CarRacing-like frames are published to WM_FRAMES first;
-/// then a bare pull consumer that only acks reads them all (the baseline),
-/// then the real ingest loop makes them durable in a fresh sled store and
-/// acks them. Rates are frames/s over the whole batch.
-pub async fn ingest(frames: u64, nats_server: &std::path::Path) -> Result<Value> {
-    use crate::bus::Bus;
-    use crate::frames::wire::FrameMessage;
-    use crate::store::Store;
-    use tokio_util::sync::CancellationToken;
-
-    // Loading libtorch (and the CUDA libraries linked beside it) is most of
-    // the process's resident set before any work: report it apart.
-    let baseline_rss_mb = proc_status_mb("VmRSS:");
-    let server = crate::tools::nats_server::LocalNats::start(nats_server)?;
-    let mut config = crate::config::Config::load(None)?;
-    config.nats.url = server.url.clone();
-    let bus = Bus::connect(&config).await?;
-    bus.migrate().await?;
+/// Publishes `frames` 64x64 CarRacing-like frames (a pool of
+/// [`INGEST_BENCH_DISTINCT_FRAMES`] cycled) to WM_FRAMES, acks awaited;
+/// frames/s.
+async fn publish_backlog(bus: &wmvae::bus::Bus, frames: u64) -> Result<f64> {
+    use wmvae::frames::wire::FrameMessage;
 
     let pool: Vec<bytes::Bytes> = (0..INGEST_BENCH_DISTINCT_FRAMES)
         .map(|i| {
-            crate::frames::preprocess::preprocess(
-                crate::frames::synthetic::render(i / 100, i % 100).into(),
+            wmvae::frames::preprocess::preprocess(
+                wmvae::frames::synthetic::render(i / 100, i % 100).into(),
                 96,
                 96,
-                crate::frames::preprocess::Policy::WorldModels,
+                wmvae::frames::preprocess::Policy::WorldModels,
             )
         })
         .collect::<Result<_>>()?;
@@ -159,7 +145,7 @@ pub async fn ingest(frames: u64, nats_server: &std::path::Path) -> Result<Value>
             format!("bench-{}", i / INGEST_BENCH_DISTINCT_FRAMES),
             i % INGEST_BENCH_DISTINCT_FRAMES,
         );
-        let side = crate::frames::SIDE as u32;
+        let side = wmvae::frames::SIDE as u32;
         let frame = FrameMessage::rgb(episode, step, side, side, &pool[step as usize][..]).with_transition(
             vec![0.0, 1.0, 0.0],
             0.1,
@@ -168,9 +154,31 @@ pub async fn ingest(frames: u64, nats_server: &std::path::Path) -> Result<Value>
         publisher.send(&frame).await?;
     }
     publisher.finish().await?;
-    // The publisher's frames are no part of the daemon's footprint.
-    drop(pool);
-    let publish_rate = frames as f64 / publish_start.elapsed().as_secs_f64();
+    // The publisher's frames (`pool`, dropped on return) are no part of
+    // the daemon's footprint.
+    Ok(frames as f64 / publish_start.elapsed().as_secs_f64())
+}
+
+/// Ingest end to end against a local nats-server (`sync_interval: always`):
+/// `frames` 64x64 CarRacing-like frames are published to WM_FRAMES first;
+/// then a bare pull consumer that only acks reads them all (the baseline),
+/// then the real ingest loop makes them durable in a fresh sled store and
+/// acks them. Rates are frames/s over the whole batch.
+pub async fn ingest(frames: u64, nats_server: &std::path::Path) -> Result<Value> {
+    use tokio_util::sync::CancellationToken;
+    use wmvae::bus::Bus;
+    use wmvae::store::Store;
+
+    // Loading libtorch (and the CUDA libraries linked beside it) is most of
+    // the process's resident set before any work: report it apart.
+    let baseline_rss_mb = proc_status_mb("VmRSS:");
+    let server = crate::nats_server::LocalNats::start(nats_server)?;
+    let mut config = wmvae::config::Config::load(None)?;
+    config.nats.url = server.url.clone();
+    let bus = Bus::connect(&config).await?;
+    bus.migrate().await?;
+
+    let publish_rate = publish_backlog(&bus, frames).await?;
 
     let plain = bus.consume_and_ack_only(frames).await?;
     let plain_rate = frames as f64 / plain.as_secs_f64();
@@ -179,8 +187,8 @@ pub async fn ingest(frames: u64, nats_server: &std::path::Path) -> Result<Value>
     let store = Store::open(dir.path(), config.buffer)?;
     let shutdown = CancellationToken::new();
     let start = Instant::now();
-    let status = crate::daemon::status::StatusBoard::new(
-        crate::config::Roles {
+    let status = wmvae::daemon::status::StatusBoard::new(
+        wmvae::config::Roles {
             trainer: true,
             encoder: false,
         },
@@ -188,13 +196,13 @@ pub async fn ingest(frames: u64, nats_server: &std::path::Path) -> Result<Value>
         Some(store.clone()),
         String::new(),
     );
-    let task = tokio::spawn(crate::daemon::ingest::run(
+    let task = tokio::spawn(wmvae::daemon::ingest::run(
         bus.clone(),
         store.clone(),
         config.ingest.clone(),
         String::new(),
         status,
-        crate::daemon::supervisor::Supervisor::new(shutdown.clone()),
+        wmvae::daemon::supervisor::Supervisor::new(shutdown.clone()),
     ));
     // A cheap counter: stats() walks the store's files and would steal CPU from what is measured.
     while store.frames_ingested() < frames {

@@ -2,18 +2,18 @@
 //! against a local nats-server, measured from outside through NATS as a
 //! rollout worker and a downstream subscriber would see it.
 
-use crate::bus::Bus;
-use crate::config::Config;
-use crate::daemon::status::Status;
-use crate::daemon::status::TrainerState;
-use crate::frames::wire::FrameMessage;
-use crate::tools::nats_server::LocalNats;
+use crate::nats_server::LocalNats;
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+use wmvae::bus::Bus;
+use wmvae::config::Config;
+use wmvae::daemon::status::Status;
+use wmvae::daemon::status::TrainerState;
+use wmvae::frames::wire::FrameMessage;
 
 /// Distinct 96x96 frames cycled through by the publishers.
 const FRAME_POOL: u64 = 200;
@@ -38,7 +38,7 @@ impl BenchDaemon {
         config.http.addr = String::new();
         change(&mut config);
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(crate::daemon::run(config.clone(), shutdown.clone()));
+        let task = tokio::spawn(wmvae::daemon::run(config.clone(), shutdown.clone()));
         let bus = Bus::connect(&config).await?;
         let daemon = BenchDaemon {
             _server: server,
@@ -68,8 +68,8 @@ impl BenchDaemon {
 }
 
 pub(super) fn frame(i: u64) -> FrameMessage<'static> {
-    let side = crate::frames::synthetic::SIDE as u32;
-    let pixels = crate::frames::synthetic::render(i / FRAME_POOL % 7, i % FRAME_POOL);
+    let side = wmvae::frames::synthetic::SIDE as u32;
+    let pixels = wmvae::frames::synthetic::render(i / FRAME_POOL % 7, i % FRAME_POOL);
     let (episode, step) = frame_name(i);
     FrameMessage::rgb(episode, step, side, side, pixels).with_transition(vec![0.0, 1.0, 0.0], 0.1, false)
 }
@@ -83,7 +83,7 @@ pub(super) fn frame_name(i: u64) -> (String, u64) {
 /// The status of whichever node answers `wm.ctl.status`.
 pub(super) async fn status(bus: &Bus) -> Result<Status> {
     let bytes = bus
-        .control_request(crate::bus::service::Endpoint::Status, Vec::new())
+        .control_request(wmvae::bus::service::Endpoint::Status, Vec::new())
         .await?;
     serde_json::from_slice(&bytes).context("reading the daemon's status")
 }
@@ -215,7 +215,7 @@ async fn training_rate(daemon: &BenchDaemon, batch: usize, window: Duration) -> 
 pub async fn pipeline(
     rate: f64,
     seconds: f64,
-    device: crate::vae::device::DeviceChoice,
+    device: wmvae::vae::device::DeviceChoice,
     nats_server: &Path,
 ) -> Result<Value> {
     let daemon = BenchDaemon::start(nats_server, |c| {
@@ -224,7 +224,7 @@ pub async fn pipeline(
         c.train.device = device;
     })
     .await?;
-    let batch = crate::config::Config::load(None)?.train.batch_size;
+    let batch = wmvae::config::Config::load(None)?.train.batch_size;
     publish_paced(&daemon.bus, 0, 2000, 2000.0).await?;
     let deadline = Instant::now() + Duration::from_secs(120);
     while daemon.status().await?.state != Some(TrainerState::Training) {

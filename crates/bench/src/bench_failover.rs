@@ -18,10 +18,6 @@
 
 use super::bench_daemon::{frame, frame_name};
 use super::nats_server::LocalCluster;
-use crate::bus::messages::{Announcement, CheckpointEvent};
-use crate::bus::Bus;
-use crate::config::Config;
-use crate::daemon::status::{LeaseRole, Status};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::collections::HashSet;
@@ -31,6 +27,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+use wmvae::bus::kv::Shared;
+use wmvae::bus::messages::{Announcement, CheckpointEvent};
+use wmvae::bus::Bus;
+use wmvae::config::Config;
+use wmvae::daemon::status::{LeaseRole, Status};
 
 /// The source the bench publishes as (latent ids are `<source>/<episode>/<step>`).
 pub(super) const SOURCE: &str = "bench";
@@ -70,7 +71,7 @@ impl Nodes {
     /// Starts node `id` (`[node] id`) against `url`, data in `dir/id`, log
     /// in `dir/id.log` (appended to across restarts), with `env` on top.
     pub(super) fn start(&mut self, id: &str, url: &str, dir: &Path, env: &[(&str, String)]) -> Result<()> {
-        let exe = std::env::current_exe().context("locating the wmvae binary")?;
+        let exe = crate::wmvae_binary()?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -236,7 +237,51 @@ async fn run(options: &FailoverOptions, dir: &Path) -> Result<Value> {
     config.nats.replicas = 3;
     let bus = Bus::connect(&config).await?;
     wait_for("the cluster's JetStream", || async { bus.migrate().await.ok() }).await?;
+    let shared = bus.shared().await?;
+    let mut nodes = start_nodes(&bus, &shared, &config.nats.url, ttl, dir).await?;
 
+    let acks = Arc::new(Mutex::new(Acks::default()));
+    let stop = CancellationToken::new();
+    let publisher = tokio::spawn(publish(bus.clone(), options.rate, acks.clone(), stop.clone()));
+    wait_for("node a's second version", || async {
+        (shared.active().await.ok()??.0.version >= 2).then_some(())
+    })
+    .await?;
+
+    let stream_failover_s = kill_stream_leader(&mut cluster, &bus, &acks).await?;
+    let trainer = kill_leading_trainer(&mut nodes, &bus, &shared).await?;
+
+    // Step 3: every acked frame has exactly one latent.
+    stop.cancel();
+    publisher.await?;
+    let (acked_ids, failed): (HashSet<String>, u64) = {
+        let acks = acks.lock().unwrap();
+        (acks.stored.iter().map(|(i, _)| latent_id(*i)).collect(), acks.failed)
+    };
+    let (lost, duplicates) = latents_lost_and_duplicated(&bus, &acked_ids).await?;
+    let exited_cleanly = nodes.terminate(trainer.standby)?;
+
+    Ok(json!({
+        "bench": "failover",
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "servers": 3,
+        "rate": options.rate,
+        "lease_ttl_secs": ttl,
+        "checkpoint_every_steps": CHECKPOINT_EVERY_STEPS,
+        "stream_failover_s": stream_failover_s,
+        "trainer_failover_s": (trainer.stepped - trainer.killed).as_secs_f64(),
+        "trainer_failover_checkpoint_s": (trainer.announced - trainer.killed).as_secs_f64(),
+        "steps_lost": trainer.steps_lost,
+        "acked_frames": acked_ids.len(),
+        "publishes_failed": failed,
+        "acked_frames_lost": lost,
+        "duplicate_latents": duplicates,
+        "standby_exited_cleanly": exited_cleanly,
+    }))
+}
+
+/// Nodes `a` (leading once started) and `b` (serving, standing by).
+async fn start_nodes(bus: &Bus, shared: &Shared, url: &str, ttl: u64, dir: &Path) -> Result<Nodes> {
     let env = [
         ("WMVAE_NODE__LEASE_TTL_SECS", ttl.to_string()),
         ("WMVAE_NATS__REPLICAS", "3".to_string()),
@@ -248,13 +293,12 @@ async fn run(options: &FailoverOptions, dir: &Path) -> Result<Value> {
         ("WMVAE_INGEST__ACK_WAIT_SECS", ACK_WAIT_SECS.to_string()),
     ];
     let mut nodes = Nodes::new();
-    nodes.start("a", &config.nats.url, dir, &env)?;
-    let shared = bus.shared().await?;
+    nodes.start("a", url, dir, &env)?;
     wait_for("node a to lead", || async {
         (shared.holder().await.ok()?.as_deref() == Some("a")).then_some(())
     })
     .await?;
-    nodes.start("b", &config.nats.url, dir, &env)?;
+    nodes.start("b", url, dir, &env)?;
     wait_for("node b to serve", || async {
         bus.service_nodes()
             .await
@@ -264,16 +308,12 @@ async fn run(options: &FailoverOptions, dir: &Path) -> Result<Value> {
             .then_some(())
     })
     .await?;
+    Ok(nodes)
+}
 
-    let acks = Arc::new(Mutex::new(Acks::default()));
-    let stop = CancellationToken::new();
-    let publisher = tokio::spawn(publish(bus.clone(), options.rate, acks.clone(), stop.clone()));
-    wait_for("node a's second version", || async {
-        (shared.active().await.ok()??.0.version >= 2).then_some(())
-    })
-    .await?;
-
-    // 1. The server leading WM_FRAMES.
+/// Step 1: the server leading WM_FRAMES SIGKILLed; seconds to the next
+/// publish acked; the server restarted on its port and store.
+async fn kill_stream_leader(cluster: &mut LocalCluster, bus: &Bus, acks: &Mutex<Acks>) -> Result<f64> {
     let leader = wait_for("WM_FRAMES's leader", || async {
         bus.stream_leader("WM_FRAMES").await.ok()?
     })
@@ -292,19 +332,33 @@ async fn run(options: &FailoverOptions, dir: &Path) -> Result<Value> {
             .filter(|at| *at > killed)
     })
     .await?;
-    let stream_failover_s = (acked - killed).as_secs_f64();
     server.restart()?;
     wait_for("WM_FRAMES's leader after the restart", || async {
         bus.stream_leader("WM_FRAMES").await.ok()?
     })
     .await?;
+    Ok((acked - killed).as_secs_f64())
+}
 
-    // 2. The leading trainer node (a lease lost during step 1 may have moved it).
+/// What the leading trainer node's SIGKILL cost.
+struct TrainerFailover {
+    standby: &'static str,
+    killed: Instant,
+    /// The standby's first training step past the active version's.
+    stepped: Instant,
+    /// The standby's first announced version.
+    announced: Instant,
+    steps_lost: i64,
+}
+
+/// Step 2: the leading trainer node SIGKILLed (a lease lost during step 1
+/// may have moved it), then the standby's first step and first version.
+async fn kill_leading_trainer(nodes: &mut Nodes, bus: &Bus, shared: &Shared) -> Result<TrainerFailover> {
     // The holder is read again on each try: a lease that lapsed while its
     // status was asked moves to the other node, which is the one to kill then.
     let (leader, before) = wait_for("the leader's status", || async {
         let holder = shared.holder().await.ok()??;
-        let status = node_status(&bus, &holder)
+        let status = node_status(bus, &holder)
             .await
             .filter(|s| s.lease == Some(LeaseRole::Leader))?;
         Some((holder, status))
@@ -316,7 +370,7 @@ async fn run(options: &FailoverOptions, dir: &Path) -> Result<Value> {
     let old_epoch = before.epoch.context("the leader reports no epoch")?;
     let resumed_step = wait_for("the active version's step", || async {
         let (active, _) = shared.active().await.ok()??;
-        created(&bus)
+        created(bus)
             .await
             .ok()?
             .iter()
@@ -325,14 +379,14 @@ async fn run(options: &FailoverOptions, dir: &Path) -> Result<Value> {
     })
     .await?;
     let stepped = wait_for("the standby's first training step", || async {
-        node_status(&bus, standby)
+        node_status(bus, standby)
             .await
             .filter(|s| s.lease == Some(LeaseRole::Leader) && s.step > resumed_step as i64)
             .map(|_| Instant::now())
     })
     .await?;
     let announced = wait_for("the standby's first version", || async {
-        created(&bus)
+        created(bus)
             .await
             .ok()?
             .iter()
@@ -340,14 +394,18 @@ async fn run(options: &FailoverOptions, dir: &Path) -> Result<Value> {
             .then(Instant::now)
     })
     .await?;
+    Ok(TrainerFailover {
+        standby,
+        killed,
+        stepped,
+        announced,
+        steps_lost: (before.step - resumed_step as i64).max(0),
+    })
+}
 
-    // 3. Every acked frame has exactly one latent.
-    stop.cancel();
-    publisher.await?;
-    let (acked_ids, failed): (HashSet<String>, u64) = {
-        let acks = acks.lock().unwrap();
-        (acks.stored.iter().map(|(i, _)| latent_id(*i)).collect(), acks.failed)
-    };
+/// Acked frames without a latent, and latents stored twice, once every
+/// acked frame has one or the patience ran out.
+async fn latents_lost_and_duplicated(bus: &Bus, acked_ids: &HashSet<String>) -> Result<(usize, usize)> {
     // Frames the killed node held unacked come back after the ack wait.
     let patience = Duration::from_secs(ACK_WAIT_SECS + 60);
     let latent_ids = || async {
@@ -364,29 +422,10 @@ async fn run(options: &FailoverOptions, dir: &Path) -> Result<Value> {
     .await;
     let ids = latent_ids().await?;
     let unique: HashSet<&String> = ids.iter().collect();
-    let (lost, duplicates) = (
+    Ok((
         acked_ids.iter().filter(|id| !unique.contains(id)).count(),
         ids.len() - unique.len(),
-    );
-    let exited_cleanly = nodes.terminate(standby)?;
-
-    Ok(json!({
-        "bench": "failover",
-        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        "servers": 3,
-        "rate": options.rate,
-        "lease_ttl_secs": ttl,
-        "checkpoint_every_steps": CHECKPOINT_EVERY_STEPS,
-        "stream_failover_s": stream_failover_s,
-        "trainer_failover_s": (stepped - killed).as_secs_f64(),
-        "trainer_failover_checkpoint_s": (announced - killed).as_secs_f64(),
-        "steps_lost": (before.step - resumed_step as i64).max(0),
-        "acked_frames": acked_ids.len(),
-        "publishes_failed": failed,
-        "acked_frames_lost": lost,
-        "duplicate_latents": duplicates,
-        "standby_exited_cleanly": exited_cleanly,
-    }))
+    ))
 }
 
 /// The latent id of frame `i`: `<source>/<episode>/<step>`.
