@@ -9,6 +9,7 @@
 //! Wiring and shutdown only: the parts are the sibling modules.
 
 pub mod announce;
+pub mod checkpoints;
 pub mod commands;
 pub mod control;
 pub mod encoder;
