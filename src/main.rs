@@ -567,13 +567,7 @@ fn bench(args: Vec<OsString>) -> anyhow::Error {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,async_nats=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    wmvae::cli::init_logging();
     // FAILPOINTS (tests/failpoints.rs) is read only by a build for those tests.
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();

@@ -12,31 +12,16 @@ mod common;
 use async_nats::jetstream;
 use common::disk::FullDisk;
 use common::nats::{announcements, publish_stored, wait_until, Daemon, NatsServer};
-use common::FAST;
+use common::{created, short_lease};
 use std::collections::HashSet;
 use std::time::Duration;
 use wmvae::bus::kv::Active;
-use wmvae::bus::messages::{Announcement, CheckpointEvent};
+use wmvae::bus::messages::CheckpointEvent;
 use wmvae::store::{BufferConfig, Store};
 
 /// Frames published (and acked by JetStream) before the server is killed,
 /// and again after it is back.
 const FRAMES_EACH_SIDE: u64 = 150;
-
-fn created(all: &[Announcement]) -> Vec<u64> {
-    all.iter()
-        .filter(|a| a.event == CheckpointEvent::Created)
-        .map(|a| a.metadata.version)
-        .collect()
-}
-
-/// A daemon that trains fast, on a short lease.
-fn short_lease() -> Vec<(&'static str, &'static str)> {
-    FAST.iter()
-        .copied()
-        .chain([("WMVAE_NODE__LEASE_TTL_SECS", "3")])
-        .collect()
-}
 
 /// A daemon on a short lease that has taken the first side's frames and
 /// announced version 2.

@@ -12,11 +12,10 @@ mod common;
 use async_nats::jetstream;
 use common::disk::Tmpfs;
 use common::nats::{announcements, publish_stored, Daemon, NatsServer};
-use common::FAST;
+use common::{created, short_lease};
 use rand::{RngCore, SeedableRng};
 use std::time::Duration;
 use wmvae::bus::kv::Active;
-use wmvae::bus::messages::CheckpointEvent;
 use wmvae::store::{BufferConfig, Store};
 
 /// Frames the first node trains on.
@@ -24,21 +23,6 @@ const FIRST_FRAMES: u64 = 150;
 /// Frames that flood the second node: incompressible, ~12 KB each stored,
 /// well past what its 120 MB disk holds.
 const FLOOD_FRAMES: u64 = 12_000;
-
-fn created(all: &[wmvae::bus::messages::Announcement]) -> Vec<u64> {
-    all.iter()
-        .filter(|a| a.event == CheckpointEvent::Created)
-        .map(|a| a.metadata.version)
-        .collect()
-}
-
-/// A daemon that trains fast, on a short lease.
-fn short_lease() -> Vec<(&'static str, &'static str)> {
-    FAST.iter()
-        .copied()
-        .chain([("WMVAE_NODE__LEASE_TTL_SECS", "3")])
-        .collect()
-}
 
 fn open(dir: &std::path::Path) -> Store {
     Store::open(

@@ -10,3 +10,15 @@
 pub mod args;
 pub mod backend;
 pub mod render;
+
+/// Logs to stderr for both binaries: `RUST_LOG` if set, else info (and
+/// async-nats's warnings only); colour only on a terminal.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,async_nats=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}

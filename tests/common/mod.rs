@@ -95,5 +95,21 @@ pub const FAST: &[(&str, &str)] = &[
     ("WMVAE_BUFFER__VALIDATION_FRACTION", "0.3"),
 ];
 
+/// [`FAST`], on a short lease (3 s).
+pub fn short_lease() -> Vec<(&'static str, &'static str)> {
+    FAST.iter()
+        .copied()
+        .chain([("WMVAE_NODE__LEASE_TTL_SECS", "3")])
+        .collect()
+}
+
+/// The versions of the `created` announcements among `all`, in order.
+pub fn created(all: &[wmvae::bus::messages::Announcement]) -> Vec<u64> {
+    all.iter()
+        .filter(|a| a.event == wmvae::bus::messages::CheckpointEvent::Created)
+        .map(|a| a.metadata.version)
+        .collect()
+}
+
 pub mod disk;
 pub mod nats;

@@ -300,13 +300,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,async_nats=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    wmvae::cli::init_logging();
     // FAILPOINTS is read only by a build for tests/failpoints.rs (the
     // in-process daemons of `latency` and `pipeline` carry the crash points).
     #[cfg(feature = "failpoints")]
