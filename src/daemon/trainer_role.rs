@@ -1,0 +1,204 @@
+//! The trainer role's parts and their lifetime: refusing a twin, resuming
+//! from the store, contending for the lease, the trainer thread, ingest,
+//! the checkpoint publisher and the leader-only endpoints, started under the
+//! supervisor and finished in order at shutdown. What each part does is in
+//! its own file; the daemon's other roles are wired in `mod.rs`.
+
+use super::control::Command;
+use super::leadership::Leadership;
+use super::lease::{self, Lease};
+use super::status::{Heart, StatusBoard};
+use super::supervisor::Supervisor;
+use super::trainer::Trainer;
+use super::{announce, ingest, recovery, until};
+use crate::bus::service::{Endpoint, Handler, NodeInfo};
+use crate::bus::Bus;
+use crate::config::Config;
+use crate::store::Store;
+use crate::vae::device::Device;
+use anyhow::{anyhow, bail, Context, Result};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How often leader-only serving looks at the lease: well under a TTL.
+const LEASE_POLL: Duration = Duration::from_millis(200);
+/// How often shutdown looks whether the trainer thread has ended.
+const THREAD_POLL: Duration = Duration::from_millis(20);
+
+/// The trainer role's parts, running.
+pub(super) struct TrainerRole {
+    pub(super) store: Store,
+    pub(super) commands: mpsc::Sender<Command>,
+    pub(super) lease: Lease,
+    pub(super) ingest: JoinHandle<Result<()>>,
+    pub(super) thread: std::thread::JoinHandle<Result<()>>,
+    pub(super) publisher: JoinHandle<Result<()>>,
+    pub(super) contender: JoinHandle<Result<()>>,
+    /// Stops contending for the lease (and releases it), last.
+    pub(super) lease_stop: CancellationToken,
+}
+
+/// Refuses a second trainer node with this node's id (or, both without
+/// one, a second single-node trainer) on the same NATS: they would split
+/// one consumer's frames.
+async fn refuse_twin(bus: &Bus, node_id: &str) -> Result<()> {
+    let twins = bus
+        .service_nodes()
+        .await?
+        .into_iter()
+        .filter(|n| n.roles.trainer && n.id == node_id)
+        .count();
+    if twins > 0 {
+        let named = if node_id.is_empty() {
+            "without a [node] id".to_string()
+        } else {
+            format!("with [node] id {node_id:?}")
+        };
+        bail!(
+            "another trainer node {named} already runs on this NATS; give each trainer node its own [node] id \
+            (WMVAE_NODE__ID)"
+        );
+    }
+    Ok(())
+}
+
+impl TrainerRole {
+    /// Resumes (or starts) the learner from the store, then starts ingest
+    /// through this node's own consumer, contending for the lease, the
+    /// trainer thread (which trains only while leading) and the checkpoint
+    /// publisher, each under `supervisor`.
+    pub(super) async fn start(
+        config: &Config,
+        bus: &Bus,
+        store: &Store,
+        device: Device,
+        status: &StatusBoard,
+        supervisor: &Supervisor,
+    ) -> Result<TrainerRole> {
+        refuse_twin(bus, &config.node.id).await?;
+        let resumed = {
+            let (config, store, bus) = (config.clone(), store.clone(), bus.clone());
+            tokio::task::spawn_blocking(move || recovery::resume(&config, &store, &bus, device)).await??
+        };
+        let shared = bus.shared().await?;
+        let lease_stop = CancellationToken::new();
+        let (lease, contender) = lease::start(
+            shared.clone(),
+            config.node.holder(),
+            Duration::from_secs(config.node.lease_ttl_secs),
+            lease_stop.clone(),
+            supervisor,
+        );
+        let runtime = tokio::runtime::Handle::current();
+        let leadership = Leadership::new(
+            lease.clone(),
+            shared.clone(),
+            bus.clone(),
+            runtime,
+            supervisor.shutdown().clone(),
+        );
+        let (trainer, event_queue, commands) = Trainer::new(
+            config.clone(),
+            store.clone(),
+            resumed,
+            status.clone(),
+            supervisor.clone(),
+            leadership,
+        );
+        let publisher = supervisor.spawn(
+            "checkpoint publisher",
+            announce::publish_events(bus.clone(), store.clone(), shared, lease.clone(), event_queue),
+        );
+        status.beat(Heart::Trainer);
+        let thread = supervisor.thread("trainer thread", move || trainer.run())?;
+        status.beat(Heart::Ingest);
+        let ingest = supervisor.spawn(
+            "ingest",
+            ingest::run(
+                bus.clone(),
+                store.clone(),
+                config.ingest.clone(),
+                config.node.id.clone(),
+                status.clone(),
+                supervisor.clone(),
+            ),
+        );
+        Ok(TrainerRole {
+            store: store.clone(),
+            commands,
+            lease,
+            ingest,
+            thread,
+            publisher,
+            contender,
+            lease_stop,
+        })
+    }
+
+    /// After shutdown: ingest's batches in flight committed and acked, the
+    /// last checkpoint written, every checkpoint event published, then the
+    /// lease released so a standby takes over at once; each waited for
+    /// until `deadline` at most. Errors of the parts themselves are the
+    /// supervisor's; here, what kept the shutdown from finishing.
+    pub(super) async fn finish(self, deadline: tokio::time::Instant) -> Result<()> {
+        until(deadline, "ingest", "frames not acked yet are redelivered", self.ingest).await;
+        // The trainer thread needs no NATS to write its last checkpoint, but
+        // it may wait on the event queue while NATS is away.
+        while !self.thread.is_finished() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(THREAD_POLL).await;
+        }
+        let trained = match self.thread.is_finished() {
+            true => Ok(()),
+            false => Err(anyhow!("the trainer thread did not stop within the shutdown grace")),
+        };
+        drop(self.commands);
+        until(
+            deadline,
+            "checkpoint publisher",
+            "unannounced versions go out at the next start",
+            self.publisher,
+        )
+        .await;
+        self.lease_stop.cancel();
+        until(deadline, "lease", "the lease lapses by itself", self.contender).await;
+        // A store that can't flush must not hide why the daemon stopped.
+        let flushed = self.store.flush();
+        if flushed.is_ok() {
+            tracing::info!("store flushed");
+        }
+        trained.and(flushed.context("flushing the store"))
+    }
+}
+
+/// Serves the leader-only endpoints (checkpoints, buffer) while this node
+/// leads; a standby does not answer them, so every request reaches the leader.
+pub(super) async fn serve_while_leading(
+    bus: Bus,
+    handler: Handler,
+    node: NodeInfo,
+    lease: Lease,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    while !shutdown.is_cancelled() {
+        if lease.epoch().is_none() {
+            tokio::select! { _ = shutdown.cancelled() => break, _ = tokio::time::sleep(LEASE_POLL) => continue }
+        }
+        let leading = shutdown.child_token();
+        let watcher = {
+            let (lease, leading) = (lease.clone(), leading.clone());
+            tokio::spawn(async move {
+                while lease.epoch().is_some() && !leading.is_cancelled() {
+                    tokio::time::sleep(LEASE_POLL).await;
+                }
+                leading.cancel();
+            })
+        };
+        bus.serve_control(handler.clone(), &Endpoint::leader_only(), &node, None, leading.clone())
+            .await?;
+        leading.cancel();
+        watcher.await.context("lease watcher")?;
+    }
+    Ok(())
+}
