@@ -19,18 +19,31 @@ const ALLOCATE_PATIENCE: Duration = Duration::from_secs(5);
 /// Training time between tries of a postponed checkpoint.
 const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
 
+/// How much a checkpoint is judged before it is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Judged {
+    /// Eval and latent diagnostics on held-out frames: a checkpoint of training.
+    Fully,
+    /// The training loss alone: the last checkpoint at shutdown, whose
+    /// forward passes would not fit in the grace on a busy CPU (one
+    /// shutdown test failed so: eval and diagnostics ran past it).
+    TrainingLossOnly,
+}
+
 impl Trainer {
     /// At shutdown, a last checkpoint of what was trained since the previous
-    /// one. Its number comes from NATS: waited for at most half the shutdown
-    /// grace, so a stop without NATS still ends in time; without one it is
-    /// kept as the pending checkpoint.
+    /// one. Its number comes from NATS: waited for until half the shutdown
+    /// grace has passed since the signal (the loop may notice it a step
+    /// late), so a stop without NATS still ends in time, the other half left
+    /// for the write; without a number it is kept as the pending checkpoint.
     pub(super) fn last_checkpoint(&mut self, run: &mut Run) -> Result<()> {
         if run.since_checkpoint.steps == 0 || !self.leadership.began() {
             return Ok(());
         }
-        let limit = Duration::from_secs(self.config.serve.shutdown_grace_secs) / 2;
+        let half = Duration::from_secs(self.config.serve.shutdown_grace_secs) / 2;
+        let limit = half.saturating_sub(self.supervisor.since_shutdown().unwrap_or_default());
         let version = self.allocate_version(Some(limit));
-        let Some(metadata) = self.next_metadata(run)? else {
+        let Some(metadata) = self.next_metadata(run, Judged::TrainingLossOnly)? else {
             return Ok(());
         };
         match version {
@@ -63,7 +76,7 @@ impl Trainer {
         match self.allocate_version(Some(ALLOCATE_PATIENCE)) {
             Ok(version) => {
                 run.checkpoint_due = None;
-                match self.next_metadata(run)? {
+                match self.next_metadata(run, Judged::Fully)? {
                     Some(metadata) => self.write_checkpoint(version, metadata),
                     None => Ok(()),
                 }
@@ -81,15 +94,21 @@ impl Trainer {
 
     /// The metadata of a checkpoint of the weights now (after an eval),
     /// numbered 0; None when a loss is not finite (no checkpoint then).
-    fn next_metadata(&mut self, run: &mut Run) -> Result<Option<Metadata>> {
+    fn next_metadata(&mut self, run: &mut Run, judged: Judged) -> Result<Option<Metadata>> {
         let train = std::mem::take(&mut run.since_checkpoint).mean();
-        let eval = self.evaluate()?;
+        let eval = match judged {
+            Judged::Fully => self.evaluate()?,
+            Judged::TrainingLossOnly => None,
+        };
         if eval.is_some_and(|e| !e.total.is_finite()) || train.is_some_and(|t| !t.total.is_finite()) {
             tracing::warn!("checkpoint skipped: non-finite loss");
             return Ok(None);
         }
         let parent = self.active()?.metadata.version;
-        let diagnostics = self.diagnose()?;
+        let diagnostics = match judged {
+            Judged::Fully => self.diagnose()?,
+            Judged::TrainingLossOnly => None,
+        };
         Ok(Some(Metadata {
             version: 0,
             parent: Some(parent),

@@ -35,6 +35,10 @@ struct Inner {
     /// The parts running now, by id.
     running: Mutex<BTreeMap<u64, &'static str>>,
     next_id: AtomicU64,
+    /// When `shutdown` was cancelled, once it was: a part that notices
+    /// late (a thread in the middle of a step) still knows how much of the
+    /// grace is left.
+    shutdown_at: Arc<std::sync::OnceLock<std::time::Instant>>,
 }
 
 /// A panic's message, when it carries one.
@@ -47,16 +51,29 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
 }
 
 impl Supervisor {
-    /// A supervisor whose parts stop on `shutdown`, which the first to fail cancels.
+    /// A supervisor whose parts stop on `shutdown`, which the first to fail
+    /// cancels. Made inside the runtime: a task notes when the shutdown came.
     pub fn new(shutdown: CancellationToken) -> Supervisor {
+        let shutdown_at = Arc::new(std::sync::OnceLock::new());
+        let (token, at) = (shutdown.clone(), shutdown_at.clone());
+        tokio::spawn(async move {
+            token.cancelled().await;
+            let _ = at.set(std::time::Instant::now());
+        });
         Supervisor {
             inner: Arc::new(Inner {
                 shutdown,
                 failure: Mutex::default(),
                 running: Mutex::default(),
                 next_id: AtomicU64::new(0),
+                shutdown_at,
             }),
         }
+    }
+
+    /// How long ago the shutdown came; None before it has.
+    pub fn since_shutdown(&self) -> Option<std::time::Duration> {
+        self.inner.shutdown_at.get().map(|at| at.elapsed())
     }
 
     /// The token the parts stop on.
