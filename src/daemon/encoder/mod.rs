@@ -143,10 +143,7 @@ impl EncoderHandle {
             .await?
             .ok_or(UnknownVersion(version))?;
         let (vae, device) = (self.vae, self.device);
-        let net = tokio::task::spawn_blocking(move || {
-            Network::from_safetensors(device, vae, &weights, &format!("v{version} from the object store"))
-        })
-        .await??;
+        let net = tokio::task::spawn_blocking(move || follow::warmed(device, vae, version, &weights)).await??;
         self.queue
             .send(Work::Pin {
                 version,
