@@ -222,6 +222,14 @@ fn series_offline_layout_parity_resume_and_refusals() {
 /// left) is finished by a rerun; a finished one writes nothing; another
 /// version is refused; `active` and `--episodes` choose.
 fn resume_and_refusals(data: &Path, out: &Path, entries: &[serde_json::Value]) {
+    // A gap between finished episodes: only it is encoded again.
+    let ends = serde_json::to_vec(&[&entries[0], &entries[2]]).unwrap();
+    std::fs::write(out.join("index.json"), ends).unwrap();
+    std::fs::remove_file(out.join(entries[1]["file"].as_str().unwrap())).unwrap();
+    let stderr = ok(series(data, out, &["--version", "1"]));
+    assert!(stderr.contains("1 episodes written (9 frames"), "{stderr}");
+    assert_eq!(index(out), entries);
+    // The finished first one: the rest is encoded again.
     let first = serde_json::to_vec(&entries[..1]).unwrap();
     std::fs::write(out.join("index.json"), first).unwrap();
     std::fs::remove_file(out.join(entries[1]["file"].as_str().unwrap())).unwrap();

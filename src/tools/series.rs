@@ -11,8 +11,8 @@
 
 use crate::frames::identity::series_file_name;
 use crate::frames::npy::{utf32, NpzWriter};
-use crate::series::{Pages, Row};
-use crate::store::{EpisodeCount, Scope};
+use crate::series::{EpisodeRows, Pages, Row};
+use crate::store::{Cursor, EpisodeCount, Scope};
 use crate::tools::progress::Progress;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -122,80 +122,137 @@ fn finished(dir: &Path) -> Result<Vec<IndexEntry>> {
 
 /// Writes the series of `pages` for `scope` (its source and episode
 /// range) into `dir`, skipping the episodes an earlier run finished.
+///
+/// Episodes not yet written that follow each other in the store are read
+/// as one run of pages, so every encoded batch is full but the last (a
+/// page is not cut at an episode's end); each episode's file is written
+/// as soon as its last row has come.
 pub async fn write(pages: &impl Pages, scope: &Scope, dir: &Path) -> Result<SeriesReport> {
     let (version, sha256) = pages.version();
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     claim(dir, version, sha256)?;
-    let mut index = finished(dir)?;
+    let index = finished(dir)?;
     let done: HashSet<(String, String)> = index.iter().map(|e| (e.source.clone(), e.episode.clone())).collect();
     let all = pages.episodes(scope).await?;
-    let todo: Vec<EpisodeCount> = all
-        .into_iter()
-        .filter(|e| !done.contains(&(e.source.clone(), e.episode.clone())))
-        .collect();
-    let mut report = SeriesReport {
-        written: 0,
-        skipped: done.len(),
-        frames: 0,
+    let mut out = Output {
+        dir,
+        version,
+        sha256,
+        index,
+        report: SeriesReport {
+            written: 0,
+            skipped: done.len(),
+            frames: 0,
+        },
     };
-    let mut progress = Progress::new(format!("series v{version}"), todo.iter().map(|e| e.frames).sum());
-    for episode in &todo {
-        let rows = episode_rows(pages, episode, &mut progress).await?;
-        if rows.is_empty() {
-            continue; // evicted from the buffer since it was listed
+    let todo = |e: &EpisodeCount| !done.contains(&(e.source.clone(), e.episode.clone()));
+    let mut progress = Progress::new(
+        format!("series v{version}"),
+        all.iter().filter(|e| todo(e)).map(|e| e.frames).sum(),
+    );
+    let mut at = 0usize;
+    for run in all.chunk_by(|a, b| todo(a) == todo(b)) {
+        let before = at.checked_sub(1).map(|i| &all[i]);
+        at += run.len();
+        if !todo(&run[0]) {
+            continue;
         }
-        let file = series_file_name(&episode.source, &episode.episode);
-        if index.iter().any(|e| e.file == file) {
+        // The run starts right after the episode before it (all its steps).
+        let start = Scope {
+            after: before
+                .map(|e| Cursor {
+                    source: e.source.clone(),
+                    episode: e.episode.clone(),
+                    step: u64::MAX,
+                })
+                .or_else(|| scope.after.clone()),
+            ..scope.clone()
+        };
+        write_run(pages, start, run, &mut out, &mut progress).await?;
+    }
+    Ok(out.report)
+}
+
+/// Where the episodes' files go, and what is written so far.
+struct Output<'a> {
+    dir: &'a Path,
+    version: u64,
+    sha256: &'a str,
+    index: Vec<IndexEntry>,
+    report: SeriesReport,
+}
+
+impl Output<'_> {
+    /// Writes one episode's file, then the index naming it.
+    fn episode(&mut self, source: String, episode: String, rows: Vec<Row>) -> Result<()> {
+        let file = series_file_name(&source, &episode);
+        if self.index.iter().any(|e| e.file == file) {
             bail!("two episodes share the file name {file}: refusing to overwrite one with the other");
         }
-        let path = dir.join(&file);
-        write_atomically(&path, |temp| write_episode(temp, &rows, version, sha256))?;
-        index.push(IndexEntry {
-            source: episode.source.clone(),
-            episode: episode.episode.clone(),
+        let path = self.dir.join(&file);
+        write_atomically(&path, |temp| write_episode(temp, &rows, self.version, self.sha256))?;
+        self.index.push(IndexEntry {
+            source,
+            episode,
             file,
             frames: rows.len() as u64,
         });
-        index.sort_by(|a, b| (&a.source, &a.episode).cmp(&(&b.source, &b.episode)));
-        write_json(&dir.join(INDEX), &index)?;
-        report.written += 1;
-        report.frames += rows.len() as u64;
+        self.index
+            .sort_by(|a, b| (&a.source, &a.episode).cmp(&(&b.source, &b.episode)));
+        write_json(&self.dir.join(INDEX), &self.index)?;
+        self.report.written += 1;
+        self.report.frames += rows.len() as u64;
+        Ok(())
     }
-    Ok(report)
 }
 
-/// Every row of one episode, a page at a time.
-async fn episode_rows(pages: &impl Pages, episode: &EpisodeCount, progress: &mut Progress) -> Result<Vec<Row>> {
-    let mut scope = Scope {
-        source: Some(episode.source.clone()),
-        episodes_from: Some(episode.episode.clone()),
-        // The name right after this one: names hold no NUL.
-        episodes_until: Some(format!("{}\0", episode.episode)),
-        after: None,
-    };
-    let mut rows = Vec::new();
+/// The episodes of `run` (consecutive in the store), a page at a time from
+/// `scope`, each written once its rows are all there. Episodes stored
+/// since the listing are passed over; the pages stop past the run's last.
+async fn write_run(
+    pages: &impl Pages,
+    mut scope: Scope,
+    run: &[EpisodeCount],
+    out: &mut Output<'_>,
+    progress: &mut Progress,
+) -> Result<()> {
+    let wanted: HashSet<(&str, &str)> = run.iter().map(|e| (e.source.as_str(), e.episode.as_str())).collect();
+    let last = run.last().map(|e| (e.source.as_str(), e.episode.as_str()));
+    let mut current: Option<EpisodeRows> = None;
     loop {
         let page = pages.page(scope.clone()).await?;
-        if page.version != pages.version().0 {
-            bail!("asked for v{}, got a page of v{}", pages.version().0, page.version);
+        if page.version != out.version {
+            bail!("asked for v{}, got a page of v{}", out.version, page.version);
         }
         for group in page.episodes {
-            if (&group.source, &group.episode) != (&episode.source, &episode.episode) {
-                bail!(
-                    "asked for episode {:?} of {:?}, got {:?}",
-                    episode.episode,
-                    episode.source,
-                    group.episode
-                );
+            let name = (group.source.as_str(), group.episode.as_str());
+            if last.is_some_and(|last| name > last) {
+                return finish(current, out);
+            }
+            if !wanted.contains(&name) {
+                continue;
             }
             progress.advance(group.rows.len() as u64);
-            rows.extend(group.rows);
+            match current.as_mut() {
+                Some(held) if (&held.source, &held.episode) == (&group.source, &group.episode) => {
+                    held.rows.extend(group.rows)
+                }
+                _ => finish(current.replace(group), out)?,
+            }
         }
         match page.next {
             Some(next) if scope.after.as_ref().is_none_or(|a| next > *a) => scope.after = Some(next),
             Some(next) => bail!("the pages do not move on (next {next:?} after {:?})", scope.after),
-            None => return Ok(rows),
+            None => return finish(current, out),
         }
+    }
+}
+
+/// Writes the episode whose rows are all there, if any.
+fn finish(episode: Option<EpisodeRows>, out: &mut Output<'_>) -> Result<()> {
+    match episode {
+        Some(e) if !e.rows.is_empty() => out.episode(e.source, e.episode, e.rows),
+        _ => Ok(()),
     }
 }
 
