@@ -1,4 +1,4 @@
-//! `wmvae bench train|encode`: measured figures, never asserted by tests.
+//! `wmvae bench train|encode|ingest`: measured figures, never asserted by tests.
 //!
 //! Each bench warms up, then times whole steps and reports images/s as one
 //! JSON object (`--json`) or a line of text. Inputs are random frames: speed
@@ -10,7 +10,7 @@ use std::time::Instant;
 use tch::Tensor;
 use wmvae::vae::adam::AdamConfig;
 use wmvae::vae::device::{describe, DeviceChoice};
-use wmvae::vae::learner::{frames_to_tensor, Learner};
+use wmvae::vae::learner::{frames_to_tensor, Learner, Network};
 use wmvae::vae::model::{Precision, VaeConfig};
 
 /// Untimed steps first: libtorch picks kernels and allocates on the first few.
@@ -32,7 +32,7 @@ fn random_frames(batch: usize, device: tch::Device) -> Result<Tensor> {
     frames_to_tensor(&bytes, device)
 }
 
-fn apply_threads(threads: usize) {
+pub(crate) fn apply_threads(threads: usize) {
     if threads > 0 {
         tch::set_num_threads(threads as i32);
     }
@@ -88,14 +88,10 @@ pub fn encode(options: BenchOptions) -> Result<Value> {
     let learner = Learner::new(device, VaeConfig::default(), AdamConfig::default(), Precision::Fp32);
     let mut rates = serde_json::Map::new();
     for batch in [1usize, 256] {
-        let xs = random_frames(batch, device)?;
-        // Batch 1 is latency-bound: give it as many images as batch 256 gets.
-        let steps = if batch == 1 { options.steps * 256 } else { options.steps };
-        let rate = images_per_s(batch, steps, || {
-            let (mu, _) = learner.net().encode(&xs);
-            mu.sum(tch::Kind::Float).double_value(&[]);
-        });
-        rates.insert(batch.to_string(), json!(rate));
+        rates.insert(
+            batch.to_string(),
+            json!(encode_rate(learner.net(), device, batch, options.steps)?),
+        );
     }
     Ok(json!({
         "bench": "encode",
@@ -103,7 +99,41 @@ pub fn encode(options: BenchOptions) -> Result<Value> {
         "steps": options.steps,
         "threads": tch::get_num_threads(),
         "encode_images_per_s": rates,
+        "decode_images_per_s": decode_rates(learner.net(), options.steps)?,
     }))
+}
+
+/// Encoding images/s of a prepared batch of `batch` frames on `device`.
+pub(crate) fn encode_rate(net: &Network, device: tch::Device, batch: usize, steps: usize) -> Result<f64> {
+    let xs = random_frames(batch, device)?;
+    // Batch 1 is latency-bound: give it as many images as batch 256 gets.
+    let steps = if batch == 1 { steps * 256 } else { steps };
+    Ok(images_per_s(batch, steps, || {
+        let (mu, _) = net.encode(&xs);
+        mu.sum(tch::Kind::Float).double_value(&[]);
+    }))
+}
+
+/// Decoding latents to uint8 frames (`wmvae decode`, `wm.ctl.decode`: z in,
+/// 64x64x3 bytes on the CPU out), images/s at batch 1 and batch 256.
+fn decode_rates(net: &Network, steps: usize) -> Result<Value> {
+    let z_size = net.model().config().z_size as usize;
+    let mut rates = serde_json::Map::new();
+    for batch in [1usize, 256] {
+        let z: Vec<f32> = (0..batch * z_size).map(|i| ((i % 17) as f32 - 8.0) / 4.0).collect();
+        let steps = if batch == 1 { steps * 256 } else { steps };
+        let mut failed = None;
+        let rate = images_per_s(batch, steps, || {
+            if let Err(e) = net.decode_frames(&z) {
+                failed.get_or_insert(e);
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        rates.insert(batch.to_string(), json!(rate));
+    }
+    Ok(Value::Object(rates))
 }
 
 /// Frames rendered once and cycled through by the ingest bench.

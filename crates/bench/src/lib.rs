@@ -1,7 +1,8 @@
 //! wmvae's benches and the local nats-server launcher, out of the library:
 //! the library is the daemon, this crate measures it from outside.
 //!
-//! * [`bench`]          `wmvae bench train|encode|ingest`
+//! * [`bench`]          `wmvae bench train|encode|ingest` (encode: and decode)
+//! * [`bench_series`]   `wmvae bench series`: `wmvae series` beside batch-256 encoding
 //! * [`bench_quality`]  `wmvae bench quality`: held-out loss against steps and seconds
 //! * [`bench_daemon`]   `wmvae bench latency|pipeline`: the whole daemon in this process
 //! * [`bench_encoders`] `wmvae bench encoders`: encoder processes side by side
@@ -23,6 +24,7 @@ pub mod bench_daemon;
 pub mod bench_encoders;
 pub mod bench_failover;
 pub mod bench_quality;
+pub mod bench_series;
 pub mod nats_server;
 
 /// The `wmvae` binary beside this executable (both are built into the same

@@ -11,7 +11,7 @@ use wmvae::cli::render;
 use wmvae::vae::device::DeviceChoice;
 use wmvae_bench::bench::{self, BenchOptions};
 use wmvae_bench::nats_server::default_binary;
-use wmvae_bench::{bench_chaos, bench_daemon, bench_encoders, bench_failover, bench_quality};
+use wmvae_bench::{bench_chaos, bench_daemon, bench_encoders, bench_failover, bench_quality, bench_series};
 
 /// Measure performance (figures for BENCHMARKS.md).
 #[derive(Parser)]
@@ -48,10 +48,24 @@ enum BenchCommand {
         #[arg(long, value_enum, default_value = "fp32")]
         precision: wmvae::vae::model::Precision,
     },
-    /// Encoding images/s at batch 1 and batch 256.
+    /// Encoding and decoding images/s at batch 1 and batch 256.
     Encode {
         #[command(flatten)]
         args: BenchArgs,
+    },
+    /// `wmvae series` frames/s (offline, a store of synthetic episodes)
+    /// beside encoding prepared batches of 256, round after round.
+    Series {
+        #[command(flatten)]
+        args: BenchArgs,
+        /// Frames in the store.
+        #[arg(long, default_value_t = 20_480)]
+        frames: u64,
+        /// Frames per episode (CarRacing's rollouts run to ~1,000 steps).
+        #[arg(long, default_value_t = 465)]
+        episode_frames: u64,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// How fast a fresh VAE learns with the config's [train] recipe: held-out
     /// reconstruction loss and KL every tenth of the run, with wall time.
@@ -172,13 +186,32 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
-/// The benches of one process's models, no NATS: train, encode, quality.
+/// The benches of one process's models, no NATS: train, encode, series, quality.
 fn models(which: BenchCommand) -> Result<()> {
     match which {
         BenchCommand::Train { args, batch, precision } => {
             render::bench(bench::train(args.options(), batch, precision)?, args.json)
         }
         BenchCommand::Encode { args } => render::bench(bench::encode(args.options())?, args.json),
+        BenchCommand::Series {
+            args,
+            frames,
+            episode_frames,
+            rounds,
+        } => {
+            let options = bench_series::SeriesOptions {
+                frames,
+                episode_frames,
+                rounds,
+                steps: args.steps,
+                device: args.device,
+                threads: args.threads,
+            };
+            let figures = tokio::runtime::Builder::new_current_thread()
+                .build()?
+                .block_on(bench_series::series(options))?;
+            render::bench(figures, args.json)
+        }
         BenchCommand::Quality {
             config,
             frames,
@@ -289,9 +322,10 @@ fn processes(which: BenchCommand) -> Result<()> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.which {
-        which @ (BenchCommand::Train { .. } | BenchCommand::Encode { .. } | BenchCommand::Quality { .. }) => {
-            models(which)
-        }
+        which @ (BenchCommand::Train { .. }
+        | BenchCommand::Encode { .. }
+        | BenchCommand::Series { .. }
+        | BenchCommand::Quality { .. }) => models(which),
         which @ (BenchCommand::Latency { .. } | BenchCommand::Pipeline { .. } | BenchCommand::Ingest { .. }) => {
             in_process(which)
         }
