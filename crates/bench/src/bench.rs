@@ -38,6 +38,11 @@ pub(crate) fn apply_threads(threads: usize) {
     }
 }
 
+/// libtorch's intra-op threads now.
+pub(crate) fn threads() -> i32 {
+    tch::get_num_threads()
+}
+
 /// Images per second of `step`, run `steps` times after the warm-up. Each
 /// step must end by reading a value back, which synchronises CUDA.
 fn images_per_s(batch: usize, steps: usize, mut step: impl FnMut()) -> f64 {

@@ -6,7 +6,7 @@
 //! `tools::series::write`), and is compared with the encoder timed on a
 //! prepared batch just before and just after it.
 
-use super::bench::{apply_threads, encode_rate};
+use super::bench::{apply_threads, encode_rate, threads};
 use anyhow::Result;
 use serde_json::{json, Value};
 use std::time::Instant;
@@ -134,7 +134,7 @@ pub async fn series(options: SeriesOptions) -> Result<Value> {
     Ok(json!({
         "bench": "series",
         "device": describe(device),
-        "threads": tch::get_num_threads(),
+        "threads": threads(),
         "frames": options.frames,
         "episode_frames": options.episode_frames,
         "rounds": rounds,
