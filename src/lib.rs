@@ -18,7 +18,7 @@
 //! * [`cli`]      the CLI's side: where a command goes (daemon or store) and how answers print
 //! * [`tools`]    `encode`, `decode`, `publish`, `buffer export`, progress bars (the benches: crates/bench)
 //!
-//! The binary (`src/main.rs`) only parses arguments and calls into these.
+//! The binary (`src/main.rs`) only parses arguments (`cli::commands`) and calls into these.
 
 /// A place where tests/failpoints.rs crashes the daemon: with the
 /// `failpoints` feature and `FAILPOINTS=<name>=return` the process aborts

@@ -1,263 +1,20 @@
-//! The `wmvae` binary: argument parsing and dispatch only; the work is in
-//! the library (printing in `cli::render`, where commands go in
-//! `cli::backend`). Every command's flags and help live here as clap
-//! derives, but `bench`'s: `wmvae bench ...` runs `wmvae-bench` (the
-//! benches' crate, crates/bench) from beside this binary.
+//! The `wmvae` binary: dispatch only; the work is in the library (the
+//! command line in `cli::commands`, printing in `cli::render`, where
+//! commands go in `cli::backend`). `wmvae bench ...` runs `wmvae-bench`
+//! (the benches' crate, crates/bench) from beside this binary.
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use wmvae::cli::args::ConfigArgs;
+use wmvae::cli::commands::{BufferCommand, CheckpointCommand, Cli, Command, PlaceArgs, VersionArg};
 use wmvae::cli::{backend, render};
 use wmvae::config::Config;
 use wmvae::store::{Change, Provenance};
 use wmvae::tools::publish::{Input, PublishOptions};
 use wmvae::vae::device::DeviceChoice;
-
-#[derive(Parser)]
-#[command(name = "wmvae", version, about = "Streaming trainer for the World Models VAE")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the daemon: ingest frames from NATS into the replay buffer.
-    Serve {
-        #[command(flatten)]
-        config: ConfigArgs,
-        /// What this process does: trainer, encoder, or trainer,encoder (overrides serve.roles).
-        #[arg(long)]
-        role: Option<wmvae::config::Roles>,
-        /// Validate the configuration, print it, and exit.
-        #[arg(long)]
-        check_config: bool,
-    },
-    /// Apply the streams, consumers and store schema of migrations/ (idempotent).
-    Migrate {
-        #[command(flatten)]
-        config: ConfigArgs,
-    },
-    /// Inspect the replay buffer (live or offline) or export it (opens the store: no daemon may hold it).
-    Buffer {
-        #[command(subcommand)]
-        which: BufferCommand,
-    },
-    /// Publish frames by the wire contract (PROTOCOL.md).
-    Publish {
-        #[command(flatten)]
-        config: ConfigArgs,
-        /// The frames' source: they go to <prefix>.frames.<source>.
-        #[arg(long)]
-        source: String,
-        /// uint8 frames (N, H, W, 3).
-        #[arg(long, conflicts_with = "synthetic", required_unless_present = "synthetic")]
-        npy: Option<PathBuf>,
-        /// CarRacing-like 96x96 scenes rendered here.
-        #[arg(long)]
-        synthetic: bool,
-        /// Frames per second (default: as fast as JetStream acks).
-        #[arg(long)]
-        rate: Option<f64>,
-        /// Stop after N frames (default: the whole file; forever for --synthetic).
-        #[arg(long)]
-        count: Option<u64>,
-    },
-    /// Encode frames (uint8 .npy, N x H x W x 3) to latents (mu, logvar) in an .npz.
-    Encode {
-        /// PyTorch-layout weights (.safetensors).
-        #[arg(long, required_unless_present = "checkpoint", conflicts_with = "checkpoint")]
-        weights: Option<PathBuf>,
-        /// A checkpoint version, from the running daemon or the store.
-        #[arg(long)]
-        checkpoint: Option<u64>,
-        #[command(flatten)]
-        place: PlaceArgs,
-        /// uint8 frames, N x 64 x 64 x 3 or N x 96 x 96 x 3 (CarRacing, preprocessed).
-        #[arg(long)]
-        input: PathBuf,
-        /// Output .npz with float32 arrays `mu` and `logvar` (N x z).
-        #[arg(long)]
-        output: PathBuf,
-        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
-        device: DeviceChoice,
-    },
-    /// Decode latents (float32 N x z in an .npz) to uint8 frames (N, 64, 64, 3) in an .npy.
-    Decode {
-        /// A checkpoint version, from the running daemon or the store.
-        #[arg(long)]
-        checkpoint: u64,
-        #[command(flatten)]
-        place: PlaceArgs,
-        /// The .npz holding the latents.
-        #[arg(long)]
-        input: PathBuf,
-        /// Its array to decode (a series' `mu`, an encode's `mu`, ...).
-        #[arg(long, default_value = "z")]
-        key: String,
-        /// Output .npy: uint8 (N, 64, 64, 3).
-        #[arg(long)]
-        output: PathBuf,
-        /// Also a PNG grid of the frames.
-        #[arg(long)]
-        grid: Option<PathBuf>,
-        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
-        device: DeviceChoice,
-    },
-    /// Encode every stored episode (or those named) with one version: one .npz per
-    /// episode and index.json in --out (PROTOCOL.md, "Series"). Through the running
-    /// daemon (its trainer encodes) or on the store; resumable: a rerun into the same
-    /// --out skips the episodes its index.json lists.
-    Series {
-        /// A version number, or `active`.
-        #[arg(long, value_parser = parse_version)]
-        version: VersionArg,
-        /// The series directory (created; refused if it holds another version's series).
-        #[arg(long)]
-        out: PathBuf,
-        /// Only this source.
-        #[arg(long)]
-        source: Option<String>,
-        /// Episodes whose name is in [FROM, UNTIL), by string order; either end may be
-        /// left empty (`ep-10..`, `..ep-20`). The first `..` splits the two.
-        #[arg(long, value_name = "FROM..UNTIL")]
-        episodes: Option<String>,
-        #[command(flatten)]
-        place: PlaceArgs,
-        /// Where an offline run encodes (a live one: on the daemon's [train] device).
-        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
-        device: DeviceChoice,
-    },
-    /// List, inspect, export, import, pin and roll back checkpoints, live or offline.
-    Checkpoint {
-        #[command(flatten)]
-        place: PlaceArgs,
-        #[command(subcommand)]
-        which: CheckpointCommand,
-    },
-    /// Measure performance (figures for BENCHMARKS.md).
-    ///
-    /// Runs wmvae-bench, beside this binary, with the rest of the line
-    /// (`wmvae bench --help` lists the benches).
-    #[command(disable_help_flag = true)]
-    Bench {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<OsString>,
-    },
-}
-
-/// `--version`: a number or the active one.
-#[derive(Clone, Copy)]
-enum VersionArg {
-    Active,
-    Number(u64),
-}
-
-fn parse_version(text: &str) -> Result<VersionArg, String> {
-    match text {
-        "active" => Ok(VersionArg::Active),
-        _ => text
-            .parse()
-            .map(VersionArg::Number)
-            .map_err(|_| format!("{text:?} is neither a version number nor `active`")),
-    }
-}
-
-/// Where checkpoint and buffer-stats commands go: the running daemon (over
-/// NATS) or the store.
-#[derive(clap::Args, Clone)]
-struct PlaceArgs {
-    #[command(flatten)]
-    config: ConfigArgs,
-    /// Only through a running daemon.
-    #[arg(long, global = true, conflicts_with = "offline")]
-    online: bool,
-    /// Only on the store (no daemon may hold it).
-    #[arg(long, global = true)]
-    offline: bool,
-}
-
-impl PlaceArgs {
-    fn mode(&self) -> backend::Mode {
-        match (self.online, self.offline) {
-            (true, _) => backend::Mode::Online,
-            (_, true) => backend::Mode::Offline,
-            _ => backend::Mode::Auto,
-        }
-    }
-}
-
-#[derive(Subcommand)]
-enum CheckpointCommand {
-    /// Every version: parent, step, created, eval loss; active, pinned, best marked.
-    List {
-        #[arg(long)]
-        json: bool,
-    },
-    /// All metadata of one version.
-    Show {
-        version: u64,
-        /// Write a PNG of validation frames over their reconstructions by this version.
-        #[arg(long)]
-        recon: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Make VERSION active: training weights, Adam state and the latent encoder switch to it.
-    Rollback {
-        version: u64,
-        #[arg(long)]
-        reason: Option<String>,
-    },
-    /// Keep VERSION whatever retention says.
-    Pin { version: u64 },
-    /// Let retention delete VERSION again.
-    Unpin { version: u64 },
-    /// Delete VERSION (never the active one).
-    Delete { version: u64 },
-    /// Write VERSION's weights as PyTorch-loadable safetensors.
-    Export {
-        version: u64,
-        #[arg(long)]
-        out: PathBuf,
-    },
-    /// A new active version from weights trained elsewhere (fresh Adam state).
-    Import {
-        file: PathBuf,
-        #[arg(long)]
-        reason: Option<String>,
-    },
-    /// Every change of the active version, oldest first.
-    History {
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-#[derive(Subcommand)]
-enum BufferCommand {
-    /// Frames, capacity, episodes, sources, bytes on disk, rejected by reason
-    /// (from the running daemon when one answers, else from the store).
-    Stats {
-        #[command(flatten)]
-        place: PlaceArgs,
-        #[arg(long)]
-        json: bool,
-    },
-    /// The stored frames in (source, episode, step) order as an .npz.
-    Export {
-        #[command(flatten)]
-        config: ConfigArgs,
-        #[arg(long)]
-        out: PathBuf,
-        /// Only this source.
-        #[arg(long)]
-        source: Option<String>,
-    },
-}
 
 /// How long the exit waits for the runtime's blocking tasks after the
 /// daemon stopped: they only finish what the daemon already gave up on.
@@ -484,6 +241,21 @@ fn series(
     })
 }
 
+/// `wmvae decode`: the latents under `key` in `input` decoded by `checkpoint`.
+fn decode(
+    place: &PlaceArgs,
+    checkpoint: u64,
+    device: DeviceChoice,
+    (input, key): (&std::path::Path, &str),
+    output: &std::path::Path,
+    grid: Option<&std::path::Path>,
+) -> Result<()> {
+    let net = network(place, &place.config.load()?, checkpoint, device)?;
+    let n = wmvae::tools::decode::decode_file(&net, input, key, output, grid)?;
+    eprintln!("decoded {n} latents with v{checkpoint} to {}", output.display());
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve {
@@ -526,11 +298,7 @@ fn run(cli: Cli) -> Result<()> {
             output,
             grid,
             device,
-        } => {
-            let net = network(&place, &place.config.load()?, checkpoint, device)?;
-            let n = wmvae::tools::decode::decode_file(&net, &input, &key, &output, grid.as_deref())?;
-            eprintln!("decoded {n} latents with v{checkpoint} to {}", output.display());
-        }
+        } => decode(&place, checkpoint, device, (&input, &key), &output, grid.as_deref())?,
         Command::Series {
             version,
             out,

@@ -2,13 +2,15 @@
 //! goes (the running daemon over NATS, else the store) and gives the same
 //! answers either way; [`render`] prints them as tables or `--json`;
 //! [`args`] holds the config flags both binaries (`wmvae`, `wmvae-bench`)
-//! take.
+//! take; [`commands`] is `wmvae`'s command line (clap derives), which its
+//! binary (`src/main.rs`) dispatches.
 //!
-//! Every other flag is parsed in the binaries (`src/main.rs`,
-//! `crates/bench/src/main.rs`).
+//! `wmvae bench`'s flags are parsed in the bench crate
+//! (`crates/bench/src/main.rs`).
 
 pub mod args;
 pub mod backend;
+pub mod commands;
 pub mod render;
 
 /// Logs to stderr for both binaries: `RUST_LOG` if set, else info (and

@@ -9,7 +9,7 @@
 //! kept while it still shows the same versions. What it does not do: the
 //! model work (`versions`, `vae::properties`), computing the diagnostics
 //! (the trainer, at each checkpoint: here they are read from the metadata),
-//! or the server and its limits (`http.rs`).
+//! or the server and its limits (`http/`).
 
 use super::http::{failed, HttpContext};
 use crate::config::Config;

@@ -1,57 +1,18 @@
-//! The daemon's HTTP face for operators' usual tools, on `[http] addr`
-//! (loopback by default): `/metrics` (Prometheus text format,
-//! `metrics.rs`), `/healthz` (200 only when NATS is connected, the store
-//! answers and writes, and the trainer loop and encoder are not stalled;
-//! 503 with each reason, and the last commit's age), `/` (a status page:
-//! loss curves, validation frames over their reconstructions by the active
-//! version, samples from the prior across versions, an interpolation,
-//! latent diagnostics, version history) and its pictures `/recon.png`,
-//! `/prior.png` and `/interpolation.png` (`showcase.rs`). It reads the
-//! status board, the store and the bus; it changes nothing.
-//!
-//! The routes are an axum `Router`, served by our own accept loop over
-//! hyper's HTTP/1 connection (axum's `serve` runs hyper without a timer,
-//! so hyper's header-read timeout never fires there: tokio-rs/axum#2741).
-//! Its limits, so that no client can starve `/healthz` (issue #24):
-//! - the loop never waits before accepting (no permit, no cap), so the
-//!   kernel's backlog never holds a health probe behind other clients;
-//! - a connection that has not yet sent a whole request head is idle; at
-//!   most [`MAX_IDLE`] are kept, and accepting one more closes the oldest:
-//!   a flood of silent sockets only ever evicts its own;
-//! - a request head must arrive within [`HEADER_READ_TIMEOUT`] (silent
-//!   and slowloris sockets are closed), a request is answered within
-//!   [`REQUEST_TIMEOUT`] (else 408), and no connection outlives
-//!   [`CONNECTION_DEADLINE`];
-//! - at most `[http] max_connections` requests are served at once; more
-//!   get 503 at once, except `/healthz` and `/metrics` ([`UNCAPPED`]),
-//!   which are always answered;
-//! - GET only, one request per connection (`Connection: close`), HTTP/1
-//!   only, `Cache-Control: no-store`; each picture drawn by one request
-//!   at a time.
-//!
-//! What it does not do: it can't keep a client that sends whole requests
-//! as fast as it can from taking CPU; a probe is evicted only if
-//! [`MAX_IDLE`] connections are accepted between its own and the arrival
-//! of its head (microseconds on loopback); and it does not serve TLS
-//! (loopback by default; put a proxy in front to expose it).
+//! The HTTP server under the routes (`mod.rs`): the listener, the accept
+//! loop, each connection's hyper HTTP/1 with its timers, the idle
+//! connections' queue and the cap on requests in flight, with the limits
+//! that keep `/healthz` answered (the module map, `mod.rs`, lists them).
+//! It knows no route but [`UNCAPPED`]'s paths.
 
-use super::metrics::Metrics;
-use super::showcase::{self, Pictures};
-use super::status::{CurvePoint, StatusBoard};
-use crate::bus::Bus;
-use crate::config::Config;
-use crate::store::Store;
 use anyhow::{Context, Result};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
-use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::response::{IntoResponse, Response};
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -97,32 +58,6 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 /// counters, a file size or one registry key, in microseconds, and wait
 /// on nothing: exempting them costs no more than answering them.
 const UNCAPPED: [&str; 2] = ["/healthz", "/metrics"];
-
-/// What the pages read.
-#[derive(Clone)]
-pub struct HttpContext {
-    status: StatusBoard,
-    /// The replay buffer and registry, on a trainer node.
-    pub(super) store: Option<Store>,
-    bus: Bus,
-    pub(super) config: Config,
-    metrics: Arc<Metrics>,
-    pub(super) pictures: Pictures,
-}
-
-impl HttpContext {
-    pub fn new(status: StatusBoard, store: Option<Store>, bus: Bus, config: Config) -> HttpContext {
-        let metrics = Arc::new(Metrics::new(status.clone(), store.clone(), bus.clone()));
-        HttpContext {
-            status,
-            store,
-            bus,
-            config,
-            metrics,
-            pictures: Pictures::default(),
-        }
-    }
-}
 
 /// The server's limits: the module's constants and `[http] max_connections`
 /// (tests shorten them).
@@ -179,19 +114,6 @@ fn listen(at: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// The routes.
-fn router(ctx: HttpContext) -> Router {
-    Router::new()
-        .route("/", get(page))
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
-        .route("/recon.png", get(showcase::recon))
-        .route("/prior.png", get(showcase::prior))
-        .route("/interpolation.png", get(showcase::interpolation))
-        .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
-        .with_state(ctx)
-}
-
 /// `app` with the per-request limits: the cap on requests in flight, the
 /// request timeout, and the headers every answer carries (503s included).
 fn limited(app: Router, limits: &Limits) -> Router {
@@ -228,15 +150,13 @@ async fn within_cap(State(permits): State<Arc<Semaphore>>, request: Request, nex
     }
 }
 
-/// Serves until `shutdown`, then lets the requests in flight finish and
-/// returns once every connection is closed. Accept errors (out of
-/// descriptors) are logged and retried: once bound, it does not fail.
-pub async fn serve(listener: TcpListener, ctx: HttpContext, shutdown: CancellationToken) -> Result<()> {
-    let limits = Limits::new(ctx.config.http.max_connections);
+/// Serves `app` within the limits (`[http] max_connections` requests at
+/// once) until `shutdown`, then until every connection is closed.
+pub(super) async fn serve(listener: TcpListener, app: Router, max_connections: usize, shutdown: CancellationToken) {
+    let limits = Limits::new(max_connections);
     let (max_requests, max_idle, header_read_timeout) = (limits.requests, limits.idle, limits.header_read);
     tracing::info!(max_requests, max_idle, ?header_read_timeout, "HTTP limits");
-    accept_loop(listener, limited(router(ctx), &limits), limits, shutdown).await;
-    Ok(())
+    accept_loop(listener, limited(app, &limits), limits, shutdown).await;
 }
 
 /// Accepts connections as fast as they come, each served by its own task,
@@ -409,193 +329,10 @@ impl Drop for IdleSlot {
     }
 }
 
-pub(super) fn failed(code: StatusCode, e: &anyhow::Error) -> Response {
-    (code, format!("{e:#}\n")).into_response()
-}
-
-async fn metrics(State(ctx): State<HttpContext>) -> Response {
-    match ctx.metrics.render() {
-        Ok(body) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-            body,
-        )
-            .into_response(),
-        Err(_) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "metrics could not be read (see the daemon's log)\n",
-        )
-            .into_response(),
-    }
-}
-
-async fn healthz(State(ctx): State<HttpContext>) -> Response {
-    let mut problems = ctx
-        .status
-        .problems(Duration::from_secs(ctx.config.serve.heartbeat_max_age_secs));
-    if !ctx.bus.is_connected() {
-        problems.push("NATS is not connected".into());
-    }
-    // A node without a store (an encoder) has none to fail.
-    if let Some(Err(e)) = ctx.store.as_ref().map(|store| store.registry().active_version()) {
-        problems.push(format!("the store can't be read: {e:#}"));
-    }
-    let commit = ctx
-        .status
-        .last_commit()
-        .map_or("no frames committed yet".to_string(), |at| {
-            format!("last commit {:.1} s ago", at.elapsed().as_secs_f64())
-        });
-    match problems.is_empty() {
-        true => format!("ok ({commit})\n").into_response(),
-        false => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("{}\n({commit})\n", problems.join("\n")),
-        )
-            .into_response(),
-    }
-}
-
-async fn page(State(ctx): State<HttpContext>) -> Response {
-    match render_page(&ctx) {
-        Ok(html) => Html(html).into_response(),
-        Err(e) => failed(StatusCode::INTERNAL_SERVER_ERROR, &e),
-    }
-}
-
-/// An SVG line chart of one or two curves.
-fn chart(title: &str, curves: &[(&str, &[CurvePoint])]) -> String {
-    let (w, h, pad) = (560.0, 220.0, 36.0);
-    let points: Vec<&CurvePoint> = curves
-        .iter()
-        .flat_map(|(_, c)| c.iter())
-        .filter(|p| p.loss.is_finite())
-        .collect();
-    let mut svg = format!(
-        r#"<figure><figcaption>{title}</figcaption><svg class="chart" width="{w}" height="{h}" viewBox="0 0 {w} {h}">"#
-    );
-    if points.is_empty() {
-        svg += r#"<text x="20" y="110">no data yet</text></svg></figure>"#;
-        return svg;
-    }
-    let (x0, x1) = points
-        .iter()
-        .fold((i64::MAX, i64::MIN), |(a, b), p| (a.min(p.step), b.max(p.step)));
-    let (y0, y1) = points
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.loss), b.max(p.loss)));
-    let sx = |x: i64| pad + (x - x0) as f64 / ((x1 - x0).max(1) as f64) * (w - 2.0 * pad);
-    let sy = |y: f64| h - pad - (y - y0) / (y1 - y0).max(1e-9) * (h - 2.0 * pad);
-    let _ = write!(
-        svg,
-        r##"<rect x="{pad}" y="{pad}" width="{}" height="{}" fill="none" stroke="#ccc"/>"##,
-        w - 2.0 * pad,
-        h - 2.0 * pad
-    );
-    let _ = write!(
-        svg,
-        r#"<text x="2" y="{}" font-size="11">{y1:.1}</text><text x="2" y="{}" font-size="11">{y0:.1}</text>"#,
-        pad,
-        h - pad
-    );
-    let _ = write!(
-        svg,
-        r#"<text x="{pad}" y="{}" font-size="11">step {x0}</text><text x="{}" y="{}" font-size="11">{x1}</text>"#,
-        h - 8.0,
-        w - pad - 30.0,
-        h - 8.0
-    );
-    for (i, (name, curve)) in curves.iter().enumerate() {
-        let colour = ["#1f77b4", "#d62728"][i % 2];
-        let pts: Vec<String> = curve
-            .iter()
-            .filter(|p| p.loss.is_finite())
-            .map(|p| format!("{:.1},{:.1}", sx(p.step), sy(p.loss)))
-            .collect();
-        let _ = write!(
-            svg,
-            r#"<polyline class="curve" data-name="{name}" fill="none" stroke="{colour}" stroke-width="2"
-                points="{}"/>"#,
-            pts.join(" ")
-        );
-        let _ = write!(
-            svg,
-            r#"<text x="{}" y="{}" fill="{colour}" font-size="12">{name}</text>"#,
-            w - pad - 80.0,
-            pad + 14.0 + 14.0 * i as f64
-        );
-    }
-    svg + "</svg></figure>"
-}
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
-}
-
-fn render_page(ctx: &HttpContext) -> Result<String> {
-    let s = ctx.status.snapshot();
-    let train: Vec<CurvePoint> = s.train_curve.iter().copied().collect();
-    let eval: Vec<CurvePoint> = s.eval_curve.iter().copied().collect();
-    let mut history = String::new();
-    // The newest 20 only, read from the newest back: never the whole history.
-    let history_entries = match &ctx.store {
-        Some(store) => crate::versions::history_page(store, None, Some(20))?.entries,
-        None => Vec::new(),
-    };
-    for h in history_entries.iter().rev() {
-        let from = h.from.map_or("-".to_string(), |v| format!("v{v}"));
-        let _ = write!(
-            history,
-            "<tr><td>{}</td><td>{from}</td><td>v{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            escape(&h.at),
-            h.to,
-            h.why.as_str(),
-            escape(&h.by),
-            escape(h.reason.as_deref().unwrap_or(""))
-        );
-    }
-    let loss = |l: Option<crate::vae::learner::LossValues>| {
-        l.map_or("-".into(), |l| {
-            format!("{:.1} (recon {:.1}, KL {:.2})", l.total, l.recon, l.kl)
-        })
-    };
-    Ok(format!(
-        r#"<!doctype html><html><head><meta charset="utf-8"><title>wmvae</title>{refresh}
-<style>body{{font-family:sans-serif;margin:24px}} td,th{{padding:2px 10px;text-align:left}}
-img{{image-rendering:pixelated;width:1024px}}</style></head><body>
-<h1>wmvae: World Models VAE</h1>
-<p>state <b>{state}</b> · step {step} · active <b>v{version}</b> · {ips:.0} images/s ·
-buffer {frames} frames · device {device}</p>
-<p>train loss {train_loss} · eval loss {eval_loss} · latents published {latents} · auto rollbacks {rollbacks}</p>
-{train_chart}{eval_chart}
-<h2>Validation frames (top) and their reconstructions by v{version} (bottom)</h2>
-<img id="grid" alt="reconstructions" src="/recon.png" onload="this.dataset.loaded='yes'"
- onerror="this.dataset.loaded='no'">
-{showcase}<h2>Active version history</h2>
-<table><tr><th>at</th><th>from</th><th>to</th><th>why</th><th>by</th><th>reason</th></tr>{history}</table>
-</body></html>"#,
-        state = s.state.map_or("no trainer here", |t| t.as_str()),
-        step = s.step,
-        version = s.active_version.unwrap_or(0),
-        ips = s.images_per_s,
-        frames = s.buffer_frames,
-        device = escape(&s.device),
-        train_loss = loss(s.last_losses),
-        eval_loss = loss(s.eval),
-        latents = s.latents_published,
-        rollbacks = s.auto_rollbacks,
-        train_chart = chart("Train loss", &[("train", &train)]),
-        eval_chart = chart("Eval loss (validation split)", &[("eval", &eval)]),
-        showcase = showcase::section(ctx, s.active_version.unwrap_or(0))?,
-        refresh = match ctx.config.http.refresh_secs {
-            0 => String::new(),
-            secs => format!(r#"<meta http-equiv="refresh" content="{secs}">"#),
-        },
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::routing::get;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::sync::Notify;
 
