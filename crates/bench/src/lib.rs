@@ -5,6 +5,7 @@
 //! * [`bench_series`]   `wmvae bench series`: `wmvae series` beside batch-256 encoding
 //! * [`bench_quality`]  `wmvae bench quality`: held-out loss against steps and seconds
 //! * [`bench_daemon`]   `wmvae bench latency|pipeline`: the whole daemon in this process
+//! * [`bench_idle`]     `wmvae bench idle`: the resident memory of an idle daemon
 //! * [`bench_encoders`] `wmvae bench encoders`: encoder processes side by side
 //! * [`bench_failover`] `wmvae bench failover`: a 3-node cluster, servers and nodes SIGKILLed
 //! * [`bench_chaos`]    `wmvae bench chaos`: faults and malformed frames, then the books
@@ -23,6 +24,7 @@ pub mod bench_chaos;
 pub mod bench_daemon;
 pub mod bench_encoders;
 pub mod bench_failover;
+pub mod bench_idle;
 pub mod bench_quality;
 pub mod bench_series;
 pub mod nats_server;

@@ -11,7 +11,7 @@ use wmvae::cli::render;
 use wmvae::vae::device::DeviceChoice;
 use wmvae_bench::bench::{self, BenchOptions};
 use wmvae_bench::nats_server::default_binary;
-use wmvae_bench::{bench_chaos, bench_daemon, bench_encoders, bench_failover, bench_quality, bench_series};
+use wmvae_bench::{bench_chaos, bench_daemon, bench_encoders, bench_failover, bench_idle, bench_quality, bench_series};
 
 /// Measure performance (figures for BENCHMARKS.md).
 #[derive(Parser)]
@@ -125,6 +125,17 @@ enum BenchCommand {
         /// Frames in the backlog each count encodes.
         #[arg(long, default_value_t = 3000)]
         frames: u64,
+        #[arg(long)]
+        nats_server: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The resident memory of an idle `wmvae serve` (both roles) once v1 is
+    /// written and has encoded a frame.
+    Idle {
+        /// How long it is left idle before its memory is read.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
         #[arg(long)]
         nats_server: Option<PathBuf>,
         #[arg(long)]
@@ -275,7 +286,7 @@ fn in_process(which: BenchCommand) -> Result<()> {
 }
 
 /// The benches of `wmvae serve` processes (the `wmvae` beside this binary)
-/// against local nats-servers: encoders, failover, chaos.
+/// against local nats-servers: encoders, idle, failover, chaos.
 fn processes(which: BenchCommand) -> Result<()> {
     let rt = runtime()?;
     let (figures, json) = match which {
@@ -288,6 +299,11 @@ fn processes(which: BenchCommand) -> Result<()> {
             rt.block_on(bench_encoders::encoders(&replicas, frames, &server(nats_server)))?,
             json,
         ),
+        BenchCommand::Idle {
+            seconds,
+            nats_server,
+            json,
+        } => (rt.block_on(bench_idle::idle(seconds, &server(nats_server)))?, json),
         BenchCommand::Failover {
             rate,
             lease_ttl_secs,
