@@ -174,7 +174,13 @@ fn store_series(e: &mut DescriptorEncoder, store: &Store) -> Result<(), std::fmt
         stats.bytes_on_disk as f64,
     )?;
     if let Some(units) = active_units(store) {
-        gauge(e, "active_units", "Latent dimensions the active version uses: posterior-mean variance over 0.01 across held-out frames, measured when it was made.", f64::from(units))?;
+        gauge(
+            e,
+            "active_units",
+            "Latent dimensions the active version uses: posterior-mean variance over 0.01 across \
+            held-out frames, measured when it was made.",
+            f64::from(units),
+        )?;
     }
     Ok(())
 }
