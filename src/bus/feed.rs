@@ -7,7 +7,10 @@ use super::migrate::{FrameConsumer, FRAMES_STREAM};
 use super::Bus;
 use crate::backoff::Backoff;
 use anyhow::{anyhow, Context, Result};
-use async_nats::jetstream::{self, consumer::pull};
+use async_nats::jetstream::{
+    self,
+    consumer::{pull, StreamError},
+};
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::Deserialize;
@@ -256,24 +259,11 @@ impl FrameFeed {
         while batch.len() < max {
             let messages = match &mut self.messages {
                 Some(messages) => messages,
-                None => match self
-                    .consumer
-                    .stream()
-                    .max_messages_per_batch(self.pull_batch)
-                    .messages()
-                    .await
-                {
+                None => match self.open_messages().await {
                     Ok(stream) => self.messages.insert(stream),
                     Err(e) => {
-                        tracing::warn!(
-                            "opening the frame consumer: {e}; making it again in {:?}",
-                            self.pause.next
-                        );
-                        if !self.pause.wait(shutdown).await {
+                        if !self.remake_after(e, shutdown).await {
                             break;
-                        }
-                        if let Err(e) = self.remake_consumer().await {
-                            tracing::warn!("making the frame consumer again: {e:#}");
                         }
                         continue;
                     }
@@ -290,27 +280,12 @@ impl FrameFeed {
             };
             match next {
                 Some(Ok(message)) => {
-                    let stream_sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
-                    let (message, acker) = message.split();
-                    let subject = message.subject.to_string();
-                    let source = subject.strip_prefix(&self.subject_prefix).unwrap_or("").to_string();
-                    batch.push(Delivery {
-                        source,
-                        subject,
-                        payload: message.payload,
-                        stream_sequence,
-                        received_at: std::time::Instant::now(),
-                        acker,
-                    });
+                    batch.push(self.delivery(message));
                     deadline.get_or_insert_with(|| Instant::now() + max_wait);
                     self.pause.reset();
                 }
                 Some(Err(e)) => {
-                    tracing::warn!("frame consumer: {e}; retrying in {:?}", self.pause.next);
-                    if self.pause.at_longest() {
-                        self.messages = None; // failing for seconds: open it again
-                    }
-                    if !self.pause.wait(shutdown).await {
+                    if !self.retry_after(e, shutdown).await {
                         break;
                     }
                 }
@@ -323,5 +298,54 @@ impl FrameFeed {
             }
         }
         Ok(batch)
+    }
+
+    /// Opens the consumer's pull stream, `pull_batch` messages per request.
+    async fn open_messages(&self) -> Result<pull::Stream, StreamError> {
+        self.consumer
+            .stream()
+            .max_messages_per_batch(self.pull_batch)
+            .messages()
+            .await
+    }
+
+    /// The pull stream could not be opened: after the pause, makes the consumer again; false on `shutdown`.
+    async fn remake_after(&mut self, e: StreamError, shutdown: &CancellationToken) -> bool {
+        tracing::warn!(
+            "opening the frame consumer: {e}; making it again in {:?}",
+            self.pause.next
+        );
+        if !self.pause.wait(shutdown).await {
+            return false;
+        }
+        if let Err(e) = self.remake_consumer().await {
+            tracing::warn!("making the frame consumer again: {e:#}");
+        }
+        true
+    }
+
+    /// The consumer failed: waits the pause (re-opening the stream once failing for long); false on `shutdown`.
+    async fn retry_after(&mut self, e: pull::MessagesError, shutdown: &CancellationToken) -> bool {
+        tracing::warn!("frame consumer: {e}; retrying in {:?}", self.pause.next);
+        if self.pause.at_longest() {
+            self.messages = None; // failing for seconds: open it again
+        }
+        self.pause.wait(shutdown).await
+    }
+
+    /// A received message as a delivery, its source read from its subject.
+    fn delivery(&self, message: jetstream::Message) -> Delivery {
+        let stream_sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let (message, acker) = message.split();
+        let subject = message.subject.to_string();
+        let source = subject.strip_prefix(&self.subject_prefix).unwrap_or("").to_string();
+        Delivery {
+            source,
+            subject,
+            payload: message.payload,
+            stream_sequence,
+            received_at: std::time::Instant::now(),
+            acker,
+        }
     }
 }

@@ -32,10 +32,11 @@ pub use relay::RELAY_BYTES;
 
 use crate::config::{Config, NatsConfig};
 use anyhow::{bail, Context, Result};
-use async_nats::jetstream;
+use async_nats::{jetstream, ConnectOptions};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 
 /// Longest wait for buffered publishes to reach the server.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -86,69 +87,18 @@ impl Bus {
 
     async fn open(config: &NatsConfig, limits: BusLimits, patience: Duration, once: bool) -> Result<Bus> {
         let disconnects = Arc::new(AtomicU64::new(0));
-        let (connected, connects) = tokio::sync::watch::channel(0u64);
+        let (connected, connects) = watch::channel(0u64);
         let connected = Arc::new(connected);
-        let make = || async {
-            let (counter, connected) = (disconnects.clone(), connected.clone());
-            let options = connection::options(config).await?.event_callback(move |event| {
-                let (counter, connected) = (counter.clone(), connected.clone());
-                async move {
-                    match event {
-                        async_nats::Event::Disconnected => {
-                            counter.fetch_add(1, Ordering::Relaxed);
-                        }
-                        async_nats::Event::Connected => connected.send_modify(|n| *n += 1),
-                        // Permission violations and the like: the server's words.
-                        async_nats::Event::ServerError(e) => tracing::warn!("NATS server: {e}"),
-                        _ => {}
-                    }
-                }
-            });
-            Ok(if once { options.max_reconnects(0) } else { options })
-        };
+        let make = || client_options(config, disconnects.clone(), connected.clone(), once);
         let client = connection::connect(config, patience, make).await?;
         tracing::debug!(url = %config.url, auth = config.auth_kind(), "NATS connected");
         // The daemon's control service on its own connection (never for the
         // CLI): as `[nats] control_user` when configured, else as the main
         // user; either way with a short request queue ([`CONTROL_QUEUE`]).
         let control = match once {
-            false => {
-                let make_control = || async {
-                    let options = match connection::control_options(config) {
-                        Some(options) => options,
-                        None => connection::options(config).await?.name("wmvae-control"),
-                    };
-                    // A flood would log a line per dropped request: one a minute.
-                    let last_said = Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
-                    Ok(options
-                        .subscription_capacity(CONTROL_QUEUE)
-                        .event_callback(move |event| {
-                            let last_said = last_said.clone();
-                            async move {
-                                match event {
-                                    async_nats::Event::ServerError(e) => tracing::warn!(
-                                        "NATS server (control connection): \
-                                    {e}"
-                                    ),
-                                    async_nats::Event::SlowConsumer(_) => {
-                                        let mut last = last_said.lock().unwrap_or_else(|p| p.into_inner());
-                                        if last.is_none_or(|at| at.elapsed() >= SLOW_CONTROL_LOG_INTERVAL) {
-                                            *last = Some(std::time::Instant::now());
-                                            tracing::warn!(
-                                                "control requests arrive faster than they are answered; the \
-                                            excess is dropped"
-                                            );
-                                        }
-                                    }
-                                    _ => {}
-                                }
-                            }
-                        }))
-                };
-                connection::connect(config, patience, make_control)
-                    .await
-                    .context("the control service's connection")?
-            }
+            false => connection::connect(config, patience, || control_client_options(config))
+                .await
+                .context("the control service's connection")?,
             true => client.clone(),
         };
         let js = jetstream::new(client.clone());
@@ -214,5 +164,61 @@ impl Bus {
             Ok(result) => result.context("flushing to NATS"),
             Err(_) => bail!("flushing to NATS timed out after {FLUSH_TIMEOUT:?} (server unreachable?)"),
         }
+    }
+}
+
+/// The main connection's options: it counts disconnections and connections; no reconnects when `once`.
+async fn client_options(
+    config: &NatsConfig,
+    disconnects: Arc<AtomicU64>,
+    connected: Arc<watch::Sender<u64>>,
+    once: bool,
+) -> Result<ConnectOptions> {
+    let options = connection::options(config)
+        .await?
+        .event_callback(move |event| client_event(event, disconnects.clone(), connected.clone()));
+    Ok(if once { options.max_reconnects(0) } else { options })
+}
+
+/// Counts a disconnection or a connection of the main connection; logs the server's errors.
+async fn client_event(event: async_nats::Event, disconnects: Arc<AtomicU64>, connected: Arc<watch::Sender<u64>>) {
+    match event {
+        async_nats::Event::Disconnected => {
+            disconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        async_nats::Event::Connected => connected.send_modify(|n| *n += 1),
+        // Permission violations and the like: the server's words.
+        async_nats::Event::ServerError(e) => tracing::warn!("NATS server: {e}"),
+        _ => {}
+    }
+}
+
+/// The control connection's options: as `[nats] control_user` when set, else as the main user, with a short
+/// request queue ([`CONTROL_QUEUE`]).
+async fn control_client_options(config: &NatsConfig) -> Result<ConnectOptions> {
+    let options = match connection::control_options(config) {
+        Some(options) => options,
+        None => connection::options(config).await?.name("wmvae-control"),
+    };
+    // A flood would log a line per dropped request: one a minute.
+    let last_said = Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
+    Ok(options
+        .subscription_capacity(CONTROL_QUEUE)
+        .event_callback(move |event| control_event(event, last_said.clone())))
+}
+
+/// Logs the control connection's server errors, and that requests are dropped (at most once a
+/// [`SLOW_CONTROL_LOG_INTERVAL`]).
+async fn control_event(event: async_nats::Event, last_said: Arc<std::sync::Mutex<Option<std::time::Instant>>>) {
+    match event {
+        async_nats::Event::ServerError(e) => tracing::warn!("NATS server (control connection): {e}"),
+        async_nats::Event::SlowConsumer(_) => {
+            let mut last = last_said.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_none_or(|at| at.elapsed() >= SLOW_CONTROL_LOG_INTERVAL) {
+                *last = Some(std::time::Instant::now());
+                tracing::warn!("control requests arrive faster than they are answered; the excess is dropped");
+            }
+        }
+        _ => {}
     }
 }

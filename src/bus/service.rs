@@ -149,6 +149,31 @@ impl Caller {
 /// This node's status as JSON, for `$SRV.STATS` (answered synchronously).
 pub type StatusProbe = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
+/// Answers `which`'s requests through `handler` until `shutdown` (or the endpoint ends).
+async fn answer_requests(
+    mut endpoint: async_nats::service::endpoint::Endpoint,
+    which: Endpoint,
+    handler: Handler,
+    shutdown: CancellationToken,
+) {
+    let name = which.name();
+    loop {
+        let request = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            request = endpoint.next() => match request { Some(r) => r, None => break },
+        };
+        let reply = handler(which, request.message.payload.clone(), Caller::of(&request.message)).await;
+        // The error's text may quote the request: through the one header-value function.
+        let reply = reply.map(Bytes::from).map_err(|e| async_nats::service::error::Error {
+            status: super::headers::value(&e.message).to_string(),
+            code: e.code,
+        });
+        if let Err(e) = request.respond(reply).await {
+            tracing::warn!("control {name}: reply failed: {e}");
+        }
+    }
+}
+
 impl Bus {
     /// Runs the `wmvae` micro service (`$SRV.PING` finds it) with one
     /// endpoint of `endpoints` under `<prefix>.ctl.`, until `shutdown`.
@@ -194,28 +219,11 @@ impl Bus {
         let mut tasks = tokio::task::JoinSet::new();
         for &which in endpoints {
             let name = which.name();
-            let mut endpoint = group
+            let endpoint = group
                 .endpoint(name)
                 .await
                 .map_err(|e| anyhow!("endpoint {name}: {e}"))?;
-            let (handler, shutdown) = (handler.clone(), shutdown.clone());
-            tasks.spawn(async move {
-                loop {
-                    let request = tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        request = endpoint.next() => match request { Some(r) => r, None => break },
-                    };
-                    let reply = handler(which, request.message.payload.clone(), Caller::of(&request.message)).await;
-                    // The error's text may quote the request: through the one header-value function.
-                    let reply = reply.map(Bytes::from).map_err(|e| async_nats::service::error::Error {
-                        status: super::headers::value(&e.message).to_string(),
-                        code: e.code,
-                    });
-                    if let Err(e) = request.respond(reply).await {
-                        tracing::warn!("control {name}: reply failed: {e}");
-                    }
-                }
-            });
+            tasks.spawn(answer_requests(endpoint, which, handler.clone(), shutdown.clone()));
         }
         while tasks.join_next().await.is_some() {}
         service.stop().await.map_err(|e| anyhow!("stopping the service: {e}"))?;

@@ -11,7 +11,7 @@ use super::status::{Heart, StatusBoard, IDLE_TICK};
 use super::supervisor::Supervisor;
 use super::undeliverable::{self, Failures};
 use crate::backoff::Backoff;
-use crate::bus::{Bus, Delivery, FrameConsumer};
+use crate::bus::{Bus, Delivery, FrameConsumer, FrameFeed};
 use crate::config::IngestConfig;
 use crate::frames::preprocess::Policy;
 use crate::frames::wire::{self, Reason, Rejection};
@@ -20,6 +20,8 @@ use crate::store::{compress_frames, Committed, Compressed, Store};
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc::{Receiver, Sender};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// How often one reason may be logged: bad publishers must not flood logs.
@@ -108,44 +110,15 @@ pub async fn run(
 ) -> Result<()> {
     let shutdown = supervisor.shutdown().clone();
     let consumer = FrameConsumer::ingest(&node_id);
-    let mut feed = bus.frame_feed(consumer.clone()).await?;
+    let feed = bus.frame_feed(consumer.clone()).await?;
     let failures = Failures::default();
     let forwarder = supervisor.spawn(
         "ingest's dead letters",
         undeliverable::forward(bus.clone(), consumer, failures.clone(), shutdown.clone()),
     );
-    let (batches, mut incoming) = tokio::sync::mpsc::channel::<Vec<Delivery>>(PIPELINE_DEPTH);
-    let (ready, mut prepared) = tokio::sync::mpsc::channel::<Prepared>(1);
-    let max_wait = Duration::from_millis(config.batch_max_wait_ms);
-    let max_frames = config.batch_max_frames;
-    let fetch_shutdown = shutdown.clone();
-    let fetcher = supervisor.spawn("ingest's fetch", async move {
-        while !fetch_shutdown.is_cancelled() {
-            // Empty when idle: a tick through the pipeline.
-            let batch = feed
-                .next_batch(max_frames, max_wait, IDLE_TICK, &fetch_shutdown)
-                .await?;
-            if (batch.is_empty() && fetch_shutdown.is_cancelled()) || batches.send(batch).await.is_err() {
-                break;
-            }
-        }
-        anyhow::Ok(())
-    });
-    let policy = config.preprocess;
-    let preparer = supervisor.spawn("ingest's prepare", async move {
-        while let Some(batch) = incoming.recv().await {
-            let prepared = tokio::task::spawn_blocking(move || prepare(batch, policy))
-                .await
-                .context("ingest prepare worker")?;
-            if ready.send(prepared).await.is_err() {
-                break;
-            }
-        }
-        anyhow::Ok(())
-    });
+    let (fetcher, preparer, mut prepared) = spawn_stages(&supervisor, feed, &config, &shutdown);
     let mut log = RejectionLog::default();
-    let mut since_log = BatchOutcome::default();
-    let mut last_log = Instant::now();
+    let mut progress = Progress::new();
     // In-progress marks must come well within ack_wait, or the held frames come back.
     let longest = STORE_RETRY_LONGEST.min(Duration::from_secs(config.ack_wait_secs) / 2);
     let mut store_pause = Backoff::new(STORE_RETRY_FIRST.min(longest), longest);
@@ -160,7 +133,6 @@ pub async fn run(
         if batch.is_empty() {
             continue; // an idle tick
         }
-        let size = batch.len();
         let reasons: Vec<Reason> = rejections.iter().flatten().map(|r: &Rejection| r.reason).collect();
         let Some(committed) = commit_holding(
             &store,
@@ -177,13 +149,92 @@ pub async fn run(
             break; // shutdown while the disk was full: the batch comes back
         };
         crash_point!("ingest-before-ack");
-        match settle(&bus, &batch, rejections, &mut log).await {
+        let settled = settle(&bus, &batch, rejections, &mut log).await;
+        progress.record(&committed, settled, &batch, &failures);
+        progress.log_when_due(&store);
+    }
+    drop(prepared);
+    // Their failures are the supervisor's to report; here only their end is awaited.
+    let _ = tokio::join!(fetcher, preparer, forwarder);
+    tracing::info!("ingest stopped");
+    Ok(())
+}
+
+/// Spawns the fetch and prepare stages under `supervisor`; prepared batches come out of the receiver.
+fn spawn_stages(
+    supervisor: &Supervisor,
+    feed: FrameFeed,
+    config: &IngestConfig,
+    shutdown: &CancellationToken,
+) -> (JoinHandle<Result<()>>, JoinHandle<Result<()>>, Receiver<Prepared>) {
+    let (batches, incoming) = tokio::sync::mpsc::channel::<Vec<Delivery>>(PIPELINE_DEPTH);
+    let (ready, prepared) = tokio::sync::mpsc::channel::<Prepared>(1);
+    let max_wait = Duration::from_millis(config.batch_max_wait_ms);
+    let max_frames = config.batch_max_frames;
+    let fetcher = supervisor.spawn(
+        "ingest's fetch",
+        fetch_stage(feed, batches, max_frames, max_wait, shutdown.clone()),
+    );
+    let preparer = supervisor.spawn("ingest's prepare", prepare_stage(incoming, ready, config.preprocess));
+    (fetcher, preparer, prepared)
+}
+
+/// The fetch stage: batches from the bus into `batches` until `shutdown`.
+async fn fetch_stage(
+    mut feed: FrameFeed,
+    batches: Sender<Vec<Delivery>>,
+    max_frames: usize,
+    max_wait: Duration,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    while !shutdown.is_cancelled() {
+        // Empty when idle: a tick through the pipeline.
+        let batch = feed.next_batch(max_frames, max_wait, IDLE_TICK, &shutdown).await?;
+        if (batch.is_empty() && shutdown.is_cancelled()) || batches.send(batch).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// The prepare stage: each fetched batch decoded and compressed off the runtime, then passed on to commit.
+async fn prepare_stage(mut incoming: Receiver<Vec<Delivery>>, ready: Sender<Prepared>, policy: Policy) -> Result<()> {
+    while let Some(batch) = incoming.recv().await {
+        let prepared = tokio::task::spawn_blocking(move || prepare(batch, policy))
+            .await
+            .context("ingest prepare worker")?;
+        if ready.send(prepared).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// What ingest has done since its last progress line.
+struct Progress {
+    since_log: BatchOutcome,
+    last_log: Instant,
+}
+
+impl Progress {
+    /// Nothing counted yet; the first line comes one interval from now.
+    fn new() -> Progress {
+        Progress {
+            since_log: BatchOutcome::default(),
+            last_log: Instant::now(),
+        }
+    }
+
+    /// Counts a committed batch once settled; one not all acked has its frames' error kept for the dead letters.
+    fn record(&mut self, committed: &Committed, settled: Result<u64>, batch: &[Delivery], failures: &Failures) {
+        match settled {
             Ok(rejected) => {
-                since_log.stored += committed.stored();
-                since_log.duplicates += committed.duplicates;
-                since_log.rejected += rejected;
+                self.since_log.stored += committed.stored();
+                self.since_log.duplicates += committed.duplicates;
+                self.since_log.rejected += rejected;
             }
             Err(e) => {
+                let size = batch.len();
                 tracing::error!(
                     "ingest: a committed batch of {size} was not all acked ({e:#}); its frames come back \
                     and are found stored"
@@ -191,8 +242,13 @@ pub async fn run(
                 batch.iter().for_each(|d| failures.record(d.stream_sequence, &e));
             }
         }
-        if last_log.elapsed() >= PROGRESS_LOG_INTERVAL {
-            let secs = last_log.elapsed().as_secs_f64();
+    }
+
+    /// Logs the throughput once [`PROGRESS_LOG_INTERVAL`] has passed, then counts afresh.
+    fn log_when_due(&mut self, store: &Store) {
+        if self.last_log.elapsed() >= PROGRESS_LOG_INTERVAL {
+            let secs = self.last_log.elapsed().as_secs_f64();
+            let since_log = &self.since_log;
             tracing::info!(
                 stored = since_log.stored,
                 duplicates = since_log.duplicates,
@@ -201,14 +257,9 @@ pub async fn run(
                 buffer_frames = store.stats().map(|s| s.frames).unwrap_or(0),
                 "ingest"
             );
-            (since_log, last_log) = (BatchOutcome::default(), Instant::now());
+            (self.since_log, self.last_log) = (BatchOutcome::default(), Instant::now());
         }
     }
-    drop(prepared);
-    // Their failures are the supervisor's to report; here only their end is awaited.
-    let _ = tokio::join!(fetcher, preparer, forwarder);
-    tracing::info!("ingest stopped");
-    Ok(())
 }
 
 /// Commits a prepared batch; while the store can't write (a full disk) the

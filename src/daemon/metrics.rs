@@ -5,7 +5,7 @@
 //! the receive-to-latent latency histogram, which the encoder feeds.
 //! Series names are pinned (dashboards depend on them). Reads only.
 
-use super::status::StatusBoard;
+use super::status::{Status, StatusBoard};
 use crate::bus::Bus;
 use crate::store::Store;
 use crate::vae::learner::LossValues;
@@ -102,114 +102,17 @@ impl Collector for Figures {
         let s = self.status.snapshot();
         let e = &mut encoder;
         if let Some(store) = &self.store {
-            let stats = store.stats().map_err(|e| {
-                tracing::warn!("/metrics: reading the store: {e:#}");
-                std::fmt::Error
-            })?;
-            counter(
-                e,
-                "frames_ingested",
-                "Frames made durable in the replay buffer.",
-                stats.frames_ingested,
-            )?;
-            counter(
-                e,
-                "frames_duplicate",
-                "Frames already stored, acked without storing.",
-                stats.duplicates,
-            )?;
-            let mut rejected = e.encode_descriptor(
-                "frames_rejected",
-                "Frames dead-lettered, by reason.",
-                None,
-                ConstCounter::new(0u64).metric_type(),
-            )?;
-            for (reason, n) in &stats.rejected {
-                ConstCounter::new(*n).encode(rejected.encode_family(&[("reason", reason.as_str())])?)?;
-            }
-            gauge(
-                e,
-                "buffer_frames",
-                "Frames held in the replay buffer.",
-                stats.frames as f64,
-            )?;
-            gauge(
-                e,
-                "buffer_capacity_frames",
-                "Replay buffer capacity.",
-                stats.capacity as f64,
-            )?;
-            gauge(
-                e,
-                "buffer_bytes",
-                "Bytes on disk of the sled store.",
-                stats.bytes_on_disk as f64,
-            )?;
-            if let Some(units) = active_units(store) {
-                gauge(e, "active_units", "Latent dimensions the active version uses: posterior-mean variance over 0.01 across held-out frames, measured when it was made.", f64::from(units))?;
-            }
+            store_series(e, store)?;
         }
-        counter(e, "train_steps", "Optimizer steps taken.", s.step.max(0) as u64)?;
-        gauge(
-            e,
-            "train_images_per_second",
-            "Training throughput over the last log window.",
-            s.images_per_s,
-        )?;
-        losses(
-            e,
-            "train_loss",
-            "Mean training loss of the last log window.",
-            s.last_losses,
-        )?;
-        losses(e, "eval_loss", "Last eval loss on the validation split.", s.eval)?;
-        counter(
-            e,
-            "train_skipped_steps",
-            "Steps skipped by the divergence guard.",
-            s.skipped_steps,
-        )?;
-        counter(
-            e,
-            "auto_rollbacks",
-            "Automatic rollbacks after divergence.",
-            s.auto_rollbacks,
-        )?;
-        counter(e, "latents_published", "Latents published.", s.latents_published)?;
-        counter(
-            e,
-            "store_write_errors",
-            "Writes to the store (frame commits, checkpoints) that failed.",
-            s.store_write_errors,
-        )?;
-        counter(
-            e,
-            "checkpoint_write_errors",
-            "Checkpoints that could not be written to the store (no room on its \
-            disk, or a write error); training goes on and the next checkpoint tries \
-            again.",
-            s.checkpoint_write_errors,
-        )?;
-        gauge(
-            e,
-            "store_writable",
-            "1 while the store's last write succeeded, 0 while it fails (a full disk).",
-            f64::from(u8::from(s.store_error.is_none())),
-        )?;
-        gauge(
-            e,
-            "active_version",
-            "The active checkpoint version.",
-            s.active_version.unwrap_or(0) as f64,
-        )?;
-        if let Some(version) = s.encoder_version {
-            gauge(
-                e,
-                "encoder_version",
-                "The version this node's latents name now.",
-                version as f64,
-            )?;
-        }
+        training_series(e, &s)?;
+        health_series(e, &s)?;
+        self.bus_series(e)
+    }
+}
+
+impl Figures {
+    /// The bus's series: connected now, and disconnections so far.
+    fn bus_series(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         gauge(
             e,
             "nats_connected",
@@ -223,4 +126,132 @@ impl Collector for Figures {
             self.bus.disconnects(),
         )
     }
+}
+
+/// The replay buffer's series, on a trainer node: frames in, duplicates, rejections, fill and size.
+fn store_series(e: &mut DescriptorEncoder, store: &Store) -> Result<(), std::fmt::Error> {
+    let stats = store.stats().map_err(|e| {
+        tracing::warn!("/metrics: reading the store: {e:#}");
+        std::fmt::Error
+    })?;
+    counter(
+        e,
+        "frames_ingested",
+        "Frames made durable in the replay buffer.",
+        stats.frames_ingested,
+    )?;
+    counter(
+        e,
+        "frames_duplicate",
+        "Frames already stored, acked without storing.",
+        stats.duplicates,
+    )?;
+    let mut rejected = e.encode_descriptor(
+        "frames_rejected",
+        "Frames dead-lettered, by reason.",
+        None,
+        ConstCounter::new(0u64).metric_type(),
+    )?;
+    for (reason, n) in &stats.rejected {
+        ConstCounter::new(*n).encode(rejected.encode_family(&[("reason", reason.as_str())])?)?;
+    }
+    gauge(
+        e,
+        "buffer_frames",
+        "Frames held in the replay buffer.",
+        stats.frames as f64,
+    )?;
+    gauge(
+        e,
+        "buffer_capacity_frames",
+        "Replay buffer capacity.",
+        stats.capacity as f64,
+    )?;
+    gauge(
+        e,
+        "buffer_bytes",
+        "Bytes on disk of the sled store.",
+        stats.bytes_on_disk as f64,
+    )?;
+    if let Some(units) = active_units(store) {
+        gauge(
+            e,
+            "active_units",
+            "Latent dimensions the active version uses: posterior-mean variance over 0.01 across \
+            held-out frames, measured when it was made.",
+            f64::from(units),
+        )?;
+    }
+    Ok(())
+}
+
+/// The status board's training series: steps, throughput, losses, skips and rollbacks, latents out.
+fn training_series(e: &mut DescriptorEncoder, s: &Status) -> Result<(), std::fmt::Error> {
+    counter(e, "train_steps", "Optimizer steps taken.", s.step.max(0) as u64)?;
+    gauge(
+        e,
+        "train_images_per_second",
+        "Training throughput over the last log window.",
+        s.images_per_s,
+    )?;
+    losses(
+        e,
+        "train_loss",
+        "Mean training loss of the last log window.",
+        s.last_losses,
+    )?;
+    losses(e, "eval_loss", "Last eval loss on the validation split.", s.eval)?;
+    counter(
+        e,
+        "train_skipped_steps",
+        "Steps skipped by the divergence guard.",
+        s.skipped_steps,
+    )?;
+    counter(
+        e,
+        "auto_rollbacks",
+        "Automatic rollbacks after divergence.",
+        s.auto_rollbacks,
+    )?;
+    counter(e, "latents_published", "Latents published.", s.latents_published)?;
+    Ok(())
+}
+
+/// The status board's health series: failed store writes, and the versions in use.
+fn health_series(e: &mut DescriptorEncoder, s: &Status) -> Result<(), std::fmt::Error> {
+    counter(
+        e,
+        "store_write_errors",
+        "Writes to the store (frame commits, checkpoints) that failed.",
+        s.store_write_errors,
+    )?;
+    counter(
+        e,
+        "checkpoint_write_errors",
+        "Checkpoints that could not be written to the store (no room on its \
+        disk, or a write error); training goes on and the next checkpoint tries \
+        again.",
+        s.checkpoint_write_errors,
+    )?;
+    gauge(
+        e,
+        "store_writable",
+        "1 while the store's last write succeeded, 0 while it fails (a full disk).",
+        f64::from(u8::from(s.store_error.is_none())),
+    )?;
+    gauge(
+        e,
+        "active_version",
+        "The active checkpoint version.",
+        s.active_version.unwrap_or(0) as f64,
+    )?;
+    if let Some(version) = s.encoder_version {
+        gauge(
+            e,
+            "encoder_version",
+            "The version this node's latents name now.",
+            version as f64,
+        )?;
+    }
+    Ok(())
 }

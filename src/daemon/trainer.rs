@@ -188,26 +188,32 @@ impl Trainer {
                 continue;
             }
             crash_point!("trainer-after-step");
-            run.record(&loss, cfg.batch_size);
-            let step = self.learner.steps();
-            self.status.update(|s| s.step = step);
-            if step % cfg.log_every_steps as i64 == 0 {
-                self.log(step, &mut run, loss);
-            }
-            let early = cfg.is_early_checkpoint(step as u64);
-            if step % cfg.eval_every_steps as i64 == 0 || early {
-                self.report_eval(step)?;
-            }
-            if step % cfg.checkpoint_every_steps as i64 == 0 || early {
-                run.checkpoint_due.get_or_insert_with(Instant::now);
-            }
-            if run.checkpoint_due.is_some_and(|from| Instant::now() >= from) {
-                self.checkpoint(&mut run)?;
-            }
+            self.after_step(&mut run, loss, &cfg)?;
         }
         self.status.update(|s| s.state = Some(TrainerState::Stopping));
         drop(sampler);
         self.last_checkpoint(&mut run)?;
+        Ok(())
+    }
+
+    /// Records a step taken, then logs, evaluates and checkpoints where the step calls for it.
+    fn after_step(&mut self, run: &mut Run, loss: LossValues, cfg: &TrainConfig) -> Result<()> {
+        run.record(&loss, cfg.batch_size);
+        let step = self.learner.steps();
+        self.status.update(|s| s.step = step);
+        if step % cfg.log_every_steps as i64 == 0 {
+            self.log(step, run, loss);
+        }
+        let early = cfg.is_early_checkpoint(step as u64);
+        if step % cfg.eval_every_steps as i64 == 0 || early {
+            self.report_eval(step)?;
+        }
+        if step % cfg.checkpoint_every_steps as i64 == 0 || early {
+            run.checkpoint_due.get_or_insert_with(Instant::now);
+        }
+        if run.checkpoint_due.is_some_and(|from| Instant::now() >= from) {
+            self.checkpoint(run)?;
+        }
         Ok(())
     }
 

@@ -9,7 +9,7 @@ use super::leadership::Leadership;
 use super::lease::{self, Lease};
 use super::status::{Heart, StatusBoard};
 use super::supervisor::Supervisor;
-use super::trainer::Trainer;
+use super::trainer::{Resumed, Trainer};
 use super::{announce, ingest, recovery, until};
 use crate::bus::service::{Endpoint, Handler, NodeInfo};
 use crate::bus::Bus;
@@ -64,6 +64,34 @@ async fn refuse_twin(bus: &Bus, node_id: &str) -> Result<()> {
     Ok(())
 }
 
+/// The learner resumed from the store (off the runtime: it reads and builds the network).
+async fn resume(config: &Config, store: &Store, bus: &Bus, device: Device) -> Result<Resumed> {
+    let (config, store, bus) = (config.clone(), store.clone(), bus.clone());
+    tokio::task::spawn_blocking(move || recovery::resume(&config, &store, &bus, device)).await?
+}
+
+/// Starts ingest under `supervisor`, through this node's own consumer.
+fn start_ingest(
+    config: &Config,
+    bus: &Bus,
+    store: &Store,
+    status: &StatusBoard,
+    supervisor: &Supervisor,
+) -> JoinHandle<Result<()>> {
+    status.beat(Heart::Ingest);
+    supervisor.spawn(
+        "ingest",
+        ingest::run(
+            bus.clone(),
+            store.clone(),
+            config.ingest.clone(),
+            config.node.id.clone(),
+            status.clone(),
+            supervisor.clone(),
+        ),
+    )
+}
+
 impl TrainerRole {
     /// Resumes (or starts) the learner from the store, then starts ingest
     /// through this node's own consumer, contending for the lease, the
@@ -78,10 +106,7 @@ impl TrainerRole {
         supervisor: &Supervisor,
     ) -> Result<TrainerRole> {
         refuse_twin(bus, &config.node.id).await?;
-        let resumed = {
-            let (config, store, bus) = (config.clone(), store.clone(), bus.clone());
-            tokio::task::spawn_blocking(move || recovery::resume(&config, &store, &bus, device)).await??
-        };
+        let resumed = resume(config, store, bus, device).await?;
         let shared = bus.shared().await?;
         let lease_stop = CancellationToken::new();
         let (lease, contender) = lease::start(
@@ -113,18 +138,7 @@ impl TrainerRole {
         );
         status.beat(Heart::Trainer);
         let thread = supervisor.thread("trainer thread", move || trainer.run())?;
-        status.beat(Heart::Ingest);
-        let ingest = supervisor.spawn(
-            "ingest",
-            ingest::run(
-                bus.clone(),
-                store.clone(),
-                config.ingest.clone(),
-                config.node.id.clone(),
-                status.clone(),
-                supervisor.clone(),
-            ),
-        );
+        let ingest = start_ingest(config, bus, store, status, supervisor);
         Ok(TrainerRole {
             store: store.clone(),
             commands,

@@ -253,7 +253,25 @@ pub fn decode_frame(source: &str, payload: &Bytes, policy: Policy) -> Result<Fra
     if step > MAX_STEP {
         return reject(Reason::BadStep, format!("step {step} is past {MAX_STEP}"));
     }
-    if let Some(action) = &action {
+    check_transition(action.as_deref(), reward)?;
+    check_shape(height, width, channels)?;
+    let rgb = rgb_pixels(payload, pixels, encoding.as_deref(), height, width, channels)?;
+    let pixels = preprocess::preprocess(rgb, height as usize, width as usize, policy)
+        .or_else(|e| reject(Reason::UnsupportedSize, e.to_string()))?;
+    Ok(Frame {
+        source: source.to_string(),
+        episode,
+        step,
+        pixels,
+        action,
+        reward,
+        done,
+    })
+}
+
+/// Checks the action's length and that action and reward are finite numbers.
+fn check_transition(action: Option<&[f32]>, reward: Option<f64>) -> Result<(), Rejection> {
+    if let Some(action) = action {
         if action.len() > MAX_ACTION_LEN {
             return reject(
                 Reason::BadTransition,
@@ -267,6 +285,11 @@ pub fn decode_frame(source: &str, payload: &Bytes, policy: Policy) -> Result<Fra
     if reward.is_some_and(|r| !r.is_finite()) {
         return reject(Reason::BadTransition, "reward is NaN or infinity");
     }
+    Ok(())
+}
+
+/// Checks the dimensions are within bounds and the channels are RGB.
+fn check_shape(height: u32, width: u32, channels: u32) -> Result<(), Rejection> {
     if height == 0 || width == 0 || height > MAX_SIDE || width > MAX_SIDE {
         return reject(
             Reason::BadDimensions,
@@ -279,7 +302,19 @@ pub fn decode_frame(source: &str, payload: &Bytes, policy: Policy) -> Result<Fra
             format!("channels is {channels}, expected 3 (RGB)"),
         );
     }
-    let rgb = match encoding.as_deref().unwrap_or("raw") {
+    Ok(())
+}
+
+/// The frame's RGB bytes: raw pixels as given (sliced from `payload` where borrowed from it), or a PNG decoded.
+fn rgb_pixels(
+    payload: &Bytes,
+    pixels: Cow<[u8]>,
+    encoding: Option<&str>,
+    height: u32,
+    width: u32,
+    channels: u32,
+) -> Result<Bytes, Rejection> {
+    let rgb = match encoding.unwrap_or("raw") {
         "raw" => {
             let expected = (height * width * channels) as usize;
             if pixels.len() != expected {
@@ -303,17 +338,7 @@ pub fn decode_frame(source: &str, payload: &Bytes, policy: Policy) -> Result<Fra
             )
         }
     };
-    let pixels = preprocess::preprocess(rgb, height as usize, width as usize, policy)
-        .or_else(|e| reject(Reason::UnsupportedSize, e.to_string()))?;
-    Ok(Frame {
-        source: source.to_string(),
-        episode,
-        step,
-        pixels,
-        action,
-        reward,
-        done,
-    })
+    Ok(rgb)
 }
 
 #[cfg(test)]

@@ -107,6 +107,15 @@ impl Store {
     /// The frames of `scope` in (source, episode, step) order; frames of
     /// episodes outside it are skipped by their index alone.
     pub fn frames_in(&self, scope: Scope, pixels: bool) -> impl Iterator<Item = Result<Frame>> + '_ {
+        let blocks = self.index_blocks(&scope);
+        let locations = blocks.flat_map(move |entry| scope.locations_in(entry));
+        // Consecutive steps mostly share a chunk: keep the last one read.
+        let mut held: Option<(Split, u64, sled::IVec)> = None;
+        locations.map(move |location| self.read_located(location?, &mut held, pixels))
+    }
+
+    /// The index blocks a read of `scope` walks: from its first block to the end of its source or range.
+    fn index_blocks(&self, scope: &Scope) -> impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + '_ {
         let prefix: Vec<u8> = match &scope.source {
             Some(s) => [b"I", s.as_bytes(), b"\0"].concat(),
             None => b"I".to_vec(),
@@ -129,7 +138,7 @@ impl Store {
             .flatten()
             .max()
             .unwrap_or_default();
-        let blocks = self.tree.range(start..).take_while(move |entry| {
+        self.tree.range(start..).take_while(move |entry| {
             entry.as_ref().map_or(true, |(key, _)| {
                 let before_until = || {
                     until
@@ -138,48 +147,56 @@ impl Store {
                 };
                 key.starts_with(&prefix) && before_until()
             })
-        });
-        let locations = blocks.flat_map(move |entry| {
-            let located = entry.map_err(anyhow::Error::from).and_then(|(key, bytes)| {
-                let (source, episode) = names(&key, 8)?;
-                if !scope.holds_episode(&episode) {
-                    return Ok(Vec::new());
-                }
-                let first_step = be_u64(&key[key.len() - 8..])? * INDEX_BLOCK_STEPS;
-                let after = scope
-                    .after
-                    .as_ref()
-                    .filter(|c| c.source == source && c.episode == episode)
-                    .map(|c| c.step);
-                let block = decode_index_block(&bytes)?;
-                Ok(block
-                    .into_iter()
-                    .filter(|(offset, _)| after.is_none_or(|a| first_step + u64::from(*offset) > a))
-                    .map(|(_, location)| Ok(location))
-                    .collect())
-            });
-            match located {
-                Ok(locations) => locations,
-                Err(e) => vec![Err(e)],
-            }
-        });
-        // Consecutive steps mostly share a chunk: keep the last one read.
-        let mut held: Option<(Split, u64, sled::IVec)> = None;
-        locations.map(move |location| {
-            let (split, seq) = location?;
-            if let Some((_, first, bytes)) = held.as_ref().filter(|(held_split, ..)| *held_split == split) {
-                if let Some(frame) = read_in_chunk(*first, bytes, seq, |stored| stored.to_frame(pixels))? {
-                    return Ok(frame);
-                }
-            }
-            let (first, bytes) = self
-                .chunk_holding(split, seq)?
-                .context("the index points at a missing frame")?;
-            let frame = read_in_chunk(first, &bytes, seq, |stored| stored.to_frame(pixels))?
-                .context("the index points at a missing frame")?;
-            held = Some((split, first, bytes));
-            Ok(frame)
         })
+    }
+
+    /// The frame at `(split, seq)`, from the `held` chunk when it is there, else from its own chunk (then held).
+    fn read_located(
+        &self,
+        (split, seq): (Split, u64),
+        held: &mut Option<(Split, u64, sled::IVec)>,
+        pixels: bool,
+    ) -> Result<Frame> {
+        if let Some((_, first, bytes)) = held.as_ref().filter(|(held_split, ..)| *held_split == split) {
+            if let Some(frame) = read_in_chunk(*first, bytes, seq, |stored| stored.to_frame(pixels))? {
+                return Ok(frame);
+            }
+        }
+        let (first, bytes) = self
+            .chunk_holding(split, seq)?
+            .context("the index points at a missing frame")?;
+        let frame = read_in_chunk(first, &bytes, seq, |stored| stored.to_frame(pixels))?
+            .context("the index points at a missing frame")?;
+        *held = Some((split, first, bytes));
+        Ok(frame)
+    }
+}
+
+impl Scope {
+    /// The frame locations an index block holds in the scope (none for an episode outside it), or its error.
+    fn locations_in(&self, entry: sled::Result<(sled::IVec, sled::IVec)>) -> Vec<Result<(Split, u64)>> {
+        let located = entry.map_err(anyhow::Error::from).and_then(|(key, bytes)| {
+            let (source, episode) = names(&key, 8)?;
+            if !self.holds_episode(&episode) {
+                return Ok(Vec::new());
+            }
+            let first_step = be_u64(&key[key.len() - 8..])? * INDEX_BLOCK_STEPS;
+            let after = self
+                .after
+                .as_ref()
+                .filter(|c| c.source == source && c.episode == episode)
+                .map(|c| c.step);
+            let block = decode_index_block(&bytes)?;
+            Ok(block
+                .into_iter()
+                .filter(|(offset, _)| after.is_none_or(|a| first_step + u64::from(*offset) > a))
+                .map(|(_, location)| Ok(location))
+                .collect())
+        });
+        match located {
+            Ok(locations) => locations,
+            Err(e) => vec![Err(e)],
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use crate::frames::{
     npy::{self, NpzWriter},
 };
 use crate::store::Store;
+use crate::tools::progress::Progress;
 use anyhow::Result;
 use std::io::Write;
 use std::path::Path;
@@ -27,18 +28,68 @@ pub struct ExportSummary {
 /// Writes the export of `store` (optionally one `source`) to `out`.
 pub fn export(store: &Store, source: Option<&str>, out: &Path) -> Result<ExportSummary> {
     // Pass 1: sizes.
-    let (mut n, mut source_width, mut episode_width, mut action_width) = (0usize, 1usize, 1usize, 0usize);
-    for frame in store.frames_in_order(source, false) {
-        let frame = frame?;
-        n += 1;
-        source_width = source_width.max(frame.source.chars().count());
-        episode_width = episode_width.max(frame.episode.chars().count());
-        action_width = action_width.max(frame.action.as_ref().map_or(0, Vec::len));
-    }
+    let sizes = Sizes::measure(store, source)?;
     let mut npz = NpzWriter::create(out)?;
+    let columns = columns(&sizes);
+    let mut progress = Progress::new("export", (sizes.n * columns.len()) as u64);
+    for (name, descr, shape, encode, with_pixels) in &columns {
+        let array = npz.array(name, descr, shape)?;
+        write_column(array, store, source, encode, *with_pixels, &mut progress)?;
+    }
+    npz.finish()?;
+    Ok(ExportSummary {
+        frames: sizes.n,
+        action_width: sizes.action_width,
+    })
+}
 
-    type Column<'a> = (&'a str, String, Vec<usize>, Box<dyn Fn(&Frame) -> Vec<u8> + 'a>, bool);
-    let columns: Vec<Column> = vec![
+/// The export's sizes: how many frames, and the widest source, episode and action among them.
+struct Sizes {
+    n: usize,
+    source_width: usize,
+    episode_width: usize,
+    action_width: usize,
+}
+
+impl Sizes {
+    /// One pass over the frames (without their pixels) to find the sizes.
+    fn measure(store: &Store, source: Option<&str>) -> Result<Sizes> {
+        let (mut n, mut source_width, mut episode_width, mut action_width) = (0usize, 1usize, 1usize, 0usize);
+        for frame in store.frames_in_order(source, false) {
+            let frame = frame?;
+            n += 1;
+            source_width = source_width.max(frame.source.chars().count());
+            episode_width = episode_width.max(frame.episode.chars().count());
+            action_width = action_width.max(frame.action.as_ref().map_or(0, Vec::len));
+        }
+        Ok(Sizes {
+            n,
+            source_width,
+            episode_width,
+            action_width,
+        })
+    }
+}
+
+/// One array of the export: its name, numpy dtype, shape, each frame's bytes, and whether it needs the pixels.
+type Column = (&'static str, String, Vec<usize>, Box<dyn Fn(&Frame) -> Vec<u8>>, bool);
+
+/// The export's arrays, in the order they are written.
+fn columns(sizes: &Sizes) -> Vec<Column> {
+    let mut columns = identity_columns(sizes);
+    columns.extend(transition_columns(sizes));
+    columns
+}
+
+/// The pixels and each frame's identity (source, episode, step).
+fn identity_columns(sizes: &Sizes) -> Vec<Column> {
+    let Sizes {
+        n,
+        source_width,
+        episode_width,
+        ..
+    } = *sizes;
+    vec![
         (
             "frames",
             "|u1".into(),
@@ -67,6 +118,13 @@ pub fn export(store: &Store, source: Option<&str>, out: &Path) -> Result<ExportS
             Box::new(|f: &Frame| f.step.to_le_bytes().to_vec()),
             false,
         ),
+    ]
+}
+
+/// Each frame's transition: action (NaN-padded to the widest), reward and done.
+fn transition_columns(sizes: &Sizes) -> Vec<Column> {
+    let Sizes { n, action_width, .. } = *sizes;
+    vec![
         (
             "action",
             "<f4".into(),
@@ -93,22 +151,25 @@ pub fn export(store: &Store, source: Option<&str>, out: &Path) -> Result<ExportS
             Box::new(|f: &Frame| vec![f.done.unwrap_or(false) as u8]),
             false,
         ),
-    ];
-    let mut progress = crate::tools::progress::Progress::new("export", (n * columns.len()) as u64);
-    for (name, descr, shape, encode, with_pixels) in &columns {
-        let array = npz.array(name, descr, shape)?;
-        for frame in store.frames_in_order(source, *with_pixels) {
-            let frame = frame?;
-            if *with_pixels {
-                debug_assert_eq!(frame.pixels.len(), frames::BYTES);
-            }
-            array.write_all(&encode(&frame))?;
-            progress.advance(1);
+    ]
+}
+
+/// Writes one array: a pass over the frames in order, each frame's bytes from `encode`.
+fn write_column(
+    mut array: impl Write,
+    store: &Store,
+    source: Option<&str>,
+    encode: &dyn Fn(&Frame) -> Vec<u8>,
+    with_pixels: bool,
+    progress: &mut Progress,
+) -> Result<()> {
+    for frame in store.frames_in_order(source, with_pixels) {
+        let frame = frame?;
+        if with_pixels {
+            debug_assert_eq!(frame.pixels.len(), frames::BYTES);
         }
+        array.write_all(&encode(&frame))?;
+        progress.advance(1);
     }
-    npz.finish()?;
-    Ok(ExportSummary {
-        frames: n,
-        action_width,
-    })
+    Ok(())
 }

@@ -194,6 +194,48 @@ async fn publish_backlog(bus: &wmvae::bus::Bus, frames: u64) -> Result<f64> {
     Ok(frames as f64 / publish_start.elapsed().as_secs_f64())
 }
 
+/// Starts the real ingest loop on `store`, with a status board of its own, until `shutdown`.
+fn start_ingest(
+    bus: &wmvae::bus::Bus,
+    store: &wmvae::store::Store,
+    config: &wmvae::config::Config,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<Result<()>> {
+    let status = wmvae::daemon::status::StatusBoard::new(
+        wmvae::config::Roles {
+            trainer: true,
+            encoder: false,
+        },
+        "",
+        Some(store.clone()),
+        String::new(),
+    );
+    tokio::spawn(wmvae::daemon::ingest::run(
+        bus.clone(),
+        store.clone(),
+        config.ingest.clone(),
+        String::new(),
+        status,
+        wmvae::daemon::supervisor::Supervisor::new(shutdown.clone()),
+    ))
+}
+
+/// Waits until ingest has stored `frames` frames; an error if it stops first.
+async fn wait_ingested(
+    store: &wmvae::store::Store,
+    task: &tokio::task::JoinHandle<Result<()>>,
+    frames: u64,
+) -> Result<()> {
+    // A cheap counter: stats() walks the store's files and would steal CPU from what is measured.
+    while store.frames_ingested() < frames {
+        if task.is_finished() {
+            anyhow::bail!("ingest stopped early");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    Ok(())
+}
+
 /// Ingest end to end against a local nats-server (`sync_interval: always`):
 /// `frames` 64x64 CarRacing-like frames are published to WM_FRAMES first;
 /// then a bare pull consumer that only acks reads them all (the baseline),
@@ -222,30 +264,8 @@ pub async fn ingest(frames: u64, nats_server: &std::path::Path) -> Result<Value>
     let store = Store::open(dir.path(), config.buffer)?;
     let shutdown = CancellationToken::new();
     let start = Instant::now();
-    let status = wmvae::daemon::status::StatusBoard::new(
-        wmvae::config::Roles {
-            trainer: true,
-            encoder: false,
-        },
-        "",
-        Some(store.clone()),
-        String::new(),
-    );
-    let task = tokio::spawn(wmvae::daemon::ingest::run(
-        bus.clone(),
-        store.clone(),
-        config.ingest.clone(),
-        String::new(),
-        status,
-        wmvae::daemon::supervisor::Supervisor::new(shutdown.clone()),
-    ));
-    // A cheap counter: stats() walks the store's files and would steal CPU from what is measured.
-    while store.frames_ingested() < frames {
-        if task.is_finished() {
-            anyhow::bail!("ingest stopped early");
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-    }
+    let task = start_ingest(&bus, &store, &config, &shutdown);
+    wait_ingested(&store, &task, frames).await?;
     let ingest_rate = frames as f64 / start.elapsed().as_secs_f64();
     shutdown.cancel();
     task.await??;

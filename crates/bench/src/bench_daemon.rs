@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+use wmvae::bus::messages::LatentMessage;
 use wmvae::bus::Bus;
 use wmvae::config::Config;
 use wmvae::daemon::status::Status;
@@ -127,6 +128,32 @@ fn latencies_ms(sent: &[Instant], received: &[(usize, Instant)]) -> Vec<f64> {
     ms
 }
 
+/// When each frame's latent and its relayed copy arrived, as (frame index, instant), until `count` of each
+/// (or `deadline`).
+async fn receipts(
+    mut latents: impl futures::Stream<Item = LatentMessage> + Unpin,
+    mut relayed: impl futures::Stream<Item = u64> + Unpin,
+    count: u64,
+    deadline: tokio::time::Instant,
+) -> (Vec<(usize, Instant)>, Vec<(usize, Instant)>) {
+    let (mut received, mut relayed_at) = (Vec::with_capacity(count as usize), Vec::with_capacity(count as usize));
+    while (received.len() as u64) < count || (relayed_at.len() as u64) < count {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => break,
+            latent = latents.next() => match latent {
+                Some(latent) => received.extend(frame_index(&latent.episode, latent.step).map(|i| (i, Instant::now()))),
+                None => break,
+            },
+            sequence = relayed.next() => match sequence {
+                // WM_FRAMES holds only these frames: sequence k + 1 is frame k.
+                Some(sequence) => relayed_at.push((sequence as usize - 1, Instant::now())),
+                None => break,
+            },
+        }
+    }
+    (received, relayed_at)
+}
+
 /// Publish → latent receipt, at `rate` frames/s for `seconds`, with the
 /// daemon in its default configuration but for `[train] threads = 1` (so it
 /// trains once min_frames is in, unless `train` is false). Beside it, on the
@@ -149,27 +176,13 @@ pub async fn latency(rate: f64, seconds: f64, train: bool, nats_server: &Path) -
                 .await
         })
     };
-    let mut latents = daemon.bus.subscribe_latents("bench").await?;
-    let mut relayed = daemon.bus.subscribe_relayed().await?;
+    let latents = daemon.bus.subscribe_latents("bench").await?;
+    let relayed = daemon.bus.subscribe_relayed().await?;
     let count = (rate * seconds) as u64;
     let bus = daemon.bus.clone();
     let publisher = tokio::spawn(async move { publish_paced(&bus, 0, count, rate).await });
-    let (mut received, mut relayed_at) = (Vec::with_capacity(count as usize), Vec::with_capacity(count as usize));
     let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(seconds + 30.0);
-    while (received.len() as u64) < count || (relayed_at.len() as u64) < count {
-        tokio::select! {
-            _ = tokio::time::sleep_until(deadline) => break,
-            latent = latents.next() => match latent {
-                Some(latent) => received.extend(frame_index(&latent.episode, latent.step).map(|i| (i, Instant::now()))),
-                None => break,
-            },
-            sequence = relayed.next() => match sequence {
-                // WM_FRAMES holds only these frames: sequence k + 1 is frame k.
-                Some(sequence) => relayed_at.push((sequence as usize - 1, Instant::now())),
-                None => break,
-            },
-        }
-    }
+    let (received, relayed_at) = receipts(latents, relayed, count, deadline).await;
     let sent = publisher.await??;
     relay_stop.cancel();
     relay.await.context("relay task")??;

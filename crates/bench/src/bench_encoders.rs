@@ -56,6 +56,14 @@ async fn latents_per_s(count: usize, frames: u64, cores: usize, nats_server: &Pa
     let bus = Bus::connect(&config).await?;
     bus.migrate().await?;
     // Version 1, as a trainer publishes it.
+    publish_version(&bus, &config).await?;
+    publish_backlog(&bus, frames).await?;
+    let _replicas = start_replicas(count, cores, &server.url)?;
+    rate(&bus, frames).await
+}
+
+/// Publishes version 1's weights, announces it and makes it active, as a trainer would.
+async fn publish_version(bus: &Bus, config: &Config) -> Result<()> {
     let weights = Network::new(Device::Cpu, config.vae()).weights_bytes()?;
     bus.put_object(&weights_object(1), &weights).await?;
     let metadata = Metadata {
@@ -81,18 +89,27 @@ async fn latents_per_s(count: usize, frames: u64, cores: usize, nats_server: &Pa
             None,
         )
         .await?;
+    Ok(())
+}
+
+/// Publishes the backlog of `frames` frames for the encoders.
+async fn publish_backlog(bus: &Bus, frames: u64) -> Result<()> {
     let mut publisher = bus.frame_publisher("bench");
     for i in 0..frames {
         publisher.send(&frame(i)).await?;
     }
     publisher.finish().await?;
+    Ok(())
+}
 
+/// Starts `count` encoder processes on the server at `url`, the cores split between them.
+fn start_replicas(count: usize, cores: usize, url: &str) -> Result<Replicas> {
     let exe = crate::wmvae_binary()?;
     let threads = (cores / count).max(1).to_string();
     let children = (0..count)
         .map(|k| {
             Command::new(&exe)
-                .args(["serve", "--role", "encoder", "--nats-url", &server.url])
+                .args(["serve", "--role", "encoder", "--nats-url", url])
                 .env("WMVAE_TRAIN__THREADS", &threads)
                 .env("WMVAE_TRAIN__DEVICE", "cpu")
                 .env("WMVAE_HTTP__ADDR", "")
@@ -103,7 +120,11 @@ async fn latents_per_s(count: usize, frames: u64, cores: usize, nats_server: &Pa
                 .context("starting an encoder")
         })
         .collect::<Result<Vec<_>>>()?;
-    let _replicas = Replicas(children);
+    Ok(Replicas(children))
+}
+
+/// Latents stored per second, from the first stored to the last of `frames`.
+async fn rate(bus: &Bus, frames: u64) -> Result<f64> {
     let deadline = Instant::now() + RUN_TIMEOUT;
     let mut first: Option<(Instant, u64)> = None;
     loop {

@@ -186,22 +186,9 @@ pub fn start(
     let (queue, incoming) = mpsc::channel(QUEUE_DEPTH);
     let (encoded, to_publish) = mpsc::channel(PUBLISH_DEPTH);
     let failures = Failures::default();
-    let worker = Worker {
-        net: Network::new(device, config.vae()),
-        version: None,
-        pinned: Default::default(),
-        policy: config.ingest.preprocess,
-        status: status.clone(),
-        encoded,
-        failures: failures.clone(),
-    };
-    status.update(|s| s.encoder_state = Some(EncoderState::WaitingForVersion));
-    status.beat(Heart::Encoder);
-    let (runtime, stop) = (tokio::runtime::Handle::current(), shutdown.clone());
-    let thread = supervisor.thread("encoder thread", move || {
-        worker.run(incoming, &runtime, &stop);
-        Ok(())
-    })?;
+    let net = Network::new(device, config.vae());
+    let worker = Worker::new(net, config.ingest.preprocess, status.clone(), encoded, failures.clone());
+    let thread = start_worker(worker, incoming, &status, supervisor)?;
     let (loaded, ready) = watch::channel(false);
     let max_wait = Duration::from_millis(config.latents.max_wait_ms);
     let parts = [
@@ -235,14 +222,7 @@ pub fn start(
             undeliverable::forward(bus.clone(), FrameConsumer::Encode, failures, shutdown),
         ),
     ];
-    // Their failures are the supervisor's to report; here only their end is
-    // awaited. The worker drains its queue and stops on shutdown; the
-    // publisher, once the worker has stopped.
-    let task = tokio::spawn(async move {
-        futures::future::join_all(parts).await;
-        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-        Ok(())
-    });
+    let task = tokio::spawn(await_parts(parts, thread));
     Ok(Encoder {
         handle: EncoderHandle {
             queue,
@@ -252,6 +232,32 @@ pub fn start(
         },
         task,
     })
+}
+
+/// Starts the worker's thread under `supervisor`, the status board saying it waits for a version.
+fn start_worker(
+    worker: Worker,
+    incoming: mpsc::Receiver<Work>,
+    status: &StatusBoard,
+    supervisor: &Supervisor,
+) -> Result<std::thread::JoinHandle<Result<()>>> {
+    status.update(|s| s.encoder_state = Some(EncoderState::WaitingForVersion));
+    status.beat(Heart::Encoder);
+    let (runtime, stop) = (tokio::runtime::Handle::current(), supervisor.shutdown().clone());
+    supervisor.thread("encoder thread", move || {
+        worker.run(incoming, &runtime, &stop);
+        Ok(())
+    })
+}
+
+/// Waits for the encoder's tasks and then its worker thread to end.
+async fn await_parts(parts: [JoinHandle<Result<()>>; 4], thread: std::thread::JoinHandle<Result<()>>) -> Result<()> {
+    // Their failures are the supervisor's to report; here only their end is
+    // awaited. The worker drains its queue and stops on shutdown; the
+    // publisher, once the worker has stopped.
+    futures::future::join_all(parts).await;
+    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    Ok(())
 }
 
 /// Pulls micro-batches from `wmvae-encode` for the worker, once a version is loaded.

@@ -33,6 +33,25 @@ pub(super) struct Worker {
 }
 
 impl Worker {
+    /// A worker holding fresh weights (`net`) and no version yet.
+    pub(super) fn new(
+        net: Network,
+        policy: Policy,
+        status: StatusBoard,
+        encoded: mpsc::Sender<Encoded>,
+        failures: Failures,
+    ) -> Worker {
+        Worker {
+            net,
+            version: None,
+            pinned: Default::default(),
+            policy,
+            status,
+            encoded,
+            failures,
+        }
+    }
+
     /// Works through `incoming` until `shutdown` finds it empty (or every
     /// sender is gone), beating at each item.
     pub(super) fn run(

@@ -73,6 +73,16 @@ pub(super) struct Hostile {
 /// Every kind of malformed frame tried, each with the reason it must be
 /// dead-lettered with.
 fn malformed() -> Vec<(&'static str, Vec<u8>)> {
+    [not_frames(), bad_fields(), bad_values(), bad_images()].concat()
+}
+
+/// `good_fields` with `episode` as the episode.
+fn with_episode(episode: &str) -> Vec<u8> {
+    with(&[("episode", Some(V::S(episode.into())))])
+}
+
+/// Bytes that are no frame: cut or invalid MessagePack, values that are no map, maps missing a field.
+fn not_frames() -> Vec<(&'static str, Vec<u8>)> {
     let valid = with(&[]);
     let mut kinds: Vec<(&'static str, Vec<u8>)> = vec![
         ("malformed_msgpack", vec![]),
@@ -90,23 +100,33 @@ fn malformed() -> Vec<(&'static str, Vec<u8>)> {
     for field in ["episode", "step", "height", "width", "channels", "pixels"] {
         kinds.push(("invalid_field", with(&[(field, None)])));
     }
-    let episode = |e: &str| with(&[("episode", Some(V::S(e.into())))]);
-    kinds.extend([
+    kinds
+}
+
+/// Frames with a field of the wrong type, or an episode or step out of bounds.
+fn bad_fields() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
         ("invalid_field", with(&[("step", Some(V::S("one".into())))])),
         ("invalid_field", with(&[("height", Some(V::I(-1)))])),
         // A string where bytes belong is read as its bytes: too few of them.
         ("size_mismatch", with(&[("pixels", Some(V::S("pixels".into())))])),
         ("invalid_field", with(&[("episode", Some(V::U(5)))])),
-        ("bad_episode", episode("")),
-        ("bad_episode", episode(&"e".repeat(MAX_EPISODE_BYTES + 1))),
+        ("bad_episode", with_episode("")),
+        ("bad_episode", with_episode(&"e".repeat(MAX_EPISODE_BYTES + 1))),
         // Identities that once reached a header unchecked (a CR or LF made
         // async-nats panic in a worker: no latent after them).
-        ("bad_episode", episode("a\nb")),
-        ("bad_episode", episode("a\rb")),
-        ("bad_episode", episode("a\0b")),
-        ("bad_episode", episode("tab\there")),
-        ("bad_episode", episode("c1\u{85}")),
+        ("bad_episode", with_episode("a\nb")),
+        ("bad_episode", with_episode("a\rb")),
+        ("bad_episode", with_episode("a\0b")),
+        ("bad_episode", with_episode("tab\there")),
+        ("bad_episode", with_episode("c1\u{85}")),
         ("bad_step", with(&[("step", Some(V::U(MAX_STEP + 1)))])),
+    ]
+}
+
+/// Frames with a bad transition, dimensions, channel count or pixel count.
+fn bad_values() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
         ("bad_transition", with(&[("action", Some(V::A(vec![V::F(f64::NAN)])))])),
         (
             "bad_transition",
@@ -135,6 +155,12 @@ fn malformed() -> Vec<(&'static str, Vec<u8>)> {
             with(&[("pixels", Some(V::B(vec![7; 64 * 64 * 3 + 1])))]),
         ),
         ("size_mismatch", with(&[("pixels", Some(V::B(Vec::new())))])),
+    ]
+}
+
+/// Frames whose image can't be read or is of a size the daemon doesn't take.
+fn bad_images() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
         ("unknown_encoding", with(&[("encoding", Some(V::S("jpeg".into())))])),
         ("unknown_encoding", with(&[("encoding", Some(V::S(String::new())))])),
         (
@@ -167,8 +193,7 @@ fn malformed() -> Vec<(&'static str, Vec<u8>)> {
                 ("pixels", Some(V::B(vec![7; 100 * 80 * 3]))),
             ]),
         ),
-    ]);
-    kinds
+    ]
 }
 
 /// Every hostile frame: the malformed kinds from [`BAD_SOURCE`]; a source
@@ -184,7 +209,6 @@ pub(super) fn hostile() -> Vec<Hostile> {
             fate: Fate::DeadLetter(code),
         })
         .collect();
-    let episode = |e: &str| with(&[("episode", Some(V::S(e.into())))]);
     all.push(Hostile {
         source: format!("{BAD_SOURCE}\u{1}x"),
         payload: with(&[]),
@@ -197,7 +221,7 @@ pub(super) fn hostile() -> Vec<Hostile> {
     ] {
         all.push(Hostile {
             source,
-            payload: episode(episode_name),
+            payload: with_episode(episode_name),
             fate: Fate::Encoded,
         });
     }
