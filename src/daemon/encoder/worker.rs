@@ -13,7 +13,7 @@ use crate::daemon::undeliverable::Failures;
 use crate::frames::preprocess::Policy;
 use crate::frames::{wire, Frame};
 use crate::vae::learner::Network;
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -216,7 +216,7 @@ fn poisoned(frames: &[Frame]) -> Result<()> {
         .iter()
         .any(|f| Some(&f.episode) == episode.as_ref())
     {
-        true => Err(anyhow!("failpoint encoder-poison: this frame can't be encoded")),
+        true => Err(anyhow::anyhow!("failpoint encoder-poison: this frame can't be encoded")),
         false => Ok(()),
     });
     Ok(())
