@@ -6,7 +6,7 @@
 
 use crate::bus::messages::{import_object, weights_object, CheckpointRequest};
 use crate::bus::service::{Endpoint, ServiceError};
-use crate::bus::Bus;
+use crate::bus::{self, Bus};
 use crate::config::Config;
 use crate::series::{self, Budget, EpisodesPage, Page, PageRequest, Pages};
 use crate::store::{Cursor, EpisodeCount, HistoryEntry, HistoryPage, Provenance, Scope, Stats, Store, UnknownVersion};
@@ -72,9 +72,9 @@ pub async fn connect(config: &Config, mode: Mode) -> Result<Backend> {
 async fn request(bus: &Bus, endpoint: Endpoint, request: &CheckpointRequest) -> Result<bytes::Bytes> {
     bus.control_request(endpoint, serde_json::to_vec(request)?)
         .await
-        .map_err(|e| match (e.downcast_ref::<ServiceError>(), request.version) {
-            (Some(c), Some(v)) if c.code == 404 => UnknownVersion(v).into(),
-            _ => e,
+        .map_err(|e| match (e, request.version) {
+            (bus::Error::Service(ServiceError { code: 404, .. }), Some(v)) => UnknownVersion(v).into(),
+            (e, _) => e.into(),
         })
 }
 
@@ -377,9 +377,9 @@ impl Pages for SeriesPages<'_> {
                 let reply = bus
                     .control_request(Endpoint::SeriesPage, serde_json::to_vec(&request)?)
                     .await
-                    .map_err(|e| match e.downcast_ref::<ServiceError>() {
-                        Some(c) if c.code == 404 => UnknownVersion(*version).into(),
-                        _ => e,
+                    .map_err(|e| match e {
+                        bus::Error::Service(ServiceError { code: 404, .. }) => UnknownVersion(*version).into(),
+                        e => anyhow::Error::from(e),
                     })?;
                 rmp_serde::from_slice(&reply).context("reading the daemon's series.page reply")
             }

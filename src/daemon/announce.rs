@@ -8,7 +8,7 @@
 use super::lease::Lease;
 use super::trainer::Event;
 use crate::backoff::Backoff;
-use crate::bus::kv::{Active, Conflict, Shared};
+use crate::bus::kv::{Active, Shared};
 use crate::bus::messages::{checkpoint_envelope_object, weights_object, Announcement, CheckpointEvent};
 use crate::bus::Bus;
 use crate::store::{Change, Damaged, Store};
@@ -97,7 +97,7 @@ async fn activate(shared: &Shared, lease: &Lease, metadata: &Metadata, epoch: u6
         epoch,
     };
     if let Err(e) = shared.set_active(&active, seen.map(|(_, revision)| revision)).await {
-        if e.downcast_ref::<Conflict>().is_some() {
+        if matches!(e, crate::bus::Error::Conflict(_)) {
             lease.lose();
         }
         return Err(e).with_context(|| format!("making v{} active", metadata.version));

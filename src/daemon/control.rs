@@ -19,7 +19,7 @@ use super::encoder::EncoderHandle;
 use super::status::StatusBoard;
 use crate::bus::messages::{CheckpointRequest, DecodeRequest, PinnedVersion, IMPORTS_PREFIX};
 use crate::bus::service::{Caller, Endpoint, Handler, Reply, ServiceError};
-use crate::bus::{Bus, TooLarge};
+use crate::bus::Bus;
 use crate::config::Config;
 use crate::frames::wire;
 use crate::series::{self, Budget, PageRequest, PAGE_FRAMES};
@@ -315,8 +315,8 @@ async fn answer_trainer(
             let weights = match ctx.bus.get_object_at_most(&object, MAX_IMPORT_BYTES).await {
                 Ok(Some(weights)) => weights,
                 Ok(None) => return Err(BadRequest(format!("no uploaded object {object}")).into()),
-                Err(e) if e.downcast_ref::<TooLarge>().is_some() => return Err(BadRequest(format!("{e:#}")).into()),
-                Err(e) => return Err(e),
+                Err(e @ crate::bus::Error::TooLarge { .. }) => return Err(BadRequest(format!("{e:#}")).into()),
+                Err(e) => return Err(e.into()),
             };
             versions::check_weights(&weights, &object, &ctx.config).map_err(|e| BadRequest(format!("{e:#}")))?;
             let (origin, reason) = (object.clone(), request.reason.clone());

@@ -15,7 +15,7 @@ use super::lease::Grant;
 use super::status::{LeaseRole, TrainerState};
 use super::trainer::Trainer;
 use crate::backoff::Backoff;
-use crate::bus::kv::{Active, Conflict};
+use crate::bus::kv::Active;
 use crate::bus::messages::checkpoint_envelope_object;
 use crate::bus::Bus;
 use crate::store::{Change, Damaged, Provenance};
@@ -154,11 +154,11 @@ impl Trainer {
         let seen = self.leadership.cluster_active()?.map(|(_, revision)| revision);
         match self.leadership.set_active(&active, seen) {
             Ok(_) => registry.set_led_epoch(epoch)?,
-            Err(e) if e.downcast_ref::<Conflict>().is_some() => {
+            Err(e @ crate::bus::Error::Conflict(_)) => {
                 self.leadership.lose();
                 return Err(e).context("another node moved the active version while this one took over");
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
         self.status.update(|s| {
             (s.lease, s.epoch, s.active_version, s.step) = (
