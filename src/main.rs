@@ -575,11 +575,13 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
-            // Unknown versions are usage errors, like clap's: exit 2.
-            if err
-                .chain()
-                .any(|e| e.downcast_ref::<wmvae::store::UnknownVersion>().is_some())
-            {
+            // Unknown versions are usage errors, like clap's: exit 2. The store's error reaches here
+            // through every command's anyhow errors (the CLI, tools and series pass it on untyped),
+            // so it is found in the chain and matched by variant.
+            let unknown = |e: &(dyn std::error::Error + 'static)| {
+                matches!(e.downcast_ref(), Some(wmvae::store::Error::UnknownVersion(_)))
+            };
+            if err.chain().any(unknown) {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE

@@ -9,7 +9,8 @@ use crate::bus::service::{Endpoint, ServiceError};
 use crate::bus::{self, Bus};
 use crate::config::Config;
 use crate::series::{self, Budget, EpisodesPage, Page, PageRequest, Pages};
-use crate::store::{Cursor, EpisodeCount, HistoryEntry, HistoryPage, Provenance, Scope, Stats, Store, UnknownVersion};
+use crate::store;
+use crate::store::{Cursor, EpisodeCount, HistoryEntry, HistoryPage, Provenance, Scope, Stats, Store};
 use crate::vae::checkpoint::{sha256_hex, Metadata};
 use crate::vae::device::DeviceChoice;
 use crate::vae::learner::Network;
@@ -68,12 +69,12 @@ pub async fn connect(config: &Config, mode: Mode) -> Result<Backend> {
     }
 }
 
-/// A request to a `checkpoints.*` endpoint; 404 answers become [`UnknownVersion`].
+/// A request to a `checkpoints.*` endpoint; 404 answers become [`store::Error::UnknownVersion`].
 async fn request(bus: &Bus, endpoint: Endpoint, request: &CheckpointRequest) -> Result<bytes::Bytes> {
     bus.control_request(endpoint, serde_json::to_vec(request)?)
         .await
         .map_err(|e| match (e, request.version) {
-            (bus::Error::Service(ServiceError { code: 404, .. }), Some(v)) => UnknownVersion(v).into(),
+            (bus::Error::Service(ServiceError { code: 404, .. }), Some(v)) => store::Error::UnknownVersion(v).into(),
             (e, _) => e.into(),
         })
 }
@@ -156,7 +157,7 @@ impl Backend {
     pub async fn show(&self, version: u64) -> Result<Shown> {
         match self {
             Backend::Live(bus) => ask(bus, Endpoint::Show, &version_request(version)).await,
-            Backend::Offline(store, _) => versions::show(store, version),
+            Backend::Offline(store, _) => Ok(versions::show(store, version)?),
         }
     }
 
@@ -172,7 +173,7 @@ impl Backend {
     pub async fn recon(&self, version: u64) -> Result<Vec<u8>> {
         match self {
             Backend::Live(bus) => Ok(request(bus, Endpoint::Recon, &version_request(version)).await?.to_vec()),
-            Backend::Offline(store, config) => versions::recon_png(store, version, config),
+            Backend::Offline(store, config) => Ok(versions::recon_png(store, version, config)?),
         }
     }
 
@@ -189,7 +190,7 @@ impl Backend {
                 let reply: serde_json::Value = ask(bus, Endpoint::Rollback, &request).await?;
                 Ok(reply["from"].as_u64())
             }
-            Backend::Offline(store, _) => versions::rollback(store, version, provenance),
+            Backend::Offline(store, _) => Ok(versions::rollback(store, version, provenance)?),
         }
     }
 
@@ -202,14 +203,14 @@ impl Backend {
             )
             .await
             .map(drop),
-            Backend::Offline(store, _) => store.registry().set_pinned(version, pinned),
+            Backend::Offline(store, _) => Ok(store.registry().set_pinned(version, pinned)?),
         }
     }
 
     pub async fn delete(&self, version: u64) -> Result<Metadata> {
         match self {
             Backend::Live(bus) => ask(bus, Endpoint::Delete, &version_request(version)).await,
-            Backend::Offline(store, _) => store.registry().delete(version),
+            Backend::Offline(store, _) => Ok(store.registry().delete(version)?),
         }
     }
 
@@ -378,7 +379,9 @@ impl Pages for SeriesPages<'_> {
                     .control_request(Endpoint::SeriesPage, serde_json::to_vec(&request)?)
                     .await
                     .map_err(|e| match e {
-                        bus::Error::Service(ServiceError { code: 404, .. }) => UnknownVersion(*version).into(),
+                        bus::Error::Service(ServiceError { code: 404, .. }) => {
+                            store::Error::UnknownVersion(*version).into()
+                        }
                         e => anyhow::Error::from(e),
                     })?;
                 rmp_serde::from_slice(&reply).context("reading the daemon's series.page reply")
