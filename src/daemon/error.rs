@@ -5,7 +5,8 @@
 //! bus's own, carried typed; anything else is [`Error::Other`]. The one
 //! mapping of these to service codes is `control::service_error`.
 
-use crate::{bus, store};
+use crate::bus;
+use crate::store;
 
 /// An error of the daemon's that a caller may act on by its kind.
 #[derive(Debug, thiserror::Error)]
