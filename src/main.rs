@@ -11,6 +11,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use wmvae::cli::args::ConfigArgs;
 use wmvae::cli::{backend, render};
+/// A CLI command's error: the store's kept typed (an unknown version is exit code 2).
+type CliResult<T> = std::result::Result<T, wmvae::cli::Error>;
 use wmvae::config::Config;
 use wmvae::store::{Change, Provenance};
 use wmvae::tools::publish::{Input, PublishOptions};
@@ -269,7 +271,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 /// `wmvae checkpoint show`: the version's metadata, and a PNG of its
 /// reconstructions when asked.
-async fn show(backend: &backend::Backend, version: u64, recon: Option<PathBuf>, json: bool) -> Result<()> {
+async fn show(backend: &backend::Backend, version: u64, recon: Option<PathBuf>, json: bool) -> CliResult<()> {
     render::shown(backend.show(version).await?, json)?;
     if let Some(path) = recon {
         std::fs::write(&path, backend.recon(version).await?).with_context(|| format!("writing {}", path.display()))?;
@@ -281,7 +283,7 @@ async fn show(backend: &backend::Backend, version: u64, recon: Option<PathBuf>, 
     Ok(())
 }
 
-async fn checkpoint_command(config: &Config, mode: backend::Mode, which: CheckpointCommand) -> Result<()> {
+async fn checkpoint_command(config: &Config, mode: backend::Mode, which: CheckpointCommand) -> CliResult<()> {
     let backend = backend::connect(config, mode).await?;
     let by = wmvae::versions::default_actor();
     match which {
@@ -409,7 +411,7 @@ fn network(
     config: &Config,
     version: u64,
     device: DeviceChoice,
-) -> Result<wmvae::vae::learner::Network> {
+) -> CliResult<wmvae::vae::learner::Network> {
     runtime()?.block_on(async {
         backend::connect(config, place.mode())
             .await?
@@ -426,7 +428,7 @@ fn encode(
     device: DeviceChoice,
     input: &std::path::Path,
     output: &std::path::Path,
-) -> Result<()> {
+) -> CliResult<()> {
     let config = place.config.load()?;
     let net = match (weights, checkpoint) {
         (Some(path), _) => wmvae::tools::encode::net_from_weights(&path, device, config.vae())?,
@@ -451,7 +453,7 @@ fn series(
     (source, episodes): (Option<String>, Option<String>),
     out: &std::path::Path,
     device: DeviceChoice,
-) -> Result<()> {
+) -> CliResult<()> {
     let config = place.config.load()?;
     let (episodes_from, episodes_until) = match episodes {
         Some(range) => wmvae::tools::series::parse_episode_range(&range)?,
@@ -480,11 +482,11 @@ fn series(
             report.frames as f64 / started.elapsed().as_secs_f64(),
             report.skipped
         );
-        Ok(())
+        CliResult::Ok(())
     })
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli) -> CliResult<()> {
     match cli.command {
         Command::Serve {
             config,
@@ -542,7 +544,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Checkpoint { place, which } => {
             runtime()?.block_on(checkpoint_command(&place.config.load()?, place.mode(), which))?
         }
-        Command::Bench { args } => return Err(bench(args)),
+        Command::Bench { args } => return Err(bench(args).into()),
     }
     Ok(())
 }
@@ -575,13 +577,8 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
-            // Unknown versions are usage errors, like clap's: exit 2. The store's error reaches here
-            // through every command's anyhow errors (the CLI, tools and series pass it on untyped),
-            // so it is found in the chain and matched by variant.
-            let unknown = |e: &(dyn std::error::Error + 'static)| {
-                matches!(e.downcast_ref(), Some(wmvae::store::Error::UnknownVersion(_)))
-            };
-            if err.chain().any(unknown) {
+            // Unknown versions are usage errors, like clap's: exit 2.
+            if let wmvae::cli::Error::Store(wmvae::store::Error::UnknownVersion(_)) = err {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE
