@@ -11,12 +11,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use wmvae::cli::args::ConfigArgs;
 use wmvae::cli::{backend, render};
-/// A CLI command's error: the store's kept typed (an unknown version is exit code 2).
-type CliResult<T> = std::result::Result<T, wmvae::cli::Error>;
 use wmvae::config::Config;
 use wmvae::store::{Change, Provenance};
 use wmvae::tools::publish::{Input, PublishOptions};
 use wmvae::vae::device::DeviceChoice;
+
+/// A CLI command's error: the store's kept typed (an unknown version is exit code 2).
+type CliResult<T> = std::result::Result<T, wmvae::cli::Error>;
 
 #[derive(Parser)]
 #[command(name = "wmvae", version, about = "Streaming trainer for the World Models VAE")]
