@@ -16,6 +16,9 @@ use wmvae::store::{Change, Provenance};
 use wmvae::tools::publish::{Input, PublishOptions};
 use wmvae::vae::device::DeviceChoice;
 
+/// A CLI command's error: the store's kept typed (an unknown version is exit code 2).
+type CliResult<T> = std::result::Result<T, wmvae::cli::Error>;
+
 /// How long the exit waits for the runtime's blocking tasks after the
 /// daemon stopped: they only finish what the daemon already gave up on.
 const RUNTIME_EXIT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
@@ -26,7 +29,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 /// `wmvae checkpoint show`: the version's metadata, and a PNG of its
 /// reconstructions when asked.
-async fn show(backend: &backend::Backend, version: u64, recon: Option<PathBuf>, json: bool) -> Result<()> {
+async fn show(backend: &backend::Backend, version: u64, recon: Option<PathBuf>, json: bool) -> CliResult<()> {
     render::shown(backend.show(version).await?, json)?;
     if let Some(path) = recon {
         std::fs::write(&path, backend.recon(version).await?).with_context(|| format!("writing {}", path.display()))?;
@@ -38,7 +41,7 @@ async fn show(backend: &backend::Backend, version: u64, recon: Option<PathBuf>, 
     Ok(())
 }
 
-async fn checkpoint_command(config: &Config, mode: backend::Mode, which: CheckpointCommand) -> Result<()> {
+async fn checkpoint_command(config: &Config, mode: backend::Mode, which: CheckpointCommand) -> CliResult<()> {
     let backend = backend::connect(config, mode).await?;
     let by = wmvae::versions::default_actor();
     match which {
@@ -166,7 +169,7 @@ fn network(
     config: &Config,
     version: u64,
     device: DeviceChoice,
-) -> Result<wmvae::vae::learner::Network> {
+) -> CliResult<wmvae::vae::learner::Network> {
     runtime()?.block_on(async {
         backend::connect(config, place.mode())
             .await?
@@ -183,7 +186,7 @@ fn encode(
     device: DeviceChoice,
     input: &std::path::Path,
     output: &std::path::Path,
-) -> Result<()> {
+) -> CliResult<()> {
     let config = place.config.load()?;
     let net = match (weights, checkpoint) {
         (Some(path), _) => wmvae::tools::encode::net_from_weights(&path, device, config.vae())?,
@@ -208,7 +211,7 @@ fn series(
     (source, episodes): (Option<String>, Option<String>),
     out: &std::path::Path,
     device: DeviceChoice,
-) -> Result<()> {
+) -> CliResult<()> {
     let config = place.config.load()?;
     let (episodes_from, episodes_until) = match episodes {
         Some(range) => wmvae::tools::series::parse_episode_range(&range)?,
@@ -237,7 +240,7 @@ fn series(
             report.frames as f64 / started.elapsed().as_secs_f64(),
             report.skipped
         );
-        Ok(())
+        CliResult::Ok(())
     })
 }
 
@@ -256,7 +259,7 @@ fn decode(
     Ok(())
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli) -> CliResult<()> {
     match cli.command {
         Command::Serve {
             config,
@@ -310,7 +313,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Checkpoint { place, which } => {
             runtime()?.block_on(checkpoint_command(&place.config.load()?, place.mode(), which))?
         }
-        Command::Bench { args } => return Err(bench(args)),
+        Command::Bench { args } => return Err(bench(args).into()),
     }
     Ok(())
 }
@@ -344,10 +347,7 @@ fn main() -> ExitCode {
         Err(err) => {
             eprintln!("error: {err:#}");
             // Unknown versions are usage errors, like clap's: exit 2.
-            if err
-                .chain()
-                .any(|e| e.downcast_ref::<wmvae::store::UnknownVersion>().is_some())
-            {
+            if let wmvae::cli::Error::Store(wmvae::store::Error::UnknownVersion(_)) = err {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE

@@ -254,12 +254,15 @@ impl Page {
 // Futures of these are awaited in place by one CLI task: no Send bound needed.
 #[allow(async_fn_in_trait)]
 pub trait Pages {
+    /// What the pages fail with: the source's own error, so one its caller
+    /// tells apart (an unknown version) reaches that caller typed.
+    type Error: From<anyhow::Error>;
     /// The version encoding, and its weights' sha256.
     fn version(&self) -> (u64, &str);
     /// The episodes of `scope`, as [`episodes`].
-    async fn episodes(&self, scope: &Scope) -> Result<Vec<EpisodeCount>>;
+    async fn episodes(&self, scope: &Scope) -> Result<Vec<EpisodeCount>, Self::Error>;
     /// The next page of `scope`, as [`page`].
-    async fn page(&self, scope: Scope) -> Result<Page>;
+    async fn page(&self, scope: Scope) -> Result<Page, Self::Error>;
 }
 
 #[cfg(test)]

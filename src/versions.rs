@@ -8,7 +8,7 @@
 //! only a live daemon can do (switching the weights it trains and encodes with).
 
 use crate::config::Config;
-use crate::store::{best_by_eval, HistoryEntry, HistoryPage, Provenance, Split, Store, UnknownVersion};
+use crate::store::{best_by_eval, Error, HistoryEntry, HistoryPage, Provenance, Split, Store};
 use crate::vae::checkpoint::{now_rfc3339, Checkpoint, Metadata};
 use crate::vae::device::Device;
 use crate::vae::learner::{Learner, Network};
@@ -66,12 +66,15 @@ pub fn list(store: &Store) -> Result<Vec<Listed>> {
         .collect())
 }
 
-pub fn show(store: &Store, version: u64) -> Result<Shown> {
+pub fn show(store: &Store, version: u64) -> Result<Shown, Error> {
     let row = list(store)?
         .into_iter()
         .find(|l| l.version == version)
-        .ok_or(UnknownVersion(version))?;
-    let metadata = store.registry().metadata(version)?.ok_or(UnknownVersion(version))?;
+        .ok_or(Error::UnknownVersion(version))?;
+    let metadata = store
+        .registry()
+        .metadata(version)?
+        .ok_or(Error::UnknownVersion(version))?;
     Ok(Shown {
         metadata,
         active: row.active,
@@ -114,16 +117,13 @@ pub fn history(store: &Store) -> Result<Vec<HistoryEntry>> {
     Ok(pages.concat())
 }
 
-/// A stored version, verified, or UnknownVersion.
-pub fn checkpoint(store: &Store, version: u64) -> Result<Checkpoint> {
-    store
-        .registry()
-        .get(version)?
-        .ok_or_else(|| UnknownVersion(version).into())
+/// A stored version, verified, or [`Error::UnknownVersion`].
+pub fn checkpoint(store: &Store, version: u64) -> Result<Checkpoint, Error> {
+    store.registry().get(version)?.ok_or(Error::UnknownVersion(version))
 }
 
 /// The network holding a stored version's weights (verified), on `device`.
-pub fn network(store: &Store, version: u64, device: Device, vae: VaeConfig) -> Result<Network> {
+pub fn network(store: &Store, version: u64, device: Device, vae: VaeConfig) -> Result<Network, Error> {
     let mut net = Network::new(device, vae);
     net.load_checkpoint_weights(&checkpoint(store, version)?)?;
     Ok(net)
@@ -153,8 +153,8 @@ pub fn held_out_frames(store: &Store, n: usize) -> Result<Option<Vec<u8>>> {
 
 /// A PNG of up to [`RECON_FRAMES`] validation frames (training frames if
 /// the validation split is empty) over their reconstructions by `version`.
-pub fn recon_png(store: &Store, version: u64, config: &Config) -> Result<Vec<u8>> {
-    network(store, version, Device::Cpu, config.vae())?.recon_png(&frames_to_show(store, RECON_FRAMES)?)
+pub fn recon_png(store: &Store, version: u64, config: &Config) -> Result<Vec<u8>, Error> {
+    Ok(network(store, version, Device::Cpu, config.vae())?.recon_png(&frames_to_show(store, RECON_FRAMES)?)?)
 }
 
 /// A PNG of the same [`PRIOR_DRAWS`] draws from the prior decoded by each
@@ -205,11 +205,11 @@ pub fn import(
         config: serde_json::to_value(config)?,
         ..Default::default()
     };
-    store.registry().add(
+    Ok(store.registry().add(
         version,
         |version| learner.snapshot(Metadata { version, ..metadata }),
         provenance,
-    )
+    )?)
 }
 
 /// Checks that safetensors `bytes` fit the model (strict names, shapes and
@@ -219,7 +219,7 @@ pub fn check_weights(bytes: &[u8], origin: &str, config: &Config) -> Result<()> 
 }
 
 /// Makes `version` active (offline; the daemon does more, see `trainer`).
-pub fn rollback(store: &Store, version: u64, provenance: &Provenance) -> Result<Option<u64>> {
+pub fn rollback(store: &Store, version: u64, provenance: &Provenance) -> Result<Option<u64>, Error> {
     store.registry().activate(version, provenance)
 }
 
@@ -296,7 +296,10 @@ mod tests {
     fn unknown_versions_are_unknown_everywhere() {
         let (_dir, store, config) = setup();
         add(&store, 1.0);
-        let unknown = |e: anyhow::Error| e.downcast_ref::<UnknownVersion>().map(|u| u.0);
+        let unknown = |e: Error| match e {
+            Error::UnknownVersion(version) => Some(version),
+            _ => None,
+        };
         assert_eq!(unknown(show(&store, 7).unwrap_err()), Some(7));
         assert_eq!(unknown(checkpoint(&store, 7).unwrap_err()), Some(7));
         assert_eq!(

@@ -5,7 +5,7 @@
 //! `update` with the revision last seen); who may do what is the daemon's
 //! decision, not this module's.
 
-use super::Bus;
+use super::{Bus, Error};
 use anyhow::{anyhow, bail, Context, Result};
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
 use bytes::Bytes;
@@ -27,11 +27,6 @@ pub struct Active {
     /// The lease revision of the leader that set it.
     pub epoch: u64,
 }
-
-/// A compare-and-set that lost: someone else wrote the key since.
-#[derive(Debug, thiserror::Error)]
-#[error("{0} was changed by another node")]
-pub struct Conflict(pub &'static str);
 
 /// What a watcher of the lease sees.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,17 +70,17 @@ impl Shared {
         }
     }
 
-    /// Renews a held lease: its new revision, or [`Conflict`] when it is
+    /// Renews a held lease: its new revision, or [`Error::Conflict`] when it is
     /// not ours any more (expired, taken, deleted).
-    pub async fn renew(&self, holder: &str, revision: u64) -> Result<u64> {
+    pub async fn renew(&self, holder: &str, revision: u64) -> Result<u64, Error> {
         match self
             .lease
             .update(LEASE_KEY, Bytes::from(holder.to_string()), revision)
             .await
         {
             Ok(revision) => Ok(revision),
-            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Err(Conflict("the lease").into()),
-            Err(e) => Err(anyhow!("renewing the lease: {e}")),
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Err(Error::Conflict("the lease")),
+            Err(e) => Err(anyhow!("renewing the lease: {e}").into()),
         }
     }
 
@@ -167,21 +162,21 @@ impl Shared {
 
     /// Moves `active` by compare-and-set from `seen` (the revision last
     /// read; None when the key was never set): its new revision, or
-    /// [`Conflict`] when another node moved it meanwhile.
-    pub async fn set_active(&self, active: &Active, seen: Option<u64>) -> Result<u64> {
-        let value = Bytes::from(serde_json::to_vec(active)?);
+    /// [`Error::Conflict`] when another node moved it meanwhile.
+    pub async fn set_active(&self, active: &Active, seen: Option<u64>) -> Result<u64, Error> {
+        let value = Bytes::from(serde_json::to_vec(active).map_err(anyhow::Error::from)?);
         let written = match seen {
             Some(revision) => self
                 .meta
                 .update(ACTIVE_KEY, value, revision)
                 .await
                 .map_err(|e| match e.kind() {
-                    UpdateErrorKind::WrongLastRevision => Conflict("the active version").into(),
-                    _ => anyhow!("moving {ACTIVE_KEY}: {e}"),
+                    UpdateErrorKind::WrongLastRevision => Error::Conflict("the active version"),
+                    _ => anyhow!("moving {ACTIVE_KEY}: {e}").into(),
                 }),
             None => self.meta.create(ACTIVE_KEY, value).await.map_err(|e| match e.kind() {
-                CreateErrorKind::AlreadyExists => Conflict("the active version").into(),
-                _ => anyhow!("setting {ACTIVE_KEY}: {e}"),
+                CreateErrorKind::AlreadyExists => Error::Conflict("the active version"),
+                _ => anyhow!("setting {ACTIVE_KEY}: {e}").into(),
             }),
         };
         written

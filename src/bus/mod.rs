@@ -11,6 +11,7 @@
 //! them (`store`) or decide what an endpoint answers (`daemon`).
 
 mod connection;
+mod error;
 mod feed;
 pub mod headers;
 mod inspect;
@@ -22,10 +23,11 @@ mod publish;
 mod relay;
 pub mod service;
 
+pub use error::Error;
 pub use feed::{Delivery, FrameFeed, Undeliverable};
 pub use inspect::StoredMessage;
 pub use migrate::{latest_store_schema, BusLimits, FrameConsumer, MigrationReport};
-pub use objects::{TooLarge, CHECKPOINT_BUCKET};
+pub use objects::CHECKPOINT_BUCKET;
 pub use publish::FramePublisher;
 pub use publish::LatentPublisher;
 pub use relay::RELAY_BYTES;

@@ -3,7 +3,7 @@
 //! in and out; what they mean is the daemon's and the CLI's business.
 
 use super::messages::{weights_object, Announcement, CheckpointEvent};
-use super::Bus;
+use super::{Bus, Error};
 use crate::vae::checkpoint::sha256_hex;
 use anyhow::{anyhow, bail, Context, Result};
 use async_nats::jetstream;
@@ -24,14 +24,6 @@ const CHECKPOINTS_STREAM: &str = "WM_CHECKPOINTS";
 /// Bytes reserved before reading an object, at most: the rest grows as
 /// bytes actually arrive, never from what the object's metadata claims.
 const PREALLOCATE_BYTES: u64 = 64 << 20;
-/// An object larger than its reader accepts.
-#[derive(Debug, thiserror::Error)]
-#[error("{name} holds {size} bytes, over the limit of {max}")]
-pub struct TooLarge {
-    pub name: String,
-    pub size: u64,
-    pub max: u64,
-}
 
 impl Bus {
     async fn checkpoint_bucket(&self) -> Result<jetstream::object_store::ObjectStore> {
@@ -52,31 +44,30 @@ impl Bus {
         Ok(())
     }
 
-    /// An object's bytes, if it is there, refusing ([`TooLarge`]) one over
+    /// An object's bytes, if it is there, refusing ([`Error::TooLarge`]) one over
     /// [`MAX_OBJECT_BYTES`].
-    pub async fn get_object(&self, name: &str) -> Result<Option<Vec<u8>>> {
+    pub async fn get_object(&self, name: &str) -> Result<Option<Vec<u8>>, Error> {
         self.get_object_at_most(name, MAX_OBJECT_BYTES).await
     }
 
-    /// As [`Bus::get_object`], refusing ([`TooLarge`]) an object over
+    /// As [`Bus::get_object`], refusing ([`Error::TooLarge`]) an object over
     /// `max` bytes (by its metadata before reading it, by what arrives
     /// while reading), for names a request chose.
-    pub async fn get_object_at_most(&self, name: &str, max: u64) -> Result<Option<Vec<u8>>> {
+    pub async fn get_object_at_most(&self, name: &str, max: u64) -> Result<Option<Vec<u8>>, Error> {
         let max = max.min(MAX_OBJECT_BYTES);
         let bucket = self.checkpoint_bucket().await?;
         let object = match bucket.get(name).await {
             Ok(object) => object,
             Err(e) if e.kind() == jetstream::object_store::GetErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(anyhow!("getting {name}: {e}")),
+            Err(e) => return Err(anyhow!("getting {name}: {e}").into()),
         };
         let size = object.info.size as u64;
         if size > max {
-            return Err(TooLarge {
+            return Err(Error::TooLarge {
                 name: name.to_string(),
                 size,
                 max,
-            }
-            .into());
+            });
         }
         let mut bytes = Vec::with_capacity(size.min(PREALLOCATE_BYTES) as usize);
         // At most one byte past `max`, whatever the object's info said.
@@ -87,12 +78,11 @@ impl Bus {
         .await
         .with_context(|| format!("reading {name}"))?;
         if bytes.len() as u64 > max {
-            return Err(TooLarge {
+            return Err(Error::TooLarge {
                 name: name.to_string(),
                 size: bytes.len() as u64,
                 max,
-            }
-            .into());
+            });
         }
         Ok(Some(bytes))
     }

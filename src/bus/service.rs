@@ -291,8 +291,8 @@ impl Bus {
     }
 
     /// A request to a control endpoint (`<prefix>.ctl.<endpoint>`); a
-    /// service error comes back as a [`ServiceError`].
-    pub async fn control_request(&self, endpoint: Endpoint, payload: Vec<u8>) -> Result<Bytes> {
+    /// service error comes back as [`super::Error::Service`].
+    pub async fn control_request(&self, endpoint: Endpoint, payload: Vec<u8>) -> Result<Bytes, super::Error> {
         let subject = self.subject(&format!("ctl.{}", endpoint.name()));
         let reply = self
             .client

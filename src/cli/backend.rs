@@ -4,17 +4,19 @@
 //! Either way the answers are the same types, from `versions` and `store`.
 //! No rendering here (`render.rs`), and no flag parsing (`main.rs`).
 
+use super::Error;
 use crate::bus::messages::{import_object, weights_object, CheckpointRequest};
 use crate::bus::service::{Endpoint, ServiceError};
-use crate::bus::Bus;
+use crate::bus::{self, Bus};
 use crate::config::Config;
 use crate::series::{self, Budget, EpisodesPage, Page, PageRequest, Pages};
-use crate::store::{Cursor, EpisodeCount, HistoryEntry, HistoryPage, Provenance, Scope, Stats, Store, UnknownVersion};
+use crate::store;
+use crate::store::{Cursor, EpisodeCount, HistoryEntry, HistoryPage, Provenance, Scope, Stats, Store};
 use crate::vae::checkpoint::{sha256_hex, Metadata};
 use crate::vae::device::DeviceChoice;
 use crate::vae::learner::Network;
 use crate::versions::{self, Listed, Shown};
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde::de::DeserializeOwned;
 use std::time::Duration;
 
@@ -68,20 +70,20 @@ pub async fn connect(config: &Config, mode: Mode) -> Result<Backend> {
     }
 }
 
-/// A request to a `checkpoints.*` endpoint; 404 answers become [`UnknownVersion`].
-async fn request(bus: &Bus, endpoint: Endpoint, request: &CheckpointRequest) -> Result<bytes::Bytes> {
-    bus.control_request(endpoint, serde_json::to_vec(request)?)
+/// A request to a `checkpoints.*` endpoint; 404 answers become [`store::Error::UnknownVersion`].
+async fn request(bus: &Bus, endpoint: Endpoint, request: &CheckpointRequest) -> Result<bytes::Bytes, Error> {
+    bus.control_request(endpoint, serde_json::to_vec(request).map_err(anyhow::Error::from)?)
         .await
-        .map_err(|e| match (e.downcast_ref::<ServiceError>(), request.version) {
-            (Some(c), Some(v)) if c.code == 404 => UnknownVersion(v).into(),
-            _ => e,
+        .map_err(|e| match (e, request.version) {
+            (bus::Error::Service(ServiceError { code: 404, .. }), Some(v)) => store::Error::UnknownVersion(v).into(),
+            (e, _) => anyhow::Error::from(e).into(),
         })
 }
 
 /// [`request`] with a JSON reply.
-async fn ask<T: DeserializeOwned>(bus: &Bus, endpoint: Endpoint, body: &CheckpointRequest) -> Result<T> {
+async fn ask<T: DeserializeOwned>(bus: &Bus, endpoint: Endpoint, body: &CheckpointRequest) -> Result<T, Error> {
     let reply = request(bus, endpoint, body).await?;
-    serde_json::from_slice(&reply).with_context(|| format!("reading the daemon's {} reply", endpoint.name()))
+    Ok(serde_json::from_slice(&reply).with_context(|| format!("reading the daemon's {} reply", endpoint.name()))?)
 }
 
 /// A `checkpoints.history` reply: a page, or (from a daemon that
@@ -148,15 +150,15 @@ impl Backend {
 
     pub async fn list(&self) -> Result<Vec<Listed>> {
         match self {
-            Backend::Live(bus) => ask(bus, Endpoint::List, &CheckpointRequest::default()).await,
+            Backend::Live(bus) => Ok(ask(bus, Endpoint::List, &CheckpointRequest::default()).await?),
             Backend::Offline(store, _) => versions::list(store),
         }
     }
 
-    pub async fn show(&self, version: u64) -> Result<Shown> {
+    pub async fn show(&self, version: u64) -> Result<Shown, Error> {
         match self {
             Backend::Live(bus) => ask(bus, Endpoint::Show, &version_request(version)).await,
-            Backend::Offline(store, _) => versions::show(store, version),
+            Backend::Offline(store, _) => Ok(versions::show(store, version)?),
         }
     }
 
@@ -169,15 +171,15 @@ impl Backend {
     }
 
     /// PNG of validation frames over their reconstructions by `version`.
-    pub async fn recon(&self, version: u64) -> Result<Vec<u8>> {
+    pub async fn recon(&self, version: u64) -> Result<Vec<u8>, Error> {
         match self {
             Backend::Live(bus) => Ok(request(bus, Endpoint::Recon, &version_request(version)).await?.to_vec()),
-            Backend::Offline(store, config) => versions::recon_png(store, version, config),
+            Backend::Offline(store, config) => Ok(versions::recon_png(store, version, config)?),
         }
     }
 
     /// Returns the previously active version.
-    pub async fn rollback(&self, version: u64, provenance: &Provenance) -> Result<Option<u64>> {
+    pub async fn rollback(&self, version: u64, provenance: &Provenance) -> Result<Option<u64>, Error> {
         match self {
             Backend::Live(bus) => {
                 let request = CheckpointRequest {
@@ -189,11 +191,11 @@ impl Backend {
                 let reply: serde_json::Value = ask(bus, Endpoint::Rollback, &request).await?;
                 Ok(reply["from"].as_u64())
             }
-            Backend::Offline(store, _) => versions::rollback(store, version, provenance),
+            Backend::Offline(store, _) => Ok(versions::rollback(store, version, provenance)?),
         }
     }
 
-    pub async fn set_pinned(&self, version: u64, pinned: bool) -> Result<()> {
+    pub async fn set_pinned(&self, version: u64, pinned: bool) -> Result<(), Error> {
         match self {
             Backend::Live(bus) => ask::<serde_json::Value>(
                 bus,
@@ -202,29 +204,32 @@ impl Backend {
             )
             .await
             .map(drop),
-            Backend::Offline(store, _) => store.registry().set_pinned(version, pinned),
+            Backend::Offline(store, _) => Ok(store.registry().set_pinned(version, pinned)?),
         }
     }
 
-    pub async fn delete(&self, version: u64) -> Result<Metadata> {
+    pub async fn delete(&self, version: u64) -> Result<Metadata, Error> {
         match self {
             Backend::Live(bus) => ask(bus, Endpoint::Delete, &version_request(version)).await,
-            Backend::Offline(store, _) => store.registry().delete(version),
+            Backend::Offline(store, _) => Ok(store.registry().delete(version)?),
         }
     }
 
     /// A version's weights (PyTorch-loadable safetensors), sha256 checked.
-    pub async fn export(&self, version: u64) -> Result<Vec<u8>> {
+    pub async fn export(&self, version: u64) -> Result<Vec<u8>, Error> {
         let expected = self.show(version).await?.metadata.sha256;
         let weights = match self {
             Backend::Live(bus) => bus
                 .get_object(&weights_object(version))
-                .await?
+                .await
+                .map_err(anyhow::Error::from)?
                 .with_context(|| format!("v{version} is not in the object store"))?,
             Backend::Offline(store, _) => versions::checkpoint(store, version)?.weights,
         };
         if sha256_hex(&weights) != expected {
-            bail!("v{version}: weights sha256 does not match the recorded {expected}; refusing to use them");
+            let refused =
+                anyhow!("v{version}: weights sha256 does not match the recorded {expected}; refusing to use them");
+            return Err(refused.into());
         }
         Ok(weights)
     }
@@ -254,7 +259,7 @@ impl Backend {
                     // Refused: the daemon keeps the upload; it is this command's to remove.
                     let _ = bus.delete_object(&object).await;
                 }
-                imported
+                Ok(imported?)
             }
             Backend::Offline(store, _) => {
                 Ok(versions::import(store, None, bytes, origin, config, provenance)?.metadata)
@@ -264,14 +269,14 @@ impl Backend {
 
     /// The network holding a version's weights (sha256 checked), for
     /// `wmvae encode --checkpoint` and `wmvae decode`.
-    pub async fn network(&self, version: u64, device: DeviceChoice, config: &Config) -> Result<Network> {
+    pub async fn network(&self, version: u64, device: DeviceChoice, config: &Config) -> Result<Network, Error> {
         let weights = self.export(version).await?;
-        Network::from_safetensors(
+        Ok(Network::from_safetensors(
             device.resolve()?,
             config.vae(),
             &weights,
             &format!("checkpoint v{version}"),
-        )
+        )?)
     }
 
     /// The active version (`--version active`).
@@ -290,7 +295,7 @@ impl Backend {
 
     /// Where `wmvae series` gets a version's pages: the leading trainer
     /// encodes them, or the store is read and encoded here on `device`.
-    pub async fn series(&self, version: u64, device: DeviceChoice, config: &Config) -> Result<SeriesPages<'_>> {
+    pub async fn series(&self, version: u64, device: DeviceChoice, config: &Config) -> Result<SeriesPages<'_>, Error> {
         let sha256 = self.show(version).await?.metadata.sha256;
         Ok(match self {
             Backend::Live(bus) => SeriesPages::Live { bus, version, sha256 },
@@ -324,6 +329,8 @@ pub enum SeriesPages<'a> {
 const OFFLINE_PAGE_FRAMES: usize = 4096;
 
 impl Pages for SeriesPages<'_> {
+    type Error = Error;
+
     fn version(&self) -> (u64, &str) {
         match self {
             SeriesPages::Live { version, sha256, .. } | SeriesPages::Offline { version, sha256, .. } => {
@@ -332,16 +339,18 @@ impl Pages for SeriesPages<'_> {
         }
     }
 
-    async fn episodes(&self, scope: &Scope) -> Result<Vec<EpisodeCount>> {
+    async fn episodes(&self, scope: &Scope) -> Result<Vec<EpisodeCount>, Error> {
         let bus = match self {
-            SeriesPages::Offline { store, .. } => return series::episodes(store, scope),
+            SeriesPages::Offline { store, .. } => return Ok(series::episodes(store, scope)?),
             SeriesPages::Live { bus, .. } => bus,
         };
         let (mut all, mut scope) = (Vec::new(), scope.clone());
         loop {
+            let payload = serde_json::to_vec(&scope).map_err(anyhow::Error::from)?;
             let reply = bus
-                .control_request(Endpoint::SeriesEpisodes, serde_json::to_vec(&scope)?)
-                .await?;
+                .control_request(Endpoint::SeriesEpisodes, payload)
+                .await
+                .map_err(anyhow::Error::from)?;
             let page: EpisodesPage =
                 serde_json::from_slice(&reply).context("reading the daemon's series.episodes reply")?;
             let last = page.episodes.last().map(|e| Cursor {
@@ -357,7 +366,7 @@ impl Pages for SeriesPages<'_> {
         }
     }
 
-    async fn page(&self, scope: Scope) -> Result<Page> {
+    async fn page(&self, scope: Scope) -> Result<Page, Error> {
         match self {
             SeriesPages::Offline {
                 store, net, version, ..
@@ -366,7 +375,7 @@ impl Pages for SeriesPages<'_> {
                     frames: OFFLINE_PAGE_FRAMES,
                     bytes: usize::MAX,
                 };
-                series::page(store, net, *version, scope, budget)
+                Ok(series::page(store, net, *version, scope, budget)?)
             }
             SeriesPages::Live { bus, version, .. } => {
                 let request = PageRequest {
@@ -374,14 +383,17 @@ impl Pages for SeriesPages<'_> {
                     scope,
                     limit: None,
                 };
+                let payload = serde_json::to_vec(&request).map_err(anyhow::Error::from)?;
                 let reply = bus
-                    .control_request(Endpoint::SeriesPage, serde_json::to_vec(&request)?)
+                    .control_request(Endpoint::SeriesPage, payload)
                     .await
-                    .map_err(|e| match e.downcast_ref::<ServiceError>() {
-                        Some(c) if c.code == 404 => UnknownVersion(*version).into(),
-                        _ => e,
+                    .map_err(|e| match e {
+                        bus::Error::Service(ServiceError { code: 404, .. }) => {
+                            Error::from(store::Error::UnknownVersion(*version))
+                        }
+                        e => anyhow::Error::from(e).into(),
                     })?;
-                rmp_serde::from_slice(&reply).context("reading the daemon's series.page reply")
+                Ok(rmp_serde::from_slice(&reply).context("reading the daemon's series.page reply")?)
             }
         }
     }

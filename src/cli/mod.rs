@@ -11,7 +11,10 @@
 pub mod args;
 pub mod backend;
 pub mod commands;
+mod error;
 pub mod render;
+
+pub use error::Error;
 
 /// Logs to stderr for both binaries: `RUST_LOG` if set, else info (and
 /// async-nats's warnings only); colour only on a terminal.

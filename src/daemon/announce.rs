@@ -8,10 +8,10 @@
 use super::lease::Lease;
 use super::trainer::Event;
 use crate::backoff::Backoff;
-use crate::bus::kv::{Active, Conflict, Shared};
+use crate::bus::kv::{Active, Shared};
 use crate::bus::messages::{checkpoint_envelope_object, weights_object, Announcement, CheckpointEvent};
 use crate::bus::Bus;
-use crate::store::{Change, Damaged, Store};
+use crate::store::{self, Change, Store};
 use crate::vae::checkpoint::{Checkpoint, Metadata};
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::sync::mpsc;
@@ -64,11 +64,11 @@ pub(super) async fn publish_offline_changes(bus: &Bus, store: &Store, lease: &Le
             let checkpoint = match registry.get(metadata.version) {
                 Ok(checkpoint) => checkpoint.with_context(|| format!("checkpoint v{} vanished", metadata.version))?,
                 // Never the active one (resuming repaired or left it); NATS can do without it.
-                Err(e) if e.chain().any(|c| c.is::<Damaged>()) => {
+                Err(e @ store::Error::Damaged { .. }) => {
                     tracing::error!(version = metadata.version, "{e:#}; not published");
                     continue;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             };
             publish_created(bus, lease, &checkpoint, epoch).await?;
         }
@@ -97,7 +97,7 @@ async fn activate(shared: &Shared, lease: &Lease, metadata: &Metadata, epoch: u6
         epoch,
     };
     if let Err(e) = shared.set_active(&active, seen.map(|(_, revision)| revision)).await {
-        if e.downcast_ref::<Conflict>().is_some() {
+        if matches!(e, crate::bus::Error::Conflict(_)) {
             lease.lose();
         }
         return Err(e).with_context(|| format!("making v{} active", metadata.version));

@@ -6,6 +6,7 @@
 
 use super::control::Command;
 use super::trainer::{Event, Trainer};
+use super::Error;
 use crate::store::Provenance;
 use crate::vae::checkpoint::Metadata;
 use crate::versions;
@@ -38,7 +39,7 @@ impl Trainer {
                     let _ = reply.send(result);
                 }
                 Command::Pin { version, pinned, reply } => {
-                    let _ = reply.send(self.store.registry().set_pinned(version, pinned));
+                    let _ = reply.send(self.store.registry().set_pinned(version, pinned).map_err(Error::from));
                 }
                 Command::Delete { version, reply } => {
                     let _ = reply.send(self.delete(version));
@@ -69,7 +70,7 @@ impl Trainer {
     /// Training weights and Adam state move to `version`, then the rollback
     /// is announced (encoders follow it). Nothing changes if the version is
     /// unknown or its checkpoint does not load.
-    pub(super) fn roll_back(&mut self, version: u64, provenance: Provenance) -> Result<Option<u64>> {
+    pub(super) fn roll_back(&mut self, version: u64, provenance: Provenance) -> Result<Option<u64>, Error> {
         let epoch = self.leadership.epoch()?;
         let to = Arc::new(versions::checkpoint(&self.store, version)?);
         self.learner.restore(&to)?;
@@ -89,7 +90,7 @@ impl Trainer {
     }
 
     /// A foreign model becomes the next version, active, with fresh Adam state.
-    fn import(&mut self, weights: &[u8], origin: &str, provenance: &Provenance) -> Result<Metadata> {
+    fn import(&mut self, weights: &[u8], origin: &str, provenance: &Provenance) -> Result<Metadata, Error> {
         let version = self.allocate_version(None)?;
         let checkpoint = Arc::new(versions::import(
             &self.store,
@@ -107,7 +108,7 @@ impl Trainer {
 
     /// Deletes a version (never the active one) and hands the removal of its
     /// object to the daemon.
-    fn delete(&mut self, version: u64) -> Result<Metadata> {
+    fn delete(&mut self, version: u64) -> Result<Metadata, Error> {
         let epoch = self.leadership.epoch()?;
         let metadata = self.store.registry().delete(version)?;
         self.events

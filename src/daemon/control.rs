@@ -17,13 +17,14 @@
 
 use super::encoder::EncoderHandle;
 use super::status::StatusBoard;
+use super::Error::{self, BadRequest, NotHere};
 use crate::bus::messages::{CheckpointRequest, DecodeRequest, PinnedVersion, IMPORTS_PREFIX};
 use crate::bus::service::{Caller, Endpoint, Handler, Reply, ServiceError};
-use crate::bus::{Bus, TooLarge};
+use crate::bus::Bus;
 use crate::config::Config;
 use crate::frames::wire;
 use crate::series::{self, Budget, PageRequest, PAGE_FRAMES};
-use crate::store::{Change, InUse, Provenance, Scope, Store, UnknownVersion};
+use crate::store::{self, Change, Provenance, Scope, Store};
 use crate::vae::checkpoint::Metadata;
 use crate::versions;
 use anyhow::anyhow;
@@ -43,38 +44,31 @@ pub enum Command {
     Rollback {
         version: u64,
         provenance: Provenance,
-        reply: oneshot::Sender<anyhow::Result<Option<u64>>>,
+        reply: oneshot::Sender<Result<Option<u64>, Error>>,
     },
     Import {
         weights: Vec<u8>,
         origin: String,
         provenance: Provenance,
-        reply: oneshot::Sender<anyhow::Result<Metadata>>,
+        reply: oneshot::Sender<Result<Metadata, Error>>,
     },
     Pin {
         version: u64,
         pinned: bool,
-        reply: oneshot::Sender<anyhow::Result<()>>,
+        reply: oneshot::Sender<Result<(), Error>>,
     },
     Delete {
         version: u64,
-        reply: oneshot::Sender<anyhow::Result<Metadata>>,
+        reply: oneshot::Sender<Result<Metadata, Error>>,
     },
 }
 
-/// A request the service refuses: 400.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct BadRequest(pub String);
-
 /// The one mapping of errors to service codes.
-pub fn service_error(e: anyhow::Error) -> ServiceError {
-    let code = if e.downcast_ref::<UnknownVersion>().is_some() || e.downcast_ref::<NotHere>().is_some() {
-        404
-    } else if e.downcast_ref::<BadRequest>().is_some() || e.downcast_ref::<InUse>().is_some() {
-        400
-    } else {
-        500
+pub fn service_error(e: Error) -> ServiceError {
+    let code = match &e {
+        Error::Store(store::Error::UnknownVersion(_)) | NotHere(_) => 404,
+        BadRequest(_) | Error::Store(store::Error::InUse(_)) => 400,
+        _ => 500,
     };
     ServiceError {
         code,
@@ -99,26 +93,25 @@ pub struct Context {
     pub trainer: Option<TrainerSide>,
 }
 
-/// An endpoint of a role this node does not have (not served, so only a
-/// misrouted request meets it): 404.
-#[derive(Debug, thiserror::Error)]
-#[error("this node has no {0} role")]
-pub struct NotHere(pub &'static str);
-
-fn json(value: &impl Serialize) -> anyhow::Result<Vec<u8>> {
-    Ok(serde_json::to_vec(value)?)
+fn json(value: &impl Serialize) -> Result<Vec<u8>, Error> {
+    Ok(serde_json::to_vec(value).map_err(anyhow::Error::from)?)
 }
 
 /// Runs a store read off the runtime.
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
-    tokio::task::spawn_blocking(work).await?
+async fn blocking<T: Send + 'static, E: Into<Error> + Send + 'static>(
+    work: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(anyhow::Error::from)?
+        .map_err(Into::into)
 }
 
 /// Hands a command to the trainer and waits for its answer.
 async fn ask_trainer<T>(
     commands: &mpsc::Sender<Command>,
-    make: impl FnOnce(oneshot::Sender<anyhow::Result<T>>) -> Command,
-) -> anyhow::Result<T> {
+    make: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Command,
+) -> Result<T, Error> {
     let (reply, answer) = oneshot::channel();
     commands
         .send(make(reply))
@@ -135,15 +128,17 @@ const DECODE_GRID_COLUMNS: usize = 16;
 /// A `decode` request, checked: 1..=[`MAX_DECODE_LATENTS`] latents of
 /// `z_size` finite numbers, whose frames fit in a reply under the server's
 /// `max_payload` (a default server's 1 MiB holds 85 frames).
-fn decode_request(payload: &[u8], z_size: usize, max_payload: usize) -> anyhow::Result<DecodeRequest> {
+fn decode_request(payload: &[u8], z_size: usize, max_payload: usize) -> Result<DecodeRequest, Error> {
     let request: DecodeRequest =
         rmp_serde::from_slice(payload).map_err(|e| BadRequest(format!("bad decode request: {e}")))?;
     if request.format.as_deref().is_some_and(|f| f != "png" && f != "raw") {
-        return Err(BadRequest("format is \"raw\" (the default) or \"png\"".into()).into());
+        return Err(BadRequest("format is \"raw\" (the default) or \"png\"".into()));
     }
     let n = request.z.len();
     if n == 0 || n > MAX_DECODE_LATENTS {
-        return Err(BadRequest(format!("{n} latents: a decode request takes 1..={MAX_DECODE_LATENTS}")).into());
+        return Err(BadRequest(format!(
+            "{n} latents: a decode request takes 1..={MAX_DECODE_LATENTS}"
+        )));
     }
     if let Some(bad) = request
         .z
@@ -153,8 +148,7 @@ fn decode_request(payload: &[u8], z_size: usize, max_payload: usize) -> anyhow::
         return Err(BadRequest(format!(
             "a latent of {} numbers: each must be {z_size} finite numbers",
             bad.len()
-        ))
-        .into());
+        )));
     }
     // The reply's frames plus room for its map and the version.
     let fits = max_payload.saturating_sub(64) / crate::frames::BYTES;
@@ -162,21 +156,20 @@ fn decode_request(payload: &[u8], z_size: usize, max_payload: usize) -> anyhow::
         return Err(BadRequest(format!(
             "{n} frames do not fit in one reply under this server's max_payload of \
             {max_payload} bytes: send at most {fits} latents a request"
-        ))
-        .into());
+        )));
     }
     Ok(request)
 }
 
-fn checkpoint_request(payload: &[u8]) -> anyhow::Result<CheckpointRequest> {
+fn checkpoint_request(payload: &[u8]) -> Result<CheckpointRequest, Error> {
     if payload.is_empty() {
         return Ok(CheckpointRequest::default());
     }
-    serde_json::from_slice(payload).map_err(|e| BadRequest(format!("bad request: {e}")).into())
+    serde_json::from_slice(payload).map_err(|e| BadRequest(format!("bad request: {e}")))
 }
 
 /// Answers one request to `endpoint`.
-async fn answer(ctx: Context, endpoint: Endpoint, payload: bytes::Bytes, caller: Caller) -> anyhow::Result<Vec<u8>> {
+async fn answer(ctx: Context, endpoint: Endpoint, payload: bytes::Bytes, caller: Caller) -> Result<Vec<u8>, Error> {
     match endpoint {
         Endpoint::Status => json(&ctx.status.snapshot()),
         Endpoint::Encode => {
@@ -198,7 +191,7 @@ async fn answer(ctx: Context, endpoint: Endpoint, payload: bytes::Bytes, caller:
                     request.z.len().min(DECODE_GRID_COLUMNS),
                 )?);
             }
-            Ok(rmp_serde::to_vec_named(&reply)?)
+            Ok(rmp_serde::to_vec_named(&reply).map_err(anyhow::Error::from)?)
         }
         Endpoint::SeriesEpisodes | Endpoint::SeriesPage => {
             let trainer = ctx.trainer.as_ref().ok_or(NotHere("trainer"))?;
@@ -214,7 +207,7 @@ async fn answer(ctx: Context, endpoint: Endpoint, payload: bytes::Bytes, caller:
 /// The series endpoints: JSON requests; the episodes in JSON, a page in
 /// MessagePack, each under the server's `max_payload`. A page is encoded
 /// here, on the trainer's device, by the requested version's stored weights.
-async fn answer_series(ctx: &Context, store: Store, endpoint: Endpoint, payload: &[u8]) -> anyhow::Result<Vec<u8>> {
+async fn answer_series(ctx: &Context, store: Store, endpoint: Endpoint, payload: &[u8]) -> Result<Vec<u8>, Error> {
     let max_bytes = ctx.bus.max_payload();
     let bad = |e: serde_json::Error| BadRequest(format!("bad {} request: {e}", endpoint.name()));
     if endpoint == Endpoint::SeriesEpisodes {
@@ -227,12 +220,12 @@ async fn answer_series(ctx: &Context, store: Store, endpoint: Endpoint, payload:
         bytes: max_bytes,
     };
     let (device, vae) = (ctx.config.train.device, ctx.config.vae());
-    let page = blocking(move || {
+    let page = blocking(move || -> Result<_, Error> {
         let net = versions::network(&store, request.version, device.resolve()?, vae)?;
-        series::page(&store, &net, request.version, request.scope, budget)
+        Ok(series::page(&store, &net, request.version, request.scope, budget)?)
     })
     .await?;
-    Ok(rmp_serde::to_vec_named(&page)?)
+    Ok(rmp_serde::to_vec_named(&page).map_err(anyhow::Error::from)?)
 }
 
 /// The trainer's endpoints: the buffer's figures and the checkpoints.
@@ -244,7 +237,7 @@ async fn answer_trainer(
     endpoint: Endpoint,
     payload: &[u8],
     caller: Caller,
-) -> anyhow::Result<Vec<u8>> {
+) -> Result<Vec<u8>, Error> {
     let request = checkpoint_request(payload)?;
     let version = || {
         request
@@ -309,14 +302,13 @@ async fn answer_trainer(
             if !object.starts_with(IMPORTS_PREFIX) {
                 return Err(BadRequest(format!(
                     "only uploads under {IMPORTS_PREFIX} can be imported, not {object}"
-                ))
-                .into());
+                )));
             }
             let weights = match ctx.bus.get_object_at_most(&object, MAX_IMPORT_BYTES).await {
                 Ok(Some(weights)) => weights,
-                Ok(None) => return Err(BadRequest(format!("no uploaded object {object}")).into()),
-                Err(e) if e.downcast_ref::<TooLarge>().is_some() => return Err(BadRequest(format!("{e:#}")).into()),
-                Err(e) => return Err(e),
+                Ok(None) => return Err(BadRequest(format!("no uploaded object {object}"))),
+                Err(e @ crate::bus::Error::TooLarge { .. }) => return Err(BadRequest(format!("{e:#}"))),
+                Err(e) => return Err(e.into()),
             };
             versions::check_weights(&weights, &object, &ctx.config).map_err(|e| BadRequest(format!("{e:#}")))?;
             let (origin, reason) = (object.clone(), request.reason.clone());
@@ -333,7 +325,7 @@ async fn answer_trainer(
             json(&imported)
         }
         Endpoint::Status | Endpoint::Encode | Endpoint::Decode | Endpoint::SeriesEpisodes | Endpoint::SeriesPage => {
-            Err(anyhow!("{} is not a trainer endpoint", endpoint.name()))
+            Err(anyhow!("{} is not a trainer endpoint", endpoint.name()).into())
         }
     }
 }
@@ -351,19 +343,14 @@ mod tests {
 
     #[test]
     fn errors_map_to_404_400_and_500() {
-        assert_eq!(service_error(UnknownVersion(7).into()).code, 404);
-        assert_eq!(
-            service_error(anyhow::Error::from(UnknownVersion(7)).context("show")).code,
-            404,
-            "through context too"
-        );
-        assert_eq!(
-            service_error(BadRequest("request lacks \"version\"".into()).into()).code,
-            400
-        );
-        assert_eq!(service_error(InUse(3).into()).code, 400);
-        assert_eq!(service_error(NotHere("encoder").into()).code, 404);
-        let ours = service_error(anyhow!("sled: I/O error"));
+        assert_eq!(service_error(store::Error::UnknownVersion(7).into()).code, 404);
+        let message = service_error(store::Error::UnknownVersion(7).into()).message;
+        assert_eq!(message, "no checkpoint version 7 (unknown or deleted)");
+        assert_eq!(service_error(BadRequest("request lacks \"version\"".into())).code, 400);
+        assert_eq!(service_error(store::Error::InUse(3).into()).code, 400);
+        assert_eq!(service_error(NotHere("encoder")).code, 404);
+        let ours = service_error(anyhow!("sled: I/O error").into());
+        assert_eq!(service_error(store::Error::Other(anyhow!("sled")).into()).code, 500);
         assert_eq!((ours.code, ours.message.as_str()), (500, "sled: I/O error"));
     }
 

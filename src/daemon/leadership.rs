@@ -92,7 +92,11 @@ impl Leadership {
     /// (a server gone mid-request must not hold the shutdown), and after
     /// `limit` when one is given. A call made once the shutdown began (the
     /// last checkpoint's) is bounded by its `limit` alone.
-    pub fn nats<T>(&self, call: impl Future<Output = Result<T>>, limit: Option<Duration>) -> Result<T> {
+    pub fn nats<T, E: From<anyhow::Error>>(
+        &self,
+        call: impl Future<Output = Result<T, E>>,
+        limit: Option<Duration>,
+    ) -> Result<T, E> {
         let shutdown = self.shutdown.clone();
         let interruptible = !shutdown.is_cancelled();
         // The timers are made inside the runtime: this thread is not one of its.
@@ -101,12 +105,14 @@ impl Leadership {
                 match limit {
                     Some(limit) => tokio::time::timeout(limit, call)
                         .await
-                        .map_err(|_| anyhow!("NATS did not answer within {limit:?}"))?,
+                        .map_err(|_| E::from(anyhow!("NATS did not answer within {limit:?}")))?,
                     None => call.await,
                 }
             };
             tokio::select! {
-                _ = shutdown.cancelled(), if interruptible => Err(anyhow!("given up: the daemon is shutting down")),
+                _ = shutdown.cancelled(), if interruptible => {
+                    Err(E::from(anyhow!("given up: the daemon is shutting down")))
+                }
                 done = bounded => done,
             }
         })
@@ -118,7 +124,7 @@ impl Leadership {
     }
 
     /// Writes the cluster's active version if its revision is still `seen`.
-    pub fn set_active(&self, active: &Active, seen: Option<u64>) -> Result<u64> {
+    pub fn set_active(&self, active: &Active, seen: Option<u64>) -> Result<u64, crate::bus::Error> {
         self.nats(self.shared.set_active(active, seen), None)
     }
 

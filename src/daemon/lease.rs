@@ -12,7 +12,7 @@
 //! it is free. Deciding, not doing: the trainer and the announcer ask.
 
 use super::supervisor::Supervisor;
-use crate::bus::kv::{Conflict, LeaseEvent, Shared};
+use crate::bus::kv::{LeaseEvent, Shared};
 use anyhow::Result;
 use futures::StreamExt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -196,11 +196,19 @@ async fn lead(
 /// this node's work under the lease at once ([`Lease::epoch`] is None) and
 /// is tried again every [`RENEW_RETRY`] while the lease can't have lapsed;
 /// a renewal that then succeeds lets it lead on under the same epoch.
-async fn renew(shared: &Shared, holder: &str, revision: u64, lease: &Lease, stop: &CancellationToken) -> Result<u64> {
+async fn renew(
+    shared: &Shared,
+    holder: &str,
+    revision: u64,
+    lease: &Lease,
+    stop: &CancellationToken,
+) -> Result<u64, crate::bus::Error> {
     loop {
         match shared.renew(holder, revision).await {
             Ok(renewed) => return Ok(renewed),
-            Err(e) if e.downcast_ref::<Conflict>().is_some() || !lease.fresh() || stop.is_cancelled() => return Err(e),
+            Err(e) if matches!(e, crate::bus::Error::Conflict(_)) || !lease.fresh() || stop.is_cancelled() => {
+                return Err(e)
+            }
             Err(e) => {
                 lease.set_failing(true);
                 tracing::warn!("lease: not renewed ({e:#}); paused, trying again");

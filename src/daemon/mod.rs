@@ -13,6 +13,7 @@ pub mod checkpoints;
 pub mod commands;
 pub mod control;
 pub mod encoder;
+mod error;
 pub mod guard;
 pub mod http;
 pub mod ingest;
@@ -29,11 +30,13 @@ pub mod trainer;
 mod trainer_role;
 pub mod undeliverable;
 
+pub use error::Error;
+
 use crate::bus::Bus;
 use crate::config::Config;
 use crate::daemon::status::StatusBoard;
 use crate::daemon::supervisor::{Supervisor, Watchdog};
-use crate::store::{NeedsReopen, Store};
+use crate::store::{self, Store};
 use crate::vae::device;
 
 use crate::backoff::Backoff;
@@ -119,7 +122,7 @@ async fn migrate_on_reconnect(bus: Bus, shutdown: CancellationToken) -> Result<(
 
 /// Runs the daemon until `shutdown` (or the first part's failure, its
 /// error). When the store must be reopened (sled latched a write error and
-/// the disk takes writes again: [`NeedsReopen`]), the parts stop as on a
+/// the disk takes writes again: [`store::Error::NeedsReopen`]), the parts stop as on a
 /// shutdown and start again in this process after [`REOPEN_PAUSE`], which
 /// reopens the store: frames not acked come back from JetStream, training
 /// resumes from the active version.
@@ -127,7 +130,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     loop {
         let parts = shutdown.child_token();
         match run_parts(config.clone(), parts).await {
-            Err(e) if e.chain().any(|c| c.is::<NeedsReopen>()) && !shutdown.is_cancelled() => {
+            // The parts' failures reach here through the supervisor as anyhow errors (ingest's and
+            // the trainer's loops return anyhow), so the store's error is found in the chain.
+            Err(e) if e.chain().any(needs_reopen) && !shutdown.is_cancelled() => {
                 tracing::error!("{e:#}; the daemon's parts start again in {REOPEN_PAUSE:?}, reopening the store");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
@@ -137,6 +142,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             done => return done,
         }
     }
+}
+
+/// Whether `cause` is the store's [`store::Error::NeedsReopen`].
+fn needs_reopen(cause: &(dyn std::error::Error + 'static)) -> bool {
+    matches!(cause.downcast_ref(), Some(store::Error::NeedsReopen { .. }))
 }
 
 /// The daemon's parts, once: until `shutdown` or the first failure (its

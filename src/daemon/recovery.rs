@@ -8,7 +8,7 @@ use super::takeover;
 use super::trainer::Resumed;
 use crate::bus::Bus;
 use crate::config::Config;
-use crate::store::{Change, Damaged, Provenance, Store};
+use crate::store::{self, Change, Provenance, Store};
 use crate::vae::checkpoint::Checkpoint;
 use crate::vae::device::Device;
 use crate::vae::learner::Learner;
@@ -33,11 +33,11 @@ pub(super) fn resume(config: &Config, store: &Store, bus: &Bus, device: Device) 
             tracing::error!(version, "the active version v{version} is not in the store");
             recover(store, bus, version)?
         }
-        Err(e) if e.chain().any(|c| c.is::<Damaged>()) => {
+        Err(e @ store::Error::Damaged { .. }) => {
             tracing::error!("{e:#}");
             recover(store, bus, version)?
         }
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     };
     learner.restore(&checkpoint)?;
     tracing::info!(

@@ -110,7 +110,8 @@ async fn of_active(
 
 /// `/recon.png`: validation frames over their reconstructions.
 pub(super) async fn recon(State(ctx): State<HttpContext>) -> Response {
-    png(of_active(&ctx, &ctx.pictures.recon, "reconstruction grid", versions::recon_png).await)
+    let draw = |store: &Store, version, config: &Config| Ok(versions::recon_png(store, version, config)?);
+    png(of_active(&ctx, &ctx.pictures.recon, "reconstruction grid", draw).await)
 }
 
 /// `/interpolation.png`: two validation frames and the path between them.

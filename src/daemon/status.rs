@@ -227,7 +227,7 @@ impl StatusBoard {
     }
 
     /// A write to the store failed (`error`).
-    pub fn store_failed(&self, error: &anyhow::Error) {
+    pub fn store_failed(&self, error: &crate::store::Error) {
         self.update(|s| (s.store_write_errors, s.store_error) = (s.store_write_errors + 1, Some(format!("{error:#}"))));
     }
 
@@ -240,7 +240,7 @@ impl StatusBoard {
 
     /// A checkpoint could not be written (`error`): counted and kept for
     /// the status, not a store that can't write (frames may still go in).
-    pub fn checkpoint_failed(&self, error: &anyhow::Error) {
+    pub fn checkpoint_failed(&self, error: &crate::store::Error) {
         self.update(|s| {
             (s.store_write_errors, s.checkpoint_write_errors) =
                 (s.store_write_errors + 1, s.checkpoint_write_errors + 1);

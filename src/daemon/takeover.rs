@@ -15,10 +15,10 @@ use super::lease::Grant;
 use super::status::{LeaseRole, TrainerState};
 use super::trainer::Trainer;
 use crate::backoff::Backoff;
-use crate::bus::kv::{Active, Conflict};
+use crate::bus::kv::Active;
 use crate::bus::messages::checkpoint_envelope_object;
 use crate::bus::Bus;
-use crate::store::{Change, Damaged, Provenance};
+use crate::store::{self, Change, Provenance};
 use crate::vae::checkpoint::{now_rfc3339, Checkpoint, Metadata};
 use anyhow::{anyhow, bail, Context, Result};
 use std::sync::Arc;
@@ -78,7 +78,7 @@ impl Trainer {
         self.status
             .update(|s| (s.state, s.lease, s.epoch) = (Some(TrainerState::Standby), Some(LeaseRole::Standby), None));
         while let Ok(command) = self.commands.try_recv() {
-            let refused = || anyhow!("this trainer node is a standby; the leader answers");
+            let refused = || super::Error::from(anyhow!("this trainer node is a standby; the leader answers"));
             match command {
                 Command::Rollback { reply, .. } => drop(reply.send(Err(refused()))),
                 Command::Import { reply, .. } => drop(reply.send(Err(refused()))),
@@ -154,11 +154,11 @@ impl Trainer {
         let seen = self.leadership.cluster_active()?.map(|(_, revision)| revision);
         match self.leadership.set_active(&active, seen) {
             Ok(_) => registry.set_led_epoch(epoch)?,
-            Err(e) if e.downcast_ref::<Conflict>().is_some() => {
+            Err(e @ crate::bus::Error::Conflict(_)) => {
                 self.leadership.lose();
                 return Err(e).context("another node moved the active version while this one took over");
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
         self.status.update(|s| {
             (s.lease, s.epoch, s.active_version, s.step) = (
@@ -258,7 +258,7 @@ impl Trainer {
         let registry = self.store.registry().clone();
         let checkpoint = match registry.get(active.version) {
             Ok(Some(held)) => held,
-            Err(e) if e.chain().all(|c| !c.is::<Damaged>()) => return Err(e),
+            Err(e) if !matches!(e, store::Error::Damaged { .. }) => return Err(e.into()),
             _damaged_or_missing => {
                 let name = checkpoint_envelope_object(active.version);
                 let checkpoint = self

@@ -11,7 +11,7 @@ use super::layout::*;
 use super::Store;
 use crate::frames::wire::Reason;
 use crate::frames::{self, Frame};
-use anyhow::{ensure, Context, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::{hash_map, BTreeMap, HashMap};
@@ -277,18 +277,26 @@ impl Store {
     /// `compressed` pixels (from [`compress_frames`]), counts `rejected`,
     /// evicts the oldest past capacity, all in one atomic batch, then
     /// flushes. When this returns Ok, everything is on disk; without room
-    /// on the disk for it, nothing is written ([`super::NoRoom`]).
-    pub fn commit(&self, frames: &[Frame], compressed: Compressed, rejected: &[Reason]) -> Result<Committed> {
-        ensure!(
-            compressed.0.len() == frames.len(),
-            "{} frames but {} compressed",
-            frames.len(),
-            compressed.0.len()
-        );
+    /// on the disk for it, nothing is written ([`super::Error::NoRoom`]).
+    pub fn commit(
+        &self,
+        frames: &[Frame],
+        compressed: Compressed,
+        rejected: &[Reason],
+    ) -> Result<Committed, super::Error> {
+        if compressed.0.len() != frames.len() {
+            let (n, z) = (frames.len(), compressed.0.len());
+            return Err(anyhow!("{n} frames but {z} compressed").into());
+        }
         let bytes: u64 = compressed.0.iter().map(|z| z.len() as u64).sum();
         let _room = self.room.claim(bytes * super::room::COMMIT_FACTOR, || {
             format!("a group commit of {} frames", frames.len())
         })?;
+        Ok(self.commit_claimed(frames, compressed, rejected)?)
+    }
+
+    /// [`Store::commit`] once its room is claimed.
+    fn commit_claimed(&self, frames: &[Frame], compressed: Compressed, rejected: &[Reason]) -> Result<Committed> {
         let mut counters = self.counters.lock().unwrap();
         let mut pending = PendingCommit::new(self, counters.clone());
         let mut done = Committed::default();

@@ -33,11 +33,9 @@ mod room;
 mod upgrade;
 pub use buffer::{BufferConfig, Committed, Stats};
 pub use episodes::{Cursor, EpisodeCount, Scope};
-pub use errors::{NeedsReopen, NoRoom};
+pub use errors::Error;
 pub use layout::{compress_frames, Compressed, Split};
-pub use registry::{
-    best_by_eval, Actor, Change, Damaged, HistoryEntry, HistoryPage, InUse, Provenance, Registry, UnknownVersion,
-};
+pub use registry::{best_by_eval, Actor, Change, HistoryEntry, HistoryPage, Provenance, Registry};
 
 /// Entry points for `fuzz/` (cargo fuzz builds with `--cfg fuzzing`): the
 /// decoders of what sled holds, fed arbitrary bytes. In no normal build.
@@ -175,14 +173,14 @@ impl Store {
     }
 
     /// After a write to the store failed: Ok when it was refused for want
-    /// of room ([`NoRoom`]: sled saw nothing, the write succeeds once there
+    /// of room ([`Error::NoRoom`]: sled saw nothing, the write succeeds once there
     /// is room) or while the store's disk refuses a small write of its own
-    /// too (the caller waits for space), else a [`NeedsReopen`] to stop on.
+    /// too (the caller waits for space), else [`Error::NeedsReopen`] to stop on.
     /// sled keeps the first write error it hits and fails every later write
     /// with it, so once the disk takes writes again only reopening the
     /// store clears it.
-    pub fn check_write_failure(&self, failed: &anyhow::Error) -> Result<()> {
-        if failed.chain().any(|c| c.is::<NoRoom>()) {
+    pub fn check_write_failure(&self, failed: &Error) -> Result<(), Error> {
+        if let Error::NoRoom { .. } = failed {
             return Ok(());
         }
         let probe = self.dir.join(".write-probe");
@@ -192,11 +190,10 @@ impl Store {
                 .is_ok();
         let _ = std::fs::remove_file(&probe);
         match disk_takes_writes {
-            true => Err(NeedsReopen {
+            true => Err(Error::NeedsReopen {
                 dir: self.dir.clone(),
                 failed: format!("{failed:#}"),
-            }
-            .into()),
+            }),
             false => Ok(()),
         }
     }

@@ -18,11 +18,11 @@
 //! | `W` chunk(u32 BE)   | the pending checkpoint: a shutdown's last, made without a version number (NATS away), in chunks |
 //! | `M` name            | `next_version`, `active`, `history_next`, `history_announced` (every entry below it was announced), `led_epoch` (the lease epoch this node last led under) |
 
-pub use super::errors::{Damaged, InUse, UnknownVersion};
+use super::errors::Error;
 use super::layout::be_u64;
 use super::room::{Claim, Room, CHECKPOINT_FACTOR};
 use crate::vae::checkpoint::{now_rfc3339, Checkpoint, Metadata};
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -61,6 +61,11 @@ fn key(tag: u8, n: u64) -> Vec<u8> {
 }
 /// Where the pending checkpoint's chunks live (`W` chunk).
 const PENDING: &[u8] = b"W";
+/// A version's metadata as its `D` key holds it.
+fn encode_metadata(metadata: &Metadata) -> Result<Vec<u8>> {
+    Ok(rmp_serde::to_vec_named(metadata)?)
+}
+
 fn meta(counter: Counter) -> Vec<u8> {
     [b"M", counter.name().as_bytes()].concat()
 }
@@ -127,19 +132,19 @@ impl Registry {
     }
 
     /// Writes a version back from a good copy (the same version, such as
-    /// the object store's, sha256 checked by the caller): a [`Damaged`]
+    /// the object store's, sha256 checked by the caller): an [`Error::Damaged`]
     /// version made whole again, or one this store numbered but no longer
     /// holds whole (forgotten at open) put back. Never a number the store
-    /// has not handed out ([`UnknownVersion`]): new versions are `add`'s.
-    pub fn repair(&self, checkpoint: &Checkpoint) -> Result<()> {
+    /// has not handed out ([`Error::UnknownVersion`]): new versions are `add`'s.
+    pub fn repair(&self, checkpoint: &Checkpoint) -> Result<(), Error> {
         let _guard = self.serialised();
         let version = checkpoint.metadata.version;
         if version >= self.next_free()? {
-            return Err(UnknownVersion(version).into());
+            return Err(Error::UnknownVersion(version));
         }
         let mut batch = sled::Batch::default();
         let _room = self.put_chunks(&mut batch, &key(b'V', version), checkpoint)?;
-        batch.insert(key(b'D', version), rmp_serde::to_vec_named(&checkpoint.metadata)?);
+        batch.insert(key(b'D', version), encode_metadata(&checkpoint.metadata)?);
         self.tree.apply_batch(batch)?;
         self.db.flush()?;
         Ok(())
@@ -155,10 +160,10 @@ impl Registry {
 
     /// Adds to `batch` `checkpoint`'s envelope under `prefix` in pieces of
     /// [`CHUNK_BYTES`] (`prefix` chunk(u32 BE)), replacing what was there,
-    /// once the disk has room for it ([`super::NoRoom`] else): the room
+    /// once the disk has room for it ([`Error::NoRoom`] else): the room
     /// stays claimed while the returned [`Claim`] lives (until the batch
     /// is applied and flushed).
-    fn put_chunks(&self, batch: &mut sled::Batch, prefix: &[u8], checkpoint: &Checkpoint) -> Result<Claim> {
+    fn put_chunks(&self, batch: &mut sled::Batch, prefix: &[u8], checkpoint: &Checkpoint) -> Result<Claim, Error> {
         let bytes = checkpoint.to_bytes()?;
         let what = || match prefix == PENDING {
             true => format!("the pending checkpoint ({:.1} MB)", bytes.len() as f64 / 1e6),
@@ -229,23 +234,27 @@ impl Registry {
         given: Option<u64>,
         make: impl FnOnce(u64) -> Result<Checkpoint>,
         provenance: &Provenance,
-    ) -> Result<Checkpoint> {
+    ) -> Result<Checkpoint, Error> {
         let _guard = self.serialised();
         let next = self.next_free()?;
         let version = given.unwrap_or(next);
         if version < next {
-            bail!("v{version} is below this store's next version number v{next}: numbers are never reused");
+            return Err(anyhow!(
+                "v{version} is below this store's next version number v{next}: numbers are never reused"
+            )
+            .into());
         }
         let checkpoint = make(version)?;
         if checkpoint.metadata.version != version {
-            bail!(
+            return Err(anyhow!(
                 "checkpoint built as v{} but v{version} was allocated",
                 checkpoint.metadata.version
-            );
+            )
+            .into());
         }
         let mut batch = sled::Batch::default();
         let _room = self.put_chunks(&mut batch, &key(b'V', version), &checkpoint)?;
-        batch.insert(key(b'D', version), rmp_serde::to_vec_named(&checkpoint.metadata)?);
+        batch.insert(key(b'D', version), encode_metadata(&checkpoint.metadata)?);
         batch.insert(meta(Counter::NextVersion), &(version + 1).to_be_bytes());
         self.activate_in(&mut batch, version, provenance)?;
         self.tree.apply_batch(batch)?;
@@ -256,14 +265,14 @@ impl Registry {
     /// Makes an existing version active, once its stored bytes decode and
     /// match their sha256 (a damaged version is never made active). Returns
     /// the previous active version.
-    pub fn activate(&self, version: u64, provenance: &Provenance) -> Result<Option<u64>> {
+    pub fn activate(&self, version: u64, provenance: &Provenance) -> Result<Option<u64>, Error> {
         let _guard = self.serialised();
         if self
             .get(version)
             .with_context(|| format!("v{version} is not made active"))?
             .is_none()
         {
-            return Err(UnknownVersion(version).into());
+            return Err(Error::UnknownVersion(version));
         }
         let mut batch = sled::Batch::default();
         let from = self.activate_in(&mut batch, version, provenance)?;
@@ -282,19 +291,16 @@ impl Registry {
         Ok(self.tree.contains_key(key(b'D', version))?)
     }
 
-    /// A whole checkpoint, its sha256 verified ([`Damaged`] when that fails).
-    pub fn get(&self, version: u64) -> Result<Option<Checkpoint>> {
+    /// A whole checkpoint, its sha256 verified ([`Error::Damaged`] when that fails).
+    pub fn get(&self, version: u64) -> Result<Option<Checkpoint>, Error> {
         // A schema 1 store has one piece under the bare prefix.
         let bytes = self.read_chunks(&key(b'V', version))?;
         if bytes.is_empty() {
             return Ok(None);
         }
-        Checkpoint::from_bytes(&bytes).map(Some).map_err(|e| {
-            Damaged {
-                version,
-                why: format!("{e:#}"),
-            }
-            .into()
+        Checkpoint::from_bytes(&bytes).map(Some).map_err(|e| Error::Damaged {
+            version,
+            why: format!("{e:#}"),
         })
     }
 
@@ -325,10 +331,10 @@ impl Registry {
     }
 
     /// Pins (kept by retention) or unpins a version.
-    pub fn set_pinned(&self, version: u64, pinned: bool) -> Result<()> {
+    pub fn set_pinned(&self, version: u64, pinned: bool) -> Result<(), Error> {
         let _guard = self.serialised();
         if !self.contains(version)? {
-            return Err(UnknownVersion(version).into());
+            return Err(Error::UnknownVersion(version));
         }
         if pinned {
             self.tree.insert(key(b'P', version), &[])?;
@@ -340,12 +346,12 @@ impl Registry {
     }
 
     /// Deletes a version (never the active one). Returns its metadata.
-    pub fn delete(&self, version: u64) -> Result<Metadata> {
+    pub fn delete(&self, version: u64) -> Result<Metadata, Error> {
         let _guard = self.serialised();
         if self.counter(Counter::Active)? == Some(version) {
-            return Err(InUse(version).into());
+            return Err(Error::InUse(version));
         }
-        let metadata = self.metadata(version)?.ok_or(UnknownVersion(version))?;
+        let metadata = self.metadata(version)?.ok_or(Error::UnknownVersion(version))?;
         let mut batch = sled::Batch::default();
         self.remove_chunks(&mut batch, &key(b'V', version))?;
         for tag in [b'D', b'P'] {
@@ -380,7 +386,7 @@ impl Registry {
 
     /// Keeps `checkpoint` (version 0: no number could be had) as the
     /// pending one, replacing any before it; flushed before it returns.
-    pub fn set_pending(&self, checkpoint: &Checkpoint) -> Result<()> {
+    pub fn set_pending(&self, checkpoint: &Checkpoint) -> Result<(), Error> {
         let _guard = self.serialised();
         let mut batch = sled::Batch::default();
         let _room = self.put_chunks(&mut batch, PENDING, checkpoint)?;
@@ -389,19 +395,16 @@ impl Registry {
         Ok(())
     }
 
-    /// The pending checkpoint, if one is kept ([`Damaged`] when it does
-    /// not decode).
-    pub fn pending(&self) -> Result<Option<Checkpoint>> {
+    /// The pending checkpoint, if one is kept ([`Error::Damaged`] when it
+    /// does not decode).
+    pub fn pending(&self) -> Result<Option<Checkpoint>, Error> {
         let bytes = self.read_chunks(PENDING)?;
         if bytes.is_empty() {
             return Ok(None);
         }
-        Checkpoint::from_bytes(&bytes).map(Some).map_err(|e| {
-            Damaged {
-                version: 0,
-                why: format!("the pending checkpoint: {e:#}"),
-            }
-            .into()
+        Checkpoint::from_bytes(&bytes).map(Some).map_err(|e| Error::Damaged {
+            version: 0,
+            why: format!("the pending checkpoint: {e:#}"),
         })
     }
 

@@ -8,14 +8,14 @@
 //! returns (both seen on a 120 MB tmpfs; `tests/disk_faults.rs`). So each
 //! write claims what sled will take for it, plus [`RESERVE_BYTES`], against
 //! the disk's free bytes less what writes in flight have claimed, and is
-//! refused with [`NoRoom`] before it starts when that is short: sled then
+//! refused with [`Error::NoRoom`] before it starts when that is short: sled then
 //! holds no error, and the write succeeds once there is room again.
 //!
 //! With the `failpoints` feature, `FAILPOINTS=store-write=return(FLAG)`
 //! makes the disk read as having the bytes the file FLAG holds free (none
 //! when it is empty) while FLAG exists: tests fill and free it at will.
 
-pub(super) use super::errors::NoRoom;
+use super::errors::Error;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -73,15 +73,15 @@ impl Room {
     }
 
     /// Claims room for a write that takes `bytes` on disk, plus the
-    /// reserve; [`NoRoom`] when the disk has less free than that beyond
+    /// reserve; [`Error::NoRoom`] when the disk has less free than that beyond
     /// what other writes claimed.
-    pub(super) fn claim(&self, bytes: u64, what: impl FnOnce() -> String) -> Result<Claim, NoRoom> {
+    pub(super) fn claim(&self, bytes: u64, what: impl FnOnce() -> String) -> Result<Claim, Error> {
         let mut claimed = self.0.claimed();
         // A disk whose free space can't be read is left to sled to find full.
         let free = self.free_bytes().unwrap_or(u64::MAX).saturating_sub(*claimed);
         let needed = bytes.saturating_add(RESERVE_BYTES);
         if free < needed {
-            return Err(NoRoom {
+            return Err(Error::NoRoom {
                 what: what(),
                 needed,
                 free,
@@ -144,10 +144,10 @@ mod tests {
             .claim(1 << 30, || "a checkpoint".into())
             .err()
             .expect("no room beyond the first claim");
-        assert_eq!(
-            (refused.what.as_str(), refused.needed),
-            ("a checkpoint", (1 << 30) + RESERVE_BYTES)
-        );
+        let Error::NoRoom { what, needed, .. } = &refused else {
+            panic!("{refused}")
+        };
+        assert_eq!((what.as_str(), *needed), ("a checkpoint", (1 << 30) + RESERVE_BYTES));
         assert!(refused.to_string().contains("No space left on device"), "{refused}");
         drop(held);
         room.claim(4 << 20, || "a group commit".into()).unwrap();

@@ -14,7 +14,7 @@ use crate::frames::npy::{utf32, NpzWriter};
 use crate::series::{EpisodeRows, Pages, Row};
 use crate::store::{Cursor, EpisodeCount, Scope};
 use crate::tools::progress::Progress;
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::io::Write;
@@ -127,7 +127,7 @@ fn finished(dir: &Path) -> Result<Vec<IndexEntry>> {
 /// as one run of pages, so every encoded batch is full but the last (a
 /// page is not cut at an episode's end); each episode's file is written
 /// as soon as its last row has come.
-pub async fn write(pages: &impl Pages, scope: &Scope, dir: &Path) -> Result<SeriesReport> {
+pub async fn write<P: Pages>(pages: &P, scope: &Scope, dir: &Path) -> Result<SeriesReport, P::Error> {
     let (version, sha256) = pages.version();
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     claim(dir, version, sha256)?;
@@ -209,25 +209,25 @@ impl Output<'_> {
 /// The episodes of `run` (consecutive in the store), a page at a time from
 /// `scope`, each written once its rows are all there. Episodes stored
 /// since the listing are passed over; the pages stop past the run's last.
-async fn write_run(
-    pages: &impl Pages,
+async fn write_run<P: Pages>(
+    pages: &P,
     mut scope: Scope,
     run: &[EpisodeCount],
     out: &mut Output<'_>,
     progress: &mut Progress,
-) -> Result<()> {
+) -> Result<(), P::Error> {
     let wanted: HashSet<(&str, &str)> = run.iter().map(|e| (e.source.as_str(), e.episode.as_str())).collect();
     let last = run.last().map(|e| (e.source.as_str(), e.episode.as_str()));
     let mut current: Option<EpisodeRows> = None;
     loop {
         let page = pages.page(scope.clone()).await?;
         if page.version != out.version {
-            bail!("asked for v{}, got a page of v{}", out.version, page.version);
+            return Err(anyhow!("asked for v{}, got a page of v{}", out.version, page.version).into());
         }
         for group in page.episodes {
             let name = (group.source.as_str(), group.episode.as_str());
             if last.is_some_and(|last| name > last) {
-                return finish(current, out);
+                return Ok(finish(current, out)?);
             }
             if !wanted.contains(&name) {
                 continue;
@@ -242,8 +242,10 @@ async fn write_run(
         }
         match page.next {
             Some(next) if scope.after.as_ref().is_none_or(|a| next > *a) => scope.after = Some(next),
-            Some(next) => bail!("the pages do not move on (next {next:?} after {:?})", scope.after),
-            None => return finish(current, out),
+            Some(next) => {
+                return Err(anyhow!("the pages do not move on (next {next:?} after {:?})", scope.after).into())
+            }
+            None => return Ok(finish(current, out)?),
         }
     }
 }

@@ -8,7 +8,7 @@ use super::Work;
 use crate::backoff::Backoff;
 use crate::bus::kv::Active;
 use crate::bus::messages::weights_object;
-use crate::bus::{Bus, TooLarge};
+use crate::bus::Bus;
 use crate::vae::checkpoint::sha256_hex;
 use crate::vae::device::Device;
 use crate::vae::learner::Network;
@@ -106,11 +106,11 @@ async fn load_active(
     let version = active.version;
     let fetch = || async {
         match bus.get_object(&weights_object(version)).await {
-            Err(e) if e.is::<TooLarge>() => {
+            Err(e @ crate::bus::Error::TooLarge { .. }) => {
                 tracing::error!(version, "encoder: the active version's weights are refused: {e:#}");
                 Ok(None)
             }
-            fetched => fetched,
+            fetched => fetched.map_err(anyhow::Error::from),
         }
     };
     let failed = |e: &anyhow::Error, next| {

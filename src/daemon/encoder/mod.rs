@@ -25,11 +25,12 @@ mod worker;
 use super::status::{EncoderState, Heart, StatusBoard, IDLE_TICK};
 use super::supervisor::Supervisor;
 use super::undeliverable::{self, Failures};
+use super::Error;
 use crate::bus::messages::{DecodeReply, LatentMessage};
 use crate::bus::{Bus, Delivery, FrameConsumer, LatentPublisher};
 use crate::config::Config;
 use crate::frames::Frame;
-use crate::store::UnknownVersion;
+use crate::store;
 use crate::vae::device::Device;
 use crate::vae::learner::Network;
 use crate::vae::model::VaeConfig;
@@ -74,13 +75,13 @@ enum Work {
     Encode {
         frame: Frame,
         version: Option<u64>,
-        reply: oneshot::Sender<Result<LatentMessage>>,
+        reply: oneshot::Sender<Result<LatentMessage, Error>>,
     },
     /// The `decode` endpoint: latents (N x z_size, row-major) to frames.
     Decode {
         z: Vec<f32>,
         version: Option<u64>,
-        reply: oneshot::Sender<Result<DecodeReply>>,
+        reply: oneshot::Sender<Result<DecodeReply, Error>>,
     },
     /// Newly active weights, loaded and warmed off this thread.
     Switch { version: u64, net: Box<Network> },
@@ -89,12 +90,6 @@ enum Work {
     /// Nothing to do (the feed is idle): the worker beats all the same.
     Tick,
 }
-
-/// A request for a version this encoder has not loaded: the handle fetches
-/// its weights and asks again.
-#[derive(Debug, thiserror::Error)]
-#[error("v{0} is not loaded here")]
-struct NotLoaded(u64);
 
 /// A handle for the `encode` and `decode` endpoints; clones share the worker.
 #[derive(Clone)]
@@ -108,7 +103,7 @@ pub struct EncoderHandle {
 impl EncoderHandle {
     /// Encodes one preprocessed frame with the weights the latents use
     /// now, or with `version`'s.
-    pub async fn encode(&self, frame: Frame, version: Option<u64>) -> Result<LatentMessage> {
+    pub async fn encode(&self, frame: Frame, version: Option<u64>) -> Result<LatentMessage, Error> {
         self.ask(|reply| Work::Encode {
             frame: frame.clone(),
             version,
@@ -119,7 +114,7 @@ impl EncoderHandle {
 
     /// Decodes latents (N x z_size, row-major) to uint8 frames with the
     /// active version's weights, or with `version`'s.
-    pub async fn decode(&self, z: Vec<f32>, version: Option<u64>) -> Result<DecodeReply> {
+    pub async fn decode(&self, z: Vec<f32>, version: Option<u64>) -> Result<DecodeReply, Error> {
         self.ask(|reply| Work::Decode {
             z: z.clone(),
             version,
@@ -131,19 +126,20 @@ impl EncoderHandle {
     /// Hands `work` to the worker; when it names a version not loaded
     /// there, fetches that version's weights (checked against their
     /// announcement), loads them and asks again.
-    async fn ask<T>(&self, work: impl Fn(oneshot::Sender<Result<T>>) -> Work) -> Result<T> {
+    async fn ask<T>(&self, work: impl Fn(oneshot::Sender<Result<T, Error>>) -> Work) -> Result<T, Error> {
         let first = self.send(&work).await;
-        let Err(e) = &first else { return first };
-        let Some(NotLoaded(version)) = e.downcast_ref::<NotLoaded>().map(|n| NotLoaded(n.0)) else {
+        let Err(Error::NotLoaded(version)) = first else {
             return first;
         };
         let weights = self
             .bus
             .announced_weights(version)
             .await?
-            .ok_or(UnknownVersion(version))?;
+            .ok_or(store::Error::UnknownVersion(version))?;
         let (vae, device) = (self.vae, self.device);
-        let net = tokio::task::spawn_blocking(move || follow::warmed(device, vae, version, &weights)).await??;
+        let net = tokio::task::spawn_blocking(move || follow::warmed(device, vae, version, &weights))
+            .await
+            .map_err(anyhow::Error::from)??;
         self.queue
             .send(Work::Pin {
                 version,
@@ -155,7 +151,7 @@ impl EncoderHandle {
         self.send(&work).await
     }
 
-    async fn send<T>(&self, work: &impl Fn(oneshot::Sender<Result<T>>) -> Work) -> Result<T> {
+    async fn send<T>(&self, work: &impl Fn(oneshot::Sender<Result<T, Error>>) -> Work) -> Result<T, Error> {
         let (reply, answer) = oneshot::channel();
         self.queue
             .send(work(reply))

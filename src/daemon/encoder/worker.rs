@@ -5,11 +5,12 @@
 //! pinned encode requests, and switches weights between two micro-batches.
 //! Storing and acking the latents is the publisher's (`mod.rs`).
 
-use super::{Encoded, NotLoaded, Work, PINNED_KEPT};
+use super::{Encoded, Work, PINNED_KEPT};
 use crate::bus::messages::{DecodeReply, LatentMessage};
 use crate::bus::Delivery;
 use crate::daemon::status::{EncoderState, Heart, StatusBoard};
 use crate::daemon::undeliverable::Failures;
+use crate::daemon::Error;
 use crate::frames::preprocess::Policy;
 use crate::frames::{wire, Frame};
 use crate::vae::learner::Network;
@@ -115,28 +116,28 @@ impl Worker {
     }
 
     /// The network of `version` (the active one when None), with its
-    /// number; [`NotLoaded`] for a version not held here.
-    fn net_for(&self, version: Option<u64>) -> Result<(u64, &Network)> {
+    /// number; [`Error::NotLoaded`] for a version not held here.
+    fn net_for(&self, version: Option<u64>) -> Result<(u64, &Network), Error> {
         let active = self.version.map(|v| (v, &self.net));
         match version {
-            None => active.context("this encoder has no version yet"),
+            None => Ok(active.context("this encoder has no version yet")?),
             Some(v) if self.version == Some(v) => Ok((v, &self.net)),
             Some(v) => self
                 .pinned
                 .iter()
                 .find(|(p, _)| *p == v)
                 .map(|(p, net)| (*p, net))
-                .ok_or_else(|| NotLoaded(v).into()),
+                .ok_or(Error::NotLoaded(v)),
         }
     }
 
     /// Latent messages for `frames` by the active version, naming it.
     fn encode(&self, frames: &[Frame]) -> Result<Vec<LatentMessage>> {
-        self.encode_with(None, frames)
+        Ok(self.encode_with(None, frames)?)
     }
 
     /// Latent messages for `frames` by `version` (the active one when None), naming it.
-    fn encode_with(&self, version: Option<u64>, frames: &[Frame]) -> Result<Vec<LatentMessage>> {
+    fn encode_with(&self, version: Option<u64>, frames: &[Frame]) -> Result<Vec<LatentMessage>, Error> {
         let (version, net) = self.net_for(version)?;
         poisoned(frames)?;
         let pixels: Vec<u8> = frames.iter().flat_map(|f| f.pixels.iter().copied()).collect();

@@ -4,7 +4,7 @@
 use super::*;
 
 fn commit(store: &Store, frames: &[Frame], rejected: &[Reason]) -> Result<Committed> {
-    store.commit(frames, compress_frames(frames), rejected)
+    Ok(store.commit(frames, compress_frames(frames), rejected)?)
 }
 
 fn frame(source: &str, episode: &str, step: u64) -> Frame {

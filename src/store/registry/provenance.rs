@@ -32,7 +32,7 @@ pub enum Change {
     /// object store's full checkpoint).
     #[serde(rename = "takeover")]
     Takeover,
-    /// The daemon's rollback past an active version found [`Damaged`] in
+    /// The daemon's rollback past an active version found [`crate::store::Error::Damaged`] in
     /// the store, with no copy of it in the object store.
     #[serde(rename = "recovery from a damaged version")]
     Recovery,
