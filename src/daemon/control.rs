@@ -269,10 +269,29 @@ async fn answer_trainer(
             let (v, config) = (version()?, ctx.config.clone());
             blocking(move || versions::recon_png(&store, v, &config)).await
         }
+        Endpoint::Rollback | Endpoint::Pin | Endpoint::Unpin | Endpoint::Delete => {
+            change(&commands, endpoint, version()?, by, request.reason.clone()).await
+        }
+        Endpoint::Import => import(ctx, &commands, &request, by).await,
+        Endpoint::Status | Endpoint::Encode | Endpoint::Decode | Endpoint::SeriesEpisodes | Endpoint::SeriesPage => {
+            Err(anyhow!("{} is not a trainer endpoint", endpoint.name()).into())
+        }
+    }
+}
+
+/// A change of one version the trainer makes between two steps: roll
+/// back to it, pin or unpin it, delete it.
+async fn change(
+    commands: &mpsc::Sender<Command>,
+    endpoint: Endpoint,
+    v: u64,
+    by: String,
+    reason: Option<String>,
+) -> Result<Vec<u8>, Error> {
+    match endpoint {
         Endpoint::Rollback => {
-            let (v, reason) = (version()?, request.reason.clone());
             let provenance = Provenance::operator(Change::Rollback, by, reason);
-            let from = ask_trainer(&commands, |reply| Command::Rollback {
+            let from = ask_trainer(commands, |reply| Command::Rollback {
                 version: v,
                 provenance,
                 reply,
@@ -281,8 +300,8 @@ async fn answer_trainer(
             json(&serde_json::json!({ "from": from, "to": v }))
         }
         Endpoint::Pin | Endpoint::Unpin => {
-            let (v, pinned) = (version()?, endpoint == Endpoint::Pin);
-            ask_trainer(&commands, |reply| Command::Pin {
+            let pinned = endpoint == Endpoint::Pin;
+            ask_trainer(commands, |reply| Command::Pin {
                 version: v,
                 pinned,
                 reply,
@@ -290,44 +309,47 @@ async fn answer_trainer(
             .await?;
             json(&serde_json::json!({ "version": v, "pinned": pinned }))
         }
-        Endpoint::Delete => {
-            let v = version()?;
-            json(&ask_trainer(&commands, |reply| Command::Delete { version: v, reply }).await?)
-        }
-        Endpoint::Import => {
-            let object = request
-                .object
-                .clone()
-                .ok_or_else(|| BadRequest("request lacks \"object\"".into()))?;
-            if !object.starts_with(IMPORTS_PREFIX) {
-                return Err(BadRequest(format!(
-                    "only uploads under {IMPORTS_PREFIX} can be imported, not {object}"
-                )));
-            }
-            let weights = match ctx.bus.get_object_at_most(&object, MAX_IMPORT_BYTES).await {
-                Ok(Some(weights)) => weights,
-                Ok(None) => return Err(BadRequest(format!("no uploaded object {object}"))),
-                Err(e @ crate::bus::Error::TooLarge { .. }) => return Err(BadRequest(format!("{e:#}"))),
-                Err(e) => return Err(e.into()),
-            };
-            versions::check_weights(&weights, &object, &ctx.config).map_err(|e| BadRequest(format!("{e:#}")))?;
-            let (origin, reason) = (object.clone(), request.reason.clone());
-            let provenance = Provenance::operator(Change::Import, by, reason);
-            let imported = ask_trainer(&commands, |reply| Command::Import {
-                weights,
-                origin,
-                provenance,
-                reply,
-            })
-            .await?;
-            // The upload is gone only once it is a version; a refused one stays for the operator to look at.
-            ctx.bus.delete_object(&object).await?;
-            json(&imported)
-        }
-        Endpoint::Status | Endpoint::Encode | Endpoint::Decode | Endpoint::SeriesEpisodes | Endpoint::SeriesPage => {
-            Err(anyhow!("{} is not a trainer endpoint", endpoint.name()).into())
-        }
+        Endpoint::Delete => json(&ask_trainer(commands, |reply| Command::Delete { version: v, reply }).await?),
+        _ => Err(anyhow!("{} changes no version", endpoint.name()).into()),
     }
+}
+
+/// An upload under [`IMPORTS_PREFIX`] made a version by the trainer, then
+/// deleted (a refused one stays for the operator to look at).
+async fn import(
+    ctx: &Context,
+    commands: &mpsc::Sender<Command>,
+    request: &CheckpointRequest,
+    by: String,
+) -> Result<Vec<u8>, Error> {
+    let object = request
+        .object
+        .clone()
+        .ok_or_else(|| BadRequest("request lacks \"object\"".into()))?;
+    if !object.starts_with(IMPORTS_PREFIX) {
+        return Err(BadRequest(format!(
+            "only uploads under {IMPORTS_PREFIX} can be imported, not {object}"
+        )));
+    }
+    let weights = match ctx.bus.get_object_at_most(&object, MAX_IMPORT_BYTES).await {
+        Ok(Some(weights)) => weights,
+        Ok(None) => return Err(BadRequest(format!("no uploaded object {object}"))),
+        Err(e @ crate::bus::Error::TooLarge { .. }) => return Err(BadRequest(format!("{e:#}"))),
+        Err(e) => return Err(e.into()),
+    };
+    versions::check_weights(&weights, &object, &ctx.config).map_err(|e| BadRequest(format!("{e:#}")))?;
+    let (origin, reason) = (object.clone(), request.reason.clone());
+    let provenance = Provenance::operator(Change::Import, by, reason);
+    let imported = ask_trainer(commands, |reply| Command::Import {
+        weights,
+        origin,
+        provenance,
+        reply,
+    })
+    .await?;
+    // The upload is gone only once it is a version; a refused one stays for the operator to look at.
+    ctx.bus.delete_object(&object).await?;
+    json(&imported)
 }
 
 /// The handler for every [`Endpoint`].
