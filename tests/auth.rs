@@ -384,6 +384,11 @@ async fn role_client(url: &str, user: &str, password: &str) -> (async_nats::Clie
     (client, complaints)
 }
 
+/// How long an allowed request may take to be answered: past a
+/// checkpoint's writing on a loaded box (the changes wait for the trainer's
+/// next step).
+const ANSWER_PATIENCE: Duration = Duration::from_secs(15);
+
 /// A request each endpoint answers without changing anything (an unknown
 /// version, an object that is not there, a frame that does not decode).
 fn harmless(endpoint: Endpoint) -> &'static [u8] {
@@ -483,7 +488,18 @@ async fn roles_keep_rollback_to_operators() {
             ("reader", &reader, !changes.contains(&endpoint)),
             ("operator", &operator, true),
         ] {
-            let answered = client.request(subject.clone(), harmless(endpoint).into()).await.is_ok();
+            // A change waits for the trainer's next step (a checkpoint being
+            // written takes seconds on a loaded box): an answer may take that
+            // long; a refused request has no answer, so a second shows it.
+            let patience = if allowed {
+                ANSWER_PATIENCE
+            } else {
+                Duration::from_secs(1)
+            };
+            let request = async_nats::Request::new()
+                .payload(harmless(endpoint).into())
+                .timeout(Some(patience));
+            let answered = client.send_request(subject.clone(), request).await.is_ok();
             assert_eq!(
                 answered, allowed,
                 "{user} on {subject}: answered {answered}, the roles say {allowed}"
