@@ -181,6 +181,8 @@ pub(super) async fn publish_events(
             tracing::warn!("publishing {what}: {error:#}; trying again in {:?}", pause.next);
             pause.sleep().await;
         }
+        drop(event); // the checkpoint's bytes, once the trainer holds them no more
+        super::memory::release_freed_later();
     }
     Ok(())
 }

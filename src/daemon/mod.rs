@@ -19,6 +19,7 @@ pub mod http;
 pub mod ingest;
 pub mod leadership;
 pub mod lease;
+mod memory;
 pub mod metrics;
 pub mod recovery;
 pub mod sampler;

@@ -136,7 +136,10 @@ async fn load_active(
         );
         return Ok(None);
     }
-    match tokio::task::spawn_blocking(move || warmed(device, vae, version, &weights)).await? {
+    let loaded = tokio::task::spawn_blocking(move || warmed(device, vae, version, &weights)).await?;
+    // The fetched bytes and the warm-up's activations are freed by now.
+    crate::daemon::memory::release_freed_later();
+    match loaded {
         Ok(net) => Ok(Some(net)),
         Err(e) => {
             tracing::error!(
