@@ -104,7 +104,7 @@ impl Trainer {
             tracing::warn!("checkpoint skipped: non-finite loss");
             return Ok(None);
         }
-        let parent = self.active()?.metadata.version;
+        let parent = self.active()?.version;
         let diagnostics = match judged {
             Judged::Fully => self.diagnose()?,
             Judged::TrainingLossOnly => None,
@@ -197,7 +197,7 @@ impl Trainer {
                 .context("daemon event queue closed")?,
             Err(e) => tracing::warn!(version, "v{version} stays unannounced in the store: {e:#}"),
         }
-        self.active = Some(checkpoint);
+        self.active = Some(checkpoint.metadata.clone());
         self.status.update(|s| s.active_version = Some(version));
         Ok(())
     }

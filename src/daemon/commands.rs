@@ -53,7 +53,7 @@ impl Trainer {
     /// version) returns: the active version, then each time one version
     /// further back along its parents; None when that one is gone.
     pub(super) fn rollback_target(&self, attempt: u32) -> Result<Option<u64>> {
-        let mut version = self.active()?.metadata.version;
+        let mut version = self.active()?.version;
         let registry = self.store.registry();
         for _ in 1..attempt {
             let Some(parent) = registry.metadata(version)?.and_then(|m| m.parent) else {
@@ -75,7 +75,7 @@ impl Trainer {
         let to = Arc::new(versions::checkpoint(&self.store, version)?);
         self.learner.restore(&to)?;
         let from = self.store.registry().activate(version, &provenance)?;
-        self.active = Some(to.clone());
+        self.active = Some(to.metadata.clone());
         self.status.update(|s| s.active_version = Some(version));
         let reason = provenance.reason.unwrap_or_else(|| provenance.why.to_string());
         self.events

@@ -13,7 +13,6 @@ use crate::vae::checkpoint::Checkpoint;
 use crate::vae::device::Device;
 use crate::vae::learner::Learner;
 use anyhow::{bail, Result};
-use std::sync::Arc;
 
 /// The learner resumed from this store's active version, if it has one;
 /// else fresh weights (which become version 1 only if this node leads a new
@@ -45,7 +44,7 @@ pub(super) fn resume(config: &Config, store: &Store, bus: &Bus, device: Device) 
         step = learner.steps(),
         "resumed from the active checkpoint"
     );
-    Ok((learner, Some(Arc::new(checkpoint))))
+    Ok((learner, Some(checkpoint.metadata)))
 }
 
 /// For an active `version` damaged or missing in the store: the object

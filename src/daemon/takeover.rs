@@ -21,7 +21,6 @@ use crate::bus::Bus;
 use crate::store::{self, Change, Provenance};
 use crate::vae::checkpoint::{now_rfc3339, Checkpoint, Metadata};
 use anyhow::{anyhow, bail, Context, Result};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long a standby sleeps between looks at the lease.
@@ -55,7 +54,7 @@ pub(super) async fn object_store_copy(bus: &Bus, version: u64, sha256: Option<&s
 
 impl Trainer {
     /// The active checkpoint, which a leader always has.
-    pub(super) fn active(&self) -> Result<&Arc<Checkpoint>> {
+    pub(super) fn active(&self) -> Result<&Metadata> {
         self.active
             .as_ref()
             .context("no active version yet: this node has not led")
@@ -135,7 +134,7 @@ impl Trainer {
             .iter()
             .any(|h| matches!(h.why, Change::Rollback | Change::Import | Change::Recovery));
         let cluster = self.leadership.cluster_active()?.map(|(active, _)| active);
-        let mine = self.active.as_ref().map(|a| a.metadata.version);
+        let mine = self.active.as_ref().map(|a| a.version);
         match cluster {
             Some(active) if !operator_changes && mine != Some(active.version) && !self.continues(&active)? => {
                 self.catch_up(&active)?
@@ -149,7 +148,7 @@ impl Trainer {
         let offline_changes = announce::publish_offline_changes(bus, &self.store, lease, epoch);
         self.leadership.nats(offline_changes, None)?;
         // Fence: `active` rewritten under this epoch; an older leader's compare-and-set now fails.
-        let (version, sha256) = (self.active()?.metadata.version, self.active()?.metadata.sha256.clone());
+        let (version, sha256) = (self.active()?.version, self.active()?.sha256.clone());
         let active = Active { version, sha256, epoch };
         let seen = self.leadership.cluster_active()?.map(|(_, revision)| revision);
         match self.leadership.set_active(&active, seen) {
@@ -181,7 +180,7 @@ impl Trainer {
             return Ok(false);
         }
         let version = active.version;
-        let mut parent = self.active.as_ref().and_then(|a| a.metadata.parent);
+        let mut parent = self.active.as_ref().and_then(|a| a.parent);
         while let Some(p) = parent {
             if p == version {
                 return Ok(true);
@@ -204,7 +203,7 @@ impl Trainer {
                 return registry.clear_pending();
             }
         };
-        let (active, step) = (self.active()?.metadata.version, pending.metadata.step);
+        let (active, step) = (self.active()?.version, pending.metadata.step);
         if pending.metadata.parent == Some(active) {
             let version = self.allocate_version(None)?;
             let make = move |version| {
@@ -219,7 +218,7 @@ impl Trainer {
             let checkpoint = registry.add(Some(version), make, &Provenance::daemon(Change::Trained))?;
             self.learner.restore(&checkpoint)?;
             tracing::info!(version, step, "the last shutdown's pending checkpoint is v{version}");
-            self.active = Some(Arc::new(checkpoint));
+            self.active = Some(checkpoint.metadata);
         } else {
             tracing::warn!(
                 step,
@@ -246,7 +245,7 @@ impl Trainer {
             &Provenance::daemon(Change::Initial),
         )?;
         tracing::info!(version, "initial weights written");
-        self.active = Some(Arc::new(checkpoint));
+        self.active = Some(checkpoint.metadata);
         Ok(())
     }
 
@@ -296,7 +295,7 @@ impl Trainer {
             step = self.learner.steps(),
             "resumed from the cluster's active version"
         );
-        self.active = Some(Arc::new(checkpoint));
+        self.active = Some(checkpoint.metadata);
         Ok(())
     }
 }

@@ -58,9 +58,11 @@ pub struct Trainer {
     pub(super) config: Config,
     pub(super) store: Store,
     pub(super) learner: Learner,
-    /// The active checkpoint: the last good one, where rollbacks return.
-    /// None until this node first leads on an empty store.
-    pub(super) active: Option<Arc<Checkpoint>>,
+    /// The active version's metadata: the last good one, where rollbacks
+    /// return (its bytes are read from the store then: holding them here
+    /// kept ~52 MB resident for nothing). None until this node first leads
+    /// on an empty store.
+    pub(super) active: Option<Metadata>,
     pub(super) events: mpsc::Sender<Event>,
     pub(super) status: StatusBoard,
     pub(super) commands: mpsc::Receiver<Command>,
@@ -72,8 +74,8 @@ pub struct Trainer {
     pub(super) auto_rollbacks_in_a_row: u32,
 }
 
-/// What resuming from the store gave: the learner, and the active checkpoint if any.
-pub type Resumed = (Learner, Option<Arc<Checkpoint>>);
+/// What resuming from the store gave: the learner, and the active version's metadata if any.
+pub type Resumed = (Learner, Option<Metadata>);
 
 impl Trainer {
     /// A trainer (not leading yet), with the queue its events go out on and
@@ -119,10 +121,10 @@ pub(super) struct Run {
 }
 
 impl Run {
-    fn from(active: Option<&Checkpoint>, cfg: &TrainConfig) -> Run {
+    fn from(active: Option<&Metadata>, cfg: &TrainConfig) -> Run {
         Run {
             guard: DivergenceGuard::new(cfg.divergence_factor),
-            frames_seen: active.map_or(0, |a| a.metadata.frames_seen),
+            frames_seen: active.map_or(0, |a| a.frames_seen),
             since_log: LossWindow::default(),
             since_checkpoint: LossWindow::default(),
             log_started: Instant::now(),
@@ -141,7 +143,7 @@ impl Trainer {
     /// Runs until shutdown, then writes a last checkpoint if it trained since the previous one.
     pub fn run(mut self) -> Result<()> {
         let cfg = self.config.train.clone();
-        let mut run = Run::from(self.active.as_deref(), &cfg);
+        let mut run = Run::from(self.active.as_ref(), &cfg);
         let mut takeover = None;
         let sampler = Sampler::start(
             self.store.clone(),
@@ -150,9 +152,8 @@ impl Trainer {
             cfg.min_frames,
             &self.supervisor,
         )?;
-        self.status.update(|s| {
-            (s.step, s.active_version) = (self.learner.steps(), self.active.as_ref().map(|a| a.metadata.version))
-        });
+        self.status
+            .update(|s| (s.step, s.active_version) = (self.learner.steps(), self.active.as_ref().map(|a| a.version)));
         while !self.supervisor.shutdown().is_cancelled() {
             self.status.beat(Heart::Trainer);
             // Leadership: a standby keeps its buffer current and waits; a new epoch takes over.
@@ -165,11 +166,11 @@ impl Trainer {
                 if !self.take_over_or_wait(grant, &mut takeover)? {
                     continue;
                 }
-                run = Run::from(self.active.as_deref(), &cfg);
+                run = Run::from(self.active.as_ref(), &cfg);
             }
             // Operator commands between two steps; new weights start a new run.
             if self.run_commands() {
-                run = Run::from(self.active.as_deref(), &cfg);
+                run = Run::from(self.active.as_ref(), &cfg);
             }
             // Gate: enough frames, and no more replay than samples_per_insert allows.
             if let Some(waiting) = self.gate(&cfg, run.frames_seen) {
@@ -253,7 +254,7 @@ impl Trainer {
             let Some(version) = self.rollback_target(attempt)? else {
                 bail!(
                     "training stopped: the loss diverged and no version before v{} is left to roll back to",
-                    self.active()?.metadata.version
+                    self.active()?.version
                 );
             };
             let reason = format!(
@@ -263,7 +264,7 @@ impl Trainer {
             self.roll_back(version, Provenance::daemon(Change::AutoRollback).because(&reason))?;
             tracing::warn!(to = version, "{reason}");
             self.status.update(|s| s.auto_rollbacks += 1);
-            *run = Run::from(self.active.as_deref(), cfg);
+            *run = Run::from(self.active.as_ref(), cfg);
         }
         Ok(())
     }
@@ -273,7 +274,7 @@ impl Trainer {
         let images_per_s = run.since_log.images as f64 / run.log_started.elapsed().as_secs_f64();
         let mean = run.since_log.mean().unwrap_or(last);
         let buffer_frames = self.store.len(Split::Train) + self.store.len(Split::Validation);
-        let active_version = self.active.as_ref().map(|a| a.metadata.version);
+        let active_version = self.active.as_ref().map(|a| a.version);
         tracing::info!(
             step,
             images_per_s = images_per_s.round(),
