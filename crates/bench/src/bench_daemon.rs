@@ -128,30 +128,60 @@ fn latencies_ms(sent: &[Instant], received: &[(usize, Instant)]) -> Vec<f64> {
     ms
 }
 
-/// When each frame's latent and its relayed copy arrived, as (frame index, instant), until `count` of each
-/// (or `deadline`).
+/// Frames published this close to a version switch (either side) count
+/// as the switch's: its p99 is the tail a switch costs.
+const SWITCH_WINDOW: Duration = Duration::from_secs(1);
+
+/// When each frame's latent and its relayed copy arrived, as (frame
+/// index, instant), and when the latents' version changed.
+#[derive(Default)]
+struct Receipts {
+    latents: Vec<(usize, Instant)>,
+    relayed: Vec<(usize, Instant)>,
+    /// When the first latent of each new version came (not the first's).
+    switches: Vec<Instant>,
+}
+
+/// The [`Receipts`] of `count` frames (or as many as came by `deadline`).
 async fn receipts(
     mut latents: impl futures::Stream<Item = LatentMessage> + Unpin,
     mut relayed: impl futures::Stream<Item = u64> + Unpin,
     count: u64,
     deadline: tokio::time::Instant,
-) -> (Vec<(usize, Instant)>, Vec<(usize, Instant)>) {
-    let (mut received, mut relayed_at) = (Vec::with_capacity(count as usize), Vec::with_capacity(count as usize));
-    while (received.len() as u64) < count || (relayed_at.len() as u64) < count {
+) -> Receipts {
+    let mut got = Receipts::default();
+    let mut version = None;
+    while (got.latents.len() as u64) < count || (got.relayed.len() as u64) < count {
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => break,
             latent = latents.next() => match latent {
-                Some(latent) => received.extend(frame_index(&latent.episode, latent.step).map(|i| (i, Instant::now()))),
+                Some(latent) => {
+                    let now = Instant::now();
+                    if version.is_some_and(|v| v != latent.model_version) {
+                        got.switches.push(now);
+                    }
+                    version = Some(latent.model_version);
+                    got.latents.extend(frame_index(&latent.episode, latent.step).map(|i| (i, now)));
+                }
                 None => break,
             },
             sequence = relayed.next() => match sequence {
                 // WM_FRAMES holds only these frames: sequence k + 1 is frame k.
-                Some(sequence) => relayed_at.push((sequence as usize - 1, Instant::now())),
+                Some(sequence) => got.relayed.push((sequence as usize - 1, Instant::now())),
                 None => break,
             },
         }
     }
-    (received, relayed_at)
+    got
+}
+
+/// The receipts of the frames `counted` keeps (by the time each was sent).
+fn kept(receipts: &[(usize, Instant)], sent: &[Instant], counted: impl Fn(Instant) -> bool) -> Vec<(usize, Instant)> {
+    receipts
+        .iter()
+        .copied()
+        .filter(|(i, _)| sent.get(*i).is_some_and(|t| counted(*t)))
+        .collect()
 }
 
 /// Publish → latent receipt, at `rate` frames/s for `seconds`, with the
@@ -159,7 +189,13 @@ async fn receipts(
 /// trains once min_frames is in, unless `train` is false). Beside it, on the
 /// same nats-server and the same frames, the floor: a bare relay
 /// (`Bus::relay`) that consumes, publishes 300 bytes and acks.
-pub async fn latency(rate: f64, seconds: f64, train: bool, nats_server: &Path) -> Result<Value> {
+///
+/// The percentiles count the frames published after the first latent came
+/// (the daemon's start, writing and loading v1, is `first_latent_ms`),
+/// unless `include_warmup`; `switches` counts the version changes seen in
+/// the latents, and `latent_p99_at_switch_ms` is the p99 of the frames
+/// published within [`SWITCH_WINDOW`] of one.
+pub async fn latency(rate: f64, seconds: f64, train: bool, include_warmup: bool, nats_server: &Path) -> Result<Value> {
     let daemon = BenchDaemon::start(nats_server, |c| {
         c.train.threads = 1;
         if !train {
@@ -182,13 +218,50 @@ pub async fn latency(rate: f64, seconds: f64, train: bool, nats_server: &Path) -
     let bus = daemon.bus.clone();
     let publisher = tokio::spawn(async move { publish_paced(&bus, 0, count, rate).await });
     let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(seconds + 30.0);
-    let (received, relayed_at) = receipts(latents, relayed, count, deadline).await;
+    let got = receipts(latents, relayed, count, deadline).await;
     let sent = publisher.await??;
     relay_stop.cancel();
     relay.await.context("relay task")??;
-    let (latent_ms, relay_ms) = (latencies_ms(&sent, &received), latencies_ms(&sent, &relayed_at));
     let step = daemon.status().await?.step;
     daemon.stop().await?;
+    let mut figures = latency_figures(&sent, &got, include_warmup)?;
+    let run = json!({
+        "bench": "latency",
+        "rate": rate,
+        "seconds": seconds,
+        "frames": count,
+        "training": train,
+        "train_threads": 1,
+        "train_steps_during": step,
+    });
+    figures
+        .as_object_mut()
+        .context("figures are an object")?
+        .extend(run.as_object().cloned().unwrap_or_default());
+    Ok(figures)
+}
+
+/// The latency figures of a run: the percentiles of the frames published
+/// after the first latent (all of them with `include_warmup`), the time to
+/// that first latent, and the tail near the version switches.
+fn latency_figures(sent: &[Instant], got: &Receipts, include_warmup: bool) -> Result<Value> {
+    let first = got
+        .latents
+        .iter()
+        .map(|(_, at)| *at)
+        .min()
+        .context("no latent received")?;
+    let counted = |t: Instant| include_warmup || t >= first;
+    let (latent_ms, relay_ms) = (
+        latencies_ms(sent, &kept(&got.latents, sent, counted)),
+        latencies_ms(sent, &kept(&got.relayed, sent, counted)),
+    );
+    let near_switch = |t: Instant| {
+        got.switches
+            .iter()
+            .any(|s| t + SWITCH_WINDOW >= *s && t <= *s + SWITCH_WINDOW)
+    };
+    let at_switch_ms = latencies_ms(sent, &kept(&got.latents, sent, near_switch));
     if latent_ms.is_empty() || relay_ms.is_empty() {
         bail!(
             "no latents ({}) or no relayed frames ({}) received",
@@ -197,15 +270,12 @@ pub async fn latency(rate: f64, seconds: f64, train: bool, nats_server: &Path) -
         );
     }
     Ok(json!({
-        "bench": "latency",
-        "rate": rate,
-        "seconds": seconds,
-        "frames": count,
         "latents": latent_ms.len(),
         "relayed": relay_ms.len(),
-        "training": train,
-        "train_threads": 1,
-        "train_steps_during": step,
+        "include_warmup": include_warmup,
+        "first_latent_ms": (first - sent[0]).as_secs_f64() * 1000.0,
+        "switches": got.switches.len(),
+        "latent_p99_at_switch_ms": (!at_switch_ms.is_empty()).then(|| percentile(&at_switch_ms, 0.99)),
         "latent_p50_ms": percentile(&latent_ms, 0.50),
         "latent_p99_ms": percentile(&latent_ms, 0.99),
         "latent_max_ms": latent_ms[latent_ms.len() - 1],

@@ -97,6 +97,10 @@ enum BenchCommand {
         /// Keep the trainer idle (min_frames never reached) to see ingest and encode alone.
         #[arg(long)]
         no_train: bool,
+        /// Count every frame, those published before the first latent came too
+        /// (the daemon's start); by default the percentiles start after it.
+        #[arg(long)]
+        include_warmup: bool,
         #[arg(long)]
         nats_server: Option<PathBuf>,
         #[arg(long)]
@@ -258,10 +262,17 @@ fn in_process(which: BenchCommand) -> Result<()> {
             rate,
             seconds,
             no_train,
+            include_warmup,
             nats_server,
             json,
         } => (
-            rt.block_on(bench_daemon::latency(rate, seconds, !no_train, &server(nats_server)))?,
+            rt.block_on(bench_daemon::latency(
+                rate,
+                seconds,
+                !no_train,
+                include_warmup,
+                &server(nats_server),
+            ))?,
             json,
         ),
         BenchCommand::Pipeline {
