@@ -338,20 +338,12 @@ fn bench(args: Vec<OsString>) -> anyhow::Error {
 }
 
 fn main() -> ExitCode {
-    wmvae::cli::init_logging();
-    // FAILPOINTS (tests/failpoints.rs) is read only by a build for those tests.
-    #[cfg(feature = "failpoints")]
-    let _failpoints = fail::FailScenario::setup();
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            // Unknown versions are usage errors, like clap's: exit 2.
-            if let wmvae::cli::Error::Store(wmvae::store::Error::UnknownVersion(_)) = err {
-                ExitCode::from(2)
-            } else {
-                ExitCode::FAILURE
-            }
-        }
-    }
+    wmvae::cli::main_of(
+        || run(Cli::parse()),
+        // Unknown versions are usage errors, like clap's: exit 2.
+        |err| match err {
+            wmvae::cli::Error::Store(wmvae::store::Error::UnknownVersion(_)) => ExitCode::from(2),
+            _ => ExitCode::FAILURE,
+        },
+    )
 }

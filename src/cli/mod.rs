@@ -27,3 +27,23 @@ pub fn init_logging() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
+
+/// Both binaries' `main`: logging, the crash points of a build with the
+/// `failpoints` feature (`FAILPOINTS`, read only there: tests/failpoints.rs
+/// and the in-process daemons of `bench latency` and `bench pipeline`),
+/// then `run`; an error is printed and exits with the code `code` gives it.
+pub fn main_of<E: std::fmt::Display>(
+    run: impl FnOnce() -> Result<(), E>,
+    code: impl FnOnce(&E) -> std::process::ExitCode,
+) -> std::process::ExitCode {
+    init_logging();
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            code(&err)
+        }
+    }
+}

@@ -361,16 +361,5 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    wmvae::cli::init_logging();
-    // FAILPOINTS is read only by a build for tests/failpoints.rs (the
-    // in-process daemons of `latency` and `pipeline` carry the crash points).
-    #[cfg(feature = "failpoints")]
-    let _failpoints = fail::FailScenario::setup();
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    wmvae::cli::main_of(|| run(Cli::parse()), |_| ExitCode::FAILURE)
 }
