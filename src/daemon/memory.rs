@@ -9,7 +9,7 @@
 /// Returns the free pages of every malloc arena to the kernel: after a
 /// checkpoint is published and after an encoder switched weights. It walks
 /// the arenas under their locks (milliseconds): call it off the runtime.
-pub(super) fn release_freed() {
+fn release_freed() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim takes malloc's own locks and only hands back
     // pages no allocation uses; it touches no Rust-owned memory.

@@ -108,12 +108,20 @@ pub fn encode(options: BenchOptions) -> Result<Value> {
     }))
 }
 
+/// Timed steps at `batch`: batch 1 is latency-bound, so it gets as many
+/// images as batch 256 gets in `steps`.
+fn steps_at(batch: usize, steps: usize) -> usize {
+    if batch == 1 {
+        steps * 256
+    } else {
+        steps
+    }
+}
+
 /// Encoding images/s of a prepared batch of `batch` frames on `device`.
 pub(crate) fn encode_rate(net: &Network, device: tch::Device, batch: usize, steps: usize) -> Result<f64> {
     let xs = random_frames(batch, device)?;
-    // Batch 1 is latency-bound: give it as many images as batch 256 gets.
-    let steps = if batch == 1 { steps * 256 } else { steps };
-    Ok(images_per_s(batch, steps, || {
+    Ok(images_per_s(batch, steps_at(batch, steps), || {
         let (mu, _) = net.encode(&xs);
         mu.sum(tch::Kind::Float).double_value(&[]);
     }))
@@ -126,9 +134,8 @@ fn decode_rates(net: &Network, steps: usize) -> Result<Value> {
     let mut rates = serde_json::Map::new();
     for batch in [1usize, 256] {
         let z: Vec<f32> = (0..batch * z_size).map(|i| ((i % 17) as f32 - 8.0) / 4.0).collect();
-        let steps = if batch == 1 { steps * 256 } else { steps };
         let mut failed = None;
-        let rate = images_per_s(batch, steps, || {
+        let rate = images_per_s(batch, steps_at(batch, steps), || {
             if let Err(e) = net.decode_frames(&z) {
                 failed.get_or_insert(e);
             }

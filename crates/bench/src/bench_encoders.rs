@@ -7,10 +7,11 @@
 
 use super::bench_daemon::frame;
 use super::nats_server::LocalNats;
+use crate::Children;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use wmvae::bus::kv::Active;
 use wmvae::bus::messages::{weights_object, Announcement, CheckpointEvent};
@@ -24,18 +25,6 @@ use wmvae::vae::learner::Network;
 const RUN_TIMEOUT: Duration = Duration::from_secs(600);
 /// How often the stored latents are counted.
 const POLL: Duration = Duration::from_millis(20);
-
-/// Encoder processes, killed when dropped.
-struct Replicas(Vec<Child>);
-
-impl Drop for Replicas {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 pub async fn encoders(replicas: &[usize], frames: u64, nats_server: &Path) -> Result<Value> {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
@@ -103,7 +92,7 @@ async fn publish_backlog(bus: &Bus, frames: u64) -> Result<()> {
 }
 
 /// Starts `count` encoder processes on the server at `url`, the cores split between them.
-fn start_replicas(count: usize, cores: usize, url: &str) -> Result<Replicas> {
+fn start_replicas(count: usize, cores: usize, url: &str) -> Result<Children> {
     let exe = crate::wmvae_binary()?;
     let threads = (cores / count).max(1).to_string();
     let children = (0..count)
@@ -120,7 +109,7 @@ fn start_replicas(count: usize, cores: usize, url: &str) -> Result<Replicas> {
                 .context("starting an encoder")
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(Replicas(children))
+    Ok(Children(children))
 }
 
 /// Latents stored per second, from the first stored to the last of `frames`.

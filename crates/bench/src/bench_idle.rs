@@ -6,27 +6,18 @@
 
 use super::bench_daemon::frame;
 use super::nats_server::LocalNats;
+use crate::Children;
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 use wmvae::bus::Bus;
 use wmvae::config::Config;
 
 /// How long the daemon may take to write v1 and encode a first frame.
 const START_PATIENCE: Duration = Duration::from_secs(120);
-
-/// The daemon process, killed when dropped.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The kB figures of `/proc/PID/status` named `keys`, in MB.
 fn resident_mb(pid: u32, keys: &[&str]) -> Result<Vec<f64>> {
@@ -54,7 +45,7 @@ pub async fn idle(seconds: u64, nats_server: &Path) -> Result<Value> {
         .stderr(Stdio::null())
         .spawn()
         .context("starting wmvae serve")?;
-    let daemon = Daemon(child);
+    let daemon = Children(vec![child]);
     let mut config = Config::load(None)?;
     config.nats.url = server.url.clone();
     let bus = Bus::connect(&config).await?;
@@ -71,7 +62,7 @@ pub async fn idle(seconds: u64, nats_server: &Path) -> Result<Value> {
     .await
     .context("no latent from the daemon within its start patience")?;
     tokio::time::sleep(Duration::from_secs(seconds)).await;
-    let pid = daemon.0.id();
+    let pid = daemon.0[0].id();
     let [rss, anon, file] = resident_mb(pid, &["VmRSS", "RssAnon", "RssFile"])?[..] else {
         bail!("three figures asked, three read");
     };

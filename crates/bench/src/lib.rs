@@ -18,6 +18,7 @@
 
 use anyhow::{bail, Result};
 use std::path::PathBuf;
+use std::process::Child;
 
 pub mod bench;
 pub mod bench_chaos;
@@ -28,6 +29,18 @@ pub mod bench_idle;
 pub mod bench_quality;
 pub mod bench_series;
 pub mod nats_server;
+
+/// Child processes (daemons the benches start), killed when dropped.
+pub(crate) struct Children(pub(crate) Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
 
 /// The `wmvae` binary beside this executable (both are built into the same
 /// `target/*/` by a workspace build), for the benches that start daemons.
