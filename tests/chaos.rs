@@ -122,6 +122,8 @@ async fn the_nats_server_killed_and_restarted_mid_training() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_nats_server_comes_back_without_its_state() {
     let (mut nats, dir, daemon) = trained().await;
+    let leading = |logs: &str| logs.matches("leading training").count();
+    let led_before = leading(&daemon.logs());
 
     nats.restart_empty();
     let js = jetstream::new(nats.client().await);
@@ -131,11 +133,16 @@ async fn the_nats_server_comes_back_without_its_state() {
         })
         .await;
     publish_stored(&js, FRAMES_EACH_SIDE, 2 * FRAMES_EACH_SIDE).await;
+    // The store's versions reach the new server when the daemon leads on it
+    // (its lease is gone with the state): a version trained after the loss
+    // can be announced before that (it was, once), so both are waited for.
     daemon
         .wait_until(
             Duration::from_secs(120),
-            "a version trained after the state was lost",
-            || async { created(&announcements(&js).await).iter().any(|v| *v > 2) },
+            "a version trained after the state was lost, and leading on the new server",
+            || async {
+                leading(&daemon.logs()) > led_before && created(&announcements(&js).await).iter().any(|v| *v > 2)
+            },
         )
         .await;
     let logs = daemon.logs();
