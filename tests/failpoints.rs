@@ -400,3 +400,36 @@ async fn a_checkpoint_without_room_is_an_error_while_ingest_and_training_go_on()
         newest.step
     );
 }
+
+/// A group commit fails while the disk takes writes (the `store-commit`
+/// failpoint, once), as when sled keeps a write error: the daemon stops its
+/// parts, reopens the store in the same process and goes on; the batch
+/// comes back from JetStream, every frame is stored once, and the daemon
+/// exits 0 on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_error_the_store_keeps_reopens_it_in_process() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let js = jetstream::new(nats.client().await);
+    let daemon = Daemon::start(&nats.url, dir.path(), &env(Some("store-commit=1*return")));
+    common::nats::wait_for_ingest_consumer(&js).await;
+    publish_stored(&js, 0, FRAMES_PER_ROUND).await;
+    daemon
+        .wait_until(
+            Duration::from_secs(180),
+            "the store reopened and every frame acked",
+            || async {
+                daemon.logs().matches("replay buffer open").count() == 2
+                    && unsettled(&js, "wmvae-ingest").await == Some(0)
+            },
+        )
+        .await;
+    let logs = daemon.logs();
+    assert!(daemon.terminate().success(), "{logs}");
+    assert!(
+        logs.contains("the store-commit failpoint") && logs.contains("reopening the store"),
+        "{logs}"
+    );
+    let store = open_store(dir.path());
+    assert_eq!(store.stats().unwrap().frames_ingested, FRAMES_PER_ROUND, "{logs}");
+}

@@ -266,7 +266,7 @@ impl Progress {
 /// batch is held, its frames marked in progress, and the commit tried again
 /// after `pause` (the status board says why, for /healthz). Ok(None) on
 /// `shutdown` meanwhile; an error once the disk takes writes again but the
-/// store still can't ([`crate::store::NeedsReopen`]).
+/// store still can't ([`crate::store::Error::NeedsReopen`]).
 #[allow(clippy::too_many_arguments)]
 async fn commit_holding(
     store: &Store,

@@ -131,29 +131,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     loop {
         let parts = shutdown.child_token();
         match run_parts(config.clone(), parts).await {
-            // The parts' failures reach here through the supervisor as anyhow errors (ingest's and
-            // the trainer's loops return anyhow), so the store's error is found in the chain.
-            Err(e) if e.chain().any(needs_reopen) && !shutdown.is_cancelled() => {
+            Err(Error::Store(e @ store::Error::NeedsReopen { .. })) if !shutdown.is_cancelled() => {
                 tracing::error!("{e:#}; the daemon's parts start again in {REOPEN_PAUSE:?}, reopening the store");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(REOPEN_PAUSE) => {}
                 }
             }
-            done => return done,
+            done => return Ok(done?),
         }
     }
-}
-
-/// Whether `cause` is the store's [`store::Error::NeedsReopen`].
-fn needs_reopen(cause: &(dyn std::error::Error + 'static)) -> bool {
-    matches!(cause.downcast_ref(), Some(store::Error::NeedsReopen { .. }))
 }
 
 /// The daemon's parts, once: until `shutdown` or the first failure (its
 /// error). The shutdown is bounded: each part is waited for until the
 /// grace is over, and a [`Watchdog`] ends the process if it still isn't.
-async fn run_parts(config: Config, shutdown: CancellationToken) -> Result<()> {
+/// Whichever part failed, a store found to need reopening is the error
+/// ([`store::Error::NeedsReopen`]), for [`run`] to start the parts again.
+async fn run_parts(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let supervisor = Supervisor::new(shutdown.clone());
     let roles = config.serve.roles;
     device::set_threads(config.train.threads);
@@ -201,9 +196,10 @@ async fn run_parts(config: Config, shutdown: CancellationToken) -> Result<()> {
     };
     let trained = running.stop(&config, &bus, &supervisor).await;
     tracing::info!("bye");
-    match supervisor.take_failure() {
-        Some(failure) => Err(failure),
-        None => trained,
+    let failure = supervisor.take_failure().map_or(trained, Err);
+    match (failure, store.as_ref().and_then(Store::needs_reopen)) {
+        (Err(_), Some(reopen)) => Err(Error::Store(reopen)),
+        (failure, _) => Ok(failure?),
     }
 }
 

@@ -29,8 +29,7 @@ pub struct Supervisor {
 struct Inner {
     /// Cancelled by the first part to fail.
     shutdown: CancellationToken,
-    /// The first failure: the daemon's reason to stop (its error kept whole,
-    /// so the daemon can tell a store to reopen from the rest).
+    /// The first failure: the daemon's reason to stop.
     failure: Mutex<Option<anyhow::Error>>,
     /// The parts running now, by id.
     running: Mutex<BTreeMap<u64, &'static str>>,

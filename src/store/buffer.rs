@@ -288,6 +288,11 @@ impl Store {
             let (n, z) = (frames.len(), compressed.0.len());
             return Err(anyhow!("{n} frames but {z} compressed").into());
         }
+        // The `store-commit` failpoint: a write error sled would keep (tests/failpoints.rs).
+        fail::fail_point!("store-commit", |_| Err(anyhow!(
+            "the store-commit failpoint: a write error"
+        )
+        .into()));
         let bytes: u64 = compressed.0.iter().map(|z| z.len() as u64).sum();
         let _room = self.room.claim(bytes * super::room::COMMIT_FACTOR, || {
             format!("a group commit of {} frames", frames.len())

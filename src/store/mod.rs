@@ -94,6 +94,9 @@ pub struct Store {
     room: Room,
     config: BufferConfig,
     counters: Arc<Mutex<buffer::Counters>>,
+    /// The write failure sled latched, once [`Store::check_write_failure`]
+    /// found the disk taking writes again: this store must be reopened.
+    latched: Arc<Mutex<Option<String>>>,
 }
 
 impl Store {
@@ -132,6 +135,7 @@ impl Store {
             room,
             config,
             counters: Arc::default(),
+            latched: Arc::default(),
         };
         store.migrate()?;
         store.counters = Arc::new(Mutex::new(store.read_counters()?));
@@ -189,13 +193,26 @@ impl Store {
                 .and_then(|mut f| std::io::Write::write_all(&mut f, &[0u8; PROBE_BYTES]).and_then(|()| f.sync_all()))
                 .is_ok();
         let _ = std::fs::remove_file(&probe);
-        match disk_takes_writes {
-            true => Err(Error::NeedsReopen {
-                dir: self.dir.clone(),
-                failed: format!("{failed:#}"),
-            }),
-            false => Ok(()),
+        if !disk_takes_writes {
+            return Ok(());
         }
+        let failed = format!("{failed:#}");
+        *self.latched.lock().unwrap_or_else(|p| p.into_inner()) = Some(failed.clone());
+        Err(Error::NeedsReopen {
+            dir: self.dir.clone(),
+            failed,
+        })
+    }
+
+    /// [`Error::NeedsReopen`] once a write failure was found latched
+    /// ([`Store::check_write_failure`]), for whoever holds the store to
+    /// reopen it, whichever part met it; else None.
+    pub fn needs_reopen(&self) -> Option<Error> {
+        let latched = self.latched.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        latched.map(|failed| Error::NeedsReopen {
+            dir: self.dir.clone(),
+            failed,
+        })
     }
 
     /// Flushes everything to disk (for shutdown; `commit` already flushes).

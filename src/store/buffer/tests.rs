@@ -2,6 +2,7 @@
 //! dedup, eviction, sampling, order, reopen.
 
 use super::*;
+use crate::store::Error;
 
 fn commit(store: &Store, frames: &[Frame], rejected: &[Reason]) -> Result<Committed> {
     Ok(store.commit(frames, compress_frames(frames), rejected)?)
@@ -292,4 +293,32 @@ fn newer_schema_is_refused() {
         err.contains("schema version 99") && err.contains("newer wmvae"),
         "{err}"
     );
+}
+
+#[test]
+fn a_write_failure_on_a_disk_that_takes_writes_latches_a_reopen_for_every_clone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), config(100)).unwrap();
+    let clone = store.clone();
+    // Refused for room: nothing latched, the write is tried again.
+    let no_room = Error::NoRoom {
+        what: "a batch".into(),
+        needed: 1,
+        free: 0,
+    };
+    assert!(store.check_write_failure(&no_room).is_ok());
+    assert!(clone.needs_reopen().is_none());
+    // Any other failure while the disk takes writes: sled keeps it, so the store must be reopened.
+    let latched = Error::Other(anyhow::anyhow!("sled: io error"));
+    assert!(matches!(
+        store.check_write_failure(&latched),
+        Err(Error::NeedsReopen { .. })
+    ));
+    match clone.needs_reopen() {
+        Some(Error::NeedsReopen { dir: d, failed }) => {
+            assert_eq!(d, dir.path());
+            assert!(failed.contains("sled: io error"), "{failed}");
+        }
+        other => panic!("not latched: {other:?}"),
+    }
 }
