@@ -9,7 +9,9 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use wmvae::cli::args::ConfigArgs;
-use wmvae::cli::commands::{BufferCommand, CheckpointCommand, Cli, Command, PlaceArgs, VersionArg};
+use wmvae::cli::commands::{
+    BufferCommand, CheckpointCommand, Cli, ClusterCommand, ClusterSetting, Command, PlaceArgs, VersionArg,
+};
 use wmvae::cli::{backend, render};
 use wmvae::config::Config;
 use wmvae::store::{Change, Provenance};
@@ -130,6 +132,20 @@ fn migrate(config: ConfigArgs) -> Result<()> {
         ),
         Err(e) => println!("store {}: not migrated here: {e:#}", config.store.data_dir.display()),
     }
+    Ok(())
+}
+
+/// `wmvae cluster set ...`.
+fn cluster(which: ClusterCommand) -> Result<()> {
+    let ClusterCommand::Set {
+        setting: ClusterSetting::LeaseTtl { seconds, config },
+    } = which;
+    let config = config.load()?;
+    let ttl = std::time::Duration::from_secs(seconds);
+    wmvae::config::check_lease_ttl(seconds)?;
+    let before =
+        runtime()?.block_on(async { wmvae::bus::Bus::connect_once(&config).await?.set_lease_ttl(ttl).await })?;
+    println!("lease TTL: {ttl:?} (was {before:?}); every trainer node follows it within a second");
     Ok(())
 }
 
@@ -267,6 +283,7 @@ fn run(cli: Cli) -> CliResult<()> {
             check_config,
         } => serve(config, role, check_config)?,
         Command::Migrate { config } => migrate(config)?,
+        Command::Cluster { which } => cluster(which)?,
         Command::Buffer { which } => buffer(which)?,
         Command::Publish {
             config,

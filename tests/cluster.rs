@@ -299,8 +299,10 @@ fn failover_loses_and_duplicates_nothing() {
 }
 
 /// `wmvae migrate` on a cluster made with one replica and the default
-/// lease, again with three replicas and a shorter lease: streams, buckets
-/// and the lease's max age are updated in place, keeping what they hold.
+/// lease, again with three replicas and a shorter lease: streams and
+/// buckets get three replicas in place, keeping what they hold, and the
+/// lease keeps the TTL it was made with; `wmvae cluster set lease-ttl`
+/// changes that (and refuses a TTL under 3 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_and_lease_ttl_change_in_place() {
     let cluster = LocalCluster::start(&repo_root().join(".venv/bin/nats-server"), 3).unwrap();
@@ -344,7 +346,117 @@ async fn replicas_and_lease_ttl_change_in_place() {
         .await
         .unwrap()
         .clone();
-    assert_eq!(lease.config.max_age, Duration::from_secs(3));
+    let default_ttl = wmvae::config::Config::load_with_env(None, [])
+        .unwrap()
+        .node
+        .lease_ttl_secs;
+    assert_eq!(
+        lease.config.max_age,
+        Duration::from_secs(default_ttl),
+        "a node's start set the lease TTL"
+    );
+
+    let out = wmvae()
+        .args(["cluster", "set", "lease-ttl", "5", "--nats-url", &cluster.url()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("lease TTL: 5s"));
+    let lease = js
+        .get_stream("KV_wm-lease")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(lease.config.max_age, Duration::from_secs(5));
+    assert_eq!(lease.config.num_replicas, 3, "kept");
+    let out = wmvae()
+        .args(["cluster", "set", "lease-ttl", "2", "--nats-url", &cluster.url()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a TTL under 3 s taken");
+}
+
+/// Issue #26: the lease's TTL is the cluster's. Node a leads with a 30 s
+/// TTL; node b starts beside it configured with 3 s: the bucket keeps 30 s
+/// and b follows it (before, b's start rewrote the bucket's max age, a's
+/// lease lapsed between its renewals and b took it within seconds). An
+/// operator's `wmvae cluster set lease-ttl 4` is refused (the held key, up
+/// to 10 s old, would lapse at once); 12 is followed by the leader within
+/// a second, which leads on, renewing at its new pace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_lease_ttl_for_the_cluster_set_by_the_operator() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let js = jetstream::new(nats.client().await);
+    let node = |id: &'static str, ttl: &'static str| -> Vec<(&'static str, &'static str)> {
+        trainer_env(id)
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with("WMVAE_NATS__REPLICAS"))
+            .chain([("WMVAE_NODE__LEASE_TTL_SECS", ttl)])
+            .collect()
+    };
+    let a = Daemon::start(&nats.url, &dir.path().join("a"), &node("a", "30"));
+    wait_until(Duration::from_secs(60), "a to lead", || async {
+        lease_holder(&js).await.as_deref() == Some("a")
+    })
+    .await;
+    let b = Daemon::start(&nats.url, &dir.path().join("b"), &node("b", "3"));
+    wait_for_consumer(&js, "wmvae-ingest-b").await;
+    let max_age = || async {
+        js.get_stream("KV_wm-lease")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .config
+            .max_age
+    };
+    let (js_ref, a_ref, b_ref) = (&js, &a, &b);
+    let hold = move |seconds: u64| async move {
+        for _ in 0..seconds * 2 {
+            let holder = lease_holder(js_ref).await;
+            assert_eq!(
+                holder.as_deref(),
+                Some("a"),
+                "a lost the lease: a: {} b: {}",
+                a_ref.logs(),
+                b_ref.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    hold(8).await;
+    assert_eq!(
+        max_age().await,
+        Duration::from_secs(30),
+        "b's start changed the cluster's TTL"
+    );
+    assert!(b.logs().contains("is not the cluster's lease TTL"), "{}", b.logs());
+    assert!(!b.logs().contains("leading training"), "{}", b.logs());
+
+    let out = wmvae()
+        .args(["cluster", "set", "lease-ttl", "4", "--nats-url", &nats.url])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("shorten it in steps"), "{said}");
+    let out = wmvae()
+        .args(["cluster", "set", "lease-ttl", "12", "--nats-url", &nats.url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The leader within a second; a standby reads it before it next tries to take the lease.
+    wait_until(Duration::from_secs(10), "the leader to follow the new TTL", || async {
+        a.logs().contains("the cluster's lease TTL is 12s now")
+    })
+    .await;
+    hold(8).await;
+    assert!(a.terminate().success());
+    assert!(b.terminate().success());
 }
 
 /// Next to a single-node default, a trainer with its own id is a standby

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
-const LEASE_BUCKET: &str = "wm-lease";
+pub(super) const LEASE_BUCKET: &str = "wm-lease";
 const LEASE_KEY: &str = "trainer";
 const META_BUCKET: &str = "wm-meta";
 const ACTIVE_KEY: &str = "active";
@@ -90,6 +90,22 @@ impl Shared {
             .delete_expect_revision(LEASE_KEY, Some(revision))
             .await
             .map_err(|e| anyhow!("releasing the lease: {e}"))
+    }
+
+    /// The cluster's lease TTL: the lease bucket's max age (set when the
+    /// bucket was made, changed by `wmvae cluster set lease-ttl`).
+    pub async fn lease_ttl(&self) -> Result<std::time::Duration> {
+        // Asked of the server each time (the bucket's `status` is the info cached when it was opened).
+        let info = self
+            .lease
+            .stream
+            .get_info()
+            .await
+            .map_err(|e| anyhow!("reading {LEASE_BUCKET}'s TTL: {e}"))?;
+        match info.config.max_age {
+            ttl if ttl.is_zero() => bail!("{LEASE_BUCKET} has no max age: it is no lease bucket (run wmvae migrate)"),
+            ttl => Ok(ttl),
+        }
     }
 
     /// Who holds the lease now (as this server's replica sees it).

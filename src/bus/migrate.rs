@@ -169,7 +169,8 @@ pub struct BusLimits {
     pub latents_max_bytes: i64,
     /// `num_replicas` of everything (`[nats] replicas`).
     pub replicas: usize,
-    /// The training lease's TTL (`[node] lease_ttl_secs`).
+    /// The training lease's TTL (`[node] lease_ttl_secs`) for a lease
+    /// bucket made now; an existing one keeps its own.
     pub lease_ttl_secs: u64,
 }
 
@@ -293,8 +294,11 @@ impl Bus {
         } else {
             Duration::ZERO
         };
+        // An existing bucket keeps its max age: the lease's TTL is the
+        // cluster's, set here once and then only by `wmvae cluster set
+        // lease-ttl` (a node's own `[node] lease_ttl_secs` never rewrites it).
         if self.js.get_key_value(&def.bucket).await.is_ok() {
-            return self.apply_replicas(&format!("KV_{}", def.bucket), Some(max_age)).await;
+            return self.apply_replicas(&format!("KV_{}", def.bucket), None).await;
         }
         let config = jetstream::kv::Config {
             bucket: def.bucket.clone(),
@@ -311,6 +315,46 @@ impl Bus {
             .await
             .with_context(|| format!("creating KV bucket {}", def.bucket))?;
         Ok(())
+    }
+
+    /// Sets the cluster's lease TTL (`wmvae cluster set lease-ttl`): the
+    /// lease bucket's max age, and its expiry markers' age, in place; the
+    /// TTL it had before. A leader reads it within a second. The server
+    /// ages the held key by the new TTL at once, and a leader renews every
+    /// third of the old one: a TTL not above a third of the old plus a
+    /// second could end the holding (a failover) and is refused: shorten
+    /// in steps.
+    pub async fn set_lease_ttl(&self, ttl: Duration) -> Result<Duration> {
+        let name = format!("KV_{}", super::kv::LEASE_BUCKET);
+        let mut stream = self
+            .js
+            .get_stream(&name)
+            .await
+            .with_context(|| format!("stream {name} (run wmvae migrate)"))?;
+        let mut config = stream
+            .info()
+            .await
+            .with_context(|| format!("reading stream {name}"))?
+            .config
+            .clone();
+        let before = config.max_age;
+        let shortest = before / 3 + Duration::from_secs(1);
+        if ttl <= shortest {
+            bail!(
+                "a lease TTL of {ttl:?} could lapse the lease now held (renewed every {:?}): shorten it in steps, each \
+                longer than {shortest:?} from a TTL of {before:?}",
+                before / 3
+            );
+        }
+        config.max_age = ttl;
+        config.subject_delete_marker_ttl = config.subject_delete_marker_ttl.map(|_| ttl);
+        // The server refuses a duplicate window longer than the max age.
+        config.duplicate_window = config.duplicate_window.min(ttl);
+        self.js
+            .update_stream(config)
+            .await
+            .with_context(|| format!("updating stream {name}"))?;
+        Ok(before)
     }
 
     /// Brings an existing stream (a bucket's) to the configured replicas

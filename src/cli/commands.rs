@@ -35,6 +35,11 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// The cluster's own settings, kept in NATS for every node.
+    Cluster {
+        #[command(subcommand)]
+        which: ClusterCommand,
+    },
     /// Inspect the replay buffer (live or offline) or export it (opens the store: no daemon may hold it).
     Buffer {
         #[command(subcommand)]
@@ -228,6 +233,27 @@ pub enum CheckpointCommand {
     History {
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCommand {
+    /// Change a cluster setting.
+    Set {
+        #[command(subcommand)]
+        setting: ClusterSetting,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ClusterSetting {
+    /// The training lease's TTL, in seconds (at least 3): the lease bucket's max age, which
+    /// every trainer node follows within a second (a node's own `[node] lease_ttl_secs`
+    /// only sets it when the bucket is made).
+    LeaseTtl {
+        seconds: u64,
+        #[command(flatten)]
+        config: ConfigArgs,
     },
 }
 

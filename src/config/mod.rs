@@ -17,7 +17,7 @@ mod train;
 
 pub use nats::{NatsConfig, Secret};
 pub use pipeline::{IngestConfig, LatentsConfig, StoreConfig, MAX_INGEST_BATCH, MAX_LATENT_BATCH};
-pub use serve::{HttpConfig, NodeConfig, Roles, ServeConfig};
+pub use serve::{check_lease_ttl, HttpConfig, NodeConfig, Roles, ServeConfig};
 pub use train::{TrainConfig, MAX_BATCH_SIZE};
 
 use crate::store::BufferConfig;

@@ -4,7 +4,7 @@
 //! them. Each checks its own bounds; none starts anything.
 
 use super::hostname;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,9 +54,7 @@ impl NodeConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.lease_ttl_secs < 3 {
-            bail!("node.lease_ttl_secs must be at least 3 (renewed every third of it)");
-        }
+        check_lease_ttl(self.lease_ttl_secs).context("node.lease_ttl_secs")?;
         if self
             .id
             .contains(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
@@ -140,4 +138,13 @@ impl<'de> Deserialize<'de> for Roles {
             .parse()
             .map_err(serde::de::Error::custom)
     }
+}
+
+/// A lease TTL a cluster may have: at least 3 s (the lease is renewed
+/// every third of it, and one renewal may take a second).
+pub fn check_lease_ttl(seconds: u64) -> Result<()> {
+    if seconds < 3 {
+        bail!("a lease TTL must be at least 3 seconds (renewed every third of it), not {seconds}");
+    }
+    Ok(())
 }

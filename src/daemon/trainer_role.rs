@@ -108,11 +108,19 @@ impl TrainerRole {
         refuse_twin(bus, &config.node.id).await?;
         let resumed = resume(config, store, bus, device).await?;
         let shared = bus.shared().await?;
+        let ttl = shared.lease_ttl().await?;
+        if ttl != Duration::from_secs(config.node.lease_ttl_secs) {
+            tracing::warn!(
+                "[node] lease_ttl_secs = {} is not the cluster's lease TTL, {ttl:?}, which this node follows \
+                (set when the lease bucket was made; `wmvae cluster set lease-ttl` changes it)",
+                config.node.lease_ttl_secs
+            );
+        }
         let lease_stop = CancellationToken::new();
         let (lease, contender) = lease::start(
             shared.clone(),
             config.node.holder(),
-            Duration::from_secs(config.node.lease_ttl_secs),
+            ttl,
             lease_stop.clone(),
             supervisor,
         );
