@@ -505,3 +505,52 @@ async fn a_second_trainer_waits_or_is_refused() {
     assert!(standby.terminate().success());
     assert!(leader.terminate().success());
 }
+
+/// Issue #26: two trainer processes with one `[node] id`, started at the
+/// same moment, are told apart by the server (a KV create of the id's key),
+/// not by a discovery ping (which both passed before): one runs, the other
+/// exits non-zero saying why once it has waited out a lease TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twins_started_together_one_is_refused_by_the_server() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let env: Vec<(&str, &str)> = trainer_env("x")
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("WMVAE_NATS__REPLICAS"))
+        .collect();
+    // The bucket first, so neither start's migration is what sets them apart.
+    let out = wmvae()
+        .args(["migrate", "--nats-url", &nats.url, "--data-dir"])
+        .arg(dir.path().join("m"))
+        .env("WMVAE_NODE__LEASE_TTL_SECS", "3")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut twins = [
+        Daemon::start(&nats.url, &dir.path().join("x1"), &env),
+        Daemon::start(&nats.url, &dir.path().join("x2"), &env),
+    ];
+    let mut ended = None;
+    for _ in 0..120 {
+        if let Some((i, status)) = twins
+            .iter_mut()
+            .enumerate()
+            .find_map(|(i, d)| Some((i, d.try_status()?)))
+        {
+            ended = Some((i, status));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (i, status) = ended.unwrap_or_else(|| panic!("both twins run: {}\n---\n{}", twins[0].logs(), twins[1].logs()));
+    let refused = twins[i].logs();
+    assert!(!status.success(), "{refused}");
+    assert!(
+        refused.contains("another trainer node with [node] id \"x\" already runs on this NATS"),
+        "{refused}"
+    );
+    let [a, b] = twins;
+    let mut running = if i == 0 { b } else { a };
+    assert!(running.try_status().is_none(), "{}", running.logs());
+    assert!(running.terminate().success());
+}

@@ -1,5 +1,6 @@
 //! The KV buckets several nodes agree through: `wm-lease` (the training
-//! lease: key `trainer`, value the holder) and `wm-meta` (`active`: the
+//! lease: key `trainer`, value the holder; each trainer node's claim on its
+//! id: `node.<id>`) and `wm-meta` (`active`: the
 //! active version, moved only by compare-and-set; `next_version`: version
 //! numbers unique across nodes). Compare-and-set is JetStream's (a KV
 //! `update` with the revision last seen); who may do what is the daemon's
@@ -17,6 +18,15 @@ const LEASE_KEY: &str = "trainer";
 const META_BUCKET: &str = "wm-meta";
 const ACTIVE_KEY: &str = "active";
 const NEXT_VERSION_KEY: &str = "next_version";
+
+/// The lease bucket's key of trainer node id `id` (checked by the config:
+/// letters, digits, `-`, `_`); `node` for the single node without one.
+fn node_key(id: &str) -> String {
+    match id {
+        "" => "node".to_string(),
+        id => format!("node.{id}"),
+    }
+}
 
 /// The value of `wm-meta`'s `active`: what every node encodes with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,6 +116,48 @@ impl Shared {
             ttl if ttl.is_zero() => bail!("{LEASE_BUCKET} has no max age: it is no lease bucket (run wmvae migrate)"),
             ttl => Ok(ttl),
         }
+    }
+
+    /// Claims trainer node id `id` (key `node.<id>`, `node` for the single
+    /// node without one, in the lease bucket: it lapses with the lease's
+    /// TTL unless renewed): Ok(Ok(revision)) when taken, Ok(Err(holder))
+    /// with the value of the live claim when another process holds it.
+    pub async fn claim_node(&self, id: &str, holder: &str) -> Result<Result<u64, String>> {
+        let key = node_key(id);
+        match self.lease.create(&key, Bytes::from(holder.to_string())).await {
+            Ok(revision) => Ok(Ok(revision)),
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
+                let entry = self
+                    .lease
+                    .entry(&key)
+                    .await
+                    .map_err(|e| anyhow!("reading {key}: {e}"))?;
+                Ok(Err(entry
+                    .map(|e| String::from_utf8_lossy(&e.value).into_owned())
+                    .unwrap_or_default()))
+            }
+            Err(e) => Err(anyhow!("claiming {key}: {e}")),
+        }
+    }
+
+    /// Renews this process's claim on node id `id`: its new revision, or
+    /// [`Error::Conflict`] when it lapsed and another process claimed it.
+    pub async fn renew_node(&self, id: &str, holder: &str, revision: u64) -> Result<u64, Error> {
+        let key = node_key(id);
+        match self.lease.update(&key, Bytes::from(holder.to_string()), revision).await {
+            Ok(revision) => Ok(revision),
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Err(Error::Conflict("this node's id")),
+            Err(e) => Err(anyhow!("renewing {key}: {e}").into()),
+        }
+    }
+
+    /// Gives the claim on node id `id` up (a clean stop): the id is free at once.
+    pub async fn release_node(&self, id: &str, revision: u64) -> Result<()> {
+        let key = node_key(id);
+        self.lease
+            .delete_expect_revision(&key, Some(revision))
+            .await
+            .map_err(|e| anyhow!("releasing {key}: {e}"))
     }
 
     /// Who holds the lease now (as this server's replica sees it).

@@ -21,6 +21,7 @@ pub mod leadership;
 pub mod lease;
 mod memory;
 pub mod metrics;
+mod node_claim;
 pub mod recovery;
 pub mod sampler;
 pub mod showcase;
@@ -51,8 +52,7 @@ use tokio_util::sync::CancellationToken;
 use trainer_role::{serve_while_leading, TrainerRole};
 
 /// Between the parts stopping for a store reopen and starting again: sled's
-/// threads let go of the store's lock, and the old control service's
-/// subscriptions are gone before the new one checks for a twin.
+/// threads let go of the store's lock.
 const REOPEN_PAUSE: Duration = Duration::from_secs(1);
 /// The final flush to NATS gets at least this long, even past the grace.
 const FINAL_FLUSH: Duration = Duration::from_millis(500);

@@ -1,4 +1,4 @@
-//! The trainer role's parts and their lifetime: refusing a twin, resuming
+//! The trainer role's parts and their lifetime: claiming the node id, resuming
 //! from the store, contending for the lease, the trainer thread, ingest,
 //! the checkpoint publisher and the leader-only endpoints, started under the
 //! supervisor and finished in order at shutdown. What each part does is in
@@ -7,6 +7,7 @@
 use super::control::Command;
 use super::leadership::Leadership;
 use super::lease::{self, Lease};
+use super::node_claim::NodeClaim;
 use super::status::{Heart, StatusBoard};
 use super::supervisor::Supervisor;
 use super::trainer::{Resumed, Trainer};
@@ -16,7 +17,7 @@ use crate::bus::Bus;
 use crate::config::Config;
 use crate::store::Store;
 use crate::vae::device::Device;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -36,32 +37,10 @@ pub(super) struct TrainerRole {
     pub(super) thread: std::thread::JoinHandle<Result<()>>,
     pub(super) publisher: JoinHandle<Result<()>>,
     pub(super) contender: JoinHandle<Result<()>>,
-    /// Stops contending for the lease (and releases it), last.
+    /// Stops contending for the lease (and releases it), last but one.
     pub(super) lease_stop: CancellationToken,
-}
-
-/// Refuses a second trainer node with this node's id (or, both without
-/// one, a second single-node trainer) on the same NATS: they would split
-/// one consumer's frames.
-async fn refuse_twin(bus: &Bus, node_id: &str) -> Result<()> {
-    let twins = bus
-        .service_nodes()
-        .await?
-        .into_iter()
-        .filter(|n| n.roles.trainer && n.id == node_id)
-        .count();
-    if twins > 0 {
-        let named = if node_id.is_empty() {
-            "without a [node] id".to_string()
-        } else {
-            format!("with [node] id {node_id:?}")
-        };
-        bail!(
-            "another trainer node {named} already runs on this NATS; give each trainer node its own [node] id \
-            (WMVAE_NODE__ID)"
-        );
-    }
-    Ok(())
+    /// This process's claim on its node id, released last.
+    pub(super) claim: NodeClaim,
 }
 
 /// The learner resumed from the store (off the runtime: it reads and builds the network).
@@ -105,9 +84,9 @@ impl TrainerRole {
         status: &StatusBoard,
         supervisor: &Supervisor,
     ) -> Result<TrainerRole> {
-        refuse_twin(bus, &config.node.id).await?;
-        let resumed = resume(config, store, bus, device).await?;
         let shared = bus.shared().await?;
+        let claim = NodeClaim::take(&shared, &config.node.id, supervisor).await?;
+        let resumed = resume(config, store, bus, device).await?;
         let ttl = shared.lease_ttl().await?;
         if ttl != Duration::from_secs(config.node.lease_ttl_secs) {
             tracing::warn!(
@@ -156,12 +135,14 @@ impl TrainerRole {
             publisher,
             contender,
             lease_stop,
+            claim,
         })
     }
 
     /// After shutdown: ingest's batches in flight committed and acked, the
     /// last checkpoint written, every checkpoint event published, then the
-    /// lease released so a standby takes over at once; each waited for
+    /// lease released so a standby takes over at once, and the node id's
+    /// claim so a restart takes it at once; each waited for
     /// until `deadline` at most. Errors of the parts themselves are the
     /// supervisor's; here, what kept the shutdown from finishing.
     pub(super) async fn finish(self, deadline: tokio::time::Instant) -> Result<()> {
@@ -185,6 +166,7 @@ impl TrainerRole {
         .await;
         self.lease_stop.cancel();
         until(deadline, "lease", "the lease lapses by itself", self.contender).await;
+        self.claim.release(deadline).await;
         // A store that can't flush must not hide why the daemon stopped.
         let flushed = self.store.flush();
         if flushed.is_ok() {
