@@ -85,6 +85,17 @@ async fn lease_holder(js: &jetstream::Context) -> Option<String> {
     (entry.operation == jetstream::kv::Operation::Put).then(|| String::from_utf8_lossy(&entry.value).into_owned())
 }
 
+/// The lease bucket's stream as the server holds it now.
+async fn lease_bucket(js: &jetstream::Context) -> jetstream::stream::Info {
+    js.get_stream("KV_wm-lease")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone()
+}
+
 /// Every node's status, as `$SRV.STATS.wmvae` carries it (the `status`
 /// endpoint's `data`): node id to its `lease`.
 async fn leases_by_node(js: &jetstream::Context) -> std::collections::BTreeMap<String, serde_json::Value> {
@@ -338,14 +349,7 @@ async fn replicas_and_lease_ttl_change_in_place() {
     }
     let mut frames = js.get_stream("WM_FRAMES").await.unwrap();
     assert_eq!(frames.info().await.unwrap().state.messages, 10, "frames kept");
-    let lease = js
-        .get_stream("KV_wm-lease")
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .clone();
+    let lease = lease_bucket(&js).await;
     let default_ttl = wmvae::config::Config::load_with_env(None, [])
         .unwrap()
         .node
@@ -362,14 +366,7 @@ async fn replicas_and_lease_ttl_change_in_place() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("lease TTL: 5s"));
-    let lease = js
-        .get_stream("KV_wm-lease")
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .clone();
+    let lease = lease_bucket(&js).await;
     assert_eq!(lease.config.max_age, Duration::from_secs(5));
     assert_eq!(lease.config.num_replicas, 3, "kept");
     let out = wmvae()
@@ -405,16 +402,7 @@ async fn one_lease_ttl_for_the_cluster_set_by_the_operator() {
     .await;
     let b = Daemon::start(&nats.url, &dir.path().join("b"), &node("b", "3"));
     wait_for_consumer(&js, "wmvae-ingest-b").await;
-    let max_age = || async {
-        js.get_stream("KV_wm-lease")
-            .await
-            .unwrap()
-            .info()
-            .await
-            .unwrap()
-            .config
-            .max_age
-    };
+    let max_age = || async { lease_bucket(&js).await.config.max_age };
     let (js_ref, a_ref, b_ref) = (&js, &a, &b);
     let hold = move |seconds: u64| async move {
         for _ in 0..seconds * 2 {

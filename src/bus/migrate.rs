@@ -272,7 +272,7 @@ impl Bus {
 
     async fn apply_object_store(&self, def: &ObjectStoreDef) -> Result<()> {
         if self.js.get_object_store(&def.bucket).await.is_ok() {
-            return self.apply_replicas(&format!("OBJ_{}", def.bucket), None).await;
+            return self.apply_replicas(&format!("OBJ_{}", def.bucket)).await;
         }
         let config = jetstream::object_store::Config {
             bucket: def.bucket.clone(),
@@ -298,7 +298,7 @@ impl Bus {
         // cluster's, set here once and then only by `wmvae cluster set
         // lease-ttl` (a node's own `[node] lease_ttl_secs` never rewrites it).
         if self.js.get_key_value(&def.bucket).await.is_ok() {
-            return self.apply_replicas(&format!("KV_{}", def.bucket), None).await;
+            return self.apply_replicas(&format!("KV_{}", def.bucket)).await;
         }
         let config = jetstream::kv::Config {
             bucket: def.bucket.clone(),
@@ -326,17 +326,7 @@ impl Bus {
     /// in steps.
     pub async fn set_lease_ttl(&self, ttl: Duration) -> Result<Duration> {
         let name = format!("KV_{}", super::kv::LEASE_BUCKET);
-        let mut stream = self
-            .js
-            .get_stream(&name)
-            .await
-            .with_context(|| format!("stream {name} (run wmvae migrate)"))?;
-        let mut config = stream
-            .info()
-            .await
-            .with_context(|| format!("reading stream {name}"))?
-            .config
-            .clone();
+        let mut config = self.stream_info(&name).await?.config;
         let before = config.max_age;
         let shortest = before / 3 + Duration::from_secs(1);
         if ttl <= shortest {
@@ -357,32 +347,14 @@ impl Bus {
         Ok(before)
     }
 
-    /// Brings an existing stream (a bucket's) to the configured replicas
-    /// and, when given, max age: an update in place, never a re-create.
-    async fn apply_replicas(&self, name: &str, max_age: Option<Duration>) -> Result<()> {
-        let mut stream = self
-            .js
-            .get_stream(name)
-            .await
-            .with_context(|| format!("stream {name}"))?;
-        let mut config = stream
-            .info()
-            .await
-            .with_context(|| format!("reading stream {name}"))?
-            .config
-            .clone();
-        if config.num_replicas == self.limits.replicas && max_age.is_none_or(|age| config.max_age == age) {
+    /// Brings an existing stream (a bucket's) to the configured replicas:
+    /// an update in place, never a re-create; its max age is left alone.
+    async fn apply_replicas(&self, name: &str) -> Result<()> {
+        let mut config = self.stream_info(name).await?.config;
+        if config.num_replicas == self.limits.replicas {
             return Ok(());
         }
         config.num_replicas = self.limits.replicas;
-        if let Some(age) = max_age {
-            config.max_age = age;
-            // The server refuses a duplicate window longer than the max age
-            // (a lease TTL shortened after the bucket was made).
-            if !age.is_zero() && config.duplicate_window > age {
-                config.duplicate_window = age;
-            }
-        }
         self.js
             .update_stream(config)
             .await

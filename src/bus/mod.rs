@@ -127,6 +127,11 @@ impl Bus {
 
     /// Messages stream `name` holds now.
     pub async fn stream_len(&self, name: &str) -> Result<u64> {
+        Ok(self.stream_info(name).await?.state.messages)
+    }
+
+    /// Stream `name`'s configuration and state as the server holds them now.
+    async fn stream_info(&self, name: &str) -> Result<async_nats::jetstream::stream::Info> {
         let mut stream = self
             .js
             .get_stream(name)
@@ -136,8 +141,7 @@ impl Bus {
             .info()
             .await
             .with_context(|| format!("reading stream {name}"))?
-            .state
-            .messages)
+            .clone())
     }
 
     /// Disconnections since the daemon connected (each one reconnects).

@@ -12,6 +12,7 @@ use super::status::{Heart, StatusBoard};
 use super::supervisor::Supervisor;
 use super::trainer::{Resumed, Trainer};
 use super::{announce, ingest, recovery, until};
+use crate::bus::kv::Shared;
 use crate::bus::service::{Endpoint, Handler, NodeInfo};
 use crate::bus::Bus;
 use crate::config::Config;
@@ -41,6 +42,20 @@ pub(super) struct TrainerRole {
     pub(super) lease_stop: CancellationToken,
     /// This process's claim on its node id, released last.
     pub(super) claim: NodeClaim,
+}
+
+/// The cluster's lease TTL, which this node follows, said when this
+/// node's `[node] lease_ttl_secs` differs (it only sets a new bucket's).
+async fn cluster_lease_ttl(shared: &Shared, config: &Config) -> Result<Duration> {
+    let ttl = shared.lease_ttl().await?;
+    if ttl != Duration::from_secs(config.node.lease_ttl_secs) {
+        tracing::warn!(
+            "[node] lease_ttl_secs = {} is not the cluster's lease TTL, {ttl:?}, which this node follows \
+            (set when the lease bucket was made; `wmvae cluster set lease-ttl` changes it)",
+            config.node.lease_ttl_secs
+        );
+    }
+    Ok(ttl)
 }
 
 /// The learner resumed from the store (off the runtime: it reads and builds the network).
@@ -87,14 +102,7 @@ impl TrainerRole {
         let shared = bus.shared().await?;
         let claim = NodeClaim::take(&shared, &config.node.id, supervisor).await?;
         let resumed = resume(config, store, bus, device).await?;
-        let ttl = shared.lease_ttl().await?;
-        if ttl != Duration::from_secs(config.node.lease_ttl_secs) {
-            tracing::warn!(
-                "[node] lease_ttl_secs = {} is not the cluster's lease TTL, {ttl:?}, which this node follows \
-                (set when the lease bucket was made; `wmvae cluster set lease-ttl` changes it)",
-                config.node.lease_ttl_secs
-            );
-        }
+        let ttl = cluster_lease_ttl(&shared, config).await?;
         let lease_stop = CancellationToken::new();
         let (lease, contender) = lease::start(
             shared.clone(),
