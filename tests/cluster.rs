@@ -542,3 +542,70 @@ async fn twins_started_together_one_is_refused_by_the_server() {
     assert!(running.try_status().is_none(), "{}", running.logs());
     assert!(running.terminate().success());
 }
+
+/// Issue #26: a new leader fences first. Leader t1 is paused (SIGSTOP)
+/// after `active` was set under its epoch; t2 takes the lease and, held
+/// just after its fence by the `takeover-fenced` failpoint (before its
+/// catch-up and uploads), `active` already carries t2's epoch: a
+/// compare-and-set from the revision t1 last read (what t1 would send on
+/// waking) is refused by the server. Before, the fence came at the end of
+/// the takeover, and that write went through in this window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_fences_before_anything_else() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let js = jetstream::new(nats.client().await);
+    let node = |id: &'static str| -> Vec<(&'static str, &'static str)> {
+        trainer_env(id)
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with("WMVAE_NATS__REPLICAS"))
+            .collect()
+    };
+    let first = Daemon::start(&nats.url, &dir.path().join("t1"), &node("t1"));
+    wait_for_consumer(&js, "wmvae-ingest-t1").await;
+    publish(&js, 6, 25).await; // enough for training frames past [train] min_frames
+    wait_until(Duration::from_secs(120), "version 2 active", || async {
+        created(&js).await.len() >= 2
+    })
+    .await;
+    let meta = js.get_key_value("wm-meta").await.unwrap();
+    // What t1 last read of `active`, and would compare-and-set from on waking.
+    let read = meta.entry("active").await.unwrap().unwrap();
+    let old: Active = serde_json::from_slice(&read.value).unwrap();
+
+    first.signal("STOP");
+    let held: Vec<(&str, &str)> = node("t2")
+        .into_iter()
+        .chain([("FAILPOINTS", "takeover-fenced=sleep(6000)")])
+        .collect();
+    let second = Daemon::start(&nats.url, &dir.path().join("t2"), &held);
+    second
+        .wait_until(Duration::from_secs(60), "t2 to fence", || async {
+            second
+                .logs()
+                .contains("fenced: the active version is held under this epoch")
+        })
+        .await;
+    let now: Active = serde_json::from_slice(&meta.entry("active").await.unwrap().unwrap().value).unwrap();
+    assert!(now.epoch > old.epoch, "active not fenced: {now:?} after {old:?}");
+    assert_eq!(now.version, old.version, "the fence moves no version");
+    let zombie = Active {
+        version: old.version + 100,
+        ..old.clone()
+    };
+    let refused = meta
+        .update("active", serde_json::to_vec(&zombie).unwrap().into(), read.revision)
+        .await;
+    assert!(refused.is_err(), "the former leader's compare-and-set went through");
+
+    first.signal("CONT");
+    second
+        .wait_until(Duration::from_secs(60), "t2 to lead", || async {
+            second.logs().contains("leading training")
+        })
+        .await;
+    let last: Active = serde_json::from_slice(&meta.entry("active").await.unwrap().unwrap().value).unwrap();
+    assert_eq!(last.epoch, now.epoch, "{last:?}");
+    assert!(first.terminate().success());
+    assert!(second.terminate().success());
+}

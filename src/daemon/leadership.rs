@@ -123,6 +123,44 @@ impl Leadership {
         self.nats(self.shared.active(), None)
     }
 
+    /// Fences older leaders, first thing on taking over under `epoch`:
+    /// `active` rewritten (same version) under this epoch by compare-and-set
+    /// from the revision just read, so a former leader's compare-and-set
+    /// from an older read fails at the server, and one that reads it anew
+    /// sees a newer epoch and stops. The active version as it was before,
+    /// and the revision this fence wrote (None on a new cluster: nothing to
+    /// fence). Refused, or a newer epoch found there: leadership ends at once.
+    pub fn fence(&self, epoch: u64) -> Result<Option<(Active, u64)>> {
+        self.epoch()?;
+        let Some((before, revision)) = self.cluster_active()? else {
+            return Ok(None);
+        };
+        if before.epoch > epoch {
+            self.lose();
+            bail!("a newer leader (epoch {}) set the active version", before.epoch);
+        }
+        let fenced = Active {
+            epoch,
+            ..before.clone()
+        };
+        match self.set_active(&fenced, Some(revision)) {
+            Ok(fenced) => {
+                tracing::info!(
+                    epoch,
+                    version = before.version,
+                    "fenced: the active version is held under this epoch"
+                );
+                Ok(Some((before, fenced)))
+            }
+            Err(e) => {
+                if matches!(e, crate::bus::Error::Conflict(_)) {
+                    self.lose();
+                }
+                Err(anyhow::Error::from(e).context("fencing the active version under this epoch"))
+            }
+        }
+    }
+
     /// Writes the cluster's active version if its revision is still `seen`.
     pub fn set_active(&self, active: &Active, seen: Option<u64>) -> Result<u64, crate::bus::Error> {
         self.nats(self.shared.set_active(active, seen), None)

@@ -119,6 +119,10 @@ impl Trainer {
         let epoch = grant.epoch;
         tracing::info!(epoch, "taking over training");
         self.leadership.begin(grant);
+        // Before anything else: a former leader paused mid-write can't move `active` from here on.
+        let fenced = self.leadership.fence(epoch)?;
+        fail::fail_point!("takeover-fenced");
+        let cluster = fenced.as_ref().map(|(active, _)| active.clone());
         let registry = self.store.registry().clone();
         // An operator's rollback or import made offline to this store, or its
         // recovery from a damaged version the object store had no copy of, is
@@ -133,7 +137,6 @@ impl Trainer {
             .unannounced_history()?
             .iter()
             .any(|h| matches!(h.why, Change::Rollback | Change::Import | Change::Recovery));
-        let cluster = self.leadership.cluster_active()?.map(|(active, _)| active);
         let mine = self.active.as_ref().map(|a| a.version);
         match cluster {
             Some(active) if !operator_changes && mine != Some(active.version) && !self.continues(&active)? => {
@@ -147,10 +150,11 @@ impl Trainer {
         let (bus, lease) = (self.leadership.bus(), self.leadership.lease());
         let offline_changes = announce::publish_offline_changes(bus, &self.store, lease, epoch);
         self.leadership.nats(offline_changes, None)?;
-        // Fence: `active` rewritten under this epoch; an older leader's compare-and-set now fails.
+        // This node's active version, by compare-and-set from the fence's own revision: any
+        // write to `active` since (another leader's) refuses it and ends this leadership.
         let (version, sha256) = (self.active()?.version, self.active()?.sha256.clone());
         let active = Active { version, sha256, epoch };
-        let seen = self.leadership.cluster_active()?.map(|(_, revision)| revision);
+        let seen = fenced.map(|(_, revision)| revision);
         match self.leadership.set_active(&active, seen) {
             Ok(_) => registry.set_led_epoch(epoch)?,
             Err(e @ crate::bus::Error::Conflict(_)) => {
