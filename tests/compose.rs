@@ -1,7 +1,9 @@
 //! docker compose, checked without a Docker engine: the files parse, every
 //! build context, Dockerfile, config and mounted path exists, the daemon's
 //! command line passes `wmvae serve --check-config` with the compose
-//! environment, and every NATS URL names the `nats` service.
+//! environment, and every NATS URL names the `nats` service; both stacks
+//! closed by default (roles, generated passwords, and for the cluster
+//! authenticated routes), their NATS configs run on real nats-servers.
 
 mod common;
 
@@ -239,6 +241,7 @@ fn compose_runs_with_roles_and_generated_credentials() {
         "WM_READER_PASSWORD",
         "WM_OPERATOR_PASSWORD",
         "WM_CONTROL_PASSWORD",
+        "WM_ROUTE_PASSWORD",
     ];
     for key in keys {
         assert!(passwords.get(key).is_some_and(|p| p.len() >= 20), "{key} in {first}");
@@ -263,7 +266,12 @@ fn compose_runs_with_roles_and_generated_credentials() {
     );
 
     // A real server with the roles and the generated passwords.
-    let variables: String = passwords.iter().map(|(k, v)| format!("{k}: \"{v}\"\n")).collect();
+    // (The route password is the cluster's: a single server has no routes to use it in.)
+    let variables: String = passwords
+        .iter()
+        .filter(|(k, _)| **k != "WM_ROUTE_PASSWORD")
+        .map(|(k, v)| format!("{k}: \"{v}\"\n"))
+        .collect();
     let roles = std::fs::read_to_string(repo_root().join("config/nats-permissions.conf")).unwrap();
     let server = wmvae_bench::nats_server::LocalNats::start_with(
         &repo_root().join(".venv/bin/nats-server"),
@@ -286,4 +294,163 @@ fn compose_runs_with_roles_and_generated_credentials() {
         "the password was printed"
     );
     assert!(!migrate(None).status.success(), "an anonymous client got in");
+}
+
+/// Issue #26: the cluster stack is as closed as the single node. Every NATS
+/// node runs the roles of config/nats-permissions.conf (mounted beside its
+/// config) with the generated passwords, authenticates the routes between
+/// the servers, and listens on the host's loopback; every wmvae node and
+/// the publisher log in as their own user. Then the three configs run, as
+/// written (ports and stores moved to free ones), on real nats-servers with
+/// those passwords: the routes form a JetStream cluster, the daemon's user
+/// gets in, an anonymous client and a route with a wrong password do not.
+#[test]
+fn cluster_runs_with_roles_and_authenticated_routes() {
+    let doc = compose("docker-compose.cluster.yml");
+    let services = doc["services"].as_object().unwrap();
+    for n in 1..=3 {
+        let node = &services[&format!("nats{n}")];
+        assert!(strings(&node["volumes"])
+            .iter()
+            .any(|v| v.starts_with("./config/nats-permissions.conf:/etc/nats/nats-permissions.conf")));
+        let env = &node["environment"];
+        for key in ["WM_DAEMON_PASSWORD", "WM_CONTROL_PASSWORD", "WM_ROUTE_PASSWORD"] {
+            assert!(
+                env[key].as_str().unwrap().starts_with(&format!("${{{key}:?")),
+                "nats{n}: {key}"
+            );
+        }
+        for r in 1..=3 {
+            let route = env[&format!("WM_ROUTE_{r}")].as_str().unwrap();
+            assert_eq!(
+                route,
+                format!("nats-route://route:${{WM_ROUTE_PASSWORD}}@127.0.0.1:{}", 6221 + r)
+            );
+        }
+    }
+    for (name, service) in services {
+        let env = &service["environment"];
+        match name.as_str() {
+            n if n.starts_with("nats") => {}
+            "publisher" => assert_eq!(env["WMVAE_NATS__USER"].as_str(), Some("publisher")),
+            _ => {
+                assert_eq!(env["WMVAE_NATS__USER"].as_str(), Some("wmvae"), "{name}");
+                assert!(env["WMVAE_NATS__PASSWORD"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("${WM_DAEMON_PASSWORD:?"));
+                assert_eq!(
+                    env["WMVAE_NATS__CONTROL_USER"].as_str(),
+                    Some("wmvae-control"),
+                    "{name}"
+                );
+            }
+        }
+    }
+
+    // The three configs on real servers, with passwords as compose-secrets makes them.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        repo_root().join("config/nats-permissions.conf"),
+        dir.path().join("nats-permissions.conf"),
+    )
+    .unwrap();
+    let ports: Vec<u16> = (0..6).map(|_| common::free_port()).collect();
+    let password = |role: &str| format!("{role}-password-for-this-test");
+    let route = |r: usize, password: &str| format!("nats-route://route:{password}@127.0.0.1:{}", ports[3 + r]);
+    let mut servers: Vec<ChildGuard> = (0..3)
+        .map(|i| {
+            let conf = std::fs::read_to_string(repo_root().join(format!("config/cluster/n{}.conf", i + 1)))
+                .unwrap()
+                .replace(&format!("127.0.0.1:{}", 4222 + i), &format!("127.0.0.1:{}", ports[i]))
+                .replace(
+                    &format!("127.0.0.1:{}", 6222 + i),
+                    &format!("127.0.0.1:{}", ports[3 + i]),
+                )
+                .replace(
+                    &format!("\"data/nats-n{}\"", i + 1),
+                    &format!("{:?}", dir.path().join(format!("js{i}"))),
+                );
+            let path = dir.path().join(format!("n{}.conf", i + 1));
+            std::fs::write(&path, conf).unwrap();
+            let mut cmd = std::process::Command::new(repo_root().join(".venv/bin/nats-server"));
+            cmd.arg("-c").arg(&path).stderr(std::process::Stdio::null());
+            for role in ["DAEMON", "PUBLISHER", "READER", "OPERATOR", "CONTROL", "ROUTE"] {
+                cmd.env(format!("WM_{role}_PASSWORD"), password(role));
+            }
+            for r in 0..3 {
+                cmd.env(format!("WM_ROUTE_{}", r + 1), route(r, &password("ROUTE")));
+            }
+            ChildGuard(cmd.spawn().unwrap())
+        })
+        .collect();
+    let url: Vec<String> = ports[..3].iter().map(|p| format!("nats://127.0.0.1:{p}")).collect();
+    let migrate = |user: Option<&str>| {
+        let mut cmd = wmvae();
+        cmd.args(["migrate", "--nats-url", &url.join(","), "--data-dir"])
+            .arg(dir.path().join("store"))
+            .env("WMVAE_NATS__REPLICAS", "3");
+        if let Some(password) = user {
+            cmd.env("WMVAE_NATS__USER", "wmvae")
+                .env("WMVAE_NATS__PASSWORD", password);
+        }
+        cmd.output().unwrap()
+    };
+    // Three replicas need the cluster's routes up and a JetStream meta leader.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let out = migrate(Some(&password("DAEMON")));
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cluster never took 3-replica streams: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    assert!(!migrate(None).status.success(), "an anonymous client got in");
+
+    // A fourth server whose route presents a wrong password joins nothing.
+    let log = dir.path().join("intruder.log");
+    let intruder_port = common::free_port();
+    std::fs::write(
+        dir.path().join("intruder.conf"),
+        format!(
+            "listen: 127.0.0.1:{intruder_port}\ncluster {{ name: wmvae, listen: 127.0.0.1:{}, routes: [{}] }}\n",
+            common::free_port(),
+            route(0, "wrong")
+        ),
+    )
+    .unwrap();
+    servers.push(ChildGuard(
+        std::process::Command::new(repo_root().join(".venv/bin/nats-server"))
+            .arg("-c")
+            .arg(dir.path().join("intruder.conf"))
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    ));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("Authorization Violation")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the intruder's route was not refused"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// A child process killed when the test ends, passing or not.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
