@@ -34,6 +34,14 @@ fn trainer_env(id: &'static str) -> Vec<(&'static str, &'static str)> {
     FAST.iter().copied().chain(node).collect()
 }
 
+/// [`trainer_env`] for a single nats-server: no replicas.
+fn single_server_env(id: &'static str) -> Vec<(&'static str, &'static str)> {
+    trainer_env(id)
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("WMVAE_NATS__REPLICAS"))
+        .collect()
+}
+
 /// A 3-node cluster with trainer `t1` leading and `t2` standing by, after
 /// `versions` versions from t1.
 async fn two_trainers(versions: usize) -> (LocalCluster, jetstream::Context, tempfile::TempDir, Daemon, Daemon) {
@@ -389,9 +397,8 @@ async fn one_lease_ttl_for_the_cluster_set_by_the_operator() {
     let dir = tempfile::tempdir().unwrap();
     let js = jetstream::new(nats.client().await);
     let node = |id: &'static str, ttl: &'static str| -> Vec<(&'static str, &'static str)> {
-        trainer_env(id)
+        single_server_env(id)
             .into_iter()
-            .filter(|(k, _)| !k.starts_with("WMVAE_NATS__REPLICAS"))
             .chain([("WMVAE_NODE__LEASE_TTL_SECS", ttl)])
             .collect()
     };
@@ -454,10 +461,7 @@ async fn a_second_trainer_waits_or_is_refused() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let js = jetstream::new(nats.client().await);
-    let single: Vec<(&str, &str)> = trainer_env("")
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with("WMVAE_NATS__REPLICAS"))
-        .collect();
+    let single = single_server_env("");
     let leader = Daemon::start(&nats.url, &dir.path().join("single"), &single);
     wait_for_consumer(&js, "wmvae-ingest").await;
     publish(&js, 4, 25).await;
@@ -467,10 +471,7 @@ async fn a_second_trainer_waits_or_is_refused() {
     .await;
     let holder = lease_holder(&js).await.unwrap();
 
-    let with_id: Vec<(&str, &str)> = trainer_env("b")
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with("WMVAE_NATS__REPLICAS"))
-        .collect();
+    let with_id = single_server_env("b");
     let standby = Daemon::start(&nats.url, &dir.path().join("b"), &with_id);
     wait_for_consumer(&js, "wmvae-ingest-b").await;
     tokio::time::sleep(Duration::from_secs(4)).await; // past a lease TTL
@@ -502,10 +503,7 @@ async fn a_second_trainer_waits_or_is_refused() {
 async fn twins_started_together_one_is_refused_by_the_server() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let env: Vec<(&str, &str)> = trainer_env("x")
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with("WMVAE_NATS__REPLICAS"))
-        .collect();
+    let env = single_server_env("x");
     // The bucket first, so neither start's migration is what sets them apart.
     let out = wmvae()
         .args(["migrate", "--nats-url", &nats.url, "--data-dir"])
@@ -555,13 +553,7 @@ async fn a_new_leader_fences_before_anything_else() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let js = jetstream::new(nats.client().await);
-    let node = |id: &'static str| -> Vec<(&'static str, &'static str)> {
-        trainer_env(id)
-            .into_iter()
-            .filter(|(k, _)| !k.starts_with("WMVAE_NATS__REPLICAS"))
-            .collect()
-    };
-    let first = Daemon::start(&nats.url, &dir.path().join("t1"), &node("t1"));
+    let first = Daemon::start(&nats.url, &dir.path().join("t1"), &single_server_env("t1"));
     wait_for_consumer(&js, "wmvae-ingest-t1").await;
     publish(&js, 6, 25).await; // enough for training frames past [train] min_frames
     wait_until(Duration::from_secs(120), "version 2 active", || async {
@@ -574,7 +566,7 @@ async fn a_new_leader_fences_before_anything_else() {
     let old: Active = serde_json::from_slice(&read.value).unwrap();
 
     first.signal("STOP");
-    let held: Vec<(&str, &str)> = node("t2")
+    let held: Vec<(&str, &str)> = single_server_env("t2")
         .into_iter()
         .chain([("FAILPOINTS", "takeover-fenced=sleep(6000)")])
         .collect();
