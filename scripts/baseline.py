@@ -8,7 +8,9 @@ baseline, and flags a figure more than 20 % worse than its baseline. Ratios
 the encoder) are compared as ratios: both sides ran in the same minute on
 the same box, so its noise mostly cancels; absolute figures (images/s, MB,
 seconds) move with the box, and its load should be quiet when they are read.
---update writes the figures measured into the baseline with today's date.
+--update writes the figures measured into the baseline with today's date,
+and BENCHMARKS.md's opening table with them. --table prints that table
+from the baseline as it is, running nothing.
 """
 
 import argparse
@@ -110,6 +112,30 @@ BENCHES = {
 }
 
 
+BENCHMARKS = os.path.join(ROOT, "BENCHMARKS.md")
+# BENCHMARKS.md's opening table is the baseline's, between these lines.
+TABLE_START, TABLE_END = "<!-- baseline table: scripts/baseline.py --table -->", "<!-- end of the baseline table -->"
+
+
+def baseline_table(figures):
+    """The baseline's figures as BENCHMARKS.md opens with them (Markdown)."""
+    lines = ["| figure | value | unit | machine | measured | command |", "|---|---|---|---|---|---|"]
+    for name, f in figures.items():
+        lines.append(f"| `{name}` | **{f['value']}** ({f['better']} is better) | {f['unit']} | {f['machine']} | "
+                     f"{f['measured']} | `{f['command']}` |")
+    return "\n".join(lines)
+
+
+def write_benchmarks_table(figures):
+    """Rewrites BENCHMARKS.md's opening table from the baseline."""
+    with open(BENCHMARKS) as f:
+        text = f.read()
+    before, rest = text.split(TABLE_START, 1)
+    _, after = rest.split(TABLE_END, 1)
+    with open(BENCHMARKS, "w") as f:
+        f.write(f"{before}{TABLE_START}\n{baseline_table(figures)}\n{TABLE_END}{after}")
+
+
 def worse_by(figure, now):
     """How much worse `now` is than the baseline's value, as a fraction."""
     base = figure["value"]
@@ -125,10 +151,14 @@ def main():
     parser.add_argument("--quick", action="store_true", help="only the short benches, shortened")
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHES), help="only these figures")
     parser.add_argument("--update", action="store_true", help="write the figures measured into the baseline")
+    parser.add_argument("--table", action="store_true", help="print the baseline as BENCHMARKS.md's table; run nothing")
     args = parser.parse_args()
     with open(BASELINE) as f:
         baseline = json.load(f)
     figures = baseline["figures"]
+    if args.table:
+        print(baseline_table(figures))
+        return
     names = [n for n, (_, quick) in BENCHES.items() if (not args.quick or quick) and (not args.only or n in args.only)]
     rows, flagged = [], []
     for name in names:
@@ -154,7 +184,8 @@ def main():
         with open(BASELINE, "w") as f:
             json.dump(baseline, f, indent=2)
             f.write("\n")
-        print(f"wrote {os.path.relpath(BASELINE, ROOT)}", file=sys.stderr)
+        write_benchmarks_table(figures)
+        print(f"wrote {os.path.relpath(BASELINE, ROOT)} and BENCHMARKS.md's table", file=sys.stderr)
     if flagged:
         print(f"more than {TOLERANCE:.0%} worse than the baseline: {', '.join(flagged)}", file=sys.stderr)
         sys.exit(1)
