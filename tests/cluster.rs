@@ -105,8 +105,13 @@ async fn lease_bucket(js: &jetstream::Context) -> jetstream::stream::Info {
 }
 
 /// Every node's status, as `$SRV.STATS.wmvae` carries it (the `status`
-/// endpoint's `data`): node id to its `lease`.
-async fn leases_by_node(js: &jetstream::Context) -> std::collections::BTreeMap<String, serde_json::Value> {
+/// endpoint's `data`): node id to its `lease`, once `nodes` nodes answered
+/// (or 15 s passed: a loaded box answers late, and one reply a second
+/// apart from the next proved too tight beside a fresh-clone build).
+async fn leases_by_node(
+    js: &jetstream::Context,
+    nodes: usize,
+) -> std::collections::BTreeMap<String, serde_json::Value> {
     let client = js.client();
     let inbox = client.new_inbox();
     let mut replies = client.subscribe(inbox.clone()).await.unwrap();
@@ -115,7 +120,11 @@ async fn leases_by_node(js: &jetstream::Context) -> std::collections::BTreeMap<S
         .await
         .unwrap();
     let mut leases = std::collections::BTreeMap::new();
-    while let Ok(Some(reply)) = tokio::time::timeout(Duration::from_secs(1), replies.next()).await {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while leases.len() < nodes {
+        let Ok(Some(reply)) = tokio::time::timeout_at(deadline, replies.next()).await else {
+            break;
+        };
         let stats: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
         for status in stats["endpoints"]
             .as_array()
@@ -145,7 +154,7 @@ async fn the_standby_takes_over_when_the_leader_dies() {
         ("t1".to_string(), serde_json::json!("leader")),
         ("t2".to_string(), serde_json::json!("standby")),
     ]);
-    assert_eq!(leases_by_node(&js).await, expected);
+    assert_eq!(leases_by_node(&js, expected.len()).await, expected);
 
     first.kill();
     let before = created(&js).await;

@@ -32,6 +32,9 @@ const RENEW_RETRY: Duration = Duration::from_millis(250);
 /// How often a leader reads the cluster's lease TTL between renewals: an
 /// operator's shorter TTL is heeded within this long.
 const TTL_POLL: Duration = Duration::from_secs(1);
+/// How long one read of the TTL may take before the last one read is kept:
+/// a read stuck behind a bucket's leader election must not hold a renewal.
+pub(super) const TTL_READ_LIMIT: Duration = Duration::from_millis(500);
 
 /// A clock that counts a host's suspend (Linux's `CLOCK_BOOTTIME`; std's
 /// `Instant` does not): a node resumed after a suspend sees its lease's
@@ -97,10 +100,12 @@ impl Lease {
         self.ttl() * 2 / 3
     }
 
-    /// Reads the cluster's TTL again; on a failure (NATS away) the last
-    /// one read stays.
+    /// Reads the cluster's TTL again; on a failure (NATS away) or past
+    /// [`TTL_READ_LIMIT`] the last one read stays.
     async fn refresh_ttl(&self, shared: &Shared) {
-        let Ok(ttl) = shared.lease_ttl().await else { return };
+        let Ok(Ok(ttl)) = tokio::time::timeout(TTL_READ_LIMIT, shared.lease_ttl()).await else {
+            return;
+        };
         let before = self.ttl_ms.swap(ttl.as_millis() as u64, Ordering::Relaxed);
         if before != ttl.as_millis() as u64 {
             tracing::info!(

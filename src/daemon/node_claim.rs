@@ -11,6 +11,7 @@
 //! a twin that was started while this node's claim had lapsed: this node
 //! then finds its id taken at its next renewal and stops, saying so.
 
+use super::lease::TTL_READ_LIMIT;
 use super::supervisor::Supervisor;
 use crate::bus::kv::Shared;
 use crate::bus::Error;
@@ -93,7 +94,10 @@ async fn renew(shared: Shared, id: String, holder: String, mut revision: u64, st
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(ttl / 3) => {}
         }
-        ttl = shared.lease_ttl().await.unwrap_or(ttl);
+        ttl = match tokio::time::timeout(TTL_READ_LIMIT, shared.lease_ttl()).await {
+            Ok(Ok(now)) => now,
+            _ => ttl,
+        };
         let mut warned = false;
         revision = loop {
             match shared.renew_node(&id, &holder, revision).await {
