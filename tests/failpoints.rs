@@ -6,7 +6,8 @@
 //! start picks up from there: every acked frame stored once, one latent per
 //! frame, versions only grow and every stored one is announced, and the
 //! last daemon exits 0 on SIGTERM. A role thread that panics ends the
-//! daemon non-zero, saying so with the panic's message.
+//! daemon non-zero, saying so with the panic's message. An import is
+//! answered only once its version is published.
 
 mod common;
 
@@ -432,4 +433,46 @@ async fn a_write_error_the_store_keeps_reopens_it_in_process() {
     );
     let store = open_store(dir.path());
     assert_eq!(store.stats().unwrap().frames_ingested, FRAMES_PER_ROUND, "{logs}");
+}
+
+/// An import through the running daemon is answered once the new version
+/// is published (the `publish-created` failpoint makes every upload take 3 s
+/// more): the export that follows at once finds it in the object store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_is_answered_once_its_version_is_published() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&nats.url, dir.path(), &env(Some("publish-created=sleep(3000)")));
+    daemon
+        .wait_until(Duration::from_secs(120), "leading training", || async {
+            daemon.logs().contains("leading training")
+        })
+        .await;
+    let weights = dir.path().join("torch.safetensors");
+    common::torch_reference(&["save-weights", "--out", weights.to_str().unwrap(), "--seed", "5"]);
+    let checkpoint = |args: &[&str]| {
+        let out = common::wmvae()
+            .arg("checkpoint")
+            .args(args)
+            .args(["--nats-url", &nats.url, "--data-dir"])
+            .arg(dir.path().join("store"))
+            .env("WMVAE_TRAIN__DEVICE", "cpu")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{args:?}: {stderr}\n{}", daemon.logs());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let imported = checkpoint(&["import", weights.to_str().unwrap()]);
+    let version = imported
+        .split(" as v")
+        .nth(1)
+        .and_then(|v| v.split(' ').next())
+        .unwrap();
+    // Export checks the object's sha256 against the version's.
+    let out = dir.path().join("out.safetensors");
+    checkpoint(&["export", version, "--out", out.to_str().unwrap()]);
+    assert!(std::fs::metadata(&out).unwrap().len() > 0);
+    let logs = daemon.logs();
+    assert!(daemon.terminate().success(), "{logs}");
 }

@@ -7,16 +7,23 @@ use super::Bus;
 use crate::config::Roles;
 use anyhow::Context;
 use anyhow::{anyhow, Result};
+use async_nats::Request;
 use bytes::Bytes;
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// The micro service's name, as `$SRV.PING` discovery shows it.
 pub const SERVICE_NAME: &str = "wmvae";
+/// How long the CLI waits for a request's reply: async-nats's default.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the CLI waits for an import's reply: the daemon answers once the
+/// new version is published (uploads of tens of MB), or after a minute.
+pub const IMPORT_TIMEOUT: Duration = Duration::from_secs(90);
 /// A service error: an HTTP-like code (404 unknown, 400 refused request,
 /// 500 our fault) and a message.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -86,6 +93,14 @@ impl Endpoint {
             .into_iter()
             .filter(|e| *e != Endpoint::Status && !e.encoders())
             .collect()
+    }
+
+    /// How long a caller waits for the reply.
+    fn timeout(self) -> Duration {
+        match self {
+            Endpoint::Import => IMPORT_TIMEOUT,
+            _ => REQUEST_TIMEOUT,
+        }
     }
 
     /// The name under `<prefix>.ctl.`.
@@ -296,7 +311,10 @@ impl Bus {
         let subject = self.subject(&format!("ctl.{}", endpoint.name()));
         let reply = self
             .client
-            .request(subject.clone(), payload.into())
+            .send_request(
+                subject.clone(),
+                Request::new().payload(payload.into()).timeout(Some(endpoint.timeout())),
+            )
             .await
             .map_err(|e| anyhow!("{subject}: {e}"))?;
         if let Some(headers) = reply.headers.as_ref() {

@@ -22,6 +22,8 @@ use tokio::sync::mpsc;
 /// standby took over, must not announce).
 async fn publish_created(bus: &Bus, lease: &Lease, checkpoint: &Checkpoint, epoch: u64) -> Result<()> {
     let version = checkpoint.metadata.version;
+    // A slow upload, for tests (its `sleep` blocks this runtime thread).
+    fail::fail_point!("publish-created");
     bus.put_object(&weights_object(version), &checkpoint.weights).await?;
     bus.put_object(&checkpoint_envelope_object(version), &checkpoint.to_bytes()?)
         .await?;
@@ -110,7 +112,7 @@ async fn activate(shared: &Shared, lease: &Lease, metadata: &Metadata, epoch: u6
 /// rollback, the version is then made active.
 async fn publish(bus: &Bus, shared: &Shared, lease: &Lease, event: &Event, announced: &mut bool) -> Result<()> {
     match event {
-        Event::Created { checkpoint, epoch } => {
+        Event::Created { checkpoint, epoch, .. } => {
             if !*announced {
                 publish_created(bus, lease, checkpoint, *epoch).await?;
                 *announced = true;
@@ -157,9 +159,9 @@ pub(super) async fn publish_events(
     lease: Lease,
     mut events: mpsc::Receiver<Event>,
 ) -> Result<()> {
-    while let Some(event) = events.recv().await {
+    while let Some(mut event) = events.recv().await {
         let (epoch, what) = match &event {
-            Event::Created { checkpoint, epoch } => (*epoch, format!("v{}", checkpoint.metadata.version)),
+            Event::Created { checkpoint, epoch, .. } => (*epoch, format!("v{}", checkpoint.metadata.version)),
             Event::Rollback { to, epoch, .. } => (*epoch, format!("the rollback to v{}", to.metadata.version)),
             Event::Deleted { metadata, epoch } => (*epoch, format!("the deletion of v{}", metadata.version)),
         };
@@ -167,7 +169,14 @@ pub(super) async fn publish_events(
         loop {
             let error = match lease.epoch() == Some(epoch) {
                 true => match publish(&bus, &shared, &lease, &event, &mut announced).await {
-                    Ok(()) => break mark_announced(&store, &event),
+                    Ok(()) => {
+                        mark_announced(&store, &event);
+                        if let Event::Created { published, .. } = &mut event {
+                            // Whoever waited may have given up: nothing to do then.
+                            published.take().map(|p| p.send(()));
+                        }
+                        break;
+                    }
                     Err(e) => e,
                 },
                 false => anyhow!("paused: the lease's renewal is failing"),

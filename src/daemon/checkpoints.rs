@@ -12,6 +12,7 @@ use crate::vae::properties::{Diagnostics, DIAGNOSTIC_FRAMES};
 use anyhow::{Context, Result};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
 
 /// How long a checkpoint waits for its version number from NATS (ms when
 /// NATS is well) before it is postponed: training goes on meanwhile.
@@ -166,7 +167,7 @@ impl Trainer {
         self.auto_rollbacks_in_a_row = 0;
         let m = &checkpoint.metadata;
         tracing::info!(version = m.version, parent = ?m.parent, step = m.step, eval_loss = ?m.eval_loss, "checkpoint");
-        self.adopt(Arc::new(checkpoint))?;
+        self.adopt(Arc::new(checkpoint), None)?;
         // Retention is the leader's: a node that stopped leading meanwhile keeps all.
         let Ok(epoch) = self.leadership.epoch() else {
             return Ok(());
@@ -185,7 +186,8 @@ impl Trainer {
     /// store, then announced (encoders switch to it on the announcement).
     /// A node that stopped leading since the version was made keeps it
     /// unannounced: when it leads again, the cluster's active version decides.
-    pub(super) fn adopt(&mut self, checkpoint: Arc<Checkpoint>) -> Result<()> {
+    /// `published` hears once it is out; it is dropped if it never goes out.
+    pub(super) fn adopt(&mut self, checkpoint: Arc<Checkpoint>, published: Option<oneshot::Sender<()>>) -> Result<()> {
         let version = checkpoint.metadata.version;
         match self.leadership.epoch() {
             Ok(epoch) => self
@@ -193,6 +195,7 @@ impl Trainer {
                 .blocking_send(Event::Created {
                     checkpoint: checkpoint.clone(),
                     epoch,
+                    published,
                 })
                 .context("daemon event queue closed")?,
             Err(e) => tracing::warn!(version, "v{version} stays unannounced in the store: {e:#}"),

@@ -4,7 +4,7 @@
 //! them in order; and where an automatic rollback returns (the divergence
 //! guard's). The loop itself is `trainer.rs`'s.
 
-use super::control::Command;
+use super::control::{Command, Imported};
 use super::trainer::{Event, Trainer};
 use super::Error;
 use crate::store::Provenance;
@@ -12,6 +12,7 @@ use crate::vae::checkpoint::Metadata;
 use crate::versions;
 use anyhow::{Context, Result};
 use std::sync::Arc;
+use tokio::sync::oneshot;
 
 impl Trainer {
     /// Runs queued operator commands; true when the training weights changed.
@@ -89,8 +90,9 @@ impl Trainer {
         Ok(from)
     }
 
-    /// A foreign model becomes the next version, active, with fresh Adam state.
-    fn import(&mut self, weights: &[u8], origin: &str, provenance: &Provenance) -> Result<Metadata, Error> {
+    /// A foreign model becomes the next version, active, with fresh Adam
+    /// state; the receiver hears once it is published.
+    fn import(&mut self, weights: &[u8], origin: &str, provenance: &Provenance) -> Result<Imported, Error> {
         let version = self.allocate_version(None)?;
         let checkpoint = Arc::new(versions::import(
             &self.store,
@@ -102,8 +104,9 @@ impl Trainer {
         )?);
         self.learner.restore(&checkpoint)?;
         let metadata = checkpoint.metadata.clone();
-        self.adopt(checkpoint)?;
-        Ok(metadata)
+        let (published, heard) = oneshot::channel();
+        self.adopt(checkpoint, Some(published))?;
+        Ok((metadata, heard))
     }
 
     /// Deletes a version (never the active one) and hands the removal of its

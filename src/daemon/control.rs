@@ -31,12 +31,24 @@ use anyhow::anyhow;
 use futures::TryFutureExt;
 use serde::Serialize;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 /// The largest upload `checkpoints.import` reads: the World Models VAE's
 /// weights are ~17 MB in f32; this leaves room for a wider z or f64 and
 /// bounds what one request makes the leader hold in memory.
 const MAX_IMPORT_BYTES: u64 = 256 << 20;
+/// How long an import's reply waits for the new version to be published
+/// (its weights and full checkpoint uploaded, announced, active): an operator
+/// who imports and then encodes with it must find it in the object store. A
+/// ~17 MB model and its ~52 MB checkpoint take well under a second on a quiet
+/// server; this leaves room for a loaded one, under the CLI's
+/// [`crate::bus::service::IMPORT_TIMEOUT`].
+const IMPORT_PUBLISH_WAIT: Duration = Duration::from_secs(60);
+
+/// An imported version and where the announcer says it is published
+/// (dropped unsent if it never is: this node stopped leading).
+pub type Imported = (Metadata, oneshot::Receiver<()>);
 
 /// A request for the trainer, carried out between two steps
 /// (`commands.rs`), with where its answer goes.
@@ -50,7 +62,7 @@ pub enum Command {
         weights: Vec<u8>,
         origin: String,
         provenance: Provenance,
-        reply: oneshot::Sender<Result<Metadata, Error>>,
+        reply: oneshot::Sender<Result<Imported, Error>>,
     },
     Pin {
         version: u64,
@@ -340,7 +352,7 @@ async fn import(
     versions::check_weights(&weights, &object, &ctx.config).map_err(|e| BadRequest(format!("{e:#}")))?;
     let (origin, reason) = (object.clone(), request.reason.clone());
     let provenance = Provenance::operator(Change::Import, by, reason);
-    let imported = ask_trainer(commands, |reply| Command::Import {
+    let (imported, published) = ask_trainer(commands, |reply| Command::Import {
         weights,
         origin,
         provenance,
@@ -349,7 +361,18 @@ async fn import(
     .await?;
     // The upload is gone only once it is a version; a refused one stays for the operator to look at.
     ctx.bus.delete_object(&object).await?;
-    json(&imported)
+    let version = imported.version;
+    match tokio::time::timeout(IMPORT_PUBLISH_WAIT, published).await {
+        Ok(Ok(())) => json(&imported),
+        Ok(Err(_)) => Err(anyhow!(
+            "v{version} is imported and active in this node's store, but not published: this node stopped leading"
+        )
+        .into()),
+        Err(_) => Err(anyhow!(
+            "v{version} is imported and active, but still not published after {IMPORT_PUBLISH_WAIT:?}; see the daemon's log"
+        )
+        .into()),
+    }
 }
 
 /// The handler for every [`Endpoint`].

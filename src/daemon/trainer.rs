@@ -22,7 +22,7 @@ use crate::vae::learner::{Learner, LossValues};
 use anyhow::{bail, Result};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 /// Validation batches averaged for one eval.
 const EVAL_BATCHES: usize = 4;
@@ -34,8 +34,13 @@ const IDLE_PAUSE: Duration = Duration::from_millis(50);
 /// version active only while this node still leads under it.
 pub enum Event {
     /// Put the weights and the full checkpoint in the object store, make the
-    /// version active (compare-and-set) and announce.
-    Created { checkpoint: Arc<Checkpoint>, epoch: u64 },
+    /// version active (compare-and-set) and announce; then say so on
+    /// `published`, where someone waits for it (an operator's import).
+    Created {
+        checkpoint: Arc<Checkpoint>,
+        epoch: u64,
+        published: Option<oneshot::Sender<()>>,
+    },
     /// Make `to` active again and announce the rollback (from version `from`).
     Rollback {
         from: Option<u64>,
