@@ -253,6 +253,11 @@ impl StatusBoard {
         self.update(|s| s.checkpoint_error = None);
     }
 
+    /// A write to the store succeeded (not frames: [`StatusBoard::committed`]).
+    pub fn store_writes(&self) {
+        self.update(|s| s.store_error = None);
+    }
+
     /// Frames were committed: the store writes.
     pub fn committed(&self) {
         self.update(|s| (s.store_error, s.last_commit) = (None, Some(Instant::now())));
@@ -264,12 +269,24 @@ impl StatusBoard {
     }
 
     /// What makes this node unhealthy now, besides NATS: a store that
-    /// can't write, a role's loop that has not gone round for `max_age`.
+    /// can't write or a write to it in flight for longer than `max_age`, a
+    /// role's loop that has not gone round for `max_age`.
     pub fn problems(&self, max_age: Duration) -> Vec<String> {
         let s = self.status.lock().unwrap();
         let mut problems = Vec::new();
         if let Some(error) = &s.store_error {
             problems.push(format!("the store can't write: {error}"));
+        }
+        if let Some(stuck) = self
+            .store
+            .as_ref()
+            .and_then(Store::oldest_write)
+            .filter(|a| *a > max_age)
+        {
+            problems.push(format!(
+                "a store write has not returned for {:.0} s",
+                stuck.as_secs_f64()
+            ));
         }
         for (heart, beat) in s.beats.iter().filter(|(_, b)| b.elapsed() > max_age) {
             problems.push(format!(

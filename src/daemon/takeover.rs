@@ -94,10 +94,20 @@ impl Trainer {
     pub(super) fn take_over_or_wait(&mut self, grant: Grant, failing: &mut Option<Retrying>) -> Result<bool> {
         let epoch = grant.epoch;
         let Err(e) = self.take_over(grant) else {
-            *failing = None;
+            if failing.take().is_some() {
+                self.status.store_writes();
+            }
             return Ok(true);
         };
         self.leadership.end();
+        // A store write may be what failed, anywhere in the takeover: a full disk shows in /healthz
+        // while it lasts, and a write error sled keeps once the disk takes writes again ends the
+        // trainer at once, for the daemon to reopen the store.
+        match self.store.check_writes() {
+            Ok(()) => {}
+            Err(reopen @ store::Error::NeedsReopen { .. }) => return Err(reopen.into()),
+            Err(cannot_write) => self.status.store_failed(&cannot_write),
+        }
         let retrying = failing.get_or_insert_with(|| Retrying {
             since: Instant::now(),
             pause: Backoff::default(),

@@ -347,7 +347,7 @@ impl Store {
         }
         Self::write_counters(&next, &mut batch);
         self.tree.apply_batch(batch)?;
-        self.db.flush()?;
+        self.room.flush(&self.db)?;
         *counters = next;
         Ok(done)
     }

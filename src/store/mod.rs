@@ -165,7 +165,7 @@ impl Store {
                 upgrade::frames_and_index(self)?;
                 self.tree
                     .insert(meta_key("schema_version"), &SCHEMA_VERSION.to_be_bytes())?;
-                self.db.flush()?;
+                self.room.flush(&self.db)?;
             }
         }
         Ok(())
@@ -204,6 +204,28 @@ impl Store {
         })
     }
 
+    /// Whether the store takes a write now, for a part whose write failed
+    /// somewhere inside a longer operation (a takeover): a small write of
+    /// its own, room claimed first, flushed. [`Error::NoRoom`] on a full
+    /// disk, [`Error::NeedsReopen`] when sled keeps an earlier write error
+    /// though the disk takes writes again ([`Store::check_write_failure`]),
+    /// else sled's error; Ok when it writes.
+    pub fn check_writes(&self) -> Result<(), Error> {
+        let _room = self.room.claim(PROBE_BYTES as u64, || "a write check".into())?;
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let written = self
+            .tree
+            .insert(meta_key("write_check"), &at.to_be_bytes())
+            .and_then(|_| self.room.flush(&self.db));
+        let Err(e) = written else { return Ok(()) };
+        let failed = Error::from(e);
+        self.check_write_failure(&failed)?;
+        Err(failed)
+    }
+
     /// [`Error::NeedsReopen`] once a write failure was found latched
     /// ([`Store::check_write_failure`]), for whoever holds the store to
     /// reopen it, whichever part met it; else None.
@@ -215,9 +237,16 @@ impl Store {
         })
     }
 
+    /// How long the oldest store write in flight has been going on (None:
+    /// none is): sled 0.34 can leave a write waiting for ever after one met
+    /// a full disk, and only a new process opens the store again then.
+    pub fn oldest_write(&self) -> Option<std::time::Duration> {
+        self.room.oldest_write()
+    }
+
     /// Flushes everything to disk (for shutdown; `commit` already flushes).
     pub fn flush(&self) -> Result<()> {
-        self.db.flush()?;
+        self.room.flush(&self.db)?;
         Ok(())
     }
 }

@@ -146,7 +146,7 @@ impl Registry {
         let _room = self.put_chunks(&mut batch, &key(b'V', version), checkpoint)?;
         batch.insert(key(b'D', version), encode_metadata(&checkpoint.metadata)?);
         self.tree.apply_batch(batch)?;
-        self.db.flush()?;
+        self.room.flush(&self.db)?;
         Ok(())
     }
 
@@ -258,7 +258,7 @@ impl Registry {
         batch.insert(meta(Counter::NextVersion), &(version + 1).to_be_bytes());
         self.activate_in(&mut batch, version, provenance)?;
         self.tree.apply_batch(batch)?;
-        self.db.flush()?;
+        self.room.flush(&self.db)?;
         Ok(checkpoint)
     }
 
@@ -277,7 +277,7 @@ impl Registry {
         let mut batch = sled::Batch::default();
         let from = self.activate_in(&mut batch, version, provenance)?;
         self.tree.apply_batch(batch)?;
-        self.db.flush()?;
+        self.room.flush(&self.db)?;
         Ok(from)
     }
 
@@ -341,7 +341,7 @@ impl Registry {
         } else {
             self.tree.remove(key(b'P', version))?;
         }
-        self.db.flush()?;
+        self.room.flush(&self.db)?;
         Ok(())
     }
 
@@ -358,7 +358,7 @@ impl Registry {
             batch.remove(key(tag, version));
         }
         self.tree.apply_batch(batch)?;
-        self.db.flush()?;
+        self.room.flush(&self.db)?;
         Ok(metadata)
     }
 
@@ -380,7 +380,7 @@ impl Registry {
 
     pub fn set_led_epoch(&self, epoch: u64) -> Result<()> {
         self.tree.insert(meta(Counter::LedEpoch), &epoch.to_be_bytes())?;
-        self.db.flush()?;
+        self.room.flush(&self.db)?;
         Ok(())
     }
 
@@ -391,7 +391,7 @@ impl Registry {
         let mut batch = sled::Batch::default();
         let _room = self.put_chunks(&mut batch, PENDING, checkpoint)?;
         self.tree.apply_batch(batch)?;
-        self.db.flush()?;
+        self.room.flush(&self.db)?;
         Ok(())
     }
 
@@ -414,7 +414,7 @@ impl Registry {
         let mut batch = sled::Batch::default();
         self.remove_chunks(&mut batch, PENDING)?;
         self.tree.apply_batch(batch)?;
-        self.db.flush()?;
+        self.room.flush(&self.db)?;
         Ok(())
     }
 }

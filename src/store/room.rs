@@ -9,15 +9,23 @@
 //! write claims what sled will take for it, plus [`RESERVE_BYTES`], against
 //! the disk's free bytes less what writes in flight have claimed, and is
 //! refused with [`Error::NoRoom`] before it starts when that is short: sled then
-//! holds no error, and the write succeeds once there is room again.
+//! holds no error, and the write succeeds once there is room again. Another
+//! program can still fill the disk between a claim and its write: each
+//! claim and flush is timed while in flight ([`Room::oldest_write`]), for the
+//! daemon to find a write sled left waiting for ever.
 //!
 //! With the `failpoints` feature, `FAILPOINTS=store-write=return(FLAG)`
 //! makes the disk read as having the bytes the file FLAG holds free (none
-//! when it is empty) while FLAG exists: tests fill and free it at will.
+//! when it is empty) while FLAG exists: tests fill and free it at will;
+//! `store-claimed=return(FLAG)` holds each write just after its claim while
+//! FLAG exists, for a test to fill the disk under it.
 
 use super::errors::Error;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Kept free beyond every write's own claim: sled's own writes (segment
 /// cleaning, snapshots, a new 512 KB log segment) come on top of ours.
@@ -42,6 +50,9 @@ struct Disk {
     dir: PathBuf,
     /// Bytes claimed by writes in flight.
     claimed: Mutex<u64>,
+    /// When each write in flight (a claim, a flush) began, by a number of its own.
+    in_flight: Mutex<BTreeMap<u64, Instant>>,
+    next_write: AtomicU64,
 }
 
 impl Disk {
@@ -49,12 +60,43 @@ impl Disk {
         // A plain number: a thread that panicked holding it left it whole.
         self.claimed.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Instant>> {
+        // Plain data as well.
+        self.in_flight.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
-/// Room claimed by one write until it is dropped (done, or failed).
+/// A write in flight, timed until it is dropped: sled 0.34 can leave a
+/// write waiting for ever after it met a full disk ([`Room::oldest_write`]).
+struct InFlight {
+    disk: Arc<Disk>,
+    number: u64,
+}
+
+impl InFlight {
+    fn begin(disk: &Arc<Disk>) -> InFlight {
+        let number = disk.next_write.fetch_add(1, Ordering::Relaxed);
+        disk.in_flight().insert(number, Instant::now());
+        InFlight {
+            disk: disk.clone(),
+            number,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.disk.in_flight().remove(&self.number);
+    }
+}
+
+/// Room claimed by one write until it is dropped (done, or failed); the
+/// write counts as in flight meanwhile.
 pub(super) struct Claim {
     disk: Arc<Disk>,
     bytes: u64,
+    _in_flight: InFlight,
 }
 
 impl Drop for Claim {
@@ -69,13 +111,34 @@ impl Room {
         Room(Arc::new(Disk {
             dir: dir.to_owned(),
             claimed: Mutex::new(0),
+            in_flight: Mutex::default(),
+            next_write: AtomicU64::new(0),
         }))
+    }
+
+    /// Flushes `db`, the flush counting as a write in flight.
+    pub(super) fn flush(&self, db: &sled::Db) -> sled::Result<()> {
+        let _in_flight = InFlight::begin(&self.0);
+        db.flush().map(drop)
+    }
+
+    /// How long the oldest write in flight (a claim not yet dropped, a
+    /// flush) has been going on; None when there is none.
+    pub(super) fn oldest_write(&self) -> Option<Duration> {
+        self.0.in_flight().values().min().map(Instant::elapsed)
     }
 
     /// Claims room for a write that takes `bytes` on disk, plus the
     /// reserve; [`Error::NoRoom`] when the disk has less free than that beyond
     /// what other writes claimed.
     pub(super) fn claim(&self, bytes: u64, what: impl FnOnce() -> String) -> Result<Claim, Error> {
+        let claim = self.claim_now(bytes, what)?;
+        #[cfg(feature = "failpoints")]
+        hold_after_claim();
+        Ok(claim)
+    }
+
+    fn claim_now(&self, bytes: u64, what: impl FnOnce() -> String) -> Result<Claim, Error> {
         let mut claimed = self.0.claimed();
         // A disk whose free space can't be read is left to sled to find full.
         let free = self.free_bytes().unwrap_or(u64::MAX).saturating_sub(*claimed);
@@ -91,6 +154,7 @@ impl Room {
         Ok(Claim {
             disk: self.0.clone(),
             bytes,
+            _in_flight: InFlight::begin(&self.0),
         })
     }
 
@@ -122,6 +186,20 @@ fn faked_free() -> Option<u64> {
         Some(held.trim().parse().unwrap_or(0))
     });
     None
+}
+
+/// The `store-claimed` failpoint: a write that has claimed its room waits
+/// while the file its argument names exists (`<file>.reached` says it
+/// does), so that a test fills the disk between the claim and the write.
+#[cfg(feature = "failpoints")]
+fn hold_after_claim() {
+    fail::fail_point!("store-claimed", |flag: Option<String>| {
+        let Some(flag) = flag else { return };
+        let _ = std::fs::write(format!("{flag}.reached"), "");
+        while Path::new(&flag).exists() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
 }
 
 #[cfg(test)]

@@ -106,6 +106,16 @@ impl FullDisk {
         }
     }
 
+    /// No room left but `bytes` (a tmpfs's: the failpoint's has none).
+    pub fn fill_leaving(&self, bytes: u64) {
+        self.fill();
+        if let FullDisk::Tmpfs { filler, .. } = self {
+            let file = std::fs::OpenOptions::new().write(true).open(filler).unwrap();
+            file.set_len(file.metadata().unwrap().len().saturating_sub(bytes))
+                .unwrap();
+        }
+    }
+
     /// Room again.
     pub fn free(&self) {
         match self {

@@ -117,7 +117,7 @@ impl Registry {
                 tracing::warn!("the history's next entry number was behind its entry {last}; moved past it");
             }
         }
-        self.db.flush()?;
+        self.room.flush(&self.db)?;
         Ok(())
     }
 
