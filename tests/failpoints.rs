@@ -476,3 +476,145 @@ async fn an_import_is_answered_once_its_version_is_published() {
     let logs = daemon.logs();
     assert!(daemon.terminate().success(), "{logs}");
 }
+
+/// A daemon on a 300 MB tmpfs whose write of version 1 is held just after
+/// its claim on its room (the `store-claimed` failpoint) while another
+/// program fills the disk, leaving `leave_mb` MB free, then let go; None
+/// where mounting a tmpfs is not allowed.
+struct FilledUnderAWrite {
+    nats: NatsServer,
+    scratch: tempfile::TempDir,
+    disk: common::disk::FullDisk,
+    port: u16,
+    daemon: Daemon,
+}
+
+impl FilledUnderAWrite {
+    async fn start(leave_mb: u64) -> Option<FilledUnderAWrite> {
+        let nats = NatsServer::start();
+        let scratch = tempfile::tempdir().unwrap();
+        let data = scratch.path().join("daemon");
+        let Some(disk) = common::disk::FullDisk::new("tmpfs", scratch.path(), &data, "300m") else {
+            eprintln!("SKIPPED: mounting a tmpfs needs root");
+            return None;
+        };
+        let hold = scratch.path().join("hold");
+        std::fs::write(&hold, "").unwrap();
+        let port = common::free_port();
+        let failpoints = format!("store-claimed=return({})", hold.display());
+        let daemon = FilledUnderAWrite::daemon(&nats.url, &data, port, Some(&failpoints));
+        let reached = scratch.path().join("hold.reached");
+        common::nats::wait_until(
+            Duration::from_secs(60),
+            "version 1's write held after its claim",
+            || async { reached.exists() },
+        )
+        .await;
+        disk.fill_leaving(leave_mb << 20);
+        std::fs::remove_file(&hold).unwrap();
+        Some(FilledUnderAWrite {
+            nats,
+            scratch,
+            disk,
+            port,
+            daemon,
+        })
+    }
+
+    /// A daemon serving HTTP on `port`, not training, whose store writes time out after 15 s.
+    fn daemon(nats_url: &str, data: &std::path::Path, port: u16, failpoints: Option<&str>) -> Daemon {
+        let addr = format!("127.0.0.1:{port}");
+        let env: Vec<(&str, &str)> = [
+            ("WMVAE_HTTP__ADDR", addr.as_str()),
+            ("WMVAE_TRAIN__MIN_FRAMES", "1000000"),
+            ("WMVAE_STORE__WRITE_TIMEOUT_SECS", "15"),
+        ]
+        .into_iter()
+        .chain(failpoints.map(|f| ("FAILPOINTS", f)))
+        .collect();
+        Daemon::start(nats_url, data, &env)
+    }
+
+    /// Until the daemon leads with /healthz 200, having reopened its store.
+    async fn wait_recovered(&self, daemon: &Daemon, opened: usize) {
+        daemon
+            .wait_until(
+                Duration::from_secs(120),
+                "the store reopened, the node leading and /healthz 200",
+                || async {
+                    let logs = daemon.logs();
+                    logs.matches("replay buffer open").count() >= opened
+                        && logs.contains("leading training")
+                        && common::http_get(self.port, "/healthz").0 == 200
+                },
+            )
+            .await;
+    }
+}
+
+/// Another program fills the store's disk between a checkpoint's claim on
+/// its room and its write: sled meets the full disk and keeps the write
+/// error. The takeover fails; /healthz says the store can't write; once the
+/// disk is freed the daemon reopens the store in-process, leads, /healthz is
+/// 200 again, and SIGTERM ends it with 0. Before, the takeover tried again
+/// for ever against sled's kept error while /healthz said ok.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_filled_under_a_claimed_write_is_reported_then_recovered_from() {
+    let Some(held) = FilledUnderAWrite::start(0).await else {
+        return;
+    };
+    let port = held.port;
+    held.daemon
+        .wait_until(
+            Duration::from_secs(60),
+            "/healthz to say the store can't write",
+            || async {
+                let (code, body) = common::http_get(port, "/healthz");
+                code == 503 && body.contains("the store can't write")
+            },
+        )
+        .await;
+    held.disk.free();
+    held.wait_recovered(&held.daemon, 2).await;
+    let logs = held.daemon.logs();
+    assert!(held.daemon.terminate().success(), "{logs}");
+    assert!(logs.contains("reopening the store"), "{logs}");
+}
+
+/// The same with room for part of the write (60 MB): sled fails it half
+/// way, and a later write, once the disk is freed, can wait for ever inside
+/// sled. The daemon recovers in-process or, past `[store]
+/// write_timeout_secs` of a write in flight, exits non-zero saying so; a
+/// new daemon on the same store then leads with /healthz 200. Before, the
+/// daemon waited for ever holding the write's room claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_sled_leaves_waiting_ends_the_daemon_and_a_restart_recovers() {
+    let Some(mut held) = FilledUnderAWrite::start(60).await else {
+        return;
+    };
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    held.disk.free();
+    let port = held.port;
+    let mut exited = None;
+    common::nats::wait_until(Duration::from_secs(120), "the daemon leading again, or exiting", || {
+        exited = held.daemon.try_status();
+        let recovered = exited.is_none()
+            && held.daemon.logs().contains("leading training")
+            && common::http_get(port, "/healthz").0 == 200;
+        async move { recovered || exited.is_some() }
+    })
+    .await;
+    let logs = held.daemon.logs();
+    let Some(status) = exited else {
+        eprintln!("the daemon recovered in-process");
+        assert!(held.daemon.terminate().success(), "{logs}");
+        return;
+    };
+    assert!(!status.success(), "{logs}");
+    assert!(logs.contains("a store write has not returned for"), "{logs}");
+    let data = held.scratch.path().join("daemon");
+    let again = FilledUnderAWrite::daemon(&held.nats.url, &data, port, None);
+    held.wait_recovered(&again, 1).await;
+    let logs = again.logs();
+    assert!(again.terminate().success(), "{logs}");
+}

@@ -67,6 +67,7 @@ impl Config {
         self.http.validate()?;
         self.node.validate()?;
         self.serve.validate()?;
+        self.store.validate()?;
         self.buffer.validate()?;
         self.ingest.validate()?;
         self.model.validate()?;

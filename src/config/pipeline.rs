@@ -21,6 +21,20 @@ pub const MAX_LATENT_BATCH: usize = 1024;
 pub struct StoreConfig {
     /// Where the sled store lives (created if missing).
     pub data_dir: PathBuf,
+    /// A store write that has not returned for this long ends the daemon
+    /// non-zero, saying so: sled can leave a write waiting for ever after
+    /// one met a full disk, and only a new process opens the store again.
+    pub write_timeout_secs: u64,
+}
+
+impl StoreConfig {
+    pub fn validate(&self) -> Result<()> {
+        // A checkpoint's write (~150 MB into sled) takes seconds on a busy disk.
+        if self.write_timeout_secs < 10 {
+            bail!("store.write_timeout_secs must be at least 10 (a checkpoint's write takes seconds)");
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

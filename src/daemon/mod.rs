@@ -26,6 +26,7 @@ pub mod recovery;
 pub mod sampler;
 pub mod showcase;
 pub mod status;
+mod store_watch;
 pub mod supervisor;
 pub mod takeover;
 pub mod trainer;
@@ -165,6 +166,13 @@ async fn run_parts(config: Config, shutdown: CancellationToken) -> Result<(), Er
         "migrations on reconnect",
         migrate_on_reconnect(bus.clone(), shutdown.clone()),
     );
+    let store_watch = store.as_ref().map(|store| {
+        let limit = Duration::from_secs(config.store.write_timeout_secs);
+        supervisor.spawn(
+            "store writes",
+            store_watch::watch(store.clone(), limit, shutdown.clone()),
+        )
+    });
     let trainer = match &store {
         Some(store) => Some(TrainerRole::start(&config, &bus, store, device, &status, &supervisor).await?),
         None => None,
@@ -193,6 +201,7 @@ async fn run_parts(config: Config, shutdown: CancellationToken) -> Result<(), Er
         http,
         encoder,
         migrations,
+        store_watch,
     };
     let trained = running.stop(&config, &bus, &supervisor).await;
     tracing::info!("bye");
@@ -264,6 +273,7 @@ struct Running {
     http: Option<JoinHandle<Result<()>>>,
     encoder: Option<Encoder>,
     migrations: JoinHandle<Result<()>>,
+    store_watch: Option<JoinHandle<Result<()>>>,
 }
 
 impl Running {
@@ -294,6 +304,9 @@ impl Running {
             until(deadline, "encoder", "frames not acked yet are redelivered", task).await;
         }
         until(deadline, "migrations on reconnect", "nothing is lost", self.migrations).await;
+        if let Some(task) = self.store_watch {
+            until(deadline, "store writes", "nothing is lost", task).await;
+        }
         // Unreachable NATS is no failure of this shutdown: the next start
         // catches up. What is buffered gets until the grace is over (a moment
         // at least).

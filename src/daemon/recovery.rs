@@ -26,8 +26,8 @@ pub(super) fn resume(config: &Config, store: &Store, bus: &Bus, device: Device) 
     let Some(version) = registry.active_version()? else {
         return Ok((learner, None));
     };
-    let checkpoint = match registry.get(version) {
-        Ok(Some(checkpoint)) => checkpoint,
+    let recovered = match registry.get(version) {
+        Ok(Some(checkpoint)) => Some(checkpoint),
         Ok(None) => {
             tracing::error!(version, "the active version v{version} is not in the store");
             recover(store, bus, version)?
@@ -37,6 +37,9 @@ pub(super) fn resume(config: &Config, store: &Store, bus: &Bus, device: Device) 
             recover(store, bus, version)?
         }
         Err(e) => return Err(e.into()),
+    };
+    let Some(checkpoint) = recovered else {
+        return Ok((learner, None));
     };
     learner.restore(&checkpoint)?;
     tracing::info!(
@@ -49,8 +52,10 @@ pub(super) fn resume(config: &Config, store: &Store, bus: &Bus, device: Device) 
 
 /// For an active `version` damaged or missing in the store: the object
 /// store's copy (written back to the store), else the newest intact older
-/// version, made active; an error when there is neither.
-fn recover(store: &Store, bus: &Bus, version: u64) -> Result<Checkpoint> {
+/// version, made active; else, when `version` held the initial weights
+/// (untrained: a new store's first write, torn by a full disk), None, for
+/// fresh weights; an error when there is none of these.
+fn recover(store: &Store, bus: &Bus, version: u64) -> Result<Option<Checkpoint>> {
     let registry = store.registry();
     let expected = registry.metadata(version).ok().flatten().map(|m| m.sha256);
     match tokio::runtime::Handle::current().block_on(takeover::object_store_copy(bus, version, expected.as_deref())) {
@@ -60,7 +65,7 @@ fn recover(store: &Store, bus: &Bus, version: u64) -> Result<Checkpoint> {
                 version,
                 "v{version} repaired from the object store's copy (written back to the store)"
             );
-            return Ok(copy);
+            return Ok(Some(copy));
         }
         Ok(None) => tracing::warn!(version, "the object store has no copy of v{version}"),
         Err(e) => tracing::warn!(version, "no good copy of v{version} from the object store ({e:#})"),
@@ -77,11 +82,23 @@ fn recover(store: &Store, bus: &Bus, version: u64) -> Result<Checkpoint> {
                     "{reason}: rolled back to v{}",
                     older.version
                 );
-                return Ok(checkpoint);
+                return Ok(Some(checkpoint));
             }
             Ok(None) => {}
             Err(e) => tracing::error!("{e:#}"),
         }
+    }
+    if registry
+        .history()?
+        .iter()
+        .any(|h| h.to == version && h.why == Change::Initial)
+    {
+        tracing::warn!(
+            version,
+            "v{version} held the initial weights, untrained, and is not whole: fresh weights instead (nothing \
+            trained is lost)"
+        );
+        return Ok(None);
     }
     bail!(
         "the active version v{version} is damaged or missing, the object store has no good copy, and no older \
