@@ -229,6 +229,17 @@ mod tests {
         assert!(refused.to_string().contains("No space left on device"), "{refused}");
         drop(held);
         room.claim(4 << 20, || "a group commit".into()).unwrap();
+        assert_eq!(room.oldest_write(), None, "a dropped claim is no write in flight");
+        let first = room.claim(1 << 20, || "a write".into()).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let second = room.claim(1 << 20, || "another".into()).unwrap();
+        assert!(
+            room.oldest_write().unwrap() >= Duration::from_millis(20),
+            "the oldest counts"
+        );
+        drop(first);
+        assert!(room.oldest_write().unwrap() < Duration::from_millis(20));
+        drop(second);
         assert!(
             room.claim(u64::MAX, String::new).is_err(),
             "never more than the disk holds"
