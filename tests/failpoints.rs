@@ -306,7 +306,8 @@ fn metric(port: u16, name: &str) -> f64 {
 /// (`wmvae_checkpoint_write_errors_total`, the status's
 /// `checkpoint_error`), while every frame is stored and training goes on
 /// from memory: no reopen of the store, no resume from the old active
-/// version. With room again, the next checkpoint is written.
+/// version. With room again, the next checkpoint is written, numbered
+/// next after the last one written (a refused one's number is given back).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkpoint_without_room_is_an_error_while_ingest_and_training_go_on() {
     let nats = NatsServer::start();
@@ -378,6 +379,14 @@ async fn a_checkpoint_without_room_is_an_error_while_ingest_and_training_go_on()
         })
         .await;
     let logs = daemon.logs();
+    // The refused checkpoints' numbers were given back, not burned: the versions go on in a row.
+    let mut after: Vec<u64> = created(&js).await.into_iter().filter(|v| *v > before).collect();
+    after.sort_unstable();
+    assert_eq!(
+        after,
+        (before + 1..before + 1 + after.len() as u64).collect::<Vec<_>>(),
+        "{logs}"
+    );
     assert!(daemon.terminate().success(), "{logs}");
     assert!(
         logs.contains("not written (no room on the store's disk") && logs.contains("training goes on from memory"),

@@ -79,7 +79,10 @@ impl Trainer {
                 run.checkpoint_due = None;
                 match self.next_metadata(run, Judged::Fully)? {
                     Some(metadata) => self.write_checkpoint(version, metadata),
-                    None => Ok(()),
+                    None => {
+                        self.give_back(version, None);
+                        Ok(())
+                    }
                 }
             }
             Err(e) => {
@@ -151,6 +154,7 @@ impl Trainer {
                 // the next checkpoint tries again. Only a store that keeps
                 // sled's error while its disk takes writes is reopened.
                 self.status.checkpoint_failed(&e);
+                self.give_back(version, Some(&e));
                 let every = self.config.train.checkpoint_every_steps;
                 tracing::error!(
                     version,

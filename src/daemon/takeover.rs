@@ -60,10 +60,26 @@ impl Trainer {
             .context("no active version yet: this node has not led")
     }
 
-    /// A version number unique across nodes, waited for at most `within`.
-    pub(super) fn allocate_version(&self, within: Option<Duration>) -> Result<u64> {
+    /// A version number unique across nodes, waited for at most `within`:
+    /// the one given back under this epoch, if it is still above every
+    /// stored version, else a new one.
+    pub(super) fn allocate_version(&mut self, within: Option<Duration>) -> Result<u64> {
         let at_least = self.store.registry().next_free()?;
+        if let Some((epoch, version)) = self.unused_version.take() {
+            if self.leadership.epoch().ok() == Some(epoch) && version >= at_least {
+                return Ok(version);
+            }
+        }
         self.leadership.allocate_version(at_least, within)
+    }
+
+    /// Gives back `version`, allocated for a write that wrote nothing: the
+    /// store refused it for want of room (`error`), or none was made.
+    pub(super) fn give_back(&mut self, version: u64, error: Option<&store::Error>) {
+        let unwritten = error.is_none_or(|e| matches!(e, store::Error::NoRoom { .. }));
+        if let (true, Ok(epoch)) = (unwritten, self.leadership.epoch()) {
+            self.unused_version = Some((epoch, version));
+        }
     }
 
     /// Not leading: say so, refuse queued operator commands, wait a moment.
@@ -253,11 +269,12 @@ impl Trainer {
             ..Default::default()
         };
         let learner = &self.learner;
-        let checkpoint = self.store.registry().add(
+        let written = self.store.registry().add(
             Some(version),
             |version| learner.snapshot(Metadata { version, ..metadata }),
             &Provenance::daemon(Change::Initial),
-        )?;
+        );
+        let checkpoint = written.inspect_err(|e| self.give_back(version, Some(e)))?;
         tracing::info!(version, "initial weights written");
         self.active = Some(checkpoint.metadata);
         Ok(())

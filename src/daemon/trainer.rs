@@ -77,6 +77,10 @@ pub struct Trainer {
     pub(super) leadership: Leadership,
     /// Automatic rollbacks since the last version trained.
     pub(super) auto_rollbacks_in_a_row: u32,
+    /// A version number allocated under an epoch (epoch, number) for a write
+    /// that never reached the store (refused for want of room, or skipped):
+    /// the next write under that epoch takes it, so a full disk burns none.
+    pub(super) unused_version: Option<(u64, u64)>,
 }
 
 /// What resuming from the store gave: the learner, and the active version's metadata if any.
@@ -106,6 +110,7 @@ impl Trainer {
             supervisor,
             leadership,
             auto_rollbacks_in_a_row: 0,
+            unused_version: None,
         };
         (trainer, event_queue, command_sender)
     }
