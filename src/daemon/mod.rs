@@ -166,13 +166,9 @@ async fn run_parts(config: Config, shutdown: CancellationToken) -> Result<(), Er
         "migrations on reconnect",
         migrate_on_reconnect(bus.clone(), shutdown.clone()),
     );
-    let store_watch = store.as_ref().map(|store| {
-        let limit = Duration::from_secs(config.store.write_timeout_secs);
-        supervisor.spawn(
-            "store writes",
-            store_watch::watch(store.clone(), limit, shutdown.clone()),
-        )
-    });
+    let store_watch = store
+        .as_ref()
+        .map(|store| store_watch::start(store, &config, &supervisor));
     let trainer = match &store {
         Some(store) => Some(TrainerRole::start(&config, &bus, store, device, &status, &supervisor).await?),
         None => None,

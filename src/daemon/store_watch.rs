@@ -7,17 +7,27 @@
 //! log: the supervisor (systemd, compose) restarts it. `/healthz` says so
 //! sooner (`status.rs`). It does not touch sled itself.
 
+use super::supervisor::Supervisor;
+use crate::config::Config;
 use crate::store::Store;
 use anyhow::{bail, Result};
 use std::time::Duration;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// How often the writes in flight are looked at.
 const POLL: Duration = Duration::from_secs(1);
 
+/// [`watch`] for `store` under `supervisor`, with `[store] write_timeout_secs`.
+pub(super) fn start(store: &Store, config: &Config, supervisor: &Supervisor) -> JoinHandle<Result<()>> {
+    let limit = Duration::from_secs(config.store.write_timeout_secs);
+    let shutdown = supervisor.shutdown().clone();
+    supervisor.spawn("store writes", watch(store.clone(), limit, shutdown))
+}
+
 /// Until `shutdown`; an error (the daemon's reason to end) once a store
 /// write has been in flight for `limit`.
-pub(super) async fn watch(store: Store, limit: Duration, shutdown: CancellationToken) -> Result<()> {
+async fn watch(store: Store, limit: Duration, shutdown: CancellationToken) -> Result<()> {
     let mut tick = tokio::time::interval(POLL);
     loop {
         tokio::select! {
