@@ -344,14 +344,7 @@ async fn a_full_disk_round(disk: &FullDisk, data: &std::path::Path) {
     disk.fill();
     publish_stored(&js, FRAMES_EACH_SIDE, 2 * FRAMES_EACH_SIDE).await;
     daemon
-        .wait_until(
-            Duration::from_secs(60),
-            "/healthz to say the store can't write",
-            || async {
-                let (code, body) = common::http_get(port, "/healthz");
-                code == 503 && body.contains("the store can't write")
-            },
-        )
+        .wait_unhealthy(port, "the store can't write", Duration::from_secs(60))
         .await;
     assert!(common::http_get(port, "/metrics").1.contains("wmvae_store_writable 0"));
     tokio::time::sleep(Duration::from_secs(3)).await;

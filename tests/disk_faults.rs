@@ -143,14 +143,7 @@ async fn a_takeover_on_a_small_disk_recovers_once_it_grows() {
     let second = Daemon::start(&nats.url, &data, &env);
     publish_random(&js, 0, FLOOD_FRAMES).await;
     second
-        .wait_until(
-            Duration::from_secs(180),
-            "/healthz to say the store can't write",
-            || async {
-                let (code, body) = common::http_get(port, "/healthz");
-                code == 503 && body.contains("the store can't write")
-            },
-        )
+        .wait_unhealthy(port, "the store can't write", Duration::from_secs(180))
         .await;
 
     tmpfs.resize("2g");

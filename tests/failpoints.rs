@@ -280,14 +280,7 @@ async fn healthz_fails_when_a_loop_stops_going_round() {
     // Frames: the first step sleeps in the failpoint, and the loop stops going round.
     publish_stored(&js, 0, FRAMES_PER_ROUND).await;
     daemon
-        .wait_until(
-            Duration::from_secs(120),
-            "/healthz to report the stalled trainer",
-            || async {
-                let (code, body) = common::http_get(port, "/healthz");
-                code == 503 && body.contains("the trainer loop has not gone round")
-            },
-        )
+        .wait_unhealthy(port, "the trainer loop has not gone round", Duration::from_secs(120))
         .await;
 }
 
@@ -574,14 +567,7 @@ async fn a_disk_filled_under_a_claimed_write_is_reported_then_recovered_from() {
     };
     let port = held.port;
     held.daemon
-        .wait_until(
-            Duration::from_secs(60),
-            "/healthz to say the store can't write",
-            || async {
-                let (code, body) = common::http_get(port, "/healthz");
-                code == 503 && body.contains("the store can't write")
-            },
-        )
+        .wait_unhealthy(port, "the store can't write", Duration::from_secs(60))
         .await;
     held.disk.free();
     held.wait_recovered(&held.daemon, 2).await;

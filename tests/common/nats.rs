@@ -191,6 +191,15 @@ impl Daemon {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+
+    /// Until this daemon's `/healthz` (HTTP on `port`) answers 503 saying `problem`.
+    pub async fn wait_unhealthy(&self, port: u16, problem: &str, timeout: Duration) {
+        self.wait_until(timeout, &format!("/healthz to say {problem}"), || async {
+            let (code, body) = super::http_get(port, "/healthz");
+            code == 503 && body.contains(problem)
+        })
+        .await;
+    }
 }
 
 /// Waits until a daemon has applied its migrations: the frame consumer exists.
