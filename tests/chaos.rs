@@ -327,9 +327,9 @@ async fn a_full_disk_round(disk: &FullDisk, data: &std::path::Path) {
     let js = jetstream::new(nats.client().await);
     common::nats::wait_for_ingest_consumer(&js).await;
     publish_stored(&js, 0, FRAMES_EACH_SIDE).await;
-    // Version 1 written too before the disk fills (the round's premise): a fill racing its ~170 MB write
-    // once left sled with a write error from its flusher, and the takeover's next write hung holding its
-    // room claim, so ingest never found room again: a daemon bug of its own, not this round's, left open.
+    // Version 1 written too before the disk fills (the round's premise: the daemon stays up): a fill racing
+    // its ~170 MB write meets sled mid-write, after which the daemon reopens its store or, when sled leaves
+    // a write waiting, exits saying so (tests/failpoints.rs, the filled-under-a-claimed-write tests).
     daemon
         .wait_until(
             Duration::from_secs(60),
