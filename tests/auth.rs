@@ -354,6 +354,9 @@ async fn rollbacks(js: &async_nats::jetstream::Context) -> Vec<u64> {
     let mut to = Vec::new();
     for seq in 1..=last {
         let message = stream.get_raw_message(seq).await.unwrap();
+        if message.subject.as_str() != "wm.checkpoints" {
+            continue; // a leader's fence
+        }
         let announcement: Announcement = rmp_serde::from_slice(&message.payload).unwrap();
         if announcement.event == CheckpointEvent::Rollback {
             to.extend(announcement.to);

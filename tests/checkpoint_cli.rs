@@ -4,7 +4,7 @@
 mod common;
 
 use async_nats::jetstream;
-use common::nats::{wait_for_ingest_consumer, wait_until, Daemon, NatsServer};
+use common::nats::{announcements, wait_for_ingest_consumer, wait_until, Daemon, NatsServer};
 use common::{frames, torch_reference, wmvae, FAST};
 use std::path::Path;
 use std::process::Output;
@@ -74,14 +74,6 @@ async fn stream_payloads(js: &jetstream::Context, name: &str) -> Vec<bytes::Byte
         }
     }
     out
-}
-
-async fn announcements(js: &jetstream::Context) -> Vec<Announcement> {
-    stream_payloads(js, "WM_CHECKPOINTS")
-        .await
-        .iter()
-        .map(|p| rmp_serde::from_slice(p).unwrap())
-        .collect()
 }
 
 async fn created(js: &jetstream::Context) -> Vec<u64> {

@@ -11,7 +11,7 @@
 mod common;
 
 use async_nats::jetstream;
-use common::nats::{announcements, wait_for_consumer, wait_until, Daemon, NatsServer};
+use common::nats::{announcements, stream_messages, wait_for_consumer, wait_until, Daemon, NatsServer};
 use common::{frames, repo_root, wmvae, FAST};
 use futures::StreamExt;
 use std::collections::HashSet;
@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use wmvae::bus::kv::Active;
-use wmvae::bus::messages::{checkpoint_envelope_object, Announcement, CheckpointEvent};
+use wmvae::bus::messages::{checkpoint_envelope_object, Announcement, CheckpointEvent, Fence};
 use wmvae::frames::wire::FrameMessage;
 use wmvae_bench::nats_server::LocalCluster;
 
@@ -555,8 +555,10 @@ async fn twins_started_together_one_is_refused_by_the_server() {
 /// just after its fence by the `takeover-fenced` failpoint (before its
 /// catch-up and uploads), `active` already carries t2's epoch: a
 /// compare-and-set from the revision t1 last read (what t1 would send on
-/// waking) is refused by the server. Before, the fence came at the end of
-/// the takeover, and that write went through in this window.
+/// waking) is refused by the server, and so is an announcement under t1's
+/// fence of the announcements. Before, the fence came at the end of the
+/// takeover, and that write went through in this window; announcements
+/// were not conditioned at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_leader_fences_before_anything_else() {
     let nats = NatsServer::start();
@@ -598,6 +600,38 @@ async fn a_new_leader_fences_before_anything_else() {
         .update("active", serde_json::to_vec(&zombie).unwrap().into(), read.revision)
         .await;
     assert!(refused.is_err(), "the former leader's compare-and-set went through");
+    // And its announcements: one under t1's fence (what t1 would publish on waking) is refused by the server.
+    second
+        .wait_until(Duration::from_secs(30), "t2 to fence the announcements", || async {
+            second
+                .logs()
+                .contains("fenced: announcements go out under this epoch's fence")
+        })
+        .await;
+    let fences: Vec<(u64, Fence)> = stream_messages(&js, "WM_CHECKPOINTS")
+        .await
+        .iter()
+        .filter(|m| m.subject.as_str() == "wm.checkpoints.fence")
+        .map(|m| (m.sequence, rmp_serde::from_slice(&m.payload).unwrap()))
+        .collect();
+    let t1_fence = fences.iter().find(|(_, f)| f.epoch == old.epoch).expect("t1's fence").0;
+    assert!(
+        fences.iter().any(|(_, f)| f.epoch == now.epoch),
+        "t2's fence: {fences:?}"
+    );
+    let zombie = announcements(&js).await.pop().unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Expected-Last-Subject-Sequence", t1_fence.to_string().as_str());
+    headers.insert("Nats-Expected-Last-Subject-Sequence-Subject", "wm.checkpoints.fence");
+    let published = js
+        .publish_with_headers("wm.checkpoints", headers, zombie.to_msgpack().into())
+        .await
+        .unwrap()
+        .await;
+    assert!(
+        published.is_err(),
+        "an announcement under the former leader's fence went through"
+    );
 
     first.signal("CONT");
     second

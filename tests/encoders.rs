@@ -91,7 +91,7 @@ async fn latents(js: &jetstream::Context) -> Vec<(LatentMessage, time::OffsetDat
 }
 
 async fn announcements(js: &jetstream::Context) -> Vec<(Announcement, time::OffsetDateTime)> {
-    stream_messages(js, "WM_CHECKPOINTS")
+    common::nats::announcement_messages(js)
         .await
         .iter()
         .map(|m| (rmp_serde::from_slice(&m.payload).unwrap(), m.time))

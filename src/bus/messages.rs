@@ -100,6 +100,20 @@ impl Announcement {
     }
 }
 
+/// A leader's fence on `<prefix>.checkpoints.fence` (stream WM_CHECKPOINTS):
+/// the epoch under which its announcements go out, each conditioned on this
+/// fence still being the last ([`crate::bus::Bus::fence_announcements`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fence {
+    pub epoch: u64,
+}
+
+impl Fence {
+    pub fn to_msgpack(self) -> Vec<u8> {
+        rmp_serde::to_vec_named(&self).expect("a Fence (one number) always serialises")
+    }
+}
+
 /// Object-store name of a version's full checkpoint (the envelope: weights,
 /// optimizer state, metadata), from which another node resumes.
 pub fn checkpoint_envelope_object(version: u64) -> String {

@@ -28,6 +28,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ),
     ("0005_encoder.toml", include_str!("../../migrations/0005_encoder.toml")),
     ("0006_cluster.toml", include_str!("../../migrations/0006_cluster.toml")),
+    ("0007_fences.toml", include_str!("../../migrations/0007_fences.toml")),
 ];
 /// The frame stream (migration 0001).
 pub(super) const FRAMES_STREAM: &str = "WM_FRAMES";
@@ -193,8 +194,15 @@ impl Bus {
     /// Applies every migration: creates or updates streams and consumers.
     pub async fn migrate(&self) -> Result<MigrationReport> {
         let mut report = MigrationReport::default();
-        for migration in migrations()? {
-            for def in &migration.stream {
+        let migrations = migrations()?;
+        for (i, migration) in migrations.iter().enumerate() {
+            // A stream a later migration defines again is applied once, as that one says.
+            let redefined = |name: &str| {
+                migrations[i + 1..]
+                    .iter()
+                    .any(|m| m.stream.iter().any(|s| s.name == name))
+            };
+            for def in migration.stream.iter().filter(|def| !redefined(&def.name)) {
                 self.apply_stream(def, migration.version).await?;
                 report.streams.push(def.name.clone());
             }

@@ -20,7 +20,7 @@ pub const MAX_OBJECT_BYTES: u64 = 512 << 20;
 /// checkpoint, so months of them.
 const ANNOUNCEMENTS_SCANNED: u64 = 10_000;
 /// The stream of checkpoint announcements (migration 0002).
-const CHECKPOINTS_STREAM: &str = "WM_CHECKPOINTS";
+pub(super) const CHECKPOINTS_STREAM: &str = "WM_CHECKPOINTS";
 /// Bytes reserved before reading an object, at most: the rest grows as
 /// bytes actually arrive, never from what the object's metadata claims.
 const PREALLOCATE_BYTES: u64 = 64 << 20;

@@ -3,15 +3,38 @@
 //! subscription for the benches. Encoding is the messages' own.
 
 use super::headers;
-use super::messages::{Announcement, LatentMessage};
+use super::messages::{Announcement, Fence, LatentMessage};
+use super::objects::CHECKPOINTS_STREAM;
 use super::Bus;
 use crate::frames::wire::FrameMessage;
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
+use async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE;
 use async_nats::jetstream;
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::HeaderMap;
 use futures::StreamExt;
 use std::collections::VecDeque;
 use std::time::Duration;
+
+/// The leaders' fences, under `<prefix>.` in WM_CHECKPOINTS.
+const FENCE_SUBJECT: &str = "checkpoints.fence";
+/// What a refused fence or announcement names in its [`super::Error::Conflict`].
+const FENCE_WHAT: &str = "the announcements' fence";
+/// The subject a `Nats-Expected-Last-Subject-Sequence` applies to, when not
+/// the message's own (nats-server 2.11 and later).
+const EXPECTED_LAST_SUBJECT: &str = "Nats-Expected-Last-Subject-Sequence-Subject";
+
+/// A conditioned publish's ack: a wrong last sequence is a [`super::Error::Conflict`].
+fn conditioned(
+    ack: Result<jetstream::publish::PublishAck, jetstream::context::PublishError>,
+) -> Result<jetstream::publish::PublishAck, super::Error> {
+    ack.map_err(|e| match e.kind() {
+        jetstream::context::PublishErrorKind::WrongLastSequence => super::Error::Conflict(FENCE_WHAT),
+        _ => anyhow::Error::from(e)
+            .context("storing a checkpoint announcement")
+            .into(),
+    })
+}
 
 /// JetStream publish acks awaited at most this far behind the newest
 /// publish: pipelining without unbounded memory.
@@ -26,15 +49,56 @@ impl Bus {
         }
     }
 
-    /// Announces a checkpoint event on `<prefix>.checkpoints` and waits
-    /// until WM_CHECKPOINTS has stored it.
-    pub async fn announce(&self, announcement: &Announcement) -> Result<()> {
-        self.js
-            .publish(self.subject("checkpoints"), announcement.to_msgpack().into())
+    /// Fences the announcements for a leader of `epoch`: writes `epoch` on
+    /// `<prefix>.checkpoints.fence`, conditioned by the server on the last
+    /// fence there being the one read (another leader fencing meanwhile
+    /// refuses it), and refused here when that fence's epoch is newer. The
+    /// new fence's sequence, for [`Bus::announce`]; [`super::Error::Conflict`]
+    /// when refused.
+    pub async fn fence_announcements(&self, epoch: u64) -> Result<u64, super::Error> {
+        let subject = self.subject(FENCE_SUBJECT);
+        let stream = self
+            .js
+            .get_stream(CHECKPOINTS_STREAM)
+            .await
+            .with_context(|| format!("stream {CHECKPOINTS_STREAM}"))?;
+        let (last, last_epoch) = match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(fence) => (
+                fence.sequence,
+                rmp_serde::from_slice::<Fence>(&fence.payload).ok().map(|f| f.epoch),
+            ),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => (0, None),
+            Err(e) => return Err(anyhow!("reading the last fence on {subject}: {e}").into()),
+        };
+        if last_epoch.is_some_and(|last| last > epoch) {
+            return Err(super::Error::Conflict(FENCE_WHAT));
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, headers::value(&last.to_string()));
+        let ack = self
+            .js
+            .publish_with_headers(subject, headers, Fence { epoch }.to_msgpack().into())
+            .await
+            .context("fencing the announcements")?
+            .await;
+        Ok(conditioned(ack)?.sequence)
+    }
+
+    /// Announces a checkpoint event on `<prefix>.checkpoints` under `fence`
+    /// (a sequence [`Bus::fence_announcements`] returned) and waits until
+    /// WM_CHECKPOINTS has stored it: the server refuses it
+    /// ([`super::Error::Conflict`]) once another fence followed that one.
+    pub async fn announce(&self, announcement: &Announcement, fence: u64) -> Result<(), super::Error> {
+        let mut headers = HeaderMap::new();
+        headers.insert(NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, headers::value(&fence.to_string()));
+        headers.insert(EXPECTED_LAST_SUBJECT, headers::value(&self.subject(FENCE_SUBJECT)));
+        let ack = self
+            .js
+            .publish_with_headers(self.subject("checkpoints"), headers, announcement.to_msgpack().into())
             .await
             .context("announcing a checkpoint")?
-            .await
-            .context("storing a checkpoint announcement")?;
+            .await;
+        conditioned(ack)?;
         Ok(())
     }
 

@@ -36,7 +36,23 @@ async fn publish_created(bus: &Bus, lease: &Lease, checkpoint: &Checkpoint, epoc
         checkpoint.weights.len() as u64,
     );
     announcement.epoch = epoch;
-    bus.announce(&announcement).await
+    announce(bus, lease, &announcement, epoch).await
+}
+
+/// Announces under this node's fence for `epoch`; refused by the server (a
+/// newer leader fenced since), leadership ends here at once.
+async fn announce(bus: &Bus, lease: &Lease, announcement: &Announcement, epoch: u64) -> Result<()> {
+    let fence = lease
+        .fence(epoch)
+        .with_context(|| format!("no announcements' fence of this node's under epoch {epoch}"))?;
+    match bus.announce(announcement, fence).await {
+        Ok(()) => Ok(()),
+        Err(e @ crate::bus::Error::Conflict(_)) => {
+            lease.lose();
+            Err(anyhow::Error::from(e).context("refused by the server: a newer leader fenced the announcements"))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Catches NATS up with the store when this node starts leading: versions
@@ -57,7 +73,7 @@ pub(super) async fn publish_offline_changes(bus: &Bus, store: &Store, lease: &Le
                     entry.reason.clone().or(Some("offline rollback".into())),
                     epoch,
                 );
-                bus.announce(&a).await?;
+                announce(bus, lease, &a, epoch).await?;
             }
         }
     }
@@ -128,17 +144,17 @@ async fn publish(bus: &Bus, shared: &Shared, lease: &Lease, event: &Event, annou
             if !*announced {
                 let mut a = Announcement::new(CheckpointEvent::Rollback, &to.metadata, to.weights.len() as u64);
                 (a.from, a.to, a.reason, a.epoch) = (*from, Some(to.metadata.version), Some(reason.clone()), *epoch);
-                bus.announce(&a).await?;
+                announce(bus, lease, &a, *epoch).await?;
                 *announced = true;
             }
             activate(shared, lease, &to.metadata, *epoch).await
         }
-        Event::Deleted { metadata, .. } => {
+        Event::Deleted { metadata, epoch } => {
             if !*announced {
                 bus.delete_object(&weights_object(metadata.version)).await?;
                 bus.delete_object(&checkpoint_envelope_object(metadata.version)).await?;
-                bus.announce(&Announcement::new(CheckpointEvent::Deleted, metadata, 0))
-                    .await?;
+                let deleted = Announcement::new(CheckpointEvent::Deleted, metadata, 0);
+                announce(bus, lease, &deleted, *epoch).await?;
                 *announced = true;
             }
             Ok(())

@@ -118,6 +118,27 @@ impl Leadership {
         })
     }
 
+    /// Fences older leaders' announcements, right after [`Leadership::fence`]:
+    /// this epoch written on the fences' subject, conditioned by the server
+    /// on the last fence read ([`Bus::fence_announcements`]); every later
+    /// announcement of this node's under `epoch` names it, so the server
+    /// refuses an older leader's from now on. Refused: leadership ends at once.
+    pub fn fence_announcements(&self, epoch: u64) -> Result<()> {
+        match self.nats(self.bus.fence_announcements(epoch), None) {
+            Ok(sequence) => {
+                self.lease.set_fence(epoch, sequence);
+                tracing::info!(epoch, sequence, "fenced: announcements go out under this epoch's fence");
+                Ok(())
+            }
+            Err(e) => {
+                if matches!(e, crate::bus::Error::Conflict(_)) {
+                    self.lose();
+                }
+                Err(anyhow::Error::from(e).context("fencing the announcements under this epoch"))
+            }
+        }
+    }
+
     /// The cluster's active version and its KV revision, if it has one.
     pub fn cluster_active(&self) -> Result<Option<(Active, u64)>> {
         self.nats(self.shared.active(), None)

@@ -86,6 +86,8 @@ pub struct Lease {
     /// The cluster's lease TTL in milliseconds: the lease bucket's max age,
     /// read again at every renewal (an operator may change it).
     ttl_ms: Arc<AtomicU64>,
+    /// The announcements' fence this node wrote last: (epoch, its sequence).
+    fence: Arc<Mutex<Option<(u64, u64)>>>,
 }
 
 impl Lease {
@@ -152,6 +154,20 @@ impl Lease {
         }
     }
 
+    /// Records the announcements' fence written under `epoch` (its sequence).
+    pub fn set_fence(&self, epoch: u64, sequence: u64) {
+        *self.fence.lock().unwrap() = Some((epoch, sequence));
+    }
+
+    /// The sequence of the announcements' fence written under `epoch`,
+    /// while this node may still lead under it; None before it fenced.
+    pub fn fence(&self, epoch: u64) -> Option<u64> {
+        let fence = *self.fence.lock().unwrap();
+        fence
+            .filter(|(fenced, _)| *fenced == epoch && self.may_lead(epoch))
+            .map(|(_, sequence)| sequence)
+    }
+
     /// Gives leadership up here at once (another node moved the active
     /// version: this one is a zombie); the lease lapses or is taken.
     pub fn lose(&self) {
@@ -174,6 +190,7 @@ pub fn start(
         held: Arc::default(),
         terms: Arc::default(),
         ttl_ms: Arc::new(AtomicU64::new(ttl.as_millis() as u64)),
+        fence: Arc::default(),
     };
     let task = supervisor.spawn("lease", contend(shared, holder, lease.clone(), stop));
     (lease, task)

@@ -147,6 +147,7 @@ impl Trainer {
         self.leadership.begin(grant);
         // Before anything else: a former leader paused mid-write can't move `active` from here on.
         let fenced = self.leadership.fence(epoch)?;
+        self.leadership.fence_announcements(epoch)?;
         fail::fail_point!("takeover-fenced");
         let cluster = fenced.as_ref().map(|(active, _)| active.clone());
         let registry = self.store.registry().clone();

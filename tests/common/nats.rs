@@ -243,9 +243,19 @@ pub async fn stream_messages(
     out
 }
 
+/// Every announcement WM_CHECKPOINTS holds (`wm.checkpoints`, not the
+/// leaders' fences beside them), oldest first, as stored.
+pub async fn announcement_messages(
+    js: &async_nats::jetstream::Context,
+) -> Vec<async_nats::jetstream::message::StreamMessage> {
+    let mut messages = stream_messages(js, "WM_CHECKPOINTS").await;
+    messages.retain(|m| m.subject.as_str() == "wm.checkpoints");
+    messages
+}
+
 /// Every announcement WM_CHECKPOINTS holds, oldest first.
 pub async fn announcements(js: &async_nats::jetstream::Context) -> Vec<wmvae::bus::messages::Announcement> {
-    stream_messages(js, "WM_CHECKPOINTS")
+    announcement_messages(js)
         .await
         .iter()
         .map(|m| rmp_serde::from_slice(&m.payload).expect("an announcement decodes"))

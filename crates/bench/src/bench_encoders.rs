@@ -61,11 +61,11 @@ async fn publish_version(bus: &Bus, config: &Config) -> Result<()> {
         created_at: now_rfc3339(),
         ..Default::default()
     };
-    bus.announce(&Announcement::new(
-        CheckpointEvent::Created,
-        &metadata,
-        weights.len() as u64,
-    ))
+    let fence = bus.fence_announcements(0).await?;
+    bus.announce(
+        &Announcement::new(CheckpointEvent::Created, &metadata, weights.len() as u64),
+        fence,
+    )
     .await?;
     bus.shared()
         .await?
