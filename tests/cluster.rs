@@ -583,11 +583,10 @@ async fn a_new_leader_fences_before_anything_else() {
         .collect();
     let second = Daemon::start(&nats.url, &dir.path().join("t2"), &held);
     second
-        .wait_until(Duration::from_secs(60), "t2 to fence", || async {
-            second
-                .logs()
-                .contains("fenced: the active version is held under this epoch")
-        })
+        .wait_for_log(
+            "fenced: the active version is held under this epoch",
+            Duration::from_secs(60),
+        )
         .await;
     let now: Active = serde_json::from_slice(&meta.entry("active").await.unwrap().unwrap().value).unwrap();
     assert!(now.epoch > old.epoch, "active not fenced: {now:?} after {old:?}");
@@ -602,11 +601,10 @@ async fn a_new_leader_fences_before_anything_else() {
     assert!(refused.is_err(), "the former leader's compare-and-set went through");
     // And its announcements: one under t1's fence (what t1 would publish on waking) is refused by the server.
     second
-        .wait_until(Duration::from_secs(30), "t2 to fence the announcements", || async {
-            second
-                .logs()
-                .contains("fenced: announcements go out under this epoch's fence")
-        })
+        .wait_for_log(
+            "fenced: announcements go out under this epoch's fence",
+            Duration::from_secs(30),
+        )
         .await;
     let fences: Vec<(u64, Fence)> = stream_messages(&js, "WM_CHECKPOINTS")
         .await
@@ -634,11 +632,7 @@ async fn a_new_leader_fences_before_anything_else() {
     );
 
     first.signal("CONT");
-    second
-        .wait_until(Duration::from_secs(60), "t2 to lead", || async {
-            second.logs().contains("leading training")
-        })
-        .await;
+    second.wait_for_log("leading training", Duration::from_secs(60)).await;
     let last: Active = serde_json::from_slice(&meta.entry("active").await.unwrap().unwrap().value).unwrap();
     assert_eq!(last.epoch, now.epoch, "{last:?}");
     assert!(first.terminate().success());

@@ -445,11 +445,7 @@ async fn an_import_is_answered_once_its_version_is_published() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(&nats.url, dir.path(), &env(Some("publish-created=sleep(3000)")));
-    daemon
-        .wait_until(Duration::from_secs(120), "leading training", || async {
-            daemon.logs().contains("leading training")
-        })
-        .await;
+    daemon.wait_for_log("leading training", Duration::from_secs(120)).await;
     let weights = dir.path().join("torch.safetensors");
     common::torch_reference(&["save-weights", "--out", weights.to_str().unwrap(), "--seed", "5"]);
     let checkpoint = |args: &[&str]| {

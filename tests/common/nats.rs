@@ -192,6 +192,14 @@ impl Daemon {
         }
     }
 
+    /// Until this daemon has logged `line`.
+    pub async fn wait_for_log(&self, line: &str, timeout: Duration) {
+        self.wait_until(timeout, &format!("the log line {line:?}"), || async {
+            self.logs().contains(line)
+        })
+        .await;
+    }
+
     /// Until this daemon's `/healthz` (HTTP on `port`) answers 503 saying `problem`.
     pub async fn wait_unhealthy(&self, port: u16, problem: &str, timeout: Duration) {
         self.wait_until(timeout, &format!("/healthz to say {problem}"), || async {
