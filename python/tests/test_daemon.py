@@ -339,16 +339,29 @@ def test_wmvae_series_writes_what_read_series_reads(published, stream_latents, d
         assert np.allclose(episodes[latent["episode"]]["mu"][latent["step"]], latent["mu"], atol=TOLERANCE)
 
 
-def test_the_mdn_rnn_example_learns_the_next_z(published, stream_latents, daemon, tmp_path):
-    make_series(daemon.url, stream_latents, tmp_path)
-    run = subprocess.run([PYTHON, str(REPO / "examples" / "train_mdn_rnn.py"), "--series", str(tmp_path), "--steps", "60",
-                          "--seq-len", "32", "--batch-size", "16", "--seed", "0", "--threads", "1"],
+def train_mdn_rnn(series_dir, z):
+    """The example's losses over 60 steps on `series_dir` (`--z z`)."""
+    run = subprocess.run([PYTHON, str(REPO / "examples" / "train_mdn_rnn.py"), "--series", str(series_dir), "--steps", "60",
+                          "--seq-len", "32", "--batch-size", "16", "--seed", "0", "--threads", "1", "--z", z],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     losses = [float(m.group(2)) for m in re.finditer(r"^step (\d+) loss (\S+)$", run.stdout, re.M)]
     assert len(losses) == 60, run.stdout
     assert all(np.isfinite(losses))
-    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.05, losses
+    return losses
+
+
+def test_the_mdn_rnn_example_learns_the_next_z(published, stream_latents, daemon, tmp_path):
+    """Learning is asserted on z = mu, whose next step is a function of the
+    past: its loss fell 1.6-1.8 nats in 60 steps (3 runs here). With the
+    paper's sampled z the target carries exp(logvar / 2) noise, and an early
+    version's logvar is near 0, so the loss is floored near the noise's
+    entropy (0.5 log(2 pi e) = 1.42) a few hundredths below where it starts:
+    CI once measured a fall of 0.045, so that mode is only run, not judged."""
+    make_series(daemon.url, stream_latents, tmp_path)
+    losses = train_mdn_rnn(tmp_path, "mu")
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.5, losses
+    train_mdn_rnn(tmp_path, "sample")
 
 
 def test_the_latents_to_series_example_writes_a_readable_series(published, stream_latents, daemon, tmp_path):
