@@ -609,3 +609,66 @@ async fn a_write_sled_leaves_waiting_ends_the_daemon_and_a_restart_recovers() {
     let logs = again.logs();
     assert!(again.terminate().success(), "{logs}");
 }
+
+/// A version its maker never announced (killed while uploading it: the
+/// `publish-created` failpoint holds every upload 3 s), left stale by the
+/// standby that took over and trained on, is never announced as created
+/// when its maker leads again: created versions only grow. (The nemesis
+/// saw `created v8` after `created v10` before the catch-up left a former
+/// standby's stale versions out of the offline changes.) Versions past the
+/// newest 2 are deleted, and each deletion is announced under its leader's
+/// epoch (the nemesis saw epoch 0 on them before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_version_is_never_announced_when_its_maker_leads_again() {
+    let nats = NatsServer::start();
+    let js = jetstream::new(nats.client().await);
+    let dir = tempfile::tempdir().unwrap();
+    let trainer = |id: &'static str, failpoints: Option<&'static str>| {
+        let node = [
+            ("WMVAE_SERVE__ROLES", "trainer"),
+            ("WMVAE_NODE__ID", id),
+            ("WMVAE_TRAIN__KEEP_LAST", "2"),
+        ];
+        let env: Vec<(&str, &str)> = env(failpoints).into_iter().chain(node).collect();
+        Daemon::start(&nats.url, &dir.path().join(id), &env)
+    };
+    let t1 = trainer("t1", Some("publish-created=sleep(3000)"));
+    t1.wait_for_log("leading training", Duration::from_secs(120)).await;
+    let t2 = trainer("t2", None);
+    publish_stored(&js, 0, FRAMES_PER_ROUND).await;
+    t1.wait_for_log("checkpoint version=2", Duration::from_secs(120)).await;
+    t1.kill();
+    assert!(
+        !created(&js).await.contains(&2),
+        "v2 was announced before its maker was killed"
+    );
+
+    // t2 leads from v1 and makes versions of its own, deleting the oldest.
+    t2.wait_until(Duration::from_secs(120), "a deletion by t2", || async {
+        announcements(&js)
+            .await
+            .iter()
+            .any(|a| a.event == CheckpointEvent::Deleted)
+    })
+    .await;
+    t2.kill();
+    let t1 = trainer("t1", None);
+    t1.wait_until(Duration::from_secs(120), "t1 to lead again", || async {
+        t1.logs().matches("leading training").count() >= 2
+    })
+    .await;
+    let versions = created(&js).await;
+    assert!(
+        !versions.contains(&2),
+        "the stale v2 was announced: {versions:?}\n{}",
+        t1.logs()
+    );
+    assert!(
+        versions.windows(2).all(|w| w[0] < w[1]),
+        "created out of order: {versions:?}"
+    );
+    let unfenced: Vec<_> = announcements(&js).await.into_iter().filter(|a| a.epoch == 0).collect();
+    assert!(unfenced.is_empty(), "announced under no epoch: {unfenced:?}");
+    let logs = t1.logs();
+    assert!(t1.terminate().success(), "{logs}");
+}

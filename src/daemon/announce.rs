@@ -11,7 +11,7 @@ use crate::backoff::Backoff;
 use crate::bus::kv::{Active, Shared};
 use crate::bus::messages::{checkpoint_envelope_object, weights_object, Announcement, CheckpointEvent};
 use crate::bus::Bus;
-use crate::store::{self, Change, Store};
+use crate::store::{self, Store};
 use crate::vae::checkpoint::{Checkpoint, Metadata};
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::sync::mpsc;
@@ -55,43 +55,66 @@ async fn announce(bus: &Bus, lease: &Lease, announcement: &Announcement, epoch: 
     }
 }
 
-/// Catches NATS up with the store when this node starts leading: versions
-/// whose objects are not in the object store yet (written while NATS was
-/// away, or imported offline) are published, rollbacks made offline are
-/// announced. It only adds: objects it does not know are left alone (they
-/// may be another node's).
-pub(super) async fn publish_offline_changes(bus: &Bus, store: &Store, lease: &Lease, epoch: u64) -> Result<()> {
+/// Catches NATS up with the store when this node starts leading, in the
+/// order the store made the changes: versions this node made and never
+/// announced (written while NATS was away, imported offline) are
+/// published, rollbacks made offline announced. What gave way to the
+/// cluster's active version (marked announced by the catch-up) is not:
+/// a former standby's stale version is never announced as created. Only
+/// where the cluster holds no active version (`cluster_state_lost`: its
+/// servers lost their state, or it never had one) is every version the
+/// object store lacks published again, oldest first. It only adds:
+/// objects it does not know are left alone (they may be another node's).
+pub(super) async fn publish_offline_changes(
+    bus: &Bus,
+    store: &Store,
+    lease: &Lease,
+    epoch: u64,
+    cluster_state_lost: bool,
+) -> Result<()> {
     let registry = store.registry();
-    let published = bus.object_versions().await?;
+    let mut published = bus.object_versions().await?;
     for entry in registry.unannounced_history()? {
-        if matches!(entry.why, Change::Rollback | Change::Recovery) {
-            if let Some(to) = registry.metadata(entry.to)? {
-                let mut a = Announcement::new(CheckpointEvent::Rollback, &to, 0);
-                (a.from, a.to, a.reason, a.epoch) = (
-                    entry.from,
-                    Some(entry.to),
-                    entry.reason.clone().or(Some("offline rollback".into())),
-                    epoch,
-                );
-                announce(bus, lease, &a, epoch).await?;
+        let Some(to) = registry.metadata(entry.to)? else {
+            continue;
+        };
+        if entry.why.is_rollback() {
+            let mut a = Announcement::new(CheckpointEvent::Rollback, &to, 0);
+            (a.from, a.to, a.reason, a.epoch) = (
+                entry.from,
+                Some(entry.to),
+                entry.reason.clone().or(Some("offline rollback".into())),
+                epoch,
+            );
+            announce(bus, lease, &a, epoch).await?;
+        } else if !published.contains(&to.version) {
+            publish_stored(bus, store, lease, to.version, epoch).await?;
+            published.push(to.version);
+        }
+    }
+    if cluster_state_lost {
+        for metadata in registry.list()? {
+            if !published.contains(&metadata.version) {
+                publish_stored(bus, store, lease, metadata.version, epoch).await?;
             }
         }
     }
-    for metadata in registry.list()? {
-        if !published.contains(&metadata.version) {
-            let checkpoint = match registry.get(metadata.version) {
-                Ok(checkpoint) => checkpoint.with_context(|| format!("checkpoint v{} vanished", metadata.version))?,
-                // Never the active one (resuming repaired or left it); NATS can do without it.
-                Err(e @ store::Error::Damaged { .. }) => {
-                    tracing::error!(version = metadata.version, "{e:#}; not published");
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            };
-            publish_created(bus, lease, &checkpoint, epoch).await?;
-        }
-    }
     registry.mark_history_announced()
+}
+
+/// Publishes stored version `version` as created under `epoch`; a damaged
+/// one is left out (never the active one: resuming repaired or left it;
+/// NATS can do without it).
+async fn publish_stored(bus: &Bus, store: &Store, lease: &Lease, version: u64, epoch: u64) -> Result<()> {
+    let checkpoint = match store.registry().get(version) {
+        Ok(checkpoint) => checkpoint.with_context(|| format!("checkpoint v{version} vanished"))?,
+        Err(e @ store::Error::Damaged { .. }) => {
+            tracing::error!(version, "{e:#}; not published");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    publish_created(bus, lease, &checkpoint, epoch).await
 }
 
 /// Makes `version` the cluster's active one under `epoch`, by
@@ -153,7 +176,8 @@ async fn publish(bus: &Bus, shared: &Shared, lease: &Lease, event: &Event, annou
             if !*announced {
                 bus.delete_object(&weights_object(metadata.version)).await?;
                 bus.delete_object(&checkpoint_envelope_object(metadata.version)).await?;
-                let deleted = Announcement::new(CheckpointEvent::Deleted, metadata, 0);
+                let mut deleted = Announcement::new(CheckpointEvent::Deleted, metadata, 0);
+                deleted.epoch = *epoch;
                 announce(bus, lease, &deleted, *epoch).await?;
                 *announced = true;
             }

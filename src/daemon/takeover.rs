@@ -150,6 +150,7 @@ impl Trainer {
         self.leadership.fence_announcements(epoch)?;
         fail::fail_point!("takeover-fenced");
         let cluster = fenced.as_ref().map(|(active, _)| active.clone());
+        let cluster_state_lost = cluster.is_none();
         let registry = self.store.registry().clone();
         // An operator's rollback or import made offline to this store, or its
         // recovery from a damaged version the object store had no copy of, is
@@ -175,7 +176,7 @@ impl Trainer {
         self.adopt_pending()?;
         // NATS catches up with this store (objects it lacks, offline rollbacks).
         let (bus, lease) = (self.leadership.bus(), self.leadership.lease());
-        let offline_changes = announce::publish_offline_changes(bus, &self.store, lease, epoch);
+        let offline_changes = announce::publish_offline_changes(bus, &self.store, lease, epoch, cluster_state_lost);
         self.leadership.nats(offline_changes, None)?;
         // This node's active version, by compare-and-set from the fence's own revision: any
         // write to `active` since (another leader's) refuses it and ends this leadership.
