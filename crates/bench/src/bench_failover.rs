@@ -101,10 +101,17 @@ impl Nodes {
         Ok(())
     }
 
+    /// Sends `signal` (`-STOP`, `-CONT`, `-TERM` ...) to `id`.
+    pub(super) fn signal(&self, id: &str, signal: &str) -> Result<()> {
+        let (_, child) = self.0.iter().find(|(n, _)| n == id).context("no such node")?;
+        Command::new("kill").args([signal, &child.id().to_string()]).status()?;
+        Ok(())
+    }
+
     /// SIGTERM to `id`; whether it then exited 0 within a minute.
     pub(super) fn terminate(&mut self, id: &str) -> Result<bool> {
+        self.signal(id, "-TERM")?;
         let (_, child) = self.0.iter_mut().find(|(n, _)| n == id).context("no such node")?;
-        Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if let Some(status) = child.try_wait()? {
@@ -181,7 +188,7 @@ pub(super) async fn publish(bus: Bus, rate: f64, acks: Arc<Mutex<Acks>>, stop: C
 
 /// Node `id`'s status, asked of every node: a status request reaches the
 /// node nearest the bench's server only.
-async fn node_status(bus: &Bus, id: &str) -> Option<Status> {
+pub(super) async fn node_status(bus: &Bus, id: &str) -> Option<Status> {
     let statuses = bus.node_statuses().await.ok()?;
     statuses
         .into_iter()
@@ -405,7 +412,7 @@ async fn kill_leading_trainer(nodes: &mut Nodes, bus: &Bus, shared: &Shared) -> 
 
 /// Acked frames without a latent, and latents stored twice, once every
 /// acked frame has one or the patience ran out.
-async fn latents_lost_and_duplicated(bus: &Bus, acked_ids: &HashSet<String>) -> Result<(usize, usize)> {
+pub(super) async fn latents_lost_and_duplicated(bus: &Bus, acked_ids: &HashSet<String>) -> Result<(usize, usize)> {
     // Frames the killed node held unacked come back after the ack wait.
     let patience = Duration::from_secs(ACK_WAIT_SECS + 60);
     let latent_ids = || async {
@@ -429,7 +436,7 @@ async fn latents_lost_and_duplicated(bus: &Bus, acked_ids: &HashSet<String>) -> 
 }
 
 /// The latent id of frame `i`: `<source>/<episode>/<step>`.
-fn latent_id(i: u64) -> String {
+pub(super) fn latent_id(i: u64) -> String {
     let (episode, step) = frame_name(i);
     format!("{SOURCE}/{episode}/{step}")
 }

@@ -9,6 +9,7 @@
 //! * [`bench_encoders`] `wmvae bench encoders`: encoder processes side by side
 //! * [`bench_failover`] `wmvae bench failover`: a 3-node cluster, servers and nodes SIGKILLed
 //! * [`bench_chaos`]    `wmvae bench chaos`: faults and malformed frames, then the books
+//! * [`bench_nemesis`]  `wmvae bench nemesis`: seeded faults on a 3-node cluster, then the split-brain checks
 //! * [`nats_server`]    local nats-server children, one or a cluster (benches and tests)
 //!
 //! The binary `wmvae-bench` (`src/main.rs`) parses the benches' flags;
@@ -26,6 +27,7 @@ pub mod bench_daemon;
 pub mod bench_encoders;
 pub mod bench_failover;
 pub mod bench_idle;
+pub mod bench_nemesis;
 pub mod bench_quality;
 pub mod bench_series;
 pub mod nats_server;

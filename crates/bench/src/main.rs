@@ -2,7 +2,7 @@
 //! flags and dispatch; the work is in this crate's library. Its usage reads
 //! `wmvae bench`, the command people type.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,7 +11,9 @@ use wmvae::cli::render;
 use wmvae::vae::device::DeviceChoice;
 use wmvae_bench::bench::{self, BenchOptions};
 use wmvae_bench::nats_server::default_binary;
-use wmvae_bench::{bench_chaos, bench_daemon, bench_encoders, bench_failover, bench_idle, bench_quality, bench_series};
+use wmvae_bench::{
+    bench_chaos, bench_daemon, bench_encoders, bench_failover, bench_idle, bench_nemesis, bench_quality, bench_series,
+};
 
 /// Measure performance (figures for BENCHMARKS.md).
 #[derive(Parser)]
@@ -174,6 +176,27 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Faults drawn from a seed on a 3-node cluster (trainers and encoders
+    /// SIGKILLed, servers SIGKILLed, the leader paused past its lease, a
+    /// trainer with another lease TTL), then the checks that it never
+    /// split: acked frames lost, latents and versions twice, epochs with two
+    /// writers, convergence after the last heal. Exits non-zero on a
+    /// violation, with the history on stderr.
+    Nemesis {
+        /// How long faults are injected.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Draws the faults, their targets and the gaps between them.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Only these kinds, comma-separated (default: every kind).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        faults: Vec<bench_nemesis::Fault>,
+        #[arg(long)]
+        nats_server: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Frames/s made durable end to end (NATS -> sled flush -> ack) against a
     /// local nats-server, beside a bare consume+ack baseline.
     Ingest {
@@ -297,7 +320,7 @@ fn in_process(which: BenchCommand) -> Result<()> {
 }
 
 /// The benches of `wmvae serve` processes (the `wmvae` beside this binary)
-/// against local nats-servers: encoders, idle, failover, chaos.
+/// against local nats-servers: encoders, idle, failover, chaos, nemesis.
 fn processes(which: BenchCommand) -> Result<()> {
     let rt = runtime()?;
     let (figures, json) = match which {
@@ -341,9 +364,28 @@ fn processes(which: BenchCommand) -> Result<()> {
             };
             (rt.block_on(bench_chaos::chaos(&options))?, json)
         }
+        BenchCommand::Nemesis {
+            seconds,
+            seed,
+            faults,
+            nats_server,
+            json,
+        } => {
+            let options = bench_nemesis::NemesisOptions {
+                seconds,
+                seed,
+                faults,
+                nats_server: server(nats_server),
+            };
+            (rt.block_on(bench_nemesis::nemesis(&options))?, json)
+        }
         _ => unreachable!("run() sends only these here"),
     };
+    let violations = figures["violations"].as_array().map_or(0, Vec::len);
     render::bench(figures, json);
+    if violations > 0 {
+        bail!("{violations} violations (the history is above)");
+    }
     Ok(())
 }
 
