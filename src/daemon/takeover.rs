@@ -150,7 +150,6 @@ impl Trainer {
         self.leadership.fence_announcements(epoch)?;
         fail::fail_point!("takeover-fenced");
         let cluster = fenced.as_ref().map(|(active, _)| active.clone());
-        let cluster_state_lost = cluster.is_none();
         let registry = self.store.registry().clone();
         // An operator's rollback or import made offline to this store, or its
         // recovery from a damaged version the object store had no copy of, is
@@ -166,9 +165,9 @@ impl Trainer {
             .iter()
             .any(|h| matches!(h.why, Change::Rollback | Change::Import | Change::Recovery));
         let mine = self.active.as_ref().map(|a| a.version);
-        match cluster {
-            Some(active) if !operator_changes && mine != Some(active.version) && !self.continues(&active)? => {
-                self.catch_up(&active)?
+        match &cluster {
+            Some(active) if !operator_changes && mine != Some(active.version) && !self.continues(active)? => {
+                self.catch_up(active)?
             }
             None if mine.is_none() => self.start_fresh()?,
             _ => {}
@@ -176,7 +175,7 @@ impl Trainer {
         self.adopt_pending()?;
         // NATS catches up with this store (objects it lacks, offline rollbacks).
         let (bus, lease) = (self.leadership.bus(), self.leadership.lease());
-        let offline_changes = announce::publish_offline_changes(bus, &self.store, lease, epoch, cluster_state_lost);
+        let offline_changes = announce::publish_offline_changes(bus, &self.store, lease, epoch, cluster.is_none());
         self.leadership.nats(offline_changes, None)?;
         // This node's active version, by compare-and-set from the fence's own revision: any
         // write to `active` since (another leader's) refuses it and ends this leadership.

@@ -169,9 +169,21 @@ async fn run(options: &NemesisOptions, dir: &Path, started: Instant, history: &R
 
     stop.cancel();
     publisher.await?;
-    let acked: HashSet<String> = acks.lock().unwrap().stored.iter().map(|(i, _)| latent_id(*i)).collect();
-    let (lost, duplicates) = latents_lost_and_duplicated(&bus, &acked).await?;
-    let announcements = announcements(&bus).await?;
+    let acks = std::mem::take(&mut *acks.lock().unwrap());
+    let mut figures = check(&bus, &shared, &acks, history, converged).await?;
+    figures["seconds"] = json!(options.seconds);
+    figures["seed"] = json!(options.seed);
+    figures["faults"] = json!(faults);
+    Ok(figures)
+}
+
+/// The checks once the faults are over and the publisher stopped, with
+/// the figures: every acked frame's latent, the announcements and the
+/// active version's epochs, the lease TTL, the convergence.
+async fn check(bus: &Bus, shared: &Shared, acks: &Acks, history: &Recorded, converged: Result<f64>) -> Result<Value> {
+    let acked: HashSet<String> = acks.stored.iter().map(|(i, _)| latent_id(*i)).collect();
+    let (lost, duplicates) = latents_lost_and_duplicated(bus, &acked).await?;
+    let announcements = announcements(bus).await?;
     let ttl = shared.lease_ttl().await?;
     let verdict = judge(&announcements, &history.lock().unwrap().active_epochs);
     let mut violations = verdict.violations;
@@ -199,12 +211,10 @@ async fn run(options: &NemesisOptions, dir: &Path, started: Instant, history: &R
     Ok(json!({
         "bench": "nemesis",
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        "seconds": options.seconds,
-        "seed": options.seed,
         "servers": 3,
         "lease_ttl_secs": TTL_SECS,
         "acked_frames": acked.len(),
-        "publishes_failed": acks.lock().unwrap().failed,
+        "publishes_failed": acks.failed,
         "acked_frames_lost": lost,
         "duplicate_latents": duplicates,
         "versions_announced": verdict.versions,
@@ -213,7 +223,6 @@ async fn run(options: &NemesisOptions, dir: &Path, started: Instant, history: &R
         "epochs": verdict.epochs,
         "epochs_with_two_writers": verdict.epochs_with_two_writers,
         "converged_s": converged_s,
-        "faults": faults,
         "violations": violations,
     }))
 }

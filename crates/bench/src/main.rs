@@ -320,7 +320,7 @@ fn in_process(which: BenchCommand) -> Result<()> {
 }
 
 /// The benches of `wmvae serve` processes (the `wmvae` beside this binary)
-/// against local nats-servers: encoders, idle, failover, chaos, nemesis.
+/// against local nats-servers: encoders, idle, failover, chaos.
 fn processes(which: BenchCommand) -> Result<()> {
     let rt = runtime()?;
     let (figures, json) = match which {
@@ -364,23 +364,15 @@ fn processes(which: BenchCommand) -> Result<()> {
             };
             (rt.block_on(bench_chaos::chaos(&options))?, json)
         }
-        BenchCommand::Nemesis {
-            seconds,
-            seed,
-            faults,
-            nats_server,
-            json,
-        } => {
-            let options = bench_nemesis::NemesisOptions {
-                seconds,
-                seed,
-                faults,
-                nats_server: server(nats_server),
-            };
-            (rt.block_on(bench_nemesis::nemesis(&options))?, json)
-        }
         _ => unreachable!("run() sends only these here"),
     };
+    render::bench(figures, json);
+    Ok(())
+}
+
+/// `wmvae bench nemesis`: its figures, then a failure when it found a violation.
+fn nemesis(options: bench_nemesis::NemesisOptions, json: bool) -> Result<()> {
+    let figures = runtime()?.block_on(bench_nemesis::nemesis(&options))?;
     let violations = figures["violations"].as_array().map_or(0, Vec::len);
     render::bench(figures, json);
     if violations > 0 {
@@ -397,6 +389,21 @@ fn run(cli: Cli) -> Result<()> {
         | BenchCommand::Quality { .. }) => models(which),
         which @ (BenchCommand::Latency { .. } | BenchCommand::Pipeline { .. } | BenchCommand::Ingest { .. }) => {
             in_process(which)
+        }
+        BenchCommand::Nemesis {
+            seconds,
+            seed,
+            faults,
+            nats_server,
+            json,
+        } => {
+            let options = bench_nemesis::NemesisOptions {
+                seconds,
+                seed,
+                faults,
+                nats_server: server(nats_server),
+            };
+            nemesis(options, json)
         }
         which => processes(which),
     }
