@@ -188,7 +188,7 @@ pub(super) async fn publish(bus: Bus, rate: f64, acks: Arc<Mutex<Acks>>, stop: C
 
 /// Node `id`'s status, asked of every node: a status request reaches the
 /// node nearest the bench's server only.
-pub(super) async fn node_status(bus: &Bus, id: &str) -> Option<Status> {
+async fn node_status(bus: &Bus, id: &str) -> Option<Status> {
     let statuses = bus.node_statuses().await.ok()?;
     statuses
         .into_iter()

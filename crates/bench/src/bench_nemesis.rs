@@ -18,14 +18,15 @@
 //! acked frame has exactly one latent; no version announced as created
 //! twice, nor after a higher one; no epoch wrote (announced or moved `active`) after a newer epoch
 //! had (two writers at once); `active` moves only forward in epoch; the
-//! lease TTL is the cluster's still; after the last heal, one leader
-//! training and latents flowing within TTL + 10 s. A violation is listed
+//! lease TTL is the cluster's still; after the last heal, one leader (the
+//! lease's holder, and no other node saying it leads) training and
+//! latents flowing within TTL + 10 s. A violation is listed
 //! and the history printed; the binary then exits non-zero.
 //!
 //! Not injected (yet): a partition of one server from the others (a TCP
 //! proxy on its route and client ports, or network namespaces).
 
-use super::bench_failover::{latent_id, latents_lost_and_duplicated, node_status, publish, wait_at_most, Acks, Nodes};
+use super::bench_failover::{latent_id, latents_lost_and_duplicated, publish, wait_at_most, Acks, Nodes};
 use super::nats_server::LocalCluster;
 use anyhow::{bail, Result};
 use futures::StreamExt;
@@ -42,7 +43,7 @@ use wmvae::bus::kv::{LeaseEvent, Shared};
 use wmvae::bus::messages::{Announcement, CheckpointEvent};
 use wmvae::bus::Bus;
 use wmvae::config::Config;
-use wmvae::daemon::status::LeaseRole;
+use wmvae::daemon::status::{LeaseRole, Status};
 
 /// The cluster's lease TTL (the bucket's max age, set by the bench's own
 /// migration): short, so a pause past it fits between two faults.
@@ -410,29 +411,41 @@ async fn inject(options: &NemesisOptions, world: &mut World<'_>) -> Result<BTree
     Ok(counts)
 }
 
-/// Seconds from `healed` until one leader trains (its step grows between
-/// two looks) and a latent arrived after `healed`.
+/// Seconds from `healed` until one leader trains (the lease's holder, the
+/// only trainer that says it leads, its step growing between two looks)
+/// and a latent arrived after `healed`.
 async fn converge(bus: &Bus, shared: &Shared, history: &Recorded, healed: Instant) -> Result<f64> {
     let mut seen: Option<(String, i64)> = None;
     while healed.elapsed() < CONVERGE_PATIENCE {
         let latents = history.lock().unwrap().last_latent.is_some_and(|t| t > healed);
-        if let Some(holder) = shared.holder().await.ok().flatten() {
-            let step = node_status(bus, &holder)
-                .await
-                .filter(|s| s.lease == Some(LeaseRole::Leader))
-                .map(|s| s.step);
-            match (&seen, step) {
-                (Some((h, s)), Some(step)) if *h == holder && step > *s && latents => {
+        if let Some((holder, step)) = sole_leader(bus, shared).await {
+            match &seen {
+                Some((h, s)) if *h == holder && step > *s && latents => {
                     return Ok(healed.elapsed().as_secs_f64());
                 }
-                (Some((h, _)), Some(_)) if *h == holder => {}
-                (_, Some(step)) => seen = Some((holder, step)),
-                (_, None) => {}
+                Some((h, _)) if *h == holder => {}
+                _ => seen = Some((holder, step)),
             }
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    bail!("no leader training with latents flowing {CONVERGE_PATIENCE:?} after the last heal")
+    bail!("no sole leader training with latents flowing {CONVERGE_PATIENCE:?} after the last heal")
+}
+
+/// The lease's holder and its step, when it says it leads and no other
+/// node does.
+async fn sole_leader(bus: &Bus, shared: &Shared) -> Option<(String, i64)> {
+    let holder = shared.holder().await.ok()??;
+    let statuses = bus.node_statuses().await.ok()?;
+    let leaders: Vec<Status> = statuses
+        .into_iter()
+        .filter_map(|s| serde_json::from_value::<Status>(s).ok())
+        .filter(|s| s.lease == Some(LeaseRole::Leader))
+        .collect();
+    match leaders.as_slice() {
+        [only] if only.node_id == holder => Some((holder, only.step)),
+        _ => None,
+    }
 }
 
 /// Every announcement `WM_CHECKPOINTS` holds (not the fences), oldest first.
