@@ -672,3 +672,34 @@ async fn a_stale_version_is_never_announced_when_its_maker_leads_again() {
     let logs = t1.logs();
     assert!(t1.terminate().success(), "{logs}");
 }
+
+/// A version whose upload stopped between its weights and its full
+/// checkpoint (the `publish-envelope` failpoint fails the second) is
+/// uploaded whole when its node leads again, before `active` names it, so
+/// a standby catching up finds it. (The nemesis saw `active` name a
+/// version whose checkpoint was never uploaded, and every takeover after
+/// that fail with "vae/v101.checkpoint is not in the object store".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_uploaded_halfway_is_uploaded_whole_before_it_is_active() {
+    let nats = NatsServer::start();
+    let js = jetstream::new(nats.client().await);
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&nats.url, dir.path(), &env(Some("publish-envelope=return")));
+    daemon
+        .wait_for_log("the publish-envelope failpoint", Duration::from_secs(120))
+        .await;
+    daemon.kill();
+    let bucket = js.get_object_store("wm-checkpoints").await.unwrap();
+    assert!(bucket.get("vae/v1.safetensors").await.is_ok(), "the weights went first");
+    assert!(bucket.get("vae/v1.checkpoint").await.is_err(), "the checkpoint did not");
+
+    let daemon = Daemon::start(&nats.url, dir.path(), &env(None));
+    daemon.wait_for_log("leading training", Duration::from_secs(120)).await;
+    assert!(
+        bucket.get("vae/v1.checkpoint").await.is_ok(),
+        "v1 is active without its checkpoint in the object store:\n{}",
+        daemon.logs()
+    );
+    let logs = daemon.logs();
+    assert!(daemon.terminate().success(), "{logs}");
+}

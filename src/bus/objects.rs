@@ -146,7 +146,9 @@ impl Bus {
         }
     }
 
-    /// Versions whose weights are in the bucket.
+    /// Versions whose full checkpoint is in the bucket (uploaded after the
+    /// weights, so both are there): a version whose upload stopped between
+    /// the two is not one of them, and is uploaded again.
     pub async fn object_versions(&self) -> Result<Vec<u64>> {
         let bucket = self.checkpoint_bucket().await?;
         let mut list = bucket
@@ -162,7 +164,7 @@ impl Bus {
             if let Some(v) = info
                 .name
                 .strip_prefix("vae/v")
-                .and_then(|r| r.strip_suffix(".safetensors"))
+                .and_then(|r| r.strip_suffix(".checkpoint"))
                 .and_then(|v| v.parse().ok())
             {
                 versions.push(v);

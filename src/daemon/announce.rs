@@ -25,6 +25,10 @@ async fn publish_created(bus: &Bus, lease: &Lease, checkpoint: &Checkpoint, epoc
     // A slow upload, for tests (its `sleep` blocks this runtime thread).
     fail::fail_point!("publish-created");
     bus.put_object(&weights_object(version), &checkpoint.weights).await?;
+    // An upload that stops between the two objects, for tests.
+    fail::fail_point!("publish-envelope", |_| Err(anyhow::anyhow!(
+        "the publish-envelope failpoint"
+    )));
     bus.put_object(&checkpoint_envelope_object(version), &checkpoint.to_bytes()?)
         .await?;
     if !lease.may_lead(epoch) {
