@@ -196,14 +196,23 @@ async fn node_status(bus: &Bus, id: &str) -> Option<Status> {
         .find(|s| s.node_id == id)
 }
 
+/// Every announcement `WM_CHECKPOINTS` holds (not the leaders' fences), oldest first.
+pub(super) async fn announcements(bus: &Bus) -> Result<Vec<Announcement>> {
+    let subject = bus.subject("checkpoints");
+    Ok(bus
+        .stream_messages("WM_CHECKPOINTS")
+        .await?
+        .iter()
+        .filter(|m| m.subject == subject)
+        .filter_map(|m| rmp_serde::from_slice::<Announcement>(&m.payload).ok())
+        .collect())
+}
+
 /// The created announcements in `WM_CHECKPOINTS`, oldest first.
 async fn created(bus: &Bus) -> Result<Vec<Announcement>> {
-    let messages = bus.stream_messages("WM_CHECKPOINTS").await?;
-    Ok(messages
-        .iter()
-        .filter_map(|m| rmp_serde::from_slice::<Announcement>(&m.payload).ok())
-        .filter(|a| a.event == CheckpointEvent::Created)
-        .collect())
+    let mut all = announcements(bus).await?;
+    all.retain(|a| a.event == CheckpointEvent::Created);
+    Ok(all)
 }
 
 pub async fn failover(options: &FailoverOptions) -> Result<Value> {

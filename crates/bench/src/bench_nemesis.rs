@@ -26,7 +26,9 @@
 //! Not injected (yet): a partition of one server from the others (a TCP
 //! proxy on its route and client ports, or network namespaces).
 
-use super::bench_failover::{latent_id, latents_lost_and_duplicated, publish, wait_at_most, Acks, Nodes};
+use super::bench_failover::{
+    announcements, latent_id, latents_lost_and_duplicated, publish, wait_at_most, Acks, Nodes,
+};
 use super::nats_server::LocalCluster;
 use anyhow::{bail, Result};
 use futures::StreamExt;
@@ -446,18 +448,6 @@ async fn sole_leader(bus: &Bus, shared: &Shared) -> Option<(String, i64)> {
         [only] if only.node_id == holder => Some((holder, only.step)),
         _ => None,
     }
-}
-
-/// Every announcement `WM_CHECKPOINTS` holds (not the fences), oldest first.
-async fn announcements(bus: &Bus) -> Result<Vec<Announcement>> {
-    let subject = bus.subject("checkpoints");
-    Ok(bus
-        .stream_messages("WM_CHECKPOINTS")
-        .await?
-        .iter()
-        .filter(|m| m.subject == subject)
-        .filter_map(|m| rmp_serde::from_slice::<Announcement>(&m.payload).ok())
-        .collect())
 }
 
 /// The checks on the announcements (in stream order) and on the active
