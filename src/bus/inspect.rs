@@ -1,6 +1,6 @@
 //! Reading what the cluster holds, from outside, for the benches and tests
 //! that check it: a stream's messages whole (an ordered consumer, no
-//! durable state left behind) and which server leads a stream's replicas.
+//! durable state left behind) which server leads a stream's replicas and how they stand.
 //! Not on the daemon's paths: those consume through `feed`.
 
 use super::Bus;
@@ -27,13 +27,35 @@ impl Bus {
     /// The `server_name` of the server leading stream `name`'s replicas
     /// now; None while it has no leader (an election) or is not clustered.
     pub async fn stream_leader(&self, name: &str) -> Result<Option<String>> {
-        let mut stream = self
-            .js
-            .get_stream(name)
-            .await
-            .with_context(|| format!("stream {name}"))?;
-        let info = stream.info().await.with_context(|| format!("reading stream {name}"))?;
+        let info = self.stream_info(name).await?;
         Ok(info.cluster.as_ref().and_then(|c| c.leader.clone()))
+    }
+
+    /// How stream `name`'s replicas stand now, in one line: its leader,
+    /// then each other replica (current or not, offline, its lag), for a
+    /// history that must say why a stream stopped taking publishes.
+    pub async fn stream_replicas(&self, name: &str) -> Result<String> {
+        let info = self.stream_info(name).await?;
+        let Some(cluster) = &info.cluster else {
+            return Ok("not clustered".to_string());
+        };
+        let replicas: Vec<String> = cluster
+            .replicas
+            .iter()
+            .map(|r| {
+                let state = match (r.offline, r.current) {
+                    (true, _) => "offline",
+                    (false, true) => "current",
+                    (false, false) => "behind",
+                };
+                format!("{} {state} lag {}", r.name, r.lag.unwrap_or(0))
+            })
+            .collect();
+        Ok(format!(
+            "leader {}, {}",
+            cluster.leader.as_deref().unwrap_or("none"),
+            replicas.join(", ")
+        ))
     }
 
     /// Every message stream `name` holds now, oldest first.

@@ -11,6 +11,7 @@
 //! * [`bench_chaos`]    `wmvae bench chaos`: faults and malformed frames, then the books
 //! * [`bench_nemesis`]  `wmvae bench nemesis`: seeded faults on a 3-node cluster, then the split-brain checks
 //! * [`nats_server`]    local nats-server children, one or a cluster (benches and tests)
+//! * [`netns`]          network namespaces that let one server of a cluster be cut from the others
 //!
 //! The binary `wmvae-bench` (`src/main.rs`) parses the benches' flags;
 //! `wmvae bench ...` runs it (it sits beside `wmvae` in `target/*/`). The
@@ -31,6 +32,7 @@ pub mod bench_nemesis;
 pub mod bench_quality;
 pub mod bench_series;
 pub mod nats_server;
+pub mod netns;
 
 /// Child processes (daemons the benches start), killed when dropped.
 pub(crate) struct Children(pub(crate) Vec<Child>);

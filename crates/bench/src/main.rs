@@ -178,7 +178,8 @@ enum BenchCommand {
     },
     /// Faults drawn from a seed on a 3-node cluster (trainers and encoders
     /// SIGKILLed, servers SIGKILLed, the leader paused past its lease, a
-    /// trainer with another lease TTL), then the checks that it never
+    /// trainer with another lease TTL, a server partitioned from the
+    /// others), then the checks that it never
     /// split: acked frames lost, latents and versions twice, epochs with two
     /// writers, convergence after the last heal. Exits non-zero on a
     /// violation, with the history on stderr.
@@ -189,7 +190,8 @@ enum BenchCommand {
         /// Draws the faults, their targets and the gaps between them.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Only these kinds, comma-separated (default: every kind).
+        /// Only these kinds, comma-separated (default: every kind this host
+        /// can inject; `partition` needs network namespaces).
         #[arg(long, value_enum, value_delimiter = ',')]
         faults: Vec<bench_nemesis::Fault>,
         #[arg(long)]

@@ -2,9 +2,12 @@
 //! always`) on a free loopback port and its own store directory, for
 //! benches and tests, and a cluster of them; a server can be SIGKILLed and
 //! restarted on the same port, with its store or without. Killed when dropped.
+//! A cluster can run each server in its own network namespace (`netns`),
+//! so that one can be partitioned from the others.
 //!
 //! Process management only: clients connect through `bus`.
 
+use crate::netns::Network;
 use anyhow::{bail, Context, Result};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -25,7 +28,11 @@ const MAX_FILE_STORE_BYTES: u64 = 64 << 30;
 pub struct LocalNats {
     child: Child,
     pub url: String,
+    /// Where it listens for clients.
+    host: String,
     port: u16,
+    /// The network namespace it runs in, if not this host's.
+    namespace: Option<String>,
     binary: PathBuf,
     dir: tempfile::TempDir,
 }
@@ -48,24 +55,26 @@ impl LocalNats {
     /// As [`LocalNats::start`], with `extra` appended to the server's
     /// config (authorization, TLS, operator mode ...).
     pub fn start_with(binary: &Path, extra: &str) -> Result<LocalNats> {
-        retry_port_clash(|| Self::start_on(binary, free_ports(1)?[0], extra))
+        retry_port_clash(|| Self::start_on(binary, "127.0.0.1", free_ports(1)?[0], None, extra))
     }
 
-    fn start_on(binary: &Path, port: u16, extra: &str) -> Result<LocalNats> {
+    /// Listening on `host:port`, inside `namespace` if one is given.
+    fn start_on(binary: &Path, host: &str, port: u16, namespace: Option<String>, extra: &str) -> Result<LocalNats> {
         let dir = tempfile::tempdir()?;
         let store = dir.path().join("js");
         std::fs::write(
             dir.path().join("nats.conf"),
             format!(
-                "listen: 127.0.0.1:{port}\nmax_payload: 4MB\njetstream {{ store_dir: {store:?}, sync_interval: always, \
+                "listen: {host}:{port}\nmax_payload: 4MB\njetstream {{ store_dir: {store:?}, sync_interval: always, \
                     max_file_store: {MAX_FILE_STORE_BYTES} }}\n{extra}\n"
             ),
         )?;
-        let child = spawn(binary, dir.path(), port)?;
         Ok(LocalNats {
-            child,
-            url: format!("nats://127.0.0.1:{port}"),
+            child: spawn(binary, dir.path(), host, port, namespace.as_deref())?,
+            url: format!("nats://{host}:{port}"),
+            host: host.to_owned(),
             port,
+            namespace,
             binary: binary.to_owned(),
             dir,
         })
@@ -91,7 +100,13 @@ impl LocalNats {
     /// [`LocalNats::kill`]).
     pub fn restart(&mut self) -> Result<()> {
         self.kill();
-        self.child = spawn(&self.binary, self.dir.path(), self.port)?;
+        self.child = spawn(
+            &self.binary,
+            self.dir.path(),
+            &self.host,
+            self.port,
+            self.namespace.as_deref(),
+        )?;
         Ok(())
     }
 
@@ -104,10 +119,20 @@ impl LocalNats {
     }
 }
 
-/// Runs nats-server on `dir`'s config until it listens on `port`.
-fn spawn(binary: &Path, dir: &Path, port: u16) -> Result<Child> {
+/// Runs nats-server on `dir`'s config (inside `namespace`, if given)
+/// until it listens on `host:port`; its log in `dir/nats.log`.
+fn spawn(binary: &Path, dir: &Path, host: &str, port: u16, namespace: Option<&str>) -> Result<Child> {
     let log = dir.join("nats.log");
-    let mut child = Command::new(binary)
+    let mut command = match namespace {
+        // `ip netns exec` execs the server: the child is the server itself.
+        Some(ns) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", ns]).arg(binary);
+            command
+        }
+        None => Command::new(binary),
+    };
+    let mut child = command
         .arg("-c")
         .arg(dir.join("nats.conf"))
         .stdout(Stdio::null())
@@ -115,7 +140,7 @@ fn spawn(binary: &Path, dir: &Path, port: u16) -> Result<Child> {
         .spawn()
         .with_context(|| format!("starting {} (run scripts/setup)", binary.display()))?;
     let deadline = Instant::now() + START_TIMEOUT;
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while TcpStream::connect((host, port)).is_err() {
         if let Some(status) = child.try_wait()? {
             let said = std::fs::read_to_string(&log).unwrap_or_default();
             bail!("nats-server exited at start ({status}): {}", said.trim());
@@ -156,7 +181,14 @@ fn retry_port_clash<T>(mut start: impl FnMut() -> Result<T>) -> Result<T> {
 /// A JetStream cluster of local nats-servers on one host, for tests.
 pub struct LocalCluster {
     pub servers: Vec<LocalNats>,
+    /// The namespaces the servers run in, when they can be partitioned
+    /// (dropped after the servers, which are killed first).
+    network: Option<Network>,
 }
+
+/// The ports inside a server's own namespace: nothing else listens there.
+const NAMESPACED_CLIENT_PORT: u16 = 4222;
+const NAMESPACED_ROUTE_PORT: u16 = 6222;
 
 impl LocalCluster {
     /// `n` servers, each with its own `server_name`, client and cluster
@@ -175,11 +207,56 @@ impl LocalCluster {
                         cluster[i],
                         routes.join(", ")
                     );
-                    LocalNats::start_on(binary, clients[i], &extra)
+                    LocalNats::start_on(binary, "127.0.0.1", clients[i], None, &extra)
                 })
                 .collect::<Result<Vec<_>>>()?;
-            Ok(LocalCluster { servers })
+            Ok(LocalCluster { servers, network: None })
         })
+    }
+
+    /// As [`LocalCluster::start`], each server in its own network
+    /// namespace (see `netns`), so that [`LocalCluster::cut`] can
+    /// partition one from the others. Needs root and iproute2.
+    pub fn start_partitionable(binary: &Path, n: usize) -> Result<LocalCluster> {
+        let network = Network::create(n)?;
+        let routes: Vec<String> = (0..n)
+            .map(|i| format!("nats-route://{}:{NAMESPACED_ROUTE_PORT}", network.route_ip(i)))
+            .collect();
+        let servers = (0..n)
+            .map(|i| {
+                let extra = format!(
+                    "server_name: n{}\ncluster {{ name: wmvae, listen: {}:{NAMESPACED_ROUTE_PORT}, routes: [{}] }}",
+                    i + 1,
+                    network.route_ip(i),
+                    routes.join(", ")
+                );
+                let host = network.client_ip(i);
+                LocalNats::start_on(
+                    binary,
+                    &host,
+                    NAMESPACED_CLIENT_PORT,
+                    Some(network.namespace(i)),
+                    &extra,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(LocalCluster {
+            servers,
+            network: Some(network),
+        })
+    }
+
+    /// Cuts server `i` from the other servers (its clients keep it), or
+    /// joins it again (`cut` false). Only a partitionable cluster can.
+    pub fn partition(&self, i: usize, cut: bool) -> Result<()> {
+        let Some(network) = &self.network else {
+            bail!("this cluster was not started partitionable");
+        };
+        if cut {
+            network.cut(i)
+        } else {
+            network.heal(i)
+        }
     }
 
     /// The server with `server_name` `name` (as JetStream names a stream's leader).
