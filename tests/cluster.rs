@@ -550,6 +550,50 @@ async fn twins_started_together_one_is_refused_by_the_server() {
     assert!(running.terminate().success());
 }
 
+/// Issue #26, found by the nemesis's partition: a renewal of a node's
+/// claim on its id that the server applied after the node stopped waiting
+/// for its reply (a partitioned server's queued traffic arrives when it
+/// heals) moved the claim's revision; the node's next renewal was refused,
+/// it found the key held by its own value and stopped as if a twin had
+/// taken its id ("... lapsed and <itself> claimed it"), and so did the
+/// other trainer. Here the test makes that late write itself (the same
+/// value, one revision on): the node takes its own claim back and runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_renewed_late_is_not_taken_for_a_twin() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let js = jetstream::new(nats.client().await);
+    let mut node = Daemon::start(&nats.url, &dir.path().join("x"), &single_server_env("x"));
+    wait_for_consumer(&js, "wmvae-ingest-x").await;
+    let lease = js.get_key_value("wm-lease").await.unwrap();
+    let claim = lease.entry("node.x").await.unwrap().expect("the node's claim");
+    let mut renewals = lease.watch("node.x").await.unwrap();
+    let late = lease
+        .update("node.x", claim.value.clone(), claim.revision)
+        .await
+        .unwrap();
+    // Renewals come every third of the 3 s TTL: three of them, past the
+    // one the late write refused, each the node's own value.
+    let renewed = async {
+        let mut seen = 0;
+        while let Some(entry) = renewals.next().await {
+            let entry = entry.unwrap();
+            if entry.revision > late && entry.value == claim.value {
+                seen += 1;
+                if seen == 3 {
+                    return;
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), renewed)
+        .await
+        .unwrap_or_else(|_| panic!("the claim was not renewed after the late write:\n{}", node.logs()));
+    assert!(node.try_status().is_none(), "the node stopped:\n{}", node.logs());
+    assert!(!node.logs().contains("claimed it"), "{}", node.logs());
+    assert!(node.terminate().success());
+}
+
 /// Issue #26: a new leader fences first. Leader t1 is paused (SIGSTOP)
 /// after `active` was set under its epoch; t2 takes the lease and, held
 /// just after its fence by the `takeover-fenced` failpoint (before its

@@ -120,8 +120,12 @@ impl Shared {
 
     /// Claims trainer node id `id` (key `node.<id>`, `node` for the single
     /// node without one, in the lease bucket: it lapses with the lease's
-    /// TTL unless renewed): Ok(Ok(revision)) when taken, Ok(Err(holder))
-    /// with the value of the live claim when another process holds it.
+    /// TTL unless renewed): Ok(Ok(revision)) when taken, or when the live
+    /// claim is `holder`'s own already (a write of ours the server applied
+    /// after we stopped waiting for its reply: a partition's queued
+    /// traffic arrives when it heals); Ok(Err(holder)) with the value of
+    /// the live claim when another process holds it. An error is
+    /// transient (the server away, a read that missed a racing write).
     pub async fn claim_node(&self, id: &str, holder: &str) -> Result<Result<u64, String>> {
         let key = node_key(id);
         match self.lease.create(&key, Bytes::from(holder.to_string())).await {
@@ -131,10 +135,13 @@ impl Shared {
                     .lease
                     .entry(&key)
                     .await
-                    .map_err(|e| anyhow!("reading {key}: {e}"))?;
-                Ok(Err(entry
-                    .map(|e| String::from_utf8_lossy(&e.value).into_owned())
-                    .unwrap_or_default()))
+                    .map_err(|e| anyhow!("reading {key}: {e}"))?
+                    .filter(|e| e.operation == Operation::Put);
+                Ok(match entry {
+                    Some(e) if e.value == holder.as_bytes() => Ok(e.revision),
+                    Some(e) => Err(String::from_utf8_lossy(&e.value).into_owned()),
+                    None => bail!("claiming {key}: taken, then gone when read; trying again"),
+                })
             }
             Err(e) => Err(anyhow!("claiming {key}: {e}")),
         }

@@ -38,19 +38,24 @@ impl NodeClaim {
     /// an earlier one; refused when a live process holds it. The renewals
     /// run under `supervisor` until [`NodeClaim::release`].
     pub(super) async fn take(shared: &Shared, id: &str, supervisor: &Supervisor) -> Result<NodeClaim> {
-        let holder = format!("{} pid {}", crate::config::hostname(), std::process::id());
+        let holder = holder();
         let ttl = shared.lease_ttl().await?;
         let since = Instant::now();
         let mut said = false;
         let revision = loop {
-            match shared.claim_node(id, &holder).await? {
-                Ok(revision) => break revision,
-                Err(other) if since.elapsed() > ttl + LAPSE_MARGIN => bail!(
+            match shared.claim_node(id, &holder).await {
+                Ok(Ok(revision)) => break revision,
+                Err(e) if since.elapsed() > ttl + LAPSE_MARGIN => return Err(e),
+                Err(e) => {
+                    tracing::warn!("node id claim: {e:#}; trying again in {RETRY:?}");
+                    tokio::time::sleep(RETRY).await;
+                }
+                Ok(Err(other)) if since.elapsed() > ttl + LAPSE_MARGIN => bail!(
                     "another trainer node {} already runs on this NATS ({other}); give each trainer node its own \
                     [node] id (WMVAE_NODE__ID)",
                     named(id)
                 ),
-                Err(other) => {
+                Ok(Err(other)) => {
                     if !std::mem::replace(&mut said, true) {
                         tracing::info!(
                             "node id claimed by {other}: waiting up to the lease TTL ({ttl:?}) for it to lapse \
@@ -73,6 +78,22 @@ impl NodeClaim {
         self.stop.cancel();
         super::until(deadline, "node id claim", "the id's claim lapses by itself", self.task).await;
     }
+}
+
+/// What this process writes in its claim: readable (host and pid, for the
+/// message a twin gets) and its own (the start's time, so a process of
+/// another container with the same host name and pid is not taken for it).
+fn holder() -> String {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!(
+        "{} pid {} since {}.{:03}",
+        crate::config::hostname(),
+        std::process::id(),
+        since.as_secs(),
+        since.subsec_millis()
+    )
 }
 
 /// "with [node] id ..." or "without a [node] id", for messages.
@@ -102,14 +123,19 @@ async fn renew(shared: Shared, id: String, holder: String, mut revision: u64, st
         revision = loop {
             match shared.renew_node(&id, &holder, revision).await {
                 Ok(renewed) => break renewed,
-                Err(Error::Conflict(_)) => match shared.claim_node(&id, &holder).await? {
-                    Ok(claimed) => break claimed,
-                    Err(other) => {
+                // Lapsed, or renewed by a write of ours applied late.
+                Err(Error::Conflict(_)) => match shared.claim_node(&id, &holder).await {
+                    Ok(Ok(claimed)) => break claimed,
+                    Ok(Err(other)) => {
                         return Err(anyhow!(
                             "this node's claim on its id lapsed and {other} claimed it: another trainer node {} \
                             runs on this NATS",
                             named(&id)
                         ))
+                    }
+                    Err(e) => {
+                        tracing::warn!("node id claim: {e:#}; trying again in {RETRY:?}");
+                        tokio::time::sleep(RETRY).await;
                     }
                 },
                 Err(e) => {
