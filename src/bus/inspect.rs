@@ -15,6 +15,8 @@ const READ_TIMEOUT: Duration = Duration::from_secs(120);
 /// One message as a stream stored it.
 #[derive(Debug, Clone)]
 pub struct StoredMessage {
+    /// Its stream sequence.
+    pub sequence: u64,
     pub subject: String,
     /// Its `Nats-Msg-Id`, when it was published with one.
     pub id: Option<String>,
@@ -101,6 +103,7 @@ impl Bus {
                 };
                 let (id, reason) = (header(super::headers::MSG_ID), header(super::headers::REASON));
                 out.push(StoredMessage {
+                    sequence,
                     subject: message.subject.to_string(),
                     id,
                     reason,

@@ -140,29 +140,78 @@ struct Receipts {
     relayed: Vec<(usize, Instant)>,
     /// When the first latent of each new version came (not the first's).
     switches: Vec<Instant>,
+    /// The version of the latest latent.
+    version: Option<u64>,
 }
 
-/// The [`Receipts`] of `count` frames (or as many as came by `deadline`).
+impl Receipts {
+    /// Notes `latent`, come now.
+    fn latent(&mut self, latent: &LatentMessage) {
+        let now = Instant::now();
+        if self.version.is_some_and(|v| v != latent.model_version) {
+            self.switches.push(now);
+        }
+        self.version = Some(latent.model_version);
+        self.latents
+            .extend(frame_index(&latent.episode, latent.step).map(|i| (i, now)));
+    }
+}
+
+/// Frames published one at a time, this far apart, until the first latent
+/// comes: the daemon's start (v1 written and loaded) then leaves a backlog
+/// of a few frames, not of a second's worth at the measured rate.
+const WARMUP_EVERY: Duration = Duration::from_millis(100);
+/// The longest the daemon may take to its first latent.
+const FIRST_LATENT_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Publishes frames 0, 1, ... every [`WARMUP_EVERY`] until the first latent
+/// comes, then waits (as long again at most) for the latents of the rest;
+/// each frame's send time, and the latents in `got`.
+async fn warm_up(
+    bus: &Bus,
+    latents: &mut (impl futures::Stream<Item = LatentMessage> + Unpin),
+    got: &mut Receipts,
+) -> Result<Vec<Instant>> {
+    let mut sent = Vec::new();
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(WARMUP_EVERY);
+    while got.latents.is_empty() {
+        if start.elapsed() > FIRST_LATENT_PATIENCE {
+            bail!("no latent {FIRST_LATENT_PATIENCE:?} after the first frame");
+        }
+        tokio::select! {
+            _ = tick.tick() => {
+                let i = sent.len() as u64;
+                sent.push(Instant::now());
+                bus.publish_frame_core("bench", &frame(i)).await?;
+            }
+            latent = latents.next() => got.latent(&latent.context("the latents' subscription ended")?),
+        }
+    }
+    let drained = tokio::time::Instant::now() + start.elapsed();
+    while got.latents.len() < sent.len() {
+        match tokio::time::timeout_at(drained, latents.next()).await {
+            Ok(Some(latent)) => got.latent(&latent),
+            _ => bail!("{} of {} warm-up frames had a latent", got.latents.len(), sent.len()),
+        }
+    }
+    Ok(sent)
+}
+
+/// Adds to `got` the receipts of frames up to `count` in all (or as many as
+/// came by `deadline`).
 async fn receipts(
     mut latents: impl futures::Stream<Item = LatentMessage> + Unpin,
     mut relayed: impl futures::Stream<Item = u64> + Unpin,
+    mut got: Receipts,
     count: u64,
     deadline: tokio::time::Instant,
 ) -> Receipts {
-    let mut got = Receipts::default();
-    let mut version = None;
     while (got.latents.len() as u64) < count || (got.relayed.len() as u64) < count {
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => break,
             latent = latents.next() => match latent {
-                Some(latent) => {
-                    let now = Instant::now();
-                    if version.is_some_and(|v| v != latent.model_version) {
-                        got.switches.push(now);
-                    }
-                    version = Some(latent.model_version);
-                    got.latents.extend(frame_index(&latent.episode, latent.step).map(|i| (i, now)));
-                }
+                Some(latent) => got.latent(&latent),
                 None => break,
             },
             sequence = relayed.next() => match sequence {
@@ -190,9 +239,12 @@ fn kept(receipts: &[(usize, Instant)], sent: &[Instant], counted: impl Fn(Instan
 /// same nats-server and the same frames, the floor: a bare relay
 /// (`Bus::relay`) that consumes, publishes 300 bytes and acks.
 ///
-/// The percentiles count the frames published after the first latent came
-/// (the daemon's start, writing and loading v1, is `first_latent_ms`),
-/// unless `include_warmup`; `switches` counts the version changes seen in
+/// First a warm-up ([`warm_up`]): frames one at a time until the first
+/// latent comes (the daemon's start, writing and loading v1, is
+/// `first_latent_ms`) and the few sent meanwhile have theirs; then the
+/// measured frames at `rate`, which the percentiles count. With
+/// `include_warmup` there is no warm-up: the frames at `rate` start with
+/// the daemon and all count, its start's backlog too. `switches` counts the version changes seen in
 /// the latents, and `latent_p99_at_switch_ms` is the p99 of the frames
 /// published within [`SWITCH_WINDOW`] of one.
 pub async fn latency(rate: f64, seconds: f64, train: bool, include_warmup: bool, nats_server: &Path) -> Result<Value> {
@@ -212,25 +264,32 @@ pub async fn latency(rate: f64, seconds: f64, train: bool, include_warmup: bool,
                 .await
         })
     };
-    let latents = daemon.bus.subscribe_latents("bench").await?;
+    let mut latents = Box::pin(daemon.bus.subscribe_latents("bench").await?);
     let relayed = daemon.bus.subscribe_relayed().await?;
+    let mut got = Receipts::default();
+    let mut sent = match include_warmup {
+        true => Vec::new(),
+        false => warm_up(&daemon.bus, &mut latents, &mut got).await?,
+    };
+    let warmup = sent.len();
     let count = (rate * seconds) as u64;
     let bus = daemon.bus.clone();
-    let publisher = tokio::spawn(async move { publish_paced(&bus, 0, count, rate).await });
+    let publisher = tokio::spawn(async move { publish_paced(&bus, warmup as u64, count, rate).await });
     let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(seconds + 30.0);
-    let got = receipts(latents, relayed, count, deadline).await;
-    let sent = publisher.await??;
+    let got = receipts(latents, relayed, got, warmup as u64 + count, deadline).await;
+    sent.extend(publisher.await??);
     relay_stop.cancel();
     relay.await.context("relay task")??;
     let step = daemon.status().await?.step;
     daemon.stop().await?;
-    let mut figures = latency_figures(&sent, &got, include_warmup)?;
+    let mut figures = latency_figures(&sent, &got, warmup)?;
     let run = json!({
         "bench": "latency",
         "rate": rate,
         "seconds": seconds,
         "frames": count,
         "training": train,
+        "include_warmup": include_warmup,
         "train_threads": 1,
         "train_steps_during": step,
     });
@@ -242,16 +301,17 @@ pub async fn latency(rate: f64, seconds: f64, train: bool, include_warmup: bool,
 }
 
 /// The latency figures of a run: the percentiles of the frames published
-/// after the first latent (all of them with `include_warmup`), the time to
-/// that first latent, and the tail near the version switches.
-fn latency_figures(sent: &[Instant], got: &Receipts, include_warmup: bool) -> Result<Value> {
+/// after the `warmup` first ones, the time to the first latent, and the
+/// tail near the version switches.
+fn latency_figures(sent: &[Instant], got: &Receipts, warmup: usize) -> Result<Value> {
     let first = got
         .latents
         .iter()
         .map(|(_, at)| *at)
         .min()
         .context("no latent received")?;
-    let counted = |t: Instant| include_warmup || t >= first;
+    let measured = *sent.get(warmup).context("no frame published after the warm-up")?;
+    let counted = |t: Instant| t >= measured;
     let (latent_ms, relay_ms) = (
         latencies_ms(sent, &kept(&got.latents, sent, counted)),
         latencies_ms(sent, &kept(&got.relayed, sent, counted)),
@@ -272,7 +332,7 @@ fn latency_figures(sent: &[Instant], got: &Receipts, include_warmup: bool) -> Re
     Ok(json!({
         "latents": latent_ms.len(),
         "relayed": relay_ms.len(),
-        "include_warmup": include_warmup,
+        "warmup_frames": warmup,
         "first_latent_ms": (first - sent[0]).as_secs_f64() * 1000.0,
         "switches": got.switches.len(),
         "latent_p99_at_switch_ms": (!at_switch_ms.is_empty()).then(|| percentile(&at_switch_ms, 0.99)),

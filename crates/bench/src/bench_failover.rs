@@ -20,7 +20,7 @@ use super::bench_daemon::{frame, frame_name};
 use super::nats_server::LocalCluster;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use wmvae::bus::kv::Shared;
-use wmvae::bus::messages::{Announcement, CheckpointEvent};
+use wmvae::bus::messages::{Announcement, CheckpointEvent, LatentMessage};
 use wmvae::bus::Bus;
 use wmvae::config::Config;
 use wmvae::daemon::status::{LeaseRole, Status};
@@ -274,7 +274,7 @@ async fn run(options: &FailoverOptions, dir: &Path) -> Result<Value> {
         let acks = acks.lock().unwrap();
         (acks.stored.iter().map(|(i, _)| latent_id(*i)).collect(), acks.failed)
     };
-    let (lost, duplicates) = latents_lost_and_duplicated(&bus, &acked_ids).await?;
+    let LatentsCounted { lost, duplicates, .. } = latents_lost_and_duplicated(&bus, &acked_ids).await?;
     let exited_cleanly = nodes.terminate(trainer.standby)?;
 
     Ok(json!({
@@ -419,9 +419,23 @@ async fn kill_leading_trainer(nodes: &mut Nodes, bus: &Bus, shared: &Shared) -> 
     })
 }
 
-/// Acked frames without a latent, and latents stored twice, once every
-/// acked frame has one or the patience ran out.
-pub(super) async fn latents_lost_and_duplicated(bus: &Bus, acked_ids: &HashSet<String>) -> Result<(usize, usize)> {
+/// What WM_LATENTS holds against the acked frames.
+pub(super) struct LatentsCounted {
+    /// Acked frames without a latent.
+    pub(super) lost: usize,
+    /// Latents stored more than once (copies past the first).
+    pub(super) duplicates: usize,
+    /// A few of those: the id, then each copy's stream sequence and the
+    /// version that encoded it, to tell a late re-encode from a lost dedupe.
+    pub(super) duplicate_examples: Vec<String>,
+}
+
+/// How many duplicate latents [`LatentsCounted`] describes.
+const DUPLICATE_EXAMPLES: usize = 5;
+
+/// Counts WM_LATENTS against `acked_ids` once every acked frame has a
+/// latent or the patience ran out.
+pub(super) async fn latents_lost_and_duplicated(bus: &Bus, acked_ids: &HashSet<String>) -> Result<LatentsCounted> {
     // Frames the killed node held unacked come back after the ack wait.
     let patience = Duration::from_secs(ACK_WAIT_SECS + 60);
     let latent_ids = || async {
@@ -436,12 +450,30 @@ pub(super) async fn latents_lost_and_duplicated(bus: &Bus, acked_ids: &HashSet<S
         acked_ids.iter().all(|id| unique.contains(id)).then_some(())
     })
     .await;
-    let ids = latent_ids().await?;
-    let unique: HashSet<&String> = ids.iter().collect();
-    Ok((
-        acked_ids.iter().filter(|id| !unique.contains(id)).count(),
-        ids.len() - unique.len(),
-    ))
+    let stored = bus.stream_messages("WM_LATENTS").await?;
+    let mut copies: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for message in &stored {
+        if let Some(id) = &message.id {
+            let version = rmp_serde::from_slice::<LatentMessage>(&message.payload)
+                .map(|l| format!("v{}", l.model_version))
+                .unwrap_or_else(|_| "unreadable".to_string());
+            copies
+                .entry(id)
+                .or_default()
+                .push(format!("sequence {} ({version})", message.sequence));
+        }
+    }
+    let duplicate_examples = copies
+        .iter()
+        .filter(|(_, c)| c.len() > 1)
+        .take(DUPLICATE_EXAMPLES)
+        .map(|(id, c)| format!("{id}: {}", c.join(", ")))
+        .collect();
+    Ok(LatentsCounted {
+        lost: acked_ids.iter().filter(|id| !copies.contains_key(id.as_str())).count(),
+        duplicates: copies.values().map(|c| c.len() - 1).sum(),
+        duplicate_examples,
+    })
 }
 
 /// The latent id of frame `i`: `<source>/<episode>/<step>`.

@@ -218,14 +218,16 @@ async fn run(options: &NemesisOptions, dir: &Path, started: Instant, history: &R
 /// active version's epochs, the lease TTL, the convergence.
 async fn check(bus: &Bus, shared: &Shared, acks: &Acks, history: &Recorded, converged: Result<f64>) -> Result<Value> {
     let acked: HashSet<String> = acks.stored.iter().map(|(i, _)| latent_id(*i)).collect();
-    let (lost, duplicates) = latents_lost_and_duplicated(bus, &acked).await?;
+    let latents = latents_lost_and_duplicated(bus, &acked).await?;
+    let (lost, duplicates) = (latents.lost, latents.duplicates);
     let announcements = announcements(bus).await?;
     let ttl = shared.lease_ttl().await?;
     let verdict = judge(&announcements, &history.lock().unwrap().active_epochs);
     let mut violations = verdict.violations;
     if lost > 0 || duplicates > 0 {
         violations.push(format!(
-            "{lost} acked frames without a latent, {duplicates} latents stored twice"
+            "{lost} acked frames without a latent, {duplicates} latents stored twice (e.g. {})",
+            latents.duplicate_examples.join("; ")
         ));
     }
     if ttl != Duration::from_secs(TTL_SECS) {

@@ -99,8 +99,9 @@ enum BenchCommand {
         /// Keep the trainer idle (min_frames never reached) to see ingest and encode alone.
         #[arg(long)]
         no_train: bool,
-        /// Count every frame, those published before the first latent came too
-        /// (the daemon's start); by default the percentiles start after it.
+        /// Publish at the rate from the daemon's start and count every frame;
+        /// by default frames go one at a time until the first latent (the
+        /// daemon's start), and the percentiles count the frames after.
         #[arg(long)]
         include_warmup: bool,
         #[arg(long)]
