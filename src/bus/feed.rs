@@ -18,6 +18,17 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// How long one pull request waits at the server. A pull request lost on
+/// its way (sent through a server cut from the consumer's leader) is sent
+/// again only when async-nats's own timer for it runs out, this plus 5 s:
+/// at its default of 30 s, encoders stood idle for up to 35 s after a
+/// partition healed while frames piled up (`bench nemesis`, partition).
+const PULL_EXPIRES: Duration = Duration::from_secs(10);
+/// The server's idle heartbeat on a waiting pull: two missed and the pull
+/// stream is opened again at once, with a fresh request (async-nats asks
+/// for none unless told).
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+
 /// One frame message as delivered, with what is needed to ack it.
 pub struct Delivery {
     /// The subject's last part: `wm.frames.<source>`.
@@ -305,6 +316,8 @@ impl FrameFeed {
         self.consumer
             .stream()
             .max_messages_per_batch(self.pull_batch)
+            .expires(PULL_EXPIRES)
+            .heartbeat(PULL_HEARTBEAT)
             .messages()
             .await
     }
@@ -324,11 +337,13 @@ impl FrameFeed {
         true
     }
 
-    /// The consumer failed: waits the pause (re-opening the stream once failing for long); false on `shutdown`.
+    /// The consumer failed: waits the pause (re-opening the stream once
+    /// failing for long, or at once when its pull went missing); false on
+    /// `shutdown`.
     async fn retry_after(&mut self, e: pull::MessagesError, shutdown: &CancellationToken) -> bool {
         tracing::warn!("frame consumer: {e}; retrying in {:?}", self.pause.next);
-        if self.pause.at_longest() {
-            self.messages = None; // failing for seconds: open it again
+        if self.pause.at_longest() || e.kind() == pull::MessagesErrorKind::MissingHeartbeat {
+            self.messages = None; // open it again, with a fresh pull request
         }
         self.pause.wait(shutdown).await
     }

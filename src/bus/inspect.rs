@@ -1,10 +1,11 @@
 //! Reading what the cluster holds, from outside, for the benches and tests
 //! that check it: a stream's messages whole (an ordered consumer, no
-//! durable state left behind) which server leads a stream's replicas and how they stand.
+//! durable state left behind) which server leads a stream's replicas and how they and a consumer stand.
 //! Not on the daemon's paths: those consume through `feed`.
 
 use super::Bus;
 use anyhow::{bail, Context, Result};
+use async_nats::jetstream;
 use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
 use futures::StreamExt;
 use std::time::Duration;
@@ -57,6 +58,34 @@ impl Bus {
             "leader {}, {}",
             cluster.leader.as_deref().unwrap_or("none"),
             replicas.join(", ")
+        ))
+    }
+
+    /// How consumer `durable` of stream `stream` stands now, in one line:
+    /// its leader, messages not yet delivered, delivered and not acked,
+    /// pull requests waiting, redeliveries: a consumer that stopped
+    /// delivering shows there.
+    pub async fn consumer_state(&self, stream: &str, durable: &str) -> Result<String> {
+        let mut consumer: jetstream::consumer::PullConsumer =
+            self.js
+                .get_consumer_from_stream(durable, stream)
+                .await
+                .map_err(|e| anyhow::anyhow!("consumer {durable}: {e}"))?;
+        let info = consumer
+            .info()
+            .await
+            .map_err(|e| anyhow::anyhow!("reading consumer {durable}: {e}"))?;
+        Ok(format!(
+            "leader {}, pending {}, ack pending {}, waiting pulls {}, redelivered {}, ack floor {}",
+            info.cluster
+                .as_ref()
+                .and_then(|c| c.leader.as_deref())
+                .unwrap_or("none"),
+            info.num_pending,
+            info.num_ack_pending,
+            info.num_waiting,
+            info.num_redelivered,
+            info.ack_floor.stream_sequence
         ))
     }
 

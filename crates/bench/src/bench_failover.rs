@@ -275,6 +275,7 @@ async fn run(options: &FailoverOptions, dir: &Path) -> Result<Value> {
         (acks.stored.iter().map(|(i, _)| latent_id(*i)).collect(), acks.failed)
     };
     let LatentsCounted { lost, duplicates, .. } = latents_lost_and_duplicated(&bus, &acked_ids).await?;
+    let lost = lost.len();
     let exited_cleanly = nodes.terminate(trainer.standby)?;
 
     Ok(json!({
@@ -421,8 +422,8 @@ async fn kill_leading_trainer(nodes: &mut Nodes, bus: &Bus, shared: &Shared) -> 
 
 /// What WM_LATENTS holds against the acked frames.
 pub(super) struct LatentsCounted {
-    /// Acked frames without a latent.
-    pub(super) lost: usize,
+    /// Acked frames without a latent (their latent ids).
+    pub(super) lost: Vec<String>,
     /// Latents stored more than once (copies past the first).
     pub(super) duplicates: usize,
     /// A few of those: the id, then each copy's stream sequence and the
@@ -470,7 +471,11 @@ pub(super) async fn latents_lost_and_duplicated(bus: &Bus, acked_ids: &HashSet<S
         .map(|(id, c)| format!("{id}: {}", c.join(", ")))
         .collect();
     Ok(LatentsCounted {
-        lost: acked_ids.iter().filter(|id| !copies.contains_key(id.as_str())).count(),
+        lost: acked_ids
+            .iter()
+            .filter(|id| !copies.contains_key(id.as_str()))
+            .cloned()
+            .collect(),
         duplicates: copies.values().map(|c| c.len() - 1).sum(),
         duplicate_examples,
     })

@@ -219,14 +219,15 @@ async fn run(options: &NemesisOptions, dir: &Path, started: Instant, history: &R
 async fn check(bus: &Bus, shared: &Shared, acks: &Acks, history: &Recorded, converged: Result<f64>) -> Result<Value> {
     let acked: HashSet<String> = acks.stored.iter().map(|(i, _)| latent_id(*i)).collect();
     let latents = latents_lost_and_duplicated(bus, &acked).await?;
-    let (lost, duplicates) = (latents.lost, latents.duplicates);
+    let (lost, duplicates) = (latents.lost.len(), latents.duplicates);
     let announcements = announcements(bus).await?;
     let ttl = shared.lease_ttl().await?;
     let verdict = judge(&announcements, &history.lock().unwrap().active_epochs);
     let mut violations = verdict.violations;
     if lost > 0 || duplicates > 0 {
         violations.push(format!(
-            "{lost} acked frames without a latent, {duplicates} latents stored twice (e.g. {})",
+            "{lost} acked frames without a latent ({}), {duplicates} latents stored twice (e.g. {})",
+            frames_of(bus, &latents.lost).await,
             latents.duplicate_examples.join("; ")
         ));
     }
@@ -265,6 +266,23 @@ async fn check(bus: &Bus, shared: &Shared, acks: &Acks, history: &Recorded, conv
     }))
 }
 
+/// Whether the frames of latent ids `lost` are in WM_FRAMES still: the
+/// encoders never took them (a consumer that skipped them), or the stream
+/// itself lost publishes it had acked.
+async fn frames_of(bus: &Bus, lost: &[String]) -> String {
+    if lost.is_empty() {
+        return "none".to_string();
+    }
+    match bus.stream_messages("WM_FRAMES").await {
+        Ok(frames) => {
+            let stored: HashSet<String> = frames.into_iter().filter_map(|m| m.id).collect();
+            let gone = lost.iter().filter(|id| !stored.contains(*id)).count();
+            format!("{gone} of them not in WM_FRAMES either")
+        }
+        Err(e) => format!("WM_FRAMES unreadable: {e:#}"),
+    }
+}
+
 /// A trainer's or an encoder's settings: roles by name, the lease TTL it
 /// is started with, redeliveries early, and small steps with a version
 /// every 10, so leaders write often (each write a chance to split).
@@ -287,6 +305,8 @@ fn node_env(id: &str, ttl: u64) -> Vec<(&'static str, String)> {
 /// The streams whose replicas the history follows: a stream that stops
 /// taking publishes (no leader, a replica behind) shows there.
 const WATCHED_STREAMS: [&str; 3] = ["WM_FRAMES", "WM_LATENTS", "KV_wm-lease"];
+/// The encoders' shared consumer of WM_FRAMES, followed beside them.
+const ENCODERS_CONSUMER: &str = "wmvae-encode";
 /// How often their replicas are read.
 const REPLICAS_EVERY: Duration = Duration::from_secs(2);
 
@@ -344,6 +364,17 @@ fn record(bus: &Bus, shared: &Shared, started: Instant, history: &Recorded, stop
                     h.lock().unwrap().lines.push((at(), format!("{stream}: {now}")));
                     said.insert(stream, now);
                 }
+            }
+            let now = match b.consumer_state("WM_FRAMES", ENCODERS_CONSUMER).await {
+                Ok(line) => line,
+                Err(e) => format!("unreadable: {e:#}"),
+            };
+            if said.get(ENCODERS_CONSUMER) != Some(&now) {
+                h.lock()
+                    .unwrap()
+                    .lines
+                    .push((at(), format!("{ENCODERS_CONSUMER}: {now}")));
+                said.insert(ENCODERS_CONSUMER, now);
             }
             tokio::time::sleep(REPLICAS_EVERY).await;
         }
