@@ -38,6 +38,17 @@ pub struct Active {
     pub epoch: u64,
 }
 
+/// One change of `active` as a watch saw it.
+#[derive(Debug, Clone)]
+pub struct ActiveChange {
+    pub active: Active,
+    /// Its revision in `wm-meta`: later changes have higher ones.
+    pub revision: u64,
+    /// How many later changes are already stored (a follower that fell
+    /// behind skips to the newest).
+    pub newer_behind: u64,
+}
+
 /// What a watcher of the lease sees.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeaseEvent {
@@ -213,10 +224,8 @@ impl Shared {
         Ok(Some((active, entry.revision)))
     }
 
-    /// The active version as it changes, starting with its value now, each
-    /// with how many later changes are already stored (a follower that fell
-    /// behind skips to the newest).
-    pub async fn watch_active(&self) -> Result<impl futures::Stream<Item = Result<(Active, u64)>>> {
+    /// The active version as it changes, starting with its value now.
+    pub async fn watch_active(&self) -> Result<impl futures::Stream<Item = Result<ActiveChange>>> {
         let watch = self
             .meta
             .watch_with_history(ACTIVE_KEY)
@@ -227,7 +236,11 @@ impl Shared {
                 Err(e) => Some(Err(anyhow!("watching {ACTIVE_KEY}: {e}"))),
                 Ok(entry) if entry.operation == Operation::Put => Some(
                     serde_json::from_slice(&entry.value)
-                        .map(|a| (a, entry.delta))
+                        .map(|active| ActiveChange {
+                            active,
+                            revision: entry.revision,
+                            newer_behind: entry.delta,
+                        })
                         .with_context(|| format!("{META_BUCKET}/{ACTIVE_KEY} does not decode")),
                 ),
                 Ok(_) => None,

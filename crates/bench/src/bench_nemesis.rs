@@ -44,7 +44,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-use wmvae::bus::kv::{LeaseEvent, Shared};
+use wmvae::bus::kv::{ActiveChange, LeaseEvent, Shared};
 use wmvae::bus::messages::{Announcement, CheckpointEvent};
 use wmvae::bus::Bus;
 use wmvae::config::Config;
@@ -340,7 +340,7 @@ fn record(bus: &Bus, shared: &Shared, started: Instant, history: &Recorded, stop
         move |change| {
             let mut h = h.lock().unwrap();
             match change {
-                Ok((active, _)) => {
+                Ok(ActiveChange { active, .. }) => {
                     h.lines.push((
                         at(),
                         format!("active: v{} under epoch {}", active.version, active.epoch),
@@ -351,31 +351,30 @@ fn record(bus: &Bus, shared: &Shared, started: Instant, history: &Recorded, stop
             }
         },
     );
+    follow_replicas(bus, history, stop, at);
+}
+
+/// Every [`REPLICAS_EVERY`] until `stop`, how the [`WATCHED_STREAMS`]'
+/// replicas and the encoders' consumer stand, into `history` when changed.
+fn follow_replicas(bus: &Bus, history: &Recorded, stop: &CancellationToken, at: impl Fn() -> f64 + Send + 'static) {
     let (b, h, stop) = (bus.clone(), history.clone(), stop.clone());
     tokio::spawn(async move {
         let mut said: BTreeMap<&str, String> = BTreeMap::new();
+        let mut note = |name: &'static str, now: Result<String>| {
+            let now = now.unwrap_or_else(|e| format!("unreadable: {e:#}"));
+            if said.get(name) != Some(&now) {
+                h.lock().unwrap().lines.push((at(), format!("{name}: {now}")));
+                said.insert(name, now);
+            }
+        };
         while !stop.is_cancelled() {
             for stream in WATCHED_STREAMS {
-                let now = match b.stream_replicas(stream).await {
-                    Ok(line) => line,
-                    Err(e) => format!("unreadable: {e:#}"),
-                };
-                if said.get(stream) != Some(&now) {
-                    h.lock().unwrap().lines.push((at(), format!("{stream}: {now}")));
-                    said.insert(stream, now);
-                }
+                note(stream, b.stream_replicas(stream).await);
             }
-            let now = match b.consumer_state("WM_FRAMES", ENCODERS_CONSUMER).await {
-                Ok(line) => line,
-                Err(e) => format!("unreadable: {e:#}"),
-            };
-            if said.get(ENCODERS_CONSUMER) != Some(&now) {
-                h.lock()
-                    .unwrap()
-                    .lines
-                    .push((at(), format!("{ENCODERS_CONSUMER}: {now}")));
-                said.insert(ENCODERS_CONSUMER, now);
-            }
+            note(
+                ENCODERS_CONSUMER,
+                b.consumer_state("WM_FRAMES", ENCODERS_CONSUMER).await,
+            );
             tokio::time::sleep(REPLICAS_EVERY).await;
         }
     });

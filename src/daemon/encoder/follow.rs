@@ -6,7 +6,7 @@
 
 use super::Work;
 use crate::backoff::Backoff;
-use crate::bus::kv::Active;
+use crate::bus::kv::{Active, ActiveChange, Shared};
 use crate::bus::messages::weights_object;
 use crate::bus::Bus;
 use crate::vae::checkpoint::sha256_hex;
@@ -15,6 +15,7 @@ use crate::vae::learner::Network;
 use crate::vae::model::VaeConfig;
 use anyhow::Result;
 use futures::StreamExt;
+use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -36,10 +37,13 @@ pub(super) async fn follow(
     let shared = bus.shared().await?;
     let mut pause = Backoff::default();
     let mut current: Option<(u64, String)> = None;
+    let mut seen = 0;
     let failed = |e: &anyhow::Error, next| tracing::warn!("encoder: {e:#}; watching again in {next:?}");
     while let Some(updates) = pause.retry(&shutdown, || shared.watch_active(), failed).await {
         let mut updates = Box::pin(updates);
-        while let Some(active) = next_active(&mut updates, &shutdown).await {
+        while let Some(active) = next_active(&mut updates, &shared, seen, &shutdown).await {
+            seen = active.revision;
+            let active = active.active;
             if current.as_ref() == Some(&(active.version, active.sha256.clone())) {
                 continue;
             }
@@ -65,21 +69,38 @@ pub(super) async fn follow(
     Ok(())
 }
 
-/// The next newly active version the watch gives (an update with newer
-/// ones behind it is skipped); None when the watch failed or ended (said
-/// so: it is made again) or the shutdown came.
+/// How often the follower reads `active` itself, beside the watch: a
+/// watch served from a replica that fell behind (a partition healed under
+/// it) delivers nothing new and says nothing; an encoder stayed on v2 for
+/// minutes while v14 was active (`bench nemesis`, partition).
+const ACTIVE_RECHECK: Duration = Duration::from_secs(15);
+
+/// The next change of `active` past revision `seen`: from the watch (an
+/// update with newer ones behind it is skipped), or from a read of its own
+/// every [`ACTIVE_RECHECK`]. None when the watch failed or ended (said so:
+/// it is made again) or the shutdown came.
 async fn next_active(
-    updates: &mut (impl futures::Stream<Item = Result<(Active, u64)>> + Unpin),
+    updates: &mut (impl futures::Stream<Item = Result<ActiveChange>> + Unpin),
+    shared: &Shared,
+    seen: u64,
     shutdown: &CancellationToken,
-) -> Option<Active> {
+) -> Option<ActiveChange> {
+    let mut recheck = tokio::time::interval_at(tokio::time::Instant::now() + ACTIVE_RECHECK, ACTIVE_RECHECK);
     loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => return None,
+            _ = recheck.tick() => match shared.active().await {
+                Ok(Some((active, revision))) if revision > seen => {
+                    tracing::info!(version = active.version, "encoder: active moved and the watch did not say so");
+                    return Some(ActiveChange { active, revision, newer_behind: 0 });
+                }
+                _ => continue,
+            },
             next = updates.next() => next,
         };
         match next {
-            Some(Ok((active, 0))) => return Some(active),
-            Some(Ok(_newer_behind)) => {}
+            Some(Ok(change)) if change.newer_behind == 0 && change.revision > seen => return Some(change),
+            Some(Ok(_older_or_newer_behind)) => {}
             Some(Err(e)) => {
                 tracing::warn!("encoder: {e:#}; watching again");
                 return None;
