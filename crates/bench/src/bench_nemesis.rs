@@ -360,7 +360,7 @@ fn follow_replicas(bus: &Bus, history: &Recorded, stop: &CancellationToken, at: 
     let (b, h, stop) = (bus.clone(), history.clone(), stop.clone());
     tokio::spawn(async move {
         let mut said: BTreeMap<&str, String> = BTreeMap::new();
-        let mut note = |name: &'static str, now: Result<String>| {
+        let mut note = move |name: &'static str, now: Result<String>| {
             let now = now.unwrap_or_else(|e| format!("unreadable: {e:#}"));
             if said.get(name) != Some(&now) {
                 h.lock().unwrap().lines.push((at(), format!("{name}: {now}")));
