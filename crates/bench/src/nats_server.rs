@@ -123,6 +123,9 @@ impl LocalNats {
 /// until it listens on `host:port`; its log in `dir/nats.log`.
 fn spawn(binary: &Path, dir: &Path, host: &str, port: u16, namespace: Option<&str>) -> Result<Child> {
     let log = dir.join("nats.log");
+    // The log is appended to across restarts: this start is ready once it
+    // holds one more "Server is ready" than now.
+    let ready_before = ready_lines(&log);
     let mut command = match namespace {
         // `ip netns exec` execs the server: the child is the server itself.
         Some(ns) => {
@@ -140,7 +143,10 @@ fn spawn(binary: &Path, dir: &Path, host: &str, port: u16, namespace: Option<&st
         .spawn()
         .with_context(|| format!("starting {} (run scripts/setup)", binary.display()))?;
     let deadline = Instant::now() + START_TIMEOUT;
-    while TcpStream::connect((host, port)).is_err() {
+    // Ready: listening, and by this process's own word (a port taken by
+    // another test's server in the meantime answers the connect too, while
+    // this one fails to bind and exits).
+    while TcpStream::connect((host, port)).is_err() || ready_lines(&log) <= ready_before {
         if let Some(status) = child.try_wait()? {
             let said = std::fs::read_to_string(&log).unwrap_or_default();
             bail!("nats-server exited at start ({status}): {}", said.trim());
@@ -152,6 +158,13 @@ fn spawn(binary: &Path, dir: &Path, host: &str, port: u16, namespace: Option<&st
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(child)
+}
+
+/// How many times the server log at `log` said it was ready.
+fn ready_lines(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .map(|text| text.matches("Server is ready").count())
+        .unwrap_or(0)
 }
 
 /// `n` distinct loopback ports that were free a moment ago (the listeners
